@@ -1,0 +1,312 @@
+//! CPU reference backend: f32 everywhere, plain loops plus the `gemm` crate,
+//! multi-threaded with rayon.
+//!
+//! Determinism: every output element is produced by exactly one task, and
+//! every reduction runs in a fixed order that does not depend on the number
+//! of threads or on scheduling, so identical inputs give bit-identical
+//! outputs. Matrix products go through `gemm`, which splits work over output
+//! blocks only (its depth blocking depends on the cache sizes, never on the
+//! thread count).
+//!
+//! Buffer lengths are checked with `>=`: an op reads and writes only the
+//! prefix its shape needs, so callers may reuse larger scratch buffers.
+//! Each op family lives in its own file as free functions over slices; this
+//! file only wires them into the [`Backend`] trait.
+
+mod adamw;
+mod attention;
+mod cross_entropy;
+mod gemm;
+mod lora;
+mod memory;
+mod norm;
+mod rope;
+mod swiglu;
+#[cfg(test)]
+mod test_util;
+
+use anyhow::Result;
+
+use super::{AdamW, AttnShape, Backend, Dropout, WeightSource};
+
+/// The CPU reference backend (stateless).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CpuBackend;
+
+impl CpuBackend {
+    pub fn new() -> Self {
+        CpuBackend
+    }
+}
+
+/// Panics with a clear message unless `len >= need`.
+#[track_caller]
+pub(crate) fn check_len(op: &str, what: &str, len: usize, need: usize) {
+    assert!(
+        len >= need,
+        "{op}: `{what}` has {len} elements, the shape needs {need}"
+    );
+}
+
+impl Backend for CpuBackend {
+    type Buf = Vec<f32>;
+    type Weight = Vec<f32>;
+    type IntBuf = Vec<i32>;
+
+    fn name(&self) -> String {
+        format!("cpu ({} threads)", rayon::current_num_threads())
+    }
+
+    // ---- memory -------------------------------------------------------
+    fn zeros(&self, len: usize) -> Vec<f32> {
+        vec![0.0; len]
+    }
+    fn upload(&self, data: &[f32]) -> Vec<f32> {
+        data.to_vec()
+    }
+    fn download(&self, buf: &Vec<f32>) -> Vec<f32> {
+        buf.clone()
+    }
+    fn upload_ints(&self, data: &[i32]) -> Vec<i32> {
+        data.to_vec()
+    }
+    fn len(&self, buf: &Vec<f32>) -> usize {
+        buf.len()
+    }
+    fn load_weight(&self, src: &WeightSource) -> Result<Vec<f32>> {
+        memory::load_weight(src)
+    }
+    fn weight_from_f32(&self, data: &[f32]) -> Vec<f32> {
+        data.to_vec()
+    }
+    fn weight_to_f32(&self, w: &Vec<f32>) -> Vec<f32> {
+        w.clone()
+    }
+    fn weight_len(&self, w: &Vec<f32>) -> usize {
+        w.len()
+    }
+
+    // ---- elementwise --------------------------------------------------
+    fn fill(&self, buf: &mut Vec<f32>, value: f32) {
+        memory::fill(buf, value)
+    }
+    fn copy_slice(
+        &self,
+        src: &Vec<f32>,
+        src_off: usize,
+        dst: &mut Vec<f32>,
+        dst_off: usize,
+        len: usize,
+    ) {
+        memory::copy_slice(src, src_off, dst, dst_off, len)
+    }
+    fn add_assign(&self, dst: &mut Vec<f32>, src: &Vec<f32>) {
+        memory::add_assign(dst, src)
+    }
+    fn scale(&self, buf: &mut Vec<f32>, s: f32) {
+        memory::scale(buf, s)
+    }
+    fn sum_sq(&self, buf: &Vec<f32>) -> f64 {
+        memory::sum_sq(buf)
+    }
+
+    // ---- embedding ----------------------------------------------------
+    fn embedding(
+        &self,
+        table: &Vec<f32>,
+        ids: &Vec<i32>,
+        out: &mut Vec<f32>,
+        n: usize,
+        hidden: usize,
+    ) {
+        memory::embedding(table, ids, out, n, hidden)
+    }
+
+    // ---- matrix products ------------------------------------------------
+    fn linear(
+        &self,
+        x: &Vec<f32>,
+        w: &Vec<f32>,
+        bias: Option<&Vec<f32>>,
+        y: &mut Vec<f32>,
+        m: usize,
+        k: usize,
+        n: usize,
+    ) {
+        gemm::linear(x, w, bias.map(|b| b.as_slice()), y, m, k, n)
+    }
+    fn linear_backward_input(
+        &self,
+        dy: &Vec<f32>,
+        w: &Vec<f32>,
+        dx: &mut Vec<f32>,
+        m: usize,
+        k: usize,
+        n: usize,
+        accumulate: bool,
+    ) {
+        gemm::linear_backward_input(dy, w, dx, m, k, n, accumulate)
+    }
+
+    // ---- LoRA side path -------------------------------------------------
+    fn lora_forward(
+        &self,
+        x: &Vec<f32>,
+        a: &Vec<f32>,
+        b: &Vec<f32>,
+        scale: f32,
+        dropout: Option<Dropout>,
+        xa: &mut Vec<f32>,
+        y: &mut Vec<f32>,
+        m: usize,
+        k: usize,
+        n: usize,
+        r: usize,
+    ) {
+        lora::lora_forward(x, a, b, scale, dropout, xa, y, m, k, n, r)
+    }
+    fn lora_backward(
+        &self,
+        dy: &Vec<f32>,
+        x: &Vec<f32>,
+        a: &Vec<f32>,
+        b: &Vec<f32>,
+        xa: &Vec<f32>,
+        scale: f32,
+        dropout: Option<Dropout>,
+        dx: &mut Vec<f32>,
+        da: &mut Vec<f32>,
+        db: &mut Vec<f32>,
+        m: usize,
+        k: usize,
+        n: usize,
+        r: usize,
+    ) {
+        lora::lora_backward(dy, x, a, b, xa, scale, dropout, dx, da, db, m, k, n, r)
+    }
+
+    // ---- normalisation -------------------------------------------------
+    fn rmsnorm(
+        &self,
+        x: &Vec<f32>,
+        w: &Vec<f32>,
+        y: &mut Vec<f32>,
+        inv_rms: &mut Vec<f32>,
+        rows: usize,
+        hidden: usize,
+        eps: f32,
+    ) {
+        norm::rmsnorm(x, w, y, inv_rms, rows, hidden, eps)
+    }
+    fn rmsnorm_backward(
+        &self,
+        dy: &Vec<f32>,
+        x: &Vec<f32>,
+        w: &Vec<f32>,
+        inv_rms: &Vec<f32>,
+        dx: &mut Vec<f32>,
+        rows: usize,
+        hidden: usize,
+    ) {
+        norm::rmsnorm_backward(dy, x, w, inv_rms, dx, rows, hidden)
+    }
+
+    // ---- rotary embeddings ---------------------------------------------
+    fn rope(
+        &self,
+        x: &mut Vec<f32>,
+        positions: &Vec<i32>,
+        inv_freq: &Vec<f32>,
+        n: usize,
+        heads: usize,
+        head_dim: usize,
+    ) {
+        rope::rope(x, positions, inv_freq, n, heads, head_dim, false)
+    }
+    fn rope_backward(
+        &self,
+        dx: &mut Vec<f32>,
+        positions: &Vec<i32>,
+        inv_freq: &Vec<f32>,
+        n: usize,
+        heads: usize,
+        head_dim: usize,
+    ) {
+        rope::rope(dx, positions, inv_freq, n, heads, head_dim, true)
+    }
+
+    // ---- attention -----------------------------------------------------
+    fn attention(
+        &self,
+        q: &Vec<f32>,
+        k: &Vec<f32>,
+        v: &Vec<f32>,
+        cu_seqlens: &Vec<i32>,
+        n_seqs: usize,
+        shape: AttnShape,
+        out: &mut Vec<f32>,
+        lse: &mut Vec<f32>,
+    ) {
+        attention::attention(q, k, v, cu_seqlens, n_seqs, shape, out, lse)
+    }
+    fn attention_backward(
+        &self,
+        dout: &Vec<f32>,
+        q: &Vec<f32>,
+        k: &Vec<f32>,
+        v: &Vec<f32>,
+        out: &Vec<f32>,
+        lse: &Vec<f32>,
+        cu_seqlens: &Vec<i32>,
+        n_seqs: usize,
+        shape: AttnShape,
+        dq: &mut Vec<f32>,
+        dk: &mut Vec<f32>,
+        dv: &mut Vec<f32>,
+    ) {
+        attention::attention_backward(
+            dout, q, k, v, out, lse, cu_seqlens, n_seqs, shape, dq, dk, dv,
+        )
+    }
+
+    // ---- MLP activation ------------------------------------------------
+    fn swiglu(&self, gate: &Vec<f32>, up: &Vec<f32>, out: &mut Vec<f32>, len: usize) {
+        swiglu::swiglu(gate, up, out, len)
+    }
+    fn swiglu_backward(
+        &self,
+        dout: &Vec<f32>,
+        gate: &Vec<f32>,
+        up: &Vec<f32>,
+        dgate: &mut Vec<f32>,
+        dup: &mut Vec<f32>,
+        len: usize,
+    ) {
+        swiglu::swiglu_backward(dout, gate, up, dgate, dup, len)
+    }
+
+    // ---- loss ------------------------------------------------------------
+    fn cross_entropy(
+        &self,
+        logits: &mut Vec<f32>,
+        targets: &Vec<i32>,
+        losses: &mut Vec<f32>,
+        rows: usize,
+        vocab: usize,
+        grad_scale: Option<f32>,
+    ) {
+        cross_entropy::cross_entropy(logits, targets, losses, rows, vocab, grad_scale)
+    }
+
+    // ---- optimiser -------------------------------------------------------
+    fn adamw(
+        &self,
+        param: &mut Vec<f32>,
+        grad: &Vec<f32>,
+        m: &mut Vec<f32>,
+        v: &mut Vec<f32>,
+        hp: AdamW,
+    ) {
+        adamw::adamw(param, grad, m, v, hp)
+    }
+}

@@ -1,0 +1,336 @@
+//! The op set the model graph is written against.
+//!
+//! The model's forward and backward are written once, in terms of this trait.
+//! `cpu` is the reference implementation (f32, plain loops plus a GEMM crate);
+//! a CUDA implementation with the same semantics follows.
+//!
+//! Conventions shared by every op:
+//! - Buffers are flat and row-major; every shape is passed explicitly.
+//! - Tokens are flattened across the batch ("varlen" layout): a batch of
+//!   sequences is one stream of `n` tokens, and `cu_seqlens` (length
+//!   `n_seqs + 1`, starting at 0, ending at `n`) says where each sequence
+//!   starts. Attention never crosses a sequence boundary, so padded batches
+//!   carry no pad tokens at all and packed rows are just more sequences.
+//! - Ops that "accumulate" add into their output (`+=`); the others overwrite.
+//! - Frozen base weights are `Weight`s (read-only, no gradients); trainable
+//!   parameters, activations and gradients are `Buf`s of f32.
+//! - Every op is deterministic: the same inputs give bit-identical outputs.
+
+pub mod cpu;
+
+use anyhow::Result;
+
+/// Element type of a tensor as stored in a checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DType {
+    F32,
+    F16,
+    BF16,
+}
+
+impl DType {
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F16 | DType::BF16 => 2,
+        }
+    }
+}
+
+/// Raw little-endian bytes of one checkpoint tensor (typically borrowed from
+/// a memory map), handed to the backend to build its own weight storage.
+pub struct WeightSource<'a> {
+    pub dtype: DType,
+    pub bytes: &'a [u8],
+    /// Number of elements (the product of the tensor's shape).
+    pub numel: usize,
+}
+
+/// LoRA dropout applied to the adapter's input, `x * keep / (1 - p)`.
+/// The keep mask is a pure function of (`seed`, element index), see
+/// [`dropout_keep`], so backward regenerates it instead of storing it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Dropout {
+    pub p: f32,
+    pub seed: u64,
+}
+
+/// Counter-based hash RNG (SplitMix64 finaliser over seed and index): the
+/// same function is used by every backend so masks agree bit for bit.
+pub fn dropout_uniform(seed: u64, index: u64) -> f32 {
+    let mut z = seed
+        .wrapping_add(index.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+        .wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    // 24 high bits -> uniform in [0, 1).
+    (z >> 40) as f32 * (1.0 / 16_777_216.0)
+}
+
+/// Whether element `index` survives dropout with probability `p` of dropping.
+pub fn dropout_keep(seed: u64, index: u64, p: f32) -> bool {
+    dropout_uniform(seed, index) >= p
+}
+
+/// Shape of one attention call (varlen layout, see module docs).
+#[derive(Debug, Clone, Copy)]
+pub struct AttnShape {
+    /// Total tokens in the flattened batch.
+    pub n: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    /// Keys allowed for query q (positions inside its sequence): k <= q and,
+    /// with a window W, q - W < k.
+    pub window: Option<usize>,
+    /// Multiplier applied to QKᵀ (head_dim^-1/2 for the supported models).
+    pub scale: f32,
+}
+
+/// Hyper-parameters of one AdamW step (torch semantics: decoupled weight
+/// decay `p -= lr * wd * p` before the Adam update; bias-corrected moments).
+#[derive(Debug, Clone, Copy)]
+pub struct AdamW {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+    /// 1-based step number, used for bias correction.
+    pub step: u64,
+}
+
+pub trait Backend: Send + Sync {
+    /// f32 activations, gradients and trainable parameters.
+    type Buf: Send + Sync;
+    /// A frozen base-model weight (or bias / norm vector).
+    type Weight: Send + Sync;
+    /// i32 per-token metadata: token ids, targets, positions, cu_seqlens.
+    type IntBuf: Send + Sync;
+
+    fn name(&self) -> String;
+
+    // ---- memory -------------------------------------------------------
+    fn zeros(&self, len: usize) -> Self::Buf;
+    fn upload(&self, data: &[f32]) -> Self::Buf;
+    fn download(&self, buf: &Self::Buf) -> Vec<f32>;
+    fn upload_ints(&self, data: &[i32]) -> Self::IntBuf;
+    fn len(&self, buf: &Self::Buf) -> usize;
+    /// Build a frozen weight from checkpoint bytes (converted as the backend
+    /// stores weights: f32 on CPU).
+    fn load_weight(&self, src: &WeightSource) -> Result<Self::Weight>;
+    fn weight_from_f32(&self, data: &[f32]) -> Self::Weight;
+    fn weight_to_f32(&self, w: &Self::Weight) -> Vec<f32>;
+    fn weight_len(&self, w: &Self::Weight) -> usize;
+
+    // ---- elementwise --------------------------------------------------
+    fn fill(&self, buf: &mut Self::Buf, value: f32);
+    /// dst[dst_off..dst_off+len] = src[src_off..src_off+len]
+    fn copy_slice(
+        &self,
+        src: &Self::Buf,
+        src_off: usize,
+        dst: &mut Self::Buf,
+        dst_off: usize,
+        len: usize,
+    );
+    /// dst += src
+    fn add_assign(&self, dst: &mut Self::Buf, src: &Self::Buf);
+    /// buf *= s
+    fn scale(&self, buf: &mut Self::Buf, s: f32);
+    /// Σ buf², accumulated in f64 in a fixed order, returned as f64.
+    fn sum_sq(&self, buf: &Self::Buf) -> f64;
+
+    // ---- embedding ----------------------------------------------------
+    /// out[i, :] = table[ids[i], :] for i < n; table is [vocab, hidden].
+    fn embedding(&self, table: &Self::Weight, ids: &Self::IntBuf, out: &mut Self::Buf, n: usize, hidden: usize);
+
+    // ---- matrix products ------------------------------------------------
+    /// y[m, n] = x[m, k] · W[n, k]ᵀ (+ bias[n]).  The frozen-linear forward.
+    fn linear(
+        &self,
+        x: &Self::Buf,
+        w: &Self::Weight,
+        bias: Option<&Self::Weight>,
+        y: &mut Self::Buf,
+        m: usize,
+        k: usize,
+        n: usize,
+    );
+    /// dx[m, k] (+)= dy[m, n] · W[n, k].  The frozen-linear input gradient.
+    fn linear_backward_input(
+        &self,
+        dy: &Self::Buf,
+        w: &Self::Weight,
+        dx: &mut Self::Buf,
+        m: usize,
+        k: usize,
+        n: usize,
+        accumulate: bool,
+    );
+
+    // ---- LoRA side path -------------------------------------------------
+    /// xa[m, r] = dropout(x)[m, k] · A[r, k]ᵀ ;  y[m, n] += scale · xa · B[n, r]ᵀ.
+    /// `xa` is kept for the backward.
+    #[allow(clippy::too_many_arguments)]
+    fn lora_forward(
+        &self,
+        x: &Self::Buf,
+        a: &Self::Buf,
+        b: &Self::Buf,
+        scale: f32,
+        dropout: Option<Dropout>,
+        xa: &mut Self::Buf,
+        y: &mut Self::Buf,
+        m: usize,
+        k: usize,
+        n: usize,
+        r: usize,
+    );
+    /// Backward of `lora_forward` given dy[m, n]:
+    /// dB[n, r] += scale · dyᵀ · xa ;  dxa = scale · dy · B ;
+    /// dA[r, k] += dxaᵀ · dropout(x) ;  dx[m, k] += dropout'(dxa · A).
+    #[allow(clippy::too_many_arguments)]
+    fn lora_backward(
+        &self,
+        dy: &Self::Buf,
+        x: &Self::Buf,
+        a: &Self::Buf,
+        b: &Self::Buf,
+        xa: &Self::Buf,
+        scale: f32,
+        dropout: Option<Dropout>,
+        dx: &mut Self::Buf,
+        da: &mut Self::Buf,
+        db: &mut Self::Buf,
+        m: usize,
+        k: usize,
+        n: usize,
+        r: usize,
+    );
+
+    // ---- normalisation -------------------------------------------------
+    /// y = x · rsqrt(mean(x²) + eps) · w per row of `hidden`; inv_rms[row] saved.
+    fn rmsnorm(
+        &self,
+        x: &Self::Buf,
+        w: &Self::Weight,
+        y: &mut Self::Buf,
+        inv_rms: &mut Self::Buf,
+        rows: usize,
+        hidden: usize,
+        eps: f32,
+    );
+    /// dx += ∂y/∂x ᵀ · dy (the weight is frozen: no weight gradient).
+    fn rmsnorm_backward(
+        &self,
+        dy: &Self::Buf,
+        x: &Self::Buf,
+        w: &Self::Weight,
+        inv_rms: &Self::Buf,
+        dx: &mut Self::Buf,
+        rows: usize,
+        hidden: usize,
+    );
+
+    // ---- rotary embeddings ---------------------------------------------
+    /// In place on x[n, heads, head_dim], half-split layout:
+    /// x' = x·cos + rotate_half(x)·sin, angle = positions[t] · inv_freq[i]
+    /// (computed in f32), inv_freq has head_dim/2 entries.
+    fn rope(&self, x: &mut Self::Buf, positions: &Self::IntBuf, inv_freq: &Self::Buf, n: usize, heads: usize, head_dim: usize);
+    /// The transpose of `rope` (rotation by the negative angle), in place on
+    /// the gradient.
+    fn rope_backward(
+        &self,
+        dx: &mut Self::Buf,
+        positions: &Self::IntBuf,
+        inv_freq: &Self::Buf,
+        n: usize,
+        heads: usize,
+        head_dim: usize,
+    );
+
+    // ---- attention -----------------------------------------------------
+    /// Causal attention with GQA over the varlen batch.
+    /// q [n, n_heads, d], k/v [n, n_kv_heads, d] -> out [n, n_heads, d];
+    /// lse [n_heads, n] = log Σ exp(scores) per query (kept for backward).
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        cu_seqlens: &Self::IntBuf,
+        n_seqs: usize,
+        shape: AttnShape,
+        out: &mut Self::Buf,
+        lse: &mut Self::Buf,
+    );
+    /// Gradients of `attention`; dq, dk, dv are overwritten.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward(
+        &self,
+        dout: &Self::Buf,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        out: &Self::Buf,
+        lse: &Self::Buf,
+        cu_seqlens: &Self::IntBuf,
+        n_seqs: usize,
+        shape: AttnShape,
+        dq: &mut Self::Buf,
+        dk: &mut Self::Buf,
+        dv: &mut Self::Buf,
+    );
+
+    // ---- MLP activation ------------------------------------------------
+    /// out = silu(gate) ⊙ up, elementwise over `len`.
+    fn swiglu(&self, gate: &Self::Buf, up: &Self::Buf, out: &mut Self::Buf, len: usize);
+    /// dgate, dup (overwritten) from dout.
+    fn swiglu_backward(
+        &self,
+        dout: &Self::Buf,
+        gate: &Self::Buf,
+        up: &Self::Buf,
+        dgate: &mut Self::Buf,
+        dup: &mut Self::Buf,
+        len: usize,
+    );
+
+    // ---- loss ------------------------------------------------------------
+    /// Cross-entropy over logits[rows, vocab] (already aligned: row t is
+    /// scored against targets[t]; -100 is ignored).  losses[row] = NLL (0 for
+    /// ignored rows).  When `grad_scale` is Some(s), logits are overwritten
+    /// in place by s · (softmax − onehot) (zero rows for ignored targets).
+    fn cross_entropy(
+        &self,
+        logits: &mut Self::Buf,
+        targets: &Self::IntBuf,
+        losses: &mut Self::Buf,
+        rows: usize,
+        vocab: usize,
+        grad_scale: Option<f32>,
+    );
+
+    // ---- optimiser -------------------------------------------------------
+    /// One AdamW step on a parameter with its gradient and moments.
+    fn adamw(&self, param: &mut Self::Buf, grad: &Self::Buf, m: &mut Self::Buf, v: &mut Self::Buf, hp: AdamW);
+}
+
+/// Convert little-endian checkpoint bytes (any alignment) to f32.
+/// `bytes.len()` must be a multiple of the dtype's size.
+pub fn to_f32(dtype: DType, bytes: &[u8]) -> Vec<f32> {
+    match dtype {
+        DType::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+        DType::F16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
+            .collect(),
+        DType::BF16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
+            .collect(),
+    }
+}

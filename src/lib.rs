@@ -1,0 +1,13 @@
+//! ferrotune: single-GPU LoRA / QLoRA fine-tuning with hand-written kernels.
+//!
+//! The data flows through the modules in this order: `registry` (is the
+//! architecture supported?) -> `model` (checkpoint, layers, forward and
+//! backward) with `adapter` (LoRA, PEFT files) -> `data` (datasets into
+//! batches) -> `backend` (the ops, CPU reference and CUDA) -> `cli`.
+pub mod adapter;
+pub mod backend;
+pub mod cli;
+pub mod data;
+pub mod model;
+pub mod registry;
+pub mod util;

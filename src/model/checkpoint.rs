@@ -1,0 +1,207 @@
+//! A local HuggingFace checkpoint directory: config.json (checked against
+//! the registry before anything else), memory-mapped safetensors (single file
+//! or sharded with model.safetensors.index.json), and the tokenizer files.
+
+use crate::backend::{DType, WeightSource};
+use crate::model::config::ModelConfig;
+use crate::registry;
+use anyhow::{Context, Result, bail};
+use memmap2::Mmap;
+use safetensors::{Dtype as StDtype, SafeTensors};
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+/// Where one tensor lives.
+#[derive(Debug, Clone)]
+struct TensorLoc {
+    shard: usize,
+    dtype: DType,
+    shape: Vec<usize>,
+    /// Absolute byte range within the shard file.
+    start: usize,
+    end: usize,
+}
+
+/// One memory-mapped safetensors file.
+pub struct Shard {
+    pub path: PathBuf,
+    map: Mmap,
+}
+
+pub struct Checkpoint {
+    pub dir: PathBuf,
+    pub config: ModelConfig,
+    shards: Vec<Shard>,
+    tensors: HashMap<String, TensorLoc>,
+}
+
+fn dtype_from_st(dt: StDtype) -> Option<DType> {
+    match dt {
+        StDtype::F32 => Some(DType::F32),
+        StDtype::F16 => Some(DType::F16),
+        StDtype::BF16 => Some(DType::BF16),
+        _ => None,
+    }
+}
+
+/// Read config.json and resolve its family; fails on unknown architectures
+/// before any weight file is opened.
+pub fn read_config(dir: &Path) -> Result<ModelConfig> {
+    let path = dir.join("config.json");
+    if !dir.is_dir() {
+        bail!("model directory {} does not exist", dir.display());
+    }
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {} (is {} a HuggingFace model directory?)", path.display(), dir.display()))?;
+    let raw: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?;
+    let family = registry::lookup(&raw, &path.display().to_string())?;
+    ModelConfig::from_json(raw, family, &path)
+}
+
+/// Map a safetensors file and index its tensors (names -> locations).
+fn open_shard(path: &Path, shard: usize, out: &mut HashMap<String, TensorLoc>) -> Result<Shard> {
+    let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    // SAFETY: the file is opened read-only and treated as immutable input;
+    // a checkpoint rewritten underneath a running process is not supported.
+    let map = unsafe { Mmap::map(&file) }.with_context(|| format!("cannot memory-map {}", path.display()))?;
+    let (header_len, meta) = SafeTensors::read_metadata(&map)
+        .map_err(|e| anyhow::anyhow!("{} is not a valid safetensors file: {e}", path.display()))?;
+    let data_start = 8 + header_len;
+    for (name, info) in meta.tensors() {
+        let dtype = dtype_from_st(info.dtype).with_context(|| {
+            format!("{}: tensor {name} has dtype {:?}; ferrotune reads F32, F16 and BF16", path.display(), info.dtype)
+        })?;
+        let (s, e) = info.data_offsets;
+        out.insert(
+            name,
+            TensorLoc { shard, dtype, shape: info.shape.clone(), start: data_start + s, end: data_start + e },
+        );
+    }
+    Ok(Shard { path: path.to_path_buf(), map })
+}
+
+impl Checkpoint {
+    /// Open a checkpoint directory: config first (registry check), then the
+    /// weight files' headers. No tensor data is read here.
+    pub fn open(dir: &Path) -> Result<Checkpoint> {
+        let config = read_config(dir)?;
+        let mut tensors = HashMap::new();
+        let mut shards = Vec::new();
+        let single = dir.join("model.safetensors");
+        let index = dir.join("model.safetensors.index.json");
+        if single.is_file() {
+            shards.push(open_shard(&single, 0, &mut tensors)?);
+        } else if index.is_file() {
+            let text = std::fs::read_to_string(&index).with_context(|| format!("cannot read {}", index.display()))?;
+            let v: serde_json::Value =
+                serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", index.display()))?;
+            let map = v
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .with_context(|| format!("{}: missing \"weight_map\" object", index.display()))?;
+            let mut files: Vec<String> = map.values().filter_map(|f| f.as_str().map(str::to_owned)).collect();
+            files.sort();
+            files.dedup();
+            for f in &files {
+                let n = shards.len();
+                let path = dir.join(f);
+                if !path.is_file() {
+                    bail!("{}: shard {f} is listed but {} does not exist", index.display(), path.display());
+                }
+                shards.push(open_shard(&path, n, &mut tensors)?);
+            }
+        } else {
+            bail!(
+                "{}: no model.safetensors or model.safetensors.index.json found (ferrotune reads safetensors checkpoints only)",
+                dir.display()
+            );
+        }
+        Ok(Checkpoint { dir: dir.to_path_buf(), config, shards, tensors })
+    }
+
+    pub fn has(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    pub fn shape(&self, name: &str) -> Option<&[usize]> {
+        self.tensors.get(name).map(|t| t.shape.as_slice())
+    }
+
+    fn loc(&self, name: &str) -> Result<&TensorLoc> {
+        self.tensors.get(name).with_context(|| {
+            format!("{}: tensor {name} is missing from the checkpoint", self.dir.display())
+        })
+    }
+
+    /// Borrow a tensor's bytes, checking its shape.
+    pub fn tensor(&self, name: &str, expected: &[usize]) -> Result<WeightSource<'_>> {
+        let loc = self.loc(name)?;
+        if loc.shape != expected {
+            bail!(
+                "{}: tensor {name} has shape {:?}, expected {:?}",
+                self.shards[loc.shard].path.display(),
+                loc.shape,
+                expected
+            );
+        }
+        let bytes = self.shards[loc.shard]
+            .map
+            .get(loc.start..loc.end)
+            .with_context(|| format!("{}: tensor {name} lies outside the file", self.shards[loc.shard].path.display()))?;
+        let numel = expected.iter().product();
+        if bytes.len() != numel * loc.dtype.size() {
+            bail!("{}: tensor {name} has {} bytes for {numel} elements", self.shards[loc.shard].path.display(), bytes.len());
+        }
+        Ok(WeightSource { dtype: loc.dtype, bytes, numel })
+    }
+
+    /// Tell the kernel the pages of `name` are no longer needed, so the
+    /// mapped copy does not stay resident next to the converted weight.
+    pub fn release(&self, name: &str) {
+        if let Ok(loc) = self.loc(name) {
+            #[cfg(unix)]
+            {
+                use memmap2::UncheckedAdvice;
+                // SAFETY: the map is private and read-only; after DontNeed the
+                // pages are re-read from the file if touched again.
+                unsafe {
+                    let _ = self.shards[loc.shard].map.unchecked_advise_range(
+                        UncheckedAdvice::DontNeed,
+                        loc.start,
+                        loc.end - loc.start,
+                    );
+                }
+            }
+        }
+    }
+
+    /// All tensor names, sorted (for error messages and tools).
+    pub fn names(&self) -> Vec<&str> {
+        let mut v: Vec<&str> = self.tensors.keys().map(|s| s.as_str()).collect();
+        v.sort();
+        v
+    }
+
+    pub fn tokenizer_path(&self) -> PathBuf {
+        self.dir.join("tokenizer.json")
+    }
+}
+
+/// Load tokenizer.json with the `tokenizers` crate.
+pub fn load_tokenizer(dir: &Path) -> Result<tokenizers::Tokenizer> {
+    let path = dir.join("tokenizer.json");
+    tokenizers::Tokenizer::from_file(&path)
+        .map_err(|e| anyhow::anyhow!("cannot load tokenizer {}: {e}", path.display()))
+}
+
+/// tokenizer_config.json as JSON (chat template, special tokens), if present.
+pub fn load_tokenizer_config(dir: &Path) -> Result<Option<serde_json::Value>> {
+    let path = dir.join("tokenizer_config.json");
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(Some(serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?))
+}

@@ -1,0 +1,189 @@
+//! The whole model: embedding -> layers -> final norm -> LM head + loss, and
+//! the backward through them. The LM head and cross-entropy run over chunks
+//! of tokens so the logits of the whole batch never exist at once.
+
+use super::Model;
+use super::batch::Batch;
+use super::layer::{self, LayerActs, StepCtx};
+use crate::backend::Backend;
+
+/// Σ token NLL and the number of target tokens it covers. The mean loss of
+/// a step is the sum over its micro-batches divided by all their targets.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct LossSum {
+    pub nll_sum: f64,
+    pub n_targets: usize,
+}
+
+impl LossSum {
+    pub fn mean(&self) -> f64 {
+        if self.n_targets == 0 { f64::NAN } else { self.nll_sum / self.n_targets as f64 }
+    }
+    pub fn add(&mut self, other: LossSum) {
+        self.nll_sum += other.nll_sum;
+        self.n_targets += other.n_targets;
+    }
+}
+
+/// Options of one forward+backward pass.
+#[derive(Debug, Clone, Copy)]
+pub struct BackwardOpts {
+    /// Multiplier of every token's loss gradient: 1 / (target tokens of the
+    /// whole optimiser step, all micro-batches together).
+    pub grad_scale: f32,
+    /// Keep only each layer's input and recompute the layer in backward.
+    pub gradient_checkpointing: bool,
+    /// Some(seed) enables LoRA dropout (training); None disables it.
+    pub dropout_seed: Option<u64>,
+}
+
+/// The batch's metadata, uploaded once per pass.
+struct Uploaded<B: Backend> {
+    ids: B::IntBuf,
+    positions: B::IntBuf,
+    cu_seqlens: B::IntBuf,
+}
+
+fn upload<B: Backend>(be: &B, batch: &Batch) -> Uploaded<B> {
+    Uploaded {
+        ids: be.upload_ints(&batch.ids),
+        positions: be.upload_ints(&batch.positions),
+        cu_seqlens: be.upload_ints(&batch.cu_seqlens),
+    }
+}
+
+impl<B: Backend> Model<B> {
+    fn ctx<'a>(&self, up: &'a Uploaded<B>, inv_freq: &'a B::Buf, batch: &Batch, seed: Option<u64>) -> StepCtx<'a, B> {
+        StepCtx {
+            n: batch.n_tokens(),
+            n_seqs: batch.n_seqs(),
+            positions: &up.positions,
+            cu_seqlens: &up.cu_seqlens,
+            inv_freq,
+            dropout_seed: seed,
+        }
+    }
+
+    /// Embedding, all layers and the final norm, keeping no activations.
+    /// Returns the normed hidden states [n, hidden].
+    fn hidden_states(&self, be: &B, batch: &Batch) -> B::Buf {
+        let up = upload(be, batch);
+        let ctx = self.ctx(&up, &self.inv_freq, batch, None);
+        let (n, h) = (batch.n_tokens(), self.cfg.hidden);
+        let mut x = be.zeros(n * h);
+        be.embedding(&self.embed, &up.ids, &mut x, n, h);
+        for (li, l) in self.layers.iter().enumerate() {
+            x = layer::forward(be, &self.cfg, l, li, x, &ctx).0;
+        }
+        let mut hf = be.zeros(n * h);
+        let mut inv = be.zeros(n);
+        be.rmsnorm(&x, &self.final_norm, &mut hf, &mut inv, n, h, self.cfg.rms_norm_eps);
+        hf
+    }
+
+    /// Full logits [n_tokens, vocab] of a batch (inference; for tests and
+    /// small inputs: the whole logits matrix is materialised).
+    pub fn logits(&self, be: &B, batch: &Batch) -> Vec<f32> {
+        let hf = self.hidden_states(be, batch);
+        let n = batch.n_tokens();
+        let mut logits = be.zeros(n * self.cfg.vocab);
+        be.linear(&hf, self.head(), None, &mut logits, n, self.cfg.hidden, self.cfg.vocab);
+        be.download(&logits)
+    }
+
+    /// Loss of a batch without gradients.
+    pub fn eval_loss(&self, be: &B, batch: &Batch) -> LossSum {
+        let hf = self.hidden_states(be, batch);
+        LossSum { nll_sum: self.head_loss(be, &hf, &batch.targets, None), n_targets: batch.n_targets() }
+    }
+
+    /// LM head + cross-entropy over chunks of tokens. With `grad` =
+    /// Some((scale, dhf)), also writes ∂(scale·Σ NLL)/∂hf into dhf.
+    fn head_loss(&self, be: &B, hf: &B::Buf, targets: &[i32], mut grad: Option<(f32, &mut B::Buf)>) -> f64 {
+        let (h, v) = (self.cfg.hidden, self.cfg.vocab);
+        let n = targets.len();
+        let chunk = self.loss_chunk_tokens.max(1);
+        let mut nll = 0.0f64;
+        let mut c0 = 0;
+        while c0 < n {
+            let c = chunk.min(n - c0);
+            let chunk_targets = &targets[c0..c0 + c];
+            if chunk_targets.iter().all(|&t| t == super::batch::IGNORE_INDEX) {
+                // Nothing scored here: no loss and a zero gradient (dhf starts zeroed).
+                c0 += c;
+                continue;
+            }
+            let mut hc = be.zeros(c * h);
+            be.copy_slice(hf, c0 * h, &mut hc, 0, c * h);
+            let mut logits = be.zeros(c * v);
+            be.linear(&hc, self.head(), None, &mut logits, c, h, v);
+            let t = be.upload_ints(chunk_targets);
+            let mut losses = be.zeros(c);
+            be.cross_entropy(&mut logits, &t, &mut losses, c, v, grad.as_ref().map(|g| g.0));
+            nll += be.download(&losses).iter().map(|&x| x as f64).sum::<f64>();
+            if let Some((_, dhf)) = grad.as_mut() {
+                let mut dhc = be.zeros(c * h);
+                be.linear_backward_input(&logits, self.head(), &mut dhc, c, h, v, false);
+                be.copy_slice(&dhc, 0, dhf, c0 * h, c * h);
+            }
+            c0 += c;
+        }
+        nll
+    }
+
+    /// Forward and backward of one micro-batch. LoRA gradients accumulate
+    /// (call `zero_grad` at the start of an optimiser step).
+    pub fn forward_backward(&mut self, be: &B, batch: &Batch, opts: BackwardOpts) -> LossSum {
+        let up = upload(be, batch);
+        let (n, h) = (batch.n_tokens(), self.cfg.hidden);
+        let mut x = be.zeros(n * h);
+        be.embedding(&self.embed, &up.ids, &mut x, n, h);
+
+        // Forward, keeping either every layer's activations or only its input.
+        let mut saved_acts: Vec<LayerActs<B>> = Vec::new();
+        let mut saved_inputs: Vec<B::Buf> = Vec::new();
+        {
+            let ctx = self.ctx(&up, &self.inv_freq, batch, opts.dropout_seed);
+            for (li, l) in self.layers.iter().enumerate() {
+                let (x_out, acts) = layer::forward(be, &self.cfg, l, li, x, &ctx);
+                if opts.gradient_checkpointing {
+                    saved_inputs.push(acts.x_in);
+                } else {
+                    saved_acts.push(acts);
+                }
+                x = x_out;
+            }
+        }
+        let mut hf = be.zeros(n * h);
+        let mut inv_f = be.zeros(n);
+        be.rmsnorm(&x, &self.final_norm, &mut hf, &mut inv_f, n, h, self.cfg.rms_norm_eps);
+
+        let mut dhf = be.zeros(n * h);
+        let nll = self.head_loss(be, &hf, &batch.targets, Some((opts.grad_scale, &mut dhf)));
+        drop(hf);
+        let mut dx = be.zeros(n * h);
+        be.rmsnorm_backward(&dhf, &x, &self.final_norm, &inv_f, &mut dx, n, h);
+        drop(dhf);
+
+        // Backward through the layers in reverse (the embedding is frozen).
+        let Model { cfg, layers, inv_freq, .. } = self;
+        let ctx = StepCtx {
+            n,
+            n_seqs: batch.n_seqs(),
+            positions: &up.positions,
+            cu_seqlens: &up.cu_seqlens,
+            inv_freq: &*inv_freq,
+            dropout_seed: opts.dropout_seed,
+        };
+        for li in (0..layers.len()).rev() {
+            let acts = if opts.gradient_checkpointing {
+                let x_in = saved_inputs.pop().expect("one saved input per layer");
+                layer::forward(be, cfg, &layers[li], li, x_in, &ctx).1
+            } else {
+                saved_acts.pop().expect("one saved activation set per layer")
+            };
+            layer::backward(be, cfg, &mut layers[li], li, &acts, &mut dx, &ctx);
+        }
+        LossSum { nll_sum: nll, n_targets: batch.n_targets() }
+    }
+}

@@ -1,0 +1,106 @@
+//! The `ferrotune` binary end to end: eval on a fixture, and clean errors.
+
+mod common;
+
+use common::{Reference, fixture};
+use std::io::Write;
+use std::process::Command;
+
+fn ferrotune(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_ferrotune")).args(args).output().expect("run ferrotune")
+}
+
+/// The fixture batch as pre-tokenized JSONL rows (with their padding and
+/// attention_mask, which eval drops).
+fn write_fixture_data(case: &str, path: &std::path::Path) {
+    let r = Reference::load(case);
+    let shape = r.shape("input_ids");
+    let (b, t) = (shape[0], shape[1]);
+    let (ids, mask, labels) = (r.i64("input_ids"), r.i64("attention_mask"), r.i64("labels"));
+    let mut f = std::fs::File::create(path).unwrap();
+    for row in 0..b {
+        let s = row * t..(row + 1) * t;
+        let line = serde_json::json!({"input_ids": ids[s.clone()], "attention_mask": mask[s.clone()], "labels": labels[s]});
+        writeln!(f, "{line}").unwrap();
+    }
+}
+
+#[test]
+fn eval_json_reports_the_transformers_loss() {
+    for case in ["llama", "llama3"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("data.jsonl");
+        write_fixture_data(case, &data);
+        let model = fixture(case).join("model");
+        let adapter = fixture(case).join("adapter");
+        let out = ferrotune(&[
+            "eval", "--model", model.to_str().unwrap(), "--adapter", adapter.to_str().unwrap(),
+            "--data", data.to_str().unwrap(), "--json", "--device", "cpu",
+        ]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object on stdout");
+        let r = Reference::load(case);
+        let expected = r.json["loss"].as_f64().unwrap();
+        let loss = v["loss"].as_f64().unwrap();
+        assert!((loss - expected).abs() / expected <= 1e-5, "{case}: eval loss {loss} vs transformers {expected}");
+        assert!((v["perplexity"].as_f64().unwrap() - loss.exp()).abs() < 1e-9);
+        assert_eq!(v["tokens"], r.json["num_target_tokens"]);
+        assert_eq!(v["examples"], 3);
+    }
+}
+
+#[test]
+fn eval_bad_row_names_file_and_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("bad.jsonl");
+    std::fs::write(&data, "{\"input_ids\": [1, 2, 3]}\n\n{\"input_ids\": [1, \"x\"]}\n").unwrap();
+    let model = fixture("llama").join("model");
+    let out = ferrotune(&["eval", "--model", model.to_str().unwrap(), "--data", data.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bad.jsonl:3") && err.contains("\"input_ids\"[1] must be an integer"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn eval_refuses_unknown_architecture_without_panicking() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(tmp.path().join("config.json"), r#"{"architectures": ["BertModel"], "model_type": "bert"}"#).unwrap();
+    let data = tmp.path().join("d.jsonl");
+    std::fs::write(&data, "{\"input_ids\": [1, 2]}\n").unwrap();
+    let out = ferrotune(&["eval", "--model", tmp.path().to_str().unwrap(), "--data", data.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.starts_with("error: ") && err.contains("unsupported model: architecture BertModel"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn eval_token_outside_vocabulary_is_an_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("d.jsonl");
+    std::fs::write(&data, "{\"input_ids\": [1, 2, 5000]}\n").unwrap();
+    let model = fixture("llama").join("model");
+    let out = ferrotune(&["eval", "--model", model.to_str().unwrap(), "--data", data.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("token id 5000") && err.contains("vocabulary (size 131)"), "{err}");
+}
+
+#[test]
+fn models_lists_the_registry() {
+    let out = ferrotune(&["models"]);
+    assert!(out.status.success());
+    let s = String::from_utf8_lossy(&out.stdout);
+    for arch in ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "llama3"] {
+        assert!(s.contains(arch), "{s}");
+    }
+}
+
+#[test]
+fn cuda_device_is_refused_plainly_in_this_build() {
+    let out = ferrotune(&["eval", "--model", "x", "--data", "y", "--device", "cuda:0"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no CUDA backend") && err.contains("--device cpu"), "{err}");
+}

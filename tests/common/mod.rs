@@ -1,0 +1,92 @@
+//! Shared helpers for the integration tests: fixture paths, reference
+//! tensors written by tests/fixtures/generate.py, and error measures.
+#![allow(dead_code)]
+
+use ferrotune::model::batch::{IGNORE_INDEX, Sequence};
+use safetensors::SafeTensors;
+use std::path::PathBuf;
+
+pub const CASES: &[&str] = &["llama", "llama3", "mistral", "qwen2"];
+
+pub fn fixture(case: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(case)
+}
+
+/// The reference tensors of a fixture case.
+pub struct Reference {
+    bytes: Vec<u8>,
+    pub json: serde_json::Value,
+}
+
+impl Reference {
+    pub fn load(case: &str) -> Reference {
+        let dir = fixture(case);
+        let bytes = std::fs::read(dir.join("reference.safetensors")).expect("reference.safetensors");
+        let json = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
+        Reference { bytes, json }
+    }
+
+    fn st(&self) -> SafeTensors<'_> {
+        SafeTensors::deserialize(&self.bytes).unwrap()
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        self.st().names().into_iter().map(|s| s.to_string()).collect()
+    }
+
+    pub fn shape(&self, name: &str) -> Vec<usize> {
+        self.st().tensor(name).unwrap().shape().to_vec()
+    }
+
+    pub fn f32(&self, name: &str) -> Vec<f32> {
+        let st = self.st();
+        let t = st.tensor(name).unwrap_or_else(|_| panic!("reference tensor {name}"));
+        assert_eq!(t.dtype(), safetensors::Dtype::F32, "{name}");
+        t.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+    }
+
+    pub fn i64(&self, name: &str) -> Vec<i64> {
+        let st = self.st();
+        let t = st.tensor(name).unwrap_or_else(|_| panic!("reference tensor {name}"));
+        assert_eq!(t.dtype(), safetensors::Dtype::I64, "{name}");
+        t.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect()
+    }
+
+    /// The padded reference batch as sequences (padding removed), plus
+    /// (row, column) of every kept token in order.
+    pub fn sequences(&self) -> (Vec<Sequence>, Vec<(usize, usize)>) {
+        let shape = self.shape("input_ids");
+        let (b, t) = (shape[0], shape[1]);
+        let ids = self.i64("input_ids");
+        let mask = self.i64("attention_mask");
+        let labels = self.i64("labels");
+        let mut seqs = Vec::new();
+        let mut where_ = Vec::new();
+        for r in 0..b {
+            let mut s = Sequence { input_ids: vec![], labels: vec![] };
+            for c in 0..t {
+                if mask[r * t + c] == 1 {
+                    s.input_ids.push(ids[r * t + c] as u32);
+                    let l = labels[r * t + c];
+                    s.labels.push(if l == -100 { IGNORE_INDEX } else { l as i32 });
+                    where_.push((r, c));
+                }
+            }
+            seqs.push(s);
+        }
+        (seqs, where_)
+    }
+}
+
+/// ‖a − b‖ / ‖b‖ in f64.
+pub fn rel_err(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let num: f64 = a.iter().zip(b).map(|(&x, &y)| (x as f64 - y as f64).powi(2)).sum();
+    let den: f64 = b.iter().map(|&y| (y as f64).powi(2)).sum();
+    (num / den).sqrt()
+}
+
+pub fn max_abs_err(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(&x, &y)| (x as f64 - y as f64).abs()).fold(0.0, f64::max)
+}
