@@ -84,7 +84,7 @@ fn eval_token_outside_vocabulary_is_an_error() {
     let out = ferrotune(&["eval", "--model", model.to_str().unwrap(), "--data", data.to_str().unwrap()]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("token id 5000") && err.contains("vocabulary (size 131)"), "{err}");
+    assert!(err.contains("d.jsonl:1: input_ids[2] = 5000 is outside the model's vocabulary (size 131)"), "{err}");
 }
 
 #[test]

@@ -67,7 +67,7 @@ fn eval_on<B: Backend>(be: &B, a: &EvalArgs) -> Result<()> {
     let t0 = Instant::now();
     let ckpt = Checkpoint::open(&a.model)?;
     // Read the data before the weights: a bad row should not cost a load.
-    let seqs = pretokenized::read_jsonl(&a.data)?;
+    let seqs = pretokenized::read_jsonl(&a.data, Some(ckpt.config.vocab))?;
     let mut model = Model::load(be, &ckpt)?;
     if let Some(dir) = &a.adapter {
         let n = peft::load(be, &mut model, dir)?;

@@ -74,8 +74,10 @@ pub fn parse_row(v: &Value, loc: &str) -> Result<Sequence> {
     Ok(seq)
 }
 
-/// Read every row of a JSONL file (blank lines are skipped).
-pub fn read_jsonl(path: &Path) -> Result<Vec<Sequence>> {
+/// Read every row of a JSONL file (blank lines are skipped). With `vocab`,
+/// every token id and label must be below it (checked here so the error
+/// names the file and line).
+pub fn read_jsonl(path: &Path, vocab: Option<usize>) -> Result<Vec<Sequence>> {
     let file = std::fs::File::open(path).with_context(|| format!("cannot open dataset {}", path.display()))?;
     let mut rows = Vec::new();
     for (i, line) in BufReader::new(file).lines().enumerate() {
@@ -85,12 +87,27 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<Sequence>> {
             continue;
         }
         let v: Value = serde_json::from_str(&line).with_context(|| format!("{loc}: malformed JSON"))?;
-        rows.push(parse_row(&v, &loc)?);
+        let seq = parse_row(&v, &loc)?;
+        if let Some(vocab) = vocab {
+            check_vocab(&seq, vocab, &loc)?;
+        }
+        rows.push(seq);
     }
     if rows.is_empty() {
         bail!("{}: the dataset has no rows", path.display());
     }
     Ok(rows)
+}
+
+/// Every id and every scored label must be a token of the model.
+pub fn check_vocab(seq: &Sequence, vocab: usize, loc: &str) -> Result<()> {
+    if let Some((i, id)) = seq.input_ids.iter().enumerate().find(|(_, id)| **id as usize >= vocab) {
+        bail!("{loc}: input_ids[{i}] = {id} is outside the model's vocabulary (size {vocab})");
+    }
+    if let Some((i, l)) = seq.labels.iter().enumerate().find(|(_, l)| **l != IGNORE_INDEX && **l as usize >= vocab) {
+        bail!("{loc}: labels[{i}] = {l} is outside the model's vocabulary (size {vocab})");
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -48,10 +48,10 @@ impl Batch {
             if s.input_ids.is_empty() {
                 bail!("example {si} has no tokens");
             }
+            if let Some((t, id)) = s.input_ids.iter().enumerate().find(|(_, id)| **id as usize >= vocab) {
+                bail!("example {si}: token id {id} at position {t} is outside the vocabulary (size {vocab})");
+            }
             for (t, &id) in s.input_ids.iter().enumerate() {
-                if id as usize >= vocab {
-                    bail!("example {si}: token id {id} at position {t} is outside the vocabulary (size {vocab})");
-                }
                 b.ids.push(id as i32);
                 b.positions.push(t as i32);
                 let target = s.labels.get(t + 1).copied().unwrap_or(IGNORE_INDEX);
