@@ -39,10 +39,10 @@ pub fn read_config(dir: &Path) -> Result<LoraConfig> {
         "none" => {}
         other => bail!("{file}: bias is \"{other}\"; only \"none\" is supported"),
     }
-    if let Some(m) = v.get("modules_to_save").filter(|m| !m.is_null()) {
-        if m.as_array().map(|a| !a.is_empty()).unwrap_or(true) {
-            bail!("{file}: modules_to_save {m} is not supported yet");
-        }
+    if let Some(m) = v.get("modules_to_save").filter(|m| !m.is_null())
+        && m.as_array().is_none_or(|a| !a.is_empty())
+    {
+        bail!("{file}: modules_to_save {m} is not supported yet");
     }
     let r = v.get("r").and_then(|x| x.as_u64()).with_context(|| format!("{file}: \"r\" must be a positive integer"))? as usize;
     let alpha = v.get("lora_alpha").and_then(|x| x.as_f64()).unwrap_or(8.0) as f32;

@@ -250,7 +250,7 @@ impl ModelConfig {
                     .map(|&inv| {
                         let wavelen = 2.0 * std::f32::consts::PI / inv;
                         let scaled = if wavelen > low_freq_wavelen { inv / factor } else { inv };
-                        let medium = !(wavelen < high_freq_wavelen) && !(wavelen > low_freq_wavelen);
+                        let medium = (high_freq_wavelen..=low_freq_wavelen).contains(&wavelen);
                         if medium {
                             let smooth = (old_ctx / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
                             (1.0 - smooth) * scaled / factor + smooth * scaled

@@ -134,12 +134,10 @@ pub fn lookup(config: &serde_json::Value, source: &str) -> Result<&'static Famil
             return Ok(f);
         }
     }
-    if archs.is_empty() {
-        if let Some(mt) = model_type {
-            if let Some(f) = families().iter().find(|f| f.model_types.iter().any(|m| m == mt)) {
-                return Ok(f);
-            }
-        }
+    if let (true, Some(mt)) = (archs.is_empty(), model_type)
+        && let Some(f) = families().iter().find(|f| f.model_types.iter().any(|m| m == mt))
+    {
+        return Ok(f);
     }
     let named = match (archs.is_empty(), model_type) {
         (false, _) => format!("architecture {}", archs.join(", ")),
