@@ -99,11 +99,18 @@ impl<B: Backend> Model<B> {
 
     /// LM head + cross-entropy over chunks of tokens. With `grad` =
     /// Some((scale, dhf)), also writes ∂(scale·Σ NLL)/∂hf into dhf.
+    /// Per-token losses stay on the backend until the one read at the end
+    /// (no host synchronisation per chunk).
     fn head_loss(&self, be: &B, hf: &B::Buf, targets: &[i32], mut grad: Option<(f32, &mut B::Buf)>) -> f64 {
         let (h, v) = (self.cfg.hidden, self.cfg.vocab);
         let n = targets.len();
-        let chunk = self.loss_chunk_tokens.max(1);
-        let mut nll = 0.0f64;
+        let chunk = self.loss_chunk_tokens.max(1).min(n.max(1));
+        // Scratch sized for the largest chunk, reused by every chunk.
+        let mut hc = be.zeros(chunk * h);
+        let mut logits = be.zeros(chunk * v);
+        let mut dhc = be.zeros(chunk * h);
+        let mut chunk_losses = be.zeros(chunk);
+        let mut losses = be.zeros(n);
         let mut c0 = 0;
         while c0 < n {
             let c = chunk.min(n - c0);
@@ -113,22 +120,19 @@ impl<B: Backend> Model<B> {
                 c0 += c;
                 continue;
             }
-            let mut hc = be.zeros(c * h);
             be.copy_slice(hf, c0 * h, &mut hc, 0, c * h);
-            let mut logits = be.zeros(c * v);
             be.linear(&hc, self.head(), None, &mut logits, c, h, v);
             let t = be.upload_ints(chunk_targets);
-            let mut losses = be.zeros(c);
-            be.cross_entropy(&mut logits, &t, &mut losses, c, v, grad.as_ref().map(|g| g.0));
-            nll += be.download(&losses).iter().map(|&x| x as f64).sum::<f64>();
+            be.cross_entropy(&mut logits, &t, &mut chunk_losses, c, v, grad.as_ref().map(|g| g.0));
+            be.copy_slice(&chunk_losses, 0, &mut losses, c0, c);
             if let Some((_, dhf)) = grad.as_mut() {
-                let mut dhc = be.zeros(c * h);
                 be.linear_backward_input(&logits, self.head(), &mut dhc, c, h, v, false);
                 be.copy_slice(&dhc, 0, dhf, c0 * h, c * h);
             }
             c0 += c;
         }
-        nll
+        // Summed in f64 in token order: deterministic and independent of chunking.
+        be.download(&losses).iter().map(|&x| x as f64).sum()
     }
 
     /// Forward and backward of one micro-batch. LoRA gradients accumulate
