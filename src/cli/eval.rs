@@ -7,7 +7,7 @@ use crate::backend::cpu::CpuBackend;
 use crate::data::pretokenized;
 use crate::model::Model;
 use crate::model::batch::{Batch, Sequence};
-use crate::model::checkpoint::Checkpoint;
+use crate::model::checkpoint::{self, Checkpoint};
 use crate::model::graph::LossSum;
 use anyhow::{Result, bail};
 use clap::Args;
@@ -18,9 +18,10 @@ use std::time::Instant;
 
 #[derive(Args)]
 pub struct EvalArgs {
-    /// HuggingFace model directory (config.json, safetensors, tokenizer).
+    /// HuggingFace model directory (config.json, safetensors, tokenizer),
+    /// or a hub id ("org/name") already in the HuggingFace cache.
     #[arg(long)]
-    model: PathBuf,
+    model: String,
     /// PEFT LoRA adapter directory to apply.
     #[arg(long)]
     adapter: Option<PathBuf>,
@@ -65,7 +66,8 @@ pub fn run(a: EvalArgs) -> Result<()> {
 
 fn eval_on<B: Backend>(be: &B, a: &EvalArgs) -> Result<()> {
     let t0 = Instant::now();
-    let ckpt = Checkpoint::open(&a.model)?;
+    let model_dir = checkpoint::resolve_model_dir(&a.model, &checkpoint::hf_cache())?;
+    let ckpt = Checkpoint::open(&model_dir)?;
     // Read the data before the weights: a bad row should not cost a load.
     let seqs = pretokenized::read_jsonl(&a.data, Some(ckpt.config.vocab))?;
     let mut model = Model::load(be, &ckpt)?;
@@ -76,7 +78,7 @@ fn eval_on<B: Backend>(be: &B, a: &EvalArgs) -> Result<()> {
     let cfg = &model.cfg;
     eprintln!(
         "model: {} ({}), {} layers, hidden {}, {} heads / {} kv, vocab {}, {:.1}M params; loaded on {} in {:.1}s",
-        a.model.display(),
+        model_dir.display(),
         cfg.family.family,
         cfg.n_layers,
         cfg.hidden,

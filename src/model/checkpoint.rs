@@ -205,3 +205,57 @@ pub fn load_tokenizer_config(dir: &Path) -> Result<Option<serde_json::Value>> {
     let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
     Ok(Some(serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?))
 }
+
+/// The HuggingFace hub cache this process reads: $HF_HUB_CACHE, else
+/// $HF_HOME/hub, else ~/.cache/huggingface/hub (as huggingface_hub does).
+pub fn hf_cache() -> hf_hub::Cache {
+    match std::env::var_os("HF_HUB_CACHE") {
+        Some(p) => hf_hub::Cache::new(PathBuf::from(p)),
+        None => hf_hub::Cache::from_env(),
+    }
+}
+
+/// A `--model` argument: a local directory, or a hub id ("org/name") already
+/// in the HuggingFace cache (nothing is downloaded).
+pub fn resolve_model_dir(arg: &str, cache: &hf_hub::Cache) -> Result<PathBuf> {
+    let path = Path::new(arg);
+    if path.is_dir() {
+        return Ok(path.to_path_buf());
+    }
+    let looks_like_id = arg.split('/').count() == 2 && !arg.starts_with('.') && !arg.starts_with('/');
+    if looks_like_id {
+        if let Some(config) = cache.model(arg.to_string()).get("config.json") {
+            if let Some(dir) = config.parent() {
+                return Ok(dir.to_path_buf());
+            }
+        }
+        bail!(
+            "model {arg}: no such directory, and not in the HuggingFace cache at {} \
+             (ferrotune does not download; fetch it first, e.g. `huggingface-cli download {arg}`)",
+            cache.path().display()
+        );
+    }
+    bail!("model directory {arg} does not exist")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hub_ids_resolve_through_the_cache_snapshot() {
+        let tmp = tempfile::tempdir().unwrap();
+        let repo = tmp.path().join("models--org--tiny");
+        let snap = repo.join("snapshots").join("abc123");
+        std::fs::create_dir_all(&snap).unwrap();
+        std::fs::create_dir_all(repo.join("refs")).unwrap();
+        std::fs::write(repo.join("refs").join("main"), "abc123").unwrap();
+        std::fs::write(snap.join("config.json"), "{}").unwrap();
+        let cache = hf_hub::Cache::new(tmp.path().to_path_buf());
+        assert_eq!(resolve_model_dir("org/tiny", &cache).unwrap(), snap);
+        let err = resolve_model_dir("org/absent", &cache).unwrap_err().to_string();
+        assert!(err.contains("not in the HuggingFace cache") && err.contains("huggingface-cli download org/absent"), "{err}");
+        let err = resolve_model_dir("./nowhere", &cache).unwrap_err().to_string();
+        assert!(err.contains("model directory ./nowhere does not exist"), "{err}");
+    }
+}
