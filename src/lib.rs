@@ -10,4 +10,5 @@ pub mod cli;
 pub mod data;
 pub mod model;
 pub mod registry;
+pub mod train;
 pub mod util;

@@ -104,3 +104,17 @@ fn cuda_device_is_refused_plainly_in_this_build() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("no CUDA backend") && err.contains("--device cpu"), "{err}");
 }
+
+#[test]
+fn bench_on_cpu_prints_one_json_object() {
+    let out = ferrotune(&[
+        "bench", "--preset", "tiny", "--seq-len", "32", "--micro-batch", "2", "--steps", "1", "--warmup", "0",
+        "--device", "cpu", "--json", "--gradient-checkpointing",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object on stdout");
+    assert!(v["tokens_per_s"].as_f64().unwrap() > 0.0);
+    assert!(v["model_tflops"].as_f64().unwrap() > 0.0);
+    assert!(v["loss"].as_f64().unwrap().is_finite());
+    assert!(v["flop_convention"].as_str().unwrap().contains("4·N_base"));
+}

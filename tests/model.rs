@@ -232,3 +232,24 @@ fn chunked_lm_head_gives_the_same_loss_and_gradients() {
     let e = rel_err(&g_chunked, &g_whole);
     assert!(e <= 1e-6, "chunked LM head gradient rel err {e:e}");
 }
+
+#[test]
+fn adamw_steps_lower_the_loss_and_clipping_bounds_the_norm() {
+    use ferrotune::train::optimizer::{AdamWConfig, Optimizer};
+    let (be, mut model) = with_adapter("llama");
+    let (seqs, _) = Reference::load("llama").sequences();
+    let cfg = AdamWConfig { max_grad_norm: Some(0.5), ..AdamWConfig::default() };
+    let mut opt = Optimizer::new(&be, &model, cfg);
+    let first = fb(&be, &mut model, &seqs, None).mean();
+    let norm = opt.step(&be, &mut model, 1e-2);
+    // The returned norm is the pre-clip one; the clipped gradients have norm 0.5.
+    assert!(norm > 0.5, "pre-clip norm {norm}");
+    let clipped = Optimizer::grad_norm(&be, &model);
+    assert!((clipped - 0.5).abs() < 1e-4, "clipped norm {clipped}");
+    let mut last = first;
+    for _ in 0..20 {
+        last = fb(&be, &mut model, &seqs, None).mean();
+        opt.step(&be, &mut model, 1e-2);
+    }
+    assert!(last < first - 0.5, "loss went from {first} to {last} in 20 AdamW steps");
+}

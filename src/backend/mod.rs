@@ -22,6 +22,7 @@
 #![allow(clippy::too_many_arguments)]
 
 pub mod cpu;
+pub mod profiled;
 
 use anyhow::Result;
 

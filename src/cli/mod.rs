@@ -1,5 +1,6 @@
 //! The `ferrotune` command line.
 
+mod bench;
 mod eval;
 mod models;
 mod synth;
@@ -20,6 +21,8 @@ enum Command {
     Models,
     /// Mean loss and perplexity of a model (and adapter) on a dataset.
     Eval(eval::EvalArgs),
+    /// Training throughput on a synthetic model (tokens/s, TFLOP/s, MFU, memory).
+    Bench(bench::BenchArgs),
     /// Write a random-weight checkpoint of a supported family (for benchmarks).
     Synth(synth::SynthArgs),
 }
@@ -50,5 +53,6 @@ pub fn run() -> Result<()> {
         Command::Models => models::run(),
         Command::Eval(a) => eval::run(a),
         Command::Synth(a) => synth::run(a),
+        Command::Bench(a) => bench::run(a),
     }
 }

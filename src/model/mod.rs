@@ -6,6 +6,7 @@ pub mod batch;
 pub mod checkpoint;
 pub mod config;
 pub mod graph;
+pub mod flops;
 pub mod layer;
 pub mod synth;
 
@@ -59,7 +60,7 @@ impl Proj {
         }
     }
 
-    fn has_bias(self, cfg: &ModelConfig) -> bool {
+    pub fn has_bias(self, cfg: &ModelConfig) -> bool {
         match self {
             Proj::Q | Proj::K | Proj::V => cfg.qkv_bias,
             Proj::O => cfg.o_bias,
@@ -113,18 +114,40 @@ impl<B: Backend> Model<B> {
     /// Each tensor's mapped pages are released once converted, so the
     /// process holds one copy (the backend's) of each weight.
     pub fn load(be: &B, ckpt: &Checkpoint) -> Result<Model<B>> {
-        let cfg = ckpt.config.clone();
-        let names = &cfg.family.weights;
-        let h = cfg.hidden;
-        let get = |name: &str, shape: &[usize]| -> Result<B::Weight> {
+        Self::build(be, ckpt.config.clone(), |name, shape| {
             let w = be.load_weight(&ckpt.tensor(name, shape)?)?;
             ckpt.release(name);
             Ok(w)
-        };
+        })
+    }
+
+    /// Random weights for a config (benchmarks): linear weights ~ N(0, 0.02),
+    /// norms ~ 1 + N(0, 0.1), as `synth` writes them.
+    pub fn random(be: &B, cfg: ModelConfig, seed: u64) -> Result<Model<B>> {
+        let mut rng = Rng::new(seed);
+        Self::build(be, cfg, |name, shape| {
+            let numel: usize = shape.iter().product();
+            let is_norm = shape.len() == 1 && !name.ends_with(".bias");
+            let data: Vec<f32> =
+                (0..numel).map(|_| if is_norm { 1.0 + 0.1 * rng.normal() } else { 0.02 * rng.normal() }).collect();
+            Ok(be.weight_from_f32(&data))
+        })
+    }
+
+    /// Assemble the model, asking `get(name, shape)` for every tensor in
+    /// checkpoint order.
+    pub fn build(
+        be: &B,
+        cfg: ModelConfig,
+        mut get: impl FnMut(&str, &[usize]) -> Result<B::Weight>,
+    ) -> Result<Model<B>> {
+        let names = &cfg.family.weights;
+        let h = cfg.hidden;
         let embed = get(&names.embed, &[cfg.vocab, h])?;
         let mut layers = Vec::with_capacity(cfg.n_layers);
         for i in 0..cfg.n_layers {
             let prefix = names.layer.replace("{i}", &i.to_string());
+            let input_norm = get(&format!("{prefix}.{}", names.input_norm), &[h])?;
             let mut proj = Vec::with_capacity(7);
             for p in Proj::ALL {
                 let (in_f, out_f) = p.dims(&cfg);
@@ -134,7 +157,7 @@ impl<B: Backend> Model<B> {
                 proj.push(Linear { weight, bias, in_f, out_f, lora: None });
             }
             layers.push(Layer {
-                input_norm: get(&format!("{prefix}.{}", names.input_norm), &[h])?,
+                input_norm,
                 post_attention_norm: get(&format!("{prefix}.{}", names.post_attention_norm), &[h])?,
                 proj,
                 window: cfg.layer_window[i],

@@ -79,11 +79,17 @@ pub fn config_json(spec: &SynthSpec) -> Result<Value> {
     Ok(c)
 }
 
-/// Tensor names and shapes of a spec, in checkpoint order.
-pub fn tensor_list(spec: &SynthSpec) -> Result<Vec<(String, Vec<usize>)>> {
+/// The resolved model config of a spec.
+pub fn model_config(spec: &SynthSpec) -> Result<crate::model::config::ModelConfig> {
     let raw = config_json(spec)?;
     let fam = family_info(&spec.family)?;
-    let cfg = crate::model::config::ModelConfig::from_json(raw, fam, Path::new("<synthetic>"))?;
+    crate::model::config::ModelConfig::from_json(raw, fam, Path::new("<synthetic>"))
+}
+
+/// Tensor names and shapes of a spec, in checkpoint order.
+pub fn tensor_list(spec: &SynthSpec) -> Result<Vec<(String, Vec<usize>)>> {
+    let fam = family_info(&spec.family)?;
+    let cfg = model_config(spec)?;
     let w = &fam.weights;
     let mut out = vec![(w.embed.clone(), vec![cfg.vocab, cfg.hidden])];
     for i in 0..cfg.n_layers {
@@ -92,12 +98,7 @@ pub fn tensor_list(spec: &SynthSpec) -> Result<Vec<(String, Vec<usize>)>> {
         for p in Proj::ALL {
             let (in_f, out_f) = p.dims(&cfg);
             out.push((format!("{prefix}.{}.weight", p.path(&cfg)), vec![out_f, in_f]));
-            let bias = match p {
-                Proj::Q | Proj::K | Proj::V => cfg.qkv_bias,
-                Proj::O => cfg.o_bias,
-                _ => cfg.mlp_bias,
-            };
-            if bias {
+            if p.has_bias(&cfg) {
                 out.push((format!("{prefix}.{}.bias", p.path(&cfg)), vec![out_f]));
             }
         }

@@ -1,0 +1,201 @@
+//! `ferrotune bench`: training throughput of a synthetic model (a registry
+//! family and size preset with random weights, so no checkpoint is needed):
+//! warm-up steps, then timed LoRA steps (forward, backward, AdamW).
+
+use super::{Device, parse_device};
+use crate::adapter::{LoraConfig, Targets};
+use crate::backend::Backend;
+use crate::backend::cpu::CpuBackend;
+use crate::backend::profiled::Profiled;
+use crate::model::batch::{Batch, Sequence};
+use crate::model::graph::BackwardOpts;
+use crate::model::{Model, flops, synth};
+use crate::train::optimizer::{AdamWConfig, Optimizer};
+use crate::util::rng::Rng;
+use anyhow::{Result, bail, ensure};
+use clap::Args;
+use std::time::Instant;
+
+#[derive(Args, Clone)]
+pub struct BenchArgs {
+    /// Size preset: tiny, llama3.2-1b, llama3-8b, mistral-7b, qwen2-7b.
+    #[arg(long, default_value = "tiny")]
+    preset: String,
+    /// Override the preset's number of layers.
+    #[arg(long)]
+    layers: Option<usize>,
+    /// Tokens per sequence.
+    #[arg(long, default_value_t = 512)]
+    seq_len: usize,
+    /// Sequences per step.
+    #[arg(long, default_value_t = 1)]
+    micro_batch: usize,
+    #[arg(long, default_value_t = 16)]
+    lora_r: usize,
+    /// Defaults to 2 × lora_r.
+    #[arg(long)]
+    lora_alpha: Option<f32>,
+    /// Comma-separated module names (q_proj,v_proj,...) or all-linear.
+    #[arg(long, default_value = "all-linear")]
+    targets: String,
+    #[arg(long)]
+    gradient_checkpointing: bool,
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    #[arg(long, default_value_t = 3)]
+    steps: usize,
+    /// cpu, cuda, cuda:N or auto.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Dense peak of the device in TFLOP/s, for MFU (GPUs are known by name).
+    #[arg(long)]
+    peak_tflops: Option<f64>,
+    /// Per-op time breakdown of the timed steps.
+    #[arg(long)]
+    profile: bool,
+    /// Print one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+/// Peak resident memory of this process (Linux VmHWM), in bytes.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+pub fn run(a: BenchArgs) -> Result<()> {
+    ensure!(a.seq_len > 0 && a.micro_batch > 0 && a.steps > 0, "--seq-len, --micro-batch and --steps must be at least 1");
+    ensure!(a.lora_r > 0, "--lora-r must be at least 1");
+    match parse_device(&a.device)? {
+        Device::Cpu if a.profile => {
+            let be = Profiled::new(CpuBackend::new());
+            bench_on(&be, &a, Some(&be))
+        }
+        Device::Cpu => bench_on(&CpuBackend::new(), &a, None::<&Profiled<CpuBackend>>),
+        Device::Cuda(_) => bail!("--device {}: this build has no CUDA backend yet; use --device cpu", a.device),
+    }
+}
+
+fn bench_on<B: Backend, P: Backend>(be: &B, a: &BenchArgs, profiler: Option<&Profiled<P>>) -> Result<()> {
+    let mut spec = synth::preset(&a.preset)?;
+    if let Some(l) = a.layers {
+        ensure!(l > 0, "--layers must be at least 1");
+        spec.layers = l;
+    }
+    let cfg = synth::model_config(&spec)?;
+    let t0 = Instant::now();
+    let mut model = Model::random(be, cfg, a.seed)?;
+    let targets = if a.targets == "all-linear" {
+        Targets::AllLinear
+    } else {
+        Targets::Names(a.targets.split(',').map(|s| s.trim().to_string()).collect())
+    };
+    let lc = LoraConfig::new(a.lora_r, a.lora_alpha.unwrap_or(2.0 * a.lora_r as f32), targets);
+    let mut rng = Rng::new(a.seed ^ 0x5eed);
+    model.attach_lora(be, &lc, &mut rng)?;
+    let mut opt = Optimizer::new(be, &model, AdamWConfig::default());
+    let vocab = model.cfg.vocab;
+    let seqs: Vec<Sequence> = (0..a.micro_batch)
+        .map(|_| Sequence::unmasked((0..a.seq_len).map(|_| (rng.next_u64() % vocab as u64) as u32).collect()))
+        .collect();
+    let batch = Batch::from_sequences(&seqs, vocab)?;
+    let opts = BackwardOpts {
+        grad_scale: 1.0 / batch.n_targets().max(1) as f32,
+        gradient_checkpointing: a.gradient_checkpointing,
+        dropout_seed: None,
+    };
+    if !a.json {
+        eprintln!(
+            "bench: {} preset {} ({} layers, hidden {}, {:.2}B params) on {}, LoRA r={} on {}, {} x {} tokens{}; set-up {:.1}s",
+            spec.family,
+            a.preset,
+            model.cfg.n_layers,
+            model.cfg.hidden,
+            model.cfg.n_params() as f64 / 1e9,
+            be.name(),
+            a.lora_r,
+            a.targets,
+            a.micro_batch,
+            a.seq_len,
+            if a.gradient_checkpointing { ", gradient checkpointing" } else { "" },
+            t0.elapsed().as_secs_f64()
+        );
+    }
+    let mut step = |model: &mut Model<B>| -> f64 {
+        model.zero_grad(be);
+        let loss = model.forward_backward(be, &batch, opts);
+        opt.step(be, model, 1e-4);
+        loss.mean()
+    };
+    for _ in 0..a.warmup {
+        step(&mut model);
+    }
+    if let Some(p) = profiler {
+        p.reset();
+    }
+    let t1 = Instant::now();
+    let mut last_loss = f64::NAN;
+    for _ in 0..a.steps {
+        last_loss = step(&mut model);
+    }
+    let step_s = t1.elapsed().as_secs_f64() / a.steps as f64;
+
+    let seq_lens = vec![a.seq_len; a.micro_batch];
+    let n_lora = flops::lora_params(&model);
+    let step_flops = flops::training_flops(&model.cfg, n_lora, &seq_lens);
+    let tokens = (a.seq_len * a.micro_batch) as f64;
+    let tokens_per_s = tokens / step_s;
+    let tflops = step_flops / step_s / 1e12;
+    let mfu = a.peak_tflops.map(|p| tflops / p);
+    let peak_mem = peak_rss_bytes();
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "device": be.name(), "preset": a.preset, "family": spec.family, "layers": model.cfg.n_layers,
+                "seq_len": a.seq_len, "micro_batch": a.micro_batch, "lora_r": a.lora_r, "lora_params": n_lora,
+                "gradient_checkpointing": a.gradient_checkpointing, "steps": a.steps,
+                "tokens_per_s": tokens_per_s, "step_time_s": step_s, "model_tflops": tflops, "mfu": mfu,
+                "peak_memory_bytes": peak_mem, "peak_memory_kind": "host RSS", "loss": last_loss,
+                "flop_convention": flops::CONVENTION,
+            })
+        );
+    } else {
+        println!("tokens/s      {tokens_per_s:.1}");
+        println!("step time     {:.1} ms ({} steps after {} warm-up)", step_s * 1e3, a.steps, a.warmup);
+        println!("model TFLOP/s {tflops:.4}  ({:.3} TFLOP per step)", step_flops / 1e12);
+        match mfu {
+            Some(m) => println!("MFU           {:.1}% of {} TFLOP/s", m * 100.0, a.peak_tflops.unwrap_or_default()),
+            None => println!("MFU           n/a (no known peak for {}; pass --peak-tflops)", be.name()),
+        }
+        match peak_mem {
+            Some(b) => println!("peak memory   {:.2} GiB (host RSS)", b as f64 / (1u64 << 30) as f64),
+            None => println!("peak memory   n/a"),
+        }
+        println!("LoRA params   {:.2}M", n_lora as f64 / 1e6);
+        println!("convention    {}", flops::CONVENTION);
+    }
+    if let Some(p) = profiler {
+        let rows = p.report();
+        let total: f64 = rows.iter().map(|r| r.total.as_secs_f64()).sum();
+        let out = &mut std::io::stderr();
+        use std::io::Write;
+        let _ = writeln!(out, "{:<24} {:>8} {:>12} {:>7}", "op", "calls", "ms/step", "share");
+        for r in rows {
+            let _ = writeln!(
+                out,
+                "{:<24} {:>8} {:>12.2} {:>6.1}%",
+                r.op,
+                r.calls / a.steps as u64,
+                r.total.as_secs_f64() * 1e3 / a.steps as f64,
+                100.0 * r.total.as_secs_f64() / total
+            );
+        }
+    }
+    Ok(())
+}

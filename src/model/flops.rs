@@ -1,0 +1,89 @@
+//! Model FLOPs of a LoRA training step, by one stated convention, so that
+//! tokens/s, TFLOP/s and MFU are comparable across runs and tools:
+//!
+//!   per step = Σ_tokens (4·N_base + 6·N_lora) + attention
+//!   attention = 6 · L · d_attn · Σ_seq (s·(s+1)/2 visible pairs, or fewer
+//!               under a sliding window)   [12·L·T·d_attn per token for
+//!               full T×T, halved for causal, summed over packed sequences]
+//!
+//! N_base counts the matrices that are multiplied: every projection of every
+//! layer plus the LM head (the embedding gather is not a matmul). Frozen base
+//! weights cost a forward and an input-gradient product (2 + 2 FLOPs per
+//! weight per token); LoRA weights also get weight gradients (2 + 2 + 2).
+//! Recompute under gradient checkpointing is not counted.
+
+use super::config::ModelConfig;
+use super::{Model, Proj};
+use crate::backend::Backend;
+
+/// Base-model weights that take part in matrix products.
+pub fn matmul_params(cfg: &ModelConfig) -> u64 {
+    let per_layer: usize = Proj::ALL.iter().map(|p| {
+        let (i, o) = p.dims(cfg);
+        i * o
+    }).sum();
+    (cfg.n_layers * per_layer + cfg.vocab * cfg.hidden) as u64
+}
+
+pub fn lora_params<B: Backend>(model: &Model<B>) -> u64 {
+    model.loras().map(|(li, p, l)| {
+        let lin = model.layers[li].p(p);
+        (l.r * (lin.in_f + lin.out_f)) as u64
+    }).sum()
+}
+
+/// Query-key pairs each layer computes for sequences of these lengths.
+pub fn attention_pairs(cfg: &ModelConfig, seq_lens: &[usize], layer: usize) -> u64 {
+    seq_lens
+        .iter()
+        .map(|&s| {
+            let s = s as u64;
+            match cfg.layer_window[layer] {
+                Some(w) if (w as u64) < s => {
+                    let w = w as u64;
+                    // Query i sees min(i + 1, w) keys.
+                    w * (w + 1) / 2 + (s - w) * w
+                }
+                _ => s * (s + 1) / 2,
+            }
+        })
+        .sum()
+}
+
+/// Training FLOPs of one pass over sequences of these lengths.
+pub fn training_flops(cfg: &ModelConfig, n_lora: u64, seq_lens: &[usize]) -> f64 {
+    let tokens: u64 = seq_lens.iter().map(|&s| s as u64).sum();
+    let dense = tokens as f64 * (4.0 * matmul_params(cfg) as f64 + 6.0 * n_lora as f64);
+    let d_attn = (cfg.n_heads * cfg.head_dim) as f64;
+    let attn: f64 = (0..cfg.n_layers).map(|l| 6.0 * d_attn * attention_pairs(cfg, seq_lens, l) as f64).sum();
+    dense + attn
+}
+
+pub const CONVENTION: &str = "model FLOPs = tokens·(4·N_base + 6·N_lora) + 6·L·d_attn·(causal query-key pairs); recompute not counted";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::synth;
+
+    #[test]
+    fn causal_pairs_and_windows() {
+        let mut spec = synth::preset("tiny").unwrap();
+        spec.family = "mistral".into();
+        spec.extra = serde_json::json!({"sliding_window": 3});
+        let cfg = synth::model_config(&spec).unwrap();
+        // Window 3 over 5 tokens: 1 + 2 + 3 + 3 + 3 visible keys.
+        assert_eq!(attention_pairs(&cfg, &[5], 0), 12);
+        // Longer than the sequence: plain causal, s(s+1)/2.
+        assert_eq!(attention_pairs(&cfg, &[2, 3], 0), 3 + 6);
+    }
+
+    #[test]
+    fn llama3_8b_matmul_params() {
+        let cfg = synth::model_config(&synth::preset("llama3-8b").unwrap()).unwrap();
+        // 32 layers × 218.1M + 525.3M LM head: the 8.03B total less the embedding.
+        let n = matmul_params(&cfg);
+        assert_eq!(n, 32 * (4096 * 4096 * 2 + 4096 * 1024 * 2 + 3 * 4096 * 14336) + 128256 * 4096);
+        assert!((7.4e9..7.6e9).contains(&(n as f64)));
+    }
+}

@@ -1,0 +1,3 @@
+//! Training: the optimiser over the LoRA parameters (the loop, schedules and
+//! checkpoints build on it).
+pub mod optimizer;
