@@ -112,8 +112,8 @@ impl<B: Backend> Lora<B> {
 
     pub fn from_host(be: &B, a: &[f32], b: &[f32], r: usize, scale: f32, dropout: f32) -> Lora<B> {
         Lora {
-            grad_a: be.zeros(a.len()),
-            grad_b: be.zeros(b.len()),
+            grad_a: be.zeros_f32(a.len()),
+            grad_b: be.zeros_f32(b.len()),
             a: be.upload(a),
             b: be.upload(b),
             r,

@@ -118,8 +118,20 @@ pub trait Backend: Send + Sync {
     fn name(&self) -> String;
 
     // ---- memory -------------------------------------------------------
+    // Buffers carry their storage type: activations and their gradients use
+    // the backend's activation type (f32 on CPU; bf16 on a GPU), while LoRA
+    // parameters, their gradients and optimiser moments, and the saved
+    // statistics (inverse RMS, log-sum-exp, per-token losses) stay f32. Ops
+    // accept any mix and compute in f32.
+    /// Zeroed activation storage.
     fn zeros(&self, len: usize) -> Self::Buf;
+    /// Zeroed f32 storage (parameters, gradients, moments, statistics).
+    fn zeros_f32(&self, len: usize) -> Self::Buf;
+    /// Zeroed storage of the same type and length as `like`.
+    fn zeros_like(&self, like: &Self::Buf) -> Self::Buf;
+    /// f32 storage holding `data`.
     fn upload(&self, data: &[f32]) -> Self::Buf;
+    /// The values of any buffer, as f32.
     fn download(&self, buf: &Self::Buf) -> Vec<f32>;
     fn upload_ints(&self, data: &[i32]) -> Self::IntBuf;
     fn len(&self, buf: &Self::Buf) -> usize;

@@ -61,6 +61,12 @@ impl<B: Backend> Backend for Profiled<B> {
     fn zeros(&self, len: usize) -> B::Buf {
         self.time("alloc_zeros", || self.inner.zeros(len))
     }
+    fn zeros_f32(&self, len: usize) -> B::Buf {
+        self.time("alloc_zeros", || self.inner.zeros_f32(len))
+    }
+    fn zeros_like(&self, like: &B::Buf) -> B::Buf {
+        self.time("alloc_zeros", || self.inner.zeros_like(like))
+    }
     fn upload(&self, data: &[f32]) -> B::Buf {
         self.time("upload", || self.inner.upload(data))
     }

@@ -76,7 +76,7 @@ impl<B: Backend> Model<B> {
             x = layer::forward(be, &self.cfg, l, li, x, &ctx).0;
         }
         let mut hf = be.zeros(n * h);
-        let mut inv = be.zeros(n);
+        let mut inv = be.zeros_f32(n);
         be.rmsnorm(&x, &self.final_norm, &mut hf, &mut inv, n, h, self.cfg.rms_norm_eps);
         hf
     }
@@ -86,7 +86,7 @@ impl<B: Backend> Model<B> {
     pub fn logits(&self, be: &B, batch: &Batch) -> Vec<f32> {
         let hf = self.hidden_states(be, batch);
         let n = batch.n_tokens();
-        let mut logits = be.zeros(n * self.cfg.vocab);
+        let mut logits = be.zeros_f32(n * self.cfg.vocab);
         be.linear(&hf, self.head(), None, &mut logits, n, self.cfg.hidden, self.cfg.vocab);
         be.download(&logits)
     }
@@ -107,10 +107,10 @@ impl<B: Backend> Model<B> {
         let chunk = self.loss_chunk_tokens.max(1).min(n.max(1));
         // Scratch sized for the largest chunk, reused by every chunk.
         let mut hc = be.zeros(chunk * h);
-        let mut logits = be.zeros(chunk * v);
+        let mut logits = be.zeros_f32(chunk * v);
         let mut dhc = be.zeros(chunk * h);
-        let mut chunk_losses = be.zeros(chunk);
-        let mut losses = be.zeros(n);
+        let mut chunk_losses = be.zeros_f32(chunk);
+        let mut losses = be.zeros_f32(n);
         let mut c0 = 0;
         while c0 < n {
             let c = chunk.min(n - c0);
@@ -159,7 +159,7 @@ impl<B: Backend> Model<B> {
             }
         }
         let mut hf = be.zeros(n * h);
-        let mut inv_f = be.zeros(n);
+        let mut inv_f = be.zeros_f32(n);
         be.rmsnorm(&x, &self.final_norm, &mut hf, &mut inv_f, n, h, self.cfg.rms_norm_eps);
 
         let mut dhf = be.zeros(n * h);

@@ -44,7 +44,7 @@ pub struct LayerActs<B: Backend> {
 
 pub fn clone_buf<B: Backend>(be: &B, src: &B::Buf) -> B::Buf {
     let len = be.len(src);
-    let mut dst = be.zeros(len);
+    let mut dst = be.zeros_like(src);
     be.copy_slice(src, 0, &mut dst, 0, len);
     dst
 }
@@ -118,7 +118,7 @@ pub fn forward<B: Backend>(
     let mut xa: Vec<Option<B::Buf>> = (0..Proj::ALL.len()).map(|_| None).collect();
 
     let mut h1 = be.zeros(n * h);
-    let mut inv1 = be.zeros(n);
+    let mut inv1 = be.zeros_f32(n);
     be.rmsnorm(&x_in, &layer.input_norm, &mut h1, &mut inv1, n, h, cfg.rms_norm_eps);
 
     let (mut q, xa_q) = proj_forward(be, layer.p(Proj::Q), &h1, n, drop(Proj::Q));
@@ -130,7 +130,7 @@ pub fn forward<B: Backend>(
 
     let shape = attn_shape(cfg, n, layer.window);
     let mut attn = be.zeros(n * cfg.n_heads * cfg.head_dim);
-    let mut lse = be.zeros(cfg.n_heads * n);
+    let mut lse = be.zeros_f32(cfg.n_heads * n);
     be.attention(&q, &k, &v, ctx.cu_seqlens, ctx.n_seqs, shape, &mut attn, &mut lse);
 
     let (o, xa_o) = proj_forward(be, layer.p(Proj::O), &attn, n, drop(Proj::O));
@@ -140,7 +140,7 @@ pub fn forward<B: Backend>(
     drop_buf(o);
 
     let mut h2 = be.zeros(n * h);
-    let mut inv2 = be.zeros(n);
+    let mut inv2 = be.zeros_f32(n);
     be.rmsnorm(&x_mid, &layer.post_attention_norm, &mut h2, &mut inv2, n, h, cfg.rms_norm_eps);
     let (gate, xa_g) = proj_forward(be, layer.p(Proj::Gate), &h2, n, drop(Proj::Gate));
     let (up, xa_u) = proj_forward(be, layer.p(Proj::Up), &h2, n, drop(Proj::Up));

@@ -42,7 +42,7 @@ impl<B: Backend> Optimizer<B> {
             .loras()
             .map(|(_, _, l)| {
                 let (na, nb) = (be.len(&l.a), be.len(&l.b));
-                Moments { m_a: be.zeros(na), v_a: be.zeros(na), m_b: be.zeros(nb), v_b: be.zeros(nb) }
+                Moments { m_a: be.zeros_f32(na), v_a: be.zeros_f32(na), m_b: be.zeros_f32(nb), v_b: be.zeros_f32(nb) }
             })
             .collect();
         Optimizer { cfg, step: 0, moments }

@@ -61,6 +61,13 @@ impl Backend for CpuBackend {
     fn zeros(&self, len: usize) -> Vec<f32> {
         vec![0.0; len]
     }
+    /// The CPU reference stores everything in f32.
+    fn zeros_f32(&self, len: usize) -> Vec<f32> {
+        vec![0.0; len]
+    }
+    fn zeros_like(&self, like: &Vec<f32>) -> Vec<f32> {
+        vec![0.0; like.len()]
+    }
     fn upload(&self, data: &[f32]) -> Vec<f32> {
         data.to_vec()
     }
