@@ -22,6 +22,9 @@
 #![allow(clippy::too_many_arguments)]
 
 pub mod cpu;
+pub mod cuda;
+pub mod conformance;
+pub mod metered;
 pub mod profiled;
 
 use anyhow::Result;
@@ -131,6 +134,8 @@ pub trait Backend: Send + Sync {
     fn zeros_like(&self, like: &Self::Buf) -> Self::Buf;
     /// f32 storage holding `data`.
     fn upload(&self, data: &[f32]) -> Self::Buf;
+    /// Activation storage holding `data` (rounded to the activation type).
+    fn upload_activation(&self, data: &[f32]) -> Self::Buf;
     /// The values of any buffer, as f32.
     fn download(&self, buf: &Self::Buf) -> Vec<f32>;
     fn upload_ints(&self, data: &[i32]) -> Self::IntBuf;

@@ -70,6 +70,9 @@ impl<B: Backend> Backend for Profiled<B> {
     fn upload(&self, data: &[f32]) -> B::Buf {
         self.time("upload", || self.inner.upload(data))
     }
+    fn upload_activation(&self, data: &[f32]) -> B::Buf {
+        self.time("upload", || self.inner.upload_activation(data))
+    }
     fn download(&self, buf: &B::Buf) -> Vec<f32> {
         self.time("download", || self.inner.download(buf))
     }

@@ -68,6 +68,9 @@ impl Backend for CpuBackend {
     fn zeros_like(&self, like: &Vec<f32>) -> Vec<f32> {
         vec![0.0; like.len()]
     }
+    fn upload_activation(&self, data: &[f32]) -> Vec<f32> {
+        data.to_vec()
+    }
     fn upload(&self, data: &[f32]) -> Vec<f32> {
         data.to_vec()
     }

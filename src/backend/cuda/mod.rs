@@ -1,0 +1,3 @@
+//! The CUDA backend: hand-written kernels (cuda/*.cu, embedded as PTX) and
+//! cuBLAS GEMMs behind the same `Backend` trait as the CPU reference.
+pub mod device;
