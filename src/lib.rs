@@ -8,6 +8,7 @@ pub mod adapter;
 pub mod backend;
 pub mod cli;
 pub mod data;
+pub mod kernels;
 pub mod model;
 pub mod registry;
 pub mod train;

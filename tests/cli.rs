@@ -98,11 +98,19 @@ fn models_lists_the_registry() {
 }
 
 #[test]
-fn cuda_device_is_refused_plainly_in_this_build() {
+fn cuda_without_a_driver_is_one_clear_error() {
+    if ferrotune::backend::cuda::device::driver_present() {
+        eprintln!("skipped: this machine has a CUDA driver");
+        return;
+    }
     let out = ferrotune(&["eval", "--model", "x", "--data", "y", "--device", "cuda:0"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("no CUDA backend") && err.contains("--device cpu"), "{err}");
+    assert!(err.contains("no CUDA driver found") && err.contains("--device cpu"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    // auto falls back to the CPU without a word of error.
+    let out = ferrotune(&["bench", "--seq-len", "8", "--steps", "1", "--warmup", "0", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
 #[test]

@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 pub struct Profiled<B: Backend> {
     pub inner: B,
     table: Mutex<BTreeMap<&'static str, (u64, Duration)>>,
+    /// Waits for the device (asynchronous backends); called around each op.
+    sync: Option<Box<dyn Fn(&B) + Send + Sync>>,
 }
 
 /// One row of the profile: op name, calls, total time.
@@ -23,12 +25,24 @@ pub struct OpTime {
 
 impl<B: Backend> Profiled<B> {
     pub fn new(inner: B) -> Self {
-        Profiled { inner, table: Mutex::new(BTreeMap::new()) }
+        Profiled { inner, table: Mutex::new(BTreeMap::new()), sync: None }
+    }
+
+    /// For a backend whose ops are queued: `sync` waits for the device, so
+    /// each op's wall time is its device time (at the cost of the overlap).
+    pub fn with_sync(inner: B, sync: impl Fn(&B) + Send + Sync + 'static) -> Self {
+        Profiled { inner, table: Mutex::new(BTreeMap::new()), sync: Some(Box::new(sync)) }
     }
 
     fn time<T>(&self, op: &'static str, f: impl FnOnce() -> T) -> T {
+        if let Some(s) = &self.sync {
+            s(&self.inner);
+        }
         let t0 = Instant::now();
         let out = f();
+        if let Some(s) = &self.sync {
+            s(&self.inner);
+        }
         let dt = t0.elapsed();
         let mut t = self.table.lock().unwrap_or_else(|e| e.into_inner());
         let e = t.entry(op).or_default();

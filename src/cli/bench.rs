@@ -2,7 +2,8 @@
 //! family and size preset with random weights, so no checkpoint is needed):
 //! warm-up steps, then timed LoRA steps (forward, backward, AdamW).
 
-use super::{Device, parse_device};
+use super::{Opened, open_device};
+use crate::backend::cuda::{CudaBackend, device};
 use crate::adapter::{LoraConfig, Targets};
 use crate::backend::Backend;
 use crate::backend::cpu::CpuBackend;
@@ -12,7 +13,7 @@ use crate::model::graph::BackwardOpts;
 use crate::model::{Model, flops, synth};
 use crate::train::optimizer::{AdamWConfig, Optimizer};
 use crate::util::rng::Rng;
-use anyhow::{Result, bail, ensure};
+use anyhow::{Result, ensure};
 use clap::Args;
 use std::time::Instant;
 
@@ -71,17 +72,41 @@ pub fn peak_rss_bytes() -> Option<u64> {
 pub fn run(a: BenchArgs) -> Result<()> {
     ensure!(a.seq_len > 0 && a.micro_batch > 0 && a.steps > 0, "--seq-len, --micro-batch and --steps must be at least 1");
     ensure!(a.lora_r > 0, "--lora-r must be at least 1");
-    match parse_device(&a.device)? {
-        Device::Cpu if a.profile => {
-            let be = Profiled::new(CpuBackend::new());
-            bench_on(&be, &a, Some(&be))
+    let host_peak = || peak_rss_bytes().map(|b| (b, "host RSS"));
+    match open_device(&a.device)? {
+        Opened::Cpu(be) if a.profile => {
+            let be = Profiled::new(be);
+            bench_on(&be, &a, Some(&be), &host_peak, None)
         }
-        Device::Cpu => bench_on(&CpuBackend::new(), &a, None::<&Profiled<CpuBackend>>),
-        Device::Cuda(_) => bail!("--device {}: this build has no CUDA backend yet; use --device cpu", a.device),
+        Opened::Cpu(be) => bench_on(&be, &a, None::<&Profiled<CpuBackend>>, &host_peak, None),
+        Opened::Cuda(be) => {
+            let peak_tflops = a.peak_tflops.or_else(|| device::dense_bf16_peak_tflops(&be.info.name));
+            let a = BenchArgs { peak_tflops, ..a.clone() };
+            if a.profile {
+                let be = Profiled::with_sync(be, |b: &CudaBackend| b.synchronize());
+                let gpu = &be.inner;
+                let peak = || gpu.peak_bytes().map(|b| (b, "GPU memory pool peak"));
+                bench_on(&be, &a, Some(&be), &peak, Some(&|| gpu.reset_peak()))
+            } else {
+                let peak = || be.peak_bytes().map(|b| (b, "GPU memory pool peak"));
+                bench_on(&be, &a, None::<&Profiled<CpuBackend>>, &peak, Some(&|| be.reset_peak()))
+            }
+        }
     }
 }
 
-fn bench_on<B: Backend, P: Backend>(be: &B, a: &BenchArgs, profiler: Option<&Profiled<P>>) -> Result<()> {
+type PeakFn<'a> = &'a dyn Fn() -> Option<(u64, &'static str)>;
+
+fn bench_on<B: Backend, P: Backend>(
+    be: &B,
+    a: &BenchArgs,
+    profiler: Option<&Profiled<P>>,
+    peak_memory: PeakFn,
+    reset_peak: Option<&dyn Fn()>,
+) -> Result<()> {
+    if let Some(reset) = reset_peak {
+        reset();
+    }
     let mut spec = synth::preset(&a.preset)?;
     if let Some(l) = a.layers {
         ensure!(l > 0, "--layers must be at least 1");
@@ -152,7 +177,7 @@ fn bench_on<B: Backend, P: Backend>(be: &B, a: &BenchArgs, profiler: Option<&Pro
     let tokens_per_s = tokens / step_s;
     let tflops = step_flops / step_s / 1e12;
     let mfu = a.peak_tflops.map(|p| tflops / p);
-    let peak_mem = peak_rss_bytes();
+    let peak_mem = peak_memory();
     if a.json {
         println!(
             "{}",
@@ -161,7 +186,7 @@ fn bench_on<B: Backend, P: Backend>(be: &B, a: &BenchArgs, profiler: Option<&Pro
                 "seq_len": a.seq_len, "micro_batch": a.micro_batch, "lora_r": a.lora_r, "lora_params": n_lora,
                 "gradient_checkpointing": a.gradient_checkpointing, "steps": a.steps,
                 "tokens_per_s": tokens_per_s, "step_time_s": step_s, "model_tflops": tflops, "mfu": mfu,
-                "peak_memory_bytes": peak_mem, "peak_memory_kind": "host RSS", "loss": last_loss,
+                "peak_memory_bytes": peak_mem.map(|p| p.0), "peak_memory_kind": peak_mem.map(|p| p.1), "loss": last_loss,
                 "flop_convention": flops::CONVENTION,
             })
         );
@@ -174,7 +199,7 @@ fn bench_on<B: Backend, P: Backend>(be: &B, a: &BenchArgs, profiler: Option<&Pro
             None => println!("MFU           n/a (no known peak for {}; pass --peak-tflops)", be.name()),
         }
         match peak_mem {
-            Some(b) => println!("peak memory   {:.2} GiB (host RSS)", b as f64 / (1u64 << 30) as f64),
+            Some((b, kind)) => println!("peak memory   {:.2} GiB ({kind})", b as f64 / (1u64 << 30) as f64),
             None => println!("peak memory   n/a"),
         }
         println!("LoRA params   {:.2}M", n_lora as f64 / 1e6);

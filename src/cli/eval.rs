@@ -1,9 +1,8 @@
 //! `ferrotune eval`: mean loss per target token and perplexity.
 
-use super::{Device, parse_device};
+use super::{Opened, open_device};
 use crate::adapter::peft;
 use crate::backend::Backend;
-use crate::backend::cpu::CpuBackend;
 use crate::data::pretokenized;
 use crate::model::Model;
 use crate::model::batch::{Batch, Sequence};
@@ -58,9 +57,9 @@ pub fn batches(seqs: &[Sequence], budget: usize) -> Vec<&[Sequence]> {
 }
 
 pub fn run(a: EvalArgs) -> Result<()> {
-    match parse_device(&a.device)? {
-        Device::Cpu => eval_on(&CpuBackend::new(), &a),
-        Device::Cuda(_) => bail!("--device {}: this build has no CUDA backend yet; use --device cpu", a.device),
+    match open_device(&a.device)? {
+        Opened::Cpu(be) => eval_on(&be, &a),
+        Opened::Cuda(be) => eval_on(&be, &a),
     }
 }
 

@@ -5,7 +5,9 @@ mod eval;
 mod models;
 mod synth;
 
-use anyhow::{Result, bail};
+use crate::backend::cpu::CpuBackend;
+use crate::backend::cuda::{CudaBackend, device};
+use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -32,18 +34,46 @@ enum Command {
 pub enum Device {
     Cpu,
     Cuda(usize),
+    /// cuda:0 when a GPU is visible, else the CPU.
+    Auto,
 }
 
 /// Parse `--device`: cpu, cuda, cuda:N, or auto.
 pub fn parse_device(s: &str) -> Result<Device> {
     match s {
         "cpu" => Ok(Device::Cpu),
-        "auto" => Ok(Device::Cpu),
+        "auto" => Ok(Device::Auto),
         "cuda" => Ok(Device::Cuda(0)),
         _ => match s.strip_prefix("cuda:").map(|n| n.parse::<usize>()) {
             Some(Ok(n)) => Ok(Device::Cuda(n)),
             _ => bail!("--device {s}: expected cpu, cuda, cuda:N or auto"),
         },
+    }
+}
+
+/// The opened backend.
+pub enum Opened {
+    Cpu(CpuBackend),
+    Cuda(CudaBackend),
+}
+
+/// Open the backend `--device` names, and say on stderr what was opened.
+pub fn open_device(s: &str) -> Result<Opened> {
+    let device = match parse_device(s)? {
+        Device::Auto if device::device_count() > 0 => Device::Cuda(0),
+        Device::Auto => Device::Cpu,
+        d => d,
+    };
+    match device {
+        Device::Cpu | Device::Auto => Ok(Opened::Cpu(CpuBackend::new())),
+        Device::Cuda(n) => {
+            let be = CudaBackend::new(n).with_context(|| {
+                if s == "auto" { "a GPU is visible but could not be used (pass --device cpu to run on the CPU)".to_string() }
+                else { format!("--device {s}") }
+            })?;
+            eprintln!("device: {}; {} kernels loaded", be.info, be.kernel_count());
+            Ok(Opened::Cuda(be))
+        }
     }
 }
 

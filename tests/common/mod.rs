@@ -8,8 +8,13 @@ use std::path::PathBuf;
 
 pub const CASES: &[&str] = &["llama", "llama3", "mistral", "qwen2"];
 
+/// tests/fixtures/<case>; FERROTUNE_FIXTURES overrides the folder, for test
+/// binaries built on one machine and run on another (the GPU check).
 pub fn fixture(case: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(case)
+    let root = std::env::var_os("FERROTUNE_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures"));
+    root.join(case)
 }
 
 /// The reference tensors of a fixture case.

@@ -1,3 +1,7 @@
 //! The CUDA backend: hand-written kernels (cuda/*.cu, embedded as PTX) and
 //! cuBLAS GEMMs behind the same `Backend` trait as the CPU reference.
+mod attention;
+pub mod backend;
 pub mod device;
+
+pub use backend::{CudaBackend, CudaBuf};

@@ -1,0 +1,785 @@
+// CONTRACT_PLACEHOLDER
+#include <cuda_bf16.h>
+
+#include "flash_common.cuh"
+
+namespace fa {
+
+typedef __nv_bfloat16 bf16;
+typedef long long i64;
+
+// Tensor-core kernels: 4 warps; every warp owns 16 rows of the block's tile.
+constexpr int NTHREADS = 128;
+constexpr int TILE = 64;  // Br (query rows per block) = Bc (keys per tile) = 64
+constexpr float LOG2E = 1.4426950408889634f;
+constexpr float LN2 = 0.69314718055994531f;
+
+__device__ __forceinline__ float neg_inf() { return __int_as_float((int)0xff800000u); }
+__device__ __forceinline__ float bf2f(bf16 x) { return __bfloat162float(x); }
+
+// Two floats -> one .b32 holding two bf16 (round to nearest even); `lo` in the
+// low 16 bits, i.e. the lower-indexed element of an mma fragment register.
+__device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
+    return (unsigned)__bfloat16_as_ushort(__float2bfloat16_rn(lo)) |
+           ((unsigned)__bfloat16_as_ushort(__float2bfloat16_rn(hi)) << 16);
+}
+
+// Sum over the 32 lanes, returned to every lane. Butterfly: every lane adds
+// the same two operands at every level (commuted), so all lanes hold
+// bit-identical results; fixed order, hence deterministic.
+__device__ __forceinline__ float warp_allsum(float v) {
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+    return v;
+}
+
+// Max / sum over the 4 lanes of a quad (the lanes sharing one accumulator row).
+__device__ __forceinline__ float quad_max(float v) {
+    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+    return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+}
+__device__ __forceinline__ float quad_sum(float v) {
+    v += __shfl_xor_sync(0xffffffffu, v, 1);
+    return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+
+// Whether key `kc` is visible from query `qr` (sequence-local indices, `len`
+// tokens, window W, 0 = none). Queries past the end see nothing.
+__device__ __forceinline__ bool visible(int qr, int kc, int len, int W) {
+    return qr < len && kc <= qr && (W == 0 || qr - kc < W);
+}
+
+// The window as the kernels use it: 0 when it cannot mask anything in a
+// sequence of `len` tokens (this also keeps k + W - 1 from overflowing).
+__device__ __forceinline__ int clamp_window(int window, int len) {
+    return (window > 0 && window < len) ? window : 0;
+}
+
+// Asynchronously copies a ROWS x D bf16 tile into shared memory (row stride
+// LD = D + 8 elements). Tile row r is token tok0 + r, head `head`, of a tensor
+// [*, nh, D]; rows r >= valid are zero-filled without reading global memory.
+// Precondition: valid >= 1 (row 0 exists; its address stands in for the rest).
+template <int D, int ROWS>
+__device__ __forceinline__ void load_tile_async(sptr dst, const bf16* __restrict__ src, i64 tok0, int nh,
+                                                int head, int valid) {
+    constexpr int CH = D / 8;  // 16-byte chunks per row
+    constexpr int LD = D + 8;
+    const bf16* row0 = src + (tok0 * nh + head) * (i64)D;
+    const i64 stride = (i64)nh * D;
+    for (int c = threadIdx.x; c < ROWS * CH; c += NTHREADS) {
+        const int r = c / CH, cc = c - r * CH;
+        const bool ok = r < valid;
+        const bf16* g = ok ? row0 + r * stride + cc * 8 : row0;
+        cp_async_16(dst + (unsigned)((r * LD + cc * 8) * 2), g, ok);
+    }
+}
+
+// Writes a warp's 16 x D f32 accumulator tile (C fragments acc[D/8][4]),
+// times mul[0] (rows g) / mul[1] (rows g+8), as bf16 into shared rows
+// srow (16 rows of LD elements), then copies the rows r < valid to global
+// token tok0 + r, head `head`, of dst [*, nh, D] with 16-byte stores.
+// Only this warp may touch those 16 shared rows meanwhile.
+template <int D>
+__device__ __forceinline__ void store_warp_tile(const float (&acc)[D / 8][4], const float (&mul)[2], bf16* srow,
+                                                bf16* __restrict__ dst, i64 tok0, int nh, int head, int valid,
+                                                int lane) {
+    constexpr int LD = D + 8, CH = D / 8;
+    const int g = lane >> 2, t4 = lane & 3;
+#pragma unroll
+    for (int nt = 0; nt < D / 8; ++nt) {
+        *reinterpret_cast<unsigned*>(srow + g * LD + nt * 8 + 2 * t4) =
+            pack_bf16(acc[nt][0] * mul[0], acc[nt][1] * mul[0]);
+        *reinterpret_cast<unsigned*>(srow + (g + 8) * LD + nt * 8 + 2 * t4) =
+            pack_bf16(acc[nt][2] * mul[1], acc[nt][3] * mul[1]);
+    }
+    __syncwarp();
+    for (int c = lane; c < 16 * CH; c += 32) {
+        const int r = c / CH, cc = c - r * CH;
+        if (r < valid) {
+            const uint4 val = *reinterpret_cast<const uint4*>(srow + r * LD + cc * 8);
+            *reinterpret_cast<uint4*>(dst + ((tok0 + r) * nh + head) * (i64)D + cc * 8) = val;
+        }
+    }
+}
+
+// Per-lane byte offsets of the ldmatrix row addresses (see flash_common.cuh).
+// A operand / .trans B operand: 16 rows starting at the tile row, the lane's
+// row is lane & 15, its 8-column block (lane >> 4).
+template <int LD>
+__device__ __forceinline__ unsigned lane_off_rows16(int lane) {
+    return (unsigned)(((lane & 15) * LD + (lane >> 4) * 8) * 2);
+}
+// Non-transposed B operand stored as [n][k] rows (K for Q·Kᵀ): matrices
+// (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, k 0-7), (n 8-15, k 8-15), so that
+// r0, r1 = (b0, b1) of n-tile n0 and r2, r3 = (b0, b1) of n-tile n0 + 8.
+template <int LD>
+__device__ __forceinline__ unsigned lane_off_bnk(int lane) {
+    return (unsigned)((((lane & 7) + ((lane >> 4) << 3)) * LD + ((lane >> 3) & 1) * 8) * 2);
+}
+
+// Whether every (query, key) pair of a tile is visible, i.e. the tile needs no
+// mask: queries q0..q0+nq-1, keys k0..k0+nk-1 (sequence-local).
+__device__ __forceinline__ bool tile_needs_mask(int q0, int nq, int k0, int nk, int len, int W) {
+    return (k0 + nk - 1 > q0) || (q0 + nq > len) || (k0 + nk > len) || (W != 0 && q0 + nq - 1 - k0 >= W);
+}
+
+__device__ __forceinline__ void check_contract(int head_dim, int d_want, int nh, int nkv) {
+    if (blockDim.x != NTHREADS || blockDim.y != 1 || blockDim.z != 1 || head_dim != d_want || nkv <= 0 ||
+        nh % nkv != 0)
+        __trap();
+}
+
+// ============================================================================
+// Forward (tensor cores).
+// ============================================================================
+template <int D>
+__device__ __forceinline__ void fwd_tc(const bf16* __restrict__ q, const bf16* __restrict__ k,
+                                       const bf16* __restrict__ v, const int* __restrict__ cu,
+                                       bf16* __restrict__ out, float* __restrict__ lse, int n, int n_seqs, int nh,
+                                       int nkv, int head_dim, int window, float scale) {
+    static_assert(D % 16 == 0, "head_dim must be a multiple of 16");
+    constexpr int BR = TILE, BC = TILE, LD = D + 8, NT = D / 8, KS = D / 16;
+    check_contract(head_dim, D, nh, nkv);
+    const int seq = blockIdx.z, h = blockIdx.y;
+    if (seq >= n_seqs || h >= nh) return;
+    const int s0 = cu[seq], len = cu[seq + 1] - s0;
+    const int q0 = (gridDim.x - 1 - blockIdx.x) * BR;  // heaviest (last) query blocks first
+    if (q0 >= len) return;
+    const int W = clamp_window(window, len);
+    const int kvh = h / (nh / nkv);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
+
+    bf16* sK = reinterpret_cast<bf16*>(dyn_smem());
+    bf16* sV = sK + BC * LD;  // also stages Q before the loop and O after it (BR == BC)
+    const sptr aK = smem_addr(sK), aV = smem_addr(sV);
+    const unsigned off16 = lane_off_rows16<LD>(lane), offnk = lane_off_bnk<LD>(lane);
+
+    const int q_hi = min(q0 + BR, len) - 1;  // last real query of the block
+    const int kb_first = (W ? max(0, q0 - W + 1) : 0) / BC;
+    const int kb_last = q_hi / BC;
+
+    load_tile_async<D, BR>(aV, q, s0 + q0, nh, h, len - q0);
+    load_tile_async<D, BC>(aK, k, s0 + kb_last * BC, nkv, kvh, len - kb_last * BC);
+    cp_async_commit();
+    cp_async_wait_all();
+    __syncthreads();
+
+    unsigned qf[KS][4];  // this warp's 16 query rows as A fragments
+#pragma unroll
+    for (int ks = 0; ks < KS; ++ks) ldsm_x4(qf[ks], aV + off16 + (unsigned)((warp * 16 * LD + ks * 16) * 2));
+    __syncthreads();  // every warp holds Q before sV is overwritten by V
+
+    float o[NT][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) o[nt][0] = o[nt][1] = o[nt][2] = o[nt][3] = 0.f;
+    float m[2] = {neg_inf(), neg_inf()};  // running max of the log2-domain scores (rows g, g+8)
+    float l[2] = {0.f, 0.f};              // this lane's part of the running sum
+    const float sl2 = scale * LOG2E;
+    const int qr0 = q0 + warp * 16 + g;  // the lane's rows: qr0 and qr0 + 8
+
+    // Invariant at the top of each iteration: sK holds K(kb), complete and
+    // visible to all threads; sV is free.
+    for (int kb = kb_last; kb >= kb_first; --kb) {
+        const int k0 = kb * BC;
+        load_tile_async<D, BC>(aV, v, s0 + k0, nkv, kvh, len - k0);
+        cp_async_commit();
+
+        float s[BC / 8][4];
+#pragma unroll
+        for (int nt = 0; nt < BC / 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+#pragma unroll
+        for (int ks = 0; ks < KS; ++ks) {
+#pragma unroll
+            for (int np = 0; np < BC / 16; ++np) {
+                unsigned b[4];
+                ldsm_x4(b, aK + offnk + (unsigned)((np * 16 * LD + ks * 16) * 2));
+                mma_bf16_16816(s[2 * np], qf[ks], b[0], b[1]);
+                mma_bf16_16816(s[2 * np + 1], qf[ks], b[2], b[3]);
+            }
+        }
+
+        // Scores to the log2 domain, mask, online softmax (FA2).
+        const bool need_mask = tile_needs_mask(q0, BR, k0, BC, len, W);
+        float mx[2] = {neg_inf(), neg_inf()};
+#pragma unroll
+        for (int nt = 0; nt < BC / 8; ++nt) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                float x = s[nt][e] * sl2;
+                if (need_mask && !visible(qr0 + (e >> 1) * 8, k0 + nt * 8 + 2 * t4 + (e & 1), len, W)) x = neg_inf();
+                s[nt][e] = x;
+                mx[e >> 1] = fmaxf(mx[e >> 1], x);
+            }
+        }
+        float m_use[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const float m_new = fmaxf(m[r], quad_max(mx[r]));
+            // A row with no visible key so far keeps m = -inf; subtracting 0
+            // instead of -inf keeps exp2 at exp2(-inf) = 0 (never inf - inf).
+            m_use[r] = (m_new == neg_inf()) ? 0.f : m_new;
+            const float alpha = exp2f(m[r] - m_use[r]);  // 0 when m[r] = -inf
+            m[r] = m_new;
+            l[r] *= alpha;
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+                o[nt][2 * r] *= alpha;
+                o[nt][2 * r + 1] *= alpha;
+            }
+        }
+#pragma unroll
+        for (int nt = 0; nt < BC / 8; ++nt) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const float p = exp2f(s[nt][e] - m_use[e >> 1]);
+                s[nt][e] = p;
+                l[e >> 1] += p;
+            }
+        }
+
+        cp_async_wait_all();
+        __syncthreads();  // V(kb) visible; every warp is done reading K(kb)
+        if (kb > kb_first) {
+            load_tile_async<D, BC>(aK, k, s0 + (kb - 1) * BC, nkv, kvh, len - (kb - 1) * BC);
+            cp_async_commit();
+        }
+
+        // O += P·V: P (bf16) straight from the score fragments.
+#pragma unroll
+        for (int kk = 0; kk < BC / 16; ++kk) {
+            const unsigned a[4] = {pack_bf16(s[2 * kk][0], s[2 * kk][1]), pack_bf16(s[2 * kk][2], s[2 * kk][3]),
+                                   pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                                   pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+            for (int dp = 0; dp < D / 16; ++dp) {
+                unsigned b[4];
+                ldsm_x4_trans(b, aV + off16 + (unsigned)((kk * 16 * LD + dp * 16) * 2));
+                mma_bf16_16816(o[2 * dp], a, b[0], b[1]);
+                mma_bf16_16816(o[2 * dp + 1], a, b[2], b[3]);
+            }
+        }
+        cp_async_wait_all();
+        __syncthreads();  // K(kb-1) visible; every warp is done reading V(kb)
+    }
+
+    // Epilogue: normalise, write lse (natural log) and O.
+    float inv[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const float lt = quad_sum(l[r]);
+        inv[r] = lt > 0.f ? 1.f / lt : 0.f;  // lt = 0 only for rows past the end
+        const int qr = qr0 + r * 8;
+        if (t4 == 0 && qr < len) lse[(i64)h * n + s0 + qr] = m[r] * LN2 + logf(lt);
+    }
+    store_warp_tile<D>(o, inv, sV + warp * 16 * LD, out, (i64)s0 + q0 + warp * 16, nh, h, len - (q0 + warp * 16),
+                       lane);
+}
+
+// ============================================================================
+// Backward (tensor cores): dQ, one block per (query tile, head, sequence).
+// ============================================================================
+template <int D>
+__device__ __forceinline__ void bwd_dq_tc(const bf16* __restrict__ q, const bf16* __restrict__ k,
+                                          const bf16* __restrict__ v, const bf16* __restrict__ dout,
+                                          const float* __restrict__ lse, const float* __restrict__ dsum,
+                                          const int* __restrict__ cu, bf16* __restrict__ dq, int n, int n_seqs,
+                                          int nh, int nkv, int head_dim, int window, float scale) {
+    static_assert(D % 16 == 0, "head_dim must be a multiple of 16");
+    constexpr int BR = TILE, BC = TILE, LD = D + 8, NT = D / 8, KS = D / 16;
+    check_contract(head_dim, D, nh, nkv);
+    const int seq = blockIdx.z, h = blockIdx.y;
+    if (seq >= n_seqs || h >= nh) return;
+    const int s0 = cu[seq], len = cu[seq + 1] - s0;
+    const int q0 = (gridDim.x - 1 - blockIdx.x) * BR;
+    if (q0 >= len) return;
+    const int W = clamp_window(window, len);
+    const int kvh = h / (nh / nkv);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
+
+    bf16* sQ = reinterpret_cast<bf16*>(dyn_smem());
+    bf16* sdO = sQ + BR * LD;
+    bf16* sK = sdO + BR * LD;
+    bf16* sV = sK + BC * LD;
+    const sptr aQ = smem_addr(sQ), adO = smem_addr(sdO), aK = smem_addr(sK), aV = smem_addr(sV);
+    const unsigned off16 = lane_off_rows16<LD>(lane), offnk = lane_off_bnk<LD>(lane);
+    const unsigned offw = (unsigned)(warp * 16 * LD * 2);  // this warp's first row
+
+    const int q_hi = min(q0 + BR, len) - 1;
+    const int kb_first = (W ? max(0, q0 - W + 1) : 0) / BC;
+    const int kb_last = q_hi / BC;
+
+    load_tile_async<D, BR>(aQ, q, s0 + q0, nh, h, len - q0);
+    load_tile_async<D, BR>(adO, dout, s0 + q0, nh, h, len - q0);
+    cp_async_commit();
+
+    const float sl2 = scale * LOG2E;
+    const int qr0 = q0 + warp * 16 + g;
+    float lse2[2], dd[2];  // lse in the log2 domain, D = rowsum(dO ∘ O)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int qr = qr0 + r * 8;
+        const bool ok = qr < len;
+        lse2[r] = ok ? lse[(i64)h * n + s0 + qr] * LOG2E : 0.f;
+        dd[r] = ok ? dsum[(i64)h * n + s0 + qr] : 0.f;
+    }
+
+    float acc[NT][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
+
+    for (int kb = kb_last; kb >= kb_first; --kb) {
+        const int k0 = kb * BC;
+        load_tile_async<D, BC>(aK, k, s0 + k0, nkv, kvh, len - k0);
+        load_tile_async<D, BC>(aV, v, s0 + k0, nkv, kvh, len - k0);
+        cp_async_commit();
+        cp_async_wait_all();
+        __syncthreads();
+
+        // S = Q·Kᵀ and dP = dO·Vᵀ (16 x BC per warp).
+        float s[BC / 8][4], dp[BC / 8][4];
+#pragma unroll
+        for (int nt = 0; nt < BC / 8; ++nt) {
+            s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+            dp[nt][0] = dp[nt][1] = dp[nt][2] = dp[nt][3] = 0.f;
+        }
+#pragma unroll
+        for (int ks = 0; ks < KS; ++ks) {
+            unsigned a[4];
+            ldsm_x4(a, aQ + offw + off16 + (unsigned)(ks * 16 * 2));
+#pragma unroll
+            for (int np = 0; np < BC / 16; ++np) {
+                unsigned b[4];
+                ldsm_x4(b, aK + offnk + (unsigned)((np * 16 * LD + ks * 16) * 2));
+                mma_bf16_16816(s[2 * np], a, b[0], b[1]);
+                mma_bf16_16816(s[2 * np + 1], a, b[2], b[3]);
+            }
+        }
+#pragma unroll
+        for (int ks = 0; ks < KS; ++ks) {
+            unsigned a[4];
+            ldsm_x4(a, adO + offw + off16 + (unsigned)(ks * 16 * 2));
+#pragma unroll
+            for (int np = 0; np < BC / 16; ++np) {
+                unsigned b[4];
+                ldsm_x4(b, aV + offnk + (unsigned)((np * 16 * LD + ks * 16) * 2));
+                mma_bf16_16816(dp[2 * np], a, b[0], b[1]);
+                mma_bf16_16816(dp[2 * np + 1], a, b[2], b[3]);
+            }
+        }
+
+        // P = exp2(S·scale·log2e − lse·log2e); dS = P ∘ (dP − D), kept in s.
+        const bool need_mask = tile_needs_mask(q0, BR, k0, BC, len, W);
+#pragma unroll
+        for (int nt = 0; nt < BC / 8; ++nt) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                float x = s[nt][e] * sl2 - lse2[e >> 1];
+                if (need_mask && !visible(qr0 + (e >> 1) * 8, k0 + nt * 8 + 2 * t4 + (e & 1), len, W)) x = neg_inf();
+                const float p = exp2f(x);
+                s[nt][e] = p * (dp[nt][e] - dd[e >> 1]);
+            }
+        }
+
+        // dQ += dS·K   (B[key][d] = K[key][d]: transposed ldmatrix of sK).
+#pragma unroll
+        for (int kk = 0; kk < BC / 16; ++kk) {
+            const unsigned a[4] = {pack_bf16(s[2 * kk][0], s[2 * kk][1]), pack_bf16(s[2 * kk][2], s[2 * kk][3]),
+                                   pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                                   pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+            for (int dpi = 0; dpi < D / 16; ++dpi) {
+                unsigned b[4];
+                ldsm_x4_trans(b, aK + off16 + (unsigned)((kk * 16 * LD + dpi * 16) * 2));
+                mma_bf16_16816(acc[2 * dpi], a, b[0], b[1]);
+                mma_bf16_16816(acc[2 * dpi + 1], a, b[2], b[3]);
+            }
+        }
+        __syncthreads();  // every warp is done with sK / sV before the next tile
+    }
+
+    const float mul[2] = {scale, scale};
+    store_warp_tile<D>(acc, mul, sQ + warp * 16 * LD, dq, (i64)s0 + q0 + warp * 16, nh, h, len - (q0 + warp * 16),
+                       lane);
+}
+
+// ============================================================================
+// Backward (tensor cores): dK and dV, one block per (key tile, kv head,
+// sequence). Every warp owns 16 keys and computes the transposed products
+// Sᵀ = K·Qᵀ, dPᵀ = V·dOᵀ (16 keys x BQ queries), so that Pᵀ / dSᵀ are already
+// A fragments for dV += Pᵀ·dO and dK += dSᵀ·Q. Loops over every query head of
+// the kv head's group and every query tile that sees the key tile.
+// ============================================================================
+template <int D, int BQ>
+__device__ __forceinline__ void bwd_dkdv_tc(const bf16* __restrict__ q, const bf16* __restrict__ k,
+                                            const bf16* __restrict__ v, const bf16* __restrict__ dout,
+                                            const float* __restrict__ lse, const float* __restrict__ dsum,
+                                            const int* __restrict__ cu, bf16* __restrict__ dk,
+                                            bf16* __restrict__ dv, int n, int n_seqs, int nh, int nkv,
+                                            int head_dim, int window, float scale) {
+    static_assert(D % 16 == 0 && BQ % 16 == 0 && BQ <= NTHREADS, "tile shape");
+    constexpr int BC = TILE, LD = D + 8, NT = D / 8, KS = D / 16, NQ = BQ / 8;
+    check_contract(head_dim, D, nh, nkv);
+    const int seq = blockIdx.z, kvh = blockIdx.y;
+    if (seq >= n_seqs || kvh >= nkv) return;
+    const int s0 = cu[seq], len = cu[seq + 1] - s0;
+    const int k0 = (gridDim.x - 1 - blockIdx.x) * BC;
+    if (k0 >= len) return;
+    const int W = clamp_window(window, len);
+    const int group = nh / nkv;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
+
+    bf16* sK = reinterpret_cast<bf16*>(dyn_smem());
+    bf16* sV = sK + BC * LD;
+    bf16* sQ = sV + BC * LD;
+    bf16* sdO = sQ + BQ * LD;
+    float* sL = reinterpret_cast<float*>(sdO + BQ * LD);  // lse·log2e of the tile's queries
+    float* sD = sL + BQ;                                  // D of the tile's queries
+    const sptr aK = smem_addr(sK), aV = smem_addr(sV), aQ = smem_addr(sQ), adO = smem_addr(sdO);
+    const unsigned off16 = lane_off_rows16<LD>(lane), offnk = lane_off_bnk<LD>(lane);
+    const unsigned offw = (unsigned)(warp * 16 * LD * 2);
+
+    load_tile_async<D, BC>(aK, k, s0 + k0, nkv, kvh, len - k0);
+    load_tile_async<D, BC>(aV, v, s0 + k0, nkv, kvh, len - k0);
+    cp_async_commit();
+
+    // Queries that see some key of the tile: k0 ..= q_max.
+    const int k_hi = min(k0 + BC, len) - 1;
+    const int q_max = W ? min(len - 1, k_hi + W - 1) : len - 1;
+    const int qt_first = k0 / BQ, n_qt = q_max / BQ - qt_first + 1;
+
+    const float sl2 = scale * LOG2E;
+    const int kr0 = k0 + warp * 16 + g;  // the lane's keys: kr0 and kr0 + 8
+    float ak[NT][4], av[NT][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+        ak[nt][0] = ak[nt][1] = ak[nt][2] = ak[nt][3] = 0.f;
+        av[nt][0] = av[nt][1] = av[nt][2] = av[nt][3] = 0.f;
+    }
+
+    for (int it = 0; it < group * n_qt; ++it) {
+        const int hq = kvh * group + it / n_qt;
+        const int q0 = (qt_first + it % n_qt) * BQ;
+        load_tile_async<D, BQ>(aQ, q, s0 + q0, nh, hq, len - q0);
+        load_tile_async<D, BQ>(adO, dout, s0 + q0, nh, hq, len - q0);
+        cp_async_commit();
+        if (threadIdx.x < BQ) {
+            const int qr = q0 + threadIdx.x;
+            const bool ok = qr < len;
+            sL[threadIdx.x] = ok ? lse[(i64)hq * n + s0 + qr] * LOG2E : 0.f;
+            sD[threadIdx.x] = ok ? dsum[(i64)hq * n + s0 + qr] : 0.f;
+        }
+        cp_async_wait_all();
+        __syncthreads();
+
+        // Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ (16 keys x BQ queries per warp).
+        float st[NQ][4], dpt[NQ][4];
+#pragma unroll
+        for (int nt = 0; nt < NQ; ++nt) {
+            st[nt][0] = st[nt][1] = st[nt][2] = st[nt][3] = 0.f;
+            dpt[nt][0] = dpt[nt][1] = dpt[nt][2] = dpt[nt][3] = 0.f;
+        }
+#pragma unroll
+        for (int ks = 0; ks < KS; ++ks) {
+            unsigned a[4];
+            ldsm_x4(a, aK + offw + off16 + (unsigned)(ks * 16 * 2));
+#pragma unroll
+            for (int np = 0; np < BQ / 16; ++np) {
+                unsigned b[4];
+                ldsm_x4(b, aQ + offnk + (unsigned)((np * 16 * LD + ks * 16) * 2));
+                mma_bf16_16816(st[2 * np], a, b[0], b[1]);
+                mma_bf16_16816(st[2 * np + 1], a, b[2], b[3]);
+            }
+        }
+#pragma unroll
+        for (int ks = 0; ks < KS; ++ks) {
+            unsigned a[4];
+            ldsm_x4(a, aV + offw + off16 + (unsigned)(ks * 16 * 2));
+#pragma unroll
+            for (int np = 0; np < BQ / 16; ++np) {
+                unsigned b[4];
+                ldsm_x4(b, adO + offnk + (unsigned)((np * 16 * LD + ks * 16) * 2));
+                mma_bf16_16816(dpt[2 * np], a, b[0], b[1]);
+                mma_bf16_16816(dpt[2 * np + 1], a, b[2], b[3]);
+            }
+        }
+
+        // Pᵀ (in st) and dSᵀ = Pᵀ ∘ (dPᵀ − D) (in dpt). Element (key row, query col):
+        // row kr0 + (e >> 1) * 8, column q0 + nt * 8 + 2 * t4 + (e & 1).
+        const bool need_mask = tile_needs_mask(q0, BQ, k0, BC, len, W);
+#pragma unroll
+        for (int nt = 0; nt < NQ; ++nt) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int qc = nt * 8 + 2 * t4 + (e & 1);
+                float x = st[nt][e] * sl2 - sL[qc];
+                if (need_mask && !visible(q0 + qc, kr0 + (e >> 1) * 8, len, W)) x = neg_inf();
+                const float p = exp2f(x);
+                st[nt][e] = p;
+                dpt[nt][e] = p * (dpt[nt][e] - sD[qc]);
+            }
+        }
+
+        // dV += Pᵀ·dO and dK += dSᵀ·Q   (B[query][d]: transposed ldmatrix).
+#pragma unroll
+        for (int kk = 0; kk < BQ / 16; ++kk) {
+            const unsigned ap[4] = {pack_bf16(st[2 * kk][0], st[2 * kk][1]), pack_bf16(st[2 * kk][2], st[2 * kk][3]),
+                                    pack_bf16(st[2 * kk + 1][0], st[2 * kk + 1][1]),
+                                    pack_bf16(st[2 * kk + 1][2], st[2 * kk + 1][3])};
+            const unsigned ad[4] = {pack_bf16(dpt[2 * kk][0], dpt[2 * kk][1]),
+                                    pack_bf16(dpt[2 * kk][2], dpt[2 * kk][3]),
+                                    pack_bf16(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]),
+                                    pack_bf16(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3])};
+#pragma unroll
+            for (int dpi = 0; dpi < D / 16; ++dpi) {
+                unsigned b[4];
+                ldsm_x4_trans(b, adO + off16 + (unsigned)((kk * 16 * LD + dpi * 16) * 2));
+                mma_bf16_16816(av[2 * dpi], ap, b[0], b[1]);
+                mma_bf16_16816(av[2 * dpi + 1], ap, b[2], b[3]);
+                ldsm_x4_trans(b, aQ + off16 + (unsigned)((kk * 16 * LD + dpi * 16) * 2));
+                mma_bf16_16816(ak[2 * dpi], ad, b[0], b[1]);
+                mma_bf16_16816(ak[2 * dpi + 1], ad, b[2], b[3]);
+            }
+        }
+        __syncthreads();  // every warp is done with sQ / sdO / sL / sD
+    }
+
+    const float mk[2] = {scale, scale}, mv[2] = {1.f, 1.f};
+    const i64 tok = (i64)s0 + k0 + warp * 16;
+    const int valid = len - (k0 + warp * 16);
+    store_warp_tile<D>(ak, mk, sK + warp * 16 * LD, dk, tok, nkv, kvh, valid, lane);
+    store_warp_tile<D>(av, mv, sV + warp * 16 * LD, dv, tok, nkv, kvh, valid, lane);
+}
+
+// ============================================================================
+// Backward preprocessing: dsum[h, t] = Σ_d dout[t, h, d] · out[t, h, d].
+// ============================================================================
+__device__ __forceinline__ void bwd_preprocess(const bf16* __restrict__ dout, const bf16* __restrict__ out,
+                                               float* __restrict__ dsum, int n, int nh, int d) {
+    const int lane = threadIdx.x & 31;
+    const i64 rows = (i64)n * nh;
+    const i64 nwarps = (i64)gridDim.x * (blockDim.x >> 5);
+    for (i64 row = (i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); row < rows; row += nwarps) {
+        const bf16* a = dout + row * d;
+        const bf16* b = out + row * d;
+        float acc = 0.f;
+        if ((d & 1) == 0) {
+            for (int i = 2 * lane; i < d; i += 64) {
+                const __nv_bfloat162 x = *reinterpret_cast<const __nv_bfloat162*>(a + i);
+                const __nv_bfloat162 y = *reinterpret_cast<const __nv_bfloat162*>(b + i);
+                acc += bf2f(x.x) * bf2f(y.x);
+                acc += bf2f(x.y) * bf2f(y.y);
+            }
+        } else {
+            for (int i = lane; i < d; i += 32) acc += bf2f(a[i]) * bf2f(b[i]);
+        }
+        acc = warp_allsum(acc);
+        if (lane == 0) dsum[(row % nh) * n + row / nh] = acc;
+    }
+}
+
+// ============================================================================
+// Generic fallback (any head_dim 1..256): one warp per (token, head) or
+// (token, kv head); lane L holds elements L, L+32, ... of a row; f32 math,
+// no tensor cores, loops over exactly the visible keys (no masking needed).
+// ============================================================================
+constexpr int GEN_MAX_D = 256;
+constexpr int GEN_E = GEN_MAX_D / 32;
+
+// The sequence holding token t: the largest s < n_seqs with cu[s] <= t.
+__device__ __forceinline__ int find_seq(const int* __restrict__ cu, int n_seqs, int t) {
+    int lo = 0, hi = n_seqs - 1;
+    while (lo < hi) {
+        const int mid = (lo + hi + 1) >> 1;
+        if (cu[mid] <= t)
+            lo = mid;
+        else
+            hi = mid - 1;
+    }
+    return lo;
+}
+
+__device__ __forceinline__ void gen_load(float (&x)[GEN_E], const bf16* __restrict__ row, int d, int lane) {
+#pragma unroll
+    for (int e = 0; e < GEN_E; ++e) {
+        const int i = e * 32 + lane;
+        x[e] = i < d ? bf2f(row[i]) : 0.f;
+    }
+}
+
+__device__ __forceinline__ float gen_dot(const float (&x)[GEN_E], const bf16* __restrict__ row, int d, int lane) {
+    float part = 0.f;
+#pragma unroll
+    for (int e = 0; e < GEN_E; ++e) {
+        const int i = e * 32 + lane;
+        if (i < d) part += x[e] * bf2f(row[i]);
+    }
+    return warp_allsum(part);
+}
+
+__device__ __forceinline__ void gen_store(bf16* __restrict__ row, const float (&x)[GEN_E], float mul, int d,
+                                          int lane) {
+#pragma unroll
+    for (int e = 0; e < GEN_E; ++e) {
+        const int i = e * 32 + lane;
+        if (i < d) row[i] = __float2bfloat16_rn(x[e] * mul);
+    }
+}
+
+__device__ __forceinline__ void gen_check(int head_dim, int nh, int nkv) {
+    if (blockDim.x != NTHREADS || blockDim.y != 1 || blockDim.z != 1 || head_dim < 1 || head_dim > GEN_MAX_D ||
+        nkv <= 0 || nh % nkv != 0)
+        __trap();
+}
+
+__device__ __forceinline__ void fwd_generic(const bf16* __restrict__ q, const bf16* __restrict__ k,
+                                            const bf16* __restrict__ v, const int* __restrict__ cu,
+                                            bf16* __restrict__ out, float* __restrict__ lse, int n, int n_seqs,
+                                            int nh, int nkv, int d, int window, float scale) {
+    gen_check(d, nh, nkv);
+    const int t = blockIdx.x * (NTHREADS / 32) + (threadIdx.x >> 5), h = blockIdx.y, lane = threadIdx.x & 31;
+    if (t >= n || h >= nh) return;
+    const int s0 = cu[find_seq(cu, n_seqs, t)];
+    const int lo = window > 0 ? max(s0, t - window + 1) : s0;
+    const int kvh = h / (nh / nkv);
+    float qv[GEN_E], o[GEN_E];
+    gen_load(qv, q + ((i64)t * nh + h) * d, d, lane);
+#pragma unroll
+    for (int e = 0; e < GEN_E; ++e) o[e] = 0.f;
+    float m = neg_inf(), l = 0.f;
+    for (int j = lo; j <= t; ++j) {
+        const float s = gen_dot(qv, k + ((i64)j * nkv + kvh) * d, d, lane) * scale;
+        const float m_new = fmaxf(m, s);
+        const float corr = expf(m - m_new);  // 0 on the first key (m = -inf, s finite)
+        const float p = expf(s - m_new);
+        l = l * corr + p;
+        const bf16* vr = v + ((i64)j * nkv + kvh) * d;
+#pragma unroll
+        for (int e = 0; e < GEN_E; ++e) {
+            const int i = e * 32 + lane;
+            if (i < d) o[e] = o[e] * corr + p * bf2f(vr[i]);
+        }
+        m = m_new;
+    }
+    gen_store(out + ((i64)t * nh + h) * d, o, 1.f / l, d, lane);  // l >= 1: key t is always visible
+    if (lane == 0) lse[(i64)h * n + t] = m + logf(l);
+}
+
+__device__ __forceinline__ void bwd_dq_generic(const bf16* __restrict__ q, const bf16* __restrict__ k,
+                                               const bf16* __restrict__ v, const bf16* __restrict__ dout,
+                                               const float* __restrict__ lse, const float* __restrict__ dsum,
+                                               const int* __restrict__ cu, bf16* __restrict__ dq, int n, int n_seqs,
+                                               int nh, int nkv, int d, int window, float scale) {
+    gen_check(d, nh, nkv);
+    const int t = blockIdx.x * (NTHREADS / 32) + (threadIdx.x >> 5), h = blockIdx.y, lane = threadIdx.x & 31;
+    if (t >= n || h >= nh) return;
+    const int s0 = cu[find_seq(cu, n_seqs, t)];
+    const int lo = window > 0 ? max(s0, t - window + 1) : s0;
+    const int kvh = h / (nh / nkv);
+    float qv[GEN_E], dov[GEN_E], acc[GEN_E];
+    gen_load(qv, q + ((i64)t * nh + h) * d, d, lane);
+    gen_load(dov, dout + ((i64)t * nh + h) * d, d, lane);
+#pragma unroll
+    for (int e = 0; e < GEN_E; ++e) acc[e] = 0.f;
+    const float lse_t = lse[(i64)h * n + t], d_t = dsum[(i64)h * n + t];
+    for (int j = lo; j <= t; ++j) {
+        const bf16* kr = k + ((i64)j * nkv + kvh) * d;
+        const float p = expf(gen_dot(qv, kr, d, lane) * scale - lse_t);
+        const float ds = p * (gen_dot(dov, v + ((i64)j * nkv + kvh) * d, d, lane) - d_t);
+#pragma unroll
+        for (int e = 0; e < GEN_E; ++e) {
+            const int i = e * 32 + lane;
+            if (i < d) acc[e] += ds * bf2f(kr[i]);
+        }
+    }
+    gen_store(dq + ((i64)t * nh + h) * d, acc, scale, d, lane);
+}
+
+__device__ __forceinline__ void bwd_dkdv_generic(const bf16* __restrict__ q, const bf16* __restrict__ k,
+                                                 const bf16* __restrict__ v, const bf16* __restrict__ dout,
+                                                 const float* __restrict__ lse, const float* __restrict__ dsum,
+                                                 const int* __restrict__ cu, bf16* __restrict__ dk,
+                                                 bf16* __restrict__ dv, int n, int n_seqs, int nh, int nkv, int d,
+                                                 int window, float scale) {
+    gen_check(d, nh, nkv);
+    const int j = blockIdx.x * (NTHREADS / 32) + (threadIdx.x >> 5), kvh = blockIdx.y, lane = threadIdx.x & 31;
+    if (j >= n || kvh >= nkv) return;
+    const int end = cu[find_seq(cu, n_seqs, j) + 1];
+    const int hi = (window > 0 && window < end - j) ? j + window : end;  // queries j .. hi-1 see key j
+    const int group = nh / nkv;
+    float kv_[GEN_E], vv[GEN_E], ak[GEN_E], av[GEN_E];
+    gen_load(kv_, k + ((i64)j * nkv + kvh) * d, d, lane);
+    gen_load(vv, v + ((i64)j * nkv + kvh) * d, d, lane);
+#pragma unroll
+    for (int e = 0; e < GEN_E; ++e) ak[e] = av[e] = 0.f;
+    for (int hq = kvh * group; hq < (kvh + 1) * group; ++hq) {
+        for (int i = j; i < hi; ++i) {
+            const bf16* qr = q + ((i64)i * nh + hq) * d;
+            const bf16* dr = dout + ((i64)i * nh + hq) * d;
+            const float p = expf(gen_dot(kv_, qr, d, lane) * scale - lse[(i64)hq * n + i]);
+            const float ds = p * (gen_dot(vv, dr, d, lane) - dsum[(i64)hq * n + i]);
+#pragma unroll
+            for (int e = 0; e < GEN_E; ++e) {
+                const int x = e * 32 + lane;
+                if (x < d) {
+                    ak[e] += ds * bf2f(qr[x]);
+                    av[e] += p * bf2f(dr[x]);
+                }
+            }
+        }
+    }
+    gen_store(dk + ((i64)j * nkv + kvh) * d, ak, scale, d, lane);
+    gen_store(dv + ((i64)j * nkv + kvh) * d, av, 1.f, d, lane);
+}
+
+}  // namespace fa
+
+// ============================================================================
+// Entry points.
+// ============================================================================
+#define FA_FWD_ARGS                                                                                         \
+    const __nv_bfloat16 *q, const __nv_bfloat16 *k, const __nv_bfloat16 *v, const int *cu_seqlens,          \
+        __nv_bfloat16 *out, float *lse, int n, int n_seqs, int n_heads, int n_kv_heads, int head_dim, int window, \
+        float scale
+#define FA_FWD_PASS q, k, v, cu_seqlens, out, lse, n, n_seqs, n_heads, n_kv_heads, head_dim, window, scale
+#define FA_DQ_ARGS                                                                                             \
+    const __nv_bfloat16 *q, const __nv_bfloat16 *k, const __nv_bfloat16 *v, const __nv_bfloat16 *dout,          \
+        const float *lse, const float *dsum, const int *cu_seqlens, __nv_bfloat16 *dq, int n, int n_seqs,       \
+        int n_heads, int n_kv_heads, int head_dim, int window, float scale
+#define FA_DQ_PASS \
+    q, k, v, dout, lse, dsum, cu_seqlens, dq, n, n_seqs, n_heads, n_kv_heads, head_dim, window, scale
+#define FA_DKDV_ARGS                                                                                           \
+    const __nv_bfloat16 *q, const __nv_bfloat16 *k, const __nv_bfloat16 *v, const __nv_bfloat16 *dout,          \
+        const float *lse, const float *dsum, const int *cu_seqlens, __nv_bfloat16 *dk, __nv_bfloat16 *dv, int n, \
+        int n_seqs, int n_heads, int n_kv_heads, int head_dim, int window, float scale
+#define FA_DKDV_PASS \
+    q, k, v, dout, lse, dsum, cu_seqlens, dk, dv, n, n_seqs, n_heads, n_kv_heads, head_dim, window, scale
+
+#define FA_TC_ENTRIES(D, BQ)                                                                                    \
+    extern "C" __global__ void __launch_bounds__(fa::NTHREADS) flash_attn_fwd_d##D(FA_FWD_ARGS) {              \
+        fa::fwd_tc<D>(FA_FWD_PASS);                                                                             \
+    }                                                                                                           \
+    extern "C" __global__ void __launch_bounds__(fa::NTHREADS) flash_attn_bwd_dq_d##D(FA_DQ_ARGS) {            \
+        fa::bwd_dq_tc<D>(FA_DQ_PASS);                                                                           \
+    }                                                                                                           \
+    extern "C" __global__ void __launch_bounds__(fa::NTHREADS) flash_attn_bwd_dkdv_d##D(FA_DKDV_ARGS) {        \
+        fa::bwd_dkdv_tc<D, BQ>(FA_DKDV_PASS);                                                                   \
+    }
+
+FA_TC_ENTRIES(64, 64)
+FA_TC_ENTRIES(128, 32)
+
+extern "C" __global__ void __launch_bounds__(1024)
+    flash_attn_bwd_preprocess(const __nv_bfloat16* dout, const __nv_bfloat16* out, float* dsum, int n, int n_heads,
+                              int head_dim) {
+    fa::bwd_preprocess(dout, out, dsum, n, n_heads, head_dim);
+}
+
+extern "C" __global__ void __launch_bounds__(fa::NTHREADS) flash_attn_fwd_generic(FA_FWD_ARGS) {
+    fa::fwd_generic(FA_FWD_PASS);
+}
+extern "C" __global__ void __launch_bounds__(fa::NTHREADS) flash_attn_bwd_dq_generic(FA_DQ_ARGS) {
+    fa::bwd_dq_generic(FA_DQ_PASS);
+}
+extern "C" __global__ void __launch_bounds__(fa::NTHREADS) flash_attn_bwd_dkdv_generic(FA_DKDV_ARGS) {
+    fa::bwd_dkdv_generic(FA_DKDV_PASS);
+}

@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# The whole GPU check in two halves, for a GPU machine with no Rust toolchain.
+#
+#   scripts/gpu_check.sh build [cuda-12|cuda-13]
+#       here (x86-64, Rust): builds the GPU test binary and the release
+#       ferrotune binary with the chosen CUDA library feature into gpu_bundle/
+#       (git-ignored), with a run script.
+#   gpu_bundle/run.sh
+#       on the GPU machine, from the repository root: runs every GPU test
+#       (kernels vs the CPU reference, model parity on the fixtures, the
+#       50-step optimisation) and the benchmarks, and writes every figure to
+#       $OUT/gpu_report.md (or ./gpu_report.md without $OUT).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+cmd=${1:-build}
+feature=${2:-cuda-13}
+bundle=gpu_bundle
+
+if [[ "$cmd" != build ]]; then
+    echo "usage: scripts/gpu_check.sh build [cuda-12|cuda-13]" >&2
+    exit 2
+fi
+
+rm -rf "$bundle"
+mkdir -p "$bundle"
+features=(--no-default-features --features "$feature")
+cargo build --release --locked "${features[@]}" --bin ferrotune
+cp target/release/ferrotune "$bundle/ferrotune"
+# The test executable's path comes from cargo's JSON messages.
+exe=$(cargo test --release --locked "${features[@]}" --test gpu --no-run --message-format=json 2>/dev/null |
+    python3 -c 'import sys, json
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "gpu":
+        print(m["executable"])')
+cp "$exe" "$bundle/gpu_tests"
+strip "$bundle/ferrotune" "$bundle/gpu_tests" 2>/dev/null || true
+
+cat > "$bundle/run.sh" <<'RUN'
+#!/usr/bin/env bash
+# Runs on the GPU machine from the repository root (fixtures in tests/fixtures).
+set -uo pipefail
+out=${OUT:-.}
+report="$out/gpu_report.md"
+b=$(dirname "$0")
+export FERROTUNE_FIXTURES="$PWD/tests/fixtures"
+{
+    echo "# ferrotune GPU check"
+    echo
+    echo '```'
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | head -3
+    echo '```'
+    echo
+    echo "## Tests (kernels vs CPU reference, model parity, 50-step optimisation)"
+    echo '```'
+    timeout 300 "$b/gpu_tests" --ignored --nocapture --test-threads 1 2>&1
+    echo "exit: $?"
+    echo '```'
+    echo
+    echo "## Benchmarks"
+    for args in \
+        "--preset llama3-8b --seq-len 2048 --micro-batch 1 --lora-r 16" \
+        "--preset llama3-8b --seq-len 2048 --micro-batch 1 --lora-r 16 --gradient-checkpointing" \
+        "--preset llama3.2-1b --seq-len 2048 --micro-batch 4 --lora-r 16"; do
+        echo '```'
+        echo "ferrotune bench --device cuda $args --json"
+        timeout 120 "$b/ferrotune" bench --device cuda $args --steps 5 --warmup 2 --json 2>&1
+        echo "exit: $?"
+        echo '```'
+    done
+    echo '```'
+    echo "ferrotune bench --device cuda --preset llama3-8b --seq-len 2048 --profile"
+    timeout 120 "$b/ferrotune" bench --device cuda --preset llama3-8b --seq-len 2048 --steps 3 --warmup 1 --profile 2>&1
+    echo '```'
+} > "$report" 2>&1
+cat "$report"
+RUN
+chmod +x "$bundle/run.sh"
+du -sh "$bundle"
+echo "bundle ready: carry gpu_bundle and run gpu_bundle/run.sh on the GPU machine"

@@ -1,0 +1,262 @@
+//! The memory planner (`train::memory`) against a measurement: the CPU
+//! backend wrapped in `Metered` counts every buffer and weight the model
+//! allocates; one LoRA training step (zero_grad, forward_backward, AdamW)
+//! runs on synthetic models, and every component of the prediction must
+//! equal what was measured, to the byte.
+//!
+//! `Metered` sizes buffers by its constructor's bytes per element, not by
+//! what the CPU stores, so the same run also replays a bf16 GPU backend's
+//! allocation pattern (activations and weights 2 bytes, f32 state 4): that
+//! checks that the planner classifies every buffer as activation or f32
+//! storage exactly as the graph allocates it.
+
+use ferrotune::adapter::{LoraConfig, Targets};
+use ferrotune::backend::cpu::CpuBackend;
+use ferrotune::backend::metered::Metered;
+use ferrotune::model::batch::{Batch, Sequence};
+use ferrotune::model::config::ModelConfig;
+use ferrotune::model::graph::BackwardOpts;
+use ferrotune::model::synth::{self, SynthSpec};
+use ferrotune::model::Model;
+use ferrotune::train::memory::{self, Phase, RunShape, Setting};
+use ferrotune::train::optimizer::{AdamWConfig, Optimizer};
+use ferrotune::util::rng::Rng;
+use std::collections::BTreeMap;
+
+/// The "tiny" preset with three layers and a larger vocabulary.
+fn tiny() -> SynthSpec {
+    let mut s = synth::preset("tiny").unwrap();
+    s.layers = 3;
+    s.vocab = 1000;
+    s
+}
+
+fn config(spec: &SynthSpec) -> ModelConfig {
+    synth::model_config(spec).unwrap()
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Case {
+    micro_batch: usize,
+    seq_len: usize,
+    gc: bool,
+    chunk: usize,
+    act_bytes: usize,
+    weight_bytes: usize,
+}
+
+/// Measures one step on `Metered<CpuBackend>` and checks every component of
+/// the plan. Returns the plan.
+fn check(cfg: &ModelConfig, lc: &LoraConfig, c: Case) -> memory::MemoryPlan {
+    let shape = RunShape {
+        micro_batch: c.micro_batch,
+        seq_len: c.seq_len,
+        gradient_checkpointing: c.gc,
+        loss_chunk_tokens: c.chunk,
+        act_bytes: c.act_bytes,
+        weight_bytes: c.weight_bytes,
+        reserve_bytes: 0,
+    };
+    // Planned before any weight exists.
+    let plan = memory::plan_lora(cfg, lc, &shape).unwrap();
+
+    let be = Metered::new(CpuBackend::new(), c.act_bytes, c.weight_bytes);
+    let mut model = Model::random(&be, cfg.clone(), 7).unwrap();
+    model.loss_chunk_tokens = c.chunk;
+    let loaded = be.usage().live;
+    let mut rng = Rng::new(11);
+    model.attach_lora(&be, lc, &mut rng).unwrap();
+    let with_lora = be.usage().live;
+    let mut opt = Optimizer::new(&be, &model, AdamWConfig::default());
+    let with_opt = be.usage().live;
+    // Set-up allocates nothing transient.
+    assert_eq!(be.peak_bytes(), with_opt.total, "{c:?}");
+
+    let seqs: Vec<Sequence> = (0..c.micro_batch)
+        .map(|_| Sequence::unmasked((0..c.seq_len).map(|_| (rng.next_u64() % cfg.vocab as u64) as u32).collect()))
+        .collect();
+    let batch = Batch::from_sequences(&seqs, cfg.vocab).unwrap();
+    let opts = BackwardOpts {
+        grad_scale: 1.0 / batch.n_targets() as f32,
+        gradient_checkpointing: c.gc,
+        dropout_seed: Some(3),
+    };
+    be.reset_peak();
+    model.zero_grad(&be);
+    let loss = model.forward_backward(&be, &batch, opts);
+    opt.step(&be, &mut model, 1e-3);
+    assert!(loss.mean().is_finite());
+    let peak = be.peak_bytes() as u64;
+    // Nothing of the step outlives it.
+    assert_eq!(be.live_bytes(), with_opt.total, "{c:?}");
+
+    let u = |x: usize| x as u64;
+    assert_eq!(plan.weights, u(loaded.weights), "weights {c:?}");
+    assert_eq!(plan.workspace, u(loaded.f32 + loaded.act + loaded.ints), "workspace (inv_freq) {c:?}");
+    assert_eq!(plan.adapter, u(with_lora.total - loaded.total), "adapter {c:?}");
+    assert_eq!(plan.optimizer, u(with_opt.total - with_lora.total), "optimizer {c:?}");
+    assert_eq!(
+        plan.activations_peak,
+        peak - u(with_opt.total),
+        "activation peak {c:?}, planned at {}\n{plan}",
+        plan.peak_at
+    );
+    assert_eq!(plan.total, peak, "{c:?}");
+    plan
+}
+
+fn shapes() -> Vec<(usize, usize, usize)> {
+    // (micro_batch, seq_len, loss chunk): one chunk, several chunks with a
+    // short last one, and chunks small enough that the backward is the peak.
+    vec![(1, 40, 1024), (2, 48, 64), (3, 33, 16), (2, 64, 8)]
+}
+
+fn run_matrix(cfg: &ModelConfig, lc: &LoraConfig, act_bytes: usize, weight_bytes: usize) -> Vec<Phase> {
+    let mut phases = Vec::new();
+    for (micro_batch, seq_len, chunk) in shapes() {
+        for gc in [false, true] {
+            let c = Case { micro_batch, seq_len, gc, chunk, act_bytes, weight_bytes };
+            phases.push(check(cfg, lc, c).peak_at);
+        }
+    }
+    phases
+}
+
+#[test]
+fn all_linear_f32_matches_measurement() {
+    let cfg = config(&tiny());
+    let lc = LoraConfig::new(8, 16.0, Targets::AllLinear);
+    let phases = run_matrix(&cfg, &lc, 4, 4);
+    // The matrix exercises both kinds of peak, with and without checkpointing.
+    assert!(phases.contains(&Phase::HeadLoss), "{phases:?}");
+    assert!(phases.iter().any(|p| matches!(p, Phase::Backward { .. })), "{phases:?}");
+}
+
+#[test]
+fn subset_with_rank_pattern_and_dropout_bf16_sizes_match_measurement() {
+    let cfg = config(&tiny());
+    let mut lc = LoraConfig::new(4, 8.0, Targets::Names(vec!["q_proj".into(), "v_proj".into(), "down_proj".into()]));
+    lc.dropout = 0.1;
+    lc.rank_pattern = BTreeMap::from([("down_proj".to_string(), 12), (r"layers\.2\.self_attn\.q_proj".to_string(), 2)]);
+    // The planner's module list is the one attach_lora builds.
+    let planned: Vec<_> = memory::adapted_modules(&cfg, &lc).unwrap().iter().map(|m| (m.layer, m.proj, m.r)).collect();
+    let be = CpuBackend::new();
+    let mut model = Model::random(&be, cfg.clone(), 1).unwrap();
+    model.attach_lora(&be, &lc, &mut Rng::new(0)).unwrap();
+    let attached: Vec<_> = model.loras().map(|(l, p, a)| (l, p, a.r)).collect();
+    assert_eq!(planned, attached);
+    assert!(attached.contains(&(2, ferrotune::model::Proj::Q, 2)), "{attached:?}");
+
+    run_matrix(&cfg, &lc, 2, 2);
+    run_matrix(&cfg, &lc, 4, 4);
+}
+
+fn small(family: &str, hidden: usize, heads: usize, kv_heads: usize, head_dim: usize, intermediate: usize) -> SynthSpec {
+    SynthSpec {
+        family: family.into(),
+        hidden,
+        layers: 2,
+        heads,
+        kv_heads,
+        intermediate,
+        vocab: 300,
+        tie: false,
+        rope_theta: 1e6,
+        extra: serde_json::json!({"head_dim": head_dim}),
+    }
+}
+
+#[test]
+fn biases_tied_embeddings_and_other_shapes_match_measurement() {
+    // The backward's transient peak is the largest of three points (see
+    // train::memory): each of these shapes makes a different one largest.
+    // - Qwen2-style (q/k/v biases), tied embeddings, q wider than the
+    //   residual stream: at dv, 2nI + nh + 2n·qd + 2n·kvd.
+    let mut qwen = small("qwen2", 48, 4, 1, 32, 96);
+    qwen.tie = true;
+    qwen.extra = serde_json::json!({"head_dim": 32, "use_sliding_window": false});
+    // - q narrower than the residual stream: at dh1, 2nI + 2nh + n·qd + 2n·kvd.
+    let narrow = small("llama", 64, 4, 4, 8, 64);
+    // - a wide MLP: at d_up, 3nI.
+    let wide_mlp = small("llama", 64, 4, 2, 16, 512);
+    for spec in [qwen, narrow, wide_mlp] {
+        let cfg = config(&spec);
+        if spec.family == "qwen2" {
+            assert!(cfg.qkv_bias && cfg.tie_word_embeddings && cfg.n_heads * cfg.head_dim > cfg.hidden);
+        }
+        let lc = LoraConfig::new(4, 8.0, Targets::AllLinear);
+        for (micro_batch, seq_len, chunk) in [(2, 40, 4), (1, 64, 4096)] {
+            for gc in [false, true] {
+                let c = Case { micro_batch, seq_len, gc, chunk, act_bytes: 2, weight_bytes: 2 };
+                let plan = check(&cfg, &lc, c);
+                if chunk == 4 {
+                    assert!(matches!(plan.peak_at, Phase::Backward { .. }), "{c:?}: {}", plan.peak_at);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn fit_check_names_the_settings_that_fit() {
+    let cfg = config(&synth::preset("llama3-8b").unwrap());
+    let lc = LoraConfig::new(16, 32.0, Targets::AllLinear);
+    let shape = RunShape { micro_batch: 4, ..RunShape::bf16(4, 4096) };
+    let plan = memory::plan_lora(&cfg, &lc, &shape).unwrap();
+    let gib = 1u64 << 30;
+    assert!(memory::fit_check(&plan, plan.total).is_ok());
+
+    let available = 40 * gib;
+    assert!(plan.total > available, "{plan}");
+    let changes = plan.fitting_changes(available);
+    let err = memory::fit_check(&plan, available).unwrap_err().to_string();
+    assert!(err.contains("predicted peak") && err.contains("available 40.00 GiB"), "{err}");
+    assert!(!changes.is_empty(), "{err}");
+    for ch in &changes {
+        // Every listed setting fits, and is the largest that does.
+        assert!(ch.predicted <= available);
+        match ch.setting {
+            Setting::MicroBatch(mb) => {
+                assert!(err.contains(&format!("micro_batch_size: {mb} ")), "{err}");
+                assert!(mb < 4);
+                assert!(plan.replan(RunShape { micro_batch: mb + 1, ..shape }).total > available);
+            }
+            Setting::SeqLen(len) => {
+                assert!(err.contains(&format!("sequence_len: {len}")), "{err}");
+                assert_eq!(len % 128, 0);
+                assert!(len < shape.seq_len);
+                let longer = RunShape { micro_batch: 1, seq_len: len + 128, ..shape };
+                assert!(len + 128 == shape.seq_len || plan.replan(longer).total > available);
+            }
+            Setting::GradientCheckpointing => assert!(err.contains("gradient_checkpointing: true"), "{err}"),
+        }
+    }
+    // At 40 GiB checkpointing fits on its own.
+    assert!(changes.iter().any(|c| c.setting == Setting::GradientCheckpointing), "{err}");
+
+    // With less memory checkpointing alone no longer fits, and is not listed.
+    let gc = plan.replan(RunShape { gradient_checkpointing: true, ..shape });
+    let tight = gc.total - 1;
+    let changes = plan.fitting_changes(tight);
+    let err = memory::fit_check(&plan, tight).unwrap_err().to_string();
+    assert!(!changes.iter().any(|c| c.setting == Setting::GradientCheckpointing));
+    assert!(!err.contains("gradient_checkpointing: true"), "{err}");
+    assert!(changes.iter().any(|c| matches!(c.setting, Setting::SeqLen(_))), "{err}");
+
+    // Less than the weights: nothing fits, and the message says why.
+    let err = memory::fit_check(&plan, plan.weights).unwrap_err().to_string();
+    assert!(err.contains("no single change"), "{err}");
+}
+
+#[test]
+fn fit_check_against_a_measured_run() {
+    // The measured peak is exactly the limit at which the tiny run fits.
+    let cfg = config(&tiny());
+    let lc = LoraConfig::new(8, 16.0, Targets::AllLinear);
+    let c = Case { micro_batch: 2, seq_len: 48, gc: false, chunk: 64, act_bytes: 4, weight_bytes: 4 };
+    let plan = check(&cfg, &lc, c);
+    assert!(memory::fit_check(&plan, plan.total).is_ok());
+    let err = memory::fit_check(&plan, plan.total - 1).unwrap_err().to_string();
+    assert!(err.contains("micro_batch_size: 1 "), "{err}");
+    assert!(err.contains("gradient_checkpointing: true"), "{err}");
+}
