@@ -11,6 +11,7 @@ use crate::backend::profiled::Profiled;
 use crate::model::batch::{Batch, Sequence};
 use crate::model::graph::BackwardOpts;
 use crate::model::{Model, flops, synth};
+use crate::train::memory::{self, RunShape};
 use crate::train::optimizer::{AdamWConfig, Optimizer};
 use crate::util::rng::Rng;
 use anyhow::{Result, ensure};
@@ -72,39 +73,50 @@ pub fn peak_rss_bytes() -> Option<u64> {
 pub fn run(a: BenchArgs) -> Result<()> {
     ensure!(a.seq_len > 0 && a.micro_batch > 0 && a.steps > 0, "--seq-len, --micro-batch and --steps must be at least 1");
     ensure!(a.lora_r > 0, "--lora-r must be at least 1");
-    let host_peak = || peak_rss_bytes().map(|b| (b, "host RSS"));
+    let host_peak = || peak_rss_bytes().map(|b| (b, "host RSS of the whole process"));
     match open_device(&a.device)? {
         Opened::Cpu(be) if a.profile => {
             let be = Profiled::new(be);
-            bench_on(&be, &a, Some(&be), &host_peak, None)
+            bench_on(&be, &a, Some(&be), Memory::host(&host_peak))
         }
-        Opened::Cpu(be) => bench_on(&be, &a, None::<&Profiled<CpuBackend>>, &host_peak, None),
+        Opened::Cpu(be) => bench_on(&be, &a, None::<&Profiled<CpuBackend>>, Memory::host(&host_peak)),
         Opened::Cuda(be) => {
             let peak_tflops = a.peak_tflops.or_else(|| device::dense_bf16_peak_tflops(&be.info.name));
             let a = BenchArgs { peak_tflops, ..a.clone() };
+            let available = Some(be.mem_info().0 as u64);
             if a.profile {
                 let be = Profiled::with_sync(be, |b: &CudaBackend| b.synchronize());
                 let gpu = &be.inner;
                 let peak = || gpu.peak_bytes().map(|b| (b, "GPU memory pool peak"));
-                bench_on(&be, &a, Some(&be), &peak, Some(&|| gpu.reset_peak()))
+                let mem = Memory { peak: &peak, reset_peak: Some(&|| gpu.reset_peak()), available, gpu: true };
+                bench_on(&be, &a, Some(&be), mem)
             } else {
                 let peak = || be.peak_bytes().map(|b| (b, "GPU memory pool peak"));
-                bench_on(&be, &a, None::<&Profiled<CpuBackend>>, &peak, Some(&|| be.reset_peak()))
+                let mem = Memory { peak: &peak, reset_peak: Some(&|| be.reset_peak()), available, gpu: true };
+                bench_on(&be, &a, None::<&Profiled<CpuBackend>>, mem)
             }
         }
     }
 }
 
-type PeakFn<'a> = &'a dyn Fn() -> Option<(u64, &'static str)>;
+/// How the device reports memory, for the plan and the measurement.
+struct Memory<'a> {
+    peak: &'a dyn Fn() -> Option<(u64, &'static str)>,
+    reset_peak: Option<&'a dyn Fn()>,
+    /// Free device memory, for refusing a run that will not fit.
+    available: Option<u64>,
+    /// bf16 activations and weights (else the CPU's f32).
+    gpu: bool,
+}
 
-fn bench_on<B: Backend, P: Backend>(
-    be: &B,
-    a: &BenchArgs,
-    profiler: Option<&Profiled<P>>,
-    peak_memory: PeakFn,
-    reset_peak: Option<&dyn Fn()>,
-) -> Result<()> {
-    if let Some(reset) = reset_peak {
+impl<'a> Memory<'a> {
+    fn host(peak: &'a dyn Fn() -> Option<(u64, &'static str)>) -> Memory<'a> {
+        Memory { peak, reset_peak: None, available: None, gpu: false }
+    }
+}
+
+fn bench_on<B: Backend, P: Backend>(be: &B, a: &BenchArgs, profiler: Option<&Profiled<P>>, mem: Memory) -> Result<()> {
+    if let Some(reset) = mem.reset_peak {
         reset();
     }
     let mut spec = synth::preset(&a.preset)?;
@@ -113,14 +125,24 @@ fn bench_on<B: Backend, P: Backend>(
         spec.layers = l;
     }
     let cfg = synth::model_config(&spec)?;
-    let t0 = Instant::now();
-    let mut model = Model::random(be, cfg, a.seed)?;
     let targets = if a.targets == "all-linear" {
         Targets::AllLinear
     } else {
         Targets::Names(a.targets.split(',').map(|s| s.trim().to_string()).collect())
     };
     let lc = LoraConfig::new(a.lora_r, a.lora_alpha.unwrap_or(2.0 * a.lora_r as f32), targets);
+    // Predict the peak before anything is allocated; refuse what cannot fit.
+    let mut shape = if mem.gpu { RunShape::bf16(a.micro_batch, a.seq_len) } else { RunShape::cpu(a.micro_batch, a.seq_len) };
+    shape.gradient_checkpointing = a.gradient_checkpointing;
+    let plan = memory::plan_lora(&cfg, &lc, &shape)?;
+    if !a.json {
+        eprintln!("memory plan (before the first step):\n{plan}");
+    }
+    if let Some(available) = mem.available {
+        memory::fit_check(&plan, available)?;
+    }
+    let t0 = Instant::now();
+    let mut model = Model::random(be, cfg, a.seed)?;
     let mut rng = Rng::new(a.seed ^ 0x5eed);
     model.attach_lora(be, &lc, &mut rng)?;
     let mut opt = Optimizer::new(be, &model, AdamWConfig::default());
@@ -177,7 +199,7 @@ fn bench_on<B: Backend, P: Backend>(
     let tokens_per_s = tokens / step_s;
     let tflops = step_flops / step_s / 1e12;
     let mfu = a.peak_tflops.map(|p| tflops / p);
-    let peak_mem = peak_memory();
+    let peak_mem = (mem.peak)();
     if a.json {
         println!(
             "{}",
@@ -186,7 +208,8 @@ fn bench_on<B: Backend, P: Backend>(
                 "seq_len": a.seq_len, "micro_batch": a.micro_batch, "lora_r": a.lora_r, "lora_params": n_lora,
                 "gradient_checkpointing": a.gradient_checkpointing, "steps": a.steps,
                 "tokens_per_s": tokens_per_s, "step_time_s": step_s, "model_tflops": tflops, "mfu": mfu,
-                "peak_memory_bytes": peak_mem.map(|p| p.0), "peak_memory_kind": peak_mem.map(|p| p.1), "loss": last_loss,
+                "peak_memory_bytes": peak_mem.map(|p| p.0), "peak_memory_kind": peak_mem.map(|p| p.1),
+                "predicted_peak_bytes": plan.total, "loss": last_loss,
                 "flop_convention": flops::CONVENTION,
             })
         );
@@ -199,7 +222,11 @@ fn bench_on<B: Backend, P: Backend>(
             None => println!("MFU           n/a (no known peak for {}; pass --peak-tflops)", be.name()),
         }
         match peak_mem {
-            Some((b, kind)) => println!("peak memory   {:.2} GiB ({kind})", b as f64 / (1u64 << 30) as f64),
+            Some((b, kind)) => println!(
+                "peak memory   {:.2} GiB ({kind}); planned buffers {:.2} GiB",
+                b as f64 / (1u64 << 30) as f64,
+                plan.total as f64 / (1u64 << 30) as f64
+            ),
             None => println!("peak memory   n/a"),
         }
         println!("LoRA params   {:.2}M", n_lora as f64 / 1e6);
