@@ -219,6 +219,8 @@ impl<'a, R: Backend, C: Backend> Harness<'a, R, C> {
         self.check("scale".into(), &ra, &ca, t.elementwise);
         let (rs, cs) = (self.reference.sum_sq(&ra), self.candidate.sum_sq(&ca));
         self.checks.push(compare("sum_sq".into(), &[cs as f32], &[rs as f32], t.f32_outputs));
+        let (rs, cs) = (self.reference.sum_sq_all(&[&ra, &rb]), self.candidate.sum_sq_all(&[&ca, &cb]));
+        self.checks.push(compare("sum_sq_all".into(), &[cs as f32], &[rs as f32], t.f32_outputs));
         let mut rd = self.reference.zeros_like(&rb);
         let mut cd = self.candidate.zeros_like(&cb);
         self.reference.copy_slice(&rb, 5, &mut rd, 11, len / 2);

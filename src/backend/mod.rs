@@ -164,6 +164,11 @@ pub trait Backend: Send + Sync {
     fn scale(&self, buf: &mut Self::Buf, s: f32);
     /// Σ buf², accumulated in f64 in a fixed order, returned as f64.
     fn sum_sq(&self, buf: &Self::Buf) -> f64;
+    /// Σ over all buffers of Σ buf² (the global gradient norm²), read back
+    /// once: a GPU backend overrides this to synchronise a single time.
+    fn sum_sq_all(&self, bufs: &[&Self::Buf]) -> f64 {
+        bufs.iter().map(|b| self.sum_sq(b)).sum()
+    }
 
     // ---- embedding ----------------------------------------------------
     /// out[i, :] = table[ids[i], :] for i < n; table is [vocab, hidden].

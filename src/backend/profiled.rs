@@ -123,6 +123,9 @@ impl<B: Backend> Backend for Profiled<B> {
     fn sum_sq(&self, buf: &B::Buf) -> f64 {
         self.time("sum_sq", || self.inner.sum_sq(buf))
     }
+    fn sum_sq_all(&self, bufs: &[&B::Buf]) -> f64 {
+        self.time("sum_sq", || self.inner.sum_sq_all(bufs))
+    }
     fn embedding(&self, table: &B::Weight, ids: &B::IntBuf, out: &mut B::Buf, n: usize, hidden: usize) {
         self.time("embedding", || self.inner.embedding(table, ids, out, n, hidden))
     }

@@ -50,7 +50,8 @@ impl<B: Backend> Optimizer<B> {
 
     /// Global L2 norm of all LoRA gradients (accumulated in f64).
     pub fn grad_norm(be: &B, model: &Model<B>) -> f64 {
-        model.loras().map(|(_, _, l)| be.sum_sq(&l.grad_a) + be.sum_sq(&l.grad_b)).sum::<f64>().sqrt()
+        let grads: Vec<&B::Buf> = model.loras().flat_map(|(_, _, l)| [&l.grad_a, &l.grad_b]).collect();
+        be.sum_sq_all(&grads).sqrt()
     }
 
     /// Clip, then update every parameter. Returns the pre-clip gradient norm.

@@ -464,6 +464,28 @@ impl Backend for CudaBackend {
         self.stream.clone_dtoh(&out).expect("CUDA download")[0]
     }
 
+    fn sum_sq_all(&self, bufs: &[&CudaBuf]) -> f64 {
+        // Every buffer's chunk partials into one array, one final sum, one read.
+        const CHUNK: u64 = 16384;
+        let counts: Vec<u64> = bufs.iter().map(|b| (b.len() as u64).div_ceil(CHUNK).max(1)).collect();
+        let total: u64 = counts.iter().sum();
+        let mut partials = self.stream.alloc_zeros::<f64>(total.max(1) as usize).expect("CUDA allocation");
+        let mut off = 0usize;
+        for (buf, &count) in bufs.iter().zip(&counts) {
+            let n = buf.len() as u64;
+            let mut part = partials.slice_mut(off..off + count as usize);
+            let cfg = rows_grid(count as usize, BLOCK);
+            match buf {
+                CudaBuf::F32(s) => launch!(self, "sum_sq_partials_f32", cfg, s, &n, &CHUNK, &mut part),
+                CudaBuf::Bf16(s) => launch!(self, "sum_sq_partials_bf16", cfg, s, &n, &CHUNK, &mut part),
+            }
+            off += count as usize;
+        }
+        let mut out = self.stream.alloc_zeros::<f64>(1).expect("CUDA allocation");
+        launch!(self, "sum_sq_finalize_f64", rows_grid(1, BLOCK), &partials, &total, &mut out);
+        self.stream.clone_dtoh(&out).expect("CUDA download")[0]
+    }
+
     fn embedding(&self, table: &CudaSlice<bf16>, ids: &CudaSlice<i32>, out: &mut CudaBuf, n: usize, hidden: usize) {
         let (ni, hi, vocab) = (n as i32, hidden as i32, (table.len() / hidden.max(1)) as i32);
         let cfg = rows_grid(n, BLOCK);
