@@ -381,7 +381,8 @@ impl<'a, R: Backend, C: Backend> Harness<'a, R, C> {
             cu.push(cu.last().unwrap() + *s as i32);
         }
         let (rcu, ccu) = self.ints(&cu);
-        let shape = AttnShape { n, n_heads: heads, n_kv_heads: kv, head_dim: d, window, scale: 1.0 / (d as f32).sqrt() };
+        let max_seqlen = seqs.iter().copied().max().unwrap_or(0);
+        let shape = AttnShape { n, n_heads: heads, n_kv_heads: kv, head_dim: d, window, scale: 1.0 / (d as f32).sqrt(), max_seqlen };
         let (rq, cq, _) = self.act(n * heads * d, 2.0);
         let (rk, ck, _) = self.act(n * kv * d, 2.0);
         let (rv, cv, _) = self.act(n * kv * d, 1.0);

@@ -95,6 +95,9 @@ pub struct AttnShape {
     pub window: Option<usize>,
     /// Multiplier applied to QKᵀ (head_dim^-1/2 for the supported models).
     pub scale: f32,
+    /// Length of the longest sequence (sizes a GPU grid without reading
+    /// cu_seqlens back); 0 = unknown, treated as `n`.
+    pub max_seqlen: usize,
 }
 
 /// Hyper-parameters of one AdamW step (torch semantics: decoupled weight

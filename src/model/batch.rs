@@ -73,6 +73,11 @@ impl Batch {
         self.cu_seqlens.len() - 1
     }
 
+    /// Length of the longest sequence.
+    pub fn max_seqlen(&self) -> usize {
+        self.cu_seqlens.windows(2).map(|w| (w[1] - w[0]) as usize).max().unwrap_or(0)
+    }
+
     /// Number of tokens that are scored (the loss denominator's share).
     pub fn n_targets(&self) -> usize {
         self.targets.iter().filter(|&&t| t != IGNORE_INDEX).count()

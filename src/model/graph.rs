@@ -57,6 +57,7 @@ impl<B: Backend> Model<B> {
         StepCtx {
             n: batch.n_tokens(),
             n_seqs: batch.n_seqs(),
+            max_seqlen: batch.max_seqlen(),
             positions: &up.positions,
             cu_seqlens: &up.cu_seqlens,
             inv_freq,
@@ -174,6 +175,7 @@ impl<B: Backend> Model<B> {
         let ctx = StepCtx {
             n,
             n_seqs: batch.n_seqs(),
+            max_seqlen: batch.max_seqlen(),
             positions: &up.positions,
             cu_seqlens: &up.cu_seqlens,
             inv_freq: &*inv_freq,

@@ -13,6 +13,8 @@ use crate::model::config::ModelConfig;
 pub struct StepCtx<'a, B: Backend> {
     pub n: usize,
     pub n_seqs: usize,
+    /// Longest sequence in the batch.
+    pub max_seqlen: usize,
     pub positions: &'a B::IntBuf,
     pub cu_seqlens: &'a B::IntBuf,
     pub inv_freq: &'a B::Buf,
@@ -92,8 +94,9 @@ fn proj_backward<B: Backend>(
     }
 }
 
-fn attn_shape(cfg: &ModelConfig, n: usize, window: Option<usize>) -> AttnShape {
+fn attn_shape(cfg: &ModelConfig, n: usize, max_seqlen: usize, window: Option<usize>) -> AttnShape {
     AttnShape {
+        max_seqlen,
         n,
         n_heads: cfg.n_heads,
         n_kv_heads: cfg.n_kv_heads,
@@ -128,7 +131,7 @@ pub fn forward<B: Backend>(
     be.rope(&mut q, ctx.positions, ctx.inv_freq, n, cfg.n_heads, cfg.head_dim);
     be.rope(&mut k, ctx.positions, ctx.inv_freq, n, cfg.n_kv_heads, cfg.head_dim);
 
-    let shape = attn_shape(cfg, n, layer.window);
+    let shape = attn_shape(cfg, n, ctx.max_seqlen, layer.window);
     let mut attn = be.zeros(n * cfg.n_heads * cfg.head_dim);
     let mut lse = be.zeros_f32(cfg.n_heads * n);
     be.attention(&q, &k, &v, ctx.cu_seqlens, ctx.n_seqs, shape, &mut attn, &mut lse);
@@ -200,7 +203,7 @@ pub fn backward<B: Backend>(
     let mut dq = be.zeros(n * qd);
     let mut dk = be.zeros(n * kvd);
     let mut dv = be.zeros(n * kvd);
-    let shape = attn_shape(cfg, n, layer.window);
+    let shape = attn_shape(cfg, n, ctx.max_seqlen, layer.window);
     be.attention_backward(
         &d_attn, &acts.q, &acts.k, &acts.v, &acts.attn, &acts.lse, ctx.cu_seqlens, ctx.n_seqs, shape, &mut dq, &mut dk,
         &mut dv,

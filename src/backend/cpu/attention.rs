@@ -346,6 +346,7 @@ mod tests {
             head_dim: d,
             window,
             scale: 1.0 / (d as f32).sqrt(),
+            max_seqlen: 0,
         }
     }
 
@@ -558,6 +559,7 @@ mod tests {
             head_dim: 16,
             window: Some(20),
             scale: 0.25,
+            max_seqlen: 64,
         };
         let mut cu = vec![0i32];
         for l in lens {

@@ -1,38 +1,153 @@
-//! Flash attention launches (cuda/flash_attn.cu).
-use super::backend::{CudaBackend, CudaBuf};
+//! Flash attention launches (cuda/flash_attn.cu; its header comment is the
+//! launch contract these follow): tensor-core kernels for head_dim 64 and
+//! 128, a generic one-warp-per-row kernel for any other head_dim <= 256.
+//! The backward runs the preprocess (dsum = Σ dout·out), then dq and dk/dv
+//! as separate deterministic kernels (no atomics).
+
+use super::backend::{CudaBackend, CudaBuf, launch};
 use crate::backend::AttnShape;
-use cudarc::driver::CudaSlice;
+use cudarc::driver::sys::CUfunction_attribute;
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use half::bf16;
+
+const TILE: usize = 64;
+const THREADS: u32 = 128;
+
+/// Dynamic shared memory of each tensor-core kernel (from the contract).
+pub const SMEM: &[(&str, u32)] = &[
+    ("flash_attn_fwd_d64", 18432),
+    ("flash_attn_fwd_d128", 34816),
+    ("flash_attn_bwd_dq_d64", 36864),
+    ("flash_attn_bwd_dq_d128", 69632),
+    ("flash_attn_bwd_dkdv_d64", 37376),
+    ("flash_attn_bwd_dkdv_d128", 52480),
+];
+
+/// Allow the kernels above 48 KiB their dynamic shared memory (once, at start).
+pub fn configure(be: &CudaBackend) -> anyhow::Result<()> {
+    for (name, bytes) in SMEM {
+        if *bytes > 49152 {
+            be.func(name)
+                .set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, *bytes as i32)
+                .map_err(|e| anyhow::anyhow!("cannot give {name} {bytes} bytes of shared memory: {e:?}"))?;
+        }
+    }
+    Ok(())
+}
+
+#[track_caller]
+fn bf16_of<'a>(b: &'a CudaBuf, what: &str) -> &'a CudaSlice<bf16> {
+    match b {
+        CudaBuf::Bf16(s) => s,
+        CudaBuf::F32(_) => panic!("attention: {what} must be stored in bf16 (activation buffers)"),
+    }
+}
+
+#[track_caller]
+fn bf16_of_mut<'a>(b: &'a mut CudaBuf, what: &str) -> &'a mut CudaSlice<bf16> {
+    match b {
+        CudaBuf::Bf16(s) => s,
+        CudaBuf::F32(_) => panic!("attention: {what} must be stored in bf16 (activation buffers)"),
+    }
+}
+
+/// "d64", "d128" or "generic".
+fn kind(head_dim: usize) -> &'static str {
+    match head_dim {
+        64 => "d64",
+        128 => "d128",
+        d if (1..=256).contains(&d) => "generic",
+        d => panic!("attention: head_dim {d} is not supported (at most 256)"),
+    }
+}
+
+fn smem(name: &str) -> u32 {
+    SMEM.iter().find(|(n, _)| *n == name).map(|(_, b)| *b).unwrap_or(0)
+}
+
+/// Grid of a tensor-core kernel over (query or key tiles, heads, sequences),
+/// or of a generic kernel over (rows / 4, heads).
+fn grid(name: &str, shape: &AttnShape, n_seqs: usize, heads: usize) -> LaunchConfig {
+    let grid_dim = if name.ends_with("generic") {
+        (shape.n.div_ceil(4) as u32, heads as u32, 1)
+    } else {
+        let max_len = if shape.max_seqlen == 0 { shape.n } else { shape.max_seqlen };
+        (max_len.div_ceil(TILE).max(1) as u32, heads as u32, n_seqs as u32)
+    };
+    LaunchConfig { grid_dim, block_dim: (THREADS, 1, 1), shared_mem_bytes: smem(name) }
+}
+
+fn window_arg(shape: &AttnShape) -> i32 {
+    shape.window.map(|w| w.min(i32::MAX as usize) as i32).unwrap_or(0)
+}
 
 #[allow(clippy::too_many_arguments)]
 pub fn forward(
-    _be: &CudaBackend,
-    _q: &CudaBuf,
-    _k: &CudaBuf,
-    _v: &CudaBuf,
-    _cu: &CudaSlice<i32>,
-    _n_seqs: usize,
-    _shape: AttnShape,
-    _out: &mut CudaBuf,
-    _lse: &mut CudaSlice<f32>,
+    be: &CudaBackend,
+    q: &CudaBuf,
+    k: &CudaBuf,
+    v: &CudaBuf,
+    cu: &CudaSlice<i32>,
+    n_seqs: usize,
+    shape: AttnShape,
+    out: &mut CudaBuf,
+    lse: &mut CudaSlice<f32>,
 ) {
-    todo!("flash attention launch")
+    if shape.n == 0 {
+        return;
+    }
+    let name = format!("flash_attn_fwd_{}", kind(shape.head_dim));
+    let cfg = grid(&name, &shape, n_seqs, shape.n_heads);
+    let (q, k, v) = (bf16_of(q, "q"), bf16_of(k, "k"), bf16_of(v, "v"));
+    let out = bf16_of_mut(out, "out");
+    let (n, ns, nh, nkv, hd) =
+        (shape.n as i32, n_seqs as i32, shape.n_heads as i32, shape.n_kv_heads as i32, shape.head_dim as i32);
+    let (window, scale) = (window_arg(&shape), shape.scale);
+    launch!(be, &name, cfg, q, k, v, cu, out, lse, &n, &ns, &nh, &nkv, &hd, &window, &scale);
 }
 
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
-    _be: &CudaBackend,
-    _dout: &CudaBuf,
-    _q: &CudaBuf,
-    _k: &CudaBuf,
-    _v: &CudaBuf,
-    _out: &CudaBuf,
-    _lse: &CudaSlice<f32>,
-    _cu: &CudaSlice<i32>,
-    _n_seqs: usize,
-    _shape: AttnShape,
-    _dq: &mut CudaBuf,
-    _dk: &mut CudaBuf,
-    _dv: &mut CudaBuf,
+    be: &CudaBackend,
+    dout: &CudaBuf,
+    q: &CudaBuf,
+    k: &CudaBuf,
+    v: &CudaBuf,
+    out: &CudaBuf,
+    lse: &CudaSlice<f32>,
+    cu: &CudaSlice<i32>,
+    n_seqs: usize,
+    shape: AttnShape,
+    dq: &mut CudaBuf,
+    dk: &mut CudaBuf,
+    dv: &mut CudaBuf,
 ) {
-    todo!("flash attention backward launch")
+    if shape.n == 0 {
+        return;
+    }
+    let (dout, q, k, v, out) = (bf16_of(dout, "dout"), bf16_of(q, "q"), bf16_of(k, "k"), bf16_of(v, "v"), bf16_of(out, "out"));
+    let (n, ns, nh, nkv, hd) =
+        (shape.n as i32, n_seqs as i32, shape.n_heads as i32, shape.n_kv_heads as i32, shape.head_dim as i32);
+    let (window, scale) = (window_arg(&shape), shape.scale);
+
+    // dsum[h*n + t] = Σ_d dout·out: one warp per (token, head) row.
+    let mut dsum = be.stream.alloc_zeros::<f32>(shape.n * shape.n_heads).expect("CUDA allocation");
+    let rows = shape.n * shape.n_heads;
+    let pre = LaunchConfig {
+        grid_dim: (rows.div_ceil(256 / 32).clamp(1, 1 << 20) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    launch!(be, "flash_attn_bwd_preprocess", pre, dout, out, &mut dsum, &n, &nh, &hd);
+
+    let kd = kind(shape.head_dim);
+    let name = format!("flash_attn_bwd_dq_{kd}");
+    let cfg = grid(&name, &shape, n_seqs, shape.n_heads);
+    let dq = bf16_of_mut(dq, "dq");
+    launch!(be, &name, cfg, q, k, v, dout, lse, &dsum, cu, dq, &n, &ns, &nh, &nkv, &hd, &window, &scale);
+
+    let name = format!("flash_attn_bwd_dkdv_{kd}");
+    let cfg = grid(&name, &shape, n_seqs, shape.n_kv_heads);
+    let (dk, dv) = (bf16_of_mut(dk, "dk"), bf16_of_mut(dv, "dv"));
+    launch!(be, &name, cfg, q, k, v, dout, lse, &dsum, cu, dk, dv, &n, &ns, &nh, &nkv, &hd, &window, &scale);
 }

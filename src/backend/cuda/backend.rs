@@ -75,6 +75,7 @@ macro_rules! launch {
         unsafe { b.launch($cfg) }.unwrap_or_else(|e| panic!("CUDA kernel {} failed to launch: {e:?}", $name));
     }};
 }
+pub(super) use launch;
 
 /// Threads per block for the elementwise and row kernels.
 const BLOCK: u32 = 256;
@@ -136,6 +137,7 @@ impl CudaBackend {
         }
         let be = CudaBackend { info, ctx, stream, blas, funcs };
         be.keep_pool_memory();
+        attention::configure(&be)?;
         Ok(be)
     }
 
