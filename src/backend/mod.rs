@@ -113,6 +113,34 @@ pub struct AdamW {
     pub step: u64,
 }
 
+/// The per-step scalars of AdamW, computed as torch computes them (Python
+/// floats, i.e. f64) and cast to f32: every backend's update uses these.
+#[derive(Debug, Clone, Copy)]
+pub struct AdamWScalars {
+    /// 1 − lr·wd
+    pub decay: f32,
+    pub one_minus_beta1: f32,
+    pub one_minus_beta2: f32,
+    /// lr / (1 − β1^step)
+    pub step_size: f32,
+    /// sqrt(1 − β2^step)
+    pub bias_c2_sqrt: f32,
+}
+
+impl AdamW {
+    pub fn scalars(&self) -> AdamWScalars {
+        let (lr, b1, b2) = (self.lr as f64, self.beta1 as f64, self.beta2 as f64);
+        let step = self.step as f64;
+        AdamWScalars {
+            decay: (1.0 - lr * self.weight_decay as f64) as f32,
+            one_minus_beta1: (1.0 - b1) as f32,
+            one_minus_beta2: (1.0 - b2) as f32,
+            step_size: (lr / (1.0 - b1.powf(step))) as f32,
+            bias_c2_sqrt: (1.0 - b2.powf(step)).sqrt() as f32,
+        }
+    }
+}
+
 pub trait Backend: Send + Sync {
     /// f32 activations, gradients and trainable parameters.
     type Buf: Send + Sync;

@@ -24,15 +24,10 @@ pub(super) fn adamw(param: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32
         v.len()
     );
     assert!(hp.step >= 1, "adamw: step is 1-based, got 0");
-    let (lr, b1, b2) = (hp.lr as f64, hp.beta1 as f64, hp.beta2 as f64);
-    let step = hp.step as f64;
-    let decay = (1.0 - lr * hp.weight_decay as f64) as f32;
-    let bias_c1 = 1.0 - b1.powf(step);
-    let bias_c2 = 1.0 - b2.powf(step);
-    let step_size = (lr / bias_c1) as f32;
-    let bc2_sqrt = bias_c2.sqrt() as f32;
+    let sc = hp.scalars();
+    let (decay, step_size, bc2_sqrt) = (sc.decay, sc.step_size, sc.bias_c2_sqrt);
     let (beta1, beta2, eps) = (hp.beta1, hp.beta2, hp.eps);
-    let (one_m_b1, one_m_b2) = ((1.0 - b1) as f32, (1.0 - b2) as f32);
+    let (one_m_b1, one_m_b2) = (sc.one_minus_beta1, sc.one_minus_beta2);
 
     param
         .par_chunks_mut(CHUNK)

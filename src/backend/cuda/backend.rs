@@ -698,15 +698,10 @@ impl Backend for CudaBackend {
     }
 
     fn adamw(&self, param: &mut CudaBuf, grad: &CudaBuf, m: &mut CudaBuf, v: &mut CudaBuf, hp: AdamW) {
-        // The scalars exactly as the CPU reference computes them (f64, cast).
-        let (lr, b1, b2) = (hp.lr as f64, hp.beta1 as f64, hp.beta2 as f64);
-        let step = hp.step as f64;
-        let decay = (1.0 - lr * hp.weight_decay as f64) as f32;
-        let bias_c1 = 1.0 - b1.powf(step);
-        let bias_c2 = 1.0 - b2.powf(step);
-        let step_size = (lr / bias_c1) as f32;
-        let bc2_sqrt = bias_c2.sqrt() as f32;
-        let (one_m_b1, one_m_b2) = ((1.0 - b1) as f32, (1.0 - b2) as f32);
+        // The same scalars as the CPU reference (f64, cast to f32).
+        let sc = hp.scalars();
+        let (decay, step_size, bc2_sqrt) = (sc.decay, sc.step_size, sc.bias_c2_sqrt);
+        let (one_m_b1, one_m_b2) = (sc.one_minus_beta1, sc.one_minus_beta2);
         let n = param.len() as u64;
         let cfg = grid_for(param.len());
         let (p, g) = (param.f32_mut("adamw param"), grad.f32("adamw grad"));
