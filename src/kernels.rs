@@ -4,7 +4,7 @@
 //!
 //! ptx/<name>.ptx is compiled from cuda/<name>.cu by scripts/regen_ptx.py
 //! with the pinned NVRTC 12.4 (PTX ISA 8.4, target sm_80: loaded by drivers
-//! >= 550, JIT-compiled for newer GPUs); CI proves ptx/ is fresh and that it
+//! 550 and newer, JIT-compiled for newer GPUs); CI proves ptx/ is fresh and that it
 //! assembles without spills for sm_80/86/89/90 (scripts/check_ptx.sh).
 //! build.rs lists every ptx/*.ptx in [`PTX`].
 //!

@@ -12,8 +12,10 @@ pub struct Profiled<B: Backend> {
     pub inner: B,
     table: Mutex<BTreeMap<&'static str, (u64, Duration)>>,
     /// Waits for the device (asynchronous backends); called around each op.
-    sync: Option<Box<dyn Fn(&B) + Send + Sync>>,
+    sync: Option<SyncFn<B>>,
 }
+
+type SyncFn<B> = Box<dyn Fn(&B) + Send + Sync>;
 
 /// One row of the profile: op name, calls, total time.
 #[derive(Debug, Clone)]
@@ -59,7 +61,7 @@ impl<B: Backend> Profiled<B> {
     pub fn report(&self) -> Vec<OpTime> {
         let t = self.table.lock().unwrap_or_else(|e| e.into_inner());
         let mut v: Vec<OpTime> = t.iter().map(|(op, (calls, total))| OpTime { op, calls: *calls, total: *total }).collect();
-        v.sort_by(|a, b| b.total.cmp(&a.total));
+        v.sort_by_key(|r| std::cmp::Reverse(r.total));
         v
     }
 }

@@ -224,10 +224,10 @@ pub fn resolve_model_dir(arg: &str, cache: &hf_hub::Cache) -> Result<PathBuf> {
     }
     let looks_like_id = arg.split('/').count() == 2 && !arg.starts_with('.') && !arg.starts_with('/');
     if looks_like_id {
-        if let Some(config) = cache.model(arg.to_string()).get("config.json") {
-            if let Some(dir) = config.parent() {
-                return Ok(dir.to_path_buf());
-            }
+        if let Some(config) = cache.model(arg.to_string()).get("config.json")
+            && let Some(dir) = config.parent()
+        {
+            return Ok(dir.to_path_buf());
         }
         bail!(
             "model {arg}: no such directory, and not in the HuggingFace cache at {} \
