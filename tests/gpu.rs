@@ -3,16 +3,19 @@
 //! with `--ignored` by the GPU check (scripts/gpu_check.sh), which prints
 //! every figure. Tolerances are those of `Tolerances::bf16()` (see
 //! src/backend/conformance.rs for why), and for the whole model:
-//! - loss within 1% relative: bf16 storage of the residual stream and every
+//! - loss within 0.5% relative: bf16 storage of the residual stream and every
 //!   activation (2^-9 relative per rounding, ~20 roundings along a 2-layer
 //!   path, partly cancelling);
 //! - LoRA gradients within 5% norm-relative: the backward adds as many
 //!   roundings again, and the gradients are products of both passes;
 //! - the 50-step loss curves within 2% at every step.
+//!
+//! A CPU simulation of the same bf16 storage (tests/bf16_tolerances.rs)
+//! stays 3x or more inside each of these.
 
 mod common;
 
-use common::{CASES, Reference, fixture, rel_err};
+use common::{CASES, GPU_CURVE_TOL, GPU_GRAD_TOL, GPU_LOSS_TOL, Reference, fixture, rel_err};
 use ferrotune::adapter::peft;
 use ferrotune::backend::Backend;
 use ferrotune::backend::conformance::{Harness, Scale, Tolerances};
@@ -83,8 +86,8 @@ fn model_loss_and_lora_gradients_match_the_cpu_on_every_fixture() {
         worst.push((case, loss_rel, grad_rel));
     }
     for (case, loss_rel, grad_rel) in worst {
-        assert!(loss_rel <= 1e-2, "{case}: loss rel error {loss_rel:e} > 1e-2");
-        assert!(grad_rel <= 5e-2, "{case}: LoRA gradient rel error {grad_rel:e} > 5e-2");
+        assert!(loss_rel <= GPU_LOSS_TOL, "{case}: loss rel error {loss_rel:e} > {GPU_LOSS_TOL:e}");
+        assert!(grad_rel <= GPU_GRAD_TOL, "{case}: LoRA gradient rel error {grad_rel:e} > {GPU_GRAD_TOL:e}");
     }
 }
 
@@ -118,5 +121,5 @@ fn fifty_adamw_steps_follow_the_cpu_loss_curve() {
         last = l_cpu;
     }
     assert!(last < first, "the CPU run itself did not learn ({first} -> {last})");
-    assert!(worst <= 2e-2, "loss curves diverge: worst step rel error {worst:e} > 2e-2");
+    assert!(worst <= GPU_CURVE_TOL, "loss curves diverge: worst step rel error {worst:e} > {GPU_CURVE_TOL:e}");
 }

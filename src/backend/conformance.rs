@@ -217,9 +217,13 @@ impl<'a, R: Backend, C: Backend> Harness<'a, R, C> {
         self.reference.scale(&mut ra, 0.37);
         self.candidate.scale(&mut ca, 0.37);
         self.check("scale".into(), &ra, &ca, t.elementwise);
-        let (rs, cs) = (self.reference.sum_sq(&ra), self.candidate.sum_sq(&ca));
+        // Sums of squares of inputs both backends hold identically (a value
+        // already rounded differently, like `ra` above, would measure the
+        // rounding, not the reduction).
+        let (rs, cs) = (self.reference.sum_sq(&rb), self.candidate.sum_sq(&cb));
         self.checks.push(compare("sum_sq".into(), &[cs as f32], &[rs as f32], t.f32_outputs));
-        let (rs, cs) = (self.reference.sum_sq_all(&[&ra, &rb]), self.candidate.sum_sq_all(&[&ca, &cb]));
+        let (rc, cc, _) = self.act(len / 3 + 1, 1.0);
+        let (rs, cs) = (self.reference.sum_sq_all(&[&rb, &rc]), self.candidate.sum_sq_all(&[&cb, &cc]));
         self.checks.push(compare("sum_sq_all".into(), &[cs as f32], &[rs as f32], t.f32_outputs));
         let mut rd = self.reference.zeros_like(&rb);
         let mut cd = self.candidate.zeros_like(&cb);
@@ -395,7 +399,7 @@ impl<'a, R: Backend, C: Backend> Harness<'a, R, C> {
         self.candidate.attention(&cq, &ck, &cv, &ccu, ns, shape, &mut co, &mut cl);
         let tag = format!("d={d} h={heads}/{kv} window={window:?}");
         self.check(format!("attention out {tag}"), &ro, &co, t.attention);
-        self.check(format!("attention lse {tag}"), &rl, &cl, t.f32_outputs.max(t.elementwise));
+        self.check(format!("attention lse {tag}"), &rl, &cl, t.f32_outputs);
         let (rdo, cdo, _) = self.act(n * heads * d, 1.0);
         let (mut rdq, mut cdq) = (self.reference.zeros(n * heads * d), self.candidate.zeros(n * heads * d));
         let (mut rdk, mut cdk) = (self.reference.zeros(n * kv * d), self.candidate.zeros(n * kv * d));

@@ -24,6 +24,7 @@
 pub mod cpu;
 pub mod cuda;
 pub mod conformance;
+pub mod bf16sim;
 pub mod metered;
 pub mod profiled;
 

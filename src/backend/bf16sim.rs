@@ -1,0 +1,733 @@
+//! A backend wrapper that simulates, on any backend (in practice the f32 CPU
+//! reference), the storage precision of the CUDA backend: activations and
+//! frozen weights in bf16, arithmetic in f32. It exists to check, without a
+//! GPU, that the tolerances the GPU tests assert (`Tolerances::bf16()` in
+//! conformance.rs, the model-level ones in tests/gpu.rs) are met by a
+//! *correct* bf16 implementation: run the reference against
+//! `Bf16Sim<CpuBackend>` and every difference is bf16 storage, nothing else.
+//!
+//! Every buffer remembers its storage kind (activation or f32, by the rules of
+//! src/backend/mod.rs). Every op delegates to the inner backend and then
+//! rounds each activation-typed output to bf16 (round to nearest even, as
+//! `__float2bfloat16_rn` / `half::bf16::from_f32`), exactly as a GPU writing
+//! bf16 would; f32 buffers are never rounded. Besides the stores, the
+//! simulation rounds what src/backend/cuda/backend.rs casts to bf16 before a
+//! cuBLAS product (`bf16_operand`, `dropped_input`) and the bf16
+//! intermediates it keeps between products (LoRA's dxa). Each rounding point
+//! is marked `// bf16:` below.
+//!
+//! Not simulated by default: the flash-attention kernels' internal rounding
+//! (the tensor-core kernels for head_dim 64 / 128 round P before P·V, and P
+//! and dS before the backward's products; the generic kernel used for other
+//! head dims rounds neither). `with_flash_attention` turns on a host-side
+//! attention that does round them (for head_dim 64 / 128 only, as the GPU).
+//!
+//! The buffer-kind rules the CUDA backend enforces (it panics on an f32
+//! `inv_rms`, a bf16 `lse`, mixed kinds in `copy_slice`, ...) are enforced
+//! here too, so a model-graph mistake that would crash on a GPU also fails on
+//! the CPU.
+
+use super::{AdamW, AttnShape, Backend, Dropout, WeightSource, dropout_keep};
+use anyhow::Result;
+use rayon::prelude::*;
+
+/// The storage kind of a simulated buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Storage {
+    /// Activation storage (bf16 on the GPU): `zeros`, `upload_activation`,
+    /// and `zeros_like` of them.
+    Act,
+    /// f32 storage: `zeros_f32`, `upload`, and `zeros_like` of them.
+    F32,
+}
+
+/// A buffer of the inner backend and its simulated storage kind.
+pub struct SimBuf<T> {
+    pub inner: T,
+    kind: Storage,
+}
+
+impl<T> SimBuf<T> {
+    pub fn kind(&self) -> Storage {
+        self.kind
+    }
+}
+
+/// i32 metadata of the inner backend, with a host copy (the simulated flash
+/// attention needs `cu_seqlens` on the host; the trait has no int download).
+pub struct SimInts<T> {
+    pub inner: T,
+    host: Vec<i32>,
+}
+
+type Buf<B> = SimBuf<<B as Backend>::Buf>;
+type Ints<B> = SimInts<<B as Backend>::IntBuf>;
+
+/// Round to the nearest bf16 (ties to even), back as f32.
+pub fn round_bf16(x: f32) -> f32 {
+    half::bf16::from_f32(x).to_f32()
+}
+
+fn rounded(mut v: Vec<f32>) -> Vec<f32> {
+    v.iter_mut().for_each(|x| *x = round_bf16(*x));
+    v
+}
+
+/// A product operand: the buffer itself, or a bf16-rounded copy.
+enum Operand<'a, T> {
+    Borrowed(&'a T),
+    Owned(T),
+}
+
+impl<T> Operand<'_, T> {
+    fn get(&self) -> &T {
+        match self {
+            Operand::Borrowed(t) => t,
+            Operand::Owned(t) => t,
+        }
+    }
+}
+
+#[track_caller]
+fn expect_kind<T>(buf: &SimBuf<T>, kind: Storage, what: &str) {
+    assert!(buf.kind == kind, "{what} must be {kind:?} storage, got {:?} (the CUDA backend panics here)", buf.kind);
+}
+
+#[track_caller]
+fn same_kind<T>(bufs: &[&SimBuf<T>], what: &str) {
+    assert!(
+        bufs.windows(2).all(|w| w[0].kind == w[1].kind),
+        "{what}: buffers must share a storage type (the CUDA backend panics here)"
+    );
+}
+
+pub struct Bf16Sim<B: Backend> {
+    pub inner: B,
+    flash_attention: bool,
+}
+
+impl<B: Backend> Bf16Sim<B> {
+    /// Storage rounding only; attention delegates to the inner backend and
+    /// rounds its outputs (what the GPU's generic attention kernel does).
+    pub fn new(inner: B) -> Self {
+        Bf16Sim { inner, flash_attention: false }
+    }
+
+    /// As `new`, and for head_dim 64 / 128 attention runs on the host with
+    /// the tensor-core kernels' internal roundings (P before P·V; P and dS
+    /// before the backward's products).
+    pub fn with_flash_attention(inner: B) -> Self {
+        Bf16Sim { inner, flash_attention: true }
+    }
+
+    fn wrap(&self, inner: B::Buf, kind: Storage) -> Buf<B> {
+        SimBuf { inner, kind }
+    }
+
+    /// bf16: what a bf16 store does to an activation output; f32 outputs are
+    /// left alone.
+    fn store(&self, buf: &mut Buf<B>) {
+        if buf.kind == Storage::Act {
+            let v = rounded(self.inner.download(&buf.inner));
+            buf.inner = self.inner.upload_activation(&v);
+        }
+    }
+
+    /// Replace a buffer's contents by `v` (its full length), rounded if it is
+    /// an activation buffer.
+    fn overwrite(&self, buf: &mut Buf<B>, v: Vec<f32>) {
+        buf.inner = match buf.kind {
+            // bf16: the store of an activation output.
+            Storage::Act => self.inner.upload_activation(&rounded(v)),
+            Storage::F32 => self.inner.upload(&v),
+        };
+    }
+
+    /// bf16: `bf16_operand` in the CUDA backend. A product operand is
+    /// bf16; an f32 buffer is cast (rounded) to a bf16 copy first. Activation
+    /// buffers already hold bf16 values.
+    fn operand<'a>(&self, buf: &'a Buf<B>) -> Operand<'a, B::Buf> {
+        match buf.kind {
+            Storage::Act => Operand::Borrowed(&buf.inner),
+            Storage::F32 => Operand::Owned(self.inner.upload(&rounded(self.inner.download(&buf.inner)))),
+        }
+    }
+
+    /// bf16: `dropped_input` in the CUDA backend. The LoRA input as a bf16
+    /// product operand: x itself (cast if f32), or dropout(x) = x·keep/(1−p)
+    /// computed in f32 from the bf16 x and stored in a bf16 temporary.
+    fn dropped_input<'a>(&self, x: &'a Buf<B>, dropout: Option<Dropout>, m: usize, k: usize) -> Operand<'a, B::Buf> {
+        match dropout.filter(|d| d.p > 0.0) {
+            None => self.operand(x),
+            Some(d) => {
+                let mut v = rounded(self.inner.download(&x.inner));
+                apply_mask(&mut v[..m * k], d);
+                Operand::Owned(self.inner.upload_activation(&rounded(v)))
+            }
+        }
+    }
+
+    /// The r × r identity (f32): a product with it is exact, which lets the
+    /// LoRA ops below run one product of the inner op at a time.
+    fn identity(&self, r: usize) -> B::Buf {
+        let mut id = vec![0.0f32; r * r];
+        (0..r).for_each(|i| id[i * r + i] = 1.0);
+        self.inner.upload(&id)
+    }
+
+    fn flash(&self, shape: &AttnShape) -> bool {
+        self.flash_attention && matches!(shape.head_dim, 64 | 128)
+    }
+}
+
+/// `v[i] = keep(i) ? v[i] · 1/(1−p) : 0` (the mask of cpu/lora.rs and
+/// cuda/lora_dropout.cu, indexed by the flat element of the [m, k] matrix).
+fn apply_mask(v: &mut [f32], d: Dropout) {
+    let inv = 1.0 / (1.0 - d.p);
+    for (i, x) in v.iter_mut().enumerate() {
+        *x = if dropout_keep(d.seed, i as u64, d.p) { *x * inv } else { 0.0 };
+    }
+}
+
+impl<B: Backend> Backend for Bf16Sim<B> {
+    type Buf = Buf<B>;
+    type Weight = B::Weight;
+    type IntBuf = Ints<B>;
+
+    fn name(&self) -> String {
+        format!("bf16-sim({})", self.inner.name())
+    }
+    fn zeros(&self, len: usize) -> Buf<B> {
+        self.wrap(self.inner.zeros(len), Storage::Act)
+    }
+    fn zeros_f32(&self, len: usize) -> Buf<B> {
+        self.wrap(self.inner.zeros_f32(len), Storage::F32)
+    }
+    fn zeros_like(&self, like: &Buf<B>) -> Buf<B> {
+        self.wrap(self.inner.zeros_like(&like.inner), like.kind)
+    }
+    fn upload(&self, data: &[f32]) -> Buf<B> {
+        self.wrap(self.inner.upload(data), Storage::F32)
+    }
+    fn upload_activation(&self, data: &[f32]) -> Buf<B> {
+        // bf16: activation storage holds bf16 values.
+        self.wrap(self.inner.upload_activation(&rounded(data.to_vec())), Storage::Act)
+    }
+    fn download(&self, buf: &Buf<B>) -> Vec<f32> {
+        self.inner.download(&buf.inner)
+    }
+    fn upload_ints(&self, data: &[i32]) -> Ints<B> {
+        SimInts { inner: self.inner.upload_ints(data), host: data.to_vec() }
+    }
+    fn len(&self, buf: &Buf<B>) -> usize {
+        self.inner.len(&buf.inner)
+    }
+    fn load_weight(&self, src: &WeightSource) -> Result<B::Weight> {
+        // bf16: weights are stored in bf16 (f32 and f16 checkpoints are
+        // rounded, bf16 ones are unchanged). The inner load validates `src`.
+        let w = self.inner.load_weight(src)?;
+        Ok(self.inner.weight_from_f32(&rounded(self.inner.weight_to_f32(&w))))
+    }
+    fn weight_from_f32(&self, data: &[f32]) -> B::Weight {
+        // bf16: weights are stored in bf16.
+        self.inner.weight_from_f32(&rounded(data.to_vec()))
+    }
+    fn weight_to_f32(&self, w: &B::Weight) -> Vec<f32> {
+        self.inner.weight_to_f32(w)
+    }
+    fn weight_len(&self, w: &B::Weight) -> usize {
+        self.inner.weight_len(w)
+    }
+    fn fill(&self, buf: &mut Buf<B>, value: f32) {
+        self.inner.fill(&mut buf.inner, value);
+        self.store(buf); // bf16: the filled value as stored.
+    }
+    fn copy_slice(&self, src: &Buf<B>, src_off: usize, dst: &mut Buf<B>, dst_off: usize, len: usize) {
+        same_kind(&[src, dst], "copy_slice");
+        // Same kind on both sides: a copy of stored values, exact.
+        self.inner.copy_slice(&src.inner, src_off, &mut dst.inner, dst_off, len)
+    }
+    fn add_assign(&self, dst: &mut Buf<B>, src: &Buf<B>) {
+        same_kind(&[dst, src], "add_assign");
+        self.inner.add_assign(&mut dst.inner, &src.inner);
+        self.store(dst); // bf16: the sum is stored in the activation type.
+    }
+    fn scale(&self, buf: &mut Buf<B>, s: f32) {
+        self.inner.scale(&mut buf.inner, s);
+        self.store(buf); // bf16: the product is stored in the activation type.
+    }
+    fn sum_sq(&self, buf: &Buf<B>) -> f64 {
+        self.inner.sum_sq(&buf.inner)
+    }
+    fn sum_sq_all(&self, bufs: &[&Buf<B>]) -> f64 {
+        let inner: Vec<&B::Buf> = bufs.iter().map(|b| &b.inner).collect();
+        self.inner.sum_sq_all(&inner)
+    }
+    fn embedding(&self, table: &B::Weight, ids: &Ints<B>, out: &mut Buf<B>, n: usize, hidden: usize) {
+        self.inner.embedding(table, &ids.inner, &mut out.inner, n, hidden);
+        self.store(out); // bf16: a gather of bf16 weights; exact, kept for uniformity.
+    }
+    fn linear(&self, x: &Buf<B>, w: &B::Weight, bias: Option<&B::Weight>, y: &mut Buf<B>, m: usize, k: usize, n: usize) {
+        // bf16: x is a bf16 GEMM operand (an f32 x is cast); W and the bias
+        // are bf16 since load.
+        let xb = self.operand(x);
+        self.inner.linear(xb.get(), w, bias, &mut y.inner, m, k, n);
+        // bf16: y in its type (the LM head writes f32 logits: not rounded).
+        self.store(y);
+    }
+    fn linear_backward_input(&self, dy: &Buf<B>, w: &B::Weight, dx: &mut Buf<B>, m: usize, k: usize, n: usize, acc: bool) {
+        // bf16: dy is a bf16 GEMM operand; the logits gradient (f32) is cast
+        // to bf16 before the LM head's backward product.
+        let dyb = self.operand(dy);
+        self.inner.linear_backward_input(dyb.get(), w, &mut dx.inner, m, k, n, acc);
+        self.store(dx); // bf16: dx (+ its old value, f32 accumulate) stored once.
+    }
+    fn lora_forward(
+        &self,
+        x: &Buf<B>,
+        a: &Buf<B>,
+        b: &Buf<B>,
+        scale: f32,
+        dropout: Option<Dropout>,
+        xa: &mut Buf<B>,
+        y: &mut Buf<B>,
+        m: usize,
+        k: usize,
+        n: usize,
+        r: usize,
+    ) {
+        // bf16: A and B (f32 masters) are cast to bf16 copies for the
+        // tensor-core products; the masters stay f32.
+        let (ab, bb) = (self.operand(a), self.operand(b));
+        // bf16: the input operand, dropout(x) in a bf16 temporary.
+        let xd = self.dropped_input(x, dropout, m, k);
+        // xa = xd · Aᵀ, alone: the inner op with a one-column y to discard.
+        let mut y_scratch = self.inner.zeros_f32(m);
+        let b_scratch = self.inner.zeros_f32(r);
+        self.inner.lora_forward(xd.get(), ab.get(), &b_scratch, scale, None, &mut xa.inner, &mut y_scratch, m, k, 1, r);
+        // bf16: xa stored in its type (activation), then used as the bf16
+        // operand of the second product (cast if f32).
+        self.store(xa);
+        let xab = self.operand(xa);
+        // y += scale · xa · Bᵀ: the inner op on x = xa, A = I (xa·Iᵀ = xa exactly).
+        let mut xa_scratch = self.inner.zeros_f32(m * r);
+        let id = self.identity(r);
+        self.inner.lora_forward(xab.get(), &id, bb.get(), scale, None, &mut xa_scratch, &mut y.inner, m, r, n, r);
+        self.store(y); // bf16: y + the side path, f32 accumulate, stored once.
+    }
+    fn lora_backward(
+        &self,
+        dy: &Buf<B>,
+        x: &Buf<B>,
+        a: &Buf<B>,
+        b: &Buf<B>,
+        xa: &Buf<B>,
+        scale: f32,
+        dropout: Option<Dropout>,
+        dx: &mut Buf<B>,
+        da: &mut Buf<B>,
+        db: &mut Buf<B>,
+        m: usize,
+        k: usize,
+        n: usize,
+        r: usize,
+    ) {
+        // bf16: dy, xa, A, B are bf16 GEMM operands (f32 ones cast).
+        let (dyb, xab, ab, bb) = (self.operand(dy), self.operand(xa), self.operand(a), self.operand(b));
+        let id = self.identity(r);
+        // 1. dB += s · dyᵀ · xa, and dxa = s · dy · B: the inner op with
+        //    k = r, x = 0 and A = I, so its "dx" (from zero) is dxa·I = dxa.
+        let x0 = self.inner.zeros_f32(m * r);
+        let mut dxa = self.inner.zeros_f32(m * r);
+        let mut da_scratch = self.inner.zeros_f32(r * r);
+        self.inner.lora_backward(
+            dyb.get(), &x0, &id, bb.get(), xab.get(), scale, None, &mut dxa, &mut da_scratch, &mut db.inner, m, r, n, r,
+        );
+        self.store(db); // bf16 only if dB were an activation buffer (it is f32).
+        // bf16: the GPU keeps dxa in a bf16 temporary (an operand of the next
+        // two products).
+        let dxa = self.inner.upload_activation(&rounded(self.inner.download(&dxa)));
+        // bf16: the dropped input, as in the forward.
+        let xd = self.dropped_input(x, dropout, m, k);
+        // 2. dA += dxaᵀ · xd and (dx or a temporary) += dxa · A: the inner op
+        //    with dy = dxa, n = r, B = I (so its own dxa is 1·dxa·I = dxa).
+        let xa0 = self.inner.zeros_f32(m * r);
+        let mut db_scratch = self.inner.zeros_f32(r * r);
+        match dropout.filter(|d| d.p > 0.0) {
+            None => {
+                self.inner.lora_backward(
+                    &dxa, xd.get(), ab.get(), &id, &xa0, 1.0, None, &mut dx.inner, &mut da.inner, &mut db_scratch, m, k, r, r,
+                );
+                self.store(dx); // bf16: dx + dxa·A, f32 accumulate, stored once.
+            }
+            Some(d) => {
+                let mut tmp = self.zeros_like(dx);
+                self.inner.lora_backward(
+                    &dxa, xd.get(), ab.get(), &id, &xa0, 1.0, None, &mut tmp.inner, &mut da.inner, &mut db_scratch, m, k, r, r,
+                );
+                // bf16: tmp = dxa·A is stored in dx's type, then the dropout
+                // kernel adds mask ⊙ tmp / (1−p) into dx and stores it.
+                self.store(&mut tmp);
+                let mut t = self.inner.download(&tmp.inner);
+                apply_mask(&mut t[..m * k], d);
+                let mut v = self.inner.download(&dx.inner);
+                v[..m * k].iter_mut().zip(&t[..m * k]).for_each(|(o, t)| *o += t);
+                self.overwrite(dx, v);
+            }
+        }
+        self.store(da); // bf16 only if dA were an activation buffer (it is f32).
+    }
+    fn rmsnorm(&self, x: &Buf<B>, w: &B::Weight, y: &mut Buf<B>, inv: &mut Buf<B>, rows: usize, hidden: usize, eps: f32) {
+        expect_kind(inv, Storage::F32, "rmsnorm inv_rms");
+        same_kind(&[x, y], "rmsnorm");
+        self.inner.rmsnorm(&x.inner, w, &mut y.inner, &mut inv.inner, rows, hidden, eps);
+        self.store(y); // bf16: y stored in the activation type; inv_rms stays f32.
+    }
+    fn rmsnorm_backward(&self, dy: &Buf<B>, x: &Buf<B>, w: &B::Weight, inv: &Buf<B>, dx: &mut Buf<B>, rows: usize, hidden: usize) {
+        expect_kind(inv, Storage::F32, "rmsnorm_backward inv_rms");
+        same_kind(&[dy, x, dx], "rmsnorm_backward");
+        self.inner.rmsnorm_backward(&dy.inner, &x.inner, w, &inv.inner, &mut dx.inner, rows, hidden);
+        self.store(dx); // bf16: dx + the norm's gradient, stored once.
+    }
+    fn rope(&self, x: &mut Buf<B>, pos: &Ints<B>, inv_freq: &Buf<B>, n: usize, heads: usize, head_dim: usize) {
+        expect_kind(inv_freq, Storage::F32, "rope inv_freq");
+        self.inner.rope(&mut x.inner, &pos.inner, &inv_freq.inner, n, heads, head_dim);
+        self.store(x); // bf16: rotated in place, stored back.
+    }
+    fn rope_backward(&self, dx: &mut Buf<B>, pos: &Ints<B>, inv_freq: &Buf<B>, n: usize, heads: usize, head_dim: usize) {
+        expect_kind(inv_freq, Storage::F32, "rope inv_freq");
+        self.inner.rope_backward(&mut dx.inner, &pos.inner, &inv_freq.inner, n, heads, head_dim);
+        self.store(dx); // bf16: rotated in place, stored back.
+    }
+    fn attention(
+        &self,
+        q: &Buf<B>,
+        k: &Buf<B>,
+        v: &Buf<B>,
+        cu: &Ints<B>,
+        n_seqs: usize,
+        shape: AttnShape,
+        out: &mut Buf<B>,
+        lse: &mut Buf<B>,
+    ) {
+        for (b, what) in [(q, "q"), (k, "k"), (v, "v"), (&*out, "out")] {
+            expect_kind(b, Storage::Act, &format!("attention {what}"));
+        }
+        expect_kind(lse, Storage::F32, "attention lse");
+        if self.flash(&shape) {
+            let (qh, kh, vh) = (self.download(q), self.download(k), self.download(v));
+            let (o, l) = flash_forward(&qh, &kh, &vh, &cu.host, n_seqs, &shape);
+            let (mut ov, mut lv) = (self.download(out), self.download(lse));
+            ov[..o.len()].copy_from_slice(&o);
+            lv[..l.len()].copy_from_slice(&l);
+            self.overwrite(out, ov); // bf16: out stored in the activation type.
+            self.overwrite(lse, lv);
+        } else {
+            self.inner.attention(&q.inner, &k.inner, &v.inner, &cu.inner, n_seqs, shape, &mut out.inner, &mut lse.inner);
+            self.store(out); // bf16: out stored in the activation type; lse stays f32.
+        }
+    }
+    fn attention_backward(
+        &self,
+        dout: &Buf<B>,
+        q: &Buf<B>,
+        k: &Buf<B>,
+        v: &Buf<B>,
+        out: &Buf<B>,
+        lse: &Buf<B>,
+        cu: &Ints<B>,
+        n_seqs: usize,
+        shape: AttnShape,
+        dq: &mut Buf<B>,
+        dk: &mut Buf<B>,
+        dv: &mut Buf<B>,
+    ) {
+        for (b, what) in [(dout, "dout"), (q, "q"), (k, "k"), (v, "v"), (out, "out"), (&*dq, "dq"), (&*dk, "dk"), (&*dv, "dv")] {
+            expect_kind(b, Storage::Act, &format!("attention_backward {what}"));
+        }
+        expect_kind(lse, Storage::F32, "attention_backward lse");
+        if self.flash(&shape) {
+            let h = |b: &Buf<B>| self.download(b);
+            let (gq, gk, gv) =
+                flash_backward(&h(dout), &h(q), &h(k), &h(v), &h(out), &h(lse), &cu.host, n_seqs, &shape);
+            for (buf, g) in [(dq, gq), (dk, gk), (dv, gv)] {
+                let mut cur = self.download(buf);
+                cur[..g.len()].copy_from_slice(&g);
+                self.overwrite(buf, cur); // bf16: each gradient stored in the activation type.
+            }
+        } else {
+            self.inner.attention_backward(
+                &dout.inner,
+                &q.inner,
+                &k.inner,
+                &v.inner,
+                &out.inner,
+                &lse.inner,
+                &cu.inner,
+                n_seqs,
+                shape,
+                &mut dq.inner,
+                &mut dk.inner,
+                &mut dv.inner,
+            );
+            // bf16: dq, dk, dv stored in the activation type.
+            self.store(dq);
+            self.store(dk);
+            self.store(dv);
+        }
+    }
+    fn swiglu(&self, gate: &Buf<B>, up: &Buf<B>, out: &mut Buf<B>, len: usize) {
+        same_kind(&[gate, up, out], "swiglu");
+        self.inner.swiglu(&gate.inner, &up.inner, &mut out.inner, len);
+        self.store(out); // bf16: out stored in the activation type.
+    }
+    fn swiglu_backward(&self, dout: &Buf<B>, gate: &Buf<B>, up: &Buf<B>, dg: &mut Buf<B>, du: &mut Buf<B>, len: usize) {
+        same_kind(&[dout, gate, up, dg, du], "swiglu_backward");
+        self.inner.swiglu_backward(&dout.inner, &gate.inner, &up.inner, &mut dg.inner, &mut du.inner, len);
+        // bf16: both gradients stored in the activation type.
+        self.store(dg);
+        self.store(du);
+    }
+    fn cross_entropy(
+        &self,
+        logits: &mut Buf<B>,
+        targets: &Ints<B>,
+        losses: &mut Buf<B>,
+        rows: usize,
+        vocab: usize,
+        grad_scale: Option<f32>,
+    ) {
+        expect_kind(losses, Storage::F32, "cross_entropy losses");
+        self.inner.cross_entropy(&mut logits.inner, &targets.inner, &mut losses.inner, rows, vocab, grad_scale);
+        // bf16 only for activation-typed logits (the model's are f32): the
+        // gradient written in place is stored in their type.
+        if grad_scale.is_some() {
+            self.store(logits);
+        }
+    }
+    fn adamw(&self, param: &mut Buf<B>, grad: &Buf<B>, m: &mut Buf<B>, v: &mut Buf<B>, hp: AdamW) {
+        for (b, what) in [(&*param, "adamw param"), (grad, "adamw grad"), (&*m, "adamw exp_avg"), (&*v, "adamw exp_avg_sq")] {
+            expect_kind(b, Storage::F32, what);
+        }
+        self.inner.adamw(&mut param.inner, &grad.inner, &mut m.inner, &mut v.inner, hp)
+    }
+}
+
+// ---- host flash attention (tensor-core kernels' roundings) ---------------
+//
+// The semantics of cuda/flash_attn.cu's d64 / d128 kernels, in f32 on the
+// host: scores and sums in f32 from bf16 inputs; P rounded to bf16 before
+// O += P·V (the row sum l uses the unrounded P); in the backward P is
+// recomputed from lse, dS = P ⊙ (dP − dsum), and P (for dV) and dS (for dQ,
+// dK) are rounded to bf16 before their products. One difference: the kernel
+// rounds P relative to the running maximum of the key tiles seen so far, the
+// host relative to the row's final maximum (same rounding statistics; the
+// individual roundings differ).
+
+/// For each token, (start, end) of its sequence.
+fn bounds(cu: &[i32], n_seqs: usize, n: usize) -> Vec<(usize, usize)> {
+    let mut b = vec![(0, 0); n];
+    for s in 0..n_seqs {
+        let (s0, s1) = (cu[s] as usize, cu[s + 1] as usize);
+        b[s0..s1].iter_mut().for_each(|x| *x = (s0, s1));
+    }
+    b
+}
+
+/// First key visible to query t (keys lo..=t).
+fn first_key(t: usize, start: usize, window: Option<usize>) -> usize {
+    match window {
+        Some(w) => start.max((t + 1).saturating_sub(w)),
+        None => start,
+    }
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// (out [n, nh, d] rounded to bf16, lse [nh, n]).
+fn flash_forward(q: &[f32], k: &[f32], v: &[f32], cu: &[i32], n_seqs: usize, s: &AttnShape) -> (Vec<f32>, Vec<f32>) {
+    let (n, nh, nkv, d) = (s.n, s.n_heads, s.n_kv_heads, s.head_dim);
+    let group = nh / nkv;
+    let bd = bounds(cu, n_seqs, n);
+    let rows: Vec<(Vec<f32>, Vec<f32>)> = (0..n)
+        .into_par_iter()
+        .map(|t| {
+            let lo = first_key(t, bd[t].0, s.window);
+            let mut out = vec![0.0f32; nh * d];
+            let mut lse = vec![0.0f32; nh];
+            for h in 0..nh {
+                let (qr, kvh) = (&q[(t * nh + h) * d..][..d], h / group);
+                let sc: Vec<f32> = (lo..=t).map(|j| dot(qr, &k[(j * nkv + kvh) * d..][..d]) * s.scale).collect();
+                let mx = sc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let p: Vec<f32> = sc.iter().map(|&x| (x - mx).exp()).collect();
+                let l: f32 = p.iter().sum();
+                let o = &mut out[h * d..][..d];
+                for (jj, j) in (lo..=t).enumerate() {
+                    let pr = round_bf16(p[jj]); // bf16: P before P·V.
+                    let vr = &v[(j * nkv + kvh) * d..][..d];
+                    o.iter_mut().zip(vr).for_each(|(o, &v)| *o += pr * v);
+                }
+                let inv = 1.0 / l;
+                o.iter_mut().for_each(|x| *x = round_bf16(*x * inv)); // bf16: out stored.
+                lse[h] = mx + l.ln();
+            }
+            (out, lse)
+        })
+        .collect();
+    let mut out = Vec::with_capacity(n * nh * d);
+    let mut lse = vec![0.0f32; nh * n];
+    for (t, (o, l)) in rows.into_iter().enumerate() {
+        out.extend(o);
+        (0..nh).for_each(|h| lse[h * n + t] = l[h]);
+    }
+    (out, lse)
+}
+
+/// (dq, dk, dv), each rounded to bf16.
+#[allow(clippy::too_many_arguments)]
+fn flash_backward(
+    dout: &[f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    out: &[f32],
+    lse: &[f32],
+    cu: &[i32],
+    n_seqs: usize,
+    s: &AttnShape,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let (n, nh, nkv, d) = (s.n, s.n_heads, s.n_kv_heads, s.head_dim);
+    let group = nh / nkv;
+    let bd = bounds(cu, n_seqs, n);
+    // Elements of row (token t, head h) of a [n, heads, d] tensor.
+    let row = |t: usize, heads: usize, h: usize| (t * heads + h) * d..(t * heads + h + 1) * d;
+    // dsum[h*n + t] = Σ dout·out, f32.
+    let mut dsum = vec![0.0f32; nh * n];
+    for t in 0..n {
+        for h in 0..nh {
+            dsum[h * n + t] = dot(&dout[row(t, nh, h)], &out[row(t, nh, h)]);
+        }
+    }
+    // P and dS of (query t, head h, key j).
+    let p_ds = |t: usize, h: usize, j: usize| -> (f32, f32) {
+        let kvh = h / group;
+        let p = (dot(&q[row(t, nh, h)], &k[row(j, nkv, kvh)]) * s.scale - lse[h * n + t]).exp();
+        let dp = dot(&dout[row(t, nh, h)], &v[row(j, nkv, kvh)]);
+        (p, p * (dp - dsum[h * n + t]))
+    };
+    let dq: Vec<f32> = (0..n)
+        .into_par_iter()
+        .flat_map_iter(|t| {
+            let lo = first_key(t, bd[t].0, s.window);
+            let mut acc = vec![0.0f32; nh * d];
+            for h in 0..nh {
+                let a = &mut acc[h * d..][..d];
+                for j in lo..=t {
+                    let ds = round_bf16(p_ds(t, h, j).1); // bf16: dS before dS·K.
+                    a.iter_mut().zip(&k[row(j, nkv, h / group)]).for_each(|(a, &kk)| *a += ds * kk);
+                }
+                a.iter_mut().for_each(|x| *x = round_bf16(*x * s.scale)); // bf16: dq stored.
+            }
+            acc
+        })
+        .collect();
+    let dkdv: Vec<(Vec<f32>, Vec<f32>)> = (0..n)
+        .into_par_iter()
+        .map(|j| {
+            let end = bd[j].1;
+            let hi = match s.window {
+                Some(w) => end.min(j.saturating_add(w)),
+                None => end,
+            };
+            let (mut ak, mut av) = (vec![0.0f32; nkv * d], vec![0.0f32; nkv * d]);
+            for kvh in 0..nkv {
+                let (ak, av) = (&mut ak[kvh * d..][..d], &mut av[kvh * d..][..d]);
+                for h in kvh * group..(kvh + 1) * group {
+                    for t in j..hi {
+                        let (p, ds) = p_ds(t, h, j);
+                        // bf16: P before Pᵀ·dO, dS before dSᵀ·Q.
+                        let (p, ds) = (round_bf16(p), round_bf16(ds));
+                        ak.iter_mut().zip(&q[row(t, nh, h)]).for_each(|(a, &x)| *a += ds * x);
+                        av.iter_mut().zip(&dout[row(t, nh, h)]).for_each(|(a, &x)| *a += p * x);
+                    }
+                }
+                ak.iter_mut().for_each(|x| *x = round_bf16(*x * s.scale)); // bf16: dk stored.
+                av.iter_mut().for_each(|x| *x = round_bf16(*x)); // bf16: dv stored.
+            }
+            (ak, av)
+        })
+        .collect();
+    let (mut dk, mut dv) = (Vec::with_capacity(n * nkv * d), Vec::with_capacity(n * nkv * d));
+    for (a, b) in dkdv {
+        dk.extend(a);
+        dv.extend(b);
+    }
+    (dq, dk, dv)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::DType;
+    use crate::backend::cpu::CpuBackend;
+
+    #[test]
+    fn rounds_activation_storage_and_weights_never_f32_buffers() {
+        let be = Bf16Sim::new(CpuBackend::new());
+        let x = 1.0f32 + 2f32.powi(-12); // not a bf16 value
+        assert_eq!(be.download(&be.upload_activation(&[x])), vec![1.0]);
+        assert_eq!(be.download(&be.upload(&[x])), vec![x]);
+        let w = be.weight_from_f32(&[x]);
+        assert_eq!(be.weight_to_f32(&w), vec![1.0]);
+        let bytes = x.to_le_bytes();
+        let w = be.load_weight(&WeightSource { dtype: DType::F32, bytes: &bytes, numel: 1 }).unwrap();
+        assert_eq!(be.weight_to_f32(&w), vec![1.0]);
+        // f32 outputs stay f32; activation outputs are rounded.
+        let mut f = be.upload(&[1.0]);
+        be.scale(&mut f, x);
+        assert_eq!(be.download(&f), vec![x]);
+        let mut a = be.upload_activation(&[1.0]);
+        be.scale(&mut a, x);
+        assert_eq!(be.download(&a), vec![1.0]);
+        assert_eq!(be.zeros_like(&f).kind(), Storage::F32);
+        assert_eq!(be.zeros_like(&a).kind(), Storage::Act);
+    }
+
+    #[test]
+    #[should_panic(expected = "must share a storage type")]
+    fn mixed_kinds_panic_as_on_the_gpu() {
+        let be = Bf16Sim::new(CpuBackend::new());
+        let mut a = be.zeros(4);
+        be.add_assign(&mut a, &be.zeros_f32(4));
+    }
+
+    #[test]
+    fn host_flash_attention_without_rounding_matches_the_cpu_within_f32_noise() {
+        // The host attention with bf16 inputs: its output differs from the
+        // CPU's only by the P/out roundings, i.e. at the bf16 level.
+        let (cpu, sim) = (CpuBackend::new(), Bf16Sim::with_flash_attention(CpuBackend::new()));
+        let (n, nh, nkv, d) = (21, 4, 2, 64);
+        let cu = [0, 9, 9, 21];
+        let shape = AttnShape { n, n_heads: nh, n_kv_heads: nkv, head_dim: d, window: Some(6), scale: 0.125, max_seqlen: 12 };
+        let data = |len: usize, seed: u32| -> Vec<f32> {
+            (0..len).map(|i| round_bf16((((i as u32).wrapping_mul(2654435761) ^ seed) % 1000) as f32 / 500.0 - 1.0)).collect()
+        };
+        let (q, k, v) = (data(n * nh * d, 1), data(n * nkv * d, 2), data(n * nkv * d, 3));
+        let mut o_c = cpu.zeros(n * nh * d);
+        let mut l_c = cpu.zeros_f32(nh * n);
+        cpu.attention(&q, &k, &v, &cu.to_vec(), 3, shape, &mut o_c, &mut l_c);
+        let (qs, ks, vs) = (sim.upload_activation(&q), sim.upload_activation(&k), sim.upload_activation(&v));
+        let mut o_s = sim.zeros(n * nh * d);
+        let mut l_s = sim.zeros_f32(nh * n);
+        sim.attention(&qs, &ks, &vs, &sim.upload_ints(&cu), 3, shape, &mut o_s, &mut l_s);
+        let rel = |a: &[f32], b: &[f32]| {
+            let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+            (num / b.iter().map(|y| (*y as f64).powi(2)).sum::<f64>()).sqrt()
+        };
+        assert!(rel(&sim.download(&l_s), &l_c) < 1e-6);
+        let e = rel(&sim.download(&o_s), &o_c);
+        assert!(e > 0.0 && e < 8e-3, "out rel {e}");
+    }
+}
