@@ -121,15 +121,27 @@ impl<B: Backend> Model<B> {
         })
     }
 
-    /// Random weights for a config (benchmarks): linear weights ~ N(0, 0.02),
-    /// norms ~ 1 + N(0, 0.1), as `synth` writes them.
+    /// Random weights for a config (benchmarks): linear weights uniform with
+    /// std 0.02, norms 1 ± 0.1 uniform. Generated in parallel chunks, each
+    /// from its own seed, so an 8B model is ready in seconds and the same
+    /// seed gives the same weights on any thread count.
     pub fn random(be: &B, cfg: ModelConfig, seed: u64) -> Result<Model<B>> {
-        let mut rng = Rng::new(seed);
+        use rayon::prelude::*;
+        const CHUNK: usize = 1 << 16;
+        let mut tensor = 0u64;
         Self::build(be, cfg, |name, shape| {
+            tensor += 1;
             let numel: usize = shape.iter().product();
             let is_norm = shape.len() == 1 && !name.ends_with(".bias");
-            let data: Vec<f32> =
-                (0..numel).map(|_| if is_norm { 1.0 + 0.1 * rng.normal() } else { 0.02 * rng.normal() }).collect();
+            // Uniform(-a, a) has std a/√3.
+            let (center, half_width) = if is_norm { (1.0, 0.1) } else { (0.0, 0.02 * 3f32.sqrt()) };
+            let mut data = vec![0f32; numel];
+            data.par_chunks_mut(CHUNK).enumerate().for_each(|(c, chunk)| {
+                let mut rng = Rng::new(seed ^ tensor.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (c as u64).wrapping_mul(0xC2B2_AE3D_27D4_EB4F));
+                for x in chunk.iter_mut() {
+                    *x = center + rng.uniform_range(-half_width, half_width);
+                }
+            });
             Ok(be.weight_from_f32(&data))
         })
     }

@@ -324,19 +324,20 @@ fn weight_operand(w: &CudaSlice<bf16>, stream: &CudaStream) -> Operand {
 }
 
 fn to_bf16_host(src: &WeightSource) -> Result<Vec<bf16>> {
+    use rayon::prelude::*;
     if src.bytes.len() != src.numel * src.dtype.size() {
         bail!("weight has {} bytes for {} {:?} elements", src.bytes.len(), src.numel, src.dtype);
     }
     Ok(match src.dtype {
-        DType::BF16 => src.bytes.chunks_exact(2).map(|c| bf16::from_bits(u16::from_le_bytes([c[0], c[1]]))).collect(),
+        DType::BF16 => src.bytes.par_chunks_exact(2).map(|c| bf16::from_bits(u16::from_le_bytes([c[0], c[1]]))).collect(),
         DType::F16 => src
             .bytes
-            .chunks_exact(2)
+            .par_chunks_exact(2)
             .map(|c| bf16::from_f32(half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()))
             .collect(),
         DType::F32 => src
             .bytes
-            .chunks_exact(4)
+            .par_chunks_exact(4)
             .map(|c| bf16::from_f32(f32::from_le_bytes([c[0], c[1], c[2], c[3]])))
             .collect(),
     })
@@ -400,7 +401,8 @@ impl Backend for CudaBackend {
         self.stream.clone_htod(&host).map_err(|e| anyhow::anyhow!("uploading a weight to the GPU failed: {e:?}"))
     }
     fn weight_from_f32(&self, data: &[f32]) -> CudaSlice<bf16> {
-        let host: Vec<bf16> = data.iter().map(|&x| bf16::from_f32(x)).collect();
+        use rayon::prelude::*;
+        let host: Vec<bf16> = data.par_iter().map(|&x| bf16::from_f32(x)).collect();
         self.stream.clone_htod(&host).expect("CUDA upload")
     }
     fn weight_to_f32(&self, w: &CudaSlice<bf16>) -> Vec<f32> {
