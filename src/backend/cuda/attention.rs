@@ -68,6 +68,8 @@ fn smem(name: &str) -> u32 {
 /// Grid of a tensor-core kernel over (query or key tiles, heads, sequences),
 /// or of a generic kernel over (rows / 4, heads).
 fn grid(name: &str, shape: &AttnShape, n_seqs: usize, heads: usize) -> LaunchConfig {
+    assert!(n_seqs <= 65_535, "attention: {n_seqs} sequences in one batch (the grid allows 65535)");
+    assert!(heads <= 65_535, "attention: {heads} heads (the grid allows 65535)");
     let grid_dim = if name.ends_with("generic") {
         (shape.n.div_ceil(4) as u32, heads as u32, 1)
     } else {
