@@ -13,16 +13,12 @@
 
 mod common;
 
-use common::{CASES, Reference, fixture, rel_err};
-use ferrotune::adapter::peft;
+use common::{CASES, Reference, load_with_adapter, loss_and_grads, rel_err};
 use ferrotune::backend::Backend;
 use ferrotune::backend::bf16sim::Bf16Sim;
 use ferrotune::backend::conformance::{Check, Harness, Scale, Tolerances};
 use ferrotune::backend::cpu::CpuBackend;
-use ferrotune::model::Model;
 use ferrotune::model::batch::Batch;
-use ferrotune::model::checkpoint::Checkpoint;
-use ferrotune::model::graph::BackwardOpts;
 use ferrotune::train::optimizer::{AdamWConfig, Optimizer};
 use std::time::Instant;
 
@@ -77,25 +73,7 @@ fn bf16_storage_meets_the_kernel_tolerances_at_realistic_shapes() {
     assert_all_pass(&conformance(&Bf16Sim::with_flash_attention(CpuBackend::new()), Scale::Realistic, 7));
 }
 
-fn load<B: Backend>(be: &B, case: &str) -> Model<B> {
-    let ckpt = Checkpoint::open(&fixture(case).join("model")).unwrap();
-    let mut model = Model::load(be, &ckpt).unwrap();
-    peft::load(be, &mut model, &fixture(case).join("adapter")).unwrap();
-    model
-}
 
-/// As tests/gpu.rs.
-fn loss_and_grads<B: Backend>(be: &B, model: &mut Model<B>, batch: &Batch) -> (f64, Vec<f32>) {
-    model.zero_grad(be);
-    let opts = BackwardOpts { grad_scale: 1.0 / batch.n_targets() as f32, gradient_checkpointing: false, dropout_seed: None };
-    let loss = model.forward_backward(be, batch, opts).mean();
-    let mut g = Vec::new();
-    for (_, _, l) in model.loras() {
-        g.extend(be.download(&l.grad_a));
-        g.extend(be.download(&l.grad_b));
-    }
-    (loss, g)
-}
 
 #[test]
 fn bf16_model_loss_and_lora_gradients_meet_the_gpu_tolerances_on_every_fixture() {
@@ -104,8 +82,8 @@ fn bf16_model_loss_and_lora_gradients_meet_the_gpu_tolerances_on_every_fixture()
     let mut results = Vec::new();
     for case in CASES {
         let (seqs, _) = Reference::load(case).sequences();
-        let mut m_cpu = load(&cpu, case);
-        let mut m_sim = load(&sim, case);
+        let mut m_cpu = load_with_adapter(&cpu, case);
+        let mut m_sim = load_with_adapter(&sim, case);
         let batch = Batch::from_sequences(&seqs, m_cpu.cfg.vocab).unwrap();
         let (l_cpu, g_cpu) = loss_and_grads(&cpu, &mut m_cpu, &batch);
         let (l_sim, g_sim) = loss_and_grads(&sim, &mut m_sim, &batch);
@@ -132,8 +110,8 @@ fn bf16_fifty_adamw_steps_follow_the_cpu_loss_curve() {
     let sim = Bf16Sim::new(CpuBackend::new());
     let case = "llama3";
     let (seqs, _) = Reference::load(case).sequences();
-    let mut m_cpu = load(&cpu, case);
-    let mut m_sim = load(&sim, case);
+    let mut m_cpu = load_with_adapter(&cpu, case);
+    let mut m_sim = load_with_adapter(&sim, case);
     let batch = Batch::from_sequences(&seqs, m_cpu.cfg.vocab).unwrap();
     let mut o_cpu = Optimizer::new(&cpu, &m_cpu, AdamWConfig::default());
     let mut o_sim = Optimizer::new(&sim, &m_sim, AdamWConfig::default());

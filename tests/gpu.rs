@@ -15,16 +15,11 @@
 
 mod common;
 
-use common::{CASES, GPU_CURVE_TOL, GPU_GRAD_TOL, GPU_LOSS_TOL, Reference, fixture, rel_err};
-use ferrotune::adapter::peft;
-use ferrotune::backend::Backend;
+use common::{CASES, GPU_CURVE_TOL, GPU_GRAD_TOL, GPU_LOSS_TOL, Reference, load_with_adapter, loss_and_grads, rel_err};
 use ferrotune::backend::conformance::{Harness, Scale, Tolerances};
 use ferrotune::backend::cpu::CpuBackend;
 use ferrotune::backend::cuda::CudaBackend;
-use ferrotune::model::Model;
 use ferrotune::model::batch::Batch;
-use ferrotune::model::checkpoint::Checkpoint;
-use ferrotune::model::graph::BackwardOpts;
 use ferrotune::train::optimizer::{AdamWConfig, Optimizer};
 
 fn gpu() -> CudaBackend {
@@ -48,24 +43,7 @@ fn every_kernel_matches_the_cpu_reference() {
     assert_eq!(failed, 0, "{failed} of {} kernel checks failed", checks.len());
 }
 
-fn load<B: Backend>(be: &B, case: &str) -> Model<B> {
-    let ckpt = Checkpoint::open(&fixture(case).join("model")).unwrap();
-    let mut model = Model::load(be, &ckpt).unwrap();
-    peft::load(be, &mut model, &fixture(case).join("adapter")).unwrap();
-    model
-}
 
-fn loss_and_grads<B: Backend>(be: &B, model: &mut Model<B>, batch: &Batch) -> (f64, Vec<f32>) {
-    model.zero_grad(be);
-    let opts = BackwardOpts { grad_scale: 1.0 / batch.n_targets() as f32, gradient_checkpointing: false, dropout_seed: None };
-    let loss = model.forward_backward(be, batch, opts).mean();
-    let mut g = Vec::new();
-    for (_, _, l) in model.loras() {
-        g.extend(be.download(&l.grad_a));
-        g.extend(be.download(&l.grad_b));
-    }
-    (loss, g)
-}
 
 #[test]
 #[ignore = "needs a GPU: run by scripts/gpu_check.sh"]
@@ -75,8 +53,8 @@ fn model_loss_and_lora_gradients_match_the_cpu_on_every_fixture() {
     let mut worst = Vec::new();
     for case in CASES {
         let (seqs, _) = Reference::load(case).sequences();
-        let mut m_cpu = load(&cpu, case);
-        let mut m_gpu = load(&cuda, case);
+        let mut m_cpu = load_with_adapter(&cpu, case);
+        let mut m_gpu = load_with_adapter(&cuda, case);
         let batch = Batch::from_sequences(&seqs, m_cpu.cfg.vocab).unwrap();
         let (l_cpu, g_cpu) = loss_and_grads(&cpu, &mut m_cpu, &batch);
         let (l_gpu, g_gpu) = loss_and_grads(&cuda, &mut m_gpu, &batch);
@@ -98,8 +76,8 @@ fn fifty_adamw_steps_follow_the_cpu_loss_curve() {
     let cpu = CpuBackend::new();
     let case = "llama3";
     let (seqs, _) = Reference::load(case).sequences();
-    let mut m_cpu = load(&cpu, case);
-    let mut m_gpu = load(&cuda, case);
+    let mut m_cpu = load_with_adapter(&cpu, case);
+    let mut m_gpu = load_with_adapter(&cuda, case);
     let batch = Batch::from_sequences(&seqs, m_cpu.cfg.vocab).unwrap();
     let mut o_cpu = Optimizer::new(&cpu, &m_cpu, AdamWConfig::default());
     let mut o_gpu = Optimizer::new(&cuda, &m_gpu, AdamWConfig::default());

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{Reference, fixture, max_abs_err, rel_err};
+use common::{Reference, fixture, load_with_adapter, max_abs_err, rel_err};
 use ferrotune::adapter::{LoraConfig, Targets, peft};
 use ferrotune::backend::Backend;
 use ferrotune::backend::cpu::CpuBackend;
@@ -22,8 +22,8 @@ fn base(case: &str) -> (CpuBackend, Model<CpuBackend>) {
 }
 
 fn with_adapter(case: &str) -> (CpuBackend, Model<CpuBackend>) {
-    let (be, mut model) = base(case);
-    peft::load(&be, &mut model, &fixture(case).join("adapter")).unwrap();
+    let be = CpuBackend::new();
+    let model = load_with_adapter(&be, case);
     (be, model)
 }
 

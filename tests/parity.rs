@@ -6,20 +6,17 @@
 
 mod common;
 
-use common::{CASES, Reference, fixture, max_abs_err, rel_err};
-use ferrotune::adapter::peft;
+use common::{CASES, Reference, fixture, load_with_adapter, max_abs_err, rel_err};
 use ferrotune::backend::cpu::CpuBackend;
 use ferrotune::model::batch::Batch;
-use ferrotune::model::checkpoint::{Checkpoint, load_tokenizer};
+use ferrotune::model::checkpoint::{load_tokenizer, load_tokenizer_config};
 use ferrotune::model::graph::BackwardOpts;
 use ferrotune::model::{Model, module_path};
 use std::collections::BTreeMap;
 
 fn load(case: &str) -> (CpuBackend, Model<CpuBackend>) {
     let be = CpuBackend::new();
-    let ckpt = Checkpoint::open(&fixture(case).join("model")).unwrap();
-    let mut model = Model::load(&be, &ckpt).unwrap();
-    peft::load(&be, &mut model, &fixture(case).join("adapter")).unwrap();
+    let model = load_with_adapter(&be, case);
     (be, model)
 }
 
@@ -151,5 +148,12 @@ fn tokenizer_matches_transformers() {
         let enc = tok.encode(check["text"].as_str().unwrap(), true).unwrap();
         let expected: Vec<u32> = check["ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
         assert_eq!(enc.get_ids(), expected.as_slice(), "{case}: token ids");
+        // tokenizer_config.json names the special tokens; their ids agree
+        // with the model's config.json.
+        let tc = load_tokenizer_config(&fixture(case).join("model")).unwrap().expect("tokenizer_config.json");
+        let eos = tc["eos_token"].as_str().unwrap();
+        let model_cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(fixture(case).join("model/config.json")).unwrap()).unwrap();
+        assert_eq!(tok.token_to_id(eos).map(u64::from), model_cfg["eos_token_id"].as_u64(), "{case}: eos id");
     }
 }

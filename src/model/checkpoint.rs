@@ -121,14 +121,6 @@ impl Checkpoint {
         Ok(Checkpoint { dir: dir.to_path_buf(), config, shards, tensors })
     }
 
-    pub fn has(&self, name: &str) -> bool {
-        self.tensors.contains_key(name)
-    }
-
-    pub fn shape(&self, name: &str) -> Option<&[usize]> {
-        self.tensors.get(name).map(|t| t.shape.as_slice())
-    }
-
     fn loc(&self, name: &str) -> Result<&TensorLoc> {
         self.tensors.get(name).with_context(|| {
             format!("{}: tensor {name} is missing from the checkpoint", self.dir.display())
@@ -175,17 +167,6 @@ impl Checkpoint {
                 }
             }
         }
-    }
-
-    /// All tensor names, sorted (for error messages and tools).
-    pub fn names(&self) -> Vec<&str> {
-        let mut v: Vec<&str> = self.tensors.keys().map(|s| s.as_str()).collect();
-        v.sort();
-        v
-    }
-
-    pub fn tokenizer_path(&self) -> PathBuf {
-        self.dir.join("tokenizer.json")
     }
 }
 

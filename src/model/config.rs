@@ -263,14 +263,21 @@ impl ModelConfig {
         }
     }
 
-    /// Number of parameters of the base model (for reports).
+    /// Elements of every base-model tensor: embedding, per layer two norms and
+    /// the seven projections with their biases, the final norm, and the LM
+    /// head unless tied.
     pub fn n_params(&self) -> usize {
+        use crate::model::Proj;
         let h = self.hidden;
-        let qd = self.n_heads * self.head_dim;
-        let kvd = self.n_kv_heads * self.head_dim;
-        let per_layer = h * qd * 2 + h * kvd * 2 + 3 * h * self.intermediate + 2 * h;
+        let projections: usize = Proj::ALL
+            .iter()
+            .map(|&p| {
+                let (i, o) = p.dims(self);
+                i * o + if p.has_bias(self) { o } else { 0 }
+            })
+            .sum();
         let embed = self.vocab * h;
         let head = if self.tie_word_embeddings { 0 } else { embed };
-        embed + head + h + self.n_layers * per_layer
+        embed + head + h + self.n_layers * (2 * h + projections)
     }
 }

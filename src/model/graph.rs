@@ -52,24 +52,24 @@ fn upload<B: Backend>(be: &B, batch: &Batch) -> Uploaded<B> {
     }
 }
 
-impl<B: Backend> Model<B> {
-    fn ctx<'a>(&self, up: &'a Uploaded<B>, inv_freq: &'a B::Buf, batch: &Batch, seed: Option<u64>) -> StepCtx<'a, B> {
-        StepCtx {
-            n: batch.n_tokens(),
-            n_seqs: batch.n_seqs(),
-            max_seqlen: batch.max_seqlen(),
-            positions: &up.positions,
-            cu_seqlens: &up.cu_seqlens,
-            inv_freq,
-            dropout_seed: seed,
-        }
+fn step_ctx<'a, B: Backend>(up: &'a Uploaded<B>, inv_freq: &'a B::Buf, batch: &Batch, seed: Option<u64>) -> StepCtx<'a, B> {
+    StepCtx {
+        n: batch.n_tokens(),
+        n_seqs: batch.n_seqs(),
+        max_seqlen: batch.max_seqlen(),
+        positions: &up.positions,
+        cu_seqlens: &up.cu_seqlens,
+        inv_freq,
+        dropout_seed: seed,
     }
+}
 
+impl<B: Backend> Model<B> {
     /// Embedding, all layers and the final norm, keeping no activations.
     /// Returns the normed hidden states [n, hidden].
     fn hidden_states(&self, be: &B, batch: &Batch) -> B::Buf {
         let up = upload(be, batch);
-        let ctx = self.ctx(&up, &self.inv_freq, batch, None);
+        let ctx = step_ctx(&up, &self.inv_freq, batch, None);
         let (n, h) = (batch.n_tokens(), self.cfg.hidden);
         let mut x = be.zeros(n * h);
         be.embedding(&self.embed, &up.ids, &mut x, n, h);
@@ -147,17 +147,15 @@ impl<B: Backend> Model<B> {
         // Forward, keeping either every layer's activations or only its input.
         let mut saved_acts: Vec<LayerActs<B>> = Vec::new();
         let mut saved_inputs: Vec<B::Buf> = Vec::new();
-        {
-            let ctx = self.ctx(&up, &self.inv_freq, batch, opts.dropout_seed);
-            for (li, l) in self.layers.iter().enumerate() {
-                let (x_out, acts) = layer::forward(be, &self.cfg, l, li, x, &ctx);
-                if opts.gradient_checkpointing {
-                    saved_inputs.push(acts.x_in);
-                } else {
-                    saved_acts.push(acts);
-                }
-                x = x_out;
+        let ctx = step_ctx(&up, &self.inv_freq, batch, opts.dropout_seed);
+        for (li, l) in self.layers.iter().enumerate() {
+            let (x_out, acts) = layer::forward(be, &self.cfg, l, li, x, &ctx);
+            if opts.gradient_checkpointing {
+                saved_inputs.push(acts.x_in);
+            } else {
+                saved_acts.push(acts);
             }
+            x = x_out;
         }
         let mut hf = be.zeros(n * h);
         let mut inv_f = be.zeros_f32(n);
@@ -171,16 +169,7 @@ impl<B: Backend> Model<B> {
         drop(dhf);
 
         // Backward through the layers in reverse (the embedding is frozen).
-        let Model { cfg, layers, inv_freq, .. } = self;
-        let ctx = StepCtx {
-            n,
-            n_seqs: batch.n_seqs(),
-            max_seqlen: batch.max_seqlen(),
-            positions: &up.positions,
-            cu_seqlens: &up.cu_seqlens,
-            inv_freq: &*inv_freq,
-            dropout_seed: opts.dropout_seed,
-        };
+        let (cfg, layers) = (&self.cfg, &mut self.layers);
         for li in (0..layers.len()).rev() {
             let acts = if opts.gradient_checkpointing {
                 let x_in = saved_inputs.pop().expect("one saved input per layer");

@@ -61,36 +61,53 @@ fn dropout_for<B: Backend>(lin: &Linear<B>, seed: Option<u64>, layer: usize, p: 
     Some(Dropout { p: lora.dropout, seed: crate::util::rng::Rng::new(seed ^ module.wrapping_mul(0xD6E8_FEB8_6659_FD93)).next_u64() })
 }
 
-/// y = x·Wᵀ (+b) (+ LoRA); returns y and LoRA's saved x·Aᵀ.
-fn proj_forward<B: Backend>(be: &B, lin: &Linear<B>, x: &B::Buf, m: usize, drop: Option<Dropout>) -> (B::Buf, Option<B::Buf>) {
+/// y = x·Wᵀ (+b) (+ LoRA) for projection `p` of layer `li`; LoRA's x·Aᵀ is
+/// kept in `xa[p]` for the backward.
+#[allow(clippy::too_many_arguments)]
+fn proj_forward<B: Backend>(
+    be: &B,
+    layer: &Layer<B>,
+    li: usize,
+    p: Proj,
+    x: &B::Buf,
+    m: usize,
+    seed: Option<u64>,
+    xa: &mut [Option<B::Buf>],
+) -> B::Buf {
+    let lin = layer.p(p);
     let mut y = be.zeros(m * lin.out_f);
     be.linear(x, &lin.weight, lin.bias.as_ref(), &mut y, m, lin.in_f, lin.out_f);
-    let xa = lin.lora.as_ref().map(|l| {
-        let mut xa = be.zeros(m * l.r);
-        be.lora_forward(x, &l.a, &l.b, l.scale, drop, &mut xa, &mut y, m, lin.in_f, lin.out_f, l.r);
-        xa
+    xa[p as usize] = lin.lora.as_ref().map(|l| {
+        let mut saved = be.zeros(m * l.r);
+        let dropout = dropout_for(lin, seed, li, p);
+        be.lora_forward(x, &l.a, &l.b, l.scale, dropout, &mut saved, &mut y, m, lin.in_f, lin.out_f, l.r);
+        saved
     });
-    (y, xa)
+    y
 }
 
-/// dx (+)= dy·W (+ LoRA path); LoRA gradients accumulate into the adapter.
+/// dx (+)= dy·W (+ LoRA path) for projection `p` of layer `li`, whose input
+/// was `x`; LoRA gradients accumulate into the adapter.
 #[allow(clippy::too_many_arguments)]
 fn proj_backward<B: Backend>(
     be: &B,
-    lin: &mut Linear<B>,
+    layer: &mut Layer<B>,
+    li: usize,
+    p: Proj,
+    acts: &LayerActs<B>,
+    seed: Option<u64>,
     dy: &B::Buf,
     x: &B::Buf,
-    xa: Option<&B::Buf>,
     dx: &mut B::Buf,
     m: usize,
     accumulate: bool,
-    drop: Option<Dropout>,
 ) {
-    let Linear { weight, lora, in_f, out_f, .. } = lin;
+    let dropout = dropout_for(layer.p(p), seed, li, p);
+    let Linear { weight, lora, in_f, out_f, .. } = &mut layer.proj[p as usize];
     be.linear_backward_input(dy, weight, dx, m, *in_f, *out_f, accumulate);
     if let Some(l) = lora.as_mut() {
-        let xa = xa.expect("LoRA activations saved in forward");
-        be.lora_backward(dy, x, &l.a, &l.b, xa, l.scale, drop, dx, &mut l.grad_a, &mut l.grad_b, m, *in_f, *out_f, l.r);
+        let xa = acts.xa[p as usize].as_ref().expect("LoRA activations saved in forward");
+        be.lora_backward(dy, x, &l.a, &l.b, xa, l.scale, dropout, dx, &mut l.grad_a, &mut l.grad_b, m, *in_f, *out_f, l.r);
     }
 }
 
@@ -117,17 +134,16 @@ pub fn forward<B: Backend>(
 ) -> (B::Buf, LayerActs<B>) {
     let n = ctx.n;
     let h = cfg.hidden;
-    let drop = |p: Proj| dropout_for(layer.p(p), ctx.dropout_seed, li, p);
     let mut xa: Vec<Option<B::Buf>> = (0..Proj::ALL.len()).map(|_| None).collect();
+    let seed = ctx.dropout_seed;
 
     let mut h1 = be.zeros(n * h);
     let mut inv1 = be.zeros_f32(n);
     be.rmsnorm(&x_in, &layer.input_norm, &mut h1, &mut inv1, n, h, cfg.rms_norm_eps);
 
-    let (mut q, xa_q) = proj_forward(be, layer.p(Proj::Q), &h1, n, drop(Proj::Q));
-    let (mut k, xa_k) = proj_forward(be, layer.p(Proj::K), &h1, n, drop(Proj::K));
-    let (v, xa_v) = proj_forward(be, layer.p(Proj::V), &h1, n, drop(Proj::V));
-    (xa[0], xa[1], xa[2]) = (xa_q, xa_k, xa_v);
+    let mut q = proj_forward(be, layer, li, Proj::Q, &h1, n, seed, &mut xa);
+    let mut k = proj_forward(be, layer, li, Proj::K, &h1, n, seed, &mut xa);
+    let v = proj_forward(be, layer, li, Proj::V, &h1, n, seed, &mut xa);
     be.rope(&mut q, ctx.positions, ctx.inv_freq, n, cfg.n_heads, cfg.head_dim);
     be.rope(&mut k, ctx.positions, ctx.inv_freq, n, cfg.n_kv_heads, cfg.head_dim);
 
@@ -136,31 +152,25 @@ pub fn forward<B: Backend>(
     let mut lse = be.zeros_f32(cfg.n_heads * n);
     be.attention(&q, &k, &v, ctx.cu_seqlens, ctx.n_seqs, shape, &mut attn, &mut lse);
 
-    let (o, xa_o) = proj_forward(be, layer.p(Proj::O), &attn, n, drop(Proj::O));
-    xa[Proj::O as usize] = xa_o;
+    let o = proj_forward(be, layer, li, Proj::O, &attn, n, seed, &mut xa);
     let mut x_mid = clone_buf(be, &x_in);
     be.add_assign(&mut x_mid, &o);
-    drop_buf(o);
+    drop(o);
 
     let mut h2 = be.zeros(n * h);
     let mut inv2 = be.zeros_f32(n);
     be.rmsnorm(&x_mid, &layer.post_attention_norm, &mut h2, &mut inv2, n, h, cfg.rms_norm_eps);
-    let (gate, xa_g) = proj_forward(be, layer.p(Proj::Gate), &h2, n, drop(Proj::Gate));
-    let (up, xa_u) = proj_forward(be, layer.p(Proj::Up), &h2, n, drop(Proj::Up));
-    xa[Proj::Gate as usize] = xa_g;
-    xa[Proj::Up as usize] = xa_u;
+    let gate = proj_forward(be, layer, li, Proj::Gate, &h2, n, seed, &mut xa);
+    let up = proj_forward(be, layer, li, Proj::Up, &h2, n, seed, &mut xa);
     let mut act = be.zeros(n * cfg.intermediate);
     be.swiglu(&gate, &up, &mut act, n * cfg.intermediate);
-    let (down, xa_d) = proj_forward(be, layer.p(Proj::Down), &act, n, drop(Proj::Down));
-    xa[Proj::Down as usize] = xa_d;
+    let down = proj_forward(be, layer, li, Proj::Down, &act, n, seed, &mut xa);
     let mut x_out = clone_buf(be, &x_mid);
     be.add_assign(&mut x_out, &down);
 
     let acts = LayerActs { x_in, h1, inv1, q, k, v, attn, lse, x_mid, h2, inv2, gate, up, act, xa };
     (x_out, acts)
 }
-
-fn drop_buf<T>(_: T) {}
 
 /// Backward of layer `li`: on entry `dx` holds ∂L/∂x_out, on exit ∂L/∂x_in.
 /// LoRA gradients are accumulated into the layer's adapters.
@@ -179,27 +189,22 @@ pub fn backward<B: Backend>(
     let kvd = cfg.n_kv_heads * cfg.head_dim;
     let inter = cfg.intermediate;
     let seed = ctx.dropout_seed;
-    let xa = |p: Proj| acts.xa[p as usize].as_ref();
 
     // MLP: x_out = x_mid + down(silu(gate(h2)) ⊙ up(h2))
     let mut d_act = be.zeros(n * inter);
-    let drop = dropout_for(layer.p(Proj::Down), seed, li, Proj::Down);
-    proj_backward(be, &mut layer.proj[Proj::Down as usize], dx, &acts.act, xa(Proj::Down), &mut d_act, n, false, drop);
+    proj_backward(be, layer, li, Proj::Down, acts, seed, dx, &acts.act, &mut d_act, n, false);
     let mut d_gate = be.zeros(n * inter);
     let mut d_up = be.zeros(n * inter);
     be.swiglu_backward(&d_act, &acts.gate, &acts.up, &mut d_gate, &mut d_up, n * inter);
-    drop_buf(d_act);
+    drop(d_act);
     let mut dh2 = be.zeros(n * h);
-    let drop = dropout_for(layer.p(Proj::Gate), seed, li, Proj::Gate);
-    proj_backward(be, &mut layer.proj[Proj::Gate as usize], &d_gate, &acts.h2, xa(Proj::Gate), &mut dh2, n, false, drop);
-    let drop = dropout_for(layer.p(Proj::Up), seed, li, Proj::Up);
-    proj_backward(be, &mut layer.proj[Proj::Up as usize], &d_up, &acts.h2, xa(Proj::Up), &mut dh2, n, true, drop);
+    proj_backward(be, layer, li, Proj::Gate, acts, seed, &d_gate, &acts.h2, &mut dh2, n, false);
+    proj_backward(be, layer, li, Proj::Up, acts, seed, &d_up, &acts.h2, &mut dh2, n, true);
     be.rmsnorm_backward(&dh2, &acts.x_mid, &layer.post_attention_norm, &acts.inv2, dx, n, h);
 
     // Attention: x_mid = x_in + o_proj(attention(rope(q), rope(k), v))
     let mut d_attn = be.zeros(n * qd);
-    let drop = dropout_for(layer.p(Proj::O), seed, li, Proj::O);
-    proj_backward(be, &mut layer.proj[Proj::O as usize], dx, &acts.attn, xa(Proj::O), &mut d_attn, n, false, drop);
+    proj_backward(be, layer, li, Proj::O, acts, seed, dx, &acts.attn, &mut d_attn, n, false);
     let mut dq = be.zeros(n * qd);
     let mut dk = be.zeros(n * kvd);
     let mut dv = be.zeros(n * kvd);
@@ -208,15 +213,12 @@ pub fn backward<B: Backend>(
         &d_attn, &acts.q, &acts.k, &acts.v, &acts.attn, &acts.lse, ctx.cu_seqlens, ctx.n_seqs, shape, &mut dq, &mut dk,
         &mut dv,
     );
-    drop_buf(d_attn);
+    drop(d_attn);
     be.rope_backward(&mut dq, ctx.positions, ctx.inv_freq, n, cfg.n_heads, cfg.head_dim);
     be.rope_backward(&mut dk, ctx.positions, ctx.inv_freq, n, cfg.n_kv_heads, cfg.head_dim);
     let mut dh1 = be.zeros(n * h);
-    let drop = dropout_for(layer.p(Proj::Q), seed, li, Proj::Q);
-    proj_backward(be, &mut layer.proj[Proj::Q as usize], &dq, &acts.h1, xa(Proj::Q), &mut dh1, n, false, drop);
-    let drop = dropout_for(layer.p(Proj::K), seed, li, Proj::K);
-    proj_backward(be, &mut layer.proj[Proj::K as usize], &dk, &acts.h1, xa(Proj::K), &mut dh1, n, true, drop);
-    let drop = dropout_for(layer.p(Proj::V), seed, li, Proj::V);
-    proj_backward(be, &mut layer.proj[Proj::V as usize], &dv, &acts.h1, xa(Proj::V), &mut dh1, n, true, drop);
+    proj_backward(be, layer, li, Proj::Q, acts, seed, &dq, &acts.h1, &mut dh1, n, false);
+    proj_backward(be, layer, li, Proj::K, acts, seed, &dk, &acts.h1, &mut dh1, n, true);
+    proj_backward(be, layer, li, Proj::V, acts, seed, &dv, &acts.h1, &mut dh1, n, true);
     be.rmsnorm_backward(&dh1, &acts.x_in, &layer.input_norm, &acts.inv1, dx, n, h);
 }

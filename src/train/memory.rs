@@ -219,15 +219,6 @@ impl Model {
     fn new(cfg: &ModelConfig, modules: &[AdaptedModule]) -> Model {
         let h = cfg.hidden as u64;
         let v = cfg.vocab as u64;
-        let per_layer: u64 = 2 * h
-            + Proj::ALL
-                .iter()
-                .map(|&p| {
-                    let (i, o) = p.dims(cfg);
-                    (i * o + if p.has_bias(cfg) { o } else { 0 }) as u64
-                })
-                .sum::<u64>();
-        let head = if cfg.tie_word_embeddings { 0 } else { v * h };
         let mut rank_sum = vec![0u64; cfg.n_layers];
         for m in modules {
             if m.layer >= rank_sum.len() {
@@ -244,7 +235,7 @@ impl Model {
             kvd: (cfg.n_kv_heads * cfg.head_dim) as u64,
             intermediate: cfg.intermediate as u64,
             vocab: v,
-            weight_elems: v * h + cfg.n_layers as u64 * per_layer + h + head,
+            weight_elems: cfg.n_params() as u64,
             rank_sum,
             adapter_elems: modules.iter().map(|m| (m.r * (m.in_f + m.out_f)) as u64).sum(),
         }

@@ -2,7 +2,12 @@
 //! tensors written by tests/fixtures/generate.py, and error measures.
 #![allow(dead_code)]
 
-use ferrotune::model::batch::{IGNORE_INDEX, Sequence};
+use ferrotune::adapter::peft;
+use ferrotune::backend::Backend;
+use ferrotune::model::Model;
+use ferrotune::model::batch::{Batch, IGNORE_INDEX, Sequence};
+use ferrotune::model::checkpoint::Checkpoint;
+use ferrotune::model::graph::BackwardOpts;
 use safetensors::SafeTensors;
 use std::path::PathBuf;
 
@@ -104,4 +109,26 @@ pub fn rel_err(a: &[f32], b: &[f32]) -> f64 {
 pub fn max_abs_err(a: &[f32], b: &[f32]) -> f64 {
     assert_eq!(a.len(), b.len());
     a.iter().zip(b).map(|(&x, &y)| (x as f64 - y as f64).abs()).fold(0.0, f64::max)
+}
+
+/// A fixture's model with its PEFT adapter, on any backend.
+pub fn load_with_adapter<B: Backend>(be: &B, case: &str) -> Model<B> {
+    let ckpt = Checkpoint::open(&fixture(case).join("model")).unwrap();
+    let mut model = Model::load(be, &ckpt).unwrap();
+    peft::load(be, &mut model, &fixture(case).join("adapter")).unwrap();
+    model
+}
+
+/// Mean loss of one forward+backward (no dropout, no checkpointing) and
+/// every LoRA gradient flattened (A then B, module by module).
+pub fn loss_and_grads<B: Backend>(be: &B, model: &mut Model<B>, batch: &Batch) -> (f64, Vec<f32>) {
+    model.zero_grad(be);
+    let opts = BackwardOpts { grad_scale: 1.0 / batch.n_targets() as f32, gradient_checkpointing: false, dropout_seed: None };
+    let loss = model.forward_backward(be, batch, opts).mean();
+    let mut g = Vec::new();
+    for (_, _, l) in model.loras() {
+        g.extend(be.download(&l.grad_a));
+        g.extend(be.download(&l.grad_b));
+    }
+    (loss, g)
 }

@@ -8,7 +8,6 @@ use super::backend::{CudaBackend, CudaBuf, launch};
 use crate::backend::AttnShape;
 use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
-use half::bf16;
 
 const TILE: usize = 64;
 const THREADS: u32 = 128;
@@ -33,22 +32,6 @@ pub fn configure(be: &CudaBackend) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-#[track_caller]
-fn bf16_of<'a>(b: &'a CudaBuf, what: &str) -> &'a CudaSlice<bf16> {
-    match b {
-        CudaBuf::Bf16(s) => s,
-        CudaBuf::F32(_) => panic!("attention: {what} must be stored in bf16 (activation buffers)"),
-    }
-}
-
-#[track_caller]
-fn bf16_of_mut<'a>(b: &'a mut CudaBuf, what: &str) -> &'a mut CudaSlice<bf16> {
-    match b {
-        CudaBuf::Bf16(s) => s,
-        CudaBuf::F32(_) => panic!("attention: {what} must be stored in bf16 (activation buffers)"),
-    }
 }
 
 /// "d64", "d128" or "generic".
@@ -100,8 +83,8 @@ pub fn forward(
     }
     let name = format!("flash_attn_fwd_{}", kind(shape.head_dim));
     let cfg = grid(&name, &shape, n_seqs, shape.n_heads);
-    let (q, k, v) = (bf16_of(q, "q"), bf16_of(k, "k"), bf16_of(v, "v"));
-    let out = bf16_of_mut(out, "out");
+    let (q, k, v) = (q.bf16("q"), k.bf16("k"), v.bf16("v"));
+    let out = out.bf16_mut("out");
     let (n, ns, nh, nkv, hd) =
         (shape.n as i32, n_seqs as i32, shape.n_heads as i32, shape.n_kv_heads as i32, shape.head_dim as i32);
     let (window, scale) = (window_arg(&shape), shape.scale);
@@ -127,7 +110,7 @@ pub fn backward(
     if shape.n == 0 {
         return;
     }
-    let (dout, q, k, v, out) = (bf16_of(dout, "dout"), bf16_of(q, "q"), bf16_of(k, "k"), bf16_of(v, "v"), bf16_of(out, "out"));
+    let (dout, q, k, v, out) = (dout.bf16("dout"), q.bf16("q"), k.bf16("k"), v.bf16("v"), out.bf16("out"));
     let (n, ns, nh, nkv, hd) =
         (shape.n as i32, n_seqs as i32, shape.n_heads as i32, shape.n_kv_heads as i32, shape.head_dim as i32);
     let (window, scale) = (window_arg(&shape), shape.scale);
@@ -145,11 +128,11 @@ pub fn backward(
     let kd = kind(shape.head_dim);
     let name = format!("flash_attn_bwd_dq_{kd}");
     let cfg = grid(&name, &shape, n_seqs, shape.n_heads);
-    let dq = bf16_of_mut(dq, "dq");
+    let dq = dq.bf16_mut("dq");
     launch!(be, &name, cfg, q, k, v, dout, lse, &dsum, cu, dq, &n, &ns, &nh, &nkv, &hd, &window, &scale);
 
     let name = format!("flash_attn_bwd_dkdv_{kd}");
     let cfg = grid(&name, &shape, n_seqs, shape.n_kv_heads);
-    let (dk, dv) = (bf16_of_mut(dk, "dk"), bf16_of_mut(dv, "dv"));
+    let (dk, dv) = (dk.bf16_mut("dk"), dv.bf16_mut("dv"));
     launch!(be, &name, cfg, q, k, v, dout, lse, &dsum, cu, dk, dv, &n, &ns, &nh, &nkv, &hd, &window, &scale);
 }

@@ -53,6 +53,21 @@ impl CudaBuf {
             CudaBuf::Bf16(_) => panic!("{what} must be an f32 buffer (zeros_f32 / upload), got bf16"),
         }
     }
+    /// The bf16 slice of an activation buffer.
+    #[track_caller]
+    pub(super) fn bf16(&self, what: &str) -> &CudaSlice<bf16> {
+        match self {
+            CudaBuf::Bf16(s) => s,
+            CudaBuf::F32(_) => panic!("{what} must be stored in bf16 (activation buffers), got f32"),
+        }
+    }
+    #[track_caller]
+    pub(super) fn bf16_mut(&mut self, what: &str) -> &mut CudaSlice<bf16> {
+        match self {
+            CudaBuf::Bf16(s) => s,
+            CudaBuf::F32(_) => panic!("{what} must be stored in bf16 (activation buffers), got f32"),
+        }
+    }
     #[track_caller]
     fn f32_mut(&mut self, what: &str) -> &mut CudaSlice<f32> {
         match self {
@@ -259,7 +274,7 @@ impl CudaBackend {
     /// A bf16 view of any buffer for a product: itself, or a cast copy.
     fn bf16_operand(&self, buf: &CudaBuf) -> Bf16Operand {
         match buf {
-            CudaBuf::Bf16(s) => Bf16Operand::Borrowed(s.clone_shallow_ptr(&self.stream)),
+            CudaBuf::Bf16(s) => Bf16Operand::Borrowed(s.device_ptr(&self.stream).0),
             CudaBuf::F32(s) => {
                 let c = self.cast_to_bf16(s, s.len());
                 let ptr = c.device_ptr(&self.stream).0;
@@ -295,18 +310,6 @@ impl Bf16Operand {
             Bf16Operand::Borrowed(p) | Bf16Operand::Owned(_, p) => *p,
         };
         Operand { ptr, dtype: blas_sys::cudaDataType::CUDA_R_16BF }
-    }
-}
-
-/// Raw device pointers of slices (the work is all on one stream, so the
-/// pointer is valid for any later work queued on it).
-trait RawPtr {
-    fn clone_shallow_ptr(&self, stream: &CudaStream) -> u64;
-}
-
-impl<T> RawPtr for CudaSlice<T> {
-    fn clone_shallow_ptr(&self, stream: &CudaStream) -> u64 {
-        self.device_ptr(stream).0
     }
 }
 
