@@ -7,6 +7,7 @@
 pub mod adapter;
 pub mod backend;
 pub mod cli;
+pub mod config;
 pub mod data;
 pub mod kernels;
 pub mod model;
