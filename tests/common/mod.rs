@@ -132,3 +132,19 @@ pub fn loss_and_grads<B: Backend>(be: &B, model: &mut Model<B>, batch: &Batch) -
     }
     (loss, g)
 }
+
+/// A Python interpreter that can import every module in `modules`, for the
+/// checks that compare against the HuggingFace stack directly. Taken from
+/// FERROTUNE_PYTHON, else `python3`. None (and the caller says it skipped)
+/// where there is none, as on CI.
+pub fn python_with(modules: &[&str]) -> Option<PathBuf> {
+    let python = std::env::var_os("FERROTUNE_PYTHON").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("python3"));
+    let probe = format!("import {}", modules.join(", "));
+    let ok = std::process::Command::new(&python)
+        .args(["-c", &probe])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    ok.then_some(python)
+}
