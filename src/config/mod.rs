@@ -2,10 +2,31 @@
 //! `RunConfig` before any weight or dataset is touched.
 //!
 //! Loading (unknown keys, accepted-but-ignored Axolotl keys, `--set`
-//! overrides, validation) lives in `load`; this file holds the typed shape.
+//! overrides) lives in `load`, the key tables in `keys`, the value checks in
+//! `validate`; this file holds the typed shape, its defaults and the
+//! conversions the trainer uses.
 
+mod keys;
+mod load;
+mod overrides;
+mod source;
+mod validate;
+
+pub use load::{Loaded, load, load_str};
+
+use crate::adapter::{LoraConfig, Targets};
+use crate::train::optimizer::AdamWConfig;
+use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use std::path::Path;
+
+/// The file `save_resolved` writes into output_dir.
+pub const RESOLVED_CONFIG_FILE: &str = "resolved_config.yml";
+
+/// PEFT's default target modules for llama, mistral and qwen2 (used when
+/// neither lora_target_modules nor lora_target_linear is set).
+pub const DEFAULT_TARGET_MODULES: [&str; 2] = ["q_proj", "v_proj"];
 
 /// `lora_target_modules`: a list of module names or one regex string.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -26,7 +47,7 @@ pub enum ResumeFrom {
 
 /// One entry of `datasets:`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct DatasetConfig {
     /// A local .jsonl or .json file (or a directory of them).
     pub path: String,
@@ -61,8 +82,10 @@ pub struct DatasetConfig {
 }
 
 /// The whole run. Field names are Axolotl's; defaults are Axolotl's where it
-/// has one (noted otherwise).
+/// has one (noted otherwise). `load` requires base_model, learning_rate and
+/// datasets; every other key falls back to `RunConfig::default()`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct RunConfig {
     /// Model directory or hub id in the HF cache.
     pub base_model: String,
@@ -128,4 +151,132 @@ pub struct RunConfig {
 
     /// ferrotune: cpu, cuda, cuda:N or auto (the `--device` flag overrides).
     pub device: String,
+}
+
+impl Default for RunConfig {
+    /// Axolotl's defaults; base_model, datasets and learning_rate have none
+    /// (they are empty / 0 here and `load` refuses a file without them).
+    fn default() -> Self {
+        RunConfig {
+            base_model: String::new(),
+            tokenizer_config: None,
+            adapter: None,
+            lora_r: 8,
+            lora_alpha: 16.0,
+            lora_dropout: 0.0,
+            lora_target_modules: None,
+            lora_target_linear: false,
+            peft_use_rslora: false,
+            lora_model_dir: None,
+            datasets: Vec::new(),
+            test_datasets: Vec::new(),
+            chat_template: None,
+            chat_template_jinja: None,
+            sequence_len: 2048,
+            sample_packing: false,
+            excess_length_strategy: "drop".into(),
+            train_on_inputs: false,
+            val_set_size: 0.0,
+            shuffle_merged_datasets: true,
+            dataset_prepared_path: None,
+            special_tokens: BTreeMap::new(),
+            micro_batch_size: 1,
+            gradient_accumulation_steps: 1,
+            num_epochs: 1.0,
+            max_steps: None,
+            learning_rate: 0.0,
+            lr_scheduler: "cosine".into(),
+            warmup_steps: None,
+            warmup_ratio: None,
+            optimizer: "adamw_torch".into(),
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_epsilon: 1e-8,
+            weight_decay: 0.0,
+            max_grad_norm: 1.0,
+            gradient_checkpointing: false,
+            eval_steps: None,
+            evals_per_epoch: None,
+            save_steps: None,
+            saves_per_epoch: None,
+            save_total_limit: None,
+            logging_steps: 1,
+            seed: 42,
+            output_dir: "./outputs".into(),
+            resume_from_checkpoint: None,
+            device: "auto".into(),
+        }
+    }
+}
+
+impl RunConfig {
+    /// The checks `load` runs, for a RunConfig built in code.
+    pub fn validate(&self) -> Result<()> {
+        validate::validate(self, &source::Locator::none())
+    }
+
+    /// Which modules get an adapter: lora_target_linear wins (all linear
+    /// layers); otherwise lora_target_modules (a list: names, a string: a
+    /// regex, "all-linear" as PEFT spells it); otherwise PEFT's default.
+    pub fn targets(&self) -> Result<Targets> {
+        if self.lora_target_linear {
+            return Ok(Targets::AllLinear);
+        }
+        Ok(match &self.lora_target_modules {
+            None => Targets::Names(DEFAULT_TARGET_MODULES.iter().map(|s| s.to_string()).collect()),
+            Some(TargetModules::Names(names)) => {
+                if names.is_empty() {
+                    bail!("lora_target_modules is an empty list: name at least one module (e.g. [q_proj, v_proj]) or set lora_target_linear: true");
+                }
+                Targets::Names(names.clone())
+            }
+            Some(TargetModules::Regex(re)) if re == "all-linear" => Targets::AllLinear,
+            Some(TargetModules::Regex(re)) => {
+                regex::Regex::new(&format!("^(?:{re})$"))
+                    .with_context(|| format!("lora_target_modules: \"{re}\" is not a valid regular expression"))?;
+                Targets::Regex(re.clone())
+            }
+        })
+    }
+
+    /// The adapter this run trains (PEFT's adapter_config.json fields).
+    pub fn lora_config(&self) -> Result<LoraConfig> {
+        let mut cfg = LoraConfig::new(self.lora_r, self.lora_alpha, self.targets()?);
+        cfg.dropout = self.lora_dropout;
+        cfg.use_rslora = self.peft_use_rslora;
+        cfg.base_model_name_or_path = Some(self.base_model.clone());
+        Ok(cfg)
+    }
+
+    /// The optimizer settings; max_grad_norm <= 0 turns clipping off.
+    pub fn adamw_config(&self) -> AdamWConfig {
+        AdamWConfig {
+            beta1: self.adam_beta1 as f32,
+            beta2: self.adam_beta2 as f32,
+            eps: self.adam_epsilon as f32,
+            weight_decay: self.weight_decay as f32,
+            max_grad_norm: (self.max_grad_norm > 0.0).then_some(self.max_grad_norm as f32),
+        }
+    }
+
+    /// The fully resolved config as YAML: every key with its value, defaults
+    /// included, so a run can be repeated from it exactly.
+    pub fn to_yaml(&self) -> String {
+        // The shape holds only strings, numbers, lists and string-keyed maps,
+        // all of which serialize; the fallback only keeps this panic-free.
+        self.yaml().unwrap_or_else(|e| format!("# could not serialize the run config: {e:#}\n"))
+    }
+
+    fn yaml(&self) -> Result<String> {
+        let body = serde_saphyr::to_string(self).context("cannot serialize the run config")?;
+        Ok(format!("# The resolved run config: every key with the value the run used.\n{body}"))
+    }
+
+    /// Write `to_yaml()` to output_dir/resolved_config.yml (created if
+    /// missing), atomically.
+    pub fn save_resolved(&self, output_dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(output_dir)
+            .with_context(|| format!("cannot create output directory {}", output_dir.display()))?;
+        crate::util::atomic_write(&output_dir.join(RESOLVED_CONFIG_FILE), self.yaml()?.as_bytes())
+    }
 }
