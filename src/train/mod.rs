@@ -1,4 +1,12 @@
-//! Training: the optimiser over the LoRA parameters (the loop, schedules and
-//! checkpoints build on it).
+//! Training, in the order a run uses it: `plan` (which examples make each
+//! micro-batch and step), `schedule` (the learning rate), `optimizer`
+//! (AdamW over the LoRA parameters), `trainer` (the loop), `progress`
+//! (bar and metrics.jsonl), `checkpoint` (save and resume), and `memory`
+//! (the GPU memory plan checked before the first step).
+pub mod checkpoint;
 pub mod memory;
 pub mod optimizer;
+pub mod plan;
+pub mod progress;
+pub mod schedule;
+pub mod trainer;

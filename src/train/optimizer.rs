@@ -83,3 +83,49 @@ impl<B: Backend> Optimizer<B> {
         norm
     }
 }
+
+/// The optimiser's state on the host, for checkpoints: per LoRA module (in
+/// `Model::loras` order) the first and second moments of A and of B.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MomentsHost {
+    pub exp_avg_a: Vec<f32>,
+    pub exp_avg_sq_a: Vec<f32>,
+    pub exp_avg_b: Vec<f32>,
+    pub exp_avg_sq_b: Vec<f32>,
+}
+
+impl<B: Backend> Optimizer<B> {
+    pub fn moments_to_host(&self, be: &B) -> Vec<MomentsHost> {
+        self.moments
+            .iter()
+            .map(|m| MomentsHost {
+                exp_avg_a: be.download(&m.m_a),
+                exp_avg_sq_a: be.download(&m.v_a),
+                exp_avg_b: be.download(&m.m_b),
+                exp_avg_sq_b: be.download(&m.v_b),
+            })
+            .collect()
+    }
+
+    /// Restore moments saved by `moments_to_host` (exact: f32 both ways).
+    pub fn load_moments(&mut self, be: &B, host: &[MomentsHost]) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            host.len() == self.moments.len(),
+            "optimizer state holds {} LoRA modules but the model has {}",
+            host.len(),
+            self.moments.len()
+        );
+        for (i, (m, h)) in self.moments.iter_mut().zip(host).enumerate() {
+            let sizes = [(be.len(&m.m_a), h.exp_avg_a.len()), (be.len(&m.v_a), h.exp_avg_sq_a.len()),
+                         (be.len(&m.m_b), h.exp_avg_b.len()), (be.len(&m.v_b), h.exp_avg_sq_b.len())];
+            if let Some((want, got)) = sizes.into_iter().find(|(w, g)| w != g) {
+                anyhow::bail!("optimizer state of LoRA module {i} has {got} values where the model needs {want}");
+            }
+            m.m_a = be.upload(&h.exp_avg_a);
+            m.v_a = be.upload(&h.exp_avg_sq_a);
+            m.m_b = be.upload(&h.exp_avg_b);
+            m.v_b = be.upload(&h.exp_avg_sq_b);
+        }
+        Ok(())
+    }
+}
