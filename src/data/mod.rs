@@ -1,7 +1,13 @@
 //! Datasets into token sequences, in the order the data flows:
 //! `formats` (one reader per dataset type: alpaca, chat_template,
 //! completion, input_output, pre-tokenized) using `chat_template` (Jinja
-//! templates rendered as transformers renders them) and the tokenizer, then
-//! `prepare` (files -> parallel tokenization -> label masking -> length
-//! policy -> cache -> validation split -> merged order).
+//! templates rendered as transformers renders them) and `tokenizer` (the
+//! tokenizer with the run's special-token overrides), then `prepare` (files
+//! -> parallel tokenization -> label masking -> length policy -> `cache` ->
+//! merged order -> validation split).
+pub mod cache;
+pub mod chat_template;
+pub mod formats;
+pub mod prepare;
 pub mod pretokenized;
+pub mod tokenizer;

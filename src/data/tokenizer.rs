@@ -1,0 +1,101 @@
+//! The tokenizer as the dataset readers use it: tokenizer.json plus the
+//! special tokens of tokenizer_config.json, with the run's `special_tokens:`
+//! overrides applied. Overrides may only name tokens the vocabulary already
+//! has: a new token would need an embedding row the base model lacks.
+
+use super::chat_template::SpecialTokens;
+use crate::model::checkpoint;
+use anyhow::{Result, bail};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+pub struct TextTokenizer {
+    tokenizer: tokenizers::Tokenizer,
+    dir: PathBuf,
+    tokens: SpecialTokens,
+    /// The BOS id the tokenizer's post-processor inserts, when an override
+    /// replaces it with another token.
+    bos_swap: Option<(u32, u32)>,
+}
+
+impl TextTokenizer {
+    /// Load `dir`/tokenizer.json and its special tokens; `overrides` is the
+    /// run's `special_tokens:` map (bos_token, eos_token, pad_token, unk_token).
+    pub fn load(dir: &Path, overrides: &BTreeMap<String, String>) -> Result<TextTokenizer> {
+        let tokenizer = checkpoint::load_tokenizer(dir)?;
+        let original = SpecialTokens::from_tokenizer_dir(dir)?;
+        let mut tokens = original.clone();
+        for (key, value) in overrides {
+            if tokenizer.token_to_id(value).is_none() {
+                bail!(
+                    "special_tokens.{key}: \"{value}\" is not a token of {}; ferrotune does not add tokens \
+                     (a new token needs an embedding row the base model does not have), so choose one the \
+                     vocabulary already has",
+                    dir.join("tokenizer.json").display()
+                );
+            }
+            tokens.set(key, value)?;
+        }
+        let id = |t: &Option<String>| t.as_deref().and_then(|s| tokenizer.token_to_id(s));
+        let bos_swap = match (id(&original.bos), id(&tokens.bos)) {
+            (Some(a), Some(b)) if a != b => Some((a, b)),
+            _ => None,
+        };
+        Ok(TextTokenizer { tokenizer, dir: dir.to_path_buf(), tokens, bos_swap })
+    }
+
+    /// The special-token strings after overrides (what chat templates see).
+    pub fn special_tokens(&self) -> &SpecialTokens {
+        &self.tokens
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Token ids of `text`; `add_special_tokens` runs the tokenizer's
+    /// post-processor (the BOS a Llama tokenizer puts in front).
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
+        let enc = self
+            .tokenizer
+            .encode_fast(text, add_special_tokens)
+            .map_err(|e| anyhow::anyhow!("tokenizer {}: {e}", self.dir.display()))?;
+        let mut ids = enc.get_ids().to_vec();
+        if let (true, Some((from, to))) = (add_special_tokens, self.bos_swap) {
+            if ids.first() == Some(&from) {
+                ids[0] = to;
+            }
+        }
+        Ok(ids)
+    }
+
+    /// Token ids of `text` (no special tokens added) with each token's byte
+    /// range in `text`.
+    pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+        let enc = self
+            .tokenizer
+            .encode(text, false)
+            .map_err(|e| anyhow::anyhow!("tokenizer {}: {e}", self.dir.display()))?;
+        Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
+    }
+
+    /// The EOS token's id, if the tokenizer names one that is in its vocabulary.
+    pub fn eos_id(&self) -> Option<u32> {
+        self.tokens.eos.as_deref().and_then(|s| self.tokenizer.token_to_id(s))
+    }
+
+    /// The EOS id, required (alpaca and completion rows end with it).
+    pub fn require_eos(&self) -> Result<u32> {
+        match (&self.tokens.eos, self.eos_id()) {
+            (_, Some(id)) => Ok(id),
+            (Some(s), None) => bail!(
+                "the eos_token \"{s}\" of {} is not in its vocabulary; set special_tokens: {{eos_token: ...}}",
+                self.dir.display()
+            ),
+            (None, None) => bail!(
+                "{} names no eos_token; set special_tokens: {{eos_token: ...}} in the run config",
+                self.dir.join("tokenizer_config.json").display()
+            ),
+        }
+    }
+}
