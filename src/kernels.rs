@@ -42,6 +42,9 @@ mod tests {
         ("cross_entropy", &[
             ("cross_entropy_*", "logits:ptr targets:ptr losses:ptr rows:i32 vocab:i32 grad_scale:f32 write_grad:i32"),
         ]),
+        ("decode_attn", &[
+            ("decode_attention_bf16", "q:ptr k_cache:ptr v_cache:ptr out:ptr n:i32 past:i32 n_heads:i32 n_kv_heads:i32 head_dim:i32 window:i32 scale:f32"),
+        ]),
         ("elementwise", &[
             ("fill_*", "buf:ptr n:u64 value:f32"),
             ("add_assign_*", "dst:ptr src:ptr n:u64"),

@@ -476,6 +476,23 @@ impl<B: Backend> Backend for Bf16Sim<B> {
             self.store(dv);
         }
     }
+    fn decode_attention(
+        &self,
+        q: &Buf<B>,
+        k_cache: &Buf<B>,
+        v_cache: &Buf<B>,
+        past: usize,
+        shape: AttnShape,
+        out: &mut Buf<B>,
+    ) {
+        for (b, what) in [(q, "q"), (k_cache, "k_cache"), (v_cache, "v_cache"), (&*out, "out")] {
+            expect_kind(b, Storage::Act, &format!("decode_attention {what}"));
+        }
+        // cuda/decode_attn.cu computes in f32 from bf16 inputs with no
+        // internal rounding (whatever the head_dim): only out is stored.
+        self.inner.decode_attention(&q.inner, &k_cache.inner, &v_cache.inner, past, shape, &mut out.inner);
+        self.store(out); // bf16: out stored in the activation type.
+    }
     fn swiglu(&self, gate: &Buf<B>, up: &Buf<B>, out: &mut Buf<B>, len: usize) {
         same_kind(&[gate, up, out], "swiglu");
         self.inner.swiglu(&gate.inner, &up.inner, &mut out.inner, len);

@@ -204,6 +204,16 @@ impl<'a, R: Backend, C: Backend> Harness<'a, R, C> {
         for (d, heads, kv, window) in [(64, 8, 2, None), (128, 4, 4, None), (128, 8, 2, Some(129)), (8, 4, 2, Some(5))] {
             self.attention(&seqs, heads, kv, d, window);
         }
+        // Generation: one new token after a long cache, and a few at once.
+        let decode_steps: [(usize, usize); 2] = match scale {
+            Scale::Small => [(20, 1), (17, 3)],
+            Scale::Realistic => [(2047, 1), (500, 16)],
+        };
+        for (d, heads, kv, window) in [(64, 8, 2, None), (128, 32, 8, Some(300)), (8, 4, 2, Some(5))] {
+            for (past, new) in decode_steps {
+                self.decode_attention(past, new, heads, kv, d, window);
+            }
+        }
         &self.checks
     }
 
@@ -410,6 +420,22 @@ impl<'a, R: Backend, C: Backend> Harness<'a, R, C> {
         self.check(format!("attention_backward dq {tag}"), &rdq, &cdq, t.attention_backward);
         self.check(format!("attention_backward dk {tag}"), &rdk, &cdk, t.attention_backward);
         self.check(format!("attention_backward dv {tag}"), &rdv, &cdv, t.attention_backward);
+    }
+
+    fn decode_attention(&mut self, past: usize, new: usize, heads: usize, kv: usize, d: usize, window: Option<usize>) {
+        let t = self.tol;
+        let shape = AttnShape { n: new, n_heads: heads, n_kv_heads: kv, head_dim: d, window, scale: 1.0 / (d as f32).sqrt(), max_seqlen: 0 };
+        // A cache with room to spare (capacity past + new + 5), as a generation loop holds it.
+        let cap = past + new + 5;
+        let (rq, cq, _) = self.act(new * heads * d, 2.0);
+        let (rk, ck, _) = self.act(cap * kv * d, 2.0);
+        let (rv, cv, _) = self.act(cap * kv * d, 1.0);
+        let mut ro = self.reference.zeros(new * heads * d);
+        let mut co = self.candidate.zeros(new * heads * d);
+        self.reference.decode_attention(&rq, &rk, &rv, past, shape, &mut ro);
+        self.candidate.decode_attention(&cq, &ck, &cv, past, shape, &mut co);
+        let tag = format!("past={past} new={new} d={d} h={heads}/{kv} window={window:?}");
+        self.check(format!("decode_attention {tag}"), &ro, &co, t.attention);
     }
 }
 

@@ -408,6 +408,17 @@ impl<B: Backend> Backend for Metered<B> {
             &mut dv.inner,
         )
     }
+    fn decode_attention(
+        &self,
+        q: &Buf<B>,
+        k_cache: &Buf<B>,
+        v_cache: &Buf<B>,
+        past: usize,
+        shape: AttnShape,
+        out: &mut Buf<B>,
+    ) {
+        self.inner.decode_attention(&q.inner, &k_cache.inner, &v_cache.inner, past, shape, &mut out.inner)
+    }
     fn swiglu(&self, gate: &Buf<B>, up: &Buf<B>, out: &mut Buf<B>, len: usize) {
         self.inner.swiglu(&gate.inner, &up.inner, &mut out.inner, len)
     }

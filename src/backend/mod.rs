@@ -344,6 +344,27 @@ pub trait Backend: Send + Sync {
         dk: &mut Self::Buf,
         dv: &mut Self::Buf,
     );
+    /// Attention of the newest `shape.n` tokens of one sequence over that
+    /// sequence's key/value cache (generation with a KV cache).
+    /// q [n, n_heads, d] holds the new tokens, at positions past .. past+n;
+    /// k_cache, v_cache [>= past+n, n_kv_heads, d] hold the keys and values
+    /// of positions 0 .. past+n, the new tokens' included; out [n, n_heads, d].
+    /// Query i sees key j iff j <= past+i and, with a window W,
+    /// past+i − W < j: the mask of `attention` within one sequence, so a
+    /// prefix prefilled by `attention` and the rest decoded by this op give
+    /// the outputs of one `attention` call over the whole sequence. GQA reads
+    /// kv head h / (n_heads / n_kv_heads) in place. No lse: there is no
+    /// backward. `shape.max_seqlen` is unused.
+    #[allow(clippy::too_many_arguments)]
+    fn decode_attention(
+        &self,
+        q: &Self::Buf,
+        k_cache: &Self::Buf,
+        v_cache: &Self::Buf,
+        past: usize,
+        shape: AttnShape,
+        out: &mut Self::Buf,
+    );
 
     // ---- MLP activation ------------------------------------------------
     /// out = silu(gate) ⊙ up, elementwise over `len`.

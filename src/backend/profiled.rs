@@ -216,6 +216,17 @@ impl<B: Backend> Backend for Profiled<B> {
             self.inner.attention_backward(dout, q, k, v, out, lse, cu, n_seqs, shape, dq, dk, dv)
         })
     }
+    fn decode_attention(
+        &self,
+        q: &B::Buf,
+        k_cache: &B::Buf,
+        v_cache: &B::Buf,
+        past: usize,
+        shape: AttnShape,
+        out: &mut B::Buf,
+    ) {
+        self.time("decode_attention", || self.inner.decode_attention(q, k_cache, v_cache, past, shape, out))
+    }
     fn swiglu(&self, gate: &B::Buf, up: &B::Buf, out: &mut B::Buf, len: usize) {
         self.time("swiglu", || self.inner.swiglu(gate, up, out, len))
     }

@@ -133,6 +133,39 @@ impl Geo {
     }
 }
 
+/// One query row: o = softmax(scale·q·Kᵀ)·V over the keys `keys` of kv
+/// head `kvh`; returns the log-sum-exp. The single row computation of both
+/// `attention` and `decode_attention`, so a sequence decoded token by token
+/// against its cache reproduces one full `attention` call bit for bit.
+#[allow(clippy::too_many_arguments)]
+fn attend_row(
+    g: &Geo,
+    qi: &[f32],
+    k: &[f32],
+    v: &[f32],
+    kvh: usize,
+    keys: std::ops::RangeInclusive<usize>,
+    scores: &mut Vec<f32>,
+    o: &mut [f32],
+) -> f32 {
+    scores.clear();
+    scores.extend(keys.clone().map(|j| g.score(qi, g.kv_row(k, j, kvh))));
+    let max = scores.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    let mut sum = 0.0f32;
+    for s in scores.iter_mut() {
+        *s = (*s - max).exp();
+        sum += *s;
+    }
+    o.fill(0.0);
+    for (j, &p) in keys.zip(scores.iter()) {
+        axpy(o, p, g.kv_row(v, j, kvh));
+    }
+    for x in o.iter_mut() {
+        *x /= sum;
+    }
+    max + sum.ln()
+}
+
 #[allow(clippy::too_many_arguments)]
 pub(super) fn attention(
     q: &[f32],
@@ -170,25 +203,8 @@ pub(super) fn attention(
             .for_each_init(Vec::new, |scores: &mut Vec<f32>, (i, (o_t, lse_t))| {
                 let lo = g.key_lo(i);
                 for head in 0..h {
-                    let kvh = head / g.group;
-                    let qi = g.q_row(q, i, head);
-                    scores.clear();
-                    scores.extend((lo..=i).map(|j| g.score(qi, g.kv_row(k, j, kvh))));
-                    let max = scores.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-                    let mut sum = 0.0f32;
-                    for s in scores.iter_mut() {
-                        *s = (*s - max).exp();
-                        sum += *s;
-                    }
                     let o = &mut o_t[head * d..(head + 1) * d];
-                    o.fill(0.0);
-                    for (j, &p) in (lo..=i).zip(scores.iter()) {
-                        axpy(o, p, g.kv_row(v, j, kvh));
-                    }
-                    for x in o.iter_mut() {
-                        *x /= sum;
-                    }
-                    lse_t[head] = max + sum.ln();
+                    lse_t[head] = attend_row(&g, g.q_row(q, i, head), k, v, head / g.group, lo..=i, scores, o);
                 }
             });
     }
@@ -200,6 +216,35 @@ pub(super) fn attention(
                 *l = lse_tm[t * h + head];
             }
         });
+}
+
+/// The newest `shape.n` tokens of one sequence (positions past..past+n)
+/// against its cache of past+n keys and values; see `Backend::decode_attention`.
+pub(super) fn decode_attention(
+    q: &[f32],
+    k_cache: &[f32],
+    v_cache: &[f32],
+    past: usize,
+    shape: AttnShape,
+    out: &mut [f32],
+) {
+    const OP: &str = "decode_attention";
+    let total = past + shape.n;
+    // The cache as a single sequence of `total` tokens; query i is token past+i.
+    let g = Geo::new(OP, &[0, total as i32], 1, AttnShape { n: total, ..shape });
+    let (n, h, d) = (shape.n, g.h, g.d);
+    check_len(OP, "q", q.len(), n * h * d);
+    check_len(OP, "k_cache", k_cache.len(), total * g.kv * d);
+    check_len(OP, "v_cache", v_cache.len(), total * g.kv * d);
+    check_len(OP, "out", out.len(), n * h * d);
+    if n == 0 || h == 0 || d == 0 {
+        return;
+    }
+    out[..n * h * d].par_chunks_mut(d).enumerate().for_each_init(Vec::new, |scores: &mut Vec<f32>, (row, o)| {
+        let (i, head) = (row / h, row % h);
+        let t = past + i;
+        attend_row(&g, g.q_row(q, i, head), k_cache, v_cache, head / g.group, g.key_lo(t)..=t, scores, o);
+    });
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -543,6 +588,69 @@ mod tests {
                 .sum::<f64>()
                 * c1.s.scale as f64;
             assert!((lse1[i] as f64 - s).abs() < 1e-5);
+        }
+    }
+
+    /// The outputs of queries past..past+n of `c` (one sequence) by
+    /// decode_attention over the cache holding its first past+n tokens.
+    fn decode(c: &Case, past: usize, n: usize) -> Vec<f32> {
+        let (h, kv, d) = (c.s.n_heads, c.s.n_kv_heads, c.s.head_dim);
+        let total = past + n;
+        // A cache longer than needed, its tail poisoned: only 0..past+n may be read.
+        let cap = total + 3;
+        let mut kc = vec![f32::NAN; cap * kv * d];
+        let mut vc = vec![f32::NAN; cap * kv * d];
+        kc[..total * kv * d].copy_from_slice(&c.k[..total * kv * d]);
+        vc[..total * kv * d].copy_from_slice(&c.v[..total * kv * d]);
+        let q = c.q[past * h * d..total * h * d].to_vec();
+        let mut out = vec![f32::NAN; n * h * d];
+        CpuBackend::new().decode_attention(&q, &kc, &vc, past, AttnShape { n, ..c.s }, &mut out);
+        out
+    }
+
+    #[test]
+    fn prefill_then_decode_equals_one_prefill() {
+        // One sequence of 11 (GQA 4/2): attention over all of it, against a
+        // prefix of `first` tokens by attention and the rest by
+        // decode_attention in steps of `step` tokens. Same row computation,
+        // so the outputs agree bit for bit.
+        let len = 11;
+        for window in [None, Some(1), Some(3), Some(20)] {
+            let c = case(58, &[len], window);
+            let (full, _) = fwd(&c);
+            let (h, kv, d) = (c.s.n_heads, c.s.n_kv_heads, c.s.head_dim);
+            for (first, step) in [(1, 1), (4, 1), (5, 3), (0, 11), (0, 2)] {
+                let mut got = Vec::new();
+                if first > 0 {
+                    let prefix = Case {
+                        q: c.q[..first * h * d].to_vec(),
+                        k: c.k[..first * kv * d].to_vec(),
+                        v: c.v[..first * kv * d].to_vec(),
+                        cu: vec![0, first as i32],
+                        s: AttnShape { n: first, ..c.s },
+                    };
+                    got.extend(fwd(&prefix).0);
+                }
+                let mut past = first;
+                while past < len {
+                    let n = step.min(len - past);
+                    got.extend(decode(&c, past, n));
+                    past += n;
+                }
+                assert_bits_eq(&format!("window {window:?}, prefill {first}, decode by {step}"), &got, &full);
+            }
+        }
+    }
+
+    #[test]
+    fn decode_attention_matches_naive() {
+        // Independent of the shared row code: the last 3 queries of a
+        // sequence of 9 against the f64 reference.
+        for window in [None, Some(4)] {
+            let c = case(59, &[9], window);
+            let (o64, _) = attn64(&to64(&c.q), &to64(&c.k), &to64(&c.v), &c.cu, c.s);
+            let row = c.s.n_heads * c.s.head_dim;
+            assert_close("decode out", &decode(&c, 6, 3), &o64[6 * row..], 1e-5);
         }
     }
 

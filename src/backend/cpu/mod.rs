@@ -278,6 +278,17 @@ impl Backend for CpuBackend {
             dout, q, k, v, out, lse, cu_seqlens, n_seqs, shape, dq, dk, dv,
         )
     }
+    fn decode_attention(
+        &self,
+        q: &Vec<f32>,
+        k_cache: &Vec<f32>,
+        v_cache: &Vec<f32>,
+        past: usize,
+        shape: AttnShape,
+        out: &mut Vec<f32>,
+    ) {
+        attention::decode_attention(q, k_cache, v_cache, past, shape, out)
+    }
 
     // ---- MLP activation ------------------------------------------------
     fn swiglu(&self, gate: &Vec<f32>, up: &Vec<f32>, out: &mut Vec<f32>, len: usize) {

@@ -2,7 +2,8 @@
 //! launch contract these follow): tensor-core kernels for head_dim 64 and
 //! 128, a generic one-warp-per-row kernel for any other head_dim <= 256.
 //! The backward runs the preprocess (dsum = Σ dout·out), then dq and dk/dv
-//! as separate deterministic kernels (no atomics).
+//! as separate deterministic kernels (no atomics). Generation's
+//! decode_attention (new tokens against a KV cache) is cuda/decode_attn.cu.
 
 use super::backend::{CudaBackend, CudaBuf, launch};
 use crate::backend::AttnShape;
@@ -135,4 +136,47 @@ pub fn backward(
     let cfg = grid(&name, &shape, n_seqs, shape.n_kv_heads);
     let (dk, dv) = (dk.bf16_mut("dk"), dv.bf16_mut("dv"));
     launch!(be, &name, cfg, q, k, v, dout, lse, &dsum, cu, dk, dv, &n, &ns, &nh, &nkv, &hd, &window, &scale);
+}
+
+/// Threads per block of `decode_attention_bf16` (its launch contract).
+const DECODE_THREADS: u32 = 256;
+
+/// The newest `shape.n` tokens of one sequence against its cache
+/// (cuda/decode_attn.cu: one block per (query, head)).
+pub fn decode(
+    be: &CudaBackend,
+    q: &CudaBuf,
+    k_cache: &CudaBuf,
+    v_cache: &CudaBuf,
+    past: usize,
+    shape: AttnShape,
+    out: &mut CudaBuf,
+) {
+    if shape.n == 0 {
+        return;
+    }
+    let (nh, nkv, d) = (shape.n_heads, shape.n_kv_heads, shape.head_dim);
+    assert!((1..=256).contains(&d), "decode_attention: head_dim {d} is not supported (1..=256)");
+    assert!(nkv > 0 && nh.is_multiple_of(nkv), "decode_attention: n_heads {nh} not a multiple of n_kv_heads {nkv}");
+    assert!(nh <= 65_535, "decode_attention: {nh} heads (the grid allows 65535)");
+    let total = past + shape.n;
+    assert!(total <= i32::MAX as usize, "decode_attention: {total} cached positions exceed i32");
+    for (what, len, need) in [
+        ("q", q.len(), shape.n * nh * d),
+        ("k_cache", k_cache.len(), total * nkv * d),
+        ("v_cache", v_cache.len(), total * nkv * d),
+        ("out", out.len(), shape.n * nh * d),
+    ] {
+        assert!(len >= need, "decode_attention: `{what}` has {len} elements, the shape needs {need}");
+    }
+    let cfg = LaunchConfig {
+        grid_dim: (shape.n as u32, nh as u32, 1),
+        block_dim: (DECODE_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let (q, k, v) = (q.bf16("q"), k_cache.bf16("k_cache"), v_cache.bf16("v_cache"));
+    let out = out.bf16_mut("out");
+    let (n, past, nh, nkv, hd) = (shape.n as i32, past as i32, nh as i32, nkv as i32, d as i32);
+    let (window, scale) = (window_arg(&shape), shape.scale);
+    launch!(be, "decode_attention_bf16", cfg, q, k, v, out, &n, &past, &nh, &nkv, &hd, &window, &scale);
 }

@@ -667,6 +667,9 @@ impl Backend for CudaBackend {
     ) {
         attention::backward(self, dout, q, k, v, out, lse.f32("attention lse"), cu, n_seqs, shape, dq, dk, dv);
     }
+    fn decode_attention(&self, q: &CudaBuf, k_cache: &CudaBuf, v_cache: &CudaBuf, past: usize, shape: AttnShape, out: &mut CudaBuf) {
+        attention::decode(self, q, k_cache, v_cache, past, shape, out);
+    }
 
     fn swiglu(&self, gate: &CudaBuf, up: &CudaBuf, out: &mut CudaBuf, len: usize) {
         let n = len as u64;
