@@ -2,6 +2,7 @@
 //! trainable tensors), PEFT-compatible initialisation, and PEFT-format
 //! save/load (see `peft`).
 
+pub mod merge;
 pub mod peft;
 
 use crate::backend::Backend;

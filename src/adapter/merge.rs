@@ -1,0 +1,678 @@
+//! Merge a PEFT LoRA adapter into its base checkpoint, writing a plain
+//! HuggingFace checkpoint that transformers and vLLM load without PEFT.
+//!
+//! Every adapted projection becomes W' = W + scale·(B A), computed in f32
+//! from the stored base weight and rounded once to the output dtype
+//! (round-to-nearest-even, as torch's casts do). Every other tensor keeps
+//! its name and bytes. The checkpoint is streamed: tensors are copied from
+//! the memory-mapped input, and merged weights are computed a block of rows
+//! at a time, so the process never holds the model (an 8B checkpoint merges
+//! in a few hundred MB of memory).
+
+use super::LoraConfig;
+use super::peft;
+use crate::backend::{DType, to_f32};
+use anyhow::{Context, Result, bail};
+use memmap2::Mmap;
+use rayon::prelude::*;
+use safetensors::tensor::{Metadata, TensorInfo};
+use safetensors::{Dtype as StDtype, SafeTensors};
+use serde_json::Value;
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+/// Marker written into every merge output, so that a later merge may
+/// replace it without --force (and records what was merged).
+pub const INFO_FILE: &str = "ferrotune_merge.json";
+/// transformers' conventional shard size for uploaded checkpoints (5 GB).
+pub const DEFAULT_MAX_SHARD_BYTES: u64 = 5_000_000_000;
+/// Files besides the weights that make the output a complete model
+/// directory (tokenizer formats of every kind, generation defaults).
+const COPIED_FILES: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.json",
+];
+/// Elements of a merged weight computed per block (bounds the f32 scratch).
+const BLOCK_ELEMS: usize = 1 << 22;
+
+#[derive(Debug, Clone)]
+pub struct MergeOptions {
+    /// Output dtype of every floating-point tensor; None keeps each tensor's own.
+    pub dtype: Option<DType>,
+    /// Replace a non-empty output directory that is not a previous merge.
+    pub force: bool,
+    /// Largest shard; a checkpoint above it is split into numbered shards.
+    pub max_shard_bytes: u64,
+}
+
+impl Default for MergeOptions {
+    fn default() -> Self {
+        MergeOptions { dtype: None, force: false, max_shard_bytes: DEFAULT_MAX_SHARD_BYTES }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct MergeSummary {
+    pub tensors: usize,
+    /// Projections that received W + scale·BA.
+    pub merged: usize,
+    /// Weight files written (1: model.safetensors).
+    pub shards: usize,
+    /// Bytes of tensor data written.
+    pub bytes: u64,
+}
+
+/// torch's name of a dtype, as config.json spells it.
+pub fn torch_name(d: DType) -> &'static str {
+    match d {
+        DType::F32 => "float32",
+        DType::F16 => "float16",
+        DType::BF16 => "bfloat16",
+    }
+}
+
+fn st_dtype(d: DType) -> StDtype {
+    match d {
+        DType::F32 => StDtype::F32,
+        DType::F16 => StDtype::F16,
+        DType::BF16 => StDtype::BF16,
+    }
+}
+
+fn float_dtype(d: StDtype) -> Option<DType> {
+    match d {
+        StDtype::F32 => Some(DType::F32),
+        StDtype::F16 => Some(DType::F16),
+        StDtype::BF16 => Some(DType::BF16),
+        _ => None,
+    }
+}
+
+/// Convert f32 values to `dtype`'s little-endian bytes, rounding to nearest even.
+fn from_f32(dtype: DType, xs: &[f32], out: &mut Vec<u8>) {
+    out.clear();
+    out.reserve(xs.len() * dtype.size());
+    match dtype {
+        DType::F32 => xs.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+        DType::F16 => xs.iter().for_each(|x| out.extend_from_slice(&half::f16::from_f32(*x).to_le_bytes())),
+        DType::BF16 => xs.iter().for_each(|x| out.extend_from_slice(&half::bf16::from_f32(*x).to_le_bytes())),
+    }
+}
+
+// ---------------------------------------------------------------- input
+
+/// One tensor of the base checkpoint.
+struct SrcTensor {
+    name: String,
+    dtype: StDtype,
+    shape: Vec<usize>,
+    file: usize,
+    /// Byte range within its memory-mapped file.
+    start: usize,
+    end: usize,
+}
+
+/// The base checkpoint's weight files, mapped, with every tensor listed in
+/// file order then offset order (the order they were saved in).
+struct Source {
+    files: Vec<(PathBuf, Mmap)>,
+    tensors: Vec<SrcTensor>,
+}
+
+impl Source {
+    fn open(dir: &Path) -> Result<Source> {
+        let single = dir.join("model.safetensors");
+        let index = dir.join("model.safetensors.index.json");
+        let names: Vec<String> = if single.is_file() {
+            vec!["model.safetensors".into()]
+        } else if index.is_file() {
+            let text = std::fs::read_to_string(&index).with_context(|| format!("cannot read {}", index.display()))?;
+            let v: Value = serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", index.display()))?;
+            let map = v
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .with_context(|| format!("{}: missing \"weight_map\" object", index.display()))?;
+            let mut files: Vec<String> = map.values().filter_map(|f| f.as_str().map(str::to_owned)).collect();
+            files.sort();
+            files.dedup();
+            files
+        } else {
+            bail!("{}: no model.safetensors or model.safetensors.index.json found (ferrotune merges safetensors checkpoints only)", dir.display());
+        };
+        let mut src = Source { files: Vec::new(), tensors: Vec::new() };
+        let mut seen = HashMap::new();
+        for name in names {
+            let path = dir.join(&name);
+            let file = File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
+            // SAFETY: read-only input; a checkpoint rewritten during the merge is not supported.
+            let map = unsafe { Mmap::map(&file) }.with_context(|| format!("cannot memory-map {}", path.display()))?;
+            let (header_len, meta) = SafeTensors::read_metadata(&map)
+                .map_err(|e| anyhow::anyhow!("{} is not a valid safetensors file: {e}", path.display()))?;
+            let data_start = 8 + header_len;
+            let mut here: Vec<SrcTensor> = meta
+                .tensors()
+                .into_iter()
+                .map(|(n, info)| SrcTensor {
+                    name: n,
+                    dtype: info.dtype,
+                    shape: info.shape.clone(),
+                    file: src.files.len(),
+                    start: data_start + info.data_offsets.0,
+                    end: data_start + info.data_offsets.1,
+                })
+                .collect();
+            here.sort_by_key(|t| t.start);
+            for t in &here {
+                if t.end > map.len() {
+                    bail!("{}: tensor {} lies outside the file", path.display(), t.name);
+                }
+                if let Some(other) = seen.insert(t.name.clone(), name.clone()) {
+                    bail!("{}: tensor {} is also in {other}", path.display(), t.name);
+                }
+            }
+            src.tensors.extend(here);
+            src.files.push((path, map));
+        }
+        Ok(src)
+    }
+
+    fn bytes(&self, t: &SrcTensor) -> &[u8] {
+        &self.files[t.file].1[t.start..t.end]
+    }
+
+    fn path(&self, t: &SrcTensor) -> &Path {
+        &self.files[t.file].0
+    }
+
+    /// Drop the mapped pages of a tensor already written, so the input does
+    /// not stay resident next to the output.
+    fn release(&self, t: &SrcTensor) {
+        #[cfg(unix)]
+        {
+            use memmap2::UncheckedAdvice;
+            // SAFETY: the map is read-only; released pages are re-read from the file if touched.
+            unsafe {
+                let _ = self.files[t.file].1.unchecked_advise_range(UncheckedAdvice::DontNeed, t.start, t.end - t.start);
+            }
+        }
+    }
+}
+
+/// One adapted projection: the f32 LoRA factors and its scaling.
+struct Delta {
+    /// [r, in]
+    a: Vec<f32>,
+    /// [out, r]
+    b: Vec<f32>,
+    r: usize,
+    scale: f32,
+}
+
+const KEY_PREFIX: &str = "base_model.model.";
+
+/// Read the adapter and check every tensor against the base weight it
+/// changes, before anything is written. Keyed by the base weight's name.
+fn read_adapter(dir: &Path, src: &Source) -> Result<(LoraConfig, BTreeMap<String, Delta>)> {
+    let lc = peft::read_config(dir)?;
+    let file = dir.join(peft::WEIGHTS_FILE);
+    if !file.is_file() {
+        if dir.join("adapter_model.bin").is_file() {
+            bail!("{}: only adapter_model.bin found; ferrotune reads safetensors adapters (re-save with safe_serialization=True)", dir.display());
+        }
+        bail!("{}: {} not found", dir.display(), peft::WEIGHTS_FILE);
+    }
+    let bytes = std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
+    let st = SafeTensors::deserialize(&bytes)
+        .map_err(|e| anyhow::anyhow!("{} is not a valid safetensors file: {e}", file.display()))?;
+    let base: HashMap<&str, &SrcTensor> = src.tensors.iter().map(|t| (t.name.as_str(), t)).collect();
+    let fdisp = file.display();
+    let mut names: Vec<&str> = st.names();
+    names.sort();
+    let mut deltas = BTreeMap::new();
+    for ka in &names {
+        if ka.ends_with(".lora_B.weight") {
+            continue; // taken with its lora_A
+        }
+        let module = ka
+            .strip_prefix(KEY_PREFIX)
+            .and_then(|k| k.strip_suffix(".lora_A.weight"))
+            .with_context(|| format!("{fdisp}: tensor {ka} is not a LoRA A/B weight (expected {KEY_PREFIX}<module>.lora_A.weight / .lora_B.weight); ferrotune cannot merge it"))?;
+        let kb = format!("{KEY_PREFIX}{module}.lora_B.weight");
+        let ta = st.tensor(ka).map_err(|e| anyhow::anyhow!("{fdisp}: tensor {ka}: {e}"))?;
+        let tb = st.tensor(&kb).map_err(|_| anyhow::anyhow!("{fdisp}: {ka} is present but {kb} is missing"))?;
+        let wname = format!("{module}.weight");
+        let w = base.get(wname.as_str()).with_context(|| {
+            format!("{fdisp}: tensor {ka} adapts {wname}, which the base checkpoint does not have (is this adapter for another model?)")
+        })?;
+        if float_dtype(w.dtype).is_none() {
+            bail!("{}: tensor {wname} has dtype {:?}; only F32, F16 and BF16 weights can be merged into", src.path(w).display(), w.dtype);
+        }
+        let [out_f, in_f] = w.shape[..] else {
+            bail!("{}: tensor {wname} has shape {:?}; a LoRA merges into a 2-D [out, in] weight", src.path(w).display(), w.shape);
+        };
+        let (r, scale) = lc.rank_and_scale(module)?;
+        for (key, t, want) in [(*ka, &ta, [r, in_f]), (kb.as_str(), &tb, [out_f, r])] {
+            if t.shape() != want {
+                bail!(
+                    "{fdisp}: tensor {key} has shape {:?}, but the base weight {wname} is [{out_f}, {in_f}] and the rank is {r}, so it must be {want:?} (is this adapter for another model?)",
+                    t.shape()
+                );
+            }
+        }
+        let factor = |key: &str, t: &safetensors::tensor::TensorView| -> Result<Vec<f32>> {
+            let d = float_dtype(t.dtype())
+                .with_context(|| format!("{fdisp}: tensor {key} has dtype {:?}; expected F32, F16 or BF16", t.dtype()))?;
+            Ok(to_f32(d, t.data()))
+        };
+        deltas.insert(wname, Delta { a: factor(ka, &ta)?, b: factor(&kb, &tb)?, r, scale });
+    }
+    for kb in names.iter().filter(|n| n.ends_with(".lora_B.weight")) {
+        let ka = kb.replace(".lora_B.weight", ".lora_A.weight");
+        if st.tensor(&ka).is_err() {
+            bail!("{fdisp}: {kb} is present but {ka} is missing");
+        }
+    }
+    if deltas.is_empty() {
+        bail!("{fdisp}: no LoRA tensors found");
+    }
+    Ok((lc, deltas))
+}
+
+// ---------------------------------------------------------------- output plan
+
+/// One tensor of the output: where it comes from and how it is written.
+struct OutTensor<'a> {
+    src: &'a SrcTensor,
+    dtype: StDtype,
+    bytes: usize,
+    delta: Option<&'a Delta>,
+}
+
+/// Tensors per shard, in input order, starting a new shard when the next
+/// tensor would pass the limit (a larger tensor gets a shard of its own).
+fn plan_shards<'a>(tensors: Vec<OutTensor<'a>>, max: u64) -> Vec<Vec<OutTensor<'a>>> {
+    let mut shards: Vec<Vec<OutTensor>> = vec![Vec::new()];
+    let mut size = 0u64;
+    for t in tensors {
+        let n = t.bytes as u64;
+        if size > 0 && size + n > max {
+            shards.push(Vec::new());
+            size = 0;
+        }
+        size += n;
+        shards.last_mut().expect("one shard at least").push(t);
+    }
+    shards
+}
+
+fn shard_name(i: usize, n: usize) -> String {
+    if n == 1 { "model.safetensors".into() } else { format!("model-{:05}-of-{:05}.safetensors", i + 1, n) }
+}
+
+/// Write one safetensors file. Tensors are laid out as the safetensors
+/// library does (by dtype, widest first, then by name) so every tensor is
+/// aligned to its element size.
+fn write_shard(path: &Path, src: &Source, mut tensors: Vec<OutTensor>, progress: &mut dyn FnMut(&str)) -> Result<u64> {
+    tensors.sort_by(|x, y| y.dtype.cmp(&x.dtype).then_with(|| x.src.name.cmp(&y.src.name)));
+    let mut offset = 0;
+    let infos: Vec<(String, TensorInfo)> = tensors
+        .iter()
+        .map(|t| {
+            let info = TensorInfo { dtype: t.dtype, shape: t.src.shape.clone(), data_offsets: (offset, offset + t.bytes) };
+            offset += t.bytes;
+            (t.src.name.clone(), info)
+        })
+        .collect();
+    let meta = Metadata::new(Some(HashMap::from([("format".to_string(), "pt".to_string())])), infos)
+        .map_err(|e| anyhow::anyhow!("{}: cannot build the safetensors header: {e}", path.display()))?;
+    let mut header = serde_json::to_vec(&meta)?;
+    header.resize(header.len().next_multiple_of(8), b' ');
+
+    let file = File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    let mut w = BufWriter::with_capacity(8 << 20, file);
+    let io = |e: std::io::Error| anyhow::anyhow!("cannot write {}: {e}", path.display());
+    w.write_all(&(header.len() as u64).to_le_bytes()).map_err(io)?;
+    w.write_all(&header).map_err(io)?;
+    let mut buf = Vec::new();
+    for t in &tensors {
+        let bytes = src.bytes(t.src);
+        match (t.delta, float_dtype(t.src.dtype), float_dtype(t.dtype)) {
+            (Some(d), Some(from), Some(to)) => write_merged(&mut w, bytes, from, to, &t.src.shape, d, &mut buf).map_err(io)?,
+            (None, Some(from), Some(to)) if from != to => {
+                // A dtype change: convert block by block.
+                for block in bytes.chunks(BLOCK_ELEMS * from.size()) {
+                    from_f32(to, &to_f32(from, block), &mut buf);
+                    w.write_all(&buf).map_err(io)?;
+                }
+            }
+            _ => w.write_all(bytes).map_err(io)?,
+        }
+        src.release(t.src);
+        progress(&t.src.name);
+    }
+    let file = w.into_inner().map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+    file.sync_all().with_context(|| format!("cannot sync {}", path.display()))?;
+    Ok(offset as u64)
+}
+
+/// W' = W + scale·(B A) for a block of rows at a time, in f32, rounded once
+/// to `to`. Each row's delta accumulates over the rank in order (k = 0..r).
+fn write_merged(
+    w: &mut impl Write,
+    bytes: &[u8],
+    from: DType,
+    to: DType,
+    shape: &[usize],
+    d: &Delta,
+    buf: &mut Vec<u8>,
+) -> std::io::Result<()> {
+    let in_f = shape[1];
+    let rows_per_block = (BLOCK_ELEMS / in_f.max(1)).max(1);
+    let row_bytes = in_f * from.size();
+    for (bi, block) in bytes.chunks(rows_per_block * row_bytes).enumerate() {
+        let mut rows = to_f32(from, block);
+        let first_row = bi * rows_per_block;
+        rows.par_chunks_mut(in_f).enumerate().for_each_init(
+            || vec![0f32; in_f],
+            |delta, (i, row)| {
+                let b = &d.b[(first_row + i) * d.r..(first_row + i + 1) * d.r];
+                delta.fill(0.0);
+                for (k, &bk) in b.iter().enumerate() {
+                    let a = &d.a[k * in_f..(k + 1) * in_f];
+                    delta.iter_mut().zip(a).for_each(|(x, &ak)| *x += bk * ak);
+                }
+                row.iter_mut().zip(delta.iter()).for_each(|(x, &dx)| *x += dx * d.scale);
+            },
+        );
+        from_f32(to, &rows, buf);
+        w.write_all(buf)?;
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------- directories
+
+fn absolute(p: &Path) -> Result<PathBuf> {
+    if p.exists() {
+        return p.canonicalize().with_context(|| format!("cannot resolve {}", p.display()));
+    }
+    let parent = match p.parent() {
+        Some(x) if !x.as_os_str().is_empty() => x.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = p.file_name().with_context(|| format!("--out {} has no directory name", p.display()))?;
+    let parent = parent
+        .canonicalize()
+        .with_context(|| format!("cannot write {}: its parent directory {} does not exist", p.display(), parent.display()))?;
+    Ok(parent.join(name))
+}
+
+/// Refuse outputs that would overwrite an input or someone's files.
+fn check_out(model_dir: &Path, adapter_dir: &Path, out: &Path, force: bool) -> Result<PathBuf> {
+    let out_abs = absolute(out)?;
+    if out_abs == absolute(model_dir)? {
+        bail!("--out {} is the base model's own directory; write the merged model to a new directory", out.display());
+    }
+    if out_abs == absolute(adapter_dir)? {
+        bail!("--out {} is the adapter's directory; write the merged model to a new directory", out.display());
+    }
+    if out_abs.exists() {
+        if !out_abs.is_dir() {
+            bail!("--out {} exists and is not a directory", out.display());
+        }
+        let non_empty = std::fs::read_dir(&out_abs)
+            .with_context(|| format!("cannot list {}", out.display()))?
+            .next()
+            .is_some();
+        if non_empty && !out_abs.join(INFO_FILE).is_file() && !force {
+            bail!(
+                "--out {} is not empty and is not the output of a previous `ferrotune merge` (no {INFO_FILE}); pass --force to write into it",
+                out.display()
+            );
+        }
+    }
+    Ok(out_abs)
+}
+
+/// config.json, with its dtype entry rewritten when the output dtype differs.
+fn write_config(model_dir: &Path, tmp: &Path, dtype: Option<DType>) -> Result<()> {
+    let path = model_dir.join("config.json");
+    let text = std::fs::read(&path).with_context(|| format!("cannot read {} (is {} a HuggingFace model directory?)", path.display(), model_dir.display()))?;
+    let Some(d) = dtype else {
+        return crate::util::atomic_write(&tmp.join("config.json"), &text);
+    };
+    let mut v: Value = serde_json::from_slice(&text).with_context(|| format!("{} is not valid JSON", path.display()))?;
+    let obj = v.as_object_mut().with_context(|| format!("{}: expected a JSON object", path.display()))?;
+    let name = Value::from(torch_name(d));
+    let keys: Vec<&str> = ["torch_dtype", "dtype"].into_iter().filter(|k| obj.contains_key(*k)).collect();
+    if keys.iter().all(|k| obj[*k] == name) && !keys.is_empty() {
+        return crate::util::atomic_write(&tmp.join("config.json"), &text);
+    }
+    if keys.is_empty() {
+        obj.insert("torch_dtype".into(), name);
+    } else {
+        for k in keys {
+            obj.insert(k.into(), name.clone());
+        }
+    }
+    let mut out = serde_json::to_string_pretty(&v)?;
+    out.push('\n');
+    crate::util::atomic_write(&tmp.join("config.json"), out.as_bytes())
+}
+
+/// Tokenizer, generation config and chat templates, when present.
+fn copy_side_files(model_dir: &Path, tmp: &Path) -> Result<()> {
+    let mut names: Vec<String> = COPIED_FILES.iter().map(|s| s.to_string()).collect();
+    for e in std::fs::read_dir(model_dir).with_context(|| format!("cannot list {}", model_dir.display()))? {
+        let name = e?.file_name().to_string_lossy().into_owned();
+        if name.ends_with(".jinja") {
+            names.push(name);
+        }
+    }
+    for name in names {
+        let from = model_dir.join(&name);
+        if from.is_file() {
+            let data = std::fs::read(&from).with_context(|| format!("cannot read {}", from.display()))?;
+            crate::util::atomic_write(&tmp.join(&name), &data)?;
+        }
+    }
+    Ok(())
+}
+
+/// Weight files of a checkpoint directory (model.safetensors, its shards
+/// and index), which a new merge must not leave behind.
+fn is_weight_file(name: &str) -> bool {
+    name == "model.safetensors.index.json"
+        || (name.starts_with("model") && name.ends_with(".safetensors"))
+}
+
+/// Move the finished temporary directory into place: a rename when --out
+/// does not exist yet; otherwise file by file, then remove the previous
+/// weight files the new output does not have.
+fn install(tmp: &Path, out: &Path) -> Result<()> {
+    if !out.exists() {
+        return std::fs::rename(tmp, out).with_context(|| format!("cannot rename {} to {}", tmp.display(), out.display()));
+    }
+    let mut new_files = Vec::new();
+    for e in std::fs::read_dir(tmp).with_context(|| format!("cannot list {}", tmp.display()))? {
+        new_files.push(e?.file_name());
+    }
+    // The marker goes last: a directory with it is a complete merge.
+    new_files.sort_by_key(|n| n == INFO_FILE);
+    let _ = std::fs::remove_file(out.join(INFO_FILE));
+    for e in std::fs::read_dir(out).with_context(|| format!("cannot list {}", out.display()))? {
+        let name = e?.file_name();
+        if is_weight_file(&name.to_string_lossy()) && !new_files.contains(&name) {
+            let p = out.join(&name);
+            std::fs::remove_file(&p).with_context(|| format!("cannot remove the stale {}", p.display()))?;
+        }
+    }
+    for name in &new_files {
+        let (from, to) = (tmp.join(name), out.join(name));
+        std::fs::rename(&from, &to).with_context(|| format!("cannot move {} to {}", from.display(), to.display()))?;
+    }
+    std::fs::remove_dir(tmp).with_context(|| format!("cannot remove {}", tmp.display()))
+}
+
+// ---------------------------------------------------------------- merge
+
+/// Merge the adapter in `adapter_dir` into the checkpoint in `model_dir`,
+/// writing `out_dir`. `progress(done, total)` is called after each tensor.
+pub fn merge(
+    model_dir: &Path,
+    adapter_dir: &Path,
+    out_dir: &Path,
+    opts: &MergeOptions,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<MergeSummary> {
+    let out = check_out(model_dir, adapter_dir, out_dir, opts.force)?;
+    let src = Source::open(model_dir)?;
+    let (lc, deltas) = read_adapter(adapter_dir, &src)?;
+
+    let tensors: Vec<OutTensor> = src
+        .tensors
+        .iter()
+        .map(|t| {
+            let dtype = match (opts.dtype, float_dtype(t.dtype)) {
+                (Some(to), Some(_)) => st_dtype(to),
+                _ => t.dtype,
+            };
+            let bytes = match float_dtype(dtype) {
+                Some(d) if dtype != t.dtype => t.shape.iter().product::<usize>() * d.size(),
+                _ => t.end - t.start,
+            };
+            OutTensor { src: t, dtype, bytes, delta: deltas.get(&t.name) }
+        })
+        .collect();
+    let total = tensors.len();
+    let merged = tensors.iter().filter(|t| t.delta.is_some()).count();
+    let shards = plan_shards(tensors, opts.max_shard_bytes.max(1));
+    let n_shards = shards.len();
+
+    let name = out.file_name().expect("absolute() keeps the name").to_string_lossy().into_owned();
+    let tmp = out.with_file_name(format!(".{name}.merging-{}", std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).with_context(|| format!("cannot remove the stale {}", tmp.display()))?;
+    }
+    std::fs::create_dir(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+
+    let result = (|| -> Result<MergeSummary> {
+        let mut done = 0;
+        let mut bytes = 0;
+        let mut weight_map = BTreeMap::new();
+        let mut n_params = 0usize;
+        for (i, shard) in shards.into_iter().enumerate() {
+            let file = shard_name(i, n_shards);
+            for t in &shard {
+                weight_map.insert(t.src.name.clone(), file.clone());
+                n_params += t.src.shape.iter().product::<usize>();
+            }
+            bytes += write_shard(&tmp.join(&file), &src, shard, &mut |_| {
+                done += 1;
+                progress(done, total);
+            })?;
+        }
+        if n_shards > 1 {
+            let index = serde_json::json!({
+                "metadata": {"total_parameters": n_params, "total_size": bytes},
+                "weight_map": weight_map,
+            });
+            let mut text = serde_json::to_string_pretty(&index)?;
+            text.push('\n');
+            crate::util::atomic_write(&tmp.join("model.safetensors.index.json"), text.as_bytes())?;
+        }
+        write_config(model_dir, &tmp, opts.dtype)?;
+        copy_side_files(model_dir, &tmp)?;
+        let info = serde_json::json!({
+            "base_model": model_dir.display().to_string(),
+            "adapter": adapter_dir.display().to_string(),
+            "lora_r": lc.r,
+            "lora_alpha": lc.alpha,
+            "use_rslora": lc.use_rslora,
+            "merged_modules": merged,
+            "dtype": opts.dtype.map(torch_name),
+            "ferrotune_version": env!("CARGO_PKG_VERSION"),
+        });
+        crate::util::atomic_write(&tmp.join(INFO_FILE), serde_json::to_string_pretty(&info)?.as_bytes())?;
+        install(&tmp, &out)?;
+        Ok(MergeSummary { tensors: total, merged, shards: n_shards, bytes })
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    result
+}
+
+/// Parse a shard size as transformers' max_shard_size does: "5GB" (10^9),
+/// "500MB", "100KB", "2GiB" (2^30), or a plain number of bytes.
+pub fn parse_size(s: &str) -> Result<u64> {
+    let t = s.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let mult: u64 = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 1,
+        "KB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        "KIB" => 1 << 10,
+        "MIB" => 1 << 20,
+        "GIB" => 1 << 30,
+        _ => bail!("size {s:?}: expected a number with an optional unit B, KB, MB, GB, KiB, MiB or GiB (e.g. 5GB)"),
+    };
+    let n: f64 = num.parse().map_err(|_| anyhow::anyhow!("size {s:?}: expected a number with an optional unit (e.g. 5GB)"))?;
+    let bytes = (n * mult as f64).round();
+    if bytes < 1.0 {
+        bail!("size {s:?} must be at least one byte");
+    }
+    Ok(bytes as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_as_transformers_spells_them() {
+        assert_eq!(parse_size("5GB").unwrap(), 5_000_000_000);
+        assert_eq!(parse_size("100KB").unwrap(), 100_000);
+        assert_eq!(parse_size("2GiB").unwrap(), 2 << 30);
+        assert_eq!(parse_size("1.5MB").unwrap(), 1_500_000);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert!(parse_size("5 parsecs").unwrap_err().to_string().contains("5 parsecs"));
+        assert!(parse_size("0").is_err());
+    }
+
+    #[test]
+    fn bf16_and_f16_casts_round_to_nearest_even() {
+        // 1 + 2^-8 is halfway between bf16 neighbours 1 and 1 + 2^-7: ties go to the even one (1).
+        let mut out = Vec::new();
+        from_f32(DType::BF16, &[1.0 + 2f32.powi(-8), 1.0 + 3.0 * 2f32.powi(-8)], &mut out);
+        assert_eq!(out, [0x80, 0x3f, 0x82, 0x3f]);
+        // f16: 1 + 2^-11 ties to 1; 1 + 3·2^-11 ties up to 1 + 2^-9.
+        from_f32(DType::F16, &[1.0 + 2f32.powi(-11), 1.0 + 3.0 * 2f32.powi(-11)], &mut out);
+        assert_eq!(out, [0x00, 0x3c, 0x02, 0x3c]);
+    }
+
+    #[test]
+    fn shards_split_before_the_limit_and_large_tensors_stand_alone() {
+        let src: Vec<SrcTensor> = [4usize, 4, 10, 2]
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| SrcTensor { name: format!("t{i}"), dtype: StDtype::U8, shape: vec![n], file: 0, start: 0, end: n })
+            .collect();
+        let plan = plan_shards(src.iter().map(|t| OutTensor { src: t, dtype: t.dtype, bytes: t.end, delta: None }).collect(), 8);
+        let names: Vec<Vec<&str>> = plan.iter().map(|s| s.iter().map(|t| t.src.name.as_str()).collect()).collect();
+        assert_eq!(names, vec![vec!["t0", "t1"], vec!["t2"], vec!["t3"]]);
+        assert_eq!(shard_name(0, 1), "model.safetensors");
+        assert_eq!(shard_name(1, 3), "model-00002-of-00003.safetensors");
+    }
+}

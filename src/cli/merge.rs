@@ -1,0 +1,93 @@
+//! `ferrotune merge`: bake a LoRA adapter into its base model.
+
+use crate::adapter::merge::{self, MergeOptions};
+use crate::backend::DType;
+use crate::model::checkpoint;
+use anyhow::{Result, bail};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(Args)]
+pub struct MergeArgs {
+    /// Base model directory (config.json, safetensors, tokenizer), or a hub
+    /// id ("org/name") already in the HuggingFace cache.
+    #[arg(long)]
+    model: String,
+    /// PEFT LoRA adapter directory (adapter_config.json, adapter_model.safetensors).
+    #[arg(long)]
+    adapter: PathBuf,
+    /// Output directory for the merged checkpoint.
+    #[arg(long)]
+    out: PathBuf,
+    /// Output dtype: bf16, f16 or f32 (default: each tensor keeps the base's dtype).
+    #[arg(long)]
+    dtype: Option<String>,
+    /// Write into a non-empty --out that is not a previous merge output.
+    #[arg(long)]
+    force: bool,
+    /// Largest weight file before the checkpoint is sharded, as transformers'
+    /// max_shard_size (5GB = 5·10^9 bytes; also MB, KB, GiB, MiB).
+    #[arg(long, default_value = "5GB")]
+    max_shard_size: String,
+}
+
+pub fn parse_dtype(s: &str) -> Result<DType> {
+    Ok(match s {
+        "bf16" | "bfloat16" => DType::BF16,
+        "f16" | "fp16" | "float16" => DType::F16,
+        "f32" | "fp32" | "float32" => DType::F32,
+        _ => bail!("--dtype {s}: expected bf16, f16 or f32"),
+    })
+}
+
+pub fn run(a: MergeArgs) -> Result<()> {
+    let t0 = Instant::now();
+    let model_dir = checkpoint::resolve_model_dir(&a.model, &checkpoint::hf_cache())?;
+    let max_shard_bytes = merge::parse_size(&a.max_shard_size)
+        .map_err(|e| anyhow::anyhow!("--max-shard-size: {e}"))?;
+    let opts = MergeOptions {
+        dtype: a.dtype.as_deref().map(parse_dtype).transpose()?,
+        force: a.force,
+        max_shard_bytes,
+    };
+    let bar = if std::io::stderr().is_terminal() {
+        let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+        bar.set_style(ProgressStyle::with_template("merge {bar:30} {pos}/{len} tensors eta {eta}").expect("valid template"));
+        Some(bar)
+    } else {
+        None
+    };
+    let mut last_tenth = 0;
+    let mut progress = |done: usize, total: usize| match &bar {
+        Some(bar) => {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+        }
+        None => {
+            // Without a terminal: a line per tenth of the tensors.
+            let tenth = done * 10 / total.max(1);
+            if tenth > last_tenth || done == total {
+                last_tenth = tenth;
+                eprintln!("merge: {done}/{total} tensors");
+            }
+        }
+    };
+    let summary = merge::merge(&model_dir, &a.adapter, &a.out, &opts, &mut progress)?;
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    eprintln!(
+        "merged {} LoRA modules into {} ({} tensors, {:.1} MB in {}, dtype {}) in {:.1}s",
+        summary.merged,
+        a.out.display(),
+        summary.tensors,
+        summary.bytes as f64 / 1e6,
+        if summary.shards == 1 { "model.safetensors".to_string() } else { format!("{} shards", summary.shards) },
+        opts.dtype.map(merge::torch_name).unwrap_or("as the base"),
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
