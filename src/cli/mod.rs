@@ -2,11 +2,9 @@
 
 mod bench;
 mod eval;
-mod generate;
 mod merge;
 mod models;
 mod synth;
-mod train;
 
 use crate::backend::cpu::CpuBackend;
 use crate::backend::cuda::{CudaBackend, device};
@@ -22,8 +20,6 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Fine-tune a LoRA adapter: the whole run from one YAML config.
-    Train(train::TrainArgs),
     /// List the supported model architectures.
     Models,
     /// Mean loss and perplexity of a model (and adapter) on a dataset.
@@ -32,8 +28,6 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Merge a LoRA adapter into its base model, writing a plain HuggingFace checkpoint.
     Merge(merge::MergeArgs),
-    /// Generate text from a model (and adapter), streamed as it comes.
-    Generate(generate::GenerateArgs),
     /// Write a random-weight checkpoint of a supported family (for benchmarks).
     Synth(synth::SynthArgs),
 }
@@ -89,10 +83,8 @@ pub fn open_device(s: &str) -> Result<Opened> {
 pub fn run() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Train(a) => train::run(a),
         Command::Models => models::run(),
         Command::Eval(a) => eval::run(a),
-        Command::Generate(a) => generate::run(a),
         Command::Synth(a) => synth::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Merge(a) => merge::run(a),
