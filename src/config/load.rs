@@ -229,3 +229,38 @@ fn describe(v: &Value) -> String {
         Value::Object(_) => format!("a mapping ({})", keys::show_value(v)),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn serde_types_in_words() {
+        assert_eq!(expected_from("invalid type: string \"fast\", expected f64"), "a number");
+        assert_eq!(expected_from("invalid value: integer `-1`, expected usize"), "a whole number, 0 or more");
+        assert_eq!(expected_from("invalid type: string \"x\", expected a boolean"), "true or false");
+        assert_eq!(expected_from("invalid type: string \"x\", expected a sequence"), "a list");
+    }
+
+    #[test]
+    fn values_in_words() {
+        assert_eq!(describe(&json!("fast")), "the string \"fast\"");
+        assert_eq!(describe(&json!(1.5)), "the number 1.5");
+        assert_eq!(describe(&json!([1, 2])), "a list ([1,2])");
+        assert_eq!(describe(&json!(null)), "null");
+    }
+
+    #[test]
+    fn aliases_resolve_to_one_name() {
+        let mut c = RunConfig { lr_scheduler: "constant_with_warmup".into(), optimizer: "adamw_hf".into(), ..RunConfig::default() };
+        normalise(&mut c);
+        assert_eq!((c.lr_scheduler.as_str(), c.optimizer.as_str()), ("constant", "adamw_torch"));
+    }
+
+    #[test]
+    fn duplicate_keys_are_a_yaml_error_without_parser_advice() {
+        let err = load_str("base_model: a\nbase_model: b\n", "x.yml", &[]).unwrap_err().to_string();
+        assert_eq!(err, "x.yml: not valid YAML: duplicate mapping key: base_model at line 2, column 1");
+    }
+}

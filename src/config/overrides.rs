@@ -41,7 +41,7 @@ fn parse_value(raw: &str) -> Result<Value, String> {
     }
     serde_saphyr::from_str::<Option<Value>>(raw)
         .map(|v| v.unwrap_or(Value::Null))
-        .map_err(|e| e.without_snippet().to_string().trim_start_matches("error: ").to_string())
+        .map_err(|e| super::source::yaml_error_text(&e))
 }
 
 fn unknown(level: Level, key: &str, arg: &str) -> anyhow::Error {

@@ -91,13 +91,21 @@ pub(crate) struct Parsed {
 
 /// Parse YAML text. `Ok(None)` for a file with no document (empty or only comments).
 pub(crate) fn parse(text: &str) -> Result<Option<Parsed>, String> {
-    let node: Option<Node> =
-        serde_saphyr::from_str(text).map_err(|e| e.without_snippet().to_string().trim_start_matches("error: ").to_string())?;
+    let node: Option<Node> = serde_saphyr::from_str(text).map_err(|e| yaml_error_text(&e))?;
     Ok(node.map(|node| {
         let mut parsed = Parsed { value: Value::Null, lines: HashMap::new(), key_order: HashMap::new() };
         parsed.value = flatten(node, "", &mut parsed);
         parsed
     }))
+}
+
+/// The parser's message and position, without its source snippet and
+/// without advice about the parser's own options.
+pub(crate) fn yaml_error_text(e: &serde_saphyr::Error) -> String {
+    e.without_snippet()
+        .to_string()
+        .trim_start_matches("error: ")
+        .replace(", set DuplicateKeyPolicy in Options if acceptable", "")
 }
 
 fn flatten(node: Node, path: &str, out: &mut Parsed) -> Value {

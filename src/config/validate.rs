@@ -20,7 +20,9 @@ fn fail(loc: &Locator, path: &str, msg: impl std::fmt::Display) -> anyhow::Error
 
 macro_rules! check {
     ($cond:expr, $loc:expr, $path:expr, $($msg:tt)+) => {
-        if !$cond {
+        // Bound first: a NaN fails the check instead of slipping past a negation.
+        let ok: bool = $cond;
+        if !ok {
             return Err(fail($loc, $path, format!($($msg)+)));
         }
     };

@@ -1,0 +1,295 @@
+//! The run config through its public API: `load` / `load_str` on YAML text,
+//! `--set` overrides, the conversions the trainer uses, and the resolved
+//! config written to output_dir.
+
+use ferrotune::adapter::Targets;
+use ferrotune::config::{self, DatasetConfig, Loaded, RESOLVED_CONFIG_FILE, RunConfig, TargetModules};
+use std::path::Path;
+
+const MINIMAL: &str = "\
+base_model: ./model
+adapter: lora
+datasets:
+  - path: data.jsonl
+    type: alpaca
+learning_rate: 2e-4
+";
+
+fn load(text: &str, overrides: &[&str]) -> anyhow::Result<Loaded> {
+    let overrides: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+    config::load_str(text, "run.yml", &overrides)
+}
+
+fn error(text: &str, overrides: &[&str]) -> String {
+    format!("{:#}", load(text, overrides).expect_err("the config should be refused"))
+}
+
+#[test]
+fn minimal_config_takes_axolotls_defaults() {
+    let loaded = load(MINIMAL, &[]).unwrap();
+    assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+    let c = loaded.config;
+    assert_eq!(c.base_model, "./model");
+    assert_eq!(c.learning_rate, 2e-4);
+    assert_eq!(c.datasets, vec![DatasetConfig { path: "data.jsonl".into(), kind: Some("alpaca".into()), ..Default::default() }]);
+    assert_eq!(c.lr_scheduler, "cosine");
+    assert_eq!((c.micro_batch_size, c.gradient_accumulation_steps), (1, 1));
+    assert_eq!((c.num_epochs, c.logging_steps, c.seed), (1.0, 1, 42));
+    assert_eq!(c.max_grad_norm, 1.0);
+    assert_eq!((c.adam_beta1, c.adam_beta2, c.adam_epsilon, c.weight_decay), (0.9, 0.999, 1e-8, 0.0));
+    assert_eq!(c.sequence_len, 2048);
+    assert_eq!(c.excess_length_strategy, "drop");
+    assert!(c.shuffle_merged_datasets);
+    assert_eq!((c.lora_r, c.lora_alpha, c.lora_dropout), (8, 16.0, 0.0));
+    assert_eq!(c.output_dir, "./outputs");
+    assert_eq!(c.device, "auto");
+    assert_eq!(c.optimizer, "adamw_torch");
+    assert!(!c.sample_packing && !c.train_on_inputs && !c.gradient_checkpointing);
+    assert_eq!((c.max_steps, c.warmup_steps, c.warmup_ratio, c.save_steps), (None, None, None, None));
+    // Every field not in the file is RunConfig::default()'s.
+    let expected = RunConfig {
+        base_model: c.base_model.clone(),
+        adapter: c.adapter.clone(),
+        datasets: c.datasets.clone(),
+        learning_rate: c.learning_rate,
+        ..RunConfig::default()
+    };
+    assert_eq!(c, expected);
+}
+
+#[test]
+fn null_means_the_default() {
+    let c = load(&format!("{MINIMAL}lora_r:\nwarmup_steps:\nwandb_project:\n"), &[]).unwrap();
+    assert_eq!(c.config.lora_r, 8);
+    assert!(c.warnings.is_empty(), "an empty ignored key asks for nothing: {:?}", c.warnings);
+}
+
+#[test]
+fn required_keys() {
+    assert_eq!(error("base_model: m\nlearning_rate: 1e-4\n", &[]), "run.yml: datasets is required: the list of datasets to train on");
+    assert_eq!(
+        error("adapter: lora\ndatasets: [{path: d.jsonl}]\nlearning_rate: 1e-4\n", &[]),
+        "run.yml: base_model is required: the model directory or hub id to fine-tune"
+    );
+    assert_eq!(error("base_model: m\ndatasets: [{path: d.jsonl}]\n", &[]), "run.yml: learning_rate is required: e.g. 2e-4 for LoRA");
+    assert_eq!(error("# nothing yet\n", &[]), "run.yml: base_model is required: the model directory or hub id to fine-tune");
+    assert_eq!(
+        error("base_model: m\ndatasets: [{type: alpaca}]\nlearning_rate: 1e-4\n", &[]),
+        "run.yml: datasets[0].path is required: the .jsonl or .json file (or directory) to read"
+    );
+}
+
+#[test]
+fn unknown_key_names_line_and_nearest_key() {
+    let text = "base_model: ./model\n# the optimizer\nlerning_rate: 2e-4\ndatasets:\n  - path: d.jsonl\n";
+    assert_eq!(error(text, &[]), "run.yml:3: unknown key \"lerning_rate\" (did you mean \"learning_rate\"?)");
+    let text = MINIMAL.replace("    type: alpaca\n", "    type: alpaca\n  - path: e.jsonl\n    tpye: completion\n");
+    assert_eq!(error(&text, &[]), "run.yml:7: unknown key \"tpye\" in datasets[1] (did you mean \"type\"?)");
+    assert_eq!(error(&format!("{MINIMAL}frobnicate_everything: 3\n"), &[]), "run.yml:7: unknown key \"frobnicate_everything\"");
+    assert_eq!(error(&format!("{MINIMAL}max_seq_length: 4096\n"), &[]), "run.yml:7: unknown key \"max_seq_length\" (did you mean \"sequence_len\"?)");
+}
+
+#[test]
+fn ignored_axolotl_keys_warn_once_each() {
+    let text = format!("{MINIMAL}bf16: auto\nflash_attention: true\nwandb_project: my-run\n");
+    let loaded = load(&text, &[]).unwrap();
+    assert_eq!(loaded.warnings.len(), 3, "{:?}", loaded.warnings);
+    assert!(loaded.warnings[0].starts_with("run.yml:7: bf16 is ignored: precision is fixed"), "{}", loaded.warnings[0]);
+    assert!(loaded.warnings[1].starts_with("run.yml:8: flash_attention is ignored: ferrotune always runs its own fused kernels"));
+    assert!(loaded.warnings[2].starts_with("run.yml:9: wandb_project is ignored:"));
+    // Nothing about them reaches the typed config: it equals the one without them.
+    assert_eq!(loaded.config, load(MINIMAL, &[]).unwrap().config);
+
+    let text = MINIMAL.replace("    type: alpaca\n", "    type: alpaca\n    ds_type: json\n");
+    let loaded = load(&text, &[]).unwrap();
+    assert_eq!(loaded.warnings, vec!["run.yml:6: datasets[0].ds_type is ignored: the file format is read from the extension (.jsonl or .json)"]);
+}
+
+#[test]
+fn missing_adapter_is_a_warning() {
+    let loaded = load(&MINIMAL.replace("adapter: lora\n", ""), &[]).unwrap();
+    assert_eq!(loaded.warnings.len(), 1);
+    assert!(loaded.warnings[0].starts_with("run.yml: adapter is not set"), "{}", loaded.warnings[0]);
+}
+
+#[test]
+fn unsupported_features_are_refused() {
+    assert_eq!(
+        error(&format!("{MINIMAL}load_in_4bit: true\n"), &[]),
+        "run.yml:7: load_in_4bit: true is not supported yet: 4-bit (QLoRA) base weights are not implemented; \
+         set load_in_4bit: false and adapter: lora to train on a bf16 base"
+    );
+    assert!(error(&MINIMAL.replace("adapter: lora", "adapter: qlora"), &[]).starts_with("run.yml:2: adapter: qlora is not supported yet"));
+    assert!(error(&format!("{MINIMAL}rl: dpo\n"), &[]).starts_with("run.yml:7: rl: dpo is not supported yet: preference training"));
+    assert!(error(&format!("{MINIMAL}peft_use_dora: true\n"), &[]).contains("DoRA is not implemented"));
+    assert!(error(&format!("{MINIMAL}lora_modules_to_save: [embed_tokens, lm_head]\n"), &[]).starts_with(
+        "run.yml:7: lora_modules_to_save: [\"embed_tokens\",\"lm_head\"] is not supported: only LoRA parameters are trained"
+    ));
+    assert!(error(&format!("{MINIMAL}gradient_checkpointing: offload\n"), &[]).contains("use gradient_checkpointing: true"));
+    assert!(error(&format!("{MINIMAL}optimizer: paged_adamw_8bit\n"), &[]).contains("use optimizer: adamw_torch"));
+    assert!(error(&format!("{MINIMAL}reward_model: true\n"), &[]).contains("reward-model training"));
+    assert!(error(&format!("{MINIMAL}load_in_8bit: true\n"), &[]).starts_with("run.yml:7: load_in_8bit: true is not supported:"));
+    let sharegpt = error(&MINIMAL.replace("type: alpaca", "type: sharegpt"), &[]);
+    assert!(sharegpt.starts_with("run.yml:5: datasets[0].type sharegpt is no longer supported"), "{sharegpt}");
+    assert!(sharegpt.contains("message_property_mappings: {role: from, content: value}"));
+
+    // The same keys asking for nothing are fine, and silent.
+    let text = format!(
+        "{MINIMAL}load_in_4bit: false\nload_in_8bit: false\npeft_use_dora: false\nlora_modules_to_save: []\n\
+         gradient_checkpointing: true\noptimizer: adamw_torch_fused\nrl:\n"
+    );
+    let loaded = load(&text, &[]).unwrap();
+    assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+    assert!(loaded.config.gradient_checkpointing);
+    assert_eq!(loaded.config.optimizer, "adamw_torch", "AdamW aliases resolve to one name");
+}
+
+#[test]
+fn type_errors_name_the_key_and_the_type() {
+    assert_eq!(
+        error(&MINIMAL.replace("learning_rate: 2e-4", "learning_rate: fast"), &[]),
+        "run.yml:6: learning_rate must be a number, not the string \"fast\""
+    );
+    assert_eq!(error(&format!("{MINIMAL}lora_r: -4\n"), &[]), "run.yml:7: lora_r must be a whole number, 0 or more, not the number -4");
+    assert_eq!(error(&format!("{MINIMAL}sample_packing: sometimes\n"), &[]), "run.yml:7: sample_packing must be true or false, not the string \"sometimes\"");
+    assert_eq!(
+        error(&format!("{MINIMAL}lora_target_modules: {{q: 1}}\n"), &[]),
+        "run.yml:7: lora_target_modules must be a list of module names or one regular expression, not a mapping ({\"q\":1})"
+    );
+    assert_eq!(
+        error(&MINIMAL.replace("    type: alpaca", "    roles_to_train: assistant"), &[]),
+        "run.yml:5: datasets[0].roles_to_train must be a list, not the string \"assistant\""
+    );
+    assert_eq!(
+        error("base_model: m\ndatasets: d.jsonl\nlearning_rate: 1e-4\n", &[]),
+        "run.yml:2: datasets must be a list of dataset entries (- path: ...), not the string \"d.jsonl\""
+    );
+    assert_eq!(error("- a\n- b\n", &[]), "run.yml: a run config is a mapping of keys (base_model: ..., datasets: ...), not a list ([\"a\",\"b\"])");
+    let bad_yaml = error("a: 1\n  b: [\n", &[]);
+    assert!(bad_yaml.starts_with("run.yml: not valid YAML: ") && bad_yaml.contains("line 2"), "{bad_yaml}");
+}
+
+#[test]
+fn validation_errors_carry_the_line() {
+    assert_eq!(error(&format!("{MINIMAL}lora_r: 0\n"), &[]), "run.yml:7: lora_r must be at least 1 (got 0)");
+    assert_eq!(
+        error(&format!("{MINIMAL}warmup_steps: 10\nwarmup_ratio: 0.1\n"), &[]),
+        "run.yml:8: warmup_ratio and warmup_steps are both set: keep one"
+    );
+    assert_eq!(error(&format!("{MINIMAL}device: gpu\n"), &[]), "run.yml:7: device must be cpu, cuda, cuda:N or auto (got gpu)");
+    assert_eq!(error(&format!("{MINIMAL}lr_scheduler: one_cycle\n"), &[]).split(" (or").next().unwrap(), "run.yml:7: lr_scheduler must be constant, linear or cosine");
+    let loaded = load(&format!("{MINIMAL}lr_scheduler: constant_with_warmup\nwarmup_steps: 5\n"), &[]).unwrap();
+    assert_eq!(loaded.config.lr_scheduler, "constant");
+}
+
+#[test]
+fn set_overrides_apply_before_checks() {
+    let c = load(
+        MINIMAL,
+        &[
+            "learning_rate=1e-5",
+            "lora_r=32",
+            "sample_packing=true",
+            "lora_target_modules=[q_proj,v_proj]",
+            "datasets.0.path=other.jsonl",
+            "datasets.1.path=extra.jsonl",
+            "datasets.1.type=completion",
+            "special_tokens.pad_token=<pad>",
+            "output_dir=runs/a",
+            "max_steps=",
+        ],
+    )
+    .unwrap()
+    .config;
+    assert_eq!(c.learning_rate, 1e-5);
+    assert_eq!(c.lora_r, 32);
+    assert!(c.sample_packing);
+    assert_eq!(c.lora_target_modules, Some(TargetModules::Names(vec!["q_proj".into(), "v_proj".into()])));
+    assert_eq!(c.datasets[0].path, "other.jsonl");
+    assert_eq!(c.datasets[1], DatasetConfig { path: "extra.jsonl".into(), kind: Some("completion".into()), ..Default::default() });
+    assert_eq!(c.special_tokens.get("pad_token").map(String::as_str), Some("<pad>"));
+    assert_eq!(c.output_dir, "runs/a");
+    assert_eq!(c.max_steps, None);
+
+    // A required key may come from --set alone.
+    let c = load(&MINIMAL.replace("learning_rate: 2e-4\n", ""), &["learning_rate=3e-4"]).unwrap().config;
+    assert_eq!(c.learning_rate, 3e-4);
+}
+
+#[test]
+fn set_errors_name_the_argument() {
+    assert_eq!(error(MINIMAL, &["lerning_rate=1e-4"]), "--set lerning_rate=1e-4: unknown key \"lerning_rate\" (did you mean \"learning_rate\"?)");
+    assert_eq!(error(MINIMAL, &["datasets.0.pth=x"]), "--set datasets.0.pth=x: unknown key \"pth\" in a dataset entry (did you mean \"path\"?)");
+    assert_eq!(error(MINIMAL, &["lora_r=0"]), "--set lora_r=0: lora_r must be at least 1 (got 0)");
+    assert_eq!(error(MINIMAL, &["learning_rate=fast"]), "--set learning_rate=fast: learning_rate must be a number, not the string \"fast\"");
+    assert!(error(MINIMAL, &["load_in_4bit=true"]).starts_with("--set load_in_4bit=true: load_in_4bit: true is not supported yet"));
+    assert!(error(MINIMAL, &["lora_r"]).contains("expected key=value"));
+}
+
+#[test]
+fn lora_and_adamw_conversions() {
+    let c = load(MINIMAL, &[]).unwrap().config;
+    let lora = c.lora_config().unwrap();
+    assert_eq!((lora.r, lora.alpha, lora.dropout, lora.use_rslora), (8, 16.0, 0.0, false));
+    assert_eq!(lora.targets, Targets::Names(vec!["q_proj".into(), "v_proj".into()]), "PEFT's default for llama/mistral/qwen2");
+    assert_eq!(lora.base_model_name_or_path.as_deref(), Some("./model"));
+
+    let c = load(MINIMAL, &["lora_target_linear=true", "lora_target_modules=[q_proj]", "peft_use_rslora=true"]).unwrap().config;
+    let lora = c.lora_config().unwrap();
+    assert_eq!(lora.targets, Targets::AllLinear);
+    assert!(lora.use_rslora);
+    let c = load(MINIMAL, &[r"lora_target_modules=.*\.(q|v)_proj"]).unwrap().config;
+    assert_eq!(c.lora_config().unwrap().targets, Targets::Regex(r".*\.(q|v)_proj".into()));
+    let c = load(MINIMAL, &["lora_target_modules=all-linear"]).unwrap().config;
+    assert_eq!(c.lora_config().unwrap().targets, Targets::AllLinear);
+
+    let c = load(MINIMAL, &["adam_beta2=0.95", "weight_decay=0.01", "adam_epsilon=1e-6"]).unwrap().config;
+    let adamw = c.adamw_config();
+    assert_eq!((adamw.beta1, adamw.beta2, adamw.eps, adamw.weight_decay), (0.9, 0.95, 1e-6, 0.01));
+    assert_eq!(adamw.max_grad_norm, Some(1.0));
+    assert_eq!(load(MINIMAL, &["max_grad_norm=0"]).unwrap().config.adamw_config().max_grad_norm, None);
+}
+
+#[test]
+fn resolved_config_round_trips() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "{MINIMAL}lora_target_modules: [q_proj, k_proj]\nlora_dropout: 0.05\nspecial_tokens: {{pad_token: \"<|end|>\"}}\n\
+         resume_from_checkpoint: true\nmax_steps: 7\nwarmup_ratio: 0.03\noutput_dir: \"123\"\nchat_template: \"yes\"\n\
+         test_datasets:\n  - path: t.jsonl\n    type: chat_template\n    message_property_mappings: {{role: from, content: value}}\n"
+    );
+    let original = load(&text, &[]).unwrap().config;
+    let out = dir.path().join("run");
+    original.save_resolved(&out).unwrap();
+    let saved = out.join(RESOLVED_CONFIG_FILE);
+    let reloaded = config::load(&saved, &[]).unwrap();
+    assert_eq!(reloaded.config, original);
+    assert!(reloaded.warnings.is_empty(), "{:?}", reloaded.warnings);
+    // Every top-level key is written, defaults included.
+    let yaml = std::fs::read_to_string(&saved).unwrap();
+    for key in ["lr_scheduler: cosine", "seed: 42", "device: auto", "warmup_steps: null", "lora_r: 8"] {
+        assert!(yaml.lines().any(|l| l == key), "{key} missing from\n{yaml}");
+    }
+    assert_eq!(yaml, original.to_yaml());
+    // No temporary file is left behind.
+    assert_eq!(std::fs::read_dir(&out).unwrap().count(), 1);
+}
+
+#[test]
+fn every_example_config_loads() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/configs");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().and_then(|e| e.to_str()) != Some("yml") {
+            continue;
+        }
+        let loaded = config::load(&path, &[]).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+        assert!(loaded.warnings.is_empty(), "{}: {:?}", path.display(), loaded.warnings);
+        loaded.config.lora_config().unwrap();
+        let resolved = config::load_str(&loaded.config.to_yaml(), "resolved", &[]).unwrap();
+        assert_eq!(resolved.config, loaded.config, "{}", path.display());
+        seen += 1;
+    }
+    assert!(seen >= 3, "expected the example configs in {}", dir.display());
+}
