@@ -101,3 +101,51 @@ fn fifty_adamw_steps_follow_the_cpu_loss_curve() {
     assert!(last < first, "the CPU run itself did not learn ({first} -> {last})");
     assert!(worst <= GPU_CURVE_TOL, "loss curves diverge: worst step rel error {worst:e} > {GPU_CURVE_TOL:e}");
 }
+
+#[path = "common/generation.rs"]
+mod generation;
+
+#[test]
+#[ignore = "needs a GPU: run by scripts/gpu_check.sh"]
+fn decode_attention_matches_the_cpu_reference() {
+    // cuda/decode_attn.cu against the CPU reference over head dims (the
+    // tensor-core sizes, odd and largest), GQA ratios, windows shorter and
+    // longer than the cache, an empty and a long cache, 1 and many new
+    // tokens. Tolerance: Tolerances::bf16().attention (8e-3): the kernel
+    // rounds only its output to bf16 (2^-9 relative), from identical bf16
+    // inputs, so the error is that one rounding plus f32 summation order.
+    let cuda = gpu();
+    let cpu = CpuBackend::new();
+    let mut h = Harness::new(&cpu, &cuda, Tolerances::bf16(), 11);
+    for (d, heads, kv, window) in
+        [(64, 8, 8, None), (128, 32, 8, None), (128, 28, 4, Some(4096)), (96, 6, 2, Some(17)), (256, 8, 1, Some(1)), (8, 4, 2, None)]
+    {
+        for (past, new) in [(0, 1), (0, 37), (1, 1), (300, 5), (4095, 1), (2000, 64)] {
+            h.decode_attention(past, new, heads, kv, d, window);
+        }
+    }
+    let mut failed = 0;
+    for c in &h.checks {
+        eprintln!("{c}");
+        failed += !c.passed() as usize;
+    }
+    assert_eq!(failed, 0, "{failed} of {} decode_attention checks failed", h.checks.len());
+}
+
+#[test]
+#[ignore = "needs a GPU: run by scripts/gpu_check.sh"]
+fn cached_generation_logits_match_the_cpu_on_every_fixture() {
+    // Prefill + 19 cached steps on the GPU, fed the CPU's greedy tokens,
+    // against the CPU's cached logits (which tests/generate.rs holds to the
+    // full recomputation). Bound: GPU_LOGITS_TOL (see its comment).
+    let cuda = gpu();
+    let mut worst = Vec::new();
+    for case in CASES {
+        let err = generation::teacher_forced_logits_rel_err(&cuda, case);
+        eprintln!("{case}: cached logits rel error {err:.2e} (bound {:.0e})", generation::GPU_LOGITS_TOL);
+        worst.push((case, err));
+    }
+    for (case, err) in worst {
+        assert!(err <= generation::GPU_LOGITS_TOL, "{case}: cached logits rel error {err:e} > {:e}", generation::GPU_LOGITS_TOL);
+    }
+}

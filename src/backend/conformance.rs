@@ -422,7 +422,9 @@ impl<'a, R: Backend, C: Backend> Harness<'a, R, C> {
         self.check(format!("attention_backward dv {tag}"), &rdv, &cdv, t.attention_backward);
     }
 
-    fn decode_attention(&mut self, past: usize, new: usize, heads: usize, kv: usize, d: usize, window: Option<usize>) {
+    /// decode_attention of `new` tokens after `past` cached ones (also run
+    /// by `run`; public for wider shape sweeps).
+    pub fn decode_attention(&mut self, past: usize, new: usize, heads: usize, kv: usize, d: usize, window: Option<usize>) {
         let t = self.tol;
         let shape = AttnShape { n: new, n_heads: heads, n_kv_heads: kv, head_dim: d, window, scale: 1.0 / (d as f32).sqrt(), max_seqlen: 0 };
         // A cache with room to spare (capacity past + new + 5), as a generation loop holds it.

@@ -2,6 +2,7 @@
 
 mod bench;
 mod eval;
+mod generate;
 mod merge;
 mod models;
 mod synth;
@@ -28,6 +29,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Merge a LoRA adapter into its base model, writing a plain HuggingFace checkpoint.
     Merge(merge::MergeArgs),
+    /// Generate text from a model (and adapter), streamed as it comes.
+    Generate(generate::GenerateArgs),
     /// Write a random-weight checkpoint of a supported family (for benchmarks).
     Synth(synth::SynthArgs),
 }
@@ -85,6 +88,7 @@ pub fn run() -> Result<()> {
     match cli.command {
         Command::Models => models::run(),
         Command::Eval(a) => eval::run(a),
+        Command::Generate(a) => generate::run(a),
         Command::Synth(a) => synth::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Merge(a) => merge::run(a),

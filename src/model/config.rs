@@ -47,6 +47,9 @@ pub struct ModelConfig {
     /// Sliding window per layer (None = full causal attention).
     pub layer_window: Vec<Option<usize>>,
     pub max_position_embeddings: Option<usize>,
+    /// Tokens that end generation: eos_token_id (an int or a list; empty
+    /// when absent).
+    pub eos_token_ids: Vec<u32>,
 }
 
 struct Reader<'a> {
@@ -92,6 +95,21 @@ fn parse_dtype(s: &str) -> Option<DType> {
         "float16" => Some(DType::F16),
         "bfloat16" => Some(DType::BF16),
         _ => None,
+    }
+}
+
+/// A token-id key that may be absent, null, an int or a list of ints
+/// (eos_token_id in config.json and generation_config.json).
+pub fn token_ids(v: Option<&Value>, key: &str, file: &str) -> Result<Vec<u32>> {
+    let one = |x: &Value| -> Result<u32> {
+        x.as_u64()
+            .and_then(|n| u32::try_from(n).ok())
+            .with_context(|| format!("{file}: \"{key}\" must be a token id or a list of token ids, found {x}"))
+    };
+    match v {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::Array(a)) => a.iter().map(one).collect(),
+        Some(x) => Ok(vec![one(x)?]),
     }
 }
 
@@ -211,6 +229,7 @@ impl ModelConfig {
             o_bias: family.o_bias.resolve(&raw),
             mlp_bias: family.mlp_bias.resolve(&raw),
             max_position_embeddings: r.usize_opt("max_position_embeddings")?,
+            eos_token_ids: token_ids(raw.get("eos_token_id"), "eos_token_id", &file)?,
             raw,
             hidden,
             n_layers,

@@ -7,7 +7,9 @@ pub mod checkpoint;
 pub mod config;
 pub mod graph;
 pub mod flops;
+pub mod generate;
 pub mod layer;
+pub mod sample;
 pub mod synth;
 
 use crate::adapter::{Lora, LoraConfig};

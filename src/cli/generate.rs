@@ -1,0 +1,220 @@
+//! `ferrotune generate`: text from a model (and adapter) with a KV cache,
+//! streamed to stdout as it is generated; timings on stderr.
+//!
+//! Sampling defaults: temperature 0.7 (0 = greedy), top-k and top-p off.
+//! Generation stops at max_new_tokens or at an end-of-sequence token: the
+//! eos_token_id of config.json and of generation_config.json (each an int or
+//! a list), and the tokenizer's eos_token.
+
+use super::{Opened, open_device};
+use crate::adapter::peft;
+use crate::backend::Backend;
+use crate::data::chat_template::{ChatTemplate, Message};
+use crate::model::Model;
+use crate::model::checkpoint::{self, Checkpoint};
+use crate::model::config::token_ids;
+use crate::model::generate::{GenerateOpts, StopReason};
+use crate::model::sample::SamplingParams;
+use anyhow::{Context, Result};
+use clap::Args;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Args)]
+pub struct GenerateArgs {
+    /// HuggingFace model directory (config.json, safetensors, tokenizer),
+    /// or a hub id ("org/name") already in the HuggingFace cache.
+    #[arg(long)]
+    model: String,
+    /// PEFT LoRA adapter directory to apply.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// The prompt text (tokenized with the tokenizer's special tokens, e.g. BOS).
+    #[arg(long)]
+    prompt: String,
+    /// Send the prompt as a user message through the model's chat template
+    /// (with the assistant turn opened).
+    #[arg(long)]
+    chat: bool,
+    /// A system message before the prompt (with --chat).
+    #[arg(long, requires = "chat")]
+    system: Option<String>,
+    /// A built-in chat template instead of the tokenizer's own (with --chat):
+    /// chatml or llama3.
+    #[arg(long, requires = "chat")]
+    chat_template: Option<String>,
+    /// Most tokens to generate (fewer if the model's max_position_embeddings
+    /// is reached first).
+    #[arg(long, default_value_t = 128, allow_negative_numbers = true)]
+    max_new_tokens: usize,
+    /// Softmax temperature; 0 = greedy decoding.
+    #[arg(long, default_value_t = 0.7, value_parser = parse_temperature, allow_negative_numbers = true)]
+    temperature: f32,
+    /// Sample among the K most likely tokens only; 0 = off.
+    #[arg(long, value_name = "K", default_value_t = 0, allow_negative_numbers = true)]
+    top_k: usize,
+    /// Sample among the smallest set of most likely tokens whose probability
+    /// reaches P, in (0, 1]; 1 = off.
+    #[arg(long, value_name = "P", default_value_t = 1.0, value_parser = parse_top_p, allow_negative_numbers = true)]
+    top_p: f32,
+    /// Seed of the sampler (the same seed gives the same text).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// cpu, cuda, cuda:N or auto.
+    #[arg(long, default_value = "auto")]
+    device: String,
+}
+
+fn parse_temperature(s: &str) -> std::result::Result<f32, String> {
+    let t: f32 = s.parse().map_err(|_| format!("{s} is not a number"))?;
+    if t.is_finite() && t >= 0.0 { Ok(t) } else { Err(format!("must be a finite number >= 0 (0 = greedy), got {s}")) }
+}
+
+fn parse_top_p(s: &str) -> std::result::Result<f32, String> {
+    let p: f32 = s.parse().map_err(|_| format!("{s} is not a number"))?;
+    if p > 0.0 && p <= 1.0 { Ok(p) } else { Err(format!("must be in (0, 1], got {s}")) }
+}
+
+impl GenerateArgs {
+    fn sampling(&self) -> SamplingParams {
+        SamplingParams {
+            temperature: self.temperature,
+            top_k: (self.top_k > 0).then_some(self.top_k),
+            top_p: (self.top_p < 1.0).then_some(self.top_p),
+        }
+    }
+}
+
+pub fn run(a: GenerateArgs) -> Result<()> {
+    a.sampling().validate()?;
+    match open_device(&a.device)? {
+        Opened::Cpu(be) => generate_on(&be, &a),
+        Opened::Cuda(be) => generate_on(&be, &a),
+    }
+}
+
+/// The prompt's token ids: plain text with the tokenizer's special tokens,
+/// or (--chat) the rendered conversation, whose template writes the special
+/// tokens itself (as transformers' apply_chat_template tokenizes it).
+fn prompt_ids(a: &GenerateArgs, dir: &Path, tok: &tokenizers::Tokenizer) -> Result<Vec<u32>> {
+    let (text, add_special) = if a.chat {
+        let template = ChatTemplate::resolve(a.chat_template.as_deref(), None, dir)?;
+        let mut messages = Vec::new();
+        if let Some(s) = &a.system {
+            messages.push(Message::new("system", s));
+        }
+        messages.push(Message::new("user", &a.prompt));
+        (template.render(&messages, true)?, false)
+    } else {
+        (a.prompt.clone(), true)
+    };
+    let enc = tok
+        .encode_fast(text.as_str(), add_special)
+        .map_err(|e| anyhow::anyhow!("cannot tokenize the prompt with {}: {e}", dir.join("tokenizer.json").display()))?;
+    Ok(enc.get_ids().to_vec())
+}
+
+/// End-of-sequence ids: config.json's, generation_config.json's and the
+/// tokenizer's eos_token, without repeats.
+fn stop_tokens(cfg_eos: &[u32], dir: &Path, tok: &tokenizers::Tokenizer) -> Result<Vec<u32>> {
+    let mut ids = cfg_eos.to_vec();
+    let gen_path = dir.join("generation_config.json");
+    if gen_path.is_file() {
+        let text = std::fs::read_to_string(&gen_path).with_context(|| format!("cannot read {}", gen_path.display()))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", gen_path.display()))?;
+        ids.extend(token_ids(v.get("eos_token_id"), "eos_token_id", &gen_path.display().to_string())?);
+    }
+    let special = crate::data::chat_template::SpecialTokens::from_tokenizer_dir(dir)?;
+    if let Some(id) = special.eos.as_deref().and_then(|s| tok.token_to_id(s)) {
+        ids.push(id);
+    }
+    let mut seen = std::collections::HashSet::new();
+    ids.retain(|id| seen.insert(*id));
+    Ok(ids)
+}
+
+/// Prints the text of the growing list of generated ids as it grows. Each
+/// step decodes the whole list and prints what is new, so a character
+/// spread over several tokens prints once complete (never half of it).
+struct Streamer<'a> {
+    tok: &'a tokenizers::Tokenizer,
+    ids: Vec<u32>,
+    printed: usize,
+}
+
+impl Streamer<'_> {
+    fn decode(&self) -> Result<String> {
+        self.tok.decode(&self.ids, true).map_err(|e| anyhow::anyhow!("cannot decode generated tokens: {e}"))
+    }
+
+    fn emit(&mut self, text: &str) -> Result<()> {
+        if text.len() > self.printed && text.is_char_boundary(self.printed) {
+            let mut out = std::io::stdout().lock();
+            out.write_all(&text.as_bytes()[self.printed..])?;
+            out.flush()?;
+            self.printed = text.len();
+        }
+        Ok(())
+    }
+
+    fn push(&mut self, id: u32) -> Result<()> {
+        self.ids.push(id);
+        let text = self.decode()?;
+        // An incomplete UTF-8 sequence decodes to U+FFFD: wait for the rest.
+        if !text.ends_with('\u{FFFD}') {
+            self.emit(&text)?;
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self) -> Result<()> {
+        let text = self.decode()?;
+        self.emit(&text)?;
+        println!();
+        Ok(())
+    }
+}
+
+fn generate_on<B: Backend>(be: &B, a: &GenerateArgs) -> Result<()> {
+    let t0 = Instant::now();
+    let dir = checkpoint::resolve_model_dir(&a.model, &checkpoint::hf_cache())?;
+    let ckpt = Checkpoint::open(&dir)?;
+    let tok = checkpoint::load_tokenizer(&dir)?;
+    // The prompt before the weights: a template error should not cost a load.
+    let prompt = prompt_ids(a, &dir, &tok)?;
+    let stop = stop_tokens(&ckpt.config.eos_token_ids, &dir, &tok)?;
+    let mut model = Model::load(be, &ckpt)?;
+    if let Some(adapter) = &a.adapter {
+        let n = peft::load(be, &mut model, adapter)?;
+        eprintln!("adapter: {} ({n} LoRA modules)", adapter.display());
+    }
+    eprintln!(
+        "model: {} ({}), loaded on {} in {:.1}s; prompt {} tokens",
+        dir.display(),
+        model.cfg.family.family,
+        be.name(),
+        t0.elapsed().as_secs_f64(),
+        prompt.len()
+    );
+    let opts = GenerateOpts { max_new_tokens: a.max_new_tokens, sampling: a.sampling(), seed: a.seed, stop_tokens: stop };
+    let mut streamer = Streamer { tok: &tok, ids: Vec::new(), printed: 0 };
+    let g = model.generate(be, &prompt, &opts, |id| streamer.push(id))?;
+    streamer.finish()?;
+    let stop = match g.stop {
+        StopReason::Eos => "end-of-sequence token",
+        StopReason::MaxNewTokens => "max-new-tokens",
+        StopReason::ContextFull => "max_position_embeddings reached",
+    };
+    eprintln!(
+        "prefill: {} tokens in {:.3}s ({:.1} tokens/s); decode: {} tokens in {:.3}s ({:.1} tokens/s); stopped: {stop}",
+        g.prompt_tokens,
+        g.prefill_time.as_secs_f64(),
+        g.prefill_tokens_per_s(),
+        g.tokens.len().saturating_sub(1),
+        g.decode_time.as_secs_f64(),
+        g.decode_tokens_per_s(),
+    );
+    Ok(())
+}

@@ -1,0 +1,300 @@
+//! Text generation with a KV cache: the prompt runs through the model in one
+//! pass (prefill), each layer keeping its rotated keys and values; then one
+//! token at a time runs through it, attending to the cache
+//! (`Backend::decode_attention`) instead of recomputing the sequence. Only
+//! the last position's logits are computed (f32). LoRA adapters apply as in
+//! the forward pass, without dropout.
+//!
+//! The per-layer step below mirrors `layer::forward` operation for
+//! operation (same ops, same order), so cached generation reproduces
+//! `Model::logits` of the whole sequence; tests/generate.rs holds the two to
+//! each other on every fixture model.
+
+use super::sample::{Sampler, SamplingParams};
+use super::{Layer, Linear, Model, Proj};
+use crate::backend::{AttnShape, Backend};
+use anyhow::{Result, bail};
+use std::time::{Duration, Instant};
+
+/// Keys and values of one sequence, per layer, on the backend.
+pub struct KvCache<B: Backend> {
+    /// Per layer, [capacity, n_kv_heads, head_dim] (activation storage):
+    /// rows 0..len are filled.
+    k: Vec<B::Buf>,
+    v: Vec<B::Buf>,
+    capacity: usize,
+    len: usize,
+}
+
+impl<B: Backend> KvCache<B> {
+    /// Positions the cache can hold.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Positions held (the next token goes to position `len`).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Forget the sequence (the buffers are kept for the next one).
+    pub fn clear(&mut self) {
+        self.len = 0;
+    }
+}
+
+/// What `Model::generate` does.
+#[derive(Debug, Clone)]
+pub struct GenerateOpts {
+    pub max_new_tokens: usize,
+    pub sampling: SamplingParams,
+    pub seed: u64,
+    /// Generation stops after any of these (the model's EOS ids); the stop
+    /// token is part of the output.
+    pub stop_tokens: Vec<u32>,
+}
+
+/// Why generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    /// A stop token was generated (it is the last output token).
+    Eos,
+    /// max_new_tokens were generated.
+    MaxNewTokens,
+    /// The sequence reached the model's max_position_embeddings.
+    ContextFull,
+}
+
+/// The output of `Model::generate`.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    /// The new tokens (the prompt is not repeated).
+    pub tokens: Vec<u32>,
+    pub stop: StopReason,
+    pub prompt_tokens: usize,
+    /// The prompt's forward pass and the first token's choice.
+    pub prefill_time: Duration,
+    /// Every later step (one forward of one token and its choice each).
+    pub decode_time: Duration,
+}
+
+impl Generation {
+    /// Prompt tokens per second of prefill.
+    pub fn prefill_tokens_per_s(&self) -> f64 {
+        self.prompt_tokens as f64 / self.prefill_time.as_secs_f64().max(1e-9)
+    }
+
+    /// Generated tokens per second after the first (each costs one step).
+    pub fn decode_tokens_per_s(&self) -> f64 {
+        self.tokens.len().saturating_sub(1) as f64 / self.decode_time.as_secs_f64().max(1e-9)
+    }
+}
+
+/// y = x·Wᵀ (+b) (+ LoRA, no dropout) for `m` rows: the inference form of
+/// the layer's projection.
+fn project<B: Backend>(be: &B, lin: &Linear<B>, x: &B::Buf, m: usize) -> B::Buf {
+    let mut y = be.zeros(m * lin.out_f);
+    be.linear(x, &lin.weight, lin.bias.as_ref(), &mut y, m, lin.in_f, lin.out_f);
+    if let Some(l) = &lin.lora {
+        let mut xa = be.zeros(m * l.r);
+        be.lora_forward(x, &l.a, &l.b, l.scale, None, &mut xa, &mut y, m, lin.in_f, lin.out_f, l.r);
+    }
+    y
+}
+
+impl<B: Backend> Model<B> {
+    /// The cache a generation of `max_new_tokens` after a prompt of
+    /// `prompt_len` tokens needs, capped at the model's
+    /// max_position_embeddings (when config.json gives it).
+    pub fn cache_capacity(&self, prompt_len: usize, max_new_tokens: usize) -> usize {
+        let want = prompt_len + max_new_tokens;
+        self.cfg.max_position_embeddings.map_or(want, |m| want.min(m))
+    }
+
+    /// An empty cache for `capacity` positions.
+    pub fn new_kv_cache(&self, be: &B, capacity: usize) -> KvCache<B> {
+        let row = self.cfg.n_kv_heads * self.cfg.head_dim;
+        let (k, v) = (0..self.cfg.n_layers).map(|_| (be.zeros(capacity * row), be.zeros(capacity * row))).unzip();
+        KvCache { k, v, capacity, len: 0 }
+    }
+
+    /// Run `ids`, the next tokens of the cached sequence, through the model:
+    /// their keys and values join the cache, and the logits of the last of
+    /// them come back (f32, [vocab]). An empty cache is a prefill (one
+    /// attention pass over `ids`); otherwise the new tokens attend to the
+    /// cache.
+    pub fn forward_cached(&self, be: &B, cache: &mut KvCache<B>, ids: &[u32]) -> Result<Vec<f32>> {
+        let cfg = &self.cfg;
+        let (n, past, h) = (ids.len(), cache.len, cfg.hidden);
+        if n == 0 {
+            bail!("no tokens to run through the model");
+        }
+        if cache.k.len() != cfg.n_layers {
+            bail!("the KV cache has {} layers, the model {}", cache.k.len(), cfg.n_layers);
+        }
+        if past + n > cache.capacity {
+            bail!(
+                "{past} cached + {n} new tokens exceed the KV cache's {} positions{}",
+                cache.capacity,
+                cfg.max_position_embeddings.map(|m| format!(" (max_position_embeddings is {m})")).unwrap_or_default()
+            );
+        }
+        if let Some((i, id)) = ids.iter().enumerate().find(|(_, id)| **id as usize >= cfg.vocab) {
+            bail!("token id {id} (new token {i}) is outside the vocabulary (size {})", cfg.vocab);
+        }
+        let ids_i32: Vec<i32> = ids.iter().map(|&t| t as i32).collect();
+        let positions: Vec<i32> = (past..past + n).map(|p| p as i32).collect();
+        let ids_buf = be.upload_ints(&ids_i32);
+        let pos_buf = be.upload_ints(&positions);
+        let cu = (past == 0).then(|| be.upload_ints(&[0, n as i32]));
+
+        let mut x = be.zeros(n * h);
+        be.embedding(&self.embed, &ids_buf, &mut x, n, h);
+        for (li, layer) in self.layers.iter().enumerate() {
+            let (kc, vc) = (&mut cache.k[li], &mut cache.v[li]);
+            x = self.layer_step(be, layer, x, n, past, &pos_buf, cu.as_ref(), kc, vc);
+        }
+        cache.len += n;
+
+        // Final norm and LM head on the last position only.
+        let mut last = be.zeros(h);
+        be.copy_slice(&x, (n - 1) * h, &mut last, 0, h);
+        let mut normed = be.zeros(h);
+        let mut inv = be.zeros_f32(1);
+        be.rmsnorm(&last, &self.final_norm, &mut normed, &mut inv, 1, h, cfg.rms_norm_eps);
+        let mut logits = be.zeros_f32(cfg.vocab);
+        be.linear(&normed, self.head(), None, &mut logits, 1, h, cfg.vocab);
+        Ok(be.download(&logits))
+    }
+
+    /// One decoder layer over `n` new tokens at positions past..past+n
+    /// (`layer::forward` without saved activations, with the cache).
+    #[allow(clippy::too_many_arguments)]
+    fn layer_step(
+        &self,
+        be: &B,
+        layer: &Layer<B>,
+        mut x: B::Buf,
+        n: usize,
+        past: usize,
+        positions: &B::IntBuf,
+        prefill_cu: Option<&B::IntBuf>,
+        k_cache: &mut B::Buf,
+        v_cache: &mut B::Buf,
+    ) -> B::Buf {
+        let cfg = &self.cfg;
+        let h = cfg.hidden;
+        let kvd = cfg.n_kv_heads * cfg.head_dim;
+        let eps = cfg.rms_norm_eps;
+
+        let mut h1 = be.zeros(n * h);
+        let mut inv = be.zeros_f32(n);
+        be.rmsnorm(&x, &layer.input_norm, &mut h1, &mut inv, n, h, eps);
+        let mut q = project(be, layer.p(Proj::Q), &h1, n);
+        let mut k = project(be, layer.p(Proj::K), &h1, n);
+        let v = project(be, layer.p(Proj::V), &h1, n);
+        drop(h1);
+        be.rope(&mut q, positions, &self.inv_freq, n, cfg.n_heads, cfg.head_dim);
+        be.rope(&mut k, positions, &self.inv_freq, n, cfg.n_kv_heads, cfg.head_dim);
+        be.copy_slice(&k, 0, k_cache, past * kvd, n * kvd);
+        be.copy_slice(&v, 0, v_cache, past * kvd, n * kvd);
+
+        let shape = AttnShape {
+            n,
+            n_heads: cfg.n_heads,
+            n_kv_heads: cfg.n_kv_heads,
+            head_dim: cfg.head_dim,
+            window: layer.window,
+            scale: 1.0 / (cfg.head_dim as f32).sqrt(),
+            max_seqlen: n,
+        };
+        let mut attn = be.zeros(n * cfg.n_heads * cfg.head_dim);
+        match prefill_cu {
+            // The whole sequence is new: the varlen (flash) attention.
+            Some(cu) => {
+                let mut lse = be.zeros_f32(cfg.n_heads * n);
+                be.attention(&q, &k, &v, cu, 1, shape, &mut attn, &mut lse);
+            }
+            None => be.decode_attention(&q, k_cache, v_cache, past, shape, &mut attn),
+        }
+        drop((q, k, v));
+        let o = project(be, layer.p(Proj::O), &attn, n);
+        be.add_assign(&mut x, &o);
+        drop((attn, o));
+
+        let mut h2 = be.zeros(n * h);
+        be.rmsnorm(&x, &layer.post_attention_norm, &mut h2, &mut inv, n, h, eps);
+        let gate = project(be, layer.p(Proj::Gate), &h2, n);
+        let up = project(be, layer.p(Proj::Up), &h2, n);
+        let mut act = be.zeros(n * cfg.intermediate);
+        be.swiglu(&gate, &up, &mut act, n * cfg.intermediate);
+        drop((gate, up, h2));
+        let down = project(be, layer.p(Proj::Down), &act, n);
+        be.add_assign(&mut x, &down);
+        x
+    }
+
+    /// Generate up to `opts.max_new_tokens` tokens after `prompt`: one
+    /// prefill pass, then one cached step per token. `on_token` sees each
+    /// token as soon as it is chosen (for streaming); an error from it stops
+    /// generation and is returned.
+    pub fn generate(
+        &self,
+        be: &B,
+        prompt: &[u32],
+        opts: &GenerateOpts,
+        mut on_token: impl FnMut(u32) -> Result<()>,
+    ) -> Result<Generation> {
+        opts.sampling.validate()?;
+        if prompt.is_empty() {
+            bail!("the prompt has no tokens");
+        }
+        if let Some(m) = self.cfg.max_position_embeddings
+            && prompt.len() >= m
+        {
+            bail!("the prompt has {} tokens; the model's max_position_embeddings is {m}, which leaves no room to generate", prompt.len());
+        }
+        let mut out = Generation {
+            tokens: Vec::new(),
+            stop: StopReason::MaxNewTokens,
+            prompt_tokens: prompt.len(),
+            prefill_time: Duration::ZERO,
+            decode_time: Duration::ZERO,
+        };
+        if opts.max_new_tokens == 0 {
+            return Ok(out);
+        }
+        let mut cache = self.new_kv_cache(be, self.cache_capacity(prompt.len(), opts.max_new_tokens));
+        let mut sampler = Sampler::new(opts.sampling, opts.seed);
+
+        let t0 = Instant::now();
+        let logits = self.forward_cached(be, &mut cache, prompt)?;
+        let mut token = sampler.sample(&logits);
+        out.prefill_time = t0.elapsed();
+        loop {
+            out.tokens.push(token);
+            on_token(token)?;
+            if opts.stop_tokens.contains(&token) {
+                out.stop = StopReason::Eos;
+                break;
+            }
+            if out.tokens.len() >= opts.max_new_tokens {
+                out.stop = StopReason::MaxNewTokens;
+                break;
+            }
+            if cache.len() >= cache.capacity() {
+                out.stop = StopReason::ContextFull;
+                break;
+            }
+            let t = Instant::now();
+            let logits = self.forward_cached(be, &mut cache, &[token])?;
+            token = sampler.sample(&logits);
+            out.decode_time += t.elapsed();
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,311 @@
+//! Choosing the next token from one position's logits: temperature, top-k
+//! and top-p (nucleus) filters applied in transformers' order (temperature,
+//! then top-k, then top-p, as its logits warpers), then one draw from the
+//! softmax of what is left with a seeded RNG. Temperature 0 is greedy
+//! decoding (the argmax; the lowest index wins a tie, as `torch.argmax`).
+//! A filtered-out token gets logit −∞ (probability 0).
+
+use crate::util::rng::Rng;
+use anyhow::{Result, bail};
+
+/// How the next token is chosen.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SamplingParams {
+    /// Logits are divided by this; 0 = greedy.
+    pub temperature: f32,
+    /// Keep only the k most likely tokens (ties with the k-th kept); None = off.
+    pub top_k: Option<usize>,
+    /// Keep the smallest set of most likely tokens whose probability reaches
+    /// p; None = off.
+    pub top_p: Option<f32>,
+}
+
+impl SamplingParams {
+    pub fn greedy() -> SamplingParams {
+        SamplingParams { temperature: 0.0, top_k: None, top_p: None }
+    }
+
+    /// The ranges transformers accepts: temperature ≥ 0 (finite), top_k ≥ 1,
+    /// 0 < top_p ≤ 1.
+    pub fn validate(&self) -> Result<()> {
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            bail!("temperature must be a finite number >= 0 (0 = greedy), got {}", self.temperature);
+        }
+        if self.top_k == Some(0) {
+            bail!("top_k must be at least 1 (leave it unset to keep every token)");
+        }
+        if let Some(p) = self.top_p
+            && !(p > 0.0 && p <= 1.0)
+        {
+            bail!("top_p must be in (0, 1], got {p}");
+        }
+        Ok(())
+    }
+
+    pub fn is_greedy(&self) -> bool {
+        self.temperature == 0.0
+    }
+}
+
+/// Index of the largest logit (the first of equal maxima; NaN never wins).
+pub fn argmax(logits: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &x) in logits.iter().enumerate() {
+        if x > logits[best] || logits[best].is_nan() {
+            best = i;
+        }
+    }
+    best
+}
+
+/// logits /= temperature (transformers' TemperatureLogitsWarper).
+pub fn apply_temperature(logits: &mut [f32], temperature: f32) {
+    for x in logits.iter_mut() {
+        *x /= temperature;
+    }
+}
+
+/// transformers' TopKLogitsWarper: every logit below the k-th largest
+/// becomes −∞ (so ties with the k-th largest are all kept). k ≥ vocab keeps
+/// everything.
+pub fn top_k_filter(logits: &mut [f32], k: usize) {
+    let k = k.max(1);
+    if k >= logits.len() {
+        return;
+    }
+    let mut sorted: Vec<f32> = logits.to_vec();
+    sorted.sort_unstable_by(|a, b| b.total_cmp(a));
+    let kth = sorted[k - 1];
+    for x in logits.iter_mut() {
+        if *x < kth {
+            *x = f32::NEG_INFINITY;
+        }
+    }
+}
+
+/// Softmax in f64 (−∞ logits get probability 0).
+pub fn softmax(logits: &[f32]) -> Vec<f64> {
+    let max = logits.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+    let mut p: Vec<f64> = logits.iter().map(|&x| (x as f64 - max).exp()).collect();
+    let sum: f64 = p.iter().sum();
+    p.iter_mut().for_each(|x| *x /= sum);
+    p
+}
+
+/// transformers' TopPLogitsWarper (min_tokens_to_keep 1): sort ascending,
+/// take the cumulative softmax, and drop every token whose cumulative
+/// probability (itself and all less likely tokens) is ≤ 1 − p; the most
+/// likely token is always kept. What remains is the smallest set of most
+/// likely tokens whose probability reaches p.
+pub fn top_p_filter(logits: &mut [f32], p: f32) {
+    let probs = softmax(logits);
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    // Ascending by logit; equal logits by index, so the result is reproducible.
+    order.sort_by(|&a, &b| logits[a].total_cmp(&logits[b]).then(a.cmp(&b)));
+    let threshold = 1.0 - p as f64;
+    let mut cum = 0.0f64;
+    for &i in &order[..order.len().saturating_sub(1)] {
+        cum += probs[i];
+        if cum > threshold {
+            break;
+        }
+        logits[i] = f32::NEG_INFINITY;
+    }
+}
+
+/// Draws tokens with `SamplingParams` from a seeded RNG: the same seed,
+/// parameters and logits give the same tokens.
+#[derive(Debug, Clone)]
+pub struct Sampler {
+    pub params: SamplingParams,
+    rng: Rng,
+}
+
+impl Sampler {
+    pub fn new(params: SamplingParams, seed: u64) -> Sampler {
+        Sampler { params, rng: Rng::new(seed) }
+    }
+
+    /// The next token for one position's logits [vocab].
+    pub fn sample(&mut self, logits: &[f32]) -> u32 {
+        let p = self.params;
+        if p.is_greedy() {
+            return argmax(logits) as u32;
+        }
+        let mut l = logits.to_vec();
+        apply_temperature(&mut l, p.temperature);
+        if let Some(k) = p.top_k {
+            top_k_filter(&mut l, k);
+        }
+        if let Some(top_p) = p.top_p {
+            top_p_filter(&mut l, top_p);
+        }
+        let probs = softmax(&l);
+        // Uniform in [0, 1) with 53 bits, then the first token whose
+        // cumulative probability passes it.
+        let u = (self.rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+        draw(&probs, u) as u32
+    }
+}
+
+/// The token where the cumulative probability first exceeds `u` ∈ [0, 1);
+/// rounding that leaves the total just below `u` falls back to the last
+/// token with non-zero probability.
+fn draw(probs: &[f64], u: f64) -> usize {
+    let mut cum = 0.0;
+    let mut last = 0;
+    for (i, &p) in probs.iter().enumerate() {
+        if p > 0.0 {
+            cum += p;
+            last = i;
+            if u < cum {
+                return i;
+            }
+        }
+    }
+    last
+}
+
+#[cfg(test)]
+mod tests {
+    //! The filters are exact arithmetic on hand-worked examples: logits are
+    //! chosen as ln of simple probabilities, so each expectation below
+    //! follows from the definition by hand.
+    use super::*;
+
+    const NEG: f32 = f32::NEG_INFINITY;
+
+    /// Logits whose softmax is `probs` (ln p; the softmax is shift-invariant).
+    fn logits_of(probs: &[f64]) -> Vec<f32> {
+        probs.iter().map(|p| p.ln() as f32).collect()
+    }
+
+    fn kept(logits: &[f32]) -> Vec<usize> {
+        (0..logits.len()).filter(|&i| logits[i] > NEG).collect()
+    }
+
+    #[test]
+    fn argmax_takes_the_first_of_equal_maxima() {
+        assert_eq!(argmax(&[0.5, 2.0, -1.0, 2.0]), 1);
+        assert_eq!(argmax(&[3.0]), 0);
+        assert_eq!(argmax(&[f32::NAN, 1.0, 0.0]), 1);
+    }
+
+    #[test]
+    fn temperature_divides_the_logits() {
+        let mut l = vec![1.0, -2.0, 0.5];
+        apply_temperature(&mut l, 0.5);
+        assert_eq!(l, vec![2.0, -4.0, 1.0]);
+        // T = 2 halves the log-odds: probabilities (0.8, 0.2) -> ln odds ln 4 -> ln 2,
+        // i.e. (2/3, 1/3).
+        let mut l = logits_of(&[0.8, 0.2]);
+        apply_temperature(&mut l, 2.0);
+        let p = softmax(&l);
+        assert!((p[0] - 2.0 / 3.0).abs() < 1e-6 && (p[1] - 1.0 / 3.0).abs() < 1e-6, "{p:?}");
+    }
+
+    #[test]
+    fn top_k_keeps_the_k_largest_and_ties_with_the_kth() {
+        let mut l = vec![1.0, 4.0, 3.0, 2.0, 0.0];
+        top_k_filter(&mut l, 2);
+        assert_eq!(l, vec![NEG, 4.0, 3.0, NEG, NEG]);
+        // The 2nd largest (3.0) appears twice: both stay.
+        let mut l = vec![3.0, 4.0, 3.0, 2.0];
+        top_k_filter(&mut l, 2);
+        assert_eq!(kept(&l), vec![0, 1, 2]);
+        // k >= vocab keeps everything; k = 1 keeps the maximum only.
+        let mut l = vec![1.0, 2.0];
+        top_k_filter(&mut l, 5);
+        assert_eq!(l, vec![1.0, 2.0]);
+        let mut l = vec![1.0, 2.0, 0.5];
+        top_k_filter(&mut l, 1);
+        assert_eq!(kept(&l), vec![1]);
+    }
+
+    #[test]
+    fn top_p_keeps_the_smallest_set_reaching_p() {
+        // Probabilities 0.5, 0.25, 0.15, 0.1 (tokens 2, 0, 3, 1).
+        let probs = [0.25, 0.1, 0.5, 0.15];
+        // p = 0.6: 0.5 < 0.6, 0.5 + 0.25 = 0.75 >= 0.6 -> {2, 0}.
+        let mut l = logits_of(&probs);
+        top_p_filter(&mut l, 0.6);
+        assert_eq!(kept(&l), vec![0, 2]);
+        // p = 0.8: 0.75 < 0.8, 0.9 >= 0.8 -> {2, 0, 3}.
+        let mut l = logits_of(&probs);
+        top_p_filter(&mut l, 0.8);
+        assert_eq!(kept(&l), vec![0, 2, 3]);
+        // p = 0.3: the top token alone (0.5) already reaches it.
+        let mut l = logits_of(&probs);
+        top_p_filter(&mut l, 0.3);
+        assert_eq!(kept(&l), vec![2]);
+        // A tiny p still keeps one token; p = 1 keeps every token.
+        let mut l = logits_of(&probs);
+        top_p_filter(&mut l, 1e-6);
+        assert_eq!(kept(&l), vec![2]);
+        let mut l = logits_of(&probs);
+        top_p_filter(&mut l, 1.0);
+        assert_eq!(kept(&l), vec![0, 1, 2, 3]);
+        // Kept logits are unchanged.
+        let mut l = logits_of(&probs);
+        let orig = l.clone();
+        top_p_filter(&mut l, 0.6);
+        assert_eq!((l[0], l[2]), (orig[0], orig[2]));
+    }
+
+    #[test]
+    fn top_k_then_top_p_renormalises_over_the_survivors() {
+        // top_k 3 drops 0.1 (token 1); over the rest (0.25, 0.5, 0.15, total
+        // 0.9) the probabilities are 5/18, 10/18, 3/18; top_p 0.7: 10/18 ≈
+        // 0.556 < 0.7, 15/18 ≈ 0.833 >= 0.7 -> {2, 0}.
+        let mut l = logits_of(&[0.25, 0.1, 0.5, 0.15]);
+        top_k_filter(&mut l, 3);
+        top_p_filter(&mut l, 0.7);
+        assert_eq!(kept(&l), vec![0, 2]);
+    }
+
+    #[test]
+    fn draw_inverts_the_cumulative_distribution() {
+        let p = [0.0, 0.25, 0.0, 0.75];
+        assert_eq!(draw(&p, 0.0), 1);
+        assert_eq!(draw(&p, 0.2499), 1);
+        assert_eq!(draw(&p, 0.25), 3);
+        assert_eq!(draw(&p, 0.9999), 3);
+        // Rounding that leaves the total below u: the last possible token.
+        assert_eq!(draw(&[0.3, 0.3, 0.0], 0.99), 1);
+    }
+
+    #[test]
+    fn sampling_is_seeded_and_follows_the_filters() {
+        let logits = logits_of(&[0.25, 0.1, 0.5, 0.15]);
+        let params = SamplingParams { temperature: 1.0, top_k: Some(3), top_p: Some(0.7) };
+        let run = |seed| {
+            let mut s = Sampler::new(params, seed);
+            (0..200).map(|_| s.sample(&logits)).collect::<Vec<u32>>()
+        };
+        let a = run(11);
+        assert_eq!(a, run(11), "same seed, same tokens");
+        assert_ne!(a, run(12), "another seed, other tokens");
+        // Only the survivors {0, 2} are ever drawn (kept probabilities 1/3, 2/3),
+        // and both are drawn in 200 tries.
+        assert!(a.iter().all(|&t| t == 0 || t == 2), "{a:?}");
+        assert!(a.contains(&0) && a.contains(&2));
+        // Greedy ignores the RNG.
+        let mut g = Sampler::new(SamplingParams::greedy(), 5);
+        assert_eq!(g.sample(&logits), 2);
+    }
+
+    #[test]
+    fn out_of_range_parameters_are_refused() {
+        let ok = SamplingParams { temperature: 0.7, top_k: Some(50), top_p: Some(0.9) };
+        ok.validate().unwrap();
+        let bad = |p: SamplingParams, needle: &str| {
+            let e = p.validate().unwrap_err().to_string();
+            assert!(e.contains(needle), "{e}");
+        };
+        bad(SamplingParams { top_p: Some(1.5), ..ok }, "top_p must be in (0, 1]");
+        bad(SamplingParams { top_p: Some(0.0), ..ok }, "top_p must be in (0, 1]");
+        bad(SamplingParams { top_k: Some(0), ..ok }, "top_k must be at least 1");
+        bad(SamplingParams { temperature: -1.0, ..ok }, "temperature must be");
+        bad(SamplingParams { temperature: f32::NAN, ..ok }, "temperature must be");
+    }
+}
