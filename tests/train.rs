@@ -109,7 +109,7 @@ fn long_run_config(dir: &Path, steps: usize) -> PathBuf {
     let data = fixture("train").join("data.jsonl");
     let model = fixture("llama").join("model");
     let cfg = format!(
-        "base_model: {}\ndatasets:\n  - path: {}\nlora_r: 4\nlora_alpha: 8\nlora_dropout: 0.1\nlora_target_linear: true\n\
+        "base_model: {}\nadapter: lora\ndatasets:\n  - path: {}\nlora_r: 4\nlora_alpha: 8\nlora_dropout: 0.1\nlora_target_linear: true\n\
          sequence_len: 64\nmicro_batch_size: 2\ngradient_accumulation_steps: 2\nmax_steps: {steps}\nlearning_rate: 0.001\n\
          lr_scheduler: cosine\nwarmup_steps: 3\nweight_decay: 0.01\nsave_steps: 4\nlogging_steps: 1\nseed: 7\ndevice: cpu\n\
          shuffle_merged_datasets: true\noutput_dir: {}\n",
@@ -217,14 +217,27 @@ fn packed_and_unpacked_steps_have_the_same_loss_and_update() {
             "warmup_steps=0".into(),
             "lr_scheduler=constant".into(),
         ]));
-        (metrics(&dir)[0]["loss"].as_f64().unwrap(), tensors(&dir))
+        let m = &metrics(&dir)[0];
+        (m["loss"].as_f64().unwrap(), m["grad_norm"].as_f64().unwrap(), tensors(&dir))
     };
-    let (loss_u, ad_u) = run(false, "unpacked");
-    let (loss_p, ad_p) = run(true, "packed");
+    let (loss_u, norm_u, ad_u) = run(false, "unpacked");
+    let (loss_p, norm_p, ad_p) = run(true, "packed");
+    // Only the f32 summation order of the gradients differs.
     assert!((loss_u - loss_p).abs() / loss_u <= 1e-6, "packed loss {loss_p} vs unpacked {loss_u}");
+    assert!((norm_u - norm_p).abs() / norm_u <= 1e-5, "packed grad norm {norm_p} vs unpacked {norm_u}");
+    // Equal loss and gradient norm show the gradients agree. A first Adam
+    // step is nearly lr·sign(g) and magnifies rounding in near-zero gradient
+    // entries, so the update is compared as a whole, with the bar of the
+    // torch parity test (1e-3).
+    let start = tensors(&fixture("train").join("start_adapter"));
     for (k, u) in &ad_u {
-        let max = u.iter().zip(&ad_p[k]).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-        assert!(max <= 1e-6, "{k}: packed and unpacked updates differ by {max}");
+        let (mut num, mut den) = (0f64, 0f64);
+        for ((a, b), s) in u.iter().zip(&ad_p[k]).zip(&start[k]) {
+            num += ((a - b) as f64).powi(2);
+            den += ((a - s) as f64).powi(2);
+        }
+        let rel = (num / den.max(1e-30)).sqrt();
+        assert!(rel <= 1e-3, "{k}: packed and unpacked updates differ by {rel:.2e} relative");
     }
 }
 
@@ -249,7 +262,8 @@ fn quickstart_runs_and_the_loss_falls() {
     let tmp = tempfile::tempdir().unwrap();
     let out = train(&repo().join("examples/quickstart/quickstart.yml"), &[
         format!("output_dir={}", tmp.path().display()),
-        "num_epochs=4".into(),
+        "num_epochs=6".into(),
+        "logging_steps=3".into(),
         "device=cpu".into(),
         "save_steps=null".into(),
     ]);
@@ -257,7 +271,7 @@ fn quickstart_runs_and_the_loss_falls() {
     let m = metrics(tmp.path());
     let losses: Vec<f64> = m.iter().filter_map(|r| r.get("loss").and_then(|l| l.as_f64())).collect();
     assert!(losses.len() >= 3, "{m:?}");
-    assert!(losses.last().unwrap() < &(losses[0] * 0.8), "the quickstart loss should fall: {losses:?}");
+    assert!(losses.last().unwrap() < &(losses[0] * 0.7), "the quickstart loss should fall: {losses:?}");
     assert!(tmp.path().join("adapter_model.safetensors").is_file());
     assert!(tmp.path().join("adapter_config.json").is_file());
 }

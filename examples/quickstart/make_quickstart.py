@@ -102,6 +102,21 @@ def main():
         torch_dtype="float32",
     )
     model = LlamaForCausalLM(cfg)
+    # transformers' default init (std 0.02 everywhere) gives a head whose
+    # logits cannot move far from uniform, which would cap what any adapter
+    # can learn. Scale as a trained model is scaled instead: linear weights
+    # ~ 1/sqrt(fan_in), unit-variance embeddings, a head with logits of O(10).
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            if "norm" in name:
+                p.fill_(1.0)
+            elif "embed_tokens" in name:
+                p.copy_(torch.randn(p.shape, generator=g))
+            elif "lm_head" in name:
+                p.copy_(0.5 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
     out = os.path.join(HERE, "model")
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)

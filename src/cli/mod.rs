@@ -6,6 +6,7 @@ mod generate;
 mod merge;
 mod models;
 mod synth;
+mod train;
 
 use crate::backend::cpu::CpuBackend;
 use crate::backend::cuda::{CudaBackend, device};
@@ -21,6 +22,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Fine-tune a LoRA adapter: the whole run from one YAML config.
+    Train(train::TrainArgs),
     /// List the supported model architectures.
     Models,
     /// Mean loss and perplexity of a model (and adapter) on a dataset.
@@ -86,6 +89,7 @@ pub fn open_device(s: &str) -> Result<Opened> {
 pub fn run() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Train(a) => train::run(a),
         Command::Models => models::run(),
         Command::Eval(a) => eval::run(a),
         Command::Generate(a) => generate::run(a),

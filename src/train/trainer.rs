@@ -73,20 +73,27 @@ pub struct Summary {
 /// key -> value, so a refusal can name what changed.
 fn fingerprint(cfg: &LoopConfig, plan: &DataPlan, lora: &LoraConfig) -> Value {
     let data = blake3::hash(&plan.lengths.iter().flat_map(|l| (*l as u64).to_le_bytes()).collect::<Vec<u8>>());
-    json!({
-        "training examples (lengths hash)": data.to_hex().to_string(),
-        "micro_batch_size": cfg.micro_batch_size,
-        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
-        "sample_packing": cfg.sample_packing,
-        "sequence_len": cfg.sequence_len,
-        "shuffle_merged_datasets": cfg.shuffle,
-        "seed": cfg.seed,
-        "learning_rate": cfg.learning_rate,
-        "lr_scheduler": cfg.lr_scheduler,
-        "adam_beta1": cfg.adamw.beta1, "adam_beta2": cfg.adamw.beta2, "adam_epsilon": cfg.adamw.eps,
-        "weight_decay": cfg.adamw.weight_decay, "max_grad_norm": cfg.adamw.max_grad_norm,
-        "lora_r": lora.r, "lora_alpha": lora.alpha, "lora_dropout": lora.dropout, "peft_use_rslora": lora.use_rslora,
-    })
+    // Values as their Rust display strings: exact, and stable through JSON.
+    let entries: [(&str, String); 17] = [
+        ("training examples (lengths hash)", data.to_hex().to_string()),
+        ("micro_batch_size", cfg.micro_batch_size.to_string()),
+        ("gradient_accumulation_steps", cfg.gradient_accumulation_steps.to_string()),
+        ("sample_packing", cfg.sample_packing.to_string()),
+        ("sequence_len", cfg.sequence_len.to_string()),
+        ("shuffle_merged_datasets", cfg.shuffle.to_string()),
+        ("seed", cfg.seed.to_string()),
+        ("learning_rate", cfg.learning_rate.to_string()),
+        ("lr_scheduler", cfg.lr_scheduler.clone()),
+        ("adam_beta1", cfg.adamw.beta1.to_string()),
+        ("adam_beta2", cfg.adamw.beta2.to_string()),
+        ("adam_epsilon", cfg.adamw.eps.to_string()),
+        ("weight_decay", cfg.adamw.weight_decay.to_string()),
+        ("max_grad_norm", format!("{:?}", cfg.adamw.max_grad_norm)),
+        ("lora_r", lora.r.to_string()),
+        ("lora_alpha", lora.alpha.to_string()),
+        ("lora_dropout", lora.dropout.to_string()),
+    ];
+    Value::Object(entries.into_iter().map(|(k, v)| (k.to_string(), Value::String(v))).collect())
 }
 
 fn fingerprint_diff(saved: &str, now: &Value) -> Vec<String> {
@@ -95,7 +102,10 @@ fn fingerprint_diff(saved: &str, now: &Value) -> Vec<String> {
         .into_iter()
         .flatten()
         .filter(|(k, v)| saved.get(k.as_str()) != Some(v))
-        .map(|(k, v)| format!("{k} (checkpoint: {}, now: {v})", saved.get(k.as_str()).unwrap_or(&Value::Null)))
+        .map(|(k, v)| {
+            let was = saved.get(k.as_str()).and_then(|x| x.as_str()).unwrap_or("absent");
+            format!("{k} (checkpoint: {was}, now: {})", v.as_str().unwrap_or_default())
+        })
         .collect()
 }
 

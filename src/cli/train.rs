@@ -1,0 +1,156 @@
+//! `ferrotune train CONFIG.yml`: the whole run from one config file.
+
+use super::{Opened, open_device};
+use crate::adapter::{LoraConfig, peft};
+use crate::backend::Backend;
+use crate::config::{self, ResumeFrom, RunConfig};
+use crate::data::prepare;
+use crate::model::Model;
+use crate::model::checkpoint::{self, Checkpoint};
+use crate::train::memory::{self, RunShape};
+use crate::train::trainer::{self, LoopConfig, Run};
+use crate::util::rng::Rng;
+use anyhow::{Context, Result};
+use clap::Args;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Args)]
+pub struct TrainArgs {
+    /// The run config (YAML with Axolotl's keys).
+    config: PathBuf,
+    /// Override a config key, e.g. --set learning_rate=1e-4 or
+    /// --set datasets.0.path=data.jsonl (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// cpu, cuda, cuda:N or auto (overrides the config's `device`).
+    #[arg(long)]
+    device: Option<String>,
+}
+
+/// What the GPU reports, for the memory plan and its check.
+struct GpuMemory<'a> {
+    available: u64,
+    peak: &'a dyn Fn() -> Option<u64>,
+}
+
+pub fn run(a: TrainArgs) -> Result<()> {
+    let loaded = config::load(&a.config, &a.set)?;
+    for w in &loaded.warnings {
+        eprintln!("warning: {w}");
+    }
+    let cfg = loaded.config;
+    let device = a.device.clone().unwrap_or_else(|| cfg.device.clone());
+    match open_device(&device)? {
+        Opened::Cpu(be) => train_on(&be, &cfg, None),
+        Opened::Cuda(be) => {
+            let peak = || be.peak_bytes();
+            let gpu = GpuMemory { available: be.mem_info().0 as u64, peak: &peak };
+            train_on(&be, &cfg, Some(gpu))
+        }
+    }
+}
+
+/// Tokenizer files copied next to the adapter, so output_dir is usable on
+/// its own (as Axolotl leaves it).
+const TOKENIZER_FILES: &[&str] = &["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"];
+
+fn copy_tokenizer(from: &Path, to: &Path) -> Result<()> {
+    for f in TOKENIZER_FILES {
+        let src = from.join(f);
+        if src.is_file() {
+            let bytes = std::fs::read(&src).with_context(|| format!("cannot read {}", src.display()))?;
+            crate::util::atomic_write(&to.join(f), &bytes)?;
+        }
+    }
+    Ok(())
+}
+
+fn train_on<B: Backend>(be: &B, cfg: &RunConfig, gpu: Option<GpuMemory>) -> Result<()> {
+    let t0 = Instant::now();
+    let model_dir = checkpoint::resolve_model_dir(&cfg.base_model, &checkpoint::hf_cache())?;
+    let ckpt = Checkpoint::open(&model_dir)?;
+    let output_dir = PathBuf::from(&cfg.output_dir);
+    let resume = match &cfg.resume_from_checkpoint {
+        None | Some(ResumeFrom::Latest(false)) => None,
+        Some(ResumeFrom::Latest(true)) => {
+            let found = trainer::resolve_resume(&output_dir, true, None)?;
+            if found.is_none() {
+                eprintln!("resume_from_checkpoint: no checkpoint in {} yet; starting from step 0", output_dir.display());
+            }
+            found
+        }
+        Some(ResumeFrom::Path(p)) => trainer::resolve_resume(&output_dir, false, Some(p))?,
+    };
+
+    // The data before the weights: a bad row should not cost a model load.
+    let tokenizer_dir = cfg.tokenizer_config.as_ref().map(PathBuf::from).unwrap_or_else(|| model_dir.clone());
+    let data = prepare::prepare(cfg, &tokenizer_dir, ckpt.config.vocab)?;
+    eprint!("{data}");
+    eprintln!("{} training / {} validation examples", data.train.len(), data.val.len());
+
+    let lora: LoraConfig = match &cfg.lora_model_dir {
+        Some(dir) => {
+            let mut lc = peft::read_config(Path::new(dir))?;
+            lc.base_model_name_or_path = Some(cfg.base_model.clone());
+            lc
+        }
+        None => cfg.lora_config()?,
+    };
+    if let Some(gpu) = &gpu {
+        // Predict the peak before anything is allocated; refuse what cannot fit.
+        let mut shape = RunShape::bf16(cfg.micro_batch_size, cfg.sequence_len);
+        shape.gradient_checkpointing = cfg.gradient_checkpointing;
+        let plan = memory::plan_lora(&ckpt.config, &lora, &shape)?;
+        eprintln!("memory plan (before the first step):\n{plan}");
+        memory::fit_check(&plan, gpu.available)?;
+    }
+
+    let mut model = Model::load(be, &ckpt)?;
+    let n_modules = match &cfg.lora_model_dir {
+        Some(dir) => peft::load(be, &mut model, Path::new(dir)).with_context(|| format!("lora_model_dir {dir}"))?,
+        None => model.attach_lora(be, &lora, &mut Rng::new(cfg.seed))?,
+    };
+    let trainable: usize = model.loras().map(|(_, _, l)| be.len(&l.a) + be.len(&l.b)).sum();
+    eprintln!(
+        "model: {} ({}, {:.1}M params) on {}; LoRA r {} on {n_modules} modules, {:.2}M trainable; loaded in {:.1}s",
+        model_dir.display(),
+        model.cfg.family.family,
+        model.cfg.n_params() as f64 / 1e6,
+        be.name(),
+        lora.r,
+        trainable as f64 / 1e6,
+        t0.elapsed().as_secs_f64()
+    );
+    std::fs::create_dir_all(&output_dir).with_context(|| format!("cannot create output_dir {}", output_dir.display()))?;
+    cfg.save_resolved(&output_dir)?;
+    copy_tokenizer(&tokenizer_dir, &output_dir)?;
+
+    let after_first_step: Option<Box<dyn FnOnce() -> Option<String> + '_>> = gpu.as_ref().map(|g| {
+        let peak = g.peak;
+        Box::new(move || peak().map(|b| format!("GPU memory peak after the first step: {}", memory::human(b)))) as Box<_>
+    });
+    let summary = trainer::train(Run {
+        be,
+        cfg: LoopConfig::from_run(cfg),
+        model,
+        lora,
+        train: data.train,
+        val: data.val,
+        output_dir: output_dir.clone(),
+        resume,
+        after_first_step,
+    })?;
+    let loss = summary.last_loss.map(|l| format!("{l:.4}")).unwrap_or_else(|| "n/a".into());
+    let eval = summary.eval_loss.map(|l| format!(", eval_loss {l:.4}")).unwrap_or_default();
+    eprintln!(
+        "done: {} steps, last loss {loss}{eval}, {:.0} tokens/s, {:.1}s\nadapter: {} (PEFT format)\ntry it: ferrotune generate --model {} --adapter {} --prompt \"...\"",
+        summary.steps,
+        summary.tokens_per_s,
+        t0.elapsed().as_secs_f64(),
+        summary.adapter_dir.display(),
+        cfg.base_model,
+        summary.adapter_dir.display()
+    );
+    Ok(())
+}
