@@ -322,7 +322,6 @@ fn chat(tok: &TextTokenizer, template: &ChatTemplate, opts: &ChatOptions, obj: &
         return Ok(seq);
     }
     seq.labels.fill(IGNORE_INDEX);
-    let spans = turn_spans(template, &turns, &text);
     let eos = tok.eos_id();
     let mut last_eos = None;
     for (i, turn) in turns.iter().enumerate() {
@@ -330,7 +329,7 @@ fn chat(tok: &TextTokenizer, template: &ChatTemplate, opts: &ChatOptions, obj: &
         if !trained && opts.train_on_eos != TrainOnEos::All {
             continue;
         }
-        let Some((start, end)) = spans[i] else {
+        let Some((start, end)) = content_span(template, &turns, i, &text) else {
             if trained && !turn.content.trim().is_empty() {
                 bail!(
                     "{loc}: turn {i} ({}): its content does not appear in the text the chat template ({}) renders, \
@@ -364,33 +363,45 @@ fn chat(tok: &TextTokenizer, template: &ChatTemplate, opts: &ChatOptions, obj: &
     Ok(seq)
 }
 
-/// The byte span of each turn's content in the rendered text, found in order:
-/// each search starts where the previous turn's content ended, and no
-/// earlier than the end of the text the conversation before the turn
-/// renders to (so a content word also present in a role header is not
-/// mistaken for the content). Templates that trim content (Llama 3) are
-/// matched on the trimmed text.
-fn turn_spans(template: &ChatTemplate, turns: &[Message], text: &str) -> Vec<Option<(usize, usize)>> {
-    let mut cursor = 0;
-    let mut spans = Vec::with_capacity(turns.len());
-    for i in 0..turns.len() {
-        let content = &turns[i].content;
-        let mut from = cursor;
-        if let Ok(prefix) = template.render(&turns[..i], false) {
-            if text.starts_with(&prefix) {
-                from = from.max(prefix.len());
-            }
+/// Stand-ins for a turn's content; their first and last characters differ,
+/// so content that shares an edge with one does not share it with the other.
+const PLACEHOLDERS: [&str; 2] = ["[[placeholder]]", "(-content-)"];
+
+/// The byte span of turn `i`'s content in `text` (the whole conversation
+/// rendered), as the template renders it (trimmed, say): the conversation up
+/// to turn i is rendered with the real content and with each placeholder,
+/// and the content is where the renderings differ. Templates whose earlier
+/// turns render differently once later turns exist fall back to finding
+/// the content after the text of the turns before it.
+fn content_span(template: &ChatTemplate, turns: &[Message], i: usize, text: &str) -> Option<(usize, usize)> {
+    let upto = template.render(&turns[..=i], false).ok().filter(|t| text.starts_with(t.as_str()));
+    if let Some(upto) = &upto {
+        let mut span: Option<(usize, usize)> = None;
+        for p in PLACEHOLDERS {
+            let mut with_placeholder = turns[..i].to_vec();
+            with_placeholder.push(Message::new(&turns[i].role, p));
+            let Ok(other) = template.render(&with_placeholder, false) else { continue };
+            let (a, b) = (upto.as_bytes(), other.as_bytes());
+            let prefix = a.iter().zip(b).take_while(|(x, y)| x == y).count();
+            let room = a.len().min(b.len()) - prefix;
+            let suffix = a.iter().rev().zip(b.iter().rev()).take(room).take_while(|(x, y)| x == y).count();
+            let (start, end) = (prefix, a.len() - suffix);
+            span = Some(span.map_or((start, end), |(s, e)| (s.min(start), e.max(end))));
         }
-        let found = [content.as_str(), content.trim()]
-            .into_iter()
-            .filter(|c| !c.is_empty())
-            .find_map(|c| text[from..].find(c).map(|p| (from + p, from + p + c.len())));
-        if let Some((_, end)) = found {
-            cursor = end;
+        if let Some((s, e)) = span.filter(|(s, e)| s < e) {
+            return Some((s, e));
         }
-        spans.push(found);
     }
-    spans
+    let from = template
+        .render(&turns[..i], false)
+        .ok()
+        .filter(|t| text.starts_with(t.as_str()))
+        .map_or(0, |t| t.len());
+    let content = &turns[i].content;
+    [content.as_str(), content.trim()]
+        .into_iter()
+        .filter(|c| !c.is_empty())
+        .find_map(|c| text[from..].find(c).map(|p| (from + p, from + p + c.len())))
 }
 
 /// The tokens overlapping bytes [start, end).

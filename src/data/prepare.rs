@@ -64,19 +64,12 @@ pub struct Prepared {
 }
 
 impl fmt::Display for Prepared {
+    /// One line per dataset, each ending in a newline.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for r in &self.report {
             writeln!(f, "dataset {r}")?;
         }
-        let tokens = |s: &[Sequence]| s.iter().map(|s| s.input_ids.len()).sum::<usize>();
-        write!(
-            f,
-            "train: {} sequences ({} tokens); validation: {} sequences ({} tokens)",
-            self.train.len(),
-            tokens(&self.train),
-            self.val.len(),
-            tokens(&self.val)
-        )
+        Ok(())
     }
 }
 
