@@ -160,6 +160,16 @@ fn validate_dataset(d: &DatasetConfig, at: &str, loc: &Locator) -> Result<()> {
     if let Some(eos) = d.train_on_eos.as_deref() {
         check!(TRAIN_ON_EOS.contains(&eos), loc, &key("train_on_eos"), "must be turn, all, last or none (got {eos})");
     }
+    if let Some(map) = &d.message_property_mappings {
+        let unknown = map.keys().find(|k| *k != "role" && *k != "content");
+        check!(
+            unknown.is_none(),
+            loc,
+            &key("message_property_mappings"),
+            "maps only role and content to the keys of each message (got {})",
+            unknown.map(String::as_str).unwrap_or("")
+        );
+    }
     if let Some(roles) = &d.roles_to_train {
         check!(!roles.is_empty(), loc, &key("roles_to_train"), "is empty: list the roles whose turns are trained (e.g. [assistant])");
     }
@@ -235,6 +245,14 @@ mod tests {
         assert_eq!(
             err(|c| c.test_datasets.push(DatasetConfig { path: "t.jsonl".into(), train_on_eos: Some("x".into()), ..Default::default() })),
             "test_datasets[0].train_on_eos must be turn, all, last or none (got x)"
+        );
+        assert_eq!(
+            err(|c| c.datasets[0].message_property_mappings = Some([("speaker".to_string(), "from".to_string())].into())),
+            "datasets[0].message_property_mappings maps only role and content to the keys of each message (got speaker)"
+        );
+        assert_eq!(
+            err(|c| c.datasets[0].roles_to_train = Some(vec![])),
+            "datasets[0].roles_to_train is empty: list the roles whose turns are trained (e.g. [assistant])"
         );
         assert_eq!(err(|c| c.logging_steps = 0), "logging_steps must be at least 1 (got 0)");
         assert_eq!(err(|c| c.save_steps = Some(0)), "save_steps must be at least 1 when set (got 0)");
