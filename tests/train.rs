@@ -275,3 +275,81 @@ fn quickstart_runs_and_the_loss_falls() {
     assert!(tmp.path().join("adapter_model.safetensors").is_file());
     assert!(tmp.path().join("adapter_config.json").is_file());
 }
+
+/// The adapter `train` writes, against the one PEFT wrote for the same run
+/// (tests/fixtures/train/final_adapter): the same tensor names, shapes and
+/// dtypes, and a config PEFT reads the same way (only keys PEFT knows, the
+/// same values where they matter).
+#[test]
+fn written_adapter_has_peft_layout() {
+    let case = fixture("train");
+    let tmp = tempfile::tempdir().unwrap();
+    ok(&train(&case.join("config.yml"), &[format!("output_dir={}", tmp.path().display())]));
+    let read = |dir: &Path| -> (serde_json::Value, Vec<(String, safetensors::Dtype, Vec<usize>)>) {
+        let cfg = serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json")).unwrap()).unwrap();
+        let bytes = std::fs::read(dir.join("adapter_model.safetensors")).unwrap();
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        let mut t: Vec<_> = st.tensors().into_iter().map(|(k, v)| (k, v.dtype(), v.shape().to_vec())).collect();
+        t.sort_by(|a, b| a.0.cmp(&b.0));
+        (cfg, t)
+    };
+    let (ours, ours_t) = read(tmp.path());
+    let (peft, peft_t) = read(&case.join("final_adapter"));
+    assert_eq!(ours_t, peft_t, "tensor names, dtypes and shapes");
+    for (k, _) in ours.as_object().unwrap() {
+        assert!(peft.get(k).is_some(), "adapter_config.json key {k} is not one PEFT writes");
+    }
+    for k in ["peft_type", "task_type", "r", "lora_alpha", "lora_dropout", "target_modules", "bias", "use_rslora", "use_dora",
+              "fan_in_fan_out", "rank_pattern", "alpha_pattern", "modules_to_save"] {
+        let (a, b) = (&ours[k], &peft[k]);
+        let same = a == b || (a.as_f64().is_some() && a.as_f64() == b.as_f64());
+        assert!(same, "adapter_config.json {k}: ours {a}, PEFT {b}");
+    }
+}
+
+/// PEFT itself loads the adapter `train` wrote, and its loss on the data is
+/// the loss `ferrotune eval` reports. Needs Python with torch, transformers
+/// and peft (FERROTUNE_PYTHON); skipped, saying so, where there is none.
+#[test]
+fn peft_loads_the_trained_adapter_with_the_same_loss() {
+    let Some(python) = common::python_with(&["torch", "transformers", "peft"]) else {
+        eprintln!("skipped: no Python with torch, transformers and peft (set FERROTUNE_PYTHON)");
+        return;
+    };
+    let case = fixture("train");
+    let tmp = tempfile::tempdir().unwrap();
+    ok(&train(&case.join("config.yml"), &[format!("output_dir={}", tmp.path().display())]));
+    let model = fixture("llama").join("model");
+    let data = case.join("data.jsonl");
+    let out = ferrotune(&["eval", "--model", model.to_str().unwrap(), "--adapter", tmp.path().to_str().unwrap(),
+        "--data", data.to_str().unwrap(), "--device", "cpu", "--json"]);
+    ok(&out);
+    let ours = serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["loss"].as_f64().unwrap();
+    let script = r#"
+import json, sys, torch
+from transformers import AutoModelForCausalLM
+from peft import PeftModel
+model_dir, adapter_dir, data = sys.argv[1:4]
+model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32), adapter_dir).eval()
+nll, n = 0.0, 0
+with torch.no_grad():
+    for line in open(data):
+        row = json.loads(line)
+        ids = torch.tensor([row["input_ids"]])
+        labels = torch.tensor([row.get("labels", row["input_ids"])])
+        logits = model(input_ids=ids).logits[0, :-1].double()
+        target = labels[0, 1:]
+        keep = target != -100
+        nll += torch.nn.functional.cross_entropy(logits[keep], target[keep], reduction="sum").item()
+        n += int(keep.sum())
+print(nll / n)
+"#;
+    let py = Command::new(python)
+        .args(["-c", script, model.to_str().unwrap(), tmp.path().to_str().unwrap(), data.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(py.status.success(), "{}", String::from_utf8_lossy(&py.stderr));
+    let theirs: f64 = String::from_utf8_lossy(&py.stdout).trim().parse().unwrap();
+    assert!((ours - theirs).abs() / theirs <= 1e-5, "ferrotune eval {ours} vs PEFT {theirs}");
+    eprintln!("PEFT loss {theirs:.8}, ferrotune eval {ours:.8}");
+}
