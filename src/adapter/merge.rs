@@ -41,8 +41,10 @@ const COPIED_FILES: &[&str] = &[
     "added_tokens.json",
     "chat_template.json",
 ];
-/// Elements of a merged weight computed per block (bounds the f32 scratch).
-const BLOCK_ELEMS: usize = 1 << 22;
+/// Input bytes per block of a tensor streamed to the output (whole rows;
+/// bounds the f32 scratch of a merge or dtype change and the input pages
+/// resident at once).
+const BLOCK_BYTES: usize = 16 << 20;
 
 #[derive(Debug, Clone)]
 pub struct MergeOptions {
@@ -193,15 +195,15 @@ impl Source {
         &self.files[t.file].0
     }
 
-    /// Drop the mapped pages of a tensor already written, so the input does
-    /// not stay resident next to the output.
-    fn release(&self, t: &SrcTensor) {
+    /// Drop the mapped pages of part of a tensor already written, so the
+    /// input does not stay resident next to the output.
+    fn release(&self, t: &SrcTensor, offset: usize, len: usize) {
         #[cfg(unix)]
         {
             use memmap2::UncheckedAdvice;
             // SAFETY: the map is read-only; released pages are re-read from the file if touched.
             unsafe {
-                let _ = self.files[t.file].1.unchecked_advise_range(UncheckedAdvice::DontNeed, t.start, t.end - t.start);
+                let _ = self.files[t.file].1.unchecked_advise_range(UncheckedAdvice::DontNeed, t.start + offset, len);
             }
         }
     }
@@ -345,18 +347,26 @@ fn write_shard(path: &Path, src: &Source, mut tensors: Vec<OutTensor>, progress:
     let mut buf = Vec::new();
     for t in &tensors {
         let bytes = src.bytes(t.src);
-        match (t.delta, float_dtype(t.src.dtype), float_dtype(t.dtype)) {
-            (Some(d), Some(from), Some(to)) => write_merged(&mut w, bytes, from, to, &t.src.shape, d, &mut buf).map_err(io)?,
-            (None, Some(from), Some(to)) if from != to => {
-                // A dtype change: convert block by block.
-                for block in bytes.chunks(BLOCK_ELEMS * from.size()) {
+        let (from, to) = (float_dtype(t.src.dtype), float_dtype(t.dtype));
+        // Blocks of whole rows, so a merged block is a set of complete rows.
+        let row_bytes = (t.src.shape.iter().skip(1).product::<usize>() * from.map_or(1, DType::size)).max(1);
+        let block_bytes = (BLOCK_BYTES / row_bytes).max(1) * row_bytes;
+        for (bi, block) in bytes.chunks(block_bytes).enumerate() {
+            match (t.delta, from, to) {
+                (Some(d), Some(from), Some(to)) => {
+                    let mut rows = to_f32(from, block);
+                    add_delta(&mut rows, bi * block_bytes / row_bytes, d);
+                    from_f32(to, &rows, &mut buf);
+                    w.write_all(&buf).map_err(io)?;
+                }
+                (None, Some(from), Some(to)) if from != to => {
                     from_f32(to, &to_f32(from, block), &mut buf);
                     w.write_all(&buf).map_err(io)?;
                 }
+                _ => w.write_all(block).map_err(io)?,
             }
-            _ => w.write_all(bytes).map_err(io)?,
+            src.release(t.src, bi * block_bytes, block.len());
         }
-        src.release(t.src);
         progress(&t.src.name);
     }
     let file = w.into_inner().map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
@@ -364,39 +374,23 @@ fn write_shard(path: &Path, src: &Source, mut tensors: Vec<OutTensor>, progress:
     Ok(offset as u64)
 }
 
-/// W' = W + scale·(B A) for a block of rows at a time, in f32, rounded once
-/// to `to`. Each row's delta accumulates over the rank in order (k = 0..r).
-fn write_merged(
-    w: &mut impl Write,
-    bytes: &[u8],
-    from: DType,
-    to: DType,
-    shape: &[usize],
-    d: &Delta,
-    buf: &mut Vec<u8>,
-) -> std::io::Result<()> {
-    let in_f = shape[1];
-    let rows_per_block = (BLOCK_ELEMS / in_f.max(1)).max(1);
-    let row_bytes = in_f * from.size();
-    for (bi, block) in bytes.chunks(rows_per_block * row_bytes).enumerate() {
-        let mut rows = to_f32(from, block);
-        let first_row = bi * rows_per_block;
-        rows.par_chunks_mut(in_f).enumerate().for_each_init(
-            || vec![0f32; in_f],
-            |delta, (i, row)| {
-                let b = &d.b[(first_row + i) * d.r..(first_row + i + 1) * d.r];
-                delta.fill(0.0);
-                for (k, &bk) in b.iter().enumerate() {
-                    let a = &d.a[k * in_f..(k + 1) * in_f];
-                    delta.iter_mut().zip(a).for_each(|(x, &ak)| *x += bk * ak);
-                }
-                row.iter_mut().zip(delta.iter()).for_each(|(x, &dx)| *x += dx * d.scale);
-            },
-        );
-        from_f32(to, &rows, buf);
-        w.write_all(buf)?;
-    }
-    Ok(())
+/// rows += scale·(B A)[first_row..] in f32: the rows of W' = W + scale·(B A)
+/// from `first_row` on. Each row's delta accumulates over the rank in order
+/// (k = 0..r), then is scaled and added, as PEFT's (B @ A) * scaling.
+fn add_delta(rows: &mut [f32], first_row: usize, d: &Delta) {
+    let in_f = d.a.len() / d.r;
+    rows.par_chunks_mut(in_f).enumerate().for_each_init(
+        || vec![0f32; in_f],
+        |delta, (i, row)| {
+            let b = &d.b[(first_row + i) * d.r..(first_row + i + 1) * d.r];
+            delta.fill(0.0);
+            for (k, &bk) in b.iter().enumerate() {
+                let a = &d.a[k * in_f..(k + 1) * in_f];
+                delta.iter_mut().zip(a).for_each(|(x, &ak)| *x += bk * ak);
+            }
+            row.iter_mut().zip(delta.iter()).for_each(|(x, &dx)| *x += dx * d.scale);
+        },
+    );
 }
 
 // ---------------------------------------------------------------- directories
@@ -660,6 +654,21 @@ mod tests {
         // f16: 1 + 2^-11 ties to 1; 1 + 3·2^-11 ties up to 1 + 2^-9.
         from_f32(DType::F16, &[1.0 + 2f32.powi(-11), 1.0 + 3.0 * 2f32.powi(-11)], &mut out);
         assert_eq!(out, [0x00, 0x3c, 0x02, 0x3c]);
+    }
+
+    #[test]
+    fn delta_rows_computed_in_blocks_equal_the_whole_matrix() {
+        // W [3, 2], r 2: W' = W + 0.5·(B A), blocks of one row and of two.
+        let d = Delta { a: vec![1.0, 2.0, 3.0, 4.0], b: vec![1.0, 0.0, 0.0, 1.0, 1.0, -1.0], r: 2, scale: 0.5 };
+        let w = [10.0, 20.0, 30.0, 40.0, 50.0, 60.0];
+        let mut whole = w.to_vec();
+        add_delta(&mut whole, 0, &d);
+        assert_eq!(whole, [10.5, 21.0, 31.5, 42.0, 49.0, 59.0]);
+        let mut blocks = w.to_vec();
+        let (first, rest) = blocks.split_at_mut(2);
+        add_delta(first, 0, &d);
+        add_delta(rest, 1, &d);
+        assert_eq!(blocks, whole);
     }
 
     #[test]
