@@ -253,10 +253,8 @@ fn describe(e: &Error) -> String {
         ErrorKind::InvalidOperation if e.detail().is_some() && e.name().is_none() => e.detail().unwrap_or("").to_string(),
         _ => e.to_string(),
     };
-    if let Some(line) = e.line() {
-        if !msg.contains("line ") {
-            msg.push_str(&format!(" (template line {line})"));
-        }
+    if let Some(line) = e.line().filter(|_| !msg.contains("line ")) {
+        msg.push_str(&format!(" (template line {line})"));
     }
     let mut src = std::error::Error::source(e);
     while let Some(s) = src {

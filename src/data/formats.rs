@@ -304,10 +304,8 @@ pub fn conversation(opts: &ChatOptions, obj: &Obj, loc: &str) -> Result<Vec<Mess
         })?;
         turns.push(Message::new(role, content));
     }
-    if turns[0].role != "system" {
-        if let Some(system) = opt_string(obj, "system", loc)? {
-            turns.insert(0, Message::new("system", system));
-        }
+    if let (true, Some(system)) = (turns[0].role != "system", opt_string(obj, "system", loc)?) {
+        turns.insert(0, Message::new("system", system));
     }
     Ok(turns)
 }
@@ -325,7 +323,7 @@ fn chat(tok: &TextTokenizer, template: &ChatTemplate, opts: &ChatOptions, obj: &
     let eos = tok.eos_id();
     let mut last_eos = None;
     for (i, turn) in turns.iter().enumerate() {
-        let trained = opts.roles_to_train.iter().any(|r| *r == turn.role);
+        let trained = opts.roles_to_train.contains(&turn.role);
         if !trained && opts.train_on_eos != TrainOnEos::All {
             continue;
         }
@@ -348,12 +346,11 @@ fn chat(tok: &TextTokenizer, template: &ChatTemplate, opts: &ChatOptions, obj: &
         }
         // The turn's EOS: the first one after its content, if it closes the
         // turn (at most 3 tokens of template after the content, as Axolotl).
-        if let Some(eos) = eos {
-            if let Some(k) = (t1..seq.input_ids.len()).find(|&k| seq.input_ids[k] == eos).filter(|&k| k - t1 <= 3) {
-                last_eos = Some(k);
-                if opts.train_on_eos == TrainOnEos::All || (opts.train_on_eos == TrainOnEos::Turn && trained) {
-                    seq.labels[k] = eos as i32;
-                }
+        let closing = eos.and_then(|eos| (t1..seq.input_ids.len()).find(|&k| seq.input_ids[k] == eos));
+        if let Some(k) = closing.filter(|&k| k - t1 <= 3) {
+            last_eos = Some(k);
+            if opts.train_on_eos == TrainOnEos::All || (opts.train_on_eos == TrainOnEos::Turn && trained) {
+                seq.labels[k] = seq.input_ids[k] as i32;
             }
         }
     }

@@ -287,10 +287,8 @@ pub fn prepare_dataset(
                 sequence_len: opts.sequence_len,
             };
             let data = tokenize_files(&format, ds, &files, &contents, opts, vocab)?;
-            if let Some(p) = &cache_path {
-                if let Err(e) = cache::store(p, &key, &data) {
-                    eprintln!("warning: the tokenized dataset is not cached: {e:#}");
-                }
+            if let Some(Err(e)) = cache_path.as_deref().map(|p| cache::store(p, &key, &data)) {
+                eprintln!("warning: the tokenized dataset is not cached: {e:#}");
             }
             data
         }

@@ -9,6 +9,9 @@ use anyhow::{Result, bail};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+/// A token's byte range [start, end) in the text it came from.
+pub type ByteSpan = (usize, usize);
+
 pub struct TextTokenizer {
     tokenizer: tokenizers::Tokenizer,
     dir: PathBuf,
@@ -61,17 +64,16 @@ impl TextTokenizer {
             .encode_fast(text, add_special_tokens)
             .map_err(|e| anyhow::anyhow!("tokenizer {}: {e}", self.dir.display()))?;
         let mut ids = enc.get_ids().to_vec();
-        if let (true, Some((from, to))) = (add_special_tokens, self.bos_swap) {
-            if ids.first() == Some(&from) {
-                ids[0] = to;
-            }
+        if let Some((from, to)) = self.bos_swap.filter(|(from, _)| add_special_tokens && ids.first() == Some(from)) {
+            debug_assert_eq!(ids[0], from);
+            ids[0] = to;
         }
         Ok(ids)
     }
 
     /// Token ids of `text` (no special tokens added) with each token's byte
     /// range in `text`.
-    pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+    pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<ByteSpan>)> {
         let enc = self
             .tokenizer
             .encode(text, false)
