@@ -353,3 +353,40 @@ print(nll / n)
     assert!((ours - theirs).abs() / theirs <= 1e-5, "ferrotune eval {ours} vs PEFT {theirs}");
     eprintln!("PEFT loss {theirs:.8}, ferrotune eval {ours:.8}");
 }
+
+/// Bad input stops `train` before any work, with one message naming the
+/// file, line or key, and a non-zero exit (never a panic).
+#[test]
+fn train_input_errors_are_one_clear_message() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = repo().join("examples/quickstart/model");
+    let bad_rows = tmp.path().join("bad.jsonl");
+    std::fs::write(&bad_rows, "{\"instruction\": \"a\", \"output\": \"b\"}\n{\"instruction\": [\"x\"], \"output\": \"b\"}\n").unwrap();
+    let cases: Vec<(String, Vec<String>, &str)> = vec![
+        (format!("base_model: {}\nlerning_rate: 1\n", model.display()), vec![], ":2: unknown key \"lerning_rate\" (did you mean \"learning_rate\"?)"),
+        (
+            format!("base_model: {}\nlearning_rate: 0.1\nadapter: lora\ndatasets:\n  - path: {}\n    type: alpaca\n", model.display(), bad_rows.display()),
+            vec![],
+            "bad.jsonl:2: \"instruction\" must be a string, found a list",
+        ),
+        (
+            format!("base_model: {}\nlearning_rate: 0.1\nadapter: lora\ndatasets:\n  - path: {}\n    type: alpaca\n", tmp.path().join("nomodel").display(), bad_rows.display()),
+            vec![],
+            "nomodel does not exist",
+        ),
+        (
+            format!("base_model: {}\nlearning_rate: 0.1\nadapter: lora\ndatasets:\n  - path: {}\n    type: alpaca\n", model.display(), bad_rows.display()),
+            vec!["micro_batch_size=0".into()],
+            "--set micro_batch_size=0: micro_batch_size must be at least 1",
+        ),
+    ];
+    for (i, (yaml, sets, expected)) in cases.iter().enumerate() {
+        let cfg = tmp.path().join(format!("c{i}.yml"));
+        std::fs::write(&cfg, yaml).unwrap();
+        let out = train(&cfg, sets);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "case {i}: {err}");
+        assert!(err.contains(expected), "case {i}: expected {expected:?} in:\n{err}");
+        assert!(!err.contains("panicked") && !err.contains("backtrace"), "case {i}: {err}");
+    }
+}
