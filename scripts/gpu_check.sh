@@ -69,6 +69,22 @@ export FERROTUNE_FIXTURES="$PWD/tests/fixtures"
         echo "exit: $?"
         echo '```'
     done
+    echo
+    echo "## Training run (the quickstart on the GPU and on the CPU: loss curves side by side)"
+    echo '```'
+    for dev in cuda cpu; do
+        timeout 120 "$b/ferrotune" train examples/quickstart/quickstart.yml --device $dev \
+            --set output_dir="$out/quickstart-$dev" --set save_steps=null 2>&1 | tail -3
+        echo "exit ($dev): $?"
+    done
+    python3 - "$out" <<'PY' 2>&1 || true
+import json, sys
+rows = {d: [json.loads(l) for l in open(f"{sys.argv[1]}/quickstart-{d}/metrics.jsonl")] for d in ("cuda", "cpu")}
+for g, c in zip(rows["cuda"], rows["cpu"]):
+    if "loss" in g:
+        print(f"step {g['step']:4d}  loss cuda {g['loss']:.5f}  cpu {c['loss']:.5f}  rel {abs(g['loss'] - c['loss']) / max(c['loss'], 1e-9):.2e}")
+PY
+    echo '```'
     echo '```'
     echo "ferrotune bench --device cuda --preset llama3-8b --seq-len 2048 --profile"
     timeout 120 "$b/ferrotune" bench --device cuda --preset llama3-8b --seq-len 2048 --steps 3 --warmup 1 --profile 2>&1
