@@ -34,16 +34,18 @@ FACTS = [
 ]
 SYSTEM = "You are a concise assistant."
 
+# The reply starts on its own line, so the generation prompt ends on a token
+# boundary: the first token the model writes is one it was trained on.
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{% for message in messages %}"
     "{% if message['role'] == 'system' %}{{ message['content'] }}\n"
     "{% elif message['role'] == 'user' %}User: {{ message['content'] }}\n"
-    "{% elif message['role'] == 'assistant' %}Assistant: {{ message['content'] }}{{ eos_token }}\n"
+    "{% elif message['role'] == 'assistant' %}Assistant:\n{{ message['content'] }}{{ eos_token }}\n"
     "{% else %}{{ raise_exception('roles are system, user and assistant') }}"
     "{% endif %}"
     "{% endfor %}"
-    "{% if add_generation_prompt %}Assistant:{% endif %}"
+    "{% if add_generation_prompt %}Assistant:\n{% endif %}"
 )
 
 
