@@ -405,9 +405,22 @@ fn tokenize_files(
             bail!("{name}: the dataset file has no rows");
         }
     }
+    // Large datasets take a while to tokenize: show it on a terminal.
+    let bar = if std::io::IsTerminal::is_terminal(&std::io::stderr()) && rows.len() >= 10_000 {
+        let bar = indicatif::ProgressBar::with_draw_target(Some(rows.len() as u64), indicatif::ProgressDrawTarget::stderr());
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("tokenizing {msg} {bar:28} {pos}/{len} rows {per_sec} eta {eta}")
+                .expect("valid progress template"),
+        );
+        bar.set_message(ds.path.clone());
+        bar
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
     let converted: Vec<Result<Vec<Sequence>>> = rows
         .par_iter()
         .map(|(loc, raw)| {
+            bar.inc(1);
             let parsed;
             let v = match raw {
                 RawRow::Line(s) => {
@@ -423,6 +436,7 @@ fn tokenize_files(
             Ok(seqs)
         })
         .collect();
+    bar.finish_and_clear();
     let mut data = CachedDataset { sequences: Vec::with_capacity(rows.len()), rows: rows.len(), truncated: 0, dropped: 0 };
     for seqs in converted {
         for mut s in seqs? {
