@@ -132,28 +132,10 @@ struct Source {
 
 impl Source {
     fn open(dir: &Path) -> Result<Source> {
-        let single = dir.join("model.safetensors");
-        let index = dir.join("model.safetensors.index.json");
-        let names: Vec<String> = if single.is_file() {
-            vec!["model.safetensors".into()]
-        } else if index.is_file() {
-            let text = std::fs::read_to_string(&index).with_context(|| format!("cannot read {}", index.display()))?;
-            let v: Value = serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", index.display()))?;
-            let map = v
-                .get("weight_map")
-                .and_then(|m| m.as_object())
-                .with_context(|| format!("{}: missing \"weight_map\" object", index.display()))?;
-            let mut files: Vec<String> = map.values().filter_map(|f| f.as_str().map(str::to_owned)).collect();
-            files.sort();
-            files.dedup();
-            files
-        } else {
-            bail!("{}: no model.safetensors or model.safetensors.index.json found (ferrotune merges safetensors checkpoints only)", dir.display());
-        };
         let mut src = Source { files: Vec::new(), tensors: Vec::new() };
         let mut seen = HashMap::new();
-        for name in names {
-            let path = dir.join(&name);
+        for path in crate::model::checkpoint::weight_files(dir)? {
+            let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
             let file = File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
             // SAFETY: read-only input; a checkpoint rewritten during the merge is not supported.
             let map = unsafe { Mmap::map(&file) }.with_context(|| format!("cannot memory-map {}", path.display()))?;

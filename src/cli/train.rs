@@ -8,7 +8,7 @@ use crate::data::prepare;
 use crate::model::Model;
 use crate::model::checkpoint::{self, Checkpoint};
 use crate::train::memory::{self, RunShape};
-use crate::train::trainer::{self, LoopConfig, Run};
+use crate::train::trainer::{self, Run};
 use crate::util::rng::Rng;
 use anyhow::{Context, Result};
 use clap::Args;
@@ -132,7 +132,7 @@ fn train_on<B: Backend>(be: &B, cfg: &RunConfig, gpu: Option<GpuMemory>) -> Resu
     });
     let summary = trainer::train(Run {
         be,
-        cfg: LoopConfig::from_run(cfg),
+        cfg,
         model,
         lora,
         train: data.train,

@@ -174,16 +174,7 @@ impl Format<'_> {
 
 type Obj = serde_json::Map<String, Value>;
 
-fn kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "a list",
-        Value::Object(_) => "an object",
-    }
-}
+use super::pretokenized::kind;
 
 fn keys(obj: &Obj) -> Vec<&str> {
     obj.keys().map(String::as_str).collect()

@@ -21,7 +21,8 @@ fn int_array(v: &Value, field: &str, loc: &str) -> Result<Vec<i64>> {
         .collect()
 }
 
-fn kind(v: &Value) -> &'static str {
+/// What a JSON value is, for messages ("found a list").
+pub fn kind(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",

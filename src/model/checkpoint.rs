@@ -82,6 +82,41 @@ fn open_shard(path: &Path, shard: usize, out: &mut HashMap<String, TensorLoc>) -
     Ok(Shard { path: path.to_path_buf(), map })
 }
 
+/// The safetensors files of a checkpoint directory: model.safetensors, or
+/// the shards model.safetensors.index.json lists (sorted, each once).
+pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let single = dir.join("model.safetensors");
+    let index = dir.join("model.safetensors.index.json");
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    if !index.is_file() {
+        bail!(
+            "{}: no model.safetensors or model.safetensors.index.json found (ferrotune reads safetensors checkpoints only)",
+            dir.display()
+        );
+    }
+    let text = std::fs::read_to_string(&index).with_context(|| format!("cannot read {}", index.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", index.display()))?;
+    let map = v
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .with_context(|| format!("{}: missing \"weight_map\" object", index.display()))?;
+    let mut files: Vec<String> = map.values().filter_map(|f| f.as_str().map(str::to_owned)).collect();
+    files.sort();
+    files.dedup();
+    files
+        .into_iter()
+        .map(|f| {
+            let path = dir.join(&f);
+            if !path.is_file() {
+                bail!("{}: shard {f} is listed but {} does not exist", index.display(), path.display());
+            }
+            Ok(path)
+        })
+        .collect()
+}
+
 impl Checkpoint {
     /// Open a checkpoint directory: config first (registry check), then the
     /// weight files' headers. No tensor data is read here.
@@ -89,34 +124,8 @@ impl Checkpoint {
         let config = read_config(dir)?;
         let mut tensors = HashMap::new();
         let mut shards = Vec::new();
-        let single = dir.join("model.safetensors");
-        let index = dir.join("model.safetensors.index.json");
-        if single.is_file() {
-            shards.push(open_shard(&single, 0, &mut tensors)?);
-        } else if index.is_file() {
-            let text = std::fs::read_to_string(&index).with_context(|| format!("cannot read {}", index.display()))?;
-            let v: serde_json::Value =
-                serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", index.display()))?;
-            let map = v
-                .get("weight_map")
-                .and_then(|m| m.as_object())
-                .with_context(|| format!("{}: missing \"weight_map\" object", index.display()))?;
-            let mut files: Vec<String> = map.values().filter_map(|f| f.as_str().map(str::to_owned)).collect();
-            files.sort();
-            files.dedup();
-            for f in &files {
-                let n = shards.len();
-                let path = dir.join(f);
-                if !path.is_file() {
-                    bail!("{}: shard {f} is listed but {} does not exist", index.display(), path.display());
-                }
-                shards.push(open_shard(&path, n, &mut tensors)?);
-            }
-        } else {
-            bail!(
-                "{}: no model.safetensors or model.safetensors.index.json found (ferrotune reads safetensors checkpoints only)",
-                dir.display()
-            );
+        for (n, path) in weight_files(dir)?.iter().enumerate() {
+            shards.push(open_shard(path, n, &mut tensors)?);
         }
         Ok(Checkpoint { dir: dir.to_path_buf(), config, shards, tensors })
     }

@@ -3,12 +3,13 @@
 //! AdamW, the schedule, logging, evaluation and checkpoints.
 
 use super::checkpoint::{self, TrainState};
-use super::optimizer::{AdamWConfig, Optimizer};
+use super::optimizer::Optimizer;
 use super::plan::{DataPlan, MicroBatch};
 use super::progress::{Metrics, Progress};
 use super::schedule::{Kind, Schedule};
 use crate::adapter::{LoraConfig, peft};
 use crate::backend::Backend;
+use crate::config::RunConfig;
 use crate::model::Model;
 use crate::model::batch::{Batch, Sequence};
 use crate::model::graph::{BackwardOpts, LossSum};
@@ -17,35 +18,11 @@ use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-/// The settings of the loop (the run config, resolved).
-#[derive(Debug, Clone)]
-pub struct LoopConfig {
-    pub micro_batch_size: usize,
-    pub gradient_accumulation_steps: usize,
-    pub sample_packing: bool,
-    pub sequence_len: usize,
-    pub shuffle: bool,
-    pub seed: u64,
-    pub num_epochs: f64,
-    pub max_steps: Option<usize>,
-    pub learning_rate: f64,
-    pub lr_scheduler: String,
-    pub warmup_steps: Option<usize>,
-    pub warmup_ratio: Option<f64>,
-    pub adamw: AdamWConfig,
-    pub gradient_checkpointing: bool,
-    pub logging_steps: usize,
-    pub eval_steps: Option<usize>,
-    pub evals_per_epoch: Option<usize>,
-    pub save_steps: Option<usize>,
-    pub saves_per_epoch: Option<usize>,
-    pub save_total_limit: Option<usize>,
-}
-
 /// Everything a run needs, prepared by the caller.
 pub struct Run<'a, B: Backend> {
     pub be: &'a B,
-    pub cfg: LoopConfig,
+    /// The run config (validated).
+    pub cfg: &'a RunConfig,
     /// The model with its LoRA adapters attached (fresh or loaded).
     pub model: Model<B>,
     /// How the adapter is described in adapter_config.json.
@@ -71,7 +48,7 @@ pub struct Summary {
 
 /// The settings a checkpoint must share with the run resuming it, as
 /// key -> value, so a refusal can name what changed.
-fn fingerprint(cfg: &LoopConfig, plan: &DataPlan, lora: &LoraConfig) -> Value {
+fn fingerprint(cfg: &RunConfig, plan: &DataPlan, lora: &LoraConfig) -> Value {
     let data = blake3::hash(&plan.lengths.iter().flat_map(|l| (*l as u64).to_le_bytes()).collect::<Vec<u8>>());
     // Values as their Rust display strings: exact, and stable through JSON.
     let entries: [(&str, String); 17] = [
@@ -80,15 +57,15 @@ fn fingerprint(cfg: &LoopConfig, plan: &DataPlan, lora: &LoraConfig) -> Value {
         ("gradient_accumulation_steps", cfg.gradient_accumulation_steps.to_string()),
         ("sample_packing", cfg.sample_packing.to_string()),
         ("sequence_len", cfg.sequence_len.to_string()),
-        ("shuffle_merged_datasets", cfg.shuffle.to_string()),
+        ("shuffle_merged_datasets", cfg.shuffle_merged_datasets.to_string()),
         ("seed", cfg.seed.to_string()),
         ("learning_rate", cfg.learning_rate.to_string()),
         ("lr_scheduler", cfg.lr_scheduler.clone()),
-        ("adam_beta1", cfg.adamw.beta1.to_string()),
-        ("adam_beta2", cfg.adamw.beta2.to_string()),
-        ("adam_epsilon", cfg.adamw.eps.to_string()),
-        ("weight_decay", cfg.adamw.weight_decay.to_string()),
-        ("max_grad_norm", format!("{:?}", cfg.adamw.max_grad_norm)),
+        ("adam_beta1", cfg.adam_beta1.to_string()),
+        ("adam_beta2", cfg.adam_beta2.to_string()),
+        ("adam_epsilon", cfg.adam_epsilon.to_string()),
+        ("weight_decay", cfg.weight_decay.to_string()),
+        ("max_grad_norm", cfg.max_grad_norm.to_string()),
         ("lora_r", lora.r.to_string()),
         ("lora_alpha", lora.alpha.to_string()),
         ("lora_dropout", lora.dropout.to_string()),
@@ -131,6 +108,140 @@ fn dropout_seed(seed: u64, step: usize, micro: usize) -> u64 {
     z ^ (z >> 31)
 }
 
+/// One optimiser step's figures.
+struct StepOutcome {
+    loss: f64,
+    /// Target tokens of the step (the loss denominator).
+    targets: usize,
+    /// Input tokens of the step.
+    tokens: usize,
+    lr: f64,
+    grad_norm: f64,
+}
+
+/// Forward/backward over the step's micro-batches, each token's gradient
+/// scaled by 1 / (target tokens of the whole step), then clip and update.
+#[allow(clippy::too_many_arguments)]
+fn optimizer_step<B: Backend>(
+    be: &B,
+    cfg: &RunConfig,
+    model: &mut Model<B>,
+    opt: &mut Optimizer<B>,
+    lr: f64,
+    examples: &[Sequence],
+    micro_batches: &[MicroBatch],
+    step: usize,
+) -> Result<StepOutcome> {
+    let batches = micro_batches
+        .iter()
+        .map(|mb| {
+            let seqs: Vec<Sequence> = mb.iter().map(|&i| examples[i].clone()).collect();
+            Batch::from_sequences(&seqs, model.cfg.vocab)
+        })
+        .collect::<Result<Vec<Batch>>>()?;
+    let targets: usize = batches.iter().map(|b| b.n_targets()).sum();
+    let tokens: usize = batches.iter().map(|b| b.n_tokens()).sum();
+    let dropout = model.loras().any(|(_, _, l)| l.dropout > 0.0);
+    model.zero_grad(be);
+    let mut sum = LossSum::default();
+    for (mi, batch) in batches.iter().enumerate() {
+        let opts = BackwardOpts {
+            grad_scale: 1.0 / targets.max(1) as f32,
+            gradient_checkpointing: cfg.gradient_checkpointing,
+            dropout_seed: dropout.then(|| dropout_seed(cfg.seed, step, mi)),
+        };
+        sum.add(model.forward_backward(be, batch, opts));
+    }
+    // A step with nothing to learn from (every label -100) changes nothing.
+    let grad_norm = if targets == 0 { 0.0 } else { opt.step(be, model, lr as f32) };
+    let loss = sum.mean();
+    if targets > 0 && !loss.is_finite() {
+        bail!(
+            "step {}: the loss is {loss} (grad norm {grad_norm}); training diverged. Lower learning_rate (now {}) or check the data",
+            step + 1,
+            cfg.learning_rate
+        );
+    }
+    Ok(StepOutcome { loss, targets, tokens, lr, grad_norm })
+}
+
+/// Loss and throughput between two log records (the logged loss is the
+/// mean of the steps' losses, as transformers' Trainer logs it).
+struct LogWindow {
+    loss_sum: f64,
+    steps: usize,
+    tokens: usize,
+    t0: Instant,
+}
+
+impl LogWindow {
+    fn new() -> LogWindow {
+        LogWindow { loss_sum: 0.0, steps: 0, tokens: 0, t0: Instant::now() }
+    }
+
+    fn add(&mut self, o: &StepOutcome) {
+        if o.targets > 0 {
+            self.loss_sum += o.loss;
+            self.steps += 1;
+        }
+        self.tokens += o.tokens;
+    }
+
+    /// (mean loss, tokens/s) of the window; starts the next one.
+    fn take(&mut self) -> (f64, f64) {
+        let mean = if self.steps > 0 { self.loss_sum / self.steps as f64 } else { f64::NAN };
+        let tps = self.tokens as f64 / self.t0.elapsed().as_secs_f64().max(1e-9);
+        *self = LogWindow::new();
+        (mean, tps)
+    }
+}
+
+/// Load a checkpoint's adapter, optimiser moments and state into the run,
+/// refusing one whose data order or optimisation settings differ.
+fn restore<B: Backend>(
+    be: &B,
+    cfg: &RunConfig,
+    model: &mut Model<B>,
+    dir: &Path,
+    fresh: TrainState,
+) -> Result<(Optimizer<B>, TrainState)> {
+    let saved = checkpoint::read_state(dir)?;
+    let now: Value = serde_json::from_str(&fresh.fingerprint)?;
+    let changed = fingerprint_diff(&saved.fingerprint, &now);
+    if !changed.is_empty() {
+        bail!(
+            "cannot resume from {}: settings that decide the data order or the optimisation changed: {}",
+            dir.display(),
+            changed.join("; ")
+        );
+    }
+    let n = peft::load(be, model, dir).with_context(|| format!("loading the adapter of {}", dir.display()))?;
+    let (opt_step, moments) = checkpoint::read_moments(model, dir)?;
+    let mut opt = Optimizer::new(be, model, cfg.adamw_config());
+    opt.load_moments(be, &moments)?;
+    opt.step = opt_step;
+    let state = TrainState { total_steps: fresh.total_steps, fingerprint: fresh.fingerprint, ..saved };
+    eprintln!("resumed from {} at step {} ({n} LoRA modules)", dir.display(), state.global_step);
+    Ok((opt, state))
+}
+
+/// Save checkpoint-N and drop the oldest beyond save_total_limit.
+fn save_checkpoint<B: Backend>(
+    be: &B,
+    cfg: &RunConfig,
+    model: &Model<B>,
+    opt: &Optimizer<B>,
+    lora: &LoraConfig,
+    state: &TrainState,
+    output_dir: &Path,
+) -> Result<PathBuf> {
+    let dir = checkpoint::save(be, model, opt, lora, state, output_dir)?;
+    if let Some(limit) = cfg.save_total_limit {
+        checkpoint::prune(output_dir, limit)?;
+    }
+    Ok(dir)
+}
+
 pub fn train<B: Backend>(run: Run<'_, B>) -> Result<Summary> {
     let Run { be, cfg, mut model, lora, train, val, output_dir, resume, mut after_first_step } = run;
     if train.is_empty() {
@@ -143,7 +254,7 @@ pub fn train<B: Backend>(run: Run<'_, B>) -> Result<Summary> {
         gradient_accumulation_steps: cfg.gradient_accumulation_steps,
         sample_packing: cfg.sample_packing,
         sequence_len: cfg.sequence_len,
-        shuffle: cfg.shuffle,
+        shuffle: cfg.shuffle_merged_datasets,
         seed: cfg.seed,
     };
     let total_steps = plan.total_steps(cfg.num_epochs, cfg.max_steps);
@@ -154,9 +265,7 @@ pub fn train<B: Backend>(run: Run<'_, B>) -> Result<Summary> {
         warmup_steps: Schedule::warmup_from(cfg.warmup_steps, cfg.warmup_ratio, total_steps),
         total_steps,
     };
-    let fp = fingerprint(&cfg, &plan, &lora);
-    let mut opt = Optimizer::new(be, &model, cfg.adamw);
-    let mut state = TrainState {
+    let fresh = TrainState {
         format_version: checkpoint::FORMAT_VERSION,
         global_step: 0,
         total_steps,
@@ -164,36 +273,19 @@ pub fn train<B: Backend>(run: Run<'_, B>) -> Result<Summary> {
         next_micro_batch: 0,
         seed: cfg.seed,
         tokens_seen: 0,
-        fingerprint: fp.to_string(),
+        fingerprint: fingerprint(cfg, &plan, &lora).to_string(),
     };
-    if let Some(dir) = &resume {
-        let saved = checkpoint::read_state(dir)?;
-        let changed = fingerprint_diff(&saved.fingerprint, &fp);
-        if !changed.is_empty() {
-            bail!(
-                "cannot resume from {}: settings that decide the data order or the optimisation changed: {}",
-                dir.display(),
-                changed.join("; ")
-            );
-        }
-        let n = peft::load(be, &mut model, dir).with_context(|| format!("loading the adapter of {}", dir.display()))?;
-        let (opt_step, moments) = checkpoint::read_moments(&model, dir)?;
-        opt = Optimizer::new(be, &model, cfg.adamw);
-        opt.load_moments(be, &moments)?;
-        opt.step = opt_step;
-        state = TrainState { total_steps, fingerprint: fp.to_string(), ..saved };
-        eprintln!("resumed from {} at step {} ({n} LoRA modules)", dir.display(), state.global_step);
-    }
+    let (mut opt, mut state) = match &resume {
+        Some(dir) => restore(be, cfg, &mut model, dir, fresh)?,
+        None => (Optimizer::new(be, &model, cfg.adamw_config()), fresh),
+    };
 
     let eval_every = interval(cfg.eval_steps, cfg.evals_per_epoch, steps_per_epoch).filter(|_| !val.is_empty());
     let save_every = interval(cfg.save_steps, cfg.saves_per_epoch, steps_per_epoch);
     let mut metrics = Metrics::open(&output_dir, resume.as_ref().map(|_| state.global_step))?;
     let progress = Progress::new(total_steps, state.global_step);
-    let dropout = model.loras().any(|(_, _, l)| l.dropout > 0.0);
-
     let mut epoch_batches: (usize, Vec<MicroBatch>) = (state.epoch, plan.micro_batches(state.epoch));
-    let (mut window_loss, mut window_steps, mut window_tokens) = (0.0f64, 0usize, 0usize);
-    let mut window_t0 = Instant::now();
+    let mut window = LogWindow::new();
     let (run_t0, run_tokens0) = (Instant::now(), state.tokens_seen);
     let (mut last_loss, mut last_eval) = (None, None);
 
@@ -201,49 +293,19 @@ pub fn train<B: Backend>(run: Run<'_, B>) -> Result<Summary> {
         if state.epoch != epoch_batches.0 {
             epoch_batches = (state.epoch, plan.micro_batches(state.epoch));
         }
-        let mbs = &epoch_batches.1;
-        let ga = cfg.gradient_accumulation_steps;
-        let step_mbs = &mbs[state.next_micro_batch..(state.next_micro_batch + ga).min(mbs.len())];
-        let batches = step_mbs
-            .iter()
-            .map(|mb| {
-                let seqs: Vec<Sequence> = mb.iter().map(|&i| train[i].clone()).collect();
-                Batch::from_sequences(&seqs, model.cfg.vocab)
-            })
-            .collect::<Result<Vec<Batch>>>()?;
-        let targets: usize = batches.iter().map(|b| b.n_targets()).sum();
-        let tokens: usize = batches.iter().map(|b| b.n_tokens()).sum();
-
-        model.zero_grad(be);
-        let mut sum = LossSum::default();
-        for (mi, batch) in batches.iter().enumerate() {
-            let opts = BackwardOpts {
-                grad_scale: 1.0 / targets.max(1) as f32,
-                gradient_checkpointing: cfg.gradient_checkpointing,
-                dropout_seed: dropout.then(|| dropout_seed(cfg.seed, state.global_step, mi)),
-            };
-            sum.add(model.forward_backward(be, batch, opts));
-        }
+        let n_micro = epoch_batches.1.len();
+        let step_mbs = &epoch_batches.1[state.next_micro_batch..(state.next_micro_batch + cfg.gradient_accumulation_steps).min(n_micro)];
         let lr = schedule.lr(state.global_step);
-        let grad_norm = if targets == 0 {
+        let out = optimizer_step(be, cfg, &mut model, &mut opt, lr, &train, step_mbs, state.global_step)?;
+        if out.targets == 0 {
             progress.line(&format!("step {}: no target tokens in this step (all labels -100); no update", state.global_step + 1));
-            0.0
-        } else {
-            opt.step(be, &mut model, lr as f32)
-        };
-        let loss = sum.mean();
-        if targets > 0 && !loss.is_finite() {
-            bail!(
-                "step {}: the loss is {loss} (grad norm {grad_norm}); training diverged. Lower learning_rate (now {}) or check the data",
-                state.global_step + 1,
-                cfg.learning_rate
-            );
         }
 
+        // Advance the data position.
         state.global_step += 1;
-        state.tokens_seen += tokens as u64;
+        state.tokens_seen += out.tokens as u64;
         state.next_micro_batch += step_mbs.len();
-        if state.next_micro_batch >= mbs.len() {
+        if state.next_micro_batch >= n_micro {
             state.epoch += 1;
             state.next_micro_batch = 0;
         }
@@ -252,43 +314,35 @@ pub fn train<B: Backend>(run: Run<'_, B>) -> Result<Summary> {
         {
             progress.line(&line);
         }
-        if targets > 0 {
-            window_loss += loss;
-            window_steps += 1;
-            last_loss = Some(loss);
+        window.add(&out);
+        if out.targets > 0 {
+            last_loss = Some(out.loss);
         }
-        window_tokens += tokens;
 
         let step = state.global_step;
-        let epoch_f = state.epoch as f64 + state.next_micro_batch as f64 / epoch_batches.1.len().max(1) as f64;
-        if step % cfg.logging_steps.max(1) == 0 || step == total_steps {
-            let dt = window_t0.elapsed().as_secs_f64().max(1e-9);
-            let tps = window_tokens as f64 / dt;
-            let mean = if window_steps > 0 { window_loss / window_steps as f64 } else { f64::NAN };
+        let epoch_f = state.epoch as f64 + state.next_micro_batch as f64 / n_micro.max(1) as f64;
+        if step.is_multiple_of(cfg.logging_steps.max(1)) || step == total_steps {
+            let (mean, tps) = window.take();
             metrics.write(&json!({
-                "step": step, "epoch": epoch_f, "loss": mean, "lr": lr, "grad_norm": grad_norm,
+                "step": step, "epoch": epoch_f, "loss": mean, "lr": out.lr, "grad_norm": out.grad_norm,
                 "tokens_per_s": tps, "tokens": state.tokens_seen,
             }))?;
-            progress.step(step, Some(&format!("loss {mean:.4} lr {lr:.2e} grad_norm {grad_norm:.3} {tps:.0} tok/s")));
-            (window_loss, window_steps, window_tokens) = (0.0, 0, 0);
-            window_t0 = Instant::now();
+            progress.step(step, Some(&format!("loss {mean:.4} lr {:.2e} grad_norm {:.3} {tps:.0} tok/s", out.lr, out.grad_norm)));
         } else {
             progress.step(step, None);
         }
-        if eval_every.is_some_and(|e| step % e == 0) && step != total_steps {
+        // Evaluation and saving at the last step happen after the loop.
+        if eval_every.is_some_and(|e| step.is_multiple_of(e)) && step != total_steps {
             let ev = evaluate(be, &model, &val, cfg.micro_batch_size)?.mean();
             metrics.write(&json!({"step": step, "epoch": epoch_f, "eval_loss": ev}))?;
             progress.line(&format!("step {step}: eval_loss {ev:.4}"));
             last_eval = Some(ev);
-            window_t0 = Instant::now();
+            window.t0 = Instant::now();
         }
-        if save_every.is_some_and(|s| step % s == 0) && step != total_steps {
-            let dir = checkpoint::save(be, &model, &opt, &lora, &state, &output_dir)?;
-            if let Some(limit) = cfg.save_total_limit {
-                checkpoint::prune(&output_dir, limit)?;
-            }
+        if save_every.is_some_and(|s| step.is_multiple_of(s)) && step != total_steps {
+            let dir = save_checkpoint(be, cfg, &model, &opt, &lora, &state, &output_dir)?;
             progress.line(&format!("saved {}", dir.display()));
-            window_t0 = Instant::now();
+            window.t0 = Instant::now();
         }
     }
     progress.finish();
@@ -302,10 +356,7 @@ pub fn train<B: Backend>(run: Run<'_, B>) -> Result<Summary> {
     // The final adapter, and a last checkpoint so the run can be extended.
     peft::save(be, &model, &lora, &output_dir)?;
     if save_every.is_some() {
-        checkpoint::save(be, &model, &opt, &lora, &state, &output_dir)?;
-        if let Some(limit) = cfg.save_total_limit {
-            checkpoint::prune(&output_dir, limit)?;
-        }
+        save_checkpoint(be, cfg, &model, &opt, &lora, &state, &output_dir)?;
     }
     let secs = run_t0.elapsed().as_secs_f64().max(1e-9);
     Ok(Summary {
@@ -336,35 +387,3 @@ pub fn resolve_resume(output_dir: &Path, latest: bool, path: Option<&str>) -> Re
     Ok(if latest { checkpoint::list(output_dir).pop().map(|(_, d)| d) } else { None })
 }
 
-impl LoopConfig {
-    pub fn from_run(cfg: &crate::config::RunConfig) -> LoopConfig {
-        LoopConfig {
-            micro_batch_size: cfg.micro_batch_size,
-            gradient_accumulation_steps: cfg.gradient_accumulation_steps,
-            sample_packing: cfg.sample_packing,
-            sequence_len: cfg.sequence_len,
-            shuffle: cfg.shuffle_merged_datasets,
-            seed: cfg.seed,
-            num_epochs: cfg.num_epochs,
-            max_steps: cfg.max_steps,
-            learning_rate: cfg.learning_rate,
-            lr_scheduler: cfg.lr_scheduler.clone(),
-            warmup_steps: cfg.warmup_steps,
-            warmup_ratio: cfg.warmup_ratio,
-            adamw: AdamWConfig {
-                beta1: cfg.adam_beta1 as f32,
-                beta2: cfg.adam_beta2 as f32,
-                eps: cfg.adam_epsilon as f32,
-                weight_decay: cfg.weight_decay as f32,
-                max_grad_norm: (cfg.max_grad_norm > 0.0).then_some(cfg.max_grad_norm as f32),
-            },
-            gradient_checkpointing: cfg.gradient_checkpointing,
-            logging_steps: cfg.logging_steps,
-            eval_steps: cfg.eval_steps,
-            evals_per_epoch: cfg.evals_per_epoch,
-            save_steps: cfg.save_steps,
-            saves_per_epoch: cfg.saves_per_epoch,
-            save_total_limit: cfg.save_total_limit,
-        }
-    }
-}
