@@ -11,6 +11,7 @@ pub mod config;
 pub mod data;
 pub mod kernels;
 pub mod model;
+pub mod quant;
 pub mod registry;
 pub mod train;
 pub mod util;
