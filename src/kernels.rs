@@ -59,6 +59,10 @@ mod tests {
             ("lora_dropout_fwd_*", "x:ptr out:ptr n:u64 seed:u64 p:f32 accumulate:i32"),
             ("lora_dropout_bwd_*", "dy:ptr dx:ptr n:u64 seed:u64 p:f32 accumulate:i32"),
         ]),
+        ("nf4", &[
+            ("nf4_dequantize_bf16", "packed:ptr absmax:ptr code:ptr out:ptr n:u64 blocksize:i32"),
+            ("nf4_dequantize_nested_bf16", "packed:ptr absmax_codes:ptr nested_absmax:ptr nested_map:ptr offset:f32 code:ptr out:ptr n:u64 blocksize:i32 nested_blocksize:i32"),
+        ]),
         ("rmsnorm", &[
             ("rmsnorm_fwd_*", "x:ptr w:ptr y:ptr inv_rms:ptr rows:i32 hidden:i32 eps:f32"),
             ("rmsnorm_bwd_*", "dy:ptr x:ptr w:ptr inv_rms:ptr dx:ptr rows:i32 hidden:i32"),

@@ -232,6 +232,14 @@ impl<B: Backend> Backend for Bf16Sim<B> {
         // bf16: weights are stored in bf16.
         self.inner.weight_from_f32(&rounded(data.to_vec()))
     }
+    fn weight_from_nf4(&self, t: &crate::quant::nf4::Nf4Tensor) -> Result<B::Weight> {
+        // bf16: the GPU dequantizes each product's NF4 weight into a bf16
+        // scratch, bf16(code · absmax) with the f32 product rounded once; the
+        // simulation stores those bf16 values (dense: the 4-bit saving is a
+        // memory matter, not a numerical one).
+        crate::backend::check_nf4(t)?;
+        Ok(self.inner.weight_from_f32(&rounded(t.dequantize())))
+    }
     fn weight_to_f32(&self, w: &B::Weight) -> Vec<f32> {
         self.inner.weight_to_f32(w)
     }

@@ -189,6 +189,9 @@ impl<'a, R: Backend, C: Backend> Harness<'a, R, C> {
         self.embedding(n, hidden, vocab);
         self.linear(n, hidden, hidden / 4 * 3, true);
         self.linear(n, inter.min(4096), hidden, false);
+        for nested in [false, true] {
+            self.nf4_linear(n, hidden, hidden / 4 * 3, nested);
+        }
         for dropout in [None, Some(Dropout { p: 0.1, seed: 99 })] {
             self.lora(n, hidden, hidden, 16, dropout);
         }
@@ -273,6 +276,30 @@ impl<'a, R: Backend, C: Backend> Harness<'a, R, C> {
             self.reference.linear_backward_input(&rdy, &rw, &mut rdx, m, k, n, acc);
             self.candidate.linear_backward_input(&cdy, &cw, &mut cdx, m, k, n, acc);
             self.check(format!("linear_backward_input {m}x{n}->{k} acc={acc}"), &rdx, &cdx, t.matmul);
+        }
+    }
+
+    /// `linear` and `linear_backward_input` with an NF4 weight (plain or
+    /// double-quantized scales). The reference dequantizes to f32, a bf16
+    /// candidate to bf16 (one more rounding of W: within `matmul`).
+    pub fn nf4_linear(&mut self, m: usize, k: usize, n: usize, nested: bool) {
+        let t = self.tol;
+        let q = random_nf4(&mut self.rng, [n, k], nested);
+        let rw = self.reference.weight_from_nf4(&q).expect("reference NF4 weight");
+        let cw = self.candidate.weight_from_nf4(&q).expect("candidate NF4 weight");
+        let tag = format!("{m}x{k}->{n} nested={nested}");
+        let (rx, cx, _) = self.act(m * k, 1.0);
+        let mut ry = self.reference.zeros(m * n);
+        let mut cy = self.candidate.zeros(m * n);
+        self.reference.linear(&rx, &rw, None, &mut ry, m, k, n);
+        self.candidate.linear(&cx, &cw, None, &mut cy, m, k, n);
+        self.check(format!("linear nf4 {tag}"), &ry, &cy, t.matmul);
+        let (rdy, cdy, _) = self.act(m * n, 1.0);
+        for acc in [false, true] {
+            let (mut rdx, mut cdx, _) = self.act(m * k, 1.0);
+            self.reference.linear_backward_input(&rdy, &rw, &mut rdx, m, k, n, acc);
+            self.candidate.linear_backward_input(&cdy, &cw, &mut cdx, m, k, n, acc);
+            self.check(format!("linear_backward_input nf4 {tag} acc={acc}"), &rdx, &cdx, t.matmul);
         }
     }
 
@@ -439,6 +466,31 @@ impl<'a, R: Backend, C: Backend> Harness<'a, R, C> {
         let tag = format!("past={past} new={new} d={d} h={heads}/{kv} window={window:?}");
         self.check(format!("decode_attention {tag}"), &ro, &co, t.attention);
     }
+}
+
+/// A random NF4 tensor of `shape` in bitsandbytes' layout (blocks of 64,
+/// random codes; scales like those of a weight with std ~1/√in; with
+/// `nested`, 8-bit scale codes over a 256-entry map in blocks of 256 plus an
+/// offset), for checking backends against each other. Not a quantization of
+/// anything: `quant::nf4::quantize` makes real ones.
+pub fn random_nf4(rng: &mut Rng, shape: [usize; 2], nested: bool) -> crate::quant::nf4::Nf4Tensor {
+    use crate::quant::nf4::{Absmax, BLOCKSIZE, NESTED_BLOCKSIZE, NF4_CODE, Nf4Tensor};
+    let n = shape[0] * shape[1];
+    let blocks = n.div_ceil(BLOCKSIZE);
+    let packed = (0..n.div_ceil(2)).map(|_| (rng.next_u64() & 0xff) as u8).collect();
+    let scale = 2.5 / (shape[1].max(1) as f32).sqrt();
+    let absmax = if nested {
+        Absmax::Nested {
+            codes: (0..blocks).map(|_| (rng.next_u64() & 0xff) as u8).collect(),
+            nested_absmax: (0..blocks.div_ceil(NESTED_BLOCKSIZE)).map(|_| rng.uniform_range(0.2, 0.4) * scale).collect(),
+            nested_map: (0..256).map(|i| (i as f32 - 127.5) / 127.5).collect(),
+            offset: scale,
+            nested_blocksize: NESTED_BLOCKSIZE,
+        }
+    } else {
+        Absmax::Plain((0..blocks).map(|_| rng.uniform_range(0.7, 1.3) * scale).collect())
+    };
+    Nf4Tensor { shape, blocksize: BLOCKSIZE, packed, absmax, code: NF4_CODE }
 }
 
 #[cfg(test)]

@@ -32,7 +32,8 @@ pub enum Kind {
     F32,
     /// i32 per-token metadata (`upload_ints`).
     Int,
-    /// Frozen base weights (`load_weight`, `weight_from_f32`).
+    /// Frozen base weights (`load_weight`, `weight_from_f32`,
+    /// `weight_from_nf4`), and the NF4 dequantization scratch.
     Weight,
 }
 
@@ -144,13 +145,17 @@ pub struct Metered<B: Backend> {
     act_bytes: usize,
     weight_bytes: usize,
     meter: Arc<Meter>,
+    /// Elements of the NF4 dequantization scratch: the GPU backend holds one
+    /// buffer of the weight type, grown to the largest NF4 weight loaded and
+    /// kept for the backend's life; metered as a weight that is never freed.
+    nf4_scratch: Mutex<usize>,
 }
 
 impl<B: Backend> Metered<B> {
     /// `act_bytes`: bytes per activation element (4 on CPU, 2 for a bf16
     /// GPU backend); `weight_bytes`: bytes per frozen-weight element.
     pub fn new(inner: B, act_bytes: usize, weight_bytes: usize) -> Self {
-        Metered { inner, act_bytes, weight_bytes, meter: Arc::new(Meter::default()) }
+        Metered { inner, act_bytes, weight_bytes, meter: Arc::new(Meter::default()), nf4_scratch: Mutex::new(0) }
     }
 
     pub fn act_bytes(&self) -> usize {
@@ -228,6 +233,15 @@ impl<B: Backend> Backend for Metered<B> {
     }
     fn weight_from_f32(&self, data: &[f32]) -> MWeight<B> {
         self.wrap(self.inner.weight_from_f32(data), Kind::Weight, data.len() * self.weight_bytes)
+    }
+    fn weight_from_nf4(&self, t: &crate::quant::nf4::Nf4Tensor) -> Result<MWeight<B>> {
+        let w = self.inner.weight_from_nf4(t)?;
+        let mut scratch = self.nf4_scratch.lock().unwrap_or_else(|e| e.into_inner());
+        if t.numel() > *scratch {
+            self.meter.add(Kind::Weight, (t.numel() - *scratch) * self.weight_bytes);
+            *scratch = t.numel();
+        }
+        Ok(self.wrap(w, Kind::Weight, super::nf4_device_bytes(t)))
     }
     fn weight_to_f32(&self, w: &MWeight<B>) -> Vec<f32> {
         self.inner.weight_to_f32(&w.inner)

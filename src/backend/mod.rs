@@ -14,6 +14,10 @@
 //! - Ops that "accumulate" add into their output (`+=`); the others overwrite.
 //! - Frozen base weights are `Weight`s (read-only, no gradients); trainable
 //!   parameters, activations and gradients are `Buf`s of f32.
+//! - A `Weight` is dense, or (QLoRA's base projections) NF4: the backend keeps
+//!   the 4-bit form and dequantizes it for one product at a time, in
+//!   `linear` and `linear_backward_input`, the only ops that take an NF4
+//!   weight. Embeddings, norms and the LM head are always dense.
 //! - Every op is deterministic: the same inputs give bit-identical outputs.
 //! - Buffers may be longer than a shape needs; ops touch only the prefix.
 
@@ -28,6 +32,7 @@ pub mod bf16sim;
 pub mod metered;
 pub mod profiled;
 
+use crate::quant::nf4::Nf4Tensor;
 use anyhow::Result;
 
 /// Element type of a tensor as stored in a checkpoint.
@@ -176,7 +181,16 @@ pub trait Backend: Send + Sync {
     /// stores weights: f32 on CPU).
     fn load_weight(&self, src: &WeightSource) -> Result<Self::Weight>;
     fn weight_from_f32(&self, data: &[f32]) -> Self::Weight;
+    /// Build a frozen NF4 weight (a quantized `[out, in]` projection). It
+    /// stays 4-bit; each product dequantizes it (code · absmax in f32, then
+    /// the backend's weight type) into scratch that lives for that product
+    /// only. Fails when the tensor is malformed or its layout is one the
+    /// backend cannot read.
+    fn weight_from_nf4(&self, t: &Nf4Tensor) -> Result<Self::Weight>;
+    /// A weight's values as f32 (an NF4 weight dequantized, as a product
+    /// sees it).
     fn weight_to_f32(&self, w: &Self::Weight) -> Vec<f32>;
+    /// Elements of a weight (of the dequantized matrix for NF4).
     fn weight_len(&self, w: &Self::Weight) -> usize;
 
     // ---- elementwise --------------------------------------------------
@@ -398,6 +412,51 @@ pub trait Backend: Send + Sync {
     // ---- optimiser -------------------------------------------------------
     /// One AdamW step on a parameter with its gradient and moments.
     fn adamw(&self, param: &mut Self::Buf, grad: &Self::Buf, m: &mut Self::Buf, v: &mut Self::Buf, hp: AdamW);
+}
+
+/// Device bytes of an NF4 weight as the GPU backend stores it: the packed
+/// codes, the block scales in their stored form (f32 per block, or with
+/// double quantization one u8 per block plus the f32 nested scales and the
+/// 256-entry map) and the 16-entry code table. The memory planner predicts
+/// the same figure from shapes (`train::memory::nf4_weight_bytes`).
+pub fn nf4_device_bytes(t: &Nf4Tensor) -> usize {
+    use crate::quant::nf4::Absmax;
+    let scales = match &t.absmax {
+        Absmax::Plain(a) => 4 * a.len(),
+        Absmax::Nested { codes, nested_absmax, nested_map, .. } => codes.len() + 4 * (nested_absmax.len() + nested_map.len()),
+    };
+    t.packed.len() + scales + 4 * t.code.len()
+}
+
+/// Check an NF4 tensor's parts agree with its shape and block size, so a
+/// backend can index them without bounds surprises.
+pub fn check_nf4(t: &Nf4Tensor) -> Result<()> {
+    use crate::quant::nf4::Absmax;
+    let n = t.numel();
+    anyhow::ensure!(t.blocksize > 0, "NF4 weight {:?}: block size 0", t.shape);
+    anyhow::ensure!(
+        t.packed.len() == n.div_ceil(2),
+        "NF4 weight {:?}: {} packed bytes, expected {}",
+        t.shape,
+        t.packed.len(),
+        n.div_ceil(2)
+    );
+    let blocks = t.n_blocks();
+    match &t.absmax {
+        Absmax::Plain(a) => anyhow::ensure!(a.len() == blocks, "NF4 weight {:?}: {} absmax values for {blocks} blocks", t.shape, a.len()),
+        Absmax::Nested { codes, nested_absmax, nested_map, nested_blocksize, .. } => {
+            anyhow::ensure!(codes.len() == blocks, "NF4 weight {:?}: {} absmax codes for {blocks} blocks", t.shape, codes.len());
+            anyhow::ensure!(*nested_blocksize > 0, "NF4 weight {:?}: nested block size 0", t.shape);
+            anyhow::ensure!(
+                nested_absmax.len() == blocks.div_ceil(*nested_blocksize),
+                "NF4 weight {:?}: {} nested absmax values for {blocks} blocks of {nested_blocksize}",
+                t.shape,
+                nested_absmax.len()
+            );
+            anyhow::ensure!(nested_map.len() == 256, "NF4 weight {:?}: nested map has {} entries, expected 256", t.shape, nested_map.len());
+        }
+    }
+    Ok(())
 }
 
 /// Convert little-endian checkpoint bytes (any alignment) to f32.

@@ -104,6 +104,9 @@ impl<B: Backend> Backend for Profiled<B> {
     fn weight_from_f32(&self, data: &[f32]) -> B::Weight {
         self.inner.weight_from_f32(data)
     }
+    fn weight_from_nf4(&self, t: &crate::quant::nf4::Nf4Tensor) -> Result<B::Weight> {
+        self.inner.weight_from_nf4(t)
+    }
     fn weight_to_f32(&self, w: &B::Weight) -> Vec<f32> {
         self.inner.weight_to_f32(w)
     }

@@ -201,7 +201,7 @@ mod tests {
             for with_bias in [false, true] {
                 let mut y = vec![f32::NAN; m * n];
                 let bias = be.weight_from_f32(&b);
-                be.linear(&x, &w, with_bias.then_some(&bias), &mut y, m, k, n);
+                be.linear(&x, &be.weight_from_f32(&w), with_bias.then_some(&bias), &mut y, m, k, n);
                 let want = linear64(
                     &to64(&x),
                     &to64(&w),
@@ -231,13 +231,13 @@ mod tests {
             dot64(&linear64(x, &w64, None, m, k, n), &r64)
         });
         let mut dx = vec![f32::NAN; m * k];
-        be.linear_backward_input(&r, &w, &mut dx, m, k, n, false);
+        be.linear_backward_input(&r, &be.weight_from_f32(&w), &mut dx, m, k, n, false);
         assert_close("dx (overwrite)", &dx, &fd, 1e-5);
 
         // accumulate = true adds onto what is there.
         let base = rng.vec(m * k, 1.0);
         let mut dx2 = base.clone();
-        be.linear_backward_input(&r, &w, &mut dx2, m, k, n, true);
+        be.linear_backward_input(&r, &be.weight_from_f32(&w), &mut dx2, m, k, n, true);
         let want: Vec<f64> = fd.iter().zip(&base).map(|(g, b)| g + *b as f64).collect();
         assert_close("dx (accumulate)", &dx2, &want, 1e-5);
     }
@@ -252,7 +252,7 @@ mod tests {
         let run = |threads| {
             with_threads(threads, || {
                 let mut y = vec![0.0; m * n];
-                be.linear(&x, &w, None, &mut y, m, k, n);
+                be.linear(&x, &be.weight_from_f32(&w), None, &mut y, m, k, n);
                 y
             })
         };
@@ -272,7 +272,7 @@ mod tests {
         let x = vec![1.0, 2.0, 3.0, 4.0, 99.0];
         let w = vec![1.0, 1.0];
         let mut y = vec![-7.0; 4];
-        be.linear(&x, &w, None, &mut y, 2, 2, 1);
+        be.linear(&x, &be.weight_from_f32(&w), None, &mut y, 2, 2, 1);
         assert_eq!(y, vec![3.0, 7.0, -7.0, -7.0]);
     }
 }

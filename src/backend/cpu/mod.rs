@@ -19,6 +19,7 @@ mod cross_entropy;
 mod gemm;
 mod lora;
 mod memory;
+mod nf4;
 mod norm;
 mod rope;
 mod swiglu;
@@ -28,6 +29,51 @@ mod test_util;
 use anyhow::Result;
 
 use super::{AdamW, AttnShape, Backend, Dropout, WeightSource};
+use crate::quant::nf4::Nf4Tensor;
+pub use nf4::Nf4Weight;
+
+/// A frozen weight on the CPU: f32 values, or an NF4 projection kept 4-bit
+/// and dequantized per product.
+pub enum CpuWeight {
+    Dense(Vec<f32>),
+    Nf4(Box<Nf4Weight>),
+}
+
+impl CpuWeight {
+    /// The f32 values of a dense weight. Only `linear` and
+    /// `linear_backward_input` take NF4 weights (see src/backend/mod.rs);
+    /// anything else given one is a bug in the model graph.
+    #[track_caller]
+    pub fn dense(&self, op: &str) -> &[f32] {
+        match self {
+            CpuWeight::Dense(v) => v,
+            CpuWeight::Nf4(_) => panic!("{op}: NF4 weights are only accepted by linear and linear_backward_input"),
+        }
+    }
+
+    /// Run `f` on the weight's f32 values (dequantized for NF4).
+    fn with_f32<R>(&self, f: impl FnOnce(&[f32]) -> R) -> R {
+        match self {
+            CpuWeight::Dense(v) => f(v),
+            CpuWeight::Nf4(q) => nf4::with_dequantized(q, f),
+        }
+    }
+}
+
+impl std::fmt::Debug for CpuWeight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CpuWeight::Dense(v) => write!(f, "CpuWeight::Dense({} values)", v.len()),
+            CpuWeight::Nf4(q) => write!(f, "CpuWeight::Nf4({:?}, blocksize {})", q.shape, q.blocksize),
+        }
+    }
+}
+
+impl From<Vec<f32>> for CpuWeight {
+    fn from(v: Vec<f32>) -> Self {
+        CpuWeight::Dense(v)
+    }
+}
 
 /// The CPU reference backend (stateless).
 #[derive(Debug, Clone, Copy, Default)]
@@ -50,7 +96,7 @@ pub(crate) fn check_len(op: &str, what: &str, len: usize, need: usize) {
 
 impl Backend for CpuBackend {
     type Buf = Vec<f32>;
-    type Weight = Vec<f32>;
+    type Weight = CpuWeight;
     type IntBuf = Vec<i32>;
 
     fn name(&self) -> String {
@@ -83,17 +129,24 @@ impl Backend for CpuBackend {
     fn len(&self, buf: &Vec<f32>) -> usize {
         buf.len()
     }
-    fn load_weight(&self, src: &WeightSource) -> Result<Vec<f32>> {
-        memory::load_weight(src)
+    fn load_weight(&self, src: &WeightSource) -> Result<CpuWeight> {
+        memory::load_weight(src).map(CpuWeight::Dense)
     }
-    fn weight_from_f32(&self, data: &[f32]) -> Vec<f32> {
-        data.to_vec()
+    fn weight_from_f32(&self, data: &[f32]) -> CpuWeight {
+        CpuWeight::Dense(data.to_vec())
     }
-    fn weight_to_f32(&self, w: &Vec<f32>) -> Vec<f32> {
-        w.clone()
+    fn weight_from_nf4(&self, t: &Nf4Tensor) -> Result<CpuWeight> {
+        super::check_nf4(t)?;
+        Ok(CpuWeight::Nf4(Box::new(Nf4Weight::new(t))))
     }
-    fn weight_len(&self, w: &Vec<f32>) -> usize {
-        w.len()
+    fn weight_to_f32(&self, w: &CpuWeight) -> Vec<f32> {
+        w.with_f32(|v| v.to_vec())
+    }
+    fn weight_len(&self, w: &CpuWeight) -> usize {
+        match w {
+            CpuWeight::Dense(v) => v.len(),
+            CpuWeight::Nf4(q) => q.numel(),
+        }
     }
 
     // ---- elementwise --------------------------------------------------
@@ -123,39 +176,40 @@ impl Backend for CpuBackend {
     // ---- embedding ----------------------------------------------------
     fn embedding(
         &self,
-        table: &Vec<f32>,
+        table: &CpuWeight,
         ids: &Vec<i32>,
         out: &mut Vec<f32>,
         n: usize,
         hidden: usize,
     ) {
-        memory::embedding(table, ids, out, n, hidden)
+        memory::embedding(table.dense("embedding"), ids, out, n, hidden)
     }
 
     // ---- matrix products ------------------------------------------------
     fn linear(
         &self,
         x: &Vec<f32>,
-        w: &Vec<f32>,
-        bias: Option<&Vec<f32>>,
+        w: &CpuWeight,
+        bias: Option<&CpuWeight>,
         y: &mut Vec<f32>,
         m: usize,
         k: usize,
         n: usize,
     ) {
-        gemm::linear(x, w, bias.map(|b| b.as_slice()), y, m, k, n)
+        let bias = bias.map(|b| b.dense("linear (bias)"));
+        w.with_f32(|w| gemm::linear(x, w, bias, y, m, k, n))
     }
     fn linear_backward_input(
         &self,
         dy: &Vec<f32>,
-        w: &Vec<f32>,
+        w: &CpuWeight,
         dx: &mut Vec<f32>,
         m: usize,
         k: usize,
         n: usize,
         accumulate: bool,
     ) {
-        gemm::linear_backward_input(dy, w, dx, m, k, n, accumulate)
+        w.with_f32(|w| gemm::linear_backward_input(dy, w, dx, m, k, n, accumulate))
     }
 
     // ---- LoRA side path -------------------------------------------------
@@ -199,26 +253,26 @@ impl Backend for CpuBackend {
     fn rmsnorm(
         &self,
         x: &Vec<f32>,
-        w: &Vec<f32>,
+        w: &CpuWeight,
         y: &mut Vec<f32>,
         inv_rms: &mut Vec<f32>,
         rows: usize,
         hidden: usize,
         eps: f32,
     ) {
-        norm::rmsnorm(x, w, y, inv_rms, rows, hidden, eps)
+        norm::rmsnorm(x, w.dense("rmsnorm"), y, inv_rms, rows, hidden, eps)
     }
     fn rmsnorm_backward(
         &self,
         dy: &Vec<f32>,
         x: &Vec<f32>,
-        w: &Vec<f32>,
+        w: &CpuWeight,
         inv_rms: &Vec<f32>,
         dx: &mut Vec<f32>,
         rows: usize,
         hidden: usize,
     ) {
-        norm::rmsnorm_backward(dy, x, w, inv_rms, dx, rows, hidden)
+        norm::rmsnorm_backward(dy, x, w.dense("rmsnorm_backward"), inv_rms, dx, rows, hidden)
     }
 
     // ---- rotary embeddings ---------------------------------------------

@@ -109,7 +109,7 @@ mod tests {
         let w: Vec<f32> = rng.vec(h, 1.0).iter().map(|v| 1.0 + v * 0.5).collect();
         let rr = rng.vec(rows * h, 1.0);
         let (mut y, mut inv) = (vec![f32::NAN; rows * h], vec![f32::NAN; rows]);
-        be.rmsnorm(&x, &w, &mut y, &mut inv, rows, h, eps);
+        be.rmsnorm(&x, &be.weight_from_f32(&w), &mut y, &mut inv, rows, h, eps);
         let (x64, w64) = (to64(&x), to64(&w));
         let (y64, inv64) = rmsnorm64(&x64, &w64, rows, h, eps as f64);
         // f32 rounding of a handful of ops: 1e-6 relative.
@@ -120,7 +120,7 @@ mod tests {
         // 1e-5 relative (f32 backward vs exact gradient).
         let dx0 = rng.vec(rows * h, 1.0);
         let mut dx = dx0.clone();
-        be.rmsnorm_backward(&rr, &x, &w, &inv, &mut dx, rows, h);
+        be.rmsnorm_backward(&rr, &x, &be.weight_from_f32(&w), &inv, &mut dx, rows, h);
         let r64 = to64(&rr);
         let fd = fd_grad(&x64, 1e-6, |x| {
             dot64(&rmsnorm64(x, &w64, rows, h, eps as f64).0, &r64)

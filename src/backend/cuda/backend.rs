@@ -11,6 +11,7 @@
 
 use super::attention;
 use super::device::{self, GpuInfo};
+use super::nf4::Nf4Device;
 use crate::backend::{AdamW, AttnShape, Backend, DType, Dropout, WeightSource};
 use crate::kernels;
 use anyhow::{Context, Result, bail};
@@ -21,7 +22,7 @@ use cudarc::driver::{
 use half::bf16;
 use std::collections::HashMap;
 use std::ffi::c_void;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// A device buffer with its storage type.
 pub enum CudaBuf {
@@ -77,6 +78,25 @@ impl CudaBuf {
     }
 }
 
+/// A frozen weight: bf16 values, or an NF4 projection (QLoRA) kept 4-bit
+/// and expanded into the backend's one bf16 scratch for each product.
+pub enum CudaWeight {
+    Bf16(CudaSlice<bf16>),
+    Nf4(Box<Nf4Device>),
+}
+
+impl CudaWeight {
+    /// The bf16 slice of a dense weight. Only `linear` and
+    /// `linear_backward_input` take NF4 weights (src/backend/mod.rs).
+    #[track_caller]
+    fn dense(&self, op: &str) -> &CudaSlice<bf16> {
+        match self {
+            CudaWeight::Bf16(s) => s,
+            CudaWeight::Nf4(_) => panic!("{op}: NF4 weights are only accepted by linear and linear_backward_input"),
+        }
+    }
+}
+
 /// Launches `$name` with the arguments in order (each must match the
 /// kernel's parameter type: &CudaSlice for pointers, &i32 / &u64 / &f32).
 macro_rules! launch {
@@ -112,6 +132,11 @@ pub struct CudaBackend {
     pub(super) stream: Arc<CudaStream>,
     blas: CudaBlas,
     funcs: HashMap<String, CudaFunction>,
+    /// The one bf16 buffer NF4 weights are expanded into before their
+    /// product, grown to the largest NF4 weight loaded. Every use is queued
+    /// on the one stream, so a product has read it before the next
+    /// expansion overwrites it.
+    nf4_scratch: Mutex<Option<CudaSlice<bf16>>>,
 }
 
 /// A GEMM operand: device pointer, storage type, row-major shape.
@@ -150,7 +175,7 @@ impl CudaBackend {
         if funcs.is_empty() {
             bail!("no CUDA kernels are embedded in this build (ptx/ is empty)");
         }
-        let be = CudaBackend { info, ctx, stream, blas, funcs };
+        let be = CudaBackend { info, ctx, stream, blas, funcs, nf4_scratch: Mutex::new(None) };
         be.keep_pool_memory();
         attention::configure(&be)?;
         Ok(be)
@@ -271,6 +296,33 @@ impl CudaBackend {
         .unwrap_or_else(|e| panic!("cuBLAS GEMM {m}x{n}x{k} failed: {e:?}"));
     }
 
+    /// Run `f` with a weight as a bf16 GEMM operand: a dense weight as it
+    /// is; an NF4 weight expanded into the shared scratch first (held locked
+    /// until the product is queued).
+    fn with_weight_operand<R>(&self, w: &CudaWeight, f: impl FnOnce(Operand) -> R) -> R {
+        match w {
+            CudaWeight::Bf16(s) => f(weight_operand(s, &self.stream)),
+            CudaWeight::Nf4(q) => {
+                let mut guard = self.nf4_scratch.lock().unwrap_or_else(|e| e.into_inner());
+                let scratch = guard.as_mut().expect("the NF4 scratch is allocated with the first NF4 weight");
+                self.dequantize_nf4_into(q, scratch);
+                f(weight_operand(scratch, &self.stream))
+            }
+        }
+    }
+
+    /// Queue the expansion of an NF4 weight into the shared scratch (what
+    /// every product with it starts with); a dense weight is left alone.
+    /// Public for the GPU tests' throughput measurement.
+    pub fn nf4_dequantize(&self, w: &CudaWeight) {
+        self.with_weight_operand(w, |_| ());
+    }
+
+    /// Bytes of the NF4 scratch (0 before the first NF4 weight).
+    pub fn nf4_scratch_bytes(&self) -> usize {
+        self.nf4_scratch.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map_or(0, |s| s.len() * 2)
+    }
+
     /// A bf16 view of any buffer for a product: itself, or a cast copy.
     fn bf16_operand(&self, buf: &CudaBuf) -> Bf16Operand {
         match buf {
@@ -358,7 +410,7 @@ macro_rules! variant {
 
 impl Backend for CudaBackend {
     type Buf = CudaBuf;
-    type Weight = CudaSlice<bf16>;
+    type Weight = CudaWeight;
     type IntBuf = CudaSlice<i32>;
 
     fn name(&self) -> String {
@@ -399,20 +451,46 @@ impl Backend for CudaBackend {
     fn len(&self, buf: &CudaBuf) -> usize {
         buf.len()
     }
-    fn load_weight(&self, src: &WeightSource) -> Result<CudaSlice<bf16>> {
+    fn load_weight(&self, src: &WeightSource) -> Result<CudaWeight> {
         let host = to_bf16_host(src)?;
-        self.stream.clone_htod(&host).map_err(|e| anyhow::anyhow!("uploading a weight to the GPU failed: {e:?}"))
+        let w = self.stream.clone_htod(&host).map_err(|e| anyhow::anyhow!("uploading a weight to the GPU failed: {e:?}"))?;
+        Ok(CudaWeight::Bf16(w))
     }
-    fn weight_from_f32(&self, data: &[f32]) -> CudaSlice<bf16> {
+    fn weight_from_f32(&self, data: &[f32]) -> CudaWeight {
         use rayon::prelude::*;
         let host: Vec<bf16> = data.par_iter().map(|&x| bf16::from_f32(x)).collect();
-        self.stream.clone_htod(&host).expect("CUDA upload")
+        CudaWeight::Bf16(self.stream.clone_htod(&host).expect("CUDA upload"))
     }
-    fn weight_to_f32(&self, w: &CudaSlice<bf16>) -> Vec<f32> {
-        self.stream.clone_dtoh(w).expect("CUDA download").into_iter().map(|x| x.to_f32()).collect()
+    fn weight_from_nf4(&self, t: &crate::quant::nf4::Nf4Tensor) -> Result<CudaWeight> {
+        crate::backend::check_nf4(t)?;
+        let w = self.upload_nf4(t)?;
+        let mut scratch = self.nf4_scratch.lock().unwrap_or_else(|e| e.into_inner());
+        if scratch.as_ref().is_none_or(|s| s.len() < t.numel()) {
+            // Free the smaller one first (in stream order) so the two never coexist.
+            *scratch = None;
+            let s = self.stream.alloc_zeros::<bf16>(t.numel().max(1)).map_err(|e| {
+                anyhow::anyhow!("allocating the NF4 dequantization scratch ({} bf16) failed: {e:?}", t.numel())
+            })?;
+            *scratch = Some(s);
+        }
+        Ok(CudaWeight::Nf4(Box::new(w)))
     }
-    fn weight_len(&self, w: &CudaSlice<bf16>) -> usize {
-        w.len()
+    fn weight_to_f32(&self, w: &CudaWeight) -> Vec<f32> {
+        let n = self.weight_len(w);
+        let host = match w {
+            CudaWeight::Bf16(s) => self.stream.clone_dtoh(s),
+            CudaWeight::Nf4(_) => self.with_weight_operand(w, |_| {
+                let guard = self.nf4_scratch.lock().unwrap_or_else(|e| e.into_inner());
+                self.stream.clone_dtoh(&guard.as_ref().expect("NF4 scratch").slice(0..n))
+            }),
+        };
+        host.expect("CUDA download").into_iter().take(n).map(|x| x.to_f32()).collect()
+    }
+    fn weight_len(&self, w: &CudaWeight) -> usize {
+        match w {
+            CudaWeight::Bf16(s) => s.len(),
+            CudaWeight::Nf4(q) => q.numel(),
+        }
     }
 
     fn fill(&self, buf: &mut CudaBuf, value: f32) {
@@ -493,7 +571,8 @@ impl Backend for CudaBackend {
         self.stream.clone_dtoh(&out).expect("CUDA download")[0]
     }
 
-    fn embedding(&self, table: &CudaSlice<bf16>, ids: &CudaSlice<i32>, out: &mut CudaBuf, n: usize, hidden: usize) {
+    fn embedding(&self, table: &CudaWeight, ids: &CudaSlice<i32>, out: &mut CudaBuf, n: usize, hidden: usize) {
+        let table = table.dense("embedding");
         let (ni, hi, vocab) = (n as i32, hidden as i32, (table.len() / hidden.max(1)) as i32);
         let cfg = rows_grid(n, BLOCK);
         match out {
@@ -502,10 +581,11 @@ impl Backend for CudaBackend {
         }
     }
 
-    fn linear(&self, x: &CudaBuf, w: &CudaSlice<bf16>, bias: Option<&CudaSlice<bf16>>, y: &mut CudaBuf, m: usize, k: usize, n: usize) {
+    fn linear(&self, x: &CudaBuf, w: &CudaWeight, bias: Option<&CudaWeight>, y: &mut CudaBuf, m: usize, k: usize, n: usize) {
         let xb = self.bf16_operand(x);
         let beta = match bias {
             Some(b) => {
+                let b = b.dense("linear (bias)");
                 // Rows of y start as the bias; the product accumulates onto them.
                 let (mi, ni) = (m as i32, n as i32);
                 let cfg = grid_for(m * n);
@@ -518,13 +598,13 @@ impl Backend for CudaBackend {
             None => 0.0,
         };
         let c = out_operand(y, &self.stream);
-        self.gemm(m, n, k, xb.op(), false, weight_operand(w, &self.stream), true, c, 1.0, beta);
+        self.with_weight_operand(w, |wo| self.gemm(m, n, k, xb.op(), false, wo, true, c, 1.0, beta));
     }
 
-    fn linear_backward_input(&self, dy: &CudaBuf, w: &CudaSlice<bf16>, dx: &mut CudaBuf, m: usize, k: usize, n: usize, acc: bool) {
+    fn linear_backward_input(&self, dy: &CudaBuf, w: &CudaWeight, dx: &mut CudaBuf, m: usize, k: usize, n: usize, acc: bool) {
         let dyb = self.bf16_operand(dy);
         let c = out_operand(dx, &self.stream);
-        self.gemm(m, k, n, dyb.op(), false, weight_operand(w, &self.stream), false, c, 1.0, if acc { 1.0 } else { 0.0 });
+        self.with_weight_operand(w, |wo| self.gemm(m, k, n, dyb.op(), false, wo, false, c, 1.0, if acc { 1.0 } else { 0.0 }));
     }
 
     fn lora_forward(
@@ -605,7 +685,8 @@ impl Backend for CudaBackend {
         drop(dxa);
     }
 
-    fn rmsnorm(&self, x: &CudaBuf, w: &CudaSlice<bf16>, y: &mut CudaBuf, inv: &mut CudaBuf, rows: usize, hidden: usize, eps: f32) {
+    fn rmsnorm(&self, x: &CudaBuf, w: &CudaWeight, y: &mut CudaBuf, inv: &mut CudaBuf, rows: usize, hidden: usize, eps: f32) {
+        let w = w.dense("rmsnorm");
         let (ri, hi) = (rows as i32, hidden as i32);
         let inv = inv.f32_mut("rmsnorm inv_rms");
         let cfg = rows_grid(rows, BLOCK);
@@ -615,7 +696,8 @@ impl Backend for CudaBackend {
             _ => panic!("rmsnorm: x and y must share a storage type"),
         }
     }
-    fn rmsnorm_backward(&self, dy: &CudaBuf, x: &CudaBuf, w: &CudaSlice<bf16>, inv: &CudaBuf, dx: &mut CudaBuf, rows: usize, hidden: usize) {
+    fn rmsnorm_backward(&self, dy: &CudaBuf, x: &CudaBuf, w: &CudaWeight, inv: &CudaBuf, dx: &mut CudaBuf, rows: usize, hidden: usize) {
+        let w = w.dense("rmsnorm_backward");
         let (ri, hi) = (rows as i32, hidden as i32);
         let inv = inv.f32("rmsnorm_backward inv_rms");
         let cfg = rows_grid(rows, BLOCK);

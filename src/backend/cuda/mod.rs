@@ -3,5 +3,6 @@
 mod attention;
 pub mod backend;
 pub mod device;
+mod nf4;
 
-pub use backend::{CudaBackend, CudaBuf};
+pub use backend::{CudaBackend, CudaBuf, CudaWeight};
