@@ -5,14 +5,15 @@
 //! the last position's logits are computed (f32). LoRA adapters apply as in
 //! the forward pass, without dropout.
 //!
-//! The per-layer step below mirrors `layer::forward` operation for
-//! operation (same ops, same order), so cached generation reproduces
-//! `Model::logits` of the whole sequence; tests/generate.rs holds the two to
-//! each other on every fixture model.
+//! Each layer runs the training forward (`layer::forward_with`) with its
+//! attention swapped for attention against the cache, so cached generation
+//! reproduces `Model::logits` of the whole sequence; tests/generate.rs holds
+//! the two to each other on every fixture model.
 
 use super::sample::{Sampler, SamplingParams};
-use super::{Layer, Linear, Model, Proj};
-use crate::backend::{AttnShape, Backend};
+use super::Model;
+use super::layer::{self, StepCtx};
+use crate::backend::Backend;
 use anyhow::{Result, bail};
 use std::time::{Duration, Instant};
 
@@ -94,17 +95,6 @@ impl Generation {
     }
 }
 
-/// y = x·Wᵀ (+b) (+ LoRA, no dropout) for `m` rows: the inference form of
-/// the layer's projection.
-fn project<B: Backend>(be: &B, lin: &Linear<B>, x: &B::Buf, m: usize) -> B::Buf {
-    let mut y = be.zeros(m * lin.out_f);
-    be.linear(x, &lin.weight, lin.bias.as_ref(), &mut y, m, lin.in_f, lin.out_f);
-    if let Some(l) = &lin.lora {
-        let mut xa = be.zeros(m * l.r);
-        be.lora_forward(x, &l.a, &l.b, l.scale, None, &mut xa, &mut y, m, lin.in_f, lin.out_f, l.r);
-    }
-    y
-}
 
 impl<B: Backend> Model<B> {
     /// The cache a generation of `max_new_tokens` after a prompt of
@@ -150,13 +140,13 @@ impl<B: Backend> Model<B> {
         let positions: Vec<i32> = (past..past + n).map(|p| p as i32).collect();
         let ids_buf = be.upload_ints(&ids_i32);
         let pos_buf = be.upload_ints(&positions);
-        let cu = (past == 0).then(|| be.upload_ints(&[0, n as i32]));
+        let cu = be.upload_ints(&[0, n as i32]);
 
         let mut x = be.zeros(n * h);
         be.embedding(&self.embed, &ids_buf, &mut x, n, h);
-        for (li, layer) in self.layers.iter().enumerate() {
+        for li in 0..self.layers.len() {
             let (kc, vc) = (&mut cache.k[li], &mut cache.v[li]);
-            x = self.layer_step(be, layer, x, n, past, &pos_buf, cu.as_ref(), kc, vc);
+            x = self.layer_step(be, li, x, n, past, &pos_buf, &cu, kc, vc);
         }
         cache.len += n;
 
@@ -171,71 +161,46 @@ impl<B: Backend> Model<B> {
         Ok(be.download(&logits))
     }
 
-    /// One decoder layer over `n` new tokens at positions past..past+n
-    /// (`layer::forward` without saved activations, with the cache).
+    /// One decoder layer over `n` new tokens at positions past..past+n: the
+    /// training forward (`layer::forward_with`) with attention against the
+    /// cache, after storing the new rotated keys and values in it.
     #[allow(clippy::too_many_arguments)]
     fn layer_step(
         &self,
         be: &B,
-        layer: &Layer<B>,
-        mut x: B::Buf,
+        li: usize,
+        x: B::Buf,
         n: usize,
         past: usize,
         positions: &B::IntBuf,
-        prefill_cu: Option<&B::IntBuf>,
+        cu_seqlens: &B::IntBuf,
         k_cache: &mut B::Buf,
         v_cache: &mut B::Buf,
     ) -> B::Buf {
         let cfg = &self.cfg;
-        let h = cfg.hidden;
+        let layer = &self.layers[li];
         let kvd = cfg.n_kv_heads * cfg.head_dim;
-        let eps = cfg.rms_norm_eps;
-
-        let mut h1 = be.zeros(n * h);
-        let mut inv = be.zeros_f32(n);
-        be.rmsnorm(&x, &layer.input_norm, &mut h1, &mut inv, n, h, eps);
-        let mut q = project(be, layer.p(Proj::Q), &h1, n);
-        let mut k = project(be, layer.p(Proj::K), &h1, n);
-        let v = project(be, layer.p(Proj::V), &h1, n);
-        drop(h1);
-        be.rope(&mut q, positions, &self.inv_freq, n, cfg.n_heads, cfg.head_dim);
-        be.rope(&mut k, positions, &self.inv_freq, n, cfg.n_kv_heads, cfg.head_dim);
-        be.copy_slice(&k, 0, k_cache, past * kvd, n * kvd);
-        be.copy_slice(&v, 0, v_cache, past * kvd, n * kvd);
-
-        let shape = AttnShape {
+        let ctx = StepCtx {
             n,
-            n_heads: cfg.n_heads,
-            n_kv_heads: cfg.n_kv_heads,
-            head_dim: cfg.head_dim,
-            window: layer.window,
-            scale: 1.0 / (cfg.head_dim as f32).sqrt(),
+            n_seqs: 1,
             max_seqlen: n,
+            positions,
+            cu_seqlens,
+            inv_freq: &self.inv_freq,
+            dropout_seed: None,
         };
-        let mut attn = be.zeros(n * cfg.n_heads * cfg.head_dim);
-        match prefill_cu {
-            // The whole sequence is new: the varlen (flash) attention.
-            Some(cu) => {
-                let mut lse = be.zeros_f32(cfg.n_heads * n);
-                be.attention(&q, &k, &v, cu, 1, shape, &mut attn, &mut lse);
+        let shape = layer::attn_shape(cfg, n, n, layer.window);
+        let attend = |q: &B::Buf, k: &B::Buf, v: &B::Buf, attn: &mut B::Buf, lse: &mut B::Buf| {
+            be.copy_slice(k, 0, k_cache, past * kvd, n * kvd);
+            be.copy_slice(v, 0, v_cache, past * kvd, n * kvd);
+            if past == 0 {
+                // The whole sequence is new: the varlen (flash) attention.
+                be.attention(q, k, v, cu_seqlens, 1, shape, attn, lse);
+            } else {
+                be.decode_attention(q, k_cache, v_cache, past, shape, attn);
             }
-            None => be.decode_attention(&q, k_cache, v_cache, past, shape, &mut attn),
-        }
-        drop((q, k, v));
-        let o = project(be, layer.p(Proj::O), &attn, n);
-        be.add_assign(&mut x, &o);
-        drop((attn, o));
-
-        let mut h2 = be.zeros(n * h);
-        be.rmsnorm(&x, &layer.post_attention_norm, &mut h2, &mut inv, n, h, eps);
-        let gate = project(be, layer.p(Proj::Gate), &h2, n);
-        let up = project(be, layer.p(Proj::Up), &h2, n);
-        let mut act = be.zeros(n * cfg.intermediate);
-        be.swiglu(&gate, &up, &mut act, n * cfg.intermediate);
-        drop((gate, up, h2));
-        let down = project(be, layer.p(Proj::Down), &act, n);
-        be.add_assign(&mut x, &down);
-        x
+        };
+        layer::forward_with(be, cfg, layer, li, x, &ctx, attend).0
     }
 
     /// Generate up to `opts.max_new_tokens` tokens after `prompt`: one

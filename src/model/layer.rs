@@ -111,7 +111,7 @@ fn proj_backward<B: Backend>(
     }
 }
 
-fn attn_shape(cfg: &ModelConfig, n: usize, max_seqlen: usize, window: Option<usize>) -> AttnShape {
+pub fn attn_shape(cfg: &ModelConfig, n: usize, max_seqlen: usize, window: Option<usize>) -> AttnShape {
     AttnShape {
         max_seqlen,
         n,
@@ -132,6 +132,25 @@ pub fn forward<B: Backend>(
     x_in: B::Buf,
     ctx: &StepCtx<B>,
 ) -> (B::Buf, LayerActs<B>) {
+    let shape = attn_shape(cfg, ctx.n, ctx.max_seqlen, layer.window);
+    forward_with(be, cfg, layer, li, x_in, ctx, |q, k, v, attn, lse| {
+        be.attention(q, k, v, ctx.cu_seqlens, ctx.n_seqs, shape, attn, lse)
+    })
+}
+
+/// Forward of layer `li` with the attention itself left to `attend(q, k, v,
+/// attn, lse)`, given the rotated q and k: the batch's own causal attention
+/// in training, or attention against a KV cache in generation (which then
+/// stores k and v), so both run exactly the same layer.
+pub fn forward_with<B: Backend>(
+    be: &B,
+    cfg: &ModelConfig,
+    layer: &Layer<B>,
+    li: usize,
+    x_in: B::Buf,
+    ctx: &StepCtx<B>,
+    attend: impl FnOnce(&B::Buf, &B::Buf, &B::Buf, &mut B::Buf, &mut B::Buf),
+) -> (B::Buf, LayerActs<B>) {
     let n = ctx.n;
     let h = cfg.hidden;
     let mut xa: Vec<Option<B::Buf>> = (0..Proj::ALL.len()).map(|_| None).collect();
@@ -147,10 +166,9 @@ pub fn forward<B: Backend>(
     be.rope(&mut q, ctx.positions, ctx.inv_freq, n, cfg.n_heads, cfg.head_dim);
     be.rope(&mut k, ctx.positions, ctx.inv_freq, n, cfg.n_kv_heads, cfg.head_dim);
 
-    let shape = attn_shape(cfg, n, ctx.max_seqlen, layer.window);
     let mut attn = be.zeros(n * cfg.n_heads * cfg.head_dim);
     let mut lse = be.zeros_f32(cfg.n_heads * n);
-    be.attention(&q, &k, &v, ctx.cu_seqlens, ctx.n_seqs, shape, &mut attn, &mut lse);
+    attend(&q, &k, &v, &mut attn, &mut lse);
 
     let o = proj_forward(be, layer, li, Proj::O, &attn, n, seed, &mut xa);
     let mut x_mid = clone_buf(be, &x_in);
