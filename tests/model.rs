@@ -253,3 +253,67 @@ fn adamw_steps_lower_the_loss_and_clipping_bounds_the_norm() {
     }
     assert!(last < first - 0.5, "loss went from {first} to {last} in 20 AdamW steps");
 }
+
+#[test]
+fn per_token_weights_give_the_weighted_sum_of_per_sequence_gradients() {
+    // The preference objectives weight each sequence's tokens by that
+    // sequence's dL/dlogp, chosen after the forward from the losses. The
+    // gradient must be Σ_s w_s · ∇NLL_s, i.e. each sequence alone with its
+    // own uniform scale, accumulated.
+    use ferrotune::model::graph::TokenWeights;
+    for case in ["llama", "qwen2"] {
+        let (be, mut model) = with_adapter(case);
+        if case == "qwen2" {
+            // Chunks of the LM head that cut through sequences, too.
+            model.loss_chunk_tokens = 5;
+        }
+        let (seqs, _) = Reference::load(case).sequences();
+        let w_seq = [0.7f32, -1.3, 0.25];
+        let batch = Batch::from_sequences(&seqs, model.cfg.vocab).unwrap();
+        let opts = BackwardOpts { grad_scale: 0.0, gradient_checkpointing: false, dropout_seed: None };
+
+        model.zero_grad(&be);
+        let cu = batch.cu_seqlens.clone();
+        let mut seen_losses = Vec::new();
+        let mut choose = |nll: &[f32]| -> anyhow::Result<Vec<f32>> {
+            seen_losses = nll.to_vec();
+            let mut w = vec![0f32; nll.len()];
+            for s in 0..cu.len() - 1 {
+                w[cu[s] as usize..cu[s + 1] as usize].fill(w_seq[s]);
+            }
+            Ok(w)
+        };
+        let nll = model.forward_backward_weighted(&be, &batch, opts, TokenWeights::FromLosses(&mut choose)).unwrap();
+        assert_eq!(nll, seen_losses);
+        let (_, weighted) = params(&be, &model);
+
+        model.zero_grad(&be);
+        let mut alone_nll = Vec::new();
+        for (s, seq) in seqs.iter().enumerate() {
+            let b = Batch::from_sequences(std::slice::from_ref(seq), model.cfg.vocab).unwrap();
+            let o = BackwardOpts { grad_scale: w_seq[s], ..opts };
+            alone_nll.push(model.forward_backward(&be, &b, o).nll_sum);
+        }
+        let (_, summed) = params(&be, &model);
+        let err = rel_err(&weighted, &summed);
+        assert!(err <= 1e-5, "{case}: weighted gradient vs per-sequence sum: rel err {err:e}");
+        // The returned per-token losses sum to each sequence's NLL.
+        for s in 0..seqs.len() {
+            let got: f64 = nll[cu[s] as usize..cu[s + 1] as usize].iter().map(|&x| x as f64).sum();
+            assert!((got - alone_nll[s]).abs() <= 1e-4 * alone_nll[s].abs().max(1.0), "{case}: seq {s} NLL {got} vs {}", alone_nll[s]);
+        }
+    }
+}
+
+#[test]
+fn adapters_off_is_the_base_model() {
+    // The reference policy: the same model with its adapters switched off.
+    let (be, with) = with_adapter("llama");
+    let (_, base) = base("llama");
+    let (seqs, _) = Reference::load("llama").sequences();
+    let batch = Batch::from_sequences(&seqs, with.cfg.vocab).unwrap();
+    let off = with.token_nll(&be, &batch, false);
+    let plain = base.token_nll(&be, &batch, true);
+    assert_eq!(off, plain, "adapters off must be bit-identical to the base model");
+    assert_ne!(with.token_nll(&be, &batch, true), plain, "the fixture adapter changes the losses");
+}

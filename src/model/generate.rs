@@ -188,6 +188,7 @@ impl<B: Backend> Model<B> {
             cu_seqlens,
             inv_freq: &self.inv_freq,
             dropout_seed: None,
+            adapters: true,
         };
         let shape = layer::attn_shape(cfg, n, n, layer.window);
         let attend = |q: &B::Buf, k: &B::Buf, v: &B::Buf, attn: &mut B::Buf, lse: &mut B::Buf| {

@@ -3,7 +3,7 @@
 //! of tokens so the logits of the whole batch never exist at once.
 
 use super::Model;
-use super::batch::Batch;
+use super::batch::{Batch, IGNORE_INDEX};
 use super::layer::{self, LayerActs, StepCtx};
 use crate::backend::Backend;
 
@@ -52,7 +52,13 @@ fn upload<B: Backend>(be: &B, batch: &Batch) -> Uploaded<B> {
     }
 }
 
-fn step_ctx<'a, B: Backend>(up: &'a Uploaded<B>, inv_freq: &'a B::Buf, batch: &Batch, seed: Option<u64>) -> StepCtx<'a, B> {
+fn step_ctx<'a, B: Backend>(
+    up: &'a Uploaded<B>,
+    inv_freq: &'a B::Buf,
+    batch: &Batch,
+    seed: Option<u64>,
+    adapters: bool,
+) -> StepCtx<'a, B> {
     StepCtx {
         n: batch.n_tokens(),
         n_seqs: batch.n_seqs(),
@@ -61,15 +67,36 @@ fn step_ctx<'a, B: Backend>(up: &'a Uploaded<B>, inv_freq: &'a B::Buf, batch: &B
         cu_seqlens: &up.cu_seqlens,
         inv_freq,
         dropout_seed: seed,
+        adapters,
     }
+}
+
+/// How each target token's loss enters the gradient.
+pub enum TokenWeights<'a> {
+    /// Every target token's loss gradient times this (SFT: 1 / the target
+    /// tokens of the whole optimiser step).
+    Uniform(f32),
+    /// Per-token weights chosen after the forward pass from the per-token
+    /// losses (NLL in batch token order, 0 where the target is -100): the
+    /// preference objectives, whose gradient for a sequence depends on the
+    /// log-probabilities of the whole batch. The weight of token t
+    /// multiplies ∂NLL_t; tokens whose target is -100 are ignored.
+    FromLosses(&'a mut dyn FnMut(&[f32]) -> anyhow::Result<Vec<f32>>),
+}
+
+/// The gradient scale of the LM-head pass.
+#[derive(Clone, Copy)]
+enum GradScale<'a> {
+    Uniform(f32),
+    PerToken(&'a [f32]),
 }
 
 impl<B: Backend> Model<B> {
     /// Embedding, all layers and the final norm, keeping no activations.
     /// Returns the normed hidden states [n, hidden].
-    fn hidden_states(&self, be: &B, batch: &Batch) -> B::Buf {
+    fn hidden_states(&self, be: &B, batch: &Batch, adapters: bool) -> B::Buf {
         let up = upload(be, batch);
-        let ctx = step_ctx(&up, &self.inv_freq, batch, None);
+        let ctx = step_ctx(&up, &self.inv_freq, batch, None, adapters);
         let (n, h) = (batch.n_tokens(), self.cfg.hidden);
         let mut x = be.zeros(n * h);
         be.embedding(&self.embed, &up.ids, &mut x, n, h);
@@ -85,7 +112,7 @@ impl<B: Backend> Model<B> {
     /// Full logits [n_tokens, vocab] of a batch (inference; for tests and
     /// small inputs: the whole logits matrix is materialised).
     pub fn logits(&self, be: &B, batch: &Batch) -> Vec<f32> {
-        let hf = self.hidden_states(be, batch);
+        let hf = self.hidden_states(be, batch, true);
         let n = batch.n_tokens();
         let mut logits = be.zeros_f32(n * self.cfg.vocab);
         be.linear(&hf, self.head(), None, &mut logits, n, self.cfg.hidden, self.cfg.vocab);
@@ -94,15 +121,23 @@ impl<B: Backend> Model<B> {
 
     /// Loss of a batch without gradients.
     pub fn eval_loss(&self, be: &B, batch: &Batch) -> LossSum {
-        let hf = self.hidden_states(be, batch);
-        LossSum { nll_sum: self.head_loss(be, &hf, &batch.targets, None), n_targets: batch.n_targets() }
+        LossSum { nll_sum: sum_f64(&self.token_nll(be, batch, true)), n_targets: batch.n_targets() }
     }
 
-    /// LM head + cross-entropy over chunks of tokens. With `grad` =
-    /// Some((scale, dhf)), also writes ∂(scale·Σ NLL)/∂hf into dhf.
-    /// Per-token losses stay on the backend until the one read at the end
-    /// (no host synchronisation per chunk).
-    fn head_loss(&self, be: &B, hf: &B::Buf, targets: &[i32], mut grad: Option<(f32, &mut B::Buf)>) -> f64 {
+    /// Per-token NLL of each token's target, in batch token order (0 where
+    /// the target is -100), without gradients. `adapters: false` runs the
+    /// base model alone (the reference policy of preference objectives).
+    pub fn token_nll(&self, be: &B, batch: &Batch, adapters: bool) -> Vec<f32> {
+        let hf = self.hidden_states(be, batch, adapters);
+        self.head_loss(be, &hf, &batch.targets, None)
+    }
+
+    /// LM head + cross-entropy over chunks of tokens; returns the per-token
+    /// losses (0 where the target is -100). With `grad` = Some((scale,
+    /// dhf)), also writes ∂(Σ_t w_t·NLL_t)/∂hf into dhf. Per-token losses stay
+    /// on the backend until the one read at the end (no host
+    /// synchronisation per chunk).
+    fn head_loss(&self, be: &B, hf: &B::Buf, targets: &[i32], mut grad: Option<(GradScale, &mut B::Buf)>) -> Vec<f32> {
         let (h, v) = (self.cfg.hidden, self.cfg.vocab);
         let n = targets.len();
         let chunk = self.loss_chunk_tokens.max(1).min(n.max(1));
@@ -114,9 +149,22 @@ impl<B: Backend> Model<B> {
         let mut losses = be.zeros_f32(n);
         let mut c0 = 0;
         while c0 < n {
-            let c = chunk.min(n - c0);
+            let end = (c0 + chunk).min(n);
+            // A chunk is cut further where the per-token weight changes, so
+            // each cross-entropy call has one gradient scale.
+            let (c, scale) = match grad.as_ref().map(|g| g.0) {
+                None => (end - c0, None),
+                Some(GradScale::Uniform(s)) => (end - c0, Some(s)),
+                Some(GradScale::PerToken(w)) => {
+                    let run_weight = (c0..end).find(|&t| targets[t] != IGNORE_INDEX).map(|t| w[t]);
+                    let len = (c0..end)
+                        .position(|t| targets[t] != IGNORE_INDEX && Some(w[t]) != run_weight)
+                        .unwrap_or(end - c0);
+                    (len, Some(run_weight.unwrap_or(0.0)))
+                }
+            };
             let chunk_targets = &targets[c0..c0 + c];
-            if chunk_targets.iter().all(|&t| t == super::batch::IGNORE_INDEX) {
+            if chunk_targets.iter().all(|&t| t == IGNORE_INDEX) {
                 // Nothing scored here: no loss and a zero gradient (dhf starts zeroed).
                 c0 += c;
                 continue;
@@ -124,7 +172,7 @@ impl<B: Backend> Model<B> {
             be.copy_slice(hf, c0 * h, &mut hc, 0, c * h);
             be.linear(&hc, self.head(), None, &mut logits, c, h, v);
             let t = be.upload_ints(chunk_targets);
-            be.cross_entropy(&mut logits, &t, &mut chunk_losses, c, v, grad.as_ref().map(|g| g.0));
+            be.cross_entropy(&mut logits, &t, &mut chunk_losses, c, v, scale);
             be.copy_slice(&chunk_losses, 0, &mut losses, c0, c);
             if let Some((_, dhf)) = grad.as_mut() {
                 be.linear_backward_input(&logits, self.head(), &mut dhc, c, h, v, false);
@@ -132,13 +180,30 @@ impl<B: Backend> Model<B> {
             }
             c0 += c;
         }
-        // Summed in f64 in token order: deterministic and independent of chunking.
-        be.download(&losses).iter().map(|&x| x as f64).sum()
+        be.download(&losses)
     }
 
     /// Forward and backward of one micro-batch. LoRA gradients accumulate
     /// (call `zero_grad` at the start of an optimiser step).
     pub fn forward_backward(&mut self, be: &B, batch: &Batch, opts: BackwardOpts) -> LossSum {
+        let nll = self
+            .forward_backward_weighted(be, batch, opts, TokenWeights::Uniform(opts.grad_scale))
+            .expect("uniform token weights cannot fail");
+        LossSum { nll_sum: sum_f64(&nll), n_targets: batch.n_targets() }
+    }
+
+    /// Forward and backward of one micro-batch with each token's loss
+    /// weighted as `weights` says (`opts.grad_scale` is not used). Returns
+    /// the per-token NLL of the forward pass. With `FromLosses`, the LM head
+    /// runs once without gradients to get the losses, then again with the
+    /// chosen weights (the layers' forward runs once).
+    pub fn forward_backward_weighted(
+        &mut self,
+        be: &B,
+        batch: &Batch,
+        opts: BackwardOpts,
+        weights: TokenWeights,
+    ) -> anyhow::Result<Vec<f32>> {
         let up = upload(be, batch);
         let (n, h) = (batch.n_tokens(), self.cfg.hidden);
         let mut x = be.zeros(n * h);
@@ -147,7 +212,7 @@ impl<B: Backend> Model<B> {
         // Forward, keeping either every layer's activations or only its input.
         let mut saved_acts: Vec<LayerActs<B>> = Vec::new();
         let mut saved_inputs: Vec<B::Buf> = Vec::new();
-        let ctx = step_ctx(&up, &self.inv_freq, batch, opts.dropout_seed);
+        let ctx = step_ctx(&up, &self.inv_freq, batch, opts.dropout_seed, true);
         for (li, l) in self.layers.iter().enumerate() {
             let (x_out, acts) = layer::forward(be, &self.cfg, l, li, x, &ctx);
             if opts.gradient_checkpointing {
@@ -162,7 +227,16 @@ impl<B: Backend> Model<B> {
         be.rmsnorm(&x, &self.final_norm, &mut hf, &mut inv_f, n, h, self.cfg.rms_norm_eps);
 
         let mut dhf = be.zeros(n * h);
-        let nll = self.head_loss(be, &hf, &batch.targets, Some((opts.grad_scale, &mut dhf)));
+        let nll = match weights {
+            TokenWeights::Uniform(s) => self.head_loss(be, &hf, &batch.targets, Some((GradScale::Uniform(s), &mut dhf))),
+            TokenWeights::FromLosses(choose) => {
+                let nll = self.head_loss(be, &hf, &batch.targets, None);
+                let w = choose(&nll)?;
+                anyhow::ensure!(w.len() == n, "{} token weights for {n} tokens", w.len());
+                self.head_loss(be, &hf, &batch.targets, Some((GradScale::PerToken(&w), &mut dhf)));
+                nll
+            }
+        };
         drop(hf);
         let mut dx = be.zeros(n * h);
         be.rmsnorm_backward(&dhf, &x, &self.final_norm, &inv_f, &mut dx, n, h);
@@ -179,6 +253,11 @@ impl<B: Backend> Model<B> {
             };
             layer::backward(be, cfg, &mut layers[li], li, &acts, &mut dx, &ctx);
         }
-        LossSum { nll_sum: nll, n_targets: batch.n_targets() }
+        Ok(nll)
     }
+}
+
+/// Σ in f64 in token order: deterministic and independent of chunking.
+fn sum_f64(xs: &[f32]) -> f64 {
+    xs.iter().map(|&x| x as f64).sum()
 }

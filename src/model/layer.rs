@@ -21,6 +21,9 @@ pub struct StepCtx<'a, B: Backend> {
     /// Some(seed) in training: LoRA dropout is active with masks derived
     /// from this seed, the layer and the projection.
     pub dropout_seed: Option<u64>,
+    /// false runs the base model alone (the reference policy of preference
+    /// objectives): no adapter is applied.
+    pub adapters: bool,
 }
 
 /// Activations saved by a layer's forward for its backward.
@@ -71,15 +74,15 @@ fn proj_forward<B: Backend>(
     p: Proj,
     x: &B::Buf,
     m: usize,
-    seed: Option<u64>,
+    ctx: &StepCtx<B>,
     xa: &mut [Option<B::Buf>],
 ) -> B::Buf {
     let lin = layer.p(p);
     let mut y = be.zeros(m * lin.out_f);
     be.linear(x, &lin.weight, lin.bias.as_ref(), &mut y, m, lin.in_f, lin.out_f);
-    xa[p as usize] = lin.lora.as_ref().map(|l| {
+    xa[p as usize] = lin.lora.as_ref().filter(|_| ctx.adapters).map(|l| {
         let mut saved = be.zeros(m * l.r);
-        let dropout = dropout_for(lin, seed, li, p);
+        let dropout = dropout_for(lin, ctx.dropout_seed, li, p);
         be.lora_forward(x, &l.a, &l.b, l.scale, dropout, &mut saved, &mut y, m, lin.in_f, lin.out_f, l.r);
         saved
     });
@@ -154,15 +157,14 @@ pub fn forward_with<B: Backend>(
     let n = ctx.n;
     let h = cfg.hidden;
     let mut xa: Vec<Option<B::Buf>> = (0..Proj::ALL.len()).map(|_| None).collect();
-    let seed = ctx.dropout_seed;
 
     let mut h1 = be.zeros(n * h);
     let mut inv1 = be.zeros_f32(n);
     be.rmsnorm(&x_in, &layer.input_norm, &mut h1, &mut inv1, n, h, cfg.rms_norm_eps);
 
-    let mut q = proj_forward(be, layer, li, Proj::Q, &h1, n, seed, &mut xa);
-    let mut k = proj_forward(be, layer, li, Proj::K, &h1, n, seed, &mut xa);
-    let v = proj_forward(be, layer, li, Proj::V, &h1, n, seed, &mut xa);
+    let mut q = proj_forward(be, layer, li, Proj::Q, &h1, n, ctx, &mut xa);
+    let mut k = proj_forward(be, layer, li, Proj::K, &h1, n, ctx, &mut xa);
+    let v = proj_forward(be, layer, li, Proj::V, &h1, n, ctx, &mut xa);
     be.rope(&mut q, ctx.positions, ctx.inv_freq, n, cfg.n_heads, cfg.head_dim);
     be.rope(&mut k, ctx.positions, ctx.inv_freq, n, cfg.n_kv_heads, cfg.head_dim);
 
@@ -170,7 +172,7 @@ pub fn forward_with<B: Backend>(
     let mut lse = be.zeros_f32(cfg.n_heads * n);
     attend(&q, &k, &v, &mut attn, &mut lse);
 
-    let o = proj_forward(be, layer, li, Proj::O, &attn, n, seed, &mut xa);
+    let o = proj_forward(be, layer, li, Proj::O, &attn, n, ctx, &mut xa);
     let mut x_mid = clone_buf(be, &x_in);
     be.add_assign(&mut x_mid, &o);
     drop(o);
@@ -178,11 +180,11 @@ pub fn forward_with<B: Backend>(
     let mut h2 = be.zeros(n * h);
     let mut inv2 = be.zeros_f32(n);
     be.rmsnorm(&x_mid, &layer.post_attention_norm, &mut h2, &mut inv2, n, h, cfg.rms_norm_eps);
-    let gate = proj_forward(be, layer, li, Proj::Gate, &h2, n, seed, &mut xa);
-    let up = proj_forward(be, layer, li, Proj::Up, &h2, n, seed, &mut xa);
+    let gate = proj_forward(be, layer, li, Proj::Gate, &h2, n, ctx, &mut xa);
+    let up = proj_forward(be, layer, li, Proj::Up, &h2, n, ctx, &mut xa);
     let mut act = be.zeros(n * cfg.intermediate);
     be.swiglu(&gate, &up, &mut act, n * cfg.intermediate);
-    let down = proj_forward(be, layer, li, Proj::Down, &act, n, seed, &mut xa);
+    let down = proj_forward(be, layer, li, Proj::Down, &act, n, ctx, &mut xa);
     let mut x_out = clone_buf(be, &x_mid);
     be.add_assign(&mut x_out, &down);
 
