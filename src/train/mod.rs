@@ -2,9 +2,11 @@
 //! micro-batch and step), `schedule` (the learning rate), `optimizer`
 //! (AdamW over the LoRA parameters), `trainer` (the loop), `progress`
 //! (bar and metrics.jsonl), `checkpoint` (save and resume), and `memory`
-//! (the GPU memory plan checked before the first step).
+//! (the GPU memory plan checked before the first step); `objectives` holds
+//! the preference losses on per-sequence log-probabilities.
 pub mod checkpoint;
 pub mod memory;
+pub mod objectives;
 pub mod optimizer;
 pub mod plan;
 pub mod progress;
