@@ -114,12 +114,15 @@ fn missing_adapter_is_a_warning() {
 
 #[test]
 fn unsupported_features_are_refused() {
+    // QLoRA: load_in_4bit needs adapter: qlora; only NF4 is implemented.
     assert_eq!(
         error(&format!("{MINIMAL}load_in_4bit: true\n"), &[]),
-        "run.yml:7: load_in_4bit: true is not supported yet: 4-bit (QLoRA) base weights are not implemented; \
-         set load_in_4bit: false and adapter: lora to train on a bf16 base"
+        "run.yml:7: load_in_4bit is true, so adapter must be qlora (got lora): a 4-bit base trains a QLoRA adapter"
     );
-    assert!(error(&MINIMAL.replace("adapter: lora", "adapter: qlora"), &[]).starts_with("run.yml:2: adapter: qlora is not supported yet"));
+    let qlora = MINIMAL.replace("adapter: lora", "adapter: qlora");
+    let fp4 = error(&format!("{qlora}load_in_4bit: true\nbnb_config_kwargs:\n  bnb_4bit_quant_type: fp4\n"), &[]);
+    assert!(fp4.contains("bnb_config_kwargs.bnb_4bit_quant_type must be nf4 (got fp4"), "{fp4}");
+    assert!(error(&MINIMAL.replace("adapter: lora", "adapter: ia3"), &[]).starts_with("run.yml:2: adapter: ia3 is not supported yet"));
     assert!(error(&format!("{MINIMAL}rl: dpo\n"), &[]).starts_with("run.yml:7: rl: dpo is not supported yet: preference training"));
     assert!(error(&format!("{MINIMAL}peft_use_dora: true\n"), &[]).contains("DoRA is not implemented"));
     assert!(error(&format!("{MINIMAL}lora_modules_to_save: [embed_tokens, lm_head]\n"), &[]).starts_with(
@@ -132,6 +135,16 @@ fn unsupported_features_are_refused() {
     let sharegpt = error(&MINIMAL.replace("type: alpaca", "type: sharegpt"), &[]);
     assert!(sharegpt.starts_with("run.yml:5: datasets[0].type sharegpt is no longer supported"), "{sharegpt}");
     assert!(sharegpt.contains("message_property_mappings: {role: from, content: value}"));
+
+    // A QLoRA run: adapter qlora with load_in_4bit and Axolotl's bnb_config_kwargs.
+    let loaded = load(
+        &format!("{qlora}load_in_4bit: true\nbnb_config_kwargs:\n  bnb_4bit_use_double_quant: false\n  llm_int8_has_fp16_weight: false\n"),
+        &[],
+    )
+    .unwrap();
+    assert!(loaded.config.qlora() && loaded.config.load_in_4bit && !loaded.config.bnb_config_kwargs.bnb_4bit_use_double_quant);
+    assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+    assert!(load(&qlora, &[]).unwrap().config.bnb_config_kwargs.bnb_4bit_use_double_quant, "double quantization is the default");
 
     // The same keys asking for nothing are fine, and silent.
     let text = format!(
@@ -222,7 +235,7 @@ fn set_errors_name_the_argument() {
     assert_eq!(error(MINIMAL, &["datasets.0.pth=x"]), "--set datasets.0.pth=x: unknown key \"pth\" in a dataset entry (did you mean \"path\"?)");
     assert_eq!(error(MINIMAL, &["lora_r=0"]), "--set lora_r=0: lora_r must be at least 1 (got 0)");
     assert_eq!(error(MINIMAL, &["learning_rate=fast"]), "--set learning_rate=fast: learning_rate must be a number, not the string \"fast\"");
-    assert!(error(MINIMAL, &["load_in_4bit=true"]).starts_with("--set load_in_4bit=true: load_in_4bit: true is not supported yet"));
+    assert!(error(MINIMAL, &["load_in_4bit=true"]).starts_with("--set load_in_4bit=true: load_in_4bit is true, so adapter must be qlora"));
     assert!(error(MINIMAL, &["lora_r"]).contains("expected key=value"));
 }
 

@@ -149,3 +149,89 @@ fn cached_generation_logits_match_the_cpu_on_every_fixture() {
         assert!(err <= generation::GPU_LOGITS_TOL, "{case}: cached logits rel error {err:e} > {:e}", generation::GPU_LOGITS_TOL);
     }
 }
+
+/// Bytes a dequantization of `t` moves: its 4-bit codes and scales in,
+/// numel bf16 values out.
+fn nf4_traffic(t: &ferrotune::quant::nf4::Nf4Tensor) -> usize {
+    ferrotune::backend::nf4_device_bytes(t) + 2 * t.numel()
+}
+
+#[test]
+#[ignore = "needs a GPU: run by scripts/gpu_check.sh"]
+fn nf4_dequantize_is_bit_exact_against_the_cpu_and_its_throughput_is_printed() {
+    // cuda/nf4.cu against bf16(CPU dequantize): every value bit for bit
+    // (both compute code·absmax, and nested_map·nested_absmax + offset, as
+    // single-rounded f32 operations). Shapes: a partial last block and an
+    // odd element count (the tail path), and Llama-3-8B's projections.
+    use ferrotune::backend::Backend;
+    use ferrotune::backend::conformance::random_nf4;
+    use ferrotune::util::rng::Rng;
+    let cuda = gpu();
+    let cpu = CpuBackend::new();
+    let mut rng = Rng::new(5);
+    for nested in [false, true] {
+        for shape in [[1usize, 7], [3, 45], [17, 64 * 5 + 32], [1024, 4096], [14336, 4096]] {
+            let t = random_nf4(&mut rng, shape, nested);
+            let want: Vec<u32> = cpu
+                .weight_to_f32(&cpu.weight_from_nf4(&t).unwrap())
+                .iter()
+                .map(|&x| half::bf16::from_f32(x).to_f32().to_bits())
+                .collect();
+            let got: Vec<u32> = cuda.weight_to_f32(&cuda.weight_from_nf4(&t).unwrap()).iter().map(|x| x.to_bits()).collect();
+            let diff = got.iter().zip(&want).filter(|(a, b)| a != b).count();
+            eprintln!("nf4 dequantize {shape:?} nested={nested}: {diff} of {} values differ", want.len());
+            assert_eq!(diff, 0, "{shape:?} nested={nested}: the GPU dequantization is not bit-exact");
+        }
+    }
+    // Throughput on the largest Llama-3-8B projection (gate/up/down: 14336 x 4096).
+    let hbm_tb_s = ferrotune::backend::cuda::device::hbm_bandwidth_tb_s(&cuda.info.name);
+    for nested in [false, true] {
+        let t = random_nf4(&mut rng, [14336, 4096], nested);
+        let w = cuda.weight_from_nf4(&t).unwrap();
+        for _ in 0..3 {
+            cuda.nf4_dequantize(&w);
+        }
+        cuda.synchronize();
+        let iters = 50;
+        let t0 = std::time::Instant::now();
+        for _ in 0..iters {
+            cuda.nf4_dequantize(&w);
+        }
+        cuda.synchronize();
+        let s = t0.elapsed().as_secs_f64() / iters as f64;
+        let gb_s = nf4_traffic(&t) as f64 / s / 1e9;
+        let share = hbm_tb_s.map(|p| format!("{:.0}% of {p} TB/s HBM", 100.0 * gb_s / (p * 1e3))).unwrap_or_else(|| "HBM bandwidth unknown".into());
+        eprintln!(
+            "nf4 dequantize 14336x4096 nested={nested}: {:.1} us, {gb_s:.0} GB/s ({share}; bytes = codes + scales in, bf16 out)",
+            s * 1e6
+        );
+    }
+}
+
+#[test]
+#[ignore = "needs a GPU: run by scripts/gpu_check.sh"]
+fn qlora_loss_and_lora_gradients_match_the_cpu() {
+    // The QLoRA fixture (4-bit base + adapter) on the GPU against the CPU:
+    // the GPU's dequantized weights are the CPU's rounded to bf16 (checked
+    // bit for bit above), so the model-level bounds are the bf16 ones.
+    use ferrotune::adapter::peft;
+    use ferrotune::model::Model;
+    use ferrotune::model::checkpoint::Checkpoint;
+    let cuda = gpu();
+    let cpu = CpuBackend::new();
+    let ckpt = Checkpoint::open(&common::fixture("qlora").join("bnb_model")).unwrap();
+    let adapter = common::fixture("qlora").join("adapter");
+    let mut m_cpu = Model::load(&cpu, &ckpt).unwrap();
+    peft::load(&cpu, &mut m_cpu, &adapter).unwrap();
+    let mut m_gpu = Model::load(&cuda, &ckpt).unwrap();
+    peft::load(&cuda, &mut m_gpu, &adapter).unwrap();
+    let (seqs, _) = Reference::load("qlora").sequences();
+    let batch = Batch::from_sequences(&seqs, m_cpu.cfg.vocab).unwrap();
+    let (l_cpu, g_cpu) = loss_and_grads(&cpu, &mut m_cpu, &batch);
+    let (l_gpu, g_gpu) = loss_and_grads(&cuda, &mut m_gpu, &batch);
+    let loss_rel = (l_gpu - l_cpu).abs() / l_cpu;
+    let grad_rel = rel_err(&g_gpu, &g_cpu);
+    eprintln!("qlora: loss cpu {l_cpu:.6} gpu {l_gpu:.6} (rel {loss_rel:.2e}); LoRA gradients rel {grad_rel:.2e}");
+    assert!(loss_rel <= GPU_LOSS_TOL, "loss rel error {loss_rel:e} > {GPU_LOSS_TOL:e}");
+    assert!(grad_rel <= GPU_GRAD_TOL, "LoRA gradient rel error {grad_rel:e} > {GPU_GRAD_TOL:e}");
+}

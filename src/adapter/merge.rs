@@ -8,10 +8,21 @@
 //! the memory-mapped input, and merged weights are computed a block of rows
 //! at a time, so the process never holds the model (an 8B checkpoint merges
 //! in a few hundred MB of memory).
+//!
+//! QLoRA: a bitsandbytes 4-bit base (config.json with quantization_config)
+//! is dequantized as it is merged (code · absmax in f32, the values the
+//! adapter was trained against), each projection written in `--dtype` or the
+//! dtype it had before quantization, with its quantization parts and
+//! config.json's quantization_config left out: the output is a plain
+//! checkpoint. For an adapter trained with load_in_4bit on a dense base,
+//! `MergeOptions::nf4_round_trip` merges into the base's NF4 round trip
+//! (quantized as at load, then dequantized) for the same reason.
 
 use super::LoraConfig;
 use super::peft;
 use crate::backend::{DType, to_f32};
+use crate::quant::bnb::{self, QuantState};
+use crate::quant::nf4::Nf4Tensor;
 use anyhow::{Context, Result, bail};
 use memmap2::Mmap;
 use rayon::prelude::*;
@@ -54,11 +65,15 @@ pub struct MergeOptions {
     pub force: bool,
     /// Largest shard; a checkpoint above it is split into numbered shards.
     pub max_shard_bytes: u64,
+    /// Some(double_quant): the adapter was trained on this dense base
+    /// quantized at load (load_in_4bit); every decoder-layer projection is
+    /// quantized to NF4 and dequantized before the merge, as training saw it.
+    pub nf4_round_trip: Option<bool>,
 }
 
 impl Default for MergeOptions {
     fn default() -> Self {
-        MergeOptions { dtype: None, force: false, max_shard_bytes: DEFAULT_MAX_SHARD_BYTES }
+        MergeOptions { dtype: None, force: false, max_shard_bytes: DEFAULT_MAX_SHARD_BYTES, nf4_round_trip: None }
     }
 }
 
@@ -173,6 +188,26 @@ impl Source {
         &self.files[t.file].1[t.start..t.end]
     }
 
+    /// A tensor by name as `quant::bnb` reads it.
+    fn raw(&self, name: &str) -> Result<bnb::RawTensor<'_>> {
+        let t = self.tensors.iter().find(|t| t.name == name).with_context(|| format!("tensor {name} is missing from the checkpoint"))?;
+        Ok((t.dtype, t.shape.clone(), self.bytes(t)))
+    }
+
+    /// The 4-bit weights of a bitsandbytes checkpoint: weight name
+    /// ("P.weight") -> its quant state. Empty for a dense checkpoint.
+    fn nf4_weights(&self) -> Result<HashMap<String, QuantState>> {
+        let suffix = format!(".{}", bnb::QUANT_STATE_KEY);
+        let mut out = HashMap::new();
+        for t in &self.tensors {
+            if let Some(weight) = t.name.strip_suffix(&suffix) {
+                let qs = QuantState::parse(self.bytes(t), &t.name).with_context(|| self.path(t).display().to_string())?;
+                out.insert(weight.to_string(), qs);
+            }
+        }
+        Ok(out)
+    }
+
     fn path(&self, t: &SrcTensor) -> &Path {
         &self.files[t.file].0
     }
@@ -205,7 +240,7 @@ const KEY_PREFIX: &str = "base_model.model.";
 
 /// Read the adapter and check every tensor against the base weight it
 /// changes, before anything is written. Keyed by the base weight's name.
-fn read_adapter(dir: &Path, src: &Source) -> Result<(LoraConfig, BTreeMap<String, Delta>)> {
+fn read_adapter(dir: &Path, src: &Source, nf4: &HashMap<String, QuantState>) -> Result<(LoraConfig, BTreeMap<String, Delta>)> {
     let lc = peft::read_config(dir)?;
     let file = dir.join(peft::WEIGHTS_FILE);
     if !file.is_file() {
@@ -237,10 +272,14 @@ fn read_adapter(dir: &Path, src: &Source) -> Result<(LoraConfig, BTreeMap<String
         let w = base.get(wname.as_str()).with_context(|| {
             format!("{fdisp}: tensor {ka} adapts {wname}, which the base checkpoint does not have (is this adapter for another model?)")
         })?;
-        if float_dtype(w.dtype).is_none() {
-            bail!("{}: tensor {wname} has dtype {:?}; only F32, F16 and BF16 weights can be merged into", src.path(w).display(), w.dtype);
-        }
-        let [out_f, in_f] = w.shape[..] else {
+        let shape = match nf4.get(&wname) {
+            Some(qs) => qs.shape.to_vec(),
+            None if float_dtype(w.dtype).is_none() => {
+                bail!("{}: tensor {wname} has dtype {:?}; only F32, F16 and BF16 (or bitsandbytes 4-bit) weights can be merged into", src.path(w).display(), w.dtype)
+            }
+            None => w.shape.clone(),
+        };
+        let [out_f, in_f] = shape[..] else {
             bail!("{}: tensor {wname} has shape {:?}; a LoRA merges into a 2-D [out, in] weight", src.path(w).display(), w.shape);
         };
         let (r, scale) = lc.rank_and_scale(module)?;
@@ -276,9 +315,25 @@ fn read_adapter(dir: &Path, src: &Source) -> Result<(LoraConfig, BTreeMap<String
 /// One tensor of the output: where it comes from and how it is written.
 struct OutTensor<'a> {
     src: &'a SrcTensor,
+    /// The output shape (a 4-bit weight's is its matrix's, not its codes').
+    shape: Vec<usize>,
     dtype: StDtype,
     bytes: usize,
     delta: Option<&'a Delta>,
+    /// How the values are made before the delta: copied / converted from
+    /// the input, or dequantized.
+    values: Values,
+}
+
+/// Where a weight's values come from.
+#[derive(Clone, Copy, PartialEq)]
+enum Values {
+    /// The input tensor's own values.
+    Stored,
+    /// A bitsandbytes 4-bit weight (the input tensor holds its packed codes).
+    Nf4,
+    /// The NF4 round trip of the dense input (quantized as load_in_4bit does).
+    Nf4RoundTrip { double_quant: bool },
 }
 
 /// Tensors per shard, in input order, starting a new shard when the next
@@ -311,7 +366,7 @@ fn write_shard(path: &Path, src: &Source, mut tensors: Vec<OutTensor>, progress:
     let infos: Vec<(String, TensorInfo)> = tensors
         .iter()
         .map(|t| {
-            let info = TensorInfo { dtype: t.dtype, shape: t.src.shape.clone(), data_offsets: (offset, offset + t.bytes) };
+            let info = TensorInfo { dtype: t.dtype, shape: t.shape.clone(), data_offsets: (offset, offset + t.bytes) };
             offset += t.bytes;
             (t.src.name.clone(), info)
         })
@@ -328,6 +383,11 @@ fn write_shard(path: &Path, src: &Source, mut tensors: Vec<OutTensor>, progress:
     w.write_all(&header).map_err(io)?;
     let mut buf = Vec::new();
     for t in &tensors {
+        if t.values != Values::Stored {
+            write_dequantized(&mut w, src, t, &mut buf).map_err(|e| e.context(format!("writing {}", path.display())))?;
+            progress(&t.src.name);
+            continue;
+        }
         let bytes = src.bytes(t.src);
         let (from, to) = (float_dtype(t.src.dtype), float_dtype(t.dtype));
         // Blocks of whole rows, so a merged block is a set of complete rows.
@@ -354,6 +414,44 @@ fn write_shard(path: &Path, src: &Source, mut tensors: Vec<OutTensor>, progress:
     let file = w.into_inner().map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
     file.sync_all().with_context(|| format!("cannot sync {}", path.display()))?;
     Ok(offset as u64)
+}
+
+/// Write a weight whose values are an NF4 matrix's dequantization (a 4-bit
+/// input, or the round trip of a dense one), plus its delta, in blocks of
+/// whole rows. The 4-bit codes of one weight are read at a time.
+fn write_dequantized(w: &mut impl Write, src: &Source, t: &OutTensor, buf: &mut Vec<u8>) -> Result<()> {
+    let to = float_dtype(t.dtype).expect("dequantized weights are written as floats");
+    let [rows, cols] = t.shape[..] else { bail!("tensor {}: a 4-bit weight is 2-D", t.src.name) };
+    let q: Nf4Tensor = match t.values {
+        Values::Nf4 => {
+            let prefix = t.src.name.strip_suffix(".weight").unwrap_or(&t.src.name);
+            bnb::read_nf4(|n| src.raw(n), prefix).with_context(|| src.path(t.src).display().to_string())?
+        }
+        Values::Nf4RoundTrip { double_quant } => {
+            let from = float_dtype(t.src.dtype).expect("round-tripped weights are float");
+            crate::quant::nf4::quantize(&to_f32(from, src.bytes(t.src)), [rows, cols], double_quant)
+        }
+        Values::Stored => unreachable!("stored values are copied"),
+    };
+    let absmax = q.absmax_f32();
+    let rows_per_block = (BLOCK_BYTES / (4 * cols.max(1))).max(1);
+    let mut block = Vec::with_capacity(rows_per_block * cols);
+    for r0 in (0..rows).step_by(rows_per_block) {
+        let r1 = (r0 + rows_per_block).min(rows);
+        block.clear();
+        block.extend((r0 * cols..r1 * cols).map(|i| {
+            let byte = q.packed[i / 2];
+            let nib = if i.is_multiple_of(2) { byte >> 4 } else { byte & 0x0f };
+            q.code[nib as usize] * absmax[i / q.blocksize]
+        }));
+        if let Some(d) = t.delta {
+            add_delta(&mut block, r0, d);
+        }
+        from_f32(to, &block, buf);
+        w.write_all(buf).map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    src.release(t.src, 0, t.src.end - t.src.start);
+    Ok(())
 }
 
 /// rows += scale·(B A)[first_row..] in f32: the rows of W' = W + scale·(B A)
@@ -419,18 +517,27 @@ fn check_out(model_dir: &Path, adapter_dir: &Path, out: &Path, force: bool) -> R
     Ok(out_abs)
 }
 
-/// config.json, with its dtype entry rewritten when the output dtype differs.
-fn write_config(model_dir: &Path, tmp: &Path, dtype: Option<DType>) -> Result<()> {
+/// config.json, with its dtype entry rewritten when the output dtype
+/// differs, and without quantization_config when the base was 4-bit.
+fn write_config(model_dir: &Path, tmp: &Path, dtype: Option<DType>, dequantized: bool) -> Result<()> {
     let path = model_dir.join("config.json");
     let text = std::fs::read(&path).with_context(|| format!("cannot read {} (is {} a HuggingFace model directory?)", path.display(), model_dir.display()))?;
-    let Some(d) = dtype else {
+    if dtype.is_none() && !dequantized {
         return crate::util::atomic_write(&tmp.join("config.json"), &text);
-    };
+    }
     let mut v: Value = serde_json::from_slice(&text).with_context(|| format!("{} is not valid JSON", path.display()))?;
     let obj = v.as_object_mut().with_context(|| format!("{}: expected a JSON object", path.display()))?;
+    if dequantized {
+        obj.remove("quantization_config");
+    }
+    let Some(d) = dtype else {
+        let mut out = serde_json::to_string_pretty(&v)?;
+        out.push('\n');
+        return crate::util::atomic_write(&tmp.join("config.json"), out.as_bytes());
+    };
     let name = Value::from(torch_name(d));
     let keys: Vec<&str> = ["torch_dtype", "dtype"].into_iter().filter(|k| obj.contains_key(*k)).collect();
-    if keys.iter().all(|k| obj[*k] == name) && !keys.is_empty() {
+    if keys.iter().all(|k| obj[*k] == name) && !keys.is_empty() && !dequantized {
         return crate::util::atomic_write(&tmp.join("config.json"), &text);
     }
     if keys.is_empty() {
@@ -512,12 +619,30 @@ pub fn merge(
 ) -> Result<MergeSummary> {
     let out = check_out(model_dir, adapter_dir, out_dir, opts.force)?;
     let src = Source::open(model_dir)?;
-    let (lc, deltas) = read_adapter(adapter_dir, &src)?;
+    let nf4 = src.nf4_weights()?;
+    let (lc, deltas) = read_adapter(adapter_dir, &src, &nf4)?;
+    // The parts of a 4-bit weight other than its codes are not written.
+    let parts: std::collections::HashSet<String> = nf4
+        .keys()
+        .flat_map(|w| {
+            [".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map"]
+                .iter()
+                .map(move |s| format!("{w}{s}"))
+                .chain(std::iter::once(format!("{w}.{}", bnb::QUANT_STATE_KEY)))
+        })
+        .collect();
 
     let tensors: Vec<OutTensor> = src
         .tensors
         .iter()
+        .filter(|t| !parts.contains(&t.name))
         .map(|t| {
+            if let Some(qs) = nf4.get(&t.name) {
+                let d = opts.dtype.unwrap_or(qs.dtype);
+                let shape = qs.shape.to_vec();
+                let bytes = qs.shape[0] * qs.shape[1] * d.size();
+                return OutTensor { src: t, shape, dtype: st_dtype(d), bytes, delta: deltas.get(&t.name), values: Values::Nf4 };
+            }
             let dtype = match (opts.dtype, float_dtype(t.dtype)) {
                 (Some(to), Some(_)) => st_dtype(to),
                 _ => t.dtype,
@@ -526,7 +651,13 @@ pub fn merge(
                 Some(d) if dtype != t.dtype => t.shape.iter().product::<usize>() * d.size(),
                 _ => t.end - t.start,
             };
-            OutTensor { src: t, dtype, bytes, delta: deltas.get(&t.name) }
+            let values = match opts.nf4_round_trip {
+                Some(double_quant) if float_dtype(t.dtype).is_some() && bnb::is_quantized(&t.name, &t.shape, &[]) => {
+                    Values::Nf4RoundTrip { double_quant }
+                }
+                _ => Values::Stored,
+            };
+            OutTensor { src: t, shape: t.shape.clone(), dtype, bytes, delta: deltas.get(&t.name), values }
         })
         .collect();
     let total = tensors.len();
@@ -550,7 +681,7 @@ pub fn merge(
             let file = shard_name(i, n_shards);
             for t in &shard {
                 weight_map.insert(t.src.name.clone(), file.clone());
-                n_params += t.src.shape.iter().product::<usize>();
+                n_params += t.shape.iter().product::<usize>();
             }
             bytes += write_shard(&tmp.join(&file), &src, shard, &mut |_| {
                 done += 1;
@@ -566,7 +697,7 @@ pub fn merge(
             text.push('\n');
             crate::util::atomic_write(&tmp.join("model.safetensors.index.json"), text.as_bytes())?;
         }
-        write_config(model_dir, &tmp, opts.dtype)?;
+        write_config(model_dir, &tmp, opts.dtype, !nf4.is_empty())?;
         copy_side_files(model_dir, &tmp)?;
         let info = serde_json::json!({
             "base_model": model_dir.display().to_string(),
@@ -576,6 +707,8 @@ pub fn merge(
             "use_rslora": lc.use_rslora,
             "merged_modules": merged,
             "dtype": opts.dtype.map(torch_name),
+            "dequantized_4bit_weights": nf4.len(),
+            "nf4_round_trip": opts.nf4_round_trip.is_some(),
             "ferrotune_version": env!("CARGO_PKG_VERSION"),
         });
         crate::util::atomic_write(&tmp.join(INFO_FILE), serde_json::to_string_pretty(&info)?.as_bytes())?;
@@ -660,7 +793,12 @@ mod tests {
             .enumerate()
             .map(|(i, &n)| SrcTensor { name: format!("t{i}"), dtype: StDtype::U8, shape: vec![n], file: 0, start: 0, end: n })
             .collect();
-        let plan = plan_shards(src.iter().map(|t| OutTensor { src: t, dtype: t.dtype, bytes: t.end, delta: None }).collect(), 8);
+        let plan = plan_shards(
+            src.iter()
+                .map(|t| OutTensor { src: t, shape: t.shape.clone(), dtype: t.dtype, bytes: t.end, delta: None, values: Values::Stored })
+                .collect(),
+            8,
+        );
         let names: Vec<Vec<&str>> = plan.iter().map(|s| s.iter().map(|t| t.src.name.as_str()).collect()).collect();
         assert_eq!(names, vec![vec!["t0", "t1"], vec!["t2"], vec!["t3"]]);
         assert_eq!(shard_name(0, 1), "model.safetensors");

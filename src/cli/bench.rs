@@ -10,7 +10,7 @@ use crate::backend::cpu::CpuBackend;
 use crate::backend::profiled::Profiled;
 use crate::model::batch::{Batch, Sequence};
 use crate::model::graph::BackwardOpts;
-use crate::model::{Model, flops, synth};
+use crate::model::{BaseWeights, Model, flops, synth};
 use crate::train::memory::{self, RunShape};
 use crate::train::optimizer::{AdamWConfig, Optimizer};
 use crate::util::rng::Rng;
@@ -60,6 +60,14 @@ pub struct BenchArgs {
     json: bool,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// QLoRA: the projections held as NF4 (random weights quantized with
+    /// double quantization, as load_in_4bit does), dequantized per product.
+    #[arg(long)]
+    qlora: bool,
+    /// Print the memory plan of a bf16 GPU run of these settings and stop
+    /// (no weights are made; works for any preset on any machine).
+    #[arg(long)]
+    plan_only: bool,
 }
 
 /// Peak resident memory of this process (Linux VmHWM), in bytes.
@@ -74,6 +82,14 @@ pub fn run(a: BenchArgs) -> Result<()> {
     ensure!(a.seq_len > 0 && a.micro_batch > 0 && a.steps > 0, "--seq-len, --micro-batch and --steps must be at least 1");
     ensure!(a.lora_r > 0, "--lora-r must be at least 1");
     let host_peak = || peak_rss_bytes().map(|b| (b, "host RSS of the whole process"));
+    if a.plan_only {
+        let (cfg, lc) = model_and_adapter(&a)?;
+        let mut shape = RunShape::bf16(a.micro_batch, a.seq_len);
+        shape.gradient_checkpointing = a.gradient_checkpointing;
+        let plan = memory::plan_lora_as(&cfg, &lc, &shape, base_weights(&a))?;
+        println!("{} preset {}{}, LoRA r={} on {}:\n{plan}", cfg.family.family, a.preset, if a.qlora { " (QLoRA, NF4 base)" } else { "" }, a.lora_r, a.targets);
+        return Ok(());
+    }
     match open_device(&a.device)? {
         Opened::Cpu(be) if a.profile => {
             let be = Profiled::new(be);
@@ -115,10 +131,13 @@ impl<'a> Memory<'a> {
     }
 }
 
-fn bench_on<B: Backend, P: Backend>(be: &B, a: &BenchArgs, profiler: Option<&Profiled<P>>, mem: Memory) -> Result<()> {
-    if let Some(reset) = mem.reset_peak {
-        reset();
-    }
+/// How the benchmark holds the projections.
+fn base_weights(a: &BenchArgs) -> BaseWeights {
+    if a.qlora { BaseWeights::Nf4 { double_quant: true } } else { BaseWeights::AsStored }
+}
+
+/// The synthetic model's config and the adapter of the benchmark.
+fn model_and_adapter(a: &BenchArgs) -> Result<(crate::model::config::ModelConfig, LoraConfig)> {
     let mut spec = synth::preset(&a.preset)?;
     if let Some(l) = a.layers {
         ensure!(l > 0, "--layers must be at least 1");
@@ -131,10 +150,20 @@ fn bench_on<B: Backend, P: Backend>(be: &B, a: &BenchArgs, profiler: Option<&Pro
         Targets::Names(a.targets.split(',').map(|s| s.trim().to_string()).collect())
     };
     let lc = LoraConfig::new(a.lora_r, a.lora_alpha.unwrap_or(2.0 * a.lora_r as f32), targets);
+    Ok((cfg, lc))
+}
+
+fn bench_on<B: Backend, P: Backend>(be: &B, a: &BenchArgs, profiler: Option<&Profiled<P>>, mem: Memory) -> Result<()> {
+    if let Some(reset) = mem.reset_peak {
+        reset();
+    }
+    let (cfg, lc) = model_and_adapter(a)?;
+    let spec_family = cfg.family.family.clone();
+    let base = base_weights(a);
     // Predict the peak before anything is allocated; refuse what cannot fit.
     let mut shape = if mem.gpu { RunShape::bf16(a.micro_batch, a.seq_len) } else { RunShape::cpu(a.micro_batch, a.seq_len) };
     shape.gradient_checkpointing = a.gradient_checkpointing;
-    let plan = memory::plan_lora(&cfg, &lc, &shape)?;
+    let plan = memory::plan_lora_as(&cfg, &lc, &shape, base)?;
     if !a.json {
         eprintln!("memory plan (before the first step):\n{plan}");
     }
@@ -142,7 +171,7 @@ fn bench_on<B: Backend, P: Backend>(be: &B, a: &BenchArgs, profiler: Option<&Pro
         memory::fit_check(&plan, available)?;
     }
     let t0 = Instant::now();
-    let mut model = Model::random(be, cfg, a.seed)?;
+    let mut model = Model::random_as(be, cfg, a.seed, base)?;
     let mut rng = Rng::new(a.seed ^ 0x5eed);
     model.attach_lora(be, &lc, &mut rng)?;
     let mut opt = Optimizer::new(be, &model, AdamWConfig::default());
@@ -158,12 +187,13 @@ fn bench_on<B: Backend, P: Backend>(be: &B, a: &BenchArgs, profiler: Option<&Pro
     };
     if !a.json {
         eprintln!(
-            "bench: {} preset {} ({} layers, hidden {}, {:.2}B params) on {}, LoRA r={} on {}, {} x {} tokens{}; set-up {:.1}s",
-            spec.family,
+            "bench: {} preset {} ({} layers, hidden {}, {:.2}B params{}) on {}, LoRA r={} on {}, {} x {} tokens{}; set-up {:.1}s",
+            spec_family,
             a.preset,
             model.cfg.n_layers,
             model.cfg.hidden,
             model.cfg.n_params() as f64 / 1e9,
+            if a.qlora { ", NF4 projections (QLoRA)" } else { "" },
             be.name(),
             a.lora_r,
             a.targets,
@@ -204,7 +234,7 @@ fn bench_on<B: Backend, P: Backend>(be: &B, a: &BenchArgs, profiler: Option<&Pro
         println!(
             "{}",
             serde_json::json!({
-                "device": be.name(), "preset": a.preset, "family": spec.family, "layers": model.cfg.n_layers,
+                "device": be.name(), "preset": a.preset, "family": spec_family, "layers": model.cfg.n_layers, "qlora": a.qlora,
                 "seq_len": a.seq_len, "micro_batch": a.micro_batch, "lora_r": a.lora_r, "lora_params": n_lora,
                 "gradient_checkpointing": a.gradient_checkpointing, "steps": a.steps,
                 "tokens_per_s": tokens_per_s, "step_time_s": step_s, "model_tflops": tflops, "mfu": mfu,

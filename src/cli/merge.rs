@@ -32,6 +32,14 @@ pub struct MergeArgs {
     /// max_shard_size (5GB = 5·10^9 bytes; also MB, KB, GiB, MiB).
     #[arg(long, default_value = "5GB")]
     max_shard_size: String,
+    /// The adapter was trained with load_in_4bit on this (dense) base: merge
+    /// into the NF4 round trip of its projections, as training saw them. A
+    /// bitsandbytes 4-bit base needs no flag: it is always dequantized.
+    #[arg(long)]
+    load_in_4bit: bool,
+    /// With --load-in-4bit: the run had bnb_4bit_use_double_quant: false.
+    #[arg(long, requires = "load_in_4bit")]
+    no_double_quant: bool,
 }
 
 pub fn parse_dtype(s: &str) -> Result<DType> {
@@ -52,6 +60,7 @@ pub fn run(a: MergeArgs) -> Result<()> {
         dtype: a.dtype.as_deref().map(parse_dtype).transpose()?,
         force: a.force,
         max_shard_bytes,
+        nf4_round_trip: a.load_in_4bit.then_some(!a.no_double_quant),
     };
     let bar = if std::io::stderr().is_terminal() {
         let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());

@@ -5,7 +5,7 @@ use crate::adapter::{LoraConfig, peft};
 use crate::backend::Backend;
 use crate::config::{self, ResumeFrom, RunConfig};
 use crate::data::prepare;
-use crate::model::Model;
+use crate::model::{BaseWeights, Model};
 use crate::model::checkpoint::{self, Checkpoint};
 use crate::train::memory::{self, RunShape};
 use crate::train::trainer::{self, Run};
@@ -66,10 +66,31 @@ fn copy_tokenizer(from: &Path, to: &Path) -> Result<()> {
     Ok(())
 }
 
+/// How the base's projections are held: NF4 for QLoRA (quantized at load
+/// with load_in_4bit, or as stored in a bitsandbytes 4-bit checkpoint,
+/// which loads 4-bit whatever the config says).
+fn base_weights(cfg: &RunConfig, ckpt: &Checkpoint) -> Result<BaseWeights> {
+    if let Some(q) = &ckpt.quantization {
+        return Ok(BaseWeights::Nf4 { double_quant: q.double_quant });
+    }
+    if cfg.load_in_4bit {
+        return Ok(BaseWeights::Nf4 { double_quant: cfg.bnb_config_kwargs.bnb_4bit_use_double_quant });
+    }
+    if cfg.qlora() {
+        anyhow::bail!(
+            "adapter: qlora needs a 4-bit base: set load_in_4bit: true to quantize {} at load, or point base_model at a \
+             bitsandbytes 4-bit checkpoint (config.json with quantization_config)",
+            ckpt.dir.display()
+        );
+    }
+    Ok(BaseWeights::AsStored)
+}
+
 fn train_on<B: Backend>(be: &B, cfg: &RunConfig, gpu: Option<GpuMemory>) -> Result<()> {
     let t0 = Instant::now();
     let model_dir = checkpoint::resolve_model_dir(&cfg.base_model, &checkpoint::hf_cache())?;
     let ckpt = Checkpoint::open(&model_dir)?;
+    let base = base_weights(cfg, &ckpt)?;
     let output_dir = PathBuf::from(&cfg.output_dir);
     let resume = match &cfg.resume_from_checkpoint {
         None | Some(ResumeFrom::Latest(false)) => None,
@@ -101,12 +122,12 @@ fn train_on<B: Backend>(be: &B, cfg: &RunConfig, gpu: Option<GpuMemory>) -> Resu
         // Predict the peak before anything is allocated; refuse what cannot fit.
         let mut shape = RunShape::bf16(cfg.micro_batch_size, cfg.sequence_len);
         shape.gradient_checkpointing = cfg.gradient_checkpointing;
-        let plan = memory::plan_lora(&ckpt.config, &lora, &shape)?;
+        let plan = memory::plan_lora_as(&ckpt.config, &lora, &shape, base)?;
         eprintln!("memory plan (before the first step):\n{plan}");
         memory::fit_check(&plan, gpu.available)?;
     }
 
-    let mut model = Model::load(be, &ckpt)?;
+    let mut model = Model::load_as(be, &ckpt, base)?;
     let n_modules = match &cfg.lora_model_dir {
         Some(dir) => peft::load(be, &mut model, Path::new(dir)).with_context(|| format!("lora_model_dir {dir}"))?,
         None => model.attach_lora(be, &lora, &mut Rng::new(cfg.seed))?,

@@ -81,6 +81,40 @@ pub struct DatasetConfig {
     pub field_text: Option<String>,
 }
 
+/// `bnb_config_kwargs`: Axolotl's pass-through to bitsandbytes'
+/// BitsAndBytesConfig, for `load_in_4bit` runs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BnbConfigKwargs {
+    /// nf4 (fp4 is not implemented).
+    pub bnb_4bit_quant_type: String,
+    /// Quantize the block scales too (bitsandbytes' double quantization).
+    pub bnb_4bit_use_double_quant: bool,
+    /// Accepted for compatibility: products run in the backend's precision
+    /// (bf16 on a GPU, f32 on the CPU).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bnb_4bit_compute_dtype: Option<String>,
+    /// Accepted for compatibility: the codes are the same bytes in any storage type.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bnb_4bit_quant_storage: Option<String>,
+    /// Accepted for compatibility: only used by 8-bit bases.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub llm_int8_has_fp16_weight: Option<bool>,
+}
+
+impl Default for BnbConfigKwargs {
+    /// Axolotl's defaults: NF4 with double quantization.
+    fn default() -> Self {
+        BnbConfigKwargs {
+            bnb_4bit_quant_type: "nf4".into(),
+            bnb_4bit_use_double_quant: true,
+            bnb_4bit_compute_dtype: None,
+            bnb_4bit_quant_storage: None,
+            llm_int8_has_fp16_weight: None,
+        }
+    }
+}
+
 /// The whole run. Field names are Axolotl's; defaults are Axolotl's where it
 /// has one (noted otherwise). `load` requires base_model, learning_rate and
 /// datasets; every other key falls back to `RunConfig::default()`.
@@ -91,8 +125,13 @@ pub struct RunConfig {
     pub base_model: String,
     /// Tokenizer directory (default: the model's own).
     pub tokenizer_config: Option<String>,
-    /// "lora" (QLoRA is a later addition).
+    /// "lora", or "qlora": LoRA on a 4-bit NF4 base (load_in_4bit, or a
+    /// checkpoint bitsandbytes quantized).
     pub adapter: Option<String>,
+    /// Quantize the decoder layers' linear weights to NF4 at load (QLoRA).
+    pub load_in_4bit: bool,
+    /// bitsandbytes settings of a load_in_4bit run.
+    pub bnb_config_kwargs: BnbConfigKwargs,
     pub lora_r: usize,
     pub lora_alpha: f32,
     pub lora_dropout: f32,
@@ -161,6 +200,8 @@ impl Default for RunConfig {
             base_model: String::new(),
             tokenizer_config: None,
             adapter: None,
+            load_in_4bit: false,
+            bnb_config_kwargs: BnbConfigKwargs::default(),
             lora_r: 8,
             lora_alpha: 16.0,
             lora_dropout: 0.0,
@@ -237,6 +278,11 @@ impl RunConfig {
                 Targets::Regex(re.clone())
             }
         })
+    }
+
+    /// Whether the run trains on a 4-bit base (adapter: qlora).
+    pub fn qlora(&self) -> bool {
+        self.adapter.as_deref() == Some("qlora")
     }
 
     /// The adapter this run trains (PEFT's adapter_config.json fields).

@@ -30,7 +30,36 @@ macro_rules! check {
 
 pub(crate) fn validate(c: &RunConfig, loc: &Locator) -> Result<()> {
     check!(!c.base_model.trim().is_empty(), loc, "base_model", "must name a model directory or hub id");
-    check!(c.adapter.as_deref().is_none_or(|a| a == "lora"), loc, "adapter", "must be lora (got {})", c.adapter.as_deref().unwrap_or(""));
+    check!(
+        c.adapter.as_deref().is_none_or(|a| a == "lora" || a == "qlora"),
+        loc,
+        "adapter",
+        "must be lora or qlora (got {})",
+        c.adapter.as_deref().unwrap_or("")
+    );
+    check!(
+        !c.load_in_4bit || c.qlora(),
+        loc,
+        "load_in_4bit",
+        "is true, so adapter must be qlora (got {}): a 4-bit base trains a QLoRA adapter",
+        c.adapter.as_deref().unwrap_or("none")
+    );
+    let bnb = &c.bnb_config_kwargs;
+    check!(
+        bnb.bnb_4bit_quant_type == "nf4",
+        loc,
+        "bnb_config_kwargs.bnb_4bit_quant_type",
+        "must be nf4 (got {}; fp4 is not implemented)",
+        bnb.bnb_4bit_quant_type
+    );
+    if let Some(d) = &bnb.bnb_4bit_compute_dtype {
+        check!(
+            ["bfloat16", "float16", "float32", "bf16", "fp16", "fp32"].contains(&d.as_str()),
+            loc,
+            "bnb_config_kwargs.bnb_4bit_compute_dtype",
+            "must be bfloat16, float16 or float32 (got {d})"
+        );
+    }
     check!(c.lora_r >= 1, loc, "lora_r", "must be at least 1 (got {})", c.lora_r);
     check!(c.lora_alpha > 0.0, loc, "lora_alpha", "must be greater than 0 (got {})", c.lora_alpha);
     check!((0.0..1.0).contains(&c.lora_dropout), loc, "lora_dropout", "must be at least 0 and below 1 (got {})", c.lora_dropout);

@@ -4,6 +4,7 @@
 
 use crate::backend::{DType, WeightSource};
 use crate::model::config::ModelConfig;
+use crate::quant::bnb::{QuantizationConfig, RawTensor};
 use crate::registry;
 use anyhow::{Context, Result, bail};
 use memmap2::Mmap;
@@ -16,7 +17,10 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, Clone)]
 struct TensorLoc {
     shard: usize,
-    dtype: DType,
+    /// The stored type (U8 for the parts of a bitsandbytes 4-bit weight).
+    st_dtype: StDtype,
+    /// The floating-point type, for the tensors read as weights.
+    dtype: Option<DType>,
     shape: Vec<usize>,
     /// Absolute byte range within the shard file.
     start: usize,
@@ -34,6 +38,9 @@ pub struct Checkpoint {
     pub config: ModelConfig,
     shards: Vec<Shard>,
     tensors: HashMap<String, TensorLoc>,
+    /// config.json's bitsandbytes `quantization_config`: the decoder layers'
+    /// linear weights are stored 4-bit (NF4) and load as such.
+    pub quantization: Option<QuantizationConfig>,
 }
 
 fn dtype_from_st(dt: StDtype) -> Option<DType> {
@@ -48,6 +55,13 @@ fn dtype_from_st(dt: StDtype) -> Option<DType> {
 /// Read config.json and resolve its family; fails on unknown architectures
 /// before any weight file is opened.
 pub fn read_config(dir: &Path) -> Result<ModelConfig> {
+    Ok(read_config_and_quantization(dir)?.0)
+}
+
+/// `read_config`, plus the bitsandbytes quantization_config when the
+/// checkpoint is 4-bit (checked after the registry: an unknown architecture
+/// is refused first, quantized or not).
+pub fn read_config_and_quantization(dir: &Path) -> Result<(ModelConfig, Option<QuantizationConfig>)> {
     let path = dir.join("config.json");
     if !dir.is_dir() {
         bail!("model directory {} does not exist", dir.display());
@@ -57,7 +71,8 @@ pub fn read_config(dir: &Path) -> Result<ModelConfig> {
     let raw: serde_json::Value =
         serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?;
     let family = registry::lookup(&raw, &path.display().to_string())?;
-    ModelConfig::from_json(raw, family, &path)
+    let quantization = QuantizationConfig::from_config(&raw, &path.display().to_string())?;
+    Ok((ModelConfig::from_json(raw, family, &path)?, quantization))
 }
 
 /// Map a safetensors file and index its tensors (names -> locations).
@@ -70,13 +85,19 @@ fn open_shard(path: &Path, shard: usize, out: &mut HashMap<String, TensorLoc>) -
         .map_err(|e| anyhow::anyhow!("{} is not a valid safetensors file: {e}", path.display()))?;
     let data_start = 8 + header_len;
     for (name, info) in meta.tensors() {
-        let dtype = dtype_from_st(info.dtype).with_context(|| {
-            format!("{}: tensor {name} has dtype {:?}; ferrotune reads F32, F16 and BF16", path.display(), info.dtype)
-        })?;
+        // Any stored type is indexed (a 4-bit checkpoint holds U8 codes);
+        // `tensor` refuses a non-float one where a weight is read.
         let (s, e) = info.data_offsets;
         out.insert(
             name,
-            TensorLoc { shard, dtype, shape: info.shape.clone(), start: data_start + s, end: data_start + e },
+            TensorLoc {
+                shard,
+                st_dtype: info.dtype,
+                dtype: dtype_from_st(info.dtype),
+                shape: info.shape.clone(),
+                start: data_start + s,
+                end: data_start + e,
+            },
         );
     }
     Ok(Shard { path: path.to_path_buf(), map })
@@ -121,13 +142,24 @@ impl Checkpoint {
     /// Open a checkpoint directory: config first (registry check), then the
     /// weight files' headers. No tensor data is read here.
     pub fn open(dir: &Path) -> Result<Checkpoint> {
-        let config = read_config(dir)?;
+        let (config, quantization) = read_config_and_quantization(dir)?;
         let mut tensors = HashMap::new();
         let mut shards = Vec::new();
         for (n, path) in weight_files(dir)?.iter().enumerate() {
             shards.push(open_shard(path, n, &mut tensors)?);
         }
-        Ok(Checkpoint { dir: dir.to_path_buf(), config, shards, tensors })
+        Ok(Checkpoint { dir: dir.to_path_buf(), config, shards, tensors, quantization })
+    }
+
+    /// A tensor's stored type, shape and bytes, whatever its type (the
+    /// parts of a bitsandbytes 4-bit weight).
+    pub fn raw(&self, name: &str) -> Result<RawTensor<'_>> {
+        let loc = self.loc(name)?;
+        let bytes = self.shards[loc.shard]
+            .map
+            .get(loc.start..loc.end)
+            .with_context(|| format!("{}: tensor {name} lies outside the file", self.shards[loc.shard].path.display()))?;
+        Ok((loc.st_dtype, loc.shape.clone(), bytes))
     }
 
     fn loc(&self, name: &str) -> Result<&TensorLoc> {
@@ -151,11 +183,23 @@ impl Checkpoint {
             .map
             .get(loc.start..loc.end)
             .with_context(|| format!("{}: tensor {name} lies outside the file", self.shards[loc.shard].path.display()))?;
+        let Some(dtype) = loc.dtype else {
+            bail!(
+                "{}: tensor {name} has dtype {:?}; ferrotune reads F32, F16 and BF16 weights{}",
+                self.shards[loc.shard].path.display(),
+                loc.st_dtype,
+                if self.quantization.is_none() && loc.st_dtype == StDtype::U8 {
+                    " (is this a 4-bit checkpoint whose config.json lacks quantization_config?)"
+                } else {
+                    ""
+                }
+            );
+        };
         let numel = expected.iter().product();
-        if bytes.len() != numel * loc.dtype.size() {
+        if bytes.len() != numel * dtype.size() {
             bail!("{}: tensor {name} has {} bytes for {numel} elements", self.shards[loc.shard].path.display(), bytes.len());
         }
-        Ok(WeightSource { dtype: loc.dtype, bytes, numel })
+        Ok(WeightSource { dtype, bytes, numel })
     }
 
     /// Tell the kernel the pages of `name` are no longer needed, so the

@@ -15,7 +15,7 @@ pub mod synth;
 use crate::adapter::{Lora, LoraConfig};
 use crate::backend::Backend;
 use crate::util::rng::Rng;
-use anyhow::Result;
+use anyhow::{Context, Result};
 use checkpoint::Checkpoint;
 use config::ModelConfig;
 
@@ -111,13 +111,48 @@ pub fn module_path(cfg: &ModelConfig, layer: usize, p: Proj) -> String {
     format!("{}.{}", cfg.family.weights.layer.replace("{i}", &layer.to_string()), p.path(cfg))
 }
 
+/// How the decoder layers' seven linear projections are held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BaseWeights {
+    /// As stored (bf16 / f16 / f32), or NF4 when the checkpoint is a
+    /// bitsandbytes 4-bit one.
+    AsStored,
+    /// Quantized to NF4 at load (QLoRA's load_in_4bit), with or without
+    /// double quantization of the block scales. A checkpoint that is
+    /// already 4-bit loads as stored.
+    Nf4 { double_quant: bool },
+}
+
 impl<B: Backend> Model<B> {
     /// Load every weight through the backend, checking names and shapes.
     /// Each tensor's mapped pages are released once converted, so the
-    /// process holds one copy (the backend's) of each weight.
+    /// process holds one copy (the backend's) of each weight. A bitsandbytes
+    /// 4-bit checkpoint (config.json has quantization_config) loads its
+    /// quantized projections as NF4 weights.
     pub fn load(be: &B, ckpt: &Checkpoint) -> Result<Model<B>> {
-        Self::build(be, ckpt.config.clone(), |name, shape| {
-            let w = be.load_weight(&ckpt.tensor(name, shape)?)?;
+        Self::load_as(be, ckpt, BaseWeights::AsStored)
+    }
+
+    /// `load`, holding the projections as `base` says. With
+    /// `BaseWeights::Nf4` each projection is converted to f32, quantized and
+    /// handed to the backend one tensor at a time, so the host holds at most
+    /// one f32 projection besides what is already quantized.
+    pub fn load_as(be: &B, ckpt: &Checkpoint, base: BaseWeights) -> Result<Model<B>> {
+        Self::build_with(be, ckpt.config.clone(), |name, shape, projection| {
+            let w = if !projection {
+                be.load_weight(&ckpt.tensor(name, shape)?)?
+            } else if let Some(q) = &ckpt.quantization {
+                load_prequantized(be, ckpt, q, name, shape)?
+            } else if let BaseWeights::Nf4 { double_quant } = base {
+                let src = ckpt.tensor(name, shape)?;
+                let f32s = crate::backend::to_f32(src.dtype, src.bytes);
+                ckpt.release(name);
+                let t = quantize_nf4(&f32s, [shape[0], shape[1]], double_quant);
+                drop(f32s);
+                be.weight_from_nf4(&t).with_context(|| format!("{}: tensor {name}", ckpt.dir.display()))?
+            } else {
+                be.load_weight(&ckpt.tensor(name, shape)?)?
+            };
             ckpt.release(name);
             Ok(w)
         })
@@ -128,10 +163,16 @@ impl<B: Backend> Model<B> {
     /// from its own seed, so an 8B model is ready in seconds and the same
     /// seed gives the same weights on any thread count.
     pub fn random(be: &B, cfg: ModelConfig, seed: u64) -> Result<Model<B>> {
+        Self::random_as(be, cfg, seed, BaseWeights::AsStored)
+    }
+
+    /// `random`, with the projections quantized to NF4 when `base` says so
+    /// (QLoRA benchmarks): the same random values, then quantized.
+    pub fn random_as(be: &B, cfg: ModelConfig, seed: u64, base: BaseWeights) -> Result<Model<B>> {
         use rayon::prelude::*;
         const CHUNK: usize = 1 << 16;
         let mut tensor = 0u64;
-        Self::build(be, cfg, |name, shape| {
+        Self::build_with(be, cfg, |name, shape, projection| {
             tensor += 1;
             let numel: usize = shape.iter().product();
             let is_norm = shape.len() == 1 && !name.ends_with(".bias");
@@ -144,7 +185,12 @@ impl<B: Backend> Model<B> {
                     *x = center + rng.uniform_range(-half_width, half_width);
                 }
             });
-            Ok(be.weight_from_f32(&data))
+            match base {
+                BaseWeights::Nf4 { double_quant } if projection => {
+                    be.weight_from_nf4(&quantize_nf4(&data, [shape[0], shape[1]], double_quant))
+                }
+                _ => Ok(be.weight_from_f32(&data)),
+            }
         })
     }
 
@@ -155,30 +201,41 @@ impl<B: Backend> Model<B> {
         cfg: ModelConfig,
         mut get: impl FnMut(&str, &[usize]) -> Result<B::Weight>,
     ) -> Result<Model<B>> {
+        Self::build_with(be, cfg, |name, shape, _| get(name, shape))
+    }
+
+    /// `build`, telling `get(name, shape, projection)` whether the tensor is
+    /// the weight of one of a decoder layer's seven projections (the
+    /// tensors QLoRA holds in NF4).
+    pub fn build_with(
+        be: &B,
+        cfg: ModelConfig,
+        mut get: impl FnMut(&str, &[usize], bool) -> Result<B::Weight>,
+    ) -> Result<Model<B>> {
         let names = &cfg.family.weights;
         let h = cfg.hidden;
-        let embed = get(&names.embed, &[cfg.vocab, h])?;
+        let embed = get(&names.embed, &[cfg.vocab, h], false)?;
         let mut layers = Vec::with_capacity(cfg.n_layers);
         for i in 0..cfg.n_layers {
             let prefix = names.layer.replace("{i}", &i.to_string());
-            let input_norm = get(&format!("{prefix}.{}", names.input_norm), &[h])?;
+            let input_norm = get(&format!("{prefix}.{}", names.input_norm), &[h], false)?;
             let mut proj = Vec::with_capacity(7);
             for p in Proj::ALL {
                 let (in_f, out_f) = p.dims(&cfg);
                 let path = format!("{prefix}.{}", p.path(&cfg));
-                let weight = get(&format!("{path}.weight"), &[out_f, in_f])?;
-                let bias = if p.has_bias(&cfg) { Some(get(&format!("{path}.bias"), &[out_f])?) } else { None };
+                let weight = get(&format!("{path}.weight"), &[out_f, in_f], true)?;
+                let bias = if p.has_bias(&cfg) { Some(get(&format!("{path}.bias"), &[out_f], false)?) } else { None };
                 proj.push(Linear { weight, bias, in_f, out_f, lora: None });
             }
             layers.push(Layer {
                 input_norm,
-                post_attention_norm: get(&format!("{prefix}.{}", names.post_attention_norm), &[h])?,
+                post_attention_norm: get(&format!("{prefix}.{}", names.post_attention_norm), &[h], false)?,
                 proj,
                 window: cfg.layer_window[i],
             });
         }
-        let final_norm = get(&names.final_norm, &[h])?;
-        let lm_head = if cfg.tie_word_embeddings { None } else { Some(get(&names.lm_head, &[cfg.vocab, h])?) };
+        let final_norm = get(&names.final_norm, &[h], false)?;
+        let lm_head = if cfg.tie_word_embeddings { None } else { Some(get(&names.lm_head, &[cfg.vocab, h], false)?) };
         let inv_freq = be.upload(&cfg.inv_freq());
         Ok(Model { cfg, embed, layers, final_norm, lm_head, inv_freq, loss_chunk_tokens: 1024 })
     }
@@ -226,6 +283,77 @@ impl<B: Backend> Model<B> {
     pub fn zero_grad(&mut self, be: &B) {
         for (_, _, l) in self.loras_mut() {
             l.zero_grad(be);
+        }
+    }
+}
+
+/// A projection weight of a bitsandbytes 4-bit checkpoint: NF4 when the
+/// checkpoint quantized it (its skip list may leave some dense), read
+/// through `quant::bnb` and released part by part.
+fn load_prequantized<B: Backend>(
+    be: &B,
+    ckpt: &Checkpoint,
+    q: &crate::quant::bnb::QuantizationConfig,
+    name: &str,
+    shape: &[usize],
+) -> Result<B::Weight> {
+    use crate::quant::bnb;
+    if !bnb::is_quantized(name, shape, &q.skip_modules) {
+        return be.load_weight(&ckpt.tensor(name, shape)?);
+    }
+    let dir = ckpt.dir.display();
+    let prefix = name.strip_suffix(".weight").unwrap_or(name);
+    let t = bnb::read_nf4(|n| ckpt.raw(n), prefix).with_context(|| format!("{dir}: 4-bit checkpoint"))?;
+    if t.shape[..] != *shape {
+        anyhow::bail!("{dir}: tensor {name} is a 4-bit weight of shape {:?}, expected {shape:?}", t.shape);
+    }
+    for suffix in ["", ".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map"] {
+        ckpt.release(&format!("{name}{suffix}"));
+    }
+    be.weight_from_nf4(&t).with_context(|| format!("{dir}: tensor {name}"))
+}
+
+/// `quant::nf4::quantize`, split over threads: blocks are quantized
+/// independently (in chunks of whole blocks, an even count so code pairs
+/// never straddle chunks), then the double quantization of all the scales
+/// runs once. The result is identical to the serial quantization.
+pub fn quantize_nf4(w: &[f32], shape: [usize; 2], double_quant: bool) -> crate::quant::nf4::Nf4Tensor {
+    use crate::quant::nf4::{Absmax, BLOCKSIZE, NF4_CODE, Nf4Tensor, double_quantize, push_block_absmax, push_packed_codes};
+    use rayon::prelude::*;
+    const CHUNK: usize = BLOCKSIZE * 1024;
+    assert_eq!(w.len(), shape[0] * shape[1], "quantize_nf4: {} values for shape {shape:?}", w.len());
+    let parts: Vec<(Vec<f32>, Vec<u8>)> = w
+        .par_chunks(CHUNK)
+        .map(|c| {
+            let mut absmax = Vec::with_capacity(c.len().div_ceil(BLOCKSIZE));
+            push_block_absmax(c, BLOCKSIZE, &mut absmax);
+            let mut packed = Vec::with_capacity(c.len().div_ceil(2));
+            push_packed_codes(c, &absmax, BLOCKSIZE, &NF4_CODE, &mut packed);
+            (absmax, packed)
+        })
+        .collect();
+    let mut absmax = Vec::with_capacity(w.len().div_ceil(BLOCKSIZE));
+    let mut packed = Vec::with_capacity(w.len().div_ceil(2));
+    for (a, p) in parts {
+        absmax.extend(a);
+        packed.extend(p);
+    }
+    let absmax = if double_quant { double_quantize(&absmax) } else { Absmax::Plain(absmax) };
+    Nf4Tensor { shape, blocksize: BLOCKSIZE, packed, absmax, code: NF4_CODE }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::quantize_nf4;
+    use crate::quant::nf4::quantize;
+
+    #[test]
+    fn parallel_quantization_equals_the_serial_one() {
+        // Several chunks, a partial last block and an odd element count.
+        let shape = [301, 1001];
+        let w: Vec<f32> = (0..shape[0] * shape[1]).map(|i| ((i as f32) * 0.618).sin() * (1.0 + (i % 977) as f32 * 0.01)).collect();
+        for dq in [true, false] {
+            assert_eq!(quantize_nf4(&w, shape, dq), quantize(&w, shape, dq));
         }
     }
 }

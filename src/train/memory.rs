@@ -22,6 +22,12 @@
 //! - weights: embedding `V·h`, per layer two norm vectors `h`, the seven
 //!   projections `out·in` (+ `out` per bias), the final norm `h`, and the LM
 //!   head `V·h` unless tied — all × W.
+//! - QLoRA (`BaseWeights::Nf4`): each of the seven projections is held as
+//!   NF4 instead (`nf4_weight_bytes`: ⌈n/2⌉ packed codes; the block scales,
+//!   f32 per 64 values, or with double quantization a u8 per 64 values plus
+//!   an f32 per 256 blocks and the 256-entry map; the 16-entry code table),
+//!   plus ONE dequantization scratch of the weight type sized for the
+//!   largest projection (`max out·in × W`), held for the whole run.
 //! - adapter: A `[r, in]`, B `[out, r]` and their gradients, f32:
 //!   `2 · 4 · Σ r·(in + out)`.
 //! - optimizer: AdamW's two moments of A and B, f32: the same again.
@@ -91,7 +97,8 @@
 
 use crate::adapter::LoraConfig;
 use crate::model::config::ModelConfig;
-use crate::model::{Proj, module_path};
+use crate::model::{BaseWeights, Proj, module_path};
+use crate::quant::nf4::{BLOCKSIZE, NESTED_BLOCKSIZE};
 use anyhow::{Result, bail};
 use std::fmt;
 
@@ -196,6 +203,15 @@ impl fmt::Display for Phase {
     }
 }
 
+/// Device bytes of one NF4 weight of `numel` values in bitsandbytes' layout
+/// (blocks of 64; double quantization in groups of 256 blocks), as the GPU
+/// backend holds it (`backend::nf4_device_bytes` of the real tensor).
+pub fn nf4_weight_bytes(numel: u64, double_quant: bool) -> u64 {
+    let blocks = numel.div_ceil(BLOCKSIZE as u64);
+    let scales = if double_quant { blocks + 4 * blocks.div_ceil(NESTED_BLOCKSIZE as u64) + 4 * 256 } else { 4 * blocks };
+    numel.div_ceil(2) + scales + 4 * 16
+}
+
 /// The shape-independent facts of a model + adapter, enough to re-plan.
 #[derive(Debug, Clone, PartialEq)]
 struct Model {
@@ -207,8 +223,14 @@ struct Model {
     kvd: u64,
     intermediate: u64,
     vocab: u64,
-    /// Elements of every frozen tensor (weights, biases, norms).
+    /// Elements of every frozen tensor held dense (weights, biases, norms;
+    /// all of them unless the projections are NF4).
     weight_elems: u64,
+    /// Bytes of the NF4 projections (0 when dense).
+    nf4_bytes: u64,
+    /// Elements of the NF4 dequantization scratch: the largest projection
+    /// (0 when dense).
+    nf4_scratch_elems: u64,
     /// Σ r over the adapted projections of each layer.
     rank_sum: Vec<u64>,
     /// Σ r·(in + out): the elements of every A and B.
@@ -216,7 +238,7 @@ struct Model {
 }
 
 impl Model {
-    fn new(cfg: &ModelConfig, modules: &[AdaptedModule]) -> Model {
+    fn new(cfg: &ModelConfig, modules: &[AdaptedModule], base: BaseWeights) -> Model {
         let h = cfg.hidden as u64;
         let v = cfg.vocab as u64;
         let mut rank_sum = vec![0u64; cfg.n_layers];
@@ -236,9 +258,25 @@ impl Model {
             intermediate: cfg.intermediate as u64,
             vocab: v,
             weight_elems: cfg.n_params() as u64,
+            nf4_bytes: 0,
+            nf4_scratch_elems: 0,
             rank_sum,
             adapter_elems: modules.iter().map(|m| (m.r * (m.in_f + m.out_f)) as u64).sum(),
         }
+        .with_base(cfg, base)
+    }
+
+    /// Move the projections from dense to NF4 when `base` says so.
+    fn with_base(mut self, cfg: &ModelConfig, base: BaseWeights) -> Model {
+        let BaseWeights::Nf4 { double_quant } = base else { return self };
+        for p in Proj::ALL {
+            let (in_f, out_f) = p.dims(cfg);
+            let numel = (in_f * out_f) as u64;
+            self.weight_elems -= numel * cfg.n_layers as u64;
+            self.nf4_bytes += nf4_weight_bytes(numel, double_quant) * cfg.n_layers as u64;
+            self.nf4_scratch_elems = self.nf4_scratch_elems.max(numel);
+        }
+        self
     }
 
     /// The activation peak and where it happens (see the module docs).
@@ -319,7 +357,13 @@ pub struct MemoryPlan {
 /// Plan a run of the model described by `cfg` with adapters on `modules`
 /// (see [`adapted_modules`]).
 pub fn plan(cfg: &ModelConfig, modules: &[AdaptedModule], shape: &RunShape) -> MemoryPlan {
-    plan_model(Model::new(cfg, modules), *shape)
+    plan_model(Model::new(cfg, modules, BaseWeights::AsStored), *shape)
+}
+
+/// [`plan`] of a model whose projections are held as `base` says (NF4 for
+/// QLoRA).
+pub fn plan_as(cfg: &ModelConfig, modules: &[AdaptedModule], shape: &RunShape, base: BaseWeights) -> MemoryPlan {
+    plan_model(Model::new(cfg, modules, base), *shape)
 }
 
 /// [`adapted_modules`] + [`plan`].
@@ -327,8 +371,13 @@ pub fn plan_lora(cfg: &ModelConfig, lc: &LoraConfig, shape: &RunShape) -> Result
     Ok(plan(cfg, &adapted_modules(cfg, lc)?, shape))
 }
 
+/// [`adapted_modules`] + [`plan_as`].
+pub fn plan_lora_as(cfg: &ModelConfig, lc: &LoraConfig, shape: &RunShape, base: BaseWeights) -> Result<MemoryPlan> {
+    Ok(plan_as(cfg, &adapted_modules(cfg, lc)?, shape, base))
+}
+
 fn plan_model(model: Model, shape: RunShape) -> MemoryPlan {
-    let weights = model.weight_elems * shape.weight_bytes as u64;
+    let weights = (model.weight_elems + model.nf4_scratch_elems) * shape.weight_bytes as u64 + model.nf4_bytes;
     let adapter = 2 * 4 * model.adapter_elems;
     let optimizer = 2 * 4 * model.adapter_elems;
     let workspace = 4 * (model.head_dim / 2) + shape.reserve_bytes;
@@ -465,7 +514,19 @@ impl fmt::Display for MemoryPlan {
             s.weight_bytes
         )?;
         let rows = [
-            ("weights", self.weights, String::new()),
+            (
+                "weights",
+                self.weights,
+                if self.model.nf4_bytes > 0 {
+                    format!(
+                        "NF4 projections {} + dequantization scratch {} + the rest dense",
+                        human(self.model.nf4_bytes),
+                        human(self.model.nf4_scratch_elems * s.weight_bytes as u64)
+                    )
+                } else {
+                    String::new()
+                },
+            ),
             ("adapter", self.adapter, "LoRA A, B + gradients, f32".to_string()),
             ("optimizer", self.optimizer, "AdamW moments, f32".to_string()),
             ("activations", self.activations_peak, format!("peak: {}", self.peak_at)),
@@ -511,6 +572,31 @@ mod tests {
         assert!(c.activations_peak < a.activations_peak / 4);
         assert!(matches!(a.peak_at, Phase::Backward { layer: 31 } | Phase::HeadLoss), "{}", a.peak_at);
         assert!(a.to_string().contains("total"));
+    }
+
+    #[test]
+    fn qlora_holds_the_projections_in_nf4_and_llama3_8b_fits_in_10_gb() {
+        let cfg = llama8b();
+        let lc = LoraConfig::new(16, 32.0, Targets::AllLinear);
+        let shape = RunShape { gradient_checkpointing: true, ..RunShape::bf16(1, 2048) };
+        let dense = plan_lora(&cfg, &lc, &shape).unwrap();
+        let q = plan_lora_as(&cfg, &lc, &shape, BaseWeights::Nf4 { double_quant: true }).unwrap();
+        // Per layer the seven projections: 4096·(4096 + 1024·2 + 4096) + 3·4096·14336 values.
+        let proj_per_layer = 4096 * (4096 + 2 * 1024 + 4096) + 3 * 4096 * 14336u64;
+        let nf4: u64 = [4096 * 4096, 1024 * 4096, 1024 * 4096, 4096 * 4096, 14336 * 4096, 14336 * 4096, 4096 * 14336]
+            .iter()
+            .map(|&n| nf4_weight_bytes(n, true))
+            .sum();
+        let rest = cfg.n_params() as u64 - 32 * proj_per_layer;
+        assert_eq!(q.weights, 2 * rest + 32 * nf4 + 2 * 14336 * 4096);
+        // 0.5 byte per value plus ~1/64 byte of scales.
+        assert!(nf4 as f64 / (proj_per_layer as f64) < 0.52);
+        assert_eq!(q.activations_peak, dense.activations_peak);
+        assert!(q.total < 10_000_000_000, "{q}");
+        assert!(q.to_string().contains("NF4 projections"), "{q}");
+        // Without double quantization the scales are f32: 1/16 byte per value.
+        assert_eq!(nf4_weight_bytes(64 * 256, false), 8192 + 4 * 256 + 64);
+        assert_eq!(nf4_weight_bytes(64 * 256, true), 8192 + 256 + 4 + 1024 + 64);
     }
 
     #[test]

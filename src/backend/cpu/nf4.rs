@@ -43,7 +43,7 @@ impl Nf4Weight {
             for (j, o) in chunk.iter_mut().enumerate() {
                 let i = first + j;
                 let byte = self.packed[i / 2];
-                let nib = if i % 2 == 0 { byte >> 4 } else { byte & 0x0f };
+                let nib = if i.is_multiple_of(2) { byte >> 4 } else { byte & 0x0f };
                 *o = self.code[nib as usize] * self.absmax[i / bs];
             }
         });
@@ -100,7 +100,7 @@ mod tests {
         let mut out = vec![0f32; 135];
         w.dequantize_into(&mut out);
         for (i, &o) in out.iter().enumerate() {
-            let code = ((i * 7 + 3) % 16) as usize;
+            let code = (i * 7 + 3) % 16;
             assert_eq!(o.to_bits(), (NF4_CODE[code] * (0.5 + (i / 64) as f32 * 0.25)).to_bits(), "element {i}");
         }
         assert_eq!(out, t.dequantize());

@@ -136,7 +136,8 @@ pub struct CudaBackend {
     /// product, grown to the largest NF4 weight loaded. Every use is queued
     /// on the one stream, so a product has read it before the next
     /// expansion overwrites it.
-    nf4_scratch: Mutex<Option<CudaSlice<bf16>>>,
+    /// Boxed: the backend stays small to move around.
+    nf4_scratch: Mutex<Option<Box<CudaSlice<bf16>>>>,
 }
 
 /// A GEMM operand: device pointer, storage type, row-major shape.
@@ -471,7 +472,7 @@ impl Backend for CudaBackend {
             let s = self.stream.alloc_zeros::<bf16>(t.numel().max(1)).map_err(|e| {
                 anyhow::anyhow!("allocating the NF4 dequantization scratch ({} bf16) failed: {e:?}", t.numel())
             })?;
-            *scratch = Some(s);
+            *scratch = Some(Box::new(s));
         }
         Ok(CudaWeight::Nf4(Box::new(w)))
     }

@@ -124,3 +124,12 @@ pub fn dense_bf16_peak_tflops(name: &str) -> Option<f64> {
     ];
     table.iter().find(|(k, _)| n.contains(k)).map(|(_, v)| *v)
 }
+
+/// Peak HBM bandwidth in TB/s for GPUs we know (SPECS: performance
+/// accounting), for the share of bandwidth a memory-bound kernel reaches.
+/// None for unknown ones.
+pub fn hbm_bandwidth_tb_s(name: &str) -> Option<f64> {
+    let n = name.to_ascii_lowercase();
+    let table: &[(&str, f64)] = &[("h200", 4.8), ("gh200", 4.0), ("h100", 3.35), ("a100", 2.0), ("a800", 2.0), ("rtx 4090", 1.0)];
+    table.iter().find(|(k, _)| n.contains(k)).map(|(_, v)| *v)
+}
