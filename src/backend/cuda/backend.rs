@@ -480,10 +480,14 @@ impl Backend for CudaBackend {
         let n = self.weight_len(w);
         let host = match w {
             CudaWeight::Bf16(s) => self.stream.clone_dtoh(s),
-            CudaWeight::Nf4(_) => self.with_weight_operand(w, |_| {
-                let guard = self.nf4_scratch.lock().unwrap_or_else(|e| e.into_inner());
-                self.stream.clone_dtoh(&guard.as_ref().expect("NF4 scratch").slice(0..n))
-            }),
+            CudaWeight::Nf4(q) => {
+                // One lock for the expansion and the read (the scratch lock
+                // is not reentrant).
+                let mut guard = self.nf4_scratch.lock().unwrap_or_else(|e| e.into_inner());
+                let scratch = guard.as_mut().expect("the NF4 scratch is allocated with the first NF4 weight");
+                self.dequantize_nf4_into(q, scratch);
+                self.stream.clone_dtoh(&scratch.slice(0..n))
+            }
         };
         host.expect("CUDA download").into_iter().take(n).map(|x| x.to_f32()).collect()
     }
