@@ -86,7 +86,7 @@ impl TrainOnEos {
 
 /// Role names as datasets spell them (ShareGPT's human/gpt) mapped to the
 /// names chat templates expect.
-fn normalise_role(role: &str) -> Option<&'static str> {
+pub(crate) fn normalise_role(role: &str) -> Option<&'static str> {
     Some(match role {
         "user" | "human" => "user",
         "assistant" | "gpt" => "assistant",
@@ -172,16 +172,16 @@ impl Format<'_> {
     }
 }
 
-type Obj = serde_json::Map<String, Value>;
+pub(crate) type Obj = serde_json::Map<String, Value>;
 
 use super::pretokenized::kind;
 
-fn keys(obj: &Obj) -> Vec<&str> {
+pub(crate) fn keys(obj: &Obj) -> Vec<&str> {
     obj.keys().map(String::as_str).collect()
 }
 
 /// A required string field.
-fn string<'a>(obj: &'a Obj, field: &str, what: &str, loc: &str) -> Result<&'a str> {
+pub(crate) fn string<'a>(obj: &'a Obj, field: &str, what: &str, loc: &str) -> Result<&'a str> {
     match obj.get(field) {
         Some(Value::String(s)) => Ok(s),
         None => bail!("{loc}: missing \"{field}\" ({what}); found keys {:?}", keys(obj)),
@@ -190,7 +190,7 @@ fn string<'a>(obj: &'a Obj, field: &str, what: &str, loc: &str) -> Result<&'a st
 }
 
 /// An optional string field (absent or null: None).
-fn opt_string<'a>(obj: &'a Obj, field: &str, loc: &str) -> Result<Option<&'a str>> {
+pub(crate) fn opt_string<'a>(obj: &'a Obj, field: &str, loc: &str) -> Result<Option<&'a str>> {
     match obj.get(field) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s)),

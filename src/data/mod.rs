@@ -4,10 +4,12 @@
 //! templates rendered as transformers renders them) and `tokenizer` (the
 //! tokenizer with the run's special-token overrides), then `prepare` (files
 //! -> parallel tokenization -> label masking -> length policy -> `cache` ->
-//! merged order -> validation split).
+//! merged order -> validation split). `preference` reads the DPO-family,
+//! KTO and reward-model datasets into prompt and completion ids.
 pub mod cache;
 pub mod chat_template;
 pub mod formats;
+pub mod preference;
 pub mod prepare;
 pub mod pretokenized;
 pub mod tokenizer;

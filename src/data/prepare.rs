@@ -470,7 +470,7 @@ fn tokenize_files(
 
 /// The rows of a .json file: a list, or an object holding the list under
 /// `field`. Rows of a top-level list are located by line.
-fn json_rows(text: &str, name: &str, field: Option<&str>) -> Result<Vec<(String, Value)>> {
+pub(crate) fn json_rows(text: &str, name: &str, field: Option<&str>) -> Result<Vec<(String, Value)>> {
     let start = text.len() - text.trim_start().len();
     if text[start..].starts_with('[') && field.is_none() {
         return list_rows(text, start, name);
