@@ -4,14 +4,16 @@
 
 mod common;
 
-use common::fixture;
+use common::{CASES, fixture, python_with};
 use ferrotune::backend::{DType, to_f32};
 use ferrotune::quant::bnb::{self, QuantizationConfig, RawTensor};
+use ferrotune::quant::convert::{QuantizeOptions, quantize_checkpoint};
 use ferrotune::quant::nf4::{self, Absmax, Nf4Tensor};
 use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
 fn nf4_dir() -> PathBuf {
     fixture("nf4")
@@ -245,4 +247,210 @@ fn bad_checkpoints_name_the_tensor() {
     cfg["quantization_config"]["quant_method"] = "gptq".into();
     let e = QuantizationConfig::from_config(&cfg, "m/config.json").unwrap_err().to_string();
     assert!(e.contains("quant_method") && e.contains("gptq"), "{e}");
+}
+
+// ---------------------------------------------------------------- ferrotune quantize
+
+fn run_cli(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_ferrotune")).args(args).output().unwrap()
+}
+
+#[test]
+fn cli_output_is_the_checkpoint_transformers_writes() {
+    let tmp = tempfile::tempdir().unwrap();
+    for case in ["llama", "qwen2"] {
+        let model = fixture(case).join("model");
+        let out = tmp.path().join(case);
+        let o = run_cli(&["quantize", "--model", model.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+        assert!(o.status.success(), "{case}: {}", String::from_utf8_lossy(&o.stderr));
+        assert!(String::from_utf8_lossy(&o.stderr).contains("quantized 14 of"), "{}", String::from_utf8_lossy(&o.stderr));
+
+        let reference = nf4_dir().join(format!("bnb_{case}"));
+        let ours = StFile::open(&out.join("model.safetensors")).all();
+        let theirs = StFile::open(&reference.join("model.safetensors")).all();
+        assert_eq!(ours.keys().collect::<Vec<_>>(), theirs.keys().collect::<Vec<_>>(), "{case}: tensor names");
+        for (name, t) in &theirs {
+            assert!(ours[name] == *t, "{case}: {name}: dtype/shape/bytes differ from transformers'");
+        }
+        // The same layout too: the whole file is byte for byte transformers' file.
+        assert!(
+            std::fs::read(out.join("model.safetensors")).unwrap() == std::fs::read(reference.join("model.safetensors")).unwrap(),
+            "{case}: model.safetensors differs from transformers' file"
+        );
+
+        // config.json: the input's keys unchanged, plus transformers' quantization_config.
+        let cfg = read_json(&out.join("config.json"));
+        let input = read_json(&model.join("config.json"));
+        for (k, v) in input.as_object().unwrap() {
+            assert_eq!(&cfg[k], v, "{case}: config.json {k}");
+        }
+        assert_eq!(cfg["quantization_config"], read_json(&reference.join("config.json"))["quantization_config"], "{case}");
+        for f in ["tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
+            assert_eq!(std::fs::read(out.join(f)).unwrap(), std::fs::read(model.join(f)).unwrap(), "{case}: {f}");
+        }
+    }
+}
+
+/// Every quantized module of an output directory, read back.
+fn read_modules(dir: &Path) -> BTreeMap<String, Nf4Tensor> {
+    let files: Vec<StFile> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .map(|p| StFile::open(&p))
+        .collect();
+    let get = |n: &str| -> anyhow::Result<RawTensor<'_>> {
+        files.iter().find_map(|f| f.get(n).ok()).ok_or_else(|| anyhow::anyhow!("tensor {n} is missing"))
+    };
+    let mut out = BTreeMap::new();
+    for f in &files {
+        for name in f.st().names() {
+            if let Some(prefix) = name.strip_suffix(&format!(".weight.{}", bnb::QUANT_STATE_KEY)) {
+                out.insert(prefix.to_string(), bnb::read_nf4(get, prefix).unwrap());
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn without_double_quant_and_sharded_every_module_reads_back() {
+    // llama3: bf16, three input shards, tied embeddings; written in shards of ~20 KB.
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixture("llama3").join("model");
+    let out = tmp.path().join("q");
+    let opts = QuantizeOptions { double_quant: false, max_shard_bytes: 20_000 };
+    let mut calls = 0;
+    let s = quantize_checkpoint(&model, &out, &opts, &mut |_, _| calls += 1).unwrap();
+    assert!(s.shards > 1, "{s:?}");
+    assert_eq!(calls, s.tensors);
+    assert_eq!(s.compute_dtype, DType::BF16);
+    let index = read_json(&out.join("model.safetensors.index.json"));
+    let files: std::collections::BTreeSet<&str> = index["weight_map"].as_object().unwrap().values().map(|v| v.as_str().unwrap()).collect();
+    assert_eq!(files.len(), s.shards);
+
+    let modules = read_modules(&out);
+    let want = quantize_fixture_weights_with("llama3", false);
+    assert_eq!(modules.len(), want.len());
+    assert_eq!(s.quantized, want.len());
+    for (prefix, q, _) in &want {
+        assert_eq!(&modules[prefix], q, "{prefix}");
+        assert!(matches!(q.absmax, Absmax::Plain(_)));
+    }
+    let cfg = read_json(&out.join("config.json"));
+    assert_eq!(cfg["quantization_config"]["bnb_4bit_use_double_quant"], false);
+    assert_eq!(cfg["quantization_config"]["bnb_4bit_compute_dtype"], "bfloat16");
+}
+
+fn quantize_fixture_weights_with(case: &str, dq: bool) -> Vec<(String, Nf4Tensor, DType)> {
+    let dir = fixture(case).join("model");
+    let files: Vec<StFile> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .map(|p| StFile::open(&p))
+        .collect();
+    let mut out = Vec::new();
+    for f in &files {
+        for (name, (dt, shape, bytes)) in f.all() {
+            if bnb::is_quantized(&name, &shape, &[]) {
+                let d = float_dtype(dt);
+                out.push((name.strip_suffix(".weight").unwrap().to_string(), nf4::quantize(&to_f32(d, &bytes), [shape[0], shape[1]], dq), d));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn quantize_refuses_bad_inputs_with_one_clear_message() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixture("llama").join("model");
+    let m = model.to_str().unwrap();
+    let err = |args: &[&str]| {
+        let o = run_cli(args);
+        assert!(!o.status.success(), "{args:?} succeeded");
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    // An output that holds something.
+    let busy = tmp.path().join("busy");
+    std::fs::create_dir(&busy).unwrap();
+    std::fs::write(busy.join("keep.txt"), "x").unwrap();
+    let e = err(&["quantize", "--model", m, "--out", busy.to_str().unwrap()]);
+    assert!(e.contains("busy") && e.contains("not an empty directory"), "{e}");
+    assert!(busy.join("keep.txt").is_file());
+    // The input itself.
+    let e = err(&["quantize", "--model", m, "--out", m]);
+    assert!(e.contains("model's own directory"), "{e}");
+    // An already quantized model.
+    let bnb_dir = nf4_dir().join("bnb_llama");
+    let e = err(&["quantize", "--model", bnb_dir.to_str().unwrap(), "--out", tmp.path().join("again").to_str().unwrap()]);
+    assert!(e.contains("already quantized") && e.contains("config.json"), "{e}");
+    // A missing model.
+    let e = err(&["quantize", "--model", tmp.path().join("nowhere").to_str().unwrap(), "--out", tmp.path().join("x").to_str().unwrap()]);
+    assert!(e.contains("nowhere"), "{e}");
+    // Nothing half-written is left behind.
+    let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(left, vec![std::ffi::OsString::from("busy")], "{left:?}");
+}
+
+/// transformers loads `ferrotune quantize`'s output and computes the loss it
+/// computes on the model it quantized itself (same bytes, so exactly the same
+/// loss), for every fixture (bf16, f16, f32; single and sharded checkpoints);
+/// and the tensors it would save for its own model are ours, byte for byte.
+#[test]
+fn transformers_loads_the_quantized_checkpoint() {
+    let Some(python) = python_with(&["torch", "transformers", "bitsandbytes"]) else {
+        eprintln!("skipped: no Python with torch, transformers and bitsandbytes (set FERROTUNE_PYTHON)");
+        return;
+    };
+    const SCRIPT: &str = r#"
+import glob, json, sys, torch
+torch.set_num_threads(1)
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+model_dir, ours_dir, ref_path = sys.argv[1:4]
+ref = load_file(ref_path)
+batch = dict(input_ids=ref["input_ids"], attention_mask=ref["attention_mask"], labels=ref["labels"])
+cfg = json.load(open(model_dir + "/config.json"))
+dtype = getattr(torch, cfg.get("dtype") or cfg.get("torch_dtype"))
+q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+with torch.no_grad():
+    theirs = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=q, device_map="cpu", dtype=dtype).eval()
+    ours = AutoModelForCausalLM.from_pretrained(ours_dir, device_map="cpu").eval()
+    kind = type(ours.model.layers[0].self_attn.q_proj).__name__
+    loss_theirs = theirs(**batch).loss.item()
+    loss_ours = ours(**batch).loss.item()
+    # The tensors transformers would save for its own model, against our files.
+    saved = {}
+    for f in glob.glob(ours_dir + "/*.safetensors"):
+        saved.update(load_file(f))
+    sd = dict(theirs.state_dict())
+    if theirs.config.tie_word_embeddings:
+        sd.pop("lm_head.weight")  # tied: save_pretrained leaves it out
+    differ = sorted(k for k in sd if k not in saved or sd[k].dtype != saved[k].dtype or sd[k].shape != saved[k].shape
+                    or not torch.equal(sd[k].contiguous().view(torch.uint8), saved[k].contiguous().view(torch.uint8)))
+    extra = sorted(set(saved) - set(sd))
+print(json.dumps(dict(theirs=loss_theirs, ours=loss_ours, linear=kind, tensors=len(sd), differ=differ, extra=extra)))
+"#;
+    let tmp = tempfile::tempdir().unwrap();
+    for case in CASES {
+        let out = tmp.path().join(case);
+        quantize_checkpoint(&fixture(case).join("model"), &out, &QuantizeOptions::default(), &mut |_, _| {}).unwrap();
+        let dir = fixture(case);
+        let o = Command::new(&python)
+            .args(["-c", SCRIPT])
+            .args([dir.join("model"), out.clone(), dir.join("reference.safetensors")])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{case}: {}", String::from_utf8_lossy(&o.stderr));
+        let line = String::from_utf8_lossy(&o.stdout);
+        let v: Value = serde_json::from_str(line.lines().last().unwrap()).unwrap();
+        eprintln!("{case}: transformers loss on ferrotune's NF4 checkpoint {} vs its own {} ({})", v["ours"], v["theirs"], v["linear"]);
+        assert_eq!(v["linear"], "Linear4bit", "{case}");
+        assert_eq!(v["differ"], serde_json::json!([]), "{case}: tensors that differ from transformers' state dict");
+        assert_eq!(v["extra"], serde_json::json!([]), "{case}: tensors transformers would not save");
+        assert!(v["tensors"].as_u64().unwrap() > 50, "{case}: {}", v["tensors"]);
+        assert_eq!(v["ours"].as_f64().unwrap(), v["theirs"].as_f64().unwrap(), "{case}");
+    }
 }

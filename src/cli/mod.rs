@@ -5,6 +5,7 @@ mod eval;
 mod generate;
 mod merge;
 mod models;
+mod quantize;
 mod synth;
 mod train;
 
@@ -36,6 +37,8 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Write a random-weight checkpoint of a supported family (for benchmarks).
     Synth(synth::SynthArgs),
+    /// Quantize a model's decoder-layer weights to NF4 (bitsandbytes' 4-bit format, for QLoRA).
+    Quantize(quantize::QuantizeArgs),
 }
 
 /// Which backend runs the model.
@@ -96,5 +99,6 @@ pub fn run() -> Result<()> {
         Command::Synth(a) => synth::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Merge(a) => merge::run(a),
+        Command::Quantize(a) => quantize::run(a),
     }
 }

@@ -1,4 +1,6 @@
-//! Quantized base weights: NF4 as bitsandbytes stores it (`nf4`), and the
-//! checkpoint layout of bitsandbytes' 4-bit models (`bnb`).
+//! Quantized base weights: NF4 as bitsandbytes stores it (`nf4`), the
+//! checkpoint layout of bitsandbytes' 4-bit models (`bnb`), and the
+//! conversion of a whole checkpoint to that layout (`convert`).
 pub mod bnb;
+pub mod convert;
 pub mod nf4;

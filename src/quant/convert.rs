@@ -1,0 +1,525 @@
+//! Quantize a bf16/f16/f32 HuggingFace checkpoint to bitsandbytes' NF4
+//! layout, writing what transformers writes after loading the model with
+//! `BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+//! bnb_4bit_use_double_quant=..., bnb_4bit_compute_dtype=<its dtype>)` and
+//! `save_pretrained`: the same tensors, bytes and file layout, and
+//! config.json with its `quantization_config`.
+//!
+//! The checkpoint is streamed from its memory-mapped files a chunk at a time,
+//! releasing the pages behind; a weight is read twice when double
+//! quantization is on (its mean absmax goes into the file header, which is
+//! written first), so memory stays near one quantized tensor.
+
+use super::bnb::{self, QUANT_STATE_KEY, QuantState, QuantizationConfig};
+use super::nf4::{self, Absmax, BLOCKSIZE, NF4_CODE};
+use crate::backend::{DType, to_f32};
+use anyhow::{Context, Result, bail};
+use memmap2::Mmap;
+use safetensors::tensor::{Metadata, TensorInfo};
+use safetensors::{Dtype, SafeTensors};
+use serde_json::Value;
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+/// transformers' conventional shard size (5 GB).
+pub const DEFAULT_MAX_SHARD_BYTES: u64 = 5_000_000_000;
+/// Elements converted to f32 at a time (a multiple of the block size and even).
+const CHUNK_ELEMS: usize = 1 << 20;
+/// Bytes copied at a time for tensors that pass through unchanged.
+const COPY_BYTES: usize = 16 << 20;
+/// Files besides the weights that make the output a complete model directory.
+const SIDE_FILES: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.json",
+];
+
+#[derive(Debug, Clone)]
+pub struct QuantizeOptions {
+    /// bnb_4bit_use_double_quant (the default): the block absmaxes are
+    /// themselves quantized to 8 bits.
+    pub double_quant: bool,
+    /// Largest weight file before the checkpoint is split into shards.
+    pub max_shard_bytes: u64,
+}
+
+impl Default for QuantizeOptions {
+    fn default() -> Self {
+        QuantizeOptions { double_quant: true, max_shard_bytes: DEFAULT_MAX_SHARD_BYTES }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct QuantizeSummary {
+    /// Tensors of the input checkpoint.
+    pub tensors: usize,
+    /// Of which quantized to NF4.
+    pub quantized: usize,
+    /// Weight files written.
+    pub shards: usize,
+    /// Bytes of tensor data read and written.
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    /// bnb_4bit_compute_dtype written to config.json.
+    pub compute_dtype: DType,
+}
+
+fn float_dtype(d: Dtype) -> Option<DType> {
+    match d {
+        Dtype::F32 => Some(DType::F32),
+        Dtype::F16 => Some(DType::F16),
+        Dtype::BF16 => Some(DType::BF16),
+        _ => None,
+    }
+}
+
+// ---------------------------------------------------------------- input
+
+struct SrcTensor {
+    name: String,
+    dtype: Dtype,
+    shape: Vec<usize>,
+    file: usize,
+    start: usize,
+    end: usize,
+}
+
+/// The input weight files, memory-mapped, tensors in file then offset order.
+struct Source {
+    files: Vec<(PathBuf, Mmap)>,
+    tensors: Vec<SrcTensor>,
+}
+
+impl Source {
+    fn open(dir: &Path) -> Result<Source> {
+        let mut src = Source { files: Vec::new(), tensors: Vec::new() };
+        let mut seen: HashMap<String, PathBuf> = HashMap::new();
+        for path in crate::model::checkpoint::weight_files(dir)? {
+            let file = File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
+            // SAFETY: read-only input; a checkpoint rewritten while it is being quantized is not supported.
+            let map = unsafe { Mmap::map(&file) }.with_context(|| format!("cannot memory-map {}", path.display()))?;
+            let (header_len, meta) = SafeTensors::read_metadata(&map)
+                .map_err(|e| anyhow::anyhow!("{} is not a valid safetensors file: {e}", path.display()))?;
+            let mut here: Vec<SrcTensor> = meta
+                .tensors()
+                .into_iter()
+                .map(|(name, info)| SrcTensor {
+                    name,
+                    dtype: info.dtype,
+                    shape: info.shape.clone(),
+                    file: src.files.len(),
+                    start: 8 + header_len + info.data_offsets.0,
+                    end: 8 + header_len + info.data_offsets.1,
+                })
+                .collect();
+            here.sort_by_key(|t| t.start);
+            for t in &here {
+                if t.end > map.len() {
+                    bail!("{}: tensor {} lies outside the file", path.display(), t.name);
+                }
+                if let Some(other) = seen.insert(t.name.clone(), path.clone()) {
+                    bail!("{}: tensor {} is also in {}", path.display(), t.name, other.display());
+                }
+            }
+            src.tensors.extend(here);
+            src.files.push((path, map));
+        }
+        Ok(src)
+    }
+
+    fn bytes(&self, t: &SrcTensor) -> &[u8] {
+        &self.files[t.file].1[t.start..t.end]
+    }
+
+    /// Drop the mapped pages of part of a tensor already consumed.
+    fn release(&self, t: &SrcTensor, offset: usize, len: usize) {
+        #[cfg(unix)]
+        {
+            use memmap2::UncheckedAdvice;
+            // SAFETY: the map is read-only; released pages are re-read from the file if touched.
+            unsafe {
+                let _ = self.files[t.file].1.unchecked_advise_range(UncheckedAdvice::DontNeed, t.start + offset, len);
+            }
+        }
+    }
+
+    /// Call `f` on the tensor's values as f32, CHUNK_ELEMS at a time.
+    fn for_each_chunk(&self, t: &SrcTensor, dtype: DType, mut f: impl FnMut(&[f32])) {
+        let chunk_bytes = CHUNK_ELEMS * dtype.size();
+        for (i, chunk) in self.bytes(t).chunks(chunk_bytes).enumerate() {
+            f(&to_f32(dtype, chunk));
+            self.release(t, i * chunk_bytes, chunk.len());
+        }
+    }
+
+    /// The stored absmax of every block of a weight.
+    fn block_absmax(&self, t: &SrcTensor, dtype: DType) -> Vec<f32> {
+        let mut absmax = Vec::new();
+        self.for_each_chunk(t, dtype, |w| nf4::push_block_absmax(w, BLOCKSIZE, &mut absmax));
+        absmax
+    }
+
+    /// Packed codes and stored absmax of a weight, in one pass.
+    fn quantize(&self, t: &SrcTensor, dtype: DType) -> (Vec<u8>, Vec<f32>) {
+        let numel: usize = t.shape.iter().product();
+        let mut absmax = Vec::with_capacity(numel.div_ceil(BLOCKSIZE));
+        let mut packed = Vec::with_capacity(numel.div_ceil(2));
+        self.for_each_chunk(t, dtype, |w| {
+            let first = absmax.len();
+            nf4::push_block_absmax(w, BLOCKSIZE, &mut absmax);
+            nf4::push_packed_codes(w, &absmax[first..], BLOCKSIZE, &NF4_CODE, &mut packed);
+        });
+        (packed, absmax)
+    }
+}
+
+// ---------------------------------------------------------------- output plan
+
+/// What an output tensor holds.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Part {
+    /// An input tensor copied unchanged.
+    Copy,
+    Packed,
+    Absmax,
+    QuantMap,
+    NestedAbsmax,
+    NestedMap,
+    State,
+}
+
+struct OutTensor {
+    name: String,
+    dtype: Dtype,
+    shape: Vec<usize>,
+    /// Index of the input tensor it comes from.
+    src: usize,
+    part: Part,
+}
+
+impl OutTensor {
+    fn nbytes(&self) -> usize {
+        self.shape.iter().product::<usize>() * self.dtype.bitsize() / 8
+    }
+}
+
+/// Per quantized weight, what the header needs before any data is written.
+struct Module {
+    dtype: DType,
+    state: QuantState,
+    /// With double quantization: the nested absmax (an F32 tensor written
+    /// before the weight's own bytes).
+    nested_absmax: Vec<f32>,
+}
+
+/// The output tensors of one quantized weight, in transformers' state-dict order.
+fn module_outputs(src: usize, t: &SrcTensor, m: &Module) -> Vec<OutTensor> {
+    let numel: usize = t.shape.iter().product();
+    let blocks = numel.div_ceil(BLOCKSIZE);
+    let name = |s: &str| format!("{}{s}", t.name);
+    let out = |s: &str, dtype, shape: Vec<usize>, part| OutTensor { name: name(s), dtype, shape, src, part };
+    let json_len = m.state.to_json().len();
+    let mut v = vec![out("", Dtype::U8, vec![numel.div_ceil(2), 1], Part::Packed)];
+    if m.state.nested.is_some() {
+        v.push(out(".absmax", Dtype::U8, vec![blocks], Part::Absmax));
+        v.push(out(".quant_map", Dtype::F32, vec![16], Part::QuantMap));
+        v.push(out(".nested_absmax", Dtype::F32, vec![m.nested_absmax.len()], Part::NestedAbsmax));
+        v.push(out(".nested_quant_map", Dtype::F32, vec![256], Part::NestedMap));
+    } else {
+        v.push(out(".absmax", Dtype::F32, vec![blocks], Part::Absmax));
+        v.push(out(".quant_map", Dtype::F32, vec![16], Part::QuantMap));
+    }
+    v.push(out(&format!(".{QUANT_STATE_KEY}"), Dtype::U8, vec![json_len], Part::State));
+    v
+}
+
+/// Groups of output tensors (one group per input tensor) into shards, in
+/// input order, starting a new shard when the next group would pass `max`.
+fn plan_shards(groups: Vec<Vec<OutTensor>>, max: u64) -> Vec<Vec<OutTensor>> {
+    let mut shards: Vec<Vec<OutTensor>> = vec![Vec::new()];
+    let mut size = 0u64;
+    for g in groups {
+        let n: u64 = g.iter().map(|t| t.nbytes() as u64).sum();
+        if size > 0 && size + n > max {
+            shards.push(Vec::new());
+            size = 0;
+        }
+        size += n;
+        shards.last_mut().expect("one shard at least").extend(g);
+    }
+    shards
+}
+
+fn shard_name(i: usize, n: usize) -> String {
+    if n == 1 { "model.safetensors".into() } else { format!("model-{:05}-of-{:05}.safetensors", i + 1, n) }
+}
+
+fn f32_bytes(xs: &[f32]) -> Vec<u8> {
+    xs.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// Write one safetensors file with the layout the safetensors library gives
+/// (tensors by dtype, widest first, then by name; header padded to 8 bytes),
+/// producing each tensor's bytes only when its turn comes.
+fn write_shard(
+    path: &Path,
+    src: &Source,
+    modules: &HashMap<usize, Module>,
+    mut tensors: Vec<OutTensor>,
+    progress: &mut dyn FnMut(),
+) -> Result<u64> {
+    tensors.sort_by(|x, y| y.dtype.cmp(&x.dtype).then_with(|| x.name.cmp(&y.name)));
+    let mut offset = 0;
+    let infos: Vec<(String, TensorInfo)> = tensors
+        .iter()
+        .map(|t| {
+            let n = t.nbytes();
+            let info = TensorInfo { dtype: t.dtype, shape: t.shape.clone(), data_offsets: (offset, offset + n) };
+            offset += n;
+            (t.name.clone(), info)
+        })
+        .collect();
+    let meta = Metadata::new(Some(HashMap::from([("format".to_string(), "pt".to_string())])), infos)
+        .map_err(|e| anyhow::anyhow!("{}: cannot build the safetensors header: {e}", path.display()))?;
+    let mut header = serde_json::to_vec(&meta)?;
+    header.resize(header.len().next_multiple_of(8), b' ');
+
+    let file = File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    let mut w = BufWriter::with_capacity(8 << 20, file);
+    let io = |e: std::io::Error| anyhow::anyhow!("cannot write {}: {e}", path.display());
+    w.write_all(&(header.len() as u64).to_le_bytes()).map_err(io)?;
+    w.write_all(&header).map_err(io)?;
+    // The absmax codes of the weight just packed (its next tensor in the file).
+    let mut last_codes: Option<(usize, Vec<u8>)> = None;
+    let nested_codes = |absmax: &[f32]| match nf4::double_quantize(absmax) {
+        Absmax::Nested { codes, .. } => codes,
+        Absmax::Plain(_) => unreachable!("double_quantize nests"),
+    };
+    for t in &tensors {
+        let s = &src.tensors[t.src];
+        let m = modules.get(&t.src);
+        let data: Vec<u8> = match (t.part, m) {
+            (Part::Copy, _) => {
+                let bytes = src.bytes(s);
+                for (i, block) in bytes.chunks(COPY_BYTES).enumerate() {
+                    w.write_all(block).map_err(io)?;
+                    src.release(s, i * COPY_BYTES, block.len());
+                }
+                progress();
+                continue;
+            }
+            (Part::Packed, Some(m)) => {
+                let (packed, absmax) = src.quantize(s, m.dtype);
+                if m.state.nested.is_some() {
+                    last_codes = Some((t.src, nested_codes(&absmax)));
+                }
+                progress();
+                packed
+            }
+            (Part::Absmax, Some(m)) => {
+                if m.state.nested.is_some() {
+                    match last_codes.take() {
+                        Some((i, codes)) if i == t.src => codes,
+                        _ => nested_codes(&src.block_absmax(s, m.dtype)),
+                    }
+                } else {
+                    f32_bytes(&src.block_absmax(s, m.dtype))
+                }
+            }
+            (Part::QuantMap, Some(_)) => f32_bytes(&NF4_CODE),
+            (Part::NestedAbsmax, Some(m)) => f32_bytes(&m.nested_absmax),
+            (Part::NestedMap, Some(_)) => f32_bytes(&nf4::dynamic_map_signed()),
+            (Part::State, Some(m)) => m.state.to_json().into_bytes(),
+            (part, None) => unreachable!("{part:?} of {} planned without its module", t.name),
+        };
+        debug_assert_eq!(data.len(), t.nbytes(), "{}", t.name);
+        w.write_all(&data).map_err(io)?;
+    }
+    let file = w.into_inner().map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+    file.sync_all().with_context(|| format!("cannot sync {}", path.display()))?;
+    Ok(offset as u64)
+}
+
+// ---------------------------------------------------------------- directories
+
+/// `p` made absolute (its parent must exist).
+fn absolute(p: &Path) -> Result<PathBuf> {
+    if p.exists() {
+        return p.canonicalize().with_context(|| format!("cannot resolve {}", p.display()));
+    }
+    let parent = match p.parent() {
+        Some(x) if !x.as_os_str().is_empty() => x.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = p.file_name().with_context(|| format!("--out {} has no directory name", p.display()))?;
+    let parent = parent
+        .canonicalize()
+        .with_context(|| format!("cannot write {}: its parent directory {} does not exist", p.display(), parent.display()))?;
+    Ok(parent.join(name))
+}
+
+/// The output must be new (or an empty directory), and not the input.
+fn check_out(model_dir: &Path, out: &Path) -> Result<PathBuf> {
+    let out_abs = absolute(out)?;
+    if out_abs == absolute(model_dir)? {
+        bail!("--out {} is the model's own directory; write the quantized model to a new directory", out.display());
+    }
+    if out_abs.exists() {
+        let empty = out_abs.is_dir()
+            && std::fs::read_dir(&out_abs).with_context(|| format!("cannot list {}", out.display()))?.next().is_none();
+        if !empty {
+            bail!("--out {} already exists and is not an empty directory; choose a new output directory", out.display());
+        }
+    }
+    Ok(out_abs)
+}
+
+/// config.json with quantization_config added, as transformers writes it
+/// (keys sorted, two-space indent).
+fn write_config(config: &Value, qc: &QuantizationConfig, path: &Path) -> Result<()> {
+    let mut v = config.clone();
+    v.as_object_mut().expect("checked to be an object").insert("quantization_config".into(), qc.to_json());
+    let mut text = serde_json::to_string_pretty(&v)?;
+    text.push('\n');
+    crate::util::atomic_write(path, text.as_bytes())
+}
+
+/// Tokenizer, generation config and chat templates, when present.
+fn copy_side_files(model_dir: &Path, tmp: &Path) -> Result<()> {
+    let mut names: Vec<String> = SIDE_FILES.iter().map(|s| s.to_string()).collect();
+    for e in std::fs::read_dir(model_dir).with_context(|| format!("cannot list {}", model_dir.display()))? {
+        let name = e?.file_name().to_string_lossy().into_owned();
+        if name.ends_with(".jinja") {
+            names.push(name);
+        }
+    }
+    for name in names {
+        let from = model_dir.join(&name);
+        if from.is_file() {
+            let data = std::fs::read(&from).with_context(|| format!("cannot read {}", from.display()))?;
+            crate::util::atomic_write(&tmp.join(&name), &data)?;
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------- quantize
+
+/// Quantize the checkpoint in `model_dir` into `out_dir` (which must not
+/// exist, or be empty). `progress(done, total)` is called as input tensors
+/// are written.
+pub fn quantize_checkpoint(
+    model_dir: &Path,
+    out_dir: &Path,
+    opts: &QuantizeOptions,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<QuantizeSummary> {
+    let out = check_out(model_dir, out_dir)?;
+    // The registry check first: an unknown architecture stops here.
+    crate::model::checkpoint::read_config(model_dir)?;
+    let config_path = model_dir.join("config.json");
+    let config: Value = serde_json::from_slice(
+        &std::fs::read(&config_path).with_context(|| format!("cannot read {}", config_path.display()))?,
+    )
+    .with_context(|| format!("{} is not valid JSON", config_path.display()))?;
+    if !config.is_object() {
+        bail!("{}: expected a JSON object", config_path.display());
+    }
+    if config.get("quantization_config").is_some_and(|q| !q.is_null()) {
+        bail!(
+            "{}: the model is already quantized (it has a quantization_config); quantize the original bf16/f16/f32 checkpoint",
+            config_path.display()
+        );
+    }
+
+    let src = Source::open(model_dir)?;
+    let mut modules: HashMap<usize, Module> = HashMap::new();
+    for (i, t) in src.tensors.iter().enumerate() {
+        if !bnb::is_quantized(&t.name, &t.shape, &[]) {
+            continue;
+        }
+        let Some(dtype) = float_dtype(t.dtype) else {
+            bail!("{}: tensor {} has dtype {:?}; ferrotune quantizes F32, F16 and BF16 weights", src.files[t.file].0.display(), t.name, t.dtype);
+        };
+        let shape = [t.shape[0], t.shape[1]];
+        // With double quantization the header needs the mean absmax (in the
+        // quant state JSON) and the F32 nested absmax comes first in the file.
+        let (nested, nested_absmax) = if opts.double_quant {
+            match nf4::double_quantize(&src.block_absmax(t, dtype)) {
+                Absmax::Nested { nested_absmax, offset, nested_blocksize, .. } => (Some((nested_blocksize, offset)), nested_absmax),
+                Absmax::Plain(_) => unreachable!("double_quantize nests"),
+            }
+        } else {
+            (None, Vec::new())
+        };
+        let state = QuantState { blocksize: BLOCKSIZE, dtype, shape, nested };
+        modules.insert(i, Module { dtype, state, nested_absmax });
+    }
+    if modules.is_empty() {
+        bail!("{}: no decoder-layer Linear weights (model.layers.<i>.*.weight, 2-D) found to quantize", model_dir.display());
+    }
+    let first = src.tensors.iter().enumerate().find_map(|(i, _)| modules.get(&i)).expect("non-empty");
+    let compute_dtype = first.dtype;
+
+    let groups: Vec<Vec<OutTensor>> = src
+        .tensors
+        .iter()
+        .enumerate()
+        .map(|(i, t)| match modules.get(&i) {
+            Some(m) => module_outputs(i, t, m),
+            None => vec![OutTensor { name: t.name.clone(), dtype: t.dtype, shape: t.shape.clone(), src: i, part: Part::Copy }],
+        })
+        .collect();
+    let total = src.tensors.len();
+    let quantized = modules.len();
+    let bytes_in: u64 = src.tensors.iter().map(|t| (t.end - t.start) as u64).sum();
+    let shards = plan_shards(groups, opts.max_shard_bytes.max(1));
+    let n_shards = shards.len();
+
+    let name = out.file_name().expect("absolute() keeps the name").to_string_lossy().into_owned();
+    let tmp = out.with_file_name(format!(".{name}.quantizing-{}", std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).with_context(|| format!("cannot remove the stale {}", tmp.display()))?;
+    }
+    std::fs::create_dir(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    let result = (|| -> Result<QuantizeSummary> {
+        let mut done = 0;
+        let mut bytes_out = 0;
+        let mut weight_map = BTreeMap::new();
+        for (i, shard) in shards.into_iter().enumerate() {
+            let file = shard_name(i, n_shards);
+            for t in &shard {
+                weight_map.insert(t.name.clone(), file.clone());
+            }
+            bytes_out += write_shard(&tmp.join(&file), &src, &modules, shard, &mut || {
+                done += 1;
+                progress(done, total);
+            })?;
+        }
+        if n_shards > 1 {
+            let index = serde_json::json!({"metadata": {"total_size": bytes_out}, "weight_map": weight_map});
+            let mut text = serde_json::to_string_pretty(&index)?;
+            text.push('\n');
+            crate::util::atomic_write(&tmp.join("model.safetensors.index.json"), text.as_bytes())?;
+        }
+        write_config(&config, &QuantizationConfig::nf4(opts.double_quant, compute_dtype), &tmp.join("config.json"))?;
+        copy_side_files(model_dir, &tmp)?;
+        if out.exists() {
+            std::fs::remove_dir(&out).with_context(|| format!("cannot replace the empty {}", out.display()))?;
+        }
+        std::fs::rename(&tmp, &out).with_context(|| format!("cannot rename {} to {}", tmp.display(), out.display()))?;
+        Ok(QuantizeSummary { tensors: total, quantized, shards: n_shards, bytes_in, bytes_out, compute_dtype })
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    result
+}
