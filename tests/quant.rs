@@ -56,6 +56,24 @@ fn dynamic_map_is_bitsandbytes_create_dynamic_map() {
 }
 
 #[test]
+fn double_quant_offset_is_torchs_mean() {
+    // torch's cascade sum folds partial sums in levels that only vectors of
+    // thousands of values reach (the last past 131072); the fixture cases are
+    // shorter. The vector is the generator's formula, in the same f32 operations.
+    let bytes = std::fs::read(nf4_dir().join("cases.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let lengths_max = 150_001;
+    let input: Vec<f32> = (0..lengths_max).map(|i| ((i * 7919 % 10007) as f32 / 10007.0) * 0.3).collect();
+    let want = f32s(st.tensor("mean_output").unwrap().data());
+    let lengths: Vec<usize> =
+        st.tensor("mean_lengths").unwrap().data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as usize).collect();
+    assert_eq!(lengths.last(), Some(&input.len()));
+    for (&n, &m) in lengths.iter().zip(&want) {
+        assert_eq!(nf4::torch_mean(&input[..n]).to_bits(), m.to_bits(), "mean of the first {n} values");
+    }
+}
+
+#[test]
 fn quantize_is_byte_identical_to_bitsandbytes() {
     let bytes = std::fs::read(nf4_dir().join("cases.safetensors")).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();

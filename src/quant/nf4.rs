@@ -169,7 +169,10 @@ pub fn push_packed_codes(w: &[f32], absmax: &[f32], blocksize: usize, code: &[f3
 /// Quantize a row-major [rows, cols] weight (f32 values converted exactly
 /// from the checkpoint's bf16/f16/f32) as bitsandbytes'
 /// `quantize_4bit(w, blocksize=64, quant_type="nf4",
-/// compress_statistics=double_quant)` does on its CPU backend.
+/// compress_statistics=double_quant)` does on its CPU backend. With double
+/// quantization, weights of 32768 blocks (2,097,152 values) or more match
+/// torch running its mean on one thread (see `torch_mean`); with more threads
+/// torch's offset, and so the nested statistics, can differ in the last bit.
 pub fn quantize(w: &[f32], shape: [usize; 2], double_quant: bool) -> Nf4Tensor {
     assert_eq!(w.len(), shape[0] * shape[1], "quantize: {} values for shape {shape:?}", w.len());
     let mut absmax = Vec::with_capacity(w.len().div_ceil(BLOCKSIZE));
