@@ -309,3 +309,69 @@ fn files_are_read_row_by_row_with_their_line_numbers() {
     assert!(e.contains(&format!("{}:3: \"chosen\" must be a string or a list of messages, found a number", json_path.display())), "{e}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The whole chain on the model: pairs through `train::preference` (chosen
+/// and rejected in one batch, the reference from the same model with its
+/// adapter off, per-token weights from dL/dlogp) give the LoRA gradients
+/// torch autograd gives through TRL's loss on transformers + PEFT (float64
+/// there, f32 here: 1e-4 relative).
+#[test]
+fn pair_objectives_give_the_lora_gradients_of_trl() {
+    use ferrotune::adapter::peft;
+    use ferrotune::backend::Backend;
+    use ferrotune::backend::cpu::CpuBackend;
+    use ferrotune::data::preference::PreferencePair;
+    use ferrotune::model::Model;
+    use ferrotune::model::checkpoint::Checkpoint;
+    use ferrotune::model::graph::BackwardOpts;
+    use ferrotune::model::module_path;
+    use ferrotune::train::preference::pair_forward_backward;
+
+    let doc = read_json("objectives.json");
+    let pairs: Vec<PreferencePair> = doc["pairs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| PreferencePair { prompt: ids(&p["prompt"]), chosen: ids(&p["chosen_ids"]), rejected: ids(&p["rejected_ids"]) })
+        .collect();
+    let refs: Vec<&PreferencePair> = pairs.iter().collect();
+    let bytes = std::fs::read(fixtures().join("preference/grads.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let be = CpuBackend::new();
+    let opts = BackwardOpts { grad_scale: 0.0, gradient_checkpointing: false, dropout_seed: None };
+    let mut checked = 0;
+    for (name, v) in doc["variants"].as_object().unwrap() {
+        let kind = v["kind"].as_str().unwrap();
+        if kind == "kto" || kind == "reward" {
+            continue; // not pairwise log-prob objectives
+        }
+        let obj = objective(kind, &v["config"]);
+        let mut model = Model::load(&be, &Checkpoint::open(&fixtures().join("llama/model")).unwrap()).unwrap();
+        peft::load(&be, &mut model, &fixtures().join("preference/adapter")).unwrap();
+        model.zero_grad(&be);
+        let (loss, _) = pair_forward_backward(&be, &mut model, &obj, &refs, 1.0, opts).unwrap();
+        let want_loss = f(&v["loss"]);
+        assert!((loss.loss - want_loss).abs() <= 1e-5 * want_loss.abs().max(1e-3), "{name}: loss {} vs TRL {want_loss}", loss.loss);
+        let mut worst = 0f64;
+        for (li, p, l) in model.loras() {
+            let module = module_path(&model.cfg, li, p);
+            for (which, g) in [("lora_A", &l.grad_a), ("lora_B", &l.grad_b)] {
+                let key = format!("{name}.base_model.model.{module}.{which}.weight");
+                let t = st.tensor(&key).unwrap_or_else(|_| panic!("{key} missing from the fixture"));
+                let want: Vec<f32> = t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+                let got = be.download(g);
+                let (mut num, mut den) = (0f64, 0f64);
+                for (a, b) in got.iter().zip(&want) {
+                    num += ((a - b) as f64).powi(2);
+                    den += (*b as f64).powi(2);
+                }
+                let rel = (num / den.max(1e-30)).sqrt();
+                worst = worst.max(rel);
+                assert!(rel <= 1e-4, "{name}: {key} gradient differs from TRL's by {rel:.2e} (relative)");
+            }
+        }
+        eprintln!("{name}: loss {:.8} (TRL {want_loss:.8}), worst LoRA gradient rel err {worst:.2e}", loss.loss);
+        checked += 1;
+    }
+    assert_eq!(checked, 10, "every pairwise variant is checked");
+}

@@ -4,11 +4,11 @@ use super::{Opened, open_device};
 use crate::adapter::{LoraConfig, peft};
 use crate::backend::Backend;
 use crate::config::{self, ResumeFrom, RunConfig};
-use crate::data::prepare;
+use crate::data::{pairs, prepare};
 use crate::model::{BaseWeights, Model};
 use crate::model::checkpoint::{self, Checkpoint};
 use crate::train::memory::{self, RunShape};
-use crate::train::trainer::{self, Run};
+use crate::train::trainer::{self, Examples, Run};
 use crate::util::rng::Rng;
 use anyhow::{Context, Result};
 use clap::Args;
@@ -106,9 +106,18 @@ fn train_on<B: Backend>(be: &B, cfg: &RunConfig, gpu: Option<GpuMemory>) -> Resu
 
     // The data before the weights: a bad row should not cost a model load.
     let tokenizer_dir = cfg.tokenizer_config.as_ref().map(PathBuf::from).unwrap_or_else(|| model_dir.clone());
-    let data = prepare::prepare(cfg, &tokenizer_dir, ckpt.config.vocab)?;
-    eprint!("{data}");
-    eprintln!("{} training / {} validation examples", data.train.len(), data.val.len());
+    let (train, val) = if cfg.rl.is_some() {
+        let data = pairs::prepare_pairs(cfg, &tokenizer_dir, ckpt.config.vocab)?;
+        for line in &data.report {
+            eprintln!("dataset {line}");
+        }
+        (Examples::Pairs(data.train), Examples::Pairs(data.val))
+    } else {
+        let data = prepare::prepare(cfg, &tokenizer_dir, ckpt.config.vocab)?;
+        eprint!("{data}");
+        (Examples::Sequences(data.train), Examples::Sequences(data.val))
+    };
+    eprintln!("{} training / {} validation examples", train.len(), val.len());
 
     let lora: LoraConfig = match &cfg.lora_model_dir {
         Some(dir) => {
@@ -156,8 +165,8 @@ fn train_on<B: Backend>(be: &B, cfg: &RunConfig, gpu: Option<GpuMemory>) -> Resu
         cfg,
         model,
         lora,
-        train: data.train,
-        val: data.val,
+        train,
+        val,
         output_dir: output_dir.clone(),
         resume,
         after_first_step,

@@ -69,7 +69,7 @@ const FROM_CHECKPOINT: &str =
     "the architecture and tokenizer are read from the checkpoint's config.json and tokenizer files";
 const MEMORY: &str = "ferrotune plans GPU memory itself and refuses, before the first step, a run that will not fit";
 const PACKING: &str = "sample packing is computed exactly from the tokenized rows";
-const RL_ONLY: &str = "only used with rl, and preference training is not implemented yet";
+const RL_ONLY: &str = "only used by the rl objectives ferrotune does not implement yet (KTO, GRPO)";
 const EVAL_EXTRAS: &str = "evaluation reports the loss only";
 
 /// Real Axolotl top-level keys that have no effect in ferrotune.
@@ -210,13 +210,7 @@ pub(crate) const IGNORED_TOP: &[(&str, &str)] = &[
     ("save_first_step", "checkpoints follow save_steps or saves_per_epoch"),
     ("save_only_model", "checkpoints always hold what an exact resume needs"),
     ("auto_resume_from_checkpoints", "resuming is explicit: set resume_from_checkpoint: true"),
-    ("rl_beta", RL_ONLY),
-    ("dpo_loss_type", RL_ONLY),
-    ("dpo_label_smoothing", RL_ONLY),
     ("dpo_use_weighting", RL_ONLY),
-    ("orpo_alpha", RL_ONLY),
-    ("simpo_gamma", RL_ONLY),
-    ("cpo_alpha", RL_ONLY),
     ("kto_desirable_weight", RL_ONLY),
     ("kto_undesirable_weight", RL_ONLY),
     ("max_prompt_len", RL_ONLY),
@@ -252,7 +246,7 @@ const fn unsupported(key: &'static str, when: When, planned: bool, what: &'stati
 /// Axolotl top-level keys ferrotune cannot honour: ignoring them would
 /// silently change the run.
 pub(crate) const UNSUPPORTED_TOP: &[Unsupported] = &[
-    unsupported("rl", When::Set, true, "preference training (DPO, IPO, ORPO, KTO, SimPO, GRPO) is not implemented", "remove rl to run supervised fine-tuning"),
+    unsupported("rl", When::NotOneOf(&["dpo", "ipo", "orpo", "simpo"]), true, "KTO and GRPO are not implemented (DPO, IPO, ORPO and SimPO are)", "use rl: dpo, ipo, orpo or simpo, or remove rl to run supervised fine-tuning"),
     unsupported("reward_model", When::True, true, "reward-model training is not implemented", "remove reward_model"),
     unsupported("process_reward_model", When::True, true, "reward-model training is not implemented", "remove process_reward_model"),
     unsupported("adapter", When::NotOneOf(&["lora", "qlora"]), true, "only LoRA and QLoRA adapters are trained (the other adapter types are not implemented)", "use adapter: lora, or adapter: qlora with load_in_4bit: true"),

@@ -188,6 +188,20 @@ pub struct RunConfig {
     pub output_dir: String,
     pub resume_from_checkpoint: Option<ResumeFrom>,
 
+    /// Preference training instead of SFT: dpo, ipo, orpo or simpo.
+    pub rl: Option<String>,
+    /// β of DPO/IPO and SimPO (TRL's default 0.1).
+    pub rl_beta: Option<f64>,
+    /// DPO's loss: sigmoid (default), ipo, hinge or robust.
+    pub dpo_loss_type: Option<String>,
+    pub dpo_label_smoothing: f64,
+    /// ORPO's λ (TRL's beta; default 0.1).
+    pub orpo_alpha: Option<f64>,
+    /// SimPO's target margin γ (default 0.5).
+    pub simpo_gamma: Option<f64>,
+    /// SimPO/CPO: weight of the chosen completion's NLL (0 = pure SimPO).
+    pub cpo_alpha: Option<f64>,
+
     /// ferrotune: cpu, cuda, cuda:N or auto (the `--device` flag overrides).
     pub device: String,
 }
@@ -245,12 +259,48 @@ impl Default for RunConfig {
             seed: 42,
             output_dir: "./outputs".into(),
             resume_from_checkpoint: None,
+            rl: None,
+            rl_beta: None,
+            dpo_loss_type: None,
+            dpo_label_smoothing: 0.0,
+            orpo_alpha: None,
+            simpo_gamma: None,
+            cpo_alpha: None,
             device: "auto".into(),
         }
     }
 }
 
 impl RunConfig {
+    /// The preference objective `rl` asks for, with Axolotl's mapping of its
+    /// keys onto TRL's: ipo is DPO with loss_type ipo, simpo is CPO with
+    /// loss_type simpo, orpo_alpha is ORPO's β. None: supervised fine-tuning.
+    pub fn objective(&self) -> Result<Option<crate::train::objectives::Objective>> {
+        use crate::train::objectives::{CpoConfig, DpoConfig, DpoLoss, Objective, OrpoConfig};
+        let Some(rl) = self.rl.as_deref() else { return Ok(None) };
+        let beta = self.rl_beta.unwrap_or(0.1);
+        Ok(Some(match rl {
+            "dpo" | "ipo" => {
+                let loss_type = match (rl, self.dpo_loss_type.as_deref()) {
+                    ("ipo", _) => DpoLoss::Ipo,
+                    (_, Some(t)) => DpoLoss::parse(t)?,
+                    (_, None) => DpoLoss::Sigmoid,
+                };
+                Objective::Dpo(DpoConfig { loss_type, beta, label_smoothing: self.dpo_label_smoothing })
+            }
+            "orpo" => Objective::Orpo(OrpoConfig { beta: self.orpo_alpha.unwrap_or(0.1) }),
+            "simpo" => {
+                let mut c = CpoConfig::simpo();
+                c.beta = beta;
+                c.label_smoothing = self.dpo_label_smoothing;
+                c.simpo_gamma = self.simpo_gamma.unwrap_or(c.simpo_gamma);
+                c.cpo_alpha = self.cpo_alpha.unwrap_or(0.0);
+                Objective::Cpo(c)
+            }
+            other => anyhow::bail!("rl: {other} is not supported (use dpo, ipo, orpo or simpo)"),
+        }))
+    }
+
     /// The checks `load` runs, for a RunConfig built in code.
     pub fn validate(&self) -> Result<()> {
         validate::validate(self, &source::Locator::none())

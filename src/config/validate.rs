@@ -68,7 +68,7 @@ pub(crate) fn validate(c: &RunConfig, loc: &Locator) -> Result<()> {
     check!(!c.datasets.is_empty(), loc, "datasets", "is empty: list at least one dataset (path, and type unless the rows are pre-tokenized)");
     for (list, entries) in [("datasets", &c.datasets), ("test_datasets", &c.test_datasets)] {
         for (i, d) in entries.iter().enumerate() {
-            validate_dataset(d, &format!("{list}.{i}"), loc)?;
+            validate_dataset(d, c.rl.is_some(), &format!("{list}.{i}"), loc)?;
         }
     }
     if c.chat_template.as_deref() == Some("jinja") {
@@ -161,7 +161,7 @@ fn valid_device(s: &str) -> bool {
     matches!(s, "cpu" | "cuda" | "auto") || s.strip_prefix("cuda:").is_some_and(|n| n.parse::<usize>().is_ok())
 }
 
-fn validate_dataset(d: &DatasetConfig, at: &str, loc: &Locator) -> Result<()> {
+fn validate_dataset(d: &DatasetConfig, rl: bool, at: &str, loc: &Locator) -> Result<()> {
     let key = |k: &str| format!("{at}.{k}");
     check!(!d.path.trim().is_empty(), loc, &key("path"), "is required: the .jsonl or .json file (or directory) to read");
     if let Some(kind) = d.kind.as_deref() {
@@ -173,11 +173,21 @@ fn validate_dataset(d: &DatasetConfig, at: &str, loc: &Locator) -> Result<()> {
              field_messages: conversations and message_property_mappings: {{role: from, content: value}}"
         );
         let preference = ["chatml.", "llama3.", "chat_template."].iter().any(|p| kind.starts_with(p)) || kind == "kto";
+        if rl {
+            check!(
+                crate::data::preference::FORMAT_NAMES.contains(&kind),
+                loc,
+                &key("type"),
+                "with rl, must be one of {} or absent for {{prompt, chosen, rejected}} rows (got {kind})",
+                crate::data::preference::FORMAT_NAMES.join(", ")
+            );
+            return Ok(());
+        }
         check!(
             !preference,
             loc,
             &key("type"),
-            "{kind} is a preference dataset type, and preference training (rl) is not supported yet"
+            "{kind} is a preference dataset type: set rl (dpo, ipo, orpo or simpo) to train on it"
         );
         check!(
             DATASET_TYPES.contains(&kind),

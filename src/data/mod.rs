@@ -8,6 +8,7 @@
 //! KTO and reward-model datasets into prompt and completion ids.
 pub mod cache;
 pub mod chat_template;
+pub mod pairs;
 pub mod formats;
 pub mod preference;
 pub mod prepare;

@@ -9,6 +9,7 @@ pub mod memory;
 pub mod objectives;
 pub mod optimizer;
 pub mod plan;
+pub mod preference;
 pub mod progress;
 pub mod schedule;
 pub mod trainer;

@@ -13,16 +13,16 @@ pub const METRICS_FILE: &str = "metrics.jsonl";
 
 /// Appends records to metrics.jsonl, flushing each so a killed run keeps
 /// everything it logged.
-pub struct Metrics {
+pub struct MetricsLog {
     path: PathBuf,
     file: std::fs::File,
 }
 
-impl Metrics {
+impl MetricsLog {
     /// A fresh run starts an empty file; a resumed one keeps the records up
     /// to the checkpoint's step and drops the ones the interrupted run wrote
     /// after it (they are about to be recomputed).
-    pub fn open(output_dir: &Path, resumed_at: Option<usize>) -> Result<Metrics> {
+    pub fn open(output_dir: &Path, resumed_at: Option<usize>) -> Result<MetricsLog> {
         let path = output_dir.join(METRICS_FILE);
         let kept = match resumed_at {
             Some(step) => std::fs::read_to_string(&path)
@@ -43,7 +43,7 @@ impl Metrics {
             .append(true)
             .open(&path)
             .with_context(|| format!("cannot open {}", path.display()))?;
-        Ok(Metrics { path, file })
+        Ok(MetricsLog { path, file })
     }
 
     pub fn write(&mut self, record: &Value) -> Result<()> {

@@ -3,13 +3,16 @@
 //! AdamW, the schedule, logging, evaluation and checkpoints.
 
 use super::checkpoint::{self, TrainState};
+use super::objectives::{Metrics, Objective};
 use super::optimizer::Optimizer;
+use super::preference;
 use super::plan::{DataPlan, MicroBatch};
-use super::progress::{Metrics, Progress};
+use super::progress::{MetricsLog, Progress};
 use super::schedule::{Kind, Schedule};
 use crate::adapter::{LoraConfig, peft};
 use crate::backend::Backend;
 use crate::config::RunConfig;
+use crate::data::preference::PreferencePair;
 use crate::model::Model;
 use crate::model::batch::{Batch, Sequence};
 use crate::model::graph::{BackwardOpts, LossSum};
@@ -17,6 +20,35 @@ use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
+
+/// What a run trains on.
+pub enum Examples {
+    /// Token sequences with labels (SFT).
+    Sequences(Vec<Sequence>),
+    /// Preference pairs (rl): a prompt with a chosen and a rejected completion.
+    Pairs(Vec<PreferencePair>),
+}
+
+impl Examples {
+    pub fn len(&self) -> usize {
+        match self {
+            Examples::Sequences(s) => s.len(),
+            Examples::Pairs(p) => p.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Tokens each example puts through the model (a pair: both sequences).
+    fn lengths(&self) -> Vec<usize> {
+        match self {
+            Examples::Sequences(s) => s.iter().map(|s| s.input_ids.len()).collect(),
+            Examples::Pairs(p) => p.iter().map(|p| 2 * p.prompt.len() + p.chosen.len() + p.rejected.len()).collect(),
+        }
+    }
+}
 
 /// Everything a run needs, prepared by the caller.
 pub struct Run<'a, B: Backend> {
@@ -27,8 +59,8 @@ pub struct Run<'a, B: Backend> {
     pub model: Model<B>,
     /// How the adapter is described in adapter_config.json.
     pub lora: LoraConfig,
-    pub train: Vec<Sequence>,
-    pub val: Vec<Sequence>,
+    pub train: Examples,
+    pub val: Examples,
     pub output_dir: PathBuf,
     /// Continue from this checkpoint directory.
     pub resume: Option<PathBuf>,
@@ -100,6 +132,31 @@ pub fn evaluate<B: Backend>(be: &B, model: &Model<B>, seqs: &[Sequence], rows: u
     Ok(sum)
 }
 
+/// The validation loss (and, for pairs, the objective's metrics).
+fn evaluate_examples<B: Backend>(
+    be: &B,
+    model: &Model<B>,
+    objective: Option<&Objective>,
+    val: &Examples,
+    rows: usize,
+) -> Result<(f64, Metrics)> {
+    match (val, objective) {
+        (Examples::Sequences(s), _) => Ok((evaluate(be, model, s, rows)?.mean(), Metrics::default())),
+        (Examples::Pairs(p), Some(obj)) => {
+            let mut parts = Vec::new();
+            let mut loss = 0.0;
+            for chunk in p.chunks(rows.max(1)) {
+                let refs: Vec<&PreferencePair> = chunk.iter().collect();
+                let l = preference::pair_eval(be, model, obj, &refs)?;
+                loss += l.loss * chunk.len() as f64;
+                parts.push((l.metrics, chunk.len()));
+            }
+            Ok((loss / p.len().max(1) as f64, preference::merge_metrics(&parts)))
+        }
+        (Examples::Pairs(_), None) => bail!("preference pairs need an rl objective"),
+    }
+}
+
 /// A dropout seed per (run seed, step, micro-batch): stateless, so a resumed
 /// run draws the same masks.
 fn dropout_seed(seed: u64, step: usize, micro: usize) -> u64 {
@@ -117,6 +174,8 @@ struct StepOutcome {
     tokens: usize,
     lr: f64,
     grad_norm: f64,
+    /// The objective's own metrics (preference runs), in TRL's names.
+    metrics: Metrics,
 }
 
 /// Forward/backward over the step's micro-batches, each token's gradient
@@ -162,7 +221,55 @@ fn optimizer_step<B: Backend>(
             cfg.learning_rate
         );
     }
-    Ok(StepOutcome { loss, targets, tokens, lr, grad_norm })
+    Ok(StepOutcome { loss, targets, tokens, lr, grad_norm, metrics: Metrics::default() })
+}
+
+/// One optimiser step on preference pairs: each micro-batch's gradient is
+/// scaled by its share of the step's pairs, so the step optimises the mean
+/// loss over all of them.
+#[allow(clippy::too_many_arguments)]
+fn preference_step<B: Backend>(
+    be: &B,
+    cfg: &RunConfig,
+    objective: &Objective,
+    model: &mut Model<B>,
+    opt: &mut Optimizer<B>,
+    lr: f64,
+    pairs: &[PreferencePair],
+    micro_batches: &[MicroBatch],
+    step: usize,
+) -> Result<StepOutcome> {
+    let total: usize = micro_batches.iter().map(|mb| mb.len()).sum();
+    let dropout = model.loras().any(|(_, _, l)| l.dropout > 0.0);
+    model.zero_grad(be);
+    let (mut loss, mut tokens, mut parts) = (0.0, 0, Vec::new());
+    for (mi, mb) in micro_batches.iter().enumerate() {
+        let refs: Vec<&PreferencePair> = mb.iter().map(|&i| &pairs[i]).collect();
+        let opts = BackwardOpts {
+            grad_scale: 0.0,
+            gradient_checkpointing: cfg.gradient_checkpointing,
+            dropout_seed: dropout.then(|| dropout_seed(cfg.seed, step, mi)),
+        };
+        let share = mb.len() as f64 / total as f64;
+        let (l, n) = preference::pair_forward_backward(be, model, objective, &refs, share, opts)?;
+        loss += share * l.loss;
+        tokens += n;
+        parts.push((l.metrics, mb.len()));
+    }
+    let metrics = preference::merge_metrics(&parts);
+    if !loss.is_finite() {
+        bail!(
+            "step {}: the {} loss is {loss} (logps/chosen {:.3}, logps/rejected {:.3}); training diverged. \
+             Lower learning_rate (now {}), raise rl_beta, or check that chosen and rejected differ in the data",
+            step + 1,
+            cfg.rl.as_deref().unwrap_or("preference"),
+            metrics.get("logps/chosen").unwrap_or(f64::NAN),
+            metrics.get("logps/rejected").unwrap_or(f64::NAN),
+            cfg.learning_rate
+        );
+    }
+    let grad_norm = opt.step(be, model, lr as f32);
+    Ok(StepOutcome { loss, targets: total, tokens, lr, grad_norm, metrics })
 }
 
 /// Loss and throughput between two log records (the logged loss is the
@@ -171,28 +278,37 @@ struct LogWindow {
     loss_sum: f64,
     steps: usize,
     tokens: usize,
+    /// Σ over the window's steps of each objective metric.
+    metrics: Vec<(&'static str, f64)>,
     t0: Instant,
 }
 
 impl LogWindow {
     fn new() -> LogWindow {
-        LogWindow { loss_sum: 0.0, steps: 0, tokens: 0, t0: Instant::now() }
+        LogWindow { loss_sum: 0.0, steps: 0, tokens: 0, metrics: Vec::new(), t0: Instant::now() }
     }
 
     fn add(&mut self, o: &StepOutcome) {
         if o.targets > 0 {
             self.loss_sum += o.loss;
             self.steps += 1;
+            for &(name, v) in &o.metrics.0 {
+                match self.metrics.iter_mut().find(|(n, _)| *n == name) {
+                    Some(m) => m.1 += v,
+                    None => self.metrics.push((name, v)),
+                }
+            }
         }
         self.tokens += o.tokens;
     }
 
-    /// (mean loss, tokens/s) of the window; starts the next one.
-    fn take(&mut self) -> (f64, f64) {
+    /// (mean loss, tokens/s, mean metrics) of the window; starts the next one.
+    fn take(&mut self) -> (f64, f64, Metrics) {
         let mean = if self.steps > 0 { self.loss_sum / self.steps as f64 } else { f64::NAN };
         let tps = self.tokens as f64 / self.t0.elapsed().as_secs_f64().max(1e-9);
+        let metrics = Metrics(self.metrics.iter().map(|&(n, v)| (n, v / self.steps.max(1) as f64)).collect());
         *self = LogWindow::new();
-        (mean, tps)
+        (mean, tps, metrics)
     }
 }
 
@@ -225,6 +341,48 @@ fn restore<B: Backend>(
     Ok((opt, state))
 }
 
+/// An eval record: eval_loss, and the objective's metrics prefixed "eval_"
+/// as TRL logs them.
+fn eval_record(step: usize, epoch: Option<f64>, loss: f64, m: &Metrics) -> Value {
+    let mut r = json!({"step": step, "eval_loss": loss});
+    if let Some(e) = epoch {
+        r["epoch"] = json!(e);
+    }
+    for &(name, v) in &m.0 {
+        r[format!("eval_{name}")] = json!(v);
+    }
+    r
+}
+
+/// Watches the log-probs of preference runs: when those of both chosen and
+/// rejected completions fall far below where they started, the policy is
+/// leaving the data altogether rather than preferring the chosen side.
+#[derive(Default)]
+struct CollapseWatch {
+    first: Option<(f64, f64)>,
+    warned: bool,
+}
+
+impl CollapseWatch {
+    fn check(&mut self, m: &Metrics) -> Option<String> {
+        let (c, r) = (m.get("logps/chosen")?, m.get("logps/rejected")?);
+        let (c0, r0) = *self.first.get_or_insert((c, r));
+        // Summed log-probs are negative; "collapsing" = both at least twice
+        // as negative as at the start, and by more than 10 nats.
+        let collapsing = c < 2.0 * c0 && r < 2.0 * r0 && c < c0 - 10.0 && r < r0 - 10.0;
+        if !collapsing || self.warned {
+            return None;
+        }
+        self.warned = true;
+        Some(format!(
+            "warning: the log-probs of both chosen and rejected completions are collapsing \
+             (logps/chosen {c0:.1} -> {c:.1}, logps/rejected {r0:.1} -> {r:.1}): the model is drifting away from \
+             all the data, not just the rejected side. Usual causes: learning_rate too high, rl_beta too low, or \
+             chosen and rejected completions that are nearly the same"
+        ))
+    }
+}
+
 /// Save checkpoint-N and drop the oldest beyond save_total_limit.
 fn save_checkpoint<B: Backend>(
     be: &B,
@@ -248,11 +406,18 @@ pub fn train<B: Backend>(run: Run<'_, B>) -> Result<Summary> {
         bail!("no training examples left after preparation (all rows dropped or moved to validation)");
     }
     std::fs::create_dir_all(&output_dir).with_context(|| format!("cannot create output_dir {}", output_dir.display()))?;
+    let objective = cfg.objective()?;
+    match (&train, &objective) {
+        (Examples::Pairs(_), None) => bail!("preference pairs need rl (dpo, ipo, orpo or simpo)"),
+        (Examples::Sequences(_), Some(_)) => bail!("rl is set, so the training data must be preference pairs"),
+        _ => {}
+    }
     let plan = DataPlan {
-        lengths: train.iter().map(|s| s.input_ids.len()).collect(),
+        lengths: train.lengths(),
         micro_batch_size: cfg.micro_batch_size,
         gradient_accumulation_steps: cfg.gradient_accumulation_steps,
-        sample_packing: cfg.sample_packing,
+        // Pairs are never packed: each micro-batch holds whole pairs.
+        sample_packing: cfg.sample_packing && objective.is_none(),
         sequence_len: cfg.sequence_len,
         shuffle: cfg.shuffle_merged_datasets,
         seed: cfg.seed,
@@ -282,10 +447,11 @@ pub fn train<B: Backend>(run: Run<'_, B>) -> Result<Summary> {
 
     let eval_every = interval(cfg.eval_steps, cfg.evals_per_epoch, steps_per_epoch).filter(|_| !val.is_empty());
     let save_every = interval(cfg.save_steps, cfg.saves_per_epoch, steps_per_epoch);
-    let mut metrics = Metrics::open(&output_dir, resume.as_ref().map(|_| state.global_step))?;
+    let mut metrics = MetricsLog::open(&output_dir, resume.as_ref().map(|_| state.global_step))?;
     let progress = Progress::new(total_steps, state.global_step);
     let mut epoch_batches: (usize, Vec<MicroBatch>) = (state.epoch, plan.micro_batches(state.epoch));
     let mut window = LogWindow::new();
+    let mut collapse = CollapseWatch::default();
     let (run_t0, run_tokens0) = (Instant::now(), state.tokens_seen);
     let (mut last_loss, mut last_eval) = (None, None);
 
@@ -296,7 +462,13 @@ pub fn train<B: Backend>(run: Run<'_, B>) -> Result<Summary> {
         let n_micro = epoch_batches.1.len();
         let step_mbs = &epoch_batches.1[state.next_micro_batch..(state.next_micro_batch + cfg.gradient_accumulation_steps).min(n_micro)];
         let lr = schedule.lr(state.global_step);
-        let out = optimizer_step(be, cfg, &mut model, &mut opt, lr, &train, step_mbs, state.global_step)?;
+        let out = match (&train, &objective) {
+            (Examples::Sequences(seqs), _) => optimizer_step(be, cfg, &mut model, &mut opt, lr, seqs, step_mbs, state.global_step)?,
+            (Examples::Pairs(pairs), Some(obj)) => {
+                preference_step(be, cfg, obj, &mut model, &mut opt, lr, pairs, step_mbs, state.global_step)?
+            }
+            (Examples::Pairs(_), None) => unreachable!("checked before the loop"),
+        };
         if out.targets == 0 {
             progress.line(&format!("step {}: no target tokens in this step (all labels -100); no update", state.global_step + 1));
         }
@@ -322,19 +494,30 @@ pub fn train<B: Backend>(run: Run<'_, B>) -> Result<Summary> {
         let step = state.global_step;
         let epoch_f = state.epoch as f64 + state.next_micro_batch as f64 / n_micro.max(1) as f64;
         if step.is_multiple_of(cfg.logging_steps.max(1)) || step == total_steps {
-            let (mean, tps) = window.take();
-            metrics.write(&json!({
+            let (mean, tps, extra) = window.take();
+            let mut record = json!({
                 "step": step, "epoch": epoch_f, "loss": mean, "lr": out.lr, "grad_norm": out.grad_norm,
                 "tokens_per_s": tps, "tokens": state.tokens_seen,
-            }))?;
-            progress.step(step, Some(&format!("loss {mean:.4} lr {:.2e} grad_norm {:.3} {tps:.0} tok/s", out.lr, out.grad_norm)));
+            });
+            for &(name, v) in &extra.0 {
+                record[name] = json!(v);
+            }
+            metrics.write(&record)?;
+            let mut line = format!("loss {mean:.4} lr {:.2e} grad_norm {:.3} {tps:.0} tok/s", out.lr, out.grad_norm);
+            if let (Some(acc), Some(margin)) = (extra.get("rewards/accuracies"), extra.get("rewards/margins")) {
+                line += &format!(" acc {acc:.2} margin {margin:.3}");
+            }
+            progress.step(step, Some(&line));
+            if let Some(warning) = collapse.check(&extra) {
+                progress.line(&warning);
+            }
         } else {
             progress.step(step, None);
         }
         // Evaluation and saving at the last step happen after the loop.
         if eval_every.is_some_and(|e| step.is_multiple_of(e)) && step != total_steps {
-            let ev = evaluate(be, &model, &val, cfg.micro_batch_size)?.mean();
-            metrics.write(&json!({"step": step, "epoch": epoch_f, "eval_loss": ev}))?;
+            let (ev, em) = evaluate_examples(be, &model, objective.as_ref(), &val, cfg.micro_batch_size)?;
+            metrics.write(&eval_record(step, Some(epoch_f), ev, &em))?;
             progress.line(&format!("step {step}: eval_loss {ev:.4}"));
             last_eval = Some(ev);
             window.t0 = Instant::now();
@@ -348,8 +531,8 @@ pub fn train<B: Backend>(run: Run<'_, B>) -> Result<Summary> {
     progress.finish();
 
     if !val.is_empty() {
-        let ev = evaluate(be, &model, &val, cfg.micro_batch_size)?.mean();
-        metrics.write(&json!({"step": state.global_step, "eval_loss": ev}))?;
+        let (ev, em) = evaluate_examples(be, &model, objective.as_ref(), &val, cfg.micro_batch_size)?;
+        metrics.write(&eval_record(state.global_step, None, ev, &em))?;
         eprintln!("eval_loss {ev:.4} on {} validation examples", val.len());
         last_eval = Some(ev);
     }

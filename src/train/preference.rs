@@ -1,0 +1,161 @@
+//! One micro-batch of preference pairs through the model: chosen and
+//! rejected sequences in one batch ([chosen₁..chosen_k, rejected₁..rejected_k]),
+//! the reference log-probs from the same model with its adapter switched
+//! off, the objective evaluated on the summed log-probs (`objectives`), and
+//! the backward with each token weighted by its sequence's dL/dlogp
+//! (`TokenWeights::FromLosses`: the layers run forward once).
+
+use super::objectives::{Metrics, NllSum, Objective, PairLogps, PairLoss, SeqLogps};
+use crate::backend::Backend;
+use crate::data::preference::PreferencePair;
+use crate::model::Model;
+use crate::model::batch::{Batch, Sequence};
+use crate::model::graph::{BackwardOpts, TokenWeights};
+use anyhow::Result;
+
+/// Where one sequence sits in the batch: its first token and its length,
+/// and where its completion starts (the prompt's length).
+#[derive(Debug, Clone, Copy)]
+struct Span {
+    offset: usize,
+    prompt: usize,
+    len: usize,
+}
+
+impl Span {
+    /// Token positions whose target is a completion token.
+    fn completion(self) -> std::ops::Range<usize> {
+        self.offset + self.prompt.max(1) - 1..self.offset + self.len - 1
+    }
+
+    /// Every position with a target (all tokens but the first predicted).
+    fn whole(self) -> std::ops::Range<usize> {
+        self.offset..self.offset + self.len - 1
+    }
+}
+
+/// A micro-batch of pairs laid out as one batch.
+pub struct PairBatch {
+    pub batch: Batch,
+    /// chosen spans then rejected spans.
+    spans: Vec<Span>,
+    k: usize,
+}
+
+/// Build the batch. The chosen sequences are labelled in full when the
+/// objective's NLL covers the prompt too (ORPO); otherwise prompts are -100.
+pub fn pair_batch(pairs: &[&PreferencePair], vocab: usize, whole_chosen: bool) -> Result<PairBatch> {
+    let mut seqs: Vec<Sequence> = Vec::with_capacity(2 * pairs.len());
+    let mut spans = Vec::with_capacity(2 * pairs.len());
+    let mut offset = 0;
+    for side in 0..2 {
+        for p in pairs {
+            let [chosen, rejected] = p.sequences();
+            let mut s = if side == 0 { chosen } else { rejected };
+            if side == 0 && whole_chosen {
+                s = Sequence::unmasked(s.input_ids);
+            }
+            spans.push(Span { offset, prompt: p.prompt.len(), len: s.input_ids.len() });
+            offset += s.input_ids.len();
+            seqs.push(s);
+        }
+    }
+    Ok(PairBatch { batch: Batch::from_sequences(&seqs, vocab)?, spans, k: pairs.len() })
+}
+
+fn sum(nll: &[f32], r: std::ops::Range<usize>) -> f64 {
+    nll[r].iter().map(|&x| x as f64).sum()
+}
+
+impl PairBatch {
+    /// The objective's view of the pairs, from per-token NLLs of the policy
+    /// and (when the objective has one) of the reference.
+    fn logps(&self, objective: &Objective, policy: &[f32], reference: Option<&[f32]>) -> Vec<PairLogps> {
+        let seq = |span: Span| {
+            let r = span.completion();
+            SeqLogps { policy: -sum(policy, r.clone()), reference: reference.map_or(0.0, |rf| -sum(rf, r.clone())), tokens: r.len() }
+        };
+        (0..self.k)
+            .map(|i| {
+                let (c, r) = (self.spans[i], self.spans[self.k + i]);
+                let chosen_nll = objective.needs_nll().then(|| {
+                    let range = if matches!(objective, Objective::Orpo(_)) { c.whole() } else { c.completion() };
+                    NllSum { sum: sum(policy, range.clone()), tokens: range.len() }
+                });
+                PairLogps { chosen: seq(c), rejected: seq(r), chosen_nll }
+            })
+            .collect()
+    }
+
+    /// Per-token weights: each completion token gets −scale·dL/dlogp of its
+    /// sequence; the NLL term's tokens add scale·dL/dNLL.
+    fn weights(&self, objective: &Objective, loss: &PairLoss, n: usize, scale: f64) -> Vec<f32> {
+        let mut w = vec![0f64; n];
+        for (i, g) in loss.grads.iter().enumerate() {
+            let (c, r) = (self.spans[i], self.spans[self.k + i]);
+            for t in c.completion() {
+                w[t] -= scale * g.chosen;
+            }
+            for t in r.completion() {
+                w[t] -= scale * g.rejected;
+            }
+            if g.chosen_nll != 0.0 {
+                let range = if matches!(objective, Objective::Orpo(_)) { c.whole() } else { c.completion() };
+                for t in range {
+                    w[t] += scale * g.chosen_nll;
+                }
+            }
+        }
+        w.into_iter().map(|x| x as f32).collect()
+    }
+}
+
+/// Loss and metrics of pairs without gradients (evaluation).
+pub fn pair_eval<B: Backend>(be: &B, model: &Model<B>, objective: &Objective, pairs: &[&PreferencePair]) -> Result<PairLoss> {
+    let pb = pair_batch(pairs, model.cfg.vocab, matches!(objective, Objective::Orpo(_)))?;
+    let policy = model.token_nll(be, &pb.batch, true);
+    let reference = objective.needs_reference().then(|| model.token_nll(be, &pb.batch, false));
+    objective.pair_loss(&pb.logps(objective, &policy, reference.as_deref()))
+}
+
+/// Forward and backward of one micro-batch of pairs; LoRA gradients
+/// accumulate, scaled by `scale` (this micro-batch's share of the step's
+/// pairs, so the step's gradient is that of the mean over all its pairs).
+pub fn pair_forward_backward<B: Backend>(
+    be: &B,
+    model: &mut Model<B>,
+    objective: &Objective,
+    pairs: &[&PreferencePair],
+    scale: f64,
+    opts: BackwardOpts,
+) -> Result<(PairLoss, usize)> {
+    let pb = pair_batch(pairs, model.cfg.vocab, matches!(objective, Objective::Orpo(_)))?;
+    let reference = objective.needs_reference().then(|| model.token_nll(be, &pb.batch, false));
+    let mut result: Option<PairLoss> = None;
+    let n = pb.batch.n_tokens();
+    let mut choose = |nll: &[f32]| -> Result<Vec<f32>> {
+        let loss = objective.pair_loss(&pb.logps(objective, nll, reference.as_deref()))?;
+        let w = pb.weights(objective, &loss, n, scale);
+        result = Some(loss);
+        Ok(w)
+    };
+    model.forward_backward_weighted(be, &pb.batch, opts, TokenWeights::FromLosses(&mut choose))?;
+    let loss = result.expect("the weights were chosen");
+    Ok((loss, n))
+}
+
+/// Metrics of several micro-batches, weighted by their pairs.
+pub fn merge_metrics(parts: &[(Metrics, usize)]) -> Metrics {
+    let total: usize = parts.iter().map(|(_, n)| n).sum();
+    let Some((first, _)) = parts.first() else { return Metrics::default() };
+    Metrics(
+        first
+            .0
+            .iter()
+            .map(|&(name, _)| {
+                let v = parts.iter().map(|(m, n)| m.get(name).unwrap_or(0.0) * *n as f64).sum::<f64>() / total.max(1) as f64;
+                (name, v)
+            })
+            .collect(),
+    )
+}
