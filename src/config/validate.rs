@@ -29,6 +29,21 @@ macro_rules! check {
 }
 
 pub(crate) fn validate(c: &RunConfig, loc: &Locator) -> Result<()> {
+    if let Some(t) = c.dpo_loss_type.as_deref() {
+        check!(["sigmoid", "ipo", "hinge", "robust"].contains(&t), loc, "dpo_loss_type", "must be sigmoid, ipo, hinge or robust (got {t})");
+    }
+    check!(
+        (0.0..0.5).contains(&c.dpo_label_smoothing),
+        loc,
+        "dpo_label_smoothing",
+        "must be in [0, 0.5) (got {})",
+        c.dpo_label_smoothing
+    );
+    for (key, v) in [("rl_beta", c.rl_beta), ("orpo_alpha", c.orpo_alpha)] {
+        if let Some(v) = v {
+            check!(v > 0.0, loc, key, "must be positive (got {v})");
+        }
+    }
     check!(!c.base_model.trim().is_empty(), loc, "base_model", "must name a model directory or hub id");
     check!(
         c.adapter.as_deref().is_none_or(|a| a == "lora" || a == "qlora"),

@@ -134,6 +134,12 @@ pub fn pair_forward_backward<B: Backend>(
     let mut result: Option<PairLoss> = None;
     let n = pb.batch.n_tokens();
     let mut choose = |nll: &[f32]| -> Result<Vec<f32>> {
+        if nll.iter().any(|x| !x.is_finite()) {
+            anyhow::bail!(
+                "training diverged: the model's log-probabilities are no longer finite (NaN or infinite). \
+                 The usual causes are a learning_rate that is too high (or max_grad_norm: 0, no clipping) or an rl_beta that is too low"
+            );
+        }
         let loss = objective.pair_loss(&pb.logps(objective, nll, reference.as_deref()))?;
         let w = pb.weights(objective, &loss, n, scale);
         result = Some(loss);

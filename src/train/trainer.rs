@@ -251,7 +251,8 @@ fn preference_step<B: Backend>(
             dropout_seed: dropout.then(|| dropout_seed(cfg.seed, step, mi)),
         };
         let share = mb.len() as f64 / total as f64;
-        let (l, n) = preference::pair_forward_backward(be, model, objective, &refs, share, opts)?;
+        let (l, n) = preference::pair_forward_backward(be, model, objective, &refs, share, opts)
+            .with_context(|| format!("step {}", step + 1))?;
         loss += share * l.loss;
         tokens += n;
         parts.push((l.metrics, mb.len()));
@@ -570,3 +571,24 @@ pub fn resolve_resume(output_dir: &Path, latest: bool, path: Option<&str>) -> Re
     Ok(if latest { checkpoint::list(output_dir).pop().map(|(_, d)| d) } else { None })
 }
 
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(c: f64, r: f64) -> Metrics {
+        Metrics(vec![("logps/chosen", c), ("logps/rejected", r)])
+    }
+
+    #[test]
+    fn collapse_is_reported_once_when_both_sides_fall() {
+        let mut w = CollapseWatch::default();
+        assert_eq!(w.check(&m(-20.0, -25.0)), None);
+        // Rejected falls, chosen holds: the objective working as meant.
+        assert_eq!(w.check(&m(-19.0, -90.0)), None);
+        let warning = w.check(&m(-45.0, -80.0)).expect("both sides collapsed");
+        assert!(warning.contains("logps/chosen -20.0 -> -45.0") && warning.contains("learning_rate too high"), "{warning}");
+        assert_eq!(w.check(&m(-90.0, -120.0)), None, "said once");
+        assert_eq!(CollapseWatch::default().check(&Metrics::default()), None, "SFT runs have no log-prob metrics");
+    }
+}
