@@ -1,6 +1,9 @@
 //! PEFT-format adapters: adapter_config.json + adapter_model.safetensors,
 //! with keys "base_model.model.<module path>.lora_A.weight" [r, in] and
 //! ".lora_B.weight" [out, r], as `PeftModel.save_pretrained` writes them.
+//! A reward model's adapter (PEFT task_type "SEQ_CLS") also holds the
+//! sequence-classification head, trained in full as a module to save:
+//! "base_model.model.score.weight" [1, hidden].
 
 use super::{Lora, LoraConfig, Targets};
 use crate::backend::{Backend, DType};
@@ -13,6 +16,15 @@ use std::path::Path;
 
 pub const CONFIG_FILE: &str = "adapter_config.json";
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+
+/// The key of the score head in a SEQ_CLS adapter file.
+pub const SCORE_KEY: &str = "base_model.model.score.weight";
+
+/// modules_to_save as `PeftModel.save_pretrained` writes it for a
+/// sequence-classification model given modules_to_save ["score"]:
+/// PeftModelForSequenceClassification appends its classifier names
+/// ["classifier", "score"] to the user's list before saving.
+const SEQ_CLS_MODULES_TO_SAVE: [&str; 3] = ["score", "classifier", "score"];
 
 fn key(module: &str, which: &str) -> String {
     format!("base_model.model.{module}.{which}.weight")
@@ -39,10 +51,14 @@ pub fn read_config(dir: &Path) -> Result<LoraConfig> {
         "none" => {}
         other => bail!("{file}: bias is \"{other}\"; only \"none\" is supported"),
     }
-    if let Some(m) = v.get("modules_to_save").filter(|m| !m.is_null())
-        && m.as_array().is_none_or(|a| !a.is_empty())
-    {
-        bail!("{file}: modules_to_save {m} is not supported yet");
+    if let Some(m) = v.get("modules_to_save").filter(|m| !m.is_null()) {
+        // The sequence-classification head (PEFT lists it as "score" and
+        // adds "classifier" itself) is the one module to save ferrotune
+        // trains; its tensor is read by `load_reward`.
+        let head_only = m.as_array().is_some_and(|a| a.iter().all(|x| matches!(x.as_str(), Some("score" | "classifier"))));
+        if !head_only {
+            bail!("{file}: modules_to_save {m} is not supported; only the reward head [\"score\"] is");
+        }
     }
     let r = v.get("r").and_then(|x| x.as_u64()).with_context(|| format!("{file}: \"r\" must be a positive integer"))? as usize;
     let alpha = v.get("lora_alpha").and_then(|x| x.as_f64()).unwrap_or(8.0) as f32;
@@ -92,8 +108,33 @@ fn tensor_f32(st: &SafeTensors, name: &str, expected: &[usize], file: &Path) -> 
 
 /// Load a PEFT LoRA adapter into the model. Every LoRA tensor in the file
 /// must belong to a projection of the model; the modules adapted are those
-/// whose tensors are present. Returns the number of adapted modules.
+/// whose tensors are present. Returns the number of adapted modules. A
+/// reward model's adapter (with a score head) is refused: see `load_reward`.
 pub fn load<B: Backend>(be: &B, model: &mut Model<B>, dir: &Path) -> Result<usize> {
+    let (count, score) = load_with_head(be, model, dir)?;
+    if score.is_some() {
+        bail!(
+            "{}: this is a reward-model adapter (it holds the sequence-classification head {SCORE_KEY}); \
+             it scores sequences and cannot be used as a language-model adapter",
+            dir.join(WEIGHTS_FILE).display()
+        );
+    }
+    Ok(count)
+}
+
+/// Load a reward model's PEFT adapter (task_type SEQ_CLS, modules_to_save
+/// ["score"]): the LoRA tensors into the model, and the score head's
+/// weight [1, hidden], returned with the number of adapted modules.
+pub fn load_reward<B: Backend>(be: &B, model: &mut Model<B>, dir: &Path) -> Result<(usize, Vec<f32>)> {
+    let (count, score) = load_with_head(be, model, dir)?;
+    let score = score.with_context(|| {
+        format!("{}: tensor {SCORE_KEY} is missing (a reward adapter saves the score head as a module to save)", dir.join(WEIGHTS_FILE).display())
+    })?;
+    Ok((count, score))
+}
+
+/// The LoRA tensors into the model, and the score head when the file has one.
+fn load_with_head<B: Backend>(be: &B, model: &mut Model<B>, dir: &Path) -> Result<(usize, Option<Vec<f32>>)> {
     let lc = read_config(dir)?;
     let file = dir.join(WEIGHTS_FILE);
     if !file.is_file() {
@@ -129,6 +170,12 @@ pub fn load<B: Backend>(be: &B, model: &mut Model<B>, dir: &Path) -> Result<usiz
             count += 1;
         }
     }
+    let score = if st.tensor(SCORE_KEY).is_ok() {
+        used.insert(SCORE_KEY.to_string());
+        Some(tensor_f32(&st, SCORE_KEY, &[1, model.cfg.hidden], &file)?)
+    } else {
+        None
+    };
     let mut unknown: Vec<String> = st.names().into_iter().filter(|n| !used.contains(*n)).map(|n| n.to_string()).collect();
     unknown.sort();
     if !unknown.is_empty() {
@@ -143,12 +190,26 @@ pub fn load<B: Backend>(be: &B, model: &mut Model<B>, dir: &Path) -> Result<usiz
     if count == 0 {
         bail!("{}: no LoRA tensors found", file.display());
     }
-    Ok(count)
+    Ok((count, score))
 }
 
 /// Write the model's adapters as PEFT does, atomically (temp files renamed
 /// into place).
 pub fn save<B: Backend>(be: &B, model: &Model<B>, lc: &LoraConfig, dir: &Path) -> Result<()> {
+    save_with_head(be, model, lc, None, dir)
+}
+
+/// Write a reward model's adapter as PEFT does for task_type SEQ_CLS with
+/// modules_to_save ["score"]: the LoRA tensors plus the score head's
+/// weight (`score`, [1, hidden] row-major) under `SCORE_KEY`.
+pub fn save_reward<B: Backend>(be: &B, model: &Model<B>, lc: &LoraConfig, score: &[f32], dir: &Path) -> Result<()> {
+    if score.len() != model.cfg.hidden {
+        bail!("the score head has {} values; the model's hidden size is {}", score.len(), model.cfg.hidden);
+    }
+    save_with_head(be, model, lc, Some(score), dir)
+}
+
+fn save_with_head<B: Backend>(be: &B, model: &Model<B>, lc: &LoraConfig, score: Option<&[f32]>, dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
     let mut modules = BTreeMap::new();
@@ -160,6 +221,9 @@ pub fn save<B: Backend>(be: &B, model: &Model<B>, lc: &LoraConfig, dir: &Path) -
         tensors.push((key(&module, "lora_A"), vec![l.r, lin.in_f], bytemuck::cast_slice(&a).to_vec()));
         tensors.push((key(&module, "lora_B"), vec![lin.out_f, l.r], bytemuck::cast_slice(&b).to_vec()));
         modules.insert(p.path(&model.cfg).rsplit('.').next().unwrap_or_default().to_string(), ());
+    }
+    if let Some(w) = score {
+        tensors.push((SCORE_KEY.to_string(), vec![1, w.len()], bytemuck::cast_slice(w).to_vec()));
     }
     let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
         .iter()
@@ -187,13 +251,13 @@ pub fn save<B: Backend>(be: &B, model: &Model<B>, lc: &LoraConfig, dir: &Path) -
         "layers_to_transform": null,
         "lora_alpha": lc.alpha,
         "lora_dropout": lc.dropout,
-        "modules_to_save": null,
+        "modules_to_save": score.map(|_| SEQ_CLS_MODULES_TO_SAVE),
         "peft_type": "LORA",
         "r": lc.r,
         "rank_pattern": lc.rank_pattern,
         "revision": null,
         "target_modules": target_modules,
-        "task_type": "CAUSAL_LM",
+        "task_type": if score.is_some() { "SEQ_CLS" } else { "CAUSAL_LM" },
         "use_dora": false,
         "use_rslora": lc.use_rslora,
     });

@@ -204,6 +204,64 @@ impl<B: Backend> Model<B> {
         opts: BackwardOpts,
         weights: TokenWeights,
     ) -> anyhow::Result<Vec<f32>> {
+        let n = batch.n_tokens();
+        self.forward_backward_with(be, batch, opts, |model, hf| {
+            let mut dhf = be.zeros(n * model.cfg.hidden);
+            let nll = match weights {
+                TokenWeights::Uniform(s) => {
+                    model.head_loss(be, hf, &batch.targets, Some((GradScale::Uniform(s), &mut dhf)))
+                }
+                TokenWeights::FromLosses(choose) => {
+                    let nll = model.head_loss(be, hf, &batch.targets, None);
+                    let w = choose(&nll)?;
+                    anyhow::ensure!(w.len() == n, "{} token weights for {n} tokens", w.len());
+                    model.head_loss(be, hf, &batch.targets, Some((GradScale::PerToken(&w), &mut dhf)));
+                    nll
+                }
+            };
+            Ok((nll, dhf))
+        })
+    }
+
+    /// Forward and backward of one micro-batch through a head supplied by
+    /// the caller instead of the LM head (a reward model's score head):
+    /// `head` gets the final normed hidden states [n, hidden] (batch token
+    /// order) and returns ∂L/∂(those states), same length, already scaled
+    /// as the step needs. `opts.grad_scale` is not used. LoRA gradients
+    /// accumulate; an error from `head` stops the pass before any backward.
+    pub fn forward_backward_head(
+        &mut self,
+        be: &B,
+        batch: &Batch,
+        opts: BackwardOpts,
+        head: impl FnOnce(&B::Buf) -> anyhow::Result<B::Buf>,
+    ) -> anyhow::Result<()> {
+        let len = batch.n_tokens() * self.cfg.hidden;
+        self.forward_backward_with(be, batch, opts, |_, hf| {
+            let dhf = head(hf)?;
+            anyhow::ensure!(be.len(&dhf) == len, "the head's gradient has {} values; the hidden states have {len}", be.len(&dhf));
+            Ok(((), dhf))
+        })
+    }
+
+    /// The final normed hidden states [n, hidden] of a batch, without
+    /// gradients (a custom head's evaluation). `adapters: false` runs the
+    /// base model alone.
+    pub fn final_hidden(&self, be: &B, batch: &Batch, adapters: bool) -> B::Buf {
+        self.hidden_states(be, batch, adapters)
+    }
+
+    /// The shared body of every training pass: embedding, the layers
+    /// (keeping activations or, with checkpointing, only each layer's
+    /// input), the final norm, then `head(model, hf)` returning its result
+    /// and ∂L/∂hf, then the backward through the final norm and the layers.
+    fn forward_backward_with<R>(
+        &mut self,
+        be: &B,
+        batch: &Batch,
+        opts: BackwardOpts,
+        head: impl FnOnce(&Self, &B::Buf) -> anyhow::Result<(R, B::Buf)>,
+    ) -> anyhow::Result<R> {
         let up = upload(be, batch);
         let (n, h) = (batch.n_tokens(), self.cfg.hidden);
         let mut x = be.zeros(n * h);
@@ -226,17 +284,7 @@ impl<B: Backend> Model<B> {
         let mut inv_f = be.zeros_f32(n);
         be.rmsnorm(&x, &self.final_norm, &mut hf, &mut inv_f, n, h, self.cfg.rms_norm_eps);
 
-        let mut dhf = be.zeros(n * h);
-        let nll = match weights {
-            TokenWeights::Uniform(s) => self.head_loss(be, &hf, &batch.targets, Some((GradScale::Uniform(s), &mut dhf))),
-            TokenWeights::FromLosses(choose) => {
-                let nll = self.head_loss(be, &hf, &batch.targets, None);
-                let w = choose(&nll)?;
-                anyhow::ensure!(w.len() == n, "{} token weights for {n} tokens", w.len());
-                self.head_loss(be, &hf, &batch.targets, Some((GradScale::PerToken(&w), &mut dhf)));
-                nll
-            }
-        };
+        let (result, dhf) = head(self, &hf)?;
         drop(hf);
         let mut dx = be.zeros(n * h);
         be.rmsnorm_backward(&dhf, &x, &self.final_norm, &inv_f, &mut dx, n, h);
@@ -253,7 +301,7 @@ impl<B: Backend> Model<B> {
             };
             layer::backward(be, cfg, &mut layers[li], li, &acts, &mut dx, &ctx);
         }
-        Ok(nll)
+        Ok(result)
     }
 }
 

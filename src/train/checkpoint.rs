@@ -1,11 +1,13 @@
 //! Training checkpoints: output_dir/checkpoint-N/ holds the adapter (PEFT
-//! files, so any checkpoint is usable as is), the optimiser moments
-//! (optimizer.safetensors, f32), and trainer_state.json (step, data
+//! files, so any checkpoint is usable as is; a reward model's includes its
+//! score head), the optimiser moments (optimizer.safetensors, f32: LoRA
+//! modules and any extra trainable tensors), and trainer_state.json (step, data
 //! position, seed). A checkpoint is written into a hidden temporary
 //! directory and renamed into place, so a crash never leaves a partial
 //! checkpoint-N that resume could pick.
 
-use super::optimizer::{MomentsHost, Optimizer};
+use super::optimizer::{ExtraMomentsHost, ExtraParam, MomentsHost, Optimizer};
+use super::reward::ScoreHead;
 use crate::adapter::{LoraConfig, peft};
 use crate::backend::Backend;
 use crate::model::{Model, module_path};
@@ -47,6 +49,10 @@ fn moments_key(module: &str, which: &str, moment: &str) -> String {
     format!("base_model.model.{module}.{which}.weight.{moment}")
 }
 
+fn extra_moments_key(name: &str, moment: &str) -> String {
+    format!("{name}.{moment}")
+}
+
 /// Write checkpoint-N atomically; replaces an existing one of the same step.
 pub fn save<B: Backend>(
     be: &B,
@@ -56,15 +62,43 @@ pub fn save<B: Backend>(
     state: &TrainState,
     output_dir: &Path,
 ) -> Result<PathBuf> {
+    save_with(be, model, opt, state, output_dir, |dir| peft::save(be, model, lc, dir))
+}
+
+/// `save` for a reward model: the adapter is written with its score head
+/// (PEFT's SEQ_CLS layout), and the optimiser's moments of the head (an
+/// extra tensor of `opt`) go into optimizer.safetensors.
+pub fn save_reward<B: Backend>(
+    be: &B,
+    model: &Model<B>,
+    head: &ScoreHead<B>,
+    opt: &Optimizer<B>,
+    lc: &LoraConfig,
+    state: &TrainState,
+    output_dir: &Path,
+) -> Result<PathBuf> {
+    let score = head.weight(be);
+    save_with(be, model, opt, state, output_dir, |dir| peft::save_reward(be, model, lc, &score, dir))
+}
+
+fn save_with<B: Backend>(
+    be: &B,
+    model: &Model<B>,
+    opt: &Optimizer<B>,
+    state: &TrainState,
+    output_dir: &Path,
+    write_adapter: impl FnOnce(&Path) -> Result<()>,
+) -> Result<PathBuf> {
     let dest = checkpoint_dir(output_dir, state.global_step);
     let tmp = output_dir.join(format!(".checkpoint-{}.partial", state.global_step));
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).with_context(|| format!("cannot remove stale {}", tmp.display()))?;
     }
     std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-    peft::save(be, model, lc, &tmp)?;
+    write_adapter(&tmp)?;
 
     let moments = opt.moments_to_host(be);
+    let extra = opt.extra_moments_to_host(be);
     let mut tensors: Vec<(String, Vec<usize>, &[f32])> = Vec::new();
     for ((li, p, l), m) in model.loras().zip(&moments) {
         let module = module_path(&model.cfg, li, p);
@@ -74,6 +108,10 @@ pub fn save<B: Backend>(
         tensors.push((moments_key(&module, "lora_A", "exp_avg_sq"), sa, &m.exp_avg_sq_a));
         tensors.push((moments_key(&module, "lora_B", "exp_avg"), sb.clone(), &m.exp_avg_b));
         tensors.push((moments_key(&module, "lora_B", "exp_avg_sq"), sb, &m.exp_avg_sq_b));
+    }
+    for m in &extra {
+        tensors.push((extra_moments_key(&m.name, "exp_avg"), vec![m.exp_avg.len()], &m.exp_avg));
+        tensors.push((extra_moments_key(&m.name, "exp_avg_sq"), vec![m.exp_avg_sq.len()], &m.exp_avg_sq));
     }
     let views = tensors
         .iter()
@@ -147,6 +185,47 @@ pub fn read_state(dir: &Path) -> Result<TrainState> {
 
 /// Load the optimiser moments of a checkpoint, in `Model::loras` order.
 pub fn read_moments<B: Backend>(model: &Model<B>, dir: &Path) -> Result<(u64, Vec<MomentsHost>)> {
+    read_optimizer_file(dir, |get| {
+        let mut out = Vec::new();
+        for (li, p, l) in model.loras() {
+            let module = module_path(&model.cfg, li, p);
+            let lin = model.layers[li].p(p);
+            let (na, nb) = (l.r * lin.in_f, lin.out_f * l.r);
+            out.push(MomentsHost {
+                exp_avg_a: get(moments_key(&module, "lora_A", "exp_avg"), na)?,
+                exp_avg_sq_a: get(moments_key(&module, "lora_A", "exp_avg_sq"), na)?,
+                exp_avg_b: get(moments_key(&module, "lora_B", "exp_avg"), nb)?,
+                exp_avg_sq_b: get(moments_key(&module, "lora_B", "exp_avg_sq"), nb)?,
+            });
+        }
+        Ok(out)
+    })
+}
+
+/// Load the optimiser moments of extra trainable tensors (a reward model's
+/// score head) from a checkpoint, in the order of `extras`, for
+/// `Optimizer::load_extra_moments`.
+pub fn read_extra_moments<B: Backend>(dir: &Path, extras: &[&ExtraParam<B>]) -> Result<Vec<ExtraMomentsHost>> {
+    let (_, out) = read_optimizer_file(dir, |get| {
+        extras
+            .iter()
+            .map(|p| {
+                let len: usize = p.shape.iter().product();
+                Ok(ExtraMomentsHost {
+                    name: p.name.clone(),
+                    exp_avg: get(extra_moments_key(&p.name, "exp_avg"), len)?,
+                    exp_avg_sq: get(extra_moments_key(&p.name, "exp_avg_sq"), len)?,
+                })
+            })
+            .collect()
+    })?;
+    Ok(out)
+}
+
+/// Open optimizer.safetensors and hand `read` a getter of f32 tensors by
+/// key and length; returns the optimiser step from the metadata with what
+/// `read` returned.
+fn read_optimizer_file<T>(dir: &Path, read: impl FnOnce(&dyn Fn(String, usize) -> Result<Vec<f32>>) -> Result<T>) -> Result<(u64, T)> {
     let path = dir.join(OPTIMIZER_FILE);
     let bytes = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
     let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| anyhow::anyhow!("{} is not a valid safetensors file: {e}", path.display()))?;
@@ -164,17 +243,5 @@ pub fn read_moments<B: Backend>(model: &Model<B>, dir: &Path) -> Result<(u64, Ve
         }
         Ok(t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
     };
-    let mut out = Vec::new();
-    for (li, p, l) in model.loras() {
-        let module = module_path(&model.cfg, li, p);
-        let lin = model.layers[li].p(p);
-        let (na, nb) = (l.r * lin.in_f, lin.out_f * l.r);
-        out.push(MomentsHost {
-            exp_avg_a: get(moments_key(&module, "lora_A", "exp_avg"), na)?,
-            exp_avg_sq_a: get(moments_key(&module, "lora_A", "exp_avg_sq"), na)?,
-            exp_avg_b: get(moments_key(&module, "lora_B", "exp_avg"), nb)?,
-            exp_avg_sq_b: get(moments_key(&module, "lora_B", "exp_avg_sq"), nb)?,
-        });
-    }
-    Ok((step, out))
+    Ok((step, read(&get)?))
 }

@@ -11,5 +11,6 @@ pub mod optimizer;
 pub mod plan;
 pub mod preference;
 pub mod progress;
+pub mod reward;
 pub mod schedule;
 pub mod trainer;
