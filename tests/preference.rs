@@ -316,7 +316,7 @@ fn files_are_read_row_by_row_with_their_line_numbers() {
 /// torch autograd gives through TRL's loss on transformers + PEFT (float64
 /// there, f32 here: 1e-4 relative).
 #[test]
-fn pair_objectives_give_the_lora_gradients_of_trl() {
+fn objectives_give_the_lora_gradients_of_trl_through_the_model() {
     use ferrotune::adapter::peft;
     use ferrotune::backend::Backend;
     use ferrotune::backend::cpu::CpuBackend;
@@ -374,4 +374,44 @@ fn pair_objectives_give_the_lora_gradients_of_trl() {
         checked += 1;
     }
     assert_eq!(checked, 10, "every pairwise variant is checked");
+
+    // KTO: the examples, their mismatched KL pairs (no gradient), the same chain.
+    use ferrotune::data::preference::KtoExample as KtoIds;
+    use ferrotune::train::preference::kto_forward_backward;
+    let exs: Vec<KtoIds> = doc["kto_examples"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| KtoIds { prompt: ids(&e["prompt"]), completion: ids(&e["completion"]), desirable: e["label"].as_bool().unwrap() })
+        .collect();
+    let refs: Vec<&KtoIds> = exs.iter().collect();
+    for name in ["kto", "kto_weighted"] {
+        let v = &doc["variants"][name];
+        let Objective::Kto(cfg) = objective("kto", &v["config"]) else { unreachable!() };
+        let mut model = Model::load(&be, &Checkpoint::open(&fixtures().join("llama/model")).unwrap()).unwrap();
+        peft::load(&be, &mut model, &fixtures().join("preference/adapter")).unwrap();
+        model.zero_grad(&be);
+        let (loss, _) = kto_forward_backward(&be, &mut model, &cfg, &refs, 1.0, opts).unwrap();
+        let want_loss = f(&v["loss"]);
+        assert!((loss.loss - want_loss).abs() <= 1e-5 * want_loss.abs().max(1e-3), "{name}: loss {} vs TRL {want_loss}", loss.loss);
+        let mut worst = 0f64;
+        for (li, p, l) in model.loras() {
+            let module = module_path(&model.cfg, li, p);
+            for (which, g) in [("lora_A", &l.grad_a), ("lora_B", &l.grad_b)] {
+                let key = format!("{name}.base_model.model.{module}.{which}.weight");
+                let t = st.tensor(&key).unwrap_or_else(|_| panic!("{key} missing from the fixture"));
+                let want: Vec<f32> = t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+                let got = be.download(g);
+                let (mut num, mut den) = (0f64, 0f64);
+                for (a, b) in got.iter().zip(&want) {
+                    num += ((a - b) as f64).powi(2);
+                    den += (*b as f64).powi(2);
+                }
+                let rel = (num / den.max(1e-30)).sqrt();
+                worst = worst.max(rel);
+                assert!(rel <= 1e-4, "{name}: {key} gradient differs from TRL's by {rel:.2e} (relative)");
+            }
+        }
+        eprintln!("{name}: loss {:.8} (TRL {want_loss:.8}), worst LoRA gradient rel err {worst:.2e}", loss.loss);
+    }
 }

@@ -96,11 +96,51 @@ fn orpo_and_simpo_lower_their_losses() {
 }
 
 #[test]
+fn kto_lowers_its_loss_on_unpaired_labelled_completions() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Replace the pairs with KTO rows: each good answer desirable, each
+    // "I do not know." undesirable.
+    let rows: Vec<String> = CAPITALS
+        .iter()
+        .flat_map(|(c, city)| {
+            let prompt = format!("User: What is the capital of {c}?\nAssistant:\n");
+            [
+                serde_json::json!({"prompt": prompt, "completion": format!("The capital of {c} is {city}."), "label": true}).to_string(),
+                serde_json::json!({"prompt": prompt, "completion": "I do not know.", "label": false}).to_string(),
+            ]
+        })
+        .collect();
+    // Written with pair rows first: KTO says what its rows must hold.
+    let out = train(tmp.path(), "rl: kto\nrl_beta: 0.1", "");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("pairs.jsonl:1: missing \"label\""), "{err}");
+    let data = tmp.path().join("pairs.jsonl");
+    std::fs::write(&data, rows.join("\n") + "\n").unwrap();
+    let cfg = tmp.path().join("run.yml");
+    let out = Command::new(env!("CARGO_BIN_EXE_ferrotune"))
+        .args(["train", cfg.to_str().unwrap(), "--set", &format!("output_dir={}", tmp.path().join("kto").display())])
+        .output()
+        .unwrap();
+    ok(&out);
+    let r: Vec<serde_json::Value> = std::fs::read_to_string(tmp.path().join("kto/metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let (first, last) = (&r[0], r.last().unwrap());
+    assert!(last["loss"].as_f64().unwrap() < first["loss"].as_f64().unwrap(), "{first} -> {last}");
+    for k in ["kl", "rewards/chosen", "rewards/rejected", "rewards/margins"] {
+        assert!(last.get(k).is_some(), "KTO metrics lack {k}: {last}");
+    }
+    assert!(last["rewards/margins"].as_f64().unwrap() > 0.0, "{last}");
+}
+
+#[test]
 fn preference_config_and_data_errors_are_clear() {
     let tmp = tempfile::tempdir().unwrap();
-    let out = train(tmp.path(), "rl: kto", "");
+    let out = train(tmp.path(), "rl: grpo", "");
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("KTO and GRPO are not implemented"), "{err}");
+    assert!(!out.status.success() && err.contains("GRPO is not implemented"), "{err}");
 
     let out = train(tmp.path(), "rl: dpo\ndpo_loss_type: exo", "");
     let err = String::from_utf8_lossy(&out.stderr);

@@ -106,7 +106,13 @@ fn train_on<B: Backend>(be: &B, cfg: &RunConfig, gpu: Option<GpuMemory>) -> Resu
 
     // The data before the weights: a bad row should not cost a model load.
     let tokenizer_dir = cfg.tokenizer_config.as_ref().map(PathBuf::from).unwrap_or_else(|| model_dir.clone());
-    let (train, val) = if cfg.rl.is_some() {
+    let (train, val) = if cfg.rl.as_deref() == Some("kto") {
+        let data = pairs::prepare_kto(cfg, &tokenizer_dir, ckpt.config.vocab)?;
+        for line in &data.report {
+            eprintln!("dataset {line}");
+        }
+        (Examples::Kto(data.train), Examples::Kto(data.val))
+    } else if cfg.rl.is_some() {
         let data = pairs::prepare_pairs(cfg, &tokenizer_dir, ckpt.config.vocab)?;
         for line in &data.report {
             eprintln!("dataset {line}");

@@ -69,7 +69,7 @@ const FROM_CHECKPOINT: &str =
     "the architecture and tokenizer are read from the checkpoint's config.json and tokenizer files";
 const MEMORY: &str = "ferrotune plans GPU memory itself and refuses, before the first step, a run that will not fit";
 const PACKING: &str = "sample packing is computed exactly from the tokenized rows";
-const RL_ONLY: &str = "only used by the rl objectives ferrotune does not implement yet (KTO, GRPO)";
+const RL_ONLY: &str = "only used by rl objectives ferrotune does not implement yet (GRPO)";
 const EVAL_EXTRAS: &str = "evaluation reports the loss only";
 
 /// Real Axolotl top-level keys that have no effect in ferrotune.
@@ -211,8 +211,6 @@ pub(crate) const IGNORED_TOP: &[(&str, &str)] = &[
     ("save_only_model", "checkpoints always hold what an exact resume needs"),
     ("auto_resume_from_checkpoints", "resuming is explicit: set resume_from_checkpoint: true"),
     ("dpo_use_weighting", RL_ONLY),
-    ("kto_desirable_weight", RL_ONLY),
-    ("kto_undesirable_weight", RL_ONLY),
     ("max_prompt_len", RL_ONLY),
     ("trl", RL_ONLY),
     ("debug", "ferrotune has no debug mode"),
@@ -246,7 +244,7 @@ const fn unsupported(key: &'static str, when: When, planned: bool, what: &'stati
 /// Axolotl top-level keys ferrotune cannot honour: ignoring them would
 /// silently change the run.
 pub(crate) const UNSUPPORTED_TOP: &[Unsupported] = &[
-    unsupported("rl", When::NotOneOf(&["dpo", "ipo", "orpo", "simpo"]), true, "KTO and GRPO are not implemented (DPO, IPO, ORPO and SimPO are)", "use rl: dpo, ipo, orpo or simpo, or remove rl to run supervised fine-tuning"),
+    unsupported("rl", When::NotOneOf(&["dpo", "ipo", "orpo", "simpo", "kto"]), true, "GRPO is not implemented (DPO, IPO, ORPO, SimPO and KTO are)", "use rl: dpo, ipo, orpo, simpo or kto, or remove rl to run supervised fine-tuning"),
     unsupported("reward_model", When::True, true, "reward-model training is not implemented", "remove reward_model"),
     unsupported("process_reward_model", When::True, true, "reward-model training is not implemented", "remove process_reward_model"),
     unsupported("adapter", When::NotOneOf(&["lora", "qlora"]), true, "only LoRA and QLoRA adapters are trained (the other adapter types are not implemented)", "use adapter: lora, or adapter: qlora with load_in_4bit: true"),

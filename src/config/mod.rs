@@ -188,7 +188,7 @@ pub struct RunConfig {
     pub output_dir: String,
     pub resume_from_checkpoint: Option<ResumeFrom>,
 
-    /// Preference training instead of SFT: dpo, ipo, orpo or simpo.
+    /// Preference training instead of SFT: dpo, ipo, orpo, simpo or kto.
     pub rl: Option<String>,
     /// β of DPO/IPO and SimPO (TRL's default 0.1).
     pub rl_beta: Option<f64>,
@@ -201,6 +201,9 @@ pub struct RunConfig {
     pub simpo_gamma: Option<f64>,
     /// SimPO/CPO: weight of the chosen completion's NLL (0 = pure SimPO).
     pub cpo_alpha: Option<f64>,
+    /// KTO's weights of desirable and undesirable examples (default 1).
+    pub kto_desirable_weight: Option<f64>,
+    pub kto_undesirable_weight: Option<f64>,
 
     /// ferrotune: cpu, cuda, cuda:N or auto (the `--device` flag overrides).
     pub device: String,
@@ -266,6 +269,8 @@ impl Default for RunConfig {
             orpo_alpha: None,
             simpo_gamma: None,
             cpo_alpha: None,
+            kto_desirable_weight: None,
+            kto_undesirable_weight: None,
             device: "auto".into(),
         }
     }
@@ -276,7 +281,7 @@ impl RunConfig {
     /// keys onto TRL's: ipo is DPO with loss_type ipo, simpo is CPO with
     /// loss_type simpo, orpo_alpha is ORPO's β. None: supervised fine-tuning.
     pub fn objective(&self) -> Result<Option<crate::train::objectives::Objective>> {
-        use crate::train::objectives::{CpoConfig, DpoConfig, DpoLoss, Objective, OrpoConfig};
+        use crate::train::objectives::{CpoConfig, DpoConfig, DpoLoss, KtoConfig, Objective, OrpoConfig};
         let Some(rl) = self.rl.as_deref() else { return Ok(None) };
         let beta = self.rl_beta.unwrap_or(0.1);
         Ok(Some(match rl {
@@ -297,7 +302,12 @@ impl RunConfig {
                 c.cpo_alpha = self.cpo_alpha.unwrap_or(0.0);
                 Objective::Cpo(c)
             }
-            other => anyhow::bail!("rl: {other} is not supported (use dpo, ipo, orpo or simpo)"),
+            "kto" => Objective::Kto(KtoConfig {
+                beta,
+                desirable_weight: self.kto_desirable_weight.unwrap_or(1.0),
+                undesirable_weight: self.kto_undesirable_weight.unwrap_or(1.0),
+            }),
+            other => anyhow::bail!("rl: {other} is not supported (use dpo, ipo, orpo, simpo or kto)"),
         }))
     }
 

@@ -39,7 +39,12 @@ pub(crate) fn validate(c: &RunConfig, loc: &Locator) -> Result<()> {
         "must be in [0, 0.5) (got {})",
         c.dpo_label_smoothing
     );
-    for (key, v) in [("rl_beta", c.rl_beta), ("orpo_alpha", c.orpo_alpha)] {
+    for (key, v) in [
+        ("rl_beta", c.rl_beta),
+        ("orpo_alpha", c.orpo_alpha),
+        ("kto_desirable_weight", c.kto_desirable_weight),
+        ("kto_undesirable_weight", c.kto_undesirable_weight),
+    ] {
         if let Some(v) = v {
             check!(v > 0.0, loc, key, "must be positive (got {v})");
         }
@@ -83,7 +88,7 @@ pub(crate) fn validate(c: &RunConfig, loc: &Locator) -> Result<()> {
     check!(!c.datasets.is_empty(), loc, "datasets", "is empty: list at least one dataset (path, and type unless the rows are pre-tokenized)");
     for (list, entries) in [("datasets", &c.datasets), ("test_datasets", &c.test_datasets)] {
         for (i, d) in entries.iter().enumerate() {
-            validate_dataset(d, c.rl.is_some(), &format!("{list}.{i}"), loc)?;
+            validate_dataset(d, c.rl.as_deref(), &format!("{list}.{i}"), loc)?;
         }
     }
     if c.chat_template.as_deref() == Some("jinja") {
@@ -176,7 +181,7 @@ fn valid_device(s: &str) -> bool {
     matches!(s, "cpu" | "cuda" | "auto") || s.strip_prefix("cuda:").is_some_and(|n| n.parse::<usize>().is_ok())
 }
 
-fn validate_dataset(d: &DatasetConfig, rl: bool, at: &str, loc: &Locator) -> Result<()> {
+fn validate_dataset(d: &DatasetConfig, rl: Option<&str>, at: &str, loc: &Locator) -> Result<()> {
     let key = |k: &str| format!("{at}.{k}");
     check!(!d.path.trim().is_empty(), loc, &key("path"), "is required: the .jsonl or .json file (or directory) to read");
     if let Some(kind) = d.kind.as_deref() {
@@ -188,7 +193,10 @@ fn validate_dataset(d: &DatasetConfig, rl: bool, at: &str, loc: &Locator) -> Res
              field_messages: conversations and message_property_mappings: {{role: from, content: value}}"
         );
         let preference = ["chatml.", "llama3.", "chat_template."].iter().any(|p| kind.starts_with(p)) || kind == "kto";
-        if rl {
+        if rl == Some("kto") {
+            check!(false, loc, &key("type"), "must be left out with rl: kto: KTO datasets are {{prompt, completion, label}} rows (got {kind})");
+        }
+        if rl.is_some() {
             check!(
                 crate::data::preference::FORMAT_NAMES.contains(&kind),
                 loc,

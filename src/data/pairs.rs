@@ -5,7 +5,7 @@
 //! them is cheap next to training.)
 
 use super::chat_template::ChatTemplate;
-use super::preference::{MessageFields, PreferenceFormat, PreferencePair, PreferenceReader, read_rows};
+use super::preference::{KtoExample, MessageFields, PreferenceFormat, PreferencePair, PreferenceReader, read_rows};
 use super::prepare::{ExcessLength, PrepareOptions, dataset_files, shuffle, val_count};
 use super::pretokenized::check_vocab;
 use super::tokenizer::TextTokenizer;
@@ -13,12 +13,48 @@ use crate::config::{DatasetConfig, RunConfig};
 use anyhow::{Context, Result, bail};
 use std::path::Path;
 
-/// The pairs a preference run trains and validates on.
-pub struct PreparedPairs {
-    pub train: Vec<PreferencePair>,
-    pub val: Vec<PreferencePair>,
+/// The examples a preference run trains and validates on (pairs, or KTO's
+/// labelled completions).
+pub struct PreparedPairs<T = PreferencePair> {
+    pub train: Vec<T>,
+    pub val: Vec<T>,
     /// One line per dataset.
     pub report: Vec<String>,
+}
+
+/// What the length policy and the vocabulary check need of an example.
+pub trait RunExample: Sized {
+    /// The sequences the example puts through the model.
+    fn sequences(&self) -> Vec<crate::model::batch::Sequence>;
+    /// Apply the length policy: None when dropped; true when truncated.
+    fn fit(self, max_len: usize, policy: ExcessLength) -> (Option<Self>, bool);
+}
+
+impl RunExample for PreferencePair {
+    fn sequences(&self) -> Vec<crate::model::batch::Sequence> {
+        self.sequences().to_vec()
+    }
+    fn fit(self, max_len: usize, policy: ExcessLength) -> (Option<Self>, bool) {
+        fit(self, max_len, policy)
+    }
+}
+
+impl RunExample for KtoExample {
+    fn sequences(&self) -> Vec<crate::model::batch::Sequence> {
+        vec![self.sequence()]
+    }
+    fn fit(mut self, max_len: usize, policy: ExcessLength) -> (Option<Self>, bool) {
+        if self.prompt.len() + self.completion.len() <= max_len {
+            return (Some(self), false);
+        }
+        match policy {
+            ExcessLength::Truncate if self.prompt.len() < max_len => {
+                self.completion.truncate(max_len - self.prompt.len());
+                (Some(self), true)
+            }
+            _ => (None, false),
+        }
+    }
 }
 
 fn fields(ds: &DatasetConfig) -> MessageFields {
@@ -59,14 +95,15 @@ fn fit(mut pair: PreferencePair, max_len: usize, policy: ExcessLength) -> (Optio
     }
 }
 
-fn read_dataset(
+fn read_dataset<T: RunExample>(
     ds: &DatasetConfig,
     cfg: &RunConfig,
     opts: &PrepareOptions,
     tok: &TextTokenizer,
     tokenizer_dir: &Path,
     vocab: usize,
-) -> Result<(Vec<PreferencePair>, String)> {
+    read: &dyn Fn(&PreferenceReader, &serde_json::Value, &str) -> Result<T>,
+) -> Result<(Vec<T>, String)> {
     let format = PreferenceFormat::parse(ds.kind.as_deref())?;
     let name = ds.chat_template.as_deref().or(cfg.chat_template.as_deref());
     let template = match ChatTemplate::resolve(name, cfg.chat_template_jinja.as_deref(), tokenizer_dir) {
@@ -82,16 +119,16 @@ fn read_dataset(
     let reader = PreferenceReader { format, tokenizer: tok, template: template.as_ref(), fields: fields(ds) };
     let (mut rows, mut kept, mut truncated, mut dropped) = (0, Vec::new(), 0, 0);
     for file in dataset_files(ds)? {
-        let pairs = read_rows(&file, |row, loc| {
-            let pair = reader.pair(row, loc)?;
-            for s in pair.sequences() {
+        let examples = read_rows(&file, |row, loc| {
+            let ex = read(&reader, row, loc)?;
+            for s in RunExample::sequences(&ex) {
                 check_vocab(&s, vocab, loc)?;
             }
-            Ok(pair)
+            Ok(ex)
         })?;
-        rows += pairs.len();
-        for p in pairs {
-            match fit(p, opts.sequence_len, opts.excess_length) {
+        rows += examples.len();
+        for p in examples {
+            match p.fit(opts.sequence_len, opts.excess_length) {
                 (Some(p), cut) => {
                     truncated += cut as usize;
                     kept.push(p);
@@ -101,10 +138,10 @@ fn read_dataset(
         }
     }
     if kept.is_empty() {
-        bail!("{}: all {rows} pairs are longer than sequence_len {} and were dropped", ds.path, opts.sequence_len);
+        bail!("{}: all {rows} rows are longer than sequence_len {} and were dropped", ds.path, opts.sequence_len);
     }
-    let tokens: usize = kept.iter().map(|p| 2 * p.prompt.len() + p.chosen.len() + p.rejected.len()).sum();
-    let mut line = format!("{} [{}, preference]: {rows} rows -> {} pairs, {tokens} tokens", ds.path, ds.kind.as_deref().unwrap_or("prompt/chosen/rejected"), kept.len());
+    let tokens: usize = kept.iter().flat_map(|e| RunExample::sequences(e)).map(|s| s.input_ids.len()).sum();
+    let mut line = format!("{} [{}, preference]: {rows} rows -> {} examples, {tokens} tokens", ds.path, ds.kind.as_deref().unwrap_or("standard"), kept.len());
     if truncated > 0 {
         line += &format!(", {truncated} truncated");
     }
@@ -114,8 +151,22 @@ fn read_dataset(
     Ok((kept, line))
 }
 
-/// Read every preference dataset of the run.
+/// Read every preference dataset of the run as pairs.
 pub fn prepare_pairs(cfg: &RunConfig, tokenizer_dir: &Path, vocab: usize) -> Result<PreparedPairs> {
+    prepare_examples(cfg, tokenizer_dir, vocab, &|r, row, loc| r.pair(row, loc))
+}
+
+/// Read every dataset of a KTO run: {prompt, completion, label} rows.
+pub fn prepare_kto(cfg: &RunConfig, tokenizer_dir: &Path, vocab: usize) -> Result<PreparedPairs<KtoExample>> {
+    prepare_examples(cfg, tokenizer_dir, vocab, &|r, row, loc| r.kto(row, loc))
+}
+
+fn prepare_examples<T: RunExample>(
+    cfg: &RunConfig,
+    tokenizer_dir: &Path,
+    vocab: usize,
+    read: &dyn Fn(&PreferenceReader, &serde_json::Value, &str) -> Result<T>,
+) -> Result<PreparedPairs<T>> {
     if cfg.datasets.is_empty() {
         bail!("datasets: the run config lists no datasets");
     }
@@ -124,7 +175,7 @@ pub fn prepare_pairs(cfg: &RunConfig, tokenizer_dir: &Path, vocab: usize) -> Res
     let mut report = Vec::new();
     let mut train = Vec::new();
     for (i, ds) in cfg.datasets.iter().enumerate() {
-        let (pairs, line) = read_dataset(ds, cfg, &opts, &tok, tokenizer_dir, vocab).with_context(|| format!("datasets[{i}] ({})", ds.path))?;
+        let (pairs, line) = read_dataset(ds, cfg, &opts, &tok, tokenizer_dir, vocab, read).with_context(|| format!("datasets[{i}] ({})", ds.path))?;
         train.extend(pairs);
         report.push(line);
     }
@@ -137,7 +188,7 @@ pub fn prepare_pairs(cfg: &RunConfig, tokenizer_dir: &Path, vocab: usize) -> Res
     } else {
         let mut val = Vec::new();
         for (i, ds) in cfg.test_datasets.iter().enumerate() {
-            let (pairs, line) = read_dataset(ds, cfg, &opts, &tok, tokenizer_dir, vocab).with_context(|| format!("test_datasets[{i}] ({})", ds.path))?;
+            let (pairs, line) = read_dataset(ds, cfg, &opts, &tok, tokenizer_dir, vocab, read).with_context(|| format!("test_datasets[{i}] ({})", ds.path))?;
             val.extend(pairs);
             report.push(line);
         }

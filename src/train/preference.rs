@@ -5,7 +5,8 @@
 //! the backward with each token weighted by its sequence's dL/dlogp
 //! (`TokenWeights::FromLosses`: the layers run forward once).
 
-use super::objectives::{Metrics, NllSum, Objective, PairLogps, PairLoss, SeqLogps};
+use super::objectives::{KtoConfig, KtoExample, KtoLoss, Metrics, NllSum, Objective, PairLogps, PairLoss, SeqLogps};
+use crate::data::preference::KtoExample as KtoExampleIds;
 use crate::backend::Backend;
 use crate::data::preference::PreferencePair;
 use crate::model::Model;
@@ -164,4 +165,103 @@ pub fn merge_metrics(parts: &[(Metrics, usize)]) -> Metrics {
             })
             .collect(),
     )
+}
+
+// ---------------------------------------------------------------- KTO
+
+/// The completion's target positions of a prompt+completion sequence that
+/// starts at `offset`.
+fn completion_span(offset: usize, prompt: usize, completion: usize) -> Span {
+    Span { offset, prompt, len: prompt + completion }
+}
+
+/// prompt_i + completion_i for every example (the trained batch), and
+/// prompt_i + completion_{i−1} (the mismatched pairs of TRL's KL estimate;
+/// the first example takes the last one's completion).
+fn kto_batches(exs: &[&KtoExampleIds], vocab: usize) -> Result<(Batch, Vec<Span>, Batch, Vec<Span>)> {
+    let build = |pick: &dyn Fn(usize) -> (usize, usize)| -> Result<(Batch, Vec<Span>)> {
+        let mut seqs = Vec::with_capacity(exs.len());
+        let mut spans = Vec::with_capacity(exs.len());
+        let mut offset = 0;
+        for i in 0..exs.len() {
+            let (p, c) = pick(i);
+            let s = KtoExampleIds { prompt: exs[p].prompt.clone(), completion: exs[c].completion.clone(), desirable: true }.sequence();
+            spans.push(completion_span(offset, exs[p].prompt.len(), exs[c].completion.len()));
+            offset += s.input_ids.len();
+            seqs.push(s);
+        }
+        Ok((Batch::from_sequences(&seqs, vocab)?, spans))
+    };
+    let (main, main_spans) = build(&|i| (i, i))?;
+    let (kl, kl_spans) = build(&|i| (i, (i + exs.len() - 1) % exs.len()))?;
+    Ok((main, main_spans, kl, kl_spans))
+}
+
+fn kto_inputs(
+    exs: &[&KtoExampleIds],
+    spans: &[Span],
+    policy: &[f32],
+    reference: &[f32],
+    kl_spans: &[Span],
+    kl_policy: &[f32],
+    kl_reference: &[f32],
+) -> Vec<KtoExample> {
+    (0..exs.len())
+        .map(|i| {
+            let r = spans[i].completion();
+            let kr = kl_spans[i].completion();
+            KtoExample {
+                logps: SeqLogps { policy: -sum(policy, r.clone()), reference: -sum(reference, r.clone()), tokens: r.len() },
+                desirable: exs[i].desirable,
+                kl_policy: -sum(kl_policy, kr.clone()),
+                kl_reference: -sum(kl_reference, kr),
+            }
+        })
+        .collect()
+}
+
+/// KTO's loss of examples without gradients (evaluation).
+pub fn kto_eval<B: Backend>(be: &B, model: &Model<B>, cfg: &KtoConfig, exs: &[&KtoExampleIds]) -> Result<KtoLoss> {
+    let (main, spans, kl, kl_spans) = kto_batches(exs, model.cfg.vocab)?;
+    let policy = model.token_nll(be, &main, true);
+    let reference = model.token_nll(be, &main, false);
+    let (klp, klr) = (model.token_nll(be, &kl, true), model.token_nll(be, &kl, false));
+    cfg.loss(&kto_inputs(exs, &spans, &policy, &reference, &kl_spans, &klp, &klr))
+}
+
+/// Forward and backward of one micro-batch of KTO examples: the KL
+/// estimate's mismatched pairs run without gradient (TRL detaches it), the
+/// examples' completions are weighted by −scale·dL/dlogp.
+pub fn kto_forward_backward<B: Backend>(
+    be: &B,
+    model: &mut Model<B>,
+    cfg: &KtoConfig,
+    exs: &[&KtoExampleIds],
+    scale: f64,
+    opts: BackwardOpts,
+) -> Result<(KtoLoss, usize)> {
+    let (main, spans, kl, kl_spans) = kto_batches(exs, model.cfg.vocab)?;
+    let reference = model.token_nll(be, &main, false);
+    let (klp, klr) = (model.token_nll(be, &kl, true), model.token_nll(be, &kl, false));
+    let n = main.n_tokens();
+    let mut result = None;
+    let mut choose = |nll: &[f32]| -> Result<Vec<f32>> {
+        if nll.iter().chain(&klp).any(|x| !x.is_finite()) {
+            anyhow::bail!(
+                "training diverged: the model's log-probabilities are no longer finite (NaN or infinite). \
+                 The usual causes are a learning_rate that is too high (or max_grad_norm: 0, no clipping) or an rl_beta that is too low"
+            );
+        }
+        let loss = cfg.loss(&kto_inputs(exs, &spans, nll, &reference, &kl_spans, &klp, &klr))?;
+        let mut w = vec![0f32; n];
+        for (i, g) in loss.grads.iter().enumerate() {
+            for t in spans[i].completion() {
+                w[t] = (-scale * g) as f32;
+            }
+        }
+        result = Some(loss);
+        Ok(w)
+    };
+    model.forward_backward_weighted(be, &main, opts, TokenWeights::FromLosses(&mut choose))?;
+    Ok((result.expect("the weights were chosen"), n + kl.n_tokens()))
 }

@@ -12,7 +12,7 @@ use super::schedule::{Kind, Schedule};
 use crate::adapter::{LoraConfig, peft};
 use crate::backend::Backend;
 use crate::config::RunConfig;
-use crate::data::preference::PreferencePair;
+use crate::data::preference::{KtoExample as KtoIds, PreferencePair};
 use crate::model::Model;
 use crate::model::batch::{Batch, Sequence};
 use crate::model::graph::{BackwardOpts, LossSum};
@@ -27,6 +27,8 @@ pub enum Examples {
     Sequences(Vec<Sequence>),
     /// Preference pairs (rl): a prompt with a chosen and a rejected completion.
     Pairs(Vec<PreferencePair>),
+    /// KTO's unpaired completions, each desirable or not.
+    Kto(Vec<KtoIds>),
 }
 
 impl Examples {
@@ -34,6 +36,7 @@ impl Examples {
         match self {
             Examples::Sequences(s) => s.len(),
             Examples::Pairs(p) => p.len(),
+            Examples::Kto(k) => k.len(),
         }
     }
 
@@ -46,6 +49,8 @@ impl Examples {
         match self {
             Examples::Sequences(s) => s.iter().map(|s| s.input_ids.len()).collect(),
             Examples::Pairs(p) => p.iter().map(|p| 2 * p.prompt.len() + p.chosen.len() + p.rejected.len()).collect(),
+            // With its KL pair (about the same length).
+            Examples::Kto(k) => k.iter().map(|e| 2 * (e.prompt.len() + e.completion.len())).collect(),
         }
     }
 }
@@ -142,7 +147,7 @@ fn evaluate_examples<B: Backend>(
 ) -> Result<(f64, Metrics)> {
     match (val, objective) {
         (Examples::Sequences(s), _) => Ok((evaluate(be, model, s, rows)?.mean(), Metrics::default())),
-        (Examples::Pairs(p), Some(obj)) => {
+        (Examples::Pairs(p), Some(obj)) if !matches!(obj, Objective::Kto(_)) => {
             let mut parts = Vec::new();
             let mut loss = 0.0;
             for chunk in p.chunks(rows.max(1)) {
@@ -153,7 +158,18 @@ fn evaluate_examples<B: Backend>(
             }
             Ok((loss / p.len().max(1) as f64, preference::merge_metrics(&parts)))
         }
-        (Examples::Pairs(_), None) => bail!("preference pairs need an rl objective"),
+        (Examples::Kto(k), Some(Objective::Kto(c))) => {
+            let mut parts = Vec::new();
+            let mut loss = 0.0;
+            for chunk in k.chunks(rows.max(1)) {
+                let refs: Vec<&KtoIds> = chunk.iter().collect();
+                let l = preference::kto_eval(be, model, c, &refs)?;
+                loss += l.loss * chunk.len() as f64;
+                parts.push((l.metrics, chunk.len()));
+            }
+            Ok((loss / k.len().max(1) as f64, preference::merge_metrics(&parts)))
+        }
+        (Examples::Pairs(_) | Examples::Kto(_), _) => bail!("these examples need the matching rl objective"),
     }
 }
 
@@ -235,7 +251,7 @@ fn preference_step<B: Backend>(
     model: &mut Model<B>,
     opt: &mut Optimizer<B>,
     lr: f64,
-    pairs: &[PreferencePair],
+    examples: &Examples,
     micro_batches: &[MicroBatch],
     step: usize,
 ) -> Result<StepOutcome> {
@@ -244,18 +260,30 @@ fn preference_step<B: Backend>(
     model.zero_grad(be);
     let (mut loss, mut tokens, mut parts) = (0.0, 0, Vec::new());
     for (mi, mb) in micro_batches.iter().enumerate() {
-        let refs: Vec<&PreferencePair> = mb.iter().map(|&i| &pairs[i]).collect();
         let opts = BackwardOpts {
             grad_scale: 0.0,
             gradient_checkpointing: cfg.gradient_checkpointing,
             dropout_seed: dropout.then(|| dropout_seed(cfg.seed, step, mi)),
         };
         let share = mb.len() as f64 / total as f64;
-        let (l, n) = preference::pair_forward_backward(be, model, objective, &refs, share, opts)
-            .with_context(|| format!("step {}", step + 1))?;
-        loss += share * l.loss;
+        let (l, metrics, n) = match (examples, objective) {
+            (Examples::Kto(exs), Objective::Kto(k)) => {
+                let refs: Vec<_> = mb.iter().map(|&i| &exs[i]).collect();
+                let (l, n) = preference::kto_forward_backward(be, model, k, &refs, share, opts)
+                    .with_context(|| format!("step {}", step + 1))?;
+                (l.loss, l.metrics, n)
+            }
+            (Examples::Pairs(pairs), _) => {
+                let refs: Vec<&PreferencePair> = mb.iter().map(|&i| &pairs[i]).collect();
+                let (l, n) = preference::pair_forward_backward(be, model, objective, &refs, share, opts)
+                    .with_context(|| format!("step {}", step + 1))?;
+                (l.loss, l.metrics, n)
+            }
+            _ => bail!("rl: {} does not train on these examples", cfg.rl.as_deref().unwrap_or("none")),
+        };
+        loss += share * l;
         tokens += n;
-        parts.push((l.metrics, mb.len()));
+        parts.push((metrics, mb.len()));
     }
     let metrics = preference::merge_metrics(&parts);
     if !loss.is_finite() {
@@ -409,9 +437,9 @@ pub fn train<B: Backend>(run: Run<'_, B>) -> Result<Summary> {
     std::fs::create_dir_all(&output_dir).with_context(|| format!("cannot create output_dir {}", output_dir.display()))?;
     let objective = cfg.objective()?;
     match (&train, &objective) {
-        (Examples::Pairs(_), None) => bail!("preference pairs need rl (dpo, ipo, orpo or simpo)"),
-        (Examples::Sequences(_), Some(_)) => bail!("rl is set, so the training data must be preference pairs"),
-        _ => {}
+        (Examples::Sequences(_), None) | (Examples::Kto(_), Some(Objective::Kto(_))) => {}
+        (Examples::Pairs(_), Some(o)) if !matches!(o, Objective::Kto(_)) => {}
+        _ => bail!("the training examples do not match rl ({})", cfg.rl.as_deref().unwrap_or("none: supervised")),
     }
     let plan = DataPlan {
         lengths: train.lengths(),
@@ -465,10 +493,8 @@ pub fn train<B: Backend>(run: Run<'_, B>) -> Result<Summary> {
         let lr = schedule.lr(state.global_step);
         let out = match (&train, &objective) {
             (Examples::Sequences(seqs), _) => optimizer_step(be, cfg, &mut model, &mut opt, lr, seqs, step_mbs, state.global_step)?,
-            (Examples::Pairs(pairs), Some(obj)) => {
-                preference_step(be, cfg, obj, &mut model, &mut opt, lr, pairs, step_mbs, state.global_step)?
-            }
-            (Examples::Pairs(_), None) => unreachable!("checked before the loop"),
+            (examples, Some(obj)) => preference_step(be, cfg, obj, &mut model, &mut opt, lr, examples, step_mbs, state.global_step)?,
+            (_, None) => unreachable!("checked before the loop"),
         };
         if out.targets == 0 {
             progress.line(&format!("step {}: no target tokens in this step (all labels -100); no update", state.global_step + 1));
