@@ -123,7 +123,10 @@ fn unsupported_features_are_refused() {
     let fp4 = error(&format!("{qlora}load_in_4bit: true\nbnb_config_kwargs:\n  bnb_4bit_quant_type: fp4\n"), &[]);
     assert!(fp4.contains("bnb_config_kwargs.bnb_4bit_quant_type must be nf4 (got fp4"), "{fp4}");
     assert!(error(&MINIMAL.replace("adapter: lora", "adapter: ia3"), &[]).starts_with("run.yml:2: adapter: ia3 is not supported yet"));
-    assert!(error(&format!("{MINIMAL}rl: dpo\n"), &[]).starts_with("run.yml:7: rl: dpo is not supported yet: preference training"));
+    assert!(error(&format!("{MINIMAL}rl: grpo\n"), &[]).starts_with("run.yml:7: rl: grpo is not supported yet: GRPO is not implemented"));
+    // rl changes what the datasets must be: alpaca rows are not preference data.
+    let rl_alpaca = error(&format!("{MINIMAL}rl: dpo\n"), &[]);
+    assert!(rl_alpaca.contains("with rl, must be one of chatml.intel"), "{rl_alpaca}");
     assert!(error(&format!("{MINIMAL}peft_use_dora: true\n"), &[]).contains("DoRA is not implemented"));
     assert!(error(&format!("{MINIMAL}lora_modules_to_save: [embed_tokens, lm_head]\n"), &[]).starts_with(
         "run.yml:7: lora_modules_to_save: [\"embed_tokens\",\"lm_head\"] is not supported: only LoRA parameters are trained"
