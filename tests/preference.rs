@@ -349,7 +349,7 @@ fn objectives_give_the_lora_gradients_of_trl_through_the_model() {
         let mut model = Model::load(&be, &Checkpoint::open(&fixtures().join("llama/model")).unwrap()).unwrap();
         peft::load(&be, &mut model, &fixtures().join("preference/adapter")).unwrap();
         model.zero_grad(&be);
-        let (loss, _) = pair_forward_backward(&be, &mut model, &obj, &refs, 1.0, opts).unwrap();
+        let (loss, _) = pair_forward_backward(&be, &mut model, &obj, &refs, 1.0, opts, None).unwrap();
         let want_loss = f(&v["loss"]);
         assert!((loss.loss - want_loss).abs() <= 1e-5 * want_loss.abs().max(1e-3), "{name}: loss {} vs TRL {want_loss}", loss.loss);
         let mut worst = 0f64;

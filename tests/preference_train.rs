@@ -181,3 +181,24 @@ fn a_diverging_run_is_reported_in_plain_words() {
     assert!(err.contains("training diverged") && err.contains("learning_rate"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 }
+
+#[test]
+fn precomputed_reference_log_probs_give_the_same_run() {
+    // The reference is the base model, which training never changes:
+    // computing its log-probs once up front must not change the run (only
+    // the f32 summation order of other batch shapes differs).
+    let losses = |precompute: bool| {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = train(tmp.path(), "rl: dpo", &format!("precompute_ref_log_probs: {precompute}\nmax_steps: 4\n"));
+        ok(&out);
+        if precompute {
+            assert!(String::from_utf8_lossy(&out.stderr).contains("reference log-probs of 16 pairs precomputed"));
+        }
+        records(tmp.path()).iter().map(|r| r["loss"].as_f64().unwrap()).collect::<Vec<f64>>()
+    };
+    let (a, b) = (losses(false), losses(true));
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(&b) {
+        assert!((x - y).abs() <= 1e-5 * x.abs().max(1e-3), "per-step losses {a:?} vs precomputed {b:?}");
+    }
+}

@@ -201,6 +201,9 @@ pub struct RunConfig {
     pub simpo_gamma: Option<f64>,
     /// SimPO/CPO: weight of the chosen completion's NLL (0 = pure SimPO).
     pub cpo_alpha: Option<f64>,
+    /// Compute the reference policy's log-probs once before training instead
+    /// of in every step (pairs: dpo, ipo).
+    pub precompute_ref_log_probs: bool,
     /// KTO's weights of desirable and undesirable examples (default 1).
     pub kto_desirable_weight: Option<f64>,
     pub kto_undesirable_weight: Option<f64>,
@@ -269,6 +272,7 @@ impl Default for RunConfig {
             orpo_alpha: None,
             simpo_gamma: None,
             cpo_alpha: None,
+            precompute_ref_log_probs: false,
             kto_desirable_weight: None,
             kto_undesirable_weight: None,
             device: "auto".into(),

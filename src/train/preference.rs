@@ -68,23 +68,50 @@ fn sum(nll: &[f32], r: std::ops::Range<usize>) -> f64 {
     nll[r].iter().map(|&x| x as f64).sum()
 }
 
+/// The reference policy's log-probs of a micro-batch: per-token NLLs from
+/// a forward with the adapter off, or per-pair sums computed before
+/// training (precompute_ref_log_probs).
+#[derive(Clone, Copy)]
+pub enum Reference<'a> {
+    None,
+    Tokens(&'a [f32]),
+    /// (chosen, rejected) summed completion log-probs, one per pair.
+    Sums(&'a [(f64, f64)]),
+}
+
 impl PairBatch {
     /// The objective's view of the pairs, from per-token NLLs of the policy
     /// and (when the objective has one) of the reference.
-    fn logps(&self, objective: &Objective, policy: &[f32], reference: Option<&[f32]>) -> Vec<PairLogps> {
-        let seq = |span: Span| {
+    fn logps(&self, objective: &Objective, policy: &[f32], reference: Reference) -> Vec<PairLogps> {
+        let seq = |span: Span, pre: Option<f64>| {
             let r = span.completion();
-            SeqLogps { policy: -sum(policy, r.clone()), reference: reference.map_or(0.0, |rf| -sum(rf, r.clone())), tokens: r.len() }
+            let reference = match (reference, pre) {
+                (Reference::Tokens(rf), _) => -sum(rf, r.clone()),
+                (Reference::Sums(_), Some(v)) => v,
+                _ => 0.0,
+            };
+            SeqLogps { policy: -sum(policy, r.clone()), reference, tokens: r.len() }
         };
         (0..self.k)
             .map(|i| {
                 let (c, r) = (self.spans[i], self.spans[self.k + i]);
+                let pre = match reference {
+                    Reference::Sums(s) => Some(s[i]),
+                    _ => None,
+                };
                 let chosen_nll = objective.needs_nll().then(|| {
                     let range = if matches!(objective, Objective::Orpo(_)) { c.whole() } else { c.completion() };
                     NllSum { sum: sum(policy, range.clone()), tokens: range.len() }
                 });
-                PairLogps { chosen: seq(c), rejected: seq(r), chosen_nll }
+                PairLogps { chosen: seq(c, pre.map(|p| p.0)), rejected: seq(r, pre.map(|p| p.1)), chosen_nll }
             })
+            .collect()
+    }
+
+    /// Summed completion log-probs (chosen, rejected) per pair from per-token NLLs.
+    fn completion_sums(&self, nll: &[f32]) -> Vec<(f64, f64)> {
+        (0..self.k)
+            .map(|i| (-sum(nll, self.spans[i].completion()), -sum(nll, self.spans[self.k + i].completion())))
             .collect()
     }
 
@@ -116,7 +143,15 @@ pub fn pair_eval<B: Backend>(be: &B, model: &Model<B>, objective: &Objective, pa
     let pb = pair_batch(pairs, model.cfg.vocab, matches!(objective, Objective::Orpo(_)))?;
     let policy = model.token_nll(be, &pb.batch, true);
     let reference = objective.needs_reference().then(|| model.token_nll(be, &pb.batch, false));
-    objective.pair_loss(&pb.logps(objective, &policy, reference.as_deref()))
+    let reference = reference.as_deref().map_or(Reference::None, Reference::Tokens);
+    objective.pair_loss(&pb.logps(objective, &policy, reference))
+}
+
+/// The reference policy's summed completion log-probs (chosen, rejected) of
+/// pairs, computed with the adapter off (for precompute_ref_log_probs).
+pub fn reference_sums<B: Backend>(be: &B, model: &Model<B>, pairs: &[&PreferencePair]) -> Result<Vec<(f64, f64)>> {
+    let pb = pair_batch(pairs, model.cfg.vocab, false)?;
+    Ok(pb.completion_sums(&model.token_nll(be, &pb.batch, false)))
 }
 
 /// Forward and backward of one micro-batch of pairs; LoRA gradients
@@ -129,9 +164,15 @@ pub fn pair_forward_backward<B: Backend>(
     pairs: &[&PreferencePair],
     scale: f64,
     opts: BackwardOpts,
+    precomputed: Option<&[(f64, f64)]>,
 ) -> Result<(PairLoss, usize)> {
     let pb = pair_batch(pairs, model.cfg.vocab, matches!(objective, Objective::Orpo(_)))?;
-    let reference = objective.needs_reference().then(|| model.token_nll(be, &pb.batch, false));
+    let reference_tokens = (objective.needs_reference() && precomputed.is_none()).then(|| model.token_nll(be, &pb.batch, false));
+    let reference = match (precomputed, reference_tokens.as_deref()) {
+        (Some(s), _) => Reference::Sums(s),
+        (None, Some(t)) => Reference::Tokens(t),
+        (None, None) => Reference::None,
+    };
     let mut result: Option<PairLoss> = None;
     let n = pb.batch.n_tokens();
     let mut choose = |nll: &[f32]| -> Result<Vec<f32>> {
@@ -141,7 +182,7 @@ pub fn pair_forward_backward<B: Backend>(
                  The usual causes are a learning_rate that is too high (or max_grad_norm: 0, no clipping) or an rl_beta that is too low"
             );
         }
-        let loss = objective.pair_loss(&pb.logps(objective, nll, reference.as_deref()))?;
+        let loss = objective.pair_loss(&pb.logps(objective, nll, reference))?;
         let w = pb.weights(objective, &loss, n, scale);
         result = Some(loss);
         Ok(w)

@@ -254,6 +254,7 @@ fn preference_step<B: Backend>(
     examples: &Examples,
     micro_batches: &[MicroBatch],
     step: usize,
+    ref_sums: Option<&[(f64, f64)]>,
 ) -> Result<StepOutcome> {
     let total: usize = micro_batches.iter().map(|mb| mb.len()).sum();
     let dropout = model.loras().any(|(_, _, l)| l.dropout > 0.0);
@@ -275,7 +276,8 @@ fn preference_step<B: Backend>(
             }
             (Examples::Pairs(pairs), _) => {
                 let refs: Vec<&PreferencePair> = mb.iter().map(|&i| &pairs[i]).collect();
-                let (l, n) = preference::pair_forward_backward(be, model, objective, &refs, share, opts)
+                let pre: Option<Vec<(f64, f64)>> = ref_sums.map(|s| mb.iter().map(|&i| s[i]).collect());
+                let (l, n) = preference::pair_forward_backward(be, model, objective, &refs, share, opts, pre.as_deref())
                     .with_context(|| format!("step {}", step + 1))?;
                 (l.loss, l.metrics, n)
             }
@@ -474,6 +476,25 @@ pub fn train<B: Backend>(run: Run<'_, B>) -> Result<Summary> {
         None => (Optimizer::new(be, &model, cfg.adamw_config()), fresh),
     };
 
+    // The reference policy is the base model, which training never changes:
+    // its log-probs can be computed once, before the first step.
+    let ref_sums = match (&train, &objective) {
+        (Examples::Pairs(pairs), Some(obj)) if cfg.precompute_ref_log_probs && obj.needs_reference() => {
+            let t0 = Instant::now();
+            let mut sums = Vec::with_capacity(pairs.len());
+            for chunk in pairs.chunks(cfg.micro_batch_size.max(1)) {
+                let refs: Vec<&PreferencePair> = chunk.iter().collect();
+                sums.extend(preference::reference_sums(be, &model, &refs)?);
+            }
+            eprintln!("reference log-probs of {} pairs precomputed in {:.1}s", pairs.len(), t0.elapsed().as_secs_f64());
+            Some(sums)
+        }
+        (Examples::Kto(_), _) if cfg.precompute_ref_log_probs => {
+            bail!("precompute_ref_log_probs is implemented for pairs (dpo, ipo); KTO computes its reference in each step (set it to false)")
+        }
+        _ => None,
+    };
+
     let eval_every = interval(cfg.eval_steps, cfg.evals_per_epoch, steps_per_epoch).filter(|_| !val.is_empty());
     let save_every = interval(cfg.save_steps, cfg.saves_per_epoch, steps_per_epoch);
     let mut metrics = MetricsLog::open(&output_dir, resume.as_ref().map(|_| state.global_step))?;
@@ -493,7 +514,9 @@ pub fn train<B: Backend>(run: Run<'_, B>) -> Result<Summary> {
         let lr = schedule.lr(state.global_step);
         let out = match (&train, &objective) {
             (Examples::Sequences(seqs), _) => optimizer_step(be, cfg, &mut model, &mut opt, lr, seqs, step_mbs, state.global_step)?,
-            (examples, Some(obj)) => preference_step(be, cfg, obj, &mut model, &mut opt, lr, examples, step_mbs, state.global_step)?,
+            (examples, Some(obj)) => {
+                preference_step(be, cfg, obj, &mut model, &mut opt, lr, examples, step_mbs, state.global_step, ref_sums.as_deref())?
+            }
             (_, None) => unreachable!("checked before the loop"),
         };
         if out.targets == 0 {
