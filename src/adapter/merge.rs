@@ -23,35 +23,17 @@ use super::peft;
 use crate::backend::{DType, to_f32};
 use crate::quant::bnb::{self, QuantState};
 use crate::quant::nf4::Nf4Tensor;
+use crate::model::st_files::{self, MappedCheckpoint, ShardEntry, ShardWriter, SrcTensor, float_dtype, shard_name};
 use anyhow::{Context, Result, bail};
-use memmap2::Mmap;
 use rayon::prelude::*;
-use safetensors::tensor::{Metadata, TensorInfo};
 use safetensors::{Dtype as StDtype, SafeTensors};
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
-use std::fs::File;
-use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 /// Marker written into every merge output, so that a later merge may
 /// replace it without --force (and records what was merged).
 pub const INFO_FILE: &str = "ferrotune_merge.json";
-/// transformers' conventional shard size for uploaded checkpoints (5 GB).
-pub const DEFAULT_MAX_SHARD_BYTES: u64 = 5_000_000_000;
-/// Files besides the weights that make the output a complete model
-/// directory (tokenizer formats of every kind, generation defaults).
-const COPIED_FILES: &[&str] = &[
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "generation_config.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "chat_template.json",
-];
 /// Input bytes per block of a tensor streamed to the output (whole rows;
 /// bounds the f32 scratch of a merge or dtype change and the input pages
 /// resident at once).
@@ -73,7 +55,7 @@ pub struct MergeOptions {
 
 impl Default for MergeOptions {
     fn default() -> Self {
-        MergeOptions { dtype: None, force: false, max_shard_bytes: DEFAULT_MAX_SHARD_BYTES, nf4_round_trip: None }
+        MergeOptions { dtype: None, force: false, max_shard_bytes: st_files::DEFAULT_MAX_SHARD_BYTES, nf4_round_trip: None }
     }
 }
 
@@ -105,15 +87,6 @@ fn st_dtype(d: DType) -> StDtype {
     }
 }
 
-fn float_dtype(d: StDtype) -> Option<DType> {
-    match d {
-        StDtype::F32 => Some(DType::F32),
-        StDtype::F16 => Some(DType::F16),
-        StDtype::BF16 => Some(DType::BF16),
-        _ => None,
-    }
-}
-
 /// Convert f32 values to `dtype`'s little-endian bytes, rounding to nearest even.
 fn from_f32(dtype: DType, xs: &[f32], out: &mut Vec<u8>) {
     out.clear();
@@ -127,67 +100,13 @@ fn from_f32(dtype: DType, xs: &[f32], out: &mut Vec<u8>) {
 
 // ---------------------------------------------------------------- input
 
-/// One tensor of the base checkpoint.
-struct SrcTensor {
-    name: String,
-    dtype: StDtype,
-    shape: Vec<usize>,
-    file: usize,
-    /// Byte range within its memory-mapped file.
-    start: usize,
-    end: usize,
+/// merge's reads of the base checkpoint beyond plain tensor bytes.
+trait BaseReads {
+    fn raw(&self, name: &str) -> Result<bnb::RawTensor<'_>>;
+    fn nf4_weights(&self) -> Result<HashMap<String, QuantState>>;
 }
 
-/// The base checkpoint's weight files, mapped, with every tensor listed in
-/// file order then offset order (the order they were saved in).
-struct Source {
-    files: Vec<(PathBuf, Mmap)>,
-    tensors: Vec<SrcTensor>,
-}
-
-impl Source {
-    fn open(dir: &Path) -> Result<Source> {
-        let mut src = Source { files: Vec::new(), tensors: Vec::new() };
-        let mut seen = HashMap::new();
-        for path in crate::model::checkpoint::weight_files(dir)? {
-            let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            let file = File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
-            // SAFETY: read-only input; a checkpoint rewritten during the merge is not supported.
-            let map = unsafe { Mmap::map(&file) }.with_context(|| format!("cannot memory-map {}", path.display()))?;
-            let (header_len, meta) = SafeTensors::read_metadata(&map)
-                .map_err(|e| anyhow::anyhow!("{} is not a valid safetensors file: {e}", path.display()))?;
-            let data_start = 8 + header_len;
-            let mut here: Vec<SrcTensor> = meta
-                .tensors()
-                .into_iter()
-                .map(|(n, info)| SrcTensor {
-                    name: n,
-                    dtype: info.dtype,
-                    shape: info.shape.clone(),
-                    file: src.files.len(),
-                    start: data_start + info.data_offsets.0,
-                    end: data_start + info.data_offsets.1,
-                })
-                .collect();
-            here.sort_by_key(|t| t.start);
-            for t in &here {
-                if t.end > map.len() {
-                    bail!("{}: tensor {} lies outside the file", path.display(), t.name);
-                }
-                if let Some(other) = seen.insert(t.name.clone(), name.clone()) {
-                    bail!("{}: tensor {} is also in {other}", path.display(), t.name);
-                }
-            }
-            src.tensors.extend(here);
-            src.files.push((path, map));
-        }
-        Ok(src)
-    }
-
-    fn bytes(&self, t: &SrcTensor) -> &[u8] {
-        &self.files[t.file].1[t.start..t.end]
-    }
-
+impl BaseReads for MappedCheckpoint {
     /// A tensor by name as `quant::bnb` reads it.
     fn raw(&self, name: &str) -> Result<bnb::RawTensor<'_>> {
         let t = self.tensors.iter().find(|t| t.name == name).with_context(|| format!("tensor {name} is missing from the checkpoint"))?;
@@ -207,23 +126,6 @@ impl Source {
         }
         Ok(out)
     }
-
-    fn path(&self, t: &SrcTensor) -> &Path {
-        &self.files[t.file].0
-    }
-
-    /// Drop the mapped pages of part of a tensor already written, so the
-    /// input does not stay resident next to the output.
-    fn release(&self, t: &SrcTensor, offset: usize, len: usize) {
-        #[cfg(unix)]
-        {
-            use memmap2::UncheckedAdvice;
-            // SAFETY: the map is read-only; released pages are re-read from the file if touched.
-            unsafe {
-                let _ = self.files[t.file].1.unchecked_advise_range(UncheckedAdvice::DontNeed, t.start + offset, len);
-            }
-        }
-    }
 }
 
 /// One adapted projection: the f32 LoRA factors and its scaling.
@@ -240,7 +142,7 @@ const KEY_PREFIX: &str = "base_model.model.";
 
 /// Read the adapter and check every tensor against the base weight it
 /// changes, before anything is written. Keyed by the base weight's name.
-fn read_adapter(dir: &Path, src: &Source, nf4: &HashMap<String, QuantState>) -> Result<(LoraConfig, BTreeMap<String, Delta>)> {
+fn read_adapter(dir: &Path, src: &MappedCheckpoint, nf4: &HashMap<String, QuantState>) -> Result<(LoraConfig, BTreeMap<String, Delta>)> {
     let lc = peft::read_config(dir)?;
     let file = dir.join(peft::WEIGHTS_FILE);
     if !file.is_file() {
@@ -339,48 +241,12 @@ enum Values {
 /// Tensors per shard, in input order, starting a new shard when the next
 /// tensor would pass the limit (a larger tensor gets a shard of its own).
 fn plan_shards<'a>(tensors: Vec<OutTensor<'a>>, max: u64) -> Vec<Vec<OutTensor<'a>>> {
-    let mut shards: Vec<Vec<OutTensor>> = vec![Vec::new()];
-    let mut size = 0u64;
-    for t in tensors {
-        let n = t.bytes as u64;
-        if size > 0 && size + n > max {
-            shards.push(Vec::new());
-            size = 0;
-        }
-        size += n;
-        shards.last_mut().expect("one shard at least").push(t);
-    }
-    shards
+    st_files::plan_shards(tensors, max, |t| t.bytes as u64)
 }
 
-fn shard_name(i: usize, n: usize) -> String {
-    if n == 1 { "model.safetensors".into() } else { format!("model-{:05}-of-{:05}.safetensors", i + 1, n) }
-}
-
-/// Write one safetensors file. Tensors are laid out as the safetensors
-/// library does (by dtype, widest first, then by name) so every tensor is
-/// aligned to its element size.
-fn write_shard(path: &Path, src: &Source, mut tensors: Vec<OutTensor>, progress: &mut dyn FnMut(&str)) -> Result<u64> {
-    tensors.sort_by(|x, y| y.dtype.cmp(&x.dtype).then_with(|| x.src.name.cmp(&y.src.name)));
-    let mut offset = 0;
-    let infos: Vec<(String, TensorInfo)> = tensors
-        .iter()
-        .map(|t| {
-            let info = TensorInfo { dtype: t.dtype, shape: t.shape.clone(), data_offsets: (offset, offset + t.bytes) };
-            offset += t.bytes;
-            (t.src.name.clone(), info)
-        })
-        .collect();
-    let meta = Metadata::new(Some(HashMap::from([("format".to_string(), "pt".to_string())])), infos)
-        .map_err(|e| anyhow::anyhow!("{}: cannot build the safetensors header: {e}", path.display()))?;
-    let mut header = serde_json::to_vec(&meta)?;
-    header.resize(header.len().next_multiple_of(8), b' ');
-
-    let file = File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
-    let mut w = BufWriter::with_capacity(8 << 20, file);
-    let io = |e: std::io::Error| anyhow::anyhow!("cannot write {}: {e}", path.display());
-    w.write_all(&(header.len() as u64).to_le_bytes()).map_err(io)?;
-    w.write_all(&header).map_err(io)?;
+/// Write one safetensors file, streaming each tensor from the input.
+fn write_shard(path: &Path, src: &MappedCheckpoint, mut tensors: Vec<OutTensor>, progress: &mut dyn FnMut(&str)) -> Result<u64> {
+    let mut w = ShardWriter::create(path, &mut tensors, |t| ShardEntry { name: &t.src.name, dtype: t.dtype, shape: &t.shape, bytes: t.bytes })?;
     let mut buf = Vec::new();
     for t in &tensors {
         if t.values != Values::Stored {
@@ -399,27 +265,25 @@ fn write_shard(path: &Path, src: &Source, mut tensors: Vec<OutTensor>, progress:
                     let mut rows = to_f32(from, block);
                     add_delta(&mut rows, bi * block_bytes / row_bytes, d);
                     from_f32(to, &rows, &mut buf);
-                    w.write_all(&buf).map_err(io)?;
+                    w.write(&buf)?;
                 }
                 (None, Some(from), Some(to)) if from != to => {
                     from_f32(to, &to_f32(from, block), &mut buf);
-                    w.write_all(&buf).map_err(io)?;
+                    w.write(&buf)?;
                 }
-                _ => w.write_all(block).map_err(io)?,
+                _ => w.write(block)?,
             }
             src.release(t.src, bi * block_bytes, block.len());
         }
         progress(&t.src.name);
     }
-    let file = w.into_inner().map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
-    file.sync_all().with_context(|| format!("cannot sync {}", path.display()))?;
-    Ok(offset as u64)
+    w.finish()
 }
 
 /// Write a weight whose values are an NF4 matrix's dequantization (a 4-bit
 /// input, or the round trip of a dense one), plus its delta, in blocks of
 /// whole rows. The 4-bit codes of one weight are read at a time.
-fn write_dequantized(w: &mut impl Write, src: &Source, t: &OutTensor, buf: &mut Vec<u8>) -> Result<()> {
+fn write_dequantized(w: &mut ShardWriter, src: &MappedCheckpoint, t: &OutTensor, buf: &mut Vec<u8>) -> Result<()> {
     let to = float_dtype(t.dtype).expect("dequantized weights are written as floats");
     let [rows, cols] = t.shape[..] else { bail!("tensor {}: a 4-bit weight is 2-D", t.src.name) };
     let q: Nf4Tensor = match t.values {
@@ -448,7 +312,7 @@ fn write_dequantized(w: &mut impl Write, src: &Source, t: &OutTensor, buf: &mut 
             add_delta(&mut block, r0, d);
         }
         from_f32(to, &block, buf);
-        w.write_all(buf).map_err(|e| anyhow::anyhow!("{e}"))?;
+        w.write(buf)?;
     }
     src.release(t.src, 0, t.src.end - t.src.start);
     Ok(())
@@ -475,39 +339,15 @@ fn add_delta(rows: &mut [f32], first_row: usize, d: &Delta) {
 
 // ---------------------------------------------------------------- directories
 
-fn absolute(p: &Path) -> Result<PathBuf> {
-    if p.exists() {
-        return p.canonicalize().with_context(|| format!("cannot resolve {}", p.display()));
-    }
-    let parent = match p.parent() {
-        Some(x) if !x.as_os_str().is_empty() => x.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let name = p.file_name().with_context(|| format!("--out {} has no directory name", p.display()))?;
-    let parent = parent
-        .canonicalize()
-        .with_context(|| format!("cannot write {}: its parent directory {} does not exist", p.display(), parent.display()))?;
-    Ok(parent.join(name))
-}
-
 /// Refuse outputs that would overwrite an input or someone's files.
 fn check_out(model_dir: &Path, adapter_dir: &Path, out: &Path, force: bool) -> Result<PathBuf> {
-    let out_abs = absolute(out)?;
-    if out_abs == absolute(model_dir)? {
-        bail!("--out {} is the base model's own directory; write the merged model to a new directory", out.display());
-    }
-    if out_abs == absolute(adapter_dir)? {
-        bail!("--out {} is the adapter's directory; write the merged model to a new directory", out.display());
-    }
+    let inputs = [(model_dir, "the base model's own directory"), (adapter_dir, "the adapter's directory")];
+    let out_abs = st_files::out_dir(out, &inputs, "merged")?;
     if out_abs.exists() {
         if !out_abs.is_dir() {
             bail!("--out {} exists and is not a directory", out.display());
         }
-        let non_empty = std::fs::read_dir(&out_abs)
-            .with_context(|| format!("cannot list {}", out.display()))?
-            .next()
-            .is_some();
-        if non_empty && !out_abs.join(INFO_FILE).is_file() && !force {
+        if !st_files::is_empty_dir(&out_abs, out)? && !out_abs.join(INFO_FILE).is_file() && !force {
             bail!(
                 "--out {} is not empty and is not the output of a previous `ferrotune merge` (no {INFO_FILE}); pass --force to write into it",
                 out.display()
@@ -550,25 +390,6 @@ fn write_config(model_dir: &Path, tmp: &Path, dtype: Option<DType>, dequantized:
     let mut out = serde_json::to_string_pretty(&v)?;
     out.push('\n');
     crate::util::atomic_write(&tmp.join("config.json"), out.as_bytes())
-}
-
-/// Tokenizer, generation config and chat templates, when present.
-fn copy_side_files(model_dir: &Path, tmp: &Path) -> Result<()> {
-    let mut names: Vec<String> = COPIED_FILES.iter().map(|s| s.to_string()).collect();
-    for e in std::fs::read_dir(model_dir).with_context(|| format!("cannot list {}", model_dir.display()))? {
-        let name = e?.file_name().to_string_lossy().into_owned();
-        if name.ends_with(".jinja") {
-            names.push(name);
-        }
-    }
-    for name in names {
-        let from = model_dir.join(&name);
-        if from.is_file() {
-            let data = std::fs::read(&from).with_context(|| format!("cannot read {}", from.display()))?;
-            crate::util::atomic_write(&tmp.join(&name), &data)?;
-        }
-    }
-    Ok(())
 }
 
 /// Weight files of a checkpoint directory (model.safetensors, its shards
@@ -618,7 +439,7 @@ pub fn merge(
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<MergeSummary> {
     let out = check_out(model_dir, adapter_dir, out_dir, opts.force)?;
-    let src = Source::open(model_dir)?;
+    let src = MappedCheckpoint::open(model_dir)?;
     let nf4 = src.nf4_weights()?;
     let (lc, deltas) = read_adapter(adapter_dir, &src, &nf4)?;
     // The parts of a 4-bit weight other than its codes are not written.
@@ -665,14 +486,7 @@ pub fn merge(
     let shards = plan_shards(tensors, opts.max_shard_bytes.max(1));
     let n_shards = shards.len();
 
-    let name = out.file_name().expect("absolute() keeps the name").to_string_lossy().into_owned();
-    let tmp = out.with_file_name(format!(".{name}.merging-{}", std::process::id()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).with_context(|| format!("cannot remove the stale {}", tmp.display()))?;
-    }
-    std::fs::create_dir(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-
-    let result = (|| -> Result<MergeSummary> {
+    st_files::in_temp_dir(&out, "merging", |tmp| {
         let mut done = 0;
         let mut bytes = 0;
         let mut weight_map = BTreeMap::new();
@@ -689,16 +503,10 @@ pub fn merge(
             })?;
         }
         if n_shards > 1 {
-            let index = serde_json::json!({
-                "metadata": {"total_parameters": n_params, "total_size": bytes},
-                "weight_map": weight_map,
-            });
-            let mut text = serde_json::to_string_pretty(&index)?;
-            text.push('\n');
-            crate::util::atomic_write(&tmp.join("model.safetensors.index.json"), text.as_bytes())?;
+            st_files::write_index(tmp, serde_json::json!({"total_parameters": n_params, "total_size": bytes}), &weight_map)?;
         }
-        write_config(model_dir, &tmp, opts.dtype, !nf4.is_empty())?;
-        copy_side_files(model_dir, &tmp)?;
+        write_config(model_dir, tmp, opts.dtype, !nf4.is_empty())?;
+        st_files::copy_side_files(model_dir, tmp)?;
         let info = serde_json::json!({
             "base_model": model_dir.display().to_string(),
             "adapter": adapter_dir.display().to_string(),
@@ -712,13 +520,9 @@ pub fn merge(
             "ferrotune_version": env!("CARGO_PKG_VERSION"),
         });
         crate::util::atomic_write(&tmp.join(INFO_FILE), serde_json::to_string_pretty(&info)?.as_bytes())?;
-        install(&tmp, &out)?;
+        install(tmp, &out)?;
         Ok(MergeSummary { tensors: total, merged, shards: n_shards, bytes })
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_dir_all(&tmp);
-    }
-    result
+    })
 }
 
 /// Parse a shard size as transformers' max_shard_size does: "5GB" (10^9),

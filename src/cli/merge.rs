@@ -62,32 +62,9 @@ pub fn run(a: MergeArgs) -> Result<()> {
         max_shard_bytes,
         nf4_round_trip: a.load_in_4bit.then_some(!a.no_double_quant),
     };
-    let bar = if std::io::stderr().is_terminal() {
-        let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
-        bar.set_style(ProgressStyle::with_template("merge {bar:30} {pos}/{len} tensors eta {eta}").expect("valid template"));
-        Some(bar)
-    } else {
-        None
-    };
-    let mut last_tenth = 0;
-    let mut progress = |done: usize, total: usize| match &bar {
-        Some(bar) => {
-            bar.set_length(total as u64);
-            bar.set_position(done as u64);
-        }
-        None => {
-            // Without a terminal: a line per tenth of the tensors.
-            let tenth = done * 10 / total.max(1);
-            if tenth > last_tenth || done == total {
-                last_tenth = tenth;
-                eprintln!("merge: {done}/{total} tensors");
-            }
-        }
-    };
-    let summary = merge::merge(&model_dir, &a.adapter, &a.out, &opts, &mut progress)?;
-    if let Some(bar) = bar {
-        bar.finish_and_clear();
-    }
+    let mut bar = TensorProgress::new("merge");
+    let summary = merge::merge(&model_dir, &a.adapter, &a.out, &opts, &mut |done, total| bar.update(done, total))?;
+    bar.finish();
     eprintln!(
         "merged {} LoRA modules into {} ({} tensors, {:.1} MB in {}, dtype {}) in {:.1}s",
         summary.merged,
@@ -99,4 +76,47 @@ pub fn run(a: MergeArgs) -> Result<()> {
         t0.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// Progress of a command that writes a checkpoint tensor by tensor
+/// (merge, quantize): a bar on a terminal, otherwise a line per tenth of
+/// the tensors.
+pub(super) struct TensorProgress {
+    verb: &'static str,
+    bar: Option<ProgressBar>,
+    last_tenth: usize,
+}
+
+impl TensorProgress {
+    pub(super) fn new(verb: &'static str) -> TensorProgress {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+            let template = format!("{verb} {{bar:30}} {{pos}}/{{len}} tensors eta {{eta}}");
+            bar.set_style(ProgressStyle::with_template(&template).expect("valid template"));
+            bar
+        });
+        TensorProgress { verb, bar, last_tenth: 0 }
+    }
+
+    pub(super) fn update(&mut self, done: usize, total: usize) {
+        match &self.bar {
+            Some(bar) => {
+                bar.set_length(total as u64);
+                bar.set_position(done as u64);
+            }
+            None => {
+                let tenth = done * 10 / total.max(1);
+                if tenth > self.last_tenth || done == total {
+                    self.last_tenth = tenth;
+                    eprintln!("{}: {done}/{total} tensors", self.verb);
+                }
+            }
+        }
+    }
+
+    pub(super) fn finish(self) {
+        if let Some(bar) = self.bar {
+            bar.finish_and_clear();
+        }
+    }
 }

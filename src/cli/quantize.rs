@@ -4,9 +4,8 @@ use crate::model::checkpoint;
 use crate::quant::bnb::torch_dtype_name;
 use crate::quant::convert::{self, QuantizeOptions};
 use anyhow::Result;
+use super::merge::TensorProgress;
 use clap::Args;
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -29,30 +28,9 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
     let t0 = Instant::now();
     let model_dir = checkpoint::resolve_model_dir(&a.model, &checkpoint::hf_cache())?;
     let opts = QuantizeOptions { double_quant: !a.no_double_quant, ..QuantizeOptions::default() };
-    let bar = std::io::stderr().is_terminal().then(|| {
-        let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
-        bar.set_style(ProgressStyle::with_template("quantize {bar:30} {pos}/{len} tensors eta {eta}").expect("valid template"));
-        bar
-    });
-    let mut last_tenth = 0;
-    let mut progress = |done: usize, total: usize| match &bar {
-        Some(bar) => {
-            bar.set_length(total as u64);
-            bar.set_position(done as u64);
-        }
-        None => {
-            // Without a terminal: a line per tenth of the tensors.
-            let tenth = done * 10 / total.max(1);
-            if tenth > last_tenth || done == total {
-                last_tenth = tenth;
-                eprintln!("quantize: {done}/{total} tensors");
-            }
-        }
-    };
-    let s = convert::quantize_checkpoint(&model_dir, &a.out, &opts, &mut progress)?;
-    if let Some(bar) = bar {
-        bar.finish_and_clear();
-    }
+    let mut bar = TensorProgress::new("quantize");
+    let s = convert::quantize_checkpoint(&model_dir, &a.out, &opts, &mut |done, total| bar.update(done, total))?;
+    bar.finish();
     eprintln!(
         "quantized {} of {} tensors to NF4{} into {} ({:.1} MB -> {:.1} MB in {}, compute dtype {}) in {:.1}s",
         s.quantized,

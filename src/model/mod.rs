@@ -10,6 +10,7 @@ pub mod flops;
 pub mod generate;
 pub mod layer;
 pub mod sample;
+pub mod st_files;
 pub mod synth;
 
 use crate::adapter::{Lora, LoraConfig};

@@ -13,35 +13,17 @@
 use super::bnb::{self, QUANT_STATE_KEY, QuantState, QuantizationConfig};
 use super::nf4::{self, Absmax, BLOCKSIZE, NF4_CODE};
 use crate::backend::{DType, to_f32};
+use crate::model::st_files::{self, MappedCheckpoint, ShardEntry, ShardWriter, SrcTensor, float_dtype, shard_name};
 use anyhow::{Context, Result, bail};
-use memmap2::Mmap;
-use safetensors::tensor::{Metadata, TensorInfo};
-use safetensors::{Dtype, SafeTensors};
+use safetensors::Dtype;
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
-use std::fs::File;
-use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
-/// transformers' conventional shard size (5 GB).
-pub const DEFAULT_MAX_SHARD_BYTES: u64 = 5_000_000_000;
 /// Elements converted to f32 at a time (a multiple of the block size and even).
 const CHUNK_ELEMS: usize = 1 << 20;
 /// Bytes copied at a time for tensors that pass through unchanged.
 const COPY_BYTES: usize = 16 << 20;
-/// Files besides the weights that make the output a complete model directory.
-const SIDE_FILES: &[&str] = &[
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "generation_config.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "chat_template.json",
-];
-
 #[derive(Debug, Clone)]
 pub struct QuantizeOptions {
     /// bnb_4bit_use_double_quant (the default): the block absmaxes are
@@ -53,7 +35,7 @@ pub struct QuantizeOptions {
 
 impl Default for QuantizeOptions {
     fn default() -> Self {
-        QuantizeOptions { double_quant: true, max_shard_bytes: DEFAULT_MAX_SHARD_BYTES }
+        QuantizeOptions { double_quant: true, max_shard_bytes: st_files::DEFAULT_MAX_SHARD_BYTES }
     }
 }
 
@@ -72,85 +54,16 @@ pub struct QuantizeSummary {
     pub compute_dtype: DType,
 }
 
-fn float_dtype(d: Dtype) -> Option<DType> {
-    match d {
-        Dtype::F32 => Some(DType::F32),
-        Dtype::F16 => Some(DType::F16),
-        Dtype::BF16 => Some(DType::BF16),
-        _ => None,
-    }
-}
-
 // ---------------------------------------------------------------- input
 
-struct SrcTensor {
-    name: String,
-    dtype: Dtype,
-    shape: Vec<usize>,
-    file: usize,
-    start: usize,
-    end: usize,
+/// quantize's reads of the input: a weight's values as f32, streamed.
+trait ChunkedReads {
+    fn for_each_chunk(&self, t: &SrcTensor, dtype: DType, f: impl FnMut(&[f32]));
+    fn block_absmax(&self, t: &SrcTensor, dtype: DType) -> Vec<f32>;
+    fn quantize(&self, t: &SrcTensor, dtype: DType) -> (Vec<u8>, Vec<f32>);
 }
 
-/// The input weight files, memory-mapped, tensors in file then offset order.
-struct Source {
-    files: Vec<(PathBuf, Mmap)>,
-    tensors: Vec<SrcTensor>,
-}
-
-impl Source {
-    fn open(dir: &Path) -> Result<Source> {
-        let mut src = Source { files: Vec::new(), tensors: Vec::new() };
-        let mut seen: HashMap<String, PathBuf> = HashMap::new();
-        for path in crate::model::checkpoint::weight_files(dir)? {
-            let file = File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
-            // SAFETY: read-only input; a checkpoint rewritten while it is being quantized is not supported.
-            let map = unsafe { Mmap::map(&file) }.with_context(|| format!("cannot memory-map {}", path.display()))?;
-            let (header_len, meta) = SafeTensors::read_metadata(&map)
-                .map_err(|e| anyhow::anyhow!("{} is not a valid safetensors file: {e}", path.display()))?;
-            let mut here: Vec<SrcTensor> = meta
-                .tensors()
-                .into_iter()
-                .map(|(name, info)| SrcTensor {
-                    name,
-                    dtype: info.dtype,
-                    shape: info.shape.clone(),
-                    file: src.files.len(),
-                    start: 8 + header_len + info.data_offsets.0,
-                    end: 8 + header_len + info.data_offsets.1,
-                })
-                .collect();
-            here.sort_by_key(|t| t.start);
-            for t in &here {
-                if t.end > map.len() {
-                    bail!("{}: tensor {} lies outside the file", path.display(), t.name);
-                }
-                if let Some(other) = seen.insert(t.name.clone(), path.clone()) {
-                    bail!("{}: tensor {} is also in {}", path.display(), t.name, other.display());
-                }
-            }
-            src.tensors.extend(here);
-            src.files.push((path, map));
-        }
-        Ok(src)
-    }
-
-    fn bytes(&self, t: &SrcTensor) -> &[u8] {
-        &self.files[t.file].1[t.start..t.end]
-    }
-
-    /// Drop the mapped pages of part of a tensor already consumed.
-    fn release(&self, t: &SrcTensor, offset: usize, len: usize) {
-        #[cfg(unix)]
-        {
-            use memmap2::UncheckedAdvice;
-            // SAFETY: the map is read-only; released pages are re-read from the file if touched.
-            unsafe {
-                let _ = self.files[t.file].1.unchecked_advise_range(UncheckedAdvice::DontNeed, t.start + offset, len);
-            }
-        }
-    }
-
+impl ChunkedReads for MappedCheckpoint {
     /// Call `f` on the tensor's values as f32, CHUNK_ELEMS at a time.
     fn for_each_chunk(&self, t: &SrcTensor, dtype: DType, mut f: impl FnMut(&[f32])) {
         let chunk_bytes = CHUNK_ELEMS * dtype.size();
@@ -244,59 +157,24 @@ fn module_outputs(src: usize, t: &SrcTensor, m: &Module) -> Vec<OutTensor> {
 /// Groups of output tensors (one group per input tensor) into shards, in
 /// input order, starting a new shard when the next group would pass `max`.
 fn plan_shards(groups: Vec<Vec<OutTensor>>, max: u64) -> Vec<Vec<OutTensor>> {
-    let mut shards: Vec<Vec<OutTensor>> = vec![Vec::new()];
-    let mut size = 0u64;
-    for g in groups {
-        let n: u64 = g.iter().map(|t| t.nbytes() as u64).sum();
-        if size > 0 && size + n > max {
-            shards.push(Vec::new());
-            size = 0;
-        }
-        size += n;
-        shards.last_mut().expect("one shard at least").extend(g);
-    }
-    shards
-}
-
-fn shard_name(i: usize, n: usize) -> String {
-    if n == 1 { "model.safetensors".into() } else { format!("model-{:05}-of-{:05}.safetensors", i + 1, n) }
+    let shards = st_files::plan_shards(groups, max, |g| g.iter().map(|t| t.nbytes() as u64).sum());
+    shards.into_iter().map(|s| s.into_iter().flatten().collect()).collect()
 }
 
 fn f32_bytes(xs: &[f32]) -> Vec<u8> {
     xs.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
-/// Write one safetensors file with the layout the safetensors library gives
-/// (tensors by dtype, widest first, then by name; header padded to 8 bytes),
-/// producing each tensor's bytes only when its turn comes.
+/// Write one safetensors file, producing each tensor's bytes only when its
+/// turn comes.
 fn write_shard(
     path: &Path,
-    src: &Source,
+    src: &MappedCheckpoint,
     modules: &HashMap<usize, Module>,
     mut tensors: Vec<OutTensor>,
     progress: &mut dyn FnMut(),
 ) -> Result<u64> {
-    tensors.sort_by(|x, y| y.dtype.cmp(&x.dtype).then_with(|| x.name.cmp(&y.name)));
-    let mut offset = 0;
-    let infos: Vec<(String, TensorInfo)> = tensors
-        .iter()
-        .map(|t| {
-            let n = t.nbytes();
-            let info = TensorInfo { dtype: t.dtype, shape: t.shape.clone(), data_offsets: (offset, offset + n) };
-            offset += n;
-            (t.name.clone(), info)
-        })
-        .collect();
-    let meta = Metadata::new(Some(HashMap::from([("format".to_string(), "pt".to_string())])), infos)
-        .map_err(|e| anyhow::anyhow!("{}: cannot build the safetensors header: {e}", path.display()))?;
-    let mut header = serde_json::to_vec(&meta)?;
-    header.resize(header.len().next_multiple_of(8), b' ');
-
-    let file = File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
-    let mut w = BufWriter::with_capacity(8 << 20, file);
-    let io = |e: std::io::Error| anyhow::anyhow!("cannot write {}: {e}", path.display());
-    w.write_all(&(header.len() as u64).to_le_bytes()).map_err(io)?;
-    w.write_all(&header).map_err(io)?;
+    let mut w = ShardWriter::create(path, &mut tensors, |t| ShardEntry { name: &t.name, dtype: t.dtype, shape: &t.shape, bytes: t.nbytes() })?;
     // The absmax codes of the weight just packed (its next tensor in the file).
     let mut last_codes: Option<(usize, Vec<u8>)> = None;
     let nested_codes = |absmax: &[f32]| match nf4::double_quantize(absmax) {
@@ -310,7 +188,7 @@ fn write_shard(
             (Part::Copy, _) => {
                 let bytes = src.bytes(s);
                 for (i, block) in bytes.chunks(COPY_BYTES).enumerate() {
-                    w.write_all(block).map_err(io)?;
+                    w.write(block)?;
                     src.release(s, i * COPY_BYTES, block.len());
                 }
                 progress();
@@ -341,40 +219,18 @@ fn write_shard(
             (part, None) => unreachable!("{part:?} of {} planned without its module", t.name),
         };
         debug_assert_eq!(data.len(), t.nbytes(), "{}", t.name);
-        w.write_all(&data).map_err(io)?;
+        w.write(&data)?;
     }
-    let file = w.into_inner().map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
-    file.sync_all().with_context(|| format!("cannot sync {}", path.display()))?;
-    Ok(offset as u64)
+    w.finish()
 }
 
 // ---------------------------------------------------------------- directories
 
-/// `p` made absolute (its parent must exist).
-fn absolute(p: &Path) -> Result<PathBuf> {
-    if p.exists() {
-        return p.canonicalize().with_context(|| format!("cannot resolve {}", p.display()));
-    }
-    let parent = match p.parent() {
-        Some(x) if !x.as_os_str().is_empty() => x.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let name = p.file_name().with_context(|| format!("--out {} has no directory name", p.display()))?;
-    let parent = parent
-        .canonicalize()
-        .with_context(|| format!("cannot write {}: its parent directory {} does not exist", p.display(), parent.display()))?;
-    Ok(parent.join(name))
-}
-
 /// The output must be new (or an empty directory), and not the input.
 fn check_out(model_dir: &Path, out: &Path) -> Result<PathBuf> {
-    let out_abs = absolute(out)?;
-    if out_abs == absolute(model_dir)? {
-        bail!("--out {} is the model's own directory; write the quantized model to a new directory", out.display());
-    }
+    let out_abs = st_files::out_dir(out, &[(model_dir, "the model's own directory")], "quantized")?;
     if out_abs.exists() {
-        let empty = out_abs.is_dir()
-            && std::fs::read_dir(&out_abs).with_context(|| format!("cannot list {}", out.display()))?.next().is_none();
+        let empty = out_abs.is_dir() && st_files::is_empty_dir(&out_abs, out)?;
         if !empty {
             bail!("--out {} already exists and is not an empty directory; choose a new output directory", out.display());
         }
@@ -390,25 +246,6 @@ fn write_config(config: &Value, qc: &QuantizationConfig, path: &Path) -> Result<
     let mut text = serde_json::to_string_pretty(&v)?;
     text.push('\n');
     crate::util::atomic_write(path, text.as_bytes())
-}
-
-/// Tokenizer, generation config and chat templates, when present.
-fn copy_side_files(model_dir: &Path, tmp: &Path) -> Result<()> {
-    let mut names: Vec<String> = SIDE_FILES.iter().map(|s| s.to_string()).collect();
-    for e in std::fs::read_dir(model_dir).with_context(|| format!("cannot list {}", model_dir.display()))? {
-        let name = e?.file_name().to_string_lossy().into_owned();
-        if name.ends_with(".jinja") {
-            names.push(name);
-        }
-    }
-    for name in names {
-        let from = model_dir.join(&name);
-        if from.is_file() {
-            let data = std::fs::read(&from).with_context(|| format!("cannot read {}", from.display()))?;
-            crate::util::atomic_write(&tmp.join(&name), &data)?;
-        }
-    }
-    Ok(())
 }
 
 // ---------------------------------------------------------------- quantize
@@ -440,14 +277,14 @@ pub fn quantize_checkpoint(
         );
     }
 
-    let src = Source::open(model_dir)?;
+    let src = MappedCheckpoint::open(model_dir)?;
     let mut modules: HashMap<usize, Module> = HashMap::new();
     for (i, t) in src.tensors.iter().enumerate() {
         if !bnb::is_quantized(&t.name, &t.shape, &[]) {
             continue;
         }
         let Some(dtype) = float_dtype(t.dtype) else {
-            bail!("{}: tensor {} has dtype {:?}; ferrotune quantizes F32, F16 and BF16 weights", src.files[t.file].0.display(), t.name, t.dtype);
+            bail!("{}: tensor {} has dtype {:?}; ferrotune quantizes F32, F16 and BF16 weights", src.path(t).display(), t.name, t.dtype);
         };
         let shape = [t.shape[0], t.shape[1]];
         // With double quantization the header needs the mean absmax (in the
@@ -484,13 +321,7 @@ pub fn quantize_checkpoint(
     let shards = plan_shards(groups, opts.max_shard_bytes.max(1));
     let n_shards = shards.len();
 
-    let name = out.file_name().expect("absolute() keeps the name").to_string_lossy().into_owned();
-    let tmp = out.with_file_name(format!(".{name}.quantizing-{}", std::process::id()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).with_context(|| format!("cannot remove the stale {}", tmp.display()))?;
-    }
-    std::fs::create_dir(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-    let result = (|| -> Result<QuantizeSummary> {
+    st_files::in_temp_dir(&out, "quantizing", |tmp| {
         let mut done = 0;
         let mut bytes_out = 0;
         let mut weight_map = BTreeMap::new();
@@ -505,21 +336,14 @@ pub fn quantize_checkpoint(
             })?;
         }
         if n_shards > 1 {
-            let index = serde_json::json!({"metadata": {"total_size": bytes_out}, "weight_map": weight_map});
-            let mut text = serde_json::to_string_pretty(&index)?;
-            text.push('\n');
-            crate::util::atomic_write(&tmp.join("model.safetensors.index.json"), text.as_bytes())?;
+            st_files::write_index(tmp, serde_json::json!({"total_size": bytes_out}), &weight_map)?;
         }
         write_config(&config, &QuantizationConfig::nf4(opts.double_quant, compute_dtype), &tmp.join("config.json"))?;
-        copy_side_files(model_dir, &tmp)?;
+        st_files::copy_side_files(model_dir, tmp)?;
         if out.exists() {
             std::fs::remove_dir(&out).with_context(|| format!("cannot replace the empty {}", out.display()))?;
         }
-        std::fs::rename(&tmp, &out).with_context(|| format!("cannot rename {} to {}", tmp.display(), out.display()))?;
+        std::fs::rename(tmp, &out).with_context(|| format!("cannot rename {} to {}", tmp.display(), out.display()))?;
         Ok(QuantizeSummary { tensors: total, quantized, shards: n_shards, bytes_in, bytes_out, compute_dtype })
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_dir_all(&tmp);
-    }
-    result
+    })
 }
