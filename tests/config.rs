@@ -133,7 +133,10 @@ fn unsupported_features_are_refused() {
     ));
     assert!(error(&format!("{MINIMAL}gradient_checkpointing: offload\n"), &[]).contains("use gradient_checkpointing: true"));
     assert!(error(&format!("{MINIMAL}optimizer: paged_adamw_8bit\n"), &[]).contains("use optimizer: adamw_torch"));
-    assert!(error(&format!("{MINIMAL}reward_model: true\n"), &[]).contains("reward-model training"));
+    // reward_model is supported; its datasets are pairs, not alpaca rows.
+    let rm = error(&format!("{MINIMAL}reward_model: true\n"), &[]);
+    assert!(rm.contains("must be left out with reward_model"), "{rm}");
+    assert!(error(&format!("{MINIMAL}reward_model: true\nrl: dpo\n"), &[]).contains("reward_model and rl are both set"));
     assert!(error(&format!("{MINIMAL}load_in_8bit: true\n"), &[]).starts_with("run.yml:7: load_in_8bit: true is not supported:"));
     let sharegpt = error(&MINIMAL.replace("type: alpaca", "type: sharegpt"), &[]);
     assert!(sharegpt.starts_with("run.yml:5: datasets[0].type sharegpt is no longer supported"), "{sharegpt}");

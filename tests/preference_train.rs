@@ -136,6 +136,31 @@ fn kto_lowers_its_loss_on_unpaired_labelled_completions() {
 }
 
 #[test]
+fn reward_model_learns_to_score_chosen_above_rejected() {
+    let tmp = tempfile::tempdir().unwrap();
+    ok(&train(tmp.path(), "reward_model: true", "save_steps: 4\n"));
+    let r = records(tmp.path());
+    let last = r.last().unwrap();
+    assert!(last["accuracy"].as_f64().unwrap() > 0.9, "{last}");
+    assert!(last["loss"].as_f64().unwrap() < r[0]["loss"].as_f64().unwrap(), "{} -> {last}", r[0]);
+    // Saved as PEFT saves a sequence-classification adapter: the score head
+    // under modules_to_save, next to the LoRA tensors.
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(tmp.path().join("out/adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["task_type"], "SEQ_CLS");
+    let bytes = std::fs::read(tmp.path().join("out/adapter_model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    assert_eq!(st.tensor("base_model.model.score.weight").unwrap().shape(), &[1, 32 * 4]);
+    // And a reward run resumes from its checkpoints (score head included).
+    let out = Command::new(env!("CARGO_BIN_EXE_ferrotune"))
+        .args(["train", tmp.path().join("run.yml").to_str().unwrap(), "--set", "resume_from_checkpoint=true", "--set", "num_epochs=4"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && err.contains("resumed from"), "{err}");
+}
+
+#[test]
 fn preference_config_and_data_errors_are_clear() {
     let tmp = tempfile::tempdir().unwrap();
     let out = train(tmp.path(), "rl: grpo", "");

@@ -8,6 +8,7 @@ use crate::data::{pairs, prepare};
 use crate::model::{BaseWeights, Model};
 use crate::model::checkpoint::{self, Checkpoint};
 use crate::train::memory::{self, RunShape};
+use crate::train::reward;
 use crate::train::trainer::{self, Examples, Run};
 use crate::util::rng::Rng;
 use anyhow::{Context, Result};
@@ -106,7 +107,13 @@ fn train_on<B: Backend>(be: &B, cfg: &RunConfig, gpu: Option<GpuMemory>) -> Resu
 
     // The data before the weights: a bad row should not cost a model load.
     let tokenizer_dir = cfg.tokenizer_config.as_ref().map(PathBuf::from).unwrap_or_else(|| model_dir.clone());
-    let (train, val) = if cfg.rl.as_deref() == Some("kto") {
+    let (train, val) = if cfg.reward_model {
+        let data = pairs::prepare_reward(cfg, &tokenizer_dir, ckpt.config.vocab)?;
+        for line in &data.report {
+            eprintln!("dataset {line}");
+        }
+        (Examples::Reward(data.train), Examples::Reward(data.val))
+    } else if cfg.rl.as_deref() == Some("kto") {
         let data = pairs::prepare_kto(cfg, &tokenizer_dir, ckpt.config.vocab)?;
         for line in &data.report {
             eprintln!("dataset {line}");
@@ -143,7 +150,14 @@ fn train_on<B: Backend>(be: &B, cfg: &RunConfig, gpu: Option<GpuMemory>) -> Resu
     }
 
     let mut model = Model::load_as(be, &ckpt, base)?;
+    // A reward adapter (SEQ_CLS) brings its score head along.
+    let mut saved_score: Option<Vec<f32>> = None;
     let n_modules = match &cfg.lora_model_dir {
+        Some(dir) if cfg.reward_model && reward_adapter(Path::new(dir)) => {
+            let (n, score) = peft::load_reward(be, &mut model, Path::new(dir)).with_context(|| format!("lora_model_dir {dir}"))?;
+            saved_score = Some(score);
+            n
+        }
         Some(dir) => peft::load(be, &mut model, Path::new(dir)).with_context(|| format!("lora_model_dir {dir}"))?,
         None => model.attach_lora(be, &lora, &mut Rng::new(cfg.seed))?,
     };
@@ -162,6 +176,22 @@ fn train_on<B: Backend>(be: &B, cfg: &RunConfig, gpu: Option<GpuMemory>) -> Resu
     cfg.save_resolved(&output_dir)?;
     copy_tokenizer(&tokenizer_dir, &output_dir)?;
 
+    // A reward model's score head: fresh (transformers' init range), or
+    // the one saved with lora_model_dir's adapter. Rewards are read at the
+    // last token that is not padding, the pad id being the tokenizer's pad
+    // (or its EOS), as TRL sets it.
+    let score_head = if cfg.reward_model {
+        let tok = crate::data::tokenizer::TextTokenizer::load(&tokenizer_dir, &cfg.special_tokens)?;
+        let pad = tok.pad_id().or(tok.eos_id());
+        let hc = reward::HeadConfig::read(&model_dir)?;
+        Some(match saved_score {
+            Some(score) => reward::ScoreHead::from_host(be, &score, pad),
+            None => reward::ScoreHead::init(be, model.cfg.hidden, hc.initializer_range, pad, &mut Rng::new(cfg.seed ^ 0x5c0e)),
+        })
+    } else {
+        None
+    };
+
     let after_first_step: Option<Box<dyn FnOnce() -> Option<String> + '_>> = gpu.as_ref().map(|g| {
         let peak = g.peak;
         Box::new(move || peak().map(|b| format!("GPU memory peak after the first step: {}", memory::human(b)))) as Box<_>
@@ -176,6 +206,7 @@ fn train_on<B: Backend>(be: &B, cfg: &RunConfig, gpu: Option<GpuMemory>) -> Resu
         output_dir: output_dir.clone(),
         resume,
         after_first_step,
+        score_head,
     })?;
     let loss = summary.last_loss.map(|l| format!("{l:.4}")).unwrap_or_else(|| "n/a".into());
     let eval = summary.eval_loss.map(|l| format!(", eval_loss {l:.4}")).unwrap_or_default();
@@ -189,4 +220,9 @@ fn train_on<B: Backend>(be: &B, cfg: &RunConfig, gpu: Option<GpuMemory>) -> Resu
         summary.adapter_dir.display()
     );
     Ok(())
+}
+
+/// Whether an adapter directory holds a reward model's score head.
+fn reward_adapter(dir: &Path) -> bool {
+    std::fs::read_to_string(dir.join(peft::CONFIG_FILE)).is_ok_and(|t| t.contains("\"SEQ_CLS\""))
 }

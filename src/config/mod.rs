@@ -201,6 +201,11 @@ pub struct RunConfig {
     pub simpo_gamma: Option<f64>,
     /// SimPO/CPO: weight of the chosen completion's NLL (0 = pure SimPO).
     pub cpo_alpha: Option<f64>,
+    /// Train a reward model (a scalar `score` head on the last token, with
+    /// the adapter) on chosen/rejected pairs, as TRL's RewardTrainer.
+    pub reward_model: bool,
+    /// Reward modelling: adds this × mean((r_chosen + r_rejected)²).
+    pub center_rewards_coefficient: Option<f64>,
     /// Compute the reference policy's log-probs once before training instead
     /// of in every step (pairs: dpo, ipo).
     pub precompute_ref_log_probs: bool,
@@ -272,6 +277,8 @@ impl Default for RunConfig {
             orpo_alpha: None,
             simpo_gamma: None,
             cpo_alpha: None,
+            reward_model: false,
+            center_rewards_coefficient: None,
             precompute_ref_log_probs: false,
             kto_desirable_weight: None,
             kto_undesirable_weight: None,
@@ -285,7 +292,10 @@ impl RunConfig {
     /// keys onto TRL's: ipo is DPO with loss_type ipo, simpo is CPO with
     /// loss_type simpo, orpo_alpha is ORPO's β. None: supervised fine-tuning.
     pub fn objective(&self) -> Result<Option<crate::train::objectives::Objective>> {
-        use crate::train::objectives::{CpoConfig, DpoConfig, DpoLoss, KtoConfig, Objective, OrpoConfig};
+        use crate::train::objectives::{CpoConfig, DpoConfig, DpoLoss, KtoConfig, Objective, OrpoConfig, RewardConfig};
+        if self.reward_model {
+            return Ok(Some(Objective::Reward(RewardConfig { center_rewards_coefficient: self.center_rewards_coefficient })));
+        }
         let Some(rl) = self.rl.as_deref() else { return Ok(None) };
         let beta = self.rl_beta.unwrap_or(0.1);
         Ok(Some(match rl {

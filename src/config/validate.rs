@@ -29,6 +29,12 @@ macro_rules! check {
 }
 
 pub(crate) fn validate(c: &RunConfig, loc: &Locator) -> Result<()> {
+    check!(
+        !(c.reward_model && c.rl.is_some()),
+        loc,
+        "reward_model",
+        "and rl are both set: a run trains either a reward model or a policy (remove one)"
+    );
     if let Some(t) = c.dpo_loss_type.as_deref() {
         check!(["sigmoid", "ipo", "hinge", "robust"].contains(&t), loc, "dpo_loss_type", "must be sigmoid, ipo, hinge or robust (got {t})");
     }
@@ -88,7 +94,8 @@ pub(crate) fn validate(c: &RunConfig, loc: &Locator) -> Result<()> {
     check!(!c.datasets.is_empty(), loc, "datasets", "is empty: list at least one dataset (path, and type unless the rows are pre-tokenized)");
     for (list, entries) in [("datasets", &c.datasets), ("test_datasets", &c.test_datasets)] {
         for (i, d) in entries.iter().enumerate() {
-            validate_dataset(d, c.rl.as_deref(), &format!("{list}.{i}"), loc)?;
+            let rl = if c.reward_model { Some("reward_model") } else { c.rl.as_deref() };
+            validate_dataset(d, rl, &format!("{list}.{i}"), loc)?;
         }
     }
     if c.chat_template.as_deref() == Some("jinja") {
@@ -195,6 +202,9 @@ fn validate_dataset(d: &DatasetConfig, rl: Option<&str>, at: &str, loc: &Locator
         let preference = ["chatml.", "llama3.", "chat_template."].iter().any(|p| kind.starts_with(p)) || kind == "kto";
         if rl == Some("kto") {
             check!(false, loc, &key("type"), "must be left out with rl: kto: KTO datasets are {{prompt, completion, label}} rows (got {kind})");
+        }
+        if rl == Some("reward_model") {
+            check!(false, loc, &key("type"), "must be left out with reward_model: its datasets are {{prompt?, chosen, rejected, margin?}} rows (got {kind})");
         }
         if rl.is_some() {
             check!(

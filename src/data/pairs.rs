@@ -5,7 +5,7 @@
 //! them is cheap next to training.)
 
 use super::chat_template::ChatTemplate;
-use super::preference::{KtoExample, MessageFields, PreferenceFormat, PreferencePair, PreferenceReader, read_rows};
+use super::preference::{KtoExample, MessageFields, PreferenceFormat, PreferencePair, PreferenceReader, RewardPair, read_rows};
 use super::prepare::{ExcessLength, PrepareOptions, dataset_files, shuffle, val_count};
 use super::pretokenized::check_vocab;
 use super::tokenizer::TextTokenizer;
@@ -36,6 +36,28 @@ impl RunExample for PreferencePair {
     }
     fn fit(self, max_len: usize, policy: ExcessLength) -> (Option<Self>, bool) {
         fit(self, max_len, policy)
+    }
+}
+
+impl RunExample for RewardPair {
+    fn sequences(&self) -> Vec<crate::model::batch::Sequence> {
+        vec![
+            crate::model::batch::Sequence::unmasked(self.chosen.clone()),
+            crate::model::batch::Sequence::unmasked(self.rejected.clone()),
+        ]
+    }
+    fn fit(mut self, max_len: usize, policy: ExcessLength) -> (Option<Self>, bool) {
+        if self.chosen.len().max(self.rejected.len()) <= max_len {
+            return (Some(self), false);
+        }
+        match policy {
+            ExcessLength::Truncate => {
+                self.chosen.truncate(max_len);
+                self.rejected.truncate(max_len);
+                (Some(self), true)
+            }
+            ExcessLength::Drop => (None, false),
+        }
     }
 }
 
@@ -154,6 +176,11 @@ fn read_dataset<T: RunExample>(
 /// Read every preference dataset of the run as pairs.
 pub fn prepare_pairs(cfg: &RunConfig, tokenizer_dir: &Path, vocab: usize) -> Result<PreparedPairs> {
     prepare_examples(cfg, tokenizer_dir, vocab, &|r, row, loc| r.pair(row, loc))
+}
+
+/// Read every dataset of a reward-model run: {prompt?, chosen, rejected, margin?} rows.
+pub fn prepare_reward(cfg: &RunConfig, tokenizer_dir: &Path, vocab: usize) -> Result<PreparedPairs<RewardPair>> {
+    prepare_examples(cfg, tokenizer_dir, vocab, &|r, row, loc| r.reward(row, loc))
 }
 
 /// Read every dataset of a KTO run: {prompt, completion, label} rows.

@@ -81,6 +81,11 @@ impl TextTokenizer {
         Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
     }
 
+    /// The pad token's id, if the tokenizer names one that is in its vocabulary.
+    pub fn pad_id(&self) -> Option<u32> {
+        self.tokens.pad.as_deref().and_then(|s| self.tokenizer.token_to_id(s))
+    }
+
     /// The EOS token's id, if the tokenizer names one that is in its vocabulary.
     pub fn eos_id(&self) -> Option<u32> {
         self.tokens.eos.as_deref().and_then(|s| self.tokenizer.token_to_id(s))

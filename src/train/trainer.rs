@@ -12,7 +12,8 @@ use super::schedule::{Kind, Schedule};
 use crate::adapter::{LoraConfig, peft};
 use crate::backend::Backend;
 use crate::config::RunConfig;
-use crate::data::preference::{KtoExample as KtoIds, PreferencePair};
+use crate::data::preference::{KtoExample as KtoIds, PreferencePair, RewardPair};
+use super::reward::{self, ScoreHead};
 use crate::model::Model;
 use crate::model::batch::{Batch, Sequence};
 use crate::model::graph::{BackwardOpts, LossSum};
@@ -29,6 +30,8 @@ pub enum Examples {
     Pairs(Vec<PreferencePair>),
     /// KTO's unpaired completions, each desirable or not.
     Kto(Vec<KtoIds>),
+    /// Reward-model pairs: whole chosen and rejected sequences.
+    Reward(Vec<RewardPair>),
 }
 
 impl Examples {
@@ -37,6 +40,7 @@ impl Examples {
             Examples::Sequences(s) => s.len(),
             Examples::Pairs(p) => p.len(),
             Examples::Kto(k) => k.len(),
+            Examples::Reward(r) => r.len(),
         }
     }
 
@@ -51,6 +55,7 @@ impl Examples {
             Examples::Pairs(p) => p.iter().map(|p| 2 * p.prompt.len() + p.chosen.len() + p.rejected.len()).collect(),
             // With its KL pair (about the same length).
             Examples::Kto(k) => k.iter().map(|e| 2 * (e.prompt.len() + e.completion.len())).collect(),
+            Examples::Reward(r) => r.iter().map(|p| p.chosen.len() + p.rejected.len()).collect(),
         }
     }
 }
@@ -69,6 +74,9 @@ pub struct Run<'a, B: Backend> {
     pub output_dir: PathBuf,
     /// Continue from this checkpoint directory.
     pub resume: Option<PathBuf>,
+    /// A reward model's score head (reward_model: true), trained with the
+    /// adapter and saved as PEFT saves modules_to_save.
+    pub score_head: Option<ScoreHead<B>>,
     /// Called once after the first step (the GPU compares its measured
     /// memory peak with the plan there).
     pub after_first_step: Option<Box<dyn FnOnce() -> Option<String> + 'a>>,
@@ -142,12 +150,25 @@ fn evaluate_examples<B: Backend>(
     be: &B,
     model: &Model<B>,
     objective: Option<&Objective>,
+    head: Option<&ScoreHead<B>>,
     val: &Examples,
     rows: usize,
 ) -> Result<(f64, Metrics)> {
     match (val, objective) {
+        (Examples::Reward(r), Some(Objective::Reward(c))) => {
+            let head = head.context("a reward model needs its score head")?;
+            let mut parts = Vec::new();
+            let mut loss = 0.0;
+            for chunk in r.chunks(rows.max(1)) {
+                let refs: Vec<&RewardPair> = chunk.iter().collect();
+                let l = reward::reward_eval(be, model, head, c, &refs)?;
+                loss += l.loss * chunk.len() as f64;
+                parts.push((l.metrics, chunk.len()));
+            }
+            Ok((loss / r.len().max(1) as f64, preference::merge_metrics(&parts)))
+        }
         (Examples::Sequences(s), _) => Ok((evaluate(be, model, s, rows)?.mean(), Metrics::default())),
-        (Examples::Pairs(p), Some(obj)) if !matches!(obj, Objective::Kto(_)) => {
+        (Examples::Pairs(p), Some(obj)) if !matches!(obj, Objective::Kto(_) | Objective::Reward(_)) => {
             let mut parts = Vec::new();
             let mut loss = 0.0;
             for chunk in p.chunks(rows.max(1)) {
@@ -169,7 +190,7 @@ fn evaluate_examples<B: Backend>(
             }
             Ok((loss / k.len().max(1) as f64, preference::merge_metrics(&parts)))
         }
-        (Examples::Pairs(_) | Examples::Kto(_), _) => bail!("these examples need the matching rl objective"),
+        (Examples::Pairs(_) | Examples::Kto(_) | Examples::Reward(_), _) => bail!("these examples need the matching objective"),
     }
 }
 
@@ -240,6 +261,15 @@ fn optimizer_step<B: Backend>(
     Ok(StepOutcome { loss, targets, tokens, lr, grad_norm, metrics: Metrics::default() })
 }
 
+/// Clip and update the LoRA parameters (and the score head of a reward
+/// model); returns the pre-clip global gradient norm.
+fn update<B: Backend>(be: &B, opt: &mut Optimizer<B>, model: &mut Model<B>, head: Option<&mut ScoreHead<B>>, lr: f64) -> Result<f64> {
+    match head {
+        Some(h) => opt.step_with(be, model, &mut [&mut h.param], lr as f32),
+        None => Ok(opt.step(be, model, lr as f32)),
+    }
+}
+
 /// One optimiser step on preference pairs: each micro-batch's gradient is
 /// scaled by its share of the step's pairs, so the step optimises the mean
 /// loss over all of them.
@@ -255,10 +285,14 @@ fn preference_step<B: Backend>(
     micro_batches: &[MicroBatch],
     step: usize,
     ref_sums: Option<&[(f64, f64)]>,
+    mut head: Option<&mut ScoreHead<B>>,
 ) -> Result<StepOutcome> {
     let total: usize = micro_batches.iter().map(|mb| mb.len()).sum();
     let dropout = model.loras().any(|(_, _, l)| l.dropout > 0.0);
     model.zero_grad(be);
+    if let Some(h) = head.as_deref_mut() {
+        h.zero_grad(be);
+    }
     let (mut loss, mut tokens, mut parts) = (0.0, 0, Vec::new());
     for (mi, mb) in micro_batches.iter().enumerate() {
         let opts = BackwardOpts {
@@ -271,6 +305,13 @@ fn preference_step<B: Backend>(
             (Examples::Kto(exs), Objective::Kto(k)) => {
                 let refs: Vec<_> = mb.iter().map(|&i| &exs[i]).collect();
                 let (l, n) = preference::kto_forward_backward(be, model, k, &refs, share, opts)
+                    .with_context(|| format!("step {}", step + 1))?;
+                (l.loss, l.metrics, n)
+            }
+            (Examples::Reward(rp), Objective::Reward(c)) => {
+                let h = head.as_deref_mut().context("a reward model needs its score head")?;
+                let refs: Vec<&RewardPair> = mb.iter().map(|&i| &rp[i]).collect();
+                let (l, n) = reward::reward_forward_backward(be, model, h, c, &refs, share, opts)
                     .with_context(|| format!("step {}", step + 1))?;
                 (l.loss, l.metrics, n)
             }
@@ -299,7 +340,7 @@ fn preference_step<B: Backend>(
             cfg.learning_rate
         );
     }
-    let grad_norm = opt.step(be, model, lr as f32);
+    let grad_norm = update(be, opt, model, head, lr)?;
     Ok(StepOutcome { loss, targets: total, tokens, lr, grad_norm, metrics })
 }
 
@@ -349,6 +390,7 @@ fn restore<B: Backend>(
     be: &B,
     cfg: &RunConfig,
     model: &mut Model<B>,
+    head: &mut Option<ScoreHead<B>>,
     dir: &Path,
     fresh: TrainState,
 ) -> Result<(Optimizer<B>, TrainState)> {
@@ -362,10 +404,21 @@ fn restore<B: Backend>(
             changed.join("; ")
         );
     }
-    let n = peft::load(be, model, dir).with_context(|| format!("loading the adapter of {}", dir.display()))?;
+    let n = match head.as_mut() {
+        Some(h) => {
+            let (n, score) = peft::load_reward(be, model, dir).with_context(|| format!("loading the adapter of {}", dir.display()))?;
+            *h = ScoreHead::from_host(be, &score, h.pad_token_id);
+            n
+        }
+        None => peft::load(be, model, dir).with_context(|| format!("loading the adapter of {}", dir.display()))?,
+    };
     let (opt_step, moments) = checkpoint::read_moments(model, dir)?;
-    let mut opt = Optimizer::new(be, model, cfg.adamw_config());
+    let extras: Vec<&crate::train::optimizer::ExtraParam<B>> = head.iter().map(|h| &h.param).collect();
+    let mut opt = Optimizer::with_extras(be, model, &extras, cfg.adamw_config());
     opt.load_moments(be, &moments)?;
+    if !extras.is_empty() {
+        opt.load_extra_moments(be, &checkpoint::read_extra_moments(dir, &extras)?)?;
+    }
     opt.step = opt_step;
     let state = TrainState { total_steps: fresh.total_steps, fingerprint: fresh.fingerprint, ..saved };
     eprintln!("resumed from {} at step {} ({n} LoRA modules)", dir.display(), state.global_step);
@@ -415,16 +468,21 @@ impl CollapseWatch {
 }
 
 /// Save checkpoint-N and drop the oldest beyond save_total_limit.
+#[allow(clippy::too_many_arguments)]
 fn save_checkpoint<B: Backend>(
     be: &B,
     cfg: &RunConfig,
     model: &Model<B>,
     opt: &Optimizer<B>,
     lora: &LoraConfig,
+    head: Option<&ScoreHead<B>>,
     state: &TrainState,
     output_dir: &Path,
 ) -> Result<PathBuf> {
-    let dir = checkpoint::save(be, model, opt, lora, state, output_dir)?;
+    let dir = match head {
+        Some(h) => checkpoint::save_reward(be, model, h, opt, lora, state, output_dir)?,
+        None => checkpoint::save(be, model, opt, lora, state, output_dir)?,
+    };
     if let Some(limit) = cfg.save_total_limit {
         checkpoint::prune(output_dir, limit)?;
     }
@@ -432,7 +490,7 @@ fn save_checkpoint<B: Backend>(
 }
 
 pub fn train<B: Backend>(run: Run<'_, B>) -> Result<Summary> {
-    let Run { be, cfg, mut model, lora, train, val, output_dir, resume, mut after_first_step } = run;
+    let Run { be, cfg, mut model, lora, train, val, output_dir, resume, mut after_first_step, mut score_head } = run;
     if train.is_empty() {
         bail!("no training examples left after preparation (all rows dropped or moved to validation)");
     }
@@ -440,7 +498,8 @@ pub fn train<B: Backend>(run: Run<'_, B>) -> Result<Summary> {
     let objective = cfg.objective()?;
     match (&train, &objective) {
         (Examples::Sequences(_), None) | (Examples::Kto(_), Some(Objective::Kto(_))) => {}
-        (Examples::Pairs(_), Some(o)) if !matches!(o, Objective::Kto(_)) => {}
+        (Examples::Reward(_), Some(Objective::Reward(_))) if score_head.is_some() => {}
+        (Examples::Pairs(_), Some(o)) if !matches!(o, Objective::Kto(_) | Objective::Reward(_)) => {}
         _ => bail!("the training examples do not match rl ({})", cfg.rl.as_deref().unwrap_or("none: supervised")),
     }
     let plan = DataPlan {
@@ -472,8 +531,11 @@ pub fn train<B: Backend>(run: Run<'_, B>) -> Result<Summary> {
         fingerprint: fingerprint(cfg, &plan, &lora).to_string(),
     };
     let (mut opt, mut state) = match &resume {
-        Some(dir) => restore(be, cfg, &mut model, dir, fresh)?,
-        None => (Optimizer::new(be, &model, cfg.adamw_config()), fresh),
+        Some(dir) => restore(be, cfg, &mut model, &mut score_head, dir, fresh)?,
+        None => {
+            let extras: Vec<&crate::train::optimizer::ExtraParam<B>> = score_head.iter().map(|h| &h.param).collect();
+            (Optimizer::with_extras(be, &model, &extras, cfg.adamw_config()), fresh)
+        }
     };
 
     // The reference policy is the base model, which training never changes:
@@ -515,7 +577,7 @@ pub fn train<B: Backend>(run: Run<'_, B>) -> Result<Summary> {
         let out = match (&train, &objective) {
             (Examples::Sequences(seqs), _) => optimizer_step(be, cfg, &mut model, &mut opt, lr, seqs, step_mbs, state.global_step)?,
             (examples, Some(obj)) => {
-                preference_step(be, cfg, obj, &mut model, &mut opt, lr, examples, step_mbs, state.global_step, ref_sums.as_deref())?
+                preference_step(be, cfg, obj, &mut model, &mut opt, lr, examples, step_mbs, state.global_step, ref_sums.as_deref(), score_head.as_mut())?
             }
             (_, None) => unreachable!("checked before the loop"),
         };
@@ -566,14 +628,14 @@ pub fn train<B: Backend>(run: Run<'_, B>) -> Result<Summary> {
         }
         // Evaluation and saving at the last step happen after the loop.
         if eval_every.is_some_and(|e| step.is_multiple_of(e)) && step != total_steps {
-            let (ev, em) = evaluate_examples(be, &model, objective.as_ref(), &val, cfg.micro_batch_size)?;
+            let (ev, em) = evaluate_examples(be, &model, objective.as_ref(), score_head.as_ref(), &val, cfg.micro_batch_size)?;
             metrics.write(&eval_record(step, Some(epoch_f), ev, &em))?;
             progress.line(&format!("step {step}: eval_loss {ev:.4}"));
             last_eval = Some(ev);
             window.t0 = Instant::now();
         }
         if save_every.is_some_and(|s| step.is_multiple_of(s)) && step != total_steps {
-            let dir = save_checkpoint(be, cfg, &model, &opt, &lora, &state, &output_dir)?;
+            let dir = save_checkpoint(be, cfg, &model, &opt, &lora, score_head.as_ref(), &state, &output_dir)?;
             progress.line(&format!("saved {}", dir.display()));
             window.t0 = Instant::now();
         }
@@ -581,15 +643,18 @@ pub fn train<B: Backend>(run: Run<'_, B>) -> Result<Summary> {
     progress.finish();
 
     if !val.is_empty() {
-        let (ev, em) = evaluate_examples(be, &model, objective.as_ref(), &val, cfg.micro_batch_size)?;
+        let (ev, em) = evaluate_examples(be, &model, objective.as_ref(), score_head.as_ref(), &val, cfg.micro_batch_size)?;
         metrics.write(&eval_record(state.global_step, None, ev, &em))?;
         eprintln!("eval_loss {ev:.4} on {} validation examples", val.len());
         last_eval = Some(ev);
     }
     // The final adapter, and a last checkpoint so the run can be extended.
-    peft::save(be, &model, &lora, &output_dir)?;
+    match &score_head {
+        Some(h) => peft::save_reward(be, &model, &lora, &h.weight(be), &output_dir)?,
+        None => peft::save(be, &model, &lora, &output_dir)?,
+    }
     if save_every.is_some() {
-        save_checkpoint(be, cfg, &model, &opt, &lora, &state, &output_dir)?;
+        save_checkpoint(be, cfg, &model, &opt, &lora, score_head.as_ref(), &state, &output_dir)?;
     }
     let secs = run_t0.elapsed().as_secs_f64().max(1e-9);
     Ok(Summary {
