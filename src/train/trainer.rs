@@ -96,7 +96,7 @@ pub struct Summary {
 fn fingerprint(cfg: &RunConfig, plan: &DataPlan, lora: &LoraConfig) -> Value {
     let data = blake3::hash(&plan.lengths.iter().flat_map(|l| (*l as u64).to_le_bytes()).collect::<Vec<u8>>());
     // Values as their Rust display strings: exact, and stable through JSON.
-    let entries: [(&str, String); 17] = [
+    let entries: Vec<(&str, String)> = vec![
         ("training examples (lengths hash)", data.to_hex().to_string()),
         ("micro_batch_size", cfg.micro_batch_size.to_string()),
         ("gradient_accumulation_steps", cfg.gradient_accumulation_steps.to_string()),
@@ -114,6 +114,10 @@ fn fingerprint(cfg: &RunConfig, plan: &DataPlan, lora: &LoraConfig) -> Value {
         ("lora_r", lora.r.to_string()),
         ("lora_alpha", lora.alpha.to_string()),
         ("lora_dropout", lora.dropout.to_string()),
+        // The objective: a policy trained for one cannot continue as another.
+        ("rl", format!("{:?}", cfg.rl)),
+        ("reward_model", cfg.reward_model.to_string()),
+        ("objective settings", format!("{:?}", cfg.objective().ok().flatten())),
     ];
     Value::Object(entries.into_iter().map(|(k, v)| (k.to_string(), Value::String(v))).collect())
 }
