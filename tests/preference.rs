@@ -310,6 +310,36 @@ fn files_are_read_row_by_row_with_their_line_numbers() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// Every LoRA gradient of `model` against the fixture's `<variant>.<key>`
+/// tensors (1e-4 relative each); returns the worst relative error.
+fn worst_grad_error(
+    be: &ferrotune::backend::cpu::CpuBackend,
+    model: &ferrotune::model::Model<ferrotune::backend::cpu::CpuBackend>,
+    st: &safetensors::SafeTensors,
+    name: &str,
+) -> f64 {
+    use ferrotune::backend::Backend;
+    let mut worst = 0f64;
+    for (li, p, l) in model.loras() {
+        let module = ferrotune::model::module_path(&model.cfg, li, p);
+        for (which, g) in [("lora_A", &l.grad_a), ("lora_B", &l.grad_b)] {
+            let key = format!("{name}.base_model.model.{module}.{which}.weight");
+            let t = st.tensor(&key).unwrap_or_else(|_| panic!("{key} missing from the fixture"));
+            let want: Vec<f32> = t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+            let got = be.download(g);
+            let (mut num, mut den) = (0f64, 0f64);
+            for (a, b) in got.iter().zip(&want) {
+                num += ((a - b) as f64).powi(2);
+                den += (*b as f64).powi(2);
+            }
+            let rel = (num / den.max(1e-30)).sqrt();
+            worst = worst.max(rel);
+            assert!(rel <= 1e-4, "{name}: {key} gradient differs from TRL's by {rel:.2e} (relative)");
+        }
+    }
+    worst
+}
+
 /// The whole chain on the model: pairs through `train::preference` (chosen
 /// and rejected in one batch, the reference from the same model with its
 /// adapter off, per-token weights from dL/dlogp) give the LoRA gradients
@@ -318,13 +348,11 @@ fn files_are_read_row_by_row_with_their_line_numbers() {
 #[test]
 fn objectives_give_the_lora_gradients_of_trl_through_the_model() {
     use ferrotune::adapter::peft;
-    use ferrotune::backend::Backend;
     use ferrotune::backend::cpu::CpuBackend;
     use ferrotune::data::preference::PreferencePair;
     use ferrotune::model::Model;
     use ferrotune::model::checkpoint::Checkpoint;
     use ferrotune::model::graph::BackwardOpts;
-    use ferrotune::model::module_path;
     use ferrotune::train::preference::pair_forward_backward;
 
     let doc = read_json("objectives.json");
@@ -352,24 +380,7 @@ fn objectives_give_the_lora_gradients_of_trl_through_the_model() {
         let (loss, _) = pair_forward_backward(&be, &mut model, &obj, &refs, 1.0, opts, None).unwrap();
         let want_loss = f(&v["loss"]);
         assert!((loss.loss - want_loss).abs() <= 1e-5 * want_loss.abs().max(1e-3), "{name}: loss {} vs TRL {want_loss}", loss.loss);
-        let mut worst = 0f64;
-        for (li, p, l) in model.loras() {
-            let module = module_path(&model.cfg, li, p);
-            for (which, g) in [("lora_A", &l.grad_a), ("lora_B", &l.grad_b)] {
-                let key = format!("{name}.base_model.model.{module}.{which}.weight");
-                let t = st.tensor(&key).unwrap_or_else(|_| panic!("{key} missing from the fixture"));
-                let want: Vec<f32> = t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-                let got = be.download(g);
-                let (mut num, mut den) = (0f64, 0f64);
-                for (a, b) in got.iter().zip(&want) {
-                    num += ((a - b) as f64).powi(2);
-                    den += (*b as f64).powi(2);
-                }
-                let rel = (num / den.max(1e-30)).sqrt();
-                worst = worst.max(rel);
-                assert!(rel <= 1e-4, "{name}: {key} gradient differs from TRL's by {rel:.2e} (relative)");
-            }
-        }
+        let worst = worst_grad_error(&be, &model, &st, name);
         eprintln!("{name}: loss {:.8} (TRL {want_loss:.8}), worst LoRA gradient rel err {worst:.2e}", loss.loss);
         checked += 1;
     }
@@ -394,24 +405,7 @@ fn objectives_give_the_lora_gradients_of_trl_through_the_model() {
         let (loss, _) = kto_forward_backward(&be, &mut model, &cfg, &refs, 1.0, opts).unwrap();
         let want_loss = f(&v["loss"]);
         assert!((loss.loss - want_loss).abs() <= 1e-5 * want_loss.abs().max(1e-3), "{name}: loss {} vs TRL {want_loss}", loss.loss);
-        let mut worst = 0f64;
-        for (li, p, l) in model.loras() {
-            let module = module_path(&model.cfg, li, p);
-            for (which, g) in [("lora_A", &l.grad_a), ("lora_B", &l.grad_b)] {
-                let key = format!("{name}.base_model.model.{module}.{which}.weight");
-                let t = st.tensor(&key).unwrap_or_else(|_| panic!("{key} missing from the fixture"));
-                let want: Vec<f32> = t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-                let got = be.download(g);
-                let (mut num, mut den) = (0f64, 0f64);
-                for (a, b) in got.iter().zip(&want) {
-                    num += ((a - b) as f64).powi(2);
-                    den += (*b as f64).powi(2);
-                }
-                let rel = (num / den.max(1e-30)).sqrt();
-                worst = worst.max(rel);
-                assert!(rel <= 1e-4, "{name}: {key} gradient differs from TRL's by {rel:.2e} (relative)");
-            }
-        }
+        let worst = worst_grad_error(&be, &model, &st, name);
         eprintln!("{name}: loss {:.8} (TRL {want_loss:.8}), worst LoRA gradient rel err {worst:.2e}", loss.loss);
     }
 }
