@@ -122,6 +122,16 @@ pub fn load<B: Backend>(be: &B, model: &mut Model<B>, dir: &Path) -> Result<usiz
     Ok(count)
 }
 
+/// Whether `dir` holds a reward model's adapter (task_type SEQ_CLS, with
+/// its score head).
+pub fn is_reward_adapter(dir: &Path) -> Result<bool> {
+    let path = dir.join(CONFIG_FILE);
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {} (is {} a PEFT adapter directory?)", path.display(), dir.display()))?;
+    let v: Value = serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?;
+    Ok(v.get("task_type").and_then(|t| t.as_str()) == Some("SEQ_CLS"))
+}
+
 /// Load a reward model's PEFT adapter (task_type SEQ_CLS, modules_to_save
 /// ["score"]): the LoRA tensors into the model, and the score head's
 /// weight [1, hidden], returned with the number of adapted modules.

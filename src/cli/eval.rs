@@ -160,7 +160,7 @@ fn eval_on<B: Backend>(be: &B, a: &EvalArgs) -> Result<()> {
     bar.set_style(ProgressStyle::with_template("eval {bar:30} {pos}/{len} tokens {per_sec} eta {eta}").expect("valid template"));
     let mut sum = LossSum::default();
     for (bi, group) in groups.iter().enumerate() {
-        let batch = Batch::from_sequences(group, cfg.vocab)
+        let batch = Batch::from_sequences(*group, cfg.vocab)
             .map_err(|e| anyhow::anyhow!("{source}: batch {bi}: {e}"))?;
         sum.add(model.eval_loss(be, &batch));
         bar.inc(batch.n_tokens() as u64);

@@ -153,7 +153,7 @@ fn train_on<B: Backend>(be: &B, cfg: &RunConfig, gpu: Option<GpuMemory>) -> Resu
     // A reward adapter (SEQ_CLS) brings its score head along.
     let mut saved_score: Option<Vec<f32>> = None;
     let n_modules = match &cfg.lora_model_dir {
-        Some(dir) if cfg.reward_model && reward_adapter(Path::new(dir)) => {
+        Some(dir) if cfg.reward_model && peft::is_reward_adapter(Path::new(dir))? => {
             let (n, score) = peft::load_reward(be, &mut model, Path::new(dir)).with_context(|| format!("lora_model_dir {dir}"))?;
             saved_score = Some(score);
             n
@@ -222,7 +222,3 @@ fn train_on<B: Backend>(be: &B, cfg: &RunConfig, gpu: Option<GpuMemory>) -> Resu
     Ok(())
 }
 
-/// Whether an adapter directory holds a reward model's score head.
-fn reward_adapter(dir: &Path) -> bool {
-    std::fs::read_to_string(dir.join(peft::CONFIG_FILE)).is_ok_and(|t| t.contains("\"SEQ_CLS\""))
-}

@@ -97,7 +97,8 @@ pub struct RewardPair {
     pub margin: Option<f64>,
 }
 
-fn completion_sequence(prompt: &[u32], completion: &[u32]) -> Sequence {
+/// prompt + completion with the prompt's labels -100.
+pub fn completion_sequence(prompt: &[u32], completion: &[u32]) -> Sequence {
     let mut input_ids = prompt.to_vec();
     input_ids.extend_from_slice(completion);
     let mut labels = vec![IGNORE_INDEX; prompt.len()];

@@ -39,9 +39,9 @@ pub struct Batch {
 impl Batch {
     /// Build from whole sequences; each is its own attention segment.
     /// Every id must be below `vocab`.
-    pub fn from_sequences(seqs: &[Sequence], vocab: usize) -> Result<Batch> {
+    pub fn from_sequences<'a>(seqs: impl IntoIterator<Item = &'a Sequence>, vocab: usize) -> Result<Batch> {
         let mut b = Batch { ids: vec![], positions: vec![], targets: vec![], cu_seqlens: vec![0] };
-        for (si, s) in seqs.iter().enumerate() {
+        for (si, s) in seqs.into_iter().enumerate() {
             if s.input_ids.len() != s.labels.len() {
                 bail!("example {si}: {} input_ids but {} labels", s.input_ids.len(), s.labels.len());
             }

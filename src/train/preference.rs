@@ -6,7 +6,7 @@
 //! (`TokenWeights::FromLosses`: the layers run forward once).
 
 use super::objectives::{KtoConfig, KtoExample, KtoLoss, Metrics, NllSum, Objective, PairLogps, PairLoss, SeqLogps};
-use crate::data::preference::KtoExample as KtoExampleIds;
+use crate::data::preference::{KtoExample as KtoExampleIds, completion_sequence};
 use crate::backend::Backend;
 use crate::data::preference::PreferencePair;
 use crate::model::Model;
@@ -226,7 +226,7 @@ fn kto_batches(exs: &[&KtoExampleIds], vocab: usize) -> Result<(Batch, Vec<Span>
         let mut offset = 0;
         for i in 0..exs.len() {
             let (p, c) = pick(i);
-            let s = KtoExampleIds { prompt: exs[p].prompt.clone(), completion: exs[c].completion.clone(), desirable: true }.sequence();
+            let s = completion_sequence(&exs[p].prompt, &exs[c].completion);
             spans.push(completion_span(offset, exs[p].prompt.len(), exs[c].completion.len()));
             offset += s.input_ids.len();
             seqs.push(s);

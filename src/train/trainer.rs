@@ -159,43 +159,32 @@ fn evaluate_examples<B: Backend>(
     rows: usize,
 ) -> Result<(f64, Metrics)> {
     match (val, objective) {
+        (Examples::Sequences(s), _) => Ok((evaluate(be, model, s, rows)?.mean(), Metrics::default())),
         (Examples::Reward(r), Some(Objective::Reward(c))) => {
             let head = head.context("a reward model needs its score head")?;
-            let mut parts = Vec::new();
-            let mut loss = 0.0;
-            for chunk in r.chunks(rows.max(1)) {
-                let refs: Vec<&RewardPair> = chunk.iter().collect();
-                let l = reward::reward_eval(be, model, head, c, &refs)?;
-                loss += l.loss * chunk.len() as f64;
-                parts.push((l.metrics, chunk.len()));
-            }
-            Ok((loss / r.len().max(1) as f64, preference::merge_metrics(&parts)))
-        }
-        (Examples::Sequences(s), _) => Ok((evaluate(be, model, s, rows)?.mean(), Metrics::default())),
-        (Examples::Pairs(p), Some(obj)) if !matches!(obj, Objective::Kto(_) | Objective::Reward(_)) => {
-            let mut parts = Vec::new();
-            let mut loss = 0.0;
-            for chunk in p.chunks(rows.max(1)) {
-                let refs: Vec<&PreferencePair> = chunk.iter().collect();
-                let l = preference::pair_eval(be, model, obj, &refs)?;
-                loss += l.loss * chunk.len() as f64;
-                parts.push((l.metrics, chunk.len()));
-            }
-            Ok((loss / p.len().max(1) as f64, preference::merge_metrics(&parts)))
+            eval_in_chunks(r, rows, |refs| reward::reward_eval(be, model, head, c, refs).map(|l| (l.loss, l.metrics)))
         }
         (Examples::Kto(k), Some(Objective::Kto(c))) => {
-            let mut parts = Vec::new();
-            let mut loss = 0.0;
-            for chunk in k.chunks(rows.max(1)) {
-                let refs: Vec<&KtoIds> = chunk.iter().collect();
-                let l = preference::kto_eval(be, model, c, &refs)?;
-                loss += l.loss * chunk.len() as f64;
-                parts.push((l.metrics, chunk.len()));
-            }
-            Ok((loss / k.len().max(1) as f64, preference::merge_metrics(&parts)))
+            eval_in_chunks(k, rows, |refs| preference::kto_eval(be, model, c, refs).map(|l| (l.loss, l.metrics)))
+        }
+        (Examples::Pairs(p), Some(obj)) if !matches!(obj, Objective::Kto(_) | Objective::Reward(_)) => {
+            eval_in_chunks(p, rows, |refs| preference::pair_eval(be, model, obj, refs).map(|l| (l.loss, l.metrics)))
         }
         (Examples::Pairs(_) | Examples::Kto(_) | Examples::Reward(_), _) => bail!("these examples need the matching objective"),
     }
+}
+
+/// Loss and metrics over `items` evaluated `rows` at a time, each chunk
+/// weighted by its size.
+fn eval_in_chunks<T>(items: &[T], rows: usize, mut eval: impl FnMut(&[&T]) -> Result<(f64, Metrics)>) -> Result<(f64, Metrics)> {
+    let (mut loss, mut parts) = (0.0, Vec::new());
+    for chunk in items.chunks(rows.max(1)) {
+        let refs: Vec<&T> = chunk.iter().collect();
+        let (l, m) = eval(&refs)?;
+        loss += l * chunk.len() as f64;
+        parts.push((m, chunk.len()));
+    }
+    Ok((loss / items.len().max(1) as f64, preference::merge_metrics(&parts)))
 }
 
 /// A dropout seed per (run seed, step, micro-batch): stateless, so a resumed
@@ -235,8 +224,7 @@ fn optimizer_step<B: Backend>(
     let batches = micro_batches
         .iter()
         .map(|mb| {
-            let seqs: Vec<Sequence> = mb.iter().map(|&i| examples[i].clone()).collect();
-            Batch::from_sequences(&seqs, model.cfg.vocab)
+            Batch::from_sequences(mb.iter().map(|&i| &examples[i]), model.cfg.vocab)
         })
         .collect::<Result<Vec<Batch>>>()?;
     let targets: usize = batches.iter().map(|b| b.n_targets()).sum();
