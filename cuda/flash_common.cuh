@@ -1,7 +1,7 @@
 // Warp-level tensor-core and async-copy wrappers (inline PTX, sm_80+) used by
 // cuda/flash_attn.cu. Only the instructions live here, each behind a small
 // function, so that the kernels' index math reads as plain C++ (and can be
-// exercised off-GPU by substituting these few functions with an emulation).
+// exercised off-GPU: cuda/emu/flash_common_emu.h replaces these few functions).
 //
 // PTX ISA references (PTX ISA 8.4, section "Warp Level Matrix Multiply-
 // Accumulate Instructions" and "Data Movement and Conversion Instructions"):
@@ -28,6 +28,11 @@
 // exactly the A fragment of k-slice k of the next product:
 //   a0 = (C[2k].c0,c1) a1 = (C[2k].c2,c3) a2 = (C[2k+1].c0,c1) a3 = (C[2k+1].c2,c3).
 #pragma once
+
+#ifdef FT_SIMT_EMU
+// Off-GPU: the SIMT emulator's versions of the functions below (cuda/emu/).
+#include "emu/flash_common_emu.h"
+#else
 
 #include <cuda_bf16.h>
 
@@ -87,3 +92,5 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
 
 }  // namespace fa
+
+#endif  // FT_SIMT_EMU

@@ -414,7 +414,7 @@ impl<'a, R: Backend, C: Backend> Harness<'a, R, C> {
         self.check("adamw exp_avg_sq".into(), &rv, &cv, t.f32_outputs);
     }
 
-    fn attention(&mut self, seqs: &[usize], heads: usize, kv: usize, d: usize, window: Option<usize>) {
+    pub fn attention(&mut self, seqs: &[usize], heads: usize, kv: usize, d: usize, window: Option<usize>) {
         let t = self.tol;
         let n: usize = seqs.iter().sum();
         let mut cu = vec![0i32];

@@ -1,0 +1,180 @@
+//! The CUDA backend's checks against the CPU reference, shared by the GPU
+//! check (tests/gpu.rs: realistic shapes on a real GPU) and the emulator
+//! check (tests/cuda_emu.rs: small shapes on the SIMT emulator, in CI).
+//! Each takes the backend and the sizes; tolerances are the bf16 ones
+//! documented in tests/gpu.rs.
+#![allow(dead_code)]
+
+use crate::common::{
+    CASES, GPU_CURVE_TOL, GPU_GRAD_TOL, GPU_LOSS_TOL, Reference, fixture, load_with_adapter, loss_and_grads, rel_err,
+};
+use crate::generation;
+use ferrotune::backend::Backend;
+use ferrotune::backend::conformance::{Harness, Scale, Tolerances, random_nf4};
+use ferrotune::backend::cpu::CpuBackend;
+use ferrotune::backend::cuda::CudaBackend;
+use ferrotune::model::batch::Batch;
+use ferrotune::train::optimizer::{AdamWConfig, Optimizer};
+use ferrotune::util::rng::Rng;
+
+fn assert_checks_pass(h: &Harness<'_, CpuBackend, CudaBackend>, what: &str) {
+    let mut failed = 0;
+    for c in &h.checks {
+        eprintln!("{c}");
+        failed += !c.passed() as usize;
+    }
+    assert_eq!(failed, 0, "{failed} of {} {what} checks failed", h.checks.len());
+}
+
+/// Every op of the backend against the CPU (src/backend/conformance.rs).
+pub fn every_kernel(cuda: &CudaBackend, scale: Scale) {
+    let cpu = CpuBackend::new();
+    let mut h = Harness::new(&cpu, cuda, Tolerances::bf16(), 7);
+    h.run(scale);
+    assert_checks_pass(&h, "kernel");
+}
+
+/// Flash attention on varlen batches whose sequences span several 64-row
+/// tiles (lengths `seqs`), for the tensor-core head dims and a generic one.
+pub fn attention_tiles(cuda: &CudaBackend, seqs: &[usize]) {
+    let cpu = CpuBackend::new();
+    let mut h = Harness::new(&cpu, cuda, Tolerances::bf16(), 13);
+    for (d, heads, kv, window) in [(64, 4, 2, None), (128, 2, 1, None), (64, 2, 2, Some(65)), (128, 4, 2, Some(7)), (40, 2, 1, Some(70))] {
+        h.attention(seqs, heads, kv, d, window);
+    }
+    assert_checks_pass(&h, "attention");
+}
+
+/// The whole model's loss and LoRA gradients on every fixture.
+pub fn model_parity(cuda: &CudaBackend) {
+    let cpu = CpuBackend::new();
+    let mut worst = Vec::new();
+    for case in CASES {
+        let (seqs, _) = Reference::load(case).sequences();
+        let mut m_cpu = load_with_adapter(&cpu, case);
+        let mut m_gpu = load_with_adapter(cuda, case);
+        let batch = Batch::from_sequences(&seqs, m_cpu.cfg.vocab).unwrap();
+        let (l_cpu, g_cpu) = loss_and_grads(&cpu, &mut m_cpu, &batch);
+        let (l_gpu, g_gpu) = loss_and_grads(cuda, &mut m_gpu, &batch);
+        let loss_rel = (l_gpu - l_cpu).abs() / l_cpu;
+        let grad_rel = rel_err(&g_gpu, &g_cpu);
+        eprintln!("{case}: loss cpu {l_cpu:.6} gpu {l_gpu:.6} (rel {loss_rel:.2e}); LoRA gradients rel {grad_rel:.2e}");
+        worst.push((case, loss_rel, grad_rel));
+    }
+    for (case, loss_rel, grad_rel) in worst {
+        assert!(loss_rel <= GPU_LOSS_TOL, "{case}: loss rel error {loss_rel:e} > {GPU_LOSS_TOL:e}");
+        assert!(grad_rel <= GPU_GRAD_TOL, "{case}: LoRA gradient rel error {grad_rel:e} > {GPU_GRAD_TOL:e}");
+    }
+}
+
+/// `steps` AdamW steps on the llama3 fixture, on both backends side by side.
+pub fn adamw_curve(cuda: &CudaBackend, steps: usize) {
+    let cpu = CpuBackend::new();
+    let case = "llama3";
+    let (seqs, _) = Reference::load(case).sequences();
+    let mut m_cpu = load_with_adapter(&cpu, case);
+    let mut m_gpu = load_with_adapter(cuda, case);
+    let batch = Batch::from_sequences(&seqs, m_cpu.cfg.vocab).unwrap();
+    let mut o_cpu = Optimizer::new(&cpu, &m_cpu, AdamWConfig::default());
+    let mut o_gpu = Optimizer::new(cuda, &m_gpu, AdamWConfig::default());
+    let mut worst: f64 = 0.0;
+    let (mut first, mut last) = (0.0, 0.0);
+    for step in 0..steps {
+        let (l_cpu, _) = loss_and_grads(&cpu, &mut m_cpu, &batch);
+        let (l_gpu, _) = loss_and_grads(cuda, &mut m_gpu, &batch);
+        o_cpu.step(&cpu, &mut m_cpu, 1e-3);
+        o_gpu.step(cuda, &mut m_gpu, 1e-3);
+        let rel = (l_gpu - l_cpu).abs() / l_cpu;
+        worst = worst.max(rel);
+        if step % 10 == 0 || step + 1 == steps {
+            eprintln!("step {step:>2}: loss cpu {l_cpu:.5} gpu {l_gpu:.5} (rel {rel:.2e})");
+        }
+        if step == 0 {
+            first = l_cpu;
+        }
+        last = l_cpu;
+    }
+    assert!(last < first, "the CPU run itself did not learn ({first} -> {last})");
+    assert!(worst <= GPU_CURVE_TOL, "loss curves diverge: worst step rel error {worst:e} > {GPU_CURVE_TOL:e}");
+}
+
+/// cuda/decode_attn.cu against the CPU reference over head dims (the
+/// tensor-core sizes, odd and largest), GQA ratios, windows shorter and
+/// longer than the cache, and the (past, new) token counts given.
+/// Tolerance: Tolerances::bf16().attention (8e-3): the kernel rounds only
+/// its output to bf16 (2^-9 relative), from identical bf16 inputs, so the
+/// error is that one rounding plus f32 summation order.
+pub fn decode_attention(cuda: &CudaBackend, steps: &[(usize, usize)]) {
+    let cpu = CpuBackend::new();
+    let mut h = Harness::new(&cpu, cuda, Tolerances::bf16(), 11);
+    for (d, heads, kv, window) in
+        [(64, 8, 8, None), (128, 32, 8, None), (128, 28, 4, Some(4096)), (96, 6, 2, Some(17)), (256, 8, 1, Some(1)), (8, 4, 2, None)]
+    {
+        for &(past, new) in steps {
+            h.decode_attention(past, new, heads, kv, d, window);
+        }
+    }
+    assert_checks_pass(&h, "decode_attention");
+}
+
+/// Prefill + 19 cached steps, fed the CPU's greedy tokens, against the CPU's
+/// cached logits (which tests/generate.rs holds to the full recomputation).
+/// Bound: GPU_LOGITS_TOL (see its comment).
+pub fn cached_generation(cuda: &CudaBackend) {
+    let mut worst = Vec::new();
+    for case in CASES {
+        let err = generation::teacher_forced_logits_rel_err(cuda, case);
+        eprintln!("{case}: cached logits rel error {err:.2e} (bound {:.0e})", generation::GPU_LOGITS_TOL);
+        worst.push((case, err));
+    }
+    for (case, err) in worst {
+        assert!(err <= generation::GPU_LOGITS_TOL, "{case}: cached logits rel error {err:e} > {:e}", generation::GPU_LOGITS_TOL);
+    }
+}
+
+/// cuda/nf4.cu against bf16(CPU dequantize), every value bit for bit (both
+/// compute code·absmax, and nested_map·nested_absmax + offset, as
+/// single-rounded f32 operations), plain and double-quantized.
+pub fn nf4_bit_exact(cuda: &CudaBackend, shapes: &[[usize; 2]]) {
+    let cpu = CpuBackend::new();
+    let mut rng = Rng::new(5);
+    for nested in [false, true] {
+        for &shape in shapes {
+            let t = random_nf4(&mut rng, shape, nested);
+            let want: Vec<u32> = cpu
+                .weight_to_f32(&cpu.weight_from_nf4(&t).unwrap())
+                .iter()
+                .map(|&x| half::bf16::from_f32(x).to_f32().to_bits())
+                .collect();
+            let got: Vec<u32> = cuda.weight_to_f32(&cuda.weight_from_nf4(&t).unwrap()).iter().map(|x| x.to_bits()).collect();
+            let diff = got.iter().zip(&want).filter(|(a, b)| a != b).count();
+            eprintln!("nf4 dequantize {shape:?} nested={nested}: {diff} of {} values differ", want.len());
+            assert_eq!(diff, 0, "{shape:?} nested={nested}: the GPU dequantization is not bit-exact");
+        }
+    }
+}
+
+/// The QLoRA fixture (4-bit base + adapter) against the CPU: the GPU's
+/// dequantized weights are the CPU's rounded to bf16 (checked bit for bit by
+/// nf4_bit_exact), so the model-level bounds are the bf16 ones.
+pub fn qlora_parity(cuda: &CudaBackend) {
+    use ferrotune::adapter::peft;
+    use ferrotune::model::Model;
+    use ferrotune::model::checkpoint::Checkpoint;
+    let cpu = CpuBackend::new();
+    let ckpt = Checkpoint::open(&fixture("qlora").join("bnb_model")).unwrap();
+    let adapter = fixture("qlora").join("adapter");
+    let mut m_cpu = Model::load(&cpu, &ckpt).unwrap();
+    peft::load(&cpu, &mut m_cpu, &adapter).unwrap();
+    let mut m_gpu = Model::load(cuda, &ckpt).unwrap();
+    peft::load(cuda, &mut m_gpu, &adapter).unwrap();
+    let (seqs, _) = Reference::load("qlora").sequences();
+    let batch = Batch::from_sequences(&seqs, m_cpu.cfg.vocab).unwrap();
+    let (l_cpu, g_cpu) = loss_and_grads(&cpu, &mut m_cpu, &batch);
+    let (l_gpu, g_gpu) = loss_and_grads(cuda, &mut m_gpu, &batch);
+    let loss_rel = (l_gpu - l_cpu).abs() / l_cpu;
+    let grad_rel = rel_err(&g_gpu, &g_cpu);
+    eprintln!("qlora: loss cpu {l_cpu:.6} gpu {l_gpu:.6} (rel {loss_rel:.2e}); LoRA gradients rel {grad_rel:.2e}");
+    assert!(loss_rel <= GPU_LOSS_TOL, "loss rel error {loss_rel:e} > {GPU_LOSS_TOL:e}");
+    assert!(grad_rel <= GPU_GRAD_TOL, "LoRA gradient rel error {grad_rel:e} > {GPU_GRAD_TOL:e}");
+}
