@@ -95,13 +95,19 @@ cublasStatus_t cublasGemmEx(cublasHandle_t h, int transa, int transb, int m, int
         !operand_ok(C, c_type, m, n, ldc))
         return CUBLAS_STATUS_INVALID_VALUE;
     const float al = *(const float*)alpha, be = *(const float*)beta;
-    std::vector<double> a_row((size_t)k);
-    for (int i = 0; i < m; ++i) {
-        for (int p = 0; p < k; ++p) a_row[p] = element(A, a_type, ta ? (long long)i * lda + p : (long long)p * lda + i);
-        for (int j = 0; j < n; ++j) {
+    // op(A) as m rows of k and op(B) as n rows of k, so that every output
+    // is one contiguous dot product.
+    std::vector<double> a((size_t)m * k), b((size_t)n * k);
+    for (int i = 0; i < m; ++i)
+        for (int p = 0; p < k; ++p) a[(size_t)i * k + p] = element(A, a_type, ta ? (long long)i * lda + p : (long long)p * lda + i);
+    for (int j = 0; j < n; ++j)
+        for (int p = 0; p < k; ++p) b[(size_t)j * k + p] = element(B, b_type, tb ? (long long)p * ldb + j : (long long)j * ldb + p);
+    for (int j = 0; j < n; ++j) {
+        const double* bj = &b[(size_t)j * k];
+        for (int i = 0; i < m; ++i) {
+            const double* ai = &a[(size_t)i * k];
             double acc = 0;
-            for (int p = 0; p < k; ++p)
-                acc += a_row[p] * element(B, b_type, tb ? (long long)p * ldb + j : (long long)j * ldb + p);
+            for (int p = 0; p < k; ++p) acc += ai[p] * bj[p];
             const long long ci = (long long)j * ldc + i;
             float v = (float)((double)al * acc);
             if (be != 0.0f) v = (float)((double)al * acc + (double)be * element(C, c_type, ci));

@@ -71,22 +71,58 @@ bool lazy_copies() {
 namespace {
 
 constexpr size_t kStackBytes = 256 * 1024;
-std::vector<unsigned char*> g_stacks;  // reused across launches
 
-unsigned char* fiber_stack(size_t i) {
-    while (g_stacks.size() <= i) {
-        const size_t page = (size_t)sysconf(_SC_PAGESIZE);
-        void* p = mmap(nullptr, kStackBytes + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-        if (p == MAP_FAILED) fail("cannot map a fiber stack");
-        mprotect(p, page, PROT_NONE);  // an overflowing kernel faults instead of corrupting a neighbour
-        g_stacks.push_back((unsigned char*)p + page);
-    }
-    return g_stacks[i];
-}
+#if defined(__x86_64__)
+// Saves the callee-saved registers on the current stack, stores the stack
+// pointer in *save, loads `load` and restores the registers saved there.
+// (System V: rbx, rbp, r12-r15 are callee-saved; the rest the compiler spills
+// around the call. Kernels do not change the FP control state.)
+extern "C" void simt_switch(void** save, void* load);
+asm(R"(
+    .text
+    .globl simt_switch
+    .hidden simt_switch
+    .type simt_switch, @function
+simt_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size simt_switch, .-simt_switch
+)");
 
-void yield_to_scheduler() {
-    if (!_setjmp(g.cur->jb)) _longjmp(g.sched_jb, 1);
+// A stack whose first switch "returns" into entry() with the ABI's alignment.
+void context_init(Context& c, unsigned char* stack, size_t bytes, void (*entry)()) {
+    void** sp = (void**)(((uintptr_t)(stack + bytes)) & ~(uintptr_t)15);
+    *--sp = nullptr;          // entry's return address slot (never returns)
+    *--sp = (void*)entry;     // popped by simt_switch's ret
+    for (int i = 0; i < 6; ++i) *--sp = nullptr;  // rbp rbx r12 r13 r14 r15
+    c.sp = sp;
 }
+inline void context_switch(Context& from, Context& to) { simt_switch(&from.sp, to.sp); }
+#else
+void context_init(Context& c, unsigned char* stack, size_t bytes, void (*entry)()) {
+    getcontext(&c.uc);
+    c.uc.uc_stack.ss_sp = stack;
+    c.uc.uc_stack.ss_size = bytes;
+    c.uc.uc_link = nullptr;
+    makecontext(&c.uc, entry, 0);
+}
+inline void context_switch(Context& from, Context& to) { swapcontext(&from.uc, &to.uc); }
+#endif
+
+void yield_to_scheduler() { context_switch(g.cur->ctx, g.scheduler); }
 
 void wait_until_changed(const unsigned long* gen_ptr, unsigned long gen, const char* what) {
     Fiber* f = g.cur;
@@ -105,17 +141,37 @@ void release_block_barrier_if_complete() {
     }
 }
 
-void fiber_entry(unsigned lo, unsigned hi) {
-    auto* body = (const std::function<void()>*)(((uintptr_t)hi << 32) | lo);
-    (*body)();
-    Fiber* f = g.cur;
-    if (!f->pending.empty()) fail("the thread exited with cp.async copies it never waited for");
-    f->done = true;
-    g.exited++;
-    // Exited threads count as arrived at __syncthreads (PTX ISA, `exit`: a
-    // barrier held up only by exited threads is released).
-    release_block_barrier_if_complete();
-    _longjmp(g.sched_jb, 1);
+// Every fiber runs this forever: the kernel body for one thread of one
+// block, then back to the scheduler, which resumes it for the next block.
+void fiber_main() {
+    for (;;) {
+        Fiber* f = g.cur;
+        (*g.body)();
+        if (!f->pending.empty()) fail("the thread exited with cp.async copies it never waited for");
+        f->done = true;
+        g.exited++;
+        // Exited threads count as arrived at __syncthreads (PTX ISA, `exit`: a
+        // barrier held up only by exited threads is released).
+        release_block_barrier_if_complete();
+        context_switch(f->ctx, g.scheduler);
+    }
+}
+
+// The fibers, created on first use and kept (stack included) for later launches.
+std::vector<Fiber*> g_pool;
+
+Fiber* fiber(size_t i) {
+    while (g_pool.size() <= i) {
+        const size_t page = (size_t)sysconf(_SC_PAGESIZE);
+        void* p = mmap(nullptr, kStackBytes + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (p == MAP_FAILED) fail("cannot map a fiber stack");
+        mprotect(p, page, PROT_NONE);  // an overflowing kernel faults instead of corrupting a neighbour
+        auto* f = new Fiber();
+        f->stack = (unsigned char*)p + page;
+        context_init(f->ctx, f->stack, kStackBytes, fiber_main);
+        g_pool.push_back(f);
+    }
+    return g_pool[i];
 }
 
 [[noreturn]] void report_deadlock() {
@@ -123,7 +179,7 @@ void fiber_entry(unsigned lo, unsigned hi) {
     fprintf(stderr, "SIMT emulator: deadlock in kernel %s, block %s: a barrier or warp collective that not every "
             "thread reaches\n", g.kernel, label(g.bidx, b, sizeof b));
     std::map<std::string, std::vector<int>> by_state;
-    for (auto& f : g.fibers) by_state[f.done ? "exited" : f.waiting_on ? f.waiting_on : "running"].push_back(f.lin);
+    for (Fiber* f : g.fibers) by_state[f->done ? "exited" : f->waiting_on ? f->waiting_on : "running"].push_back(f->lin);
     for (auto& [state, ids] : by_state) {
         fprintf(stderr, "  %zu thread(s) %s:", ids.size(), state.c_str());
         for (size_t i = 0; i < ids.size() && i < 16; ++i) fprintf(stderr, " %d", ids[i]);
@@ -133,23 +189,16 @@ void fiber_entry(unsigned lo, unsigned hi) {
     fail("deadlock");
 }
 
-void run_block(const std::function<void()>& body) {
+void run_block() {
     const int n = g.nthreads;
     for (int t = 0; t < n; ++t) {
-        Fiber& f = g.fibers[t];
+        Fiber& f = *g.fibers[t];
         f.lin = t;
         f.tid = Dim3{t % g.block.x, (t / g.block.x) % g.block.y, t / (g.block.x * g.block.y)};
-        f.started = f.done = false;
+        f.done = false;
         f.wait_ptr = nullptr;
         f.waiting_on = nullptr;
         f.pending.clear();
-        f.stack = fiber_stack(t);
-        getcontext(&f.ctx);
-        f.ctx.uc_stack.ss_sp = f.stack;
-        f.ctx.uc_stack.ss_size = kStackBytes;
-        f.ctx.uc_link = nullptr;
-        const uintptr_t p = (uintptr_t)&body;
-        makecontext(&f.ctx, (void (*)())fiber_entry, 2, (unsigned)(p & 0xffffffffu), (unsigned)(p >> 32));
     }
     g.exited = 0;
     g.bar_gen = 0;
@@ -164,19 +213,12 @@ void run_block(const std::function<void()>& body) {
         if (schedule() == Schedule::Random) std::shuffle(order.begin(), order.end(), rng);
         bool progress = false, all_done = true;
         for (int t : order) {
-            Fiber& f = g.fibers[t];
+            Fiber& f = *g.fibers[t];
             if (f.done) continue;
             all_done = false;
             if (f.wait_ptr && *f.wait_ptr == f.wait_gen) continue;
             g.cur = &f;
-            if (!_setjmp(g.sched_jb)) {
-                if (!f.started) {
-                    f.started = true;
-                    setcontext(&f.ctx);
-                } else {
-                    _longjmp(f.jb, 1);
-                }
-            }
+            context_switch(g.scheduler, f.ctx);
             g.cur = nullptr;
             progress = true;
             if (greedy) break;
@@ -257,10 +299,13 @@ void launch(const char* kernel, Dim3 grid, Dim3 block, size_t smem_bytes, const 
     g.block = block;
     g.nthreads = (int)(block.x * block.y * block.z);
     const int warps = (g.nthreads + 31) / 32;
-    g.fibers.assign(g.nthreads, Fiber());
+    g.fibers.resize(g.nthreads);
+    for (int t = 0; t < g.nthreads; ++t) g.fibers[t] = fiber(t);
+    g.body = &body;
     g.wbar_gen.assign(warps, 0);
     g.wbar_count.assign(warps, 0);
     g.slot.assign((size_t)warps * 32 * 4, 0);
+    g.shuffle_slot.assign((size_t)warps * 2 * 32, 0);
     g.slot_ptr.assign((size_t)warps * 32, nullptr);
     std::vector<unsigned char> smem(smem_bytes + 16);
     g.smem = smem.data() + ((16 - ((uintptr_t)smem.data() & 15)) & 15);
@@ -270,9 +315,10 @@ void launch(const char* kernel, Dim3 grid, Dim3 block, size_t smem_bytes, const 
             for (unsigned x = 0; x < grid.x; ++x) {
                 g.bidx = Dim3{x, y, z};
                 std::memset(g.smem, 0xff, smem_bytes);  // poison: NaN in f32 and bf16
-                run_block(body);
+                run_block();
             }
     g.fibers.clear();
+    g.body = nullptr;
     g.kernel = "";
 }
 

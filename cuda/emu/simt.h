@@ -13,8 +13,9 @@
 // translation unit; the state lives in simt.cpp.
 #pragma once
 
-#include <setjmp.h>
+#if !defined(__x86_64__)
 #include <ucontext.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -59,13 +60,22 @@ struct PendingCopy {
     bool valid;
 };
 
+// A suspended execution context: on x86-64 just the saved stack pointer
+// (simt.cpp switches with a few instructions); elsewhere a ucontext.
+struct Context {
+    void* sp = nullptr;
+#if !defined(__x86_64__)
+    ucontext_t uc;
+#endif
+};
+
+// One CUDA thread. Fibers (and their stacks) are reused by every block and
+// launch: a fiber runs the kernel body, parks, and runs it again when resumed.
 struct Fiber {
-    ucontext_t ctx;  // first entry only
-    jmp_buf jb;      // later switches (_setjmp/_longjmp: no signal-mask syscall)
+    Context ctx;
     unsigned char* stack = nullptr;
     Dim3 tid;
     int lin = 0;  // linear thread index in the block
-    bool started = false;
     bool done = false;
     const unsigned long* wait_ptr = nullptr;  // suspended until *wait_ptr != wait_gen
     unsigned long wait_gen = 0;
@@ -80,15 +90,17 @@ struct Launch {
     int nthreads = 0;
     int exited = 0;
     Fiber* cur = nullptr;
-    std::vector<Fiber> fibers;
-    jmp_buf sched_jb;
+    std::vector<Fiber*> fibers;  // the block's threads
+    Context scheduler;
+    const std::function<void()>* body = nullptr;
     unsigned char* smem = nullptr;  // dynamic shared memory of the running block
     size_t smem_bytes = 0;
     unsigned long bar_gen = 0;
     int bar_count = 0;
     std::vector<unsigned long> wbar_gen;
     std::vector<int> wbar_count;
-    std::vector<uint64_t> slot;  // [warp][lane][4] exchange words
+    std::vector<uint64_t> slot;  // [warp][lane][4] exchange words (mma)
+    std::vector<uint64_t> shuffle_slot;  // [warp][generation parity][lane]
     std::vector<const unsigned char*> slot_ptr;  // [warp][lane]
 };
 extern Launch g;
@@ -115,19 +127,21 @@ inline int warp_id() { return g.cur->lin >> 5; }
 inline uint64_t* warp_slots() { return &g.slot[(size_t)warp_id() * 32 * 4]; }
 
 // A shuffle: every lane publishes `v`, then reads lane src(lane)'s value.
+// One barrier suffices: the slots alternate with the barrier generation, and
+// a lane can only reuse a slot set after passing the next barrier, which every
+// lane reaches only once it has read this one.
 template <class T, class Src> inline T shuffle(unsigned mask, T v, Src src, const char* what) {
     static_assert(sizeof(T) <= 8 && std::is_trivially_copyable<T>::value, "shuffles move 4- or 8-byte values");
     if (mask != 0xffffffffu) fail("shuffle with a partial mask (the emulator supports full-warp shuffles only)");
-    uint64_t* s = warp_slots();
-    const int l = lane_id();
+    const int w = warp_id(), l = lane_id();
+    uint64_t* s = &g.shuffle_slot[((size_t)w * 2 + (g.wbar_gen[w] & 1)) * 32];
     uint64_t bits = 0;
     std::memcpy(&bits, &v, sizeof(T));
-    s[l * 4] = bits;
+    s[l] = bits;
     warp_barrier(what);
     const int from = src(l);
     T r = v;
-    if (from >= 0 && from < 32) std::memcpy(&r, &s[from * 4], sizeof(T));
-    warp_barrier(what);
+    if (from >= 0 && from < 32) std::memcpy(&r, &s[from], sizeof(T));
     return r;
 }
 

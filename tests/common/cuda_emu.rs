@@ -4,10 +4,11 @@
 //! runs on a machine without a GPU.
 //!
 //! The libraries are built once per content hash of their sources under
-//! target/tmp/cuda-emu/, then loaded with RTLD_GLOBAL before cudarc looks for
-//! the driver: the dynamic loader matches cudarc's later dlopen("libcuda.so")
-//! against the already-loaded library's soname, so cudarc binds to the
-//! emulator without any environment variable.
+//! target/tmp/cuda-emu/. In the test process they are loaded with
+//! RTLD_GLOBAL before cudarc looks for the driver: the dynamic loader matches
+//! cudarc's later dlopen("libcuda.so") against the already-loaded library's
+//! soname, so cudarc binds to the emulator without any environment variable.
+//! A child process (the ferrotune binary) gets them through LD_LIBRARY_PATH.
 
 use std::ffi::{CString, c_char, c_int, c_void};
 use std::path::{Path, PathBuf};
@@ -78,7 +79,6 @@ fn cxx(dir: &Path) -> Command {
         "-g0",
         "-ffp-contract=off",
         "-fno-strict-aliasing",
-        "-U_FORTIFY_SOURCE", // _longjmp between fiber stacks
         "-DFT_SIMT_EMU",
         "-Wall",
         "-Wno-unknown-pragmas",
@@ -161,18 +161,30 @@ fn open(lib: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// Builds (once per source hash) and loads the emulator's libcuda.so and
-/// libcublas.so. Must run before anything asks cudarc for the driver.
+/// The folder holding the emulator's libcuda.so and libcublas.so, built
+/// there first if needed (once per source hash). A child process finds them
+/// through LD_LIBRARY_PATH.
+pub fn lib_dir() -> Result<PathBuf, String> {
+    static DIR: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("cuda-emu").join(source_hash());
+        if !dir.join("libcublas.so").exists() {
+            let t = std::time::Instant::now();
+            build(&dir)?;
+            eprintln!("SIMT emulator built in {:.1} s ({})", t.elapsed().as_secs_f64(), dir.display());
+        }
+        Ok(dir)
+    })
+    .clone()
+}
+
+/// Builds the emulator if needed and loads its libraries into this process.
+/// Must run before anything asks cudarc for the driver.
 pub fn load() -> Result<(), String> {
     static LOADED: OnceLock<Result<(), String>> = OnceLock::new();
     LOADED
         .get_or_init(|| {
-            let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("cuda-emu").join(source_hash());
-            if !dir.join("libcublas.so").exists() {
-                let t = std::time::Instant::now();
-                build(&dir)?;
-                eprintln!("SIMT emulator built in {:.1} s ({})", t.elapsed().as_secs_f64(), dir.display());
-            }
+            let dir = lib_dir()?;
             open(&dir.join("libcuda.so"))?;
             open(&dir.join("libcublas.so"))
         })
