@@ -25,53 +25,68 @@ use ferrotune::backend::conformance::Scale;
 use ferrotune::backend::cuda::CudaBackend;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-fn emulated_gpu() -> CudaBackend {
+/// The device memory pool is per process, as on a GPU: a test that reads
+/// its peak takes this lock exclusively, the others share it.
+static POOL: RwLock<()> = RwLock::new(());
+
+fn open_emulated_gpu() -> CudaBackend {
     cuda_emu::load().unwrap_or_else(|e| panic!("cannot build the SIMT emulator: {e}"));
     let be = CudaBackend::new(0).unwrap_or_else(|e| panic!("CudaBackend on the SIMT emulator: {e:#}"));
     assert!(be.info.name.contains("SIMT emulator"), "bound to a real driver ({}), not the emulator", be.info.name);
     be
 }
 
+/// The emulated GPU, shared with the other tests running at the same time.
+fn emulated_gpu() -> (RwLockReadGuard<'static, ()>, CudaBackend) {
+    (POOL.read().unwrap_or_else(|e| e.into_inner()), open_emulated_gpu())
+}
+
+/// The emulated GPU with no other test allocating on it (for its pool peak).
+fn emulated_gpu_alone() -> (RwLockWriteGuard<'static, ()>, CudaBackend) {
+    (POOL.write().unwrap_or_else(|e| e.into_inner()), open_emulated_gpu())
+}
+
 #[test]
 fn every_kernel_matches_the_cpu_reference() {
-    gpu_checks::every_kernel(&emulated_gpu(), Scale::Small);
+    gpu_checks::every_kernel(&emulated_gpu().1, Scale::Small);
 }
 
 #[test]
 fn flash_attention_over_several_tiles_matches_the_cpu() {
     // Sequences longer than one 64-row tile, one exactly a tile, and length 1.
-    gpu_checks::attention_tiles(&emulated_gpu(), &[150, 1, 64, 70]);
+    gpu_checks::attention_tiles(&emulated_gpu().1, &[150, 1, 64, 70]);
 }
 
 #[test]
 fn model_loss_and_lora_gradients_match_the_cpu_on_every_fixture() {
-    gpu_checks::model_parity(&emulated_gpu());
+    gpu_checks::model_parity(&emulated_gpu().1);
 }
 
 #[test]
 fn adamw_steps_follow_the_cpu_loss_curve() {
-    gpu_checks::adamw_curve(&emulated_gpu(), 5);
+    gpu_checks::adamw_curve(&emulated_gpu().1, 5);
 }
 
 #[test]
 fn decode_attention_matches_the_cpu_reference() {
-    gpu_checks::decode_attention(&emulated_gpu(), &[(0, 1), (0, 9), (1, 1), (70, 3)]);
+    gpu_checks::decode_attention(&emulated_gpu().1, &[(0, 1), (0, 9), (1, 1), (70, 3)]);
 }
 
 #[test]
 fn cached_generation_logits_match_the_cpu_on_every_fixture() {
-    gpu_checks::cached_generation(&emulated_gpu());
+    gpu_checks::cached_generation(&emulated_gpu().1);
 }
 
 #[test]
 fn nf4_dequantize_is_bit_exact_against_the_cpu() {
-    gpu_checks::nf4_bit_exact(&emulated_gpu(), &[[1, 7], [3, 45], [17, 64 * 5 + 32], [64, 256]]);
+    gpu_checks::nf4_bit_exact(&emulated_gpu().1, &[[1, 7], [3, 45], [17, 64 * 5 + 32], [64, 256]]);
 }
 
 #[test]
 fn qlora_loss_and_lora_gradients_match_the_cpu() {
-    gpu_checks::qlora_parity(&emulated_gpu());
+    gpu_checks::qlora_parity(&emulated_gpu().1);
 }
 
 /// `ferrotune train` with `--set` overrides, on the emulated GPU when `cuda`
@@ -129,4 +144,82 @@ fn training_on_the_emulated_gpu_follows_the_cpu_and_resumes_from_its_checkpoint(
     train(true, &resumed);
     let again = step_losses(&dir("resumed"));
     assert_eq!(again, gpu[2..].to_vec(), "the resumed GPU run differs from the uninterrupted one");
+}
+
+#[test]
+fn memory_plan_bounds_the_cuda_backends_measured_peak() {
+    // One LoRA step (zero_grad, forward_backward, AdamW) of the CUDA backend,
+    // its pool peak (CU_MEMPOOL_ATTR_USED_MEM_HIGH: every buffer the backend
+    // allocates, the bf16 product copies included) against the plan of the
+    // same shape (src/train/memory.rs). Where the LM head is the peak the plan
+    // is exact; elsewhere it may exceed the measurement by at most the layer's
+    // largest LoRA temporary, which it places at the phase's peak point.
+    use ferrotune::adapter::{LoraConfig, Targets};
+    use ferrotune::model::Model;
+    use ferrotune::model::batch::{Batch, Sequence};
+    use ferrotune::model::graph::BackwardOpts;
+    use ferrotune::model::synth;
+    use ferrotune::train::memory::{self, Phase, RunShape};
+    use ferrotune::train::optimizer::{AdamWConfig, Optimizer};
+    use ferrotune::util::rng::Rng;
+    let (_alone, be) = emulated_gpu_alone();
+    let mut spec = synth::preset("tiny").unwrap();
+    spec.layers = 3;
+    spec.vocab = 1000;
+    let cfg = synth::model_config(&spec).unwrap();
+    let mut phases = Vec::new();
+    for dropout in [0.0, 0.1] {
+        let mut lc = LoraConfig::new(8, 16.0, Targets::AllLinear);
+        lc.dropout = dropout;
+        // (micro_batch, seq_len, loss chunk): the LM head or a backward as the peak.
+        for (micro_batch, seq_len, chunk) in [(1, 40, 1024), (2, 48, 64), (3, 33, 16), (2, 64, 8)] {
+            for gc in [false, true] {
+                let shape = RunShape { gradient_checkpointing: gc, loss_chunk_tokens: chunk, ..RunShape::bf16(micro_batch, seq_len) };
+                let plan = memory::plan_lora(&cfg, &lc, &shape).unwrap();
+                let mut rng = Rng::new(11);
+                let mut model = Model::random(&be, cfg.clone(), 7).unwrap();
+                model.loss_chunk_tokens = chunk;
+                model.attach_lora(&be, &lc, &mut rng).unwrap();
+                let mut opt = Optimizer::new(&be, &model, AdamWConfig::default());
+                let seqs: Vec<Sequence> = (0..micro_batch)
+                    .map(|_| Sequence::unmasked((0..seq_len).map(|_| (rng.next_u64() % cfg.vocab as u64) as u32).collect()))
+                    .collect();
+                let batch = Batch::from_sequences(&seqs, cfg.vocab).unwrap();
+                let opts = BackwardOpts { grad_scale: 1.0 / batch.n_targets() as f32, gradient_checkpointing: gc, dropout_seed: Some(3) };
+                be.synchronize();
+                be.reset_peak();
+                model.zero_grad(&be);
+                let loss = model.forward_backward(&be, &batch, opts);
+                opt.step(&be, &mut model, 1e-3);
+                assert!(loss.mean().is_finite());
+                // Everything of this run is alive, and nothing else: the pool
+                // peak is the run's own peak.
+                let measured = be.peak_bytes().unwrap();
+                let case = format!("dropout {dropout} micro_batch {micro_batch} seq {seq_len} chunk {chunk} gc {gc}");
+                eprintln!("{case}: planned {} measured {measured} ({:+} bytes, peak at {})", plan.total, plan.total as i64 - measured as i64, plan.peak_at);
+                assert!(plan.total >= measured, "{case}: the plan under-estimates by {} bytes\n{plan}", measured - plan.total);
+                let slack = plan.total - measured;
+                if plan.peak_at == Phase::HeadLoss {
+                    assert_eq!(slack, 0, "{case}: the LM-head peak must be exact\n{plan}");
+                } else {
+                    // LoRA backward: A, B and dxa copies, and with dropout the
+                    // masked input and the masked gradient's scratch (bf16).
+                    let n = (micro_batch * seq_len) as u64;
+                    let largest_lora_temporary = memory::adapted_modules(&cfg, &lc)
+                        .unwrap()
+                        .iter()
+                        .map(|m| {
+                            let (k, o, r) = (m.in_f as u64, m.out_f as u64, m.r as u64);
+                            2 * (r * k + o * r + n * r) + if m.dropout { 4 * n * k } else { 0 }
+                        })
+                        .max()
+                        .unwrap();
+                    assert!(slack <= largest_lora_temporary, "{case}: over-estimate {slack} > {largest_lora_temporary}\n{plan}");
+                }
+                phases.push(plan.peak_at);
+            }
+        }
+    }
+    assert!(phases.contains(&Phase::HeadLoss), "{phases:?}");
+    assert!(phases.iter().any(|p| matches!(p, Phase::Backward { .. })), "{phases:?}");
 }

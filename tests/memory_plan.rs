@@ -56,6 +56,9 @@ fn check(cfg: &ModelConfig, lc: &LoraConfig, c: Case) -> memory::MemoryPlan {
         act_bytes: c.act_bytes,
         weight_bytes: c.weight_bytes,
         reserve_bytes: 0,
+        // Metered<CpuBackend> multiplies its buffers as they are (no bf16
+        // operand copies); tests/cuda_emu.rs checks the CUDA backend's.
+        product_casts: false,
     };
     // Planned before any weight exists.
     let plan = memory::plan_lora(cfg, lc, &shape).unwrap();

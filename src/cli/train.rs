@@ -140,6 +140,7 @@ fn train_on<B: Backend>(be: &B, cfg: &RunConfig, gpu: Option<GpuMemory>) -> Resu
         }
         None => cfg.lora_config()?,
     };
+    let mut planned_total = None;
     if let Some(gpu) = &gpu {
         // Predict the peak before anything is allocated; refuse what cannot fit.
         let mut shape = RunShape::bf16(cfg.micro_batch_size, cfg.sequence_len);
@@ -147,6 +148,7 @@ fn train_on<B: Backend>(be: &B, cfg: &RunConfig, gpu: Option<GpuMemory>) -> Resu
         let plan = memory::plan_lora_as(&ckpt.config, &lora, &shape, base)?;
         eprintln!("memory plan (before the first step):\n{plan}");
         memory::fit_check(&plan, gpu.available)?;
+        planned_total = Some(plan.total);
     }
 
     let mut model = Model::load_as(be, &ckpt, base)?;
@@ -194,7 +196,7 @@ fn train_on<B: Backend>(be: &B, cfg: &RunConfig, gpu: Option<GpuMemory>) -> Resu
 
     let after_first_step: Option<Box<dyn FnOnce() -> Option<String> + '_>> = gpu.as_ref().map(|g| {
         let peak = g.peak;
-        Box::new(move || peak().map(|b| format!("GPU memory peak after the first step: {}", memory::human(b)))) as Box<_>
+        Box::new(move || peak().map(|b| measured_against_plan(b, planned_total))) as Box<_>
     });
     let summary = trainer::train(Run {
         be,
@@ -222,3 +224,19 @@ fn train_on<B: Backend>(be: &B, cfg: &RunConfig, gpu: Option<GpuMemory>) -> Resu
     Ok(())
 }
 
+
+/// The first step's measured peak next to the plan. The plan assumes full
+/// sequences, so shorter (or unpacked) batches measure below it; above it
+/// means the planner missed an allocation, which is worth saying loudly.
+fn measured_against_plan(measured: u64, planned: Option<u64>) -> String {
+    let line = format!("GPU memory peak after the first step: {}", memory::human(measured));
+    match planned {
+        Some(p) if measured > p => format!(
+            "{line}, ABOVE the plan's {} by {} (the planner missed an allocation: runs near the memory limit may not fit)",
+            memory::human(p),
+            memory::human(measured - p)
+        ),
+        Some(p) => format!("{line} (planned {}, {:.1}% of it)", memory::human(p), 100.0 * measured as f64 / p.max(1) as f64),
+        None => line,
+    }
+}

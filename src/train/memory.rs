@@ -86,6 +86,25 @@
 //!
 //! The activation peak is the largest of these (in practice the LM head with
 //! a large vocabulary and chunk, else the backward of the last layer).
+//!
+//! # Product temporaries (`RunShape::product_casts`, the CUDA backend)
+//!
+//! cuBLAS multiplies bf16 by bf16 here, so the CUDA backend makes a bf16
+//! copy of every f32 operand for the duration of one product, and LoRA
+//! dropout writes the masked input to a temporary:
+//! - LM head backward: the f32 logits gradient, `2·c·V`, while every
+//!   buffer of the head phase is alive (added to `head`: exact).
+//! - LoRA forward of a projection (in k, out o, rank r): A and B copies
+//!   `2·(r·k + o·r)`, plus the masked input `2·n·k` with dropout.
+//! - LoRA backward: A and B copies and the bf16 `dxa` `2·(r·k + o·r + n·r)`,
+//!   plus with dropout the masked input `2·n·k` and the masked gradient's
+//!   scratch `A·n·k`.
+//!
+//! The largest LoRA temporary of a layer is added to its forward, recompute
+//! and backward phases. That places it at the phase's peak point, where it
+//! may not be (the LoRA ops run between the allocations above): an
+//! over-estimate of at most that one temporary. tests/cuda_emu.rs measures
+//! the CUDA backend's pool peak against the plan.
 //! The optimiser step and `zero_grad` allocate nothing.
 //!
 //! The one deliberate over-estimate: a loss chunk whose targets are all
@@ -110,6 +129,8 @@ pub struct AdaptedModule {
     pub in_f: usize,
     pub out_f: usize,
     pub r: usize,
+    /// Whether LoRA dropout applies (p > 0): the input is masked into a copy.
+    pub dropout: bool,
 }
 
 /// The modules `Model::attach_lora` would adapt, with their ranks, from the
@@ -124,7 +145,7 @@ pub fn adapted_modules(cfg: &ModelConfig, lc: &LoraConfig) -> Result<Vec<Adapted
             }
             let (r, _) = lc.rank_and_scale(&path)?;
             let (in_f, out_f) = proj.dims(cfg);
-            out.push(AdaptedModule { layer, proj, in_f, out_f, r });
+            out.push(AdaptedModule { layer, proj, in_f, out_f, r, dropout: lc.dropout > 0.0 });
         }
     }
     if out.is_empty() {
@@ -154,6 +175,10 @@ pub struct RunShape {
     /// Device memory the backend holds outside its buffers (GEMM library
     /// workspace and the like); 0 on CPU.
     pub reserve_bytes: u64,
+    /// The backend's products take bf16 operands only (the CUDA backend): an
+    /// f32 operand is cast into a temporary copy for the product, and LoRA
+    /// dropout masks its input into a temporary (see "Product temporaries").
+    pub product_casts: bool,
 }
 
 impl RunShape {
@@ -167,12 +192,13 @@ impl RunShape {
             act_bytes: 4,
             weight_bytes: 4,
             reserve_bytes: 0,
+            product_casts: false,
         }
     }
 
-    /// A bf16 GPU backend (activations and weights in bf16).
+    /// A bf16 GPU backend (activations and weights in bf16, bf16 products).
     pub fn bf16(micro_batch: usize, seq_len: usize) -> RunShape {
-        RunShape { act_bytes: 2, weight_bytes: 2, ..RunShape::cpu(micro_batch, seq_len) }
+        RunShape { act_bytes: 2, weight_bytes: 2, product_casts: true, ..RunShape::cpu(micro_batch, seq_len) }
     }
 
     pub fn tokens(&self) -> usize {
@@ -235,6 +261,8 @@ struct Model {
     rank_sum: Vec<u64>,
     /// Σ r·(in + out): the elements of every A and B.
     adapter_elems: u64,
+    /// Every adapted projection (for the product temporaries).
+    modules: Vec<AdaptedModule>,
 }
 
 impl Model {
@@ -262,6 +290,7 @@ impl Model {
             nf4_scratch_elems: 0,
             rank_sum,
             adapter_elems: modules.iter().map(|m| (m.r * (m.in_f + m.out_f)) as u64).sum(),
+            modules: modules.to_vec(),
         }
         .with_base(cfg, base)
     }
@@ -296,7 +325,21 @@ impl Model {
             .max(2 * n * inter + nh + 2 * n * qd + 2 * n * kvd)
             .max(2 * n * inter + 2 * nh + n * qd + 2 * n * kvd);
         let c = (s.loss_chunk_tokens.max(1) as u64).min(n.max(1));
-        let head = a * 2 * c * self.hidden + 4 * (c * self.vocab + c + n) + 4 * c;
+        let mut head = a * 2 * c * self.hidden + 4 * (c * self.vocab + c + n) + 4 * c;
+        // Product temporaries (see the module docs): the bf16 copy of the f32
+        // logits gradient for dhc = dlogits·W, and per layer the largest LoRA
+        // forward / backward temporaries of its projections.
+        let (mut lora_fwd, mut lora_bwd) = (vec![0u64; self.n_layers], vec![0u64; self.n_layers]);
+        if s.product_casts {
+            head += 2 * c * self.vocab;
+            for m in &self.modules {
+                let (k, o, r) = (m.in_f as u64, m.out_f as u64, m.r as u64);
+                let masked = if m.dropout { 2 * n * k } else { 0 };
+                lora_fwd[m.layer] = lora_fwd[m.layer].max(2 * (r * k + o * r) + masked);
+                let bwd_masked = if m.dropout { 2 * n * k + a * n * k } else { 0 };
+                lora_bwd[m.layer] = lora_bwd[m.layer].max(2 * (r * k + o * r + n * r) + bwd_masked);
+            }
+        }
         let act_nh = nh * a; // x, hf, dhf, dx, a saved layer input
         let inv_f = 4 * n;
 
@@ -311,19 +354,19 @@ impl Model {
             let kept = l_count as u64 * act_nh;
             for l in 0..l_count {
                 let below = l as u64 * act_nh;
-                consider(ints + below + acts(l) + fwd_transient, Phase::Forward { layer: l });
+                consider(ints + below + acts(l) + fwd_transient + lora_fwd[l], Phase::Forward { layer: l });
                 let live = ints + below + act_nh + inv_f + act_nh + acts(l);
-                consider(live + fwd_transient, Phase::Recompute { layer: l });
-                consider(live + bwd_transient, Phase::Backward { layer: l });
+                consider(live + fwd_transient + lora_fwd[l], Phase::Recompute { layer: l });
+                consider(live + bwd_transient + lora_bwd[l], Phase::Backward { layer: l });
             }
             consider(ints + kept + 3 * act_nh + inv_f + head, Phase::HeadLoss);
             consider(ints + kept + 3 * act_nh + inv_f, Phase::FinalNormBackward);
         } else {
             let mut below = 0;
             for l in 0..l_count {
-                consider(ints + below + acts(l) + fwd_transient, Phase::Forward { layer: l });
+                consider(ints + below + acts(l) + fwd_transient + lora_fwd[l], Phase::Forward { layer: l });
                 below += acts(l);
-                consider(ints + below + 2 * act_nh + inv_f + bwd_transient, Phase::Backward { layer: l });
+                consider(ints + below + 2 * act_nh + inv_f + bwd_transient + lora_bwd[l], Phase::Backward { layer: l });
             }
             consider(ints + below + 3 * act_nh + inv_f + head, Phase::HeadLoss);
             consider(ints + below + 3 * act_nh + inv_f, Phase::FinalNormBackward);
