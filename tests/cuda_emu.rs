@@ -223,3 +223,57 @@ fn memory_plan_bounds_the_cuda_backends_measured_peak() {
     assert!(phases.contains(&Phase::HeadLoss), "{phases:?}");
     assert!(phases.iter().any(|p| matches!(p, Phase::Backward { .. })), "{phases:?}");
 }
+
+#[test]
+fn results_are_bit_identical_under_every_thread_schedule() {
+    // cuda/README.md promises deterministic kernels (fixed reduction trees, no
+    // atomics). Under the emulator that also means: no result may depend on
+    // how the threads of a block interleave between barriers. Flash attention
+    // (tensor-core d64/d128 and generic) forward and backward, and a whole
+    // model step, run under four schedules, including one warp running as far
+    // ahead of the others as the barriers allow; every output bit must agree.
+    use common::{Reference, load_with_adapter, loss_and_grads};
+    use ferrotune::backend::{AttnShape, Backend};
+    use ferrotune::model::batch::Batch;
+    use ferrotune::util::rng::Rng;
+    let (_alone, be) = emulated_gpu_alone();
+    let run = |be: &CudaBackend| -> Vec<Vec<u32>> {
+        let mut outputs = Vec::new();
+        let seqs = [70usize, 1, 64];
+        let cu: Vec<i32> = std::iter::once(0).chain(seqs.iter().scan(0, |s, &l| { *s += l as i32; Some(*s) })).collect();
+        let n: usize = seqs.iter().sum();
+        for (d, heads, kv) in [(64, 4, 2), (128, 2, 1), (24, 2, 2)] {
+            let mut rng = Rng::new(d as u64);
+            let mut rand = |len: usize| -> Vec<f32> { (0..len).map(|_| rng.uniform_range(-1.0, 1.0)).collect() };
+            let shape = AttnShape { n, n_heads: heads, n_kv_heads: kv, head_dim: d, window: None, scale: 0.125, max_seqlen: 70 };
+            let (q, k, v, dout) = (rand(n * heads * d), rand(n * kv * d), rand(n * kv * d), rand(n * heads * d));
+            let (q, k, v, dout) = (be.upload_activation(&q), be.upload_activation(&k), be.upload_activation(&v), be.upload_activation(&dout));
+            let cu = be.upload_ints(&cu);
+            let (mut out, mut lse) = (be.zeros(n * heads * d), be.zeros_f32(heads * n));
+            be.attention(&q, &k, &v, &cu, seqs.len(), shape, &mut out, &mut lse);
+            let (mut dq, mut dk, mut dv) = (be.zeros(n * heads * d), be.zeros(n * kv * d), be.zeros(n * kv * d));
+            be.attention_backward(&dout, &q, &k, &v, &out, &lse, &cu, seqs.len(), shape, &mut dq, &mut dk, &mut dv);
+            for b in [&out, &lse, &dq, &dk, &dv] {
+                outputs.push(be.download(b).iter().map(|x| x.to_bits()).collect());
+            }
+        }
+        let (seqs, _) = Reference::load("llama3").sequences();
+        let mut model = load_with_adapter(be, "llama3");
+        let batch = Batch::from_sequences(&seqs, model.cfg.vocab).unwrap();
+        let (loss, grads) = loss_and_grads(be, &mut model, &batch);
+        outputs.push(vec![(loss as f32).to_bits()]);
+        outputs.push(grads.iter().map(|x| x.to_bits()).collect());
+        outputs
+    };
+    cuda_emu::set_schedule("forward");
+    let want = run(&be);
+    for schedule in ["reverse", "greedy", "random"] {
+        cuda_emu::set_schedule(schedule);
+        let got = run(&be);
+        cuda_emu::set_schedule("forward");
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            let diff = g.iter().zip(w).filter(|(a, b)| a != b).count();
+            assert_eq!(diff, 0, "schedule {schedule}: output {i} differs in {diff} of {} values", w.len());
+        }
+    }
+}

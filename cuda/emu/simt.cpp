@@ -24,18 +24,26 @@ namespace {
 // results under every schedule.
 enum class Schedule { Forward, Reverse, Random, Greedy };
 
-Schedule schedule() {
-    static const Schedule s = [] {
+bool parse_schedule(const std::string& v, Schedule* out) {
+    if (v == "forward") *out = Schedule::Forward;
+    else if (v == "reverse") *out = Schedule::Reverse;
+    else if (v == "random") *out = Schedule::Random;
+    else if (v == "greedy") *out = Schedule::Greedy;
+    else return false;
+    return true;
+}
+
+Schedule& current_schedule() {
+    static Schedule s = [] {
+        Schedule r = Schedule::Forward;
         const char* e = getenv("FERROTUNE_SIMT_SCHEDULE");
-        const std::string v = e ? e : "forward";
-        if (v == "reverse") return Schedule::Reverse;
-        if (v == "random") return Schedule::Random;
-        if (v == "greedy") return Schedule::Greedy;
-        if (v != "forward") fprintf(stderr, "FERROTUNE_SIMT_SCHEDULE=%s unknown; using forward\n", v.c_str());
-        return Schedule::Forward;
+        if (e && !parse_schedule(e, &r)) fprintf(stderr, "FERROTUNE_SIMT_SCHEDULE=%s unknown; using forward\n", e);
+        return r;
     }();
     return s;
 }
+
+Schedule schedule() { return current_schedule(); }
 
 const char* label(const Dim3& d, char* buf, size_t n) {
     snprintf(buf, n, "(%u,%u,%u)", d.x, d.y, d.z);
@@ -452,3 +460,12 @@ void install_fault_reporter() {
 }
 
 }  // namespace simt
+
+// For tests: switch the schedule between launches (same names as
+// FERROTUNE_SIMT_SCHEDULE). Returns 0, or -1 for an unknown name.
+extern "C" int ferrotune_simt_set_schedule(const char* name) {
+    simt::Schedule s;
+    if (!name || !simt::parse_schedule(name, &s)) return -1;
+    simt::current_schedule() = s;
+    return 0;
+}

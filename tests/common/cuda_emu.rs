@@ -190,3 +190,21 @@ pub fn load() -> Result<(), String> {
         })
         .clone()
 }
+
+/// Switches the emulator's thread schedule for later launches (the names of
+/// FERROTUNE_SIMT_SCHEDULE: forward, reverse, random, greedy).
+pub fn set_schedule(name: &str) {
+    unsafe extern "C" {
+        fn dlsym(handle: *mut c_void, symbol: *const c_char) -> *mut c_void;
+    }
+    load().expect("the SIMT emulator");
+    let sym = CString::new("ferrotune_simt_set_schedule").unwrap();
+    // SAFETY: RTLD_DEFAULT (null) searches the global scope, where load()
+    // put libcuda.so; the symbol is `int f(const char*)` (cuda/emu/simt.cpp).
+    let f = unsafe { dlsym(std::ptr::null_mut(), sym.as_ptr()) };
+    assert!(!f.is_null(), "ferrotune_simt_set_schedule not found");
+    let f: unsafe extern "C" fn(*const c_char) -> c_int = unsafe { std::mem::transmute(f) };
+    let n = CString::new(name).unwrap();
+    // SAFETY: a NUL-terminated name.
+    assert_eq!(unsafe { f(n.as_ptr()) }, 0, "unknown schedule {name}");
+}
