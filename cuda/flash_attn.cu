@@ -126,16 +126,13 @@
 //   P^T and dS^T are directly the A operands of dV += P^T.dO, dK += dS^T.Q;
 //   accumulators stay in registers; no cross-warp reduction, no atomics.
 //
-// Verification (no GPU on the development machines): the kernels in this
-// file were executed, unmodified, on a host SIMT emulator that runs every
-// CUDA thread as a fiber with real barrier / warp-collective semantics and
-// implements mma / ldmatrix from the PTX ISA fragment tables (cp.async both
-// eager and deferred, several thread schedules including one warp running
-// ahead of the others, NaN-poisoned shared memory, guard pages around global
-// buffers), against a float64 reference: varlen batches with empty, length-1
-// and non-multiple-of-64 sequences, GQA/MQA/MHA, windows 1, 2, 50, 63-66,
-// 130 and huge; errors at the bf16 rounding level (out, dq, dk, dv ~2e-3
-// relative, lse ~1e-6 absolute), bit-identical across schedules.
+// Verification without a GPU: cuda/emu/ runs this file unmodified on the
+// host (every thread a fiber; mma / ldmatrix from the PTX ISA fragment
+// tables; lazy cp.async; poisoned shared memory; guard pages), and
+// tests/cuda_emu.rs checks it against the CPU reference (varlen batches with
+// length-1, exactly-one-tile and multi-tile sequences, GQA/MQA/MHA, windows,
+// tensor-core and generic paths) and bit for bit across thread schedules,
+// including one warp running ahead of the others.
 #include <cuda_bf16.h>
 
 #include "flash_common.cuh"
@@ -254,6 +251,66 @@ __device__ __forceinline__ unsigned lane_off_bnk(int lane) {
     return (unsigned)((((lane & 7) + ((lane >> 4) << 3)) * LD + ((lane >> 3) & 1) * 8) * 2);
 }
 
+// ---- warp-level products (every warp works on its own 16 rows) ----------------
+
+template <int N8>
+__device__ __forceinline__ void zero_frags(float (&acc)[N8][4]) {
+#pragma unroll
+    for (int i = 0; i < N8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+}
+
+// The A fragment of k-slice kk of a product whose left operand is the f32
+// result of an earlier one: its C fragments c0 = acc[2kk], c1 = acc[2kk+1]
+// rounded to bf16 (see flash_common.cuh).
+__device__ __forceinline__ void frags_to_a(unsigned (&a)[4], const float (&c0)[4], const float (&c1)[4]) {
+    a[0] = pack_bf16(c0[0], c0[1]);
+    a[1] = pack_bf16(c0[2], c0[3]);
+    a[2] = pack_bf16(c1[0], c1[1]);
+    a[3] = pack_bf16(c1[2], c1[3]);
+}
+
+// acc (16 x N) += A·Bᵀ for k-slice ks: A the fragment `a` (16 x 16), B the N
+// shared rows [n][k] at b_rows (row stride LD; lane offset lane_off_bnk).
+template <int LD, int N>
+__device__ __forceinline__ void mma_slice_abt(float (&acc)[N / 8][4], const unsigned (&a)[4], sptr b_rows,
+                                              unsigned offnk, int ks) {
+#pragma unroll
+    for (int np = 0; np < N / 16; ++np) {
+        unsigned b[4];
+        ldsm_x4(b, b_rows + offnk + (unsigned)((np * 16 * LD + ks * 16) * 2));
+        mma_bf16_16816(acc[2 * np], a, b[0], b[1]);
+        mma_bf16_16816(acc[2 * np + 1], a, b[2], b[3]);
+    }
+}
+
+// acc (16 x N) = A·Bᵀ over KS k-slices: A the warp's 16 shared rows at
+// a_rows (lane offset lane_off_rows16), B the N shared rows [n][k] at b_rows.
+template <int LD, int KS, int N>
+__device__ __forceinline__ void mma_rows_abt(float (&acc)[N / 8][4], sptr a_rows, sptr b_rows, unsigned off16,
+                                             unsigned offnk) {
+    zero_frags(acc);
+#pragma unroll
+    for (int ks = 0; ks < KS; ++ks) {
+        unsigned a[4];
+        ldsm_x4(a, a_rows + off16 + (unsigned)(ks * 16 * 2));
+        mma_slice_abt<LD, N>(acc, a, b_rows, offnk, ks);
+    }
+}
+
+// acc (16 x D) += A·B for k-slice kk: A the fragment `a`, B shared rows
+// 16kk..16kk+15 of a [k][d] tile at b_rows, read with transposed ldmatrix.
+template <int LD, int D>
+__device__ __forceinline__ void mma_slice_ab_trans(float (&acc)[D / 8][4], const unsigned (&a)[4], sptr b_rows,
+                                                   unsigned off16, int kk) {
+#pragma unroll
+    for (int dp = 0; dp < D / 16; ++dp) {
+        unsigned b[4];
+        ldsm_x4_trans(b, b_rows + off16 + (unsigned)((kk * 16 * LD + dp * 16) * 2));
+        mma_bf16_16816(acc[2 * dp], a, b[0], b[1]);
+        mma_bf16_16816(acc[2 * dp + 1], a, b[2], b[3]);
+    }
+}
+
 // Whether the tile of queries q0..q0+nq-1 and keys k0..k0+nk-1 (sequence-
 // local) may hold a pair that is not visible, and so needs the per-element
 // mask (conservative: false only when every pair is visible).
@@ -308,8 +365,7 @@ __device__ __forceinline__ void fwd_tc(const bf16* __restrict__ q, const bf16* _
     __syncthreads();  // every warp holds Q before sV is overwritten by V
 
     float o[NT][4];
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) o[nt][0] = o[nt][1] = o[nt][2] = o[nt][3] = 0.f;
+    zero_frags(o);
     float m[2] = {neg_inf(), neg_inf()};  // running max of the log2-domain scores (rows g, g+8)
     float l[2] = {0.f, 0.f};              // this lane's part of the running sum
     const float sl2 = scale * LOG2E;
@@ -323,18 +379,9 @@ __device__ __forceinline__ void fwd_tc(const bf16* __restrict__ q, const bf16* _
         cp_async_commit();
 
         float s[BC / 8][4];
+        zero_frags(s);
 #pragma unroll
-        for (int nt = 0; nt < BC / 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
-#pragma unroll
-        for (int ks = 0; ks < KS; ++ks) {
-#pragma unroll
-            for (int np = 0; np < BC / 16; ++np) {
-                unsigned b[4];
-                ldsm_x4(b, aK + offnk + (unsigned)((np * 16 * LD + ks * 16) * 2));
-                mma_bf16_16816(s[2 * np], qf[ks], b[0], b[1]);
-                mma_bf16_16816(s[2 * np + 1], qf[ks], b[2], b[3]);
-            }
-        }
+        for (int ks = 0; ks < KS; ++ks) mma_slice_abt<LD, BC>(s, qf[ks], aK, offnk, ks);
 
         // Scores to the log2 domain, mask, online softmax (FA2).
         const bool need_mask = tile_needs_mask(q0, BR, k0, BC, len, W);
@@ -385,16 +432,9 @@ __device__ __forceinline__ void fwd_tc(const bf16* __restrict__ q, const bf16* _
         // O += P·V: P (bf16) straight from the score fragments.
 #pragma unroll
         for (int kk = 0; kk < BC / 16; ++kk) {
-            const unsigned a[4] = {pack_bf16(s[2 * kk][0], s[2 * kk][1]), pack_bf16(s[2 * kk][2], s[2 * kk][3]),
-                                   pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                                   pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-#pragma unroll
-            for (int dp = 0; dp < D / 16; ++dp) {
-                unsigned b[4];
-                ldsm_x4_trans(b, aV + off16 + (unsigned)((kk * 16 * LD + dp * 16) * 2));
-                mma_bf16_16816(o[2 * dp], a, b[0], b[1]);
-                mma_bf16_16816(o[2 * dp + 1], a, b[2], b[3]);
-            }
+            unsigned a[4];
+            frags_to_a(a, s[2 * kk], s[2 * kk + 1]);
+            mma_slice_ab_trans<LD, D>(o, a, aV, off16, kk);
         }
         cp_async_wait_all();
         __syncthreads();  // K(kb-1) visible; every warp is done reading V(kb)
@@ -462,8 +502,7 @@ __device__ __forceinline__ void bwd_dq_tc(const bf16* __restrict__ q, const bf16
     }
 
     float acc[NT][4];
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
+    zero_frags(acc);
 
     for (int kb = kb_last; kb >= kb_first; --kb) {
         const int k0 = kb * BC;
@@ -475,35 +514,8 @@ __device__ __forceinline__ void bwd_dq_tc(const bf16* __restrict__ q, const bf16
 
         // S = Q·Kᵀ and dP = dO·Vᵀ (16 x BC per warp).
         float s[BC / 8][4], dp[BC / 8][4];
-#pragma unroll
-        for (int nt = 0; nt < BC / 8; ++nt) {
-            s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
-            dp[nt][0] = dp[nt][1] = dp[nt][2] = dp[nt][3] = 0.f;
-        }
-#pragma unroll
-        for (int ks = 0; ks < KS; ++ks) {
-            unsigned a[4];
-            ldsm_x4(a, aQ + offw + off16 + (unsigned)(ks * 16 * 2));
-#pragma unroll
-            for (int np = 0; np < BC / 16; ++np) {
-                unsigned b[4];
-                ldsm_x4(b, aK + offnk + (unsigned)((np * 16 * LD + ks * 16) * 2));
-                mma_bf16_16816(s[2 * np], a, b[0], b[1]);
-                mma_bf16_16816(s[2 * np + 1], a, b[2], b[3]);
-            }
-        }
-#pragma unroll
-        for (int ks = 0; ks < KS; ++ks) {
-            unsigned a[4];
-            ldsm_x4(a, adO + offw + off16 + (unsigned)(ks * 16 * 2));
-#pragma unroll
-            for (int np = 0; np < BC / 16; ++np) {
-                unsigned b[4];
-                ldsm_x4(b, aV + offnk + (unsigned)((np * 16 * LD + ks * 16) * 2));
-                mma_bf16_16816(dp[2 * np], a, b[0], b[1]);
-                mma_bf16_16816(dp[2 * np + 1], a, b[2], b[3]);
-            }
-        }
+        mma_rows_abt<LD, KS, BC>(s, aQ + offw, aK, off16, offnk);
+        mma_rows_abt<LD, KS, BC>(dp, adO + offw, aV, off16, offnk);
 
         // P = exp2(S·scale·log2e − lse·log2e); dS = P ∘ (dP − D), kept in s.
         const bool need_mask = tile_needs_mask(q0, BR, k0, BC, len, W);
@@ -521,16 +533,9 @@ __device__ __forceinline__ void bwd_dq_tc(const bf16* __restrict__ q, const bf16
         // dQ += dS·K   (B[key][d] = K[key][d]: transposed ldmatrix of sK).
 #pragma unroll
         for (int kk = 0; kk < BC / 16; ++kk) {
-            const unsigned a[4] = {pack_bf16(s[2 * kk][0], s[2 * kk][1]), pack_bf16(s[2 * kk][2], s[2 * kk][3]),
-                                   pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                                   pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-#pragma unroll
-            for (int dpi = 0; dpi < D / 16; ++dpi) {
-                unsigned b[4];
-                ldsm_x4_trans(b, aK + off16 + (unsigned)((kk * 16 * LD + dpi * 16) * 2));
-                mma_bf16_16816(acc[2 * dpi], a, b[0], b[1]);
-                mma_bf16_16816(acc[2 * dpi + 1], a, b[2], b[3]);
-            }
+            unsigned a[4];
+            frags_to_a(a, s[2 * kk], s[2 * kk + 1]);
+            mma_slice_ab_trans<LD, D>(acc, a, aK, off16, kk);
         }
         __syncthreads();  // every warp is done with sK / sV before the next tile
     }
@@ -588,11 +593,8 @@ __device__ __forceinline__ void bwd_dkdv_tc(const bf16* __restrict__ q, const bf
     const float sl2 = scale * LOG2E;
     const int kr0 = k0 + warp * 16 + g;  // the lane's keys: kr0 and kr0 + 8
     float ak[NT][4], av[NT][4];
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-        ak[nt][0] = ak[nt][1] = ak[nt][2] = ak[nt][3] = 0.f;
-        av[nt][0] = av[nt][1] = av[nt][2] = av[nt][3] = 0.f;
-    }
+    zero_frags(ak);
+    zero_frags(av);
 
     for (int it = 0; it < group * n_qt; ++it) {
         const int hq = kvh * group + it / n_qt;
@@ -611,35 +613,8 @@ __device__ __forceinline__ void bwd_dkdv_tc(const bf16* __restrict__ q, const bf
 
         // Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ (16 keys x BQ queries per warp).
         float st[NQ][4], dpt[NQ][4];
-#pragma unroll
-        for (int nt = 0; nt < NQ; ++nt) {
-            st[nt][0] = st[nt][1] = st[nt][2] = st[nt][3] = 0.f;
-            dpt[nt][0] = dpt[nt][1] = dpt[nt][2] = dpt[nt][3] = 0.f;
-        }
-#pragma unroll
-        for (int ks = 0; ks < KS; ++ks) {
-            unsigned a[4];
-            ldsm_x4(a, aK + offw + off16 + (unsigned)(ks * 16 * 2));
-#pragma unroll
-            for (int np = 0; np < BQ / 16; ++np) {
-                unsigned b[4];
-                ldsm_x4(b, aQ + offnk + (unsigned)((np * 16 * LD + ks * 16) * 2));
-                mma_bf16_16816(st[2 * np], a, b[0], b[1]);
-                mma_bf16_16816(st[2 * np + 1], a, b[2], b[3]);
-            }
-        }
-#pragma unroll
-        for (int ks = 0; ks < KS; ++ks) {
-            unsigned a[4];
-            ldsm_x4(a, aV + offw + off16 + (unsigned)(ks * 16 * 2));
-#pragma unroll
-            for (int np = 0; np < BQ / 16; ++np) {
-                unsigned b[4];
-                ldsm_x4(b, adO + offnk + (unsigned)((np * 16 * LD + ks * 16) * 2));
-                mma_bf16_16816(dpt[2 * np], a, b[0], b[1]);
-                mma_bf16_16816(dpt[2 * np + 1], a, b[2], b[3]);
-            }
-        }
+        mma_rows_abt<LD, KS, BQ>(st, aK + offw, aQ, off16, offnk);
+        mma_rows_abt<LD, KS, BQ>(dpt, aV + offw, adO, off16, offnk);
 
         // Pᵀ (in st) and dSᵀ = Pᵀ ∘ (dPᵀ − D) (in dpt). Element (key row, query col):
         // row kr0 + (e >> 1) * 8, column q0 + nt * 8 + 2 * t4 + (e & 1).
@@ -660,23 +635,11 @@ __device__ __forceinline__ void bwd_dkdv_tc(const bf16* __restrict__ q, const bf
         // dV += Pᵀ·dO and dK += dSᵀ·Q   (B[query][d]: transposed ldmatrix).
 #pragma unroll
         for (int kk = 0; kk < BQ / 16; ++kk) {
-            const unsigned ap[4] = {pack_bf16(st[2 * kk][0], st[2 * kk][1]), pack_bf16(st[2 * kk][2], st[2 * kk][3]),
-                                    pack_bf16(st[2 * kk + 1][0], st[2 * kk + 1][1]),
-                                    pack_bf16(st[2 * kk + 1][2], st[2 * kk + 1][3])};
-            const unsigned ad[4] = {pack_bf16(dpt[2 * kk][0], dpt[2 * kk][1]),
-                                    pack_bf16(dpt[2 * kk][2], dpt[2 * kk][3]),
-                                    pack_bf16(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]),
-                                    pack_bf16(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3])};
-#pragma unroll
-            for (int dpi = 0; dpi < D / 16; ++dpi) {
-                unsigned b[4];
-                ldsm_x4_trans(b, adO + off16 + (unsigned)((kk * 16 * LD + dpi * 16) * 2));
-                mma_bf16_16816(av[2 * dpi], ap, b[0], b[1]);
-                mma_bf16_16816(av[2 * dpi + 1], ap, b[2], b[3]);
-                ldsm_x4_trans(b, aQ + off16 + (unsigned)((kk * 16 * LD + dpi * 16) * 2));
-                mma_bf16_16816(ak[2 * dpi], ad, b[0], b[1]);
-                mma_bf16_16816(ak[2 * dpi + 1], ad, b[2], b[3]);
-            }
+            unsigned ap[4], ad[4];
+            frags_to_a(ap, st[2 * kk], st[2 * kk + 1]);
+            frags_to_a(ad, dpt[2 * kk], dpt[2 * kk + 1]);
+            mma_slice_ab_trans<LD, D>(av, ap, adO, off16, kk);
+            mma_slice_ab_trans<LD, D>(ak, ad, aQ, off16, kk);
         }
         __syncthreads();  // every warp is done with sQ / sdO / sL / sD
     }
