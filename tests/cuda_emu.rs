@@ -277,3 +277,35 @@ fn results_are_bit_identical_under_every_thread_schedule() {
         }
     }
 }
+
+#[test]
+fn bench_on_the_emulated_gpu_measures_the_peak_the_planner_predicts() {
+    // `ferrotune bench --device cuda --json` end to end (synthetic model,
+    // profiled CUDA backend, pool peak), dense and QLoRA, with and without
+    // gradient checkpointing: the measured pool peak never exceeds the
+    // prediction, and exceeds it by at most one LoRA backward temporary
+    // (src/train/memory.rs, "Product temporaries").
+    use ferrotune::model::synth;
+    let spec = synth::preset("tiny").unwrap();
+    let lib = cuda_emu::lib_dir().unwrap_or_else(|e| panic!("cannot build the SIMT emulator: {e}"));
+    for extra in [&[][..], &["--qlora"], &["--qlora", "--gradient-checkpointing"], &["--gradient-checkpointing", "--micro-batch", "2"]] {
+        let out = Command::new(env!("CARGO_BIN_EXE_ferrotune"))
+            .args(["bench", "--device", "cuda", "--preset", "tiny", "--seq-len", "64", "--steps", "1", "--warmup", "1", "--json"])
+            .args(extra)
+            .env("LD_LIBRARY_PATH", &lib)
+            .output()
+            .expect("run ferrotune bench");
+        assert!(out.status.success(), "bench {extra:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+        let j: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object on stdout");
+        let (measured, predicted) = (j["peak_memory_bytes"].as_u64().unwrap(), j["predicted_peak_bytes"].as_u64().unwrap());
+        eprintln!("bench {extra:?}: predicted {predicted}, measured {measured}, {:.1} tokens/s", j["tokens_per_s"].as_f64().unwrap());
+        assert!(j["device"].as_str().unwrap().contains("SIMT emulator"), "{j}");
+        assert!(j["loss"].as_f64().unwrap().is_finite() && j["tokens_per_s"].as_f64().unwrap() > 0.0, "{j}");
+        assert!(measured <= predicted, "bench {extra:?}: measured {measured} above the prediction {predicted}");
+        let tokens = 64 * j["micro_batch"].as_u64().unwrap();
+        let r = j["lora_r"].as_u64().unwrap();
+        let widest = spec.hidden.max(spec.intermediate) as u64; // the widest projection side (q width = hidden here)
+        let lora_temporary = 2 * r * (2 * widest + tokens);
+        assert!(predicted - measured <= lora_temporary, "bench {extra:?}: over by {} > {lora_temporary}", predicted - measured);
+    }
+}

@@ -36,6 +36,13 @@ fn every_kernel_matches_the_cpu_reference() {
 
 #[test]
 #[ignore = "needs a GPU: run by scripts/gpu_check.sh"]
+fn flash_attention_over_many_tiles_matches_the_cpu() {
+    // Long sequences (many 64-row tiles, windows inside and across tiles).
+    gpu_checks::attention_tiles(&gpu(), &[4096, 1, 64, 700, 2047]);
+}
+
+#[test]
+#[ignore = "needs a GPU: run by scripts/gpu_check.sh"]
 fn model_loss_and_lora_gradients_match_the_cpu_on_every_fixture() {
     gpu_checks::model_parity(&gpu());
 }
