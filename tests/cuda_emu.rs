@@ -309,3 +309,70 @@ fn bench_on_the_emulated_gpu_measures_the_peak_the_planner_predicts() {
         assert!(predicted - measured <= lora_temporary, "bench {extra:?}: over by {} > {lora_temporary}", predicted - measured);
     }
 }
+
+#[test]
+fn preference_objectives_on_the_emulated_gpu_follow_the_cpu() {
+    // DPO, ORPO, KTO and a reward model, 3 steps each on the quickstart model,
+    // on the CPU and on the emulated GPU: the per-token loss weights from
+    // dL/dlogp, the reference pass with adapters off, the score head, all
+    // through the CUDA backend. Every logged loss within GPU_CURVE_TOL.
+    let tmp = tempfile::tempdir().unwrap();
+    let countries = [("France", "Paris"), ("Japan", "Tokyo"), ("Kenya", "Nairobi"), ("Peru", "Lima"), ("Norway", "Oslo"), ("Greece", "Athens"), ("Chile", "Santiago"), ("Egypt", "Cairo")];
+    let prompt = |c: &str| format!("User: What is the capital of {c}?\nAssistant:\n");
+    let pairs: Vec<String> = countries
+        .iter()
+        .map(|(c, city)| serde_json::json!({"prompt": prompt(c), "chosen": format!("The capital of {c} is {city}."), "rejected": "I do not know."}).to_string())
+        .collect();
+    let kto: Vec<String> = countries
+        .iter()
+        .flat_map(|(c, city)| {
+            [
+                serde_json::json!({"prompt": prompt(c), "completion": format!("The capital of {c} is {city}."), "label": true}).to_string(),
+                serde_json::json!({"prompt": prompt(c), "completion": "I do not know.", "label": false}).to_string(),
+            ]
+        })
+        .collect();
+    std::fs::write(tmp.path().join("pairs.jsonl"), pairs.join("\n") + "\n").unwrap();
+    std::fs::write(tmp.path().join("kto.jsonl"), kto.join("\n") + "\n").unwrap();
+    let model = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/quickstart/model");
+    for (name, keys, data) in [
+        ("dpo", "rl: dpo\nrl_beta: 0.1", "pairs.jsonl"),
+        ("orpo", "rl: orpo\norpo_alpha: 0.1", "pairs.jsonl"),
+        ("kto", "rl: kto\nrl_beta: 0.1", "kto.jsonl"),
+        ("reward", "reward_model: true", "pairs.jsonl"),
+    ] {
+        let cfg = tmp.path().join(format!("{name}.yml"));
+        std::fs::write(
+            &cfg,
+            format!(
+                "base_model: {}\nadapter: lora\nlora_r: 8\nlora_alpha: 16\nlora_target_linear: true\n{keys}\n\
+                 datasets:\n  - path: {}\nsequence_len: 64\nmicro_batch_size: 4\nmax_steps: 3\nlearning_rate: 0.002\n\
+                 lr_scheduler: constant\nlogging_steps: 1\nseed: 1\n",
+                model.display(),
+                tmp.path().join(data).display()
+            ),
+        )
+        .unwrap();
+        let mut losses = Vec::new();
+        for cuda in [false, true] {
+            let out = tmp.path().join(format!("{name}-{cuda}"));
+            let mut cmd = Command::new(env!("CARGO_BIN_EXE_ferrotune"));
+            cmd.args(["train", cfg.to_str().unwrap(), "--set", &format!("output_dir={}", out.display())]);
+            cmd.args(["--set", if cuda { "device=cuda" } else { "device=cpu" }]);
+            if cuda {
+                cmd.env("LD_LIBRARY_PATH", cuda_emu::lib_dir().unwrap());
+            }
+            let o = cmd.output().expect("run ferrotune");
+            assert!(o.status.success(), "{name} (cuda={cuda}) failed:\n{}", String::from_utf8_lossy(&o.stderr));
+            losses.push(step_losses(&out));
+        }
+        let (cpu, gpu) = (&losses[0], &losses[1]);
+        assert_eq!(cpu.len(), 3, "{name}: {cpu:?}");
+        assert_eq!(gpu.len(), 3, "{name}: {gpu:?}");
+        for (step, (c, g)) in cpu.iter().zip(gpu).enumerate() {
+            let rel = (g - c).abs() / c.abs().max(1e-3);
+            eprintln!("{name} step {}: loss cpu {c:.6} gpu {g:.6} (rel {rel:.2e})", step + 1);
+            assert!(rel <= GPU_CURVE_TOL, "{name} step {}: rel error {rel:e} > {GPU_CURVE_TOL:e}", step + 1);
+        }
+    }
+}
