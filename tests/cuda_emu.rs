@@ -376,3 +376,43 @@ fn preference_objectives_on_the_emulated_gpu_follow_the_cpu() {
         }
     }
 }
+
+#[test]
+fn a_training_step_reads_back_only_its_losses_and_the_gradient_norm() {
+    // The emulator counts every device-to-host copy (each one a host
+    // synchronisation on a GPU). Two runs of the quickstart differing by two
+    // optimizer steps give the steady-state count per step: one read of the
+    // per-token losses per micro-batch (the logged loss) and one of the global
+    // gradient norm (clipping and the log), nothing else.
+    let lib = cuda_emu::lib_dir().unwrap_or_else(|e| panic!("cannot build the SIMT emulator: {e}"));
+    let tmp = tempfile::tempdir().unwrap();
+    let counters = |steps: usize| -> [u64; 4] {
+        let out = Command::new(env!("CARGO_BIN_EXE_ferrotune"))
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .args(["train", "examples/quickstart/quickstart.yml", "--device", "cuda"])
+            .args(["--set", &format!("output_dir={}", tmp.path().join(format!("run{steps}")).display())])
+            // One conversation per micro-batch, two micro-batches per step.
+            .args(["--set", &format!("max_steps={steps}"), "--set", "gradient_accumulation_steps=2", "--set", "save_steps=null"])
+            .args(["--set", "sample_packing=false", "--set", "micro_batch_size=1"])
+            .env("LD_LIBRARY_PATH", &lib)
+            .env("FERROTUNE_SIMT_COUNTERS", "1")
+            .output()
+            .expect("run ferrotune");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{err}");
+        let line = err.lines().find(|l| l.starts_with("SIMT emulator counters:")).unwrap_or_else(|| panic!("no counters:\n{err}"));
+        let nums: Vec<u64> = line.split(|c: char| !c.is_ascii_digit()).filter_map(|w| w.parse().ok()).collect();
+        [nums[0], nums[1], nums[2], nums[3]]
+    };
+    let (a, b) = (counters(2), counters(4));
+    let per_step = |i: usize| (b[i] - a[i]) / 2;
+    eprintln!(
+        "per optimizer step (2 micro-batches): {} launches, {} host-to-device copies, {} device-to-host copies, {} host waits",
+        per_step(0),
+        per_step(1),
+        per_step(2),
+        per_step(3)
+    );
+    assert_eq!(per_step(2), 2 + 1, "device-to-host copies per step: the 2 micro-batches' losses and the gradient norm");
+    assert_eq!(per_step(3), 0, "explicit host waits inside the training loop");
+}

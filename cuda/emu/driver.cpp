@@ -10,6 +10,7 @@
 // without CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, zero or oversized
 // grids and blocks, functions the module does not contain, and host kernels
 // whose parameter list differs from the PTX entry's.
+#include <atomic>
 #include <chrono>
 #include <map>
 #include <mutex>
@@ -147,6 +148,16 @@ CUresult release(CUdeviceptr d) {
     return simt::device_free((void*)d) ? CUDA_SUCCESS : CUDA_ERROR_INVALID_VALUE;
 }
 
+// What crosses between host and device, and how often the host waits for it
+// (FERROTUNE_SIMT_COUNTERS=1 prints them at exit: how a test checks that a
+// training step synchronises only to read what it logs).
+std::atomic<unsigned long long> g_launches{0}, g_to_device{0}, g_to_host{0}, g_host_waits{0};
+
+void print_counters() {
+    fprintf(stderr, "SIMT emulator counters: launches %llu, host-to-device copies %llu, device-to-host copies %llu, "
+            "host waits %llu\n", g_launches.load(), g_to_device.load(), g_to_host.load(), g_host_waits.load());
+}
+
 CUresult copy(void* dst, const void* src, size_t bytes) {
     if (bytes && (!dst || !src)) return CUDA_ERROR_INVALID_VALUE;
     std::memmove(dst, src, bytes);
@@ -159,6 +170,10 @@ extern "C" {
 
 CUresult cuInit(unsigned) {
     simt::install_fault_reporter();
+    static bool once = false;
+    const char* c = getenv("FERROTUNE_SIMT_COUNTERS");
+    if (!once && c && std::string(c) == "1") atexit(print_counters);
+    once = true;
     return CUDA_SUCCESS;
 }
 CUresult cuDriverGetVersion(int* v) {
@@ -219,7 +234,10 @@ CUresult cuCtxGetDevice(CUdevice* d) {
     *d = 0;
     return CUDA_SUCCESS;
 }
-CUresult cuCtxSynchronize() { return CUDA_SUCCESS; }
+CUresult cuCtxSynchronize() {
+    g_host_waits++;
+    return CUDA_SUCCESS;
+}
 CUresult cuMemGetInfo_v2(size_t* free_bytes, size_t* total) {
     std::lock_guard<std::mutex> lock(g_mutex);
     *total = kTotalBytes;
@@ -237,7 +255,10 @@ CUresult cuStreamDestroy_v2(CUstream s) {
     delete s;
     return CUDA_SUCCESS;
 }
-CUresult cuStreamSynchronize(CUstream) { return CUDA_SUCCESS; }
+CUresult cuStreamSynchronize(CUstream) {
+    g_host_waits++;
+    return CUDA_SUCCESS;
+}
 CUresult cuStreamQuery(CUstream) { return CUDA_SUCCESS; }
 CUresult cuStreamWaitEvent(CUstream, CUevent, unsigned) { return CUDA_SUCCESS; }
 CUresult cuEventCreate(CUevent* e, unsigned) {
@@ -252,7 +273,10 @@ CUresult cuEventRecord(CUevent e, CUstream) {
     e->at = std::chrono::steady_clock::now();
     return CUDA_SUCCESS;
 }
-CUresult cuEventSynchronize(CUevent) { return CUDA_SUCCESS; }
+CUresult cuEventSynchronize(CUevent) {
+    g_host_waits++;
+    return CUDA_SUCCESS;
+}
 CUresult cuEventQuery(CUevent) { return CUDA_SUCCESS; }
 CUresult cuEventElapsedTime(float* ms, CUevent a, CUevent b) {
     *ms = std::chrono::duration<float, std::milli>(b->at - a->at).count();
@@ -265,11 +289,23 @@ CUresult cuMemAlloc_v2(CUdeviceptr* d, size_t bytes) { return alloc(d, bytes, fa
 CUresult cuMemFree_v2(CUdeviceptr d) { return release(d); }
 CUresult cuMemAllocAsync(CUdeviceptr* d, size_t bytes, CUstream) { return alloc(d, bytes, true); }
 CUresult cuMemFreeAsync(CUdeviceptr d, CUstream) { return release(d); }
-CUresult cuMemcpyHtoD_v2(CUdeviceptr d, const void* h, size_t n) { return copy((void*)d, h, n); }
-CUresult cuMemcpyDtoH_v2(void* h, CUdeviceptr d, size_t n) { return copy(h, (const void*)d, n); }
+CUresult cuMemcpyHtoD_v2(CUdeviceptr d, const void* h, size_t n) {
+    g_to_device++;
+    return copy((void*)d, h, n);
+}
+CUresult cuMemcpyDtoH_v2(void* h, CUdeviceptr d, size_t n) {
+    g_to_host++;
+    return copy(h, (const void*)d, n);
+}
 CUresult cuMemcpyDtoD_v2(CUdeviceptr d, CUdeviceptr s, size_t n) { return copy((void*)d, (const void*)s, n); }
-CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr d, const void* h, size_t n, CUstream) { return copy((void*)d, h, n); }
-CUresult cuMemcpyDtoHAsync_v2(void* h, CUdeviceptr d, size_t n, CUstream) { return copy(h, (const void*)d, n); }
+CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr d, const void* h, size_t n, CUstream) {
+    g_to_device++;
+    return copy((void*)d, h, n);
+}
+CUresult cuMemcpyDtoHAsync_v2(void* h, CUdeviceptr d, size_t n, CUstream) {
+    g_to_host++;
+    return copy(h, (const void*)d, n);
+}
 CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr d, CUdeviceptr s, size_t n, CUstream) {
     return copy((void*)d, (const void*)s, n);
 }
@@ -390,6 +426,7 @@ CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, uns
     if ((unsigned long long)bx * by * bz > f->max_threads) return CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES;
     if ((int)smem > f->max_dynamic_smem) return CUDA_ERROR_INVALID_VALUE;
     const FakeFunction* fn = f;
+    g_launches++;
     simt::launch(fn->name.c_str(), simt::Dim3{gx, gy, gz}, simt::Dim3{bx, by, bz}, smem,
                  [fn, params] { fn->invoke(fn->fn, params); });
     return CUDA_SUCCESS;
