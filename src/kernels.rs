@@ -56,8 +56,10 @@ mod tests {
             ("embedding_fwd_*", "table:ptr ids:ptr out:ptr n:i32 hidden:i32 vocab:i32"),
         ]),
         ("lora_dropout", &[
-            ("lora_dropout_fwd_*", "x:ptr out:ptr n:u64 seed:u64 p:f32 accumulate:i32"),
-            ("lora_dropout_bwd_*", "dy:ptr dx:ptr n:u64 seed:u64 p:f32 accumulate:i32"),
+            ("lora_xa_dropout_*", "x:ptr a:ptr xa:ptr m:i32 k:i32 r:i32 seed:u64 p:f32"),
+            ("lora_da_dropout_partials_*", "x:ptr dxa:ptr partials:ptr m:i32 k:i32 r:i32 rows_per_split:i32 seed:u64 p:f32"),
+            ("lora_da_dropout_finalize_f32", "partials:ptr da:ptr k:i32 r:i32 splits:i32"),
+            ("lora_dx_dropout_*", "dxa:ptr a:ptr dx:ptr n:u64 k:i32 r:i32 seed:u64 p:f32"),
         ]),
         ("nf4", &[
             ("nf4_dequantize_bf16", "packed:ptr absmax:ptr code:ptr out:ptr n:u64 blocksize:i32"),

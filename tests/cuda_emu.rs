@@ -60,6 +60,13 @@ fn flash_attention_over_several_tiles_matches_the_cpu() {
 }
 
 #[test]
+fn lora_products_with_and_without_fused_dropout_match_the_cpu() {
+    // (m, k, n, r): 1, 2 and 3 rank chunks (the last partial), 1 to 3 row
+    // splits of dA, k and n not multiples of 256.
+    gpu_checks::lora_shapes(&emulated_gpu().1, &[(37, 300, 70, 8), (600, 96, 130, 24), (513, 40, 33, 40)]);
+}
+
+#[test]
 fn model_loss_and_lora_gradients_match_the_cpu_on_every_fixture() {
     gpu_checks::model_parity(&emulated_gpu().1);
 }
@@ -202,15 +209,16 @@ fn memory_plan_bounds_the_cuda_backends_measured_peak() {
                 if plan.peak_at == Phase::HeadLoss {
                     assert_eq!(slack, 0, "{case}: the LM-head peak must be exact\n{plan}");
                 } else {
-                    // LoRA backward: A, B and dxa copies, and with dropout the
-                    // masked input and the masked gradient's scratch (bf16).
+                    // LoRA backward: A, B and dxa copies, or with dropout the B
+                    // and dxa copies and the fused dA product's f32 partials.
                     let n = (micro_batch * seq_len) as u64;
+                    let splits = ferrotune::backend::lora_da_splits(n as usize) as u64;
                     let largest_lora_temporary = memory::adapted_modules(&cfg, &lc)
                         .unwrap()
                         .iter()
                         .map(|m| {
                             let (k, o, r) = (m.in_f as u64, m.out_f as u64, m.r as u64);
-                            2 * (r * k + o * r + n * r) + if m.dropout { 4 * n * k } else { 0 }
+                            if m.dropout { 2 * (o * r + n * r) + 4 * splits * r * k } else { 2 * (r * k + o * r + n * r) }
                         })
                         .max()
                         .unwrap();

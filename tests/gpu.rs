@@ -43,6 +43,13 @@ fn flash_attention_over_many_tiles_matches_the_cpu() {
 
 #[test]
 #[ignore = "needs a GPU: run by scripts/gpu_check.sh"]
+fn lora_products_with_and_without_fused_dropout_match_the_cpu() {
+    // Llama-3-8B's q and down projections at rank 16 and 64, 2048 tokens.
+    gpu_checks::lora_shapes(&gpu(), &[(2048, 4096, 4096, 16), (2048, 14336, 4096, 64), (513, 40, 33, 40)]);
+}
+
+#[test]
+#[ignore = "needs a GPU: run by scripts/gpu_check.sh"]
 fn model_loss_and_lora_gradients_match_the_cpu_on_every_fixture() {
     gpu_checks::model_parity(&gpu());
 }

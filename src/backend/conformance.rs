@@ -303,7 +303,7 @@ impl<'a, R: Backend, C: Backend> Harness<'a, R, C> {
         }
     }
 
-    fn lora(&mut self, m: usize, k: usize, n: usize, r: usize, dropout: Option<Dropout>) {
+    pub fn lora(&mut self, m: usize, k: usize, n: usize, r: usize, dropout: Option<Dropout>) {
         let t = self.tol;
         let tag = if dropout.is_some() { " dropout" } else { "" };
         let (rx, cx, _) = self.act(m * k, 1.0);

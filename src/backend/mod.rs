@@ -88,6 +88,14 @@ pub fn dropout_keep(seed: u64, index: u64, p: f32) -> bool {
     dropout_uniform(seed, index) >= p
 }
 
+/// Row splits of the CUDA backend's fused LoRA-dropout dA product
+/// (cuda/lora_dropout.cu): the m rows are summed in this many independent
+/// parts (for parallelism; f32 partials [splits, r, k], summed in order
+/// after). Shared with the memory planner, which counts the partials.
+pub fn lora_da_splits(m: usize) -> usize {
+    m.div_ceil(256).clamp(1, 64)
+}
+
 /// Shape of one attention call (varlen layout, see module docs).
 #[derive(Debug, Clone, Copy)]
 pub struct AttnShape {

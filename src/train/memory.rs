@@ -90,15 +90,15 @@
 //! # Product temporaries (`RunShape::product_casts`, the CUDA backend)
 //!
 //! cuBLAS multiplies bf16 by bf16 here, so the CUDA backend makes a bf16
-//! copy of every f32 operand for the duration of one product, and LoRA
-//! dropout writes the masked input to a temporary:
+//! copy of every f32 operand for the duration of one product:
 //! - LM head backward: the f32 logits gradient, `2·c·V`, while every
 //!   buffer of the head phase is alive (added to `head`: exact).
 //! - LoRA forward of a projection (in k, out o, rank r): A and B copies
-//!   `2·(r·k + o·r)`, plus the masked input `2·n·k` with dropout.
-//! - LoRA backward: A and B copies and the bf16 `dxa` `2·(r·k + o·r + n·r)`,
-//!   plus with dropout the masked input `2·n·k` and the masked gradient's
-//!   scratch `A·n·k`.
+//!   `2·(r·k + o·r)`; with dropout the mask is fused into x·Aᵀ (no copy of
+//!   x, A read as f32), leaving the B copy `2·o·r`.
+//! - LoRA backward: A and B copies and the bf16 `dxa` `2·(r·k + o·r + n·r)`;
+//!   with dropout the B copy, `dxa` and the fused dA product's f32 row-split
+//!   partials `4·S·r·k` (`backend::lora_da_splits`), and no full-size buffer.
 //!
 //! The largest LoRA temporary of a layer is added to its forward, recompute
 //! and backward phases. That places it at the phase's peak point, where it
@@ -332,12 +332,16 @@ impl Model {
         let (mut lora_fwd, mut lora_bwd) = (vec![0u64; self.n_layers], vec![0u64; self.n_layers]);
         if s.product_casts {
             head += 2 * c * self.vocab;
+            let splits = crate::backend::lora_da_splits(n as usize) as u64;
             for m in &self.modules {
                 let (k, o, r) = (m.in_f as u64, m.out_f as u64, m.r as u64);
-                let masked = if m.dropout { 2 * n * k } else { 0 };
-                lora_fwd[m.layer] = lora_fwd[m.layer].max(2 * (r * k + o * r) + masked);
-                let bwd_masked = if m.dropout { 2 * n * k + a * n * k } else { 0 };
-                lora_bwd[m.layer] = lora_bwd[m.layer].max(2 * (r * k + o * r + n * r) + bwd_masked);
+                let (fwd, bwd) = if m.dropout {
+                    (2 * o * r, 2 * (o * r + n * r) + 4 * splits * r * k)
+                } else {
+                    (2 * (r * k + o * r), 2 * (r * k + o * r + n * r))
+                };
+                lora_fwd[m.layer] = lora_fwd[m.layer].max(fwd);
+                lora_bwd[m.layer] = lora_bwd[m.layer].max(bwd);
             }
         }
         let act_nh = nh * a; // x, hf, dhf, dx, a saved layer input

@@ -45,6 +45,21 @@ pub fn attention_tiles(cuda: &CudaBackend, seqs: &[usize]) {
     assert_checks_pass(&h, "attention");
 }
 
+/// The LoRA products at shapes that exercise the fused dropout kernels'
+/// edges: ranks over one 16-rank chunk and partial chunks, several row
+/// splits of the dA product, widths that are not a multiple of the block.
+pub fn lora_shapes(cuda: &CudaBackend, shapes: &[(usize, usize, usize, usize)]) {
+    use ferrotune::backend::Dropout;
+    let cpu = CpuBackend::new();
+    let mut h = Harness::new(&cpu, cuda, Tolerances::bf16(), 17);
+    for &(m, k, n, r) in shapes {
+        for dropout in [None, Some(Dropout { p: 0.1, seed: 5 }), Some(Dropout { p: 0.5, seed: 6 })] {
+            h.lora(m, k, n, r, dropout);
+        }
+    }
+    assert_checks_pass(&h, "lora");
+}
+
 /// The whole model's loss and LoRA gradients on every fixture.
 pub fn model_parity(cuda: &CudaBackend) {
     let cpu = CpuBackend::new();

@@ -121,6 +121,15 @@ fn grid_for(n: usize) -> LaunchConfig {
     LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 }
 }
 
+/// Block size of the fused LoRA-dropout kernels (their __launch_bounds__).
+const FUSED_LORA_THREADS: u32 = 256;
+
+/// A grid-stride launch of a fused LoRA-dropout kernel over `n` elements.
+fn fused_grid(n: usize) -> LaunchConfig {
+    let blocks = n.div_ceil(FUSED_LORA_THREADS as usize).clamp(1, 65_535) as u32;
+    LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (FUSED_LORA_THREADS, 1, 1), shared_mem_bytes: 0 }
+}
+
 /// One block per row (grid-stride over rows beyond 65535).
 fn rows_grid(rows: usize, threads: u32) -> LaunchConfig {
     LaunchConfig { grid_dim: (rows.clamp(1, 65_535) as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
@@ -626,11 +635,26 @@ impl Backend for CudaBackend {
         n: usize,
         r: usize,
     ) {
-        let ab = self.bf16_operand(a);
+        match dropout.filter(|d| d.p > 0.0) {
+            // xa = dropout(x)·Aᵀ with the mask fused: no masked copy of x.
+            Some(d) => {
+                let (mi, ki, ri) = (m as i32, k as i32, r as i32);
+                let cfg = rows_grid(m, FUSED_LORA_THREADS);
+                let af = a.f32("lora A");
+                match (x, &mut *xa) {
+                    (CudaBuf::F32(x), CudaBuf::F32(o)) => launch!(self, "lora_xa_dropout_f32", cfg, x, af, o, &mi, &ki, &ri, &d.seed, &d.p),
+                    (CudaBuf::Bf16(x), CudaBuf::Bf16(o)) => launch!(self, "lora_xa_dropout_bf16", cfg, x, af, o, &mi, &ki, &ri, &d.seed, &d.p),
+                    _ => panic!("lora_forward: x and xa must share a storage type"),
+                }
+            }
+            None => {
+                let ab = self.bf16_operand(a);
+                let xd = self.bf16_operand(x);
+                let xa_op = out_operand(xa, &self.stream);
+                self.gemm(m, r, k, xd.op(), false, ab.op(), true, xa_op, 1.0, 0.0);
+            }
+        }
         let bb = self.bf16_operand(b);
-        let xd = self.dropped_input(x, dropout, m * k);
-        let xa_op = out_operand(xa, &self.stream);
-        self.gemm(m, r, k, xd.op(), false, ab.op(), true, xa_op, 1.0, 0.0);
         let xab = self.bf16_operand(xa);
         let y_op = out_operand(y, &self.stream);
         self.gemm(m, n, r, xab.op(), false, bb.op(), true, y_op, scale, 1.0);
@@ -655,7 +679,6 @@ impl Backend for CudaBackend {
     ) {
         let dyb = self.bf16_operand(dy);
         let xab = self.bf16_operand(xa);
-        let ab = self.bf16_operand(a);
         let bb = self.bf16_operand(b);
         // dB[n, r] += s · dyᵀ · xa
         let db_op = out_operand(db, &self.stream);
@@ -664,26 +687,43 @@ impl Backend for CudaBackend {
         let mut dxa = self.alloc_bf16(m * r);
         let dxa_op = Operand { ptr: dxa.device_ptr_mut(&self.stream).0, dtype: blas_sys::cudaDataType::CUDA_R_16BF };
         self.gemm(m, r, n, dyb.op(), false, bb.op(), false, dxa_op, scale, 0.0);
-        // dA[r, k] += dxaᵀ · dropout(x)
-        let xd = self.dropped_input(x, dropout, m * k);
-        let da_op = out_operand(da, &self.stream);
-        self.gemm(r, k, m, dxa_op, true, xd.op(), false, da_op, 1.0, 1.0);
-        // dx[m, k] += mask ⊙ (dxa · A)
         match dropout.filter(|d| d.p > 0.0) {
             None => {
+                let ab = self.bf16_operand(a);
+                let xd = self.bf16_operand(x);
+                // dA[r, k] += dxaᵀ · x
+                let da_op = out_operand(da, &self.stream);
+                self.gemm(r, k, m, dxa_op, true, xd.op(), false, da_op, 1.0, 1.0);
+                // dx[m, k] += dxa · A
                 let dx_op = out_operand(dx, &self.stream);
                 self.gemm(m, k, r, dxa_op, false, ab.op(), false, dx_op, 1.0, 1.0);
             }
+            // The mask fused into both products: no masked copy of x and no
+            // full-size gradient scratch (cuda/lora_dropout.cu).
             Some(d) => {
-                let mut tmp = self.zeros_like(dx);
-                let tmp_op = out_operand(&mut tmp, &self.stream);
-                self.gemm(m, k, r, dxa_op, false, ab.op(), false, tmp_op, 1.0, 0.0);
-                let (len, acc) = ((m * k) as u64, 1i32);
-                let cfg = grid_for(m * k);
-                match (&tmp, dx) {
-                    (CudaBuf::F32(t), CudaBuf::F32(o)) => launch!(self, "lora_dropout_bwd_f32", cfg, t, o, &len, &d.seed, &d.p, &acc),
-                    (CudaBuf::Bf16(t), CudaBuf::Bf16(o)) => launch!(self, "lora_dropout_bwd_bf16", cfg, t, o, &len, &d.seed, &d.p, &acc),
-                    _ => unreachable!("tmp has dx's type"),
+                let (mi, ki, ri) = (m as i32, k as i32, r as i32);
+                // dA[r, k] += dxaᵀ · dropout(x): row-split partials, then their sum.
+                let splits = crate::backend::lora_da_splits(m);
+                let rows_per_split = m.div_ceil(splits) as i32;
+                let mut partials = self.alloc_f32(splits * r * k);
+                let cfg = LaunchConfig {
+                    grid_dim: (k.div_ceil(FUSED_LORA_THREADS as usize) as u32, splits as u32, 1),
+                    block_dim: (FUSED_LORA_THREADS, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                match x {
+                    CudaBuf::F32(x) => launch!(self, "lora_da_dropout_partials_f32", cfg, x, &dxa, &mut partials, &mi, &ki, &ri, &rows_per_split, &d.seed, &d.p),
+                    CudaBuf::Bf16(x) => launch!(self, "lora_da_dropout_partials_bf16", cfg, x, &dxa, &mut partials, &mi, &ki, &ri, &rows_per_split, &d.seed, &d.p),
+                }
+                let splits_i = splits as i32;
+                launch!(self, "lora_da_dropout_finalize_f32", grid_for(r * k), &partials, da.f32_mut("lora dA"), &ki, &ri, &splits_i);
+                drop(partials);
+                // dx[m, k] += mask ⊙ (dxa · A)
+                let af = a.f32("lora A");
+                let (n64, cfg) = ((m * k) as u64, fused_grid(m * k));
+                match dx {
+                    CudaBuf::F32(o) => launch!(self, "lora_dx_dropout_f32", cfg, &dxa, af, o, &n64, &ki, &ri, &d.seed, &d.p),
+                    CudaBuf::Bf16(o) => launch!(self, "lora_dx_dropout_bf16", cfg, &dxa, af, o, &n64, &ki, &ri, &d.seed, &d.p),
                 }
             }
         }
@@ -809,27 +849,6 @@ impl Backend for CudaBackend {
 }
 
 impl CudaBackend {
-    /// x itself, or dropout(x) in a temporary (bf16 either way, as a product operand).
-    fn dropped_input(&self, x: &CudaBuf, dropout: Option<Dropout>, len: usize) -> Bf16Operand {
-        match dropout.filter(|d| d.p > 0.0) {
-            None => self.bf16_operand(x),
-            Some(d) => {
-                let mut out = self.alloc_bf16(len);
-                let (n, acc) = (len as u64, 0i32);
-                let cfg = grid_for(len);
-                match x {
-                    CudaBuf::Bf16(s) => launch!(self, "lora_dropout_fwd_bf16", cfg, s, &mut out, &n, &d.seed, &d.p, &acc),
-                    CudaBuf::F32(s) => {
-                        let xb = self.cast_to_bf16(s, len);
-                        launch!(self, "lora_dropout_fwd_bf16", cfg, &xb, &mut out, &n, &d.seed, &d.p, &acc)
-                    }
-                }
-                let ptr = out.device_ptr(&self.stream).0;
-                Bf16Operand::Owned(out, ptr)
-            }
-        }
-    }
-
     #[allow(clippy::too_many_arguments)]
     fn rope_launch(&self, name: &str, x: &mut CudaBuf, pos: &CudaSlice<i32>, inv_freq: &CudaBuf, n: usize, heads: usize, d: usize) {
         let (ni, hi, di) = (n as i32, heads as i32, d as i32);
