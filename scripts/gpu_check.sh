@@ -62,6 +62,7 @@ export FERROTUNE_FIXTURES="$PWD/tests/fixtures"
     for args in \
         "--preset llama3-8b --seq-len 2048 --micro-batch 1 --lora-r 16" \
         "--preset llama3-8b --seq-len 2048 --micro-batch 1 --lora-r 16 --gradient-checkpointing" \
+        "--preset llama3-8b --seq-len 2048 --micro-batch 1 --lora-r 16 --gradient-checkpointing --lora-dropout 0.05" \
         "--preset llama3-8b --seq-len 2048 --micro-batch 1 --lora-r 16 --gradient-checkpointing --qlora" \
         "--preset llama3.2-1b --seq-len 2048 --micro-batch 4 --lora-r 16"; do
         echo '```'

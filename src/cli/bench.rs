@@ -37,6 +37,9 @@ pub struct BenchArgs {
     /// Defaults to 2 × lora_r.
     #[arg(long)]
     lora_alpha: Option<f32>,
+    /// LoRA dropout probability (0 = none; the CUDA backend fuses the mask into the LoRA products).
+    #[arg(long, default_value_t = 0.0)]
+    lora_dropout: f32,
     /// Comma-separated module names (q_proj,v_proj,...) or all-linear.
     #[arg(long, default_value = "all-linear")]
     targets: String,
@@ -81,6 +84,7 @@ pub fn peak_rss_bytes() -> Option<u64> {
 pub fn run(a: BenchArgs) -> Result<()> {
     ensure!(a.seq_len > 0 && a.micro_batch > 0 && a.steps > 0, "--seq-len, --micro-batch and --steps must be at least 1");
     ensure!(a.lora_r > 0, "--lora-r must be at least 1");
+    ensure!((0.0..1.0).contains(&a.lora_dropout), "--lora-dropout must be in [0, 1), got {}", a.lora_dropout);
     let host_peak = || peak_rss_bytes().map(|b| (b, "host RSS of the whole process"));
     if a.plan_only {
         let (cfg, lc) = model_and_adapter(&a)?;
@@ -149,7 +153,8 @@ fn model_and_adapter(a: &BenchArgs) -> Result<(crate::model::config::ModelConfig
     } else {
         Targets::Names(a.targets.split(',').map(|s| s.trim().to_string()).collect())
     };
-    let lc = LoraConfig::new(a.lora_r, a.lora_alpha.unwrap_or(2.0 * a.lora_r as f32), targets);
+    let mut lc = LoraConfig::new(a.lora_r, a.lora_alpha.unwrap_or(2.0 * a.lora_r as f32), targets);
+    lc.dropout = a.lora_dropout;
     Ok((cfg, lc))
 }
 
@@ -183,7 +188,7 @@ fn bench_on<B: Backend, P: Backend>(be: &B, a: &BenchArgs, profiler: Option<&Pro
     let opts = BackwardOpts {
         grad_scale: 1.0 / batch.n_targets().max(1) as f32,
         gradient_checkpointing: a.gradient_checkpointing,
-        dropout_seed: None,
+        dropout_seed: (a.lora_dropout > 0.0).then_some(a.seed ^ 0xd0),
     };
     if !a.json {
         eprintln!(
@@ -235,7 +240,7 @@ fn bench_on<B: Backend, P: Backend>(be: &B, a: &BenchArgs, profiler: Option<&Pro
             "{}",
             serde_json::json!({
                 "device": be.name(), "preset": a.preset, "family": spec_family, "layers": model.cfg.n_layers, "qlora": a.qlora,
-                "seq_len": a.seq_len, "micro_batch": a.micro_batch, "lora_r": a.lora_r, "lora_params": n_lora,
+                "seq_len": a.seq_len, "micro_batch": a.micro_batch, "lora_r": a.lora_r, "lora_dropout": a.lora_dropout, "lora_params": n_lora,
                 "gradient_checkpointing": a.gradient_checkpointing, "steps": a.steps,
                 "tokens_per_s": tokens_per_s, "step_time_s": step_s, "model_tflops": tflops, "mfu": mfu,
                 "peak_memory_bytes": peak_mem.map(|p| p.0), "peak_memory_kind": peak_mem.map(|p| p.1),
