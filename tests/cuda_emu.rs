@@ -424,3 +424,41 @@ fn a_training_step_reads_back_only_its_losses_and_the_gradient_norm() {
     assert_eq!(per_step(2), 2 + 1, "device-to-host copies per step: the 2 micro-batches' losses and the gradient norm");
     assert_eq!(per_step(3), 0, "explicit host waits inside the training loop");
 }
+
+#[test]
+fn device_start_up_reports_the_gpu_and_refuses_what_cannot_run() {
+    // The start-up checks of --device, against the emulated GPU: auto picks
+    // it and the run prints the GPU, its memory, the driver and the kernels;
+    // an old driver, a pre-sm_80 GPU and a missing ordinal are one clear
+    // message each, and --device cpu still works with a GPU visible.
+    let lib = cuda_emu::lib_dir().unwrap_or_else(|e| panic!("cannot build the SIMT emulator: {e}"));
+    let bench = |device: &str, env: &[(&str, &str)]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ferrotune"));
+        cmd.args(["bench", "--device", device, "--preset", "tiny", "--seq-len", "16", "--steps", "1", "--warmup", "0"]);
+        cmd.env("LD_LIBRARY_PATH", &lib);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().expect("run ferrotune bench");
+        (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    };
+    let (ok, log) = bench("auto", &[]);
+    assert!(ok, "{log}");
+    let start = log.lines().find(|l| l.starts_with("device:")).unwrap_or_else(|| panic!("no device line:\n{log}"));
+    for part in ["cuda:0", "SIMT emulator", "(sm_90)", "64.0 GiB", "driver CUDA 12.4", "kernels loaded"] {
+        assert!(start.contains(part), "device line lacks {part:?}: {start}");
+    }
+    let refusals: [(&str, &[(&str, &str)], &str); 3] = [
+        ("cuda", &[("FERROTUNE_SIMT_DRIVER_VERSION", "11080")], "supports CUDA 11.8, ferrotune's kernels need CUDA 12.4 (driver >= 550)"),
+        ("cuda", &[("FERROTUNE_SIMT_COMPUTE_CAPABILITY", "75")], "has compute capability 7.5; ferrotune's kernels need sm_80 or newer"),
+        ("cuda:1", &[], "--device cuda:1: there is only one GPU, cuda:0"),
+    ];
+    for (device, env, want) in refusals {
+        let (ok, log) = bench(device, env);
+        assert!(!ok, "--device {device} {env:?} should be refused:\n{log}");
+        assert!(log.contains(want), "--device {device} {env:?}: expected {want:?} in:\n{log}");
+        assert!(!log.contains("panicked"), "{log}");
+    }
+    let (ok, log) = bench("cpu", &[]);
+    assert!(ok && log.contains("on cpu"), "{log}");
+}

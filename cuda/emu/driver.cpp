@@ -40,11 +40,19 @@ enum : CUresult {
 };
 
 // The emulated device: an sm_90 part with a tenth of an H100's SMs (grid
-// sizes computed from the SM count stay small), 64 GiB.
+// sizes computed from the SM count stay small), 64 GiB. For tests of the
+// start-up checks, FERROTUNE_SIMT_DRIVER_VERSION (e.g. 11080) and
+// FERROTUNE_SIMT_COMPUTE_CAPABILITY (e.g. 75) make it an older driver or GPU.
 static const char* kName = "SIMT emulator (host CPU)";
 static const size_t kTotalBytes = 64ull << 30;
-static const int kDriverVersion = 12040;
 static const int kOptinSharedBytes = 232448;
+
+static int env_int(const char* name, int fallback) {
+    const char* v = getenv(name);
+    return v && *v ? atoi(v) : fallback;
+}
+static int driver_version() { return env_int("FERROTUNE_SIMT_DRIVER_VERSION", 12040); }
+static int compute_capability() { return env_int("FERROTUNE_SIMT_COMPUTE_CAPABILITY", 90); }
 
 struct FakeStream {};
 struct FakeEvent {
@@ -177,7 +185,7 @@ CUresult cuInit(unsigned) {
     return CUDA_SUCCESS;
 }
 CUresult cuDriverGetVersion(int* v) {
-    *v = kDriverVersion;
+    *v = driver_version();
     return CUDA_SUCCESS;
 }
 CUresult cuDeviceGetCount(int* n) {
@@ -207,8 +215,8 @@ CUresult cuDeviceGetAttribute(int* v, int attr, CUdevice) {
         case 8: *v = 49152; break;               // MAX_SHARED_MEMORY_PER_BLOCK
         case 10: *v = 32; break;                 // WARP_SIZE
         case 16: *v = 16; break;                 // MULTIPROCESSOR_COUNT
-        case 75: *v = 9; break;                  // COMPUTE_CAPABILITY_MAJOR
-        case 76: *v = 0; break;                  // COMPUTE_CAPABILITY_MINOR
+        case 75: *v = compute_capability() / 10; break;  // COMPUTE_CAPABILITY_MAJOR
+        case 76: *v = compute_capability() % 10; break;  // COMPUTE_CAPABILITY_MINOR
         case 97: *v = kOptinSharedBytes; break;  // MAX_SHARED_MEMORY_PER_BLOCK_OPTIN
         case 115: *v = 1; break;                 // MEMORY_POOLS_SUPPORTED
         default: *v = 0;

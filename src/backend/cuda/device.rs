@@ -89,7 +89,11 @@ pub fn open(ordinal: usize) -> Result<(Arc<CudaContext>, GpuInfo)> {
         bail!("the CUDA driver sees no GPU; run with --device cpu");
     }
     if ordinal >= count as usize {
-        bail!("--device cuda:{ordinal}: there are only {count} GPU(s) (cuda:0 .. cuda:{})", count - 1);
+        // The caller names the --device value; this says what exists.
+        if count == 1 {
+            bail!("there is only one GPU, cuda:0");
+        }
+        bail!("there are only {count} GPUs (cuda:0 .. cuda:{})", count - 1);
     }
     let ctx = CudaContext::new(ordinal).map_err(|e| anyhow::anyhow!("cannot create a CUDA context on cuda:{ordinal}: {e:?}"))?;
     let name = ctx.name().map_err(|e| anyhow::anyhow!("{e:?}")).context("reading the GPU name")?;
