@@ -448,7 +448,9 @@ fn device_start_up_reports_the_gpu_and_refuses_what_cannot_run() {
     for part in ["cuda:0", "SIMT emulator", "(sm_90)", "64.0 GiB", "driver CUDA 12.4", "kernels loaded"] {
         assert!(start.contains(part), "device line lacks {part:?}: {start}");
     }
-    let refusals: [(&str, &[(&str, &str)], &str); 3] = [
+    // (--device, environment of the emulated driver, the expected message)
+    type Refusal<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
+    let refusals: [Refusal; 3] = [
         ("cuda", &[("FERROTUNE_SIMT_DRIVER_VERSION", "11080")], "supports CUDA 11.8, ferrotune's kernels need CUDA 12.4 (driver >= 550)"),
         ("cuda", &[("FERROTUNE_SIMT_COMPUTE_CAPABILITY", "75")], "has compute capability 7.5; ferrotune's kernels need sm_80 or newer"),
         ("cuda:1", &[], "--device cuda:1: there is only one GPU, cuda:0"),
