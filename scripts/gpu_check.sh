@@ -5,11 +5,13 @@
 #       here (x86-64, Rust): builds the GPU test binary and the release
 #       ferrotune binary with the chosen CUDA library feature into gpu_bundle/
 #       (git-ignored), with a run script.
-#   gpu_bundle/run.sh
+#   gpu_bundle/run.sh [all|tests|bench]
 #       on the GPU machine, from the repository root: runs every GPU test
 #       (kernels vs the CPU reference, model parity on the fixtures, the
 #       50-step optimisation) and the benchmarks, and writes every figure to
-#       $OUT/gpu_report.md (or ./gpu_report.md without $OUT).
+#       $OUT/gpu_report.md (or ./gpu_report.md without $OUT). `tests` and
+#       `bench` run one half each (gpu_report-tests.md / gpu_report-bench.md),
+#       for machines that limit how long one command may run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -41,23 +43,29 @@ cat > "$bundle/run.sh" <<'RUN'
 #!/usr/bin/env bash
 # Runs on the GPU machine from the repository root (fixtures in tests/fixtures).
 set -uo pipefail
+part=${1:-all}
+case "$part" in all | tests | bench) ;; *) echo "usage: run.sh [all|tests|bench]" >&2; exit 2 ;; esac
 out=${OUT:-.}
 report="$out/gpu_report.md"
+[[ "$part" != all ]] && report="$out/gpu_report-$part.md"
 b=$(dirname "$0")
 export FERROTUNE_FIXTURES="$PWD/tests/fixtures"
 {
-    echo "# ferrotune GPU check"
+    echo "# ferrotune GPU check ($part)"
     echo
     echo '```'
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | head -3
     echo '```'
     echo
+    if [[ "$part" != bench ]]; then
     echo "## Tests (kernels vs CPU reference, model parity, 50-step optimisation)"
     echo '```'
     timeout 300 "$b/gpu_tests" --ignored --nocapture --test-threads 1 2>&1
     echo "exit: $?"
     echo '```'
     echo
+    fi
+    if [[ "$part" != tests ]]; then
     echo "## Benchmarks"
     for args in \
         "--preset llama3-8b --seq-len 2048 --micro-batch 1 --lora-r 16" \
@@ -91,6 +99,7 @@ PY
     echo "ferrotune bench --device cuda --preset llama3-8b --seq-len 2048 --profile"
     timeout 120 "$b/ferrotune" bench --device cuda --preset llama3-8b --seq-len 2048 --steps 3 --warmup 1 --profile 2>&1
     echo '```'
+    fi
 } > "$report" 2>&1
 cat "$report"
 RUN
