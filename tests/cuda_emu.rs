@@ -237,9 +237,10 @@ fn results_are_bit_identical_under_every_thread_schedule() {
     // cuda/README.md promises deterministic kernels (fixed reduction trees, no
     // atomics). Under the emulator that also means: no result may depend on
     // how the threads of a block interleave between barriers. Flash attention
-    // (tensor-core d64/d128 and generic) forward and backward, and a whole
-    // model step, run under four schedules, including one warp running as far
-    // ahead of the others as the barriers allow; every output bit must agree.
+    // (tensor-core d64/d128 and generic) forward and backward, LoRA with fused
+    // dropout, decode attention and a whole model step run under five
+    // schedules, including the first or the last warp running as far ahead of
+    // the others as the barriers allow; every output bit must agree.
     use common::{Reference, load_with_adapter, loss_and_grads};
     use ferrotune::backend::{AttnShape, Backend};
     use ferrotune::model::batch::Batch;
@@ -265,6 +266,34 @@ fn results_are_bit_identical_under_every_thread_schedule() {
                 outputs.push(be.download(b).iter().map(|x| x.to_bits()).collect());
             }
         }
+        // LoRA with fused dropout (two rank chunks, three row splits of dA).
+        {
+            let (m, k, n, r) = (600, 96, 40, 24);
+            let mut rng = Rng::new(3);
+            let mut rand = |len: usize| -> Vec<f32> { (0..len).map(|_| rng.uniform_range(-1.0, 1.0)).collect() };
+            let (x, dy) = (be.upload_activation(&rand(m * k)), be.upload_activation(&rand(m * n)));
+            let (a, b) = (be.upload(&rand(r * k)), be.upload(&rand(n * r)));
+            let d = Some(ferrotune::backend::Dropout { p: 0.1, seed: 9 });
+            let (mut xa, mut y) = (be.zeros(m * r), be.zeros(m * n));
+            be.lora_forward(&x, &a, &b, 0.5, d, &mut xa, &mut y, m, k, n, r);
+            let (mut dx, mut da, mut db) = (be.zeros(m * k), be.zeros_f32(r * k), be.zeros_f32(n * r));
+            be.lora_backward(&dy, &x, &a, &b, &xa, 0.5, d, &mut dx, &mut da, &mut db, m, k, n, r);
+            for buf in [&xa, &y, &dx, &da, &db] {
+                outputs.push(be.download(buf).iter().map(|x| x.to_bits()).collect());
+            }
+        }
+        // Decode attention: 3 new tokens after 70 cached, GQA, d 64.
+        {
+            let (past, new, heads, kv, d) = (70, 3, 4, 2, 64);
+            let mut rng = Rng::new(4);
+            let mut rand = |len: usize| -> Vec<f32> { (0..len).map(|_| rng.uniform_range(-1.0, 1.0)).collect() };
+            let q = be.upload_activation(&rand(new * heads * d));
+            let (kc, vc) = (be.upload_activation(&rand((past + new) * kv * d)), be.upload_activation(&rand((past + new) * kv * d)));
+            let shape = AttnShape { n: new, n_heads: heads, n_kv_heads: kv, head_dim: d, window: None, scale: 0.125, max_seqlen: new };
+            let mut out = be.zeros(new * heads * d);
+            be.decode_attention(&q, &kc, &vc, past, shape, &mut out);
+            outputs.push(be.download(&out).iter().map(|x| x.to_bits()).collect());
+        }
         let (seqs, _) = Reference::load("llama3").sequences();
         let mut model = load_with_adapter(be, "llama3");
         let batch = Batch::from_sequences(&seqs, model.cfg.vocab).unwrap();
@@ -275,7 +304,7 @@ fn results_are_bit_identical_under_every_thread_schedule() {
     };
     cuda_emu::set_schedule("forward");
     let want = run(&be);
-    for schedule in ["reverse", "greedy", "random"] {
+    for schedule in ["reverse", "greedy", "greedy-last", "random"] {
         cuda_emu::set_schedule(schedule);
         let got = run(&be);
         cuda_emu::set_schedule("forward");

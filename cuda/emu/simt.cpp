@@ -18,17 +18,19 @@ Launch g;
 namespace {
 
 // FERROTUNE_SIMT_SCHEDULE: the order fibers are resumed in. "forward" (the
-// default: thread 0 first), "reverse", "random" (reshuffled every round), or
-// "greedy" (always the first runnable thread, so a warp runs as far ahead of
-// the others as the barriers allow). Correct kernels give bit-identical
-// results under every schedule.
-enum class Schedule { Forward, Reverse, Random, Greedy };
+// default: thread 0 first), "reverse", "random" (reshuffled every round),
+// "greedy" (always the first runnable thread, so the first warp runs as far
+// ahead of the others as the barriers allow) or "greedy-last" (the same from
+// the last thread: the last warp runs ahead). Correct kernels give
+// bit-identical results under every schedule.
+enum class Schedule { Forward, Reverse, Random, Greedy, GreedyLast };
 
 bool parse_schedule(const std::string& v, Schedule* out) {
     if (v == "forward") *out = Schedule::Forward;
     else if (v == "reverse") *out = Schedule::Reverse;
     else if (v == "random") *out = Schedule::Random;
     else if (v == "greedy") *out = Schedule::Greedy;
+    else if (v == "greedy-last") *out = Schedule::GreedyLast;
     else return false;
     return true;
 }
@@ -215,8 +217,9 @@ void run_block() {
 
     static std::mt19937 rng(12345);
     std::vector<int> order(n);
-    for (int t = 0; t < n; ++t) order[t] = schedule() == Schedule::Reverse ? n - 1 - t : t;
-    const bool greedy = schedule() == Schedule::Greedy;
+    const bool backwards = schedule() == Schedule::Reverse || schedule() == Schedule::GreedyLast;
+    for (int t = 0; t < n; ++t) order[t] = backwards ? n - 1 - t : t;
+    const bool greedy = schedule() == Schedule::Greedy || schedule() == Schedule::GreedyLast;
     for (;;) {
         if (schedule() == Schedule::Random) std::shuffle(order.begin(), order.end(), rng);
         bool progress = false, all_done = true;

@@ -192,7 +192,7 @@ pub fn load() -> Result<(), String> {
 }
 
 /// Switches the emulator's thread schedule for later launches (the names of
-/// FERROTUNE_SIMT_SCHEDULE: forward, reverse, random, greedy).
+/// FERROTUNE_SIMT_SCHEDULE: forward, reverse, random, greedy, greedy-last).
 pub fn set_schedule(name: &str) {
     unsafe extern "C" {
         fn dlsym(handle: *mut c_void, symbol: *const c_char) -> *mut c_void;
