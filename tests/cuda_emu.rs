@@ -96,19 +96,26 @@ fn qlora_loss_and_lora_gradients_match_the_cpu() {
     gpu_checks::qlora_parity(&emulated_gpu().1);
 }
 
+/// The ferrotune binary, run from the repository root; with `cuda` it finds
+/// the emulator's libraries through LD_LIBRARY_PATH.
+fn ferrotune(cuda: bool) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ferrotune"));
+    cmd.current_dir(env!("CARGO_MANIFEST_DIR"));
+    if cuda {
+        cmd.env("LD_LIBRARY_PATH", cuda_emu::lib_dir().unwrap_or_else(|e| panic!("cannot build the SIMT emulator: {e}")));
+    }
+    cmd
+}
+
 /// `ferrotune train` with `--set` overrides, on the emulated GPU when `cuda`
 /// (the binary finds the emulator's libraries through LD_LIBRARY_PATH).
 fn train(cuda: bool, sets: &[String]) -> String {
-    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ferrotune"));
-    cmd.current_dir(&repo).args(["train", "examples/quickstart/quickstart.yml"]);
+    let mut cmd = ferrotune(cuda);
+    cmd.args(["train", "examples/quickstart/quickstart.yml"]);
     for s in sets {
         cmd.args(["--set", s]);
     }
     cmd.args(["--set", if cuda { "device=cuda" } else { "device=cpu" }]);
-    if cuda {
-        cmd.env("LD_LIBRARY_PATH", cuda_emu::lib_dir().unwrap_or_else(|e| panic!("cannot build the SIMT emulator: {e}")));
-    }
     let out = cmd.output().expect("run ferrotune");
     let log = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "ferrotune train (cuda={cuda}) failed:\n{log}");
@@ -324,12 +331,10 @@ fn bench_on_the_emulated_gpu_measures_the_peak_the_planner_predicts() {
     // (src/train/memory.rs, "Product temporaries").
     use ferrotune::model::synth;
     let spec = synth::preset("tiny").unwrap();
-    let lib = cuda_emu::lib_dir().unwrap_or_else(|e| panic!("cannot build the SIMT emulator: {e}"));
     for extra in [&[][..], &["--qlora"], &["--qlora", "--gradient-checkpointing"], &["--gradient-checkpointing", "--micro-batch", "2"]] {
-        let out = Command::new(env!("CARGO_BIN_EXE_ferrotune"))
+        let out = ferrotune(true)
             .args(["bench", "--device", "cuda", "--preset", "tiny", "--seq-len", "64", "--steps", "1", "--warmup", "1", "--json"])
             .args(extra)
-            .env("LD_LIBRARY_PATH", &lib)
             .output()
             .expect("run ferrotune bench");
         assert!(out.status.success(), "bench {extra:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
@@ -393,13 +398,11 @@ fn preference_objectives_on_the_emulated_gpu_follow_the_cpu() {
         let mut losses = Vec::new();
         for cuda in [false, true] {
             let out = tmp.path().join(format!("{name}-{cuda}"));
-            let mut cmd = Command::new(env!("CARGO_BIN_EXE_ferrotune"));
-            cmd.args(["train", cfg.to_str().unwrap(), "--set", &format!("output_dir={}", out.display())]);
-            cmd.args(["--set", if cuda { "device=cuda" } else { "device=cpu" }]);
-            if cuda {
-                cmd.env("LD_LIBRARY_PATH", cuda_emu::lib_dir().unwrap());
-            }
-            let o = cmd.output().expect("run ferrotune");
+            let o = ferrotune(cuda)
+                .args(["train", cfg.to_str().unwrap(), "--set", &format!("output_dir={}", out.display())])
+                .args(["--set", if cuda { "device=cuda" } else { "device=cpu" }])
+                .output()
+                .expect("run ferrotune");
             assert!(o.status.success(), "{name} (cuda={cuda}) failed:\n{}", String::from_utf8_lossy(&o.stderr));
             losses.push(step_losses(&out));
         }
@@ -421,17 +424,14 @@ fn a_training_step_reads_back_only_its_losses_and_the_gradient_norm() {
     // optimizer steps give the steady-state count per step: one read of the
     // per-token losses per micro-batch (the logged loss) and one of the global
     // gradient norm (clipping and the log), nothing else.
-    let lib = cuda_emu::lib_dir().unwrap_or_else(|e| panic!("cannot build the SIMT emulator: {e}"));
     let tmp = tempfile::tempdir().unwrap();
     let counters = |steps: usize| -> [u64; 4] {
-        let out = Command::new(env!("CARGO_BIN_EXE_ferrotune"))
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
+        let out = ferrotune(true)
             .args(["train", "examples/quickstart/quickstart.yml", "--device", "cuda"])
             .args(["--set", &format!("output_dir={}", tmp.path().join(format!("run{steps}")).display())])
             // One conversation per micro-batch, two micro-batches per step.
             .args(["--set", &format!("max_steps={steps}"), "--set", "gradient_accumulation_steps=2", "--set", "save_steps=null"])
             .args(["--set", "sample_packing=false", "--set", "micro_batch_size=1"])
-            .env("LD_LIBRARY_PATH", &lib)
             .env("FERROTUNE_SIMT_COUNTERS", "1")
             .output()
             .expect("run ferrotune");
@@ -460,11 +460,9 @@ fn device_start_up_reports_the_gpu_and_refuses_what_cannot_run() {
     // it and the run prints the GPU, its memory, the driver and the kernels;
     // an old driver, a pre-sm_80 GPU and a missing ordinal are one clear
     // message each, and --device cpu still works with a GPU visible.
-    let lib = cuda_emu::lib_dir().unwrap_or_else(|e| panic!("cannot build the SIMT emulator: {e}"));
     let bench = |device: &str, env: &[(&str, &str)]| {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ferrotune"));
+        let mut cmd = ferrotune(true);
         cmd.args(["bench", "--device", device, "--preset", "tiny", "--seq-len", "16", "--steps", "1", "--warmup", "0"]);
-        cmd.env("LD_LIBRARY_PATH", &lib);
         for (k, v) in env {
             cmd.env(k, v);
         }

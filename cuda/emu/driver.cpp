@@ -14,6 +14,7 @@
 #include <chrono>
 #include <map>
 #include <mutex>
+#include <set>
 #include <string>
 
 #include "simt.h"
@@ -80,9 +81,8 @@ namespace {
 std::mutex g_mutex;  // the pool counters and handles below
 FakeCtx g_ctx;
 FakePool g_pool;
-std::map<CUdeviceptr, size_t> g_pool_allocs;  // cuMemAllocAsync'd buffers and sizes
+std::set<CUdeviceptr> g_pool_allocs;  // the cuMemAllocAsync'd buffers
 size_t g_pool_used = 0, g_pool_used_high = 0, g_all_used = 0;
-std::map<CUdeviceptr, size_t> g_sizes;
 
 // The parameter sizes of a PTX entry: ".param .u64 name" -> 8, .u32/.f32 -> 4.
 std::vector<int> parse_params(const std::string& sig) {
@@ -130,10 +130,9 @@ CUresult alloc(CUdeviceptr* dptr, size_t bytes, bool pool) {
     if (!p) return CUDA_ERROR_OUT_OF_MEMORY;
     *dptr = (CUdeviceptr)p;
     std::lock_guard<std::mutex> lock(g_mutex);
-    g_sizes[*dptr] = bytes;
     g_all_used += bytes;
     if (pool) {
-        g_pool_allocs[*dptr] = bytes;
+        g_pool_allocs.insert(*dptr);
         g_pool_used += bytes;
         g_pool_used_high = std::max(g_pool_used_high, g_pool_used);
     }
@@ -141,19 +140,12 @@ CUresult alloc(CUdeviceptr* dptr, size_t bytes, bool pool) {
 }
 
 CUresult release(CUdeviceptr d) {
-    {
-        std::lock_guard<std::mutex> lock(g_mutex);
-        auto it = g_sizes.find(d);
-        if (it == g_sizes.end()) return CUDA_ERROR_INVALID_VALUE;
-        g_all_used -= it->second;
-        g_sizes.erase(it);
-        auto pit = g_pool_allocs.find(d);
-        if (pit != g_pool_allocs.end()) {
-            g_pool_used -= pit->second;
-            g_pool_allocs.erase(pit);
-        }
-    }
-    return simt::device_free((void*)d) ? CUDA_SUCCESS : CUDA_ERROR_INVALID_VALUE;
+    size_t bytes = 0;
+    if (!simt::device_free((void*)d, &bytes)) return CUDA_ERROR_INVALID_VALUE;
+    std::lock_guard<std::mutex> lock(g_mutex);
+    g_all_used -= bytes;
+    if (g_pool_allocs.erase(d)) g_pool_used -= bytes;
+    return CUDA_SUCCESS;
 }
 
 // What crosses between host and device, and how often the host waits for it

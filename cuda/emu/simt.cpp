@@ -400,7 +400,7 @@ void* device_alloc(size_t bytes) {
     return p;
 }
 
-bool device_free(void* p) {
+bool device_free(void* p, size_t* bytes) {
     Mapping m;
     {
         std::lock_guard<std::mutex> lock(g_mem_mutex);
@@ -410,6 +410,7 @@ bool device_free(void* p) {
         g_live.erase(it);
     }
     munmap(m.base, m.mapped);
+    *bytes = m.bytes;
     return true;
 }
 

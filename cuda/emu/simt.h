@@ -115,8 +115,8 @@ void warp_barrier(const char* what);
 // an inaccessible page: an access past the end, or before the start, stops
 // the process with a report naming the kernel, block and thread.
 void* device_alloc(size_t bytes);
-// False when p is not a live allocation.
-bool device_free(void* p);
+// False when p is not a live allocation; else `bytes` is what it held.
+bool device_free(void* p, size_t* bytes);
 // Whether [p, p + bytes) lies inside one live device allocation.
 bool in_device_memory(const void* p, size_t bytes);
 // Reports SIGSEGV/SIGBUS with the running kernel and the buffer overrun.

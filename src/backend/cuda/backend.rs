@@ -705,7 +705,11 @@ impl Backend for CudaBackend {
                 // dA[r, k] += dxaᵀ · dropout(x): row-split partials, then their sum.
                 let splits = crate::backend::lora_da_splits(m);
                 let rows_per_split = m.div_ceil(splits) as i32;
-                let mut partials = self.alloc_f32(splits * r * k);
+                // Every element is written by the partials kernel (each
+                // column thread writes every rank of its split), so no zero-fill.
+                // SAFETY: the buffer is only read by the finalize kernel, after
+                // the partials kernel has written all of it, in stream order.
+                let mut partials = unsafe { self.stream.alloc::<f32>(splits * r * k) }.expect("CUDA allocation (f32)");
                 let cfg = LaunchConfig {
                     grid_dim: (k.div_ceil(FUSED_LORA_THREADS as usize) as u32, splits as u32, 1),
                     block_dim: (FUSED_LORA_THREADS, 1, 1),
