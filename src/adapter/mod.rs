@@ -23,6 +23,17 @@ pub enum Targets {
     AllLinear,
 }
 
+impl std::fmt::Display for Targets {
+    /// As the user wrote them: `q_proj, foo_proj`, a "regex", or all-linear.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Targets::Names(names) => write!(f, "{}", names.join(", ")),
+            Targets::Regex(re) => write!(f, "\"{re}\""),
+            Targets::AllLinear => write!(f, "all-linear"),
+        }
+    }
+}
+
 impl Targets {
     pub fn matches(&self, module_path: &str) -> Result<bool> {
         Ok(match self {

@@ -15,7 +15,7 @@ use crate::model::checkpoint::{self, Checkpoint};
 use crate::model::config::token_ids;
 use crate::model::generate::{GenerateOpts, StopReason};
 use crate::model::sample::SamplingParams;
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::Args;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -46,7 +46,7 @@ pub struct GenerateArgs {
     chat_template: Option<String>,
     /// Most tokens to generate (fewer if the model's max_position_embeddings
     /// is reached first).
-    #[arg(long, default_value_t = 128, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 128, value_parser = parse_max_new_tokens, allow_negative_numbers = true)]
     max_new_tokens: usize,
     /// Softmax temperature; 0 = greedy decoding.
     #[arg(long, default_value_t = 0.7, value_parser = parse_temperature, allow_negative_numbers = true)]
@@ -64,6 +64,14 @@ pub struct GenerateArgs {
     /// cpu, cuda, cuda:N or auto.
     #[arg(long, default_value = "auto")]
     device: String,
+}
+
+fn parse_max_new_tokens(s: &str) -> std::result::Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("expected a whole number of tokens, 1 or more, not \"{s}\"")),
+    }
 }
 
 fn parse_temperature(s: &str) -> std::result::Result<f32, String> {
@@ -99,6 +107,13 @@ pub fn run(a: GenerateArgs) -> Result<()> {
 /// tokens itself (as transformers' apply_chat_template tokenizes it).
 fn prompt_ids(a: &GenerateArgs, dir: &Path, tok: &tokenizers::Tokenizer) -> Result<Vec<u32>> {
     let (text, add_special) = if a.chat {
+        if a.chat_template.is_none() && !ChatTemplate::tokenizer_has_one(dir)? {
+            bail!(
+                "{} has no chat template of its own (no chat_template in tokenizer_config.json, no chat_template.jinja); \
+                 pass --chat-template chatml (or llama3), or drop --chat to send the prompt as plain text",
+                dir.display()
+            );
+        }
         let template = ChatTemplate::resolve(a.chat_template.as_deref(), None, dir)?;
         let mut messages = Vec::new();
         if let Some(s) = &a.system {
@@ -112,6 +127,9 @@ fn prompt_ids(a: &GenerateArgs, dir: &Path, tok: &tokenizers::Tokenizer) -> Resu
     let enc = tok
         .encode_fast(text.as_str(), add_special)
         .map_err(|e| anyhow::anyhow!("cannot tokenize the prompt with {}: {e}", dir.join("tokenizer.json").display()))?;
+    if enc.get_ids().is_empty() {
+        bail!("the prompt is empty (--prompt \"\") and the tokenizer adds no start token to it: give some text");
+    }
     Ok(enc.get_ids().to_vec())
 }
 
@@ -198,7 +216,8 @@ fn generate_on<B: Backend>(be: &B, a: &GenerateArgs) -> Result<()> {
         t0.elapsed().as_secs_f64(),
         prompt.len()
     );
-    let opts = GenerateOpts { max_new_tokens: a.max_new_tokens, sampling: a.sampling(), seed: a.seed, stop_tokens: stop };
+    let max_new_tokens = capped_new_tokens(&model.cfg, prompt.len(), a.max_new_tokens)?;
+    let opts = GenerateOpts { max_new_tokens, sampling: a.sampling(), seed: a.seed, stop_tokens: stop };
     let mut streamer = Streamer { tok: &tok, ids: Vec::new(), printed: 0 };
     let g = model.generate(be, &prompt, &opts, |id| streamer.push(id))?;
     streamer.finish()?;
@@ -217,4 +236,27 @@ fn generate_on<B: Backend>(be: &B, a: &GenerateArgs) -> Result<()> {
         g.decode_tokens_per_s(),
     );
     Ok(())
+}
+
+const UNKNOWN_CONTEXT: usize = 131_072;
+
+/// --max-new-tokens within the context: a generation never runs past
+/// max_position_embeddings (the cache is sized for it), so a larger value is
+/// capped there, with a note; a prompt that fills the context is an error.
+fn capped_new_tokens(cfg: &crate::model::config::ModelConfig, prompt_len: usize, asked: usize) -> Result<usize> {
+    // Without max_position_embeddings in config.json, a generous bound keeps
+    // the cache allocation sane.
+    let context = cfg.max_position_embeddings.unwrap_or(UNKNOWN_CONTEXT);
+    if prompt_len >= context {
+        bail!("the prompt is {prompt_len} tokens, the model's whole context (max_position_embeddings {context}); shorten it");
+    }
+    let room = context - prompt_len;
+    if asked > room {
+        eprintln!(
+            "note: --max-new-tokens {asked} is more than the context leaves after the {prompt_len}-token prompt; \
+             generating at most {room} (max_position_embeddings {context})"
+        );
+        return Ok(room);
+    }
+    Ok(asked)
 }

@@ -8,7 +8,7 @@ use crate::data::{pairs, prepare};
 use crate::model::{BaseWeights, Model};
 use crate::model::checkpoint::{self, Checkpoint};
 use crate::train::memory::{self, RunShape};
-use crate::train::reward;
+use crate::train::{preflight, reward};
 use crate::train::trainer::{self, Examples, Run};
 use crate::util::rng::Rng;
 use anyhow::{Context, Result};
@@ -93,6 +93,10 @@ fn train_on<B: Backend>(be: &B, cfg: &RunConfig, gpu: Option<GpuMemory>) -> Resu
     let ckpt = Checkpoint::open(&model_dir)?;
     let base = base_weights(cfg, &ckpt)?;
     let output_dir = PathBuf::from(&cfg.output_dir);
+    let targets = if cfg.lora_model_dir.is_none() { Some(cfg.targets()?) } else { None };
+    for w in preflight::check(cfg, &ckpt.config, targets.as_ref(), &output_dir)? {
+        eprintln!("warning: {w}");
+    }
     let resume = match &cfg.resume_from_checkpoint {
         None | Some(ResumeFrom::Latest(false)) => None,
         Some(ResumeFrom::Latest(true)) => {
@@ -209,7 +213,8 @@ fn train_on<B: Backend>(be: &B, cfg: &RunConfig, gpu: Option<GpuMemory>) -> Resu
         resume,
         after_first_step,
         score_head,
-    })?;
+    })
+    .map_err(|e| explain_divergence(e, &ckpt))?;
     let loss = summary.last_loss.map(|l| format!("{l:.4}")).unwrap_or_else(|| "n/a".into());
     let eval = summary.eval_loss.map(|l| format!(", eval_loss {l:.4}")).unwrap_or_default();
     eprintln!(
@@ -224,6 +229,22 @@ fn train_on<B: Backend>(be: &B, cfg: &RunConfig, gpu: Option<GpuMemory>) -> Resu
     Ok(())
 }
 
+/// A loss that turned NaN may come from the checkpoint itself: name the
+/// first damaged tensor when there is one (reading the weights once more
+/// costs nothing next to a failed run).
+fn explain_divergence(e: anyhow::Error, ckpt: &Checkpoint) -> anyhow::Error {
+    if e.downcast_ref::<trainer::Diverged>().is_none() {
+        return e;
+    }
+    match ckpt.first_non_finite() {
+        Some((name, file, n)) => anyhow::anyhow!(
+            "{e}\ncause: the base model's tensor {name} in {} holds {n} NaN or infinite value(s); the checkpoint is damaged \
+             (download or export it again)",
+            file.display()
+        ),
+        None => e,
+    }
+}
 
 /// The first step's measured peak next to the plan. The plan assumes full
 /// sequences, so shorter (or unpacked) batches measure below it; above it

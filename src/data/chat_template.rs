@@ -101,6 +101,12 @@ impl std::fmt::Debug for ChatTemplate {
 }
 
 impl ChatTemplate {
+    /// Whether the tokenizer directory brings a chat template of its own
+    /// (tokenizer_config.json's chat_template, or chat_template.jinja).
+    pub fn tokenizer_has_one(tokenizer_dir: &Path) -> Result<bool> {
+        Ok(tokenizer_template(tokenizer_dir)?.is_some())
+    }
+
     /// Pick the template a run asks for: a built-in name (chatml, llama3),
     /// "tokenizer_default" or None (the tokenizer's own template),
     /// "tokenizer_default_fallback_chatml", or "jinja" with the template text.

@@ -13,4 +13,5 @@ pub mod formats;
 pub mod preference;
 pub mod prepare;
 pub mod pretokenized;
+pub mod rows;
 pub mod tokenizer;

@@ -598,27 +598,7 @@ fn nth_content(obj: &Obj, field: &str, i: usize, what: &str, loc: &str) -> Resul
 /// lines skipped; .json: a list), converted by `convert` with its
 /// "file:line" location.
 pub fn read_rows<T>(path: &Path, convert: impl Fn(&Value, &str) -> Result<T>) -> Result<Vec<T>> {
-    let name = path.display().to_string();
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read dataset file {name}"))?;
-    let mut out = Vec::new();
-    if path.extension().and_then(|e| e.to_str()) == Some("json") {
-        for (loc, row) in super::prepare::json_rows(&text, &name, None)? {
-            out.push(convert(&row, &loc)?);
-        }
-    } else {
-        for (i, line) in text.lines().enumerate() {
-            if line.trim().is_empty() {
-                continue;
-            }
-            let loc = format!("{name}:{}", i + 1);
-            let row: Value = serde_json::from_str(line).map_err(|e| anyhow::anyhow!("{loc}: malformed JSON: {e}"))?;
-            out.push(convert(&row, &loc)?);
-        }
-    }
-    if out.is_empty() {
-        bail!("{name}: the dataset file has no rows");
-    }
-    Ok(out)
+    super::rows::read(path, None)?.iter().map(|(loc, row)| convert(row, loc)).collect()
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@ use super::cache::{self, CachedDataset};
 use super::chat_template::ChatTemplate;
 use super::formats::{ChatOptions, DatasetType, Format};
 use super::pretokenized::check_vocab;
+use super::rows::{self, RawRow};
 use super::tokenizer::TextTokenizer;
 use crate::config::{DatasetConfig, RunConfig};
 use crate::model::batch::Sequence;
@@ -369,13 +370,6 @@ fn cache_key(
     Ok(h.finalize())
 }
 
-/// One row awaiting conversion: its location and its JSON (text still to be
-/// parsed for .jsonl lines, so parsing runs in parallel too).
-enum RawRow<'a> {
-    Line(&'a str),
-    Parsed(Value),
-}
-
 fn tokenize_files(
     format: &Format,
     ds: &DatasetConfig,
@@ -384,30 +378,15 @@ fn tokenize_files(
     opts: &PrepareOptions,
     vocab: usize,
 ) -> Result<CachedDataset> {
-    let mut rows: Vec<(String, RawRow)> = Vec::new();
+    let mut all: Vec<(String, RawRow)> = Vec::new();
     for (f, bytes) in files.iter().zip(contents) {
         let name = f.display().to_string();
-        let text = std::str::from_utf8(bytes).map_err(|e| {
-            let line = 1 + bytes[..e.valid_up_to()].iter().filter(|&&b| b == b'\n').count();
-            anyhow::anyhow!("{name}:{line}: the file is not valid UTF-8")
-        })?;
-        let before = rows.len();
-        if f.extension().and_then(|e| e.to_str()) == Some("json") {
-            rows.extend(json_rows(text, &name, ds.field.as_deref())?.into_iter().map(|(l, v)| (l, RawRow::Parsed(v))));
-        } else {
-            for (i, line) in text.lines().enumerate() {
-                if !line.trim().is_empty() {
-                    rows.push((format!("{name}:{}", i + 1), RawRow::Line(line)));
-                }
-            }
-        }
-        if rows.len() == before {
-            bail!("{name}: the dataset file has no rows");
-        }
+        let text = rows::text(bytes, &name)?;
+        all.extend(rows::split(text, &name, rows::is_json(f), ds.field.as_deref())?);
     }
     // Large datasets take a while to tokenize: show it on a terminal.
-    let bar = if std::io::IsTerminal::is_terminal(&std::io::stderr()) && rows.len() >= 10_000 {
-        let bar = indicatif::ProgressBar::with_draw_target(Some(rows.len() as u64), indicatif::ProgressDrawTarget::stderr());
+    let bar = if std::io::IsTerminal::is_terminal(&std::io::stderr()) && all.len() >= 10_000 {
+        let bar = indicatif::ProgressBar::with_draw_target(Some(all.len() as u64), indicatif::ProgressDrawTarget::stderr());
         bar.set_style(
             indicatif::ProgressStyle::with_template("tokenizing {msg} {bar:28} {pos}/{len} rows {per_sec} eta {eta}")
                 .expect("valid progress template"),
@@ -417,19 +396,12 @@ fn tokenize_files(
     } else {
         indicatif::ProgressBar::hidden()
     };
-    let converted: Vec<Result<Vec<Sequence>>> = rows
+    let converted: Vec<Result<Vec<Sequence>>> = all
         .par_iter()
         .map(|(loc, raw)| {
             bar.inc(1);
-            let parsed;
-            let v = match raw {
-                RawRow::Line(s) => {
-                    parsed = serde_json::from_str::<Value>(s).map_err(|e| anyhow::anyhow!("{loc}: malformed JSON: {e}"))?;
-                    &parsed
-                }
-                RawRow::Parsed(v) => v,
-            };
-            let seqs = format.to_sequences(v, loc)?;
+            let v = raw.parse(loc)?;
+            let seqs = format.to_sequences(&v, loc)?;
             for s in &seqs {
                 check_vocab(s, vocab, loc)?;
             }
@@ -437,7 +409,7 @@ fn tokenize_files(
         })
         .collect();
     bar.finish_and_clear();
-    let mut data = CachedDataset { sequences: Vec::with_capacity(rows.len()), rows: rows.len(), truncated: 0, dropped: 0 };
+    let mut data = CachedDataset { sequences: Vec::with_capacity(all.len()), rows: all.len(), truncated: 0, dropped: 0 };
     for seqs in converted {
         for mut s in seqs? {
             if s.input_ids.len() > opts.sequence_len {
@@ -468,86 +440,9 @@ fn tokenize_files(
     Ok(data)
 }
 
-/// The rows of a .json file: a list, or an object holding the list under
-/// `field`. Rows of a top-level list are located by line.
-pub(crate) fn json_rows(text: &str, name: &str, field: Option<&str>) -> Result<Vec<(String, Value)>> {
-    let start = text.len() - text.trim_start().len();
-    if text[start..].starts_with('[') && field.is_none() {
-        return list_rows(text, start, name);
-    }
-    let v: Value = serde_json::from_str(text).map_err(|e| anyhow::anyhow!("{name}:{}: malformed JSON: {e}", e.line()))?;
-    let (list, label) = match (&v, field) {
-        (Value::Object(o), Some(f)) => match o.get(f) {
-            Some(Value::Array(a)) => (a, f.to_string()),
-            Some(_) => bail!("{name}: \"{f}\" (the dataset's field) must be a list of rows"),
-            None => bail!("{name}: no \"{f}\" key (the dataset's field); found keys {:?}", o.keys().collect::<Vec<_>>()),
-        },
-        (Value::Object(o), None) => bail!(
-            "{name}: the file holds an object with keys {:?}; set field: to the key that holds the list of rows",
-            o.keys().collect::<Vec<_>>()
-        ),
-        (Value::Array(a), _) => (a, String::new()),
-        _ => bail!("{name}: expected a list of rows (or an object holding one under field:)"),
-    };
-    Ok(list.iter().enumerate().map(|(i, row)| (format!("{name}: {label}[{i}]"), row.clone())).collect())
-}
-
-/// Elements of a top-level JSON list, each with the line it starts on.
-fn list_rows(text: &str, open: usize, name: &str) -> Result<Vec<(String, Value)>> {
-    let bytes = text.as_bytes();
-    let skip_ws = |mut p: usize| {
-        while p < bytes.len() && bytes[p].is_ascii_whitespace() {
-            p += 1;
-        }
-        p
-    };
-    let mut line = 1 + bytes[..open].iter().filter(|&&b| b == b'\n').count();
-    let mut seen = open;
-    let mut line_at = |p: usize| {
-        line += bytes[seen..p].iter().filter(|&&b| b == b'\n').count();
-        seen = p;
-        line
-    };
-    let mut out = Vec::new();
-    let mut pos = skip_ws(open + 1);
-    if bytes.get(pos) == Some(&b']') {
-        return Ok(out);
-    }
-    loop {
-        let l = line_at(pos);
-        let mut stream = serde_json::Deserializer::from_str(&text[pos..]).into_iter::<Value>();
-        match stream.next() {
-            Some(Ok(v)) => out.push((format!("{name}:{l}"), v)),
-            Some(Err(e)) => bail!("{name}:{}: malformed JSON: {e}", l + e.line() - 1),
-            None => bail!("{name}:{l}: malformed JSON: the list is not closed"),
-        }
-        pos = skip_ws(pos + stream.byte_offset());
-        match bytes.get(pos) {
-            Some(b',') => pos = skip_ws(pos + 1),
-            Some(b']') => break,
-            _ => bail!("{name}:{}: malformed JSON: expected ',' or ']' after a row", line_at(pos.min(bytes.len()))),
-        }
-    }
-    if skip_ws(pos + 1) != bytes.len() {
-        bail!("{name}:{}: malformed JSON: text after the closing ']'", line_at(skip_ws(pos + 1)));
-    }
-    Ok(out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn list_rows_know_their_lines_and_errors_point_at_them() {
-        let rows = list_rows("[\n {\"a\": 1},\n\n {\"a\": [2,\n 3]} ]\n", 0, "f.json").unwrap();
-        assert_eq!(rows.iter().map(|r| r.0.as_str()).collect::<Vec<_>>(), ["f.json:2", "f.json:4"]);
-        let e = list_rows("[\n {\"a\": 1},\n {\"a\": }\n]", 0, "f.json").unwrap_err().to_string();
-        assert!(e.starts_with("f.json:3: malformed JSON"), "{e}");
-        let e = list_rows("[\n {\"a\": 1}\n {\"a\": 2}]", 0, "f.json").unwrap_err().to_string();
-        assert!(e.starts_with("f.json:3: malformed JSON: expected ','"), "{e}");
-        assert!(list_rows("[]", 0, "f").unwrap().is_empty());
-    }
 
     #[test]
     fn val_count_fraction_rounds_up_and_counts_are_exact() {

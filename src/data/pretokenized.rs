@@ -6,7 +6,6 @@
 use crate::model::batch::{IGNORE_INDEX, Sequence};
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 
 fn int_array(v: &Value, field: &str, loc: &str) -> Result<Vec<i64>> {
@@ -79,25 +78,16 @@ pub fn parse_row(v: &Value, loc: &str) -> Result<Sequence> {
 /// every token id and label must be below it (checked here so the error
 /// names the file and line).
 pub fn read_jsonl(path: &Path, vocab: Option<usize>) -> Result<Vec<Sequence>> {
-    let file = std::fs::File::open(path).with_context(|| format!("cannot open dataset {}", path.display()))?;
-    let mut rows = Vec::new();
-    for (i, line) in BufReader::new(file).lines().enumerate() {
-        let loc = format!("{}:{}", path.display(), i + 1);
-        let line = line.with_context(|| format!("{loc}: cannot read line"))?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let v: Value = serde_json::from_str(&line).with_context(|| format!("{loc}: malformed JSON"))?;
-        let seq = parse_row(&v, &loc)?;
-        if let Some(vocab) = vocab {
-            check_vocab(&seq, vocab, &loc)?;
-        }
-        rows.push(seq);
-    }
-    if rows.is_empty() {
-        bail!("{}: the dataset has no rows", path.display());
-    }
-    Ok(rows)
+    super::rows::read(path, None)?
+        .iter()
+        .map(|(loc, v)| {
+            let seq = parse_row(v, loc)?;
+            if let Some(vocab) = vocab {
+                check_vocab(&seq, vocab, loc)?;
+            }
+            Ok(seq)
+        })
+        .collect()
 }
 
 /// Every id and every scored label must be a token of the model.

@@ -63,6 +63,9 @@ pub fn read_config(dir: &Path) -> Result<ModelConfig> {
 /// is refused first, quantized or not).
 pub fn read_config_and_quantization(dir: &Path) -> Result<(ModelConfig, Option<QuantizationConfig>)> {
     let path = dir.join("config.json");
+    if dir.is_file() {
+        bail!("model {} is a file; give the model's folder (the one holding config.json)", dir.display());
+    }
     if !dir.is_dir() {
         bail!("model directory {} does not exist", dir.display());
     }
@@ -202,6 +205,23 @@ impl Checkpoint {
         Ok(WeightSource { dtype, bytes, numel })
     }
 
+    /// The first floating-point tensor (by name) holding a NaN or an
+    /// infinity, with the count of such values: where a loss that is NaN
+    /// from the first step comes from. Reads every weight, so it is called
+    /// only once something has gone wrong.
+    pub fn first_non_finite(&self) -> Option<(String, PathBuf, usize)> {
+        let mut names: Vec<&String> = self.tensors.keys().collect();
+        names.sort();
+        names.into_iter().find_map(|name| {
+            let loc = &self.tensors[name];
+            let dtype = loc.dtype?;
+            let bytes = self.shards[loc.shard].map.get(loc.start..loc.end)?;
+            let bad = non_finite_count(dtype, bytes);
+            self.release(name);
+            (bad > 0).then(|| (name.clone(), self.shards[loc.shard].path.clone(), bad))
+        })
+    }
+
     /// Tell the kernel the pages of `name` are no longer needed, so the
     /// mapped copy does not stay resident next to the converted weight.
     pub fn release(&self, name: &str) {
@@ -220,6 +240,16 @@ impl Checkpoint {
                 }
             }
         }
+    }
+}
+
+/// How many values of a stored tensor are NaN or infinite: all exponent
+/// bits set, read from the bits without converting.
+fn non_finite_count(dtype: DType, bytes: &[u8]) -> usize {
+    match dtype {
+        DType::F32 => bytes.chunks_exact(4).filter(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) & 0x7f80_0000 == 0x7f80_0000).count(),
+        DType::BF16 => bytes.chunks_exact(2).filter(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7f80 == 0x7f80).count(),
+        DType::F16 => bytes.chunks_exact(2).filter(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7c00 == 0x7c00).count(),
     }
 }
 
@@ -256,6 +286,14 @@ pub fn resolve_model_dir(arg: &str, cache: &hf_hub::Cache) -> Result<PathBuf> {
     if path.is_dir() {
         return Ok(path.to_path_buf());
     }
+    if path.is_file() {
+        let folder = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        bail!(
+            "model {arg} is a file; give the model's folder (the one holding config.json and the *.safetensors), \
+             e.g. {}",
+            folder.display()
+        );
+    }
     let looks_like_id = arg.split('/').count() == 2 && !arg.starts_with('.') && !arg.starts_with('/');
     if looks_like_id {
         if let Some(config) = cache.model(arg.to_string()).get("config.json")
@@ -275,6 +313,16 @@ pub fn resolve_model_dir(arg: &str, cache: &hf_hub::Cache) -> Result<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn non_finite_values_are_counted_in_every_stored_type() {
+        let f32s: Vec<u8> = [1.0f32, f32::NAN, f32::INFINITY, -2.0].iter().flat_map(|x| x.to_le_bytes()).collect();
+        assert_eq!(non_finite_count(DType::F32, &f32s), 2);
+        let bf16s: Vec<u8> = [1.0f32, f32::NEG_INFINITY, 3.0e38].iter().flat_map(|x| half::bf16::from_f32(*x).to_bits().to_le_bytes()).collect();
+        assert_eq!(non_finite_count(DType::BF16, &bf16s), 1);
+        let f16s: Vec<u8> = [1.0f32, f32::NAN, 65504.0].iter().flat_map(|x| half::f16::from_f32(*x).to_bits().to_le_bytes()).collect();
+        assert_eq!(non_finite_count(DType::F16, &f16s), 1);
+    }
 
     #[test]
     fn hub_ids_resolve_through_the_cache_snapshot() {

@@ -124,6 +124,13 @@ impl ModelConfig {
         let n_kv_heads = r.usize_opt("num_key_value_heads")?.unwrap_or(n_heads);
         let intermediate = r.usize("intermediate_size")?;
         let vocab = r.usize("vocab_size")?;
+        // Zero sizes parse, then silently train nothing (no layers) or fail
+        // deep inside a product: refuse them here, by key.
+        for (key, v) in [("hidden_size", hidden), ("num_hidden_layers", n_layers), ("intermediate_size", intermediate), ("vocab_size", vocab)] {
+            if v == 0 {
+                bail!("{file}: \"{key}\" is 0; a model needs at least 1 (is this config.json complete?)");
+            }
+        }
         if n_heads == 0 || n_kv_heads == 0 || n_heads % n_kv_heads != 0 {
             bail!(
                 "{file}: num_attention_heads ({n_heads}) must be a positive multiple of num_key_value_heads ({n_kv_heads})"
@@ -138,8 +145,8 @@ impl ModelConfig {
                 hidden / n_heads
             }
         };
-        if head_dim % 2 != 0 {
-            bail!("{file}: head_dim {head_dim} must be even for rotary embeddings");
+        if head_dim == 0 || head_dim % 2 != 0 {
+            bail!("{file}: head_dim {head_dim} must be a positive even number for rotary embeddings");
         }
         let rms_norm_eps = r.f64_opt(&raw, "rms_norm_eps")?.unwrap_or(1e-6) as f32;
 
@@ -153,6 +160,9 @@ impl ModelConfig {
         }
         .or(r.f64_opt(&raw, "rope_theta")?)
         .unwrap_or(10000.0) as f32;
+        if !(rope_theta.is_finite() && rope_theta > 0.0) {
+            bail!("{file}: \"rope_theta\" is {rope_theta}; the rotary base must be a positive number (10000 or 500000 are usual)");
+        }
         let scaling_src = rope_scaling_obj.or(rope_params);
         let rope_scaling = match scaling_src {
             None => RopeScaling::None,

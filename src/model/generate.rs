@@ -101,7 +101,7 @@ impl<B: Backend> Model<B> {
     /// `prompt_len` tokens needs, capped at the model's
     /// max_position_embeddings (when config.json gives it).
     pub fn cache_capacity(&self, prompt_len: usize, max_new_tokens: usize) -> usize {
-        let want = prompt_len + max_new_tokens;
+        let want = prompt_len.saturating_add(max_new_tokens);
         self.cfg.max_position_embeddings.map_or(want, |m| want.min(m))
     }
 

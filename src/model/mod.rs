@@ -112,6 +112,28 @@ pub fn module_path(cfg: &ModelConfig, layer: usize, p: Proj) -> String {
     format!("{}.{}", cfg.family.weights.layer.replace("{i}", &layer.to_string()), p.path(cfg))
 }
 
+/// How many projections `targets` adapts in a model of this config, read
+/// from the config alone so that a target list matching nothing is refused
+/// before any weight or dataset is loaded. The error lists the model's
+/// module names plainly.
+pub fn count_targets(cfg: &ModelConfig, targets: &crate::adapter::Targets) -> Result<usize> {
+    let mut count = 0;
+    for li in 0..cfg.n_layers {
+        for p in Proj::ALL {
+            count += targets.matches(&module_path(cfg, li, p))? as usize;
+        }
+    }
+    if count == 0 {
+        let short: Vec<&str> = Proj::ALL.iter().map(|p| p.path(cfg).rsplit('.').next().unwrap_or("")).collect();
+        anyhow::bail!(
+            "lora_target_modules {targets} match no module of this model; its adapted modules are {} (full paths look like {})",
+            short.join(", "),
+            module_path(cfg, 0, Proj::Q)
+        );
+    }
+    Ok(count)
+}
+
 /// How the decoder layers' seven linear projections are held.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BaseWeights {
@@ -262,8 +284,7 @@ impl<B: Backend> Model<B> {
             }
         }
         if count == 0 {
-            anyhow::bail!("LoRA target_modules {:?} match no module of this model (module names look like {})",
-                lc.targets, module_path(&self.cfg, 0, Proj::Q));
+            count_targets(&self.cfg, &lc.targets)?;
         }
         Ok(count)
     }

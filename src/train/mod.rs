@@ -1,8 +1,9 @@
 //! Training, in the order a run uses it: `plan` (which examples make each
 //! micro-batch and step), `schedule` (the learning rate), `optimizer`
 //! (AdamW over the LoRA parameters), `trainer` (the loop), `progress`
-//! (bar and metrics.jsonl), `checkpoint` (save and resume), and `memory`
-//! (the GPU memory plan checked before the first step); `objectives` holds
+//! (bar and metrics.jsonl), `checkpoint` (save and resume), `preflight`
+//! (config-only checks before anything loads) and `memory` (the GPU memory
+//! plan checked before the first step); `objectives` holds
 //! the preference losses on per-sequence log-probabilities.
 pub mod checkpoint;
 pub mod memory;
@@ -10,6 +11,7 @@ pub mod objectives;
 pub mod optimizer;
 pub mod plan;
 pub mod preference;
+pub mod preflight;
 pub mod progress;
 pub mod reward;
 pub mod schedule;

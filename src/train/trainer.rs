@@ -22,6 +22,20 @@ use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+/// A step whose loss came out NaN or infinite. Typed, so that the caller
+/// can look for a cause outside the loop (NaN base weights) before telling
+/// the user to lower the learning rate.
+#[derive(Debug)]
+pub struct Diverged(pub String);
+
+impl std::fmt::Display for Diverged {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Diverged {}
+
 /// What a run trains on.
 pub enum Examples {
     /// Token sequences with labels (SFT).
@@ -244,11 +258,12 @@ fn optimizer_step<B: Backend>(
     let grad_norm = if targets == 0 { 0.0 } else { opt.step(be, model, lr as f32) };
     let loss = sum.mean();
     if targets > 0 && !loss.is_finite() {
-        bail!(
+        return Err(Diverged(format!(
             "step {}: the loss is {loss} (grad norm {grad_norm}); training diverged. Lower learning_rate (now {}) or check the data",
             step + 1,
             cfg.learning_rate
-        );
+        ))
+        .into());
     }
     Ok(StepOutcome { loss, targets, tokens, lr, grad_norm, metrics: Metrics::default() })
 }
@@ -322,7 +337,7 @@ fn preference_step<B: Backend>(
     }
     let metrics = preference::merge_metrics(&parts);
     if !loss.is_finite() {
-        bail!(
+        return Err(Diverged(format!(
             "step {}: the {} loss is {loss} (logps/chosen {:.3}, logps/rejected {:.3}); training diverged. \
              Lower learning_rate (now {}), raise rl_beta, or check that chosen and rejected differ in the data",
             step + 1,
@@ -330,7 +345,8 @@ fn preference_step<B: Backend>(
             metrics.get("logps/chosen").unwrap_or(f64::NAN),
             metrics.get("logps/rejected").unwrap_or(f64::NAN),
             cfg.learning_rate
-        );
+        ))
+        .into());
     }
     let grad_norm = update(be, opt, model, head, lr)?;
     Ok(StepOutcome { loss, targets: total, tokens, lr, grad_norm, metrics })
