@@ -245,3 +245,26 @@ fn sequence_len_past_the_models_context_is_told() {
     let e = success(&train(tmp.path(), &quickstart().join("model"), &data(), &["sequence_len=4096"]));
     assert!(e.contains("warning: sequence_len 4096 is above the model's max_position_embeddings 512"), "{e}");
 }
+
+#[test]
+fn bench_and_synth_sizes_out_of_range() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bench = |args: &[&str]| {
+        let mut all = vec!["bench", "--preset", "tiny", "--device", "cpu", "--steps", "1"];
+        all.extend_from_slice(args);
+        failure(&ferrotune(&all))
+    };
+    assert!(bench(&["--seq-len", "0"]).contains("--seq-len, --micro-batch and --steps must be at least 1"));
+    let e = bench(&["--seq-len", "18446744073709551615"]);
+    assert!(e.contains("--seq-len must be at most 1048576 (got 18446744073709551615)"), "{e}");
+    let e = bench(&["--micro-batch", "100000000000"]);
+    assert!(e.contains("--micro-batch must be at most 65536 (got 100000000000)"), "{e}");
+    let e = bench(&["--lora-r", "0"]);
+    assert!(e.contains("--lora-r must be between 1 and 65536 (got 0)"), "{e}");
+    // Within the bounds but far past this machine's memory: refused from the plan.
+    let e = bench(&["--micro-batch", "65536", "--seq-len", "1048576"]);
+    assert!(e.contains("the benchmark will not fit in host memory: predicted peak"), "{e}");
+    let out = tmp.path().join("s");
+    let e = failure(&ferrotune(&["synth", "--preset", "tiny", "--layers", "100000000000", "--out", out.to_str().unwrap()]));
+    assert!(e.contains("--layers must be at most 1024 (got 100000000000)"), "{e}");
+}

@@ -11,6 +11,7 @@ use crate::backend::profiled::Profiled;
 use crate::model::batch::{Batch, Sequence};
 use crate::model::graph::BackwardOpts;
 use crate::model::{BaseWeights, Model, flops, synth};
+use crate::config::{MAX_LORA_R, MAX_MICRO_BATCH, MAX_SEQUENCE_LEN};
 use crate::train::memory::{self, RunShape};
 use crate::train::optimizer::{AdamWConfig, Optimizer};
 use crate::util::rng::Rng;
@@ -73,6 +74,14 @@ pub struct BenchArgs {
     plan_only: bool,
 }
 
+/// Memory the kernel says a new allocation can take (Linux MemAvailable), in bytes.
+fn host_available_bytes() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
 /// Peak resident memory of this process (Linux VmHWM), in bytes.
 pub fn peak_rss_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -83,7 +92,9 @@ pub fn peak_rss_bytes() -> Option<u64> {
 
 pub fn run(a: BenchArgs) -> Result<()> {
     ensure!(a.seq_len > 0 && a.micro_batch > 0 && a.steps > 0, "--seq-len, --micro-batch and --steps must be at least 1");
-    ensure!(a.lora_r > 0, "--lora-r must be at least 1");
+    ensure!(a.seq_len <= MAX_SEQUENCE_LEN, "--seq-len must be at most {MAX_SEQUENCE_LEN} (got {})", a.seq_len);
+    ensure!(a.micro_batch <= MAX_MICRO_BATCH, "--micro-batch must be at most {MAX_MICRO_BATCH} (got {})", a.micro_batch);
+    ensure!(a.lora_r > 0 && a.lora_r <= MAX_LORA_R, "--lora-r must be between 1 and {MAX_LORA_R} (got {})", a.lora_r);
     ensure!((0.0..1.0).contains(&a.lora_dropout), "--lora-dropout must be in [0, 1), got {}", a.lora_dropout);
     let host_peak = || peak_rss_bytes().map(|b| (b, "host RSS of the whole process"));
     if a.plan_only {
@@ -144,7 +155,7 @@ fn base_weights(a: &BenchArgs) -> BaseWeights {
 fn model_and_adapter(a: &BenchArgs) -> Result<(crate::model::config::ModelConfig, LoraConfig)> {
     let mut spec = synth::preset(&a.preset)?;
     if let Some(l) = a.layers {
-        ensure!(l > 0, "--layers must be at least 1");
+        ensure!(l > 0 && l <= 1024, "--layers must be between 1 and 1024 (got {l})");
         spec.layers = l;
     }
     let cfg = synth::model_config(&spec)?;
@@ -172,8 +183,21 @@ fn bench_on<B: Backend, P: Backend>(be: &B, a: &BenchArgs, profiler: Option<&Pro
     if !a.json {
         eprintln!("memory plan (before the first step):\n{plan}");
     }
-    if let Some(available) = mem.available {
-        memory::fit_check(&plan, available)?;
+    match mem.available {
+        Some(available) => memory::fit_check(&plan, available)?,
+        // On the CPU the plan's buffers come out of host memory: refuse what
+        // would make the allocator abort the process.
+        None => {
+            if let Some(host) = host_available_bytes()
+                && plan.total > host
+            {
+                anyhow::bail!(
+                    "the benchmark will not fit in host memory: predicted peak {} > available {} (lower --micro-batch or --seq-len, or use --layers)",
+                    memory::human(plan.total),
+                    memory::human(host)
+                );
+            }
+        }
     }
     let t0 = Instant::now();
     let mut model = Model::random_as(be, cfg, a.seed, base)?;

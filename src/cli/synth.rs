@@ -25,6 +25,7 @@ pub fn run(a: SynthArgs) -> Result<()> {
     let mut spec = synth::preset(&a.preset)?;
     if let Some(l) = a.layers {
         anyhow::ensure!(l > 0, "--layers must be at least 1");
+        anyhow::ensure!(l <= 1024, "--layers must be at most 1024 (got {l})");
         spec.layers = l;
     }
     let bytes = synth::write(&spec, &a.out, a.seed)?;

@@ -13,6 +13,7 @@ mod source;
 mod validate;
 
 pub use load::{Loaded, load, load_str};
+pub use validate::{MAX_LORA_R, MAX_MICRO_BATCH, MAX_SEQUENCE_LEN};
 
 use crate::adapter::{LoraConfig, Targets};
 use crate::train::optimizer::AdamWConfig;

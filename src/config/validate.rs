@@ -28,6 +28,12 @@ macro_rules! check {
     };
 }
 
+/// Bounds far past any real run, so that sizes computed from them (memory
+/// plans, buffer lengths) cannot overflow.
+pub const MAX_SEQUENCE_LEN: usize = 1 << 20;
+pub const MAX_MICRO_BATCH: usize = 1 << 16;
+pub const MAX_LORA_R: usize = 1 << 16;
+
 pub(crate) fn validate(c: &RunConfig, loc: &Locator) -> Result<()> {
     check!(
         !(c.reward_model && c.rl.is_some()),
@@ -87,6 +93,7 @@ pub(crate) fn validate(c: &RunConfig, loc: &Locator) -> Result<()> {
         );
     }
     check!(c.lora_r >= 1, loc, "lora_r", "must be at least 1 (got {})", c.lora_r);
+    check!(c.lora_r <= MAX_LORA_R, loc, "lora_r", "must be at most {MAX_LORA_R} (got {})", c.lora_r);
     check!(c.lora_alpha > 0.0, loc, "lora_alpha", "must be greater than 0 (got {})", c.lora_alpha);
     check!((0.0..1.0).contains(&c.lora_dropout), loc, "lora_dropout", "must be at least 0 and below 1 (got {})", c.lora_dropout);
     c.targets().map_err(|e| anyhow!("{}{e:#}", loc.at("lora_target_modules")))?;
@@ -102,6 +109,13 @@ pub(crate) fn validate(c: &RunConfig, loc: &Locator) -> Result<()> {
         check!(c.chat_template_jinja.is_some(), loc, "chat_template", "is jinja, so chat_template_jinja must hold the template");
     }
     check!(c.sequence_len >= 2, loc, "sequence_len", "must be at least 2 (got {})", c.sequence_len);
+    check!(
+        c.sequence_len <= MAX_SEQUENCE_LEN,
+        loc,
+        "sequence_len",
+        "must be at most {MAX_SEQUENCE_LEN}, past any supported model's context (got {})",
+        c.sequence_len
+    );
     check!(
         EXCESS_LENGTH.contains(&c.excess_length_strategy.as_str()),
         loc,
@@ -119,6 +133,13 @@ pub(crate) fn validate(c: &RunConfig, loc: &Locator) -> Result<()> {
     );
 
     check!(c.micro_batch_size >= 1, loc, "micro_batch_size", "must be at least 1 (got {})", c.micro_batch_size);
+    check!(
+        c.micro_batch_size <= MAX_MICRO_BATCH,
+        loc,
+        "micro_batch_size",
+        "must be at most {MAX_MICRO_BATCH} (got {}); use gradient_accumulation_steps for larger batches",
+        c.micro_batch_size
+    );
     check!(
         c.gradient_accumulation_steps >= 1,
         loc,
