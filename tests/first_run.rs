@@ -236,7 +236,7 @@ fn generate_flags_out_of_range() {
 
     let bare = model_copy(tmp.path(), |m| std::fs::remove_file(m.join("chat_template.jinja")).unwrap());
     let e = failure(&ferrotune(&["generate", "--model", bare.to_str().unwrap(), "--chat", "--prompt", "hi", "--device", "cpu"]));
-    assert!(e.contains("has no chat template of its own") && e.contains("pass --chat-template chatml"), "{e}");
+    assert!(e.contains("has no chat_template of its own") && e.contains("pass --chat-template chatml"), "{e}");
 }
 
 #[test]

@@ -109,7 +109,7 @@ fn prompt_ids(a: &GenerateArgs, dir: &Path, tok: &tokenizers::Tokenizer) -> Resu
     let (text, add_special) = if a.chat {
         if a.chat_template.is_none() && !ChatTemplate::tokenizer_has_one(dir)? {
             bail!(
-                "{} has no chat template of its own (no chat_template in tokenizer_config.json, no chat_template.jinja); \
+                "{} has no chat_template of its own (none in tokenizer_config.json, no chat_template.jinja); \
                  pass --chat-template chatml (or llama3), or drop --chat to send the prompt as plain text",
                 dir.display()
             );
