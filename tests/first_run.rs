@@ -97,6 +97,10 @@ fn config_mistakes() {
     assert!(e.contains("datasets is required"), "{e}");
     let e = cfg("base_model: m\nlearning_rate: 0.1\ndatasets: []\n");
     assert!(e.contains("datasets is empty"), "{e}");
+    let e = cfg("base_model: m\nlearning_rate: 0.1\ndatasets: [{path: d.jsonl}]\nnum_epochs: 1e30\n");
+    assert!(e.contains("num_epochs must be at most 1000000 (got 1000000000000000000000000000000); use max_steps for a step count"), "{e}");
+    let e = cfg("base_model: m\nlearning_rate: 0.1\ndatasets: [{path: d.jsonl}]\nsequence_len: 18446744073709551615\n");
+    assert!(e.contains("sequence_len must be at most 1048576"), "{e}");
 }
 
 #[test]

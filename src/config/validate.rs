@@ -33,6 +33,7 @@ macro_rules! check {
 pub const MAX_SEQUENCE_LEN: usize = 1 << 20;
 pub const MAX_MICRO_BATCH: usize = 1 << 16;
 pub const MAX_LORA_R: usize = 1 << 16;
+pub const MAX_EPOCHS: f64 = 1e6;
 
 pub(crate) fn validate(c: &RunConfig, loc: &Locator) -> Result<()> {
     check!(
@@ -148,6 +149,7 @@ pub(crate) fn validate(c: &RunConfig, loc: &Locator) -> Result<()> {
         c.gradient_accumulation_steps
     );
     check!(c.num_epochs > 0.0, loc, "num_epochs", "must be greater than 0 (got {})", c.num_epochs);
+    check!(c.num_epochs <= MAX_EPOCHS, loc, "num_epochs", "must be at most {MAX_EPOCHS} (got {}); use max_steps for a step count", c.num_epochs);
     if let Some(n) = c.max_steps {
         check!(n >= 1, loc, "max_steps", "must be at least 1 when set (got {n})");
     }
