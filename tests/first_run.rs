@@ -272,3 +272,27 @@ fn bench_and_synth_sizes_out_of_range() {
     let e = failure(&ferrotune(&["synth", "--preset", "tiny", "--layers", "100000000000", "--out", out.to_str().unwrap()]));
     assert!(e.contains("--layers must be at most 1024 (got 100000000000)"), "{e}");
 }
+
+#[test]
+fn preference_pairs_that_teach_nothing_are_counted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pairs = write(
+        tmp.path(),
+        "pairs.jsonl",
+        b"{\"prompt\": \"hi\", \"chosen\": \"Oslo\", \"rejected\": \"Oslo\"}\n{\"prompt\": \"hi\", \"chosen\": \"Oslo\", \"rejected\": \"Paris\"}\n",
+    );
+    let cfg = write(
+        tmp.path(),
+        "dpo.yml",
+        format!(
+            "base_model: {}\nrl: dpo\ndatasets:\n  - path: {}\nadapter: lora\nlearning_rate: 0.001\nmax_steps: 1\n\
+             sequence_len: 64\noutput_dir: {}\ndevice: cpu\n",
+            quickstart().join("model").display(),
+            pairs.display(),
+            tmp.path().join("out").display()
+        )
+        .as_bytes(),
+    );
+    let e = success(&ferrotune(&["train", cfg.to_str().unwrap()]));
+    assert!(e.contains("2 rows -> 2 examples") && e.contains(", 1 with chosen = rejected (they teach nothing"), "{e}");
+}

@@ -28,6 +28,11 @@ pub trait RunExample: Sized {
     fn sequences(&self) -> Vec<crate::model::batch::Sequence>;
     /// Apply the length policy: None when dropped; true when truncated.
     fn fit(self, max_len: usize, policy: ExcessLength) -> (Option<Self>, bool);
+    /// A pair whose chosen and rejected completions are the same tokens:
+    /// every pairwise loss is flat in the adapter there, so it teaches nothing.
+    fn same_completions(&self) -> bool {
+        false
+    }
 }
 
 impl RunExample for PreferencePair {
@@ -36,6 +41,9 @@ impl RunExample for PreferencePair {
     }
     fn fit(self, max_len: usize, policy: ExcessLength) -> (Option<Self>, bool) {
         fit(self, max_len, policy)
+    }
+    fn same_completions(&self) -> bool {
+        self.chosen == self.rejected
     }
 }
 
@@ -58,6 +66,9 @@ impl RunExample for RewardPair {
             }
             ExcessLength::Drop => (None, false),
         }
+    }
+    fn same_completions(&self) -> bool {
+        self.chosen == self.rejected
     }
 }
 
@@ -169,6 +180,10 @@ fn read_dataset<T: RunExample>(
     }
     if dropped > 0 {
         line += &format!(", {dropped} dropped (too long)");
+    }
+    let same = kept.iter().filter(|e| e.same_completions()).count();
+    if same > 0 {
+        line += &format!(", {same} with chosen = rejected (they teach nothing: check the data's fields)");
     }
     Ok((kept, line))
 }
