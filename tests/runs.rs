@@ -86,6 +86,13 @@ fn rerun_into_an_earlier_run_is_refused_and_overwrite_clears_only_its_files() {
     assert_eq!(logged_steps(&out), [1]);
     assert!(!out.join("checkpoint-2").exists());
 
+    // A resume into a run that left no checkpoint cannot continue it.
+    let no_ckpt = tmp.path().join("no-checkpoint");
+    ok(&quickstart(&no_ckpt, 1, &["--set", "save_steps=null"]));
+    let err = refused(&quickstart(&no_ckpt, 1, &["--set", "resume_from_checkpoint=true"]));
+    assert!(err.contains(&format!("output_dir {} holds another run (adapter_config.json, ", no_ckpt.display())), "{err}");
+    assert!(err.contains("but no checkpoint to resume; set resume_from_checkpoint: false and pass --overwrite"), "{err}");
+
     // Overwrite and resume at once is a contradiction.
     let err = refused(&quickstart(&out, 2, &["--overwrite", "--set", "resume_from_checkpoint=true"]));
     assert!(err.contains("contradict"), "{err}");
@@ -106,6 +113,16 @@ fn resume_may_extend_a_run_but_not_one_with_no_steps_left() {
     assert!(err.contains("resumed from") && err.contains("this run has 5 steps in all (max_steps 5), the checkpoint's run had 3"), "{err}");
     assert!(err.contains("done: 5 steps"), "{err}");
     assert_eq!(logged_steps(&out), [1, 2, 3, 4, 5]);
+
+    // Back to an earlier checkpoint: the later ones belong to the steps this
+    // run redoes, and go (they would outrank the new ones).
+    let first = out.join("checkpoint-1");
+    let err = ok(&quickstart(&out, 2, &["--set", &format!("resume_from_checkpoint={}", first.display())]));
+    assert!(err.contains("removed checkpoint-2, checkpoint-3, checkpoint-4, checkpoint-5 (after the resumed step 1"), "{err}");
+    let mut left: Vec<String> = std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).filter(|n| n.starts_with("checkpoint-")).collect();
+    left.sort();
+    assert_eq!(left, ["checkpoint-1", "checkpoint-2"]);
+    assert_eq!(logged_steps(&out), [1, 2]);
 }
 
 #[test]

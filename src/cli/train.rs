@@ -113,16 +113,13 @@ fn train_on<B: Backend>(be: &B, cfg: &RunConfig, gpu: Option<GpuMemory>) -> Resu
     remove_stale_cache_files(cfg);
     let resume = match &cfg.resume_from_checkpoint {
         None | Some(ResumeFrom::Latest(false)) => None,
-        Some(ResumeFrom::Latest(true)) => {
-            let found = trainer::resolve_resume(&output_dir, true, None)?;
-            if found.is_none() {
-                eprintln!("resume_from_checkpoint: no checkpoint in {} yet; starting from step 0", output_dir.display());
-            }
-            found
-        }
+        Some(ResumeFrom::Latest(true)) => trainer::resolve_resume(&output_dir, true, None)?,
         Some(ResumeFrom::Path(p)) => trainer::resolve_resume(&output_dir, false, Some(p))?,
     };
     check_earlier_run(cfg, &output_dir, resume.as_deref())?;
+    if resume.is_none() && cfg.resume_from_checkpoint == Some(ResumeFrom::Latest(true)) {
+        eprintln!("resume_from_checkpoint: no checkpoint in {} yet; starting from step 0", output_dir.display());
+    }
 
     // The data before the weights: a bad row should not cost a model load.
     let tokenizer_dir = cfg.tokenizer_config.as_ref().map(PathBuf::from).unwrap_or_else(|| model_dir.clone());
@@ -277,7 +274,15 @@ fn check_earlier_run(cfg: &RunConfig, output_dir: &Path, resume: Option<&Path>) 
     if cfg.overwrite_output_dir && resuming {
         bail!("overwrite_output_dir (--overwrite) and resume_from_checkpoint contradict each other: set one of them");
     }
-    if resume.is_some_and(|r| run_dir::is_inside(r, output_dir)) {
+    if let Some(dir) = resume.filter(|r| run_dir::is_inside(r, output_dir)) {
+        // Resuming from an earlier checkpoint abandons what the run did after
+        // it (metrics.jsonl drops those records too): its later checkpoints
+        // would otherwise outrank the new ones in save_total_limit and resume.
+        let at = crate::train::checkpoint::read_state(dir)?.global_step;
+        let later = run_dir::remove_checkpoints_after(output_dir, at)?;
+        if !later.is_empty() {
+            eprintln!("removed {} (after the resumed step {at}: this run redoes those steps)", run_dir::describe(&later));
+        }
         return Ok(());
     }
     let earlier = run_dir::earlier_run(output_dir)?;
@@ -289,9 +294,17 @@ fn check_earlier_run(cfg: &RunConfig, output_dir: &Path, resume: Option<&Path>) 
         eprintln!("overwrite_output_dir: removed the earlier run's files from {}: {}", output_dir.display(), run_dir::describe(&removed));
         return Ok(());
     }
-    let continue_it = if resuming { "" } else { ", set resume_from_checkpoint: true to continue it" };
+    if resuming {
+        bail!(
+            "resume_from_checkpoint: output_dir {} holds another run ({}) but no checkpoint to resume; set resume_from_checkpoint: false \
+             and pass --overwrite to replace that run, or choose another output_dir",
+            output_dir.display(),
+            run_dir::describe(&earlier)
+        );
+    }
     bail!(
-        "output_dir {} holds another run ({}); pass --overwrite (or set overwrite_output_dir: true) to replace it{continue_it}, or choose another output_dir",
+        "output_dir {} holds another run ({}); pass --overwrite (or set overwrite_output_dir: true) to replace it, set \
+         resume_from_checkpoint: true to continue it, or choose another output_dir",
         output_dir.display(),
         run_dir::describe(&earlier)
     );

@@ -5,6 +5,7 @@
 //! (or, if it is a tokenizer copy, to `TOKENIZER_FILES`), so that an
 //! earlier run's copy is seen and cleared like the rest.
 
+use super::checkpoint;
 use super::progress::METRICS_FILE;
 use crate::adapter::peft;
 use crate::config::RESOLVED_CONFIG_FILE;
@@ -131,6 +132,16 @@ pub fn clear_earlier_run(output_dir: &Path) -> Result<Vec<String>> {
         removed.push(name);
     }
     removed.sort();
+    Ok(removed)
+}
+
+/// Remove the checkpoints of steps after `step`; returns their names.
+pub fn remove_checkpoints_after(output_dir: &Path, step: usize) -> Result<Vec<String>> {
+    let mut removed = Vec::new();
+    for (n, dir) in checkpoint::list(output_dir).into_iter().filter(|(n, _)| *n > step) {
+        std::fs::remove_dir_all(&dir).with_context(|| format!("cannot remove {}", dir.display()))?;
+        removed.push(format!("checkpoint-{n}"));
+    }
     Ok(removed)
 }
 
