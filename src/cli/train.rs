@@ -255,7 +255,10 @@ fn train_on<B: Backend>(be: &B, cfg: &RunConfig, gpu: Option<GpuMemory>) -> Resu
 /// starts from: the run would write over its own inputs.
 fn refuse_input_dirs(cfg: &RunConfig, model_dir: &Path, output_dir: &Path) -> Result<()> {
     let out = st_files::absolute(output_dir)?;
-    let inputs = [(Some(model_dir.to_path_buf()), "the base model's own directory (base_model)"), (cfg.lora_model_dir.as_ref().map(PathBuf::from), "the adapter the run starts from (lora_model_dir)")];
+    let inputs = [
+        (Some(model_dir.to_path_buf()), "the base model's own directory (base_model)"),
+        (cfg.lora_model_dir.as_ref().map(PathBuf::from), "the adapter the run starts from (lora_model_dir)"),
+    ];
     for (dir, what) in inputs {
         if let Some(dir) = dir
             && st_files::absolute(&dir)? == out
