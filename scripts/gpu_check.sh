@@ -84,7 +84,7 @@ export FERROTUNE_FIXTURES="$PWD/tests/fixtures"
     echo '```'
     for dev in cuda cpu; do
         timeout 120 "$b/ferrotune" train examples/quickstart/quickstart.yml --device $dev \
-            --set output_dir="$out/quickstart-$dev" --set save_steps=null 2>&1 | tail -3
+            --set output_dir="$out/quickstart-$dev" --set save_steps=null --overwrite 2>&1 | tail -3
         echo "exit ($dev): $?"
     done
     python3 - "$out" <<'PY' 2>&1 || true

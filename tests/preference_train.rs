@@ -200,7 +200,8 @@ fn a_diverging_run_is_reported_in_plain_words() {
     let cfg = tmp.path().join("run.yml");
     let text = std::fs::read_to_string(&cfg).unwrap().replace("learning_rate: 0.002", "learning_rate: 1e30").replace("max_steps: 1\n", "");
     std::fs::write(&cfg, text).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_ferrotune")).args(["train", cfg.to_str().unwrap()]).output().unwrap();
+    // A new run into the first one's output_dir.
+    let out = Command::new(env!("CARGO_BIN_EXE_ferrotune")).args(["train", cfg.to_str().unwrap(), "--overwrite"]).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{err}");
     assert!(err.contains("training diverged") && err.contains("learning_rate"), "{err}");

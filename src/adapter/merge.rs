@@ -343,11 +343,11 @@ fn add_delta(rows: &mut [f32], first_row: usize, d: &Delta) {
 fn check_out(model_dir: &Path, adapter_dir: &Path, out: &Path, force: bool) -> Result<PathBuf> {
     let inputs = [(model_dir, "the base model's own directory"), (adapter_dir, "the adapter's directory")];
     let out_abs = st_files::out_dir(out, &inputs, "merged")?;
-    if out_abs.exists() {
+    if st_files::occupied(&out_abs, out)?.is_some() {
         if !out_abs.is_dir() {
             bail!("--out {} exists and is not a directory", out.display());
         }
-        if !st_files::is_empty_dir(&out_abs, out)? && !out_abs.join(INFO_FILE).is_file() && !force {
+        if !out_abs.join(INFO_FILE).is_file() && !force {
             bail!(
                 "--out {} is not empty and is not the output of a previous `ferrotune merge` (no {INFO_FILE}); pass --force to write into it",
                 out.display()

@@ -1,8 +1,8 @@
 //! `ferrotune synth`: write a random-weight checkpoint of a registry family
 //! and size preset (for benchmarks and memory checks; no download needed).
 
-use crate::model::synth;
-use anyhow::Result;
+use crate::model::{st_files, synth};
+use anyhow::{Result, bail};
 use clap::Args;
 use std::path::PathBuf;
 
@@ -19,6 +19,9 @@ pub struct SynthArgs {
     out: PathBuf,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Write into a non-empty --out (its config.json and weights are replaced).
+    #[arg(long)]
+    force: bool,
 }
 
 pub fn run(a: SynthArgs) -> Result<()> {
@@ -27,6 +30,12 @@ pub fn run(a: SynthArgs) -> Result<()> {
         anyhow::ensure!(l > 0, "--layers must be at least 1");
         anyhow::ensure!(l <= 1024, "--layers must be at most 1024 (got {l})");
         spec.layers = l;
+    }
+    let out_abs = st_files::absolute(&a.out)?;
+    if let Some(held) = st_files::occupied(&out_abs, &a.out)?
+        && !a.force
+    {
+        bail!("--out {} is not empty (it holds {held}); choose a new directory, or pass --force to write random weights into it", a.out.display());
     }
     let bytes = synth::write(&spec, &a.out, a.seed)?;
     eprintln!(

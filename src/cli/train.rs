@@ -9,9 +9,11 @@ use crate::model::{BaseWeights, Model};
 use crate::model::checkpoint::{self, Checkpoint};
 use crate::train::memory::{self, RunShape};
 use crate::train::{preflight, reward};
-use crate::train::trainer::{self, Examples, Run};
+use crate::train::run_dir::{self, TOKENIZER_FILES};
+use crate::train::{interrupt, trainer::{self, Examples, Run}};
+use crate::model::st_files;
 use crate::util::rng::Rng;
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::Args;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -27,6 +29,10 @@ pub struct TrainArgs {
     /// cpu, cuda, cuda:N or auto (overrides the config's `device`).
     #[arg(long)]
     device: Option<String>,
+    /// Clear an earlier run's files from output_dir first (its checkpoints,
+    /// adapter, metrics, resolved config, tokenizer copies; nothing else).
+    #[arg(long)]
+    overwrite: bool,
 }
 
 /// What the GPU reports, for the memory plan and its check.
@@ -40,21 +46,24 @@ pub fn run(a: TrainArgs) -> Result<()> {
     for w in &loaded.warnings {
         eprintln!("warning: {w}");
     }
-    let cfg = loaded.config;
+    let mut cfg = loaded.config;
+    cfg.overwrite_output_dir |= a.overwrite;
+    interrupt::install()?;
     let device = a.device.clone().unwrap_or_else(|| cfg.device.clone());
-    match open_device(&device)? {
-        Opened::Cpu(be) => train_on(&be, &cfg, None),
+    let stopped_by = match open_device(&device)? {
+        Opened::Cpu(be) => train_on(&be, &cfg, None)?,
         Opened::Cuda(be) => {
             let peak = || be.peak_bytes();
             let gpu = GpuMemory { available: be.mem_info().0 as u64, peak: &peak };
-            train_on(&be, &cfg, Some(gpu))
+            train_on(&be, &cfg, Some(gpu))?
         }
+    };
+    match stopped_by {
+        // The shell's code for a process ended by the signal.
+        Some(sig) => std::process::exit(128 + sig),
+        None => Ok(()),
     }
 }
-
-/// Tokenizer files copied next to the adapter, so output_dir is usable on
-/// its own (as Axolotl leaves it).
-const TOKENIZER_FILES: &[&str] = &["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"];
 
 fn copy_tokenizer(from: &Path, to: &Path) -> Result<()> {
     for f in TOKENIZER_FILES {
@@ -87,27 +96,34 @@ fn base_weights(cfg: &RunConfig, ckpt: &Checkpoint) -> Result<BaseWeights> {
     Ok(BaseWeights::AsStored)
 }
 
-fn train_on<B: Backend>(be: &B, cfg: &RunConfig, gpu: Option<GpuMemory>) -> Result<()> {
+/// Train; returns the signal that stopped the run early, if one did.
+fn train_on<B: Backend>(be: &B, cfg: &RunConfig, gpu: Option<GpuMemory>) -> Result<Option<i32>> {
     let t0 = Instant::now();
     let model_dir = checkpoint::resolve_model_dir(&cfg.base_model, &checkpoint::hf_cache())?;
     let ckpt = Checkpoint::open(&model_dir)?;
     let base = base_weights(cfg, &ckpt)?;
     let output_dir = PathBuf::from(&cfg.output_dir);
+    refuse_input_dirs(cfg, &model_dir, &output_dir)?;
     let targets = if cfg.lora_model_dir.is_none() { Some(cfg.targets()?) } else { None };
     for w in preflight::check(cfg, &ckpt.config, targets.as_ref(), &output_dir)? {
         eprintln!("warning: {w}");
     }
+    // Held until the run ends: a second run into output_dir is refused.
+    let _lock = run_dir::lock(&output_dir)?;
+    let removed = run_dir::remove_partials(&output_dir)?;
+    if !removed.is_empty() {
+        eprintln!("removed what an interrupted run left unfinished in {}: {}", output_dir.display(), run_dir::describe(&removed));
+    }
+    remove_stale_cache_files(cfg);
     let resume = match &cfg.resume_from_checkpoint {
         None | Some(ResumeFrom::Latest(false)) => None,
-        Some(ResumeFrom::Latest(true)) => {
-            let found = trainer::resolve_resume(&output_dir, true, None)?;
-            if found.is_none() {
-                eprintln!("resume_from_checkpoint: no checkpoint in {} yet; starting from step 0", output_dir.display());
-            }
-            found
-        }
+        Some(ResumeFrom::Latest(true)) => trainer::resolve_resume(&output_dir, true, None)?,
         Some(ResumeFrom::Path(p)) => trainer::resolve_resume(&output_dir, false, Some(p))?,
     };
+    check_earlier_run(cfg, &output_dir, resume.as_deref())?;
+    if resume.is_none() && cfg.resume_from_checkpoint == Some(ResumeFrom::Latest(true)) {
+        eprintln!("resume_from_checkpoint: no checkpoint in {} yet; starting from step 0", output_dir.display());
+    }
 
     // The data before the weights: a bad row should not cost a model load.
     let tokenizer_dir = cfg.tokenizer_config.as_ref().map(PathBuf::from).unwrap_or_else(|| model_dir.clone());
@@ -215,6 +231,17 @@ fn train_on<B: Backend>(be: &B, cfg: &RunConfig, gpu: Option<GpuMemory>) -> Resu
         score_head,
     })
     .map_err(|e| explain_divergence(e, &ckpt))?;
+    if let Some((sig, dir)) = &summary.interrupted {
+        eprintln!(
+            "stopped by {} after step {}: adapter saved in {}, checkpoint in {}\nto continue, run the same command with \
+             --set resume_from_checkpoint=true (or resume_from_checkpoint: true in the config)",
+            interrupt::name(*sig),
+            summary.steps,
+            summary.adapter_dir.display(),
+            dir.display()
+        );
+        return Ok(Some(*sig));
+    }
     let loss = summary.last_loss.map(|l| format!("{l:.4}")).unwrap_or_else(|| "n/a".into());
     let eval = summary.eval_loss.map(|l| format!(", eval_loss {l:.4}")).unwrap_or_default();
     eprintln!(
@@ -226,6 +253,24 @@ fn train_on<B: Backend>(be: &B, cfg: &RunConfig, gpu: Option<GpuMemory>) -> Resu
         cfg.base_model,
         summary.adapter_dir.display()
     );
+    Ok(None)
+}
+
+/// output_dir must not be the base model's folder or the adapter the run
+/// starts from: the run would write over its own inputs.
+fn refuse_input_dirs(cfg: &RunConfig, model_dir: &Path, output_dir: &Path) -> Result<()> {
+    let out = st_files::absolute(output_dir)?;
+    let inputs = [
+        (Some(model_dir.to_path_buf()), "the base model's own directory (base_model)"),
+        (cfg.lora_model_dir.as_ref().map(PathBuf::from), "the adapter the run starts from (lora_model_dir)"),
+    ];
+    for (dir, what) in inputs {
+        if let Some(dir) = dir
+            && st_files::absolute(&dir)? == out
+        {
+            bail!("output_dir {} is {what}; write the run to a new directory", output_dir.display());
+        }
+    }
     Ok(())
 }
 
@@ -245,6 +290,61 @@ fn explain_divergence(e: anyhow::Error, ckpt: &Checkpoint) -> anyhow::Error {
         None => e,
     }
 }
+
+/// A fresh run into a folder holding another run's files would mix the
+/// two (metrics, checkpoints that save_total_limit prunes, the adapter):
+/// refused unless overwrite_output_dir clears them first.
+fn check_earlier_run(cfg: &RunConfig, output_dir: &Path, resume: Option<&Path>) -> Result<()> {
+    let resuming = !matches!(cfg.resume_from_checkpoint, None | Some(ResumeFrom::Latest(false)));
+    if cfg.overwrite_output_dir && resuming {
+        bail!("overwrite_output_dir (--overwrite) and resume_from_checkpoint contradict each other: set one of them");
+    }
+    if let Some(dir) = resume.filter(|r| run_dir::is_inside(r, output_dir)) {
+        // Resuming from an earlier checkpoint abandons what the run did after
+        // it (metrics.jsonl drops those records too): its later checkpoints
+        // would otherwise outrank the new ones in save_total_limit and resume.
+        let at = crate::train::checkpoint::read_state(dir)?.global_step;
+        let later = run_dir::remove_checkpoints_after(output_dir, at)?;
+        if !later.is_empty() {
+            eprintln!("removed {} (after the resumed step {at}: this run redoes those steps)", run_dir::describe(&later));
+        }
+        return Ok(());
+    }
+    let earlier = run_dir::earlier_run(output_dir)?;
+    if earlier.is_empty() {
+        return Ok(());
+    }
+    if cfg.overwrite_output_dir {
+        let removed = run_dir::clear_earlier_run(output_dir)?;
+        eprintln!("overwrite_output_dir: removed the earlier run's files from {}: {}", output_dir.display(), run_dir::describe(&removed));
+        return Ok(());
+    }
+    if resuming {
+        bail!(
+            "resume_from_checkpoint: output_dir {} holds another run ({}) but no checkpoint to resume; set resume_from_checkpoint: false \
+             and pass --overwrite to replace that run, or choose another output_dir",
+            output_dir.display(),
+            run_dir::describe(&earlier)
+        );
+    }
+    bail!(
+        "output_dir {} holds another run ({}); pass --overwrite (or set overwrite_output_dir: true) to replace it, set \
+         resume_from_checkpoint: true to continue it, or choose another output_dir",
+        output_dir.display(),
+        run_dir::describe(&earlier)
+    );
+}
+
+/// Remove the dataset cache's temporary files that a killed run left
+/// (only ones over an hour old: a run sharing the cache may be writing one now).
+fn remove_stale_cache_files(cfg: &RunConfig) {
+    let Some(dir) = crate::data::cache::default_dir(cfg.dataset_prepared_path.as_deref()) else { return };
+    let removed = crate::data::cache::remove_stale(&dir, std::time::Duration::from_secs(3600));
+    if !removed.is_empty() {
+        eprintln!("removed {} unfinished dataset cache file(s) from {}", removed.len(), dir.display());
+    }
+}
+
 
 /// The first step's measured peak next to the plan. The plan assumes full
 /// sequences, so shorter (or unpacked) batches measure below it; above it

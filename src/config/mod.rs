@@ -187,6 +187,9 @@ pub struct RunConfig {
     pub logging_steps: usize,
     pub seed: u64,
     pub output_dir: String,
+    /// Clear an earlier run's files from output_dir before training (as
+    /// HF's overwrite_output_dir; `train --overwrite` sets it).
+    pub overwrite_output_dir: bool,
     pub resume_from_checkpoint: Option<ResumeFrom>,
 
     /// Preference training instead of SFT: dpo, ipo, orpo, simpo or kto.
@@ -270,6 +273,7 @@ impl Default for RunConfig {
             logging_steps: 1,
             seed: 42,
             output_dir: "./outputs".into(),
+            overwrite_output_dir: false,
             resume_from_checkpoint: None,
             rl: None,
             rl_beta: None,

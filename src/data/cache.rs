@@ -112,6 +112,22 @@ pub fn store(path: &Path, key: &blake3::Hash, data: &CachedDataset) -> Result<()
     crate::util::atomic_write(path, &encode(key, data))
 }
 
+/// Remove the temporary files (`<key>.ftds.tmp`) that a run killed while
+/// storing left in `dir`, when older than `age` (a younger one may be
+/// another run's write in progress); returns the paths removed.
+pub fn remove_stale(dir: &Path, age: std::time::Duration) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+    let mut removed = Vec::new();
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let old = e.metadata().and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok()).is_some_and(|a| a >= age);
+        if name.ends_with(".ftds.tmp") && old && std::fs::remove_file(e.path()).is_ok() {
+            removed.push(e.path());
+        }
+    }
+    removed
+}
+
 struct Reader<'a> {
     buf: &'a [u8],
     pos: usize,

@@ -267,9 +267,27 @@ pub fn out_dir(out: &Path, inputs: &[(&Path, &str)], product: &str) -> Result<Pa
     Ok(out_abs)
 }
 
-/// Whether the directory `dir` has no entries (`shown` names it in errors).
-pub fn is_empty_dir(dir: &Path, shown: &Path) -> Result<bool> {
-    Ok(std::fs::read_dir(dir).with_context(|| format!("cannot list {}", shown.display()))?.next().is_none())
+/// What an existing output holds, unless it is absent or an empty
+/// directory: "a file", or the names of its first entries. Every command
+/// that writes a new folder (merge, quantize, synth) asks this before
+/// writing; `shown` names the folder in errors.
+pub fn occupied(out_abs: &Path, shown: &Path) -> Result<Option<String>> {
+    if !out_abs.exists() {
+        return Ok(None);
+    }
+    if !out_abs.is_dir() {
+        return Ok(Some("a file".to_string()));
+    }
+    let mut names: Vec<String> = std::fs::read_dir(out_abs)
+        .with_context(|| format!("cannot list {}", shown.display()))?
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect();
+    names.sort();
+    Ok(match names.len() {
+        0 => None,
+        n if n > 4 => Some(format!("{} and {} more", names[..4].join(", "), n - 4)),
+        _ => Some(names.join(", ")),
+    })
 }
 
 /// A fresh temporary directory next to `out` (".<name>.<verb>-<pid>"),

@@ -229,11 +229,8 @@ fn write_shard(
 /// The output must be new (or an empty directory), and not the input.
 fn check_out(model_dir: &Path, out: &Path) -> Result<PathBuf> {
     let out_abs = st_files::out_dir(out, &[(model_dir, "the model's own directory")], "quantized")?;
-    if out_abs.exists() {
-        let empty = out_abs.is_dir() && st_files::is_empty_dir(&out_abs, out)?;
-        if !empty {
-            bail!("--out {} already exists and is not an empty directory; choose a new output directory", out.display());
-        }
+    if st_files::occupied(&out_abs, out)?.is_some() {
+        bail!("--out {} already exists and is not an empty directory; choose a new output directory", out.display());
     }
     Ok(out_abs)
 }

@@ -3,9 +3,13 @@
 //! (AdamW over the LoRA parameters), `trainer` (the loop), `progress`
 //! (bar and metrics.jsonl), `checkpoint` (save and resume), `preflight`
 //! (config-only checks before anything loads) and `memory` (the GPU memory
-//! plan checked before the first step); `objectives` holds
-//! the preference losses on per-sequence log-probabilities.
+//! plan checked before the first step); `objectives` holds the preference
+//! losses on per-sequence log-probabilities; `run_dir` (output_dir's lock
+//! and an earlier run's files) and `interrupt` (Ctrl-C) keep runs apart and
+//! stop them cleanly.
 pub mod checkpoint;
+pub mod fingerprint;
+pub mod interrupt;
 pub mod memory;
 pub mod objectives;
 pub mod optimizer;
@@ -14,5 +18,6 @@ pub mod preference;
 pub mod preflight;
 pub mod progress;
 pub mod reward;
+pub mod run_dir;
 pub mod schedule;
 pub mod trainer;

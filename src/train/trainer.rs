@@ -3,6 +3,7 @@
 //! AdamW, the schedule, logging, evaluation and checkpoints.
 
 use super::checkpoint::{self, TrainState};
+use super::fingerprint;
 use super::objectives::{Metrics, Objective};
 use super::optimizer::Optimizer;
 use super::preference;
@@ -103,50 +104,9 @@ pub struct Summary {
     pub eval_loss: Option<f64>,
     pub tokens_per_s: f64,
     pub adapter_dir: PathBuf,
-}
-
-/// The settings a checkpoint must share with the run resuming it, as
-/// key -> value, so a refusal can name what changed.
-fn fingerprint(cfg: &RunConfig, plan: &DataPlan, lora: &LoraConfig) -> Value {
-    let data = blake3::hash(&plan.lengths.iter().flat_map(|l| (*l as u64).to_le_bytes()).collect::<Vec<u8>>());
-    // Values as their Rust display strings: exact, and stable through JSON.
-    let entries: Vec<(&str, String)> = vec![
-        ("training examples (lengths hash)", data.to_hex().to_string()),
-        ("micro_batch_size", cfg.micro_batch_size.to_string()),
-        ("gradient_accumulation_steps", cfg.gradient_accumulation_steps.to_string()),
-        ("sample_packing", cfg.sample_packing.to_string()),
-        ("sequence_len", cfg.sequence_len.to_string()),
-        ("shuffle_merged_datasets", cfg.shuffle_merged_datasets.to_string()),
-        ("seed", cfg.seed.to_string()),
-        ("learning_rate", cfg.learning_rate.to_string()),
-        ("lr_scheduler", cfg.lr_scheduler.clone()),
-        ("adam_beta1", cfg.adam_beta1.to_string()),
-        ("adam_beta2", cfg.adam_beta2.to_string()),
-        ("adam_epsilon", cfg.adam_epsilon.to_string()),
-        ("weight_decay", cfg.weight_decay.to_string()),
-        ("max_grad_norm", cfg.max_grad_norm.to_string()),
-        ("lora_r", lora.r.to_string()),
-        ("lora_alpha", lora.alpha.to_string()),
-        ("lora_dropout", lora.dropout.to_string()),
-        // The objective: a policy trained for one cannot continue as another.
-        ("rl", format!("{:?}", cfg.rl)),
-        ("reward_model", cfg.reward_model.to_string()),
-        ("objective settings", format!("{:?}", cfg.objective().ok().flatten())),
-    ];
-    Value::Object(entries.into_iter().map(|(k, v)| (k.to_string(), Value::String(v))).collect())
-}
-
-fn fingerprint_diff(saved: &str, now: &Value) -> Vec<String> {
-    let saved: Value = serde_json::from_str(saved).unwrap_or(Value::Null);
-    now.as_object()
-        .into_iter()
-        .flatten()
-        .filter(|(k, v)| saved.get(k.as_str()) != Some(v))
-        .map(|(k, v)| {
-            let was = saved.get(k.as_str()).and_then(|x| x.as_str()).unwrap_or("absent");
-            format!("{k} (checkpoint: {was}, now: {})", v.as_str().unwrap_or_default())
-        })
-        .collect()
+    /// Stopped early by Ctrl-C or SIGTERM: the signal, and the checkpoint
+    /// written at the step reached.
+    pub interrupted: Option<(i32, PathBuf)>,
 }
 
 /// Every `per_epoch`-th of an epoch, as a step interval.
@@ -404,7 +364,7 @@ fn restore<B: Backend>(
 ) -> Result<(Optimizer<B>, TrainState)> {
     let saved = checkpoint::read_state(dir)?;
     let now: Value = serde_json::from_str(&fresh.fingerprint)?;
-    let changed = fingerprint_diff(&saved.fingerprint, &now);
+    let changed = fingerprint::diff(&saved.fingerprint, &now);
     if !changed.is_empty() {
         bail!(
             "cannot resume from {}: settings that decide the data order or the optimisation changed: {}",
@@ -412,6 +372,7 @@ fn restore<B: Backend>(
             changed.join("; ")
         );
     }
+    fingerprint::check_length(cfg, dir, saved.global_step, saved.total_steps, fresh.total_steps)?;
     let n = match head.as_mut() {
         Some(h) => {
             let (n, score) = peft::load_reward(be, model, dir).with_context(|| format!("loading the adapter of {}", dir.display()))?;
@@ -536,7 +497,7 @@ pub fn train<B: Backend>(run: Run<'_, B>) -> Result<Summary> {
         next_micro_batch: 0,
         seed: cfg.seed,
         tokens_seen: 0,
-        fingerprint: fingerprint(cfg, &plan, &lora).to_string(),
+        fingerprint: fingerprint::fingerprint(cfg, &plan, &lora).to_string(),
     };
     let (mut opt, mut state) = match &resume {
         Some(dir) => restore(be, cfg, &mut model, &mut score_head, dir, fresh)?,
@@ -574,6 +535,7 @@ pub fn train<B: Backend>(run: Run<'_, B>) -> Result<Summary> {
     let mut collapse = CollapseWatch::default();
     let (run_t0, run_tokens0) = (Instant::now(), state.tokens_seen);
     let (mut last_loss, mut last_eval) = (None, None);
+    let mut stopped_by = None;
 
     while state.global_step < total_steps {
         if state.epoch != epoch_batches.0 {
@@ -647,10 +609,15 @@ pub fn train<B: Backend>(run: Run<'_, B>) -> Result<Summary> {
             progress.line(&format!("saved {}", dir.display()));
             window.t0 = Instant::now();
         }
+        // Between optimiser steps: the state is whole, so it can be saved.
+        if let Some(sig) = super::interrupt::requested().filter(|_| step < total_steps) {
+            stopped_by = Some(sig);
+            break;
+        }
     }
     progress.finish();
 
-    if !val.is_empty() {
+    if !val.is_empty() && stopped_by.is_none() {
         let (ev, em) = evaluate_examples(be, &model, objective.as_ref(), score_head.as_ref(), &val, cfg.micro_batch_size)?;
         metrics.write(&eval_record(state.global_step, None, ev, &em))?;
         eprintln!("eval_loss {ev:.4} on {} validation examples", val.len());
@@ -661,8 +628,10 @@ pub fn train<B: Backend>(run: Run<'_, B>) -> Result<Summary> {
         Some(h) => peft::save_reward(be, &model, &lora, &h.weight(be), &output_dir)?,
         None => peft::save(be, &model, &lora, &output_dir)?,
     }
-    if save_every.is_some() {
-        save_checkpoint(be, cfg, &model, &opt, &lora, score_head.as_ref(), &state, &output_dir)?;
+    let mut interrupted = None;
+    if save_every.is_some() || stopped_by.is_some() {
+        let dir = save_checkpoint(be, cfg, &model, &opt, &lora, score_head.as_ref(), &state, &output_dir)?;
+        interrupted = stopped_by.map(|sig| (sig, dir));
     }
     let secs = run_t0.elapsed().as_secs_f64().max(1e-9);
     Ok(Summary {
@@ -671,6 +640,7 @@ pub fn train<B: Backend>(run: Run<'_, B>) -> Result<Summary> {
         eval_loss: last_eval,
         tokens_per_s: (state.tokens_seen - run_tokens0) as f64 / secs,
         adapter_dir: output_dir,
+        interrupted,
     })
 }
 
