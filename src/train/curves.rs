@@ -111,7 +111,7 @@ impl Metrics {
             let at = || format!("{} line {}", path.display(), i + 1);
             let v: Value = serde_json::from_str(l).map_err(|e| anyhow!("{}: not valid JSON ({e})", at()))?;
             let Value::Object(map) = v else { bail!("{}: expected a JSON object like {{\"step\": 1, \"loss\": 2.5}}", at()) };
-            if !map.get("step").is_some_and(|s| s.as_f64().is_some()) {
+            if map.get("step").is_none_or(|s| s.as_f64().is_none()) {
                 bail!("{}: the record has no \"step\" number", at());
             }
             records.push(map);
