@@ -205,3 +205,14 @@ fn a_failed_drawing_warns_without_failing_the_run() {
     assert!(warnings.iter().all(|w| w.starts_with(&format!("warning: {}", out.join("training_curves.png").display()))), "{err}");
     assert!(out.join("adapter_model.safetensors").is_file(), "the run finished: {err}");
 }
+
+#[test]
+fn a_checkpoint_before_the_first_record_draws_nothing_and_warns_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    // Checkpoint at step 5, first record at the last step (10).
+    let err = ok(&train_quickstart(&out, &["max_steps=10", "logging_steps=20", "save_steps=5", "val_set_size=0"]));
+    assert!(!err.contains("warning"), "{err}");
+    let png = std::fs::read(out.join("training_curves.png")).expect("drawn at the end");
+    assert_eq!(png_size(&png), (1280, 40 + 2 * 360));
+}

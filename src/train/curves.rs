@@ -331,6 +331,12 @@ pub fn plot(output_dir: &Path, out: &Path) -> Result<Drawn> {
 /// Redraw output_dir/training_curves.png during or after training. A
 /// failure must not stop a run: it comes back as one warning line.
 pub fn refresh(output_dir: &Path) -> Option<String> {
+    // A checkpoint before the first logged step (logging_steps beyond
+    // save_steps) has nothing to draw yet, which is no cause for a warning.
+    let logged = std::fs::read_to_string(output_dir.join(METRICS_FILE)).unwrap_or_default();
+    if logged.trim().is_empty() {
+        return None;
+    }
     plot(output_dir, &output_dir.join(CURVES_FILE))
         .err()
         .map(|e| format!("warning: {} not drawn: {e:#}", output_dir.join(CURVES_FILE).display()))
