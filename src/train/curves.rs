@@ -225,15 +225,21 @@ where
         .x_labels(8)
         .y_labels(6)
         .draw()?;
-    for (curve, pts) in &p.curves {
-        let style = ShapeStyle::from(&curve.color).stroke_width(2);
-        let series = chart.draw_series(LineSeries::new(pts.iter().copied(), style))?;
+    let columns = chart.plotting_area().dim_in_pixel().0 as usize;
+    for (curve, all) in &p.curves {
+        let pts = thin(all, xs, columns);
+        // Noisy long runs read better thin; a few points, thick.
+        let style = ShapeStyle::from(&curve.color).stroke_width(if pts.len() > columns / 3 { 1 } else { 2 });
+        // Segment by segment: plotters mitres the corners of a thick
+        // polyline, and sharp turns then shoot spikes across the image.
+        let series = chart.draw_series(pts.windows(2).map(|w| PathElement::new(vec![w[0], w[1]], style)))?;
         if p.curves.len() > 1 {
             let c = curve.color;
             series.label(curve.label).legend(move |(x, y)| PathElement::new([(x, y), (x + 18, y)], c.stroke_width(2)));
         }
-        // A lone point draws no line: always mark it.
-        if curve.dots || pts.len() == 1 {
+        // A lone point draws no line: always mark it. Dots that would
+        // merge into a band are left out.
+        if (curve.dots && pts.len() <= MAX_DOTS) || pts.len() == 1 {
             chart.draw_series(pts.iter().map(|&p| Circle::new(p, 4, curve.color.filled())))?;
         }
     }
@@ -247,6 +253,40 @@ where
             .draw()?;
     }
     Ok(())
+}
+
+/// At most this many eval dots on a curve.
+const MAX_DOTS: usize = 120;
+
+/// At most two points per pixel column (the lowest and the highest, in
+/// step order): a long run's curve keeps its envelope at a fraction of the
+/// drawing cost.
+fn thin(pts: &[(f64, f64)], (x0, x1): (f64, f64), columns: usize) -> Vec<(f64, f64)> {
+    if pts.len() <= 2 * columns.max(1) {
+        return pts.to_vec();
+    }
+    let col = |x: f64| ((x - x0) / (x1 - x0) * columns as f64) as i64;
+    let mut out = Vec::with_capacity(2 * columns);
+    let mut i = 0;
+    while i < pts.len() {
+        let c = col(pts[i].0);
+        let (mut lo, mut hi, mut j) = (i, i, i);
+        while j < pts.len() && col(pts[j].0) == c {
+            if pts[j].1 < pts[lo].1 {
+                lo = j;
+            }
+            if pts[j].1 > pts[hi].1 {
+                hi = j;
+            }
+            j += 1;
+        }
+        out.push(pts[lo.min(hi)]);
+        if lo != hi {
+            out.push(pts[lo.max(hi)]);
+        }
+        i = j;
+    }
+    out
 }
 
 /// The corner whose quarter of the plot holds the fewest points, so the
@@ -392,6 +432,18 @@ mod tests {
         assert_eq!(tick(40.0), "40");
         assert_eq!(tick(12345.6), "12346");
         assert_eq!(tick(0.0), "0");
+    }
+
+    #[test]
+    fn thinning_keeps_the_envelope() {
+        let pts: Vec<(f64, f64)> = (1..=10_000).map(|s| (s as f64, ((s * 7919) % 1000) as f64)).collect();
+        let t = thin(&pts, (1.0, 10_000.0), 100);
+        assert!(t.len() <= 2 * 101, "{}", t.len());
+        assert!(t.windows(2).all(|w| w[0].0 < w[1].0), "in step order");
+        let (lo, hi) = t.iter().fold((f64::MAX, f64::MIN), |(l, h), p| (l.min(p.1), h.max(p.1)));
+        assert_eq!((lo, hi), (0.0, 999.0));
+        let few = &pts[..150];
+        assert_eq!(thin(few, (1.0, 150.0), 100), few, "short curves are drawn whole");
     }
 
     #[test]
