@@ -81,6 +81,7 @@ const PANELS: &[PanelSpec] = &[
         y_label: "log-prob",
         curves: &[line("logps/chosen", "chosen", GREEN), line("logps/rejected", "rejected", RED)],
     },
+    PanelSpec { title: "KL to the reference (KTO)", y_label: "kl", curves: &[line("kl", "kl", PURPLE), dots("eval_kl", "eval", ORANGE)] },
 ];
 
 /// metrics.jsonl's records, in file order.
@@ -170,7 +171,10 @@ pub fn render(m: &Metrics, title: &str) -> Result<(Vec<u8>, Drawn)> {
     register_font()?;
     let panels = panels(m);
     if panels.is_empty() {
-        bail!("{} has no metric to plot (no record carries {})", m.path.display(), known_keys());
+        bail!(
+            "{} has no metric to plot: no record carries loss, eval_loss, lr, grad_norm, tokens_per_s or a preference metric",
+            m.path.display()
+        );
     }
     let (cols, rows, width, height) = layout(panels.len());
     let mut rgb = vec![255u8; (width * height * 3) as usize];
@@ -190,11 +194,6 @@ pub fn render(m: &Metrics, title: &str) -> Result<(Vec<u8>, Drawn)> {
     }
     let png = encode_png(&rgb, width, height)?;
     Ok((png, Drawn { width, height, panels: panels.iter().map(|p| p.spec.title).collect() }))
-}
-
-fn known_keys() -> String {
-    let keys: Vec<&str> = PANELS.iter().flat_map(|p| p.curves.iter().map(|c| c.key)).collect();
-    keys.join(", ")
 }
 
 type DrawResult = std::result::Result<(), Box<dyn std::error::Error>>;
@@ -419,6 +418,9 @@ mod tests {
         let dpo = metrics("{\"step\":1,\"loss\":0.69,\"rewards/margins\":0.1,\"rewards/accuracies\":0.5}\n").unwrap();
         let titles: Vec<&str> = panels(&dpo).iter().map(|p| p.spec.title).collect();
         assert_eq!(titles, ["loss", "reward margin (chosen - rejected)", "reward accuracy"]);
+        let kto = metrics("{\"step\":1,\"loss\":0.5,\"kl\":0.02,\"rewards/chosen\":0.1}\n").unwrap();
+        let titles: Vec<&str> = panels(&kto).iter().map(|p| p.spec.title).collect();
+        assert_eq!(titles, ["loss", "rewards", "KL to the reference (KTO)"]);
     }
 
     #[test]
