@@ -5,6 +5,7 @@ mod eval;
 mod generate;
 mod merge;
 mod models;
+mod plot;
 mod quantize;
 mod synth;
 mod train;
@@ -39,6 +40,8 @@ enum Command {
     Synth(synth::SynthArgs),
     /// Quantize a model's decoder-layer weights to NF4 (bitsandbytes' 4-bit format, for QLoRA).
     Quantize(quantize::QuantizeArgs),
+    /// Draw a run's metrics.jsonl as a PNG (loss, eval loss, lr, grad norm, tokens/s, rewards).
+    Plot(plot::PlotArgs),
 }
 
 /// Which backend runs the model.
@@ -100,5 +103,6 @@ pub fn run() -> Result<()> {
         Command::Bench(a) => bench::run(a),
         Command::Merge(a) => merge::run(a),
         Command::Quantize(a) => quantize::run(a),
+        Command::Plot(a) => plot::run(a),
     }
 }

@@ -1,13 +1,15 @@
 //! Training, in the order a run uses it: `plan` (which examples make each
 //! micro-batch and step), `schedule` (the learning rate), `optimizer`
 //! (AdamW over the LoRA parameters), `trainer` (the loop), `progress`
-//! (bar and metrics.jsonl), `checkpoint` (save and resume), `preflight`
+//! (bar and metrics.jsonl), `curves` (metrics.jsonl drawn as
+//! training_curves.png), `checkpoint` (save and resume), `preflight`
 //! (config-only checks before anything loads) and `memory` (the GPU memory
 //! plan checked before the first step); `objectives` holds the preference
 //! losses on per-sequence log-probabilities; `run_dir` (output_dir's lock
 //! and an earlier run's files) and `interrupt` (Ctrl-C) keep runs apart and
 //! stop them cleanly.
 pub mod checkpoint;
+pub mod curves;
 pub mod fingerprint;
 pub mod interrupt;
 pub mod memory;

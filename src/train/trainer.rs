@@ -3,6 +3,7 @@
 //! AdamW, the schedule, logging, evaluation and checkpoints.
 
 use super::checkpoint::{self, TrainState};
+use super::curves;
 use super::fingerprint;
 use super::objectives::{Metrics, Objective};
 use super::optimizer::Optimizer;
@@ -607,6 +608,9 @@ pub fn train<B: Backend>(run: Run<'_, B>) -> Result<Summary> {
         if save_every.is_some_and(|s| step.is_multiple_of(s)) && step != total_steps {
             let dir = save_checkpoint(be, cfg, &model, &opt, &lora, score_head.as_ref(), &state, &output_dir)?;
             progress.line(&format!("saved {}", dir.display()));
+            if let Some(warning) = curves::refresh(&output_dir) {
+                progress.line(&warning);
+            }
             window.t0 = Instant::now();
         }
         // Between optimiser steps: the state is whole, so it can be saved.
@@ -632,6 +636,9 @@ pub fn train<B: Backend>(run: Run<'_, B>) -> Result<Summary> {
     if save_every.is_some() || stopped_by.is_some() {
         let dir = save_checkpoint(be, cfg, &model, &opt, &lora, score_head.as_ref(), &state, &output_dir)?;
         interrupted = stopped_by.map(|sig| (sig, dir));
+    }
+    if let Some(warning) = curves::refresh(&output_dir) {
+        eprintln!("{warning}");
     }
     let secs = run_t0.elapsed().as_secs_f64().max(1e-9);
     Ok(Summary {
