@@ -5,6 +5,7 @@ mod eval;
 mod generate;
 mod merge;
 mod models;
+mod preprocess;
 mod quantize;
 mod synth;
 mod train;
@@ -25,6 +26,8 @@ struct Cli {
 enum Command {
     /// Fine-tune a LoRA adapter: the whole run from one YAML config.
     Train(train::TrainArgs),
+    /// Tokenize and cache a run's datasets; print their counts and, with --show, examples as the model sees them.
+    Preprocess(preprocess::PreprocessArgs),
     /// List the supported model architectures.
     Models,
     /// Mean loss and perplexity of a model (and adapter) on a dataset.
@@ -93,6 +96,7 @@ pub fn run() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Train(a) => train::run(a),
+        Command::Preprocess(a) => preprocess::run(a),
         Command::Models => models::run(),
         Command::Eval(a) => eval::run(a),
         Command::Generate(a) => generate::run(a),
