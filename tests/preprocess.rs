@@ -270,3 +270,43 @@ fn bad_rows_and_keys_fail_as_train_fails() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("sequence_len"), "{err}");
 }
+
+#[test]
+fn pretokenized_counts_are_the_data_file_s() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rows = [
+        serde_json::json!({"input_ids": [1, 5, 6, 7], "labels": [-100, -100, 6, 7]}),
+        serde_json::json!({"input_ids": [1, 8, 9], "labels": [-100, -100, -100]}),
+        serde_json::json!({"input_ids": (1..=10).collect::<Vec<u32>>()}),
+        serde_json::json!({"input_ids": [1, 2, 3, 4, 5]}),
+        serde_json::json!({"input_ids": [1, 2], "labels": [1, 2]}),
+    ];
+    let keys = "sample_packing: true\nnum_epochs: 2\ngradient_accumulation_steps: 1\nval_set_size: 0";
+    let cfg = config(tmp.path(), keys, &rows);
+    let cfg = cfg.to_str().unwrap();
+    // sequence_len is the config's 64 overridden to 8: row 3 (10 tokens) is dropped.
+    let cache = format!("dataset_prepared_path={}", tmp.path().join("cache").display());
+    let args = ["preprocess", cfg, "--set", "sequence_len=8", "--set", &cache, "--show", "9", "--ids"];
+    let text = stdout_of(&ferrotune(&args));
+    let data = tmp.path().join("data.jsonl");
+    assert_eq!(
+        line(&text, "dataset "),
+        format!("dataset {} [pre-tokenized, train]: 5 rows -> 4 sequences, 14 tokens, 1 dropped (too long)", data.display())
+    );
+    assert_eq!(line(&text, "rows: "), "rows: 5 read, 1 dropped (longer than sequence_len 8), 0 truncated to sequence_len");
+    assert_eq!(line(&text, "examples with no trained token: "), "examples with no trained token: 1 (they add nothing to the loss)");
+    // Trained: 6, 7 | none | 2, 3, 4, 5 | 2 (a first token is never trained).
+    assert_eq!(line(&text, "train: "), "train: 4 sequences, 14 tokens, 7 trained (50.0%)");
+    // Rows of 8: [4 + 3] [5 + 2]: 14 of 16 tokens.
+    assert_eq!(line(&text, "sample packing: "), "sample packing: 4 sequences in 2 rows of 8 tokens, 87.5% filled");
+    assert_eq!(line(&text, "batches: "), "batches: 1 micro-batches of up to 2 rows, 1 optimiser steps per epoch, 2 steps in all");
+    let shown = examples(&text);
+    let trained: Vec<Vec<u32>> = shown.iter().map(|e| trained_ids(e)).collect();
+    assert_eq!(trained, [vec![6, 7], vec![], vec![2, 3, 4, 5], vec![2]]);
+    assert_eq!(shown.iter().map(|e| ids_of(e)).collect::<Vec<_>>(), [vec![1, 5, 6, 7], vec![1, 8, 9], vec![1, 2, 3, 4, 5], vec![1, 2]]);
+
+    // Truncated instead of dropped: cut to 8 tokens, 7 of them trained.
+    let text = stdout_of(&ferrotune(&[&args[..6], &["--set", "excess_length_strategy=truncate"]].concat()));
+    assert_eq!(line(&text, "rows: "), "rows: 5 read, 0 dropped (longer than sequence_len 8), 1 truncated to sequence_len");
+    assert_eq!(line(&text, "train: "), "train: 5 sequences, 22 tokens, 14 trained (63.6%)");
+}

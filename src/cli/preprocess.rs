@@ -144,7 +144,7 @@ fn summary(cfg: &RunConfig, train: &Examples, val: &Examples, report: &[DatasetR
     );
     let untrained = sum(|r| r.untrained);
     if untrained > 0 && !cfg.reward_model {
-        s += &format!("no trained token: {untrained} examples (they add nothing to the loss)\n");
+        s += &format!("examples with no trained token: {untrained} (they add nothing to the loss)\n");
     }
     s += &split_line("train", train);
     s += &split_line("validation", val);
