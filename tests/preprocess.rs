@@ -310,3 +310,20 @@ fn pretokenized_counts_are_the_data_file_s() {
     assert_eq!(line(&text, "rows: "), "rows: 5 read, 0 dropped (longer than sequence_len 8), 1 truncated to sequence_len");
     assert_eq!(line(&text, "train: "), "train: 5 sequences, 22 tokens, 14 trained (63.6%)");
 }
+
+#[test]
+fn token_pieces_join_to_the_tokenizer_s_decoding_without_broken_characters() {
+    let dir = repo().join("examples/quickstart/model");
+    let tok = ferrotune::data::tokenizer::TextTokenizer::load(&dir, &Default::default()).unwrap();
+    let text = "Héllo wörld, 日本 and naïve café!";
+    let ids = tok.encode(text, true).unwrap();
+    let pieces = tok.token_pieces(&ids);
+    assert_eq!(pieces.len(), ids.len());
+    assert_eq!(pieces.concat(), quickstart_tokenizer().decode(&ids, false).unwrap());
+    assert_eq!(pieces.concat(), format!("<s>{text}"));
+    // A character of several byte tokens appears whole at its last one.
+    assert!(pieces.iter().all(|p| !p.contains('\u{FFFD}')), "{pieces:?}");
+    assert!(pieces.iter().any(String::is_empty), "日 and 本 span several byte tokens: {pieces:?}");
+    // An id past the tokenizer's vocabulary (505) is shown by number.
+    assert_eq!(tok.token_pieces(&[1, 600]), ["<s>", "<600>"]);
+}
