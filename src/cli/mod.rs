@@ -6,6 +6,7 @@ mod generate;
 mod merge;
 mod models;
 mod plot;
+mod preprocess;
 mod quantize;
 mod synth;
 mod train;
@@ -26,6 +27,8 @@ struct Cli {
 enum Command {
     /// Fine-tune a LoRA adapter: the whole run from one YAML config.
     Train(train::TrainArgs),
+    /// Tokenize and cache a run's datasets; print their counts and, with --show, examples as the model sees them.
+    Preprocess(preprocess::PreprocessArgs),
     /// List the supported model architectures.
     Models,
     /// Mean loss and perplexity of a model (and adapter) on a dataset.
@@ -96,6 +99,7 @@ pub fn run() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Train(a) => train::run(a),
+        Command::Preprocess(a) => preprocess::run(a),
         Command::Models => models::run(),
         Command::Eval(a) => eval::run(a),
         Command::Generate(a) => generate::run(a),

@@ -4,7 +4,8 @@ use super::{Opened, open_device};
 use crate::adapter::{LoraConfig, peft};
 use crate::backend::Backend;
 use crate::config::{self, ResumeFrom, RunConfig};
-use crate::data::{pairs, prepare};
+use crate::data::prepare::{self, DatasetReport};
+use crate::data::pairs;
 use crate::model::{BaseWeights, Model};
 use crate::model::checkpoint::{self, Checkpoint};
 use crate::train::memory::{self, RunShape};
@@ -96,6 +97,25 @@ fn base_weights(cfg: &RunConfig, ckpt: &Checkpoint) -> Result<BaseWeights> {
     Ok(BaseWeights::AsStored)
 }
 
+/// The run's training and validation examples, prepared as its objective
+/// needs them (SFT sequences, preference pairs, KTO or reward examples),
+/// with one report per dataset.
+pub(super) fn prepare_data(cfg: &RunConfig, tokenizer_dir: &Path, vocab: usize) -> Result<(Examples, Examples, Vec<DatasetReport>)> {
+    Ok(if cfg.reward_model {
+        let data = pairs::prepare_reward(cfg, tokenizer_dir, vocab)?;
+        (Examples::Reward(data.train), Examples::Reward(data.val), data.report)
+    } else if cfg.rl.as_deref() == Some("kto") {
+        let data = pairs::prepare_kto(cfg, tokenizer_dir, vocab)?;
+        (Examples::Kto(data.train), Examples::Kto(data.val), data.report)
+    } else if cfg.rl.is_some() {
+        let data = pairs::prepare_pairs(cfg, tokenizer_dir, vocab)?;
+        (Examples::Pairs(data.train), Examples::Pairs(data.val), data.report)
+    } else {
+        let data = prepare::prepare(cfg, tokenizer_dir, vocab)?;
+        (Examples::Sequences(data.train), Examples::Sequences(data.val), data.report)
+    })
+}
+
 /// Train; returns the signal that stopped the run early, if one did.
 fn train_on<B: Backend>(be: &B, cfg: &RunConfig, gpu: Option<GpuMemory>) -> Result<Option<i32>> {
     let t0 = Instant::now();
@@ -127,29 +147,10 @@ fn train_on<B: Backend>(be: &B, cfg: &RunConfig, gpu: Option<GpuMemory>) -> Resu
 
     // The data before the weights: a bad row should not cost a model load.
     let tokenizer_dir = cfg.tokenizer_config.as_ref().map(PathBuf::from).unwrap_or_else(|| model_dir.clone());
-    let (train, val) = if cfg.reward_model {
-        let data = pairs::prepare_reward(cfg, &tokenizer_dir, ckpt.config.vocab)?;
-        for line in &data.report {
-            eprintln!("dataset {line}");
-        }
-        (Examples::Reward(data.train), Examples::Reward(data.val))
-    } else if cfg.rl.as_deref() == Some("kto") {
-        let data = pairs::prepare_kto(cfg, &tokenizer_dir, ckpt.config.vocab)?;
-        for line in &data.report {
-            eprintln!("dataset {line}");
-        }
-        (Examples::Kto(data.train), Examples::Kto(data.val))
-    } else if cfg.rl.is_some() {
-        let data = pairs::prepare_pairs(cfg, &tokenizer_dir, ckpt.config.vocab)?;
-        for line in &data.report {
-            eprintln!("dataset {line}");
-        }
-        (Examples::Pairs(data.train), Examples::Pairs(data.val))
-    } else {
-        let data = prepare::prepare(cfg, &tokenizer_dir, ckpt.config.vocab)?;
-        eprint!("{data}");
-        (Examples::Sequences(data.train), Examples::Sequences(data.val))
-    };
+    let (train, val, report) = prepare_data(cfg, &tokenizer_dir, ckpt.config.vocab)?;
+    for r in &report {
+        eprintln!("dataset {r}");
+    }
     eprintln!("{} training / {} validation examples", train.len(), val.len());
 
     let lora: LoraConfig = match &cfg.lora_model_dir {

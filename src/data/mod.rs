@@ -5,7 +5,8 @@
 //! tokenizer with the run's special-token overrides), then `prepare` (files
 //! -> parallel tokenization -> label masking -> length policy -> `cache` ->
 //! merged order -> validation split). `preference` reads the DPO-family,
-//! KTO and reward-model datasets into prompt and completion ids.
+//! KTO and reward-model datasets into prompt and completion ids. `show`
+//! renders prepared examples token by token for `ferrotune preprocess`.
 pub mod cache;
 pub mod chat_template;
 pub mod pairs;
@@ -14,4 +15,5 @@ pub mod preference;
 pub mod prepare;
 pub mod pretokenized;
 pub mod rows;
+pub mod show;
 pub mod tokenizer;

@@ -6,7 +6,7 @@
 
 use super::chat_template::ChatTemplate;
 use super::preference::{KtoExample, MessageFields, PreferenceFormat, PreferencePair, PreferenceReader, RewardPair, read_rows};
-use super::prepare::{ExcessLength, PrepareOptions, dataset_files, shuffle, val_count};
+use super::prepare::{DatasetReport, ExcessLength, PrepareOptions, dataset_files, shuffle, val_count};
 use super::pretokenized::check_vocab;
 use super::tokenizer::TextTokenizer;
 use crate::config::{DatasetConfig, RunConfig};
@@ -18,8 +18,8 @@ use std::path::Path;
 pub struct PreparedPairs<T = PreferencePair> {
     pub train: Vec<T>,
     pub val: Vec<T>,
-    /// One line per dataset.
-    pub report: Vec<String>,
+    /// One per dataset (its `Display` is the line a run prints).
+    pub report: Vec<DatasetReport>,
 }
 
 /// What the length policy and the vocabulary check need of an example.
@@ -136,7 +136,7 @@ fn read_dataset<T: RunExample>(
     tokenizer_dir: &Path,
     vocab: usize,
     read: &dyn Fn(&PreferenceReader, &serde_json::Value, &str) -> Result<T>,
-) -> Result<(Vec<T>, String)> {
+) -> Result<(Vec<T>, DatasetReport)> {
     let format = PreferenceFormat::parse(ds.kind.as_deref())?;
     let name = ds.chat_template.as_deref().or(cfg.chat_template.as_deref());
     let template = match ChatTemplate::resolve(name, cfg.chat_template_jinja.as_deref(), tokenizer_dir) {
@@ -173,19 +173,24 @@ fn read_dataset<T: RunExample>(
     if kept.is_empty() {
         bail!("{}: all {rows} rows are longer than sequence_len {} and were dropped", ds.path, opts.sequence_len);
     }
-    let tokens: usize = kept.iter().flat_map(|e| RunExample::sequences(e)).map(|s| s.input_ids.len()).sum();
-    let mut line = format!("{} [{}, preference]: {rows} rows -> {} examples, {tokens} tokens", ds.path, ds.kind.as_deref().unwrap_or("standard"), kept.len());
-    if truncated > 0 {
-        line += &format!(", {truncated} truncated");
-    }
-    if dropped > 0 {
-        line += &format!(", {dropped} dropped (too long)");
-    }
-    let same = kept.iter().filter(|e| e.same_completions()).count();
-    if same > 0 {
-        line += &format!(", {same} with chosen = rejected (they teach nothing: check the data's fields)");
-    }
-    Ok((kept, line))
+    let sequences: Vec<_> = kept.iter().flat_map(|e| RunExample::sequences(e)).collect();
+    let report = DatasetReport {
+        path: ds.path.clone(),
+        kind: ds.kind.clone().unwrap_or_else(|| "standard".to_string()),
+        // The caller marks test_datasets' reports.
+        split: "train".to_string(),
+        rows,
+        sequences: kept.len(),
+        tokens: sequences.iter().map(|s| s.input_ids.len()).sum(),
+        trained_tokens: sequences.iter().map(|s| s.trained_tokens()).sum(),
+        untrained: kept.iter().filter(|e| RunExample::sequences(*e).iter().all(|s| s.trained_tokens() == 0)).count(),
+        truncated,
+        dropped,
+        from_cache: false,
+        preference: true,
+        same_completions: kept.iter().filter(|e| e.same_completions()).count(),
+    };
+    Ok((kept, report))
 }
 
 /// Read every preference dataset of the run as pairs.
@@ -217,9 +222,9 @@ fn prepare_examples<T: RunExample>(
     let mut report = Vec::new();
     let mut train = Vec::new();
     for (i, ds) in cfg.datasets.iter().enumerate() {
-        let (pairs, line) = read_dataset(ds, cfg, &opts, &tok, tokenizer_dir, vocab, read).with_context(|| format!("datasets[{i}] ({})", ds.path))?;
+        let (pairs, r) = read_dataset(ds, cfg, &opts, &tok, tokenizer_dir, vocab, read).with_context(|| format!("datasets[{i}] ({})", ds.path))?;
         train.extend(pairs);
-        report.push(line);
+        report.push(r);
     }
     if cfg.shuffle_merged_datasets {
         shuffle(&mut train, cfg.seed);
@@ -230,9 +235,10 @@ fn prepare_examples<T: RunExample>(
     } else {
         let mut val = Vec::new();
         for (i, ds) in cfg.test_datasets.iter().enumerate() {
-            let (pairs, line) = read_dataset(ds, cfg, &opts, &tok, tokenizer_dir, vocab, read).with_context(|| format!("test_datasets[{i}] ({})", ds.path))?;
+            let (pairs, mut r) = read_dataset(ds, cfg, &opts, &tok, tokenizer_dir, vocab, read).with_context(|| format!("test_datasets[{i}] ({})", ds.path))?;
+            r.split = "test".to_string();
             val.extend(pairs);
-            report.push(line);
+            report.push(r);
         }
         val
     };

@@ -27,27 +27,38 @@ pub struct DatasetReport {
     /// "train" (datasets:) or "test" (test_datasets:).
     pub split: String,
     pub rows: usize,
+    /// Sequences (SFT) or examples (preference datasets) kept.
     pub sequences: usize,
     pub tokens: usize,
+    /// Tokens the loss is computed on (`Sequence::trained_tokens`).
+    pub trained_tokens: usize,
+    /// Kept sequences with no trained token (they add nothing to the loss).
+    pub untrained: usize,
     /// Rows cut to sequence_len (excess_length_strategy: truncate).
     pub truncated: usize,
     /// Rows longer than sequence_len left out (excess_length_strategy: drop).
     pub dropped: usize,
     pub from_cache: bool,
+    /// A preference dataset (rl, reward_model): its rows are examples of
+    /// several sequences, and its report line says so.
+    pub preference: bool,
+    /// Preference pairs whose chosen and rejected completions are the same
+    /// tokens: every pairwise loss is flat there, so they teach nothing.
+    pub same_completions: usize,
 }
 
 impl fmt::Display for DatasetReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{} [{}, {}]: {} rows -> {} sequences, {} tokens",
-            self.path, self.kind, self.split, self.rows, self.sequences, self.tokens
-        )?;
+        let (split, unit) = if self.preference { ("preference", "examples") } else { (self.split.as_str(), "sequences") };
+        write!(f, "{} [{}, {split}]: {} rows -> {} {unit}, {} tokens", self.path, self.kind, self.rows, self.sequences, self.tokens)?;
         if self.truncated > 0 {
             write!(f, ", {} truncated", self.truncated)?;
         }
         if self.dropped > 0 {
             write!(f, ", {} dropped (too long)", self.dropped)?;
+        }
+        if self.same_completions > 0 {
+            write!(f, ", {} with chosen = rejected (they teach nothing: check the data's fields)", self.same_completions)?;
         }
         if self.from_cache {
             write!(f, " (cached)")?;
@@ -267,6 +278,10 @@ pub fn prepare_dataset(
         truncated: 0,
         dropped: 0,
         from_cache: false,
+        trained_tokens: 0,
+        untrained: 0,
+        preference: false,
+        same_completions: 0,
     };
     let cached = cache_path.as_deref().and_then(|p| cache::load(p, &key));
     let data = match cached {
@@ -299,6 +314,8 @@ pub fn prepare_dataset(
     report.dropped = data.dropped;
     report.sequences = data.sequences.len();
     report.tokens = data.sequences.iter().map(|s| s.input_ids.len()).sum();
+    report.trained_tokens = data.sequences.iter().map(Sequence::trained_tokens).sum();
+    report.untrained = data.sequences.iter().filter(|s| s.trained_tokens() == 0).count();
     Ok((data.sequences, report))
 }
 

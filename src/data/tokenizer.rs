@@ -81,6 +81,32 @@ impl TextTokenizer {
         Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
     }
 
+    /// The text each token of `ids` adds when they are decoded in order
+    /// (special tokens kept). Decoded as a stream, so a word-start marker
+    /// becomes its space and a character split over several byte tokens
+    /// appears whole at the token that completes it (the others give "").
+    /// An id outside the tokenizer's vocabulary gives `<id>`.
+    pub fn token_pieces(&self, ids: &[u32]) -> Vec<String> {
+        let mut stream = self.tokenizer.decode_stream(false);
+        let mut pieces = Vec::with_capacity(ids.len());
+        for &id in ids {
+            // Past the tokenizer's vocabulary (a model's padded embedding rows).
+            if self.tokenizer.id_to_token(id).is_none() {
+                pieces.push(format!("<{id}>"));
+                continue;
+            }
+            match stream.step(id) {
+                Ok(piece) => pieces.push(piece.unwrap_or_default()),
+                Err(_) => {
+                    // The stream's prefix no longer decodes consistently: start a new one.
+                    stream = self.tokenizer.decode_stream(false);
+                    pieces.push(self.tokenizer.decode(&[id], false).unwrap_or_else(|_| format!("<{id}>")));
+                }
+            }
+        }
+        pieces
+    }
+
     /// The pad token's id, if the tokenizer names one that is in its vocabulary.
     pub fn pad_id(&self) -> Option<u32> {
         self.tokens.pad.as_deref().and_then(|s| self.tokenizer.token_to_id(s))

@@ -22,6 +22,12 @@ impl Sequence {
         let labels = input_ids.iter().map(|&t| t as i32).collect();
         Sequence { input_ids, labels }
     }
+
+    /// Tokens the loss is computed on: those whose label is not -100,
+    /// except the first (no earlier token predicts it; see `Batch::from_sequences`).
+    pub fn trained_tokens(&self) -> usize {
+        self.labels.iter().skip(1).filter(|&&l| l != IGNORE_INDEX).count()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -63,6 +63,15 @@ impl DataPlan {
         rows
     }
 
+    /// Rows of epoch `epoch` and the fraction of their capacity
+    /// (rows × sequence_len) the examples fill: the packing efficiency.
+    pub fn fill(&self, epoch: usize) -> (usize, f64) {
+        let rows = self.rows(epoch);
+        let tokens: usize = self.lengths.iter().sum();
+        let capacity = rows.len() * self.sequence_len;
+        (rows.len(), if capacity == 0 { 0.0 } else { tokens as f64 / capacity as f64 })
+    }
+
     /// The micro-batches of epoch `epoch`.
     pub fn micro_batches(&self, epoch: usize) -> Vec<MicroBatch> {
         self.rows(epoch).chunks(self.micro_batch_size.max(1)).map(|rows| rows.concat()).collect()
@@ -123,6 +132,8 @@ mod tests {
         // 3 does not fit after 2 (3+9); 4 and 5 neither (9+10, 10+1).
         assert_eq!(p.rows(0), vec![vec![0, 1], vec![2], vec![3], vec![4], vec![5]]);
         assert_eq!(p.micro_batches(0), vec![vec![0, 1, 2], vec![3, 4], vec![5]]);
+        // 31 tokens in 5 rows of 10.
+        assert_eq!(p.fill(0), (5, 0.62));
     }
 
     #[test]

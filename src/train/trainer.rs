@@ -76,6 +76,21 @@ impl Examples {
     }
 }
 
+/// How a run orders, packs and batches its training examples;
+/// `supervised`: no objective (rl or reward_model) is set.
+pub fn data_plan(cfg: &RunConfig, train: &Examples, supervised: bool) -> DataPlan {
+    DataPlan {
+        lengths: train.lengths(),
+        micro_batch_size: cfg.micro_batch_size,
+        gradient_accumulation_steps: cfg.gradient_accumulation_steps,
+        // Pairs are never packed: each micro-batch holds whole pairs.
+        sample_packing: cfg.sample_packing && supervised,
+        sequence_len: cfg.sequence_len,
+        shuffle: cfg.shuffle_merged_datasets,
+        seed: cfg.seed,
+    }
+}
+
 /// Everything a run needs, prepared by the caller.
 pub struct Run<'a, B: Backend> {
     pub be: &'a B,
@@ -472,16 +487,7 @@ pub fn train<B: Backend>(run: Run<'_, B>) -> Result<Summary> {
         (Examples::Pairs(_), Some(o)) if !matches!(o, Objective::Kto(_) | Objective::Reward(_)) => {}
         _ => bail!("the training examples do not match rl ({})", cfg.rl.as_deref().unwrap_or("none: supervised")),
     }
-    let plan = DataPlan {
-        lengths: train.lengths(),
-        micro_batch_size: cfg.micro_batch_size,
-        gradient_accumulation_steps: cfg.gradient_accumulation_steps,
-        // Pairs are never packed: each micro-batch holds whole pairs.
-        sample_packing: cfg.sample_packing && objective.is_none(),
-        sequence_len: cfg.sequence_len,
-        shuffle: cfg.shuffle_merged_datasets,
-        seed: cfg.seed,
-    };
+    let plan = data_plan(cfg, &train, objective.is_none());
     let total_steps = plan.total_steps(cfg.num_epochs, cfg.max_steps);
     let steps_per_epoch = plan.steps_in_epoch(0);
     let schedule = Schedule {
