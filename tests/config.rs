@@ -427,3 +427,17 @@ fn more_axolotl_keys_act_warn_or_are_refused_with_the_reason() {
     assert!(error(&mapping, &[]).starts_with("run.yml:5: datasets[0].type: {"), "{}", error(&mapping, &[]));
     assert!(error(&mapping, &[]).contains("user-defined prompt formats"));
 }
+
+#[test]
+fn axolotl_list_and_zero_spellings() {
+    // Axolotl's dpo_loss_type is a list; one entry is that loss.
+    let c = load(&format!("{DPO}dpo_loss_type: [ipo]\n"), &[]).unwrap().config;
+    assert_eq!(c.dpo_loss_type.as_deref(), Some("ipo"));
+    assert_eq!(
+        error(&format!("{DPO}dpo_loss_type: [sigmoid, sft]\n"), &[]),
+        "run.yml:8: dpo_loss_type lists 2 losses: weighted mixtures of DPO losses are not implemented; list one (e.g. [sigmoid])"
+    );
+    // evals_per_epoch: 0 is Axolotl's "no evaluation schedule".
+    let c = load(&format!("{MINIMAL}evals_per_epoch: 0\n"), &[]).unwrap().config;
+    assert_eq!(c.evals_per_epoch, None);
+}

@@ -115,6 +115,7 @@ pub(crate) const IGNORED_TOP_EXTRA: &[(&str, &str)] = &[
     ("heads_k_stride", ONE_GPU),
     ("ray_run_name", ONE_GPU),
     ("resources_per_worker", ONE_GPU),
+    ("cls_model_config", "the reward model's score head is sized from the checkpoint's config.json"),
     ("axolotl_config_path", SET_BY_AXOLOTL),
     ("is_preprocess", SET_BY_AXOLOTL),
     ("world_size", SET_BY_AXOLOTL),

@@ -56,6 +56,7 @@ pub fn load_str(text: &str, file: &str, overrides: &[String]) -> Result<Loaded> 
     let mut loc = Locator::new(file, lines);
     super::overrides::apply(&mut root, overrides, &mut loc)?;
     fold_aliases(&mut root, &loc)?;
+    axolotl_shapes(&mut root, &loc)?;
 
     let mut checker = KeyChecker { loc: &loc, key_order: &key_order, warnings: Vec::new() };
     checker.check_map(Level::Top, "", &mut root)?;
@@ -123,6 +124,30 @@ fn fold_aliases(root: &mut Map<String, Value>, loc: &Locator) -> Result<()> {
         }
         set_by.entry(field).or_insert(alias);
         root.insert(field.to_string(), value);
+    }
+    Ok(())
+}
+
+/// Values Axolotl writes in a shape the typed config spells differently:
+/// `dpo_loss_type` is a list there (one loss: the list's only entry), and
+/// `evals_per_epoch: 0` means no evaluation schedule (Axolotl tests it for
+/// truth), which is the key left out here.
+fn axolotl_shapes(root: &mut Map<String, Value>, loc: &Locator) -> Result<()> {
+    if let Some(Value::Array(losses)) = root.get("dpo_loss_type") {
+        match losses.as_slice() {
+            [one] => {
+                let one = one.clone();
+                root.insert("dpo_loss_type".into(), one);
+            }
+            _ => bail!(
+                "{}dpo_loss_type lists {} losses: weighted mixtures of DPO losses are not implemented; list one (e.g. [sigmoid])",
+                loc.at("dpo_loss_type"),
+                losses.len()
+            ),
+        }
+    }
+    if root.get("evals_per_epoch").and_then(Value::as_u64) == Some(0) {
+        root.remove("evals_per_epoch");
     }
     Ok(())
 }
