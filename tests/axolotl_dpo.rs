@@ -208,6 +208,17 @@ fn claims_about_the_checkpoint_are_checked_before_the_weights_load() {
     let out = train(&cfg, &[&format!("tokenizer_config={}", tmp.path().join("missing").display())]);
     assert!(stderr(&out).contains("is not a directory"), "{}", stderr(&out));
 
+    // eval --config checks the same claims before it reads any weight.
+    let text = std::fs::read_to_string(&cfg).unwrap().replace("model_type: LlamaForCausalLM", "model_type: Qwen2ForCausalLM");
+    let eval_cfg = tmp.path().join("eval.yml");
+    std::fs::write(&eval_cfg, text).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_ferrotune"))
+        .args(["eval", "--config", eval_cfg.to_str().unwrap(), "--device", "cpu"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("model_type: Qwen2ForCausalLM does not match the checkpoint"), "{}", stderr(&out));
+
     // The same names spelt the way the checkpoint does are silent.
     let out = train(&cfg, &["tokenizer_type=LlamaTokenizer", "max_steps=1", "warmup_steps=0"]);
     let err = stderr(&out);
