@@ -342,6 +342,7 @@ fn beta_dpo_beta_and_trl_beta_are_rl_beta() {
     assert!(loaded.warnings[0].starts_with("run.yml:8: trl is ignored:"), "{:?}", loaded.warnings);
     // --set reaches beta too.
     assert_eq!(load(DPO, &["beta=0.5"]).unwrap().config.rl_beta, Some(0.5));
+    assert_eq!(load(DPO, &["trl.beta=0.3"]).unwrap().config.rl_beta, Some(0.3));
     // beta is ORPO's lambda too, as Axolotl passes it.
     let orpo = load(&format!("{}beta: 0.2\n", DPO.replace("rl: dpo", "rl: orpo")), &[]).unwrap().config;
     assert_eq!(format!("{:?}", orpo.objective().unwrap().unwrap()), "Orpo(OrpoConfig { beta: 0.2 })");

@@ -269,7 +269,7 @@ pub(crate) const fn unsupported(key: &'static str, when: When, planned: bool, wh
 /// Axolotl top-level keys ferrotune cannot honour: ignoring them would
 /// silently change the run.
 pub(crate) const UNSUPPORTED_TOP: &[Unsupported] = &[
-    unsupported("rl", When::NotOneOf(&["dpo", "ipo", "orpo", "simpo", "kto"]), true, "GRPO is not implemented (DPO, IPO, ORPO, SimPO and KTO are)", "use rl: dpo, ipo, orpo, simpo or kto, or remove rl to run supervised fine-tuning"),
+    unsupported("rl", When::NotOneOf(&["dpo", "ipo", "orpo", "simpo", "kto"]), true, "GRPO is not implemented, nor are the other online objectives (EBFT, GDPO, ...): DPO, IPO, ORPO, SimPO and KTO are", "use rl: dpo, ipo, orpo, simpo or kto, or remove rl to run supervised fine-tuning"),
     unsupported("process_reward_model", When::True, true, "reward-model training is not implemented", "remove process_reward_model"),
     unsupported("adapter", When::NotOneOf(&["lora", "qlora"]), true, "only LoRA and QLoRA adapters are trained (the other adapter types are not implemented)", "use adapter: lora, or adapter: qlora with load_in_4bit: true"),
     unsupported("load_in_8bit", When::True, false, "8-bit (LLM.int8) base weights are not implemented", "use load_in_4bit: true with adapter: qlora for a quantized base, or set load_in_8bit: false and adapter: lora to train on a bf16 base"),

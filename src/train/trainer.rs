@@ -512,11 +512,7 @@ pub fn train<B: Backend>(run: Run<'_, B>) -> Result<Summary> {
         warmup_steps: Schedule::warmup_from(cfg.warmup_steps, cfg.warmup_ratio, total_steps),
         total_steps,
     };
-    let asked = match (cfg.warmup_steps, cfg.warmup_ratio) {
-        (Some(n), _) => format!("warmup_steps {n}"),
-        (None, r) => format!("warmup_ratio {} ({} steps)", r.unwrap_or(0.0), schedule.warmup_steps),
-    };
-    if let Some(line) = schedule.warmup_overrun(&asked) {
+    if let Some(line) = schedule.warmup_overrun(cfg.warmup_steps, cfg.warmup_ratio) {
         eprintln!("warning: {line}");
     }
     let fresh = TrainState {
