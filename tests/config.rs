@@ -397,12 +397,12 @@ fn more_axolotl_keys_act_warn_or_are_refused_with_the_reason() {
     assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
     assert_eq!((loaded.config.model_type.as_deref(), loaded.config.tokenizer_type.as_deref()), (Some("LlamaForCausalLM"), Some("AutoTokenizer")));
 
-    let text = format!("{MINIMAL}attn_implementation: flash_attention_2\nuse_swanlab: false\nactivation_offloading: true\nremove_unused_columns: false\n");
+    let text = format!("{MINIMAL}attn_implementation: flash_attention_2\nuse_swanlab: false\ndynamic_checkpoint: true\nremove_unused_columns: false\n");
     let w = load(&text, &[]).unwrap().warnings;
     assert_eq!(w.len(), 4, "{w:?}");
     assert!(w[0].starts_with("run.yml:7: attn_implementation is ignored: ferrotune always runs its own fused kernels"), "{}", w[0]);
     assert!(w[1].starts_with("run.yml:8: use_swanlab is ignored: ferrotune has no experiment-tracker integration"), "{}", w[1]);
-    assert!(w[2].starts_with("run.yml:9: activation_offloading is ignored: gradient checkpointing keeps each layer's input"), "{}", w[2]);
+    assert!(w[2].starts_with("run.yml:9: dynamic_checkpoint is ignored: gradient checkpointing keeps each layer's input"), "{}", w[2]);
     assert!(w[3].starts_with("run.yml:10: remove_unused_columns is ignored: rows are read by field name"), "{}", w[3]);
 
     assert_eq!(
@@ -411,6 +411,8 @@ fn more_axolotl_keys_act_warn_or_are_refused_with_the_reason() {
     );
     assert!(error(&format!("{MINIMAL}num_labels: 3\n"), &[]).starts_with("run.yml:7: num_labels: 3 is not supported: classification heads"));
     assert!(load(&format!("{MINIMAL}num_labels: 1\n"), &[]).unwrap().warnings.is_empty());
+    assert!(error(&format!("{MINIMAL}activation_offloading: legacy\n"), &[]).contains("activation offloading is not implemented"));
+    assert!(error(&format!("{MINIMAL}liger_use_token_scaling: true\n"), &[]).contains("scaling each token's loss"));
     assert!(error(&format!("{MINIMAL}lora_target_parameters: [mlp.experts.gate_up_proj]\n"), &[]).contains("adapting parameters directly"));
     assert!(error(&format!("{MINIMAL}peft_init_lora_weights: pissa\n"), &[]).contains("LoRA initialisations other than PEFT's default"));
     assert!(load(&format!("{MINIMAL}peft_init_lora_weights: true\n"), &[]).unwrap().warnings.is_empty());

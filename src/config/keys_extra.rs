@@ -17,7 +17,7 @@ const PRECISION: &str =
 const TRACKING: &str = "ferrotune has no experiment-tracker integration; the loss is printed as training runs";
 const ONE_GPU: &str = "ferrotune trains on one GPU; there is nothing to distribute";
 const SET_BY_AXOLOTL: &str = "Axolotl fills this in itself while it runs; it is not a setting";
-const CHECKPOINTING: &str = "gradient checkpointing keeps each layer's input and recomputes the rest (no offloading or per-op variants); the memory plan says before the first step whether the run fits";
+const CHECKPOINTING: &str = "gradient checkpointing keeps each layer's input and recomputes the rest (no per-op variants); the memory plan says before the first step whether the run fits";
 const SAMPLES: &str = "sample generation during training is not implemented; try the adapter with `ferrotune generate` afterwards";
 const NO_TORCH: &str = "there is no torch runtime to configure";
 const GRPO: &str = "only used by GRPO and other online rl objectives, which are not implemented";
@@ -35,7 +35,6 @@ pub(crate) const IGNORED_TOP_EXTRA: &[(&str, &str)] = &[
     ("lora_embedding_kernel", KERNELS),
     ("liger_rms_norm_gated", KERNELS),
     ("liger_swiglu", KERNELS),
-    ("liger_use_token_scaling", "only acts with liger_fused_linear_cross_entropy, a kernel setting ferrotune ignores"),
     ("dpo_use_liger_kernel", KERNELS),
     ("tiled_mlp", KERNELS),
     ("tiled_mlp_num_shards", KERNELS),
@@ -122,12 +121,10 @@ pub(crate) const IGNORED_TOP_EXTRA: &[(&str, &str)] = &[
     ("capabilities", SET_BY_AXOLOTL),
     ("env_capabilities", SET_BY_AXOLOTL),
     ("total_supervised_tokens", SET_BY_AXOLOTL),
-    ("activation_offloading", CHECKPOINTING),
-    ("layer_offloading", CHECKPOINTING),
     ("selective_checkpointing", CHECKPOINTING),
     ("dynamic_checkpoint", CHECKPOINTING),
     ("experimental_skip_move_to_device", "ferrotune plans GPU memory itself and refuses, before the first step, a run that will not fit"),
-    ("dpo_use_logits_to_keep", "ferrotune scores only the completion tokens of each pair already"),
+    ("dpo_use_logits_to_keep", "a memory saving in TRL's forward pass; ferrotune plans GPU memory itself and refuses, before the first step, a run that will not fit"),
     ("dpo_padding_free", "each batch of pairs is padded only as far as its own rows need; the loss is the same"),
     ("batch_flattening", "each batch is padded only as far as its own rows need; the loss is the same as flattened"),
     ("pad_to_multiple_of", "each batch is padded only as far as its own rows need"),
@@ -249,6 +246,9 @@ pub(crate) const UNSUPPORTED_TOP_EXTRA: &[Unsupported] = &[
     unsupported("peft_init_lora_weights", When::NotTrue, false, "LoRA initialisations other than PEFT's default (B = 0) are not implemented", "remove peft_init_lora_weights"),
     unsupported("peft_layer_replication", When::Set, false, "layer replication is not implemented", "remove peft_layer_replication"),
     unsupported("peft_trainable_token_indices", When::Set, false, "embeddings are frozen; only LoRA parameters are trained", "remove peft_trainable_token_indices"),
+    unsupported("liger_use_token_scaling", When::True, false, "scaling each token's loss by its predicted probability is not implemented", "remove liger_use_token_scaling"),
+    unsupported("activation_offloading", When::Set, false, "activation offloading is not implemented; gradient checkpointing is on or off", "remove activation_offloading and use gradient_checkpointing: true"),
+    unsupported("layer_offloading", When::Set, false, "offloading layers to CPU memory is not implemented", "remove layer_offloading; the memory plan says before the first step whether the run fits"),
     unsupported("eot_tokens", When::Set, false, "custom end-of-turn tokens are not implemented", "remove eot_tokens; the EOS after each trained turn is trained (train_on_eos)"),
     unsupported("min_sample_len", When::Set, false, "dropping short rows is not implemented", "filter the file beforehand"),
     unsupported("use_eaft", When::True, false, "the entropy-aware focal loss (EAFT) is not implemented", "remove use_eaft"),
