@@ -27,7 +27,7 @@ pub fn check_checkpoint(cfg: &RunConfig, model_dir: &Path) -> Result<PathBuf> {
         Some(dir) => {
             let path = PathBuf::from(dir);
             if !path.is_dir() {
-                bail!("tokenizer_config: {dir} is not a directory (it names a local tokenizer directory holding tokenizer.json)");
+                bail!("tokenizer_config: {dir} is not a directory (it must name a local directory holding tokenizer.json; hub ids are not downloaded)");
             }
             if !path.join("tokenizer.json").is_file() {
                 bail!(
