@@ -2,9 +2,11 @@
 //! `RunConfig` before any weight or dataset is touched.
 //!
 //! Loading (unknown keys, accepted-but-ignored Axolotl keys, `--set`
-//! overrides) lives in `load`, the key tables in `keys`, the value checks in
-//! `validate`; this file holds the typed shape, its defaults and the
-//! conversions the trainer uses.
+//! overrides) lives in `load`, the key tables in `keys` (and `keys_extra`),
+//! the value checks in `validate`, the checks of model_type / tokenizer_type
+//! / tokenizer_config against the checkpoint in `checkpoint_match`; this
+//! file holds the typed shape, its defaults and the conversions the trainer
+//! uses.
 
 mod checkpoint_match;
 mod keys;
