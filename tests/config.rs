@@ -132,7 +132,7 @@ fn unsupported_features_are_refused() {
         "run.yml:7: lora_modules_to_save: [\"embed_tokens\",\"lm_head\"] is not supported: only LoRA parameters are trained"
     ));
     assert!(error(&format!("{MINIMAL}gradient_checkpointing: offload\n"), &[]).contains("use gradient_checkpointing: true"));
-    assert!(error(&format!("{MINIMAL}optimizer: paged_adamw_8bit\n"), &[]).contains("use optimizer: adamw_torch"));
+    assert!(error(&format!("{MINIMAL}optimizer: muon\n"), &[]).contains("use optimizer: adamw_torch"));
     // reward_model is supported; its datasets are pairs, not alpaca rows.
     let rm = error(&format!("{MINIMAL}reward_model: true\n"), &[]);
     assert!(rm.contains("must be left out with reward_model"), "{rm}");
@@ -311,4 +311,136 @@ fn every_example_config_loads() {
         seen += 1;
     }
     assert!(seen >= 3, "expected the example configs in {}", dir.display());
+}
+
+const DPO: &str = "\
+base_model: ./model
+adapter: lora
+rl: dpo
+datasets:
+  - path: pairs.jsonl
+    type: chatml.intel
+learning_rate: 5e-5
+";
+
+#[test]
+fn beta_dpo_beta_and_trl_beta_are_rl_beta() {
+    for (key, text) in [
+        ("beta", format!("{DPO}beta: 0.25\n")),
+        ("dpo_beta", format!("{DPO}dpo_beta: 0.25\n")),
+        ("trl.beta", format!("{DPO}trl:\n  beta: 0.25\n")),
+        ("all three, equal", format!("{DPO}beta: 0.25\ndpo_beta: 0.25\nrl_beta: 0.25\ntrl:\n  beta: 0.25\n")),
+    ] {
+        let loaded = load(&text, &[]).unwrap_or_else(|e| panic!("{key}: {e:#}"));
+        assert!(loaded.warnings.is_empty(), "{key}: {:?}", loaded.warnings);
+        assert_eq!(loaded.config.rl_beta, Some(0.25), "{key}");
+    }
+    // trl's other keys are still GRPO's, and still said to do nothing.
+    let loaded = load(&format!("{DPO}trl:\n  beta: 0.25\n  max_completion_length: 256\n"), &[]).unwrap();
+    assert_eq!(loaded.config.rl_beta, Some(0.25));
+    assert_eq!(loaded.warnings.len(), 1);
+    assert!(loaded.warnings[0].starts_with("run.yml:8: trl is ignored:"), "{:?}", loaded.warnings);
+    // --set reaches beta too.
+    assert_eq!(load(DPO, &["beta=0.5"]).unwrap().config.rl_beta, Some(0.5));
+    assert_eq!(load(DPO, &["trl.beta=0.3"]).unwrap().config.rl_beta, Some(0.3));
+    // beta is ORPO's lambda too, as Axolotl passes it.
+    let orpo = load(&format!("{}beta: 0.2\n", DPO.replace("rl: dpo", "rl: orpo")), &[]).unwrap().config;
+    assert_eq!(format!("{:?}", orpo.objective().unwrap().unwrap()), "Orpo(OrpoConfig { beta: 0.2 })");
+}
+
+#[test]
+fn two_spellings_of_beta_that_differ_are_refused_naming_both() {
+    assert_eq!(
+        error(&format!("{DPO}rl_beta: 0.1\nbeta: 0.2\n"), &[]),
+        "run.yml:9: beta 0.2 and rl_beta 0.1 are both set and differ: they are the same setting (rl_beta); keep one"
+    );
+    assert_eq!(
+        error(&format!("{DPO}beta: 0.1\ndpo_beta: 0.3\n"), &[]),
+        "run.yml:9: dpo_beta 0.3 and beta 0.1 are both set and differ: they are the same setting (rl_beta); keep one"
+    );
+    assert_eq!(
+        error(&format!("{DPO}beta: 0.1\ntrl:\n  beta: 0.3\n"), &[]),
+        "run.yml:10: trl.beta 0.3 and beta 0.1 are both set and differ: they are the same setting (rl_beta); keep one"
+    );
+    assert_eq!(
+        error(&format!("{DPO}beta: high\n"), &[]),
+        "run.yml:8: beta must be a number (the objective's beta, as rl_beta), not the string \"high\""
+    );
+    let orpo = DPO.replace("rl: dpo", "rl: orpo");
+    assert_eq!(
+        error(&format!("{orpo}rl_beta: 0.2\norpo_alpha: 0.1\n"), &[]),
+        "run.yml:9: orpo_alpha 0.1 and rl_beta 0.2 are both set for rl: orpo: Axolotl passes rl_beta as ORPO's lambda and ignores orpo_alpha; keep one"
+    );
+}
+
+#[test]
+fn low_memory_adamw_variants_run_as_adamw_with_a_warning() {
+    let loaded = load(&format!("{MINIMAL}optimizer: paged_adamw_8bit\n"), &[]).unwrap();
+    assert_eq!(loaded.config.optimizer, "adamw_torch");
+    assert_eq!(loaded.warnings.len(), 1);
+    assert!(
+        loaded.warnings[0].starts_with(
+            "run.yml:7: optimizer: paged_adamw_8bit runs as AdamW with f32 moments (the same update rule, without 8-bit state): \
+             its state takes 8 bytes per trainable parameter instead of about 2"
+        ),
+        "{}",
+        loaded.warnings[0]
+    );
+    let paged = load(&format!("{MINIMAL}optimizer: paged_adamw_32bit\n"), &[]).unwrap();
+    assert!(paged.warnings[0].contains("not paged to CPU memory"), "{:?}", paged.warnings);
+}
+
+#[test]
+fn more_axolotl_keys_act_warn_or_are_refused_with_the_reason() {
+    // model_type / tokenizer_type are checked against the checkpoint when it is opened, not ignored.
+    let loaded = load(&format!("{MINIMAL}model_type: LlamaForCausalLM\ntokenizer_type: AutoTokenizer\ntype_of_model: LlamaForCausalLM\n"), &[]).unwrap();
+    assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+    assert_eq!((loaded.config.model_type.as_deref(), loaded.config.tokenizer_type.as_deref()), (Some("LlamaForCausalLM"), Some("AutoTokenizer")));
+
+    let text = format!("{MINIMAL}attn_implementation: flash_attention_2\nuse_swanlab: false\ndynamic_checkpoint: true\nremove_unused_columns: false\n");
+    let w = load(&text, &[]).unwrap().warnings;
+    assert_eq!(w.len(), 4, "{w:?}");
+    assert!(w[0].starts_with("run.yml:7: attn_implementation is ignored: ferrotune always runs its own fused kernels"), "{}", w[0]);
+    assert!(w[1].starts_with("run.yml:8: use_swanlab is ignored: ferrotune has no experiment-tracker integration"), "{}", w[1]);
+    assert!(w[2].starts_with("run.yml:9: dynamic_checkpoint is ignored: gradient checkpointing keeps each layer's input"), "{}", w[2]);
+    assert!(w[3].starts_with("run.yml:10: remove_unused_columns is ignored: rows are read by field name"), "{}", w[3]);
+
+    assert_eq!(
+        error(&format!("{DPO}rpo_alpha: 0.5\n"), &[]),
+        "run.yml:8: rpo_alpha: 0.5 is not supported: RPO (DPO plus the chosen completion's NLL) is not implemented; remove rpo_alpha to train plain DPO"
+    );
+    assert!(error(&format!("{MINIMAL}num_labels: 3\n"), &[]).starts_with("run.yml:7: num_labels: 3 is not supported: classification heads"));
+    assert!(load(&format!("{MINIMAL}num_labels: 1\n"), &[]).unwrap().warnings.is_empty());
+    assert!(error(&format!("{MINIMAL}activation_offloading: legacy\n"), &[]).contains("activation offloading is not implemented"));
+    assert!(error(&format!("{MINIMAL}liger_use_token_scaling: true\n"), &[]).contains("scaling each token's loss"));
+    assert!(error(&format!("{MINIMAL}lora_target_parameters: [mlp.experts.gate_up_proj]\n"), &[]).contains("adapting parameters directly"));
+    assert!(error(&format!("{MINIMAL}peft_init_lora_weights: pissa\n"), &[]).contains("LoRA initialisations other than PEFT's default"));
+    assert!(load(&format!("{MINIMAL}peft_init_lora_weights: true\n"), &[]).unwrap().warnings.is_empty());
+
+    // Dataset entries: the default field names are accepted silently, others refused.
+    let dpo = DPO.replace("type: chatml.intel", "type: chat_template.default\n    field_chosen: chosen\n    field_rejected: rejected");
+    let loaded = load(&dpo, &[]).unwrap();
+    assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+    let renamed = DPO.replace("type: chatml.intel", "type: chat_template.default\n    field_chosen: better");
+    assert_eq!(
+        error(&renamed, &[]),
+        "run.yml:7: datasets[0].field_chosen: better is not supported: other names for the chosen field are not implemented; rename the field to chosen in the data"
+    );
+    let mapping = MINIMAL.replace("type: alpaca", "type:\n      field_instruction: q\n      format: \"{instruction}\"");
+    assert!(error(&mapping, &[]).starts_with("run.yml:5: datasets[0].type: {"), "{}", error(&mapping, &[]));
+    assert!(error(&mapping, &[]).contains("user-defined prompt formats"));
+}
+
+#[test]
+fn axolotl_list_and_zero_spellings() {
+    // Axolotl's dpo_loss_type is a list; one entry is that loss.
+    let c = load(&format!("{DPO}dpo_loss_type: [ipo]\n"), &[]).unwrap().config;
+    assert_eq!(c.dpo_loss_type.as_deref(), Some("ipo"));
+    assert_eq!(
+        error(&format!("{DPO}dpo_loss_type: [sigmoid, sft]\n"), &[]),
+        "run.yml:8: dpo_loss_type lists 2 losses: weighted mixtures of DPO losses are not implemented; list one (e.g. [sigmoid])"
+    );
+    // evals_per_epoch: 0 is Axolotl's "no evaluation schedule".
+    let c = load(&format!("{MINIMAL}evals_per_epoch: 0\n"), &[]).unwrap().config;
+    assert_eq!(c.evals_per_epoch, None);
 }

@@ -95,7 +95,7 @@ fn eval_data(a: &EvalArgs, model_dir: &Path, ckpt: &Checkpoint) -> Result<(Vec<S
         if let Some(n) = a.sequence_len {
             cfg.sequence_len = n;
         }
-        let tokenizer_dir = cfg.tokenizer_config.as_ref().map(PathBuf::from).unwrap_or_else(|| model_dir.to_path_buf());
+        let tokenizer_dir = config::check_checkpoint(&cfg, model_dir)?;
         let data = prepare::prepare(&cfg, &tokenizer_dir, vocab)?;
         eprint!("{data}");
         let name = path.display().to_string();

@@ -120,6 +120,8 @@ pub(super) fn prepare_data(cfg: &RunConfig, tokenizer_dir: &Path, vocab: usize) 
 fn train_on<B: Backend>(be: &B, cfg: &RunConfig, gpu: Option<GpuMemory>) -> Result<Option<i32>> {
     let t0 = Instant::now();
     let model_dir = checkpoint::resolve_model_dir(&cfg.base_model, &checkpoint::hf_cache())?;
+    // model_type / tokenizer_type / tokenizer_config against the files, before any weight is read.
+    let tokenizer_dir = config::check_checkpoint(cfg, &model_dir)?;
     let ckpt = Checkpoint::open(&model_dir)?;
     let base = base_weights(cfg, &ckpt)?;
     let output_dir = PathBuf::from(&cfg.output_dir);
@@ -146,7 +148,6 @@ fn train_on<B: Backend>(be: &B, cfg: &RunConfig, gpu: Option<GpuMemory>) -> Resu
     }
 
     // The data before the weights: a bad row should not cost a model load.
-    let tokenizer_dir = cfg.tokenizer_config.as_ref().map(PathBuf::from).unwrap_or_else(|| model_dir.clone());
     let (train, val, report) = prepare_data(cfg, &tokenizer_dir, ckpt.config.vocab)?;
     for r in &report {
         eprintln!("dataset {r}");

@@ -7,8 +7,14 @@
 //! - Axolotl keys whose meaning ferrotune cannot honour (`UNSUPPORTED_*`): an
 //!   error when the value asks for the feature, silently accepted when it does
 //!   not (`load_in_4bit: false`);
+//! - other spellings of a field (`FOLDED`: beta and dpo_beta for rl_beta),
+//!   folded into the field before the checks;
 //! - anything else: an error suggesting the nearest valid key.
+//!
+//! Keys about integrations, other model families and methods ferrotune
+//! lacks are in the tables of `keys_extra`, read after these.
 
+use super::keys_extra::{IGNORED_DATASET_EXTRA, IGNORED_TOP_EXTRA, UNSUPPORTED_DATASET_EXTRA, UNSUPPORTED_TOP_EXTRA};
 use super::{DatasetConfig, RunConfig};
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -29,6 +35,9 @@ pub(crate) enum KeyKind {
     /// An Axolotl key whose value may ask for a feature ferrotune lacks. Some
     /// are also fields (adapter, optimizer, gradient_checkpointing).
     Unsupported(&'static Unsupported),
+    /// Another spelling of a field, folded into it before the key checks
+    /// (`load::fold_aliases`).
+    Alias,
     Unknown,
 }
 
@@ -42,6 +51,12 @@ pub(crate) enum When {
     NotOneOf(&'static [&'static str]),
     /// A set value that is not true or false.
     NotBool,
+    /// A number above this.
+    Above(i64),
+    /// Any value but null and true (false asks for something too).
+    NotTrue,
+    /// A mapping (where the typed field is a string).
+    Mapping,
 }
 
 pub(crate) struct Unsupported {
@@ -57,6 +72,18 @@ pub(crate) struct Unsupported {
 
 /// optimizer values that mean torch's AdamW, which ferrotune implements.
 pub(crate) const ADAMW_NAMES: &[&str] = &["adamw_torch", "adamw_torch_fused", "adamw_hf", "adamw"];
+
+/// AdamW with its state quantized or paged (bitsandbytes, torchao): the
+/// same update rule, run here as AdamW with f32 state and a warning, so
+/// configs copied from Axolotl's examples train as written.
+pub(crate) const ADAMW_LOW_MEMORY: &[&str] =
+    &["adamw_bnb_8bit", "adamw_8bit", "paged_adamw_8bit", "adamw_torch_8bit", "adamw_torch_4bit", "paged_adamw_32bit", "paged_adamw"];
+
+/// Every optimizer value a run accepts: ADAMW_NAMES, then ADAMW_LOW_MEMORY.
+const ADAMW_ACCEPTED: &[&str] = &[
+    "adamw_torch", "adamw_torch_fused", "adamw_hf", "adamw",
+    "adamw_bnb_8bit", "adamw_8bit", "paged_adamw_8bit", "adamw_torch_8bit", "adamw_torch_4bit", "paged_adamw_32bit", "paged_adamw",
+];
 
 const PRECISION: &str =
     "precision is fixed: bf16 weights and activations with f32 accumulation and f32 LoRA weights on CUDA, f32 on the CPU";
@@ -163,8 +190,6 @@ pub(crate) const IGNORED_TOP: &[(&str, &str)] = &[
     ("dataset_num_proc", IN_PROCESS),
     ("dataset_keep_in_memory", IN_PROCESS),
     ("skip_prepare_dataset", IN_PROCESS),
-    ("model_type", FROM_CHECKPOINT),
-    ("tokenizer_type", FROM_CHECKPOINT),
     ("base_model_config", FROM_CHECKPOINT),
     ("tokenizer_use_fast", FROM_CHECKPOINT),
     ("tokenizer_legacy", FROM_CHECKPOINT),
@@ -237,14 +262,14 @@ pub(crate) const IGNORED_DATASET: &[(&str, &str)] = &[
     ("preprocess_shards", IN_PROCESS),
 ];
 
-const fn unsupported(key: &'static str, when: When, planned: bool, what: &'static str, instead: &'static str) -> Unsupported {
+pub(crate) const fn unsupported(key: &'static str, when: When, planned: bool, what: &'static str, instead: &'static str) -> Unsupported {
     Unsupported { key, when, planned, what, instead }
 }
 
 /// Axolotl top-level keys ferrotune cannot honour: ignoring them would
 /// silently change the run.
 pub(crate) const UNSUPPORTED_TOP: &[Unsupported] = &[
-    unsupported("rl", When::NotOneOf(&["dpo", "ipo", "orpo", "simpo", "kto"]), true, "GRPO is not implemented (DPO, IPO, ORPO, SimPO and KTO are)", "use rl: dpo, ipo, orpo, simpo or kto, or remove rl to run supervised fine-tuning"),
+    unsupported("rl", When::NotOneOf(&["dpo", "ipo", "orpo", "simpo", "kto"]), true, "GRPO is not implemented, nor are the other online objectives (EBFT, GDPO, ...): DPO, IPO, ORPO, SimPO and KTO are", "use rl: dpo, ipo, orpo, simpo or kto, or remove rl to run supervised fine-tuning"),
     unsupported("process_reward_model", When::True, true, "reward-model training is not implemented", "remove process_reward_model"),
     unsupported("adapter", When::NotOneOf(&["lora", "qlora"]), true, "only LoRA and QLoRA adapters are trained (the other adapter types are not implemented)", "use adapter: lora, or adapter: qlora with load_in_4bit: true"),
     unsupported("load_in_8bit", When::True, false, "8-bit (LLM.int8) base weights are not implemented", "use load_in_4bit: true with adapter: qlora for a quantized base, or set load_in_8bit: false and adapter: lora to train on a bf16 base"),
@@ -256,7 +281,7 @@ pub(crate) const UNSUPPORTED_TOP: &[Unsupported] = &[
     unsupported("peft_layers_pattern", When::Set, false, "adapting only some layers is not implemented", "remove peft_layers_pattern, or target modules with a regex in lora_target_modules"),
     unsupported("unfrozen_parameters", When::Set, false, "only LoRA parameters are trained; base weights stay frozen", "remove unfrozen_parameters"),
     unsupported("gradient_checkpointing", When::NotBool, false, "activation offloading is not implemented; gradient checkpointing is on or off", "use gradient_checkpointing: true"),
-    unsupported("optimizer", When::NotOneOf(ADAMW_NAMES), true, "only AdamW is implemented (8-bit, paged and other optimizers are not)", "use optimizer: adamw_torch (adamw_torch_fused, adamw_hf and adamw mean the same)"),
+    unsupported("optimizer", When::NotOneOf(ADAMW_ACCEPTED), true, "only AdamW is implemented (its 8-bit, 4-bit and paged variants run as AdamW; other optimizers are not)", "use optimizer: adamw_torch (adamw_torch_fused, adamw_hf and adamw mean the same)"),
     unsupported("optim_args", When::Set, false, "extra optimizer arguments are not implemented", "use adam_beta1, adam_beta2, adam_epsilon and weight_decay"),
     unsupported("optim_target_modules", When::Set, false, "per-module optimizers are not implemented", "remove optim_target_modules"),
     unsupported("lr_scheduler_kwargs", When::Set, false, "scheduler arguments are not implemented", "use lr_scheduler with warmup_steps or warmup_ratio"),
@@ -306,6 +331,10 @@ pub(crate) const UNSUPPORTED_DATASET: &[Unsupported] = &[
     unsupported("shards_idx", When::Set, false, "dataset sharding is not implemented", "split the file beforehand"),
 ];
 
+/// Axolotl's other spellings of a field, with the field: `load` folds each
+/// into its field (an error when both are set and differ).
+pub(crate) const FOLDED: &[(&str, &str)] = &[("beta", "rl_beta"), ("dpo_beta", "rl_beta"), ("type_of_model", "model_type")];
+
 /// Names people bring from TRL, Unsloth or HF scripts, with the key meant.
 const ALIASES: &[(&str, &str)] = &[
     ("lr", "learning_rate"),
@@ -341,6 +370,9 @@ impl When {
             When::True => *v == Value::Bool(true),
             When::NotOneOf(allowed) => set && !matches!(v, Value::String(s) if allowed.contains(&s.as_str())),
             When::NotBool => set && !v.is_boolean(),
+            When::Above(n) => v.as_f64().is_some_and(|x| x > *n as f64),
+            When::NotTrue => !v.is_null() && *v != Value::Bool(true),
+            When::Mapping => v.is_object(),
         }
     }
 }
@@ -393,18 +425,20 @@ fn every_dataset_field() -> DatasetConfig {
     }
 }
 
-fn ignored_table(level: Level) -> &'static [(&'static str, &'static str)] {
-    match level {
-        Level::Top => IGNORED_TOP,
-        Level::Dataset => IGNORED_DATASET,
-    }
+fn ignored_table(level: Level) -> impl Iterator<Item = &'static (&'static str, &'static str)> {
+    let (core, extra) = match level {
+        Level::Top => (IGNORED_TOP, IGNORED_TOP_EXTRA),
+        Level::Dataset => (IGNORED_DATASET, IGNORED_DATASET_EXTRA),
+    };
+    core.iter().chain(extra)
 }
 
-fn unsupported_table(level: Level) -> &'static [Unsupported] {
-    match level {
-        Level::Top => UNSUPPORTED_TOP,
-        Level::Dataset => UNSUPPORTED_DATASET,
-    }
+fn unsupported_table(level: Level) -> impl Iterator<Item = &'static Unsupported> {
+    let (core, extra) = match level {
+        Level::Top => (UNSUPPORTED_TOP, UNSUPPORTED_TOP_EXTRA),
+        Level::Dataset => (UNSUPPORTED_DATASET, UNSUPPORTED_DATASET_EXTRA),
+    };
+    core.iter().chain(extra)
 }
 
 pub(crate) fn is_field(level: Level, key: &str) -> bool {
@@ -414,14 +448,19 @@ pub(crate) fn is_field(level: Level, key: &str) -> bool {
 /// What ferrotune does with `key` at this level. Unsupported comes first:
 /// adapter, optimizer and gradient_checkpointing are also fields.
 pub(crate) fn classify(level: Level, key: &str) -> KeyKind {
-    if let Some(u) = unsupported_table(level).iter().find(|u| u.key == key) {
+    if let Some(u) = unsupported_table(level).find(|u| u.key == key) {
         return KeyKind::Unsupported(u);
     }
     if is_field(level, key) {
         return KeyKind::Field;
     }
-    if let Some((_, reason)) = ignored_table(level).iter().find(|(k, _)| *k == key) {
+    if let Some((_, reason)) = ignored_table(level).find(|(k, _)| *k == key) {
         return KeyKind::Ignored(reason);
+    }
+    if level == Level::Top
+        && FOLDED.iter().any(|(alias, _)| *alias == key)
+    {
+        return KeyKind::Alias;
     }
     KeyKind::Unknown
 }
@@ -439,8 +478,8 @@ pub(crate) fn suggest(level: Level, key: &str) -> Option<String> {
     let candidates = fields
         .iter()
         .map(String::as_str)
-        .chain(ignored_table(level).iter().map(|(k, _)| *k))
-        .chain(unsupported_table(level).iter().map(|u| u.key));
+        .chain(ignored_table(level).map(|(k, _)| *k))
+        .chain(unsupported_table(level).map(|u| u.key));
     let limit = (key.chars().count() / 3).clamp(1, 3);
     candidates
         .map(|c| (strsim::damerau_levenshtein(key, c), c))
@@ -478,6 +517,10 @@ mod tests {
             for u in unsupported_table(level) {
                 assert!(seen.insert(u.key), "{} listed twice", u.key);
             }
+            for (alias, field) in FOLDED.iter().filter(|_| level == Level::Top) {
+                assert!(!seen.contains(alias) && !fields.iter().any(|f| f == alias), "{alias} is folded and listed");
+                assert!(fields.iter().any(|f| f == field), "{alias} folds into {field}, which is not a field");
+            }
         }
     }
 
@@ -486,6 +529,17 @@ mod tests {
         let names = field_names(Level::Dataset);
         assert!(names.contains(&"type".to_string()) && names.contains(&"path".to_string()));
         assert_eq!(names.len(), 11);
+    }
+
+    #[test]
+    fn accepted_optimizers_are_adamw_and_its_low_memory_variants() {
+        assert_eq!(ADAMW_ACCEPTED, [ADAMW_NAMES, ADAMW_LOW_MEMORY].concat());
+        assert!(!When::NotOneOf(ADAMW_ACCEPTED).applies(&serde_json::json!("paged_adamw_8bit")));
+        assert!(When::NotOneOf(ADAMW_ACCEPTED).applies(&serde_json::json!("lion_8bit")));
+        assert!(When::Above(1).applies(&serde_json::json!(2)) && !When::Above(1).applies(&serde_json::json!(1)));
+        assert!(When::NotTrue.applies(&serde_json::json!("pissa")) && When::NotTrue.applies(&Value::Bool(false)));
+        assert!(!When::NotTrue.applies(&Value::Bool(true)) && !When::NotTrue.applies(&Value::Null));
+        assert!(When::Mapping.applies(&serde_json::json!({"field_instruction": "q"})) && !When::Mapping.applies(&serde_json::json!("alpaca")));
     }
 
     #[test]

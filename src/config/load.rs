@@ -5,7 +5,7 @@
 //! that an unknown key, an unsupported feature or a wrong type is reported
 //! by name and line before anything is typed.
 
-use super::keys::{self, ADAMW_NAMES, KeyKind, Level};
+use super::keys::{self, ADAMW_LOW_MEMORY, ADAMW_NAMES, KeyKind, Level};
 use super::source::{self, Locator, display_path, join};
 use super::validate::{self, SCHEDULER_ALIASES};
 use super::{DatasetConfig, RunConfig};
@@ -55,6 +55,8 @@ pub fn load_str(text: &str, file: &str, overrides: &[String]) -> Result<Loaded> 
     };
     let mut loc = Locator::new(file, lines);
     super::overrides::apply(&mut root, overrides, &mut loc)?;
+    fold_aliases(&mut root, &loc)?;
+    axolotl_shapes(&mut root, &loc)?;
 
     let mut checker = KeyChecker { loc: &loc, key_order: &key_order, warnings: Vec::new() };
     checker.check_map(Level::Top, "", &mut root)?;
@@ -66,6 +68,9 @@ pub fn load_str(text: &str, file: &str, overrides: &[String]) -> Result<Loaded> 
         }
     }
     let mut config: RunConfig = typed(&root, &loc)?;
+    if let Some(note) = low_memory_adamw(&config.optimizer) {
+        warnings.push(format!("{}{note}", loc.at("optimizer")));
+    }
     normalise(&mut config);
     validate::validate(&config, &loc)?;
     if config.adapter.is_none() {
@@ -77,12 +82,124 @@ pub fn load_str(text: &str, file: &str, overrides: &[String]) -> Result<Loaded> 
     Ok(Loaded { config, warnings })
 }
 
+/// Fold Axolotl's other spellings of a field (`keys::FOLDED`, and
+/// `trl.beta`, which Axolotl passes as TRL's beta like rl_beta) into the
+/// field, so the rest of loading sees one key. Two spellings that disagree
+/// are an error naming both: which one Axolotl would use depends on the
+/// objective, and guessing would silently change the run.
+fn fold_aliases(root: &mut Map<String, Value>, loc: &Locator) -> Result<()> {
+    let mut found: Vec<(String, &str, Value)> = keys::FOLDED
+        .iter()
+        .filter_map(|(alias, field)| root.get(*alias).map(|v| (alias.to_string(), *field, v.clone())))
+        .collect();
+    if let Some(v) = root.get("trl").and_then(|t| t.get("beta")) {
+        found.push(("trl.beta".to_string(), "rl_beta", v.clone()));
+    }
+    let mut set_by: HashMap<&str, String> = HashMap::new();
+    for (alias, field, value) in found {
+        remove_path(root, &alias);
+        if value.is_null() {
+            continue;
+        }
+        let shown = display_path(&alias);
+        let right_type = if field == "rl_beta" { value.is_number() } else { value.is_string() };
+        if !right_type {
+            let what = if field == "rl_beta" { "a number (the objective's beta, as rl_beta)" } else { "a string" };
+            bail!("{}{shown} must be {what}, not {}", loc.at(&alias), describe(&value));
+        }
+        if let Some(existing) = root.get(field).filter(|v| !v.is_null()) {
+            let same = match (existing.as_f64(), value.as_f64()) {
+                (Some(a), Some(b)) => a == b,
+                _ => *existing == value,
+            };
+            if !same {
+                let other = set_by.get(field).map(|a| display_path(a)).unwrap_or_else(|| field.to_string());
+                bail!(
+                    "{}{shown} {} and {other} {} are both set and differ: they are the same setting ({field}); keep one",
+                    loc.at(&alias),
+                    keys::show_value(&value),
+                    keys::show_value(existing)
+                );
+            }
+        }
+        set_by.entry(field).or_insert(alias);
+        root.insert(field.to_string(), value);
+    }
+    Ok(())
+}
+
+/// Values Axolotl writes in a shape the typed config spells differently:
+/// `dpo_loss_type` is a list there (one loss: the list's only entry), and
+/// `evals_per_epoch: 0` means no evaluation schedule (Axolotl tests it for
+/// truth), which is the key left out here.
+fn axolotl_shapes(root: &mut Map<String, Value>, loc: &Locator) -> Result<()> {
+    if let Some(Value::Array(losses)) = root.get("dpo_loss_type") {
+        match losses.as_slice() {
+            [one] => {
+                let one = one.clone();
+                root.insert("dpo_loss_type".into(), one);
+            }
+            _ => bail!(
+                "{}dpo_loss_type lists {} losses: weighted mixtures of DPO losses are not implemented; list one (e.g. [sigmoid])",
+                loc.at("dpo_loss_type"),
+                losses.len()
+            ),
+        }
+    }
+    if root.get("evals_per_epoch").and_then(Value::as_u64) == Some(0) {
+        root.remove("evals_per_epoch");
+    }
+    Ok(())
+}
+
+/// Remove `a` or `a.b` (dropping `a` when that leaves it an empty mapping).
+fn remove_path(root: &mut Map<String, Value>, path: &str) {
+    match path.split_once('.') {
+        None => {
+            root.remove(path);
+        }
+        Some((outer, inner)) => {
+            if let Some(Value::Object(m)) = root.get_mut(outer) {
+                m.remove(inner);
+                if m.is_empty() {
+                    root.remove(outer);
+                }
+            }
+        }
+    }
+}
+
+/// What an 8-bit, 4-bit or paged AdamW becomes here: plain AdamW with f32
+/// moments, the same update rule; the cost is memory, said in numbers.
+fn low_memory_adamw(name: &str) -> Option<String> {
+    if !ADAMW_LOW_MEMORY.contains(&name) {
+        return None;
+    }
+    let bits = if name.contains("8bit") {
+        8
+    } else if name.contains("4bit") {
+        4
+    } else {
+        return Some(format!(
+            "optimizer: {name} runs as AdamW with f32 moments held on the GPU (not paged to CPU memory): the same update and \
+             state size; the memory plan says before the first step whether the run fits"
+        ));
+    };
+    Some(format!(
+        "optimizer: {name} runs as AdamW with f32 moments (the same update rule, without {bits}-bit state): its state takes \
+         8 bytes per trainable parameter instead of about {}; for a LoRA adapter that is small (r 16 on every linear layer \
+         of an 8B model: 0.34 GB instead of {} GB), and the memory plan counts it",
+        bits / 4,
+        if bits == 8 { "0.08" } else { "0.04" }
+    ))
+}
+
 /// One spelling per meaning, so the trainer matches on exact names.
 fn normalise(c: &mut RunConfig) {
     if let Some((_, canonical)) = SCHEDULER_ALIASES.iter().find(|(alias, _)| *alias == c.lr_scheduler) {
         c.lr_scheduler = canonical.to_string();
     }
-    if ADAMW_NAMES.contains(&c.optimizer.as_str()) {
+    if ADAMW_NAMES.contains(&c.optimizer.as_str()) || ADAMW_LOW_MEMORY.contains(&c.optimizer.as_str()) {
         c.optimizer = ADAMW_NAMES[0].to_string();
     }
 }
@@ -129,6 +246,8 @@ impl KeyChecker<'_> {
                     }
                     false
                 }
+                // Folded into their field by fold_aliases before this walk.
+                KeyKind::Alias => false,
                 KeyKind::Unknown => {
                     let hint = keys::suggest(level, &key).map(|k| format!(" (did you mean \"{k}\"?)")).unwrap_or_default();
                     let place = if at.is_empty() { String::new() } else { format!(" in {}", display_path(at)) };

@@ -2,16 +2,21 @@
 //! `RunConfig` before any weight or dataset is touched.
 //!
 //! Loading (unknown keys, accepted-but-ignored Axolotl keys, `--set`
-//! overrides) lives in `load`, the key tables in `keys`, the value checks in
-//! `validate`; this file holds the typed shape, its defaults and the
-//! conversions the trainer uses.
+//! overrides) lives in `load`, the key tables in `keys` (and `keys_extra`),
+//! the value checks in `validate`, the checks of model_type / tokenizer_type
+//! / tokenizer_config against the checkpoint in `checkpoint_match`; this
+//! file holds the typed shape, its defaults and the conversions the trainer
+//! uses.
 
+mod checkpoint_match;
 mod keys;
+mod keys_extra;
 mod load;
 mod overrides;
 mod source;
 mod validate;
 
+pub use checkpoint_match::check_checkpoint;
 pub use load::{Loaded, load, load_str};
 pub use validate::{MAX_LORA_R, MAX_MICRO_BATCH, MAX_SEQUENCE_LEN};
 
@@ -126,6 +131,10 @@ pub struct RunConfig {
     pub base_model: String,
     /// Tokenizer directory (default: the model's own).
     pub tokenizer_config: Option<String>,
+    /// Checked against config.json's architectures[0] (Auto* names match any).
+    pub model_type: Option<String>,
+    /// Checked against tokenizer_config.json's tokenizer_class (Auto* names match any).
+    pub tokenizer_type: Option<String>,
     /// "lora", or "qlora": LoRA on a 4-bit NF4 base (load_in_4bit, or a
     /// checkpoint bitsandbytes quantized).
     pub adapter: Option<String>,
@@ -194,7 +203,8 @@ pub struct RunConfig {
 
     /// Preference training instead of SFT: dpo, ipo, orpo, simpo or kto.
     pub rl: Option<String>,
-    /// β of DPO/IPO and SimPO (TRL's default 0.1).
+    /// β of DPO/IPO, SimPO and KTO, and ORPO's λ when set (TRL's default
+    /// 0.1). Also spelt beta, dpo_beta or trl.beta.
     pub rl_beta: Option<f64>,
     /// DPO's loss: sigmoid (default), ipo, hinge or robust.
     pub dpo_loss_type: Option<String>,
@@ -228,6 +238,8 @@ impl Default for RunConfig {
         RunConfig {
             base_model: String::new(),
             tokenizer_config: None,
+            model_type: None,
+            tokenizer_type: None,
             adapter: None,
             load_in_4bit: false,
             bnb_config_kwargs: BnbConfigKwargs::default(),
@@ -295,7 +307,8 @@ impl Default for RunConfig {
 impl RunConfig {
     /// The preference objective `rl` asks for, with Axolotl's mapping of its
     /// keys onto TRL's: ipo is DPO with loss_type ipo, simpo is CPO with
-    /// loss_type simpo, orpo_alpha is ORPO's β. None: supervised fine-tuning.
+    /// loss_type simpo, ORPO's β is rl_beta if set, else orpo_alpha (Axolotl
+    /// passes whichever is set as TRL's beta). None: supervised fine-tuning.
     pub fn objective(&self) -> Result<Option<crate::train::objectives::Objective>> {
         use crate::train::objectives::{CpoConfig, DpoConfig, DpoLoss, KtoConfig, Objective, OrpoConfig, RewardConfig};
         if self.reward_model {
@@ -312,7 +325,7 @@ impl RunConfig {
                 };
                 Objective::Dpo(DpoConfig { loss_type, beta, label_smoothing: self.dpo_label_smoothing })
             }
-            "orpo" => Objective::Orpo(OrpoConfig { beta: self.orpo_alpha.unwrap_or(0.1) }),
+            "orpo" => Objective::Orpo(OrpoConfig { beta: self.rl_beta.or(self.orpo_alpha).unwrap_or(0.1) }),
             "simpo" => {
                 let mut c = CpoConfig::simpo();
                 c.beta = beta;

@@ -11,7 +11,7 @@ use anyhow::{Result, bail};
 use serde_json::{Map, Value};
 
 /// Mappings whose keys are free-form (any key may be set inside them).
-const FREE_MAPS_TOP: &[&str] = &["special_tokens"];
+const FREE_MAPS_TOP: &[&str] = &["special_tokens", "trl"];
 const FREE_MAPS_DATASET: &[&str] = &["message_property_mappings"];
 const DATASET_LISTS: &[&str] = &["datasets", "test_datasets"];
 

@@ -62,6 +62,16 @@ pub(crate) fn validate(c: &RunConfig, loc: &Locator) -> Result<()> {
             check!(v > 0.0, loc, key, "must be positive (got {v})");
         }
     }
+    if c.rl.as_deref() == Some("orpo")
+        && let (Some(b), Some(a)) = (c.rl_beta, c.orpo_alpha)
+    {
+        check!(
+            a == b,
+            loc,
+            "orpo_alpha",
+            "{a} and rl_beta {b} are both set for rl: orpo: Axolotl passes rl_beta as ORPO's lambda and ignores orpo_alpha; keep one"
+        );
+    }
     check!(!c.base_model.trim().is_empty(), loc, "base_model", "must name a model directory or hub id");
     check!(
         c.adapter.as_deref().is_none_or(|a| a == "lora" || a == "qlora"),

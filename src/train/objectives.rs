@@ -117,7 +117,7 @@ impl Default for DpoConfig {
     }
 }
 
-/// ORPO: λ (TRL's `beta`, Axolotl's `orpo_alpha`) weighs the odds-ratio term.
+/// ORPO: λ (TRL's `beta`, Axolotl's `rl_beta` or else `orpo_alpha`) weighs the odds-ratio term.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct OrpoConfig {
     pub beta: f64,

@@ -65,6 +65,38 @@ impl Schedule {
     pub fn lr(&self, step: usize) -> f64 {
         self.base_lr * self.factor(step)
     }
+
+    /// When the warmup lasts the whole run, the rate never reaches base_lr:
+    /// one line saying so, with the peak the run does reach, naming the key
+    /// that set the warmup (the config's warmup_steps / warmup_ratio).
+    pub fn warmup_overrun(&self, warmup_steps: Option<usize>, warmup_ratio: Option<f64>) -> Option<String> {
+        if self.warmup_steps == 0 || self.warmup_steps < self.total_steps {
+            return None;
+        }
+        let asked = match (warmup_steps, warmup_ratio) {
+            (Some(n), _) => format!("warmup_steps {n}"),
+            (None, r) => format!("warmup_ratio {} ({} steps)", r.unwrap_or(0.0), self.warmup_steps),
+        };
+        let peak = (0..self.total_steps).map(|s| self.lr(s)).fold(0.0, f64::max);
+        let how = if self.warmup_steps > self.total_steps { "reaches past" } else { "lasts all of" };
+        Some(format!(
+            "{asked} {how} the run's {} optimizer steps: the learning rate peaks at {} and never reaches learning_rate {}",
+            self.total_steps,
+            short(peak),
+            short(self.base_lr)
+        ))
+    }
+}
+
+/// A rate in three significant digits: 5.5e-6, 0.0002 stays 2e-4.
+fn short(x: f64) -> String {
+    if x == 0.0 {
+        return "0".into();
+    }
+    let s = format!("{x:.2e}");
+    let (mantissa, exp) = s.split_once('e').unwrap_or((&s, "0"));
+    let mantissa = mantissa.trim_end_matches('0').trim_end_matches('.');
+    format!("{mantissa}e{exp}")
 }
 
 #[cfg(test)]
@@ -95,6 +127,24 @@ mod tests {
         assert_eq!(k.lr(1), 0.75);
         assert_eq!(k.lr(4), 3.0);
         assert_eq!(k.lr(9), 3.0);
+    }
+
+    #[test]
+    fn warmup_longer_than_the_run_is_reported_with_its_peak() {
+        // 12 steps of a 100-step warmup: the last step (11) runs at 11/100 of the rate.
+        let s = Schedule { kind: Kind::Cosine, base_lr: 5e-5, warmup_steps: 100, total_steps: 12 };
+        assert_eq!(
+            s.warmup_overrun(Some(100), None).unwrap(),
+            "warmup_steps 100 reaches past the run's 12 optimizer steps: the learning rate peaks at 5.5e-6 \
+             and never reaches learning_rate 5e-5"
+        );
+        let whole = Schedule { kind: Kind::Linear, base_lr: 2e-4, warmup_steps: 4, total_steps: 4 };
+        assert!(whole.warmup_overrun(Some(4), None).unwrap().contains("lasts all of the run's 4 optimizer steps: the learning rate peaks at 1.5e-4"));
+        let ratio = Schedule { kind: Kind::Constant, base_lr: 1e-4, warmup_steps: Schedule::warmup_from(None, Some(0.9), 3), total_steps: 3 };
+        assert!(ratio.warmup_overrun(None, Some(0.9)).unwrap().starts_with("warmup_ratio 0.9 (3 steps) lasts all of the run's 3 optimizer steps"));
+        let fine = Schedule { kind: Kind::Linear, base_lr: 2e-4, warmup_steps: 3, total_steps: 4 };
+        assert_eq!(fine.warmup_overrun(Some(3), None), None);
+        assert_eq!(Schedule { warmup_steps: 0, ..fine }.warmup_overrun(Some(0), None), None);
     }
 
     #[test]

@@ -496,6 +496,9 @@ pub fn train<B: Backend>(run: Run<'_, B>) -> Result<Summary> {
         warmup_steps: Schedule::warmup_from(cfg.warmup_steps, cfg.warmup_ratio, total_steps),
         total_steps,
     };
+    if let Some(line) = schedule.warmup_overrun(cfg.warmup_steps, cfg.warmup_ratio) {
+        eprintln!("warning: {line}");
+    }
     let fresh = TrainState {
         format_version: checkpoint::FORMAT_VERSION,
         global_step: 0,
