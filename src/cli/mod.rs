@@ -1,6 +1,7 @@
 //! The `ferrotune` command line.
 
 mod bench;
+mod env;
 mod eval;
 mod generate;
 mod merge;
@@ -39,6 +40,8 @@ enum Command {
     Synth(synth::SynthArgs),
     /// Quantize a model's decoder-layer weights to NF4 (bitsandbytes' 4-bit format, for QLoRA).
     Quantize(quantize::QuantizeArgs),
+    /// What a bug report needs: version, OS, GPUs, CUDA libraries, kernels, caches.
+    Env(env::EnvArgs),
 }
 
 /// Which backend runs the model.
@@ -83,7 +86,10 @@ pub fn open_device(s: &str) -> Result<Opened> {
                 if s == "auto" { "a GPU is visible but could not be used (pass --device cpu to run on the CPU)".to_string() }
                 else { format!("--device {s}") }
             })?;
-            eprintln!("device: {}; {} kernels loaded", be.info, be.kernel_count());
+            eprintln!("device: {}; {} kernels loaded; {}", be.info, be.kernel_count(), env::gpu_paths(&be.info));
+            if let Some(note) = env::single_gpu_note(n) {
+                eprintln!("{note}");
+            }
             Ok(Opened::Cuda(be))
         }
     }
@@ -100,5 +106,6 @@ pub fn run() -> Result<()> {
         Command::Bench(a) => bench::run(a),
         Command::Merge(a) => merge::run(a),
         Command::Quantize(a) => quantize::run(a),
+        Command::Env(a) => env::run(a),
     }
 }
