@@ -113,16 +113,8 @@ fn gpu_json(info: &GpuInfo) -> Value {
 }
 
 fn collect() -> Report {
-    let loaded = libs::load();
-    let owned;
-    let search: &libs::Search = match &loaded {
-        Ok(l) => &l.search,
-        Err(_) => {
-            owned = libs::search();
-            &owned
-        }
-    };
-    let loaded: Result<(), String> = loaded.map(|_| ());
+    let loaded: Result<(), String> = libs::load().map(|_| ());
+    let search = libs::the_search();
     // The GPUs: with the driver loaded (even when cuBLAS is missing).
     let driver_ok = loaded.is_ok() || libs::load_driver(search).is_ok();
     let mut gpus = Vec::new();

@@ -91,6 +91,9 @@ fn train_on<B: Backend>(be: &B, cfg: &RunConfig, gpu: Option<GpuMemory>) -> Resu
     let t0 = Instant::now();
     let model_dir = checkpoint::resolve_model_dir(&cfg.base_model, &checkpoint::hf_cache())?;
     let ckpt = Checkpoint::open(&model_dir)?;
+    if gpu.is_some() {
+        eprintln!("attention: {}", crate::backend::cuda::attention_path(ckpt.config.head_dim));
+    }
     let base = base_weights(cfg, &ckpt)?;
     let output_dir = PathBuf::from(&cfg.output_dir);
     let resume = match &cfg.resume_from_checkpoint {

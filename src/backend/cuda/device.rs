@@ -73,9 +73,11 @@ pub fn guarded<T>(what: &str, f: impl FnOnce() -> T) -> Result<T> {
     })
 }
 
-/// Whether the CUDA libraries were found and loaded (no panic when not).
+/// Whether the CUDA driver was found and loaded (no panic when not), even
+/// if cuBLAS was not: `--device auto` then picks the GPU and its start-up
+/// says what is missing instead of falling back to the CPU in silence.
 pub fn driver_present() -> bool {
-    libs::load().is_ok()
+    libs::load().is_ok() || libs::load_driver(libs::the_search()).is_ok()
 }
 
 /// Number of visible GPUs; 0 when there is no driver or it cannot count.
@@ -83,7 +85,7 @@ pub fn device_count() -> usize {
     if !driver_present() {
         return 0;
     }
-    guarded("counting CUDA devices", CudaContext::device_count).ok().and_then(|r| r.ok()).map(|n| n.max(0) as usize).unwrap_or(0)
+    count_loaded().unwrap_or(0)
 }
 
 /// The driver's CUDA version (12040 for 12.4).
@@ -185,4 +187,28 @@ pub fn hbm_bandwidth_tb_s(name: &str) -> Option<f64> {
     let n = name.to_ascii_lowercase();
     let table: &[(&str, f64)] = &[("h200", 4.8), ("gh200", 4.0), ("h100", 3.35), ("a100", 2.0), ("a800", 2.0), ("rtx 4090", 1.0)];
     table.iter().find(|(k, _)| n.contains(k)).map(|(_, v)| *v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::guarded;
+
+    #[test]
+    fn a_panic_inside_guarded_is_an_error_and_the_hook_comes_back() {
+        let outer = guarded("outer", || guarded("inner", || -> u32 { panic!("no symbol {}", "cuFoo") }));
+        let inner = outer.expect("the inner guard caught it");
+        assert_eq!(inner.unwrap_err().to_string(), "inner: no symbol cuFoo");
+        let e = guarded("starting", || -> u32 { panic!("static text") }).unwrap_err();
+        assert_eq!(e.to_string(), "starting: static text");
+        assert_eq!(guarded("fine", || 7).unwrap(), 7);
+        // The default hook is back: a panic outside a guard still reaches it.
+        let hook_ran = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let seen = hook_ran.clone();
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |_| seen.store(true, std::sync::atomic::Ordering::SeqCst)));
+        let _ = guarded("g", || 1);
+        let _ = std::panic::catch_unwind(|| panic!("outside"));
+        std::panic::set_hook(previous);
+        assert!(hook_ran.load(std::sync::atomic::Ordering::SeqCst));
+    }
 }

@@ -414,9 +414,15 @@ pub fn load_driver(search: &Search) -> Result<(), String> {
     open_global(path).map(|_| ()).map_err(|e| format!("cannot load {}: {e}", path.display()))
 }
 
-/// What [`load`] found: the search, and whether the driver is there.
+/// The search of this process, made once (by [`load`] or its first caller).
+pub fn the_search() -> &'static Search {
+    static SEARCH: OnceLock<Search> = OnceLock::new();
+    SEARCH.get_or_init(search)
+}
+
+/// What [`load`] found.
 pub struct Loaded {
-    pub search: Search,
+    pub search: &'static Search,
 }
 
 /// Finds and loads the driver, cuBLASLt and cuBLAS, once per process. Err is
@@ -428,7 +434,7 @@ pub fn load() -> Result<&'static Loaded, String> {
 }
 
 fn load_uncached() -> Result<Loaded, String> {
-    let search = search();
+    let search = the_search();
     let loc = |i: usize| &search.libs[i];
     if loc(DRIVER).path.is_none() {
         return Err(format!("no CUDA driver found: {}", search.missing_message(DRIVER)));
@@ -441,12 +447,22 @@ fn load_uncached() -> Result<Loaded, String> {
             }
             continue;
         };
-        if let Err(e) = open_global(path) {
-            let mut msg = format!("cannot load {} ({}) from {}: {e}", w.soname(), w.what, path.display());
-            if i == CUBLAS && loc(CUBLAS_LT).path.is_none() {
-                msg += &format!("; {} was not found either (searched: {})", WANTED[CUBLAS_LT].soname(), search.searched());
+        let handle = match open_global(path) {
+            Ok(h) => h,
+            Err(e) => {
+                let mut msg = format!("cannot load {} ({}) from {}: {e}", w.soname(), w.what, path.display());
+                if i == CUBLAS && loc(CUBLAS_LT).path.is_none() {
+                    msg += &format!("; {} was not found either (searched: {})", WANTED[CUBLAS_LT].soname(), search.searched());
+                }
+                return Err(msg);
             }
-            return Err(msg);
+        };
+        // A file by the right name that is some other library would make
+        // cudarc fail later on a missing symbol; say so now.
+        let sym = CString::new(w.symbol).map_err(|e| e.to_string())?;
+        // SAFETY: a live handle and a NUL-terminated name; only looked up.
+        if unsafe { libc::dlsym(handle, sym.as_ptr()) }.is_null() {
+            return Err(format!("{} is not {}: it does not export {}", path.display(), w.what, w.symbol));
         }
     }
     Ok(Loaded { search })

@@ -1,0 +1,211 @@
+//! GPU start-up and `ferrotune env` against the SIMT emulator's fake driver
+//! and cuBLAS (cuda/emu/README.md). Each case runs the ferrotune binary with
+//! a cleared environment in which only folders built here hold (links to)
+//! some of the emulated libraries, laid out as a toolkit, a venv's nvidia-*
+//! wheels or a bare LD_LIBRARY_PATH folder. Every failure must be one
+//! `error:` line naming the library and the places searched: exit status 1,
+//! never a panic (101) or a backtrace.
+
+// Only the builder of common/cuda_emu.rs is used here, not its in-process loader.
+#[allow(dead_code)]
+#[path = "common/cuda_emu.rs"]
+mod cuda_emu;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The emulator's libcuda.so and libcublas.so.
+fn emu(file: &str) -> PathBuf {
+    cuda_emu::lib_dir().unwrap_or_else(|e| panic!("cannot build the SIMT emulator: {e}")).join(file)
+}
+
+/// Links `name` in `dir` (created) to the emulator's `file`.
+fn link(dir: &Path, name: &str, file: &str) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::os::unix::fs::symlink(emu(file), dir.join(name)).unwrap();
+}
+
+/// Whether this machine has `soname` where the search always looks (the
+/// loader cache, /usr/local/cuda): then a case that wants it missing cannot
+/// make it so, and is skipped with a note.
+fn system_has(soname: &str) -> bool {
+    let cache = Command::new("/sbin/ldconfig").arg("-p").output().map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+    let usr_local = std::fs::read_dir("/usr/local")
+        .map(|d| d.filter_map(|e| e.ok()).any(|e| e.file_name().to_string_lossy().starts_with("cuda") && e.path().join("lib64").join(soname).exists()))
+        .unwrap_or(false);
+    cache.contains(&format!("{soname} ")) || usr_local
+}
+
+/// Runs ferrotune in `cwd` with only `env` set (PATH an empty folder, so no
+/// python3 is asked); returns the exit code and stdout + stderr.
+fn ferrotune(cwd: &Path, args: &[&str], env: &[(&str, &Path)], knobs: &[(&str, &str)]) -> (Option<i32>, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ferrotune"));
+    let no_programs = cwd.join("empty-bin");
+    std::fs::create_dir_all(&no_programs).unwrap();
+    cmd.env_clear().current_dir(cwd).args(args).env("HOME", cwd).env("PATH", no_programs);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    for (k, v) in knobs {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("run ferrotune");
+    (out.status.code(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+const BENCH: &[&str] = &["bench", "--device", "cuda", "--preset", "tiny", "--seq-len", "16", "--steps", "1", "--warmup", "0"];
+
+/// A refused start-up: exit 1, one `error:` line, no panic, containing `want`.
+fn assert_refused(case: &str, (code, log): &(Option<i32>, String), want: &[&str]) {
+    assert_eq!(*code, Some(1), "{case}: expected a normal error exit:\n{log}");
+    assert!(!log.contains("panicked") && !log.contains("RUST_BACKTRACE"), "{case}: a panic escaped:\n{log}");
+    let errors: Vec<&str> = log.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors.len(), 1, "{case}: expected one error line:\n{log}");
+    for w in want {
+        assert!(errors[0].contains(w), "{case}: expected {w:?} in:\n{}", errors[0]);
+    }
+}
+
+#[test]
+fn a_missing_or_wrong_cublas_is_one_error_naming_it_and_every_place_searched() {
+    if system_has("libcublas.so.12") {
+        eprintln!("skipped: this machine has its own libcublas.so.12 in the loader cache or /usr/local/cuda");
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let only_driver = t.path().join("driver");
+    link(&only_driver, "libcuda.so", "libcuda.so");
+    let home = t.path().join("toolkit");
+    std::fs::create_dir_all(home.join("lib64")).unwrap();
+
+    let missing = ferrotune(t.path(), BENCH, &[("LD_LIBRARY_PATH", &only_driver), ("CUDA_HOME", &home)], &[]);
+    let searched_ld = format!("searched: LD_LIBRARY_PATH ({})", only_driver.display());
+    let searched_home = format!("CUDA_HOME ({}", home.join("lib64").display());
+    assert_refused(
+        "no libcublas",
+        &missing,
+        &["--device cuda: libcublas.so.12 (cuBLAS) not found", "pip install nvidia-cublas-cu12", &searched_ld, &searched_home, "VIRTUAL_ENV (unset)", "loader cache"],
+    );
+
+    // Only CUDA 13's cuBLAS: named, with what to do.
+    let wrong = t.path().join("cuda13");
+    link(&wrong, "libcuda.so", "libcuda.so");
+    link(&wrong, "libcublas.so.13", "libcublas.so");
+    let found = format!("found {}, another CUDA major version: this build needs CUDA 12's", wrong.join("libcublas.so.13").display());
+    assert_refused("only libcublas.so.13", &ferrotune(t.path(), BENCH, &[("LD_LIBRARY_PATH", &wrong)], &[]), &["libcublas.so.12 (cuBLAS) not found", &found]);
+
+    // A file by the right name that is not a library.
+    let broken = t.path().join("broken");
+    link(&broken, "libcuda.so", "libcuda.so");
+    std::fs::write(broken.join("libcublas.so.12"), b"not a library").unwrap();
+    let cannot = format!("cannot load libcublas.so.12 (cuBLAS) from {}", broken.join("libcublas.so.12").display());
+    assert_refused("a broken libcublas.so.12", &ferrotune(t.path(), BENCH, &[("LD_LIBRARY_PATH", &broken)], &[]), &[&cannot]);
+
+    // A library by the right name without cuBLAS in it.
+    let impostor = t.path().join("impostor");
+    link(&impostor, "libcuda.so", "libcuda.so");
+    link(&impostor, "libcublas.so.12", "libcuda.so");
+    let not_cublas = format!("--device cuda: {} is not cuBLAS: it does not export cublasCreate_v2", impostor.join("libcublas.so.12").display());
+    assert_refused("a libcublas.so.12 without cuBLAS", &ferrotune(t.path(), BENCH, &[("LD_LIBRARY_PATH", &impostor)], &[]), &[&not_cublas]);
+
+    // --device auto with the driver but no cuBLAS says so instead of quietly training on the CPU.
+    let mut auto = BENCH.to_vec();
+    auto[2] = "auto";
+    assert_refused("auto without cuBLAS", &ferrotune(t.path(), &auto, &[("LD_LIBRARY_PATH", &only_driver)], &[]), &["a GPU is visible but could not be used", "libcublas.so.12 (cuBLAS) not found"]);
+}
+
+#[test]
+fn cublas_is_found_in_a_venvs_nvidia_wheels_and_the_start_up_line_names_the_paths() {
+    let t = tempfile::tempdir().unwrap();
+    let driver = t.path().join("driver");
+    link(&driver, "libcuda.so", "libcuda.so");
+    let venv = t.path().join("venv");
+    let wheel = venv.join("lib/python3.11/site-packages/nvidia/cublas/lib");
+    link(&wheel, "libcublas.so.12", "libcublas.so");
+    let (code, log) = ferrotune(t.path(), BENCH, &[("LD_LIBRARY_PATH", &driver), ("VIRTUAL_ENV", &venv)], &[("FERROTUNE_SIMT_DEVICE_COUNT", "2")]);
+    assert_eq!(code, Some(0), "{log}");
+    let device = log.lines().find(|l| l.starts_with("device:")).unwrap_or_else(|| panic!("no device line:\n{log}"));
+    let cublas = format!("GEMM: cuBLAS ({})", wheel.join("libcublas.so.12").display());
+    for part in ["cuda:0 SIMT emulator", "attention: flash attention, fused, sm_90", &cublas] {
+        assert!(device.contains(part), "device line lacks {part:?}: {device}");
+    }
+    // The tiny preset's head_dim 16 has no tensor-core kernel: said, not hidden.
+    assert!(log.contains("attention: flash attention, fused, generic kernel without tensor cores (head_dim 16;"), "{log}");
+    assert!(
+        log.contains("note: 2 GPUs are visible; ferrotune trains on one, cuda:0; pick another with --device cuda:N (N < 2) or CUDA_VISIBLE_DEVICES"),
+        "{log}"
+    );
+}
+
+#[test]
+fn an_old_driver_and_an_old_gpu_are_refused_in_one_line() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("lib");
+    link(&dir, "libcuda.so", "libcuda.so");
+    link(&dir, "libcublas.so.12", "libcublas.so");
+    let env = [("LD_LIBRARY_PATH", dir.as_path())];
+    let old = ferrotune(t.path(), BENCH, &env, &[("FERROTUNE_SIMT_DRIVER_VERSION", "12020")]);
+    assert_refused("driver 12.2", &old, &["the NVIDIA driver supports CUDA 12.2, ferrotune's kernels need CUDA 12.4 (driver >= 550)"]);
+    let turing = ferrotune(t.path(), BENCH, &env, &[("FERROTUNE_SIMT_COMPUTE_CAPABILITY", "75")]);
+    assert_refused("sm_75", &turing, &["has compute capability 7.5; ferrotune's kernels need sm_80 or newer"]);
+}
+
+#[test]
+fn env_names_the_emulated_gpu_and_the_libraries_it_loaded() {
+    let t = tempfile::tempdir().unwrap();
+    let driver = t.path().join("driver");
+    link(&driver, "libcuda.so", "libcuda.so");
+    let home = t.path().join("cuda-12.4");
+    link(&home.join("lib64"), "libcublas.so.12", "libcublas.so");
+    let env = [("LD_LIBRARY_PATH", driver.as_path()), ("CUDA_HOME", home.as_path())];
+    let (code, text) = ferrotune(t.path(), &["env"], &env, &[]);
+    assert_eq!(code, Some(0), "{text}");
+    for part in [
+        "driver: CUDA 12.4",
+        "cuda:0 SIMT emulator (host CPU) (compute capability 9.0), 64.0 GiB",
+        &format!("libcublas.so.12    {}", home.join("lib64/libcublas.so.12").display()),
+        "on this machine: --device auto trains on cuda:0 SIMT emulator",
+    ] {
+        assert!(text.contains(part), "env lacks {part:?}:\n{text}");
+    }
+    let (code, json) = ferrotune(t.path(), &["env", "--json"], &env, &[]);
+    assert_eq!(code, Some(0), "{json}");
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap_or_else(|e| panic!("env --json is not JSON ({e}):\n{json}"));
+    assert_eq!(v["gpus"][0]["name"], "SIMT emulator (host CPU)");
+    assert_eq!(v["gpus"][0]["compute_capability"], "9.0");
+    assert_eq!(v["driver"]["cuda_version"], "12.4");
+    assert_eq!(v["libraries"][2]["path"], home.join("lib64/libcublas.so.12").display().to_string());
+}
+
+#[test]
+fn env_without_a_gpu_succeeds_and_says_what_was_searched() {
+    if system_has("libcuda.so.1") {
+        eprintln!("skipped: this machine has a CUDA driver in the loader cache");
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let (code, text) = ferrotune(t.path(), &["env"], &[], &[]);
+    assert_eq!(code, Some(0), "{text}");
+    for part in [
+        &format!("ferrotune {} (git ", env!("CARGO_PKG_VERSION")),
+        "OS: ",
+        "CPU: ",
+        "no CUDA driver found (libcuda.so.1)",
+        "libcublas.so.12    NOT FOUND",
+        "searched, in order:",
+        "LD_LIBRARY_PATH: (unset)",
+        "python3 site-packages: (no python3 on PATH answered)",
+        "Kernels: ",
+        "PTX ISA 8.4, target sm_80",
+        "on this machine: --device auto trains on the CPU reference backend",
+        &format!("HuggingFace hub: {}", t.path().join(".cache/huggingface/hub").display()),
+        &format!("prepared datasets: {}", t.path().join(".cache/ferrotune/datasets").display()),
+    ] {
+        assert!(text.contains(part), "env lacks {part:?}:\n{text}");
+    }
+    let (code, json) = ferrotune(t.path(), &["env", "--json"], &[], &[]);
+    assert_eq!(code, Some(0), "{json}");
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap_or_else(|e| panic!("env --json is not JSON ({e}):\n{json}"));
+    assert_eq!(v["driver"]["found"], false);
+    assert_eq!(v["gpus"].as_array().map(Vec::len), Some(0));
+}
