@@ -150,24 +150,29 @@ impl Search {
 }
 
 /// Runs `cmd` for at most `limit`, returning its stdout when it succeeded.
+/// The output is read on its own thread: `ldconfig -p` can print more than a
+/// pipe holds before it exits.
 fn output_within(mut cmd: Command, limit: Duration) -> Option<String> {
     let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().ok()?;
+    let mut stdout = child.stdout.take()?;
+    let reader = std::thread::spawn(move || {
+        let mut out = String::new();
+        std::io::Read::read_to_string(&mut stdout, &mut out).ok().map(|_| out)
+    });
     let start = Instant::now();
-    loop {
+    let status = loop {
         match child.try_wait() {
-            Ok(Some(status)) => {
-                let mut out = String::new();
-                std::io::Read::read_to_string(&mut child.stdout.take()?, &mut out).ok()?;
-                return status.success().then_some(out);
-            }
+            Ok(Some(status)) => break Some(status),
             Ok(None) if start.elapsed() < limit => std::thread::sleep(Duration::from_millis(10)),
             _ => {
                 let _ = child.kill();
                 let _ = child.wait();
-                return None;
+                break None;
             }
         }
-    }
+    };
+    let out = reader.join().ok().flatten();
+    status.filter(|s| s.success()).and(out)
 }
 
 fn env_dirs(var: &str) -> Place {
@@ -236,18 +241,26 @@ fn loader_cache_place() -> Place {
         output_within(c, Duration::from_secs(3))
     });
     let Some(out) = out else { return Place { source, dirs: vec![], note: Some("ldconfig not available".into()) } };
-    let mut dirs: Vec<PathBuf> = Vec::new();
-    for line in out.lines() {
-        let Some((name, path)) = line.trim().split_once(" => ") else { continue };
-        let relevant = WANTED.iter().any(|w| name.starts_with(&format!("lib{}.so", w.stem)));
-        if relevant && name.contains(arch) {
-            if let Some(dir) = Path::new(path.trim()).parent().filter(|d| !dirs.iter().any(|x| x == d)) {
-                dirs.push(dir.to_path_buf());
-            }
-        }
-    }
+    let dirs = cache_dirs(&out, arch);
     let note = dirs.is_empty().then(|| "no CUDA libraries".to_string());
     Place { source, dirs, note }
+}
+
+/// The folders of the libraries in [`WANTED`] that `ldconfig -p` lists for
+/// this architecture ("\tlibcublas.so.12 (libc6,x86-64) => /usr/lib/x86_64-linux-gnu/libcublas.so.12").
+fn cache_dirs(ldconfig_p: &str, arch: &str) -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    for line in ldconfig_p.lines() {
+        let Some((name, path)) = line.trim().split_once(" => ") else { continue };
+        let relevant = WANTED.iter().any(|w| name.starts_with(&format!("lib{}.so", w.stem)));
+        if relevant
+            && name.contains(arch)
+            && let Some(dir) = Path::new(path.trim()).parent().filter(|d| !dirs.iter().any(|x| x == d))
+        {
+            dirs.push(dir.to_path_buf());
+        }
+    }
+    dirs
 }
 
 fn existing(source: &str, candidates: Vec<PathBuf>) -> Place {
@@ -319,9 +332,10 @@ fn look_in(dir: &Path, w: &Wanted, others: &mut Vec<PathBuf>) -> Option<PathBuf>
     }
     let want_major = if w.fixed_suffix.is_some() { None } else { Some(CUDA_MAJOR) };
     let plain = dir.join(w.unversioned());
+    let mut plain_is_other = false;
     if plain.is_file() {
         match (major_of(&plain, w.stem), want_major) {
-            (Some(m), Some(want)) if m != want => others.push(plain),
+            (Some(m), Some(want)) if m != want => plain_is_other = true,
             _ => return Some(plain),
         }
     }
@@ -332,10 +346,17 @@ fn look_in(dir: &Path, w: &Wanted, others: &mut Vec<PathBuf>) -> Option<PathBuf>
         let mut seen: Vec<PathBuf> = entries
             .filter_map(|e| Some(e.ok()?.path()))
             .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(&prefix)))
-            .filter(|p| !others.contains(p))
             .collect();
         seen.sort();
-        others.extend(seen);
+        // Name the sonames (libcublas.so.11), not also each one's full
+        // version (libcublas.so.11.2.3), when there are any.
+        let sonames: Vec<PathBuf> =
+            seen.iter().filter(|p| p.file_name().is_some_and(|n| !n.to_string_lossy()[prefix.len()..].contains('.'))).cloned().collect();
+        let mut named = if sonames.is_empty() { seen } else { sonames };
+        if named.is_empty() && plain_is_other {
+            named.push(plain);
+        }
+        others.extend(named.into_iter().filter(|p| !others.contains(p)).collect::<Vec<_>>());
     }
     None
 }
@@ -372,7 +393,7 @@ fn already_loaded(w: &Wanted) -> Option<PathBuf> {
 /// Looks for every library in [`WANTED`]; loads nothing.
 pub fn search() -> Search {
     let places = places();
-    let libs = WANTED
+    let mut libs: Vec<Located> = WANTED
         .iter()
         .map(|w| {
             if let Some(path) = already_loaded(w) {
@@ -385,6 +406,13 @@ pub fn search() -> Search {
             Located { path, preloaded: false, other_majors: others }
         })
         .collect();
+    // cuBLASLt from cuBLAS's own folder: the two come from one release.
+    if let Some(dir) = libs[CUBLAS].path.as_ref().and_then(|p| p.parent()).filter(|_| !libs[CUBLAS].preloaded) {
+        let lt = dir.join(WANTED[CUBLAS_LT].soname());
+        if lt.is_file() && !libs[CUBLAS_LT].preloaded {
+            libs[CUBLAS_LT].path = Some(lt);
+        }
+    }
     Search { libs, places }
 }
 
@@ -466,4 +494,86 @@ fn load_uncached() -> Result<Loaded, String> {
         }
     }
     Ok(Loaded { search })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn touch(dir: &Path, name: &str) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, b"").unwrap();
+        p
+    }
+
+    #[test]
+    fn a_folder_gives_the_soname_or_an_unversioned_file_of_the_right_major() {
+        let t = tempfile::tempdir().unwrap();
+        let cublas = &WANTED[CUBLAS];
+        let mut others = Vec::new();
+        assert_eq!(look_in(t.path(), cublas, &mut others), None);
+
+        // Another major only: not taken, remembered.
+        let other = touch(t.path(), &format!("libcublas.so.{}", CUDA_MAJOR + 1));
+        assert_eq!(look_in(t.path(), cublas, &mut others), None);
+        assert_eq!(others, vec![other.clone()]);
+
+        // An unversioned link to another major is refused too.
+        let old = t.path().join("old");
+        std::fs::create_dir(&old).unwrap();
+        let real = touch(&old, &format!("libcublas.so.{}.0.1", CUDA_MAJOR - 1));
+        std::os::unix::fs::symlink(&real, old.join("libcublas.so")).unwrap();
+        let mut others_old = Vec::new();
+        assert_eq!(look_in(&old, cublas, &mut others_old), None);
+        assert_eq!(others_old, vec![real.clone()]);
+        let soname = old.join(format!("libcublas.so.{}", CUDA_MAJOR - 1));
+        std::os::unix::fs::symlink(&real, &soname).unwrap();
+        let mut others_old = Vec::new();
+        assert_eq!(look_in(&old, cublas, &mut others_old), None);
+        assert_eq!(others_old, vec![soname]);
+        assert_eq!(major_of(&old.join("libcublas.so"), "cublas"), Some(CUDA_MAJOR - 1));
+
+        // An unversioned file with no version anywhere is taken; the soname wins over it.
+        let plain = touch(t.path(), "libcublas.so");
+        assert_eq!(look_in(t.path(), cublas, &mut Vec::new()), Some(plain));
+        let exact = touch(t.path(), &cublas.soname());
+        assert_eq!(look_in(t.path(), cublas, &mut Vec::new()), Some(exact));
+        // cuBLASLt is not cuBLAS.
+        assert_eq!(look_in(&old, &WANTED[CUBLAS_LT], &mut Vec::new()), None);
+        // The driver is libcuda.so.1 whatever the CUDA version.
+        assert_eq!(WANTED[DRIVER].soname(), "libcuda.so.1");
+    }
+
+    #[test]
+    fn the_loader_cache_gives_the_folders_of_cuda_libraries_for_this_architecture() {
+        let out = "1234 libs found in cache `/etc/ld.so.cache'
+\tlibz.so.1 (libc6,x86-64) => /lib/x86_64-linux-gnu/libz.so.1
+\tlibcudart.so.12 (libc6,x86-64) => /opt/rt/libcudart.so.12
+\tlibcuda.so.1 (libc6,x86-64) => /usr/lib/x86_64-linux-gnu/libcuda.so.1
+\tlibcuda.so.1 (libc6) => /usr/lib/i386-linux-gnu/libcuda.so.1
+\tlibcublasLt.so.12 (libc6,x86-64) => /usr/local/cuda-12.4/lib64/libcublasLt.so.12
+\tlibcublas.so.12 (libc6,x86-64) => /usr/local/cuda-12.4/lib64/libcublas.so.12
+";
+        assert_eq!(
+            cache_dirs(out, "x86-64"),
+            vec![PathBuf::from("/usr/lib/x86_64-linux-gnu"), PathBuf::from("/usr/local/cuda-12.4/lib64")]
+        );
+    }
+
+    #[test]
+    fn a_missing_library_names_itself_what_to_do_and_every_place() {
+        let places = vec![
+            Place { source: "LD_LIBRARY_PATH".into(), dirs: vec![PathBuf::from("/a"), PathBuf::from("/b")], note: None },
+            Place { source: "CUDA_HOME".into(), dirs: vec![], note: Some("unset".into()) },
+        ];
+        let none = || Located { path: None, preloaded: false, other_majors: vec![] };
+        let mut libs: Vec<Located> = (0..WANTED.len()).map(|_| none()).collect();
+        libs[CUBLAS].other_majors = vec![PathBuf::from("/b/libcublas.so.99")];
+        let s = Search { libs, places };
+        let m = s.missing_message(CUBLAS);
+        assert!(m.starts_with(&format!("libcublas.so.{CUDA_MAJOR} (cuBLAS) not found; found /b/libcublas.so.99, another CUDA major version")), "{m}");
+        assert!(m.contains(&format!("pip install nvidia-cublas-cu{CUDA_MAJOR}")), "{m}");
+        assert!(m.ends_with("; searched: LD_LIBRARY_PATH (/a, /b); CUDA_HOME (unset)"), "{m}");
+        assert!(!m.contains('\n'));
+    }
 }
