@@ -209,3 +209,42 @@ fn env_without_a_gpu_succeeds_and_says_what_was_searched() {
     assert_eq!(v["driver"]["found"], false);
     assert_eq!(v["gpus"].as_array().map(Vec::len), Some(0));
 }
+
+/// A stand-in libcublasLt.so.12 (the emulator has none): a library with
+/// that soname exporting `cublasLtCreate`, built with the host compiler.
+fn fake_cublas_lt(dir: &Path) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let src = dir.join("lt.cpp");
+    std::fs::write(&src, "extern \"C\" int cublasLtCreate(void** h) { *h = nullptr; return 0; }\n").unwrap();
+    let out = dir.join("libcublasLt.so.12");
+    let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
+    let st = Command::new(&cxx).args(["-shared", "-fPIC", "-Wl,-soname,libcublasLt.so.12", "-o"]).arg(&out).arg(&src).status();
+    assert!(st.is_ok_and(|s| s.success()), "{cxx} could not build {}", out.display());
+    std::fs::remove_file(src).unwrap();
+    out
+}
+
+#[test]
+fn cublas_lt_comes_from_cublas_own_folder() {
+    // A wheel holding both, and another cuBLASLt earlier on LD_LIBRARY_PATH:
+    // the wheel's is loaded with its cuBLAS (one release), and env says so.
+    let t = tempfile::tempdir().unwrap();
+    let driver = t.path().join("driver");
+    link(&driver, "libcuda.so", "libcuda.so");
+    fake_cublas_lt(&driver);
+    let venv = t.path().join("venv");
+    let wheel = venv.join("lib/python3.12/site-packages/nvidia/cublas/lib");
+    link(&wheel, "libcublas.so.12", "libcublas.so");
+    let lt = fake_cublas_lt(&wheel);
+    let env = [("LD_LIBRARY_PATH", driver.as_path()), ("VIRTUAL_ENV", venv.as_path())];
+    let (code, json) = ferrotune(t.path(), &["env", "--json"], &env, &[]);
+    assert_eq!(code, Some(0), "{json}");
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap_or_else(|e| panic!("env --json is not JSON ({e}):\n{json}"));
+    assert_eq!(v["libraries"][1]["soname"], "libcublasLt.so.12");
+    assert_eq!(v["libraries"][1]["path"], lt.display().to_string());
+    assert_eq!(v["libraries"][2]["path"], wheel.join("libcublas.so.12").display().to_string());
+    assert_eq!(v["gpus"][0]["name"], "SIMT emulator (host CPU)");
+    // And a run starts with both loaded.
+    let (code, log) = ferrotune(t.path(), BENCH, &env, &[]);
+    assert_eq!(code, Some(0), "{log}");
+}
