@@ -175,6 +175,20 @@ fn env_names_the_emulated_gpu_and_the_libraries_it_loaded() {
     assert_eq!(v["gpus"][0]["compute_capability"], "9.0");
     assert_eq!(v["driver"]["cuda_version"], "12.4");
     assert_eq!(v["libraries"][2]["path"], home.join("lib64/libcublas.so.12").display().to_string());
+
+    // A GPU ferrotune cannot use is still listed, with what auto would do.
+    let (code, text) = ferrotune(t.path(), &["env"], &env, &[("FERROTUNE_SIMT_COMPUTE_CAPABILITY", "75")]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("(compute capability 7.5), 64.0 GiB (64.0 GiB free) — not usable: needs sm_80+"), "{text}");
+    assert!(text.contains("on this machine: --device auto stops: cuda:0 SIMT emulator (host CPU) (sm_75)"), "{text}");
+    // And with the driver but no cuBLAS: the GPU, and why it cannot train.
+    let (code, text) = ferrotune(t.path(), &["env"], &[("LD_LIBRARY_PATH", driver.as_path())], &[]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("cuda:0 SIMT emulator (host CPU) (compute capability 9.0)"), "{text}");
+    if !system_has("libcublas.so.12") {
+        assert!(text.contains("cannot train on it: libcublas.so.12 (cuBLAS) not found"), "{text}");
+        assert!(text.contains("on this machine: --device auto stops: libcublas.so.12 (cuBLAS) not found"), "{text}");
+    }
 }
 
 #[test]

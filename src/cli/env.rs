@@ -156,17 +156,22 @@ fn collect() -> Report {
         .map(|p| json!({"source": p.source, "dirs": p.dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>(), "note": p.note}))
         .collect();
     let (isa, targets, modules, entries) = kernel_facts();
-    let on_this_machine = match gpus.iter().find(|g| g.compute_capability.0 >= 8) {
-        Some(g) if loaded.is_ok() => format!("--device auto trains on {g}"),
-        Some(_) => format!("the GPU cannot be used: {}", loaded.as_ref().err().cloned().unwrap_or_default()),
+    // What --device auto does here: cuda:0 whenever the driver sees a GPU.
+    let on_this_machine = match gpus.first() {
         None => "--device auto trains on the CPU reference backend".to_string(),
+        Some(_) if loaded.is_err() => format!("--device auto stops: {}", loaded.as_ref().err().cloned().unwrap_or_default()),
+        Some(g) if g.compute_capability.0 < 8 || g.driver_version < device::MIN_DRIVER_VERSION => {
+            format!("--device auto stops: {g} is not usable (ferrotune needs sm_80 or newer and a driver >= 550); pass --device cpu")
+        }
+        Some(g) => format!("--device auto trains on {g}"),
     };
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let hf = crate::model::checkpoint::hf_cache().path().display().to_string();
     let datasets = crate::data::cache::default_dir(None).map(|p| p.display().to_string());
     let json = json!({
         "ferrotune": env!("CARGO_PKG_VERSION"),
-        "git": env!("FERROTUNE_GIT_HASH"),
+        // option_env: a build whose build script set no hash still compiles.
+        "git": option_env!("FERROTUNE_GIT_HASH").unwrap_or("unknown"),
         "cuda_build": CUDA_MAJOR,
         "os": os_words(),
         "cpu_threads": threads,
