@@ -224,18 +224,45 @@ fn env_without_a_gpu_succeeds_and_says_what_was_searched() {
     assert_eq!(v["gpus"].as_array().map(Vec::len), Some(0));
 }
 
-/// A stand-in libcublasLt.so.12 (the emulator has none): a library with
-/// that soname exporting `cublasLtCreate`, built with the host compiler.
-fn fake_cublas_lt(dir: &Path) -> PathBuf {
+/// A stand-in library `soname` in `dir` built from `source` (C++) with the
+/// host compiler.
+fn fake_lib(dir: &Path, soname: &str, source: &str) -> PathBuf {
     std::fs::create_dir_all(dir).unwrap();
-    let src = dir.join("lt.cpp");
-    std::fs::write(&src, "extern \"C\" int cublasLtCreate(void** h) { *h = nullptr; return 0; }\n").unwrap();
-    let out = dir.join("libcublasLt.so.12");
+    let src = dir.join("fake.cpp");
+    std::fs::write(&src, source).unwrap();
+    let out = dir.join(soname);
     let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
-    let st = Command::new(&cxx).args(["-shared", "-fPIC", "-Wl,-soname,libcublasLt.so.12", "-o"]).arg(&out).arg(&src).status();
+    let st = Command::new(&cxx).args(["-shared", "-fPIC", &format!("-Wl,-soname,{soname}"), "-o"]).arg(&out).arg(&src).status();
     assert!(st.is_ok_and(|s| s.success()), "{cxx} could not build {}", out.display());
     std::fs::remove_file(src).unwrap();
     out
+}
+
+/// A libcublasLt.so.12 (the emulator has none) exporting `cublasLtCreate`.
+fn fake_cublas_lt(dir: &Path) -> PathBuf {
+    fake_lib(dir, "libcublasLt.so.12", "extern \"C\" int cublasLtCreate(void** h) { *h = nullptr; return 0; }\n")
+}
+
+#[test]
+fn a_driver_missing_a_function_is_an_error_not_a_panic() {
+    // A libcuda.so.1 with cuInit and cuDriverGetVersion only: cudarc panics
+    // on the first function it lacks, and that must come out as an error.
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("lib");
+    fake_lib(
+        &dir,
+        "libcuda.so.1",
+        "extern \"C\" int cuInit(unsigned) { return 0; }\nextern \"C\" int cuDriverGetVersion(int* v) { *v = 12040; return 0; }\n",
+    );
+    let (code, text) = ferrotune(t.path(), &["env"], &[("LD_LIBRARY_PATH", &dir)], &[]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("driver: CUDA 12.4"), "{text}");
+    assert!(text.contains("error: counting CUDA devices: Missing symbol cuDeviceGetCount"), "{text}");
+    assert!(!text.contains("panicked"), "{text}");
+    fake_lib(&dir, "libcublas.so.12", "extern \"C\" int cublasCreate_v2(void** h) { *h = nullptr; return 0; }\n");
+    let (code, log) = ferrotune(t.path(), BENCH, &[("LD_LIBRARY_PATH", &dir)], &[]);
+    assert_ne!(code, Some(101), "{log}");
+    assert_refused("a driver without cuDeviceGetCount", &(code, log), &["--device cuda: starting the CUDA driver: Missing symbol cuDeviceGetCount"]);
 }
 
 #[test]

@@ -7,7 +7,7 @@
 use super::libs;
 use anyhow::{Context, Result, bail};
 use cudarc::driver::{CudaContext, sys};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Once};
 
 /// Oldest driver that loads the committed PTX (ISA 8.4 = CUDA 12.4).
 pub const MIN_DRIVER_VERSION: i32 = 12040;
@@ -46,27 +46,26 @@ impl std::fmt::Display for GpuInfo {
 }
 
 /// Runs `f`, turning a panic into an error that starts with `what` (cudarc
-/// panics where a library or symbol is missing). The default panic hook is
-/// silenced for the call, so no "panicked at" text reaches the user.
+/// panics where a library or symbol is missing). The panic hook stays quiet
+/// for panics of this thread inside the call, so no "panicked at" text
+/// reaches the user; other threads' panics are reported as usual.
 pub fn guarded<T>(what: &str, f: impl FnOnce() -> T) -> Result<T> {
     thread_local! {
-        // Nested calls: only the outermost swaps the hook (and holds the lock).
-        static DEPTH: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+        // How many guarded calls this thread is inside (they nest).
+        static QUIET: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
     }
-    static HOOK: Mutex<()> = Mutex::new(());
-    let outermost = DEPTH.with(|d| d.get()) == 0;
-    let _one_at_a_time = outermost.then(|| HOOK.lock().unwrap_or_else(|e| e.into_inner()));
-    let previous = outermost.then(|| {
-        let p = std::panic::take_hook();
-        std::panic::set_hook(Box::new(|_| {}));
-        p
+    static WRAP_HOOK: Once = Once::new();
+    WRAP_HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if QUIET.with(|q| q.get()) == 0 {
+                previous(info);
+            }
+        }));
     });
-    DEPTH.with(|d| d.set(d.get() + 1));
+    QUIET.with(|q| q.set(q.get() + 1));
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
-    DEPTH.with(|d| d.set(d.get() - 1));
-    if let Some(p) = previous {
-        std::panic::set_hook(p);
-    }
+    QUIET.with(|q| q.set(q.get() - 1));
     r.map_err(|p| {
         let msg = p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()));
         anyhow::anyhow!("{what}: {}", msg.unwrap_or_else(|| "the CUDA library failed".into()).replace('\n', " "))
@@ -194,21 +193,14 @@ mod tests {
     use super::guarded;
 
     #[test]
-    fn a_panic_inside_guarded_is_an_error_and_the_hook_comes_back() {
+    fn a_panic_inside_guarded_is_an_error() {
         let outer = guarded("outer", || guarded("inner", || -> u32 { panic!("no symbol {}", "cuFoo") }));
         let inner = outer.expect("the inner guard caught it");
         assert_eq!(inner.unwrap_err().to_string(), "inner: no symbol cuFoo");
-        let e = guarded("starting", || -> u32 { panic!("static text") }).unwrap_err();
-        assert_eq!(e.to_string(), "starting: static text");
+        let e = guarded("starting", || -> u32 { panic!("static text\nsecond line") }).unwrap_err();
+        assert_eq!(e.to_string(), "starting: static text second line");
         assert_eq!(guarded("fine", || 7).unwrap(), 7);
-        // The default hook is back: a panic outside a guard still reaches it.
-        let hook_ran = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let seen = hook_ran.clone();
-        let previous = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |_| seen.store(true, std::sync::atomic::Ordering::SeqCst)));
-        let _ = guarded("g", || 1);
-        let _ = std::panic::catch_unwind(|| panic!("outside"));
-        std::panic::set_hook(previous);
-        assert!(hook_ran.load(std::sync::atomic::Ordering::SeqCst));
+        // Outside a guard a panic unwinds as before.
+        assert!(std::panic::catch_unwind(|| panic!("outside")).is_err());
     }
 }
