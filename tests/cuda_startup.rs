@@ -263,6 +263,11 @@ fn a_driver_missing_a_function_is_an_error_not_a_panic() {
     let (code, log) = ferrotune(t.path(), BENCH, &[("LD_LIBRARY_PATH", &dir)], &[]);
     assert_ne!(code, Some(101), "{log}");
     assert_refused("a driver without cuDeviceGetCount", &(code, log), &["--device cuda: starting the CUDA driver: Missing symbol cuDeviceGetCount"]);
+    // --device auto does not quietly train on the CPU past a broken driver.
+    let mut auto = BENCH.to_vec();
+    auto[2] = "auto";
+    let auto = ferrotune(t.path(), &auto, &[("LD_LIBRARY_PATH", &dir)], &[]);
+    assert_refused("auto with a broken driver", &auto, &["a GPU is visible but could not be used", "Missing symbol cuDeviceGetCount"]);
 }
 
 #[test]

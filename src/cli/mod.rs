@@ -75,7 +75,7 @@ pub enum Opened {
 /// Open the backend `--device` names, and say on stderr what was opened.
 pub fn open_device(s: &str) -> Result<Opened> {
     let device = match parse_device(s)? {
-        Device::Auto if device::device_count() > 0 => Device::Cuda(0),
+        Device::Auto if device::auto_picks_gpu() => Device::Cuda(0),
         Device::Auto => Device::Cpu,
         d => d,
     };

@@ -87,6 +87,13 @@ pub fn device_count() -> usize {
     count_loaded().unwrap_or(0)
 }
 
+/// Whether `--device auto` should take cuda:0: a GPU is visible, or the
+/// driver is there but cannot even count them (then opening cuda:0 says
+/// why, instead of a silent fall back to the CPU).
+pub fn auto_picks_gpu() -> bool {
+    driver_present() && count_loaded().map(|n| n > 0).unwrap_or(true)
+}
+
 /// The driver's CUDA version (12040 for 12.4).
 pub fn driver_version() -> Result<i32> {
     let mut v: std::ffi::c_int = 0;
