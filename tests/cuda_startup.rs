@@ -294,3 +294,38 @@ fn cublas_lt_comes_from_cublas_own_folder() {
     let (code, log) = ferrotune(t.path(), BENCH, &env, &[]);
     assert_eq!(code, Some(0), "{log}");
 }
+
+/// Puts a `python3` script on the PATH `ferrotune` gives the binary.
+fn fake_python(cwd: &Path, body: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    let bin = cwd.join("empty-bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let p = bin.join("python3");
+    std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+#[test]
+fn the_wheels_of_the_python3_on_path_are_searched_and_a_hung_python3_is_not_waited_for() {
+    let t = tempfile::tempdir().unwrap();
+    let driver = t.path().join("driver");
+    link(&driver, "libcuda.so", "libcuda.so");
+    let site = t.path().join("site-packages");
+    let wheel = site.join("nvidia/cublas/lib");
+    link(&wheel, "libcublas.so.12", "libcublas.so");
+    fake_python(t.path(), &format!("echo {}\necho /nonexistent/user-site", site.display()));
+    let env = [("LD_LIBRARY_PATH", driver.as_path())];
+    let (code, text) = ferrotune(t.path(), &["env"], &env, &[]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains(&format!("python3 site-packages: {}", wheel.display())), "{text}");
+    assert!(text.contains(&format!("libcublas.so.12    {}", wheel.join("libcublas.so.12").display())), "{text}");
+
+    // A python3 that never answers costs its timeout (3 s), not a hang.
+    fake_python(t.path(), "/bin/sleep 30");
+    let start = std::time::Instant::now();
+    let (code, text) = ferrotune(t.path(), &["env"], &env, &[]);
+    assert_eq!(code, Some(0), "{text}");
+    let waited = start.elapsed();
+    assert!(waited >= std::time::Duration::from_secs(3) && waited < std::time::Duration::from_secs(20), "env waited {waited:?}");
+    assert!(text.contains("python3 site-packages: (no python3 on PATH answered)"), "{text}");
+}

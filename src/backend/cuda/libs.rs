@@ -160,19 +160,20 @@ fn output_within(mut cmd: Command, limit: Duration) -> Option<String> {
         std::io::Read::read_to_string(&mut stdout, &mut out).ok().map(|_| out)
     });
     let start = Instant::now();
-    let status = loop {
+    loop {
         match child.try_wait() {
-            Ok(Some(status)) => break Some(status),
+            Ok(Some(status)) if status.success() => return reader.join().ok().flatten(),
+            Ok(Some(_)) => return None,
             Ok(None) if start.elapsed() < limit => std::thread::sleep(Duration::from_millis(10)),
             _ => {
+                // Not joined: a grandchild (a shell script's) may hold the
+                // pipe open long after the child is gone.
                 let _ = child.kill();
                 let _ = child.wait();
-                break None;
+                return None;
             }
         }
-    };
-    let out = reader.join().ok().flatten();
-    status.filter(|s| s.success()).and(out)
+    }
 }
 
 fn env_dirs(var: &str) -> Place {
