@@ -329,3 +329,21 @@ fn the_wheels_of_the_python3_on_path_are_searched_and_a_hung_python3_is_not_wait
     assert!(waited >= std::time::Duration::from_secs(3) && waited < std::time::Duration::from_secs(20), "env waited {waited:?}");
     assert!(text.contains("python3 site-packages: (no python3 on PATH answered)"), "{text}");
 }
+
+#[test]
+fn env_into_a_closed_pipe_is_not_a_panic() {
+    // `ferrotune env | head -1`: the reader is gone before the report is written.
+    let t = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ferrotune"))
+        .arg("env")
+        .current_dir(t.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run ferrotune env");
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

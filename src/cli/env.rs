@@ -206,23 +206,31 @@ fn s(v: &Value) -> String {
     }
 }
 
-fn print_text(r: &Report) {
+/// The report as text, written at once by [`run`].
+fn text(r: &Report) -> String {
+    let mut o = String::new();
+    macro_rules! p {
+        ($($t:tt)*) => {{
+            o.push_str(&format!($($t)*));
+            o.push('\n');
+        }};
+    }
     let j = &r.json;
-    println!("ferrotune {} (git {}), built for CUDA {}", s(&j["ferrotune"]), s(&j["git"]), j["cuda_build"]);
-    println!("OS: {}", s(&j["os"]));
-    println!("CPU: {} threads (rayon uses {})", j["cpu_threads"], j["rayon_threads"]);
-    println!();
-    println!("GPUs:");
+    p!("ferrotune {} (git {}), built for CUDA {}", s(&j["ferrotune"]), s(&j["git"]), j["cuda_build"]);
+    p!("OS: {}", s(&j["os"]));
+    p!("CPU: {} threads (rayon uses {})", j["cpu_threads"], j["rayon_threads"]);
+    p!("");
+    p!("GPUs:");
     let driver = &j["driver"];
     if driver["found"] == Value::Bool(true) {
-        println!("  driver: CUDA {}", s(&driver["cuda_version"]));
+        p!("  driver: CUDA {}", s(&driver["cuda_version"]));
         let gpus = j["gpus"].as_array().cloned().unwrap_or_default();
         if gpus.is_empty() {
-            println!("  the driver sees no GPU");
+            p!("  the driver sees no GPU");
         }
         for g in gpus {
             let gib = |k: &str| g[k].as_f64().unwrap_or(0.0) / (1u64 << 30) as f64;
-            println!(
+            p!(
                 "  cuda:{} {} (compute capability {}), {:.1} GiB ({:.1} GiB free){}",
                 g["ordinal"],
                 s(&g["name"]),
@@ -233,17 +241,17 @@ fn print_text(r: &Report) {
             );
         }
         if !j["gpu_error"].is_null() {
-            println!("  error: {}", s(&j["gpu_error"]));
+            p!("  error: {}", s(&j["gpu_error"]));
         }
         if !driver["error"].is_null() {
-            println!("  cannot train on it: {}", s(&driver["error"]));
+            p!("  cannot train on it: {}", s(&driver["error"]));
         }
     } else {
-        println!("  no CUDA driver found (libcuda.so.1): the CPU backend runs; places searched are listed below");
+        p!("  no CUDA driver found (libcuda.so.1): the CPU backend runs; places searched are listed below");
     }
-    println!("  CUDA_VISIBLE_DEVICES: {}", if j["cuda_visible_devices"].is_null() { "unset".into() } else { s(&j["cuda_visible_devices"]) });
-    println!();
-    println!("CUDA libraries (this build needs CUDA {}):", j["cuda_build"]);
+    p!("  CUDA_VISIBLE_DEVICES: {}", if j["cuda_visible_devices"].is_null() { "unset".into() } else { s(&j["cuda_visible_devices"]) });
+    p!("");
+    p!("CUDA libraries (this build needs CUDA {}):", j["cuda_build"]);
     for l in j["libraries"].as_array().into_iter().flatten() {
         let mut line = format!("  {:<18} ", s(&l["soname"]));
         if l["path"].is_null() {
@@ -261,18 +269,18 @@ fn print_text(r: &Report) {
         if !l["note"].is_null() {
             line += &format!(" [{}]", s(&l["note"]));
         }
-        println!("{line}");
+        p!("{line}");
     }
-    println!("  searched, in order:");
+    p!("  searched, in order:");
     for p in j["searched"].as_array().into_iter().flatten() {
         let dirs: Vec<String> = p["dirs"].as_array().into_iter().flatten().map(s).collect();
         let what = if dirs.is_empty() { format!("({})", s(&p["note"])) } else { dirs.join(", ") };
-        println!("    {}: {what}", s(&p["source"]));
+        p!("    {}: {what}", s(&p["source"]));
     }
-    println!();
+    p!("");
     let k = &j["kernels"];
     let list = |v: &Value| v.as_array().into_iter().flatten().map(s).collect::<Vec<_>>().join(", ");
-    println!(
+    p!(
         "Kernels: {} PTX modules, {} kernels; PTX ISA {}, target {} (the driver JIT-compiles them for newer GPUs)",
         k["modules"],
         k["kernels"],
@@ -280,23 +288,24 @@ fn print_text(r: &Report) {
         list(&k["targets"])
     );
     let p = &j["paths"];
-    println!("Paths:");
-    println!("  attention (GPU): {}", s(&p["attention"]));
-    println!("  GEMM (GPU): {}", s(&p["gemm_gpu"]));
-    println!("  CPU: {}", s(&p["cpu"]));
-    println!("  on this machine: {}", s(&p["on_this_machine"]));
-    println!();
-    println!("Caches:");
-    println!("  HuggingFace hub: {} (HF_HUB_CACHE, HF_HOME)", s(&j["caches"]["huggingface_hub"]));
-    println!("  prepared datasets: {} (dataset_prepared_path in a config overrides)", s(&j["caches"]["prepared_datasets"]));
+    p!("Paths:");
+    p!("  attention (GPU): {}", s(&p["attention"]));
+    p!("  GEMM (GPU): {}", s(&p["gemm_gpu"]));
+    p!("  CPU: {}", s(&p["cpu"]));
+    p!("  on this machine: {}", s(&p["on_this_machine"]));
+    p!("");
+    p!("Caches:");
+    p!("  HuggingFace hub: {} (HF_HUB_CACHE, HF_HOME)", s(&j["caches"]["huggingface_hub"]));
+    p!("  prepared datasets: {} (dataset_prepared_path in a config overrides)", s(&j["caches"]["prepared_datasets"]));
+    o
 }
 
 pub fn run(a: EnvArgs) -> Result<()> {
     let r = collect();
-    if a.json {
-        println!("{}", serde_json::to_string_pretty(&r.json)?);
-    } else {
-        print_text(&r);
+    let out = if a.json { serde_json::to_string_pretty(&r.json)? + "\n" } else { text(&r) };
+    // Often piped into head or grep: a closed pipe is not an error.
+    match std::io::Write::write_all(&mut std::io::stdout().lock(), out.as_bytes()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
     }
-    Ok(())
 }
