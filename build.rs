@@ -29,6 +29,27 @@ fn main() {
         regenerate_ptx(&root, &venv);
     }
     embed_ptx(&root);
+    embed_git_hash(&root);
+}
+
+/// `FERROTUNE_GIT_HASH` for `ferrotune env`: the short commit hash, or
+/// "unknown" outside a git checkout (a crates.io or tarball build).
+fn embed_git_hash(root: &Path) {
+    let git = |args: &[&str]| -> Option<String> {
+        let out = Command::new("git").args(args).current_dir(root).output().ok()?;
+        let s = String::from_utf8(out.stdout).ok()?.trim().to_string();
+        (out.status.success() && !s.is_empty()).then_some(s)
+    };
+    let hash = git(&["rev-parse", "--short", "HEAD"]).unwrap_or_else(|| "unknown".into());
+    // Rebuild when HEAD moves: HEAD itself (a checkout) and the branch it names (a commit).
+    let mut watch = vec!["HEAD".to_string()];
+    watch.extend(git(&["symbolic-ref", "-q", "HEAD"]));
+    for w in watch {
+        if let Some(p) = git(&["rev-parse", "--git-path", &w]).map(|p| root.join(p)).filter(|p| p.exists()) {
+            println!("cargo::rerun-if-changed={}", p.display());
+        }
+    }
+    println!("cargo::rustc-env=FERROTUNE_GIT_HASH={hash}");
 }
 
 /// The venv holding the pinned NVRTC, if regeneration is wanted and possible.

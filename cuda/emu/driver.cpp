@@ -54,6 +54,9 @@ static int env_int(const char* name, int fallback) {
 }
 static int driver_version() { return env_int("FERROTUNE_SIMT_DRIVER_VERSION", 12040); }
 static int compute_capability() { return env_int("FERROTUNE_SIMT_COMPUTE_CAPABILITY", 90); }
+// FERROTUNE_SIMT_DEVICE_COUNT (e.g. 2) shows that many GPUs, for the test of
+// the note ferrotune prints when several are visible.
+static int device_count() { return env_int("FERROTUNE_SIMT_DEVICE_COUNT", 1); }
 
 struct FakeStream {};
 struct FakeEvent {
@@ -181,11 +184,12 @@ CUresult cuDriverGetVersion(int* v) {
     return CUDA_SUCCESS;
 }
 CUresult cuDeviceGetCount(int* n) {
-    *n = 1;
+    *n = device_count();
     return CUDA_SUCCESS;
 }
 CUresult cuDeviceGet(CUdevice* d, int ordinal) {
-    if (ordinal != 0) return CUDA_ERROR_INVALID_DEVICE;
+    if (ordinal < 0 || ordinal >= device_count()) return CUDA_ERROR_INVALID_DEVICE;
+    // Every ordinal is the same emulated device (one set of buffers).
     *d = 0;
     return CUDA_SUCCESS;
 }

@@ -175,6 +175,9 @@ fn bench_on<B: Backend, P: Backend>(be: &B, a: &BenchArgs, profiler: Option<&Pro
     }
     let (cfg, lc) = model_and_adapter(a)?;
     let spec_family = cfg.family.family.clone();
+    if mem.gpu {
+        eprintln!("attention: {}", crate::backend::cuda::attention_path(cfg.head_dim));
+    }
     let base = base_weights(a);
     // Predict the peak before anything is allocated; refuse what cannot fit.
     let mut shape = if mem.gpu { RunShape::bf16(a.micro_batch, a.seq_len) } else { RunShape::cpu(a.micro_batch, a.seq_len) };

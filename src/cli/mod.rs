@@ -1,6 +1,7 @@
 //! The `ferrotune` command line.
 
 mod bench;
+mod env;
 mod eval;
 mod generate;
 mod merge;
@@ -45,6 +46,8 @@ enum Command {
     Quantize(quantize::QuantizeArgs),
     /// Draw a run's metrics.jsonl as a PNG (loss, eval loss, lr, grad norm, tokens/s, rewards).
     Plot(plot::PlotArgs),
+    /// What a bug report needs: version, OS, GPUs, CUDA libraries, kernels, caches.
+    Env(env::EnvArgs),
 }
 
 /// Which backend runs the model.
@@ -78,7 +81,7 @@ pub enum Opened {
 /// Open the backend `--device` names, and say on stderr what was opened.
 pub fn open_device(s: &str) -> Result<Opened> {
     let device = match parse_device(s)? {
-        Device::Auto if device::device_count() > 0 => Device::Cuda(0),
+        Device::Auto if device::auto_picks_gpu() => Device::Cuda(0),
         Device::Auto => Device::Cpu,
         d => d,
     };
@@ -89,7 +92,10 @@ pub fn open_device(s: &str) -> Result<Opened> {
                 if s == "auto" { "a GPU is visible but could not be used (pass --device cpu to run on the CPU)".to_string() }
                 else { format!("--device {s}") }
             })?;
-            eprintln!("device: {}; {} kernels loaded", be.info, be.kernel_count());
+            eprintln!("device: {}; {} kernels loaded; {}", be.info, be.kernel_count(), env::gpu_paths(&be.info));
+            if let Some(note) = env::single_gpu_note(n) {
+                eprintln!("{note}");
+            }
             Ok(Opened::Cuda(be))
         }
     }
@@ -108,5 +114,6 @@ pub fn run() -> Result<()> {
         Command::Merge(a) => merge::run(a),
         Command::Quantize(a) => quantize::run(a),
         Command::Plot(a) => plot::run(a),
+        Command::Env(a) => env::run(a),
     }
 }

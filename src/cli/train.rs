@@ -123,6 +123,9 @@ fn train_on<B: Backend>(be: &B, cfg: &RunConfig, gpu: Option<GpuMemory>) -> Resu
     // model_type / tokenizer_type / tokenizer_config against the files, before any weight is read.
     let tokenizer_dir = config::check_checkpoint(cfg, &model_dir)?;
     let ckpt = Checkpoint::open(&model_dir)?;
+    if gpu.is_some() {
+        eprintln!("attention: {}", crate::backend::cuda::attention_path(ckpt.config.head_dim));
+    }
     let base = base_weights(cfg, &ckpt)?;
     let output_dir = PathBuf::from(&cfg.output_dir);
     refuse_input_dirs(cfg, &model_dir, &output_dir)?;

@@ -35,6 +35,22 @@ pub fn configure(be: &CudaBackend) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The attention kernels in one phrase, for the start-up line and `ferrotune env`.
+pub const SUMMARY: &str =
+    "flash attention, fused (tensor-core kernels for head_dim 64 and 128, a fused generic kernel for other head_dim <= 256)";
+
+/// Which attention kernel a model of `head_dim` runs, in words: a model
+/// off the tensor-core sizes is told so, never left to a silent fallback.
+pub fn path_for(head_dim: usize) -> String {
+    match head_dim {
+        64 | 128 => format!("flash attention, fused, tensor cores (head_dim {head_dim})"),
+        d if (1..=256).contains(&d) => {
+            format!("flash attention, fused, generic kernel without tensor cores (head_dim {d}; tensor-core kernels cover 64 and 128)")
+        }
+        d => format!("none: head_dim {d} is over the kernels' limit of 256"),
+    }
+}
+
 /// "d64", "d128" or "generic".
 fn kind(head_dim: usize) -> &'static str {
     match head_dim {

@@ -158,8 +158,13 @@ struct Operand {
 
 impl CudaBackend {
     /// Open GPU `ordinal`, load every kernel and create the cuBLAS handle.
+    /// Whatever is missing or broken, this returns an error, never panics.
     pub fn new(ordinal: usize) -> Result<CudaBackend> {
         let (ctx, info) = device::open(ordinal)?;
+        device::guarded("starting the CUDA backend", || Self::start(ctx, info))?
+    }
+
+    fn start(ctx: Arc<CudaContext>, info: GpuInfo) -> Result<CudaBackend> {
         // One stream: cudarc's cross-stream event tracking is not needed.
         // SAFETY: every buffer of this backend is used on `stream` only.
         unsafe { ctx.disable_event_tracking() };

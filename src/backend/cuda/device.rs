@@ -1,10 +1,13 @@
 //! Finding the GPU: whether the CUDA driver library is present at all
-//! (cudarc panics on first use when it is not, so this is checked first),
-//! and what the chosen device is.
+//! (cudarc panics on first use when it is not, so src/backend/cuda/libs.rs
+//! finds and loads it first), and what the chosen device is. Every cudarc
+//! call of the start-up runs inside [`guarded`], so a panic in cudarc (a
+//! missing symbol, say) becomes an error.
 
+use super::libs;
 use anyhow::{Context, Result, bail};
 use cudarc::driver::{CudaContext, sys};
-use std::sync::Arc;
+use std::sync::{Arc, Once};
 
 /// Oldest driver that loads the committed PTX (ISA 8.4 = CUDA 12.4).
 pub const MIN_DRIVER_VERSION: i32 = 12040;
@@ -42,25 +45,61 @@ impl std::fmt::Display for GpuInfo {
     }
 }
 
-/// Whether libcuda can be loaded (no panic when it cannot).
-pub fn driver_present() -> bool {
-    // SAFETY: only tries to dlopen the driver library.
-    unsafe { sys::is_culib_present() }
+/// Runs `f`, turning a panic into an error that starts with `what` (cudarc
+/// panics where a library or symbol is missing). The panic hook stays quiet
+/// for panics of this thread inside the call, so no "panicked at" text
+/// reaches the user; other threads' panics are reported as usual.
+pub fn guarded<T>(what: &str, f: impl FnOnce() -> T) -> Result<T> {
+    thread_local! {
+        // How many guarded calls this thread is inside (they nest).
+        static QUIET: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+    }
+    static WRAP_HOOK: Once = Once::new();
+    WRAP_HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if QUIET.with(|q| q.get()) == 0 {
+                previous(info);
+            }
+        }));
+    });
+    QUIET.with(|q| q.set(q.get() + 1));
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    QUIET.with(|q| q.set(q.get() - 1));
+    r.map_err(|p| {
+        let msg = p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()));
+        anyhow::anyhow!("{what}: {}", msg.unwrap_or_else(|| "the CUDA library failed".into()).replace('\n', " "))
+    })
 }
 
-/// Number of visible GPUs; 0 when there is no driver.
+/// Whether the CUDA driver was found and loaded (no panic when not), even
+/// if cuBLAS was not: `--device auto` then picks the GPU and its start-up
+/// says what is missing instead of falling back to the CPU in silence.
+pub fn driver_present() -> bool {
+    libs::load().is_ok() || libs::load_driver(libs::the_search()).is_ok()
+}
+
+/// Number of visible GPUs; 0 when there is no driver or it cannot count.
 pub fn device_count() -> usize {
     if !driver_present() {
         return 0;
     }
-    CudaContext::device_count().map(|n| n.max(0) as usize).unwrap_or(0)
+    count_loaded().unwrap_or(0)
 }
 
-fn driver_version() -> Result<i32> {
+/// Whether `--device auto` should take cuda:0: a GPU is visible, or the
+/// driver is there but cannot even count them (then opening cuda:0 says
+/// why, instead of a silent fall back to the CPU).
+pub fn auto_picks_gpu() -> bool {
+    driver_present() && count_loaded().map(|n| n > 0).unwrap_or(true)
+}
+
+/// The driver's CUDA version (12040 for 12.4).
+pub fn driver_version() -> Result<i32> {
     let mut v: std::ffi::c_int = 0;
     // SAFETY: the driver library is loaded (checked by the caller) and the
     // pointer is to a live c_int.
-    let r = unsafe { sys::cuDriverGetVersion(&mut v) };
+    let r = guarded("reading the driver version", || unsafe { sys::cuDriverGetVersion(&mut v) })?;
     if r != sys::CUresult::CUDA_SUCCESS {
         bail!("cuDriverGetVersion failed: {r:?}");
     }
@@ -69,12 +108,12 @@ fn driver_version() -> Result<i32> {
 
 /// Open device `ordinal`, with one clear error for each way it can fail.
 pub fn open(ordinal: usize) -> Result<(Arc<CudaContext>, GpuInfo)> {
-    if !driver_present() {
-        bail!(
-            "no CUDA driver found (libcuda.so could not be loaded); install the NVIDIA driver (>= 550) \
-             or run with --device cpu"
-        );
-    }
+    libs::load().map_err(|e| anyhow::anyhow!(e))?;
+    guarded("starting the CUDA driver", || open_loaded(ordinal))?
+}
+
+/// [`open`] once the libraries are loaded.
+fn open_loaded(ordinal: usize) -> Result<(Arc<CudaContext>, GpuInfo)> {
     let version = driver_version()?;
     if version < MIN_DRIVER_VERSION {
         bail!(
@@ -95,19 +134,37 @@ pub fn open(ordinal: usize) -> Result<(Arc<CudaContext>, GpuInfo)> {
         }
         bail!("there are only {count} GPUs (cuda:0 .. cuda:{})", count - 1);
     }
+    let (ctx, info) = probe_loaded(ordinal, version)?;
+    if info.compute_capability.0 < 8 {
+        bail!(
+            "{} has compute capability {}.{}; ferrotune's kernels need sm_80 or newer (A100, RTX 30xx/40xx, H100); \
+             run with --device cpu",
+            info.name,
+            info.compute_capability.0,
+            info.compute_capability.1
+        );
+    }
+    Ok((ctx, info))
+}
+
+/// What GPU `ordinal` is, without [`open`]'s refusals (for `ferrotune env`;
+/// the caller has loaded the driver).
+pub fn probe(ordinal: usize) -> Result<GpuInfo> {
+    guarded("reading the GPU", || probe_loaded(ordinal, driver_version()?).map(|(_, info)| info))?
+}
+
+/// Number of visible GPUs once the caller has loaded the driver.
+pub fn count_loaded() -> Result<usize> {
+    let n = guarded("counting CUDA devices", CudaContext::device_count)?.map_err(|e| anyhow::anyhow!("cannot count CUDA devices: {e:?}"))?;
+    Ok(n.max(0) as usize)
+}
+
+fn probe_loaded(ordinal: usize, driver_version: i32) -> Result<(Arc<CudaContext>, GpuInfo)> {
     let ctx = CudaContext::new(ordinal).map_err(|e| anyhow::anyhow!("cannot create a CUDA context on cuda:{ordinal}: {e:?}"))?;
     let name = ctx.name().map_err(|e| anyhow::anyhow!("{e:?}")).context("reading the GPU name")?;
     let (free_bytes, total_bytes) = ctx.mem_get_info().map_err(|e| anyhow::anyhow!("{e:?}")).context("reading GPU memory")?;
     let compute_capability = ctx.compute_capability().map_err(|e| anyhow::anyhow!("{e:?}"))?;
-    if compute_capability.0 < 8 {
-        bail!(
-            "{name} has compute capability {}.{}; ferrotune's kernels need sm_80 or newer (A100, RTX 30xx/40xx, H100); \
-             run with --device cpu",
-            compute_capability.0,
-            compute_capability.1
-        );
-    }
-    let info = GpuInfo { ordinal, name, total_bytes, free_bytes, driver_version: version, compute_capability };
+    let info = GpuInfo { ordinal, name, total_bytes, free_bytes, driver_version, compute_capability };
     Ok((ctx, info))
 }
 
@@ -136,4 +193,21 @@ pub fn hbm_bandwidth_tb_s(name: &str) -> Option<f64> {
     let n = name.to_ascii_lowercase();
     let table: &[(&str, f64)] = &[("h200", 4.8), ("gh200", 4.0), ("h100", 3.35), ("a100", 2.0), ("a800", 2.0), ("rtx 4090", 1.0)];
     table.iter().find(|(k, _)| n.contains(k)).map(|(_, v)| *v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::guarded;
+
+    #[test]
+    fn a_panic_inside_guarded_is_an_error() {
+        let outer = guarded("outer", || guarded("inner", || -> u32 { panic!("no symbol {}", "cuFoo") }));
+        let inner = outer.expect("the inner guard caught it");
+        assert_eq!(inner.unwrap_err().to_string(), "inner: no symbol cuFoo");
+        let e = guarded("starting", || -> u32 { panic!("static text\nsecond line") }).unwrap_err();
+        assert_eq!(e.to_string(), "starting: static text second line");
+        assert_eq!(guarded("fine", || 7).unwrap(), 7);
+        // Outside a guard a panic unwinds as before.
+        assert!(std::panic::catch_unwind(|| panic!("outside")).is_err());
+    }
 }

@@ -3,6 +3,8 @@
 mod attention;
 pub mod backend;
 pub mod device;
+pub mod libs;
 mod nf4;
 
+pub use attention::{SUMMARY as ATTENTION_SUMMARY, path_for as attention_path};
 pub use backend::{CudaBackend, CudaBuf, CudaWeight};
