@@ -13,7 +13,6 @@ use crate::model::batch::Sequence;
 use crate::util::rng::Rng;
 use anyhow::{Context, Result, bail};
 use rayon::prelude::*;
-use serde_json::Value;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
