@@ -219,9 +219,10 @@ where
         .y_desc(p.spec.y_label)
         .axis_desc_style((FONT, 14))
         .label_style((FONT, 12))
-        .x_label_formatter(&|v| tick(*v))
-        .y_label_formatter(&|v| tick(*v))
-        .x_labels(8)
+        .x_label_formatter(&|v| tick(*v, xs.1 - xs.0))
+        .y_label_formatter(&|v| tick(*v, ys.1 - ys.0))
+        // Steps are whole numbers: no more labels than steps in a short run.
+        .x_labels(((xs.1 - xs.0).ceil() as usize + 1).clamp(2, 8))
         .y_labels(6)
         .draw()?;
     let columns = chart.plotting_area().dim_in_pixel().0 as usize;
@@ -321,20 +322,26 @@ fn range(values: impl Iterator<Item = f64>) -> (f64, f64) {
     (lo - p, hi + p)
 }
 
-/// A tick label: plain for ordinary magnitudes, scientific for learning
-/// rates and the like.
-fn tick(v: f64) -> String {
+/// A tick label with the decimals the axis's spacing needs, so that close
+/// values (a DPO loss moving in its fourth decimal) stay apart: plain for
+/// ordinary magnitudes, scientific for learning rates and the like. A value
+/// within a thousandth of a spacing of zero is float noise, shown as 0.
+fn tick(v: f64, span: f64) -> String {
+    let spacing = (span / 6.0).abs().max(f64::MIN_POSITIVE);
     let a = v.abs();
-    if a == 0.0 {
-        "0".into()
-    } else if !(1e-2..1e5).contains(&a) {
-        format!("{v:.1e}")
-    } else if a >= 100.0 || v.fract() == 0.0 {
-        format!("{v:.0}")
-    } else {
-        let s = format!("{v:.3}");
-        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    if a < spacing * 1e-3 {
+        return "0".into();
     }
+    if !(1e-2..1e5).contains(&a) {
+        let digits = ((a / spacing).log10().ceil().max(1.0) as usize).min(6);
+        return format!("{v:.*e}", digits);
+    }
+    let decimals = (-spacing.log10()).ceil().clamp(0.0, 6.0) as usize;
+    if decimals == 0 {
+        return format!("{v:.0}");
+    }
+    let s = format!("{v:.decimals$}");
+    s.trim_end_matches('0').trim_end_matches('.').to_string()
 }
 
 fn register_font() -> Result<()> {
@@ -429,11 +436,16 @@ mod tests {
         assert_eq!(range([0.0, 0.0].into_iter()), (-1.0, 1.0));
         let (lo, hi) = range([1.0, 11.0, 5.0].into_iter());
         assert!((lo - 0.7).abs() < 1e-12 && (hi - 11.3).abs() < 1e-12, "{lo} {hi}");
-        assert_eq!(tick(0.005), "5.0e-3");
-        assert_eq!(tick(2.5), "2.5");
-        assert_eq!(tick(40.0), "40");
-        assert_eq!(tick(12345.6), "12346");
-        assert_eq!(tick(0.0), "0");
+        assert_eq!(tick(0.005, 0.006), "5.0e-3");
+        assert_eq!(tick(2.5, 3.0), "2.5");
+        assert_eq!(tick(40.0, 100.0), "40");
+        assert_eq!(tick(12345.6, 2000.0), "12346");
+        assert_eq!(tick(0.0, 1.0), "0");
+        // A loss moving in its fourth decimal keeps its ticks apart.
+        assert_eq!((tick(0.69285, 0.0003), tick(0.6929, 0.0003)), ("0.69285".into(), "0.6929".into()));
+        // Float noise next to zero is zero.
+        assert_eq!(tick(-1.1e-19, 5e-4), "0");
+        assert_eq!(tick(2e-7, 1e-6), "2.0e-7");
     }
 
     #[test]
