@@ -74,20 +74,22 @@ pub struct BenchArgs {
     plan_only: bool,
 }
 
-/// Memory the kernel says a new allocation can take (Linux MemAvailable), in bytes.
-fn host_available_bytes() -> Option<u64> {
-    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+/// A "Key:   N kB" line of a Linux /proc file, in bytes.
+fn proc_kb(file: &str, key: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(file).ok()?;
+    let line = text.lines().find(|l| l.strip_prefix(key).is_some_and(|rest| rest.starts_with(':')))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
 }
 
+/// Memory the kernel says a new allocation can take (Linux MemAvailable), in bytes.
+fn host_available_bytes() -> Option<u64> {
+    proc_kb("/proc/meminfo", "MemAvailable")
+}
+
 /// Peak resident memory of this process (Linux VmHWM), in bytes.
 pub fn peak_rss_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
+    proc_kb("/proc/self/status", "VmHWM")
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
@@ -155,7 +157,7 @@ fn base_weights(a: &BenchArgs) -> BaseWeights {
 fn model_and_adapter(a: &BenchArgs) -> Result<(crate::model::config::ModelConfig, LoraConfig)> {
     let mut spec = synth::preset(&a.preset)?;
     if let Some(l) = a.layers {
-        ensure!(l > 0 && l <= 1024, "--layers must be between 1 and 1024 (got {l})");
+        ensure!(l > 0 && l <= synth::MAX_LAYERS, "--layers must be between 1 and {} (got {l})", synth::MAX_LAYERS);
         spec.layers = l;
     }
     let cfg = synth::model_config(&spec)?;

@@ -51,7 +51,8 @@ pub fn run(a: PreprocessArgs) -> Result<()> {
     let cfg = loaded.config;
     let model_dir = checkpoint::resolve_model_dir(&cfg.base_model, &checkpoint::hf_cache())?;
     let vocab = checkpoint::read_config(&model_dir)?.vocab;
-    let tokenizer_dir = cfg.tokenizer_config.as_ref().map(PathBuf::from).unwrap_or_else(|| model_dir.clone());
+    // model_type / tokenizer_type / tokenizer_config checked as train checks them.
+    let tokenizer_dir = config::check_checkpoint(&cfg, &model_dir)?;
     let supervised = cfg.objective()?.is_none();
     let (train, val, report) = prepare_data(&cfg, &tokenizer_dir, vocab)?;
 
@@ -98,14 +99,17 @@ pub fn run(a: PreprocessArgs) -> Result<()> {
     Ok(())
 }
 
-/// The sequences each example of a split puts through the model.
-fn sequences(examples: &Examples) -> Vec<Sequence> {
-    match examples {
-        Examples::Sequences(s) => s.clone(),
-        Examples::Pairs(p) => p.iter().flat_map(|p| p.sequences()).collect(),
-        Examples::Kto(k) => k.iter().map(|e| e.sequence()).collect(),
-        Examples::Reward(r) => r.iter().flat_map(|p| [Sequence::unmasked(p.chosen.clone()), Sequence::unmasked(p.rejected.clone())]).collect(),
-    }
+/// Tokens and trained tokens of a split, over the sequences each example
+/// puts through the model (SFT sequences counted in place, not copied).
+fn token_counts(examples: &Examples) -> (usize, usize) {
+    let count = |s: &Sequence| (s.input_ids.len(), s.trained_tokens());
+    let per_seq: Vec<(usize, usize)> = match examples {
+        Examples::Sequences(s) => s.iter().map(count).collect(),
+        Examples::Pairs(p) => p.iter().flat_map(|p| p.sequences()).map(|s| count(&s)).collect(),
+        Examples::Kto(k) => k.iter().map(|e| count(&e.sequence())).collect(),
+        Examples::Reward(r) => r.iter().flat_map(|p| [p.chosen.len(), p.rejected.len()]).map(|n| (n, n.saturating_sub(1))).collect(),
+    };
+    per_seq.iter().fold((0, 0), |(t, tr), (a, b)| (t + a, tr + b))
 }
 
 /// One line for a split: examples, tokens and (but for a reward model,
@@ -119,13 +123,11 @@ fn split_line(name: &str, examples: &Examples) -> String {
     if examples.is_empty() {
         return format!("{name}: 0 {unit}\n");
     }
-    let seqs = sequences(examples);
-    let tokens: usize = seqs.iter().map(|s| s.input_ids.len()).sum();
+    let (tokens, trained) = token_counts(examples);
     let mut line = format!("{name}: {} {unit}, {tokens} tokens", examples.len());
     if matches!(examples, Examples::Reward(_)) {
         line += " (each sequence scored at its last token)";
     } else {
-        let trained: usize = seqs.iter().map(Sequence::trained_tokens).sum();
         line += &format!(", {trained} trained ({:.1}%)", 100.0 * trained as f64 / tokens.max(1) as f64);
     }
     line + "\n"

@@ -28,7 +28,7 @@ pub fn run(a: SynthArgs) -> Result<()> {
     let mut spec = synth::preset(&a.preset)?;
     if let Some(l) = a.layers {
         anyhow::ensure!(l > 0, "--layers must be at least 1");
-        anyhow::ensure!(l <= 1024, "--layers must be at most 1024 (got {l})");
+        anyhow::ensure!(l <= synth::MAX_LAYERS, "--layers must be at most {} (got {l})", synth::MAX_LAYERS);
         spec.layers = l;
     }
     let out_abs = st_files::absolute(&a.out)?;

@@ -85,12 +85,12 @@ const ADAMW_ACCEPTED: &[&str] = &[
     "adamw_bnb_8bit", "adamw_8bit", "paged_adamw_8bit", "adamw_torch_8bit", "adamw_torch_4bit", "paged_adamw_32bit", "paged_adamw",
 ];
 
-const PRECISION: &str =
+pub(crate) const PRECISION: &str =
     "precision is fixed: bf16 weights and activations with f32 accumulation and f32 LoRA weights on CUDA, f32 on the CPU";
-const KERNELS: &str = "ferrotune always runs its own fused kernels (flash attention, RMSNorm, RoPE, SwiGLU, LoRA, cross-entropy)";
-const TRACKING: &str = "ferrotune has no experiment-tracker integration; the loss is printed as training runs";
+pub(crate) const KERNELS: &str = "ferrotune always runs its own fused kernels (flash attention, RMSNorm, RoPE, SwiGLU, LoRA, cross-entropy)";
+pub(crate) const TRACKING: &str = "ferrotune has no experiment-tracker integration; the loss is printed as training runs";
 const HUB: &str = "ferrotune has no network code: nothing is downloaded or uploaded";
-const ONE_GPU: &str = "ferrotune trains on one GPU; there is nothing to distribute";
+pub(crate) const ONE_GPU: &str = "ferrotune trains on one GPU; there is nothing to distribute";
 const IN_PROCESS: &str = "datasets are prepared in-process, in parallel on all cores";
 const FROM_CHECKPOINT: &str =
     "the architecture and tokenizer are read from the checkpoint's config.json and tokenizer files";

@@ -7,15 +7,10 @@
 //! run belongs in `keys`; one about an integration or a method ferrotune
 //! lacks is added here. Each reason says what ferrotune does instead.
 
-use super::keys::{Unsupported, When, unsupported};
+use super::keys::{KERNELS, ONE_GPU, PRECISION, TRACKING, Unsupported, When, unsupported};
 
 const MOE: &str = "only applies to mixture-of-experts models, which ferrotune does not load (llama, mistral and qwen2 are dense)";
 const MULTIMODAL: &str = "ferrotune trains text-only models; there is no image or audio processor to configure";
-const KERNELS: &str = "ferrotune always runs its own fused kernels (flash attention, RMSNorm, RoPE, SwiGLU, LoRA, cross-entropy)";
-const PRECISION: &str =
-    "precision is fixed: bf16 weights and activations with f32 accumulation and f32 LoRA weights on CUDA, f32 on the CPU";
-const TRACKING: &str = "ferrotune has no experiment-tracker integration; the loss is printed as training runs";
-const ONE_GPU: &str = "ferrotune trains on one GPU; there is nothing to distribute";
 const SET_BY_AXOLOTL: &str = "Axolotl fills this in itself while it runs; it is not a setting";
 const CHECKPOINTING: &str = "gradient checkpointing keeps each layer's input and recomputes the rest (no per-op variants); the memory plan says before the first step whether the run fits";
 const SAMPLES: &str = "sample generation during training is not implemented; try the adapter with `ferrotune generate` afterwards";

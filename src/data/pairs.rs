@@ -173,7 +173,15 @@ fn read_dataset<T: RunExample>(
     if kept.is_empty() {
         bail!("{}: all {rows} rows are longer than sequence_len {} and were dropped", ds.path, opts.sequence_len);
     }
-    let sequences: Vec<_> = kept.iter().flat_map(|e| RunExample::sequences(e)).collect();
+    // One pass: each example's sequences are built once for all three counts.
+    let (mut tokens, mut trained_tokens, mut untrained) = (0, 0, 0);
+    for e in &kept {
+        let seqs = RunExample::sequences(e);
+        let trained: usize = seqs.iter().map(|s| s.trained_tokens()).sum();
+        tokens += seqs.iter().map(|s| s.input_ids.len()).sum::<usize>();
+        trained_tokens += trained;
+        untrained += (trained == 0) as usize;
+    }
     let report = DatasetReport {
         path: ds.path.clone(),
         kind: ds.kind.clone().unwrap_or_else(|| "standard".to_string()),
@@ -181,9 +189,9 @@ fn read_dataset<T: RunExample>(
         split: "train".to_string(),
         rows,
         sequences: kept.len(),
-        tokens: sequences.iter().map(|s| s.input_ids.len()).sum(),
-        trained_tokens: sequences.iter().map(|s| s.trained_tokens()).sum(),
-        untrained: kept.iter().filter(|e| RunExample::sequences(*e).iter().all(|s| s.trained_tokens() == 0)).count(),
+        tokens,
+        trained_tokens,
+        untrained,
         truncated,
         dropped,
         from_cache: false,

@@ -25,6 +25,10 @@ pub struct SynthSpec {
     pub extra: Value,
 }
 
+/// Most layers a synthetic model may have (--layers): past any real model,
+/// low enough that sizes computed from it cannot overflow.
+pub const MAX_LAYERS: usize = 1024;
+
 pub const PRESETS: &[&str] = &["tiny", "llama3.2-1b", "llama3-8b", "mistral-7b", "qwen2-7b"];
 
 pub fn preset(name: &str) -> Result<SynthSpec> {

@@ -368,8 +368,11 @@ fn encode_png(rgb: &[u8], width: u32, height: u32) -> Result<Vec<u8>> {
 
 /// Draw output_dir's metrics.jsonl into `out` (written atomically).
 pub fn plot(output_dir: &Path, out: &Path) -> Result<Drawn> {
-    let m = Metrics::read(output_dir)?;
-    let (png, drawn) = render(&m, &output_dir.display().to_string())?;
+    draw(&Metrics::read(output_dir)?, output_dir, out)
+}
+
+fn draw(m: &Metrics, output_dir: &Path, out: &Path) -> Result<Drawn> {
+    let (png, drawn) = render(m, &output_dir.display().to_string())?;
     crate::util::atomic_write(out, &png)?;
     Ok(drawn)
 }
@@ -379,13 +382,16 @@ pub fn plot(output_dir: &Path, out: &Path) -> Result<Drawn> {
 pub fn refresh(output_dir: &Path) -> Option<String> {
     // A checkpoint before the first logged step (logging_steps beyond
     // save_steps) has nothing to draw yet, which is no cause for a warning.
-    let logged = std::fs::read_to_string(output_dir.join(METRICS_FILE)).unwrap_or_default();
+    let path = output_dir.join(METRICS_FILE);
+    let logged = std::fs::read_to_string(&path).unwrap_or_default();
     if logged.trim().is_empty() {
         return None;
     }
-    plot(output_dir, &output_dir.join(CURVES_FILE))
+    let out = output_dir.join(CURVES_FILE);
+    Metrics::parse(&path, &logged)
+        .and_then(|m| draw(&m, output_dir, &out))
         .err()
-        .map(|e| format!("warning: {} not drawn: {e:#}", output_dir.join(CURVES_FILE).display()))
+        .map(|e| format!("warning: {} not drawn: {e:#}", out.display()))
 }
 
 #[cfg(test)]

@@ -77,7 +77,8 @@ impl Schedule {
             (Some(n), _) => format!("warmup_steps {n}"),
             (None, r) => format!("warmup_ratio {} ({} steps)", r.unwrap_or(0.0), self.warmup_steps),
         };
-        let peak = (0..self.total_steps).map(|s| self.lr(s)).fold(0.0, f64::max);
+        // The rate only rises during warmup, so the run's last step is its peak.
+        let peak = self.lr(self.total_steps.saturating_sub(1));
         let how = if self.warmup_steps > self.total_steps { "reaches past" } else { "lasts all of" };
         Some(format!(
             "{asked} {how} the run's {} optimizer steps: the learning rate peaks at {} and never reaches learning_rate {}",
