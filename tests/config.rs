@@ -279,6 +279,7 @@ fn resolved_config_round_trips() {
     );
     let original = load(&text, &[]).unwrap().config;
     let out = dir.path().join("run");
+    std::fs::create_dir_all(&out).unwrap();
     original.save_resolved(&out).unwrap();
     let saved = out.join(RESOLVED_CONFIG_FILE);
     let reloaded = config::load(&saved, &[]).unwrap();

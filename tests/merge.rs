@@ -360,3 +360,15 @@ print(json.dumps(dict(peft=peft_loss, merged=merged_loss, dtype=native_dtype)))
         assert!(rel <= bound, "{case}: merged loss {merged} vs peft {peft}: relative {rel:e} > {bound:e}");
     }
 }
+
+#[test]
+fn out_under_folders_that_do_not_exist_yet_is_created() {
+    let tmp = tempfile::tempdir().unwrap();
+    let case = CASES[0];
+    let out = tmp.path().join("new/deeper/merged");
+    let summary = run_merge(case, &out, &MergeOptions::default()).unwrap();
+    assert_eq!(read_tensors(&out).len(), summary.tensors);
+    // Nothing but the output is left beside it (the temporary folder went).
+    let beside: Vec<_> = std::fs::read_dir(tmp.path().join("new/deeper")).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(beside, ["merged"]);
+}

@@ -307,3 +307,101 @@ fn a_second_signal_ends_the_run_at_once() {
     assert!(!err.contains("stopped by"), "the second signal should not wait for the step:\n{err}");
     assert!(!out.join("adapter_model.safetensors").exists());
 }
+
+#[test]
+fn the_quickstart_as_written_creates_its_output_dir_and_parents() {
+    // A fresh clone: examples/quickstart but no outputs/ folder yet.
+    let tmp = tempfile::tempdir().unwrap();
+    let copy = tmp.path().join("examples/quickstart");
+    std::fs::create_dir_all(copy.join("model")).unwrap();
+    for f in ["quickstart.yml", "data.jsonl"] {
+        std::fs::copy(repo().join("examples/quickstart").join(f), copy.join(f)).unwrap();
+    }
+    for e in std::fs::read_dir(repo().join("examples/quickstart/model")).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), copy.join("model").join(e.file_name())).unwrap();
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_ferrotune"))
+        .args(["train", "examples/quickstart/quickstart.yml", "--device", "cpu", "--set", "max_steps=1"])
+        .current_dir(tmp.path())
+        .output()
+        .unwrap();
+    let err = ok(&out);
+    assert!(err.contains("done: 1 steps"), "{err}");
+    assert!(tmp.path().join("outputs/quickstart/adapter_model.safetensors").is_file(), "{err}");
+
+    // Any depth of missing folders, given as an absolute path.
+    let deep = tmp.path().join("a/b/c");
+    ok(&quickstart(&deep, 1, &[]));
+    assert!(deep.join("adapter_model.safetensors").is_file() && deep.join("checkpoint-1").is_dir());
+}
+
+#[test]
+fn output_dir_that_is_a_file_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("run");
+    std::fs::write(&file, "x").unwrap();
+    let err = refused(&quickstart(&file, 1, &[]));
+    assert!(err.contains(&format!("output_dir {} is a file; give a folder for the adapter and checkpoints", file.display())), "{err}");
+}
+
+fn checkpoints(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> =
+        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).filter(|n| n.starts_with("checkpoint-")).collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn a_refused_resume_from_an_earlier_checkpoint_keeps_the_later_ones() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    ok(&quickstart(&out, 3, &[]));
+    let metrics_before = std::fs::read(out.join("metrics.jsonl")).unwrap();
+    let first = out.join("checkpoint-1");
+    let err = refused(&quickstart(&out, 3, &["--set", &format!("resume_from_checkpoint={}", first.display()), "--set", "learning_rate=0.001"]));
+    assert!(err.contains("cannot resume from") && err.contains("learning_rate (checkpoint: 0.005, now: 0.001)"), "{err}");
+    assert_eq!(checkpoints(&out), ["checkpoint-1", "checkpoint-2", "checkpoint-3"]);
+    assert_eq!(std::fs::read(out.join("metrics.jsonl")).unwrap(), metrics_before);
+}
+
+#[test]
+fn a_checkpoint_saved_before_the_adapter_keys_were_fingerprinted_resumes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    ok(&quickstart(&out, 1, &[]));
+    // trainer_state.json as an earlier ferrotune wrote it: no adapter keys.
+    let state_file = out.join("checkpoint-1/trainer_state.json");
+    let mut state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&state_file).unwrap()).unwrap();
+    let mut fp: serde_json::Value = serde_json::from_str(state["fingerprint"].as_str().unwrap()).unwrap();
+    for k in ["lora_target_modules", "peft_use_rslora", "rank_pattern", "alpha_pattern"] {
+        assert!(fp.as_object_mut().unwrap().remove(k).is_some(), "{k} is fingerprinted today");
+    }
+    state["fingerprint"] = serde_json::Value::String(fp.to_string());
+    std::fs::write(&state_file, state.to_string()).unwrap();
+
+    let err = ok(&quickstart(&out, 2, &["--set", "resume_from_checkpoint=true"]));
+    assert!(err.contains("resumed from") && err.contains("done: 2 steps"), "{err}");
+}
+
+#[test]
+fn resume_from_another_folder_into_a_folder_holding_a_run_says_what_is_in_the_way() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (from, into) = (tmp.path().join("from"), tmp.path().join("into"));
+    ok(&quickstart(&from, 1, &[]));
+    ok(&quickstart(&into, 1, &[]));
+    let ckpt = from.join("checkpoint-1");
+    let err = refused(&quickstart(&into, 2, &["--set", &format!("resume_from_checkpoint={}", ckpt.display())]));
+    assert!(
+        err.contains(&format!(
+            "resume_from_checkpoint: {} is not a checkpoint of output_dir {}, which holds another run (",
+            ckpt.display(),
+            into.display()
+        )),
+        "{err}"
+    );
+    assert!(err.contains("choose a new or empty output_dir for the resumed run") && !err.contains("no checkpoint to resume"), "{err}");
+    // Into an empty folder it resumes.
+    let err = ok(&quickstart(&tmp.path().join("fresh"), 2, &["--set", &format!("resume_from_checkpoint={}", ckpt.display())]));
+    assert!(err.contains(&format!("resumed from {} at step 1", ckpt.display())), "{err}");
+}

@@ -342,7 +342,7 @@ fn add_delta(rows: &mut [f32], first_row: usize, d: &Delta) {
 /// Refuse outputs that would overwrite an input or someone's files.
 fn check_out(model_dir: &Path, adapter_dir: &Path, out: &Path, force: bool) -> Result<PathBuf> {
     let inputs = [(model_dir, "the base model's own directory"), (adapter_dir, "the adapter's directory")];
-    let out_abs = st_files::out_dir(out, &inputs, "merged")?;
+    let out_abs = st_files::out_dir("--out", out, &inputs, "the merged model")?;
     if st_files::occupied(&out_abs, out)?.is_some() {
         if !out_abs.is_dir() {
             bail!("--out {} exists and is not a directory", out.display());

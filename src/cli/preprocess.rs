@@ -11,7 +11,7 @@ use crate::data::show::{Marking, Show};
 use crate::data::tokenizer::TextTokenizer;
 use crate::model::batch::Sequence;
 use crate::model::checkpoint;
-use crate::train::trainer::{Examples, data_plan};
+use crate::train::examples::{Examples, data_plan};
 use anyhow::Result;
 use clap::{Args, ValueEnum};
 use std::io::{IsTerminal, Write};

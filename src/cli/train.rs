@@ -49,7 +49,6 @@ pub fn run(a: TrainArgs) -> Result<()> {
     }
     let mut cfg = loaded.config;
     cfg.overwrite_output_dir |= a.overwrite;
-    interrupt::install()?;
     let device = a.device.clone().unwrap_or_else(|| cfg.device.clone());
     let stopped_by = match open_device(&device)? {
         Opened::Cpu(be) => train_on(&be, &cfg, None)?,
@@ -130,10 +129,11 @@ fn train_on<B: Backend>(be: &B, cfg: &RunConfig, gpu: Option<GpuMemory>) -> Resu
     let output_dir = PathBuf::from(&cfg.output_dir);
     refuse_input_dirs(cfg, &model_dir, &output_dir)?;
     let targets = if cfg.lora_model_dir.is_none() { Some(cfg.targets()?) } else { None };
-    for w in preflight::check(cfg, &ckpt.config, targets.as_ref(), &output_dir)? {
+    for w in preflight::check(cfg, &ckpt.config, targets.as_ref())? {
         eprintln!("warning: {w}");
     }
     // Held until the run ends: a second run into output_dir is refused.
+    // Taking it creates output_dir and proves it writable, before data prep.
     let _lock = run_dir::lock(&output_dir)?;
     let removed = run_dir::remove_partials(&output_dir)?;
     if !removed.is_empty() {
@@ -142,8 +142,8 @@ fn train_on<B: Backend>(be: &B, cfg: &RunConfig, gpu: Option<GpuMemory>) -> Resu
     remove_stale_cache_files(cfg);
     let resume = match &cfg.resume_from_checkpoint {
         None | Some(ResumeFrom::Latest(false)) => None,
-        Some(ResumeFrom::Latest(true)) => trainer::resolve_resume(&output_dir, true, None)?,
-        Some(ResumeFrom::Path(p)) => trainer::resolve_resume(&output_dir, false, Some(p))?,
+        Some(ResumeFrom::Latest(true)) => crate::train::checkpoint::resolve_resume(&output_dir, true, None)?,
+        Some(ResumeFrom::Path(p)) => crate::train::checkpoint::resolve_resume(&output_dir, false, Some(p))?,
     };
     check_earlier_run(cfg, &output_dir, resume.as_deref())?;
     if resume.is_none() && cfg.resume_from_checkpoint == Some(ResumeFrom::Latest(true)) {
@@ -199,7 +199,6 @@ fn train_on<B: Backend>(be: &B, cfg: &RunConfig, gpu: Option<GpuMemory>) -> Resu
         trainable as f64 / 1e6,
         t0.elapsed().as_secs_f64()
     );
-    std::fs::create_dir_all(&output_dir).with_context(|| format!("cannot create output_dir {}", output_dir.display()))?;
     cfg.save_resolved(&output_dir)?;
     copy_tokenizer(&tokenizer_dir, &output_dir)?;
 
@@ -264,26 +263,18 @@ fn train_on<B: Backend>(be: &B, cfg: &RunConfig, gpu: Option<GpuMemory>) -> Resu
 /// output_dir must not be the base model's folder or the adapter the run
 /// starts from: the run would write over its own inputs.
 fn refuse_input_dirs(cfg: &RunConfig, model_dir: &Path, output_dir: &Path) -> Result<()> {
-    let out = st_files::absolute(output_dir)?;
-    let inputs = [
-        (Some(model_dir.to_path_buf()), "the base model's own directory (base_model)"),
-        (cfg.lora_model_dir.as_ref().map(PathBuf::from), "the adapter the run starts from (lora_model_dir)"),
-    ];
-    for (dir, what) in inputs {
-        if let Some(dir) = dir
-            && st_files::absolute(&dir)? == out
-        {
-            bail!("output_dir {} is {what}; write the run to a new directory", output_dir.display());
-        }
+    let mut inputs = vec![(model_dir, "the base model's own directory (base_model)")];
+    if let Some(dir) = &cfg.lora_model_dir {
+        inputs.push((Path::new(dir), "the adapter the run starts from (lora_model_dir)"));
     }
-    Ok(())
+    st_files::out_dir("output_dir", output_dir, &inputs, "the run").map(|_| ())
 }
 
 /// A loss that turned NaN may come from the checkpoint itself: name the
 /// first damaged tensor when there is one (reading the weights once more
 /// costs nothing next to a failed run).
 fn explain_divergence(e: anyhow::Error, ckpt: &Checkpoint) -> anyhow::Error {
-    if e.downcast_ref::<trainer::Diverged>().is_none() {
+    if e.downcast_ref::<crate::train::diverged::Diverged>().is_none() {
         return e;
     }
     match ckpt.first_non_finite() {
@@ -304,15 +295,9 @@ fn check_earlier_run(cfg: &RunConfig, output_dir: &Path, resume: Option<&Path>) 
     if cfg.overwrite_output_dir && resuming {
         bail!("overwrite_output_dir (--overwrite) and resume_from_checkpoint contradict each other: set one of them");
     }
-    if let Some(dir) = resume.filter(|r| run_dir::is_inside(r, output_dir)) {
-        // Resuming from an earlier checkpoint abandons what the run did after
-        // it (metrics.jsonl drops those records too): its later checkpoints
-        // would otherwise outrank the new ones in save_total_limit and resume.
-        let at = crate::train::checkpoint::read_state(dir)?.global_step;
-        let later = run_dir::remove_checkpoints_after(output_dir, at)?;
-        if !later.is_empty() {
-            eprintln!("removed {} (after the resumed step {at}: this run redoes those steps)", run_dir::describe(&later));
-        }
+    // Continuing the run that is there (its later checkpoints, if any, go
+    // once the trainer has accepted the checkpoint).
+    if resume.is_some_and(|r| run_dir::is_inside(r, output_dir)) {
         return Ok(());
     }
     let earlier = run_dir::earlier_run(output_dir)?;
@@ -323,6 +308,15 @@ fn check_earlier_run(cfg: &RunConfig, output_dir: &Path, resume: Option<&Path>) 
         let removed = run_dir::clear_earlier_run(output_dir)?;
         eprintln!("overwrite_output_dir: removed the earlier run's files from {}: {}", output_dir.display(), run_dir::describe(&removed));
         return Ok(());
+    }
+    if let Some(ckpt) = resume {
+        bail!(
+            "resume_from_checkpoint: {} is not a checkpoint of output_dir {}, which holds another run ({}); resuming there \
+             would mix the two runs: choose a new or empty output_dir for the resumed run",
+            ckpt.display(),
+            output_dir.display(),
+            run_dir::describe(&earlier)
+        );
     }
     if resuming {
         bail!(

@@ -410,11 +410,9 @@ impl RunConfig {
         Ok(format!("# The resolved run config: every key with the value the run used.\n{body}"))
     }
 
-    /// Write `to_yaml()` to output_dir/resolved_config.yml (created if
-    /// missing), atomically.
+    /// Write `to_yaml()` to output_dir/resolved_config.yml, atomically
+    /// (output_dir exists: `train` created it when it took its lock).
     pub fn save_resolved(&self, output_dir: &Path) -> Result<()> {
-        std::fs::create_dir_all(output_dir)
-            .with_context(|| format!("cannot create output directory {}", output_dir.display()))?;
         crate::util::atomic_write(&output_dir.join(RESOLVED_CONFIG_FILE), self.yaml()?.as_bytes())
     }
 }

@@ -238,33 +238,46 @@ pub fn copy_side_files(model_dir: &Path, tmp: &Path) -> Result<()> {
 
 // ---------------------------------------------------------------- directories
 
-/// `p` made absolute (its parent must exist).
+/// `p` made absolute with its symlinks resolved. Folders that do not exist
+/// yet are allowed (a command creates them): the nearest existing ancestor
+/// is resolved and the rest appended, so two spellings of one place compare
+/// equal before it exists.
 pub fn absolute(p: &Path) -> Result<PathBuf> {
-    if p.exists() {
-        return p.canonicalize().with_context(|| format!("cannot resolve {}", p.display()));
+    let mut base = if p.as_os_str().is_empty() { Path::new(".") } else { p };
+    let mut missing = Vec::new();
+    while !base.exists() {
+        // "x/.." or "/" have no name to append: nothing to stand on.
+        let (Some(parent), Some(name)) = (base.parent(), base.file_name()) else {
+            bail!("cannot resolve {}: none of its folders exists", p.display());
+        };
+        missing.push(name.to_os_string());
+        base = if parent.as_os_str().is_empty() { Path::new(".") } else { parent };
     }
-    let parent = match p.parent() {
-        Some(x) if !x.as_os_str().is_empty() => x.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let name = p.file_name().with_context(|| format!("--out {} has no directory name", p.display()))?;
-    let parent = parent
-        .canonicalize()
-        .with_context(|| format!("cannot write {}: its parent directory {} does not exist", p.display(), parent.display()))?;
-    Ok(parent.join(name))
+    let mut abs = base.canonicalize().with_context(|| format!("cannot resolve {}", base.display()))?;
+    abs.extend(missing.iter().rev());
+    Ok(abs)
 }
 
-/// `--out` made absolute, refused when it is one of the `inputs` (each with
-/// how the message names it, e.g. "the adapter's directory"); `product`
-/// names what is written ("merged", "quantized").
-pub fn out_dir(out: &Path, inputs: &[(&Path, &str)], product: &str) -> Result<PathBuf> {
+/// An output folder (`flag` as the user wrote it: "--out", "output_dir")
+/// made absolute, refused when it is one of the `inputs` (each with how the
+/// message names it, e.g. "the adapter's directory"); `product` names what
+/// is written ("the merged model", "the run").
+pub fn out_dir(flag: &str, out: &Path, inputs: &[(&Path, &str)], product: &str) -> Result<PathBuf> {
     let out_abs = absolute(out)?;
     for (dir, what) in inputs {
         if out_abs == absolute(dir)? {
-            bail!("--out {} is {what}; write the {product} model to a new directory", out.display());
+            bail!("{flag} {} is {what}; write {product} to a new directory", out.display());
         }
     }
     Ok(out_abs)
+}
+
+/// Names as messages list them: the first `max`, then "and N more".
+pub fn first_names(names: &[String], max: usize) -> String {
+    match names.len() {
+        n if n > max => format!("{} and {} more", names[..max].join(", "), n - max),
+        _ => names.join(", "),
+    }
 }
 
 /// What an existing output holds, unless it is absent or an empty
@@ -283,11 +296,7 @@ pub fn occupied(out_abs: &Path, shown: &Path) -> Result<Option<String>> {
         .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
         .collect();
     names.sort();
-    Ok(match names.len() {
-        0 => None,
-        n if n > 4 => Some(format!("{} and {} more", names[..4].join(", "), n - 4)),
-        _ => Some(names.join(", ")),
-    })
+    Ok((!names.is_empty()).then(|| first_names(&names, 4)))
 }
 
 /// A fresh temporary directory next to `out` (".<name>.<verb>-<pid>"),
@@ -299,10 +308,31 @@ pub fn in_temp_dir<R>(out: &Path, verb: &str, build: impl FnOnce(&Path) -> Resul
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).with_context(|| format!("cannot remove the stale {}", tmp.display()))?;
     }
-    std::fs::create_dir(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    // create_dir_all: `out`'s parent may not exist yet (`absolute` allows that).
+    std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
     let result = build(&tmp);
     if result.is_err() {
         let _ = std::fs::remove_dir_all(&tmp);
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn absolute_resolves_folders_that_do_not_exist_yet() {
+        let tmp = tempfile::tempdir().unwrap();
+        let real = tmp.path().canonicalize().unwrap();
+        assert_eq!(absolute(&tmp.path().join("a/b/c")).unwrap(), real.join("a/b/c"));
+        // Two spellings of one place not yet made compare equal.
+        std::fs::create_dir(tmp.path().join("x")).unwrap();
+        assert_eq!(absolute(&tmp.path().join("x/../a/b")).unwrap(), real.join("a/b"));
+        let input = tmp.path().join("model");
+        std::fs::create_dir(&input).unwrap();
+        let e = out_dir("output_dir", &input.join("../model"), &[(&input, "the base model's own directory")], "the run").unwrap_err();
+        assert!(e.to_string().contains("is the base model's own directory; write the run to a new directory"), "{e}");
+        assert_eq!(first_names(&["a".into(), "b".into(), "c".into()], 2), "a, b and 1 more");
+    }
 }

@@ -228,7 +228,7 @@ fn write_shard(
 
 /// The output must be new (or an empty directory), and not the input.
 fn check_out(model_dir: &Path, out: &Path) -> Result<PathBuf> {
-    let out_abs = st_files::out_dir(out, &[(model_dir, "the model's own directory")], "quantized")?;
+    let out_abs = st_files::out_dir("--out", out, &[(model_dir, "the model's own directory")], "the quantized model")?;
     if st_files::occupied(&out_abs, out)?.is_some() {
         bail!("--out {} already exists and is not an empty directory; choose a new output directory", out.display());
     }

@@ -148,6 +148,11 @@ fn sync_dir(dir: &Path) {
     }
 }
 
+/// The step of a `checkpoint-N` folder name (complete or not).
+pub fn step_of(name: &str) -> Option<usize> {
+    name.strip_prefix("checkpoint-")?.parse::<usize>().ok()
+}
+
 /// Complete checkpoints in output_dir, sorted by step.
 pub fn list(output_dir: &Path) -> Vec<(usize, PathBuf)> {
     let Ok(entries) = std::fs::read_dir(output_dir) else { return Vec::new() };
@@ -155,7 +160,7 @@ pub fn list(output_dir: &Path) -> Vec<(usize, PathBuf)> {
         .filter_map(|e| e.ok())
         .filter_map(|e| {
             let name = e.file_name().to_string_lossy().into_owned();
-            let step = name.strip_prefix("checkpoint-")?.parse::<usize>().ok()?;
+            let step = step_of(&name)?;
             e.path().join(STATE_FILE).is_file().then(|| (step, e.path()))
         })
         .collect();
@@ -244,4 +249,23 @@ fn read_optimizer_file<T>(dir: &Path, read: impl FnOnce(&dyn Fn(String, usize) -
         Ok(t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
     };
     Ok((step, read(&get)?))
+}
+
+/// The checkpoint `resume_from_checkpoint` names: a directory, or the
+/// newest complete checkpoint-N in output_dir. None when `true` finds none
+/// (a fresh start, as Axolotl does).
+pub fn resolve_resume(output_dir: &Path, latest: bool, path: Option<&str>) -> Result<Option<PathBuf>> {
+    if let Some(p) = path {
+        let dir = PathBuf::from(p);
+        if !dir.join(STATE_FILE).is_file() {
+            bail!(
+                "resume_from_checkpoint: {} is not a complete checkpoint (no {}); checkpoints look like {}",
+                dir.display(),
+                STATE_FILE,
+                checkpoint_dir(output_dir, 100).display()
+            );
+        }
+        return Ok(Some(dir));
+    }
+    Ok(if latest { list(output_dir).pop().map(|(_, d)| d) } else { None })
 }

@@ -6,7 +6,7 @@
 //! finished run is allowed (`check_length`).
 
 use super::plan::DataPlan;
-use crate::adapter::{LoraConfig, Targets};
+use crate::adapter::LoraConfig;
 use crate::config::RunConfig;
 use anyhow::{Result, bail};
 use serde_json::Value;
@@ -36,7 +36,7 @@ pub fn fingerprint(cfg: &RunConfig, plan: &DataPlan, lora: &LoraConfig) -> Value
         ("lora_dropout", lora.dropout.to_string()),
         // The adapter's modules and scales: a checkpoint's adapter loaded
         // into other modules would train something the config does not say.
-        ("lora_target_modules", targets(&lora.targets)),
+        ("lora_target_modules", lora.targets.to_string()),
         ("peft_use_rslora", lora.use_rslora.to_string()),
         ("rank_pattern", format!("{:?}", lora.rank_pattern)),
         ("alpha_pattern", format!("{:?}", lora.alpha_pattern)),
@@ -48,21 +48,17 @@ pub fn fingerprint(cfg: &RunConfig, plan: &DataPlan, lora: &LoraConfig) -> Value
     Value::Object(entries.into_iter().map(|(k, v)| (k.to_string(), Value::String(v))).collect())
 }
 
-fn targets(t: &Targets) -> String {
-    match t {
-        Targets::Names(names) => names.join(", "),
-        Targets::Regex(re) => format!("regex {re}"),
-        Targets::AllLinear => "all-linear".to_string(),
-    }
-}
-
 /// The settings that differ, each as "key (checkpoint: old, now: new)".
+/// Only the keys the checkpoint recorded are compared: one saved before a
+/// key was added to `fingerprint` was not fingerprinted on it.
 pub fn diff(saved: &str, now: &Value) -> Vec<String> {
     let saved: Value = serde_json::from_str(saved).unwrap_or(Value::Null);
+    // No object at all (unreadable): every key is reported, as absent.
+    let recorded = |k: &str| saved.as_object().is_none_or(|o| o.contains_key(k));
     now.as_object()
         .into_iter()
         .flatten()
-        .filter(|(k, v)| saved.get(k.as_str()) != Some(v))
+        .filter(|(k, v)| recorded(k) && saved.get(k.as_str()) != Some(v))
         .map(|(k, v)| {
             let was = saved.get(k.as_str()).and_then(|x| x.as_str()).unwrap_or("absent");
             format!("{k} (checkpoint: {was}, now: {})", v.as_str().unwrap_or_default())
@@ -93,4 +89,23 @@ pub fn check_length(cfg: &RunConfig, dir: &Path, at_step: usize, saved_total: us
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn keys_a_checkpoint_did_not_record_are_not_compared() {
+        let now = json!({"learning_rate": "0.0002", "seed": "42", "lora_target_modules": "q_proj, v_proj", "peft_use_rslora": "false"});
+        // Saved before lora_target_modules and peft_use_rslora were fingerprinted.
+        let older = r#"{"learning_rate": "0.0002", "seed": "42"}"#;
+        assert_eq!(diff(older, &now), Vec::<String>::new());
+        let older_changed = r#"{"learning_rate": "0.001", "seed": "42"}"#;
+        assert_eq!(diff(older_changed, &now), ["learning_rate (checkpoint: 0.001, now: 0.0002)"]);
+        // A recorded key that changed is still named.
+        let newer = r#"{"learning_rate": "0.0002", "seed": "42", "lora_target_modules": "all-linear", "peft_use_rslora": "false"}"#;
+        assert_eq!(diff(newer, &now), ["lora_target_modules (checkpoint: all-linear, now: q_proj, v_proj)"]);
+    }
 }

@@ -7,9 +7,13 @@
 //! plan checked before the first step); `objectives` holds the preference
 //! losses on per-sequence log-probabilities; `run_dir` (output_dir's lock
 //! and an earlier run's files) and `interrupt` (Ctrl-C) keep runs apart and
-//! stop them cleanly.
+//! stop them cleanly. `examples` holds what a run trains on, `diverged` the
+//! error of a loss gone NaN, `collapse` the preference runs' drift warning.
 pub mod checkpoint;
+pub mod collapse;
 pub mod curves;
+pub mod diverged;
+pub mod examples;
 pub mod fingerprint;
 pub mod interrupt;
 pub mod memory;

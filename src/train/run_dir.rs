@@ -32,17 +32,27 @@ pub struct RunLock {
 }
 
 /// Take output_dir's lock (creating the folder), or refuse naming the run
-/// that holds it.
+/// that holds it. Creating the lock file is also the check that output_dir
+/// can be written, so a bad folder is refused before any data is prepared.
 pub fn lock(output_dir: &Path) -> Result<RunLock> {
-    std::fs::create_dir_all(output_dir).with_context(|| format!("cannot create output_dir {}", output_dir.display()))?;
+    let shown = output_dir.display();
+    if output_dir.is_file() {
+        bail!("output_dir {shown} is a file; give a folder for the adapter and checkpoints");
+    }
+    if let Err(e) = std::fs::create_dir_all(output_dir) {
+        bail!("output_dir {shown} cannot be created: {e}; pick a folder you can write to");
+    }
     let path = output_dir.join(LOCK_FILE);
-    let mut file = OpenOptions::new()
+    let file = OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
-        .open(&path)
-        .with_context(|| format!("cannot open the lock file {}", path.display()))?;
+        .open(&path);
+    let mut file = match file {
+        Ok(f) => f,
+        Err(e) => bail!("output_dir {shown} is not writable: {e}; pick a folder you can write to"),
+    };
     match file.try_lock() {
         Ok(()) => {}
         Err(TryLockError::WouldBlock) => {
@@ -110,7 +120,7 @@ pub fn earlier_run(output_dir: &Path) -> Result<Vec<String>> {
     let mut found: Vec<String> = entries(output_dir)?
         .into_iter()
         .map(|(name, _)| name)
-        .filter(|n| RUN_FILES.contains(&n.as_str()) || is_checkpoint(n))
+        .filter(|n| RUN_FILES.contains(&n.as_str()) || checkpoint::step_of(n).is_some())
         .collect();
     found.sort();
     Ok(found)
@@ -121,7 +131,7 @@ pub fn earlier_run(output_dir: &Path) -> Result<Vec<String>> {
 pub fn clear_earlier_run(output_dir: &Path) -> Result<Vec<String>> {
     let mut removed = Vec::new();
     for (name, path) in entries(output_dir)? {
-        let gone = if is_checkpoint(&name) && path.is_dir() {
+        let gone = if checkpoint::step_of(&name).is_some() && path.is_dir() {
             std::fs::remove_dir_all(&path)
         } else if RUN_FILES.contains(&name.as_str()) || TOKENIZER_FILES.contains(&name.as_str()) {
             std::fs::remove_file(&path)
@@ -135,27 +145,28 @@ pub fn clear_earlier_run(output_dir: &Path) -> Result<Vec<String>> {
     Ok(removed)
 }
 
-/// Remove the checkpoints of steps after `step`; returns their names.
-pub fn remove_checkpoints_after(output_dir: &Path, step: usize) -> Result<Vec<String>> {
+/// A resume from `checkpoint_dir`, accepted, at `step`: when it is an
+/// earlier checkpoint of output_dir itself, the run's later checkpoints go
+/// (this run redoes those steps, and metrics.jsonl drops their records too;
+/// left, they would outrank the new ones in save_total_limit and resume).
+pub fn abandon_after(output_dir: &Path, checkpoint_dir: &Path, step: usize) -> Result<()> {
+    if !is_inside(checkpoint_dir, output_dir) {
+        return Ok(());
+    }
     let mut removed = Vec::new();
     for (n, dir) in checkpoint::list(output_dir).into_iter().filter(|(n, _)| *n > step) {
         std::fs::remove_dir_all(&dir).with_context(|| format!("cannot remove {}", dir.display()))?;
         removed.push(format!("checkpoint-{n}"));
     }
-    Ok(removed)
-}
-
-fn is_checkpoint(name: &str) -> bool {
-    name.strip_prefix("checkpoint-").is_some_and(|n| n.parse::<usize>().is_ok())
-}
-
-/// The earlier run's files as the refusal lists them: at most six names.
-pub fn describe(names: &[String]) -> String {
-    let mut shown = names.iter().take(6).cloned().collect::<Vec<_>>().join(", ");
-    if names.len() > 6 {
-        shown += &format!(" and {} more", names.len() - 6);
+    if !removed.is_empty() {
+        eprintln!("removed {} (after the resumed step {step}: this run redoes those steps)", describe(&removed));
     }
-    shown
+    Ok(())
+}
+
+/// The run's files as messages list them: at most six names.
+pub fn describe(names: &[String]) -> String {
+    crate::model::st_files::first_names(names, 6)
 }
 
 /// Whether `checkpoint_dir` is a checkpoint of output_dir itself (then a

@@ -3,18 +3,22 @@
 //! AdamW, the schedule, logging, evaluation and checkpoints.
 
 use super::checkpoint::{self, TrainState};
+use super::collapse::CollapseWatch;
 use super::curves;
+use super::diverged::Diverged;
+pub use super::examples::Examples;
+use super::examples::data_plan;
 use super::fingerprint;
 use super::objectives::{Metrics, Objective};
 use super::optimizer::Optimizer;
 use super::preference;
-use super::plan::{DataPlan, MicroBatch};
+use super::plan::MicroBatch;
 use super::progress::{MetricsLog, Progress};
 use super::schedule::{Kind, Schedule};
 use crate::adapter::{LoraConfig, peft};
 use crate::backend::Backend;
 use crate::config::RunConfig;
-use crate::data::preference::{KtoExample as KtoIds, PreferencePair, RewardPair};
+use crate::data::preference::{PreferencePair, RewardPair};
 use super::reward::{self, ScoreHead};
 use crate::model::Model;
 use crate::model::batch::{Batch, Sequence};
@@ -23,73 +27,6 @@ use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-
-/// A step whose loss came out NaN or infinite. Typed, so that the caller
-/// can look for a cause outside the loop (NaN base weights) before telling
-/// the user to lower the learning rate.
-#[derive(Debug)]
-pub struct Diverged(pub String);
-
-impl std::fmt::Display for Diverged {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for Diverged {}
-
-/// What a run trains on.
-pub enum Examples {
-    /// Token sequences with labels (SFT).
-    Sequences(Vec<Sequence>),
-    /// Preference pairs (rl): a prompt with a chosen and a rejected completion.
-    Pairs(Vec<PreferencePair>),
-    /// KTO's unpaired completions, each desirable or not.
-    Kto(Vec<KtoIds>),
-    /// Reward-model pairs: whole chosen and rejected sequences.
-    Reward(Vec<RewardPair>),
-}
-
-impl Examples {
-    pub fn len(&self) -> usize {
-        match self {
-            Examples::Sequences(s) => s.len(),
-            Examples::Pairs(p) => p.len(),
-            Examples::Kto(k) => k.len(),
-            Examples::Reward(r) => r.len(),
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Tokens each example puts through the model (a pair: both sequences).
-    fn lengths(&self) -> Vec<usize> {
-        match self {
-            Examples::Sequences(s) => s.iter().map(|s| s.input_ids.len()).collect(),
-            Examples::Pairs(p) => p.iter().map(|p| 2 * p.prompt.len() + p.chosen.len() + p.rejected.len()).collect(),
-            // With its KL pair (about the same length).
-            Examples::Kto(k) => k.iter().map(|e| 2 * (e.prompt.len() + e.completion.len())).collect(),
-            Examples::Reward(r) => r.iter().map(|p| p.chosen.len() + p.rejected.len()).collect(),
-        }
-    }
-}
-
-/// How a run orders, packs and batches its training examples;
-/// `supervised`: no objective (rl or reward_model) is set.
-pub fn data_plan(cfg: &RunConfig, train: &Examples, supervised: bool) -> DataPlan {
-    DataPlan {
-        lengths: train.lengths(),
-        micro_batch_size: cfg.micro_batch_size,
-        gradient_accumulation_steps: cfg.gradient_accumulation_steps,
-        // Pairs are never packed: each micro-batch holds whole pairs.
-        sample_packing: cfg.sample_packing && supervised,
-        sequence_len: cfg.sequence_len,
-        shuffle: cfg.shuffle_merged_datasets,
-        seed: cfg.seed,
-    }
-}
 
 /// Everything a run needs, prepared by the caller.
 pub struct Run<'a, B: Backend> {
@@ -423,35 +360,6 @@ fn eval_record(step: usize, epoch: Option<f64>, loss: f64, m: &Metrics) -> Value
     r
 }
 
-/// Watches the log-probs of preference runs: when those of both chosen and
-/// rejected completions fall far below where they started, the policy is
-/// leaving the data altogether rather than preferring the chosen side.
-#[derive(Default)]
-struct CollapseWatch {
-    first: Option<(f64, f64)>,
-    warned: bool,
-}
-
-impl CollapseWatch {
-    fn check(&mut self, m: &Metrics) -> Option<String> {
-        let (c, r) = (m.get("logps/chosen")?, m.get("logps/rejected")?);
-        let (c0, r0) = *self.first.get_or_insert((c, r));
-        // Summed log-probs are negative; "collapsing" = both at least twice
-        // as negative as at the start, and by more than 10 nats.
-        let collapsing = c < 2.0 * c0 && r < 2.0 * r0 && c < c0 - 10.0 && r < r0 - 10.0;
-        if !collapsing || self.warned {
-            return None;
-        }
-        self.warned = true;
-        Some(format!(
-            "warning: the log-probs of both chosen and rejected completions are collapsing \
-             (logps/chosen {c0:.1} -> {c:.1}, logps/rejected {r0:.1} -> {r:.1}): the model is drifting away from \
-             all the data, not just the rejected side. Usual causes: learning_rate too high, rl_beta too low, or \
-             chosen and rejected completions that are nearly the same"
-        ))
-    }
-}
-
 /// Save checkpoint-N and drop the oldest beyond save_total_limit.
 #[allow(clippy::too_many_arguments)]
 fn save_checkpoint<B: Backend>(
@@ -479,7 +387,6 @@ pub fn train<B: Backend>(run: Run<'_, B>) -> Result<Summary> {
     if train.is_empty() {
         bail!("no training examples left after preparation (all rows dropped or moved to validation)");
     }
-    std::fs::create_dir_all(&output_dir).with_context(|| format!("cannot create output_dir {}", output_dir.display()))?;
     let objective = cfg.objective()?;
     match (&train, &objective) {
         (Examples::Sequences(_), None) | (Examples::Kto(_), Some(Objective::Kto(_))) => {}
@@ -516,6 +423,10 @@ pub fn train<B: Backend>(run: Run<'_, B>) -> Result<Summary> {
             (Optimizer::with_extras(be, &model, &extras, cfg.adamw_config()), fresh)
         }
     };
+    // Only now that the checkpoint is accepted: a refused resume keeps them.
+    if let Some(dir) = &resume {
+        super::run_dir::abandon_after(&output_dir, dir, state.global_step)?;
+    }
 
     // The reference policy is the base model, which training never changes:
     // its log-probs can be computed once, before the first step.
@@ -547,6 +458,9 @@ pub fn train<B: Backend>(run: Run<'_, B>) -> Result<Summary> {
     let (mut last_loss, mut last_eval) = (None, None);
     let mut stopped_by = None;
 
+    // From here a Ctrl-C is answered after the step in progress, with a
+    // checkpoint; before, it ends the process at once (nothing to save yet).
+    super::interrupt::install()?;
     while state.global_step < total_steps {
         if state.epoch != epoch_batches.0 {
             epoch_batches = (state.epoch, plan.micro_batches(state.epoch));
@@ -658,45 +572,4 @@ pub fn train<B: Backend>(run: Run<'_, B>) -> Result<Summary> {
         adapter_dir: output_dir,
         interrupted,
     })
-}
-
-/// The checkpoint `resume_from_checkpoint` names: a directory, or the
-/// newest complete checkpoint-N in output_dir. None when `true` finds none
-/// (a fresh start, as Axolotl does).
-pub fn resolve_resume(output_dir: &Path, latest: bool, path: Option<&str>) -> Result<Option<PathBuf>> {
-    if let Some(p) = path {
-        let dir = PathBuf::from(p);
-        if !dir.join(checkpoint::STATE_FILE).is_file() {
-            bail!(
-                "resume_from_checkpoint: {} is not a complete checkpoint (no {}); checkpoints look like {}",
-                dir.display(),
-                checkpoint::STATE_FILE,
-                checkpoint::checkpoint_dir(output_dir, 100).display()
-            );
-        }
-        return Ok(Some(dir));
-    }
-    Ok(if latest { checkpoint::list(output_dir).pop().map(|(_, d)| d) } else { None })
-}
-
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn m(c: f64, r: f64) -> Metrics {
-        Metrics(vec![("logps/chosen", c), ("logps/rejected", r)])
-    }
-
-    #[test]
-    fn collapse_is_reported_once_when_both_sides_fall() {
-        let mut w = CollapseWatch::default();
-        assert_eq!(w.check(&m(-20.0, -25.0)), None);
-        // Rejected falls, chosen holds: the objective working as meant.
-        assert_eq!(w.check(&m(-19.0, -90.0)), None);
-        let warning = w.check(&m(-45.0, -80.0)).expect("both sides collapsed");
-        assert!(warning.contains("logps/chosen -20.0 -> -45.0") && warning.contains("learning_rate too high"), "{warning}");
-        assert_eq!(w.check(&m(-90.0, -120.0)), None, "said once");
-        assert_eq!(CollapseWatch::default().check(&Metrics::default()), None, "SFT runs have no log-prob metrics");
-    }
 }

@@ -1,0 +1,61 @@
+//! What a run trains on (`Examples`: SFT sequences, preference pairs, KTO
+//! or reward examples) and the data plan made from them. A new kind of
+//! training example is added to `Examples`.
+
+use super::plan::DataPlan;
+use crate::config::RunConfig;
+use crate::data::preference::{KtoExample as KtoIds, PreferencePair, RewardPair};
+use crate::model::batch::Sequence;
+
+/// What a run trains on.
+pub enum Examples {
+    /// Token sequences with labels (SFT).
+    Sequences(Vec<Sequence>),
+    /// Preference pairs (rl): a prompt with a chosen and a rejected completion.
+    Pairs(Vec<PreferencePair>),
+    /// KTO's unpaired completions, each desirable or not.
+    Kto(Vec<KtoIds>),
+    /// Reward-model pairs: whole chosen and rejected sequences.
+    Reward(Vec<RewardPair>),
+}
+
+impl Examples {
+    pub fn len(&self) -> usize {
+        match self {
+            Examples::Sequences(s) => s.len(),
+            Examples::Pairs(p) => p.len(),
+            Examples::Kto(k) => k.len(),
+            Examples::Reward(r) => r.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Tokens each example puts through the model (a pair: both sequences).
+    pub fn lengths(&self) -> Vec<usize> {
+        match self {
+            Examples::Sequences(s) => s.iter().map(|s| s.input_ids.len()).collect(),
+            Examples::Pairs(p) => p.iter().map(|p| 2 * p.prompt.len() + p.chosen.len() + p.rejected.len()).collect(),
+            // With its KL pair (about the same length).
+            Examples::Kto(k) => k.iter().map(|e| 2 * (e.prompt.len() + e.completion.len())).collect(),
+            Examples::Reward(r) => r.iter().map(|p| p.chosen.len() + p.rejected.len()).collect(),
+        }
+    }
+}
+
+/// How a run orders, packs and batches its training examples;
+/// `supervised`: no objective (rl or reward_model) is set.
+pub fn data_plan(cfg: &RunConfig, train: &Examples, supervised: bool) -> DataPlan {
+    DataPlan {
+        lengths: train.lengths(),
+        micro_batch_size: cfg.micro_batch_size,
+        gradient_accumulation_steps: cfg.gradient_accumulation_steps,
+        // Pairs are never packed: each micro-batch holds whole pairs.
+        sample_packing: cfg.sample_packing && supervised,
+        sequence_len: cfg.sequence_len,
+        shuffle: cfg.shuffle_merged_datasets,
+        seed: cfg.seed,
+    }
+}
