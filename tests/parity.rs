@@ -127,7 +127,7 @@ fn gradient_checkpointing_gives_identical_gradients() {
 #[test]
 fn gradient_accumulation_normalises_by_all_target_tokens() {
     // Three sequences in 3 micro-batches, each scaled by 1 / (targets of the
-    // whole step), give the full batch's loss and gradients (SPECS §4).
+    // whole step), give the full batch's loss and gradients.
     for case in ["llama", "qwen2"] {
         let (l1, full) = train_grads(case, false, 1);
         let (l3, accum) = train_grads(case, false, 3);

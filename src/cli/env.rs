@@ -2,9 +2,9 @@
 //! version and commit, the OS and CPU, the GPUs and driver, the CUDA
 //! libraries found (and every place looked in), the embedded kernels, the
 //! attention and GEMM paths a run takes, and the cache folders. Also the
-//! start-up lines `train` and `bench` print on a GPU ([`gpu_paths`],
-//! [`single_gpu_note`]). A new fact is a new field of [`Report`], printed by
-//! [`print_text`] and included in the JSON.
+//! start-up lines a run prints on a GPU ([`gpu_paths`], [`single_gpu_note`]).
+//! A new fact is a new key of the JSON object [`collect`] builds, and a line
+//! of [`text`], which prints the report from that object.
 
 use crate::backend::cuda::device::{self, GpuInfo};
 use crate::backend::cuda::libs::{self, CUBLAS, CUDA_MAJOR, NVRTC, WANTED};
@@ -58,14 +58,11 @@ fn cublas_words() -> String {
     }
 }
 
-/// The attention and GEMM paths on `info`'s GPU, for the start-up line.
-pub fn gpu_paths(info: &GpuInfo) -> String {
-    let (major, minor) = info.compute_capability;
-    format!(
-        "attention: flash attention, fused, sm_{major}{minor} (tensor-core kernels for head_dim 64 and 128, a fused generic kernel \
-         for other head_dim <= 256); GEMM: {}, bf16 with f32 accumulation",
-        cublas_words()
-    )
+/// The GEMM path, for the device line. The attention path depends on the
+/// model's head_dim: `train` and `bench` print it on a line of its own once
+/// the model is read.
+pub fn gpu_paths() -> String {
+    format!("GEMM: {}, bf16 with f32 accumulation", cublas_words())
 }
 
 /// When several GPUs are visible: which one ferrotune trains on and how to
@@ -78,11 +75,6 @@ pub fn single_gpu_note(ordinal: usize) -> Option<String> {
              (N < {count}) or CUDA_VISIBLE_DEVICES"
         )
     })
-}
-
-/// Everything `ferrotune env` reports.
-struct Report {
-    json: Value,
 }
 
 fn os_words() -> String {
@@ -108,13 +100,16 @@ fn gpu_json(info: &GpuInfo) -> Value {
         "total_bytes": info.total_bytes,
         "free_bytes": info.free_bytes,
         "driver_cuda": info.driver_string(),
-        "supported": info.compute_capability.0 >= 8 && info.driver_version >= device::MIN_DRIVER_VERSION,
+        "supported": info.usable(),
+        "not_usable": info.refusal(),
     })
 }
 
-fn collect() -> Report {
+/// Everything `ferrotune env` reports, as the JSON `--json` prints.
+fn collect() -> Value {
+    // Every place, the spawned ones too, before load() searches as needed.
+    let search = libs::the_full_search();
     let loaded: Result<(), String> = libs::load().map(|_| ());
-    let search = libs::the_search();
     // The GPUs: with the driver loaded (even when cuBLAS is missing).
     let driver_ok = loaded.is_ok() || libs::load_driver(search).is_ok();
     let mut gpus = Vec::new();
@@ -160,15 +155,13 @@ fn collect() -> Report {
     let on_this_machine = match gpus.first() {
         None => "--device auto trains on the CPU reference backend".to_string(),
         Some(_) if loaded.is_err() => format!("--device auto stops: {}", loaded.as_ref().err().cloned().unwrap_or_default()),
-        Some(g) if g.compute_capability.0 < 8 || g.driver_version < device::MIN_DRIVER_VERSION => {
-            format!("--device auto stops: {g} is not usable (ferrotune needs sm_80 or newer and a driver >= 550); pass --device cpu")
-        }
+        Some(g) if !g.usable() => format!("--device auto stops: {g} is not usable: {}", g.refusal().unwrap_or_default()),
         Some(g) => format!("--device auto trains on {g}"),
     };
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let hf = crate::model::checkpoint::hf_cache().path().display().to_string();
     let datasets = crate::data::cache::default_dir(None).map(|p| p.display().to_string());
-    let json = json!({
+    json!({
         "ferrotune": env!("CARGO_PKG_VERSION"),
         // option_env: a build whose build script set no hash still compiles.
         "git": option_env!("FERROTUNE_GIT_HASH").unwrap_or("unknown"),
@@ -194,8 +187,7 @@ fn collect() -> Report {
             "on_this_machine": on_this_machine,
         },
         "caches": {"huggingface_hub": hf, "prepared_datasets": datasets},
-    });
-    Report { json }
+    })
 }
 
 fn s(v: &Value) -> String {
@@ -207,7 +199,7 @@ fn s(v: &Value) -> String {
 }
 
 /// The report as text, written at once by [`run`].
-fn text(r: &Report) -> String {
+fn text(j: &Value) -> String {
     let mut o = String::new();
     macro_rules! p {
         ($($t:tt)*) => {{
@@ -215,7 +207,6 @@ fn text(r: &Report) -> String {
             o.push('\n');
         }};
     }
-    let j = &r.json;
     p!("ferrotune {} (git {}), built for CUDA {}", s(&j["ferrotune"]), s(&j["git"]), j["cuda_build"]);
     p!("OS: {}", s(&j["os"]));
     p!("CPU: {} threads (rayon uses {})", j["cpu_threads"], j["rayon_threads"]);
@@ -237,7 +228,7 @@ fn text(r: &Report) -> String {
                 s(&g["compute_capability"]),
                 gib("total_bytes"),
                 gib("free_bytes"),
-                if g["supported"] == Value::Bool(true) { "" } else { " — not usable: needs sm_80+ and driver >= 550" }
+                if g["supported"] == Value::Bool(true) { String::new() } else { format!(" — not usable: {}", s(&g["not_usable"])) }
             );
         }
         if !j["gpu_error"].is_null() {
@@ -301,8 +292,8 @@ fn text(r: &Report) -> String {
 }
 
 pub fn run(a: EnvArgs) -> Result<()> {
-    let r = collect();
-    let out = if a.json { serde_json::to_string_pretty(&r.json)? + "\n" } else { text(&r) };
+    let report = collect();
+    let out = if a.json { serde_json::to_string_pretty(&report)? + "\n" } else { text(&report) };
     // Often piped into head or grep: a closed pipe is not an error.
     match std::io::Write::write_all(&mut std::io::stdout().lock(), out.as_bytes()) {
         Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),

@@ -92,7 +92,7 @@ pub fn open_device(s: &str) -> Result<Opened> {
                 if s == "auto" { "a GPU is visible but could not be used (pass --device cpu to run on the CPU)".to_string() }
                 else { format!("--device {s}") }
             })?;
-            eprintln!("device: {}; {} kernels loaded; {}", be.info, be.kernel_count(), env::gpu_paths(&be.info));
+            eprintln!("device: {}; {} kernels loaded; {}", be.info, be.kernel_count(), env::gpu_paths());
             if let Some(note) = env::single_gpu_note(n) {
                 eprintln!("{note}");
             }

@@ -202,7 +202,7 @@ const ALPACA_INTRO: &str = "Below is an instruction that describes a task";
 const ALPACA_WITH_INPUT: &str = ", paired with an input that provides further context";
 const ALPACA_ASK: &str = ". Write a response that appropriately completes the request.\n\n";
 
-/// The alpaca prompt (SPECS.md §6): the input block only when input is non-empty.
+/// The alpaca prompt (Axolotl's template): the input block only when input is non-empty.
 pub fn alpaca_prompt(instruction: &str, input: Option<&str>) -> String {
     match input.filter(|s| !s.is_empty()) {
         Some(input) => format!(

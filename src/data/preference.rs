@@ -1,5 +1,5 @@
 //! Preference datasets into token ids, as TRL tokenizes them after
-//! Axolotl's formatting (SPECS.md §6).
+//! Axolotl's formatting.
 //!
 //! A pair is held as TRL holds it: `prompt`, `chosen` and `rejected` ids,
 //! the two completions sharing the prompt; the sequences the model sees are

@@ -1,5 +1,5 @@
 //! The checkpoint layout of bitsandbytes' 4-bit models, as transformers
-//! saves them (SPECS.md §1). Each quantized Linear at prefix P stores
+//! saves them. Each quantized Linear at prefix P stores
 //!
 //! ```text
 //! P.weight                                  U8 [(n+1)/2, 1]  packed codes (or the same bytes as BF16 ...)

@@ -3,7 +3,7 @@
 //! mapped to the nearest of 16 codes; two codes per byte (the first in the
 //! high nibble). With double quantization the absmaxes are themselves
 //! quantized to 8 bits (blocks of 256, bitsandbytes' signed dynamic map,
-//! after subtracting their mean). SPECS.md §1.
+//! after subtracting their mean).
 
 /// The 16 NF4 code values, index 0..15 (bitsandbytes' quant_map).
 pub const NF4_CODE: [f32; 16] = [

@@ -1,4 +1,4 @@
-//! The preference objectives (SPECS.md §5) as functions of per-sequence
+//! The preference objectives as functions of per-sequence
 //! log-probabilities, independent of the model: DPO (sigmoid, IPO, hinge,
 //! robust), ORPO, CPO/SimPO, KTO and reward modelling, with TRL's default
 //! hyper-parameters and the metrics TRL logs under TRL's names.

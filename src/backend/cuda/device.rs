@@ -23,9 +23,42 @@ pub struct GpuInfo {
     pub compute_capability: (i32, i32),
 }
 
+/// Why a driver of CUDA `version` (12040 for 12.4) cannot run ferrotune's
+/// kernels, with what to do; None when it can.
+pub fn driver_refusal(version: i32) -> Option<String> {
+    (version < MIN_DRIVER_VERSION).then(|| {
+        format!(
+            "the NVIDIA driver supports CUDA {}.{}, ferrotune's kernels need CUDA 12.4 (driver >= 550); \
+             update the driver or run with --device cpu",
+            version / 1000,
+            (version % 1000) / 10
+        )
+    })
+}
+
 impl GpuInfo {
     pub fn driver_string(&self) -> String {
         format!("{}.{}", self.driver_version / 1000, (self.driver_version % 1000) / 10)
+    }
+
+    /// Why ferrotune cannot train on this GPU (a driver older than 550, a
+    /// GPU before sm_80), with what to do; None when it can. The one place
+    /// these requirements are written.
+    pub fn refusal(&self) -> Option<String> {
+        let (major, minor) = self.compute_capability;
+        driver_refusal(self.driver_version).or_else(|| {
+            (major < 8).then(|| {
+                format!(
+                    "{} has compute capability {major}.{minor}; ferrotune's kernels need sm_80 or newer (A100, RTX 30xx/40xx, H100); \
+                     run with --device cpu",
+                    self.name
+                )
+            })
+        })
+    }
+
+    pub fn usable(&self) -> bool {
+        self.refusal().is_none()
     }
 }
 
@@ -89,9 +122,11 @@ pub fn device_count() -> usize {
 
 /// Whether `--device auto` should take cuda:0: a GPU is visible, or the
 /// driver is there but cannot even count them (then opening cuda:0 says
-/// why, instead of a silent fall back to the CPU).
+/// why, instead of a silent fall back to the CPU). Without a driver found by
+/// cheap means the answer is the CPU at once: a machine without a GPU runs
+/// no program to find out.
 pub fn auto_picks_gpu() -> bool {
-    driver_present() && count_loaded().map(|n| n > 0).unwrap_or(true)
+    libs::driver_cheaply_found() && driver_present() && count_loaded().map(|n| n > 0).unwrap_or(true)
 }
 
 /// The driver's CUDA version (12040 for 12.4).
@@ -115,13 +150,9 @@ pub fn open(ordinal: usize) -> Result<(Arc<CudaContext>, GpuInfo)> {
 /// [`open`] once the libraries are loaded.
 fn open_loaded(ordinal: usize) -> Result<(Arc<CudaContext>, GpuInfo)> {
     let version = driver_version()?;
-    if version < MIN_DRIVER_VERSION {
-        bail!(
-            "the NVIDIA driver supports CUDA {}.{}, ferrotune's kernels need CUDA 12.4 (driver >= 550); \
-             update the driver or run with --device cpu",
-            version / 1000,
-            (version % 1000) / 10
-        );
+    // Before counting: an old driver may not even count the GPUs right.
+    if let Some(why) = driver_refusal(version) {
+        bail!(why);
     }
     let count = CudaContext::device_count().map_err(|e| anyhow::anyhow!("cannot count CUDA devices: {e:?}"))?;
     if count <= 0 {
@@ -135,14 +166,8 @@ fn open_loaded(ordinal: usize) -> Result<(Arc<CudaContext>, GpuInfo)> {
         bail!("there are only {count} GPUs (cuda:0 .. cuda:{})", count - 1);
     }
     let (ctx, info) = probe_loaded(ordinal, version)?;
-    if info.compute_capability.0 < 8 {
-        bail!(
-            "{} has compute capability {}.{}; ferrotune's kernels need sm_80 or newer (A100, RTX 30xx/40xx, H100); \
-             run with --device cpu",
-            info.name,
-            info.compute_capability.0,
-            info.compute_capability.1
-        );
+    if let Some(why) = info.refusal() {
+        bail!(why);
     }
     Ok((ctx, info))
 }
@@ -168,8 +193,9 @@ fn probe_loaded(ordinal: usize, driver_version: i32) -> Result<(Arc<CudaContext>
     Ok((ctx, info))
 }
 
-/// Dense bf16 peak in TFLOP/s for GPUs we know (SPECS: performance
-/// accounting), for MFU. None for unknown ones.
+/// Dense (no sparsity) bf16 tensor-core peak in TFLOP/s, as the vendor
+/// publishes it, for GPUs we know; the denominator of MFU. None for unknown
+/// ones.
 pub fn dense_bf16_peak_tflops(name: &str) -> Option<f64> {
     let n = name.to_ascii_lowercase();
     let table: &[(&str, f64)] = &[
@@ -186,9 +212,9 @@ pub fn dense_bf16_peak_tflops(name: &str) -> Option<f64> {
     table.iter().find(|(k, _)| n.contains(k)).map(|(_, v)| *v)
 }
 
-/// Peak HBM bandwidth in TB/s for GPUs we know (SPECS: performance
-/// accounting), for the share of bandwidth a memory-bound kernel reaches.
-/// None for unknown ones.
+/// Peak memory (HBM / GDDR) bandwidth in TB/s, as the vendor publishes it,
+/// for GPUs we know; the denominator of the share of bandwidth a
+/// memory-bound kernel reaches. None for unknown ones.
 pub fn hbm_bandwidth_tb_s(name: &str) -> Option<f64> {
     let n = name.to_ascii_lowercase();
     let table: &[(&str, f64)] = &[("h200", 4.8), ("gh200", 4.0), ("h100", 3.35), ("a100", 2.0), ("a800", 2.0), ("rtx 4090", 1.0)];
@@ -197,7 +223,26 @@ pub fn hbm_bandwidth_tb_s(name: &str) -> Option<f64> {
 
 #[cfg(test)]
 mod tests {
-    use super::guarded;
+    use super::{GpuInfo, guarded};
+
+    #[test]
+    fn a_gpu_is_usable_from_sm_80_with_a_driver_of_cuda_12_4() {
+        let gpu = |driver_version, compute_capability| GpuInfo {
+            ordinal: 0,
+            name: "Test GPU".into(),
+            total_bytes: 0,
+            free_bytes: 0,
+            driver_version,
+            compute_capability,
+        };
+        assert!(gpu(12040, (8, 0)).usable());
+        assert!(gpu(13000, (12, 0)).usable());
+        let old_driver = gpu(12020, (9, 0)).refusal().unwrap();
+        assert!(old_driver.starts_with("the NVIDIA driver supports CUDA 12.2, ferrotune's kernels need CUDA 12.4 (driver >= 550)"), "{old_driver}");
+        let turing = gpu(12040, (7, 5)).refusal().unwrap();
+        assert!(turing.starts_with("Test GPU has compute capability 7.5; ferrotune's kernels need sm_80 or newer"), "{turing}");
+        assert!(!gpu(12040, (7, 5)).usable());
+    }
 
     #[test]
     fn a_panic_inside_guarded_is_an_error() {

@@ -4,22 +4,30 @@
 //! loader cannot find one, which is the usual state of a machine whose CUDA
 //! came from pip's nvidia-* wheels, a conda env or a toolkit folder that is
 //! not in the loader's path. [`load`] looks in the places a PyTorch user
-//! would expect ([`places`]: LD_LIBRARY_PATH, CUDA_HOME / CUDA_PATH, the
-//! active venv or conda env, ./.venv, the nvidia-* wheels of the `python3` on
-//! PATH, the loader cache, the system folders, /usr/local/cuda*), then opens
-//! each library by full path with RTLD_GLOBAL. The loader matches cudarc's
-//! later open by soname against the already-loaded library, so cudarc binds
-//! to it. A library that cannot be found is one error naming it and every
-//! place searched.
+//! would expect, then opens each library by full path with RTLD_GLOBAL. The
+//! loader matches cudarc's later open by soname against the already-loaded
+//! library, so cudarc binds to it. A library that cannot be found is one
+//! error naming it and every place searched.
+//!
+//! The search costs nothing that every CPU run would pay: the folders of
+//! [`cheap_places`] (LD_LIBRARY_PATH, CUDA_HOME / CUDA_PATH, the active venv
+//! or conda env, ./.venv, the system folders, /usr/local/cuda*) are only
+//! listed; the places that need a program run (`spawned_places`: the
+//! nvidia-* wheels of the `python3` on PATH, the loader cache) are asked
+//! only while a required library is still missing, or when `ferrotune env`
+//! wants every place ([`the_full_search`]). [`driver_cheaply_found`] lets
+//! `--device auto` settle on the CPU without either.
 //!
 //! A new library is a new [`Wanted`] in [`WANTED`]; a new place to look is a
-//! new entry of [`places`].
+//! new entry of [`cheap_places`], or of `spawned_places` (libs/spawned.rs)
+//! when it needs a program run.
 
+mod spawned;
+
+use spawned::spawned_places;
 use std::ffi::{CStr, CString, c_char, c_int, c_void};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
 
 /// The CUDA major version this build's libraries must have (the cargo
 /// feature picks cudarc's bindings, which match one major).
@@ -149,33 +157,6 @@ impl Search {
     }
 }
 
-/// Runs `cmd` for at most `limit`, returning its stdout when it succeeded.
-/// The output is read on its own thread: `ldconfig -p` can print more than a
-/// pipe holds before it exits.
-fn output_within(mut cmd: Command, limit: Duration) -> Option<String> {
-    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().ok()?;
-    let mut stdout = child.stdout.take()?;
-    let reader = std::thread::spawn(move || {
-        let mut out = String::new();
-        std::io::Read::read_to_string(&mut stdout, &mut out).ok().map(|_| out)
-    });
-    let start = Instant::now();
-    loop {
-        match child.try_wait() {
-            Ok(Some(status)) if status.success() => return reader.join().ok().flatten(),
-            Ok(Some(_)) => return None,
-            Ok(None) if start.elapsed() < limit => std::thread::sleep(Duration::from_millis(10)),
-            _ => {
-                // Not joined: a grandchild (a shell script's) may hold the
-                // pipe open long after the child is gone.
-                let _ = child.kill();
-                let _ = child.wait();
-                return None;
-            }
-        }
-    }
-}
-
 fn env_dirs(var: &str) -> Place {
     match std::env::var_os(var).filter(|v| !v.is_empty()) {
         Some(v) => Place { source: var.into(), dirs: std::env::split_paths(&v).filter(|d| !d.as_os_str().is_empty()).collect(), note: None },
@@ -218,60 +199,15 @@ fn venv_place(source: &str, root: Option<PathBuf>, with_lib: bool) -> Place {
     Place { source: source.into(), dirs, note }
 }
 
-/// The `python3` on PATH's site-packages, asked with a short timeout: where
-/// `pip install torch` put the nvidia-* wheels.
-fn python_place() -> Place {
-    let source = "python3 site-packages".to_string();
-    let mut cmd = Command::new("python3");
-    cmd.args(["-c", "import site; print('\\n'.join(site.getsitepackages() + [site.getusersitepackages()]))"]);
-    let Some(out) = output_within(cmd, Duration::from_secs(3)) else {
-        return Place { source, dirs: vec![], note: Some("no python3 on PATH answered".into()) };
-    };
-    let dirs: Vec<PathBuf> = out.lines().flat_map(|l| wheel_dirs(Path::new(l.trim()))).collect();
-    let note = dirs.is_empty().then(|| "no nvidia-* wheels".to_string());
-    Place { source, dirs, note }
-}
-
-/// Folders holding CUDA libraries in the loader cache (`ldconfig -p`).
-fn loader_cache_place() -> Place {
-    let source = "loader cache (ldconfig -p)".to_string();
-    let arch = if cfg!(target_arch = "x86_64") { "x86-64" } else if cfg!(target_arch = "aarch64") { "AArch64" } else { "" };
-    let out = ["/sbin/ldconfig", "/usr/sbin/ldconfig", "ldconfig"].iter().find_map(|l| {
-        let mut c = Command::new(l);
-        c.arg("-p");
-        output_within(c, Duration::from_secs(3))
-    });
-    let Some(out) = out else { return Place { source, dirs: vec![], note: Some("ldconfig not available".into()) } };
-    let dirs = cache_dirs(&out, arch);
-    let note = dirs.is_empty().then(|| "no CUDA libraries".to_string());
-    Place { source, dirs, note }
-}
-
-/// The folders of the libraries in [`WANTED`] that `ldconfig -p` lists for
-/// this architecture ("\tlibcublas.so.12 (libc6,x86-64) => /usr/lib/x86_64-linux-gnu/libcublas.so.12").
-fn cache_dirs(ldconfig_p: &str, arch: &str) -> Vec<PathBuf> {
-    let mut dirs: Vec<PathBuf> = Vec::new();
-    for line in ldconfig_p.lines() {
-        let Some((name, path)) = line.trim().split_once(" => ") else { continue };
-        let relevant = WANTED.iter().any(|w| name.starts_with(&format!("lib{}.so", w.stem)));
-        if relevant
-            && name.contains(arch)
-            && let Some(dir) = Path::new(path.trim()).parent().filter(|d| !dirs.iter().any(|x| x == d))
-        {
-            dirs.push(dir.to_path_buf());
-        }
-    }
-    dirs
-}
-
 fn existing(source: &str, candidates: Vec<PathBuf>) -> Place {
     let dirs: Vec<PathBuf> = candidates.into_iter().filter(|d| d.is_dir()).collect();
     let note = dirs.is_empty().then(|| "none".to_string());
     Place { source: source.into(), dirs, note }
 }
 
-/// Every place looked in, in the order looked.
-pub fn places() -> Vec<Place> {
+/// The places looked in first, in order: folders named by the environment
+/// or fixed, listed without running anything.
+pub fn cheap_places() -> Vec<Place> {
     let home_dirs = |var: &str| -> Place {
         match std::env::var_os(var).filter(|v| !v.is_empty()) {
             Some(v) => {
@@ -305,8 +241,6 @@ pub fn places() -> Vec<Place> {
         } else {
             Place { source: "./.venv".into(), dirs: vec![], note: Some("none here".into()) }
         },
-        python_place(),
-        loader_cache_place(),
         existing("system folders", system.iter().map(PathBuf::from).collect()),
         existing("/usr/local/cuda*", usr_local),
     ]
@@ -391,9 +325,25 @@ fn already_loaded(w: &Wanted) -> Option<PathBuf> {
     None
 }
 
-/// Looks for every library in [`WANTED`]; loads nothing.
-pub fn search() -> Search {
-    let places = places();
+/// How far [`search`] looks.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Depth {
+    /// The spawned places only while a required library is still missing.
+    AsNeeded,
+    /// Every place, for `ferrotune env`'s list.
+    Everywhere,
+}
+
+/// Looks for `w` in `places`' folders, in order; other majors seen go to `others`.
+fn find_in(places: &[Place], w: &Wanted, others: &mut Vec<PathBuf>) -> Option<PathBuf> {
+    places.iter().flat_map(|p| p.dirs.iter()).find_map(|d| look_in(d, w, others))
+}
+
+/// Looks for every library in [`WANTED`]; loads nothing. A library is taken
+/// from the first place that has it, the cheap places before the spawned
+/// ones, so both depths pick the same required libraries.
+pub fn search(depth: Depth) -> Search {
+    let mut places = cheap_places();
     let mut libs: Vec<Located> = WANTED
         .iter()
         .map(|w| {
@@ -401,12 +351,22 @@ pub fn search() -> Search {
                 return Located { path: Some(path), preloaded: true, other_majors: vec![] };
             }
             let mut others = Vec::new();
-            let path = places.iter().flat_map(|p| p.dirs.iter()).find_map(|d| look_in(d, w, &mut others));
+            let path = find_in(&places, w, &mut others);
             // Other majors are kept even when a right copy was found:
             // `ferrotune env` lists them.
             Located { path, preloaded: false, other_majors: others }
         })
         .collect();
+    let missing_required = WANTED.iter().zip(&libs).any(|(w, l)| w.required && l.path.is_none());
+    if missing_required || depth == Depth::Everywhere {
+        let spawned = spawned_places();
+        for (w, l) in WANTED.iter().zip(libs.iter_mut()) {
+            if l.path.is_none() {
+                l.path = find_in(&spawned, w, &mut l.other_majors);
+            }
+        }
+        places.extend(spawned);
+    }
     // cuBLASLt from cuBLAS's own folder: the two come from one release.
     if let Some(dir) = libs[CUBLAS].path.as_ref().and_then(|p| p.parent()).filter(|_| !libs[CUBLAS].preloaded) {
         let lt = dir.join(WANTED[CUBLAS_LT].soname());
@@ -415,6 +375,21 @@ pub fn search() -> Search {
         }
     }
     Search { libs, places }
+}
+
+/// Whether the CUDA driver can be had without running a program: already
+/// in the process, in a cheap place, or found by the default loader (which
+/// reads the loader cache itself). When not, `--device auto` is the CPU and
+/// nothing was spawned. A driver the default loader finds stays loaded: it
+/// is the one cudarc would open by soname anyway.
+pub fn driver_cheaply_found() -> bool {
+    let w = &WANTED[DRIVER];
+    if already_loaded(w).is_some() || find_in(&cheap_places(), w, &mut Vec::new()).is_some() {
+        return true;
+    }
+    let Ok(c) = CString::new(w.soname()) else { return false };
+    // SAFETY: opening a shared library by soname; the handle is kept.
+    !unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_LAZY | libc::RTLD_GLOBAL) }.is_null()
 }
 
 /// dlerror's text for the last failure.
@@ -443,10 +418,18 @@ pub fn load_driver(search: &Search) -> Result<(), String> {
     open_global(path).map(|_| ()).map_err(|e| format!("cannot load {}: {e}", path.display()))
 }
 
-/// The search of this process, made once (by [`load`] or its first caller).
+static SEARCH: OnceLock<Search> = OnceLock::new();
+
+/// The search of this process, made once (by [`load`] or its first caller),
+/// looking in the spawned places only as needed.
 pub fn the_search() -> &'static Search {
-    static SEARCH: OnceLock<Search> = OnceLock::new();
-    SEARCH.get_or_init(search)
+    SEARCH.get_or_init(|| search(Depth::AsNeeded))
+}
+
+/// The search of this process looking in every place, when called before
+/// anything else searched (as `ferrotune env` does); [`load`] then uses it.
+pub fn the_full_search() -> &'static Search {
+    SEARCH.get_or_init(|| search(Depth::Everywhere))
 }
 
 /// What [`load`] found.
@@ -543,22 +526,6 @@ mod tests {
         assert_eq!(look_in(&old, &WANTED[CUBLAS_LT], &mut Vec::new()), None);
         // The driver is libcuda.so.1 whatever the CUDA version.
         assert_eq!(WANTED[DRIVER].soname(), "libcuda.so.1");
-    }
-
-    #[test]
-    fn the_loader_cache_gives_the_folders_of_cuda_libraries_for_this_architecture() {
-        let out = "1234 libs found in cache `/etc/ld.so.cache'
-\tlibz.so.1 (libc6,x86-64) => /lib/x86_64-linux-gnu/libz.so.1
-\tlibcudart.so.12 (libc6,x86-64) => /opt/rt/libcudart.so.12
-\tlibcuda.so.1 (libc6,x86-64) => /usr/lib/x86_64-linux-gnu/libcuda.so.1
-\tlibcuda.so.1 (libc6) => /usr/lib/i386-linux-gnu/libcuda.so.1
-\tlibcublasLt.so.12 (libc6,x86-64) => /usr/local/cuda-12.4/lib64/libcublasLt.so.12
-\tlibcublas.so.12 (libc6,x86-64) => /usr/local/cuda-12.4/lib64/libcublas.so.12
-";
-        assert_eq!(
-            cache_dirs(out, "x86-64"),
-            vec![PathBuf::from("/usr/lib/x86_64-linux-gnu"), PathBuf::from("/usr/local/cuda-12.4/lib64")]
-        );
     }
 
     #[test]
