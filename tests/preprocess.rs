@@ -109,7 +109,14 @@ fn quickstart_counts_match_train_and_the_data() {
     assert_eq!(line(&text, "sample packing: "), format!("sample packing: 32 sequences in {bins} rows of 256 tokens, {fill:.1}% filled"));
     assert_eq!(
         line(&text, "cache: "),
-        format!("cache: 1 of 1 datasets read from {} (the others tokenized and stored there)", tmp.path().join("cache").display())
+        format!("cache: 1 of 1 datasets read from {}", tmp.path().join("cache").display())
+    );
+    // Into an empty cache: tokenized now, and said so.
+    let fresh = format!("dataset_prepared_path={}", tmp.path().join("fresh").display());
+    let text = stdout_of(&ferrotune(&["preprocess", cfg, "--set", &fresh]));
+    assert_eq!(
+        line(&text, "cache: "),
+        format!("cache: 0 of 1 datasets read from {}; 1 tokenized now and stored there", tmp.path().join("fresh").display())
     );
 }
 

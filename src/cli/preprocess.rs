@@ -177,12 +177,12 @@ fn summary(cfg: &RunConfig, train: &Examples, val: &Examples, report: &[DatasetR
     s += &match (supervised, cache::default_dir(cfg.dataset_prepared_path.as_deref())) {
         (false, _) => "cache: preference datasets are not cached (they are read afresh each run)\n".to_string(),
         (true, None) => "cache: none (set dataset_prepared_path to keep tokenized datasets)\n".to_string(),
-        (true, Some(dir)) => format!(
-            "cache: {} of {} datasets read from {} (the others tokenized and stored there)\n",
-            report.iter().filter(|r| r.from_cache).count(),
-            report.len(),
-            dir.display()
-        ),
+        (true, Some(dir)) => {
+            let cached = report.iter().filter(|r| r.from_cache).count();
+            let fresh = report.len() - cached;
+            let stored = if fresh > 0 { format!("; {fresh} tokenized now and stored there") } else { String::new() };
+            format!("cache: {cached} of {} datasets read from {}{stored}\n", report.len(), dir.display())
+        }
     };
     s
 }
