@@ -22,7 +22,7 @@ use ferrotune::model::graph::BackwardOpts;
 use ferrotune::train::checkpoint::{self, TrainState};
 use ferrotune::train::objectives::RewardConfig;
 use ferrotune::train::optimizer::{AdamWConfig, Optimizer};
-use ferrotune::train::reward::{self, HeadConfig, ScoreHead};
+use ferrotune::train::objectives::reward::{self, HeadConfig, ScoreHead};
 use safetensors::SafeTensors;
 use serde_json::Value;
 use std::path::Path;

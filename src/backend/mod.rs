@@ -155,7 +155,8 @@ impl AdamW {
     }
 }
 
-pub trait Backend: Send + Sync {
+// 'static: objectives hold backend buffers in boxed trait objects.
+pub trait Backend: Send + Sync + 'static {
     /// f32 activations, gradients and trainable parameters.
     type Buf: Send + Sync;
     /// A frozen base-model weight (or bias / norm vector).

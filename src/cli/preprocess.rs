@@ -3,7 +3,6 @@
 //! and with --show N the first N examples as the model sees them. No model
 //! weights are read: only config.json (the vocabulary size) and the tokenizer.
 
-use super::train::prepare_data;
 use crate::config::{self, RunConfig};
 use crate::data::cache;
 use crate::data::prepare::DatasetReport;
@@ -11,7 +10,9 @@ use crate::data::show::{Marking, Show};
 use crate::data::tokenizer::TextTokenizer;
 use crate::model::batch::Sequence;
 use crate::model::checkpoint;
+use crate::backend::cpu::CpuBackend;
 use crate::train::examples::{Examples, data_plan};
+use crate::train::objectives;
 use anyhow::Result;
 use clap::{Args, ValueEnum};
 use std::io::{IsTerminal, Write};
@@ -53,8 +54,11 @@ pub fn run(a: PreprocessArgs) -> Result<()> {
     let vocab = checkpoint::read_config(&model_dir)?.vocab;
     // model_type / tokenizer_type / tokenizer_config checked as train checks them.
     let tokenizer_dir = config::check_checkpoint(&cfg, &model_dir)?;
-    let supervised = cfg.objective()?.is_none();
-    let (train, val, report) = prepare_data(&cfg, &tokenizer_dir, vocab)?;
+    // The objective decides what its examples are; which backend would
+    // train on them makes no difference here.
+    let objective = objectives::select::<CpuBackend>(&cfg)?;
+    let supervised = objective.packs();
+    let (train, val, report) = objective.prepare_data(&cfg, &tokenizer_dir, vocab)?;
 
     let mut out = std::io::stdout().lock();
     for r in &report {

@@ -305,44 +305,6 @@ impl Default for RunConfig {
 }
 
 impl RunConfig {
-    /// The preference objective `rl` asks for, with Axolotl's mapping of its
-    /// keys onto TRL's: ipo is DPO with loss_type ipo, simpo is CPO with
-    /// loss_type simpo, ORPO's β is rl_beta if set, else orpo_alpha (Axolotl
-    /// passes whichever is set as TRL's beta). None: supervised fine-tuning.
-    pub fn objective(&self) -> Result<Option<crate::train::objectives::Objective>> {
-        use crate::train::objectives::{CpoConfig, DpoConfig, DpoLoss, KtoConfig, Objective, OrpoConfig, RewardConfig};
-        if self.reward_model {
-            return Ok(Some(Objective::Reward(RewardConfig { center_rewards_coefficient: self.center_rewards_coefficient })));
-        }
-        let Some(rl) = self.rl.as_deref() else { return Ok(None) };
-        let beta = self.rl_beta.unwrap_or(0.1);
-        Ok(Some(match rl {
-            "dpo" | "ipo" => {
-                let loss_type = match (rl, self.dpo_loss_type.as_deref()) {
-                    ("ipo", _) => DpoLoss::Ipo,
-                    (_, Some(t)) => DpoLoss::parse(t)?,
-                    (_, None) => DpoLoss::Sigmoid,
-                };
-                Objective::Dpo(DpoConfig { loss_type, beta, label_smoothing: self.dpo_label_smoothing })
-            }
-            "orpo" => Objective::Orpo(OrpoConfig { beta: self.rl_beta.or(self.orpo_alpha).unwrap_or(0.1) }),
-            "simpo" => {
-                let mut c = CpoConfig::simpo();
-                c.beta = beta;
-                c.label_smoothing = self.dpo_label_smoothing;
-                c.simpo_gamma = self.simpo_gamma.unwrap_or(c.simpo_gamma);
-                c.cpo_alpha = self.cpo_alpha.unwrap_or(0.0);
-                Objective::Cpo(c)
-            }
-            "kto" => Objective::Kto(KtoConfig {
-                beta,
-                desirable_weight: self.kto_desirable_weight.unwrap_or(1.0),
-                undesirable_weight: self.kto_undesirable_weight.unwrap_or(1.0),
-            }),
-            other => anyhow::bail!("rl: {other} is not supported (use dpo, ipo, orpo, simpo or kto)"),
-        }))
-    }
-
     /// The checks `load` runs, for a RunConfig built in code.
     pub fn validate(&self) -> Result<()> {
         validate::validate(self, &source::Locator::none())

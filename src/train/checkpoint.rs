@@ -7,7 +7,7 @@
 //! checkpoint-N that resume could pick.
 
 use super::optimizer::{ExtraMomentsHost, ExtraParam, MomentsHost, Optimizer};
-use super::reward::ScoreHead;
+use super::objectives::reward::ScoreHead;
 use crate::adapter::{LoraConfig, peft};
 use crate::backend::Backend;
 use crate::model::{Model, module_path};

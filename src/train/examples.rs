@@ -1,6 +1,7 @@
-//! What a run trains on (`Examples`: SFT sequences, preference pairs, KTO
-//! or reward examples) and the data plan made from them. A new kind of
-//! training example is added to `Examples`.
+//! What a run trains on (`Examples`: token sequences, preference pairs,
+//! labelled completions or reward pairs, whichever its objective prepared)
+//! and the data plan made from them. A new kind of training example is a
+//! variant of `Examples`.
 
 use super::plan::DataPlan;
 use crate::config::RunConfig;
@@ -45,15 +46,15 @@ impl Examples {
     }
 }
 
-/// How a run orders, packs and batches its training examples;
-/// `supervised`: no objective (rl or reward_model) is set.
-pub fn data_plan(cfg: &RunConfig, train: &Examples, supervised: bool) -> DataPlan {
+/// How a run orders, packs and batches its training examples; `packs`:
+/// the objective allows several examples in one row (`Objective::packs`).
+pub fn data_plan(cfg: &RunConfig, train: &Examples, packs: bool) -> DataPlan {
     DataPlan {
         lengths: train.lengths(),
         micro_batch_size: cfg.micro_batch_size,
         gradient_accumulation_steps: cfg.gradient_accumulation_steps,
         // Pairs are never packed: each micro-batch holds whole pairs.
-        sample_packing: cfg.sample_packing && supervised,
+        sample_packing: cfg.sample_packing && packs,
         sequence_len: cfg.sequence_len,
         shuffle: cfg.shuffle_merged_datasets,
         seed: cfg.seed,

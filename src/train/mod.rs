@@ -4,8 +4,9 @@
 //! (bar and metrics.jsonl), `curves` (metrics.jsonl drawn as
 //! training_curves.png), `checkpoint` (save and resume), `preflight`
 //! (config-only checks before anything loads) and `memory` (the GPU memory
-//! plan checked before the first step); `objectives` holds the preference
-//! losses on per-sequence log-probabilities; `run_dir` (output_dir's lock
+//! plan checked before the first step); `objectives` holds what a run
+//! optimises, one file per objective (SFT, DPO, ORPO, SimPO, KTO, reward
+//! model: a new one is a file there plus a line in its registry); `run_dir` (output_dir's lock
 //! and an earlier run's files) and `interrupt` (Ctrl-C) keep runs apart and
 //! stop them cleanly. `examples` holds what a run trains on, `diverged` the
 //! error of a loss gone NaN, `collapse` the preference runs' drift warning.
@@ -20,10 +21,8 @@ pub mod memory;
 pub mod objectives;
 pub mod optimizer;
 pub mod plan;
-pub mod preference;
 pub mod preflight;
 pub mod progress;
-pub mod reward;
 pub mod run_dir;
 pub mod schedule;
 pub mod trainer;

@@ -1,31 +1,57 @@
-//! One micro-batch of preference pairs through the model: chosen and
-//! rejected sequences in one batch ([chosen₁..chosen_k, rejected₁..rejected_k]),
-//! the reference log-probs from the same model with its adapter switched
-//! off, the objective evaluated on the summed log-probs (`objectives`), and
-//! the backward with each token weighted by its sequence's dL/dlogp
-//! (`TokenWeights::FromLosses`: the layers run forward once).
+//! The pipeline the pairwise preference objectives share (DPO, ORPO,
+//! CPO/SimPO): one micro-batch of pairs through the model as one batch
+//! ([chosen₁..chosen_k, rejected₁..rejected_k]), the reference log-probs from
+//! the same model with its adapter switched off, the objective's loss on the
+//! summed log-probs, and the backward with each token weighted by its
+//! sequence's dL/dlogp (the layers run forward once). [`Pairwise`] makes any
+//! [`PairObjective`] a training [`Objective`].
 
-use super::objectives::{KtoConfig, KtoExample, KtoLoss, Metrics, NllSum, Objective, PairLogps, PairLoss, SeqLogps};
-use crate::data::preference::{KtoExample as KtoExampleIds, completion_sequence};
+use super::math::{Metrics, NllSum, PairLogps, PairLoss, SeqLogps};
+use super::{Examples, MicroLoss, Objective, Step, StepOutcome, eval_in_chunks, mean_loss_step};
 use crate::backend::Backend;
+use crate::config::RunConfig;
+use crate::data::pairs;
+use crate::data::prepare::DatasetReport;
 use crate::data::preference::PreferencePair;
 use crate::model::Model;
 use crate::model::batch::{Batch, Sequence};
-use crate::model::graph::{BackwardOpts, TokenWeights};
-use anyhow::Result;
+use crate::model::graph::{BackwardOpts, Head, TokenWeights};
+use anyhow::{Result, bail};
+use std::fmt;
+use std::path::Path;
+use std::time::Instant;
+
+/// A loss on per-pair log-probabilities: what the pair pipeline asks of it.
+pub trait PairObjective: fmt::Debug {
+    /// The batch loss, its derivatives per pair, and TRL's metrics.
+    fn pair_loss(&self, pairs: &[PairLogps]) -> Result<PairLoss>;
+    /// Whether it needs reference log-probabilities (a forward pass with
+    /// the adapter disabled).
+    fn needs_reference(&self) -> bool;
+    /// Whether pairs must carry `chosen_nll`.
+    fn needs_nll(&self) -> bool {
+        false
+    }
+    /// Whether the NLL term scores the whole chosen sequence, prompt
+    /// included (ORPO), rather than its completion.
+    fn nll_whole_chosen(&self) -> bool {
+        false
+    }
+}
+
 
 /// Where one sequence sits in the batch: its first token and its length,
 /// and where its completion starts (the prompt's length).
 #[derive(Debug, Clone, Copy)]
-struct Span {
-    offset: usize,
-    prompt: usize,
-    len: usize,
+pub(super) struct Span {
+    pub(super) offset: usize,
+    pub(super) prompt: usize,
+    pub(super) len: usize,
 }
 
 impl Span {
     /// Token positions whose target is a completion token.
-    fn completion(self) -> std::ops::Range<usize> {
+    pub(super) fn completion(self) -> std::ops::Range<usize> {
         self.offset + self.prompt.max(1) - 1..self.offset + self.len - 1
     }
 
@@ -64,7 +90,7 @@ pub fn pair_batch(pairs: &[&PreferencePair], vocab: usize, whole_chosen: bool) -
     Ok(PairBatch { batch: Batch::from_sequences(&seqs, vocab)?, spans, k: pairs.len() })
 }
 
-fn sum(nll: &[f32], r: std::ops::Range<usize>) -> f64 {
+pub(super) fn sum(nll: &[f32], r: std::ops::Range<usize>) -> f64 {
     nll[r].iter().map(|&x| x as f64).sum()
 }
 
@@ -82,7 +108,7 @@ pub enum Reference<'a> {
 impl PairBatch {
     /// The objective's view of the pairs, from per-token NLLs of the policy
     /// and (when the objective has one) of the reference.
-    fn logps(&self, objective: &Objective, policy: &[f32], reference: Reference) -> Vec<PairLogps> {
+    fn logps(&self, objective: &dyn PairObjective, policy: &[f32], reference: Reference) -> Vec<PairLogps> {
         let seq = |span: Span, pre: Option<f64>| {
             let r = span.completion();
             let reference = match (reference, pre) {
@@ -100,7 +126,7 @@ impl PairBatch {
                     _ => None,
                 };
                 let chosen_nll = objective.needs_nll().then(|| {
-                    let range = if matches!(objective, Objective::Orpo(_)) { c.whole() } else { c.completion() };
+                    let range = if objective.nll_whole_chosen() { c.whole() } else { c.completion() };
                     NllSum { sum: sum(policy, range.clone()), tokens: range.len() }
                 });
                 PairLogps { chosen: seq(c, pre.map(|p| p.0)), rejected: seq(r, pre.map(|p| p.1)), chosen_nll }
@@ -117,7 +143,7 @@ impl PairBatch {
 
     /// Per-token weights: each completion token gets −scale·dL/dlogp of its
     /// sequence; the NLL term's tokens add scale·dL/dNLL.
-    fn weights(&self, objective: &Objective, loss: &PairLoss, n: usize, scale: f64) -> Vec<f32> {
+    fn weights(&self, objective: &dyn PairObjective, loss: &PairLoss, n: usize, scale: f64) -> Vec<f32> {
         let mut w = vec![0f64; n];
         for (i, g) in loss.grads.iter().enumerate() {
             let (c, r) = (self.spans[i], self.spans[self.k + i]);
@@ -128,7 +154,7 @@ impl PairBatch {
                 w[t] -= scale * g.rejected;
             }
             if g.chosen_nll != 0.0 {
-                let range = if matches!(objective, Objective::Orpo(_)) { c.whole() } else { c.completion() };
+                let range = if objective.nll_whole_chosen() { c.whole() } else { c.completion() };
                 for t in range {
                     w[t] += scale * g.chosen_nll;
                 }
@@ -139,8 +165,8 @@ impl PairBatch {
 }
 
 /// Loss and metrics of pairs without gradients (evaluation).
-pub fn pair_eval<B: Backend>(be: &B, model: &Model<B>, objective: &Objective, pairs: &[&PreferencePair]) -> Result<PairLoss> {
-    let pb = pair_batch(pairs, model.cfg.vocab, matches!(objective, Objective::Orpo(_)))?;
+pub fn pair_eval<B: Backend>(be: &B, model: &Model<B>, objective: &dyn PairObjective, pairs: &[&PreferencePair]) -> Result<PairLoss> {
+    let pb = pair_batch(pairs, model.cfg.vocab, objective.nll_whole_chosen())?;
     let policy = model.token_nll(be, &pb.batch, true);
     let reference = objective.needs_reference().then(|| model.token_nll(be, &pb.batch, false));
     let reference = reference.as_deref().map_or(Reference::None, Reference::Tokens);
@@ -160,13 +186,13 @@ pub fn reference_sums<B: Backend>(be: &B, model: &Model<B>, pairs: &[&Preference
 pub fn pair_forward_backward<B: Backend>(
     be: &B,
     model: &mut Model<B>,
-    objective: &Objective,
+    objective: &dyn PairObjective,
     pairs: &[&PreferencePair],
     scale: f64,
     opts: BackwardOpts,
     precomputed: Option<&[(f64, f64)]>,
 ) -> Result<(PairLoss, usize)> {
-    let pb = pair_batch(pairs, model.cfg.vocab, matches!(objective, Objective::Orpo(_)))?;
+    let pb = pair_batch(pairs, model.cfg.vocab, objective.nll_whole_chosen())?;
     let reference_tokens = (objective.needs_reference() && precomputed.is_none()).then(|| model.token_nll(be, &pb.batch, false));
     let reference = match (precomputed, reference_tokens.as_deref()) {
         (Some(s), _) => Reference::Sums(s),
@@ -187,122 +213,76 @@ pub fn pair_forward_backward<B: Backend>(
         result = Some(loss);
         Ok(w)
     };
-    model.forward_backward_weighted(be, &pb.batch, opts, TokenWeights::FromLosses(&mut choose))?;
+    model.forward_backward_with(be, &pb.batch, opts, Head::Tokens(TokenWeights::FromLosses(&mut choose)))?;
     let loss = result.expect("the weights were chosen");
     Ok((loss, n))
 }
 
-/// Metrics of several micro-batches, weighted by their pairs.
-pub fn merge_metrics(parts: &[(Metrics, usize)]) -> Metrics {
-    let total: usize = parts.iter().map(|(_, n)| n).sum();
-    let Some((first, _)) = parts.first() else { return Metrics::default() };
-    Metrics(
-        first
-            .0
-            .iter()
-            .map(|&(name, _)| {
-                let v = parts.iter().map(|(m, n)| m.get(name).unwrap_or(0.0) * *n as f64).sum::<f64>() / total.max(1) as f64;
-                (name, v)
-            })
-            .collect(),
-    )
+/// A pairwise objective as a training objective: `name` is how the
+/// checkpoint fingerprint spells it (`Dpo(DpoConfig { .. })`).
+pub struct Pairwise<P> {
+    pub name: &'static str,
+    pub loss: P,
+    /// The reference's summed completion log-probs per training pair,
+    /// computed once before training (precompute_ref_log_probs).
+    ref_sums: Option<Vec<(f64, f64)>>,
 }
 
-// ---------------------------------------------------------------- KTO
-
-/// The completion's target positions of a prompt+completion sequence that
-/// starts at `offset`.
-fn completion_span(offset: usize, prompt: usize, completion: usize) -> Span {
-    Span { offset, prompt, len: prompt + completion }
+impl<P> Pairwise<P> {
+    pub fn new(name: &'static str, loss: P) -> Pairwise<P> {
+        Pairwise { name, loss, ref_sums: None }
+    }
 }
 
-/// prompt_i + completion_i for every example (the trained batch), and
-/// prompt_i + completion_{i−1} (the mismatched pairs of TRL's KL estimate;
-/// the first example takes the last one's completion).
-fn kto_batches(exs: &[&KtoExampleIds], vocab: usize) -> Result<(Batch, Vec<Span>, Batch, Vec<Span>)> {
-    let build = |pick: &dyn Fn(usize) -> (usize, usize)| -> Result<(Batch, Vec<Span>)> {
-        let mut seqs = Vec::with_capacity(exs.len());
-        let mut spans = Vec::with_capacity(exs.len());
-        let mut offset = 0;
-        for i in 0..exs.len() {
-            let (p, c) = pick(i);
-            let s = completion_sequence(&exs[p].prompt, &exs[c].completion);
-            spans.push(completion_span(offset, exs[p].prompt.len(), exs[c].completion.len()));
-            offset += s.input_ids.len();
-            seqs.push(s);
+impl<P: fmt::Debug> fmt::Debug for Pairwise<P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}({:?})", self.name, self.loss)
+    }
+}
+
+fn pairs_of(examples: &Examples) -> Result<&[PreferencePair]> {
+    match examples {
+        Examples::Pairs(p) => Ok(p),
+        _ => bail!("a pairwise objective trains on preference pairs {{prompt, chosen, rejected}}"),
+    }
+}
+
+impl<B: Backend, P: PairObjective> Objective<B> for Pairwise<P> {
+    fn prepare_data(&self, cfg: &RunConfig, tokenizer_dir: &Path, vocab: usize) -> Result<(Examples, Examples, Vec<DatasetReport>)> {
+        let data = pairs::prepare_pairs(cfg, tokenizer_dir, vocab)?;
+        Ok((Examples::Pairs(data.train), Examples::Pairs(data.val), data.report))
+    }
+
+    /// The reference policy is the base model, which training never
+    /// changes: its log-probs can be computed once, before the first step.
+    fn before_training(&mut self, be: &B, model: &Model<B>, cfg: &RunConfig, train: &Examples) -> Result<()> {
+        if !(cfg.precompute_ref_log_probs && self.loss.needs_reference()) {
+            return Ok(());
         }
-        Ok((Batch::from_sequences(&seqs, vocab)?, spans))
-    };
-    let (main, main_spans) = build(&|i| (i, i))?;
-    let (kl, kl_spans) = build(&|i| (i, (i + exs.len() - 1) % exs.len()))?;
-    Ok((main, main_spans, kl, kl_spans))
-}
+        let pairs = pairs_of(train)?;
+        let t0 = Instant::now();
+        let mut sums = Vec::with_capacity(pairs.len());
+        for chunk in pairs.chunks(cfg.micro_batch_size.max(1)) {
+            let refs: Vec<&PreferencePair> = chunk.iter().collect();
+            sums.extend(reference_sums(be, model, &refs)?);
+        }
+        eprintln!("reference log-probs of {} pairs precomputed in {:.1}s", pairs.len(), t0.elapsed().as_secs_f64());
+        self.ref_sums = Some(sums);
+        Ok(())
+    }
 
-fn kto_inputs(
-    exs: &[&KtoExampleIds],
-    spans: &[Span],
-    policy: &[f32],
-    reference: &[f32],
-    kl_spans: &[Span],
-    kl_policy: &[f32],
-    kl_reference: &[f32],
-) -> Vec<KtoExample> {
-    (0..exs.len())
-        .map(|i| {
-            let r = spans[i].completion();
-            let kr = kl_spans[i].completion();
-            KtoExample {
-                logps: SeqLogps { policy: -sum(policy, r.clone()), reference: -sum(reference, r.clone()), tokens: r.len() },
-                desirable: exs[i].desirable,
-                kl_policy: -sum(kl_policy, kr.clone()),
-                kl_reference: -sum(kl_reference, kr),
-            }
+    fn step(&mut self, s: Step<'_, B>) -> Result<StepOutcome> {
+        let pairs = pairs_of(s.examples)?;
+        let (be, loss, ref_sums) = (s.be, &self.loss, self.ref_sums.as_deref());
+        mean_loss_step(s, &mut [], |model, _, mb, share, opts| {
+            let refs: Vec<&PreferencePair> = mb.iter().map(|&i| &pairs[i]).collect();
+            let pre: Option<Vec<(f64, f64)>> = ref_sums.map(|s| mb.iter().map(|&i| s[i]).collect());
+            let (l, tokens) = pair_forward_backward(be, model, loss, &refs, share, opts, pre.as_deref())?;
+            Ok(MicroLoss { loss: l.loss, metrics: l.metrics, tokens })
         })
-        .collect()
-}
+    }
 
-/// KTO's loss of examples without gradients (evaluation).
-pub fn kto_eval<B: Backend>(be: &B, model: &Model<B>, cfg: &KtoConfig, exs: &[&KtoExampleIds]) -> Result<KtoLoss> {
-    let (main, spans, kl, kl_spans) = kto_batches(exs, model.cfg.vocab)?;
-    let policy = model.token_nll(be, &main, true);
-    let reference = model.token_nll(be, &main, false);
-    let (klp, klr) = (model.token_nll(be, &kl, true), model.token_nll(be, &kl, false));
-    cfg.loss(&kto_inputs(exs, &spans, &policy, &reference, &kl_spans, &klp, &klr))
-}
-
-/// Forward and backward of one micro-batch of KTO examples: the KL
-/// estimate's mismatched pairs run without gradient (TRL detaches it), the
-/// examples' completions are weighted by −scale·dL/dlogp.
-pub fn kto_forward_backward<B: Backend>(
-    be: &B,
-    model: &mut Model<B>,
-    cfg: &KtoConfig,
-    exs: &[&KtoExampleIds],
-    scale: f64,
-    opts: BackwardOpts,
-) -> Result<(KtoLoss, usize)> {
-    let (main, spans, kl, kl_spans) = kto_batches(exs, model.cfg.vocab)?;
-    let reference = model.token_nll(be, &main, false);
-    let (klp, klr) = (model.token_nll(be, &kl, true), model.token_nll(be, &kl, false));
-    let n = main.n_tokens();
-    let mut result = None;
-    let mut choose = |nll: &[f32]| -> Result<Vec<f32>> {
-        if nll.iter().chain(&klp).any(|x| !x.is_finite()) {
-            anyhow::bail!(
-                "training diverged: the model's log-probabilities are no longer finite (NaN or infinite). \
-                 The usual causes are a learning_rate that is too high (or max_grad_norm: 0, no clipping) or an rl_beta that is too low"
-            );
-        }
-        let loss = cfg.loss(&kto_inputs(exs, &spans, nll, &reference, &kl_spans, &klp, &klr))?;
-        let mut w = vec![0f32; n];
-        for (i, g) in loss.grads.iter().enumerate() {
-            for t in spans[i].completion() {
-                w[t] = (-scale * g) as f32;
-            }
-        }
-        result = Some(loss);
-        Ok(w)
-    };
-    model.forward_backward_weighted(be, &main, opts, TokenWeights::FromLosses(&mut choose))?;
-    Ok((result.expect("the weights were chosen"), n + kl.n_tokens()))
+    fn evaluate(&self, be: &B, model: &Model<B>, val: &Examples, rows: usize) -> Result<(f64, Metrics)> {
+        eval_in_chunks(pairs_of(val)?, rows, |refs| pair_eval(be, model, &self.loss, refs).map(|l| (l.loss, l.metrics)))
+    }
 }
