@@ -31,6 +31,9 @@ pub mod conformance;
 pub mod bf16sim;
 pub mod metered;
 pub mod profiled;
+pub mod phase;
+
+pub use phase::Phase;
 
 use crate::quant::nf4::Nf4Tensor;
 use anyhow::Result;
@@ -421,6 +424,11 @@ pub trait Backend: Send + Sync + 'static {
     // ---- optimiser -------------------------------------------------------
     /// One AdamW step on a parameter with its gradient and moments.
     fn adamw(&self, param: &mut Self::Buf, grad: &Self::Buf, m: &mut Self::Buf, v: &mut Self::Buf, hp: AdamW);
+
+    // ---- step structure --------------------------------------------------
+    /// The graph entering `phase` of a training pass; computes nothing. A
+    /// backend that attributes memory or time to phases overrides it.
+    fn enter(&self, _phase: Phase) {}
 }
 
 /// Device bytes of an NF4 weight as the GPU backend stores it: the packed

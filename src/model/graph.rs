@@ -5,7 +5,7 @@
 use super::Model;
 use super::batch::{Batch, IGNORE_INDEX};
 use super::layer::{self, LayerActs, StepCtx};
-use crate::backend::Backend;
+use crate::backend::{Backend, Phase};
 
 /// Σ token NLL and the number of target tokens it covers. The mean loss of
 /// a step is the sum over its micro-batches divided by all their targets.
@@ -265,6 +265,7 @@ impl<B: Backend> Model<B> {
         let mut saved_inputs: Vec<B::Buf> = Vec::new();
         let ctx = step_ctx(&up, &self.inv_freq, batch, opts.dropout_seed, true);
         for (li, l) in self.layers.iter().enumerate() {
+            be.enter(Phase::Forward { layer: li });
             let (x_out, acts) = layer::forward(be, &self.cfg, l, li, x, &ctx);
             if opts.gradient_checkpointing {
                 saved_inputs.push(acts.x_in);
@@ -273,12 +274,14 @@ impl<B: Backend> Model<B> {
             }
             x = x_out;
         }
+        be.enter(Phase::HeadLoss);
         let mut hf = be.zeros(n * h);
         let mut inv_f = be.zeros_f32(n);
         be.rmsnorm(&x, &self.final_norm, &mut hf, &mut inv_f, n, h, self.cfg.rms_norm_eps);
 
         let (result, dhf) = head(self, &hf)?;
         drop(hf);
+        be.enter(Phase::FinalNormBackward);
         let mut dx = be.zeros(n * h);
         be.rmsnorm_backward(&dhf, &x, &self.final_norm, &inv_f, &mut dx, n, h);
         drop(dhf);
@@ -288,10 +291,12 @@ impl<B: Backend> Model<B> {
         for li in (0..layers.len()).rev() {
             let acts = if opts.gradient_checkpointing {
                 let x_in = saved_inputs.pop().expect("one saved input per layer");
+                be.enter(Phase::Recompute { layer: li });
                 layer::forward(be, cfg, &layers[li], li, x_in, &ctx).1
             } else {
                 saved_acts.pop().expect("one saved activation set per layer")
             };
+            be.enter(Phase::Backward { layer: li });
             layer::backward(be, cfg, &mut layers[li], li, &acts, &mut dx, &ctx);
         }
         Ok(result)
