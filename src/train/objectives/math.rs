@@ -77,8 +77,6 @@ pub struct PairLoss {
     pub metrics: Metrics,
 }
 
-/// DPO's `loss_type`.
-
 /// log σ(x), without overflow for large |x|.
 pub fn log_sigmoid(x: f64) -> f64 {
     if x >= 0.0 { -(-x).exp().ln_1p() } else { x - x.exp().ln_1p() }
