@@ -6,6 +6,7 @@
 use super::plan::DataPlan;
 use crate::config::RunConfig;
 use crate::data::preference::{KtoExample as KtoIds, PreferencePair, RewardPair};
+use crate::data::show::Show;
 use crate::model::batch::Sequence;
 
 /// What a run trains on.
@@ -32,6 +33,47 @@ impl Examples {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// What one example is called in counts.
+    pub fn noun(&self) -> &'static str {
+        match self {
+            Examples::Sequences(_) => "sequences",
+            Examples::Pairs(_) | Examples::Reward(_) => "pairs",
+            Examples::Kto(_) => "examples",
+        }
+    }
+
+    /// Whether the examples are scored as whole sequences (at their last
+    /// token) rather than on trained tokens.
+    pub fn scored_whole(&self) -> bool {
+        matches!(self, Examples::Reward(_))
+    }
+
+    /// Tokens and trained tokens, over the sequences each example puts
+    /// through the model (SFT sequences counted in place, not copied).
+    pub fn token_counts(&self) -> (usize, usize) {
+        let count = |s: &Sequence| (s.input_ids.len(), s.trained_tokens());
+        let per_seq: Vec<(usize, usize)> = match self {
+            Examples::Sequences(s) => s.iter().map(count).collect(),
+            Examples::Pairs(p) => p.iter().flat_map(|p| p.sequences()).map(|s| count(&s)).collect(),
+            Examples::Kto(k) => k.iter().map(|e| count(&e.sequence())).collect(),
+            Examples::Reward(r) => r.iter().flat_map(|p| [p.chosen.len(), p.rejected.len()]).map(|n| (n, n.saturating_sub(1))).collect(),
+        };
+        per_seq.iter().fold((0, 0), |(t, tr), (a, b)| (t + a, tr + b))
+    }
+
+    /// Example `i` as `show` writes it, ending in a newline.
+    pub fn show(&self, i: usize, show: &Show) -> String {
+        match self {
+            Examples::Sequences(s) => {
+                let text = show.sequence(&s[i]);
+                if text.ends_with('\n') { text } else { text + "\n" }
+            }
+            Examples::Pairs(p) => show.pair(&p[i]),
+            Examples::Kto(k) => show.kto(&k[i]),
+            Examples::Reward(r) => show.reward(&r[i]),
+        }
     }
 
     /// Tokens each example puts through the model (a pair: both sequences).
