@@ -122,8 +122,8 @@ fn train_on<B: Backend>(be: &B, cfg: &RunConfig, gpu: Option<GpuMemory>) -> Resu
     remove_stale_cache_files(cfg);
     let resume = match &cfg.resume_from_checkpoint {
         None | Some(ResumeFrom::Latest(false)) => None,
-        Some(ResumeFrom::Latest(true)) => crate::train::checkpoint::resolve_resume(&output_dir, true, None)?,
-        Some(ResumeFrom::Path(p)) => crate::train::checkpoint::resolve_resume(&output_dir, false, Some(p))?,
+        Some(ResumeFrom::Latest(true)) => crate::train::saves::resolve_resume(&output_dir, true, None)?,
+        Some(ResumeFrom::Path(p)) => crate::train::saves::resolve_resume(&output_dir, false, Some(p))?,
     };
     check_earlier_run(cfg, &output_dir, resume.as_deref())?;
     if resume.is_none() && cfg.resume_from_checkpoint == Some(ResumeFrom::Latest(true)) {

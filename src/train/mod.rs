@@ -2,7 +2,7 @@
 //! micro-batch and step), `schedule` (the learning rate), `optimizer`
 //! (AdamW over the LoRA parameters), `trainer` (the loop), `progress`
 //! (bar and metrics.jsonl), `curves` (metrics.jsonl drawn as
-//! training_curves.png), `checkpoint` (save and resume), `preflight`
+//! training_curves.png), `saves` (checkpoint-N: save, prune, resume), `preflight`
 //! (config-only checks before anything loads) and `memory` (the GPU memory
 //! plan checked before the first step); `objectives` holds what a run
 //! optimises, one file per objective (SFT, DPO, ORPO, SimPO, KTO, reward
@@ -10,7 +10,6 @@
 //! and an earlier run's files) and `interrupt` (Ctrl-C) keep runs apart and
 //! stop them cleanly. `examples` holds what a run trains on, `diverged` the
 //! error of a loss gone NaN, `collapse` the preference runs' drift warning.
-pub mod checkpoint;
 pub mod collapse;
 pub mod curves;
 pub mod diverged;
@@ -24,5 +23,6 @@ pub mod plan;
 pub mod preflight;
 pub mod progress;
 pub mod run_dir;
+pub mod saves;
 pub mod schedule;
 pub mod trainer;

@@ -2,7 +2,7 @@
 //! with the loss normalised over the whole optimiser step, clipping and
 //! AdamW, the schedule, logging, evaluation and checkpoints.
 
-use super::checkpoint::{self, TrainState};
+use super::saves::{self, TrainState};
 use super::collapse::CollapseWatch;
 use super::curves;
 pub use super::examples::Examples;
@@ -111,7 +111,7 @@ fn restore<B: Backend>(
     dir: &Path,
     fresh: TrainState,
 ) -> Result<(Optimizer<B>, TrainState)> {
-    let saved = checkpoint::read_state(dir)?;
+    let saved = saves::read_state(dir)?;
     let now: Value = serde_json::from_str(&fresh.fingerprint)?;
     let changed = fingerprint::diff(&saved.fingerprint, &now);
     if !changed.is_empty() {
@@ -123,12 +123,12 @@ fn restore<B: Backend>(
     }
     fingerprint::check_length(cfg, dir, saved.global_step, saved.total_steps, fresh.total_steps)?;
     let n = objective.restore(be, model, dir)?;
-    let (opt_step, moments) = checkpoint::read_moments(model, dir)?;
+    let (opt_step, moments) = saves::read_moments(model, dir)?;
     let extras = objective.extra_params();
     let mut opt = Optimizer::with_extras(be, model, &extras, cfg.adamw_config());
     opt.load_moments(be, &moments)?;
     if !extras.is_empty() {
-        opt.load_extra_moments(be, &checkpoint::read_extra_moments(dir, &extras)?)?;
+        opt.load_extra_moments(be, &saves::read_extra_moments(dir, &extras)?)?;
     }
     opt.step = opt_step;
     let state = TrainState { total_steps: fresh.total_steps, fingerprint: fresh.fingerprint, ..saved };
@@ -163,7 +163,7 @@ fn save_checkpoint<B: Backend>(
 ) -> Result<PathBuf> {
     let dir = objective.save_checkpoint(be, model, opt, lora, state, output_dir)?;
     if let Some(limit) = cfg.save_total_limit {
-        checkpoint::prune(output_dir, limit)?;
+        saves::prune(output_dir, limit)?;
     }
     Ok(dir)
 }
@@ -186,7 +186,7 @@ pub fn train<B: Backend>(run: Run<'_, B>) -> Result<Summary> {
         eprintln!("warning: {line}");
     }
     let fresh = TrainState {
-        format_version: checkpoint::FORMAT_VERSION,
+        format_version: saves::FORMAT_VERSION,
         global_step: 0,
         total_steps,
         epoch: 0,

@@ -28,7 +28,7 @@ pub use orpo::OrpoConfig;
 pub use pairs::PairObjective;
 pub use reward::{PairRewards, RewardConfig, RewardLoss};
 
-use super::checkpoint::{self, TrainState};
+use super::saves::{self, TrainState};
 use super::examples::Examples;
 use super::optimizer::{ExtraParam, Optimizer};
 use super::plan::MicroBatch;
@@ -186,7 +186,7 @@ pub trait Objective<B: Backend>: fmt::Debug {
         state: &TrainState,
         output_dir: &Path,
     ) -> Result<PathBuf> {
-        checkpoint::save(be, model, opt, lora, state, output_dir)
+        saves::save(be, model, opt, lora, state, output_dir)
     }
 }
 

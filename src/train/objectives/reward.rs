@@ -24,7 +24,7 @@ use crate::data::tokenizer::TextTokenizer;
 use crate::model::Model;
 use crate::model::batch::{Batch, IGNORE_INDEX, Sequence};
 use crate::model::graph::{BackwardOpts, Head};
-use crate::train::checkpoint::{self, TrainState};
+use crate::train::saves::{self, TrainState};
 use crate::train::optimizer::{ExtraParam, Optimizer};
 use crate::util::rng::Rng;
 use anyhow::{Context, Result, bail};
@@ -432,7 +432,7 @@ impl<B: Backend> Objective<B> for Reward<B> {
         state: &TrainState,
         output_dir: &Path,
     ) -> Result<PathBuf> {
-        checkpoint::save_reward(be, model, self.head()?, opt, lora, state, output_dir)
+        saves::save_reward(be, model, self.head()?, opt, lora, state, output_dir)
     }
 }
 

@@ -1,4 +1,4 @@
-//! Training checkpoints: output_dir/checkpoint-N/ holds the adapter (PEFT
+//! Training checkpoints (saves of a run): output_dir/checkpoint-N/ holds the adapter (PEFT
 //! files, so any checkpoint is usable as is; a reward model's includes its
 //! score head), the optimiser moments (optimizer.safetensors, f32: LoRA
 //! modules and any extra trainable tensors), and trainer_state.json (step, data
