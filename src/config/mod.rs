@@ -4,11 +4,14 @@
 //! Loading (unknown keys, accepted-but-ignored Axolotl keys, `--set`
 //! overrides) lives in `load`, the key tables in `keys` (and `keys_extra`),
 //! the value checks in `validate`, the checks of model_type / tokenizer_type
-//! / tokenizer_config against the checkpoint in `checkpoint_match`; this
-//! file holds the typed shape, its defaults and the conversions the trainer
-//! uses.
+//! / tokenizer_config against the checkpoint in `checkpoint_match`, the
+//! dataset `type:` names in `dataset_types`; this file holds the typed
+//! shape, its defaults and the conversions the trainer uses. A new run key
+//! is a field here plus its row in `keys` (and a check in `validate` if its
+//! values are limited).
 
 mod checkpoint_match;
+mod dataset_types;
 mod keys;
 mod keys_extra;
 mod load;
@@ -17,11 +20,11 @@ mod source;
 mod validate;
 
 pub use checkpoint_match::check_checkpoint;
+pub use dataset_types::{PLAIN_DATASET_TYPES, PREFERENCE_DATASET_TYPES};
 pub use load::{Loaded, load, load_str};
 pub use validate::{MAX_LORA_R, MAX_MICRO_BATCH, MAX_SEQUENCE_LEN};
 
 use crate::adapter::{LoraConfig, Targets};
-use crate::train::optimizer::AdamWConfig;
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -85,6 +88,25 @@ pub struct DatasetConfig {
     /// completion: the row key holding the text (default "text").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub field_text: Option<String>,
+}
+
+/// The AdamW optimizer's settings (the trainer's optimizer reads them;
+/// `RunConfig::adamw_config` fills them from adam_beta1 and the rest).
+#[derive(Debug, Clone, Copy)]
+pub struct AdamWConfig {
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+    /// Clip the global gradient norm to this (None or <= 0: no clipping).
+    pub max_grad_norm: Option<f32>,
+}
+
+impl Default for AdamWConfig {
+    /// torch.optim.AdamW's defaults, with weight decay 0 as Axolotl/TRL use.
+    fn default() -> Self {
+        AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0, max_grad_norm: Some(1.0) }
+    }
 }
 
 /// `bnb_config_kwargs`: Axolotl's pass-through to bitsandbytes'

@@ -1,6 +1,7 @@
 //! Value checks on a typed config: each failure is one message naming the
 //! key (with its file and line when `load` knows them) and what it must be.
 
+use super::dataset_types::{PLAIN_DATASET_TYPES, PREFERENCE_DATASET_TYPES, is_preference_spelling};
 use super::keys::ADAMW_NAMES;
 use super::source::{Locator, display_path};
 use super::{DatasetConfig, RunConfig};
@@ -9,7 +10,6 @@ use anyhow::{Result, anyhow};
 pub(crate) const SCHEDULERS: &[&str] = &["constant", "linear", "cosine"];
 /// Accepted spellings of a scheduler and the one they mean.
 pub(crate) const SCHEDULER_ALIASES: &[(&str, &str)] = &[("constant_with_warmup", "constant")];
-pub(crate) const DATASET_TYPES: &[&str] = &["alpaca", "chat_template", "completion", "input_output"];
 pub(crate) const TRAIN_ON_EOS: &[&str] = &["turn", "all", "last", "none"];
 pub(crate) const EXCESS_LENGTH: &[&str] = &["drop", "truncate"];
 
@@ -232,7 +232,7 @@ fn validate_dataset(d: &DatasetConfig, rl: Option<&str>, at: &str, loc: &Locator
             "{kind} is no longer supported (Axolotl removed it too): use type: chat_template with \
              field_messages: conversations and message_property_mappings: {{role: from, content: value}}"
         );
-        let preference = ["chatml.", "llama3.", "chat_template."].iter().any(|p| kind.starts_with(p)) || kind == "kto";
+        let preference = is_preference_spelling(kind);
         if rl == Some("kto") {
             check!(false, loc, &key("type"), "must be left out with rl: kto: KTO datasets are {{prompt, completion, label}} rows (got {kind})");
         }
@@ -241,11 +241,11 @@ fn validate_dataset(d: &DatasetConfig, rl: Option<&str>, at: &str, loc: &Locator
         }
         if rl.is_some() {
             check!(
-                crate::data::preference::FORMAT_NAMES.contains(&kind),
+                PREFERENCE_DATASET_TYPES.contains(&kind),
                 loc,
                 &key("type"),
                 "with rl, must be one of {} or absent for {{prompt, chosen, rejected}} rows (got {kind})",
-                crate::data::preference::FORMAT_NAMES.join(", ")
+                PREFERENCE_DATASET_TYPES.join(", ")
             );
             return Ok(());
         }
@@ -256,7 +256,7 @@ fn validate_dataset(d: &DatasetConfig, rl: Option<&str>, at: &str, loc: &Locator
             "{kind} is a preference dataset type: set rl (dpo, ipo, orpo or simpo) to train on it"
         );
         check!(
-            DATASET_TYPES.contains(&kind),
+            PLAIN_DATASET_TYPES.contains(&kind),
             loc,
             &key("type"),
             "must be alpaca, chat_template, completion or input_output, or absent for pre-tokenized rows (got {kind})"

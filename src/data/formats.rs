@@ -13,7 +13,7 @@
 use super::chat_template::{ChatTemplate, Message};
 use super::pretokenized;
 use super::tokenizer::TextTokenizer;
-use crate::config::DatasetConfig;
+use crate::config::{DatasetConfig, PLAIN_DATASET_TYPES};
 use crate::model::batch::{IGNORE_INDEX, Sequence};
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
@@ -28,8 +28,6 @@ pub enum DatasetType {
     InputOutput,
 }
 
-pub const TYPE_NAMES: &[&str] = &["alpaca", "chat_template", "completion", "input_output"];
-
 impl DatasetType {
     pub fn parse(kind: Option<&str>) -> Result<DatasetType> {
         Ok(match kind {
@@ -40,7 +38,7 @@ impl DatasetType {
             Some("input_output") => DatasetType::InputOutput,
             Some(other) => bail!(
                 "unknown dataset type \"{other}\" (expected one of {}, or no type for pre-tokenized rows)",
-                TYPE_NAMES.join(", ")
+                PLAIN_DATASET_TYPES.join(", ")
             ),
         })
     }
