@@ -1,6 +1,11 @@
 //! LoRA adapters: configuration, parameters (f32 master copies, the only
-//! trainable tensors), PEFT-compatible initialisation, and PEFT-format
-//! save/load (see `peft`).
+//! trainable tensors), PEFT-compatible initialisation, PEFT-format
+//! save/load (see `peft`), and the merge of an adapter into its base
+//! checkpoint (see `merge`).
+//!
+//! A new way to write out a checkpoint (as `merge` here and
+//! `quant::convert` do) is a module of its own that streams through
+//! `model::st_files` (sharding, index, side files, output directory).
 
 pub mod merge;
 pub mod peft;
