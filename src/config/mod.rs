@@ -12,6 +12,7 @@
 
 mod checkpoint_match;
 mod dataset_types;
+mod key_reasons;
 mod keys;
 mod keys_extra;
 mod load;

@@ -322,13 +322,7 @@ mod tests {
             "lr_scheduler must be constant, linear or cosine (or constant_with_warmup, the same as constant) (got one_cycle)"
         );
         assert_eq!(err(|c| c.warmup_ratio = Some(1.0)), "warmup_ratio must be at least 0 and below 1 (got 1)");
-        assert_eq!(
-            err(|c| {
-                c.warmup_ratio = Some(0.1);
-                c.warmup_steps = Some(10)
-            }),
-            "warmup_ratio and warmup_steps are both set: keep one"
-        );
+        assert_eq!(err(|c| (c.warmup_ratio, c.warmup_steps) = (Some(0.1), Some(10))), "warmup_ratio and warmup_steps are both set: keep one");
         assert_eq!(err(|c| c.val_set_size = -1.0), "val_set_size must be at least 0 (got -1)");
         assert_eq!(
             err(|c| c.val_set_size = 2.5),
@@ -362,20 +356,8 @@ mod tests {
         assert_eq!(err(|c| c.logging_steps = 0), "logging_steps must be at least 1 (got 0)");
         assert_eq!(err(|c| c.save_steps = Some(0)), "save_steps must be at least 1 when set (got 0)");
         assert_eq!(err(|c| c.eval_steps = Some(0)), "eval_steps must be at least 1 when set (got 0)");
-        assert_eq!(
-            err(|c| {
-                c.save_steps = Some(10);
-                c.saves_per_epoch = Some(2)
-            }),
-            "saves_per_epoch and save_steps are both set: keep one"
-        );
-        assert_eq!(
-            err(|c| {
-                c.eval_steps = Some(10);
-                c.evals_per_epoch = Some(2)
-            }),
-            "evals_per_epoch and eval_steps are both set: keep one"
-        );
+        assert_eq!(err(|c| (c.save_steps, c.saves_per_epoch) = (Some(10), Some(2))), "saves_per_epoch and save_steps are both set: keep one");
+        assert_eq!(err(|c| (c.eval_steps, c.evals_per_epoch) = (Some(10), Some(2))), "evals_per_epoch and eval_steps are both set: keep one");
         assert_eq!(err(|c| c.device = "gpu".into()), "device must be cpu, cuda, cuda:N or auto (got gpu)");
         assert_eq!(err(|c| c.device = "cuda:x".into()), "device must be cpu, cuda, cuda:N or auto (got cuda:x)");
         assert_eq!(err(|c| c.adam_beta2 = 1.0), "adam_beta2 must be at least 0 and below 1 (got 1)");
