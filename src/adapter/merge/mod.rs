@@ -80,6 +80,8 @@ pub fn torch_name(d: DType) -> &'static str {
     }
 }
 
+/// Merge the adapter in `adapter_dir` into the checkpoint in `model_dir`,
+/// writing `out_dir`. `progress(done, total)` is called after each tensor.
 pub fn merge(
     model_dir: &Path,
     adapter_dir: &Path,

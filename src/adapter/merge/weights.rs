@@ -91,7 +91,7 @@ pub(super) enum Values {
 }
 
 /// Tensors per shard, in input order, starting a new shard when the next
-
+/// tensor would pass the limit (a larger tensor gets a shard of its own).
 pub(super) fn plan_shards<'a>(tensors: Vec<OutTensor<'a>>, max: u64) -> Vec<Vec<OutTensor<'a>>> {
     st_files::plan_shards(tensors, max, |t| t.bytes as u64)
 }
@@ -133,6 +133,7 @@ pub(super) fn write_shard(path: &Path, src: &MappedCheckpoint, mut tensors: Vec<
 }
 
 /// Write a weight whose values are an NF4 matrix's dequantization (a 4-bit
+/// input, or the round trip of a dense one), plus its delta, in blocks of
 /// whole rows. The 4-bit codes of one weight are read at a time.
 fn write_dequantized(w: &mut ShardWriter, src: &MappedCheckpoint, t: &OutTensor, buf: &mut Vec<u8>) -> Result<()> {
     let to = float_dtype(t.dtype).expect("dequantized weights are written as floats");
