@@ -12,8 +12,10 @@
 //! - anything else: an error suggesting the nearest valid key.
 //!
 //! Keys about integrations, other model families and methods ferrotune
-//! lacks are in the tables of `keys_extra`, read after these.
+//! lacks are in the tables of `keys_extra`, read after these; the reasons
+//! both give are in `key_reasons`.
 
+use super::key_reasons::{EVAL_EXTRAS, FROM_CHECKPOINT, HUB, IN_PROCESS, KERNELS, MEMORY, ONE_GPU, PACKING, PRECISION, RL_ONLY, TRACKING};
 use super::keys_extra::{IGNORED_DATASET_EXTRA, IGNORED_TOP_EXTRA, UNSUPPORTED_DATASET_EXTRA, UNSUPPORTED_TOP_EXTRA};
 use super::{DatasetConfig, RunConfig};
 use serde_json::Value;
@@ -84,20 +86,6 @@ const ADAMW_ACCEPTED: &[&str] = &[
     "adamw_torch", "adamw_torch_fused", "adamw_hf", "adamw",
     "adamw_bnb_8bit", "adamw_8bit", "paged_adamw_8bit", "adamw_torch_8bit", "adamw_torch_4bit", "paged_adamw_32bit", "paged_adamw",
 ];
-
-pub(crate) const PRECISION: &str =
-    "precision is fixed: bf16 weights and activations with f32 accumulation and f32 LoRA weights on CUDA, f32 on the CPU";
-pub(crate) const KERNELS: &str = "ferrotune always runs its own fused kernels (flash attention, RMSNorm, RoPE, SwiGLU, LoRA, cross-entropy)";
-pub(crate) const TRACKING: &str = "ferrotune has no experiment-tracker integration; the loss is printed as training runs";
-const HUB: &str = "ferrotune has no network code: nothing is downloaded or uploaded";
-pub(crate) const ONE_GPU: &str = "ferrotune trains on one GPU; there is nothing to distribute";
-const IN_PROCESS: &str = "datasets are prepared in-process, in parallel on all cores";
-const FROM_CHECKPOINT: &str =
-    "the architecture and tokenizer are read from the checkpoint's config.json and tokenizer files";
-const MEMORY: &str = "ferrotune plans GPU memory itself and refuses, before the first step, a run that will not fit";
-const PACKING: &str = "sample packing is computed exactly from the tokenized rows";
-const RL_ONLY: &str = "only used by rl objectives ferrotune does not implement yet (GRPO)";
-const EVAL_EXTRAS: &str = "evaluation reports the loss only";
 
 /// Real Axolotl top-level keys that have no effect in ferrotune.
 pub(crate) const IGNORED_TOP: &[(&str, &str)] = &[

@@ -1,6 +1,7 @@
 //! Value checks on a typed config: each failure is one message naming the
 //! key (with its file and line when `load` knows them) and what it must be.
 
+use super::dataset_types::{PLAIN_DATASET_TYPES, PREFERENCE_DATASET_TYPES, is_preference_spelling};
 use super::keys::ADAMW_NAMES;
 use super::source::{Locator, display_path};
 use super::{DatasetConfig, RunConfig};
@@ -9,7 +10,6 @@ use anyhow::{Result, anyhow};
 pub(crate) const SCHEDULERS: &[&str] = &["constant", "linear", "cosine"];
 /// Accepted spellings of a scheduler and the one they mean.
 pub(crate) const SCHEDULER_ALIASES: &[(&str, &str)] = &[("constant_with_warmup", "constant")];
-pub(crate) const DATASET_TYPES: &[&str] = &["alpaca", "chat_template", "completion", "input_output"];
 pub(crate) const TRAIN_ON_EOS: &[&str] = &["turn", "all", "last", "none"];
 pub(crate) const EXCESS_LENGTH: &[&str] = &["drop", "truncate"];
 
@@ -232,7 +232,7 @@ fn validate_dataset(d: &DatasetConfig, rl: Option<&str>, at: &str, loc: &Locator
             "{kind} is no longer supported (Axolotl removed it too): use type: chat_template with \
              field_messages: conversations and message_property_mappings: {{role: from, content: value}}"
         );
-        let preference = ["chatml.", "llama3.", "chat_template."].iter().any(|p| kind.starts_with(p)) || kind == "kto";
+        let preference = is_preference_spelling(kind);
         if rl == Some("kto") {
             check!(false, loc, &key("type"), "must be left out with rl: kto: KTO datasets are {{prompt, completion, label}} rows (got {kind})");
         }
@@ -241,11 +241,11 @@ fn validate_dataset(d: &DatasetConfig, rl: Option<&str>, at: &str, loc: &Locator
         }
         if rl.is_some() {
             check!(
-                crate::data::preference::FORMAT_NAMES.contains(&kind),
+                PREFERENCE_DATASET_TYPES.contains(&kind),
                 loc,
                 &key("type"),
                 "with rl, must be one of {} or absent for {{prompt, chosen, rejected}} rows (got {kind})",
-                crate::data::preference::FORMAT_NAMES.join(", ")
+                PREFERENCE_DATASET_TYPES.join(", ")
             );
             return Ok(());
         }
@@ -256,7 +256,7 @@ fn validate_dataset(d: &DatasetConfig, rl: Option<&str>, at: &str, loc: &Locator
             "{kind} is a preference dataset type: set rl (dpo, ipo, orpo or simpo) to train on it"
         );
         check!(
-            DATASET_TYPES.contains(&kind),
+            PLAIN_DATASET_TYPES.contains(&kind),
             loc,
             &key("type"),
             "must be alpaca, chat_template, completion or input_output, or absent for pre-tokenized rows (got {kind})"
@@ -322,13 +322,7 @@ mod tests {
             "lr_scheduler must be constant, linear or cosine (or constant_with_warmup, the same as constant) (got one_cycle)"
         );
         assert_eq!(err(|c| c.warmup_ratio = Some(1.0)), "warmup_ratio must be at least 0 and below 1 (got 1)");
-        assert_eq!(
-            err(|c| {
-                c.warmup_ratio = Some(0.1);
-                c.warmup_steps = Some(10)
-            }),
-            "warmup_ratio and warmup_steps are both set: keep one"
-        );
+        assert_eq!(err(|c| (c.warmup_ratio, c.warmup_steps) = (Some(0.1), Some(10))), "warmup_ratio and warmup_steps are both set: keep one");
         assert_eq!(err(|c| c.val_set_size = -1.0), "val_set_size must be at least 0 (got -1)");
         assert_eq!(
             err(|c| c.val_set_size = 2.5),
@@ -362,20 +356,8 @@ mod tests {
         assert_eq!(err(|c| c.logging_steps = 0), "logging_steps must be at least 1 (got 0)");
         assert_eq!(err(|c| c.save_steps = Some(0)), "save_steps must be at least 1 when set (got 0)");
         assert_eq!(err(|c| c.eval_steps = Some(0)), "eval_steps must be at least 1 when set (got 0)");
-        assert_eq!(
-            err(|c| {
-                c.save_steps = Some(10);
-                c.saves_per_epoch = Some(2)
-            }),
-            "saves_per_epoch and save_steps are both set: keep one"
-        );
-        assert_eq!(
-            err(|c| {
-                c.eval_steps = Some(10);
-                c.evals_per_epoch = Some(2)
-            }),
-            "evals_per_epoch and eval_steps are both set: keep one"
-        );
+        assert_eq!(err(|c| (c.save_steps, c.saves_per_epoch) = (Some(10), Some(2))), "saves_per_epoch and save_steps are both set: keep one");
+        assert_eq!(err(|c| (c.eval_steps, c.evals_per_epoch) = (Some(10), Some(2))), "evals_per_epoch and eval_steps are both set: keep one");
         assert_eq!(err(|c| c.device = "gpu".into()), "device must be cpu, cuda, cuda:N or auto (got gpu)");
         assert_eq!(err(|c| c.device = "cuda:x".into()), "device must be cpu, cuda, cuda:N or auto (got cuda:x)");
         assert_eq!(err(|c| c.adam_beta2 = 1.0), "adam_beta2 must be at least 0 and below 1 (got 1)");
