@@ -17,6 +17,7 @@
 
 use super::key_reasons::{EVAL_EXTRAS, FROM_CHECKPOINT, HUB, IN_PROCESS, KERNELS, MEMORY, ONE_GPU, PACKING, PRECISION, RL_ONLY, TRACKING};
 use super::keys_extra::{IGNORED_DATASET_EXTRA, IGNORED_TOP_EXTRA, UNSUPPORTED_DATASET_EXTRA, UNSUPPORTED_TOP_EXTRA};
+use super::dataset_types::RL_NAMES;
 use super::{DatasetConfig, RunConfig};
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -257,7 +258,7 @@ pub(crate) const fn unsupported(key: &'static str, when: When, planned: bool, wh
 /// Axolotl top-level keys ferrotune cannot honour: ignoring them would
 /// silently change the run.
 pub(crate) const UNSUPPORTED_TOP: &[Unsupported] = &[
-    unsupported("rl", When::NotOneOf(&["dpo", "ipo", "orpo", "simpo", "kto"]), true, "GRPO is not implemented, nor are the other online objectives (EBFT, GDPO, ...): DPO, IPO, ORPO, SimPO and KTO are", "use rl: dpo, ipo, orpo, simpo or kto, or remove rl to run supervised fine-tuning"),
+    unsupported("rl", When::NotOneOf(&RL_NAMES), true, "GRPO is not implemented, nor are the other online objectives (EBFT, GDPO, ...): DPO, IPO, ORPO, SimPO and KTO are", "use rl: dpo, ipo, orpo, simpo or kto, or remove rl to run supervised fine-tuning"),
     unsupported("process_reward_model", When::True, true, "reward-model training is not implemented", "remove process_reward_model"),
     unsupported("adapter", When::NotOneOf(&["lora", "qlora"]), true, "only LoRA and QLoRA adapters are trained (the other adapter types are not implemented)", "use adapter: lora, or adapter: qlora with load_in_4bit: true"),
     unsupported("load_in_8bit", When::True, false, "8-bit (LLM.int8) base weights are not implemented", "use load_in_4bit: true with adapter: qlora for a quantized base, or set load_in_8bit: false and adapter: lora to train on a bf16 base"),

@@ -1,7 +1,7 @@
 //! Value checks on a typed config: each failure is one message naming the
 //! key (with its file and line when `load` knows them) and what it must be.
 
-use super::dataset_types::{PLAIN_DATASET_TYPES, PREFERENCE_DATASET_TYPES, is_preference_spelling};
+use super::dataset_types::{PLAIN_DATASET_TYPES, PREFERENCE_DATASET_TYPES, Rows, is_preference_spelling, rl_values_reading, rows};
 use super::keys::ADAMW_NAMES;
 use super::source::{Locator, display_path};
 use super::{DatasetConfig, RunConfig};
@@ -112,8 +112,7 @@ pub(crate) fn validate(c: &RunConfig, loc: &Locator) -> Result<()> {
     check!(!c.datasets.is_empty(), loc, "datasets", "is empty: list at least one dataset (path, and type unless the rows are pre-tokenized)");
     for (list, entries) in [("datasets", &c.datasets), ("test_datasets", &c.test_datasets)] {
         for (i, d) in entries.iter().enumerate() {
-            let rl = if c.reward_model { Some("reward_model") } else { c.rl.as_deref() };
-            validate_dataset(d, rl, &format!("{list}.{i}"), loc)?;
+            validate_dataset(d, c.rl.as_deref(), rows(c.rl.as_deref(), c.reward_model), &format!("{list}.{i}"), loc)?;
         }
     }
     if c.chat_template.as_deref() == Some("jinja") {
@@ -221,7 +220,7 @@ fn valid_device(s: &str) -> bool {
     matches!(s, "cpu" | "cuda" | "auto") || s.strip_prefix("cuda:").is_some_and(|n| n.parse::<usize>().is_ok())
 }
 
-fn validate_dataset(d: &DatasetConfig, rl: Option<&str>, at: &str, loc: &Locator) -> Result<()> {
+fn validate_dataset(d: &DatasetConfig, rl: Option<&str>, rows: Rows, at: &str, loc: &Locator) -> Result<()> {
     let key = |k: &str| format!("{at}.{k}");
     check!(!d.path.trim().is_empty(), loc, &key("path"), "is required: the .jsonl or .json file (or directory) to read");
     if let Some(kind) = d.kind.as_deref() {
@@ -233,13 +232,28 @@ fn validate_dataset(d: &DatasetConfig, rl: Option<&str>, at: &str, loc: &Locator
              field_messages: conversations and message_property_mappings: {{role: from, content: value}}"
         );
         let preference = is_preference_spelling(kind);
-        if rl == Some("kto") {
-            check!(false, loc, &key("type"), "must be left out with rl: kto: KTO datasets are {{prompt, completion, label}} rows (got {kind})");
+        let rl = rl.unwrap_or_default();
+        match rows {
+            Rows::Labelled => {
+                check!(
+                    false,
+                    loc,
+                    &key("type"),
+                    "must be left out with rl: {rl}: {} datasets are {{prompt, completion, label}} rows (got {kind})",
+                    rl.to_uppercase()
+                );
+            }
+            Rows::ScoredPairs => {
+                check!(
+                    false,
+                    loc,
+                    &key("type"),
+                    "must be left out with reward_model: its datasets are {{prompt?, chosen, rejected, margin?}} rows (got {kind})"
+                );
+            }
+            Rows::Pairs | Rows::Sequences => {}
         }
-        if rl == Some("reward_model") {
-            check!(false, loc, &key("type"), "must be left out with reward_model: its datasets are {{prompt?, chosen, rejected, margin?}} rows (got {kind})");
-        }
-        if rl.is_some() {
+        if rows == Rows::Pairs {
             check!(
                 PREFERENCE_DATASET_TYPES.contains(&kind),
                 loc,
@@ -253,7 +267,8 @@ fn validate_dataset(d: &DatasetConfig, rl: Option<&str>, at: &str, loc: &Locator
             !preference,
             loc,
             &key("type"),
-            "{kind} is a preference dataset type: set rl (dpo, ipo, orpo or simpo) to train on it"
+            "{kind} is a preference dataset type: set rl ({}) to train on it",
+            rl_values_reading(Rows::Pairs)
         );
         check!(
             PLAIN_DATASET_TYPES.contains(&kind),
