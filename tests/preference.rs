@@ -73,8 +73,8 @@ impl Objective {
 }
 
 impl PairObjective for Objective {
-    fn pair_loss(&self, pairs: &[PairLogps]) -> anyhow::Result<PairLoss> {
-        self.pair().pair_loss(pairs)
+    fn loss(&self, pairs: &[PairLogps]) -> anyhow::Result<PairLoss> {
+        self.pair().loss(pairs)
     }
     fn needs_reference(&self) -> bool {
         self.pair().needs_reference()
@@ -158,7 +158,7 @@ fn evaluate(obj: &Objective, inputs: &[Value]) -> (f64, Metrics, BTreeMap<&'stat
                     }),
                 })
                 .collect();
-            let out = obj.pair_loss(&pairs).unwrap();
+            let out = obj.pair().loss(&pairs).unwrap();
             d.insert("chosen", out.grads.iter().map(|g| g.chosen).collect());
             d.insert("rejected", out.grads.iter().map(|g| g.rejected).collect());
             d.insert("chosen_nll", out.grads.iter().map(|g| g.chosen_nll).collect());

@@ -81,7 +81,8 @@ pub fn save_reward<B: Backend>(
     save_with(be, model, opt, state, output_dir, |dir| peft::save_reward(be, model, lc, &score, dir))
 }
 
-fn save_with<B: Backend>(
+/// Write checkpoint-N with `write_adapter` filling in its adapter files.
+pub fn save_with<B: Backend>(
     be: &B,
     model: &Model<B>,
     opt: &Optimizer<B>,

@@ -149,7 +149,8 @@ fn eval_record(step: usize, epoch: Option<f64>, loss: f64, m: &Metrics) -> Value
     r
 }
 
-/// Save checkpoint-N and drop the oldest beyond save_total_limit.
+/// Save checkpoint-N (its adapter as the objective writes it) and drop the
+/// oldest beyond save_total_limit.
 #[allow(clippy::too_many_arguments)]
 fn save_checkpoint<B: Backend>(
     be: &B,
@@ -161,7 +162,7 @@ fn save_checkpoint<B: Backend>(
     state: &TrainState,
     output_dir: &Path,
 ) -> Result<PathBuf> {
-    let dir = objective.save_checkpoint(be, model, opt, lora, state, output_dir)?;
+    let dir = saves::save_with(be, model, opt, state, output_dir, |dir| objective.save_adapter(be, model, lora, dir))?;
     if let Some(limit) = cfg.save_total_limit {
         saves::prune(output_dir, limit)?;
     }

@@ -48,8 +48,15 @@ impl CpoConfig {
     }
 }
 
-impl CpoConfig {
-    pub fn loss(&self, pairs: &[PairLogps]) -> Result<PairLoss> {
+impl PairObjective for CpoConfig {
+    fn needs_reference(&self) -> bool {
+        false
+    }
+    fn needs_nll(&self) -> bool {
+        self.cpo_alpha != 0.0
+    }
+
+    fn loss(&self, pairs: &[PairLogps]) -> Result<PairLoss> {
         let with_nll = self.cpo_alpha != 0.0;
         check_pairs(pairs, with_nll)?;
         let (beta, eps) = (self.beta, self.label_smoothing);
@@ -99,18 +106,6 @@ impl CpoConfig {
         pair_metrics(&mut metrics, &rewards, &logps);
         metrics.push("nll_loss", nll);
         Ok(PairLoss { loss, grads, metrics })
-    }
-}
-
-impl PairObjective for CpoConfig {
-    fn pair_loss(&self, pairs: &[PairLogps]) -> Result<PairLoss> {
-        self.loss(pairs)
-    }
-    fn needs_reference(&self) -> bool {
-        false
-    }
-    fn needs_nll(&self) -> bool {
-        self.cpo_alpha != 0.0
     }
 }
 

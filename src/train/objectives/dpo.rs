@@ -48,8 +48,12 @@ impl Default for DpoConfig {
     }
 }
 
-impl DpoConfig {
-    pub fn loss(&self, pairs: &[PairLogps]) -> Result<PairLoss> {
+impl PairObjective for DpoConfig {
+    fn needs_reference(&self) -> bool {
+        true
+    }
+
+    fn loss(&self, pairs: &[PairLogps]) -> Result<PairLoss> {
         check_pairs(pairs, false)?;
         let (beta, eps) = (self.beta, self.label_smoothing);
         if self.loss_type == DpoLoss::Robust && !(0.0..0.5).contains(&eps) {
@@ -95,15 +99,6 @@ impl DpoConfig {
         metrics.push("loss", loss);
         pair_metrics(&mut metrics, &rewards, &logps);
         Ok(PairLoss { loss, grads, metrics })
-    }
-}
-
-impl PairObjective for DpoConfig {
-    fn pair_loss(&self, pairs: &[PairLogps]) -> Result<PairLoss> {
-        self.loss(pairs)
-    }
-    fn needs_reference(&self) -> bool {
-        true
     }
 }
 

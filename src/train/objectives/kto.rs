@@ -3,7 +3,7 @@
 //! each prompt with the previous example's completion), both under the
 //! policy and the reference. `rl: kto` selects it.
 
-use super::math::{Metrics, SeqLogps, check_seq, mean, sigmoid};
+use super::math::{Loss, Metrics, SeqLogps, check_seq, mean, sigmoid};
 use super::pairs::{Span, sum};
 use super::{Examples, MicroLoss, Objective, Step, StepOutcome, eval_in_chunks, mean_loss_step};
 use crate::backend::Backend;
@@ -44,13 +44,8 @@ pub struct KtoExample {
     pub kl_reference: f64,
 }
 
-#[derive(Debug, Clone, PartialEq)]
-pub struct KtoLoss {
-    pub loss: f64,
-    /// dL/d(summed policy log-prob) per example.
-    pub grads: Vec<f64>,
-    pub metrics: Metrics,
-}
+/// KTO's result: `grads` is dL/d(summed policy log-prob) per example.
+pub type KtoLoss = Loss<f64>;
 
 impl KtoConfig {
     /// Desirable 1 − σ(β(r − z)), undesirable 1 − σ(β(z − r)), each

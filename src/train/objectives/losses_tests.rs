@@ -26,14 +26,14 @@ fn assert_close(got: f64, want: f64, tol: f64, what: &str) {
 /// Central differences (h = 1e-5) of a loss in each input it is
 /// differentiated by, against the analytic derivatives.
 fn check_pair_grads(objective: &dyn PairObjective, base: &[PairLogps]) {
-    let out = objective.pair_loss(base).unwrap();
+    let out = objective.loss(base).unwrap();
     let h = 1e-5;
     let eval = |f: &dyn Fn(&mut PairLogps, f64), i: usize| {
         let mut plus = base.to_vec();
         let mut minus = base.to_vec();
         f(&mut plus[i], h);
         f(&mut minus[i], -h);
-        (objective.pair_loss(&plus).unwrap().loss - objective.pair_loss(&minus).unwrap().loss) / (2.0 * h)
+        (objective.loss(&plus).unwrap().loss - objective.loss(&minus).unwrap().loss) / (2.0 * h)
     };
     for i in 0..base.len() {
         let fc = eval(&|p: &mut PairLogps, d| p.chosen.policy += d, i);

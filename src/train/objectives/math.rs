@@ -69,13 +69,17 @@ impl Metrics {
     }
 }
 
-/// The result of a pairwise objective.
+/// An objective's result on a batch: the loss, its derivatives per item
+/// (pair or example) and TRL's metrics.
 #[derive(Debug, Clone, PartialEq)]
-pub struct PairLoss {
+pub struct Loss<G> {
     pub loss: f64,
-    pub grads: Vec<PairGrad>,
+    pub grads: Vec<G>,
     pub metrics: Metrics,
 }
+
+/// The result of a pairwise objective.
+pub type PairLoss = Loss<PairGrad>;
 
 /// log σ(x), without overflow for large |x|.
 pub fn log_sigmoid(x: f64) -> f64 {

@@ -23,12 +23,11 @@ pub mod sft;
 pub use cpo::{CpoConfig, CpoLoss};
 pub use dpo::{DpoConfig, DpoLoss};
 pub use kto::{KtoConfig, KtoExample, KtoLoss};
-pub use math::{Metrics, NllSum, PairGrad, PairLogps, PairLoss, SeqLogps, log1mexp, log_sigmoid, sigmoid};
+pub use math::{Loss, Metrics, NllSum, PairGrad, PairLogps, PairLoss, SeqLogps, log1mexp, log_sigmoid, sigmoid};
 pub use orpo::OrpoConfig;
 pub use pairs::PairObjective;
 pub use reward::{PairRewards, RewardConfig, RewardLoss};
 
-use super::saves::{self, TrainState};
 use super::examples::Examples;
 use super::optimizer::{ExtraParam, Optimizer};
 use super::plan::MicroBatch;
@@ -40,7 +39,7 @@ use crate::model::Model;
 use crate::model::graph::BackwardOpts;
 use anyhow::{Context, Result, bail};
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// A selector: the objective `cfg` asks for, if it is this file's.
 pub type Select<B> = fn(&RunConfig) -> Option<Result<Box<dyn Objective<B>>>>;
@@ -171,22 +170,10 @@ pub trait Objective<B: Backend>: fmt::Debug {
         peft::load(be, model, dir).with_context(|| format!("loading the adapter of {}", dir.display()))
     }
 
-    /// Writes the trained adapter into `dir`.
+    /// Writes the trained adapter into `dir` (the final adapter, and the
+    /// adapter of each checkpoint-N).
     fn save_adapter(&self, be: &B, model: &Model<B>, lora: &LoraConfig, dir: &Path) -> Result<()> {
         peft::save(be, model, lora, dir)
-    }
-
-    /// Writes checkpoint-N (adapter, optimiser moments, state).
-    fn save_checkpoint(
-        &self,
-        be: &B,
-        model: &Model<B>,
-        opt: &Optimizer<B>,
-        lora: &LoraConfig,
-        state: &TrainState,
-        output_dir: &Path,
-    ) -> Result<PathBuf> {
-        saves::save(be, model, opt, lora, state, output_dir)
     }
 }
 

@@ -20,9 +20,19 @@ impl Default for OrpoConfig {
     }
 }
 
-impl OrpoConfig {
+impl PairObjective for OrpoConfig {
+    fn needs_reference(&self) -> bool {
+        false
+    }
+    fn needs_nll(&self) -> bool {
+        true
+    }
+    fn nll_whole_chosen(&self) -> bool {
+        true
+    }
+
     /// NLL_chosen − λ·mean(logσ(log_odds)) on per-token-averaged log-probs.
-    pub fn loss(&self, pairs: &[PairLogps]) -> Result<PairLoss> {
+    fn loss(&self, pairs: &[PairLogps]) -> Result<PairLoss> {
         check_pairs(pairs, true)?;
         let beta = self.beta;
         let n = pairs.len() as f64;
@@ -57,21 +67,6 @@ impl OrpoConfig {
         metrics.push("log_odds_ratio", ratio_sum / n);
         metrics.push("log_odds_chosen", odds_sum / n);
         Ok(PairLoss { loss, grads, metrics })
-    }
-}
-
-impl PairObjective for OrpoConfig {
-    fn pair_loss(&self, pairs: &[PairLogps]) -> Result<PairLoss> {
-        self.loss(pairs)
-    }
-    fn needs_reference(&self) -> bool {
-        false
-    }
-    fn needs_nll(&self) -> bool {
-        true
-    }
-    fn nll_whole_chosen(&self) -> bool {
-        true
     }
 }
 

@@ -24,7 +24,7 @@ use std::time::Instant;
 /// A loss on per-pair log-probabilities: what the pair pipeline asks of it.
 pub trait PairObjective: fmt::Debug {
     /// The batch loss, its derivatives per pair, and TRL's metrics.
-    fn pair_loss(&self, pairs: &[PairLogps]) -> Result<PairLoss>;
+    fn loss(&self, pairs: &[PairLogps]) -> Result<PairLoss>;
     /// Whether it needs reference log-probabilities (a forward pass with
     /// the adapter disabled).
     fn needs_reference(&self) -> bool;
@@ -170,7 +170,7 @@ pub fn pair_eval<B: Backend>(be: &B, model: &Model<B>, objective: &dyn PairObjec
     let policy = model.token_nll(be, &pb.batch, true);
     let reference = objective.needs_reference().then(|| model.token_nll(be, &pb.batch, false));
     let reference = reference.as_deref().map_or(Reference::None, Reference::Tokens);
-    objective.pair_loss(&pb.logps(objective, &policy, reference))
+    objective.loss(&pb.logps(objective, &policy, reference))
 }
 
 /// The reference policy's summed completion log-probs (chosen, rejected) of
@@ -208,7 +208,7 @@ pub fn pair_forward_backward<B: Backend>(
                  The usual causes are a learning_rate that is too high (or max_grad_norm: 0, no clipping) or an rl_beta that is too low"
             );
         }
-        let loss = objective.pair_loss(&pb.logps(objective, nll, reference))?;
+        let loss = objective.loss(&pb.logps(objective, nll, reference))?;
         let w = pb.weights(objective, &loss, n, scale);
         result = Some(loss);
         Ok(w)

@@ -11,7 +11,7 @@
 //! rows (read back as one small [2k, hidden] block); the backward writes
 //! ∂L/∂h only at those rows, and the head's own gradient Σ dL/dr · h there.
 
-use super::math::{Metrics, PairGrad, log_sigmoid, mean, sigmoid};
+use super::math::{Loss, Metrics, PairGrad, log_sigmoid, mean, sigmoid};
 use super::{Examples, MicroLoss, Objective, Step, StepOutcome, eval_in_chunks, mean_loss_step};
 use crate::adapter::peft::{self, SCORE_KEY};
 use crate::adapter::LoraConfig;
@@ -24,12 +24,11 @@ use crate::data::tokenizer::TextTokenizer;
 use crate::model::Model;
 use crate::model::batch::{Batch, IGNORE_INDEX, Sequence};
 use crate::model::graph::{BackwardOpts, Head};
-use crate::train::saves::{self, TrainState};
-use crate::train::optimizer::{ExtraParam, Optimizer};
+use crate::train::optimizer::ExtraParam;
 use crate::util::rng::Rng;
 use anyhow::{Context, Result, bail};
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct RewardConfig {
@@ -48,13 +47,8 @@ pub struct PairRewards {
     pub margin: f64,
 }
 
-#[derive(Debug, Clone, PartialEq)]
-pub struct RewardLoss {
-    pub loss: f64,
-    /// dL/dr per pair (`chosen_nll` is 0).
-    pub grads: Vec<PairGrad>,
-    pub metrics: Metrics,
-}
+/// A reward model's result: `grads` is dL/dr per pair (`chosen_nll` is 0).
+pub type RewardLoss = Loss<PairGrad>;
 
 impl RewardConfig {
     /// mean(−logσ(r_c − r_r − margin)) [+ c·mean((r_c + r_r)²)].
@@ -421,18 +415,6 @@ impl<B: Backend> Objective<B> for Reward<B> {
 
     fn save_adapter(&self, be: &B, model: &Model<B>, lora: &LoraConfig, dir: &Path) -> Result<()> {
         peft::save_reward(be, model, lora, &self.head()?.weight(be), dir)
-    }
-
-    fn save_checkpoint(
-        &self,
-        be: &B,
-        model: &Model<B>,
-        opt: &Optimizer<B>,
-        lora: &LoraConfig,
-        state: &TrainState,
-        output_dir: &Path,
-    ) -> Result<PathBuf> {
-        saves::save_reward(be, model, self.head()?, opt, lora, state, output_dir)
     }
 }
 
