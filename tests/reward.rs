@@ -312,7 +312,9 @@ fn adamw_steps_the_head_and_a_checkpoint_resumes_exactly() {
     assert!(w0.iter().zip(&w1).all(|(a, b)| ((a - b).abs() - 1e-2).abs() < 1e-4), "the head moved by lr");
 
     let tmp = tempfile::tempdir().unwrap();
-    let dir = saves::save_reward(&be, &model, &head, &opt, &peft::read_config(&fixture("reward").join("adapter")).unwrap(), &state(1), tmp.path()).unwrap();
+    let lc = peft::read_config(&fixture("reward").join("adapter")).unwrap();
+    let score = head.weight(&be);
+    let dir = saves::save_with(&be, &model, &opt, &state(1), tmp.path(), |d| peft::save_reward(&be, &model, &lc, &score, d)).unwrap();
     train_step(&be, &mut model, &mut head, &mut opt, &refs);
 
     // Resume from the checkpoint: adapter + head, LoRA and head moments.

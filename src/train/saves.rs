@@ -7,8 +7,6 @@
 //! checkpoint-N that resume could pick.
 
 use super::optimizer::{ExtraMomentsHost, ExtraParam, MomentsHost, Optimizer};
-use super::objectives::reward::ScoreHead;
-use crate::adapter::{LoraConfig, peft};
 use crate::backend::Backend;
 use crate::model::{Model, module_path};
 use anyhow::{Context, Result, bail};
@@ -53,35 +51,9 @@ fn extra_moments_key(name: &str, moment: &str) -> String {
     format!("{name}.{moment}")
 }
 
-/// Write checkpoint-N atomically; replaces an existing one of the same step.
-pub fn save<B: Backend>(
-    be: &B,
-    model: &Model<B>,
-    opt: &Optimizer<B>,
-    lc: &LoraConfig,
-    state: &TrainState,
-    output_dir: &Path,
-) -> Result<PathBuf> {
-    save_with(be, model, opt, state, output_dir, |dir| peft::save(be, model, lc, dir))
-}
-
-/// `save` for a reward model: the adapter is written with its score head
-/// (PEFT's SEQ_CLS layout), and the optimiser's moments of the head (an
-/// extra tensor of `opt`) go into optimizer.safetensors.
-pub fn save_reward<B: Backend>(
-    be: &B,
-    model: &Model<B>,
-    head: &ScoreHead<B>,
-    opt: &Optimizer<B>,
-    lc: &LoraConfig,
-    state: &TrainState,
-    output_dir: &Path,
-) -> Result<PathBuf> {
-    let score = head.weight(be);
-    save_with(be, model, opt, state, output_dir, |dir| peft::save_reward(be, model, lc, &score, dir))
-}
-
-/// Write checkpoint-N with `write_adapter` filling in its adapter files.
+/// Write checkpoint-N atomically (replacing one of the same step), with
+/// `write_adapter` filling in its adapter files: the objective's adapter,
+/// a reward model's with its score head.
 pub fn save_with<B: Backend>(
     be: &B,
     model: &Model<B>,
