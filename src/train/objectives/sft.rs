@@ -28,7 +28,7 @@ pub fn evaluate<B: Backend>(be: &B, model: &Model<B>, seqs: &[Sequence], rows: u
     Ok(sum)
 }
 
-fn sequences(examples: &Examples) -> Result<&[Sequence]> {
+pub fn sequences(examples: &Examples) -> Result<&[Sequence]> {
     match examples {
         Examples::Sequences(s) => Ok(s),
         _ => bail!("supervised fine-tuning trains on token sequences with labels"),
@@ -49,41 +49,45 @@ impl<B: Backend> Objective<B> for Sft {
         true
     }
 
-    /// Forward/backward over the step's micro-batches, each token's
-    /// gradient scaled by 1 / (target tokens of the whole step), then clip
-    /// and update.
     fn step(&mut self, s: Step<'_, B>) -> Result<StepOutcome> {
-        let examples = sequences(s.examples)?;
-        let batches = s
-            .micro_batches
-            .iter()
-            .map(|mb| Batch::from_sequences(mb.iter().map(|&i| &examples[i]), s.model.cfg.vocab))
-            .collect::<Result<Vec<Batch>>>()?;
-        let targets: usize = batches.iter().map(|b| b.n_targets()).sum();
-        let tokens: usize = batches.iter().map(|b| b.n_tokens()).sum();
-        s.model.zero_grad(s.be);
-        let mut sum = LossSum::default();
-        for (mi, batch) in batches.iter().enumerate() {
-            let opts = s.opts(1.0 / targets.max(1) as f32, mi);
-            sum.add(s.model.forward_backward(s.be, batch, opts));
-        }
-        // A step with nothing to learn from (every label -100) changes nothing.
-        let grad_norm = if targets == 0 { 0.0 } else { s.opt.step(s.be, s.model, s.lr as f32) };
-        let loss = sum.mean();
-        if targets > 0 && !loss.is_finite() {
-            return Err(Diverged(format!(
-                "step {}: the loss is {loss} (grad norm {grad_norm}); training diverged. Lower learning_rate (now {}) or check the data",
-                s.step + 1,
-                s.cfg.learning_rate
-            ))
-            .into());
-        }
-        Ok(StepOutcome { loss, targets, tokens, lr: s.lr, grad_norm, metrics: Metrics::default() })
+        step(s, 1.0)
     }
 
     fn evaluate(&self, be: &B, model: &Model<B>, val: &Examples, rows: usize) -> Result<(f64, Metrics)> {
         Ok((evaluate(be, model, sequences(val)?, rows)?.mean(), Metrics::default()))
     }
+}
+
+/// One SFT optimiser step: forward/backward over the step's micro-batches,
+/// each token's gradient scaled by `loss_scale` / (target tokens of the
+/// whole step), then clip and update.
+pub fn step<B: Backend>(s: Step<'_, B>, loss_scale: f32) -> Result<StepOutcome> {
+    let examples = sequences(s.examples)?;
+    let batches = s
+        .micro_batches
+        .iter()
+        .map(|mb| Batch::from_sequences(mb.iter().map(|&i| &examples[i]), s.model.cfg.vocab))
+        .collect::<Result<Vec<Batch>>>()?;
+    let targets: usize = batches.iter().map(|b| b.n_targets()).sum();
+    let tokens: usize = batches.iter().map(|b| b.n_tokens()).sum();
+    s.model.zero_grad(s.be);
+    let mut sum = LossSum::default();
+    for (mi, batch) in batches.iter().enumerate() {
+        let opts = s.opts(loss_scale / targets.max(1) as f32, mi);
+        sum.add(s.model.forward_backward(s.be, batch, opts));
+    }
+    // A step with nothing to learn from (every label -100) changes nothing.
+    let grad_norm = if targets == 0 { 0.0 } else { s.opt.step(s.be, s.model, s.lr as f32) };
+    let loss = sum.mean();
+    if targets > 0 && !loss.is_finite() {
+        return Err(Diverged(format!(
+            "step {}: the loss is {loss} (grad norm {grad_norm}); training diverged. Lower learning_rate (now {}) or check the data",
+            s.step + 1,
+            s.cfg.learning_rate
+        ))
+        .into());
+    }
+    Ok(StepOutcome { loss, targets, tokens, lr: s.lr, grad_norm, metrics: Metrics::default() })
 }
 
 /// Neither `rl` nor `reward_model`.
