@@ -21,7 +21,7 @@ mod generation;
 mod gpu_checks;
 
 use common::GPU_CURVE_TOL;
-use ferrotune::backend::conformance::Scale;
+use ferrotune_testkit::conformance::Scale;
 use ferrotune::backend::cuda::CudaBackend;
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -27,9 +27,6 @@
 
 pub mod cpu;
 pub mod cuda;
-pub mod conformance;
-pub mod bf16sim;
-pub mod metered;
 pub mod profiled;
 
 use crate::quant::nf4::Nf4Tensor;

@@ -7,7 +7,8 @@
 //! `model::graph::Model::forward_backward` and `model::layer::{forward,
 //! backward}` allocate through the backend and when each buffer is dropped.
 //! `tests/memory_plan.rs` checks it byte for byte against
-//! `backend::metered::Metered` on the CPU backend.
+//! the testkit crate's `ferrotune_testkit::metered::Metered` (testkit/) on the
+//! CPU backend.
 //!
 //! # Storage sizes
 //!

@@ -16,7 +16,7 @@
 //! `train::memory` predicts these numbers before a run; the integration test
 //! `tests/memory_plan.rs` checks the prediction against this meter.
 
-use super::{AdamW, AttnShape, Backend, Dropout, WeightSource};
+use ferrotune::backend::{AdamW, AttnShape, Backend, Dropout, WeightSource};
 use anyhow::Result;
 use std::fmt;
 use std::sync::{Arc, Mutex};
@@ -234,14 +234,14 @@ impl<B: Backend> Backend for Metered<B> {
     fn weight_from_f32(&self, data: &[f32]) -> MWeight<B> {
         self.wrap(self.inner.weight_from_f32(data), Kind::Weight, data.len() * self.weight_bytes)
     }
-    fn weight_from_nf4(&self, t: &crate::quant::nf4::Nf4Tensor) -> Result<MWeight<B>> {
+    fn weight_from_nf4(&self, t: &ferrotune::quant::nf4::Nf4Tensor) -> Result<MWeight<B>> {
         let w = self.inner.weight_from_nf4(t)?;
         let mut scratch = self.nf4_scratch.lock().unwrap_or_else(|e| e.into_inner());
         if t.numel() > *scratch {
             self.meter.add(Kind::Weight, (t.numel() - *scratch) * self.weight_bytes);
             *scratch = t.numel();
         }
-        Ok(self.wrap(w, Kind::Weight, super::nf4_device_bytes(t)))
+        Ok(self.wrap(w, Kind::Weight, ferrotune::backend::nf4_device_bytes(t)))
     }
     fn weight_to_f32(&self, w: &MWeight<B>) -> Vec<f32> {
         self.inner.weight_to_f32(&w.inner)
@@ -460,37 +460,5 @@ impl<B: Backend> Backend for Metered<B> {
     }
     fn adamw(&self, param: &mut Buf<B>, grad: &Buf<B>, m: &mut Buf<B>, v: &mut Buf<B>, hp: AdamW) {
         self.inner.adamw(&mut param.inner, &grad.inner, &mut m.inner, &mut v.inner, hp)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::backend::cpu::CpuBackend;
-
-    #[test]
-    fn counts_bytes_by_kind_and_gives_them_back_on_drop() {
-        let be = Metered::new(CpuBackend::new(), 2, 2);
-        let w = be.weight_from_f32(&[1.0; 10]);
-        let a = be.zeros(8);
-        let f = be.zeros_f32(3);
-        let like_a = be.zeros_like(&a);
-        let like_f = be.zeros_like(&f);
-        let ints = be.upload_ints(&[1, 2, 3]);
-        let u = be.usage();
-        assert_eq!(u.live, MemoryBreakdown { act: 32, f32: 24, ints: 12, weights: 20, total: 88 });
-        assert_eq!(be.live_bytes(), 88);
-        drop((a, like_a, ints));
-        assert_eq!(be.live_bytes(), 44);
-        assert_eq!(be.peak_bytes(), 88);
-        be.reset_peak();
-        assert_eq!(be.peak_bytes(), 44);
-        let big = be.upload(&[0.0; 100]);
-        drop(big);
-        let u = be.usage();
-        assert_eq!((u.live.f32, u.peak.f32, u.peak.total), (24, 424, 444));
-        assert_eq!(like_f.kind(), Kind::F32);
-        drop((w, f, like_f));
-        assert_eq!(be.live_bytes(), 0);
     }
 }

@@ -7,9 +7,9 @@
 //! activations in bf16, so both backends see identical values and the
 //! comparison measures only what the candidate's arithmetic and storage add.
 
-use super::{AdamW, AttnShape, Backend, Dropout, WeightSource};
-use crate::backend::DType;
-use crate::util::rng::Rng;
+use ferrotune::backend::{AdamW, AttnShape, Backend, Dropout, WeightSource};
+use ferrotune::backend::DType;
+use ferrotune::util::rng::Rng;
 
 /// Largest allowed ‖candidate − reference‖ / ‖reference‖ per kind of output.
 #[derive(Debug, Clone, Copy)]
@@ -103,7 +103,10 @@ fn round_bf16(x: f32) -> f32 {
     half::bf16::from_f32(x).to_f32()
 }
 
-fn compare(op: String, cand: &[f32], reference: &[f32], tolerance: f64) -> Check {
+/// One check: the norm-relative and largest absolute difference of `cand`
+/// from `reference` (infinite when `cand` has a non-finite value or a
+/// different length), against `tolerance`.
+pub fn compare(op: String, cand: &[f32], reference: &[f32], tolerance: f64) -> Check {
     let (mut num, mut den, mut max_abs) = (0.0f64, 0.0f64, 0.0f64);
     let mut finite = cand.len() == reference.len();
     for (&c, &r) in cand.iter().zip(reference) {
@@ -473,8 +476,8 @@ impl<'a, R: Backend, C: Backend> Harness<'a, R, C> {
 /// `nested`, 8-bit scale codes over a 256-entry map in blocks of 256 plus an
 /// offset), for checking backends against each other. Not a quantization of
 /// anything: `quant::nf4::quantize` makes real ones.
-pub fn random_nf4(rng: &mut Rng, shape: [usize; 2], nested: bool) -> crate::quant::nf4::Nf4Tensor {
-    use crate::quant::nf4::{Absmax, BLOCKSIZE, NESTED_BLOCKSIZE, NF4_CODE, Nf4Tensor};
+pub fn random_nf4(rng: &mut Rng, shape: [usize; 2], nested: bool) -> ferrotune::quant::nf4::Nf4Tensor {
+    use ferrotune::quant::nf4::{Absmax, BLOCKSIZE, NESTED_BLOCKSIZE, NF4_CODE, Nf4Tensor};
     let n = shape[0] * shape[1];
     let blocks = n.div_ceil(BLOCKSIZE);
     let packed = (0..n.div_ceil(2)).map(|_| (rng.next_u64() & 0xff) as u8).collect();
@@ -491,32 +494,4 @@ pub fn random_nf4(rng: &mut Rng, shape: [usize; 2], nested: bool) -> crate::quan
         Absmax::Plain((0..blocks).map(|_| rng.uniform_range(0.7, 1.3) * scale).collect())
     };
     Nf4Tensor { shape, blocksize: BLOCKSIZE, packed, absmax, code: NF4_CODE }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::backend::cpu::CpuBackend;
-    use crate::backend::profiled::Profiled;
-
-    #[test]
-    fn cpu_against_itself_passes_every_check_bit_for_bit() {
-        let (r, c) = (CpuBackend::new(), Profiled::new(CpuBackend::new()));
-        let mut h = Harness::new(&r, &c, Tolerances::same_precision(), 1);
-        let checks = h.run(Scale::Small).to_vec();
-        assert!(checks.len() > 40, "only {} checks", checks.len());
-        for c in &checks {
-            assert_eq!(c.rel_err, 0.0, "{c}");
-        }
-    }
-
-    #[test]
-    fn a_wrong_candidate_fails() {
-        // The harness must be able to fail: a candidate whose swiglu is off.
-        let reference = vec![1.0f32, 2.0, 3.0];
-        let off = vec![1.0f32, 2.0, 3.1];
-        assert!(!compare("x".into(), &off, &reference, 1e-3).passed());
-        assert!(!compare("x".into(), &[f32::NAN, 2.0, 3.0], &reference, 1.0).passed());
-        assert!(compare("x".into(), &reference, &reference, 0.0).passed());
-    }
 }

@@ -27,7 +27,7 @@
 //! here too, so a model-graph mistake that would crash on a GPU also fails on
 //! the CPU.
 
-use super::{AdamW, AttnShape, Backend, Dropout, WeightSource, dropout_keep};
+use ferrotune::backend::{AdamW, AttnShape, Backend, Dropout, WeightSource, dropout_keep};
 use anyhow::Result;
 use rayon::prelude::*;
 
@@ -232,12 +232,12 @@ impl<B: Backend> Backend for Bf16Sim<B> {
         // bf16: weights are stored in bf16.
         self.inner.weight_from_f32(&rounded(data.to_vec()))
     }
-    fn weight_from_nf4(&self, t: &crate::quant::nf4::Nf4Tensor) -> Result<B::Weight> {
+    fn weight_from_nf4(&self, t: &ferrotune::quant::nf4::Nf4Tensor) -> Result<B::Weight> {
         // bf16: the GPU dequantizes each product's NF4 weight into a bf16
         // scratch, bf16(code · absmax) with the f32 product rounded once; the
         // simulation stores those bf16 values (dense: the 4-bit saving is a
         // memory matter, not a numerical one).
-        crate::backend::check_nf4(t)?;
+        ferrotune::backend::check_nf4(t)?;
         Ok(self.inner.weight_from_f32(&rounded(t.dequantize())))
     }
     fn weight_to_f32(&self, w: &B::Weight) -> Vec<f32> {
@@ -690,69 +690,4 @@ fn flash_backward(
         dv.extend(b);
     }
     (dq, dk, dv)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::backend::DType;
-    use crate::backend::cpu::CpuBackend;
-
-    #[test]
-    fn rounds_activation_storage_and_weights_never_f32_buffers() {
-        let be = Bf16Sim::new(CpuBackend::new());
-        let x = 1.0f32 + 2f32.powi(-12); // not a bf16 value
-        assert_eq!(be.download(&be.upload_activation(&[x])), vec![1.0]);
-        assert_eq!(be.download(&be.upload(&[x])), vec![x]);
-        let w = be.weight_from_f32(&[x]);
-        assert_eq!(be.weight_to_f32(&w), vec![1.0]);
-        let bytes = x.to_le_bytes();
-        let w = be.load_weight(&WeightSource { dtype: DType::F32, bytes: &bytes, numel: 1 }).unwrap();
-        assert_eq!(be.weight_to_f32(&w), vec![1.0]);
-        // f32 outputs stay f32; activation outputs are rounded.
-        let mut f = be.upload(&[1.0]);
-        be.scale(&mut f, x);
-        assert_eq!(be.download(&f), vec![x]);
-        let mut a = be.upload_activation(&[1.0]);
-        be.scale(&mut a, x);
-        assert_eq!(be.download(&a), vec![1.0]);
-        assert_eq!(be.zeros_like(&f).kind(), Storage::F32);
-        assert_eq!(be.zeros_like(&a).kind(), Storage::Act);
-    }
-
-    #[test]
-    #[should_panic(expected = "must share a storage type")]
-    fn mixed_kinds_panic_as_on_the_gpu() {
-        let be = Bf16Sim::new(CpuBackend::new());
-        let mut a = be.zeros(4);
-        be.add_assign(&mut a, &be.zeros_f32(4));
-    }
-
-    #[test]
-    fn host_flash_attention_without_rounding_matches_the_cpu_within_f32_noise() {
-        // The host attention with bf16 inputs: its output differs from the
-        // CPU's only by the P/out roundings, i.e. at the bf16 level.
-        let (cpu, sim) = (CpuBackend::new(), Bf16Sim::with_flash_attention(CpuBackend::new()));
-        let (n, nh, nkv, d) = (21, 4, 2, 64);
-        let cu = [0, 9, 9, 21];
-        let shape = AttnShape { n, n_heads: nh, n_kv_heads: nkv, head_dim: d, window: Some(6), scale: 0.125, max_seqlen: 12 };
-        let data = |len: usize, seed: u32| -> Vec<f32> {
-            (0..len).map(|i| round_bf16((((i as u32).wrapping_mul(2654435761) ^ seed) % 1000) as f32 / 500.0 - 1.0)).collect()
-        };
-        let (q, k, v) = (data(n * nh * d, 1), data(n * nkv * d, 2), data(n * nkv * d, 3));
-        let mut o_c = cpu.zeros(n * nh * d);
-        let mut l_c = cpu.zeros_f32(nh * n);
-        cpu.attention(&q, &k, &v, &cu.to_vec(), 3, shape, &mut o_c, &mut l_c);
-        let (qs, ks, vs) = (sim.upload_activation(&q), sim.upload_activation(&k), sim.upload_activation(&v));
-        let mut o_s = sim.zeros(n * nh * d);
-        let mut l_s = sim.zeros_f32(nh * n);
-        sim.attention(&qs, &ks, &vs, &sim.upload_ints(&cu), 3, shape, &mut o_s, &mut l_s);
-        let rel = |a: &[f32], b: &[f32]| {
-            let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
-            (num / b.iter().map(|y| (*y as f64).powi(2)).sum::<f64>()).sqrt()
-        };
-        assert!(rel(&sim.download(&l_s), &l_c) < 1e-6);
-        let e = rel(&sim.download(&o_s), &o_c);
-        assert!(e > 0.0 && e < 8e-3, "out rel {e}");
-    }
 }
