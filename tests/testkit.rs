@@ -30,7 +30,7 @@ mod conformance {
 }
 
 mod bf16sim {
-    use ferrotune::backend::{AttnShape, Backend, WeightSource};
+    use ferrotune::backend::{AttnShape, Backend, Qkv, Varlen, WeightSource};
     use ferrotune_testkit::bf16sim::*;
     use ferrotune::backend::DType;
     use ferrotune::backend::cpu::CpuBackend;
@@ -79,11 +79,11 @@ mod bf16sim {
         let (q, k, v) = (data(n * nh * d, 1), data(n * nkv * d, 2), data(n * nkv * d, 3));
         let mut o_c = cpu.zeros(n * nh * d);
         let mut l_c = cpu.zeros_f32(nh * n);
-        cpu.attention(&q, &k, &v, &cu.to_vec(), 3, shape, &mut o_c, &mut l_c);
+        cpu.attention(Qkv { q: &q, k: &k, v: &v }, Varlen { cu_seqlens: &cu.to_vec(), n_seqs: 3 }, shape, &mut o_c, &mut l_c);
         let (qs, ks, vs) = (sim.upload_activation(&q), sim.upload_activation(&k), sim.upload_activation(&v));
         let mut o_s = sim.zeros(n * nh * d);
         let mut l_s = sim.zeros_f32(nh * n);
-        sim.attention(&qs, &ks, &vs, &sim.upload_ints(&cu), 3, shape, &mut o_s, &mut l_s);
+        sim.attention(Qkv { q: &qs, k: &ks, v: &vs }, Varlen { cu_seqlens: &sim.upload_ints(&cu), n_seqs: 3 }, shape, &mut o_s, &mut l_s);
         let rel = |a: &[f32], b: &[f32]| {
             let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
             (num / b.iter().map(|y| (*y as f64).powi(2)).sum::<f64>()).sqrt()

@@ -3,7 +3,7 @@
 //! its bytes back when dropped. The meter keeps live bytes and high-water
 //! marks per kind of storage (activation-type buffers, f32 buffers, i32
 //! metadata, frozen weights) and for their sum. Every op delegates to the
-//! inner backend.
+//! inner backend (through `ferrotune::forward_ops!`).
 //!
 //! Bytes per element are constructor parameters, not read from the inner
 //! backend, so the CPU reference (which stores everything in f32) can also
@@ -16,7 +16,7 @@
 //! `train::memory` predicts these numbers before a run; the integration test
 //! `tests/memory_plan.rs` checks the prediction against this meter.
 
-use ferrotune::backend::{AdamW, AttnShape, Backend, Dropout, WeightSource};
+use ferrotune::backend::{Backend, Forward, WeightSource};
 use anyhow::Result;
 use std::fmt;
 use std::sync::{Arc, Mutex};
@@ -193,6 +193,25 @@ impl<B: Backend> Metered<B> {
     }
 }
 
+impl<B: Backend> Forward for Metered<B> {
+    type Inner = B;
+    fn inner(&self) -> &B {
+        &self.inner
+    }
+    fn buf(b: &MBuf<B>) -> &B::Buf {
+        &b.inner
+    }
+    fn buf_mut(b: &mut MBuf<B>) -> &mut B::Buf {
+        &mut b.inner
+    }
+    fn weight(w: &MWeight<B>) -> &B::Weight {
+        &w.inner
+    }
+    fn ints(i: &MInts<B>) -> &B::IntBuf {
+        &i.inner
+    }
+}
+
 type Buf<B> = MBuf<B>;
 
 impl<B: Backend> Backend for Metered<B> {
@@ -200,9 +219,8 @@ impl<B: Backend> Backend for Metered<B> {
     type Weight = MWeight<B>;
     type IntBuf = MInts<B>;
 
-    fn name(&self) -> String {
-        self.inner.name()
-    }
+    // Handle makers: each allocation is metered; every other method is
+    // forwarded unmetered by `forward_ops!`.
     fn zeros(&self, len: usize) -> Buf<B> {
         self.wrap(self.inner.zeros(len), Kind::Act, len * self.act_bytes)
     }
@@ -218,14 +236,8 @@ impl<B: Backend> Backend for Metered<B> {
     fn upload_activation(&self, data: &[f32]) -> Buf<B> {
         self.wrap(self.inner.upload_activation(data), Kind::Act, data.len() * self.act_bytes)
     }
-    fn download(&self, buf: &Buf<B>) -> Vec<f32> {
-        self.inner.download(&buf.inner)
-    }
     fn upload_ints(&self, data: &[i32]) -> MInts<B> {
         self.wrap(self.inner.upload_ints(data), Kind::Int, data.len() * 4)
-    }
-    fn len(&self, buf: &Buf<B>) -> usize {
-        self.inner.len(&buf.inner)
     }
     fn load_weight(&self, src: &WeightSource) -> Result<MWeight<B>> {
         let w = self.inner.load_weight(src)?;
@@ -243,222 +255,6 @@ impl<B: Backend> Backend for Metered<B> {
         }
         Ok(self.wrap(w, Kind::Weight, ferrotune::backend::nf4_device_bytes(t)))
     }
-    fn weight_to_f32(&self, w: &MWeight<B>) -> Vec<f32> {
-        self.inner.weight_to_f32(&w.inner)
-    }
-    fn weight_len(&self, w: &MWeight<B>) -> usize {
-        self.inner.weight_len(&w.inner)
-    }
-    fn fill(&self, buf: &mut Buf<B>, value: f32) {
-        self.inner.fill(&mut buf.inner, value)
-    }
-    fn copy_slice(&self, src: &Buf<B>, src_off: usize, dst: &mut Buf<B>, dst_off: usize, len: usize) {
-        self.inner.copy_slice(&src.inner, src_off, &mut dst.inner, dst_off, len)
-    }
-    fn add_assign(&self, dst: &mut Buf<B>, src: &Buf<B>) {
-        self.inner.add_assign(&mut dst.inner, &src.inner)
-    }
-    fn scale(&self, buf: &mut Buf<B>, s: f32) {
-        self.inner.scale(&mut buf.inner, s)
-    }
-    fn sum_sq(&self, buf: &Buf<B>) -> f64 {
-        self.inner.sum_sq(&buf.inner)
-    }
-    fn embedding(&self, table: &MWeight<B>, ids: &MInts<B>, out: &mut Buf<B>, n: usize, hidden: usize) {
-        self.inner.embedding(&table.inner, &ids.inner, &mut out.inner, n, hidden)
-    }
-    fn linear(
-        &self,
-        x: &Buf<B>,
-        w: &MWeight<B>,
-        bias: Option<&MWeight<B>>,
-        y: &mut Buf<B>,
-        m: usize,
-        k: usize,
-        n: usize,
-    ) {
-        self.inner.linear(&x.inner, &w.inner, bias.map(|b| &b.inner), &mut y.inner, m, k, n)
-    }
-    fn linear_backward_input(
-        &self,
-        dy: &Buf<B>,
-        w: &MWeight<B>,
-        dx: &mut Buf<B>,
-        m: usize,
-        k: usize,
-        n: usize,
-        accumulate: bool,
-    ) {
-        self.inner.linear_backward_input(&dy.inner, &w.inner, &mut dx.inner, m, k, n, accumulate)
-    }
-    fn lora_forward(
-        &self,
-        x: &Buf<B>,
-        a: &Buf<B>,
-        b: &Buf<B>,
-        scale: f32,
-        dropout: Option<Dropout>,
-        xa: &mut Buf<B>,
-        y: &mut Buf<B>,
-        m: usize,
-        k: usize,
-        n: usize,
-        r: usize,
-    ) {
-        self.inner.lora_forward(&x.inner, &a.inner, &b.inner, scale, dropout, &mut xa.inner, &mut y.inner, m, k, n, r)
-    }
-    fn lora_backward(
-        &self,
-        dy: &Buf<B>,
-        x: &Buf<B>,
-        a: &Buf<B>,
-        b: &Buf<B>,
-        xa: &Buf<B>,
-        scale: f32,
-        dropout: Option<Dropout>,
-        dx: &mut Buf<B>,
-        da: &mut Buf<B>,
-        db: &mut Buf<B>,
-        m: usize,
-        k: usize,
-        n: usize,
-        r: usize,
-    ) {
-        self.inner.lora_backward(
-            &dy.inner,
-            &x.inner,
-            &a.inner,
-            &b.inner,
-            &xa.inner,
-            scale,
-            dropout,
-            &mut dx.inner,
-            &mut da.inner,
-            &mut db.inner,
-            m,
-            k,
-            n,
-            r,
-        )
-    }
-    fn rmsnorm(
-        &self,
-        x: &Buf<B>,
-        w: &MWeight<B>,
-        y: &mut Buf<B>,
-        inv_rms: &mut Buf<B>,
-        rows: usize,
-        hidden: usize,
-        eps: f32,
-    ) {
-        self.inner.rmsnorm(&x.inner, &w.inner, &mut y.inner, &mut inv_rms.inner, rows, hidden, eps)
-    }
-    fn rmsnorm_backward(
-        &self,
-        dy: &Buf<B>,
-        x: &Buf<B>,
-        w: &MWeight<B>,
-        inv_rms: &Buf<B>,
-        dx: &mut Buf<B>,
-        rows: usize,
-        hidden: usize,
-    ) {
-        self.inner.rmsnorm_backward(&dy.inner, &x.inner, &w.inner, &inv_rms.inner, &mut dx.inner, rows, hidden)
-    }
-    fn rope(&self, x: &mut Buf<B>, positions: &MInts<B>, inv_freq: &Buf<B>, n: usize, heads: usize, head_dim: usize) {
-        self.inner.rope(&mut x.inner, &positions.inner, &inv_freq.inner, n, heads, head_dim)
-    }
-    fn rope_backward(
-        &self,
-        dx: &mut Buf<B>,
-        positions: &MInts<B>,
-        inv_freq: &Buf<B>,
-        n: usize,
-        heads: usize,
-        head_dim: usize,
-    ) {
-        self.inner.rope_backward(&mut dx.inner, &positions.inner, &inv_freq.inner, n, heads, head_dim)
-    }
-    fn attention(
-        &self,
-        q: &Buf<B>,
-        k: &Buf<B>,
-        v: &Buf<B>,
-        cu_seqlens: &MInts<B>,
-        n_seqs: usize,
-        shape: AttnShape,
-        out: &mut Buf<B>,
-        lse: &mut Buf<B>,
-    ) {
-        self.inner.attention(&q.inner, &k.inner, &v.inner, &cu_seqlens.inner, n_seqs, shape, &mut out.inner, &mut lse.inner)
-    }
-    fn attention_backward(
-        &self,
-        dout: &Buf<B>,
-        q: &Buf<B>,
-        k: &Buf<B>,
-        v: &Buf<B>,
-        out: &Buf<B>,
-        lse: &Buf<B>,
-        cu_seqlens: &MInts<B>,
-        n_seqs: usize,
-        shape: AttnShape,
-        dq: &mut Buf<B>,
-        dk: &mut Buf<B>,
-        dv: &mut Buf<B>,
-    ) {
-        self.inner.attention_backward(
-            &dout.inner,
-            &q.inner,
-            &k.inner,
-            &v.inner,
-            &out.inner,
-            &lse.inner,
-            &cu_seqlens.inner,
-            n_seqs,
-            shape,
-            &mut dq.inner,
-            &mut dk.inner,
-            &mut dv.inner,
-        )
-    }
-    fn decode_attention(
-        &self,
-        q: &Buf<B>,
-        k_cache: &Buf<B>,
-        v_cache: &Buf<B>,
-        past: usize,
-        shape: AttnShape,
-        out: &mut Buf<B>,
-    ) {
-        self.inner.decode_attention(&q.inner, &k_cache.inner, &v_cache.inner, past, shape, &mut out.inner)
-    }
-    fn swiglu(&self, gate: &Buf<B>, up: &Buf<B>, out: &mut Buf<B>, len: usize) {
-        self.inner.swiglu(&gate.inner, &up.inner, &mut out.inner, len)
-    }
-    fn swiglu_backward(
-        &self,
-        dout: &Buf<B>,
-        gate: &Buf<B>,
-        up: &Buf<B>,
-        dgate: &mut Buf<B>,
-        dup: &mut Buf<B>,
-        len: usize,
-    ) {
-        self.inner.swiglu_backward(&dout.inner, &gate.inner, &up.inner, &mut dgate.inner, &mut dup.inner, len)
-    }
-    fn cross_entropy(
-        &self,
-        logits: &mut Buf<B>,
-        targets: &MInts<B>,
-        losses: &mut Buf<B>,
-        rows: usize,
-        vocab: usize,
-        grad_scale: Option<f32>,
-    ) {
-        self.inner.cross_entropy(&mut logits.inner, &targets.inner, &mut losses.inner, rows, vocab, grad_scale)
-    }
-    fn adamw(&self, param: &mut Buf<B>, grad: &Buf<B>, m: &mut Buf<B>, v: &mut Buf<B>, hp: AdamW) {
-        self.inner.adamw(&mut param.inner, &grad.inner, &mut m.inner, &mut v.inner, hp)
-    }
+
+    ferrotune::forward_ops!();
 }

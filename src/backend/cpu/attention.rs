@@ -14,7 +14,7 @@
 use rayon::prelude::*;
 
 use super::check_len;
-use crate::backend::AttnShape;
+use crate::backend::{AttnSaved, AttnShape, Qkv, QkvGrads, Varlen};
 
 /// Dot product with eight fixed accumulation lanes combined in a fixed order
 /// (vectorisable and deterministic).
@@ -166,17 +166,9 @@ fn attend_row(
     max + sum.ln()
 }
 
-#[allow(clippy::too_many_arguments)]
-pub(super) fn attention(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    cu: &[i32],
-    n_seqs: usize,
-    shape: AttnShape,
-    out: &mut [f32],
-    lse: &mut [f32],
-) {
+pub(super) fn attention(qkv: Qkv<'_, [f32]>, seqs: Varlen<'_, [i32]>, shape: AttnShape, out: &mut [f32], lse: &mut [f32]) {
+    let Qkv { q, k, v } = qkv;
+    let Varlen { cu_seqlens: cu, n_seqs } = seqs;
     const OP: &str = "attention";
     let g = Geo::new(OP, cu, n_seqs, shape);
     let (n, h, d) = (g.n, g.h, g.d);
@@ -247,21 +239,18 @@ pub(super) fn decode_attention(
     });
 }
 
-#[allow(clippy::too_many_arguments)]
 pub(super) fn attention_backward(
     dout: &[f32],
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    out: &[f32],
-    lse: &[f32],
-    cu: &[i32],
-    n_seqs: usize,
+    qkv: Qkv<'_, [f32]>,
+    saved: AttnSaved<'_, [f32]>,
+    seqs: Varlen<'_, [i32]>,
     shape: AttnShape,
-    dq: &mut [f32],
-    dk: &mut [f32],
-    dv: &mut [f32],
+    grads: QkvGrads<'_, [f32]>,
 ) {
+    let Qkv { q, k, v } = qkv;
+    let AttnSaved { out, lse } = saved;
+    let Varlen { cu_seqlens: cu, n_seqs } = seqs;
+    let QkvGrads { dq, dk, dv } = grads;
     const OP: &str = "attention_backward";
     let g = Geo::new(OP, cu, n_seqs, shape);
     let (n, h, kv, d) = (g.n, g.h, g.kv, g.d);
@@ -343,7 +332,7 @@ mod tests {
     use super::super::test_util::{
         Rng, assert_bits_eq, assert_close, dot64, fd_grad, to64, with_threads,
     };
-    use crate::backend::{AttnShape, Backend};
+    use crate::backend::{AttnSaved, AttnShape, Backend, Qkv, QkvGrads, Varlen};
 
     /// Naive f64 attention: returns (out [n, h, d], lse [h, n]).
     fn attn64(q: &[f64], k: &[f64], v: &[f64], cu: &[i32], s: AttnShape) -> (Vec<f64>, Vec<f64>) {
@@ -425,16 +414,8 @@ mod tests {
         let be = CpuBackend::new();
         let mut out = vec![f32::NAN; c.s.n * c.s.n_heads * c.s.head_dim];
         let mut lse = vec![f32::NAN; c.s.n * c.s.n_heads];
-        be.attention(
-            &c.q,
-            &c.k,
-            &c.v,
-            &c.cu,
-            c.cu.len() - 1,
-            c.s,
-            &mut out,
-            &mut lse,
-        );
+        let seqs = Varlen { cu_seqlens: &c.cu, n_seqs: c.cu.len() - 1 };
+        be.attention(Qkv { q: &c.q, k: &c.k, v: &c.v }, seqs, c.s, &mut out, &mut lse);
         (out, lse)
     }
 
@@ -455,17 +436,11 @@ mod tests {
         let mut dv = vec![f32::NAN; c.v.len()];
         be.attention_backward(
             dout,
-            &c.q,
-            &c.k,
-            &c.v,
-            out,
-            lse,
-            &c.cu,
-            c.cu.len() - 1,
+            Qkv { q: &c.q, k: &c.k, v: &c.v },
+            AttnSaved { out, lse },
+            Varlen { cu_seqlens: &c.cu, n_seqs: c.cu.len() - 1 },
             c.s,
-            &mut dq,
-            &mut dk,
-            &mut dv,
+            QkvGrads { dq: &mut dq, dk: &mut dk, dv: &mut dv },
         );
         (dq, dk, dv)
     }

@@ -12,7 +12,10 @@
 use super::attention;
 use super::device::{self, GpuInfo};
 use super::nf4::Nf4Device;
-use crate::backend::{AdamW, AttnShape, Backend, DType, Dropout, WeightSource};
+use crate::backend::{
+    AdamW, AttnSaved, AttnShape, Backend, DType, LoraGrads, LoraInputs, LoraShape, MatShape, NormShape, Qkv, QkvGrads,
+    RopeShape, Varlen, WeightSource,
+};
 use crate::kernels;
 use anyhow::{Context, Result, bail};
 use cudarc::cublas::{CudaBlas, result as blas, sys as blas_sys};
@@ -48,7 +51,7 @@ impl CudaBuf {
     }
     /// The f32 slice of a buffer the op contract says is f32.
     #[track_caller]
-    fn f32(&self, what: &str) -> &CudaSlice<f32> {
+    pub(super) fn f32(&self, what: &str) -> &CudaSlice<f32> {
         match self {
             CudaBuf::F32(s) => s,
             CudaBuf::Bf16(_) => panic!("{what} must be an f32 buffer (zeros_f32 / upload), got bf16"),
@@ -600,7 +603,8 @@ impl Backend for CudaBackend {
         }
     }
 
-    fn linear(&self, x: &CudaBuf, w: &CudaWeight, bias: Option<&CudaWeight>, y: &mut CudaBuf, m: usize, k: usize, n: usize) {
+    fn linear(&self, x: &CudaBuf, w: &CudaWeight, bias: Option<&CudaWeight>, y: &mut CudaBuf, shape: MatShape) {
+        let MatShape { m, k, n } = shape;
         let xb = self.bf16_operand(x);
         let beta = match bias {
             Some(b) => {
@@ -620,26 +624,16 @@ impl Backend for CudaBackend {
         self.with_weight_operand(w, |wo| self.gemm(m, n, k, xb.op(), false, wo, true, c, 1.0, beta));
     }
 
-    fn linear_backward_input(&self, dy: &CudaBuf, w: &CudaWeight, dx: &mut CudaBuf, m: usize, k: usize, n: usize, acc: bool) {
+    fn linear_backward_input(&self, dy: &CudaBuf, w: &CudaWeight, dx: &mut CudaBuf, shape: MatShape, acc: bool) {
+        let MatShape { m, k, n } = shape;
         let dyb = self.bf16_operand(dy);
         let c = out_operand(dx, &self.stream);
         self.with_weight_operand(w, |wo| self.gemm(m, k, n, dyb.op(), false, wo, false, c, 1.0, if acc { 1.0 } else { 0.0 }));
     }
 
-    fn lora_forward(
-        &self,
-        x: &CudaBuf,
-        a: &CudaBuf,
-        b: &CudaBuf,
-        scale: f32,
-        dropout: Option<Dropout>,
-        xa: &mut CudaBuf,
-        y: &mut CudaBuf,
-        m: usize,
-        k: usize,
-        n: usize,
-        r: usize,
-    ) {
+    fn lora_forward(&self, inputs: LoraInputs<'_, CudaBuf>, xa: &mut CudaBuf, y: &mut CudaBuf, shape: LoraShape) {
+        let LoraInputs { x, a, b } = inputs;
+        let LoraShape { m, k, n, r, scale, dropout } = shape;
         match dropout.filter(|d| d.p > 0.0) {
             // xa = dropout(x)·Aᵀ with the mask fused: no masked copy of x.
             Some(d) => {
@@ -668,20 +662,14 @@ impl Backend for CudaBackend {
     fn lora_backward(
         &self,
         dy: &CudaBuf,
-        x: &CudaBuf,
-        a: &CudaBuf,
-        b: &CudaBuf,
+        inputs: LoraInputs<'_, CudaBuf>,
         xa: &CudaBuf,
-        scale: f32,
-        dropout: Option<Dropout>,
-        dx: &mut CudaBuf,
-        da: &mut CudaBuf,
-        db: &mut CudaBuf,
-        m: usize,
-        k: usize,
-        n: usize,
-        r: usize,
+        grads: LoraGrads<'_, CudaBuf>,
+        shape: LoraShape,
     ) {
+        let LoraInputs { x, a, b } = inputs;
+        let LoraGrads { dx, da, db } = grads;
+        let LoraShape { m, k, n, r, scale, dropout } = shape;
         let dyb = self.bf16_operand(dy);
         let xab = self.bf16_operand(xa);
         let bb = self.bf16_operand(b);
@@ -739,7 +727,8 @@ impl Backend for CudaBackend {
         drop(dxa);
     }
 
-    fn rmsnorm(&self, x: &CudaBuf, w: &CudaWeight, y: &mut CudaBuf, inv: &mut CudaBuf, rows: usize, hidden: usize, eps: f32) {
+    fn rmsnorm(&self, x: &CudaBuf, w: &CudaWeight, y: &mut CudaBuf, inv: &mut CudaBuf, shape: NormShape, eps: f32) {
+        let NormShape { rows, hidden } = shape;
         let w = w.dense("rmsnorm");
         let (ri, hi) = (rows as i32, hidden as i32);
         let inv = inv.f32_mut("rmsnorm inv_rms");
@@ -750,7 +739,8 @@ impl Backend for CudaBackend {
             _ => panic!("rmsnorm: x and y must share a storage type"),
         }
     }
-    fn rmsnorm_backward(&self, dy: &CudaBuf, x: &CudaBuf, w: &CudaWeight, inv: &CudaBuf, dx: &mut CudaBuf, rows: usize, hidden: usize) {
+    fn rmsnorm_backward(&self, dy: &CudaBuf, x: &CudaBuf, w: &CudaWeight, inv: &CudaBuf, dx: &mut CudaBuf, shape: NormShape) {
+        let NormShape { rows, hidden } = shape;
         let w = w.dense("rmsnorm_backward");
         let (ri, hi) = (rows as i32, hidden as i32);
         let inv = inv.f32("rmsnorm_backward inv_rms");
@@ -766,42 +756,33 @@ impl Backend for CudaBackend {
         }
     }
 
-    fn rope(&self, x: &mut CudaBuf, pos: &CudaSlice<i32>, inv_freq: &CudaBuf, n: usize, heads: usize, head_dim: usize) {
-        self.rope_launch(variant!("rope_fwd", &*x), x, pos, inv_freq, n, heads, head_dim);
+    fn rope(&self, x: &mut CudaBuf, pos: &CudaSlice<i32>, inv_freq: &CudaBuf, shape: RopeShape) {
+        self.rope_launch(variant!("rope_fwd", &*x), x, pos, inv_freq, shape);
     }
-    fn rope_backward(&self, dx: &mut CudaBuf, pos: &CudaSlice<i32>, inv_freq: &CudaBuf, n: usize, heads: usize, head_dim: usize) {
-        self.rope_launch(variant!("rope_bwd", &*dx), dx, pos, inv_freq, n, heads, head_dim);
+    fn rope_backward(&self, dx: &mut CudaBuf, pos: &CudaSlice<i32>, inv_freq: &CudaBuf, shape: RopeShape) {
+        self.rope_launch(variant!("rope_bwd", &*dx), dx, pos, inv_freq, shape);
     }
 
     fn attention(
         &self,
-        q: &CudaBuf,
-        k: &CudaBuf,
-        v: &CudaBuf,
-        cu: &CudaSlice<i32>,
-        n_seqs: usize,
+        qkv: Qkv<'_, CudaBuf>,
+        seqs: Varlen<'_, CudaSlice<i32>>,
         shape: AttnShape,
         out: &mut CudaBuf,
         lse: &mut CudaBuf,
     ) {
-        attention::forward(self, q, k, v, cu, n_seqs, shape, out, lse.f32_mut("attention lse"));
+        attention::forward(self, qkv, seqs, shape, out, lse.f32_mut("attention lse"));
     }
     fn attention_backward(
         &self,
         dout: &CudaBuf,
-        q: &CudaBuf,
-        k: &CudaBuf,
-        v: &CudaBuf,
-        out: &CudaBuf,
-        lse: &CudaBuf,
-        cu: &CudaSlice<i32>,
-        n_seqs: usize,
+        qkv: Qkv<'_, CudaBuf>,
+        saved: AttnSaved<'_, CudaBuf>,
+        seqs: Varlen<'_, CudaSlice<i32>>,
         shape: AttnShape,
-        dq: &mut CudaBuf,
-        dk: &mut CudaBuf,
-        dv: &mut CudaBuf,
+        grads: QkvGrads<'_, CudaBuf>,
     ) {
-        attention::backward(self, dout, q, k, v, out, lse.f32("attention lse"), cu, n_seqs, shape, dq, dk, dv);
+        attention::backward(self, dout, qkv, saved, seqs, shape, grads);
     }
     fn decode_attention(&self, q: &CudaBuf, k_cache: &CudaBuf, v_cache: &CudaBuf, past: usize, shape: AttnShape, out: &mut CudaBuf) {
         attention::decode(self, q, k_cache, v_cache, past, shape, out);
@@ -858,8 +839,8 @@ impl Backend for CudaBackend {
 }
 
 impl CudaBackend {
-    #[allow(clippy::too_many_arguments)]
-    fn rope_launch(&self, name: &str, x: &mut CudaBuf, pos: &CudaSlice<i32>, inv_freq: &CudaBuf, n: usize, heads: usize, d: usize) {
+    fn rope_launch(&self, name: &str, x: &mut CudaBuf, pos: &CudaSlice<i32>, inv_freq: &CudaBuf, shape: RopeShape) {
+        let RopeShape { n, heads, head_dim: d } = shape;
         let (ni, hi, di) = (n as i32, heads as i32, d as i32);
         let inv = inv_freq.f32("rope inv_freq");
         let cfg = grid_for(n * d / 2);

@@ -27,9 +27,13 @@
 //! here too, so a model-graph mistake that would crash on a GPU also fails on
 //! the CPU.
 
-use ferrotune::backend::{AdamW, AttnShape, Backend, Dropout, WeightSource, dropout_keep};
+mod flash;
+
+use ferrotune::backend::{
+    AdamW, AttnSaved, AttnShape, Backend, Dropout, LoraGrads, LoraInputs, LoraShape, MatShape, NormShape, Qkv, QkvGrads,
+    RopeShape, Varlen, WeightSource, dropout_keep,
+};
 use anyhow::Result;
-use rayon::prelude::*;
 
 /// The storage kind of a simulated buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -275,35 +279,24 @@ impl<B: Backend> Backend for Bf16Sim<B> {
         self.inner.embedding(table, &ids.inner, &mut out.inner, n, hidden);
         self.store(out); // bf16: a gather of bf16 weights; exact, kept for uniformity.
     }
-    fn linear(&self, x: &Buf<B>, w: &B::Weight, bias: Option<&B::Weight>, y: &mut Buf<B>, m: usize, k: usize, n: usize) {
+    fn linear(&self, x: &Buf<B>, w: &B::Weight, bias: Option<&B::Weight>, y: &mut Buf<B>, shape: MatShape) {
         // bf16: x is a bf16 GEMM operand (an f32 x is cast); W and the bias
         // are bf16 since load.
         let xb = self.operand(x);
-        self.inner.linear(xb.get(), w, bias, &mut y.inner, m, k, n);
+        self.inner.linear(xb.get(), w, bias, &mut y.inner, shape);
         // bf16: y in its type (the LM head writes f32 logits: not rounded).
         self.store(y);
     }
-    fn linear_backward_input(&self, dy: &Buf<B>, w: &B::Weight, dx: &mut Buf<B>, m: usize, k: usize, n: usize, acc: bool) {
+    fn linear_backward_input(&self, dy: &Buf<B>, w: &B::Weight, dx: &mut Buf<B>, shape: MatShape, acc: bool) {
         // bf16: dy is a bf16 GEMM operand; the logits gradient (f32) is cast
         // to bf16 before the LM head's backward product.
         let dyb = self.operand(dy);
-        self.inner.linear_backward_input(dyb.get(), w, &mut dx.inner, m, k, n, acc);
+        self.inner.linear_backward_input(dyb.get(), w, &mut dx.inner, shape, acc);
         self.store(dx); // bf16: dx (+ its old value, f32 accumulate) stored once.
     }
-    fn lora_forward(
-        &self,
-        x: &Buf<B>,
-        a: &Buf<B>,
-        b: &Buf<B>,
-        scale: f32,
-        dropout: Option<Dropout>,
-        xa: &mut Buf<B>,
-        y: &mut Buf<B>,
-        m: usize,
-        k: usize,
-        n: usize,
-        r: usize,
-    ) {
+    fn lora_forward(&self, inputs: LoraInputs<'_, Buf<B>>, xa: &mut Buf<B>, y: &mut Buf<B>, shape: LoraShape) {
+        let LoraInputs { x, a, b } = inputs;
+        let LoraShape { m, k, r, dropout, .. } = shape;
         // bf16: A and B (f32 masters) are cast to bf16 copies for the
         // tensor-core products; the masters stay f32.
         let (ab, bb) = (self.operand(a), self.operand(b));
@@ -312,7 +305,8 @@ impl<B: Backend> Backend for Bf16Sim<B> {
         // xa = xd · Aᵀ, alone: the inner op with a one-column y to discard.
         let mut y_scratch = self.inner.zeros_f32(m);
         let b_scratch = self.inner.zeros_f32(r);
-        self.inner.lora_forward(xd.get(), ab.get(), &b_scratch, scale, None, &mut xa.inner, &mut y_scratch, m, k, 1, r);
+        let first = LoraShape { n: 1, dropout: None, ..shape };
+        self.inner.lora_forward(LoraInputs { x: xd.get(), a: ab.get(), b: &b_scratch }, &mut xa.inner, &mut y_scratch, first);
         // bf16: xa stored in its type (activation), then used as the bf16
         // operand of the second product (cast if f32).
         self.store(xa);
@@ -320,26 +314,21 @@ impl<B: Backend> Backend for Bf16Sim<B> {
         // y += scale · xa · Bᵀ: the inner op on x = xa, A = I (xa·Iᵀ = xa exactly).
         let mut xa_scratch = self.inner.zeros_f32(m * r);
         let id = self.identity(r);
-        self.inner.lora_forward(xab.get(), &id, bb.get(), scale, None, &mut xa_scratch, &mut y.inner, m, r, n, r);
+        let second = LoraShape { k: r, dropout: None, ..shape };
+        self.inner.lora_forward(LoraInputs { x: xab.get(), a: &id, b: bb.get() }, &mut xa_scratch, &mut y.inner, second);
         self.store(y); // bf16: y + the side path, f32 accumulate, stored once.
     }
     fn lora_backward(
         &self,
         dy: &Buf<B>,
-        x: &Buf<B>,
-        a: &Buf<B>,
-        b: &Buf<B>,
+        inputs: LoraInputs<'_, Buf<B>>,
         xa: &Buf<B>,
-        scale: f32,
-        dropout: Option<Dropout>,
-        dx: &mut Buf<B>,
-        da: &mut Buf<B>,
-        db: &mut Buf<B>,
-        m: usize,
-        k: usize,
-        n: usize,
-        r: usize,
+        grads: LoraGrads<'_, Buf<B>>,
+        shape: LoraShape,
     ) {
+        let LoraInputs { x, a, b } = inputs;
+        let LoraGrads { dx, da, db } = grads;
+        let LoraShape { m, k, r, dropout, .. } = shape;
         // bf16: dy, xa, A, B are bf16 GEMM operands (f32 ones cast).
         let (dyb, xab, ab, bb) = (self.operand(dy), self.operand(xa), self.operand(a), self.operand(b));
         let id = self.identity(r);
@@ -349,7 +338,11 @@ impl<B: Backend> Backend for Bf16Sim<B> {
         let mut dxa = self.inner.zeros_f32(m * r);
         let mut da_scratch = self.inner.zeros_f32(r * r);
         self.inner.lora_backward(
-            dyb.get(), &x0, &id, bb.get(), xab.get(), scale, None, &mut dxa, &mut da_scratch, &mut db.inner, m, r, n, r,
+            dyb.get(),
+            LoraInputs { x: &x0, a: &id, b: bb.get() },
+            xab.get(),
+            LoraGrads { dx: &mut dxa, da: &mut da_scratch, db: &mut db.inner },
+            LoraShape { k: r, dropout: None, ..shape },
         );
         self.store(db); // bf16 only if dB were an activation buffer (it is f32).
         // bf16: the GPU keeps dxa in a bf16 temporary (an operand of the next
@@ -361,18 +354,17 @@ impl<B: Backend> Backend for Bf16Sim<B> {
         //    with dy = dxa, n = r, B = I (so its own dxa is 1·dxa·I = dxa).
         let xa0 = self.inner.zeros_f32(m * r);
         let mut db_scratch = self.inner.zeros_f32(r * r);
+        let (second, b_id) = (LoraShape { n: r, scale: 1.0, dropout: None, ..shape }, LoraInputs { x: xd.get(), a: ab.get(), b: &id });
         match dropout.filter(|d| d.p > 0.0) {
             None => {
-                self.inner.lora_backward(
-                    &dxa, xd.get(), ab.get(), &id, &xa0, 1.0, None, &mut dx.inner, &mut da.inner, &mut db_scratch, m, k, r, r,
-                );
+                let grads = LoraGrads { dx: &mut dx.inner, da: &mut da.inner, db: &mut db_scratch };
+                self.inner.lora_backward(&dxa, b_id, &xa0, grads, second);
                 self.store(dx); // bf16: dx + dxa·A, f32 accumulate, stored once.
             }
             Some(d) => {
                 let mut tmp = self.zeros_like(dx);
-                self.inner.lora_backward(
-                    &dxa, xd.get(), ab.get(), &id, &xa0, 1.0, None, &mut tmp.inner, &mut da.inner, &mut db_scratch, m, k, r, r,
-                );
+                let grads = LoraGrads { dx: &mut tmp.inner, da: &mut da.inner, db: &mut db_scratch };
+                self.inner.lora_backward(&dxa, b_id, &xa0, grads, second);
                 // bf16: tmp = dxa·A is stored in dx's type, then the dropout
                 // kernel adds mask ⊙ tmp / (1−p) into dx and stores it.
                 self.store(&mut tmp);
@@ -385,79 +377,75 @@ impl<B: Backend> Backend for Bf16Sim<B> {
         }
         self.store(da); // bf16 only if dA were an activation buffer (it is f32).
     }
-    fn rmsnorm(&self, x: &Buf<B>, w: &B::Weight, y: &mut Buf<B>, inv: &mut Buf<B>, rows: usize, hidden: usize, eps: f32) {
+    fn rmsnorm(&self, x: &Buf<B>, w: &B::Weight, y: &mut Buf<B>, inv: &mut Buf<B>, shape: NormShape, eps: f32) {
         expect_kind(inv, Storage::F32, "rmsnorm inv_rms");
         same_kind(&[x, y], "rmsnorm");
-        self.inner.rmsnorm(&x.inner, w, &mut y.inner, &mut inv.inner, rows, hidden, eps);
+        self.inner.rmsnorm(&x.inner, w, &mut y.inner, &mut inv.inner, shape, eps);
         self.store(y); // bf16: y stored in the activation type; inv_rms stays f32.
     }
-    fn rmsnorm_backward(&self, dy: &Buf<B>, x: &Buf<B>, w: &B::Weight, inv: &Buf<B>, dx: &mut Buf<B>, rows: usize, hidden: usize) {
+    fn rmsnorm_backward(&self, dy: &Buf<B>, x: &Buf<B>, w: &B::Weight, inv: &Buf<B>, dx: &mut Buf<B>, shape: NormShape) {
         expect_kind(inv, Storage::F32, "rmsnorm_backward inv_rms");
         same_kind(&[dy, x, dx], "rmsnorm_backward");
-        self.inner.rmsnorm_backward(&dy.inner, &x.inner, w, &inv.inner, &mut dx.inner, rows, hidden);
+        self.inner.rmsnorm_backward(&dy.inner, &x.inner, w, &inv.inner, &mut dx.inner, shape);
         self.store(dx); // bf16: dx + the norm's gradient, stored once.
     }
-    fn rope(&self, x: &mut Buf<B>, pos: &Ints<B>, inv_freq: &Buf<B>, n: usize, heads: usize, head_dim: usize) {
+    fn rope(&self, x: &mut Buf<B>, pos: &Ints<B>, inv_freq: &Buf<B>, shape: RopeShape) {
         expect_kind(inv_freq, Storage::F32, "rope inv_freq");
-        self.inner.rope(&mut x.inner, &pos.inner, &inv_freq.inner, n, heads, head_dim);
+        self.inner.rope(&mut x.inner, &pos.inner, &inv_freq.inner, shape);
         self.store(x); // bf16: rotated in place, stored back.
     }
-    fn rope_backward(&self, dx: &mut Buf<B>, pos: &Ints<B>, inv_freq: &Buf<B>, n: usize, heads: usize, head_dim: usize) {
+    fn rope_backward(&self, dx: &mut Buf<B>, pos: &Ints<B>, inv_freq: &Buf<B>, shape: RopeShape) {
         expect_kind(inv_freq, Storage::F32, "rope inv_freq");
-        self.inner.rope_backward(&mut dx.inner, &pos.inner, &inv_freq.inner, n, heads, head_dim);
+        self.inner.rope_backward(&mut dx.inner, &pos.inner, &inv_freq.inner, shape);
         self.store(dx); // bf16: rotated in place, stored back.
     }
-    fn attention(
-        &self,
-        q: &Buf<B>,
-        k: &Buf<B>,
-        v: &Buf<B>,
-        cu: &Ints<B>,
-        n_seqs: usize,
-        shape: AttnShape,
-        out: &mut Buf<B>,
-        lse: &mut Buf<B>,
-    ) {
+    fn attention(&self, qkv: Qkv<'_, Buf<B>>, seqs: Varlen<'_, Ints<B>>, shape: AttnShape, out: &mut Buf<B>, lse: &mut Buf<B>) {
+        let Qkv { q, k, v } = qkv;
         for (b, what) in [(q, "q"), (k, "k"), (v, "v"), (&*out, "out")] {
             expect_kind(b, Storage::Act, &format!("attention {what}"));
         }
         expect_kind(lse, Storage::F32, "attention lse");
         if self.flash(&shape) {
             let (qh, kh, vh) = (self.download(q), self.download(k), self.download(v));
-            let (o, l) = flash_forward(&qh, &kh, &vh, &cu.host, n_seqs, &shape);
+            let seqs_host = Varlen { cu_seqlens: seqs.cu_seqlens.host.as_slice(), n_seqs: seqs.n_seqs };
+            let (o, l) = flash::forward(Qkv { q: &qh[..], k: &kh[..], v: &vh[..] }, seqs_host, &shape);
             let (mut ov, mut lv) = (self.download(out), self.download(lse));
             ov[..o.len()].copy_from_slice(&o);
             lv[..l.len()].copy_from_slice(&l);
             self.overwrite(out, ov); // bf16: out stored in the activation type.
             self.overwrite(lse, lv);
         } else {
-            self.inner.attention(&q.inner, &k.inner, &v.inner, &cu.inner, n_seqs, shape, &mut out.inner, &mut lse.inner);
+            let inner_seqs = seqs.map(|i| &i.inner);
+            self.inner.attention(qkv.map(|b| &b.inner), inner_seqs, shape, &mut out.inner, &mut lse.inner);
             self.store(out); // bf16: out stored in the activation type; lse stays f32.
         }
     }
     fn attention_backward(
         &self,
         dout: &Buf<B>,
-        q: &Buf<B>,
-        k: &Buf<B>,
-        v: &Buf<B>,
-        out: &Buf<B>,
-        lse: &Buf<B>,
-        cu: &Ints<B>,
-        n_seqs: usize,
+        qkv: Qkv<'_, Buf<B>>,
+        saved: AttnSaved<'_, Buf<B>>,
+        seqs: Varlen<'_, Ints<B>>,
         shape: AttnShape,
-        dq: &mut Buf<B>,
-        dk: &mut Buf<B>,
-        dv: &mut Buf<B>,
+        grads: QkvGrads<'_, Buf<B>>,
     ) {
+        let (Qkv { q, k, v }, AttnSaved { out, lse }) = (qkv, saved);
+        let QkvGrads { dq, dk, dv } = grads;
         for (b, what) in [(dout, "dout"), (q, "q"), (k, "k"), (v, "v"), (out, "out"), (&*dq, "dq"), (&*dk, "dk"), (&*dv, "dv")] {
             expect_kind(b, Storage::Act, &format!("attention_backward {what}"));
         }
         expect_kind(lse, Storage::F32, "attention_backward lse");
         if self.flash(&shape) {
             let h = |b: &Buf<B>| self.download(b);
-            let (gq, gk, gv) =
-                flash_backward(&h(dout), &h(q), &h(k), &h(v), &h(out), &h(lse), &cu.host, n_seqs, &shape);
+            let (qh, kh, vh, oh, lh) = (h(q), h(k), h(v), h(out), h(lse));
+            let seqs_host = Varlen { cu_seqlens: seqs.cu_seqlens.host.as_slice(), n_seqs: seqs.n_seqs };
+            let (gq, gk, gv) = flash::backward(
+                &h(dout),
+                Qkv { q: &qh[..], k: &kh[..], v: &vh[..] },
+                AttnSaved { out: &oh[..], lse: &lh[..] },
+                seqs_host,
+                &shape,
+            );
             for (buf, g) in [(dq, gq), (dk, gk), (dv, gv)] {
                 let mut cur = self.download(buf);
                 cur[..g.len()].copy_from_slice(&g);
@@ -466,17 +454,11 @@ impl<B: Backend> Backend for Bf16Sim<B> {
         } else {
             self.inner.attention_backward(
                 &dout.inner,
-                &q.inner,
-                &k.inner,
-                &v.inner,
-                &out.inner,
-                &lse.inner,
-                &cu.inner,
-                n_seqs,
+                qkv.map(|b| &b.inner),
+                saved.map(|b| &b.inner),
+                seqs.map(|i| &i.inner),
                 shape,
-                &mut dq.inner,
-                &mut dk.inner,
-                &mut dv.inner,
+                QkvGrads { dq: &mut dq.inner, dk: &mut dk.inner, dv: &mut dv.inner },
             );
             // bf16: dq, dk, dv stored in the activation type.
             self.store(dq);
@@ -536,158 +518,4 @@ impl<B: Backend> Backend for Bf16Sim<B> {
         }
         self.inner.adamw(&mut param.inner, &grad.inner, &mut m.inner, &mut v.inner, hp)
     }
-}
-
-// ---- host flash attention (tensor-core kernels' roundings) ---------------
-//
-// The semantics of cuda/flash_attn.cu's d64 / d128 kernels, in f32 on the
-// host: scores and sums in f32 from bf16 inputs; P rounded to bf16 before
-// O += P·V (the row sum l uses the unrounded P); in the backward P is
-// recomputed from lse, dS = P ⊙ (dP − dsum), and P (for dV) and dS (for dQ,
-// dK) are rounded to bf16 before their products. One difference: the kernel
-// rounds P relative to the running maximum of the key tiles seen so far, the
-// host relative to the row's final maximum (same rounding statistics; the
-// individual roundings differ).
-
-/// For each token, (start, end) of its sequence.
-fn bounds(cu: &[i32], n_seqs: usize, n: usize) -> Vec<(usize, usize)> {
-    let mut b = vec![(0, 0); n];
-    for s in 0..n_seqs {
-        let (s0, s1) = (cu[s] as usize, cu[s + 1] as usize);
-        b[s0..s1].iter_mut().for_each(|x| *x = (s0, s1));
-    }
-    b
-}
-
-/// First key visible to query t (keys lo..=t).
-fn first_key(t: usize, start: usize, window: Option<usize>) -> usize {
-    match window {
-        Some(w) => start.max((t + 1).saturating_sub(w)),
-        None => start,
-    }
-}
-
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
-}
-
-/// (out [n, nh, d] rounded to bf16, lse [nh, n]).
-fn flash_forward(q: &[f32], k: &[f32], v: &[f32], cu: &[i32], n_seqs: usize, s: &AttnShape) -> (Vec<f32>, Vec<f32>) {
-    let (n, nh, nkv, d) = (s.n, s.n_heads, s.n_kv_heads, s.head_dim);
-    let group = nh / nkv;
-    let bd = bounds(cu, n_seqs, n);
-    let rows: Vec<(Vec<f32>, Vec<f32>)> = (0..n)
-        .into_par_iter()
-        .map(|t| {
-            let lo = first_key(t, bd[t].0, s.window);
-            let mut out = vec![0.0f32; nh * d];
-            let mut lse = vec![0.0f32; nh];
-            for h in 0..nh {
-                let (qr, kvh) = (&q[(t * nh + h) * d..][..d], h / group);
-                let sc: Vec<f32> = (lo..=t).map(|j| dot(qr, &k[(j * nkv + kvh) * d..][..d]) * s.scale).collect();
-                let mx = sc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let p: Vec<f32> = sc.iter().map(|&x| (x - mx).exp()).collect();
-                let l: f32 = p.iter().sum();
-                let o = &mut out[h * d..][..d];
-                for (jj, j) in (lo..=t).enumerate() {
-                    let pr = round_bf16(p[jj]); // bf16: P before P·V.
-                    let vr = &v[(j * nkv + kvh) * d..][..d];
-                    o.iter_mut().zip(vr).for_each(|(o, &v)| *o += pr * v);
-                }
-                let inv = 1.0 / l;
-                o.iter_mut().for_each(|x| *x = round_bf16(*x * inv)); // bf16: out stored.
-                lse[h] = mx + l.ln();
-            }
-            (out, lse)
-        })
-        .collect();
-    let mut out = Vec::with_capacity(n * nh * d);
-    let mut lse = vec![0.0f32; nh * n];
-    for (t, (o, l)) in rows.into_iter().enumerate() {
-        out.extend(o);
-        (0..nh).for_each(|h| lse[h * n + t] = l[h]);
-    }
-    (out, lse)
-}
-
-/// (dq, dk, dv), each rounded to bf16.
-#[allow(clippy::too_many_arguments)]
-fn flash_backward(
-    dout: &[f32],
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    out: &[f32],
-    lse: &[f32],
-    cu: &[i32],
-    n_seqs: usize,
-    s: &AttnShape,
-) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let (n, nh, nkv, d) = (s.n, s.n_heads, s.n_kv_heads, s.head_dim);
-    let group = nh / nkv;
-    let bd = bounds(cu, n_seqs, n);
-    // Elements of row (token t, head h) of a [n, heads, d] tensor.
-    let row = |t: usize, heads: usize, h: usize| (t * heads + h) * d..(t * heads + h + 1) * d;
-    // dsum[h*n + t] = Σ dout·out, f32.
-    let mut dsum = vec![0.0f32; nh * n];
-    for t in 0..n {
-        for h in 0..nh {
-            dsum[h * n + t] = dot(&dout[row(t, nh, h)], &out[row(t, nh, h)]);
-        }
-    }
-    // P and dS of (query t, head h, key j).
-    let p_ds = |t: usize, h: usize, j: usize| -> (f32, f32) {
-        let kvh = h / group;
-        let p = (dot(&q[row(t, nh, h)], &k[row(j, nkv, kvh)]) * s.scale - lse[h * n + t]).exp();
-        let dp = dot(&dout[row(t, nh, h)], &v[row(j, nkv, kvh)]);
-        (p, p * (dp - dsum[h * n + t]))
-    };
-    let dq: Vec<f32> = (0..n)
-        .into_par_iter()
-        .flat_map_iter(|t| {
-            let lo = first_key(t, bd[t].0, s.window);
-            let mut acc = vec![0.0f32; nh * d];
-            for h in 0..nh {
-                let a = &mut acc[h * d..][..d];
-                for j in lo..=t {
-                    let ds = round_bf16(p_ds(t, h, j).1); // bf16: dS before dS·K.
-                    a.iter_mut().zip(&k[row(j, nkv, h / group)]).for_each(|(a, &kk)| *a += ds * kk);
-                }
-                a.iter_mut().for_each(|x| *x = round_bf16(*x * s.scale)); // bf16: dq stored.
-            }
-            acc
-        })
-        .collect();
-    let dkdv: Vec<(Vec<f32>, Vec<f32>)> = (0..n)
-        .into_par_iter()
-        .map(|j| {
-            let end = bd[j].1;
-            let hi = match s.window {
-                Some(w) => end.min(j.saturating_add(w)),
-                None => end,
-            };
-            let (mut ak, mut av) = (vec![0.0f32; nkv * d], vec![0.0f32; nkv * d]);
-            for kvh in 0..nkv {
-                let (ak, av) = (&mut ak[kvh * d..][..d], &mut av[kvh * d..][..d]);
-                for h in kvh * group..(kvh + 1) * group {
-                    for t in j..hi {
-                        let (p, ds) = p_ds(t, h, j);
-                        // bf16: P before Pᵀ·dO, dS before dSᵀ·Q.
-                        let (p, ds) = (round_bf16(p), round_bf16(ds));
-                        ak.iter_mut().zip(&q[row(t, nh, h)]).for_each(|(a, &x)| *a += ds * x);
-                        av.iter_mut().zip(&dout[row(t, nh, h)]).for_each(|(a, &x)| *a += p * x);
-                    }
-                }
-                ak.iter_mut().for_each(|x| *x = round_bf16(*x * s.scale)); // bf16: dk stored.
-                av.iter_mut().for_each(|x| *x = round_bf16(*x)); // bf16: dv stored.
-            }
-            (ak, av)
-        })
-        .collect();
-    let (mut dk, mut dv) = (Vec::with_capacity(n * nkv * d), Vec::with_capacity(n * nkv * d));
-    for (a, b) in dkdv {
-        dk.extend(a);
-        dv.extend(b);
-    }
-    (dq, dk, dv)
 }
