@@ -18,7 +18,7 @@ mod attention;
 mod cross_entropy;
 mod gemm;
 mod lora;
-mod memory;
+mod buffer_ops;
 mod nf4;
 mod norm;
 mod rope;
@@ -133,7 +133,7 @@ impl Backend for CpuBackend {
         buf.len()
     }
     fn load_weight(&self, src: &WeightSource) -> Result<CpuWeight> {
-        memory::load_weight(src).map(CpuWeight::Dense)
+        buffer_ops::load_weight(src).map(CpuWeight::Dense)
     }
     fn weight_from_f32(&self, data: &[f32]) -> CpuWeight {
         CpuWeight::Dense(data.to_vec())
@@ -154,7 +154,7 @@ impl Backend for CpuBackend {
 
     // ---- elementwise --------------------------------------------------
     fn fill(&self, buf: &mut Vec<f32>, value: f32) {
-        memory::fill(buf, value)
+        buffer_ops::fill(buf, value)
     }
     fn copy_slice(
         &self,
@@ -164,16 +164,16 @@ impl Backend for CpuBackend {
         dst_off: usize,
         len: usize,
     ) {
-        memory::copy_slice(src, src_off, dst, dst_off, len)
+        buffer_ops::copy_slice(src, src_off, dst, dst_off, len)
     }
     fn add_assign(&self, dst: &mut Vec<f32>, src: &Vec<f32>) {
-        memory::add_assign(dst, src)
+        buffer_ops::add_assign(dst, src)
     }
     fn scale(&self, buf: &mut Vec<f32>, s: f32) {
-        memory::scale(buf, s)
+        buffer_ops::scale(buf, s)
     }
     fn sum_sq(&self, buf: &Vec<f32>) -> f64 {
-        memory::sum_sq(buf)
+        buffer_ops::sum_sq(buf)
     }
 
     // ---- embedding ----------------------------------------------------
@@ -185,7 +185,7 @@ impl Backend for CpuBackend {
         n: usize,
         hidden: usize,
     ) {
-        memory::embedding(table.dense("embedding"), ids, out, n, hidden)
+        buffer_ops::embedding(table.dense("embedding"), ids, out, n, hidden)
     }
 
     // ---- matrix products ------------------------------------------------

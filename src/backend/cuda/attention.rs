@@ -5,7 +5,8 @@
 //! as separate deterministic kernels (no atomics). Generation's
 //! decode_attention (new tokens against a KV cache) is cuda/decode_attn.cu.
 
-use super::backend::{CudaBackend, CudaBuf, launch};
+use super::backend::{CudaBackend, launch};
+use super::buffers::CudaBuf;
 use crate::backend::{AttnSaved, AttnShape, Qkv, QkvGrads, Varlen};
 use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
