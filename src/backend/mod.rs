@@ -2,7 +2,15 @@
 //!
 //! The model's forward and backward are written once, in terms of this trait.
 //! `cpu` is the reference implementation (f32, plain loops plus a GEMM crate);
-//! a CUDA implementation with the same semantics follows.
+//! `cuda` implements the same semantics on one GPU; `profiled` wraps either
+//! to time each op. Test-only backends (the conformance harness, the bf16
+//! simulation, the memory meter) live in the testkit crate (testkit/).
+//!
+//! A new op touches: its method in the trait below (arguments grouped with
+//! args.rs), cpu/<op>.rs with its tests (wired in cpu/mod.rs), cuda/<op>.cu
+//! with its launch in cuda/ops.rs, one line in the op table of
+//! `forward_ops!` (forward.rs), and testkit/src/bf16sim/mod.rs (how the GPU's
+//! bf16 storage rounds its outputs) plus a check in testkit/src/conformance.rs.
 //!
 //! Conventions shared by every op:
 //! - Buffers are flat and row-major; every shape is passed explicitly.

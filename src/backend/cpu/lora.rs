@@ -40,15 +40,20 @@ fn apply_mask(v: &[f32], out: &mut [f32], m: usize, k: usize, d: Dropout, accumu
         });
 }
 
+/// Checks x, A, B and xa against the shape (both directions read them).
+fn check_inputs(op: &str, inputs: LoraInputs<'_, [f32]>, xa: &[f32], s: LoraShape) {
+    check_len(op, "x", inputs.x.len(), s.m * s.k);
+    check_len(op, "a", inputs.a.len(), s.r * s.k);
+    check_len(op, "b", inputs.b.len(), s.n * s.r);
+    check_len(op, "xa", xa.len(), s.m * s.r);
+}
+
 /// xa[m, r] = dropout(x)[m, k] · A[r, k]ᵀ ;  y[m, n] += scale · xa · B[n, r]ᵀ.
 pub(super) fn lora_forward(inputs: LoraInputs<'_, [f32]>, xa: &mut [f32], y: &mut [f32], shape: LoraShape) {
     let LoraInputs { x, a, b } = inputs;
     let LoraShape { m, k, n, r, scale, dropout } = shape;
     const OP: &str = "lora_forward";
-    check_len(OP, "x", x.len(), m * k);
-    check_len(OP, "a", a.len(), r * k);
-    check_len(OP, "b", b.len(), n * r);
-    check_len(OP, "xa", xa.len(), m * r);
+    check_inputs(OP, inputs, xa, shape);
     check_len(OP, "y", y.len(), m * n);
     let at = MatRef::new(a, r, k).t();
     match dropout {
@@ -84,10 +89,7 @@ pub(super) fn lora_backward(
     let LoraShape { m, k, n, r, scale, dropout } = shape;
     const OP: &str = "lora_backward";
     check_len(OP, "dy", dy.len(), m * n);
-    check_len(OP, "x", x.len(), m * k);
-    check_len(OP, "a", a.len(), r * k);
-    check_len(OP, "b", b.len(), n * r);
-    check_len(OP, "xa", xa.len(), m * r);
+    check_inputs(OP, inputs, xa, shape);
     check_len(OP, "dx", dx.len(), m * k);
     check_len(OP, "da", da.len(), r * k);
     check_len(OP, "db", db.len(), n * r);

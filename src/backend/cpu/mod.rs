@@ -156,14 +156,7 @@ impl Backend for CpuBackend {
     fn fill(&self, buf: &mut Vec<f32>, value: f32) {
         buffer_ops::fill(buf, value)
     }
-    fn copy_slice(
-        &self,
-        src: &Vec<f32>,
-        src_off: usize,
-        dst: &mut Vec<f32>,
-        dst_off: usize,
-        len: usize,
-    ) {
+    fn copy_slice(&self, src: &Vec<f32>, src_off: usize, dst: &mut Vec<f32>, dst_off: usize, len: usize) {
         buffer_ops::copy_slice(src, src_off, dst, dst_off, len)
     }
     fn add_assign(&self, dst: &mut Vec<f32>, src: &Vec<f32>) {
@@ -177,14 +170,7 @@ impl Backend for CpuBackend {
     }
 
     // ---- embedding ----------------------------------------------------
-    fn embedding(
-        &self,
-        table: &CpuWeight,
-        ids: &Vec<i32>,
-        out: &mut Vec<f32>,
-        n: usize,
-        hidden: usize,
-    ) {
+    fn embedding(&self, table: &CpuWeight, ids: &Vec<i32>, out: &mut Vec<f32>, n: usize, hidden: usize) {
         buffer_ops::embedding(table.dense("embedding"), ids, out, n, hidden)
     }
 
@@ -307,14 +293,7 @@ impl Backend for CpuBackend {
     }
 
     // ---- optimiser -------------------------------------------------------
-    fn adamw(
-        &self,
-        param: &mut Vec<f32>,
-        grad: &Vec<f32>,
-        m: &mut Vec<f32>,
-        v: &mut Vec<f32>,
-        hp: AdamW,
-    ) {
+    fn adamw(&self, param: &mut Vec<f32>, grad: &Vec<f32>, m: &mut Vec<f32>, v: &mut Vec<f32>, hp: AdamW) {
         adamw::adamw(param, grad, m, v, hp)
     }
 }

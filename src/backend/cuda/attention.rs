@@ -106,14 +106,11 @@ pub fn forward(
     launch!(be, &name, cfg, q, k, v, cu, out, lse, &n, &ns, &nh, &nkv, &hd, &window, &scale);
 }
 
+/// The flash backward: the dsum preprocess, then dq, then dk and dv (the
+/// arguments of `Backend::attention_backward`).
 pub fn backward(
-    be: &CudaBackend,
-    dout: &CudaBuf,
-    qkv: Qkv<'_, CudaBuf>,
-    saved: AttnSaved<'_, CudaBuf>,
-    seqs: Varlen<'_, CudaSlice<i32>>,
-    shape: AttnShape,
-    grads: QkvGrads<'_, CudaBuf>,
+    be: &CudaBackend, dout: &CudaBuf, qkv: Qkv<'_, CudaBuf>, saved: AttnSaved<'_, CudaBuf>,
+    seqs: Varlen<'_, CudaSlice<i32>>, shape: AttnShape, grads: QkvGrads<'_, CudaBuf>,
 ) {
     let (Qkv { q, k, v }, Varlen { cu_seqlens: cu, n_seqs }) = (qkv, seqs);
     let (out, lse) = (saved.out, saved.lse.f32("attention lse"));

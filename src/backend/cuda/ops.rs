@@ -114,12 +114,7 @@ impl Backend for CudaBackend {
     }
 
     fn fill(&self, buf: &mut CudaBuf, value: f32) {
-        let n = buf.len() as u64;
-        let cfg = grid_for(buf.len());
-        match buf {
-            CudaBuf::F32(s) => launch!(self, "fill_f32", cfg, s, &n, &value),
-            CudaBuf::Bf16(s) => launch!(self, "fill_bf16", cfg, s, &n, &value),
-        }
+        self.launch_in_place(["fill_f32", "fill_bf16"], buf, value);
     }
     fn copy_slice(&self, src: &CudaBuf, src_off: usize, dst: &mut CudaBuf, dst_off: usize, len: usize) {
         if len == 0 {
@@ -146,12 +141,7 @@ impl Backend for CudaBackend {
         }
     }
     fn scale(&self, buf: &mut CudaBuf, s: f32) {
-        let n = buf.len() as u64;
-        let cfg = grid_for(buf.len());
-        match buf {
-            CudaBuf::F32(b) => launch!(self, "scale_f32", cfg, b, &n, &s),
-            CudaBuf::Bf16(b) => launch!(self, "scale_bf16", cfg, b, &n, &s),
-        }
+        self.launch_in_place(["scale_f32", "scale_bf16"], buf, s);
     }
     fn sum_sq(&self, buf: &CudaBuf) -> f64 {
         // One buffer's chunk partials and their sum: the launches of
@@ -346,6 +336,17 @@ impl Backend for CudaBackend {
 }
 
 impl CudaBackend {
+    /// An elementwise kernel over all of `buf` in place, with one f32
+    /// argument (`fill`, `scale`): `names` are its f32 and bf16 variants.
+    fn launch_in_place(&self, names: [&str; 2], buf: &mut CudaBuf, value: f32) {
+        let n = buf.len() as u64;
+        let cfg = grid_for(buf.len());
+        match buf {
+            CudaBuf::F32(s) => launch!(self, names[0], cfg, s, &n, &value),
+            CudaBuf::Bf16(s) => launch!(self, names[1], cfg, s, &n, &value),
+        }
+    }
+
     fn rope_launch(&self, name: &str, x: &mut CudaBuf, pos: &CudaSlice<i32>, inv_freq: &CudaBuf, shape: RopeShape) {
         let RopeShape { n, heads, head_dim: d } = shape;
         let (ni, hi, di) = (n as i32, heads as i32, d as i32);
