@@ -29,7 +29,10 @@ pub trait Forward: Backend {
 
 /// Writes, inside `impl Backend for W` where `W: Forward`, every method of
 /// the trait except those that create handles, each as
-/// `self.around(name, || inner.op(args mapped to the inner handles))`.
+/// `self.around(name, || inner.op(args mapped to the inner handles))`;
+/// `forward_ops!(name)`, `forward_ops!(reads)` and `forward_ops!(ops)` write
+/// one part each (`name`; the read-only methods; the ops), for a wrapper
+/// that writes the others itself.
 ///
 /// Table rows: `name method(arg: kind, ...) [-> ret];`, where `name` is the
 /// op's name for `around` (`_`: called directly, no `around`) and `kind`
@@ -40,18 +43,34 @@ pub trait Forward: Backend {
 #[macro_export]
 macro_rules! forward_ops {
     () => {
+        $crate::forward_ops!(name);
+        $crate::forward_ops!(reads);
+        $crate::forward_ops!(ops);
+    };
+    (name) => {
         $crate::forward_ops! { @table
             _ name() -> String;
+        }
+    };
+    // Methods that only read (a wrapper that re-routes the ops may still
+    // forward these).
+    (reads) => {
+        $crate::forward_ops! { @table
             "download" download(buf: buf) -> Vec<f32>;
             _ len(buf: buf) -> usize;
             _ weight_to_f32(w: weight) -> Vec<f32>;
             _ weight_len(w: weight) -> usize;
+            "sum_sq" sum_sq(buf: buf) -> f64;
+            "sum_sq" sum_sq_all(bufs: buf_list) -> f64;
+        }
+    };
+    // The ops proper: one line per op of the trait.
+    (ops) => {
+        $crate::forward_ops! { @table
             "fill" fill(buf: buf_mut, value: val[f32]);
             "copy" copy_slice(src: buf, src_off: val[usize], dst: buf_mut, dst_off: val[usize], len: val[usize]);
             "add" add_assign(dst: buf_mut, src: buf);
             "scale" scale(buf: buf_mut, s: val[f32]);
-            "sum_sq" sum_sq(buf: buf) -> f64;
-            "sum_sq" sum_sq_all(bufs: buf_list) -> f64;
             "embedding" embedding(table: weight, ids: ints, out: buf_mut, n: val[usize], hidden: val[usize]);
             "linear" linear(x: buf, w: weight, bias: opt_weight, y: buf_mut, shape: val[$crate::backend::MatShape]);
             "linear_backward_input" linear_backward_input(dy: buf, w: weight, dx: buf_mut, shape: val[$crate::backend::MatShape], accumulate: val[bool]);

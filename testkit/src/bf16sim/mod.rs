@@ -30,8 +30,8 @@
 mod flash;
 
 use ferrotune::backend::{
-    AdamW, AttnSaved, AttnShape, Backend, Dropout, LoraGrads, LoraInputs, LoraShape, MatShape, NormShape, Qkv, QkvGrads,
-    RopeShape, Varlen, WeightSource, dropout_keep,
+    AdamW, AttnSaved, AttnShape, Backend, Dropout, Forward, LoraGrads, LoraInputs, LoraShape, MatShape, NormShape, Qkv,
+    QkvGrads, RopeShape, Varlen, WeightSource, dropout_keep,
 };
 use anyhow::Result;
 
@@ -193,10 +193,33 @@ fn apply_mask(v: &mut [f32], d: Dropout) {
     }
 }
 
+impl<B: Backend> Forward for Bf16Sim<B> {
+    type Inner = B;
+    fn inner(&self) -> &B {
+        &self.inner
+    }
+    fn buf(b: &Buf<B>) -> &B::Buf {
+        &b.inner
+    }
+    fn buf_mut(b: &mut Buf<B>) -> &mut B::Buf {
+        &mut b.inner
+    }
+    fn weight(w: &B::Weight) -> &B::Weight {
+        w
+    }
+    fn ints(i: &Ints<B>) -> &B::IntBuf {
+        &i.inner
+    }
+}
+
 impl<B: Backend> Backend for Bf16Sim<B> {
     type Buf = Buf<B>;
     type Weight = B::Weight;
     type IntBuf = Ints<B>;
+
+    // Reads (download, len, weight_to_f32, weight_len, sum_sq, sum_sq_all)
+    // see stored values as they are: plain forwarding.
+    ferrotune::forward_ops!(reads);
 
     fn name(&self) -> String {
         format!("bf16-sim({})", self.inner.name())
@@ -217,14 +240,8 @@ impl<B: Backend> Backend for Bf16Sim<B> {
         // bf16: activation storage holds bf16 values.
         self.wrap(self.inner.upload_activation(&rounded(data.to_vec())), Storage::Act)
     }
-    fn download(&self, buf: &Buf<B>) -> Vec<f32> {
-        self.inner.download(&buf.inner)
-    }
     fn upload_ints(&self, data: &[i32]) -> Ints<B> {
         SimInts { inner: self.inner.upload_ints(data), host: data.to_vec() }
-    }
-    fn len(&self, buf: &Buf<B>) -> usize {
-        self.inner.len(&buf.inner)
     }
     fn load_weight(&self, src: &WeightSource) -> Result<B::Weight> {
         // bf16: weights are stored in bf16 (f32 and f16 checkpoints are
@@ -244,12 +261,6 @@ impl<B: Backend> Backend for Bf16Sim<B> {
         ferrotune::backend::check_nf4(t)?;
         Ok(self.inner.weight_from_f32(&rounded(t.dequantize())))
     }
-    fn weight_to_f32(&self, w: &B::Weight) -> Vec<f32> {
-        self.inner.weight_to_f32(w)
-    }
-    fn weight_len(&self, w: &B::Weight) -> usize {
-        self.inner.weight_len(w)
-    }
     fn fill(&self, buf: &mut Buf<B>, value: f32) {
         self.inner.fill(&mut buf.inner, value);
         self.store(buf); // bf16: the filled value as stored.
@@ -267,13 +278,6 @@ impl<B: Backend> Backend for Bf16Sim<B> {
     fn scale(&self, buf: &mut Buf<B>, s: f32) {
         self.inner.scale(&mut buf.inner, s);
         self.store(buf); // bf16: the product is stored in the activation type.
-    }
-    fn sum_sq(&self, buf: &Buf<B>) -> f64 {
-        self.inner.sum_sq(&buf.inner)
-    }
-    fn sum_sq_all(&self, bufs: &[&Buf<B>]) -> f64 {
-        let inner: Vec<&B::Buf> = bufs.iter().map(|b| &b.inner).collect();
-        self.inner.sum_sq_all(&inner)
     }
     fn embedding(&self, table: &B::Weight, ids: &Ints<B>, out: &mut Buf<B>, n: usize, hidden: usize) {
         self.inner.embedding(table, &ids.inner, &mut out.inner, n, hidden);
