@@ -3,7 +3,9 @@
 //! config written to output_dir.
 
 use ferrotune::adapter::Targets;
+use ferrotune::backend::cpu::CpuBackend;
 use ferrotune::config::{self, DatasetConfig, Loaded, RESOLVED_CONFIG_FILE, RunConfig, TargetModules};
+use ferrotune::train::objectives;
 use std::path::Path;
 
 const MINIMAL: &str = "\
@@ -346,7 +348,7 @@ fn beta_dpo_beta_and_trl_beta_are_rl_beta() {
     assert_eq!(load(DPO, &["trl.beta=0.3"]).unwrap().config.rl_beta, Some(0.3));
     // beta is ORPO's lambda too, as Axolotl passes it.
     let orpo = load(&format!("{}beta: 0.2\n", DPO.replace("rl: dpo", "rl: orpo")), &[]).unwrap().config;
-    assert_eq!(format!("{:?}", orpo.objective().unwrap().unwrap()), "Orpo(OrpoConfig { beta: 0.2 })");
+    assert_eq!(objectives::select::<CpuBackend>(&orpo).unwrap().settings().unwrap(), "Orpo(OrpoConfig { beta: 0.2 })");
 }
 
 #[test]

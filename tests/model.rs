@@ -260,7 +260,7 @@ fn per_token_weights_give_the_weighted_sum_of_per_sequence_gradients() {
     // sequence's dL/dlogp, chosen after the forward from the losses. The
     // gradient must be Σ_s w_s · ∇NLL_s, i.e. each sequence alone with its
     // own uniform scale, accumulated.
-    use ferrotune::model::graph::TokenWeights;
+    use ferrotune::model::graph::{Head, TokenWeights};
     for case in ["llama", "qwen2"] {
         let (be, mut model) = with_adapter(case);
         if case == "qwen2" {
@@ -283,7 +283,7 @@ fn per_token_weights_give_the_weighted_sum_of_per_sequence_gradients() {
             }
             Ok(w)
         };
-        let nll = model.forward_backward_weighted(&be, &batch, opts, TokenWeights::FromLosses(&mut choose)).unwrap();
+        let nll = model.forward_backward_with(&be, &batch, opts, Head::Tokens(TokenWeights::FromLosses(&mut choose))).unwrap();
         assert_eq!(nll, seen_losses);
         let (_, weighted) = params(&be, &model);
 

@@ -11,8 +11,8 @@ use ferrotune::data::chat_template::ChatTemplate;
 use ferrotune::data::preference::{PreferenceFormat, PreferenceReader, read_rows};
 use ferrotune::data::tokenizer::TextTokenizer;
 use ferrotune::train::objectives::{
-    CpoConfig, CpoLoss, DpoConfig, DpoLoss, KtoConfig, KtoExample, Metrics, NllSum, Objective, OrpoConfig,
-    PairLogps, RewardConfig, RewardPair, SeqLogps,
+    CpoConfig, CpoLoss, DpoConfig, DpoLoss, KtoConfig, KtoExample, Metrics, NllSum, OrpoConfig, PairLoss,
+    PairLogps, PairObjective, PairRewards as RewardPair, RewardConfig, SeqLogps,
 };
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
@@ -48,6 +48,43 @@ fn f(v: &Value) -> f64 {
 
 fn seq(v: &Value) -> SeqLogps {
     SeqLogps { policy: f(&v["policy"]), reference: f(&v["reference"]), tokens: v["tokens"].as_u64().unwrap() as usize }
+}
+
+/// A fixture variant's objective with its settings.
+#[derive(Debug)]
+enum Objective {
+    Dpo(DpoConfig),
+    Orpo(OrpoConfig),
+    Cpo(CpoConfig),
+    Kto(KtoConfig),
+    Reward(RewardConfig),
+}
+
+impl Objective {
+    /// The library's pairwise loss of this variant.
+    fn pair(&self) -> &dyn PairObjective {
+        match self {
+            Objective::Dpo(c) => c,
+            Objective::Orpo(c) => c,
+            Objective::Cpo(c) => c,
+            Objective::Kto(_) | Objective::Reward(_) => panic!("{self:?} is not a pairwise objective"),
+        }
+    }
+}
+
+impl PairObjective for Objective {
+    fn loss(&self, pairs: &[PairLogps]) -> anyhow::Result<PairLoss> {
+        self.pair().loss(pairs)
+    }
+    fn needs_reference(&self) -> bool {
+        self.pair().needs_reference()
+    }
+    fn needs_nll(&self) -> bool {
+        self.pair().needs_nll()
+    }
+    fn nll_whole_chosen(&self) -> bool {
+        self.pair().nll_whole_chosen()
+    }
 }
 
 fn objective(kind: &str, c: &Value) -> Objective {
@@ -121,7 +158,7 @@ fn evaluate(obj: &Objective, inputs: &[Value]) -> (f64, Metrics, BTreeMap<&'stat
                     }),
                 })
                 .collect();
-            let out = obj.pair_loss(&pairs).unwrap();
+            let out = obj.pair().loss(&pairs).unwrap();
             d.insert("chosen", out.grads.iter().map(|g| g.chosen).collect());
             d.insert("rejected", out.grads.iter().map(|g| g.rejected).collect());
             d.insert("chosen_nll", out.grads.iter().map(|g| g.chosen_nll).collect());
@@ -353,7 +390,7 @@ fn objectives_give_the_lora_gradients_of_trl_through_the_model() {
     use ferrotune::model::Model;
     use ferrotune::model::checkpoint::Checkpoint;
     use ferrotune::model::graph::BackwardOpts;
-    use ferrotune::train::preference::pair_forward_backward;
+    use ferrotune::train::objectives::pairs::pair_forward_backward;
 
     let doc = read_json("objectives.json");
     let pairs: Vec<PreferencePair> = doc["pairs"]
@@ -388,7 +425,7 @@ fn objectives_give_the_lora_gradients_of_trl_through_the_model() {
 
     // KTO: the examples, their mismatched KL pairs (no gradient), the same chain.
     use ferrotune::data::preference::KtoExample as KtoIds;
-    use ferrotune::train::preference::kto_forward_backward;
+    use ferrotune::train::objectives::kto::kto_forward_backward;
     let exs: Vec<KtoIds> = doc["kto_examples"]
         .as_array()
         .unwrap()

@@ -19,10 +19,10 @@ use ferrotune::data::preference::RewardPair;
 use ferrotune::model::Model;
 use ferrotune::model::checkpoint::Checkpoint;
 use ferrotune::model::graph::BackwardOpts;
-use ferrotune::train::checkpoint::{self, TrainState};
+use ferrotune::train::saves::{self, TrainState};
 use ferrotune::train::objectives::RewardConfig;
 use ferrotune::train::optimizer::{AdamWConfig, Optimizer};
-use ferrotune::train::reward::{self, HeadConfig, ScoreHead};
+use ferrotune::train::objectives::reward::{self, HeadConfig, ScoreHead};
 use safetensors::SafeTensors;
 use serde_json::Value;
 use std::path::Path;
@@ -253,7 +253,7 @@ fn modules_to_save_other_than_the_score_head_are_refused() {
 
 fn state(step: usize) -> TrainState {
     TrainState {
-        format_version: checkpoint::FORMAT_VERSION,
+        format_version: saves::FORMAT_VERSION,
         global_step: step,
         total_steps: 2,
         epoch: 0,
@@ -312,7 +312,7 @@ fn adamw_steps_the_head_and_a_checkpoint_resumes_exactly() {
     assert!(w0.iter().zip(&w1).all(|(a, b)| ((a - b).abs() - 1e-2).abs() < 1e-4), "the head moved by lr");
 
     let tmp = tempfile::tempdir().unwrap();
-    let dir = checkpoint::save_reward(&be, &model, &head, &opt, &peft::read_config(&fixture("reward").join("adapter")).unwrap(), &state(1), tmp.path()).unwrap();
+    let dir = saves::save_reward(&be, &model, &head, &opt, &peft::read_config(&fixture("reward").join("adapter")).unwrap(), &state(1), tmp.path()).unwrap();
     train_step(&be, &mut model, &mut head, &mut opt, &refs);
 
     // Resume from the checkpoint: adapter + head, LoRA and head moments.
@@ -320,9 +320,9 @@ fn adamw_steps_the_head_and_a_checkpoint_resumes_exactly() {
     let (_, score) = peft::load_reward(&be, &mut resumed, &dir).unwrap();
     let mut rhead = ScoreHead::from_host(&be, &score, head.pad_token_id);
     let mut ropt = Optimizer::with_extras(&be, &resumed, &[&rhead.param], cfg);
-    let (step, moments) = checkpoint::read_moments(&resumed, &dir).unwrap();
+    let (step, moments) = saves::read_moments(&resumed, &dir).unwrap();
     ropt.load_moments(&be, &moments).unwrap();
-    ropt.load_extra_moments(&be, &checkpoint::read_extra_moments(&dir, &[&rhead.param]).unwrap()).unwrap();
+    ropt.load_extra_moments(&be, &saves::read_extra_moments(&dir, &[&rhead.param]).unwrap()).unwrap();
     ropt.step = step;
     assert_eq!(step, 1);
     train_step(&be, &mut resumed, &mut rhead, &mut ropt, &refs);

@@ -1,54 +1,23 @@
 //! LoRA adapters: configuration, parameters (f32 master copies, the only
-//! trainable tensors), PEFT-compatible initialisation, and PEFT-format
-//! save/load (see `peft`).
+//! trainable tensors), PEFT-compatible initialisation, PEFT-format
+//! save/load (see `peft`), and the merge of an adapter into its base
+//! checkpoint (see `merge`).
+//!
+//! A new way to write out a checkpoint (as `merge` here and
+//! `quant::convert` do) is a module of its own that streams through
+//! `model::st_files` (sharding, index, side files, output directory).
 
 pub mod merge;
 pub mod peft;
 
 use crate::backend::Backend;
+use crate::config::RunConfig;
 use crate::util::rng::Rng;
 use anyhow::{Context, Result, bail};
 use regex::Regex;
 use std::collections::BTreeMap;
 
-/// Which modules get an adapter (PEFT's `target_modules`).
-#[derive(Debug, Clone, PartialEq)]
-pub enum Targets {
-    /// Module names; a module matches when its path equals the name or ends
-    /// with ".name" (PEFT's suffix rule).
-    Names(Vec<String>),
-    /// A regular expression matched against the whole module path.
-    Regex(String),
-    /// Every linear layer of the transformer blocks (not lm_head).
-    AllLinear,
-}
-
-impl std::fmt::Display for Targets {
-    /// As the user wrote them: `q_proj, foo_proj`, a "regex", or all-linear.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Targets::Names(names) => write!(f, "{}", names.join(", ")),
-            Targets::Regex(re) => write!(f, "\"{re}\""),
-            Targets::AllLinear => write!(f, "all-linear"),
-        }
-    }
-}
-
-impl Targets {
-    pub fn matches(&self, module_path: &str) -> Result<bool> {
-        Ok(match self {
-            Targets::Names(names) => names
-                .iter()
-                .any(|n| module_path == n || module_path.ends_with(&format!(".{n}"))),
-            Targets::Regex(re) => {
-                let re = Regex::new(&format!("^(?:{re})$"))
-                    .with_context(|| format!("target_modules regex \"{re}\" is invalid"))?;
-                re.is_match(module_path)
-            }
-            Targets::AllLinear => true,
-        })
-    }
-}
+pub use crate::config::Targets;
 
 #[derive(Debug, Clone)]
 pub struct LoraConfig {
@@ -98,6 +67,19 @@ impl LoraConfig {
         }
         let scale = if self.use_rslora { alpha / (r as f32).sqrt() } else { alpha / r as f32 };
         Ok((r, scale))
+    }
+}
+
+impl RunConfig {
+    /// The adapter this run trains (PEFT's adapter_config.json fields).
+    /// Defined with `LoraConfig` rather than in `config`, which sits below
+    /// the adapter and does not know its types.
+    pub fn lora_config(&self) -> Result<LoraConfig> {
+        let mut cfg = LoraConfig::new(self.lora_r, self.lora_alpha, self.targets()?);
+        cfg.dropout = self.lora_dropout;
+        cfg.use_rslora = self.peft_use_rslora;
+        cfg.base_model_name_or_path = Some(self.base_model.clone());
+        Ok(cfg)
     }
 }
 

@@ -87,6 +87,7 @@ macro_rules! forward_ops {
             "swiglu_backward" swiglu_backward(dout: buf, gate: buf, up: buf, dgate: buf_mut, dup: buf_mut, len: val[usize]);
             "cross_entropy" cross_entropy(logits: buf_mut, targets: ints, losses: buf_mut, rows: val[usize], vocab: val[usize], grad_scale: val[Option<f32>]);
             "adamw" adamw(param: buf_mut, grad: buf, m: buf_mut, v: buf_mut, hp: val[$crate::backend::AdamW]);
+            _ enter(phase: val[$crate::backend::Phase]);
         }
     };
     (@table $( $name:tt $op:ident ( $( $arg:ident : $kind:ident $( [ $($ty:tt)* ] )? ),* ) $( -> $ret:ty )? ; )* ) => {

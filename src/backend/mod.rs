@@ -34,6 +34,9 @@ pub mod cpu;
 pub mod cuda;
 mod forward;
 pub mod profiled;
+pub mod phase;
+
+pub use phase::Phase;
 
 pub use args::{AttnSaved, LoraGrads, LoraInputs, LoraShape, MatShape, NormShape, Qkv, QkvGrads, RopeShape, Varlen};
 pub use forward::Forward;
@@ -161,7 +164,8 @@ impl AdamW {
     }
 }
 
-pub trait Backend: Send + Sync {
+// 'static: objectives hold backend buffers in boxed trait objects.
+pub trait Backend: Send + Sync + 'static {
     /// f32 activations, gradients and trainable parameters.
     type Buf: Send + Sync;
     /// A frozen base-model weight (or bias / norm vector).
@@ -354,6 +358,11 @@ pub trait Backend: Send + Sync {
     // ---- optimiser -------------------------------------------------------
     /// One AdamW step on a parameter with its gradient and moments.
     fn adamw(&self, param: &mut Self::Buf, grad: &Self::Buf, m: &mut Self::Buf, v: &mut Self::Buf, hp: AdamW);
+
+    // ---- step structure --------------------------------------------------
+    /// The graph entering `phase` of a training pass; computes nothing. A
+    /// backend that attributes memory or time to phases overrides it.
+    fn enter(&self, _phase: Phase) {}
 }
 
 /// Device bytes of an NF4 weight as the GPU backend stores it: the packed

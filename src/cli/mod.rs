@@ -1,4 +1,6 @@
-//! The `ferrotune` command line.
+//! The `ferrotune` command line: one file per command, each with its
+//! arguments and its `run`. A new command is a file here, its variant in
+//! `Command` and its arm in `run`, and a section in README.md.
 
 mod bench;
 mod env;

@@ -1,3 +1,5 @@
+//! `ferrotune models`: the supported architectures, from the registry.
+
 use crate::registry;
 use anyhow::Result;
 

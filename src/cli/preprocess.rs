@@ -3,15 +3,15 @@
 //! and with --show N the first N examples as the model sees them. No model
 //! weights are read: only config.json (the vocabulary size) and the tokenizer.
 
-use super::train::prepare_data;
 use crate::config::{self, RunConfig};
 use crate::data::cache;
 use crate::data::prepare::DatasetReport;
 use crate::data::show::{Marking, Show};
 use crate::data::tokenizer::TextTokenizer;
-use crate::model::batch::Sequence;
 use crate::model::checkpoint;
+use crate::backend::cpu::CpuBackend;
 use crate::train::examples::{Examples, data_plan};
+use crate::train::objectives;
 use anyhow::Result;
 use clap::{Args, ValueEnum};
 use std::io::{IsTerminal, Write};
@@ -53,8 +53,11 @@ pub fn run(a: PreprocessArgs) -> Result<()> {
     let vocab = checkpoint::read_config(&model_dir)?.vocab;
     // model_type / tokenizer_type / tokenizer_config checked as train checks them.
     let tokenizer_dir = config::check_checkpoint(&cfg, &model_dir)?;
-    let supervised = cfg.objective()?.is_none();
-    let (train, val, report) = prepare_data(&cfg, &tokenizer_dir, vocab)?;
+    // The objective decides what its examples are; which backend would
+    // train on them makes no difference here.
+    let objective = objectives::select::<CpuBackend>(&cfg)?;
+    let supervised = objective.packs();
+    let (train, val, report) = objective.prepare_data(&cfg, &tokenizer_dir, vocab)?;
 
     let mut out = std::io::stdout().lock();
     for r in &report {
@@ -83,15 +86,7 @@ pub fn run(a: PreprocessArgs) -> Result<()> {
     for (split, examples) in [("train", &train), ("validation", &val)] {
         for i in 0..examples.len().min(a.show - shown) {
             writeln!(out, "\n--- {split} example {} of {} ---", i + 1, examples.len())?;
-            let text = match examples {
-                Examples::Sequences(s) => {
-                    let text = show.sequence(&s[i]);
-                    if text.ends_with('\n') { text } else { text + "\n" }
-                }
-                Examples::Pairs(p) => show.pair(&p[i]),
-                Examples::Kto(k) => show.kto(&k[i]),
-                Examples::Reward(r) => show.reward(&r[i]),
-            };
+            let text = examples.show(i, &show);
             write!(out, "{text}")?;
             shown += 1;
         }
@@ -99,33 +94,16 @@ pub fn run(a: PreprocessArgs) -> Result<()> {
     Ok(())
 }
 
-/// Tokens and trained tokens of a split, over the sequences each example
-/// puts through the model (SFT sequences counted in place, not copied).
-fn token_counts(examples: &Examples) -> (usize, usize) {
-    let count = |s: &Sequence| (s.input_ids.len(), s.trained_tokens());
-    let per_seq: Vec<(usize, usize)> = match examples {
-        Examples::Sequences(s) => s.iter().map(count).collect(),
-        Examples::Pairs(p) => p.iter().flat_map(|p| p.sequences()).map(|s| count(&s)).collect(),
-        Examples::Kto(k) => k.iter().map(|e| count(&e.sequence())).collect(),
-        Examples::Reward(r) => r.iter().flat_map(|p| [p.chosen.len(), p.rejected.len()]).map(|n| (n, n.saturating_sub(1))).collect(),
-    };
-    per_seq.iter().fold((0, 0), |(t, tr), (a, b)| (t + a, tr + b))
-}
-
 /// One line for a split: examples, tokens and (but for a reward model,
 /// which scores whole sequences) trained tokens.
 fn split_line(name: &str, examples: &Examples) -> String {
-    let unit = match examples {
-        Examples::Sequences(_) => "sequences",
-        Examples::Pairs(_) | Examples::Reward(_) => "pairs",
-        Examples::Kto(_) => "examples",
-    };
+    let unit = examples.noun();
     if examples.is_empty() {
         return format!("{name}: 0 {unit}\n");
     }
-    let (tokens, trained) = token_counts(examples);
+    let (tokens, trained) = examples.token_counts();
     let mut line = format!("{name}: {} {unit}, {tokens} tokens", examples.len());
-    if matches!(examples, Examples::Reward(_)) {
+    if examples.scored_whole() {
         line += " (each sequence scored at its last token)";
     } else {
         line += &format!(", {trained} trained ({:.1}%)", 100.0 * trained as f64 / tokens.max(1) as f64);

@@ -4,14 +4,13 @@ use super::{Opened, open_device};
 use crate::adapter::{LoraConfig, peft};
 use crate::backend::Backend;
 use crate::config::{self, ResumeFrom, RunConfig};
-use crate::data::prepare::{self, DatasetReport};
-use crate::data::pairs;
 use crate::model::{BaseWeights, Model};
 use crate::model::checkpoint::{self, Checkpoint};
 use crate::train::memory::{self, RunShape};
-use crate::train::{preflight, reward};
+use crate::train::objectives;
+use crate::train::preflight;
 use crate::train::run_dir::{self, TOKENIZER_FILES};
-use crate::train::{interrupt, trainer::{self, Examples, Run}};
+use crate::train::{interrupt, trainer::{self, Run}};
 use crate::model::st_files;
 use crate::util::rng::Rng;
 use anyhow::{Context, Result, bail};
@@ -96,25 +95,6 @@ fn base_weights(cfg: &RunConfig, ckpt: &Checkpoint) -> Result<BaseWeights> {
     Ok(BaseWeights::AsStored)
 }
 
-/// The run's training and validation examples, prepared as its objective
-/// needs them (SFT sequences, preference pairs, KTO or reward examples),
-/// with one report per dataset.
-pub(super) fn prepare_data(cfg: &RunConfig, tokenizer_dir: &Path, vocab: usize) -> Result<(Examples, Examples, Vec<DatasetReport>)> {
-    Ok(if cfg.reward_model {
-        let data = pairs::prepare_reward(cfg, tokenizer_dir, vocab)?;
-        (Examples::Reward(data.train), Examples::Reward(data.val), data.report)
-    } else if cfg.rl.as_deref() == Some("kto") {
-        let data = pairs::prepare_kto(cfg, tokenizer_dir, vocab)?;
-        (Examples::Kto(data.train), Examples::Kto(data.val), data.report)
-    } else if cfg.rl.is_some() {
-        let data = pairs::prepare_pairs(cfg, tokenizer_dir, vocab)?;
-        (Examples::Pairs(data.train), Examples::Pairs(data.val), data.report)
-    } else {
-        let data = prepare::prepare(cfg, tokenizer_dir, vocab)?;
-        (Examples::Sequences(data.train), Examples::Sequences(data.val), data.report)
-    })
-}
-
 /// Train; returns the signal that stopped the run early, if one did.
 fn train_on<B: Backend>(be: &B, cfg: &RunConfig, gpu: Option<GpuMemory>) -> Result<Option<i32>> {
     let t0 = Instant::now();
@@ -142,8 +122,8 @@ fn train_on<B: Backend>(be: &B, cfg: &RunConfig, gpu: Option<GpuMemory>) -> Resu
     remove_stale_cache_files(cfg);
     let resume = match &cfg.resume_from_checkpoint {
         None | Some(ResumeFrom::Latest(false)) => None,
-        Some(ResumeFrom::Latest(true)) => crate::train::checkpoint::resolve_resume(&output_dir, true, None)?,
-        Some(ResumeFrom::Path(p)) => crate::train::checkpoint::resolve_resume(&output_dir, false, Some(p))?,
+        Some(ResumeFrom::Latest(true)) => crate::train::saves::resolve_resume(&output_dir, true, None)?,
+        Some(ResumeFrom::Path(p)) => crate::train::saves::resolve_resume(&output_dir, false, Some(p))?,
     };
     check_earlier_run(cfg, &output_dir, resume.as_deref())?;
     if resume.is_none() && cfg.resume_from_checkpoint == Some(ResumeFrom::Latest(true)) {
@@ -151,7 +131,8 @@ fn train_on<B: Backend>(be: &B, cfg: &RunConfig, gpu: Option<GpuMemory>) -> Resu
     }
 
     // The data before the weights: a bad row should not cost a model load.
-    let (train, val, report) = prepare_data(cfg, &tokenizer_dir, ckpt.config.vocab)?;
+    let mut objective = objectives::select::<B>(cfg)?;
+    let (train, val, report) = objective.prepare_data(cfg, &tokenizer_dir, ckpt.config.vocab)?;
     for r in &report {
         eprintln!("dataset {r}");
     }
@@ -177,15 +158,8 @@ fn train_on<B: Backend>(be: &B, cfg: &RunConfig, gpu: Option<GpuMemory>) -> Resu
     }
 
     let mut model = Model::load_as(be, &ckpt, base)?;
-    // A reward adapter (SEQ_CLS) brings its score head along.
-    let mut saved_score: Option<Vec<f32>> = None;
     let n_modules = match &cfg.lora_model_dir {
-        Some(dir) if cfg.reward_model && peft::is_reward_adapter(Path::new(dir))? => {
-            let (n, score) = peft::load_reward(be, &mut model, Path::new(dir)).with_context(|| format!("lora_model_dir {dir}"))?;
-            saved_score = Some(score);
-            n
-        }
-        Some(dir) => peft::load(be, &mut model, Path::new(dir)).with_context(|| format!("lora_model_dir {dir}"))?,
+        Some(dir) => objective.load_adapter(be, &mut model, Path::new(dir))?,
         None => model.attach_lora(be, &lora, &mut Rng::new(cfg.seed))?,
     };
     let trainable: usize = model.loras().map(|(_, _, l)| be.len(&l.a) + be.len(&l.b)).sum();
@@ -202,21 +176,8 @@ fn train_on<B: Backend>(be: &B, cfg: &RunConfig, gpu: Option<GpuMemory>) -> Resu
     cfg.save_resolved(&output_dir)?;
     copy_tokenizer(&tokenizer_dir, &output_dir)?;
 
-    // A reward model's score head: fresh (transformers' init range), or
-    // the one saved with lora_model_dir's adapter. Rewards are read at the
-    // last token that is not padding, the pad id being the tokenizer's pad
-    // (or its EOS), as TRL sets it.
-    let score_head = if cfg.reward_model {
-        let tok = crate::data::tokenizer::TextTokenizer::load(&tokenizer_dir, &cfg.special_tokens)?;
-        let pad = tok.pad_id().or(tok.eos_id());
-        let hc = reward::HeadConfig::read(&model_dir)?;
-        Some(match saved_score {
-            Some(score) => reward::ScoreHead::from_host(be, &score, pad),
-            None => reward::ScoreHead::init(be, model.cfg.hidden, hc.initializer_range, pad, &mut Rng::new(cfg.seed ^ 0x5c0e)),
-        })
-    } else {
-        None
-    };
+    // The objective's own trainable parts (a reward model's score head).
+    objective.prepare_model(be, &model, cfg, &model_dir, &tokenizer_dir)?;
 
     let after_first_step: Option<Box<dyn FnOnce() -> Option<String> + '_>> = gpu.as_ref().map(|g| {
         let peak = g.peak;
@@ -232,7 +193,7 @@ fn train_on<B: Backend>(be: &B, cfg: &RunConfig, gpu: Option<GpuMemory>) -> Resu
         output_dir: output_dir.clone(),
         resume,
         after_first_step,
-        score_head,
+        objective,
     })
     .map_err(|e| explain_divergence(e, &ckpt))?;
     if let Some((sig, dir)) = &summary.interrupted {

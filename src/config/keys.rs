@@ -12,9 +12,12 @@
 //! - anything else: an error suggesting the nearest valid key.
 //!
 //! Keys about integrations, other model families and methods ferrotune
-//! lacks are in the tables of `keys_extra`, read after these.
+//! lacks are in the tables of `keys_extra`, read after these; the reasons
+//! both give are in `key_reasons`.
 
+use super::key_reasons::{EVAL_EXTRAS, FROM_CHECKPOINT, HUB, IN_PROCESS, KERNELS, MEMORY, ONE_GPU, PACKING, PRECISION, RL_ONLY, TRACKING};
 use super::keys_extra::{IGNORED_DATASET_EXTRA, IGNORED_TOP_EXTRA, UNSUPPORTED_DATASET_EXTRA, UNSUPPORTED_TOP_EXTRA};
+use super::dataset_types::RL_NAMES;
 use super::{DatasetConfig, RunConfig};
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -84,20 +87,6 @@ const ADAMW_ACCEPTED: &[&str] = &[
     "adamw_torch", "adamw_torch_fused", "adamw_hf", "adamw",
     "adamw_bnb_8bit", "adamw_8bit", "paged_adamw_8bit", "adamw_torch_8bit", "adamw_torch_4bit", "paged_adamw_32bit", "paged_adamw",
 ];
-
-pub(crate) const PRECISION: &str =
-    "precision is fixed: bf16 weights and activations with f32 accumulation and f32 LoRA weights on CUDA, f32 on the CPU";
-pub(crate) const KERNELS: &str = "ferrotune always runs its own fused kernels (flash attention, RMSNorm, RoPE, SwiGLU, LoRA, cross-entropy)";
-pub(crate) const TRACKING: &str = "ferrotune has no experiment-tracker integration; the loss is printed as training runs";
-const HUB: &str = "ferrotune has no network code: nothing is downloaded or uploaded";
-pub(crate) const ONE_GPU: &str = "ferrotune trains on one GPU; there is nothing to distribute";
-const IN_PROCESS: &str = "datasets are prepared in-process, in parallel on all cores";
-const FROM_CHECKPOINT: &str =
-    "the architecture and tokenizer are read from the checkpoint's config.json and tokenizer files";
-const MEMORY: &str = "ferrotune plans GPU memory itself and refuses, before the first step, a run that will not fit";
-const PACKING: &str = "sample packing is computed exactly from the tokenized rows";
-const RL_ONLY: &str = "only used by rl objectives ferrotune does not implement yet (GRPO)";
-const EVAL_EXTRAS: &str = "evaluation reports the loss only";
 
 /// Real Axolotl top-level keys that have no effect in ferrotune.
 pub(crate) const IGNORED_TOP: &[(&str, &str)] = &[
@@ -269,7 +258,7 @@ pub(crate) const fn unsupported(key: &'static str, when: When, planned: bool, wh
 /// Axolotl top-level keys ferrotune cannot honour: ignoring them would
 /// silently change the run.
 pub(crate) const UNSUPPORTED_TOP: &[Unsupported] = &[
-    unsupported("rl", When::NotOneOf(&["dpo", "ipo", "orpo", "simpo", "kto"]), true, "GRPO is not implemented, nor are the other online objectives (EBFT, GDPO, ...): DPO, IPO, ORPO, SimPO and KTO are", "use rl: dpo, ipo, orpo, simpo or kto, or remove rl to run supervised fine-tuning"),
+    unsupported("rl", When::NotOneOf(&RL_NAMES), true, "GRPO is not implemented, nor are the other online objectives (EBFT, GDPO, ...): DPO, IPO, ORPO, SimPO and KTO are", "use rl: dpo, ipo, orpo, simpo or kto, or remove rl to run supervised fine-tuning"),
     unsupported("process_reward_model", When::True, true, "reward-model training is not implemented", "remove process_reward_model"),
     unsupported("adapter", When::NotOneOf(&["lora", "qlora"]), true, "only LoRA and QLoRA adapters are trained (the other adapter types are not implemented)", "use adapter: lora, or adapter: qlora with load_in_4bit: true"),
     unsupported("load_in_8bit", When::True, false, "8-bit (LLM.int8) base weights are not implemented", "use load_in_4bit: true with adapter: qlora for a quantized base, or set load_in_8bit: false and adapter: lora to train on a bf16 base"),

@@ -7,15 +7,8 @@
 //! run belongs in `keys`; one about an integration or a method ferrotune
 //! lacks is added here. Each reason says what ferrotune does instead.
 
-use super::keys::{KERNELS, ONE_GPU, PRECISION, TRACKING, Unsupported, When, unsupported};
-
-const MOE: &str = "only applies to mixture-of-experts models, which ferrotune does not load (llama, mistral and qwen2 are dense)";
-const MULTIMODAL: &str = "ferrotune trains text-only models; there is no image or audio processor to configure";
-const SET_BY_AXOLOTL: &str = "Axolotl fills this in itself while it runs; it is not a setting";
-const CHECKPOINTING: &str = "gradient checkpointing keeps each layer's input and recomputes the rest (no per-op variants); the memory plan says before the first step whether the run fits";
-const SAMPLES: &str = "sample generation during training is not implemented; try the adapter with `ferrotune generate` afterwards";
-const NO_TORCH: &str = "there is no torch runtime to configure";
-const GRPO: &str = "only used by GRPO and other online rl objectives, which are not implemented";
+use super::key_reasons::{CHECKPOINTING, GRPO, KERNELS, MOE, MULTIMODAL, NO_TORCH, ONE_GPU, PRECISION, SAMPLES, SET_BY_AXOLOTL, TRACKING};
+use super::keys::{Unsupported, When, unsupported};
 
 /// Real Axolotl top-level keys that have no effect in ferrotune.
 pub(crate) const IGNORED_TOP_EXTRA: &[(&str, &str)] = &[

@@ -4,25 +4,33 @@
 //! Loading (unknown keys, accepted-but-ignored Axolotl keys, `--set`
 //! overrides) lives in `load`, the key tables in `keys` (and `keys_extra`),
 //! the value checks in `validate`, the checks of model_type / tokenizer_type
-//! / tokenizer_config against the checkpoint in `checkpoint_match`; this
-//! file holds the typed shape, its defaults and the conversions the trainer
-//! uses.
+//! / tokenizer_config against the checkpoint in `checkpoint_match`, the
+//! dataset `type:` names in `dataset_types`, the adapter's target modules
+//! in `targets`; this file holds the typed shape, its defaults and the
+//! conversions the trainer uses. Config is the bottom layer (every other
+//! part reads it), so a conversion into an upper layer's type lives with
+//! that type (`RunConfig::lora_config` in `adapter`). A new run key is a
+//! field here plus its row in `keys` (and a check in `validate` if its
+//! values are limited).
 
 mod checkpoint_match;
+mod dataset_types;
+mod key_reasons;
 mod keys;
 mod keys_extra;
 mod load;
 mod overrides;
 mod source;
+mod targets;
 mod validate;
 
 pub use checkpoint_match::check_checkpoint;
+pub use dataset_types::{PLAIN_DATASET_TYPES, PREFERENCE_DATASET_TYPES};
 pub use load::{Loaded, load, load_str};
+pub use targets::Targets;
 pub use validate::{MAX_LORA_R, MAX_MICRO_BATCH, MAX_SEQUENCE_LEN};
 
-use crate::adapter::{LoraConfig, Targets};
-use crate::train::optimizer::AdamWConfig;
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -85,6 +93,25 @@ pub struct DatasetConfig {
     /// completion: the row key holding the text (default "text").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub field_text: Option<String>,
+}
+
+/// The AdamW optimizer's settings (the trainer's optimizer reads them;
+/// `RunConfig::adamw_config` fills them from adam_beta1 and the rest).
+#[derive(Debug, Clone, Copy)]
+pub struct AdamWConfig {
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+    /// Clip the global gradient norm to this (None or <= 0: no clipping).
+    pub max_grad_norm: Option<f32>,
+}
+
+impl Default for AdamWConfig {
+    /// torch.optim.AdamW's defaults, with weight decay 0 as Axolotl/TRL use.
+    fn default() -> Self {
+        AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0, max_grad_norm: Some(1.0) }
+    }
 }
 
 /// `bnb_config_kwargs`: Axolotl's pass-through to bitsandbytes'
@@ -305,85 +332,14 @@ impl Default for RunConfig {
 }
 
 impl RunConfig {
-    /// The preference objective `rl` asks for, with Axolotl's mapping of its
-    /// keys onto TRL's: ipo is DPO with loss_type ipo, simpo is CPO with
-    /// loss_type simpo, ORPO's β is rl_beta if set, else orpo_alpha (Axolotl
-    /// passes whichever is set as TRL's beta). None: supervised fine-tuning.
-    pub fn objective(&self) -> Result<Option<crate::train::objectives::Objective>> {
-        use crate::train::objectives::{CpoConfig, DpoConfig, DpoLoss, KtoConfig, Objective, OrpoConfig, RewardConfig};
-        if self.reward_model {
-            return Ok(Some(Objective::Reward(RewardConfig { center_rewards_coefficient: self.center_rewards_coefficient })));
-        }
-        let Some(rl) = self.rl.as_deref() else { return Ok(None) };
-        let beta = self.rl_beta.unwrap_or(0.1);
-        Ok(Some(match rl {
-            "dpo" | "ipo" => {
-                let loss_type = match (rl, self.dpo_loss_type.as_deref()) {
-                    ("ipo", _) => DpoLoss::Ipo,
-                    (_, Some(t)) => DpoLoss::parse(t)?,
-                    (_, None) => DpoLoss::Sigmoid,
-                };
-                Objective::Dpo(DpoConfig { loss_type, beta, label_smoothing: self.dpo_label_smoothing })
-            }
-            "orpo" => Objective::Orpo(OrpoConfig { beta: self.rl_beta.or(self.orpo_alpha).unwrap_or(0.1) }),
-            "simpo" => {
-                let mut c = CpoConfig::simpo();
-                c.beta = beta;
-                c.label_smoothing = self.dpo_label_smoothing;
-                c.simpo_gamma = self.simpo_gamma.unwrap_or(c.simpo_gamma);
-                c.cpo_alpha = self.cpo_alpha.unwrap_or(0.0);
-                Objective::Cpo(c)
-            }
-            "kto" => Objective::Kto(KtoConfig {
-                beta,
-                desirable_weight: self.kto_desirable_weight.unwrap_or(1.0),
-                undesirable_weight: self.kto_undesirable_weight.unwrap_or(1.0),
-            }),
-            other => anyhow::bail!("rl: {other} is not supported (use dpo, ipo, orpo, simpo or kto)"),
-        }))
-    }
-
     /// The checks `load` runs, for a RunConfig built in code.
     pub fn validate(&self) -> Result<()> {
         validate::validate(self, &source::Locator::none())
     }
 
-    /// Which modules get an adapter: lora_target_linear wins (all linear
-    /// layers); otherwise lora_target_modules (a list: names, a string: a
-    /// regex, "all-linear" as PEFT spells it); otherwise PEFT's default.
-    pub fn targets(&self) -> Result<Targets> {
-        if self.lora_target_linear {
-            return Ok(Targets::AllLinear);
-        }
-        Ok(match &self.lora_target_modules {
-            None => Targets::Names(DEFAULT_TARGET_MODULES.iter().map(|s| s.to_string()).collect()),
-            Some(TargetModules::Names(names)) => {
-                if names.is_empty() {
-                    bail!("lora_target_modules is an empty list: name at least one module (e.g. [q_proj, v_proj]) or set lora_target_linear: true");
-                }
-                Targets::Names(names.clone())
-            }
-            Some(TargetModules::Regex(re)) if re == "all-linear" => Targets::AllLinear,
-            Some(TargetModules::Regex(re)) => {
-                regex::Regex::new(&format!("^(?:{re})$"))
-                    .with_context(|| format!("lora_target_modules: \"{re}\" is not a valid regular expression"))?;
-                Targets::Regex(re.clone())
-            }
-        })
-    }
-
     /// Whether the run trains on a 4-bit base (adapter: qlora).
     pub fn qlora(&self) -> bool {
         self.adapter.as_deref() == Some("qlora")
-    }
-
-    /// The adapter this run trains (PEFT's adapter_config.json fields).
-    pub fn lora_config(&self) -> Result<LoraConfig> {
-        let mut cfg = LoraConfig::new(self.lora_r, self.lora_alpha, self.targets()?);
-        cfg.dropout = self.lora_dropout;
-        cfg.use_rslora = self.peft_use_rslora;
-        cfg.base_model_name_or_path = Some(self.base_model.clone());
-        Ok(cfg)
     }
 
     /// The optimizer settings; max_grad_norm <= 0 turns clipping off.

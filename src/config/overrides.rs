@@ -44,18 +44,21 @@ fn parse_value(raw: &str) -> Result<Value, String> {
         .map_err(|e| super::source::yaml_error_text(&e))
 }
 
-fn unknown(level: Level, key: &str, arg: &str) -> anyhow::Error {
+/// `key` must be a known key at `level`; otherwise the error names the
+/// nearest known key.
+fn known(level: Level, key: &str, arg: &str) -> Result<()> {
+    if !matches!(keys::classify(level, key), KeyKind::Unknown) {
+        return Ok(());
+    }
     let hint = keys::suggest(level, key).map(|k| format!(" (did you mean \"{k}\"?)")).unwrap_or_default();
     let place = if level == Level::Dataset { " in a dataset entry" } else { "" };
-    anyhow::anyhow!("--set {arg}: unknown key \"{key}\"{place}{hint}")
+    bail!("--set {arg}: unknown key \"{key}\"{place}{hint}")
 }
 
 /// Every key on the path must exist; lists take indices, free-form maps any key.
 fn check_path(segs: &[&str], arg: &str) -> Result<()> {
     let top = segs[0];
-    if matches!(keys::classify(Level::Top, top), KeyKind::Unknown) {
-        return Err(unknown(Level::Top, top, arg));
-    }
+    known(Level::Top, top, arg)?;
     match segs.len() {
         1 => Ok(()),
         2 if FREE_MAPS_TOP.contains(&top) => Ok(()),
@@ -67,9 +70,7 @@ fn check_path(segs: &[&str], arg: &str) -> Result<()> {
                 return Ok(());
             }
             let key = segs[2];
-            if matches!(keys::classify(Level::Dataset, key), KeyKind::Unknown) {
-                return Err(unknown(Level::Dataset, key, arg));
-            }
+            known(Level::Dataset, key, arg)?;
             match segs.len() {
                 3 => Ok(()),
                 4 if FREE_MAPS_DATASET.contains(&key) => Ok(()),

@@ -1,6 +1,7 @@
 //! Value checks on a typed config: each failure is one message naming the
 //! key (with its file and line when `load` knows them) and what it must be.
 
+use super::dataset_types::{PLAIN_DATASET_TYPES, PREFERENCE_DATASET_TYPES, Rows, is_preference_spelling, rl_values_reading, rows};
 use super::keys::ADAMW_NAMES;
 use super::source::{Locator, display_path};
 use super::{DatasetConfig, RunConfig};
@@ -9,7 +10,6 @@ use anyhow::{Result, anyhow};
 pub(crate) const SCHEDULERS: &[&str] = &["constant", "linear", "cosine"];
 /// Accepted spellings of a scheduler and the one they mean.
 pub(crate) const SCHEDULER_ALIASES: &[(&str, &str)] = &[("constant_with_warmup", "constant")];
-pub(crate) const DATASET_TYPES: &[&str] = &["alpaca", "chat_template", "completion", "input_output"];
 pub(crate) const TRAIN_ON_EOS: &[&str] = &["turn", "all", "last", "none"];
 pub(crate) const EXCESS_LENGTH: &[&str] = &["drop", "truncate"];
 
@@ -112,8 +112,7 @@ pub(crate) fn validate(c: &RunConfig, loc: &Locator) -> Result<()> {
     check!(!c.datasets.is_empty(), loc, "datasets", "is empty: list at least one dataset (path, and type unless the rows are pre-tokenized)");
     for (list, entries) in [("datasets", &c.datasets), ("test_datasets", &c.test_datasets)] {
         for (i, d) in entries.iter().enumerate() {
-            let rl = if c.reward_model { Some("reward_model") } else { c.rl.as_deref() };
-            validate_dataset(d, rl, &format!("{list}.{i}"), loc)?;
+            validate_dataset(d, c.rl.as_deref(), rows(c.rl.as_deref(), c.reward_model), &format!("{list}.{i}"), loc)?;
         }
     }
     if c.chat_template.as_deref() == Some("jinja") {
@@ -221,7 +220,7 @@ fn valid_device(s: &str) -> bool {
     matches!(s, "cpu" | "cuda" | "auto") || s.strip_prefix("cuda:").is_some_and(|n| n.parse::<usize>().is_ok())
 }
 
-fn validate_dataset(d: &DatasetConfig, rl: Option<&str>, at: &str, loc: &Locator) -> Result<()> {
+fn validate_dataset(d: &DatasetConfig, rl: Option<&str>, rows: Rows, at: &str, loc: &Locator) -> Result<()> {
     let key = |k: &str| format!("{at}.{k}");
     check!(!d.path.trim().is_empty(), loc, &key("path"), "is required: the .jsonl or .json file (or directory) to read");
     if let Some(kind) = d.kind.as_deref() {
@@ -232,20 +231,35 @@ fn validate_dataset(d: &DatasetConfig, rl: Option<&str>, at: &str, loc: &Locator
             "{kind} is no longer supported (Axolotl removed it too): use type: chat_template with \
              field_messages: conversations and message_property_mappings: {{role: from, content: value}}"
         );
-        let preference = ["chatml.", "llama3.", "chat_template."].iter().any(|p| kind.starts_with(p)) || kind == "kto";
-        if rl == Some("kto") {
-            check!(false, loc, &key("type"), "must be left out with rl: kto: KTO datasets are {{prompt, completion, label}} rows (got {kind})");
+        let preference = is_preference_spelling(kind);
+        let rl = rl.unwrap_or_default();
+        match rows {
+            Rows::Labelled => {
+                check!(
+                    false,
+                    loc,
+                    &key("type"),
+                    "must be left out with rl: {rl}: {} datasets are {{prompt, completion, label}} rows (got {kind})",
+                    rl.to_uppercase()
+                );
+            }
+            Rows::ScoredPairs => {
+                check!(
+                    false,
+                    loc,
+                    &key("type"),
+                    "must be left out with reward_model: its datasets are {{prompt?, chosen, rejected, margin?}} rows (got {kind})"
+                );
+            }
+            Rows::Pairs | Rows::Sequences => {}
         }
-        if rl == Some("reward_model") {
-            check!(false, loc, &key("type"), "must be left out with reward_model: its datasets are {{prompt?, chosen, rejected, margin?}} rows (got {kind})");
-        }
-        if rl.is_some() {
+        if rows == Rows::Pairs {
             check!(
-                crate::data::preference::FORMAT_NAMES.contains(&kind),
+                PREFERENCE_DATASET_TYPES.contains(&kind),
                 loc,
                 &key("type"),
                 "with rl, must be one of {} or absent for {{prompt, chosen, rejected}} rows (got {kind})",
-                crate::data::preference::FORMAT_NAMES.join(", ")
+                PREFERENCE_DATASET_TYPES.join(", ")
             );
             return Ok(());
         }
@@ -253,10 +267,11 @@ fn validate_dataset(d: &DatasetConfig, rl: Option<&str>, at: &str, loc: &Locator
             !preference,
             loc,
             &key("type"),
-            "{kind} is a preference dataset type: set rl (dpo, ipo, orpo or simpo) to train on it"
+            "{kind} is a preference dataset type: set rl ({}) to train on it",
+            rl_values_reading(Rows::Pairs)
         );
         check!(
-            DATASET_TYPES.contains(&kind),
+            PLAIN_DATASET_TYPES.contains(&kind),
             loc,
             &key("type"),
             "must be alpaca, chat_template, completion or input_output, or absent for pre-tokenized rows (got {kind})"
@@ -322,13 +337,7 @@ mod tests {
             "lr_scheduler must be constant, linear or cosine (or constant_with_warmup, the same as constant) (got one_cycle)"
         );
         assert_eq!(err(|c| c.warmup_ratio = Some(1.0)), "warmup_ratio must be at least 0 and below 1 (got 1)");
-        assert_eq!(
-            err(|c| {
-                c.warmup_ratio = Some(0.1);
-                c.warmup_steps = Some(10)
-            }),
-            "warmup_ratio and warmup_steps are both set: keep one"
-        );
+        assert_eq!(err(|c| (c.warmup_ratio, c.warmup_steps) = (Some(0.1), Some(10))), "warmup_ratio and warmup_steps are both set: keep one");
         assert_eq!(err(|c| c.val_set_size = -1.0), "val_set_size must be at least 0 (got -1)");
         assert_eq!(
             err(|c| c.val_set_size = 2.5),
@@ -362,20 +371,8 @@ mod tests {
         assert_eq!(err(|c| c.logging_steps = 0), "logging_steps must be at least 1 (got 0)");
         assert_eq!(err(|c| c.save_steps = Some(0)), "save_steps must be at least 1 when set (got 0)");
         assert_eq!(err(|c| c.eval_steps = Some(0)), "eval_steps must be at least 1 when set (got 0)");
-        assert_eq!(
-            err(|c| {
-                c.save_steps = Some(10);
-                c.saves_per_epoch = Some(2)
-            }),
-            "saves_per_epoch and save_steps are both set: keep one"
-        );
-        assert_eq!(
-            err(|c| {
-                c.eval_steps = Some(10);
-                c.evals_per_epoch = Some(2)
-            }),
-            "evals_per_epoch and eval_steps are both set: keep one"
-        );
+        assert_eq!(err(|c| (c.save_steps, c.saves_per_epoch) = (Some(10), Some(2))), "saves_per_epoch and save_steps are both set: keep one");
+        assert_eq!(err(|c| (c.eval_steps, c.evals_per_epoch) = (Some(10), Some(2))), "evals_per_epoch and eval_steps are both set: keep one");
         assert_eq!(err(|c| c.device = "gpu".into()), "device must be cpu, cuda, cuda:N or auto (got gpu)");
         assert_eq!(err(|c| c.device = "cuda:x".into()), "device must be cpu, cuda, cuda:N or auto (got cuda:x)");
         assert_eq!(err(|c| c.adam_beta2 = 1.0), "adam_beta2 must be at least 0 and below 1 (got 1)");

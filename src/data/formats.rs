@@ -13,7 +13,7 @@
 use super::chat_template::{ChatTemplate, Message};
 use super::pretokenized;
 use super::tokenizer::TextTokenizer;
-use crate::config::DatasetConfig;
+use crate::config::{DatasetConfig, PLAIN_DATASET_TYPES};
 use crate::model::batch::{IGNORE_INDEX, Sequence};
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
@@ -28,20 +28,17 @@ pub enum DatasetType {
     InputOutput,
 }
 
-pub const TYPE_NAMES: &[&str] = &["alpaca", "chat_template", "completion", "input_output"];
-
 impl DatasetType {
+    /// The types a `type:` names, in `PLAIN_DATASET_TYPES` order.
+    const NAMED: [DatasetType; 4] = [DatasetType::Alpaca, DatasetType::ChatTemplate, DatasetType::Completion, DatasetType::InputOutput];
+
     pub fn parse(kind: Option<&str>) -> Result<DatasetType> {
-        Ok(match kind {
-            None | Some("") => DatasetType::Pretokenized,
-            Some("alpaca") => DatasetType::Alpaca,
-            Some("chat_template") => DatasetType::ChatTemplate,
-            Some("completion") => DatasetType::Completion,
-            Some("input_output") => DatasetType::InputOutput,
-            Some(other) => bail!(
-                "unknown dataset type \"{other}\" (expected one of {}, or no type for pre-tokenized rows)",
-                TYPE_NAMES.join(", ")
-            ),
+        let Some(name) = kind.filter(|k| !k.is_empty()) else { return Ok(DatasetType::Pretokenized) };
+        DatasetType::NAMED.into_iter().find(|t| t.name() == name).with_context(|| {
+            format!(
+                "unknown dataset type \"{name}\" (expected one of {}, or no type for pre-tokenized rows)",
+                PLAIN_DATASET_TYPES.join(", ")
+            )
         })
     }
 
@@ -402,6 +399,19 @@ fn token_range(offsets: &[(usize, usize)], start: usize, end: usize) -> (usize, 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_named_type_is_the_configs_and_parses_back() {
+        assert_eq!(DatasetType::NAMED.map(DatasetType::name), PLAIN_DATASET_TYPES);
+        for t in DatasetType::NAMED {
+            assert_eq!(DatasetType::parse(Some(t.name())).unwrap(), t);
+        }
+        assert_eq!(DatasetType::parse(Some("")).unwrap(), DatasetType::Pretokenized);
+        assert_eq!(
+            DatasetType::parse(Some("oasst")).unwrap_err().to_string(),
+            "unknown dataset type \"oasst\" (expected one of alpaca, chat_template, completion, input_output, or no type for pre-tokenized rows)"
+        );
+    }
 
     #[test]
     fn alpaca_prompt_matches_the_spec_text() {

@@ -7,6 +7,10 @@
 //! merged order -> validation split). `preference` reads the DPO-family,
 //! KTO and reward-model datasets into prompt and completion ids. `show`
 //! renders prepared examples token by token for `ferrotune preprocess`.
+//!
+//! A new dataset type is named in `config::PLAIN_DATASET_TYPES` (or
+//! `config::PREFERENCE_DATASET_TYPES`) and read in `formats` (or
+//! `preference`).
 pub mod cache;
 pub mod chat_template;
 pub mod pairs;

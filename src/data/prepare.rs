@@ -142,25 +142,23 @@ pub fn prepare(cfg: &RunConfig, tokenizer_dir: &Path, vocab: usize) -> Result<Pr
     let all: Vec<&DatasetConfig> = cfg.datasets.iter().chain(&cfg.test_datasets).collect();
     let tok = load_tokenizer_if_needed(&all, tokenizer_dir, &opts)?;
     let mut report = Vec::new();
-    let mut train = Vec::new();
-    for (i, ds) in cfg.datasets.iter().enumerate() {
-        let (seqs, r) = prepare_dataset(ds, &opts, tok.as_ref(), tokenizer_dir, vocab, "train")
-            .with_context(|| format!("datasets[{i}] ({})", ds.path))?;
-        train.extend(seqs);
-        report.push(r);
-    }
+    // One list of the config (`key`) in order, each dataset's report kept.
+    let mut prepare_list = |key: &str, list: &[DatasetConfig], split: &str| -> Result<Vec<Sequence>> {
+        let mut out = Vec::new();
+        for (i, ds) in list.iter().enumerate() {
+            let (seqs, r) = prepare_dataset(ds, &opts, tok.as_ref(), tokenizer_dir, vocab, split)
+                .with_context(|| format!("{key}[{i}] ({})", ds.path))?;
+            out.extend(seqs);
+            report.push(r);
+        }
+        Ok(out)
+    };
+    let mut train = prepare_list("datasets", &cfg.datasets, "train")?;
     if cfg.shuffle_merged_datasets {
         shuffle(&mut train, cfg.seed);
     }
     let val = if !cfg.test_datasets.is_empty() {
-        let mut val = Vec::new();
-        for (i, ds) in cfg.test_datasets.iter().enumerate() {
-            let (seqs, r) = prepare_dataset(ds, &opts, tok.as_ref(), tokenizer_dir, vocab, "test")
-                .with_context(|| format!("test_datasets[{i}] ({})", ds.path))?;
-            val.extend(seqs);
-            report.push(r);
-        }
-        val
+        prepare_list("test_datasets", &cfg.test_datasets, "test")?
     } else {
         let n = val_count(cfg.val_set_size, train.len())?;
         train.split_off(train.len() - n)

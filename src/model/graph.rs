@@ -5,7 +5,7 @@
 use super::Model;
 use super::batch::{Batch, IGNORE_INDEX};
 use super::layer::{self, LayerActs, StepCtx};
-use crate::backend::{Backend, MatShape, NormShape};
+use crate::backend::{Backend, MatShape, NormShape, Phase};
 
 /// Σ token NLL and the number of target tokens it covers. The mean loss of
 /// a step is the sum over its micro-batches divided by all their targets.
@@ -82,6 +82,16 @@ pub enum TokenWeights<'a> {
     /// log-probabilities of the whole batch. The weight of token t
     /// multiplies ∂NLL_t; tokens whose target is -100 are ignored.
     FromLosses(&'a mut dyn FnMut(&[f32]) -> anyhow::Result<Vec<f32>>),
+}
+
+/// What the final normed hidden states hf feed in a training pass.
+pub enum Head<'a, B: Backend> {
+    /// The LM head and cross-entropy, each target token's loss weighted.
+    Tokens(TokenWeights<'a>),
+    /// A head supplied by the caller instead of the LM head (a reward
+    /// model's score head): it gets hf [n, hidden] (batch token order) and
+    /// returns ∂L/∂hf, same length, already scaled as the step needs.
+    Hidden(&'a mut dyn FnMut(&B::Buf) -> anyhow::Result<B::Buf>),
 }
 
 /// The gradient scale of the LM-head pass.
@@ -183,64 +193,49 @@ impl<B: Backend> Model<B> {
         be.download(&losses)
     }
 
-    /// Forward and backward of one micro-batch. LoRA gradients accumulate
-    /// (call `zero_grad` at the start of an optimiser step).
+    /// Forward and backward of one micro-batch with every target token's
+    /// loss gradient scaled by `opts.grad_scale` (SFT). LoRA gradients
+    /// accumulate (call `zero_grad` at the start of an optimiser step).
     pub fn forward_backward(&mut self, be: &B, batch: &Batch, opts: BackwardOpts) -> LossSum {
         let nll = self
-            .forward_backward_weighted(be, batch, opts, TokenWeights::Uniform(opts.grad_scale))
+            .forward_backward_with(be, batch, opts, Head::Tokens(TokenWeights::Uniform(opts.grad_scale)))
             .expect("uniform token weights cannot fail");
         LossSum { nll_sum: sum_f64(&nll), n_targets: batch.n_targets() }
     }
 
-    /// Forward and backward of one micro-batch with each token's loss
-    /// weighted as `weights` says (`opts.grad_scale` is not used). Returns
-    /// the per-token NLL of the forward pass. With `FromLosses`, the LM head
-    /// runs once without gradients to get the losses, then again with the
-    /// chosen weights (the layers' forward runs once).
-    pub fn forward_backward_weighted(
-        &mut self,
-        be: &B,
-        batch: &Batch,
-        opts: BackwardOpts,
-        weights: TokenWeights,
-    ) -> anyhow::Result<Vec<f32>> {
+    /// The one training pass: embedding, the layers (keeping activations
+    /// or, with checkpointing, only each layer's input), the final norm,
+    /// the `head` (which gives ∂L/∂hf), then the backward through the final
+    /// norm and the layers. LoRA gradients accumulate. Returns the per-token
+    /// NLL of the forward pass for `Head::Tokens` (batch token order, 0
+    /// where the target is -100), nothing for `Head::Hidden`. With
+    /// `TokenWeights::FromLosses` the LM head runs once without gradients
+    /// to get the losses, then again with the chosen weights (the layers'
+    /// forward runs once). An error from the head stops the pass before any
+    /// backward.
+    pub fn forward_backward_with(&mut self, be: &B, batch: &Batch, opts: BackwardOpts, head: Head<'_, B>) -> anyhow::Result<Vec<f32>> {
         let n = batch.n_tokens();
-        self.forward_backward_with(be, batch, opts, |model, hf| {
-            let mut dhf = be.zeros(n * model.cfg.hidden);
-            let nll = match weights {
-                TokenWeights::Uniform(s) => {
-                    model.head_loss(be, hf, &batch.targets, Some((GradScale::Uniform(s), &mut dhf)))
-                }
-                TokenWeights::FromLosses(choose) => {
-                    let nll = model.head_loss(be, hf, &batch.targets, None);
-                    let w = choose(&nll)?;
-                    anyhow::ensure!(w.len() == n, "{} token weights for {n} tokens", w.len());
-                    model.head_loss(be, hf, &batch.targets, Some((GradScale::PerToken(&w), &mut dhf)));
-                    nll
-                }
-            };
-            Ok((nll, dhf))
-        })
-    }
-
-    /// Forward and backward of one micro-batch through a head supplied by
-    /// the caller instead of the LM head (a reward model's score head):
-    /// `head` gets the final normed hidden states [n, hidden] (batch token
-    /// order) and returns ∂L/∂(those states), same length, already scaled
-    /// as the step needs. `opts.grad_scale` is not used. LoRA gradients
-    /// accumulate; an error from `head` stops the pass before any backward.
-    pub fn forward_backward_head(
-        &mut self,
-        be: &B,
-        batch: &Batch,
-        opts: BackwardOpts,
-        head: impl FnOnce(&B::Buf) -> anyhow::Result<B::Buf>,
-    ) -> anyhow::Result<()> {
-        let len = batch.n_tokens() * self.cfg.hidden;
-        self.forward_backward_with(be, batch, opts, |_, hf| {
-            let dhf = head(hf)?;
-            anyhow::ensure!(be.len(&dhf) == len, "the head's gradient has {} values; the hidden states have {len}", be.len(&dhf));
-            Ok(((), dhf))
+        self.train_pass(be, batch, opts, |model, hf| match head {
+            Head::Tokens(weights) => {
+                let mut dhf = be.zeros(n * model.cfg.hidden);
+                let nll = match weights {
+                    TokenWeights::Uniform(s) => model.head_loss(be, hf, &batch.targets, Some((GradScale::Uniform(s), &mut dhf))),
+                    TokenWeights::FromLosses(choose) => {
+                        let nll = model.head_loss(be, hf, &batch.targets, None);
+                        let w = choose(&nll)?;
+                        anyhow::ensure!(w.len() == n, "{} token weights for {n} tokens", w.len());
+                        model.head_loss(be, hf, &batch.targets, Some((GradScale::PerToken(&w), &mut dhf)));
+                        nll
+                    }
+                };
+                Ok((nll, dhf))
+            }
+            Head::Hidden(grad) => {
+                let len = n * model.cfg.hidden;
+                let dhf = grad(hf)?;
+                anyhow::ensure!(be.len(&dhf) == len, "the head's gradient has {} values; the hidden states have {len}", be.len(&dhf));
+                Ok((Vec::new(), dhf))
+            }
         })
     }
 
@@ -251,11 +246,9 @@ impl<B: Backend> Model<B> {
         self.hidden_states(be, batch, adapters)
     }
 
-    /// The shared body of every training pass: embedding, the layers
-    /// (keeping activations or, with checkpointing, only each layer's
-    /// input), the final norm, then `head(model, hf)` returning its result
-    /// and ∂L/∂hf, then the backward through the final norm and the layers.
-    fn forward_backward_with<R>(
+    /// The body of `forward_backward_with`: `head(model, hf)` returns its
+    /// result and ∂L/∂hf.
+    fn train_pass<R>(
         &mut self,
         be: &B,
         batch: &Batch,
@@ -272,6 +265,7 @@ impl<B: Backend> Model<B> {
         let mut saved_inputs: Vec<B::Buf> = Vec::new();
         let ctx = step_ctx(&up, &self.inv_freq, batch, opts.dropout_seed, true);
         for (li, l) in self.layers.iter().enumerate() {
+            be.enter(Phase::Forward { layer: li });
             let (x_out, acts) = layer::forward(be, &self.cfg, l, li, x, &ctx);
             if opts.gradient_checkpointing {
                 saved_inputs.push(acts.x_in);
@@ -280,12 +274,14 @@ impl<B: Backend> Model<B> {
             }
             x = x_out;
         }
+        be.enter(Phase::HeadLoss);
         let mut hf = be.zeros(n * h);
         let mut inv_f = be.zeros_f32(n);
         be.rmsnorm(&x, &self.final_norm, &mut hf, &mut inv_f, NormShape { rows: n, hidden: h }, self.cfg.rms_norm_eps);
 
         let (result, dhf) = head(self, &hf)?;
         drop(hf);
+        be.enter(Phase::FinalNormBackward);
         let mut dx = be.zeros(n * h);
         be.rmsnorm_backward(&dhf, &x, &self.final_norm, &inv_f, &mut dx, NormShape { rows: n, hidden: h });
         drop(dhf);
@@ -295,10 +291,12 @@ impl<B: Backend> Model<B> {
         for li in (0..layers.len()).rev() {
             let acts = if opts.gradient_checkpointing {
                 let x_in = saved_inputs.pop().expect("one saved input per layer");
+                be.enter(Phase::Recompute { layer: li });
                 layer::forward(be, cfg, &layers[li], li, x_in, &ctx).1
             } else {
                 saved_acts.pop().expect("one saved activation set per layer")
             };
+            be.enter(Phase::Backward { layer: li });
             layer::backward(be, cfg, &mut layers[li], li, &acts, &mut dx, &ctx);
         }
         Ok(result)

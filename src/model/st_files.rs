@@ -217,6 +217,33 @@ pub fn write_index(dir: &Path, metadata: serde_json::Value, weight_map: &BTreeMa
     crate::util::atomic_write(&dir.join("model.safetensors.index.json"), text.as_bytes())
 }
 
+/// Write planned `shards` into `dir` under transformers' file names, each
+/// by `write(path, shard)`, and the index when there are several (its
+/// metadata made by `metadata(bytes written)`); `name` is a tensor's name
+/// in the index. Returns the bytes of tensor data written.
+pub fn write_shards<T>(
+    dir: &Path,
+    shards: Vec<Vec<T>>,
+    name: impl Fn(&T) -> String,
+    metadata: impl FnOnce(u64) -> serde_json::Value,
+    mut write: impl FnMut(&Path, Vec<T>) -> Result<u64>,
+) -> Result<u64> {
+    let n = shards.len();
+    let mut bytes = 0;
+    let mut weight_map = BTreeMap::new();
+    for (i, shard) in shards.into_iter().enumerate() {
+        let file = shard_name(i, n);
+        for t in &shard {
+            weight_map.insert(name(t), file.clone());
+        }
+        bytes += write(&dir.join(&file), shard)?;
+    }
+    if n > 1 {
+        write_index(dir, metadata(bytes), &weight_map)?;
+    }
+    Ok(bytes)
+}
+
 /// Tokenizer, generation config and chat templates, when present.
 pub fn copy_side_files(model_dir: &Path, tmp: &Path) -> Result<()> {
     let mut names: Vec<String> = SIDE_FILES.iter().map(|s| s.to_string()).collect();

@@ -13,11 +13,11 @@
 use super::bnb::{self, QUANT_STATE_KEY, QuantState, QuantizationConfig};
 use super::nf4::{self, Absmax, BLOCKSIZE, NF4_CODE};
 use crate::backend::{DType, to_f32};
-use crate::model::st_files::{self, MappedCheckpoint, ShardEntry, ShardWriter, SrcTensor, float_dtype, shard_name};
+use crate::model::st_files::{self, MappedCheckpoint, ShardEntry, ShardWriter, SrcTensor, float_dtype};
 use anyhow::{Context, Result, bail};
 use safetensors::Dtype;
 use serde_json::Value;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 /// Elements converted to f32 at a time (a multiple of the block size and even).
@@ -320,21 +320,13 @@ pub fn quantize_checkpoint(
 
     st_files::in_temp_dir(&out, "quantizing", |tmp| {
         let mut done = 0;
-        let mut bytes_out = 0;
-        let mut weight_map = BTreeMap::new();
-        for (i, shard) in shards.into_iter().enumerate() {
-            let file = shard_name(i, n_shards);
-            for t in &shard {
-                weight_map.insert(t.name.clone(), file.clone());
-            }
-            bytes_out += write_shard(&tmp.join(&file), &src, &modules, shard, &mut || {
+        let index_metadata = |bytes| serde_json::json!({"total_size": bytes});
+        let bytes_out = st_files::write_shards(tmp, shards, |t| t.name.clone(), index_metadata, |path, shard| {
+            write_shard(path, &src, &modules, shard, &mut || {
                 done += 1;
                 progress(done, total);
-            })?;
-        }
-        if n_shards > 1 {
-            st_files::write_index(tmp, serde_json::json!({"total_size": bytes_out}), &weight_map)?;
-        }
+            })
+        })?;
         write_config(&config, &QuantizationConfig::nf4(opts.double_quant, compute_dtype), &tmp.join("config.json"))?;
         st_files::copy_side_files(model_dir, tmp)?;
         if out.exists() {

@@ -1,6 +1,7 @@
 //! The supported-model registry: one declarative YAML file per architecture
 //! family in `models/`, embedded in the binary. config.json is matched
-//! against it before any weight is read; anything else is refused.
+//! against it before any weight is read; anything else is refused. A new
+//! family is a models/<family>.yaml file plus its line in `FAMILY_FILES`.
 
 use anyhow::{Context, Result, bail};
 use serde::Deserialize;

@@ -1,10 +1,12 @@
-//! What a run trains on (`Examples`: SFT sequences, preference pairs, KTO
-//! or reward examples) and the data plan made from them. A new kind of
-//! training example is added to `Examples`.
+//! What a run trains on (`Examples`: token sequences, preference pairs,
+//! labelled completions or reward pairs, whichever its objective prepared)
+//! and the data plan made from them. A new kind of training example is a
+//! variant of `Examples`.
 
 use super::plan::DataPlan;
 use crate::config::RunConfig;
 use crate::data::preference::{KtoExample as KtoIds, PreferencePair, RewardPair};
+use crate::data::show::Show;
 use crate::model::batch::Sequence;
 
 /// What a run trains on.
@@ -33,6 +35,47 @@ impl Examples {
         self.len() == 0
     }
 
+    /// What one example is called in counts.
+    pub fn noun(&self) -> &'static str {
+        match self {
+            Examples::Sequences(_) => "sequences",
+            Examples::Pairs(_) | Examples::Reward(_) => "pairs",
+            Examples::Kto(_) => "examples",
+        }
+    }
+
+    /// Whether the examples are scored as whole sequences (at their last
+    /// token) rather than on trained tokens.
+    pub fn scored_whole(&self) -> bool {
+        matches!(self, Examples::Reward(_))
+    }
+
+    /// Tokens and trained tokens, over the sequences each example puts
+    /// through the model (SFT sequences counted in place, not copied).
+    pub fn token_counts(&self) -> (usize, usize) {
+        let count = |s: &Sequence| (s.input_ids.len(), s.trained_tokens());
+        let per_seq: Vec<(usize, usize)> = match self {
+            Examples::Sequences(s) => s.iter().map(count).collect(),
+            Examples::Pairs(p) => p.iter().flat_map(|p| p.sequences()).map(|s| count(&s)).collect(),
+            Examples::Kto(k) => k.iter().map(|e| count(&e.sequence())).collect(),
+            Examples::Reward(r) => r.iter().flat_map(|p| [p.chosen.len(), p.rejected.len()]).map(|n| (n, n.saturating_sub(1))).collect(),
+        };
+        per_seq.iter().fold((0, 0), |(t, tr), (a, b)| (t + a, tr + b))
+    }
+
+    /// Example `i` as `show` writes it, ending in a newline.
+    pub fn show(&self, i: usize, show: &Show) -> String {
+        match self {
+            Examples::Sequences(s) => {
+                let text = show.sequence(&s[i]);
+                if text.ends_with('\n') { text } else { text + "\n" }
+            }
+            Examples::Pairs(p) => show.pair(&p[i]),
+            Examples::Kto(k) => show.kto(&k[i]),
+            Examples::Reward(r) => show.reward(&r[i]),
+        }
+    }
+
     /// Tokens each example puts through the model (a pair: both sequences).
     pub fn lengths(&self) -> Vec<usize> {
         match self {
@@ -45,15 +88,15 @@ impl Examples {
     }
 }
 
-/// How a run orders, packs and batches its training examples;
-/// `supervised`: no objective (rl or reward_model) is set.
-pub fn data_plan(cfg: &RunConfig, train: &Examples, supervised: bool) -> DataPlan {
+/// How a run orders, packs and batches its training examples; `packs`:
+/// the objective allows several examples in one row (`Objective::packs`).
+pub fn data_plan(cfg: &RunConfig, train: &Examples, packs: bool) -> DataPlan {
     DataPlan {
         lengths: train.lengths(),
         micro_batch_size: cfg.micro_batch_size,
         gradient_accumulation_steps: cfg.gradient_accumulation_steps,
         // Pairs are never packed: each micro-batch holds whole pairs.
-        sample_packing: cfg.sample_packing && supervised,
+        sample_packing: cfg.sample_packing && packs,
         sequence_len: cfg.sequence_len,
         shuffle: cfg.shuffle_merged_datasets,
         seed: cfg.seed,

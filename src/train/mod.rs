@@ -2,14 +2,14 @@
 //! micro-batch and step), `schedule` (the learning rate), `optimizer`
 //! (AdamW over the LoRA parameters), `trainer` (the loop), `progress`
 //! (bar and metrics.jsonl), `curves` (metrics.jsonl drawn as
-//! training_curves.png), `checkpoint` (save and resume), `preflight`
+//! training_curves.png), `saves` (checkpoint-N: save, prune, resume), `preflight`
 //! (config-only checks before anything loads) and `memory` (the GPU memory
-//! plan checked before the first step); `objectives` holds the preference
-//! losses on per-sequence log-probabilities; `run_dir` (output_dir's lock
+//! plan checked before the first step); `objectives` holds what a run
+//! optimises, one file per objective (SFT, DPO, ORPO, SimPO, KTO, reward
+//! model: a new one is a file there plus a line in its registry); `run_dir` (output_dir's lock
 //! and an earlier run's files) and `interrupt` (Ctrl-C) keep runs apart and
 //! stop them cleanly. `examples` holds what a run trains on, `diverged` the
 //! error of a loss gone NaN, `collapse` the preference runs' drift warning.
-pub mod checkpoint;
 pub mod collapse;
 pub mod curves;
 pub mod diverged;
@@ -20,10 +20,9 @@ pub mod memory;
 pub mod objectives;
 pub mod optimizer;
 pub mod plan;
-pub mod preference;
 pub mod preflight;
 pub mod progress;
-pub mod reward;
 pub mod run_dir;
+pub mod saves;
 pub mod schedule;
 pub mod trainer;

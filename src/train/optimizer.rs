@@ -6,22 +6,7 @@
 use crate::backend::{AdamW, Backend};
 use crate::model::Model;
 
-#[derive(Debug, Clone, Copy)]
-pub struct AdamWConfig {
-    pub beta1: f32,
-    pub beta2: f32,
-    pub eps: f32,
-    pub weight_decay: f32,
-    /// Clip the global gradient norm to this (None or <= 0: no clipping).
-    pub max_grad_norm: Option<f32>,
-}
-
-impl Default for AdamWConfig {
-    /// torch.optim.AdamW's defaults, with weight decay 0 as Axolotl/TRL use.
-    fn default() -> Self {
-        AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0, max_grad_norm: Some(1.0) }
-    }
-}
+pub use crate::config::AdamWConfig;
 
 /// First and second moments of one LoRA module's A and B.
 struct Moments<B: Backend> {

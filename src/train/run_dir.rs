@@ -5,7 +5,7 @@
 //! (or, if it is a tokenizer copy, to `TOKENIZER_FILES`), so that an
 //! earlier run's copy is seen and cleared like the rest.
 
-use super::checkpoint;
+use super::saves;
 use super::progress::METRICS_FILE;
 use crate::adapter::peft;
 use crate::config::RESOLVED_CONFIG_FILE;
@@ -120,7 +120,7 @@ pub fn earlier_run(output_dir: &Path) -> Result<Vec<String>> {
     let mut found: Vec<String> = entries(output_dir)?
         .into_iter()
         .map(|(name, _)| name)
-        .filter(|n| RUN_FILES.contains(&n.as_str()) || checkpoint::step_of(n).is_some())
+        .filter(|n| RUN_FILES.contains(&n.as_str()) || saves::step_of(n).is_some())
         .collect();
     found.sort();
     Ok(found)
@@ -131,7 +131,7 @@ pub fn earlier_run(output_dir: &Path) -> Result<Vec<String>> {
 pub fn clear_earlier_run(output_dir: &Path) -> Result<Vec<String>> {
     let mut removed = Vec::new();
     for (name, path) in entries(output_dir)? {
-        let gone = if checkpoint::step_of(&name).is_some() && path.is_dir() {
+        let gone = if saves::step_of(&name).is_some() && path.is_dir() {
             std::fs::remove_dir_all(&path)
         } else if RUN_FILES.contains(&name.as_str()) || TOKENIZER_FILES.contains(&name.as_str()) {
             std::fs::remove_file(&path)
@@ -154,7 +154,7 @@ pub fn abandon_after(output_dir: &Path, checkpoint_dir: &Path, step: usize) -> R
         return Ok(());
     }
     let mut removed = Vec::new();
-    for (n, dir) in checkpoint::list(output_dir).into_iter().filter(|(n, _)| *n > step) {
+    for (n, dir) in saves::list(output_dir).into_iter().filter(|(n, _)| *n > step) {
         std::fs::remove_dir_all(&dir).with_context(|| format!("cannot remove {}", dir.display()))?;
         removed.push(format!("checkpoint-{n}"));
     }

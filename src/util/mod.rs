@@ -1,4 +1,6 @@
-//! Small shared helpers.
+//! Small shared helpers that know nothing of models or configs (atomic
+//! file writes, the seedable RNG in `rng`); a new one goes here only if
+//! every layer may use it.
 pub mod rng;
 
 use anyhow::{Context, Result};

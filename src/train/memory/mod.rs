@@ -3,12 +3,14 @@
 //! weight is loaded, and a fit check that refuses a run that will not fit,
 //! naming the settings that would make it fit.
 //!
-//! The prediction is not a rule of thumb: it replays, buffer by buffer, what
-//! `model::graph::Model::forward_backward` and `model::layer::{forward,
-//! backward}` allocate through the backend and when each buffer is dropped.
-//! `tests/memory_plan.rs` checks it byte for byte against
-//! the testkit crate's `ferrotune_testkit::metered::Metered` (testkit/) on the
-//! CPU backend.
+//! The prediction is not a second description of the step: the planner
+//! builds the model on a tracing backend (`trace`) that holds sizes instead
+//! of data, and runs the graph's own training pass
+//! (`Model::forward_backward`) on it. Every buffer the graph allocates is
+//! counted when it is allocated and given back when the graph drops it, so a
+//! change to the graph changes the plan with it. `tests/memory_plan.rs`
+//! checks the plan byte for byte against a metered CPU backend running the
+//! same step on real data.
 //!
 //! # Storage sizes
 //!
@@ -20,80 +22,34 @@
 //!
 //! # The persistent part
 //!
-//! - weights: embedding `V·h`, per layer two norm vectors `h`, the seven
-//!   projections `out·in` (+ `out` per bias), the final norm `h`, and the LM
-//!   head `V·h` unless tied — all × W.
-//! - QLoRA (`BaseWeights::Nf4`): each of the seven projections is held as
-//!   NF4 instead (`nf4_weight_bytes`: ⌈n/2⌉ packed codes; the block scales,
-//!   f32 per 64 values, or with double quantization a u8 per 64 values plus
-//!   an f32 per 256 blocks and the 256-entry map; the 16-entry code table),
-//!   plus ONE dequantization scratch of the weight type sized for the
-//!   largest projection (`max out·in × W`), held for the whole run.
-//! - adapter: A `[r, in]`, B `[out, r]` and their gradients, f32:
-//!   `2 · 4 · Σ r·(in + out)`.
-//! - optimizer: AdamW's two moments of A and B, f32: the same again.
-//! - workspace: the rotary `inv_freq` (head_dim/2 f32), plus whatever the
-//!   backend holds outside its buffers (`RunShape::reserve_bytes`: cuBLAS
-//!   workspace and the like; 0 on CPU).
+//! - weights: every tensor `Model::build_with` asks for, × W, except that
+//!   with QLoRA (`BaseWeights::Nf4`) the seven projections are held as NF4
+//!   (`nf4_weight_bytes`: ⌈n/2⌉ packed codes; the block scales, f32 per 64
+//!   values, or with double quantization a u8 per 64 values plus an f32 per
+//!   256 blocks and the 256-entry map; the 16-entry code table), plus ONE
+//!   dequantization scratch of the weight type sized for the largest
+//!   projection (`max out·in × W`), held for the whole run.
+//! - adapter: A `[r, in]`, B `[out, r]` and their gradients, f32, as the
+//!   traced model holds them.
+//! - optimizer: AdamW's two moments of A and B, as `Optimizer::new` makes
+//!   them on the traced model.
+//! - workspace: the rotary `inv_freq`, plus whatever the backend holds
+//!   outside its buffers (`RunShape::reserve_bytes`: cuBLAS workspace and
+//!   the like; 0 on CPU).
 //!
-//! # The activation peak (bytes alive above the persistent part)
+//! # The activation peak
 //!
-//! `n` = micro_batch · seq_len tokens, `nh` = n·hidden, `qd` = heads·head_dim,
-//! `kvd` = kv_heads·head_dim, `I` = intermediate, `r_l` = Σ of the LoRA
-//! ranks of layer l's adapted projections, `c` = LM-head chunk
-//! (`min(loss_chunk_tokens, n)`).
-//!
-//! Alive for the whole pass: the uploaded ids, positions and cu_seqlens,
-//! `ints = 4·(2n + micro_batch + 1)`.
-//!
-//! What one layer's forward keeps (`LayerActs`):
-//! `acts_l = A·(4·nh [x_in h1 x_mid h2] + 2·n·qd [q attn] + 2·n·kvd [k v]
-//!            + 3·n·I [gate up act] + n·r_l [LoRA x·Aᵀ]) + 4·(2n [inv1 inv2]
-//!            + heads·n [lse])`.
-//! Its running peak is at its last allocation, `x_out`, when `down` (the
-//! down projection's output) is alive too: `acts_l + 2·nh·A`. (Earlier, when
-//! `x_mid` is allocated, `o` is alive, but less is.)
-//!
-//! The backward of a layer allocates, in order, d_act, d_gate, d_up (then
-//! drops d_act), dh2, d_attn, dq, dk, dv (then drops d_attn), dh1; d_gate,
-//! d_up, dh2, dq, dk, dv live to the end of the function. Its transient peak
-//! is therefore `bwd = A · max(3·n·I, 2·n·I + nh + 2·n·qd + 2·n·kvd,
-//! 2·n·I + 2·nh + n·qd + 2·n·kvd)`.
-//!
-//! The LM head + loss (`head_loss`) holds hc `[c, h]` and dhc `[c, h]`
-//! (activation type), logits `[c, V]` f32, chunk losses `[c]` f32, losses
-//! `[n]` f32, and per chunk the uploaded targets `[c]` i32:
-//! `head = A·2·c·h + 4·(c·V + c + n) + 4·c`.
-//!
-//! Phases of `forward_backward`, with `x` the last layer's output (alive to
-//! the end of the pass), `inv_f` the final norm's inverse RMS (`4n`, alive to
-//! the end), `hf`, `dhf`, `dx` each `nh·A`:
-//!
-//! without gradient checkpointing (every layer's `LayerActs` is kept, and
-//! layer l's is dropped after its backward):
-//! - forward of layer l:   ints + Σ_{j<l} acts_j + acts_l + 2·nh·A
-//! - LM head + loss:       ints + Σ acts + x + hf + inv_f + dhf + head
-//! - final-norm backward:  ints + Σ acts + x + inv_f + dhf + dx (hf dropped)
-//! - backward of layer l:  ints + Σ_{j≤l} acts_j + x + inv_f + dx + bwd
-//!
-//! with gradient checkpointing (only each layer's input `x_in`, nh·A, is
-//! kept; the backward re-runs the layer's forward first, and the recomputed
-//! output is dropped before the layer's backward starts):
-//! - forward of layer l:   ints + l·nh·A + acts_l + 2·nh·A
-//! - LM head + loss:       ints + L·nh·A + x + hf + inv_f + dhf + head
-//! - final-norm backward:  ints + L·nh·A + x + inv_f + dhf + dx
-//! - recompute of layer l: ints + l·nh·A + x + inv_f + dx + acts_l + 2·nh·A
-//! - backward of layer l:  ints + l·nh·A + x + inv_f + dx + acts_l + bwd
-//!
-//! The activation peak is the largest of these (in practice the LM head with
-//! a large vocabulary and chunk, else the backward of the last layer).
+//! The most bytes alive at once above the persistent part during one
+//! micro-batch of `micro_batch` sequences of `seq_len` trained tokens, with
+//! the phase of the pass it happens in (the graph announces its phases to
+//! the backend). One deliberate over-estimate: every sequence is trained on
+//! every token, so every loss chunk uploads its targets.
 //!
 //! # Product temporaries (`RunShape::product_casts`, the CUDA backend)
 //!
 //! cuBLAS multiplies bf16 by bf16 here, so the CUDA backend makes a bf16
 //! copy of every f32 operand for the duration of one product:
-//! - LM head backward: the f32 logits gradient, `2·c·V`, while every
-//!   buffer of the head phase is alive (added to `head`: exact).
+//! - LM head backward: the f32 logits gradient, `2·c·V`.
 //! - LoRA forward of a projection (in k, out o, rank r): A and B copies
 //!   `2·(r·k + o·r)`; with dropout the mask is fused into x·Aᵀ (no copy of
 //!   x, A read as f32), leaving the B copy `2·o·r`.
@@ -101,23 +57,26 @@
 //!   with dropout the B copy, `dxa` and the fused dA product's f32 row-split
 //!   partials `4·S·r·k` (`backend::lora_da_splits`), and no full-size buffer.
 //!
-//! The largest LoRA temporary of a layer is added to its forward, recompute
-//! and backward phases. That places it at the phase's peak point, where it
-//! may not be (the LoRA ops run between the allocations above): an
-//! over-estimate of at most that one temporary. tests/cuda_emu.rs measures
-//! the CUDA backend's pool peak against the plan.
-//! The optimiser step and `zero_grad` allocate nothing.
-//!
-//! The one deliberate over-estimate: a loss chunk whose targets are all
-//! ignored (-100) uploads no targets, and the planner assumes every chunk
-//! has some (at most 4·c bytes). Backend-internal scratch that does not go
-//! through the backend's buffers (the CPU attention's per-thread rows, a
-//! GPU's cuBLAS workspace) is not a buffer; a GPU caller accounts for it in
-//! `reserve_bytes`.
+//! The trace notes the largest temporary of each phase and adds it to that
+//! phase's peak, which places it where it may not be (the ops run between
+//! allocations): an over-estimate of at most that one temporary.
+//! tests/cuda_emu.rs measures the CUDA backend's pool peak against the plan.
+//! Backend-internal scratch that does not go through the backend's buffers
+//! (the CPU attention's per-thread rows, a GPU's cuBLAS workspace) is not a
+//! buffer; a GPU caller accounts for it in `reserve_bytes`.
 
-use crate::adapter::LoraConfig;
+mod trace;
+
+pub use crate::backend::Phase;
+
+use crate::adapter::{Lora, LoraConfig};
+use crate::backend::Backend;
+use crate::model::batch::{Batch, Sequence};
 use crate::model::config::ModelConfig;
-use crate::model::{BaseWeights, Proj, module_path};
+use crate::model::graph::BackwardOpts;
+use crate::model::{BaseWeights, Model, Proj, module_path};
+use crate::train::optimizer::{AdamWConfig, Optimizer};
+use trace::{Shape, Tracer};
 use crate::quant::nf4::{BLOCKSIZE, NESTED_BLOCKSIZE};
 use anyhow::{Result, bail};
 use std::fmt;
@@ -207,29 +166,6 @@ impl RunShape {
     }
 }
 
-/// Where in the pass the activation peak happens.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Phase {
-    Forward { layer: usize },
-    HeadLoss,
-    FinalNormBackward,
-    /// Re-running a layer's forward under gradient checkpointing.
-    Recompute { layer: usize },
-    Backward { layer: usize },
-}
-
-impl fmt::Display for Phase {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Phase::Forward { layer } => write!(f, "forward of layer {layer}"),
-            Phase::HeadLoss => write!(f, "LM head + loss chunk"),
-            Phase::FinalNormBackward => write!(f, "final-norm backward"),
-            Phase::Recompute { layer } => write!(f, "recomputing layer {layer}"),
-            Phase::Backward { layer } => write!(f, "backward of layer {layer}"),
-        }
-    }
-}
-
 /// Device bytes of one NF4 weight of `numel` values in bitsandbytes' layout
 /// (blocks of 64; double quantization in groups of 256 blocks), as the GPU
 /// backend holds it (`backend::nf4_device_bytes` of the real tensor).
@@ -239,149 +175,103 @@ pub fn nf4_weight_bytes(numel: u64, double_quant: bool) -> u64 {
     numel.div_ceil(2) + scales + 4 * 16
 }
 
-/// The shape-independent facts of a model + adapter, enough to re-plan.
-#[derive(Debug, Clone, PartialEq)]
-struct Model {
-    hidden: u64,
-    n_layers: usize,
-    n_heads: u64,
-    head_dim: u64,
-    qd: u64,
-    kvd: u64,
-    intermediate: u64,
-    vocab: u64,
-    /// Elements of every frozen tensor held dense (weights, biases, norms;
-    /// all of them unless the projections are NF4).
-    weight_elems: u64,
-    /// Bytes of the NF4 projections (0 when dense).
-    nf4_bytes: u64,
-    /// Elements of the NF4 dequantization scratch: the largest projection
-    /// (0 when dense).
-    nf4_scratch_elems: u64,
-    /// Σ r over the adapted projections of each layer.
-    rank_sum: Vec<u64>,
-    /// Σ r·(in + out): the elements of every A and B.
-    adapter_elems: u64,
-    /// Every adapted projection (for the product temporaries).
+/// What a plan is made from, enough to re-plan with another shape.
+#[derive(Debug, Clone)]
+struct Planned {
+    cfg: ModelConfig,
     modules: Vec<AdaptedModule>,
+    base: BaseWeights,
 }
 
-impl Model {
-    fn new(cfg: &ModelConfig, modules: &[AdaptedModule], base: BaseWeights) -> Model {
-        let h = cfg.hidden as u64;
-        let v = cfg.vocab as u64;
-        let mut rank_sum = vec![0u64; cfg.n_layers];
-        for m in modules {
-            if m.layer >= rank_sum.len() {
-                rank_sum.resize(m.layer + 1, 0);
+/// The persistent part of a plan, and the traced model it was counted on.
+struct Built {
+    be: Tracer,
+    model: Model<Tracer>,
+    /// Kept alive for the step: its moments are persistent.
+    _opt: Optimizer<Tracer>,
+    weights: u64,
+    /// Bytes of the NF4 projections and of the dequantization scratch.
+    nf4: (u64, u64),
+    adapter: u64,
+    optimizer: u64,
+    /// Buffers the model holds besides its adapter (the rotary inv_freq).
+    workspace: u64,
+}
+
+impl Planned {
+    /// The model with its adapters and optimiser on the tracing backend,
+    /// each part's bytes counted as it is made.
+    fn build(&self, shape: &RunShape) -> Built {
+        let be = Tracer::new(shape.act_bytes, shape.product_casts);
+        let w = shape.weight_bytes as u64;
+        let (mut dense, mut nf4, mut scratch) = (0u64, 0u64, 0u64);
+        let model = Model::build_with(&be, self.cfg.clone(), |_, dims, projection| {
+            let numel: usize = dims.iter().product();
+            match self.base {
+                BaseWeights::Nf4 { double_quant } if projection => {
+                    nf4 += nf4_weight_bytes(numel as u64, double_quant);
+                    scratch = scratch.max(numel as u64 * w);
+                }
+                _ => dense += numel as u64 * w,
             }
-            rank_sum[m.layer] += m.r as u64;
+            Ok(Shape(numel))
+        });
+        let mut model = model.expect("the trace builds every tensor");
+        let workspace = be.with_log(|l| l.live);
+        for m in &self.modules {
+            let lin = &mut model.layers[m.layer].proj[m.proj as usize];
+            lin.lora = Some(Lora {
+                a: be.zeros_f32(m.r * m.in_f),
+                b: be.zeros_f32(m.out_f * m.r),
+                grad_a: be.zeros_f32(m.r * m.in_f),
+                grad_b: be.zeros_f32(m.out_f * m.r),
+                r: m.r,
+                scale: 1.0,
+                dropout: if m.dropout { 0.5 } else { 0.0 },
+            });
         }
-        Model {
-            hidden: h,
-            n_layers: cfg.n_layers,
-            n_heads: cfg.n_heads as u64,
-            head_dim: cfg.head_dim as u64,
-            qd: (cfg.n_heads * cfg.head_dim) as u64,
-            kvd: (cfg.n_kv_heads * cfg.head_dim) as u64,
-            intermediate: cfg.intermediate as u64,
-            vocab: v,
-            weight_elems: cfg.n_params() as u64,
-            nf4_bytes: 0,
-            nf4_scratch_elems: 0,
-            rank_sum,
-            adapter_elems: modules.iter().map(|m| (m.r * (m.in_f + m.out_f)) as u64).sum(),
-            modules: modules.to_vec(),
-        }
-        .with_base(cfg, base)
+        let adapter = be.with_log(|l| l.live) - workspace;
+        let opt = Optimizer::new(&be, &model, AdamWConfig::default());
+        let optimizer = be.with_log(|l| l.live) - workspace - adapter;
+        Built { be, model, _opt: opt, weights: dense + nf4 + scratch, nf4: (nf4, scratch), adapter, optimizer, workspace }
     }
 
-    /// Move the projections from dense to NF4 when `base` says so.
-    fn with_base(mut self, cfg: &ModelConfig, base: BaseWeights) -> Model {
-        let BaseWeights::Nf4 { double_quant } = base else { return self };
-        for p in Proj::ALL {
-            let (in_f, out_f) = p.dims(cfg);
-            let numel = (in_f * out_f) as u64;
-            self.weight_elems -= numel * cfg.n_layers as u64;
-            self.nf4_bytes += nf4_weight_bytes(numel, double_quant) * cfg.n_layers as u64;
-            self.nf4_scratch_elems = self.nf4_scratch_elems.max(numel);
-        }
-        self
-    }
-
-    /// The activation peak and where it happens (see the module docs).
-    fn activations(&self, s: &RunShape) -> (u64, Phase) {
-        let a = s.act_bytes as u64;
-        let n = s.tokens() as u64;
-        let nh = n * self.hidden;
-        let (qd, kvd, inter) = (self.qd, self.kvd, self.intermediate);
-
-        let ints = 4 * (2 * n + s.micro_batch as u64 + 1);
-        let acts = |l: usize| {
-            a * (4 * nh + 2 * n * qd + 2 * n * kvd + 3 * n * inter + n * self.rank_sum[l])
-                + 4 * (2 * n + self.n_heads * n)
+    /// The activation peak of one micro-batch and where it happens: the
+    /// training pass traced phase by phase, each phase's peak plus its
+    /// largest product temporary.
+    fn activations(&self, built: &mut Built, s: &RunShape) -> (u64, Phase) {
+        let Built { be, model, .. } = built;
+        model.loss_chunk_tokens = s.loss_chunk_tokens;
+        let seqs: Vec<Sequence> = (0..s.micro_batch).map(|_| Sequence::unmasked(vec![0; s.seq_len])).collect();
+        let batch = Batch::from_sequences(&seqs, self.cfg.vocab).expect("token 0 is in every vocabulary");
+        let before = be.with_log(|l| l.live);
+        let opts = BackwardOpts {
+            grad_scale: 1.0,
+            gradient_checkpointing: s.gradient_checkpointing,
+            dropout_seed: self.modules.iter().any(|m| m.dropout).then_some(0),
         };
-        let fwd_transient = 2 * nh * a; // `down` and `x_out`
-        let bwd_transient = a * (3 * n * inter)
-            .max(2 * n * inter + nh + 2 * n * qd + 2 * n * kvd)
-            .max(2 * n * inter + 2 * nh + n * qd + 2 * n * kvd);
-        let c = (s.loss_chunk_tokens.max(1) as u64).min(n.max(1));
-        let mut head = a * 2 * c * self.hidden + 4 * (c * self.vocab + c + n) + 4 * c;
-        // Product temporaries (see the module docs): the bf16 copy of the f32
-        // logits gradient for dhc = dlogits·W, and per layer the largest LoRA
-        // forward / backward temporaries of its projections.
-        let (mut lora_fwd, mut lora_bwd) = (vec![0u64; self.n_layers], vec![0u64; self.n_layers]);
-        if s.product_casts {
-            head += 2 * c * self.vocab;
-            let splits = crate::backend::lora_da_splits(n as usize) as u64;
-            for m in &self.modules {
-                let (k, o, r) = (m.in_f as u64, m.out_f as u64, m.r as u64);
-                let (fwd, bwd) = if m.dropout {
-                    (2 * o * r, 2 * (o * r + n * r) + 4 * splits * r * k)
-                } else {
-                    (2 * (r * k + o * r), 2 * (r * k + o * r + n * r))
-                };
-                lora_fwd[m.layer] = lora_fwd[m.layer].max(fwd);
-                lora_bwd[m.layer] = lora_bwd[m.layer].max(bwd);
-            }
-        }
-        let act_nh = nh * a; // x, hf, dhf, dx, a saved layer input
-        let inv_f = 4 * n;
-
+        model.forward_backward(be, &batch, opts);
+        let phases = be.with_log(|l| std::mem::take(&mut l.phases));
+        // Ties go to the earliest phase in this order, as reported before.
+        let layers = self.cfg.n_layers;
+        let order = (0..layers)
+            .flat_map(|l| [Phase::Forward { layer: l }, Phase::Recompute { layer: l }, Phase::Backward { layer: l }])
+            .chain([Phase::HeadLoss, Phase::FinalNormBackward]);
         let mut best = (0u64, Phase::HeadLoss);
-        let mut consider = |bytes: u64, phase: Phase| {
-            if bytes > best.0 {
-                best = (bytes, phase);
+        for p in order {
+            if let Some(&(live, temp)) = phases.get(&p) {
+                let bytes = live - before + temp;
+                if bytes > best.0 {
+                    best = (bytes, p);
+                }
             }
-        };
-        let l_count = self.n_layers;
-        if s.gradient_checkpointing {
-            let kept = l_count as u64 * act_nh;
-            for l in 0..l_count {
-                let below = l as u64 * act_nh;
-                consider(ints + below + acts(l) + fwd_transient + lora_fwd[l], Phase::Forward { layer: l });
-                let live = ints + below + act_nh + inv_f + act_nh + acts(l);
-                consider(live + fwd_transient + lora_fwd[l], Phase::Recompute { layer: l });
-                consider(live + bwd_transient + lora_bwd[l], Phase::Backward { layer: l });
-            }
-            consider(ints + kept + 3 * act_nh + inv_f + head, Phase::HeadLoss);
-            consider(ints + kept + 3 * act_nh + inv_f, Phase::FinalNormBackward);
-        } else {
-            let mut below = 0;
-            for l in 0..l_count {
-                consider(ints + below + acts(l) + fwd_transient + lora_fwd[l], Phase::Forward { layer: l });
-                below += acts(l);
-                consider(ints + below + 2 * act_nh + inv_f + bwd_transient + lora_bwd[l], Phase::Backward { layer: l });
-            }
-            consider(ints + below + 3 * act_nh + inv_f + head, Phase::HeadLoss);
-            consider(ints + below + 3 * act_nh + inv_f, Phase::FinalNormBackward);
         }
         best
     }
 }
 
 /// Predicted peak device memory of one training step, in bytes.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct MemoryPlan {
     /// Frozen base weights.
     pub weights: u64,
@@ -399,19 +289,22 @@ pub struct MemoryPlan {
     /// Where the activation peak happens.
     pub peak_at: Phase,
     pub shape: RunShape,
-    model: Model,
+    /// Bytes of the NF4 projections and of their dequantization scratch
+    /// (0, 0 when dense).
+    nf4: (u64, u64),
+    inputs: Planned,
 }
 
 /// Plan a run of the model described by `cfg` with adapters on `modules`
 /// (see [`adapted_modules`]).
 pub fn plan(cfg: &ModelConfig, modules: &[AdaptedModule], shape: &RunShape) -> MemoryPlan {
-    plan_model(Model::new(cfg, modules, BaseWeights::AsStored), *shape)
+    plan_as(cfg, modules, shape, BaseWeights::AsStored)
 }
 
 /// [`plan`] of a model whose projections are held as `base` says (NF4 for
 /// QLoRA).
 pub fn plan_as(cfg: &ModelConfig, modules: &[AdaptedModule], shape: &RunShape, base: BaseWeights) -> MemoryPlan {
-    plan_model(Model::new(cfg, modules, base), *shape)
+    plan_model(Planned { cfg: cfg.clone(), modules: modules.to_vec(), base }, *shape)
 }
 
 /// [`adapted_modules`] + [`plan`].
@@ -424,12 +317,11 @@ pub fn plan_lora_as(cfg: &ModelConfig, lc: &LoraConfig, shape: &RunShape, base: 
     Ok(plan_as(cfg, &adapted_modules(cfg, lc)?, shape, base))
 }
 
-fn plan_model(model: Model, shape: RunShape) -> MemoryPlan {
-    let weights = (model.weight_elems + model.nf4_scratch_elems) * shape.weight_bytes as u64 + model.nf4_bytes;
-    let adapter = 2 * 4 * model.adapter_elems;
-    let optimizer = 2 * 4 * model.adapter_elems;
-    let workspace = 4 * (model.head_dim / 2) + shape.reserve_bytes;
-    let (activations_peak, peak_at) = model.activations(&shape);
+fn plan_model(inputs: Planned, shape: RunShape) -> MemoryPlan {
+    let mut built = inputs.build(&shape);
+    let (activations_peak, peak_at) = inputs.activations(&mut built, &shape);
+    let (weights, adapter, optimizer) = (built.weights, built.adapter, built.optimizer);
+    let workspace = built.workspace + shape.reserve_bytes;
     MemoryPlan {
         weights,
         adapter,
@@ -439,14 +331,15 @@ fn plan_model(model: Model, shape: RunShape) -> MemoryPlan {
         total: weights + adapter + optimizer + activations_peak + workspace,
         peak_at,
         shape,
-        model,
+        nf4: built.nf4,
+        inputs,
     }
 }
 
 impl MemoryPlan {
     /// The same model and adapter with another run shape.
     pub fn replan(&self, shape: RunShape) -> MemoryPlan {
-        plan_model(self.model.clone(), shape)
+        plan_model(self.inputs.clone(), shape)
     }
 
     /// Changes of one setting that make the run fit in `available` bytes,
@@ -565,11 +458,11 @@ impl fmt::Display for MemoryPlan {
             (
                 "weights",
                 self.weights,
-                if self.model.nf4_bytes > 0 {
+                if self.nf4.0 > 0 {
                     format!(
                         "NF4 projections {} + dequantization scratch {} + the rest dense",
-                        human(self.model.nf4_bytes),
-                        human(self.model.nf4_scratch_elems * s.weight_bytes as u64)
+                        human(self.nf4.0),
+                        human(self.nf4.1)
                     )
                 } else {
                     String::new()

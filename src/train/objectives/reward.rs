@@ -4,23 +4,83 @@
 //! last token that is not the pad id, giving one scalar reward; pairs go
 //! through the model as one batch [chosen₁..chosen_k, rejected₁..rejected_k]
 //! and the loss on the rewards is `RewardConfig::loss`. The score head is
-//! trained in full beside the LoRA adapters (PEFT's modules_to_save).
+//! trained in full beside the LoRA adapters (PEFT's modules_to_save) and
+//! saved with them. `reward_model: true` selects it.
 //!
 //! The rewards are computed on the host in f64 from the k·2 pooled hidden
 //! rows (read back as one small [2k, hidden] block); the backward writes
 //! ∂L/∂h only at those rows, and the head's own gradient Σ dL/dr · h there.
 
-use super::objectives::{RewardConfig, RewardLoss, RewardPair as PairRewards};
-use super::optimizer::ExtraParam;
-use crate::adapter::peft::SCORE_KEY;
+use super::math::{Loss, Metrics, PairGrad, log_sigmoid, mean, sigmoid};
+use super::{Examples, MicroLoss, Objective, Step, StepOutcome, eval_in_chunks, mean_loss_step};
+use crate::adapter::peft::{self, SCORE_KEY};
+use crate::adapter::LoraConfig;
 use crate::backend::Backend;
+use crate::config::RunConfig;
+use crate::data::pairs;
+use crate::data::prepare::DatasetReport;
 use crate::data::preference::RewardPair;
+use crate::data::tokenizer::TextTokenizer;
 use crate::model::Model;
 use crate::model::batch::{Batch, IGNORE_INDEX, Sequence};
-use crate::model::graph::BackwardOpts;
+use crate::model::graph::{BackwardOpts, Head};
+use crate::train::optimizer::ExtraParam;
 use crate::util::rng::Rng;
 use anyhow::{Context, Result, bail};
+use std::fmt;
 use std::path::Path;
+
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct RewardConfig {
+    /// Adds coefficient × mean((r_c + r_r)²), pulling rewards toward 0.
+    pub center_rewards_coefficient: Option<f64>,
+}
+
+
+
+/// The scalar rewards of one pair and its optional margin (`RewardPair`
+/// outside this file: the data layer's `RewardPair` holds its token ids).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PairRewards {
+    pub chosen: f64,
+    pub rejected: f64,
+    pub margin: f64,
+}
+
+/// A reward model's result: `grads` is dL/dr per pair (`chosen_nll` is 0).
+pub type RewardLoss = Loss<PairGrad>;
+
+impl RewardConfig {
+    /// mean(−logσ(r_c − r_r − margin)) [+ c·mean((r_c + r_r)²)].
+    pub fn loss(&self, pairs: &[PairRewards]) -> Result<RewardLoss> {
+        if pairs.is_empty() {
+            bail!("a reward-model batch needs at least one pair");
+        }
+        if let Some(i) = pairs.iter().position(|p| !(p.chosen.is_finite() && p.rejected.is_finite() && p.margin.is_finite())) {
+            bail!("pair {i}: rewards and margin must be finite");
+        }
+        let n = pairs.len() as f64;
+        let c = self.center_rewards_coefficient.unwrap_or(0.0);
+        let mut loss = 0.0;
+        let mut grads = Vec::with_capacity(pairs.len());
+        for p in pairs {
+            let z = p.chosen - p.rejected - p.margin;
+            let sum = p.chosen + p.rejected;
+            loss += (-log_sigmoid(z) + c * sum * sum) / n;
+            let d = -sigmoid(-z);
+            grads.push(PairGrad { chosen: (d + 2.0 * c * sum) / n, rejected: (-d + 2.0 * c * sum) / n, chosen_nll: 0.0 });
+        }
+        let all = pairs.iter().flat_map(|p| [p.chosen, p.rejected]);
+        let mut metrics = Metrics::default();
+        metrics.push("loss", loss);
+        metrics.push("min_reward", all.clone().fold(f64::INFINITY, f64::min));
+        metrics.push("mean_reward", all.clone().sum::<f64>() / (2.0 * n));
+        metrics.push("max_reward", all.fold(f64::NEG_INFINITY, f64::max));
+        metrics.push("accuracy", mean(pairs.iter().map(|p| if p.chosen > p.rejected { 1.0 } else { 0.0 })));
+        metrics.push("margin", mean(pairs.iter().map(|p| p.chosen - p.rejected)));
+        Ok(RewardLoss { loss, grads, metrics })
+    }
+}
 
 /// transformers' default `initializer_range` when config.json has none.
 pub const DEFAULT_INITIALIZER_RANGE: f64 = 0.02;
@@ -110,10 +170,15 @@ impl<B: Backend> ScoreHead<B> {
     /// pad id. Tokens after it cannot change its hidden state (attention is
     /// causal), so they need no special handling.
     pub fn pooled_position(&self, ids: &[u32]) -> usize {
-        match self.pad_token_id {
-            None => ids.len().saturating_sub(1),
-            Some(pad) => ids.iter().rposition(|&t| t != pad).unwrap_or(0),
-        }
+        pooled_position(self.pad_token_id, ids)
+    }
+}
+
+/// `ScoreHead::pooled_position` for a head whose pad id is `pad`.
+fn pooled_position(pad: Option<u32>, ids: &[u32]) -> usize {
+    match pad {
+        None => ids.len().saturating_sub(1),
+        Some(pad) => ids.iter().rposition(|&t| t != pad).unwrap_or(0),
     }
 }
 
@@ -126,7 +191,7 @@ struct RewardBatch {
 }
 
 impl RewardBatch {
-    fn new<B: Backend>(head: &ScoreHead<B>, pairs: &[&RewardPair], vocab: usize) -> Result<RewardBatch> {
+    fn new(pad: Option<u32>, pairs: &[&RewardPair], vocab: usize) -> Result<RewardBatch> {
         if pairs.is_empty() {
             bail!("a reward-model batch needs at least one pair");
         }
@@ -139,7 +204,7 @@ impl RewardBatch {
                 if ids.is_empty() {
                     bail!("reward pair {i}: the {side} sequence has no tokens");
                 }
-                pooled.push(offset + head.pooled_position(ids));
+                pooled.push(offset + pooled_position(pad, ids));
                 offset += ids.len();
                 // No LM targets: the loss is on the pooled hidden states.
                 seqs.push(Sequence { input_ids: ids.clone(), labels: vec![IGNORE_INDEX; ids.len()] });
@@ -179,8 +244,8 @@ impl RewardBatch {
 
 /// The rewards of pairs (chosen, rejected), without gradients.
 pub fn rewards<B: Backend>(be: &B, model: &Model<B>, head: &ScoreHead<B>, pairs: &[&RewardPair]) -> Result<Vec<PairRewards>> {
-    check_hidden(model, head)?;
-    let rb = RewardBatch::new(head, pairs, model.cfg.vocab)?;
+    check_hidden(model, head.hidden())?;
+    let rb = RewardBatch::new(head.pad_token_id, pairs, model.cfg.vocab)?;
     let hf = model.final_hidden(be, &rb.batch, true);
     rb.rewards(&rb.pooled_rows(be, &hf, head.hidden()), &head.weight(be))
 }
@@ -210,12 +275,28 @@ pub fn reward_forward_backward<B: Backend>(
     scale: f64,
     opts: BackwardOpts,
 ) -> Result<(RewardLoss, usize)> {
-    check_hidden(model, head)?;
-    let rb = RewardBatch::new(head, pairs, model.cfg.vocab)?;
-    let (n, h) = (rb.batch.n_tokens(), head.hidden());
-    let w = head.weight(be);
+    let pad = head.pad_token_id;
+    micro_batch(be, model, &mut head.param, pad, cfg, pairs, scale, opts)
+}
+
+/// `reward_forward_backward` on the head's parameter and pad id.
+#[allow(clippy::too_many_arguments)]
+fn micro_batch<B: Backend>(
+    be: &B,
+    model: &mut Model<B>,
+    param: &mut ExtraParam<B>,
+    pad: Option<u32>,
+    cfg: &RewardConfig,
+    pairs: &[&RewardPair],
+    scale: f64,
+    opts: BackwardOpts,
+) -> Result<(RewardLoss, usize)> {
+    check_hidden(model, param.shape[1])?;
+    let rb = RewardBatch::new(pad, pairs, model.cfg.vocab)?;
+    let (n, h) = (rb.batch.n_tokens(), param.shape[1]);
+    let w = be.download(&param.value);
     let mut result = None;
-    model.forward_backward_head(be, &rb.batch, opts, |hf| {
+    model.forward_backward_with(be, &rb.batch, opts, Head::Hidden(&mut |hf| {
         let rows = rb.pooled_rows(be, hf, h);
         let loss = cfg.loss(&rb.rewards(&rows, &w)?)?;
         let k = rb.k();
@@ -225,7 +306,7 @@ pub fn reward_forward_backward<B: Backend>(
             .collect();
         // ∂L/∂w = Σ_s dL/dr_s · h_s (f64), added to the head's gradient.
         let dw: Vec<f32> = (0..h).map(|j| dr.iter().enumerate().map(|(s, d)| d * rows[s * h + j] as f64).sum::<f64>() as f32).collect();
-        be.add_assign(&mut head.param.grad, &be.upload(&dw));
+        be.add_assign(&mut param.grad, &be.upload(&dw));
         // ∂L/∂h_s = dL/dr_s · w at the pooled rows, zero elsewhere.
         let d_rows: Vec<f32> = dr.iter().flat_map(|&d| w.iter().map(move |&x| (d * x as f64) as f32)).collect();
         let d_rows = be.upload_activation(&d_rows);
@@ -235,13 +316,112 @@ pub fn reward_forward_backward<B: Backend>(
         }
         result = Some(loss);
         Ok(dhf)
-    })?;
+    }))?;
     Ok((result.expect("the head ran"), n))
 }
 
-fn check_hidden<B: Backend>(model: &Model<B>, head: &ScoreHead<B>) -> Result<()> {
-    if head.hidden() != model.cfg.hidden {
-        bail!("the score head has {} inputs but the model's hidden size is {}", head.hidden(), model.cfg.hidden);
+fn check_hidden<B: Backend>(model: &Model<B>, inputs: usize) -> Result<()> {
+    if inputs != model.cfg.hidden {
+        bail!("the score head has {inputs} inputs but the model's hidden size is {}", model.cfg.hidden);
     }
     Ok(())
+}
+
+/// The reward model as a training objective: its loss settings and the
+/// score head it trains (made by `prepare_model`).
+pub struct Reward<B: Backend> {
+    pub cfg: RewardConfig,
+    head: Option<ScoreHead<B>>,
+    /// The head lora_model_dir's adapter brought, until `prepare_model`.
+    saved_score: Option<Vec<f32>>,
+}
+
+impl<B: Backend> fmt::Debug for Reward<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Reward({:?})", self.cfg)
+    }
+}
+
+fn pairs_of(examples: &Examples) -> Result<&[RewardPair]> {
+    match examples {
+        Examples::Reward(r) => Ok(r),
+        _ => bail!("reward modelling takes the rewards of pairs {{prompt?, chosen, rejected, margin?}}"),
+    }
+}
+
+impl<B: Backend> Reward<B> {
+    fn head(&self) -> Result<&ScoreHead<B>> {
+        self.head.as_ref().context("a reward model needs its score head")
+    }
+}
+
+impl<B: Backend> Objective<B> for Reward<B> {
+    fn prepare_data(&self, cfg: &RunConfig, tokenizer_dir: &Path, vocab: usize) -> Result<(Examples, Examples, Vec<DatasetReport>)> {
+        let data = pairs::prepare_reward(cfg, tokenizer_dir, vocab)?;
+        Ok((Examples::Reward(data.train), Examples::Reward(data.val), data.report))
+    }
+
+    /// A reward adapter (SEQ_CLS) brings its score head along.
+    fn load_adapter(&mut self, be: &B, model: &mut Model<B>, dir: &Path) -> Result<usize> {
+        if !peft::is_reward_adapter(dir)? {
+            return peft::load(be, model, dir).with_context(|| format!("lora_model_dir {}", dir.display()));
+        }
+        let (n, score) = peft::load_reward(be, model, dir).with_context(|| format!("lora_model_dir {}", dir.display()))?;
+        self.saved_score = Some(score);
+        Ok(n)
+    }
+
+    /// The score head: fresh (transformers' init range), or the one saved
+    /// with lora_model_dir's adapter. Rewards are read at the last token
+    /// that is not padding, the pad id being the tokenizer's pad (or its
+    /// EOS), as TRL sets it.
+    fn prepare_model(&mut self, be: &B, model: &Model<B>, cfg: &RunConfig, model_dir: &Path, tokenizer_dir: &Path) -> Result<()> {
+        let tok = TextTokenizer::load(tokenizer_dir, &cfg.special_tokens)?;
+        let pad = tok.pad_id().or(tok.eos_id());
+        let hc = HeadConfig::read(model_dir)?;
+        self.head = Some(match self.saved_score.take() {
+            Some(score) => ScoreHead::from_host(be, &score, pad),
+            None => ScoreHead::init(be, model.cfg.hidden, hc.initializer_range, pad, &mut Rng::new(cfg.seed ^ 0x5c0e)),
+        });
+        Ok(())
+    }
+
+    fn step(&mut self, s: Step<'_, B>) -> Result<StepOutcome> {
+        let rp = pairs_of(s.examples)?;
+        let head = self.head.as_mut().context("a reward model needs its score head")?;
+        let (be, cfg, pad) = (s.be, &self.cfg, head.pad_token_id);
+        mean_loss_step(s, &mut [&mut head.param], |model, extras, mb, share, opts| {
+            let refs: Vec<&RewardPair> = mb.iter().map(|&i| &rp[i]).collect();
+            let (l, tokens) = micro_batch(be, model, extras[0], pad, cfg, &refs, share, opts)?;
+            Ok(MicroLoss { loss: l.loss, metrics: l.metrics, tokens })
+        })
+    }
+
+    fn evaluate(&self, be: &B, model: &Model<B>, val: &Examples, rows: usize) -> Result<(f64, Metrics)> {
+        let head = self.head()?;
+        eval_in_chunks(pairs_of(val)?, rows, |refs| reward_eval(be, model, head, &self.cfg, refs).map(|l| (l.loss, l.metrics)))
+    }
+
+    fn extra_params(&self) -> Vec<&ExtraParam<B>> {
+        self.head.iter().map(|h| &h.param).collect()
+    }
+
+    fn restore(&mut self, be: &B, model: &mut Model<B>, dir: &Path) -> Result<usize> {
+        let (n, score) = peft::load_reward(be, model, dir).with_context(|| format!("loading the adapter of {}", dir.display()))?;
+        let head = self.head.as_mut().context("a reward model needs its score head")?;
+        *head = ScoreHead::from_host(be, &score, head.pad_token_id);
+        Ok(n)
+    }
+
+    fn save_adapter(&self, be: &B, model: &Model<B>, lora: &LoraConfig, dir: &Path) -> Result<()> {
+        peft::save_reward(be, model, lora, &self.head()?.weight(be), dir)
+    }
+}
+
+/// `reward_model: true`, with center_rewards_coefficient.
+pub fn select<B: Backend>(cfg: &RunConfig) -> Option<Result<Box<dyn Objective<B>>>> {
+    cfg.reward_model.then(|| {
+        let c = RewardConfig { center_rewards_coefficient: cfg.center_rewards_coefficient };
+        Ok(Box::new(Reward::<B> { cfg: c, head: None, saved_score: None }) as Box<dyn Objective<B>>)
+    })
 }

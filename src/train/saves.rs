@@ -1,4 +1,4 @@
-//! Training checkpoints: output_dir/checkpoint-N/ holds the adapter (PEFT
+//! Training checkpoints (saves of a run): output_dir/checkpoint-N/ holds the adapter (PEFT
 //! files, so any checkpoint is usable as is; a reward model's includes its
 //! score head), the optimiser moments (optimizer.safetensors, f32: LoRA
 //! modules and any extra trainable tensors), and trainer_state.json (step, data
@@ -7,7 +7,7 @@
 //! checkpoint-N that resume could pick.
 
 use super::optimizer::{ExtraMomentsHost, ExtraParam, MomentsHost, Optimizer};
-use super::reward::ScoreHead;
+use super::objectives::reward::ScoreHead;
 use crate::adapter::{LoraConfig, peft};
 use crate::backend::Backend;
 use crate::model::{Model, module_path};
@@ -81,7 +81,8 @@ pub fn save_reward<B: Backend>(
     save_with(be, model, opt, state, output_dir, |dir| peft::save_reward(be, model, lc, &score, dir))
 }
 
-fn save_with<B: Backend>(
+/// Write checkpoint-N with `write_adapter` filling in its adapter files.
+pub fn save_with<B: Backend>(
     be: &B,
     model: &Model<B>,
     opt: &Optimizer<B>,
