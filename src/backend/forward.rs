@@ -1,6 +1,7 @@
 //! The one forwarding mechanism of wrapper backends (a backend around
 //! another that observes its calls: timing in `profiled`, byte counts in
-//! the testkit's meter).
+//! the testkit's meter; the testkit's bf16 simulation, which re-routes the
+//! ops, forwards only the read-only methods through it).
 //!
 //! A wrapper implements [`Forward`] (how its handles reach the inner
 //! backend's, and what runs around each call), writes the methods that
