@@ -1,7 +1,7 @@
 //! Are the GPU tests' tolerances achievable by a correct bf16 backend? The
 //! CPU reference against `Bf16Sim<CpuBackend>` (the CPU with the CUDA
 //! backend's bf16 storage and bf16 product operands simulated, see
-//! src/backend/bf16sim.rs), under exactly the tolerances tests/gpu.rs
+//! testkit/src/bf16sim.rs), under exactly the tolerances tests/gpu.rs
 //! asserts: `Tolerances::bf16()` op by op, and for the whole model loss 5e-3
 //! relative, LoRA gradients 5e-2 norm-relative, 50-step AdamW loss curve 2e-2
 //! per step. Every measured error is printed with its margin (tolerance /
@@ -15,8 +15,8 @@ mod common;
 
 use common::{CASES, Reference, load_with_adapter, loss_and_grads, rel_err};
 use ferrotune::backend::Backend;
-use ferrotune::backend::bf16sim::Bf16Sim;
-use ferrotune::backend::conformance::{Check, Harness, Scale, Tolerances};
+use ferrotune_testkit::bf16sim::Bf16Sim;
+use ferrotune_testkit::conformance::{Check, Harness, Scale, Tolerances};
 use ferrotune::backend::cpu::CpuBackend;
 use ferrotune::model::batch::Batch;
 use ferrotune::train::optimizer::{AdamWConfig, Optimizer};

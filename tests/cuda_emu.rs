@@ -21,7 +21,7 @@ mod generation;
 mod gpu_checks;
 
 use common::GPU_CURVE_TOL;
-use ferrotune::backend::conformance::Scale;
+use ferrotune_testkit::conformance::Scale;
 use ferrotune::backend::cuda::CudaBackend;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -249,7 +249,7 @@ fn results_are_bit_identical_under_every_thread_schedule() {
     // schedules, including the first or the last warp running as far ahead of
     // the others as the barriers allow; every output bit must agree.
     use common::{Reference, load_with_adapter, loss_and_grads};
-    use ferrotune::backend::{AttnShape, Backend};
+    use ferrotune::backend::{AttnSaved, AttnShape, Backend, LoraGrads, LoraInputs, LoraShape, Qkv, QkvGrads, Varlen};
     use ferrotune::model::batch::Batch;
     use ferrotune::util::rng::Rng;
     let (_alone, be) = emulated_gpu_alone();
@@ -266,9 +266,9 @@ fn results_are_bit_identical_under_every_thread_schedule() {
             let (q, k, v, dout) = (be.upload_activation(&q), be.upload_activation(&k), be.upload_activation(&v), be.upload_activation(&dout));
             let cu = be.upload_ints(&cu);
             let (mut out, mut lse) = (be.zeros(n * heads * d), be.zeros_f32(heads * n));
-            be.attention(&q, &k, &v, &cu, seqs.len(), shape, &mut out, &mut lse);
+            be.attention(Qkv { q: &q, k: &k, v: &v }, Varlen { cu_seqlens: &cu, n_seqs: seqs.len() }, shape, &mut out, &mut lse);
             let (mut dq, mut dk, mut dv) = (be.zeros(n * heads * d), be.zeros(n * kv * d), be.zeros(n * kv * d));
-            be.attention_backward(&dout, &q, &k, &v, &out, &lse, &cu, seqs.len(), shape, &mut dq, &mut dk, &mut dv);
+            be.attention_backward(&dout, Qkv { q: &q, k: &k, v: &v }, AttnSaved { out: &out, lse: &lse }, Varlen { cu_seqlens: &cu, n_seqs: seqs.len() }, shape, QkvGrads { dq: &mut dq, dk: &mut dk, dv: &mut dv });
             for b in [&out, &lse, &dq, &dk, &dv] {
                 outputs.push(be.download(b).iter().map(|x| x.to_bits()).collect());
             }
@@ -282,9 +282,9 @@ fn results_are_bit_identical_under_every_thread_schedule() {
             let (a, b) = (be.upload(&rand(r * k)), be.upload(&rand(n * r)));
             let d = Some(ferrotune::backend::Dropout { p: 0.1, seed: 9 });
             let (mut xa, mut y) = (be.zeros(m * r), be.zeros(m * n));
-            be.lora_forward(&x, &a, &b, 0.5, d, &mut xa, &mut y, m, k, n, r);
+            be.lora_forward(LoraInputs { x: &x, a: &a, b: &b }, &mut xa, &mut y, LoraShape { m, k, n, r, scale: 0.5, dropout: d });
             let (mut dx, mut da, mut db) = (be.zeros(m * k), be.zeros_f32(r * k), be.zeros_f32(n * r));
-            be.lora_backward(&dy, &x, &a, &b, &xa, 0.5, d, &mut dx, &mut da, &mut db, m, k, n, r);
+            be.lora_backward(&dy, LoraInputs { x: &x, a: &a, b: &b }, &xa, LoraGrads { dx: &mut dx, da: &mut da, db: &mut db }, LoraShape { m, k, n, r, scale: 0.5, dropout: d });
             for buf in [&xa, &y, &dx, &da, &db] {
                 outputs.push(be.download(buf).iter().map(|x| x.to_bits()).collect());
             }

@@ -10,7 +10,7 @@ mod generation;
 
 use common::{CASES, fixture, load_with_adapter, max_abs_err};
 use generation::{GPU_LOGITS_TOL, NEW_TOKENS, greedy_by_recompute, greedy_cached, last_logits, prompt, teacher_forced_logits_rel_err};
-use ferrotune::backend::bf16sim::Bf16Sim;
+use ferrotune_testkit::bf16sim::Bf16Sim;
 use ferrotune::backend::cpu::CpuBackend;
 use ferrotune::model::Model;
 use ferrotune::model::checkpoint::{self, Checkpoint};

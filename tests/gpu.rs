@@ -2,7 +2,7 @@
 //! GPU, so they are ignored in a plain `cargo test` (CI has none) and run
 //! with `--ignored` by the GPU check (scripts/gpu_check.sh), which prints
 //! every figure. Tolerances are those of `Tolerances::bf16()` (see
-//! src/backend/conformance.rs for why), and for the whole model:
+//! testkit/src/conformance.rs for why), and for the whole model:
 //! - loss within 0.5% relative: bf16 storage of the residual stream and every
 //!   activation (2^-9 relative per rounding, ~20 roundings along a 2-layer
 //!   path, partly cancelling);
@@ -19,7 +19,7 @@ mod generation;
 #[path = "common/gpu_checks.rs"]
 mod gpu_checks;
 
-use ferrotune::backend::conformance::Scale;
+use ferrotune_testkit::conformance::Scale;
 use ferrotune::backend::cuda::CudaBackend;
 
 fn gpu() -> CudaBackend {
@@ -83,7 +83,7 @@ fn nf4_traffic(t: &ferrotune::quant::nf4::Nf4Tensor) -> usize {
 #[ignore = "needs a GPU: run by scripts/gpu_check.sh"]
 fn nf4_dequantize_is_bit_exact_against_the_cpu_and_its_throughput_is_printed() {
     use ferrotune::backend::Backend;
-    use ferrotune::backend::conformance::random_nf4;
+    use ferrotune_testkit::conformance::random_nf4;
     use ferrotune::util::rng::Rng;
     let cuda = gpu();
     // A partial last block and an odd element count (the tail path), and

@@ -12,7 +12,7 @@
 
 use ferrotune::adapter::{LoraConfig, Targets};
 use ferrotune::backend::cpu::CpuBackend;
-use ferrotune::backend::metered::Metered;
+use ferrotune_testkit::metered::Metered;
 use ferrotune::model::batch::{Batch, Sequence};
 use ferrotune::model::config::ModelConfig;
 use ferrotune::model::graph::BackwardOpts;

@@ -16,7 +16,7 @@ use common::{Reference, fixture, max_abs_err, rel_err};
 use ferrotune::adapter::merge::{self, MergeOptions};
 use ferrotune::adapter::{LoraConfig, Targets, peft};
 use ferrotune::backend::cpu::CpuBackend;
-use ferrotune::backend::metered::Metered;
+use ferrotune_testkit::metered::Metered;
 use ferrotune::backend::{Backend, DType};
 use ferrotune::model::batch::Batch;
 use ferrotune::model::checkpoint::Checkpoint;

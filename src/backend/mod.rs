@@ -2,7 +2,15 @@
 //!
 //! The model's forward and backward are written once, in terms of this trait.
 //! `cpu` is the reference implementation (f32, plain loops plus a GEMM crate);
-//! a CUDA implementation with the same semantics follows.
+//! `cuda` implements the same semantics on one GPU; `profiled` wraps either
+//! to time each op. Test-only backends (the conformance harness, the bf16
+//! simulation, the memory meter) live in the testkit crate (testkit/).
+//!
+//! A new op touches: its method in the trait below (arguments grouped with
+//! args.rs), cpu/<op>.rs with its tests (wired in cpu/mod.rs), cuda/<op>.cu
+//! with its launch in cuda/ops.rs, one line in the op table of
+//! `forward_ops!` (forward.rs), and testkit/src/bf16sim/mod.rs (how the GPU's
+//! bf16 storage rounds its outputs) plus a check in testkit/src/conformance.rs.
 //!
 //! Conventions shared by every op:
 //! - Buffers are flat and row-major; every shape is passed explicitly.
@@ -21,19 +29,17 @@
 //! - Every op is deterministic: the same inputs give bit-identical outputs.
 //! - Buffers may be longer than a shape needs; ops touch only the prefix.
 
-// Shapes are passed explicitly (as a GPU kernel launch needs them), so many
-// ops take more than clippy's default argument count.
-#![allow(clippy::too_many_arguments)]
-
+mod args;
 pub mod cpu;
 pub mod cuda;
-pub mod conformance;
-pub mod bf16sim;
-pub mod metered;
+mod forward;
 pub mod profiled;
 pub mod phase;
 
 pub use phase::Phase;
+
+pub use args::{AttnSaved, LoraGrads, LoraInputs, LoraShape, MatShape, NormShape, Qkv, QkvGrads, RopeShape, Varlen};
+pub use forward::Forward;
 
 use crate::quant::nf4::Nf4Tensor;
 use anyhow::Result;
@@ -234,80 +240,29 @@ pub trait Backend: Send + Sync + 'static {
 
     // ---- matrix products ------------------------------------------------
     /// y[m, n] = x[m, k] · W[n, k]ᵀ (+ bias[n]).  The frozen-linear forward.
-    fn linear(
-        &self,
-        x: &Self::Buf,
-        w: &Self::Weight,
-        bias: Option<&Self::Weight>,
-        y: &mut Self::Buf,
-        m: usize,
-        k: usize,
-        n: usize,
-    );
+    fn linear(&self, x: &Self::Buf, w: &Self::Weight, bias: Option<&Self::Weight>, y: &mut Self::Buf, shape: MatShape);
     /// dx[m, k] (+)= dy[m, n] · W[n, k].  The frozen-linear input gradient.
-    fn linear_backward_input(
-        &self,
-        dy: &Self::Buf,
-        w: &Self::Weight,
-        dx: &mut Self::Buf,
-        m: usize,
-        k: usize,
-        n: usize,
-        accumulate: bool,
-    );
+    fn linear_backward_input(&self, dy: &Self::Buf, w: &Self::Weight, dx: &mut Self::Buf, shape: MatShape, accumulate: bool);
 
     // ---- LoRA side path -------------------------------------------------
     /// xa[m, r] = dropout(x)[m, k] · A[r, k]ᵀ ;  y[m, n] += scale · xa · B[n, r]ᵀ.
     /// `xa` is kept for the backward.
-    #[allow(clippy::too_many_arguments)]
-    fn lora_forward(
-        &self,
-        x: &Self::Buf,
-        a: &Self::Buf,
-        b: &Self::Buf,
-        scale: f32,
-        dropout: Option<Dropout>,
-        xa: &mut Self::Buf,
-        y: &mut Self::Buf,
-        m: usize,
-        k: usize,
-        n: usize,
-        r: usize,
-    );
+    fn lora_forward(&self, inputs: LoraInputs<'_, Self::Buf>, xa: &mut Self::Buf, y: &mut Self::Buf, shape: LoraShape);
     /// Backward of `lora_forward` given dy[m, n]:
     /// dB[n, r] += scale · dyᵀ · xa ;  dxa = scale · dy · B ;
     /// dA[r, k] += dxaᵀ · dropout(x) ;  dx[m, k] += dropout'(dxa · A).
-    #[allow(clippy::too_many_arguments)]
     fn lora_backward(
         &self,
         dy: &Self::Buf,
-        x: &Self::Buf,
-        a: &Self::Buf,
-        b: &Self::Buf,
+        inputs: LoraInputs<'_, Self::Buf>,
         xa: &Self::Buf,
-        scale: f32,
-        dropout: Option<Dropout>,
-        dx: &mut Self::Buf,
-        da: &mut Self::Buf,
-        db: &mut Self::Buf,
-        m: usize,
-        k: usize,
-        n: usize,
-        r: usize,
+        grads: LoraGrads<'_, Self::Buf>,
+        shape: LoraShape,
     );
 
     // ---- normalisation -------------------------------------------------
     /// y = x · rsqrt(mean(x²) + eps) · w per row of `hidden`; inv_rms[row] saved.
-    fn rmsnorm(
-        &self,
-        x: &Self::Buf,
-        w: &Self::Weight,
-        y: &mut Self::Buf,
-        inv_rms: &mut Self::Buf,
-        rows: usize,
-        hidden: usize,
-        eps: f32,
-    );
+    fn rmsnorm(&self, x: &Self::Buf, w: &Self::Weight, y: &mut Self::Buf, inv_rms: &mut Self::Buf, shape: NormShape, eps: f32);
     /// dx += ∂y/∂x ᵀ · dy (the weight is frozen: no weight gradient).
     fn rmsnorm_backward(
         &self,
@@ -316,59 +271,39 @@ pub trait Backend: Send + Sync + 'static {
         w: &Self::Weight,
         inv_rms: &Self::Buf,
         dx: &mut Self::Buf,
-        rows: usize,
-        hidden: usize,
+        shape: NormShape,
     );
 
     // ---- rotary embeddings ---------------------------------------------
     /// In place on x[n, heads, head_dim], half-split layout:
     /// x' = x·cos + rotate_half(x)·sin, angle = positions[t] · inv_freq[i]
     /// (computed in f32), inv_freq has head_dim/2 entries.
-    fn rope(&self, x: &mut Self::Buf, positions: &Self::IntBuf, inv_freq: &Self::Buf, n: usize, heads: usize, head_dim: usize);
+    fn rope(&self, x: &mut Self::Buf, positions: &Self::IntBuf, inv_freq: &Self::Buf, shape: RopeShape);
     /// The transpose of `rope` (rotation by the negative angle), in place on
     /// the gradient.
-    fn rope_backward(
-        &self,
-        dx: &mut Self::Buf,
-        positions: &Self::IntBuf,
-        inv_freq: &Self::Buf,
-        n: usize,
-        heads: usize,
-        head_dim: usize,
-    );
+    fn rope_backward(&self, dx: &mut Self::Buf, positions: &Self::IntBuf, inv_freq: &Self::Buf, shape: RopeShape);
 
     // ---- attention -----------------------------------------------------
     /// Causal attention with GQA over the varlen batch.
     /// q [n, n_heads, d], k/v [n, n_kv_heads, d] -> out [n, n_heads, d];
     /// lse [n_heads, n] = log Σ exp(scores) per query (kept for backward).
-    #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
-        q: &Self::Buf,
-        k: &Self::Buf,
-        v: &Self::Buf,
-        cu_seqlens: &Self::IntBuf,
-        n_seqs: usize,
+        qkv: Qkv<'_, Self::Buf>,
+        seqs: Varlen<'_, Self::IntBuf>,
         shape: AttnShape,
         out: &mut Self::Buf,
         lse: &mut Self::Buf,
     );
     /// Gradients of `attention`; dq, dk, dv are overwritten.
-    #[allow(clippy::too_many_arguments)]
     fn attention_backward(
         &self,
         dout: &Self::Buf,
-        q: &Self::Buf,
-        k: &Self::Buf,
-        v: &Self::Buf,
-        out: &Self::Buf,
-        lse: &Self::Buf,
-        cu_seqlens: &Self::IntBuf,
-        n_seqs: usize,
+        qkv: Qkv<'_, Self::Buf>,
+        saved: AttnSaved<'_, Self::Buf>,
+        seqs: Varlen<'_, Self::IntBuf>,
         shape: AttnShape,
-        dq: &mut Self::Buf,
-        dk: &mut Self::Buf,
-        dv: &mut Self::Buf,
+        grads: QkvGrads<'_, Self::Buf>,
     );
     /// Attention of the newest `shape.n` tokens of one sequence over that
     /// sequence's key/value cache (generation with a KV cache).
@@ -381,7 +316,6 @@ pub trait Backend: Send + Sync + 'static {
     /// the outputs of one `attention` call over the whole sequence. GQA reads
     /// kv head h / (n_heads / n_kv_heads) in place. No lse: there is no
     /// backward. `shape.max_seqlen` is unused.
-    #[allow(clippy::too_many_arguments)]
     fn decode_attention(
         &self,
         q: &Self::Buf,

@@ -13,7 +13,7 @@
 use super::sample::{Sampler, SamplingParams};
 use super::Model;
 use super::layer::{self, StepCtx};
-use crate::backend::Backend;
+use crate::backend::{Backend, MatShape, NormShape, Qkv, Varlen};
 use anyhow::{Result, bail};
 use std::time::{Duration, Instant};
 
@@ -155,9 +155,9 @@ impl<B: Backend> Model<B> {
         be.copy_slice(&x, (n - 1) * h, &mut last, 0, h);
         let mut normed = be.zeros(h);
         let mut inv = be.zeros_f32(1);
-        be.rmsnorm(&last, &self.final_norm, &mut normed, &mut inv, 1, h, cfg.rms_norm_eps);
+        be.rmsnorm(&last, &self.final_norm, &mut normed, &mut inv, NormShape { rows: 1, hidden: h }, cfg.rms_norm_eps);
         let mut logits = be.zeros_f32(cfg.vocab);
-        be.linear(&normed, self.head(), None, &mut logits, 1, h, cfg.vocab);
+        be.linear(&normed, self.head(), None, &mut logits, MatShape { m: 1, k: h, n: cfg.vocab });
         Ok(be.download(&logits))
     }
 
@@ -196,7 +196,7 @@ impl<B: Backend> Model<B> {
             be.copy_slice(v, 0, v_cache, past * kvd, n * kvd);
             if past == 0 {
                 // The whole sequence is new: the varlen (flash) attention.
-                be.attention(q, k, v, cu_seqlens, 1, shape, attn, lse);
+                be.attention(Qkv { q, k, v }, Varlen { cu_seqlens, n_seqs: 1 }, shape, attn, lse);
             } else {
                 be.decode_attention(q, k_cache, v_cache, past, shape, attn);
             }

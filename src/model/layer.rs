@@ -6,7 +6,10 @@
 //!   h2 = rmsnorm(x_mid);  act = silu(gate(h2)) ⊙ up(h2);  x_out = x_mid + down(act)
 
 use super::{Layer, Linear, Proj};
-use crate::backend::{AttnShape, Backend, Dropout};
+use crate::backend::{
+    AttnSaved, AttnShape, Backend, Dropout, LoraGrads, LoraInputs, LoraShape, MatShape, NormShape, Qkv, QkvGrads, RopeShape,
+    Varlen,
+};
 use crate::model::config::ModelConfig;
 
 /// Per-step inputs shared by every layer, already on the backend.
@@ -79,11 +82,12 @@ fn proj_forward<B: Backend>(
 ) -> B::Buf {
     let lin = layer.p(p);
     let mut y = be.zeros(m * lin.out_f);
-    be.linear(x, &lin.weight, lin.bias.as_ref(), &mut y, m, lin.in_f, lin.out_f);
+    be.linear(x, &lin.weight, lin.bias.as_ref(), &mut y, MatShape { m, k: lin.in_f, n: lin.out_f });
     xa[p as usize] = lin.lora.as_ref().filter(|_| ctx.adapters).map(|l| {
         let mut saved = be.zeros(m * l.r);
         let dropout = dropout_for(lin, ctx.dropout_seed, li, p);
-        be.lora_forward(x, &l.a, &l.b, l.scale, dropout, &mut saved, &mut y, m, lin.in_f, lin.out_f, l.r);
+        let shape = LoraShape { m, k: lin.in_f, n: lin.out_f, r: l.r, scale: l.scale, dropout };
+        be.lora_forward(LoraInputs { x, a: &l.a, b: &l.b }, &mut saved, &mut y, shape);
         saved
     });
     y
@@ -107,10 +111,12 @@ fn proj_backward<B: Backend>(
 ) {
     let dropout = dropout_for(layer.p(p), seed, li, p);
     let Linear { weight, lora, in_f, out_f, .. } = &mut layer.proj[p as usize];
-    be.linear_backward_input(dy, weight, dx, m, *in_f, *out_f, accumulate);
+    be.linear_backward_input(dy, weight, dx, MatShape { m, k: *in_f, n: *out_f }, accumulate);
     if let Some(l) = lora.as_mut() {
         let xa = acts.xa[p as usize].as_ref().expect("LoRA activations saved in forward");
-        be.lora_backward(dy, x, &l.a, &l.b, xa, l.scale, dropout, dx, &mut l.grad_a, &mut l.grad_b, m, *in_f, *out_f, l.r);
+        let shape = LoraShape { m, k: *in_f, n: *out_f, r: l.r, scale: l.scale, dropout };
+        let grads = LoraGrads { dx, da: &mut l.grad_a, db: &mut l.grad_b };
+        be.lora_backward(dy, LoraInputs { x, a: &l.a, b: &l.b }, xa, grads, shape);
     }
 }
 
@@ -137,7 +143,7 @@ pub fn forward<B: Backend>(
 ) -> (B::Buf, LayerActs<B>) {
     let shape = attn_shape(cfg, ctx.n, ctx.max_seqlen, layer.window);
     forward_with(be, cfg, layer, li, x_in, ctx, |q, k, v, attn, lse| {
-        be.attention(q, k, v, ctx.cu_seqlens, ctx.n_seqs, shape, attn, lse)
+        be.attention(Qkv { q, k, v }, Varlen { cu_seqlens: ctx.cu_seqlens, n_seqs: ctx.n_seqs }, shape, attn, lse)
     })
 }
 
@@ -160,13 +166,13 @@ pub fn forward_with<B: Backend>(
 
     let mut h1 = be.zeros(n * h);
     let mut inv1 = be.zeros_f32(n);
-    be.rmsnorm(&x_in, &layer.input_norm, &mut h1, &mut inv1, n, h, cfg.rms_norm_eps);
+    be.rmsnorm(&x_in, &layer.input_norm, &mut h1, &mut inv1, NormShape { rows: n, hidden: h }, cfg.rms_norm_eps);
 
     let mut q = proj_forward(be, layer, li, Proj::Q, &h1, n, ctx, &mut xa);
     let mut k = proj_forward(be, layer, li, Proj::K, &h1, n, ctx, &mut xa);
     let v = proj_forward(be, layer, li, Proj::V, &h1, n, ctx, &mut xa);
-    be.rope(&mut q, ctx.positions, ctx.inv_freq, n, cfg.n_heads, cfg.head_dim);
-    be.rope(&mut k, ctx.positions, ctx.inv_freq, n, cfg.n_kv_heads, cfg.head_dim);
+    be.rope(&mut q, ctx.positions, ctx.inv_freq, RopeShape { n, heads: cfg.n_heads, head_dim: cfg.head_dim });
+    be.rope(&mut k, ctx.positions, ctx.inv_freq, RopeShape { n, heads: cfg.n_kv_heads, head_dim: cfg.head_dim });
 
     let mut attn = be.zeros(n * cfg.n_heads * cfg.head_dim);
     let mut lse = be.zeros_f32(cfg.n_heads * n);
@@ -179,7 +185,7 @@ pub fn forward_with<B: Backend>(
 
     let mut h2 = be.zeros(n * h);
     let mut inv2 = be.zeros_f32(n);
-    be.rmsnorm(&x_mid, &layer.post_attention_norm, &mut h2, &mut inv2, n, h, cfg.rms_norm_eps);
+    be.rmsnorm(&x_mid, &layer.post_attention_norm, &mut h2, &mut inv2, NormShape { rows: n, hidden: h }, cfg.rms_norm_eps);
     let gate = proj_forward(be, layer, li, Proj::Gate, &h2, n, ctx, &mut xa);
     let up = proj_forward(be, layer, li, Proj::Up, &h2, n, ctx, &mut xa);
     let mut act = be.zeros(n * cfg.intermediate);
@@ -220,7 +226,7 @@ pub fn backward<B: Backend>(
     let mut dh2 = be.zeros(n * h);
     proj_backward(be, layer, li, Proj::Gate, acts, seed, &d_gate, &acts.h2, &mut dh2, n, false);
     proj_backward(be, layer, li, Proj::Up, acts, seed, &d_up, &acts.h2, &mut dh2, n, true);
-    be.rmsnorm_backward(&dh2, &acts.x_mid, &layer.post_attention_norm, &acts.inv2, dx, n, h);
+    be.rmsnorm_backward(&dh2, &acts.x_mid, &layer.post_attention_norm, &acts.inv2, dx, NormShape { rows: n, hidden: h });
 
     // Attention: x_mid = x_in + o_proj(attention(rope(q), rope(k), v))
     let mut d_attn = be.zeros(n * qd);
@@ -230,15 +236,19 @@ pub fn backward<B: Backend>(
     let mut dv = be.zeros(n * kvd);
     let shape = attn_shape(cfg, n, ctx.max_seqlen, layer.window);
     be.attention_backward(
-        &d_attn, &acts.q, &acts.k, &acts.v, &acts.attn, &acts.lse, ctx.cu_seqlens, ctx.n_seqs, shape, &mut dq, &mut dk,
-        &mut dv,
+        &d_attn,
+        Qkv { q: &acts.q, k: &acts.k, v: &acts.v },
+        AttnSaved { out: &acts.attn, lse: &acts.lse },
+        Varlen { cu_seqlens: ctx.cu_seqlens, n_seqs: ctx.n_seqs },
+        shape,
+        QkvGrads { dq: &mut dq, dk: &mut dk, dv: &mut dv },
     );
     drop(d_attn);
-    be.rope_backward(&mut dq, ctx.positions, ctx.inv_freq, n, cfg.n_heads, cfg.head_dim);
-    be.rope_backward(&mut dk, ctx.positions, ctx.inv_freq, n, cfg.n_kv_heads, cfg.head_dim);
+    be.rope_backward(&mut dq, ctx.positions, ctx.inv_freq, RopeShape { n, heads: cfg.n_heads, head_dim: cfg.head_dim });
+    be.rope_backward(&mut dk, ctx.positions, ctx.inv_freq, RopeShape { n, heads: cfg.n_kv_heads, head_dim: cfg.head_dim });
     let mut dh1 = be.zeros(n * h);
     proj_backward(be, layer, li, Proj::Q, acts, seed, &dq, &acts.h1, &mut dh1, n, false);
     proj_backward(be, layer, li, Proj::K, acts, seed, &dk, &acts.h1, &mut dh1, n, true);
     proj_backward(be, layer, li, Proj::V, acts, seed, &dv, &acts.h1, &mut dh1, n, true);
-    be.rmsnorm_backward(&dh1, &acts.x_in, &layer.input_norm, &acts.inv1, dx, n, h);
+    be.rmsnorm_backward(&dh1, &acts.x_in, &layer.input_norm, &acts.inv1, dx, NormShape { rows: n, hidden: h });
 }

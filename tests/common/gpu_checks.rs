@@ -10,7 +10,7 @@ use crate::common::{
 };
 use crate::generation;
 use ferrotune::backend::Backend;
-use ferrotune::backend::conformance::{Harness, Scale, Tolerances, random_nf4};
+use ferrotune_testkit::conformance::{Harness, Scale, Tolerances, random_nf4};
 use ferrotune::backend::cpu::CpuBackend;
 use ferrotune::backend::cuda::CudaBackend;
 use ferrotune::model::batch::Batch;
@@ -26,7 +26,7 @@ fn assert_checks_pass(h: &Harness<'_, CpuBackend, CudaBackend>, what: &str) {
     assert_eq!(failed, 0, "{failed} of {} {what} checks failed", h.checks.len());
 }
 
-/// Every op of the backend against the CPU (src/backend/conformance.rs).
+/// Every op of the backend against the CPU (testkit/src/conformance.rs).
 pub fn every_kernel(cuda: &CudaBackend, scale: Scale) {
     let cpu = CpuBackend::new();
     let mut h = Harness::new(&cpu, cuda, Tolerances::bf16(), 7);

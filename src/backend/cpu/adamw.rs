@@ -11,7 +11,7 @@
 
 use rayon::prelude::*;
 
-use super::memory::CHUNK;
+use super::buffer_ops::CHUNK;
 use crate::backend::AdamW;
 
 pub(super) fn adamw(param: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32], hp: AdamW) {

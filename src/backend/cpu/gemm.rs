@@ -4,6 +4,7 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::check_len;
+use crate::backend::MatShape;
 
 /// Products with fewer multiply-adds than this run single-threaded.
 const PAR_THRESHOLD: usize = 1 << 18;
@@ -115,15 +116,8 @@ pub(super) fn matmul(
 }
 
 /// y[m, n] = x[m, k] · W[n, k]ᵀ (+ bias[n]).
-pub(super) fn linear(
-    x: &[f32],
-    w: &[f32],
-    bias: Option<&[f32]>,
-    y: &mut [f32],
-    m: usize,
-    k: usize,
-    n: usize,
-) {
+pub(super) fn linear(x: &[f32], w: &[f32], bias: Option<&[f32]>, y: &mut [f32], shape: MatShape) {
+    let MatShape { m, k, n } = shape;
     check_len("linear", "x", x.len(), m * k);
     check_len("linear", "w", w.len(), n * k);
     check_len("linear", "y", y.len(), m * n);
@@ -144,15 +138,8 @@ pub(super) fn linear(
 }
 
 /// dx[m, k] (+)= dy[m, n] · W[n, k].
-pub(super) fn linear_backward_input(
-    dy: &[f32],
-    w: &[f32],
-    dx: &mut [f32],
-    m: usize,
-    k: usize,
-    n: usize,
-    accumulate: bool,
-) {
+pub(super) fn linear_backward_input(dy: &[f32], w: &[f32], dx: &mut [f32], shape: MatShape, accumulate: bool) {
+    let MatShape { m, k, n } = shape;
     check_len("linear_backward_input", "dy", dy.len(), m * n);
     check_len("linear_backward_input", "w", w.len(), n * k);
     check_len("linear_backward_input", "dx", dx.len(), m * k);
@@ -172,7 +159,7 @@ mod tests {
     use super::super::test_util::{
         Rng, assert_bits_eq, assert_close, dot64, fd_grad, to64, with_threads,
     };
-    use crate::backend::Backend;
+    use crate::backend::{Backend, MatShape};
 
     /// y = x·Wᵀ + b in f64.
     fn linear64(x: &[f64], w: &[f64], b: Option<&[f64]>, m: usize, k: usize, n: usize) -> Vec<f64> {
@@ -201,7 +188,7 @@ mod tests {
             for with_bias in [false, true] {
                 let mut y = vec![f32::NAN; m * n];
                 let bias = be.weight_from_f32(&b);
-                be.linear(&x, &be.weight_from_f32(&w), with_bias.then_some(&bias), &mut y, m, k, n);
+                be.linear(&x, &be.weight_from_f32(&w), with_bias.then_some(&bias), &mut y, MatShape { m, k, n });
                 let want = linear64(
                     &to64(&x),
                     &to64(&w),
@@ -231,13 +218,13 @@ mod tests {
             dot64(&linear64(x, &w64, None, m, k, n), &r64)
         });
         let mut dx = vec![f32::NAN; m * k];
-        be.linear_backward_input(&r, &be.weight_from_f32(&w), &mut dx, m, k, n, false);
+        be.linear_backward_input(&r, &be.weight_from_f32(&w), &mut dx, MatShape { m, k, n }, false);
         assert_close("dx (overwrite)", &dx, &fd, 1e-5);
 
         // accumulate = true adds onto what is there.
         let base = rng.vec(m * k, 1.0);
         let mut dx2 = base.clone();
-        be.linear_backward_input(&r, &be.weight_from_f32(&w), &mut dx2, m, k, n, true);
+        be.linear_backward_input(&r, &be.weight_from_f32(&w), &mut dx2, MatShape { m, k, n }, true);
         let want: Vec<f64> = fd.iter().zip(&base).map(|(g, b)| g + *b as f64).collect();
         assert_close("dx (accumulate)", &dx2, &want, 1e-5);
     }
@@ -252,7 +239,7 @@ mod tests {
         let run = |threads| {
             with_threads(threads, || {
                 let mut y = vec![0.0; m * n];
-                be.linear(&x, &be.weight_from_f32(&w), None, &mut y, m, k, n);
+                be.linear(&x, &be.weight_from_f32(&w), None, &mut y, MatShape { m, k, n });
                 y
             })
         };
@@ -272,7 +259,7 @@ mod tests {
         let x = vec![1.0, 2.0, 3.0, 4.0, 99.0];
         let w = vec![1.0, 1.0];
         let mut y = vec![-7.0; 4];
-        be.linear(&x, &be.weight_from_f32(&w), None, &mut y, 2, 2, 1);
+        be.linear(&x, &be.weight_from_f32(&w), None, &mut y, MatShape { m: 2, k: 2, n: 1 });
         assert_eq!(y, vec![3.0, 7.0, -7.0, -7.0]);
     }
 }

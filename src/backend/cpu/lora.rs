@@ -4,7 +4,7 @@ use rayon::prelude::*;
 
 use super::check_len;
 use super::gemm::{MatRef, matmul};
-use crate::backend::{Dropout, dropout_keep};
+use crate::backend::{Dropout, LoraGrads, LoraInputs, LoraShape, dropout_keep};
 
 /// Multiplier applied to kept elements, 1 / (1 - p) in f32.
 fn keep_scale(d: Dropout) -> f32 {
@@ -40,26 +40,20 @@ fn apply_mask(v: &[f32], out: &mut [f32], m: usize, k: usize, d: Dropout, accumu
         });
 }
 
+/// Checks x, A, B and xa against the shape (both directions read them).
+fn check_inputs(op: &str, inputs: LoraInputs<'_, [f32]>, xa: &[f32], s: LoraShape) {
+    check_len(op, "x", inputs.x.len(), s.m * s.k);
+    check_len(op, "a", inputs.a.len(), s.r * s.k);
+    check_len(op, "b", inputs.b.len(), s.n * s.r);
+    check_len(op, "xa", xa.len(), s.m * s.r);
+}
+
 /// xa[m, r] = dropout(x)[m, k] · A[r, k]ᵀ ;  y[m, n] += scale · xa · B[n, r]ᵀ.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn lora_forward(
-    x: &[f32],
-    a: &[f32],
-    b: &[f32],
-    scale: f32,
-    dropout: Option<Dropout>,
-    xa: &mut [f32],
-    y: &mut [f32],
-    m: usize,
-    k: usize,
-    n: usize,
-    r: usize,
-) {
+pub(super) fn lora_forward(inputs: LoraInputs<'_, [f32]>, xa: &mut [f32], y: &mut [f32], shape: LoraShape) {
+    let LoraInputs { x, a, b } = inputs;
+    let LoraShape { m, k, n, r, scale, dropout } = shape;
     const OP: &str = "lora_forward";
-    check_len(OP, "x", x.len(), m * k);
-    check_len(OP, "a", a.len(), r * k);
-    check_len(OP, "b", b.len(), n * r);
-    check_len(OP, "xa", xa.len(), m * r);
+    check_inputs(OP, inputs, xa, shape);
     check_len(OP, "y", y.len(), m * n);
     let at = MatRef::new(a, r, k).t();
     match dropout {
@@ -83,29 +77,19 @@ pub(super) fn lora_forward(
 /// Backward of [`lora_forward`] given dy[m, n]:
 /// dB += scale · dyᵀ · xa ; dxa = scale · dy · B ; dA += dxaᵀ · dropout(x) ;
 /// dx += mask ⊙ (dxa · A) / (1 - p).
-#[allow(clippy::too_many_arguments)]
 pub(super) fn lora_backward(
     dy: &[f32],
-    x: &[f32],
-    a: &[f32],
-    b: &[f32],
+    inputs: LoraInputs<'_, [f32]>,
     xa: &[f32],
-    scale: f32,
-    dropout: Option<Dropout>,
-    dx: &mut [f32],
-    da: &mut [f32],
-    db: &mut [f32],
-    m: usize,
-    k: usize,
-    n: usize,
-    r: usize,
+    grads: LoraGrads<'_, [f32]>,
+    shape: LoraShape,
 ) {
+    let LoraInputs { x, a, b } = inputs;
+    let LoraGrads { dx, da, db } = grads;
+    let LoraShape { m, k, n, r, scale, dropout } = shape;
     const OP: &str = "lora_backward";
     check_len(OP, "dy", dy.len(), m * n);
-    check_len(OP, "x", x.len(), m * k);
-    check_len(OP, "a", a.len(), r * k);
-    check_len(OP, "b", b.len(), n * r);
-    check_len(OP, "xa", xa.len(), m * r);
+    check_inputs(OP, inputs, xa, shape);
     check_len(OP, "dx", dx.len(), m * k);
     check_len(OP, "da", da.len(), r * k);
     check_len(OP, "db", db.len(), n * r);
@@ -139,7 +123,7 @@ pub(super) fn lora_backward(
 mod tests {
     use super::super::CpuBackend;
     use super::super::test_util::{Rng, assert_close, dot64, fd_grad, to64};
-    use crate::backend::{Backend, Dropout, dropout_keep};
+    use crate::backend::{Backend, Dropout, LoraGrads, LoraInputs, LoraShape, dropout_keep};
 
     struct Dims {
         m: usize,
@@ -199,7 +183,7 @@ mod tests {
         // Forward vs naive (y accumulates onto y0); tolerance 1e-5 relative.
         let mut xa = vec![f32::NAN; m * r];
         let mut y = y0.clone();
-        be.lora_forward(&x, &a, &b, s, dropout, &mut xa, &mut y, m, k, n, r);
+        be.lora_forward(LoraInputs { x: &x, a: &a, b: &b }, &mut xa, &mut y, LoraShape { m, k, n, r, scale: s, dropout });
         let (x64, a64, b64, r64) = (to64(&x), to64(&a), to64(&b), to64(&rr));
         let fwd = lora64(&x64, &a64, &b64, s as f64, dropout, &dims);
         let want: Vec<f64> = fwd.iter().zip(&y0).map(|(f, y)| f + *y as f64).collect();
@@ -212,9 +196,7 @@ mod tests {
         let da0 = rng.vec(r * k, 1.0);
         let db0 = rng.vec(n * r, 1.0);
         let (mut dx, mut da, mut db) = (dx0.clone(), da0.clone(), db0.clone());
-        be.lora_backward(
-            &rr, &x, &a, &b, &xa, s, dropout, &mut dx, &mut da, &mut db, m, k, n, r,
-        );
+        be.lora_backward(&rr, LoraInputs { x: &x, a: &a, b: &b }, &xa, LoraGrads { dx: &mut dx, da: &mut da, db: &mut db }, LoraShape { m, k, n, r, scale: s, dropout });
         let s64 = s as f64;
         let plus = |g: Vec<f64>, base: &[f32]| -> Vec<f64> {
             g.iter().zip(base).map(|(g, b)| g + *b as f64).collect()
@@ -267,7 +249,7 @@ mod tests {
         for d in [None, Some(Dropout { p: 0.0, seed: 9 })] {
             let mut xa = vec![0.0; m * r];
             let mut y = vec![0.0; m * n];
-            be.lora_forward(&x, &a, &b, 2.0, d, &mut xa, &mut y, m, k, n, r);
+            be.lora_forward(LoraInputs { x: &x, a: &a, b: &b }, &mut xa, &mut y, LoraShape { m, k, n, r, scale: 2.0, dropout: d });
             outs.push((xa, y));
         }
         assert_eq!(outs[0], outs[1]);

@@ -18,7 +18,7 @@ mod attention;
 mod cross_entropy;
 mod gemm;
 mod lora;
-mod memory;
+mod buffer_ops;
 mod nf4;
 mod norm;
 mod rope;
@@ -28,7 +28,10 @@ mod test_util;
 
 use anyhow::Result;
 
-use super::{AdamW, AttnShape, Backend, Dropout, WeightSource};
+use super::{
+    AdamW, AttnSaved, AttnShape, Backend, LoraGrads, LoraInputs, LoraShape, MatShape, NormShape, Qkv, QkvGrads, RopeShape,
+    Varlen, WeightSource,
+};
 use crate::quant::nf4::Nf4Tensor;
 pub use nf4::Nf4Weight;
 
@@ -130,7 +133,7 @@ impl Backend for CpuBackend {
         buf.len()
     }
     fn load_weight(&self, src: &WeightSource) -> Result<CpuWeight> {
-        memory::load_weight(src).map(CpuWeight::Dense)
+        buffer_ops::load_weight(src).map(CpuWeight::Dense)
     }
     fn weight_from_f32(&self, data: &[f32]) -> CpuWeight {
         CpuWeight::Dense(data.to_vec())
@@ -151,116 +154,53 @@ impl Backend for CpuBackend {
 
     // ---- elementwise --------------------------------------------------
     fn fill(&self, buf: &mut Vec<f32>, value: f32) {
-        memory::fill(buf, value)
+        buffer_ops::fill(buf, value)
     }
-    fn copy_slice(
-        &self,
-        src: &Vec<f32>,
-        src_off: usize,
-        dst: &mut Vec<f32>,
-        dst_off: usize,
-        len: usize,
-    ) {
-        memory::copy_slice(src, src_off, dst, dst_off, len)
+    fn copy_slice(&self, src: &Vec<f32>, src_off: usize, dst: &mut Vec<f32>, dst_off: usize, len: usize) {
+        buffer_ops::copy_slice(src, src_off, dst, dst_off, len)
     }
     fn add_assign(&self, dst: &mut Vec<f32>, src: &Vec<f32>) {
-        memory::add_assign(dst, src)
+        buffer_ops::add_assign(dst, src)
     }
     fn scale(&self, buf: &mut Vec<f32>, s: f32) {
-        memory::scale(buf, s)
+        buffer_ops::scale(buf, s)
     }
     fn sum_sq(&self, buf: &Vec<f32>) -> f64 {
-        memory::sum_sq(buf)
+        buffer_ops::sum_sq(buf)
     }
 
     // ---- embedding ----------------------------------------------------
-    fn embedding(
-        &self,
-        table: &CpuWeight,
-        ids: &Vec<i32>,
-        out: &mut Vec<f32>,
-        n: usize,
-        hidden: usize,
-    ) {
-        memory::embedding(table.dense("embedding"), ids, out, n, hidden)
+    fn embedding(&self, table: &CpuWeight, ids: &Vec<i32>, out: &mut Vec<f32>, n: usize, hidden: usize) {
+        buffer_ops::embedding(table.dense("embedding"), ids, out, n, hidden)
     }
 
     // ---- matrix products ------------------------------------------------
-    fn linear(
-        &self,
-        x: &Vec<f32>,
-        w: &CpuWeight,
-        bias: Option<&CpuWeight>,
-        y: &mut Vec<f32>,
-        m: usize,
-        k: usize,
-        n: usize,
-    ) {
+    fn linear(&self, x: &Vec<f32>, w: &CpuWeight, bias: Option<&CpuWeight>, y: &mut Vec<f32>, shape: MatShape) {
         let bias = bias.map(|b| b.dense("linear (bias)"));
-        w.with_f32(|w| gemm::linear(x, w, bias, y, m, k, n))
+        w.with_f32(|w| gemm::linear(x, w, bias, y, shape))
     }
-    fn linear_backward_input(
-        &self,
-        dy: &Vec<f32>,
-        w: &CpuWeight,
-        dx: &mut Vec<f32>,
-        m: usize,
-        k: usize,
-        n: usize,
-        accumulate: bool,
-    ) {
-        w.with_f32(|w| gemm::linear_backward_input(dy, w, dx, m, k, n, accumulate))
+    fn linear_backward_input(&self, dy: &Vec<f32>, w: &CpuWeight, dx: &mut Vec<f32>, shape: MatShape, accumulate: bool) {
+        w.with_f32(|w| gemm::linear_backward_input(dy, w, dx, shape, accumulate))
     }
 
     // ---- LoRA side path -------------------------------------------------
-    fn lora_forward(
-        &self,
-        x: &Vec<f32>,
-        a: &Vec<f32>,
-        b: &Vec<f32>,
-        scale: f32,
-        dropout: Option<Dropout>,
-        xa: &mut Vec<f32>,
-        y: &mut Vec<f32>,
-        m: usize,
-        k: usize,
-        n: usize,
-        r: usize,
-    ) {
-        lora::lora_forward(x, a, b, scale, dropout, xa, y, m, k, n, r)
+    fn lora_forward(&self, inputs: LoraInputs<'_, Vec<f32>>, xa: &mut Vec<f32>, y: &mut Vec<f32>, shape: LoraShape) {
+        lora::lora_forward(inputs.map(Vec::as_slice), xa, y, shape)
     }
     fn lora_backward(
         &self,
         dy: &Vec<f32>,
-        x: &Vec<f32>,
-        a: &Vec<f32>,
-        b: &Vec<f32>,
+        inputs: LoraInputs<'_, Vec<f32>>,
         xa: &Vec<f32>,
-        scale: f32,
-        dropout: Option<Dropout>,
-        dx: &mut Vec<f32>,
-        da: &mut Vec<f32>,
-        db: &mut Vec<f32>,
-        m: usize,
-        k: usize,
-        n: usize,
-        r: usize,
+        grads: LoraGrads<'_, Vec<f32>>,
+        shape: LoraShape,
     ) {
-        lora::lora_backward(dy, x, a, b, xa, scale, dropout, dx, da, db, m, k, n, r)
+        lora::lora_backward(dy, inputs.map(Vec::as_slice), xa, grads.map(Vec::as_mut_slice), shape)
     }
 
     // ---- normalisation -------------------------------------------------
-    fn rmsnorm(
-        &self,
-        x: &Vec<f32>,
-        w: &CpuWeight,
-        y: &mut Vec<f32>,
-        inv_rms: &mut Vec<f32>,
-        rows: usize,
-        hidden: usize,
-        eps: f32,
-    ) {
-        norm::rmsnorm(x, w.dense("rmsnorm"), y, inv_rms, rows, hidden, eps)
+    fn rmsnorm(&self, x: &Vec<f32>, w: &CpuWeight, y: &mut Vec<f32>, inv_rms: &mut Vec<f32>, shape: NormShape, eps: f32) {
+        norm::rmsnorm(x, w.dense("rmsnorm"), y, inv_rms, shape, eps)
     }
     fn rmsnorm_backward(
         &self,
@@ -269,67 +209,46 @@ impl Backend for CpuBackend {
         w: &CpuWeight,
         inv_rms: &Vec<f32>,
         dx: &mut Vec<f32>,
-        rows: usize,
-        hidden: usize,
+        shape: NormShape,
     ) {
-        norm::rmsnorm_backward(dy, x, w.dense("rmsnorm_backward"), inv_rms, dx, rows, hidden)
+        norm::rmsnorm_backward(dy, x, w.dense("rmsnorm_backward"), inv_rms, dx, shape)
     }
 
     // ---- rotary embeddings ---------------------------------------------
-    fn rope(
-        &self,
-        x: &mut Vec<f32>,
-        positions: &Vec<i32>,
-        inv_freq: &Vec<f32>,
-        n: usize,
-        heads: usize,
-        head_dim: usize,
-    ) {
-        rope::rope(x, positions, inv_freq, n, heads, head_dim, false)
+    fn rope(&self, x: &mut Vec<f32>, positions: &Vec<i32>, inv_freq: &Vec<f32>, shape: RopeShape) {
+        rope::rope(x, positions, inv_freq, shape, false)
     }
-    fn rope_backward(
-        &self,
-        dx: &mut Vec<f32>,
-        positions: &Vec<i32>,
-        inv_freq: &Vec<f32>,
-        n: usize,
-        heads: usize,
-        head_dim: usize,
-    ) {
-        rope::rope(dx, positions, inv_freq, n, heads, head_dim, true)
+    fn rope_backward(&self, dx: &mut Vec<f32>, positions: &Vec<i32>, inv_freq: &Vec<f32>, shape: RopeShape) {
+        rope::rope(dx, positions, inv_freq, shape, true)
     }
 
     // ---- attention -----------------------------------------------------
     fn attention(
         &self,
-        q: &Vec<f32>,
-        k: &Vec<f32>,
-        v: &Vec<f32>,
-        cu_seqlens: &Vec<i32>,
-        n_seqs: usize,
+        qkv: Qkv<'_, Vec<f32>>,
+        seqs: Varlen<'_, Vec<i32>>,
         shape: AttnShape,
         out: &mut Vec<f32>,
         lse: &mut Vec<f32>,
     ) {
-        attention::attention(q, k, v, cu_seqlens, n_seqs, shape, out, lse)
+        attention::attention(qkv.map(Vec::as_slice), seqs.map(Vec::as_slice), shape, out, lse)
     }
     fn attention_backward(
         &self,
         dout: &Vec<f32>,
-        q: &Vec<f32>,
-        k: &Vec<f32>,
-        v: &Vec<f32>,
-        out: &Vec<f32>,
-        lse: &Vec<f32>,
-        cu_seqlens: &Vec<i32>,
-        n_seqs: usize,
+        qkv: Qkv<'_, Vec<f32>>,
+        saved: AttnSaved<'_, Vec<f32>>,
+        seqs: Varlen<'_, Vec<i32>>,
         shape: AttnShape,
-        dq: &mut Vec<f32>,
-        dk: &mut Vec<f32>,
-        dv: &mut Vec<f32>,
+        grads: QkvGrads<'_, Vec<f32>>,
     ) {
         attention::attention_backward(
-            dout, q, k, v, out, lse, cu_seqlens, n_seqs, shape, dq, dk, dv,
+            dout,
+            qkv.map(Vec::as_slice),
+            saved.map(Vec::as_slice),
+            seqs.map(Vec::as_slice),
+            shape,
+            grads.map(Vec::as_mut_slice),
         )
     }
     fn decode_attention(
@@ -374,14 +293,7 @@ impl Backend for CpuBackend {
     }
 
     // ---- optimiser -------------------------------------------------------
-    fn adamw(
-        &self,
-        param: &mut Vec<f32>,
-        grad: &Vec<f32>,
-        m: &mut Vec<f32>,
-        v: &mut Vec<f32>,
-        hp: AdamW,
-    ) {
+    fn adamw(&self, param: &mut Vec<f32>, grad: &Vec<f32>, m: &mut Vec<f32>, v: &mut Vec<f32>, hp: AdamW) {
         adamw::adamw(param, grad, m, v, hp)
     }
 }

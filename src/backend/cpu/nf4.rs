@@ -79,7 +79,7 @@ pub fn with_dequantized<R>(w: &Nf4Weight, f: impl FnOnce(&[f32]) -> R) -> R {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::Backend;
+    use crate::backend::{Backend, MatShape};
     use crate::backend::cpu::CpuBackend;
     use crate::quant::nf4::{Absmax, NF4_CODE};
 
@@ -118,13 +118,13 @@ mod tests {
         let x: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
         let bias = be.weight_from_f32(&(0..n).map(|i| i as f32 * 0.1).collect::<Vec<_>>());
         let (mut y1, mut y2) = (vec![0f32; m * n], vec![0f32; m * n]);
-        be.linear(&x, &q, Some(&bias), &mut y1, m, k, n);
-        be.linear(&x, &dense, Some(&bias), &mut y2, m, k, n);
+        be.linear(&x, &q, Some(&bias), &mut y1, MatShape { m, k, n });
+        be.linear(&x, &dense, Some(&bias), &mut y2, MatShape { m, k, n });
         assert_eq!(y1, y2);
         let dy: Vec<f32> = (0..m * n).map(|i| (i as f32 * 0.11).cos()).collect();
         let (mut d1, mut d2) = (vec![1f32; m * k], vec![1f32; m * k]);
-        be.linear_backward_input(&dy, &q, &mut d1, m, k, n, true);
-        be.linear_backward_input(&dy, &dense, &mut d2, m, k, n, true);
+        be.linear_backward_input(&dy, &q, &mut d1, MatShape { m, k, n }, true);
+        be.linear_backward_input(&dy, &dense, &mut d2, MatShape { m, k, n }, true);
         assert_eq!(d1, d2);
     }
 

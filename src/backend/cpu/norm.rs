@@ -8,16 +8,10 @@
 use rayon::prelude::*;
 
 use super::check_len;
+use crate::backend::NormShape;
 
-pub(super) fn rmsnorm(
-    x: &[f32],
-    w: &[f32],
-    y: &mut [f32],
-    inv_rms: &mut [f32],
-    rows: usize,
-    hidden: usize,
-    eps: f32,
-) {
+pub(super) fn rmsnorm(x: &[f32], w: &[f32], y: &mut [f32], inv_rms: &mut [f32], shape: NormShape, eps: f32) {
+    let NormShape { rows, hidden } = shape;
     check_len("rmsnorm", "x", x.len(), rows * hidden);
     check_len("rmsnorm", "w", w.len(), hidden);
     check_len("rmsnorm", "y", y.len(), rows * hidden);
@@ -44,15 +38,8 @@ pub(super) fn rmsnorm(
 }
 
 /// dx += inv·(w⊙dy) − x·inv³·mean((w⊙dy)⊙x), per row.
-pub(super) fn rmsnorm_backward(
-    dy: &[f32],
-    x: &[f32],
-    w: &[f32],
-    inv_rms: &[f32],
-    dx: &mut [f32],
-    rows: usize,
-    hidden: usize,
-) {
+pub(super) fn rmsnorm_backward(dy: &[f32], x: &[f32], w: &[f32], inv_rms: &[f32], dx: &mut [f32], shape: NormShape) {
+    let NormShape { rows, hidden } = shape;
     const OP: &str = "rmsnorm_backward";
     check_len(OP, "dy", dy.len(), rows * hidden);
     check_len(OP, "x", x.len(), rows * hidden);
@@ -84,7 +71,7 @@ pub(super) fn rmsnorm_backward(
 mod tests {
     use super::super::CpuBackend;
     use super::super::test_util::{Rng, assert_close, dot64, fd_grad, to64};
-    use crate::backend::Backend;
+    use crate::backend::{Backend, NormShape};
 
     fn rmsnorm64(x: &[f64], w: &[f64], rows: usize, h: usize, eps: f64) -> (Vec<f64>, Vec<f64>) {
         let mut y = vec![0.0; rows * h];
@@ -109,7 +96,7 @@ mod tests {
         let w: Vec<f32> = rng.vec(h, 1.0).iter().map(|v| 1.0 + v * 0.5).collect();
         let rr = rng.vec(rows * h, 1.0);
         let (mut y, mut inv) = (vec![f32::NAN; rows * h], vec![f32::NAN; rows]);
-        be.rmsnorm(&x, &be.weight_from_f32(&w), &mut y, &mut inv, rows, h, eps);
+        be.rmsnorm(&x, &be.weight_from_f32(&w), &mut y, &mut inv, NormShape { rows, hidden: h }, eps);
         let (x64, w64) = (to64(&x), to64(&w));
         let (y64, inv64) = rmsnorm64(&x64, &w64, rows, h, eps as f64);
         // f32 rounding of a handful of ops: 1e-6 relative.
@@ -120,7 +107,7 @@ mod tests {
         // 1e-5 relative (f32 backward vs exact gradient).
         let dx0 = rng.vec(rows * h, 1.0);
         let mut dx = dx0.clone();
-        be.rmsnorm_backward(&rr, &x, &be.weight_from_f32(&w), &inv, &mut dx, rows, h);
+        be.rmsnorm_backward(&rr, &x, &be.weight_from_f32(&w), &inv, &mut dx, NormShape { rows, hidden: h });
         let r64 = to64(&rr);
         let fd = fd_grad(&x64, 1e-6, |x| {
             dot64(&rmsnorm64(x, &w64, rows, h, eps as f64).0, &r64)

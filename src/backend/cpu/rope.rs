@@ -4,19 +4,13 @@
 use rayon::prelude::*;
 
 use super::check_len;
+use crate::backend::RopeShape;
 
 /// Rotates x[n, heads, head_dim] in place by angle = positions[t] · inv_freq[i]
 /// (an f32 product); with `inverse` the rotation is by the negative angle,
 /// which is the transpose used for the backward.
-pub(super) fn rope(
-    x: &mut [f32],
-    positions: &[i32],
-    inv_freq: &[f32],
-    n: usize,
-    heads: usize,
-    head_dim: usize,
-    inverse: bool,
-) {
+pub(super) fn rope(x: &mut [f32], positions: &[i32], inv_freq: &[f32], shape: RopeShape, inverse: bool) {
+    let RopeShape { n, heads, head_dim } = shape;
     const OP: &str = "rope";
     assert!(
         head_dim.is_multiple_of(2),
@@ -59,7 +53,7 @@ pub(super) fn rope(
 mod tests {
     use super::super::CpuBackend;
     use super::super::test_util::{Rng, assert_close, dot64, fd_grad, to64};
-    use crate::backend::Backend;
+    use crate::backend::{Backend, RopeShape};
 
     fn rope64(
         x: &[f64],
@@ -101,7 +95,7 @@ mod tests {
         let (n, heads, d, pos, inv_freq) = setup();
         let x = Rng::new(40).vec(n * heads * d, 1.0);
         let mut y = x.clone();
-        be.rope(&mut y, &pos, &inv_freq, n, heads, d);
+        be.rope(&mut y, &pos, &inv_freq, RopeShape { n, heads, head_dim: d });
         // f32 sin/cos and two products: 1e-6 relative.
         assert_close(
             "rope",
@@ -121,7 +115,7 @@ mod tests {
         let x = rng.vec(n * heads * d, 1.0);
         let rr = rng.vec(n * heads * d, 1.0);
         let mut g = rr.clone();
-        be.rope_backward(&mut g, &pos, &inv_freq, n, heads, d);
+        be.rope_backward(&mut g, &pos, &inv_freq, RopeShape { n, heads, head_dim: d });
         let r64 = to64(&rr);
         // Linear map: FD with h = 1e-3 is exact up to f64 rounding; 1e-6 tol.
         let fd = fd_grad(&to64(&x), 1e-3, |x| {
@@ -130,8 +124,8 @@ mod tests {
         assert_close("rope dx", &g, &fd, 1e-6);
         // backward ∘ forward ≈ identity (rotation).
         let mut y = x.clone();
-        be.rope(&mut y, &pos, &inv_freq, n, heads, d);
-        be.rope_backward(&mut y, &pos, &inv_freq, n, heads, d);
+        be.rope(&mut y, &pos, &inv_freq, RopeShape { n, heads, head_dim: d });
+        be.rope_backward(&mut y, &pos, &inv_freq, RopeShape { n, heads, head_dim: d });
         assert_close("rope round trip", &y, &to64(&x), 1e-6);
     }
 }

@@ -4,7 +4,7 @@
 use rayon::prelude::*;
 
 use super::check_len;
-use super::memory::CHUNK;
+use super::buffer_ops::CHUNK;
 
 #[inline]
 fn sigmoid(g: f32) -> f32 {

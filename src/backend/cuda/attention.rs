@@ -5,8 +5,9 @@
 //! as separate deterministic kernels (no atomics). Generation's
 //! decode_attention (new tokens against a KV cache) is cuda/decode_attn.cu.
 
-use super::backend::{CudaBackend, CudaBuf, launch};
-use crate::backend::AttnShape;
+use super::backend::{CudaBackend, launch};
+use super::buffers::CudaBuf;
+use crate::backend::{AttnSaved, AttnShape, Qkv, QkvGrads, Varlen};
 use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
@@ -83,18 +84,15 @@ fn window_arg(shape: &AttnShape) -> i32 {
     shape.window.map(|w| w.min(i32::MAX as usize) as i32).unwrap_or(0)
 }
 
-#[allow(clippy::too_many_arguments)]
 pub fn forward(
     be: &CudaBackend,
-    q: &CudaBuf,
-    k: &CudaBuf,
-    v: &CudaBuf,
-    cu: &CudaSlice<i32>,
-    n_seqs: usize,
+    qkv: Qkv<'_, CudaBuf>,
+    seqs: Varlen<'_, CudaSlice<i32>>,
     shape: AttnShape,
     out: &mut CudaBuf,
     lse: &mut CudaSlice<f32>,
 ) {
+    let (Qkv { q, k, v }, Varlen { cu_seqlens: cu, n_seqs }) = (qkv, seqs);
     if shape.n == 0 {
         return;
     }
@@ -108,22 +106,15 @@ pub fn forward(
     launch!(be, &name, cfg, q, k, v, cu, out, lse, &n, &ns, &nh, &nkv, &hd, &window, &scale);
 }
 
-#[allow(clippy::too_many_arguments)]
+/// The flash backward: the dsum preprocess, then dq, then dk and dv (the
+/// arguments of `Backend::attention_backward`).
 pub fn backward(
-    be: &CudaBackend,
-    dout: &CudaBuf,
-    q: &CudaBuf,
-    k: &CudaBuf,
-    v: &CudaBuf,
-    out: &CudaBuf,
-    lse: &CudaSlice<f32>,
-    cu: &CudaSlice<i32>,
-    n_seqs: usize,
-    shape: AttnShape,
-    dq: &mut CudaBuf,
-    dk: &mut CudaBuf,
-    dv: &mut CudaBuf,
+    be: &CudaBackend, dout: &CudaBuf, qkv: Qkv<'_, CudaBuf>, saved: AttnSaved<'_, CudaBuf>,
+    seqs: Varlen<'_, CudaSlice<i32>>, shape: AttnShape, grads: QkvGrads<'_, CudaBuf>,
 ) {
+    let (Qkv { q, k, v }, Varlen { cu_seqlens: cu, n_seqs }) = (qkv, seqs);
+    let (out, lse) = (saved.out, saved.lse.f32("attention lse"));
+    let QkvGrads { dq, dk, dv } = grads;
     if shape.n == 0 {
         return;
     }

@@ -2,9 +2,13 @@
 //! cuBLAS GEMMs behind the same `Backend` trait as the CPU reference.
 mod attention;
 pub mod backend;
+mod buffers;
 pub mod device;
 pub mod libs;
+mod lora;
 mod nf4;
+mod ops;
 
 pub use attention::{SUMMARY as ATTENTION_SUMMARY, path_for as attention_path};
-pub use backend::{CudaBackend, CudaBuf, CudaWeight};
+pub use backend::CudaBackend;
+pub use buffers::{CudaBuf, CudaWeight};

@@ -12,7 +12,10 @@
 //! metadata 4, `zeros_like` the size of what it copies. Weights are built by
 //! the planner (`Model::build_with`), which counts their bytes itself.
 
-use crate::backend::{AdamW, AttnShape, Backend, Dropout, Phase, WeightSource, lora_da_splits};
+use crate::backend::{
+    AdamW, AttnSaved, AttnShape, Backend, LoraGrads, LoraInputs, LoraShape, MatShape, NormShape, Phase, Qkv, QkvGrads,
+    RopeShape, Varlen, WeightSource, lora_da_splits,
+};
 use crate::quant::nf4::Nf4Tensor;
 use anyhow::Result;
 use std::collections::BTreeMap;
@@ -141,51 +144,24 @@ impl Backend for Tracer {
         0.0
     }
     fn embedding(&self, _: &Shape, _: &Sized, _: &mut Sized, _: usize, _: usize) {}
-    fn linear(&self, _: &Sized, _: &Shape, _: Option<&Shape>, _: &mut Sized, _: usize, _: usize, _: usize) {}
+    fn linear(&self, _: &Sized, _: &Shape, _: Option<&Shape>, _: &mut Sized, _: MatShape) {}
     /// The LM head's backward multiplies the f32 logits gradient: a bf16 copy.
-    fn linear_backward_input(&self, dy: &Sized, _: &Shape, _: &mut Sized, m: usize, _: usize, n: usize, _: bool) {
+    fn linear_backward_input(&self, dy: &Sized, _: &Shape, _: &mut Sized, shape: MatShape, _: bool) {
         if dy.f32 {
-            self.temporary(2 * (m * n) as u64);
+            self.temporary(2 * (shape.m * shape.n) as u64);
         }
     }
     /// bf16 copies of A and B; with dropout the mask is fused into x·Aᵀ
     /// (A read as f32), leaving the copy of B.
-    fn lora_forward(
-        &self,
-        _: &Sized,
-        _: &Sized,
-        _: &Sized,
-        _: f32,
-        dropout: Option<Dropout>,
-        _: &mut Sized,
-        _: &mut Sized,
-        _: usize,
-        k: usize,
-        n: usize,
-        r: usize,
-    ) {
+    fn lora_forward(&self, _: LoraInputs<'_, Sized>, _: &mut Sized, _: &mut Sized, shape: LoraShape) {
+        let LoraShape { k, n, r, dropout, .. } = shape;
         let elems = if dropout.is_some() { n * r } else { r * k + n * r };
         self.temporary(2 * elems as u64);
     }
     /// Copies of A and B and the bf16 dxa; with dropout the copy of B, dxa
     /// and the fused dA product's f32 row-split partials.
-    fn lora_backward(
-        &self,
-        _: &Sized,
-        _: &Sized,
-        _: &Sized,
-        _: &Sized,
-        _: &Sized,
-        _: f32,
-        dropout: Option<Dropout>,
-        _: &mut Sized,
-        _: &mut Sized,
-        _: &mut Sized,
-        m: usize,
-        k: usize,
-        n: usize,
-        r: usize,
-    ) {
+    fn lora_backward(&self, _: &Sized, _: LoraInputs<'_, Sized>, _: &Sized, _: LoraGrads<'_, Sized>, shape: LoraShape) {
+        let LoraShape { m, k, n, r, dropout, .. } = shape;
         let bytes = if dropout.is_some() {
             2 * (n * r + m * r) + 4 * lora_da_splits(m) * r * k
         } else {
@@ -193,25 +169,19 @@ impl Backend for Tracer {
         };
         self.temporary(bytes as u64);
     }
-    fn rmsnorm(&self, _: &Sized, _: &Shape, _: &mut Sized, _: &mut Sized, _: usize, _: usize, _: f32) {}
-    fn rmsnorm_backward(&self, _: &Sized, _: &Sized, _: &Shape, _: &Sized, _: &mut Sized, _: usize, _: usize) {}
-    fn rope(&self, _: &mut Sized, _: &Sized, _: &Sized, _: usize, _: usize, _: usize) {}
-    fn rope_backward(&self, _: &mut Sized, _: &Sized, _: &Sized, _: usize, _: usize, _: usize) {}
-    fn attention(&self, _: &Sized, _: &Sized, _: &Sized, _: &Sized, _: usize, _: AttnShape, _: &mut Sized, _: &mut Sized) {}
+    fn rmsnorm(&self, _: &Sized, _: &Shape, _: &mut Sized, _: &mut Sized, _: NormShape, _: f32) {}
+    fn rmsnorm_backward(&self, _: &Sized, _: &Sized, _: &Shape, _: &Sized, _: &mut Sized, _: NormShape) {}
+    fn rope(&self, _: &mut Sized, _: &Sized, _: &Sized, _: RopeShape) {}
+    fn rope_backward(&self, _: &mut Sized, _: &Sized, _: &Sized, _: RopeShape) {}
+    fn attention(&self, _: Qkv<'_, Sized>, _: Varlen<'_, Sized>, _: AttnShape, _: &mut Sized, _: &mut Sized) {}
     fn attention_backward(
         &self,
         _: &Sized,
-        _: &Sized,
-        _: &Sized,
-        _: &Sized,
-        _: &Sized,
-        _: &Sized,
-        _: &Sized,
-        _: usize,
+        _: Qkv<'_, Sized>,
+        _: AttnSaved<'_, Sized>,
+        _: Varlen<'_, Sized>,
         _: AttnShape,
-        _: &mut Sized,
-        _: &mut Sized,
-        _: &mut Sized,
+        _: QkvGrads<'_, Sized>,
     ) {
     }
     fn decode_attention(&self, _: &Sized, _: &Sized, _: &Sized, _: usize, _: AttnShape, _: &mut Sized) {}

@@ -7,9 +7,12 @@
 //! activations in bf16, so both backends see identical values and the
 //! comparison measures only what the candidate's arithmetic and storage add.
 
-use super::{AdamW, AttnShape, Backend, Dropout, WeightSource};
-use crate::backend::DType;
-use crate::util::rng::Rng;
+use ferrotune::backend::{
+    AdamW, AttnSaved, AttnShape, Backend, Dropout, LoraGrads, LoraInputs, LoraShape, MatShape, NormShape, Qkv, QkvGrads,
+    RopeShape, Varlen, WeightSource,
+};
+use ferrotune::backend::DType;
+use ferrotune::util::rng::Rng;
 
 /// Largest allowed ‖candidate − reference‖ / ‖reference‖ per kind of output.
 #[derive(Debug, Clone, Copy)]
@@ -103,7 +106,10 @@ fn round_bf16(x: f32) -> f32 {
     half::bf16::from_f32(x).to_f32()
 }
 
-fn compare(op: String, cand: &[f32], reference: &[f32], tolerance: f64) -> Check {
+/// One check: the norm-relative and largest absolute difference of `cand`
+/// from `reference` (infinite when `cand` has a non-finite value or a
+/// different length), against `tolerance`.
+pub fn compare(op: String, cand: &[f32], reference: &[f32], tolerance: f64) -> Check {
     let (mut num, mut den, mut max_abs) = (0.0f64, 0.0f64, 0.0f64);
     let mut finite = cand.len() == reference.len();
     for (&c, &r) in cand.iter().zip(reference) {
@@ -267,14 +273,14 @@ impl<'a, R: Backend, C: Backend> Harness<'a, R, C> {
         let rb_cb = bias.then(|| self.weight(n, 0.5));
         let mut ry = self.reference.zeros(m * n);
         let mut cy = self.candidate.zeros(m * n);
-        self.reference.linear(&rx, &rw, rb_cb.as_ref().map(|b| &b.0), &mut ry, m, k, n);
-        self.candidate.linear(&cx, &cw, rb_cb.as_ref().map(|b| &b.1), &mut cy, m, k, n);
+        self.reference.linear(&rx, &rw, rb_cb.as_ref().map(|b| &b.0), &mut ry, MatShape { m, k, n });
+        self.candidate.linear(&cx, &cw, rb_cb.as_ref().map(|b| &b.1), &mut cy, MatShape { m, k, n });
         self.check(format!("linear {m}x{k}->{n} bias={bias}"), &ry, &cy, t.matmul);
         let (rdy, cdy, _) = self.act(m * n, 1.0);
         for acc in [false, true] {
             let (mut rdx, mut cdx, _) = self.act(m * k, 1.0);
-            self.reference.linear_backward_input(&rdy, &rw, &mut rdx, m, k, n, acc);
-            self.candidate.linear_backward_input(&cdy, &cw, &mut cdx, m, k, n, acc);
+            self.reference.linear_backward_input(&rdy, &rw, &mut rdx, MatShape { m, k, n }, acc);
+            self.candidate.linear_backward_input(&cdy, &cw, &mut cdx, MatShape { m, k, n }, acc);
             self.check(format!("linear_backward_input {m}x{n}->{k} acc={acc}"), &rdx, &cdx, t.matmul);
         }
     }
@@ -291,14 +297,14 @@ impl<'a, R: Backend, C: Backend> Harness<'a, R, C> {
         let (rx, cx, _) = self.act(m * k, 1.0);
         let mut ry = self.reference.zeros(m * n);
         let mut cy = self.candidate.zeros(m * n);
-        self.reference.linear(&rx, &rw, None, &mut ry, m, k, n);
-        self.candidate.linear(&cx, &cw, None, &mut cy, m, k, n);
+        self.reference.linear(&rx, &rw, None, &mut ry, MatShape { m, k, n });
+        self.candidate.linear(&cx, &cw, None, &mut cy, MatShape { m, k, n });
         self.check(format!("linear nf4 {tag}"), &ry, &cy, t.matmul);
         let (rdy, cdy, _) = self.act(m * n, 1.0);
         for acc in [false, true] {
             let (mut rdx, mut cdx, _) = self.act(m * k, 1.0);
-            self.reference.linear_backward_input(&rdy, &rw, &mut rdx, m, k, n, acc);
-            self.candidate.linear_backward_input(&cdy, &cw, &mut cdx, m, k, n, acc);
+            self.reference.linear_backward_input(&rdy, &rw, &mut rdx, MatShape { m, k, n }, acc);
+            self.candidate.linear_backward_input(&cdy, &cw, &mut cdx, MatShape { m, k, n }, acc);
             self.check(format!("linear_backward_input nf4 {tag} acc={acc}"), &rdx, &cdx, t.matmul);
         }
     }
@@ -312,17 +318,17 @@ impl<'a, R: Backend, C: Backend> Harness<'a, R, C> {
         let (mut ry, mut cy, _) = self.act(m * n, 1.0);
         let mut rxa = self.reference.zeros(m * r);
         let mut cxa = self.candidate.zeros(m * r);
-        self.reference.lora_forward(&rx, &ra, &rb, 2.0, dropout, &mut rxa, &mut ry, m, k, n, r);
-        self.candidate.lora_forward(&cx, &ca, &cb, 2.0, dropout, &mut cxa, &mut cy, m, k, n, r);
+        self.reference.lora_forward(LoraInputs { x: &rx, a: &ra, b: &rb }, &mut rxa, &mut ry, LoraShape { m, k, n, r, scale: 2.0, dropout });
+        self.candidate.lora_forward(LoraInputs { x: &cx, a: &ca, b: &cb }, &mut cxa, &mut cy, LoraShape { m, k, n, r, scale: 2.0, dropout });
         self.check(format!("lora_forward xa{tag}"), &rxa, &cxa, t.matmul);
         self.check(format!("lora_forward y{tag}"), &ry, &cy, t.matmul);
         let (rdy, cdy, _) = self.act(m * n, 1.0);
         let (mut rdx, mut cdx, _) = self.act(m * k, 1.0);
         let (mut rda, mut cda, _) = self.f32s(r * k, 0.01);
         let (mut rdb, mut cdb, _) = self.f32s(n * r, 0.01);
-        self.reference.lora_backward(&rdy, &rx, &ra, &rb, &rxa, 2.0, dropout, &mut rdx, &mut rda, &mut rdb, m, k, n, r);
+        self.reference.lora_backward(&rdy, LoraInputs { x: &rx, a: &ra, b: &rb }, &rxa, LoraGrads { dx: &mut rdx, da: &mut rda, db: &mut rdb }, LoraShape { m, k, n, r, scale: 2.0, dropout });
         // The candidate uses its own saved xa, as in a real step.
-        self.candidate.lora_backward(&cdy, &cx, &ca, &cb, &cxa, 2.0, dropout, &mut cdx, &mut cda, &mut cdb, m, k, n, r);
+        self.candidate.lora_backward(&cdy, LoraInputs { x: &cx, a: &ca, b: &cb }, &cxa, LoraGrads { dx: &mut cdx, da: &mut cda, db: &mut cdb }, LoraShape { m, k, n, r, scale: 2.0, dropout });
         self.check(format!("lora_backward dx{tag}"), &rdx, &cdx, t.matmul);
         self.check(format!("lora_backward dA{tag}"), &rda, &cda, t.matmul);
         self.check(format!("lora_backward dB{tag}"), &rdb, &cdb, t.matmul);
@@ -336,14 +342,14 @@ impl<'a, R: Backend, C: Backend> Harness<'a, R, C> {
         let mut cy = self.candidate.zeros(rows * hidden);
         let mut rinv = self.reference.zeros_f32(rows);
         let mut cinv = self.candidate.zeros_f32(rows);
-        self.reference.rmsnorm(&rx, &rw, &mut ry, &mut rinv, rows, hidden, 1e-5);
-        self.candidate.rmsnorm(&cx, &cw, &mut cy, &mut cinv, rows, hidden, 1e-5);
+        self.reference.rmsnorm(&rx, &rw, &mut ry, &mut rinv, NormShape { rows, hidden }, 1e-5);
+        self.candidate.rmsnorm(&cx, &cw, &mut cy, &mut cinv, NormShape { rows, hidden }, 1e-5);
         self.check("rmsnorm y".into(), &ry, &cy, t.elementwise);
         self.check("rmsnorm inv_rms".into(), &rinv, &cinv, t.f32_outputs);
         let (rdy, cdy, _) = self.act(rows * hidden, 1.0);
         let (mut rdx, mut cdx, _) = self.act(rows * hidden, 1.0);
-        self.reference.rmsnorm_backward(&rdy, &rx, &rw, &rinv, &mut rdx, rows, hidden);
-        self.candidate.rmsnorm_backward(&cdy, &cx, &cw, &cinv, &mut cdx, rows, hidden);
+        self.reference.rmsnorm_backward(&rdy, &rx, &rw, &rinv, &mut rdx, NormShape { rows, hidden });
+        self.candidate.rmsnorm_backward(&cdy, &cx, &cw, &cinv, &mut cdx, NormShape { rows, hidden });
         self.check("rmsnorm_backward dx (accumulated)".into(), &rdx, &cdx, t.elementwise);
     }
 
@@ -355,11 +361,11 @@ impl<'a, R: Backend, C: Backend> Harness<'a, R, C> {
         let pos: Vec<i32> = (0..n).map(|i| if i < n / 2 { i as i32 } else { (i * 97 % 8192) as i32 }).collect();
         let (rp, cp) = self.ints(&pos);
         let (mut rx, mut cx, _) = self.act(n * heads * d, 1.0);
-        self.reference.rope(&mut rx, &rp, &rf, n, heads, d);
-        self.candidate.rope(&mut cx, &cp, &cf, n, heads, d);
+        self.reference.rope(&mut rx, &rp, &rf, RopeShape { n, heads, head_dim: d });
+        self.candidate.rope(&mut cx, &cp, &cf, RopeShape { n, heads, head_dim: d });
         self.check("rope".into(), &rx, &cx, t.elementwise);
-        self.reference.rope_backward(&mut rx, &rp, &rf, n, heads, d);
-        self.candidate.rope_backward(&mut cx, &cp, &cf, n, heads, d);
+        self.reference.rope_backward(&mut rx, &rp, &rf, RopeShape { n, heads, head_dim: d });
+        self.candidate.rope_backward(&mut cx, &cp, &cf, RopeShape { n, heads, head_dim: d });
         self.check("rope_backward (of rope)".into(), &rx, &cx, t.elementwise);
     }
 
@@ -432,8 +438,8 @@ impl<'a, R: Backend, C: Backend> Harness<'a, R, C> {
         let mut rl = self.reference.zeros_f32(heads * n);
         let mut cl = self.candidate.zeros_f32(heads * n);
         let ns = seqs.len();
-        self.reference.attention(&rq, &rk, &rv, &rcu, ns, shape, &mut ro, &mut rl);
-        self.candidate.attention(&cq, &ck, &cv, &ccu, ns, shape, &mut co, &mut cl);
+        self.reference.attention(Qkv { q: &rq, k: &rk, v: &rv }, Varlen { cu_seqlens: &rcu, n_seqs: ns }, shape, &mut ro, &mut rl);
+        self.candidate.attention(Qkv { q: &cq, k: &ck, v: &cv }, Varlen { cu_seqlens: &ccu, n_seqs: ns }, shape, &mut co, &mut cl);
         let tag = format!("d={d} h={heads}/{kv} window={window:?}");
         self.check(format!("attention out {tag}"), &ro, &co, t.attention);
         self.check(format!("attention lse {tag}"), &rl, &cl, t.f32_outputs);
@@ -441,9 +447,9 @@ impl<'a, R: Backend, C: Backend> Harness<'a, R, C> {
         let (mut rdq, mut cdq) = (self.reference.zeros(n * heads * d), self.candidate.zeros(n * heads * d));
         let (mut rdk, mut cdk) = (self.reference.zeros(n * kv * d), self.candidate.zeros(n * kv * d));
         let (mut rdv, mut cdv) = (self.reference.zeros(n * kv * d), self.candidate.zeros(n * kv * d));
-        self.reference.attention_backward(&rdo, &rq, &rk, &rv, &ro, &rl, &rcu, ns, shape, &mut rdq, &mut rdk, &mut rdv);
+        self.reference.attention_backward(&rdo, Qkv { q: &rq, k: &rk, v: &rv }, AttnSaved { out: &ro, lse: &rl }, Varlen { cu_seqlens: &rcu, n_seqs: ns }, shape, QkvGrads { dq: &mut rdq, dk: &mut rdk, dv: &mut rdv });
         // The candidate uses its own forward output and lse, as in a real step.
-        self.candidate.attention_backward(&cdo, &cq, &ck, &cv, &co, &cl, &ccu, ns, shape, &mut cdq, &mut cdk, &mut cdv);
+        self.candidate.attention_backward(&cdo, Qkv { q: &cq, k: &ck, v: &cv }, AttnSaved { out: &co, lse: &cl }, Varlen { cu_seqlens: &ccu, n_seqs: ns }, shape, QkvGrads { dq: &mut cdq, dk: &mut cdk, dv: &mut cdv });
         self.check(format!("attention_backward dq {tag}"), &rdq, &cdq, t.attention_backward);
         self.check(format!("attention_backward dk {tag}"), &rdk, &cdk, t.attention_backward);
         self.check(format!("attention_backward dv {tag}"), &rdv, &cdv, t.attention_backward);
@@ -473,8 +479,8 @@ impl<'a, R: Backend, C: Backend> Harness<'a, R, C> {
 /// `nested`, 8-bit scale codes over a 256-entry map in blocks of 256 plus an
 /// offset), for checking backends against each other. Not a quantization of
 /// anything: `quant::nf4::quantize` makes real ones.
-pub fn random_nf4(rng: &mut Rng, shape: [usize; 2], nested: bool) -> crate::quant::nf4::Nf4Tensor {
-    use crate::quant::nf4::{Absmax, BLOCKSIZE, NESTED_BLOCKSIZE, NF4_CODE, Nf4Tensor};
+pub fn random_nf4(rng: &mut Rng, shape: [usize; 2], nested: bool) -> ferrotune::quant::nf4::Nf4Tensor {
+    use ferrotune::quant::nf4::{Absmax, BLOCKSIZE, NESTED_BLOCKSIZE, NF4_CODE, Nf4Tensor};
     let n = shape[0] * shape[1];
     let blocks = n.div_ceil(BLOCKSIZE);
     let packed = (0..n.div_ceil(2)).map(|_| (rng.next_u64() & 0xff) as u8).collect();
@@ -491,32 +497,4 @@ pub fn random_nf4(rng: &mut Rng, shape: [usize; 2], nested: bool) -> crate::quan
         Absmax::Plain((0..blocks).map(|_| rng.uniform_range(0.7, 1.3) * scale).collect())
     };
     Nf4Tensor { shape, blocksize: BLOCKSIZE, packed, absmax, code: NF4_CODE }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::backend::cpu::CpuBackend;
-    use crate::backend::profiled::Profiled;
-
-    #[test]
-    fn cpu_against_itself_passes_every_check_bit_for_bit() {
-        let (r, c) = (CpuBackend::new(), Profiled::new(CpuBackend::new()));
-        let mut h = Harness::new(&r, &c, Tolerances::same_precision(), 1);
-        let checks = h.run(Scale::Small).to_vec();
-        assert!(checks.len() > 40, "only {} checks", checks.len());
-        for c in &checks {
-            assert_eq!(c.rel_err, 0.0, "{c}");
-        }
-    }
-
-    #[test]
-    fn a_wrong_candidate_fails() {
-        // The harness must be able to fail: a candidate whose swiglu is off.
-        let reference = vec![1.0f32, 2.0, 3.0];
-        let off = vec![1.0f32, 2.0, 3.1];
-        assert!(!compare("x".into(), &off, &reference, 1e-3).passed());
-        assert!(!compare("x".into(), &[f32::NAN, 2.0, 3.0], &reference, 1.0).passed());
-        assert!(compare("x".into(), &reference, &reference, 0.0).passed());
-    }
 }

@@ -27,9 +27,13 @@
 //! here too, so a model-graph mistake that would crash on a GPU also fails on
 //! the CPU.
 
-use super::{AdamW, AttnShape, Backend, Dropout, WeightSource, dropout_keep};
+mod flash;
+
+use ferrotune::backend::{
+    AdamW, AttnSaved, AttnShape, Backend, Dropout, Forward, LoraGrads, LoraInputs, LoraShape, MatShape, NormShape, Qkv,
+    QkvGrads, RopeShape, Varlen, WeightSource, dropout_keep,
+};
 use anyhow::Result;
-use rayon::prelude::*;
 
 /// The storage kind of a simulated buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -189,10 +193,33 @@ fn apply_mask(v: &mut [f32], d: Dropout) {
     }
 }
 
+impl<B: Backend> Forward for Bf16Sim<B> {
+    type Inner = B;
+    fn inner(&self) -> &B {
+        &self.inner
+    }
+    fn buf(b: &Buf<B>) -> &B::Buf {
+        &b.inner
+    }
+    fn buf_mut(b: &mut Buf<B>) -> &mut B::Buf {
+        &mut b.inner
+    }
+    fn weight(w: &B::Weight) -> &B::Weight {
+        w
+    }
+    fn ints(i: &Ints<B>) -> &B::IntBuf {
+        &i.inner
+    }
+}
+
 impl<B: Backend> Backend for Bf16Sim<B> {
     type Buf = Buf<B>;
     type Weight = B::Weight;
     type IntBuf = Ints<B>;
+
+    // Reads (download, len, weight_to_f32, weight_len, sum_sq, sum_sq_all)
+    // see stored values as they are: plain forwarding.
+    ferrotune::forward_ops!(reads);
 
     fn name(&self) -> String {
         format!("bf16-sim({})", self.inner.name())
@@ -213,14 +240,8 @@ impl<B: Backend> Backend for Bf16Sim<B> {
         // bf16: activation storage holds bf16 values.
         self.wrap(self.inner.upload_activation(&rounded(data.to_vec())), Storage::Act)
     }
-    fn download(&self, buf: &Buf<B>) -> Vec<f32> {
-        self.inner.download(&buf.inner)
-    }
     fn upload_ints(&self, data: &[i32]) -> Ints<B> {
         SimInts { inner: self.inner.upload_ints(data), host: data.to_vec() }
-    }
-    fn len(&self, buf: &Buf<B>) -> usize {
-        self.inner.len(&buf.inner)
     }
     fn load_weight(&self, src: &WeightSource) -> Result<B::Weight> {
         // bf16: weights are stored in bf16 (f32 and f16 checkpoints are
@@ -232,19 +253,13 @@ impl<B: Backend> Backend for Bf16Sim<B> {
         // bf16: weights are stored in bf16.
         self.inner.weight_from_f32(&rounded(data.to_vec()))
     }
-    fn weight_from_nf4(&self, t: &crate::quant::nf4::Nf4Tensor) -> Result<B::Weight> {
+    fn weight_from_nf4(&self, t: &ferrotune::quant::nf4::Nf4Tensor) -> Result<B::Weight> {
         // bf16: the GPU dequantizes each product's NF4 weight into a bf16
         // scratch, bf16(code · absmax) with the f32 product rounded once; the
         // simulation stores those bf16 values (dense: the 4-bit saving is a
         // memory matter, not a numerical one).
-        crate::backend::check_nf4(t)?;
+        ferrotune::backend::check_nf4(t)?;
         Ok(self.inner.weight_from_f32(&rounded(t.dequantize())))
-    }
-    fn weight_to_f32(&self, w: &B::Weight) -> Vec<f32> {
-        self.inner.weight_to_f32(w)
-    }
-    fn weight_len(&self, w: &B::Weight) -> usize {
-        self.inner.weight_len(w)
     }
     fn fill(&self, buf: &mut Buf<B>, value: f32) {
         self.inner.fill(&mut buf.inner, value);
@@ -264,46 +279,28 @@ impl<B: Backend> Backend for Bf16Sim<B> {
         self.inner.scale(&mut buf.inner, s);
         self.store(buf); // bf16: the product is stored in the activation type.
     }
-    fn sum_sq(&self, buf: &Buf<B>) -> f64 {
-        self.inner.sum_sq(&buf.inner)
-    }
-    fn sum_sq_all(&self, bufs: &[&Buf<B>]) -> f64 {
-        let inner: Vec<&B::Buf> = bufs.iter().map(|b| &b.inner).collect();
-        self.inner.sum_sq_all(&inner)
-    }
     fn embedding(&self, table: &B::Weight, ids: &Ints<B>, out: &mut Buf<B>, n: usize, hidden: usize) {
         self.inner.embedding(table, &ids.inner, &mut out.inner, n, hidden);
         self.store(out); // bf16: a gather of bf16 weights; exact, kept for uniformity.
     }
-    fn linear(&self, x: &Buf<B>, w: &B::Weight, bias: Option<&B::Weight>, y: &mut Buf<B>, m: usize, k: usize, n: usize) {
+    fn linear(&self, x: &Buf<B>, w: &B::Weight, bias: Option<&B::Weight>, y: &mut Buf<B>, shape: MatShape) {
         // bf16: x is a bf16 GEMM operand (an f32 x is cast); W and the bias
         // are bf16 since load.
         let xb = self.operand(x);
-        self.inner.linear(xb.get(), w, bias, &mut y.inner, m, k, n);
+        self.inner.linear(xb.get(), w, bias, &mut y.inner, shape);
         // bf16: y in its type (the LM head writes f32 logits: not rounded).
         self.store(y);
     }
-    fn linear_backward_input(&self, dy: &Buf<B>, w: &B::Weight, dx: &mut Buf<B>, m: usize, k: usize, n: usize, acc: bool) {
+    fn linear_backward_input(&self, dy: &Buf<B>, w: &B::Weight, dx: &mut Buf<B>, shape: MatShape, acc: bool) {
         // bf16: dy is a bf16 GEMM operand; the logits gradient (f32) is cast
         // to bf16 before the LM head's backward product.
         let dyb = self.operand(dy);
-        self.inner.linear_backward_input(dyb.get(), w, &mut dx.inner, m, k, n, acc);
+        self.inner.linear_backward_input(dyb.get(), w, &mut dx.inner, shape, acc);
         self.store(dx); // bf16: dx (+ its old value, f32 accumulate) stored once.
     }
-    fn lora_forward(
-        &self,
-        x: &Buf<B>,
-        a: &Buf<B>,
-        b: &Buf<B>,
-        scale: f32,
-        dropout: Option<Dropout>,
-        xa: &mut Buf<B>,
-        y: &mut Buf<B>,
-        m: usize,
-        k: usize,
-        n: usize,
-        r: usize,
-    ) {
+    fn lora_forward(&self, inputs: LoraInputs<'_, Buf<B>>, xa: &mut Buf<B>, y: &mut Buf<B>, shape: LoraShape) {
+        let LoraInputs { x, a, b } = inputs;
+        let LoraShape { m, k, r, dropout, .. } = shape;
         // bf16: A and B (f32 masters) are cast to bf16 copies for the
         // tensor-core products; the masters stay f32.
         let (ab, bb) = (self.operand(a), self.operand(b));
@@ -312,7 +309,8 @@ impl<B: Backend> Backend for Bf16Sim<B> {
         // xa = xd · Aᵀ, alone: the inner op with a one-column y to discard.
         let mut y_scratch = self.inner.zeros_f32(m);
         let b_scratch = self.inner.zeros_f32(r);
-        self.inner.lora_forward(xd.get(), ab.get(), &b_scratch, scale, None, &mut xa.inner, &mut y_scratch, m, k, 1, r);
+        let first = LoraShape { n: 1, dropout: None, ..shape };
+        self.inner.lora_forward(LoraInputs { x: xd.get(), a: ab.get(), b: &b_scratch }, &mut xa.inner, &mut y_scratch, first);
         // bf16: xa stored in its type (activation), then used as the bf16
         // operand of the second product (cast if f32).
         self.store(xa);
@@ -320,26 +318,21 @@ impl<B: Backend> Backend for Bf16Sim<B> {
         // y += scale · xa · Bᵀ: the inner op on x = xa, A = I (xa·Iᵀ = xa exactly).
         let mut xa_scratch = self.inner.zeros_f32(m * r);
         let id = self.identity(r);
-        self.inner.lora_forward(xab.get(), &id, bb.get(), scale, None, &mut xa_scratch, &mut y.inner, m, r, n, r);
+        let second = LoraShape { k: r, dropout: None, ..shape };
+        self.inner.lora_forward(LoraInputs { x: xab.get(), a: &id, b: bb.get() }, &mut xa_scratch, &mut y.inner, second);
         self.store(y); // bf16: y + the side path, f32 accumulate, stored once.
     }
     fn lora_backward(
         &self,
         dy: &Buf<B>,
-        x: &Buf<B>,
-        a: &Buf<B>,
-        b: &Buf<B>,
+        inputs: LoraInputs<'_, Buf<B>>,
         xa: &Buf<B>,
-        scale: f32,
-        dropout: Option<Dropout>,
-        dx: &mut Buf<B>,
-        da: &mut Buf<B>,
-        db: &mut Buf<B>,
-        m: usize,
-        k: usize,
-        n: usize,
-        r: usize,
+        grads: LoraGrads<'_, Buf<B>>,
+        shape: LoraShape,
     ) {
+        let LoraInputs { x, a, b } = inputs;
+        let LoraGrads { dx, da, db } = grads;
+        let LoraShape { m, k, r, dropout, .. } = shape;
         // bf16: dy, xa, A, B are bf16 GEMM operands (f32 ones cast).
         let (dyb, xab, ab, bb) = (self.operand(dy), self.operand(xa), self.operand(a), self.operand(b));
         let id = self.identity(r);
@@ -349,7 +342,11 @@ impl<B: Backend> Backend for Bf16Sim<B> {
         let mut dxa = self.inner.zeros_f32(m * r);
         let mut da_scratch = self.inner.zeros_f32(r * r);
         self.inner.lora_backward(
-            dyb.get(), &x0, &id, bb.get(), xab.get(), scale, None, &mut dxa, &mut da_scratch, &mut db.inner, m, r, n, r,
+            dyb.get(),
+            LoraInputs { x: &x0, a: &id, b: bb.get() },
+            xab.get(),
+            LoraGrads { dx: &mut dxa, da: &mut da_scratch, db: &mut db.inner },
+            LoraShape { k: r, dropout: None, ..shape },
         );
         self.store(db); // bf16 only if dB were an activation buffer (it is f32).
         // bf16: the GPU keeps dxa in a bf16 temporary (an operand of the next
@@ -361,18 +358,17 @@ impl<B: Backend> Backend for Bf16Sim<B> {
         //    with dy = dxa, n = r, B = I (so its own dxa is 1·dxa·I = dxa).
         let xa0 = self.inner.zeros_f32(m * r);
         let mut db_scratch = self.inner.zeros_f32(r * r);
+        let (second, b_id) = (LoraShape { n: r, scale: 1.0, dropout: None, ..shape }, LoraInputs { x: xd.get(), a: ab.get(), b: &id });
         match dropout.filter(|d| d.p > 0.0) {
             None => {
-                self.inner.lora_backward(
-                    &dxa, xd.get(), ab.get(), &id, &xa0, 1.0, None, &mut dx.inner, &mut da.inner, &mut db_scratch, m, k, r, r,
-                );
+                let grads = LoraGrads { dx: &mut dx.inner, da: &mut da.inner, db: &mut db_scratch };
+                self.inner.lora_backward(&dxa, b_id, &xa0, grads, second);
                 self.store(dx); // bf16: dx + dxa·A, f32 accumulate, stored once.
             }
             Some(d) => {
                 let mut tmp = self.zeros_like(dx);
-                self.inner.lora_backward(
-                    &dxa, xd.get(), ab.get(), &id, &xa0, 1.0, None, &mut tmp.inner, &mut da.inner, &mut db_scratch, m, k, r, r,
-                );
+                let grads = LoraGrads { dx: &mut tmp.inner, da: &mut da.inner, db: &mut db_scratch };
+                self.inner.lora_backward(&dxa, b_id, &xa0, grads, second);
                 // bf16: tmp = dxa·A is stored in dx's type, then the dropout
                 // kernel adds mask ⊙ tmp / (1−p) into dx and stores it.
                 self.store(&mut tmp);
@@ -385,79 +381,75 @@ impl<B: Backend> Backend for Bf16Sim<B> {
         }
         self.store(da); // bf16 only if dA were an activation buffer (it is f32).
     }
-    fn rmsnorm(&self, x: &Buf<B>, w: &B::Weight, y: &mut Buf<B>, inv: &mut Buf<B>, rows: usize, hidden: usize, eps: f32) {
+    fn rmsnorm(&self, x: &Buf<B>, w: &B::Weight, y: &mut Buf<B>, inv: &mut Buf<B>, shape: NormShape, eps: f32) {
         expect_kind(inv, Storage::F32, "rmsnorm inv_rms");
         same_kind(&[x, y], "rmsnorm");
-        self.inner.rmsnorm(&x.inner, w, &mut y.inner, &mut inv.inner, rows, hidden, eps);
+        self.inner.rmsnorm(&x.inner, w, &mut y.inner, &mut inv.inner, shape, eps);
         self.store(y); // bf16: y stored in the activation type; inv_rms stays f32.
     }
-    fn rmsnorm_backward(&self, dy: &Buf<B>, x: &Buf<B>, w: &B::Weight, inv: &Buf<B>, dx: &mut Buf<B>, rows: usize, hidden: usize) {
+    fn rmsnorm_backward(&self, dy: &Buf<B>, x: &Buf<B>, w: &B::Weight, inv: &Buf<B>, dx: &mut Buf<B>, shape: NormShape) {
         expect_kind(inv, Storage::F32, "rmsnorm_backward inv_rms");
         same_kind(&[dy, x, dx], "rmsnorm_backward");
-        self.inner.rmsnorm_backward(&dy.inner, &x.inner, w, &inv.inner, &mut dx.inner, rows, hidden);
+        self.inner.rmsnorm_backward(&dy.inner, &x.inner, w, &inv.inner, &mut dx.inner, shape);
         self.store(dx); // bf16: dx + the norm's gradient, stored once.
     }
-    fn rope(&self, x: &mut Buf<B>, pos: &Ints<B>, inv_freq: &Buf<B>, n: usize, heads: usize, head_dim: usize) {
+    fn rope(&self, x: &mut Buf<B>, pos: &Ints<B>, inv_freq: &Buf<B>, shape: RopeShape) {
         expect_kind(inv_freq, Storage::F32, "rope inv_freq");
-        self.inner.rope(&mut x.inner, &pos.inner, &inv_freq.inner, n, heads, head_dim);
+        self.inner.rope(&mut x.inner, &pos.inner, &inv_freq.inner, shape);
         self.store(x); // bf16: rotated in place, stored back.
     }
-    fn rope_backward(&self, dx: &mut Buf<B>, pos: &Ints<B>, inv_freq: &Buf<B>, n: usize, heads: usize, head_dim: usize) {
+    fn rope_backward(&self, dx: &mut Buf<B>, pos: &Ints<B>, inv_freq: &Buf<B>, shape: RopeShape) {
         expect_kind(inv_freq, Storage::F32, "rope inv_freq");
-        self.inner.rope_backward(&mut dx.inner, &pos.inner, &inv_freq.inner, n, heads, head_dim);
+        self.inner.rope_backward(&mut dx.inner, &pos.inner, &inv_freq.inner, shape);
         self.store(dx); // bf16: rotated in place, stored back.
     }
-    fn attention(
-        &self,
-        q: &Buf<B>,
-        k: &Buf<B>,
-        v: &Buf<B>,
-        cu: &Ints<B>,
-        n_seqs: usize,
-        shape: AttnShape,
-        out: &mut Buf<B>,
-        lse: &mut Buf<B>,
-    ) {
+    fn attention(&self, qkv: Qkv<'_, Buf<B>>, seqs: Varlen<'_, Ints<B>>, shape: AttnShape, out: &mut Buf<B>, lse: &mut Buf<B>) {
+        let Qkv { q, k, v } = qkv;
         for (b, what) in [(q, "q"), (k, "k"), (v, "v"), (&*out, "out")] {
             expect_kind(b, Storage::Act, &format!("attention {what}"));
         }
         expect_kind(lse, Storage::F32, "attention lse");
         if self.flash(&shape) {
             let (qh, kh, vh) = (self.download(q), self.download(k), self.download(v));
-            let (o, l) = flash_forward(&qh, &kh, &vh, &cu.host, n_seqs, &shape);
+            let seqs_host = Varlen { cu_seqlens: seqs.cu_seqlens.host.as_slice(), n_seqs: seqs.n_seqs };
+            let (o, l) = flash::forward(Qkv { q: &qh[..], k: &kh[..], v: &vh[..] }, seqs_host, &shape);
             let (mut ov, mut lv) = (self.download(out), self.download(lse));
             ov[..o.len()].copy_from_slice(&o);
             lv[..l.len()].copy_from_slice(&l);
             self.overwrite(out, ov); // bf16: out stored in the activation type.
             self.overwrite(lse, lv);
         } else {
-            self.inner.attention(&q.inner, &k.inner, &v.inner, &cu.inner, n_seqs, shape, &mut out.inner, &mut lse.inner);
+            let inner_seqs = seqs.map(|i| &i.inner);
+            self.inner.attention(qkv.map(|b| &b.inner), inner_seqs, shape, &mut out.inner, &mut lse.inner);
             self.store(out); // bf16: out stored in the activation type; lse stays f32.
         }
     }
     fn attention_backward(
         &self,
         dout: &Buf<B>,
-        q: &Buf<B>,
-        k: &Buf<B>,
-        v: &Buf<B>,
-        out: &Buf<B>,
-        lse: &Buf<B>,
-        cu: &Ints<B>,
-        n_seqs: usize,
+        qkv: Qkv<'_, Buf<B>>,
+        saved: AttnSaved<'_, Buf<B>>,
+        seqs: Varlen<'_, Ints<B>>,
         shape: AttnShape,
-        dq: &mut Buf<B>,
-        dk: &mut Buf<B>,
-        dv: &mut Buf<B>,
+        grads: QkvGrads<'_, Buf<B>>,
     ) {
+        let (Qkv { q, k, v }, AttnSaved { out, lse }) = (qkv, saved);
+        let QkvGrads { dq, dk, dv } = grads;
         for (b, what) in [(dout, "dout"), (q, "q"), (k, "k"), (v, "v"), (out, "out"), (&*dq, "dq"), (&*dk, "dk"), (&*dv, "dv")] {
             expect_kind(b, Storage::Act, &format!("attention_backward {what}"));
         }
         expect_kind(lse, Storage::F32, "attention_backward lse");
         if self.flash(&shape) {
             let h = |b: &Buf<B>| self.download(b);
-            let (gq, gk, gv) =
-                flash_backward(&h(dout), &h(q), &h(k), &h(v), &h(out), &h(lse), &cu.host, n_seqs, &shape);
+            let (qh, kh, vh, oh, lh) = (h(q), h(k), h(v), h(out), h(lse));
+            let seqs_host = Varlen { cu_seqlens: seqs.cu_seqlens.host.as_slice(), n_seqs: seqs.n_seqs };
+            let (gq, gk, gv) = flash::backward(
+                &h(dout),
+                Qkv { q: &qh[..], k: &kh[..], v: &vh[..] },
+                AttnSaved { out: &oh[..], lse: &lh[..] },
+                seqs_host,
+                &shape,
+            );
             for (buf, g) in [(dq, gq), (dk, gk), (dv, gv)] {
                 let mut cur = self.download(buf);
                 cur[..g.len()].copy_from_slice(&g);
@@ -466,17 +458,11 @@ impl<B: Backend> Backend for Bf16Sim<B> {
         } else {
             self.inner.attention_backward(
                 &dout.inner,
-                &q.inner,
-                &k.inner,
-                &v.inner,
-                &out.inner,
-                &lse.inner,
-                &cu.inner,
-                n_seqs,
+                qkv.map(|b| &b.inner),
+                saved.map(|b| &b.inner),
+                seqs.map(|i| &i.inner),
                 shape,
-                &mut dq.inner,
-                &mut dk.inner,
-                &mut dv.inner,
+                QkvGrads { dq: &mut dq.inner, dk: &mut dk.inner, dv: &mut dv.inner },
             );
             // bf16: dq, dk, dv stored in the activation type.
             self.store(dq);
@@ -535,224 +521,5 @@ impl<B: Backend> Backend for Bf16Sim<B> {
             expect_kind(b, Storage::F32, what);
         }
         self.inner.adamw(&mut param.inner, &grad.inner, &mut m.inner, &mut v.inner, hp)
-    }
-}
-
-// ---- host flash attention (tensor-core kernels' roundings) ---------------
-//
-// The semantics of cuda/flash_attn.cu's d64 / d128 kernels, in f32 on the
-// host: scores and sums in f32 from bf16 inputs; P rounded to bf16 before
-// O += P·V (the row sum l uses the unrounded P); in the backward P is
-// recomputed from lse, dS = P ⊙ (dP − dsum), and P (for dV) and dS (for dQ,
-// dK) are rounded to bf16 before their products. One difference: the kernel
-// rounds P relative to the running maximum of the key tiles seen so far, the
-// host relative to the row's final maximum (same rounding statistics; the
-// individual roundings differ).
-
-/// For each token, (start, end) of its sequence.
-fn bounds(cu: &[i32], n_seqs: usize, n: usize) -> Vec<(usize, usize)> {
-    let mut b = vec![(0, 0); n];
-    for s in 0..n_seqs {
-        let (s0, s1) = (cu[s] as usize, cu[s + 1] as usize);
-        b[s0..s1].iter_mut().for_each(|x| *x = (s0, s1));
-    }
-    b
-}
-
-/// First key visible to query t (keys lo..=t).
-fn first_key(t: usize, start: usize, window: Option<usize>) -> usize {
-    match window {
-        Some(w) => start.max((t + 1).saturating_sub(w)),
-        None => start,
-    }
-}
-
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
-}
-
-/// (out [n, nh, d] rounded to bf16, lse [nh, n]).
-fn flash_forward(q: &[f32], k: &[f32], v: &[f32], cu: &[i32], n_seqs: usize, s: &AttnShape) -> (Vec<f32>, Vec<f32>) {
-    let (n, nh, nkv, d) = (s.n, s.n_heads, s.n_kv_heads, s.head_dim);
-    let group = nh / nkv;
-    let bd = bounds(cu, n_seqs, n);
-    let rows: Vec<(Vec<f32>, Vec<f32>)> = (0..n)
-        .into_par_iter()
-        .map(|t| {
-            let lo = first_key(t, bd[t].0, s.window);
-            let mut out = vec![0.0f32; nh * d];
-            let mut lse = vec![0.0f32; nh];
-            for h in 0..nh {
-                let (qr, kvh) = (&q[(t * nh + h) * d..][..d], h / group);
-                let sc: Vec<f32> = (lo..=t).map(|j| dot(qr, &k[(j * nkv + kvh) * d..][..d]) * s.scale).collect();
-                let mx = sc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let p: Vec<f32> = sc.iter().map(|&x| (x - mx).exp()).collect();
-                let l: f32 = p.iter().sum();
-                let o = &mut out[h * d..][..d];
-                for (jj, j) in (lo..=t).enumerate() {
-                    let pr = round_bf16(p[jj]); // bf16: P before P·V.
-                    let vr = &v[(j * nkv + kvh) * d..][..d];
-                    o.iter_mut().zip(vr).for_each(|(o, &v)| *o += pr * v);
-                }
-                let inv = 1.0 / l;
-                o.iter_mut().for_each(|x| *x = round_bf16(*x * inv)); // bf16: out stored.
-                lse[h] = mx + l.ln();
-            }
-            (out, lse)
-        })
-        .collect();
-    let mut out = Vec::with_capacity(n * nh * d);
-    let mut lse = vec![0.0f32; nh * n];
-    for (t, (o, l)) in rows.into_iter().enumerate() {
-        out.extend(o);
-        (0..nh).for_each(|h| lse[h * n + t] = l[h]);
-    }
-    (out, lse)
-}
-
-/// (dq, dk, dv), each rounded to bf16.
-#[allow(clippy::too_many_arguments)]
-fn flash_backward(
-    dout: &[f32],
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    out: &[f32],
-    lse: &[f32],
-    cu: &[i32],
-    n_seqs: usize,
-    s: &AttnShape,
-) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let (n, nh, nkv, d) = (s.n, s.n_heads, s.n_kv_heads, s.head_dim);
-    let group = nh / nkv;
-    let bd = bounds(cu, n_seqs, n);
-    // Elements of row (token t, head h) of a [n, heads, d] tensor.
-    let row = |t: usize, heads: usize, h: usize| (t * heads + h) * d..(t * heads + h + 1) * d;
-    // dsum[h*n + t] = Σ dout·out, f32.
-    let mut dsum = vec![0.0f32; nh * n];
-    for t in 0..n {
-        for h in 0..nh {
-            dsum[h * n + t] = dot(&dout[row(t, nh, h)], &out[row(t, nh, h)]);
-        }
-    }
-    // P and dS of (query t, head h, key j).
-    let p_ds = |t: usize, h: usize, j: usize| -> (f32, f32) {
-        let kvh = h / group;
-        let p = (dot(&q[row(t, nh, h)], &k[row(j, nkv, kvh)]) * s.scale - lse[h * n + t]).exp();
-        let dp = dot(&dout[row(t, nh, h)], &v[row(j, nkv, kvh)]);
-        (p, p * (dp - dsum[h * n + t]))
-    };
-    let dq: Vec<f32> = (0..n)
-        .into_par_iter()
-        .flat_map_iter(|t| {
-            let lo = first_key(t, bd[t].0, s.window);
-            let mut acc = vec![0.0f32; nh * d];
-            for h in 0..nh {
-                let a = &mut acc[h * d..][..d];
-                for j in lo..=t {
-                    let ds = round_bf16(p_ds(t, h, j).1); // bf16: dS before dS·K.
-                    a.iter_mut().zip(&k[row(j, nkv, h / group)]).for_each(|(a, &kk)| *a += ds * kk);
-                }
-                a.iter_mut().for_each(|x| *x = round_bf16(*x * s.scale)); // bf16: dq stored.
-            }
-            acc
-        })
-        .collect();
-    let dkdv: Vec<(Vec<f32>, Vec<f32>)> = (0..n)
-        .into_par_iter()
-        .map(|j| {
-            let end = bd[j].1;
-            let hi = match s.window {
-                Some(w) => end.min(j.saturating_add(w)),
-                None => end,
-            };
-            let (mut ak, mut av) = (vec![0.0f32; nkv * d], vec![0.0f32; nkv * d]);
-            for kvh in 0..nkv {
-                let (ak, av) = (&mut ak[kvh * d..][..d], &mut av[kvh * d..][..d]);
-                for h in kvh * group..(kvh + 1) * group {
-                    for t in j..hi {
-                        let (p, ds) = p_ds(t, h, j);
-                        // bf16: P before Pᵀ·dO, dS before dSᵀ·Q.
-                        let (p, ds) = (round_bf16(p), round_bf16(ds));
-                        ak.iter_mut().zip(&q[row(t, nh, h)]).for_each(|(a, &x)| *a += ds * x);
-                        av.iter_mut().zip(&dout[row(t, nh, h)]).for_each(|(a, &x)| *a += p * x);
-                    }
-                }
-                ak.iter_mut().for_each(|x| *x = round_bf16(*x * s.scale)); // bf16: dk stored.
-                av.iter_mut().for_each(|x| *x = round_bf16(*x)); // bf16: dv stored.
-            }
-            (ak, av)
-        })
-        .collect();
-    let (mut dk, mut dv) = (Vec::with_capacity(n * nkv * d), Vec::with_capacity(n * nkv * d));
-    for (a, b) in dkdv {
-        dk.extend(a);
-        dv.extend(b);
-    }
-    (dq, dk, dv)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::backend::DType;
-    use crate::backend::cpu::CpuBackend;
-
-    #[test]
-    fn rounds_activation_storage_and_weights_never_f32_buffers() {
-        let be = Bf16Sim::new(CpuBackend::new());
-        let x = 1.0f32 + 2f32.powi(-12); // not a bf16 value
-        assert_eq!(be.download(&be.upload_activation(&[x])), vec![1.0]);
-        assert_eq!(be.download(&be.upload(&[x])), vec![x]);
-        let w = be.weight_from_f32(&[x]);
-        assert_eq!(be.weight_to_f32(&w), vec![1.0]);
-        let bytes = x.to_le_bytes();
-        let w = be.load_weight(&WeightSource { dtype: DType::F32, bytes: &bytes, numel: 1 }).unwrap();
-        assert_eq!(be.weight_to_f32(&w), vec![1.0]);
-        // f32 outputs stay f32; activation outputs are rounded.
-        let mut f = be.upload(&[1.0]);
-        be.scale(&mut f, x);
-        assert_eq!(be.download(&f), vec![x]);
-        let mut a = be.upload_activation(&[1.0]);
-        be.scale(&mut a, x);
-        assert_eq!(be.download(&a), vec![1.0]);
-        assert_eq!(be.zeros_like(&f).kind(), Storage::F32);
-        assert_eq!(be.zeros_like(&a).kind(), Storage::Act);
-    }
-
-    #[test]
-    #[should_panic(expected = "must share a storage type")]
-    fn mixed_kinds_panic_as_on_the_gpu() {
-        let be = Bf16Sim::new(CpuBackend::new());
-        let mut a = be.zeros(4);
-        be.add_assign(&mut a, &be.zeros_f32(4));
-    }
-
-    #[test]
-    fn host_flash_attention_without_rounding_matches_the_cpu_within_f32_noise() {
-        // The host attention with bf16 inputs: its output differs from the
-        // CPU's only by the P/out roundings, i.e. at the bf16 level.
-        let (cpu, sim) = (CpuBackend::new(), Bf16Sim::with_flash_attention(CpuBackend::new()));
-        let (n, nh, nkv, d) = (21, 4, 2, 64);
-        let cu = [0, 9, 9, 21];
-        let shape = AttnShape { n, n_heads: nh, n_kv_heads: nkv, head_dim: d, window: Some(6), scale: 0.125, max_seqlen: 12 };
-        let data = |len: usize, seed: u32| -> Vec<f32> {
-            (0..len).map(|i| round_bf16((((i as u32).wrapping_mul(2654435761) ^ seed) % 1000) as f32 / 500.0 - 1.0)).collect()
-        };
-        let (q, k, v) = (data(n * nh * d, 1), data(n * nkv * d, 2), data(n * nkv * d, 3));
-        let mut o_c = cpu.zeros(n * nh * d);
-        let mut l_c = cpu.zeros_f32(nh * n);
-        cpu.attention(&q, &k, &v, &cu.to_vec(), 3, shape, &mut o_c, &mut l_c);
-        let (qs, ks, vs) = (sim.upload_activation(&q), sim.upload_activation(&k), sim.upload_activation(&v));
-        let mut o_s = sim.zeros(n * nh * d);
-        let mut l_s = sim.zeros_f32(nh * n);
-        sim.attention(&qs, &ks, &vs, &sim.upload_ints(&cu), 3, shape, &mut o_s, &mut l_s);
-        let rel = |a: &[f32], b: &[f32]| {
-            let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
-            (num / b.iter().map(|y| (*y as f64).powi(2)).sum::<f64>()).sqrt()
-        };
-        assert!(rel(&sim.download(&l_s), &l_c) < 1e-6);
-        let e = rel(&sim.download(&o_s), &o_c);
-        assert!(e > 0.0 && e < 8e-3, "out rel {e}");
     }
 }

@@ -1,4 +1,5 @@
-//! Weight loading, elementwise buffer ops, `sum_sq` and the embedding gather.
+//! Buffer-level ops of the CPU backend: weight loading (checkpoint bytes to
+//! f32), the elementwise ops, `sum_sq` and the embedding gather.
 
 use anyhow::{Result, bail};
 use half::{bf16, f16};

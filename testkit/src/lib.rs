@@ -1,0 +1,16 @@
+//! Backends and harnesses that only tests use, kept out of the ferrotune
+//! library (a release build never compiles them):
+//! - [`conformance`]: every op of a candidate backend against the CPU
+//!   reference, with stated tolerances;
+//! - [`bf16sim`]: a wrapper that gives any backend the CUDA backend's bf16
+//!   storage rounding;
+//! - [`metered`]: a wrapper that counts the bytes every buffer and weight
+//!   holds.
+//!
+//! Their tests live in the root package (tests/testkit.rs), so `cargo test`
+//! at the repository root runs them. A new test-only backend or harness is a
+//! new module here.
+
+pub mod bf16sim;
+pub mod conformance;
+pub mod metered;
