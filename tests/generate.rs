@@ -14,7 +14,7 @@ use ferrotune_testkit::bf16sim::Bf16Sim;
 use ferrotune::backend::cpu::CpuBackend;
 use ferrotune::model::Model;
 use ferrotune::model::checkpoint::{self, Checkpoint};
-use ferrotune::model::config::token_ids;
+use ferrotune::model::hparams::token_ids;
 use ferrotune::model::generate::{GenerateOpts, StopReason};
 use ferrotune::model::sample::SamplingParams;
 use std::process::Command;

@@ -14,7 +14,7 @@ use ferrotune::adapter::{LoraConfig, Targets};
 use ferrotune::backend::cpu::CpuBackend;
 use ferrotune_testkit::metered::Metered;
 use ferrotune::model::batch::{Batch, Sequence};
-use ferrotune::model::config::ModelConfig;
+use ferrotune::model::hparams::ModelConfig;
 use ferrotune::model::graph::BackwardOpts;
 use ferrotune::model::synth::{self, SynthSpec};
 use ferrotune::model::Model;

@@ -154,7 +154,7 @@ fn base_weights(a: &BenchArgs) -> BaseWeights {
 }
 
 /// The synthetic model's config and the adapter of the benchmark.
-fn model_and_adapter(a: &BenchArgs) -> Result<(crate::model::config::ModelConfig, LoraConfig)> {
+fn model_and_adapter(a: &BenchArgs) -> Result<(crate::model::hparams::ModelConfig, LoraConfig)> {
     let mut spec = synth::preset(&a.preset)?;
     if let Some(l) = a.layers {
         ensure!(l > 0 && l <= synth::MAX_LAYERS, "--layers must be between 1 and {} (got {l})", synth::MAX_LAYERS);

@@ -12,7 +12,7 @@ use crate::backend::Backend;
 use crate::data::chat_template::{ChatTemplate, Message};
 use crate::model::Model;
 use crate::model::checkpoint::{self, Checkpoint};
-use crate::model::config::token_ids;
+use crate::model::hparams::token_ids;
 use crate::model::generate::{GenerateOpts, StopReason};
 use crate::model::sample::SamplingParams;
 use anyhow::{Context, Result, bail};
@@ -243,7 +243,7 @@ const UNKNOWN_CONTEXT: usize = 131_072;
 /// --max-new-tokens within the context: a generation never runs past
 /// max_position_embeddings (the cache is sized for it), so a larger value is
 /// capped there, with a note; a prompt that fills the context is an error.
-fn capped_new_tokens(cfg: &crate::model::config::ModelConfig, prompt_len: usize, asked: usize) -> Result<usize> {
+fn capped_new_tokens(cfg: &crate::model::hparams::ModelConfig, prompt_len: usize, asked: usize) -> Result<usize> {
     // Without max_position_embeddings in config.json, a generous bound keeps
     // the cache allocation sane.
     let context = cfg.max_position_embeddings.unwrap_or(UNKNOWN_CONTEXT);

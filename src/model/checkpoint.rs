@@ -3,7 +3,7 @@
 //! or sharded with model.safetensors.index.json), and the tokenizer files.
 
 use crate::backend::{DType, WeightSource};
-use crate::model::config::ModelConfig;
+use crate::model::hparams::ModelConfig;
 use crate::quant::bnb::{QuantizationConfig, RawTensor};
 use crate::registry;
 use anyhow::{Context, Result, bail};

@@ -12,7 +12,7 @@
 //! weight per token); LoRA weights also get weight gradients (2 + 2 + 2).
 //! Recompute under gradient checkpointing is not counted.
 
-use super::config::ModelConfig;
+use super::hparams::ModelConfig;
 use super::{Model, Proj};
 use crate::backend::Backend;
 

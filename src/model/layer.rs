@@ -10,7 +10,7 @@ use crate::backend::{
     AttnSaved, AttnShape, Backend, Dropout, LoraGrads, LoraInputs, LoraShape, MatShape, NormShape, Qkv, QkvGrads, RopeShape,
     Varlen,
 };
-use crate::model::config::ModelConfig;
+use crate::model::hparams::ModelConfig;
 
 /// Per-step inputs shared by every layer, already on the backend.
 pub struct StepCtx<'a, B: Backend> {
@@ -133,14 +133,7 @@ pub fn attn_shape(cfg: &ModelConfig, n: usize, max_seqlen: usize, window: Option
 }
 
 /// Forward of layer `li`; consumes x_in (it is saved in the activations).
-pub fn forward<B: Backend>(
-    be: &B,
-    cfg: &ModelConfig,
-    layer: &Layer<B>,
-    li: usize,
-    x_in: B::Buf,
-    ctx: &StepCtx<B>,
-) -> (B::Buf, LayerActs<B>) {
+pub fn forward<B: Backend>(be: &B, cfg: &ModelConfig, layer: &Layer<B>, li: usize, x_in: B::Buf, ctx: &StepCtx<B>) -> (B::Buf, LayerActs<B>) {
     let shape = attn_shape(cfg, ctx.n, ctx.max_seqlen, layer.window);
     forward_with(be, cfg, layer, li, x_in, ctx, |q, k, v, attn, lse| {
         be.attention(Qkv { q, k, v }, Varlen { cu_seqlens: ctx.cu_seqlens, n_seqs: ctx.n_seqs }, shape, attn, lse)

@@ -1,10 +1,13 @@
-//! The transformer: weights loaded from a checkpoint, LoRA attached to any
-//! subset of projections, and the forward / hand-written backward (see
-//! `layer` and `graph`).
+//! The transformer: weights loaded from a checkpoint (`checkpoint`, its
+//! hyper-parameters in `hparams`), LoRA attached to any subset of
+//! projections, and the forward / hand-written backward (`layer`, and
+//! `graph`: the one training pass, `Model::forward_backward_with`). A new
+//! architecture is declared in the registry (models/*.yaml); a new op it
+//! needs goes in `backend` and is called from `layer`.
 
 pub mod batch;
 pub mod checkpoint;
-pub mod config;
+pub mod hparams;
 pub mod graph;
 pub mod flops;
 pub mod generate;
@@ -18,7 +21,7 @@ use crate::backend::Backend;
 use crate::util::rng::Rng;
 use anyhow::{Context, Result};
 use checkpoint::Checkpoint;
-use config::ModelConfig;
+use hparams::ModelConfig;
 
 /// The seven linear projections of a decoder layer, in a fixed order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -84,10 +84,10 @@ pub fn config_json(spec: &SynthSpec) -> Result<Value> {
 }
 
 /// The resolved model config of a spec.
-pub fn model_config(spec: &SynthSpec) -> Result<crate::model::config::ModelConfig> {
+pub fn model_config(spec: &SynthSpec) -> Result<crate::model::hparams::ModelConfig> {
     let raw = config_json(spec)?;
     let fam = family_info(&spec.family)?;
-    crate::model::config::ModelConfig::from_json(raw, fam, Path::new("<synthetic>"))
+    crate::model::hparams::ModelConfig::from_json(raw, fam, Path::new("<synthetic>"))
 }
 
 /// Tensor names and shapes of a spec, in checkpoint order.

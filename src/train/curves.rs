@@ -61,26 +61,10 @@ const PANELS: &[PanelSpec] = &[
     PanelSpec { title: "learning rate", y_label: "lr", curves: &[line("lr", "lr", GREEN)] },
     PanelSpec { title: "gradient norm (before clipping)", y_label: "grad norm", curves: &[line("grad_norm", "grad norm", RED)] },
     PanelSpec { title: "throughput", y_label: "tokens/s", curves: &[line("tokens_per_s", "tokens/s", PURPLE)] },
-    PanelSpec {
-        title: "reward margin (chosen - rejected)",
-        y_label: "margin",
-        curves: &[line("rewards/margins", "train", BLUE), dots("eval_rewards/margins", "eval", ORANGE)],
-    },
-    PanelSpec {
-        title: "reward accuracy",
-        y_label: "accuracy",
-        curves: &[line("rewards/accuracies", "train", BLUE), dots("eval_rewards/accuracies", "eval", ORANGE)],
-    },
-    PanelSpec {
-        title: "rewards",
-        y_label: "reward",
-        curves: &[line("rewards/chosen", "chosen", GREEN), line("rewards/rejected", "rejected", RED)],
-    },
-    PanelSpec {
-        title: "log-probs",
-        y_label: "log-prob",
-        curves: &[line("logps/chosen", "chosen", GREEN), line("logps/rejected", "rejected", RED)],
-    },
+    PanelSpec { title: "reward margin (chosen - rejected)", y_label: "margin", curves: &[line("rewards/margins", "train", BLUE), dots("eval_rewards/margins", "eval", ORANGE)] },
+    PanelSpec { title: "reward accuracy", y_label: "accuracy", curves: &[line("rewards/accuracies", "train", BLUE), dots("eval_rewards/accuracies", "eval", ORANGE)] },
+    PanelSpec { title: "rewards", y_label: "reward", curves: &[line("rewards/chosen", "chosen", GREEN), line("rewards/rejected", "rejected", RED)] },
+    PanelSpec { title: "log-probs", y_label: "log-prob", curves: &[line("logps/chosen", "chosen", GREEN), line("logps/rejected", "rejected", RED)] },
     PanelSpec { title: "KL to the reference (KTO)", y_label: "kl", curves: &[line("kl", "kl", PURPLE), dots("eval_kl", "eval", ORANGE)] },
 ];
 

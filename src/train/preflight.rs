@@ -5,7 +5,7 @@
 
 use crate::adapter::Targets;
 use crate::config::RunConfig;
-use crate::model::config::ModelConfig;
+use crate::model::hparams::ModelConfig;
 use anyhow::Result;
 
 /// Refuse what cannot work; return one line for each thing the user should

@@ -72,7 +72,7 @@ pub use crate::backend::Phase;
 use crate::adapter::{Lora, LoraConfig};
 use crate::backend::Backend;
 use crate::model::batch::{Batch, Sequence};
-use crate::model::config::ModelConfig;
+use crate::model::hparams::ModelConfig;
 use crate::model::graph::BackwardOpts;
 use crate::model::{BaseWeights, Model, Proj, module_path};
 use crate::train::optimizer::{AdamWConfig, Optimizer};

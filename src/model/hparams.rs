@@ -1,6 +1,7 @@
-//! config.json -> the model's dimensions and quirks, resolved against the
-//! registry family. Both the older layout (rope_theta / rope_scaling /
-//! torch_dtype) and the newer one (rope_parameters / dtype) are read.
+//! The checkpoint's hyper-parameters: config.json -> the model's
+//! dimensions and quirks, resolved against the registry family. Both the
+//! older layout (rope_theta / rope_scaling / torch_dtype) and the newer one
+//! (rope_parameters / dtype) are read.
 
 use crate::backend::DType;
 use crate::registry::{Family, SlidingWindow};
