@@ -76,6 +76,7 @@ use crate::model::hparams::ModelConfig;
 use crate::model::graph::BackwardOpts;
 use crate::model::{BaseWeights, Model, Proj, module_path};
 use crate::train::optimizer::{AdamWConfig, Optimizer};
+use std::collections::BTreeMap;
 use trace::{Shape, Tracer};
 use crate::quant::nf4::{BLOCKSIZE, NESTED_BLOCKSIZE};
 use anyhow::{Result, bail};
@@ -238,12 +239,54 @@ impl Planned {
 
     /// The activation peak of one micro-batch and where it happens: the
     /// training pass traced phase by phase, each phase's peak plus its
-    /// largest product temporary.
+    /// largest product temporary. A micro-batch of more than `TRACE_TOKENS`
+    /// tokens is not traced itself (its batch alone would not fit in host
+    /// memory): every buffer of the pass is then a fixed number of values
+    /// per token, so each phase is traced at `TRACE_TOKENS` / 2 and
+    /// `TRACE_TOKENS` tokens (one sequence) and extended along that line,
+    /// plus 4 bytes of cu_seqlens per further sequence.
     fn activations(&self, built: &mut Built, s: &RunShape) -> (u64, Phase) {
+        let n = s.micro_batch as u64 * s.seq_len as u64;
+        let phases = if n <= TRACE_TOKENS as u64 {
+            self.trace(built, s, s.micro_batch, s.seq_len)
+        } else {
+            let half = self.trace(built, s, 1, TRACE_TOKENS / 2);
+            let full = self.trace(built, s, 1, TRACE_TOKENS);
+            let extra = n - TRACE_TOKENS as u64;
+            let cu_seqlens = 4 * (s.micro_batch as u64 - 1);
+            full.into_iter()
+                .map(|(p, at_full)| {
+                    let per_half = at_full.saturating_sub(half.get(&p).copied().unwrap_or(0));
+                    let grown = (at_full as u128 + per_half as u128 * extra as u128 / (TRACE_TOKENS as u128 / 2)) as u64;
+                    (p, grown.saturating_add(cu_seqlens))
+                })
+                .collect()
+        };
+        // Ties go to the earliest phase in this order.
+        let layers = self.cfg.n_layers;
+        let order = (0..layers)
+            .flat_map(|l| [Phase::Forward { layer: l }, Phase::Recompute { layer: l }, Phase::Backward { layer: l }])
+            .chain([Phase::HeadLoss, Phase::FinalNormBackward]);
+        let mut best = (0u64, Phase::HeadLoss);
+        for p in order {
+            if let Some(&bytes) = phases.get(&p)
+                && bytes > best.0
+            {
+                best = (bytes, p);
+            }
+        }
+        best
+    }
+
+    /// Each phase's activation bytes (above the persistent part, with its
+    /// largest product temporary) in one traced pass over `micro_batch`
+    /// sequences of `seq_len` tokens.
+    fn trace(&self, built: &mut Built, s: &RunShape, micro_batch: usize, seq_len: usize) -> BTreeMap<Phase, u64> {
         let Built { be, model, .. } = built;
         model.loss_chunk_tokens = s.loss_chunk_tokens;
-        let seqs: Vec<Sequence> = (0..s.micro_batch).map(|_| Sequence::unmasked(vec![0; s.seq_len])).collect();
+        let seqs: Vec<Sequence> = (0..micro_batch).map(|_| Sequence::unmasked(vec![0; seq_len])).collect();
         let batch = Batch::from_sequences(&seqs, self.cfg.vocab).expect("token 0 is in every vocabulary");
+        drop(seqs);
         let before = be.with_log(|l| l.live);
         let opts = BackwardOpts {
             grad_scale: 1.0,
@@ -252,23 +295,12 @@ impl Planned {
         };
         model.forward_backward(be, &batch, opts);
         let phases = be.with_log(|l| std::mem::take(&mut l.phases));
-        // Ties go to the earliest phase in this order, as reported before.
-        let layers = self.cfg.n_layers;
-        let order = (0..layers)
-            .flat_map(|l| [Phase::Forward { layer: l }, Phase::Recompute { layer: l }, Phase::Backward { layer: l }])
-            .chain([Phase::HeadLoss, Phase::FinalNormBackward]);
-        let mut best = (0u64, Phase::HeadLoss);
-        for p in order {
-            if let Some(&(live, temp)) = phases.get(&p) {
-                let bytes = live - before + temp;
-                if bytes > best.0 {
-                    best = (bytes, p);
-                }
-            }
-        }
-        best
+        phases.into_iter().map(|(p, (live, temp))| (p, live - before + temp)).collect()
     }
 }
+
+/// The most tokens of one micro-batch the planner traces directly.
+const TRACE_TOKENS: usize = 1 << 20;
 
 /// Predicted peak device memory of one training step, in bytes.
 #[derive(Debug, Clone)]
