@@ -1,24 +1,35 @@
 //! Training objectives: what a run optimises. Each objective is one file
 //! here implementing [`Objective`] — which examples it reads, how one
 //! optimiser step runs over them, what it logs, what its reference is, what
-//! it saves beside the adapter — and is listed once, in [`registry`]:
-//! `sft` (supervised fine-tuning), `dpo` (DPO, IPO), `orpo`, `cpo` (SimPO),
-//! `kto`, `reward` (reward modelling). `math` and `pairs` hold what the
-//! preference objectives share. A new objective is a new file plus its line
-//! in `registry` (and, when a new `rl` value selects it, that value in the
-//! config's accepted list, config/keys.rs).
+//! it saves beside the adapter — with a `select` function, and is named
+//! once, in the `objectives!` line below: `reward` (reward modelling),
+//! `dpo` (DPO, IPO), `orpo`, `cpo` (SimPO), `kto`, `sft` (supervised
+//! fine-tuning). `math` and `pairs` hold what the preference objectives
+//! share. A new objective is a new file plus its name in that line (and,
+//! when a new `rl` value selects it, that value and the rows it reads in
+//! `RL_VALUES`, src/config/dataset_types.rs: the config checks them when it
+//! loads).
 //!
 //! The trainer, the CLI and the config never name an objective: they call
 //! [`select`] and then the trait's methods.
 
-pub mod cpo;
-pub mod dpo;
-pub mod kto;
 pub mod math;
-pub mod orpo;
 pub mod pairs;
-pub mod reward;
-pub mod sft;
+
+/// Declares the objective modules and lists their selectors, in the order
+/// [`select`] asks them (the first that recognises the config wins).
+macro_rules! objectives {
+    ($($name:ident),* $(,)?) => {
+        $(pub mod $name;)*
+
+        /// Every objective's selector, in the order [`select`] asks them.
+        pub fn registry<B: Backend>() -> Vec<Select<B>> {
+            vec![$($name::select::<B>),*]
+        }
+    };
+}
+
+objectives!(reward, dpo, orpo, cpo, kto, sft);
 
 pub use cpo::{CpoConfig, CpoLoss};
 pub use dpo::{DpoConfig, DpoLoss};
@@ -43,19 +54,6 @@ use std::path::Path;
 
 /// A selector: the objective `cfg` asks for, if it is this file's.
 pub type Select<B> = fn(&RunConfig) -> Option<Result<Box<dyn Objective<B>>>>;
-
-/// Every objective, asked in this order by [`select`]; the first that
-/// recognises the config wins. One line per objective.
-pub fn registry<B: Backend>() -> Vec<Select<B>> {
-    vec![
-        reward::select::<B>,
-        dpo::select::<B>,
-        orpo::select::<B>,
-        cpo::select::<B>,
-        kto::select::<B>,
-        sft::select::<B>,
-    ]
-}
 
 /// The objective the run config selects (rl, reward_model; SFT when
 /// neither is set), with its hyper-parameters as the config maps them onto
