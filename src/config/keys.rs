@@ -16,6 +16,7 @@
 //! both give are in `key_reasons`.
 
 use super::key_reasons::{EVAL_EXTRAS, FROM_CHECKPOINT, HUB, IN_PROCESS, KERNELS, MEMORY, ONE_GPU, PACKING, PRECISION, RL_ONLY, TRACKING};
+use super::unsupported::{Unsupported, When, unsupported};
 use super::keys_extra::{IGNORED_DATASET_EXTRA, IGNORED_TOP_EXTRA, UNSUPPORTED_DATASET_EXTRA, UNSUPPORTED_TOP_EXTRA};
 use super::dataset_types::RL_NAMES;
 use super::{DatasetConfig, RunConfig};
@@ -42,35 +43,6 @@ pub(crate) enum KeyKind {
     /// (`load::fold_aliases`).
     Alias,
     Unknown,
-}
-
-/// When an unsupported key's value asks for the missing feature.
-pub(crate) enum When {
-    /// Any value but null, false, "", [] or {}.
-    Set,
-    /// Exactly `true`.
-    True,
-    /// A set value that is not one of these strings.
-    NotOneOf(&'static [&'static str]),
-    /// A set value that is not true or false.
-    NotBool,
-    /// A number above this.
-    Above(i64),
-    /// Any value but null and true (false asks for something too).
-    NotTrue,
-    /// A mapping (where the typed field is a string).
-    Mapping,
-}
-
-pub(crate) struct Unsupported {
-    pub key: &'static str,
-    pub when: When,
-    /// Planned features say "not supported yet".
-    pub planned: bool,
-    /// What the value asks for that ferrotune cannot do.
-    pub what: &'static str,
-    /// What to write instead.
-    pub instead: &'static str,
 }
 
 /// optimizer values that mean torch's AdamW, which ferrotune implements.
@@ -251,10 +223,6 @@ pub(crate) const IGNORED_DATASET: &[(&str, &str)] = &[
     ("preprocess_shards", IN_PROCESS),
 ];
 
-pub(crate) const fn unsupported(key: &'static str, when: When, planned: bool, what: &'static str, instead: &'static str) -> Unsupported {
-    Unsupported { key, when, planned, what, instead }
-}
-
 /// Axolotl top-level keys ferrotune cannot honour: ignoring them would
 /// silently change the run.
 pub(crate) const UNSUPPORTED_TOP: &[Unsupported] = &[
@@ -347,41 +315,6 @@ const ALIASES: &[(&str, &str)] = &[
     ("packing", "sample_packing"),
     ("dataset", "datasets"),
 ];
-
-impl When {
-    pub fn applies(&self, v: &Value) -> bool {
-        let set = !matches!(v, Value::Null | Value::Bool(false))
-            && !matches!(v, Value::String(s) if s.is_empty())
-            && !matches!(v, Value::Array(a) if a.is_empty())
-            && !matches!(v, Value::Object(o) if o.is_empty());
-        match self {
-            When::Set => set,
-            When::True => *v == Value::Bool(true),
-            When::NotOneOf(allowed) => set && !matches!(v, Value::String(s) if allowed.contains(&s.as_str())),
-            When::NotBool => set && !v.is_boolean(),
-            When::Above(n) => v.as_f64().is_some_and(|x| x > *n as f64),
-            When::NotTrue => !v.is_null() && *v != Value::Bool(true),
-            When::Mapping => v.is_object(),
-        }
-    }
-}
-
-impl Unsupported {
-    /// The error text after the location prefix.
-    pub fn message(&self, shown_key: &str, v: &Value) -> String {
-        let yet = if self.planned { " yet" } else { "" };
-        format!("{shown_key}: {} is not supported{yet}: {}; {}", show_value(v), self.what, self.instead)
-    }
-}
-
-/// A value as the user wrote it, kept short.
-pub(crate) fn show_value(v: &Value) -> String {
-    let s = match v {
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
-    };
-    if s.chars().count() > 60 { format!("{}...", s.chars().take(57).collect::<String>()) } else { s }
-}
 
 /// The keys of the typed config at this level.
 pub(crate) fn field_names(level: Level) -> Vec<String> {

@@ -8,7 +8,7 @@
 //! lacks is added here. Each reason says what ferrotune does instead.
 
 use super::key_reasons::{CHECKPOINTING, GRPO, KERNELS, MOE, MULTIMODAL, NO_TORCH, ONE_GPU, PRECISION, SAMPLES, SET_BY_AXOLOTL, TRACKING};
-use super::keys::{Unsupported, When, unsupported};
+use super::unsupported::{Unsupported, When, unsupported};
 
 /// Real Axolotl top-level keys that have no effect in ferrotune.
 pub(crate) const IGNORED_TOP_EXTRA: &[(&str, &str)] = &[

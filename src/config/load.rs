@@ -7,6 +7,7 @@
 
 use super::keys::{self, ADAMW_LOW_MEMORY, ADAMW_NAMES, KeyKind, Level};
 use super::source::{self, Locator, display_path, join};
+use super::unsupported;
 use super::validate::{self, SCHEDULER_ALIASES};
 use super::{DatasetConfig, RunConfig};
 use anyhow::{Context, Result, anyhow, bail};
@@ -117,8 +118,8 @@ fn fold_aliases(root: &mut Map<String, Value>, loc: &Locator) -> Result<()> {
                 bail!(
                     "{}{shown} {} and {other} {} are both set and differ: they are the same setting ({field}); keep one",
                     loc.at(&alias),
-                    keys::show_value(&value),
-                    keys::show_value(existing)
+                    unsupported::show_value(&value),
+                    unsupported::show_value(existing)
                 );
             }
         }
@@ -343,9 +344,9 @@ fn describe(v: &Value) -> String {
         Value::Null => "null".into(),
         Value::Bool(b) => b.to_string(),
         Value::Number(n) => format!("the number {n}"),
-        Value::String(_) => format!("the string \"{}\"", keys::show_value(v)),
-        Value::Array(_) => format!("a list ({})", keys::show_value(v)),
-        Value::Object(_) => format!("a mapping ({})", keys::show_value(v)),
+        Value::String(_) => format!("the string \"{}\"", unsupported::show_value(v)),
+        Value::Array(_) => format!("a list ({})", unsupported::show_value(v)),
+        Value::Object(_) => format!("a mapping ({})", unsupported::show_value(v)),
     }
 }
 

@@ -2,7 +2,8 @@
 //! `RunConfig` before any weight or dataset is touched.
 //!
 //! Loading (unknown keys, accepted-but-ignored Axolotl keys, `--set`
-//! overrides) lives in `load`, the key tables in `keys` (and `keys_extra`),
+//! overrides) lives in `load`, the key tables in `keys` (and `keys_extra`;
+//! what an unsupported key's error says in `unsupported`),
 //! the value checks in `validate`, the checks of model_type / tokenizer_type
 //! / tokenizer_config against the checkpoint in `checkpoint_match`, the
 //! dataset `type:` names in `dataset_types`, the adapter's target modules
@@ -22,6 +23,7 @@ mod load;
 mod overrides;
 mod source;
 mod targets;
+mod unsupported;
 mod validate;
 
 pub use checkpoint_match::check_checkpoint;
