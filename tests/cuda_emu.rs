@@ -261,7 +261,7 @@ fn results_are_bit_identical_under_every_thread_schedule() {
         for (d, heads, kv) in [(64, 4, 2), (128, 2, 1), (24, 2, 2)] {
             let mut rng = Rng::new(d as u64);
             let mut rand = |len: usize| -> Vec<f32> { (0..len).map(|_| rng.uniform_range(-1.0, 1.0)).collect() };
-            let shape = AttnShape { n, n_heads: heads, n_kv_heads: kv, head_dim: d, window: None, scale: 0.125, max_seqlen: 70 };
+            let shape = AttnShape { n, n_heads: heads, n_kv_heads: kv, head_dim: d, window: None, scale: 0.125, softcap: None, max_seqlen: 70 };
             let (q, k, v, dout) = (rand(n * heads * d), rand(n * kv * d), rand(n * kv * d), rand(n * heads * d));
             let (q, k, v, dout) = (be.upload_activation(&q), be.upload_activation(&k), be.upload_activation(&v), be.upload_activation(&dout));
             let cu = be.upload_ints(&cu);
@@ -296,7 +296,7 @@ fn results_are_bit_identical_under_every_thread_schedule() {
             let mut rand = |len: usize| -> Vec<f32> { (0..len).map(|_| rng.uniform_range(-1.0, 1.0)).collect() };
             let q = be.upload_activation(&rand(new * heads * d));
             let (kc, vc) = (be.upload_activation(&rand((past + new) * kv * d)), be.upload_activation(&rand((past + new) * kv * d)));
-            let shape = AttnShape { n: new, n_heads: heads, n_kv_heads: kv, head_dim: d, window: None, scale: 0.125, max_seqlen: new };
+            let shape = AttnShape { n: new, n_heads: heads, n_kv_heads: kv, head_dim: d, window: None, scale: 0.125, softcap: None, max_seqlen: new };
             let mut out = be.zeros(new * heads * d);
             be.decode_attention(&q, &kc, &vc, past, shape, &mut out);
             outputs.push(be.download(&out).iter().map(|x| x.to_bits()).collect());

@@ -72,7 +72,7 @@ mod bf16sim {
         let (cpu, sim) = (CpuBackend::new(), Bf16Sim::with_flash_attention(CpuBackend::new()));
         let (n, nh, nkv, d) = (21, 4, 2, 64);
         let cu = [0, 9, 9, 21];
-        let shape = AttnShape { n, n_heads: nh, n_kv_heads: nkv, head_dim: d, window: Some(6), scale: 0.125, max_seqlen: 12 };
+        let shape = AttnShape { n, n_heads: nh, n_kv_heads: nkv, head_dim: d, window: Some(6), scale: 0.125, softcap: None, max_seqlen: 12 };
         let data = |len: usize, seed: u32| -> Vec<f32> {
             (0..len).map(|i| round_bf16((((i as u32).wrapping_mul(2654435761) ^ seed) % 1000) as f32 / 500.0 - 1.0)).collect()
         };

@@ -33,14 +33,79 @@ pub struct LoraShape {
 pub struct NormShape {
     pub rows: usize,
     pub hidden: usize,
+    /// Scale by (1 + w), computed in f32, instead of w (Gemma's norms,
+    /// whose stored weights are offsets from one).
+    pub plus_one: bool,
+}
+
+impl NormShape {
+    /// The plain RMSNorm (scale by w) over `rows` rows of `hidden`.
+    pub fn new(rows: usize, hidden: usize) -> NormShape {
+        NormShape { rows, hidden, plus_one: false }
+    }
 }
 
 /// Rotary embedding over x[n, heads, head_dim].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RopeShape {
     pub n: usize,
     pub heads: usize,
     pub head_dim: usize,
+    /// The rotated leading dims of each head (head_dim, or fewer with a
+    /// partial rotary factor); even. The pairs are (i, i + rot_dim/2) for
+    /// i < rot_dim/2, and inv_freq has rot_dim/2 entries; the dims from
+    /// rot_dim on pass through unchanged.
+    pub rot_dim: usize,
+    /// Multiplier of cos and sin (f32), 1 except for long-context rope
+    /// variants whose attention factor scales the rotated dims.
+    pub mscale: f32,
+}
+
+impl RopeShape {
+    /// Every dim rotated, no scaling.
+    pub fn full(n: usize, heads: usize, head_dim: usize) -> RopeShape {
+        RopeShape { n, heads, head_dim, rot_dim: head_dim, mscale: 1.0 }
+    }
+}
+
+/// The activation of a gated MLP: out = act(gate) ⊙ up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GluAct {
+    /// silu(g) = g·σ(g) (SwiGLU: Llama, Mistral, Qwen, Phi-3).
+    Silu,
+    /// gelu with the tanh approximation,
+    /// 0.5·g·(1 + tanh(√(2/π)·(g + 0.044715·g³))) (GeGLU: Gemma).
+    GeluTanh,
+}
+
+/// A gated activation over `len` elements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GluShape {
+    pub len: usize,
+    pub act: GluAct,
+}
+
+/// Cross-entropy over logits[rows, vocab]; with `softcap` = Some(c) the
+/// logits are first capped to c·tanh(l/c) (Gemma 2's final soft-cap).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CeShape {
+    pub rows: usize,
+    pub vocab: usize,
+    pub softcap: Option<f32>,
+}
+
+/// A block of columns copied between two row-major matrices with the same
+/// number of rows: dst[r, dst_off + j] = src[r, src_off + j] for r < rows,
+/// j < width (splitting a fused projection's output, or assembling its
+/// gradient).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ColsShape {
+    pub rows: usize,
+    pub src_cols: usize,
+    pub src_off: usize,
+    pub dst_cols: usize,
+    pub dst_off: usize,
+    pub width: usize,
 }
 
 /// The sequences of a varlen batch: `cu_seqlens` (length `n_seqs + 1`) on

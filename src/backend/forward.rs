@@ -72,6 +72,8 @@ macro_rules! forward_ops {
             "copy" copy_slice(src: buf, src_off: val[usize], dst: buf_mut, dst_off: val[usize], len: val[usize]);
             "add" add_assign(dst: buf_mut, src: buf);
             "scale" scale(buf: buf_mut, s: val[f32]);
+            "softcap" softcap(buf: buf_mut, cap: val[f32]);
+            "copy_cols" copy_cols(src: buf, dst: buf_mut, shape: val[$crate::backend::ColsShape]);
             "embedding" embedding(table: weight, ids: ints, out: buf_mut, n: val[usize], hidden: val[usize]);
             "linear" linear(x: buf, w: weight, bias: opt_weight, y: buf_mut, shape: val[$crate::backend::MatShape]);
             "linear_backward_input" linear_backward_input(dy: buf, w: weight, dx: buf_mut, shape: val[$crate::backend::MatShape], accumulate: val[bool]);
@@ -84,9 +86,9 @@ macro_rules! forward_ops {
             "attention" attention(qkv: bufs[Qkv], seqs: seqs, shape: val[$crate::backend::AttnShape], out: buf_mut, lse: buf_mut);
             "attention_backward" attention_backward(dout: buf, qkv: bufs[Qkv], saved: bufs[AttnSaved], seqs: seqs, shape: val[$crate::backend::AttnShape], grads: bufs_mut[QkvGrads]);
             "decode_attention" decode_attention(q: buf, k_cache: buf, v_cache: buf, past: val[usize], shape: val[$crate::backend::AttnShape], out: buf_mut);
-            "swiglu" swiglu(gate: buf, up: buf, out: buf_mut, len: val[usize]);
-            "swiglu_backward" swiglu_backward(dout: buf, gate: buf, up: buf, dgate: buf_mut, dup: buf_mut, len: val[usize]);
-            "cross_entropy" cross_entropy(logits: buf_mut, targets: ints, losses: buf_mut, rows: val[usize], vocab: val[usize], grad_scale: val[Option<f32>]);
+            "glu" glu(gate: buf, up: buf, out: buf_mut, shape: val[$crate::backend::GluShape]);
+            "glu_backward" glu_backward(dout: buf, gate: buf, up: buf, dgate: buf_mut, dup: buf_mut, shape: val[$crate::backend::GluShape]);
+            "cross_entropy" cross_entropy(logits: buf_mut, targets: ints, losses: buf_mut, shape: val[$crate::backend::CeShape], grad_scale: val[Option<f32>]);
             "adamw" adamw(param: buf_mut, grad: buf, m: buf_mut, v: buf_mut, hp: val[$crate::backend::AdamW]);
             _ enter(phase: val[$crate::backend::Phase]);
         }

@@ -38,7 +38,10 @@ pub mod phase;
 
 pub use phase::Phase;
 
-pub use args::{AttnSaved, LoraGrads, LoraInputs, LoraShape, MatShape, NormShape, Qkv, QkvGrads, RopeShape, Varlen};
+pub use args::{
+    AttnSaved, CeShape, ColsShape, GluAct, GluShape, LoraGrads, LoraInputs, LoraShape, MatShape, NormShape, Qkv, QkvGrads,
+    RopeShape, Varlen,
+};
 pub use forward::Forward;
 
 use crate::quant::nf4::Nf4Tensor;
@@ -116,8 +119,13 @@ pub struct AttnShape {
     /// Keys allowed for query q (positions inside its sequence): k <= q and,
     /// with a window W, q - W < k.
     pub window: Option<usize>,
-    /// Multiplier applied to QKᵀ (head_dim^-1/2 for the supported models).
+    /// Multiplier applied to QKᵀ (head_dim^-1/2, or
+    /// query_pre_attn_scalar^-1/2 for Gemma).
     pub scale: f32,
+    /// Some(c): each score s = scale·q·k is capped to c·tanh(s/c) before
+    /// the mask and the softmax (Gemma 2's attention soft-cap); the
+    /// backward multiplies by its derivative 1 − tanh²(s/c).
+    pub softcap: Option<f32>,
     /// Length of the longest sequence (sizes a GPU grid without reading
     /// cu_seqlens back); 0 = unknown, treated as `n`.
     pub max_seqlen: usize,
@@ -226,6 +234,12 @@ pub trait Backend: Send + Sync + 'static {
     fn add_assign(&self, dst: &mut Self::Buf, src: &Self::Buf);
     /// buf *= s
     fn scale(&self, buf: &mut Self::Buf, s: f32);
+    /// buf = cap · tanh(buf / cap), elementwise in f32 (a soft-capped
+    /// logit, for inference; training caps inside `cross_entropy`).
+    fn softcap(&self, buf: &mut Self::Buf, cap: f32);
+    /// A block of columns from one row-major matrix into another (see
+    /// `ColsShape`); the rest of dst is left as it is.
+    fn copy_cols(&self, src: &Self::Buf, dst: &mut Self::Buf, shape: ColsShape);
     /// Σ buf², accumulated in f64 in a fixed order, returned as f64.
     fn sum_sq(&self, buf: &Self::Buf) -> f64;
     /// Σ over all buffers of Σ buf² (the global gradient norm²), read back
@@ -261,7 +275,8 @@ pub trait Backend: Send + Sync + 'static {
     );
 
     // ---- normalisation -------------------------------------------------
-    /// y = x · rsqrt(mean(x²) + eps) · w per row of `hidden`; inv_rms[row] saved.
+    /// y = x · rsqrt(mean(x²) + eps) · w per row of `hidden` (· (1 + w)
+    /// with `shape.plus_one`); inv_rms[row] saved.
     fn rmsnorm(&self, x: &Self::Buf, w: &Self::Weight, y: &mut Self::Buf, inv_rms: &mut Self::Buf, shape: NormShape, eps: f32);
     /// dx += ∂y/∂x ᵀ · dy (the weight is frozen: no weight gradient).
     fn rmsnorm_backward(
@@ -275,9 +290,11 @@ pub trait Backend: Send + Sync + 'static {
     );
 
     // ---- rotary embeddings ---------------------------------------------
-    /// In place on x[n, heads, head_dim], half-split layout:
-    /// x' = x·cos + rotate_half(x)·sin, angle = positions[t] · inv_freq[i]
-    /// (computed in f32), inv_freq has head_dim/2 entries.
+    /// In place on x[n, heads, head_dim], half-split layout over the first
+    /// `shape.rot_dim` dims of each head: x' = x·cos + rotate_half(x)·sin,
+    /// angle = positions[t] · inv_freq[i] (computed in f32), cos and sin
+    /// times `shape.mscale`; inv_freq has rot_dim/2 entries; the other dims
+    /// are left as they are.
     fn rope(&self, x: &mut Self::Buf, positions: &Self::IntBuf, inv_freq: &Self::Buf, shape: RopeShape);
     /// The transpose of `rope` (rotation by the negative angle), in place on
     /// the gradient.
@@ -327,31 +344,33 @@ pub trait Backend: Send + Sync + 'static {
     );
 
     // ---- MLP activation ------------------------------------------------
-    /// out = silu(gate) ⊙ up, elementwise over `len`.
-    fn swiglu(&self, gate: &Self::Buf, up: &Self::Buf, out: &mut Self::Buf, len: usize);
+    /// out = act(gate) ⊙ up, elementwise over `shape.len`.
+    fn glu(&self, gate: &Self::Buf, up: &Self::Buf, out: &mut Self::Buf, shape: GluShape);
     /// dgate, dup (overwritten) from dout.
-    fn swiglu_backward(
+    fn glu_backward(
         &self,
         dout: &Self::Buf,
         gate: &Self::Buf,
         up: &Self::Buf,
         dgate: &mut Self::Buf,
         dup: &mut Self::Buf,
-        len: usize,
+        shape: GluShape,
     );
 
     // ---- loss ------------------------------------------------------------
     /// Cross-entropy over logits[rows, vocab] (already aligned: row t is
-    /// scored against targets[t]; -100 is ignored).  losses[row] = NLL (0 for
-    /// ignored rows).  When `grad_scale` is Some(s), logits are overwritten
-    /// in place by s · (softmax − onehot) (zero rows for ignored targets).
+    /// scored against targets[t]; -100 is ignored), of the logits capped to
+    /// c·tanh(l/c) when `shape.softcap` is Some(c).  losses[row] = NLL (0
+    /// for ignored rows).  When `grad_scale` is Some(s), logits are
+    /// overwritten in place by the gradient with respect to the uncapped
+    /// logits, s · (softmax − onehot) (· (1 − tanh²(l/c)) when capped); zero
+    /// rows for ignored targets.
     fn cross_entropy(
         &self,
         logits: &mut Self::Buf,
         targets: &Self::IntBuf,
         losses: &mut Self::Buf,
-        rows: usize,
-        vocab: usize,
+        shape: CeShape,
         grad_scale: Option<f32>,
     );
 

@@ -155,7 +155,7 @@ impl<B: Backend> Model<B> {
         be.copy_slice(&x, (n - 1) * h, &mut last, 0, h);
         let mut normed = be.zeros(h);
         let mut inv = be.zeros_f32(1);
-        be.rmsnorm(&last, &self.final_norm, &mut normed, &mut inv, NormShape { rows: 1, hidden: h }, cfg.rms_norm_eps);
+        be.rmsnorm(&last, &self.final_norm, &mut normed, &mut inv, NormShape::new(1, h), cfg.rms_norm_eps);
         let mut logits = be.zeros_f32(cfg.vocab);
         be.linear(&normed, self.head(), None, &mut logits, MatShape { m: 1, k: h, n: cfg.vocab });
         Ok(be.download(&logits))

@@ -5,7 +5,7 @@
 use super::Model;
 use super::batch::{Batch, IGNORE_INDEX};
 use super::layer::{self, LayerActs, StepCtx};
-use crate::backend::{Backend, MatShape, NormShape, Phase};
+use crate::backend::{Backend, CeShape, MatShape, NormShape, Phase};
 
 /// Σ token NLL and the number of target tokens it covers. The mean loss of
 /// a step is the sum over its micro-batches divided by all their targets.
@@ -115,7 +115,7 @@ impl<B: Backend> Model<B> {
         }
         let mut hf = be.zeros(n * h);
         let mut inv = be.zeros_f32(n);
-        be.rmsnorm(&x, &self.final_norm, &mut hf, &mut inv, NormShape { rows: n, hidden: h }, self.cfg.rms_norm_eps);
+        be.rmsnorm(&x, &self.final_norm, &mut hf, &mut inv, NormShape::new(n, h), self.cfg.rms_norm_eps);
         hf
     }
 
@@ -182,7 +182,7 @@ impl<B: Backend> Model<B> {
             be.copy_slice(hf, c0 * h, &mut hc, 0, c * h);
             be.linear(&hc, self.head(), None, &mut logits, MatShape { m: c, k: h, n: v });
             let t = be.upload_ints(chunk_targets);
-            be.cross_entropy(&mut logits, &t, &mut chunk_losses, c, v, scale);
+            be.cross_entropy(&mut logits, &t, &mut chunk_losses, CeShape { rows: c, vocab: v, softcap: None }, scale);
             be.copy_slice(&chunk_losses, 0, &mut losses, c0, c);
             if let Some((_, dhf)) = grad.as_mut() {
                 be.linear_backward_input(&logits, self.head(), &mut dhc, MatShape { m: c, k: h, n: v }, false);
@@ -277,13 +277,13 @@ impl<B: Backend> Model<B> {
         be.enter(Phase::HeadLoss);
         let mut hf = be.zeros(n * h);
         let mut inv_f = be.zeros_f32(n);
-        be.rmsnorm(&x, &self.final_norm, &mut hf, &mut inv_f, NormShape { rows: n, hidden: h }, self.cfg.rms_norm_eps);
+        be.rmsnorm(&x, &self.final_norm, &mut hf, &mut inv_f, NormShape::new(n, h), self.cfg.rms_norm_eps);
 
         let (result, dhf) = head(self, &hf)?;
         drop(hf);
         be.enter(Phase::FinalNormBackward);
         let mut dx = be.zeros(n * h);
-        be.rmsnorm_backward(&dhf, &x, &self.final_norm, &inv_f, &mut dx, NormShape { rows: n, hidden: h });
+        be.rmsnorm_backward(&dhf, &x, &self.final_norm, &inv_f, &mut dx, NormShape::new(n, h));
         drop(dhf);
 
         // Backward through the layers in reverse (the embedding is frozen).

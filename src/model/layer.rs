@@ -7,7 +7,7 @@
 
 use super::{Layer, Linear, Proj};
 use crate::backend::{
-    AttnSaved, AttnShape, Backend, Dropout, LoraGrads, LoraInputs, LoraShape, MatShape, NormShape, Qkv, QkvGrads, RopeShape,
+    AttnSaved, AttnShape, Backend, Dropout, GluAct, GluShape, LoraGrads, LoraInputs, LoraShape, MatShape, NormShape, Qkv, QkvGrads, RopeShape,
     Varlen,
 };
 use crate::model::hparams::ModelConfig;
@@ -129,6 +129,7 @@ pub fn attn_shape(cfg: &ModelConfig, n: usize, max_seqlen: usize, window: Option
         head_dim: cfg.head_dim,
         window,
         scale: 1.0 / (cfg.head_dim as f32).sqrt(),
+        softcap: None,
     }
 }
 
@@ -159,13 +160,13 @@ pub fn forward_with<B: Backend>(
 
     let mut h1 = be.zeros(n * h);
     let mut inv1 = be.zeros_f32(n);
-    be.rmsnorm(&x_in, &layer.input_norm, &mut h1, &mut inv1, NormShape { rows: n, hidden: h }, cfg.rms_norm_eps);
+    be.rmsnorm(&x_in, &layer.input_norm, &mut h1, &mut inv1, NormShape::new(n, h), cfg.rms_norm_eps);
 
     let mut q = proj_forward(be, layer, li, Proj::Q, &h1, n, ctx, &mut xa);
     let mut k = proj_forward(be, layer, li, Proj::K, &h1, n, ctx, &mut xa);
     let v = proj_forward(be, layer, li, Proj::V, &h1, n, ctx, &mut xa);
-    be.rope(&mut q, ctx.positions, ctx.inv_freq, RopeShape { n, heads: cfg.n_heads, head_dim: cfg.head_dim });
-    be.rope(&mut k, ctx.positions, ctx.inv_freq, RopeShape { n, heads: cfg.n_kv_heads, head_dim: cfg.head_dim });
+    be.rope(&mut q, ctx.positions, ctx.inv_freq, RopeShape::full(n, cfg.n_heads, cfg.head_dim));
+    be.rope(&mut k, ctx.positions, ctx.inv_freq, RopeShape::full(n, cfg.n_kv_heads, cfg.head_dim));
 
     let mut attn = be.zeros(n * cfg.n_heads * cfg.head_dim);
     let mut lse = be.zeros_f32(cfg.n_heads * n);
@@ -178,11 +179,11 @@ pub fn forward_with<B: Backend>(
 
     let mut h2 = be.zeros(n * h);
     let mut inv2 = be.zeros_f32(n);
-    be.rmsnorm(&x_mid, &layer.post_attention_norm, &mut h2, &mut inv2, NormShape { rows: n, hidden: h }, cfg.rms_norm_eps);
+    be.rmsnorm(&x_mid, &layer.post_attention_norm, &mut h2, &mut inv2, NormShape::new(n, h), cfg.rms_norm_eps);
     let gate = proj_forward(be, layer, li, Proj::Gate, &h2, n, ctx, &mut xa);
     let up = proj_forward(be, layer, li, Proj::Up, &h2, n, ctx, &mut xa);
     let mut act = be.zeros(n * cfg.intermediate);
-    be.swiglu(&gate, &up, &mut act, n * cfg.intermediate);
+    be.glu(&gate, &up, &mut act, GluShape { len: n * cfg.intermediate, act: GluAct::Silu });
     let down = proj_forward(be, layer, li, Proj::Down, &act, n, ctx, &mut xa);
     let mut x_out = clone_buf(be, &x_mid);
     be.add_assign(&mut x_out, &down);
@@ -214,12 +215,12 @@ pub fn backward<B: Backend>(
     proj_backward(be, layer, li, Proj::Down, acts, seed, dx, &acts.act, &mut d_act, n, false);
     let mut d_gate = be.zeros(n * inter);
     let mut d_up = be.zeros(n * inter);
-    be.swiglu_backward(&d_act, &acts.gate, &acts.up, &mut d_gate, &mut d_up, n * inter);
+    be.glu_backward(&d_act, &acts.gate, &acts.up, &mut d_gate, &mut d_up, GluShape { len: n * inter, act: GluAct::Silu });
     drop(d_act);
     let mut dh2 = be.zeros(n * h);
     proj_backward(be, layer, li, Proj::Gate, acts, seed, &d_gate, &acts.h2, &mut dh2, n, false);
     proj_backward(be, layer, li, Proj::Up, acts, seed, &d_up, &acts.h2, &mut dh2, n, true);
-    be.rmsnorm_backward(&dh2, &acts.x_mid, &layer.post_attention_norm, &acts.inv2, dx, NormShape { rows: n, hidden: h });
+    be.rmsnorm_backward(&dh2, &acts.x_mid, &layer.post_attention_norm, &acts.inv2, dx, NormShape::new(n, h));
 
     // Attention: x_mid = x_in + o_proj(attention(rope(q), rope(k), v))
     let mut d_attn = be.zeros(n * qd);
@@ -237,11 +238,11 @@ pub fn backward<B: Backend>(
         QkvGrads { dq: &mut dq, dk: &mut dk, dv: &mut dv },
     );
     drop(d_attn);
-    be.rope_backward(&mut dq, ctx.positions, ctx.inv_freq, RopeShape { n, heads: cfg.n_heads, head_dim: cfg.head_dim });
-    be.rope_backward(&mut dk, ctx.positions, ctx.inv_freq, RopeShape { n, heads: cfg.n_kv_heads, head_dim: cfg.head_dim });
+    be.rope_backward(&mut dq, ctx.positions, ctx.inv_freq, RopeShape::full(n, cfg.n_heads, cfg.head_dim));
+    be.rope_backward(&mut dk, ctx.positions, ctx.inv_freq, RopeShape::full(n, cfg.n_kv_heads, cfg.head_dim));
     let mut dh1 = be.zeros(n * h);
     proj_backward(be, layer, li, Proj::Q, acts, seed, &dq, &acts.h1, &mut dh1, n, false);
     proj_backward(be, layer, li, Proj::K, acts, seed, &dk, &acts.h1, &mut dh1, n, true);
     proj_backward(be, layer, li, Proj::V, acts, seed, &dv, &acts.h1, &mut dh1, n, true);
-    be.rmsnorm_backward(&dh1, &acts.x_in, &layer.input_norm, &acts.inv1, dx, NormShape { rows: n, hidden: h });
+    be.rmsnorm_backward(&dh1, &acts.x_in, &layer.input_norm, &acts.inv1, dx, NormShape::new(n, h));
 }

@@ -8,8 +8,8 @@
 //! comparison measures only what the candidate's arithmetic and storage add.
 
 use ferrotune::backend::{
-    AdamW, AttnSaved, AttnShape, Backend, Dropout, LoraGrads, LoraInputs, LoraShape, MatShape, NormShape, Qkv, QkvGrads,
-    RopeShape, Varlen, WeightSource,
+    AdamW, AttnSaved, AttnShape, Backend, CeShape, Dropout, GluAct, GluShape, LoraGrads, LoraInputs, LoraShape, MatShape,
+    NormShape, Qkv, QkvGrads, RopeShape, Varlen, WeightSource,
 };
 use ferrotune::backend::DType;
 use ferrotune::util::rng::Rng;
@@ -203,7 +203,7 @@ impl<'a, R: Backend, C: Backend> Harness<'a, R, C> {
         }
         self.rmsnorm(n, hidden);
         self.rope(n, 8, 128);
-        self.swiglu(n * inter);
+        self.glu(n * inter);
         self.cross_entropy(n.min(256), vocab);
         self.adamw(4096 + 17);
         let seqs: Vec<usize> = match scale {
@@ -342,14 +342,14 @@ impl<'a, R: Backend, C: Backend> Harness<'a, R, C> {
         let mut cy = self.candidate.zeros(rows * hidden);
         let mut rinv = self.reference.zeros_f32(rows);
         let mut cinv = self.candidate.zeros_f32(rows);
-        self.reference.rmsnorm(&rx, &rw, &mut ry, &mut rinv, NormShape { rows, hidden }, 1e-5);
-        self.candidate.rmsnorm(&cx, &cw, &mut cy, &mut cinv, NormShape { rows, hidden }, 1e-5);
+        self.reference.rmsnorm(&rx, &rw, &mut ry, &mut rinv, NormShape::new(rows, hidden), 1e-5);
+        self.candidate.rmsnorm(&cx, &cw, &mut cy, &mut cinv, NormShape::new(rows, hidden), 1e-5);
         self.check("rmsnorm y".into(), &ry, &cy, t.elementwise);
         self.check("rmsnorm inv_rms".into(), &rinv, &cinv, t.f32_outputs);
         let (rdy, cdy, _) = self.act(rows * hidden, 1.0);
         let (mut rdx, mut cdx, _) = self.act(rows * hidden, 1.0);
-        self.reference.rmsnorm_backward(&rdy, &rx, &rw, &rinv, &mut rdx, NormShape { rows, hidden });
-        self.candidate.rmsnorm_backward(&cdy, &cx, &cw, &cinv, &mut cdx, NormShape { rows, hidden });
+        self.reference.rmsnorm_backward(&rdy, &rx, &rw, &rinv, &mut rdx, NormShape::new(rows, hidden));
+        self.candidate.rmsnorm_backward(&cdy, &cx, &cw, &cinv, &mut cdx, NormShape::new(rows, hidden));
         self.check("rmsnorm_backward dx (accumulated)".into(), &rdx, &cdx, t.elementwise);
     }
 
@@ -361,28 +361,29 @@ impl<'a, R: Backend, C: Backend> Harness<'a, R, C> {
         let pos: Vec<i32> = (0..n).map(|i| if i < n / 2 { i as i32 } else { (i * 97 % 8192) as i32 }).collect();
         let (rp, cp) = self.ints(&pos);
         let (mut rx, mut cx, _) = self.act(n * heads * d, 1.0);
-        self.reference.rope(&mut rx, &rp, &rf, RopeShape { n, heads, head_dim: d });
-        self.candidate.rope(&mut cx, &cp, &cf, RopeShape { n, heads, head_dim: d });
+        self.reference.rope(&mut rx, &rp, &rf, RopeShape::full(n, heads, d));
+        self.candidate.rope(&mut cx, &cp, &cf, RopeShape::full(n, heads, d));
         self.check("rope".into(), &rx, &cx, t.elementwise);
-        self.reference.rope_backward(&mut rx, &rp, &rf, RopeShape { n, heads, head_dim: d });
-        self.candidate.rope_backward(&mut cx, &cp, &cf, RopeShape { n, heads, head_dim: d });
+        self.reference.rope_backward(&mut rx, &rp, &rf, RopeShape::full(n, heads, d));
+        self.candidate.rope_backward(&mut cx, &cp, &cf, RopeShape::full(n, heads, d));
         self.check("rope_backward (of rope)".into(), &rx, &cx, t.elementwise);
     }
 
-    fn swiglu(&mut self, len: usize) {
+    fn glu(&mut self, len: usize) {
         let t = self.tol;
+        let shape = GluShape { len, act: GluAct::Silu };
         let (rg, cg, _) = self.act(len, 4.0);
         let (ru, cu, _) = self.act(len, 2.0);
         let mut ro = self.reference.zeros(len);
         let mut co = self.candidate.zeros(len);
-        self.reference.swiglu(&rg, &ru, &mut ro, len);
-        self.candidate.swiglu(&cg, &cu, &mut co, len);
+        self.reference.glu(&rg, &ru, &mut ro, shape);
+        self.candidate.glu(&cg, &cu, &mut co, shape);
         self.check("swiglu".into(), &ro, &co, t.elementwise);
         let (rd, cd, _) = self.act(len, 1.0);
         let (mut rdg, mut cdg) = (self.reference.zeros(len), self.candidate.zeros(len));
         let (mut rdu, mut cdu) = (self.reference.zeros(len), self.candidate.zeros(len));
-        self.reference.swiglu_backward(&rd, &rg, &ru, &mut rdg, &mut rdu, len);
-        self.candidate.swiglu_backward(&cd, &cg, &cu, &mut cdg, &mut cdu, len);
+        self.reference.glu_backward(&rd, &rg, &ru, &mut rdg, &mut rdu, shape);
+        self.candidate.glu_backward(&cd, &cg, &cu, &mut cdg, &mut cdu, shape);
         self.check("swiglu_backward dgate".into(), &rdg, &cdg, t.elementwise);
         self.check("swiglu_backward dup".into(), &rdu, &cdu, t.elementwise);
     }
@@ -395,8 +396,8 @@ impl<'a, R: Backend, C: Backend> Harness<'a, R, C> {
             let (mut rl, mut cl, _) = self.f32s(rows * vocab, 8.0);
             let mut rloss = self.reference.zeros_f32(rows);
             let mut closs = self.candidate.zeros_f32(rows);
-            self.reference.cross_entropy(&mut rl, &rt, &mut rloss, rows, vocab, grad);
-            self.candidate.cross_entropy(&mut cl, &ct, &mut closs, rows, vocab, grad);
+            self.reference.cross_entropy(&mut rl, &rt, &mut rloss, CeShape { rows, vocab, softcap: None }, grad);
+            self.candidate.cross_entropy(&mut cl, &ct, &mut closs, CeShape { rows, vocab, softcap: None }, grad);
             self.check(format!("cross_entropy losses grad={}", grad.is_some()), &rloss, &closs, t.f32_outputs);
             if grad.is_some() {
                 self.check("cross_entropy dlogits".into(), &rl, &cl, t.f32_outputs);
@@ -429,7 +430,7 @@ impl<'a, R: Backend, C: Backend> Harness<'a, R, C> {
         }
         let (rcu, ccu) = self.ints(&cu);
         let max_seqlen = seqs.iter().copied().max().unwrap_or(0);
-        let shape = AttnShape { n, n_heads: heads, n_kv_heads: kv, head_dim: d, window, scale: 1.0 / (d as f32).sqrt(), max_seqlen };
+        let shape = AttnShape { n, n_heads: heads, n_kv_heads: kv, head_dim: d, window, scale: 1.0 / (d as f32).sqrt(), softcap: None, max_seqlen };
         let (rq, cq, _) = self.act(n * heads * d, 2.0);
         let (rk, ck, _) = self.act(n * kv * d, 2.0);
         let (rv, cv, _) = self.act(n * kv * d, 1.0);
@@ -459,7 +460,7 @@ impl<'a, R: Backend, C: Backend> Harness<'a, R, C> {
     /// by `run`; public for wider shape sweeps).
     pub fn decode_attention(&mut self, past: usize, new: usize, heads: usize, kv: usize, d: usize, window: Option<usize>) {
         let t = self.tol;
-        let shape = AttnShape { n: new, n_heads: heads, n_kv_heads: kv, head_dim: d, window, scale: 1.0 / (d as f32).sqrt(), max_seqlen: 0 };
+        let shape = AttnShape { n: new, n_heads: heads, n_kv_heads: kv, head_dim: d, window, scale: 1.0 / (d as f32).sqrt(), softcap: None, max_seqlen: 0 };
         // A cache with room to spare (capacity past + new + 5), as a generation loop holds it.
         let cap = past + new + 5;
         let (rq, cq, _) = self.act(new * heads * d, 2.0);

@@ -75,6 +75,32 @@ pub(super) fn copy_slice(src: &[f32], src_off: usize, dst: &mut [f32], dst_off: 
         .for_each(|(d, s)| d.copy_from_slice(s));
 }
 
+/// buf = cap · tanh(buf / cap), f32.
+pub(super) fn softcap(buf: &mut [f32], cap: f32) {
+    assert!(cap > 0.0, "softcap: cap {cap} must be positive");
+    buf.par_chunks_mut(CHUNK).for_each(|c| {
+        for x in c {
+            *x = cap * (*x / cap).tanh();
+        }
+    });
+}
+
+/// dst[r, dst_off + j] = src[r, src_off + j] for r < rows, j < width.
+pub(super) fn copy_cols(src: &[f32], dst: &mut [f32], shape: crate::backend::ColsShape) {
+    let crate::backend::ColsShape { rows, src_cols, src_off, dst_cols, dst_off, width } = shape;
+    assert!(src_off + width <= src_cols, "copy_cols: columns {src_off}..{} outside a source of {src_cols}", src_off + width);
+    assert!(dst_off + width <= dst_cols, "copy_cols: columns {dst_off}..{} outside a destination of {dst_cols}", dst_off + width);
+    check_len("copy_cols", "src", src.len(), rows * src_cols);
+    check_len("copy_cols", "dst", dst.len(), rows * dst_cols);
+    if rows == 0 || width == 0 {
+        return;
+    }
+    dst[..rows * dst_cols]
+        .par_chunks_mut(dst_cols)
+        .zip(src[..rows * src_cols].par_chunks(src_cols))
+        .for_each(|(d, s)| d[dst_off..dst_off + width].copy_from_slice(&s[src_off..src_off + width]));
+}
+
 pub(super) fn add_assign(dst: &mut [f32], src: &[f32]) {
     assert_eq!(dst.len(), src.len(), "add_assign: length mismatch");
     dst.par_chunks_mut(CHUNK)
@@ -320,5 +346,25 @@ mod tests {
         let be = CpuBackend::new();
         let mut out = be.zeros(3);
         be.embedding(&be.weight_from_f32(&[0.0; 15]), &vec![5], &mut out, 1, 3);
+    }
+
+    #[test]
+    fn copy_cols_moves_one_block_of_columns() {
+        // A fused [q | k | v] row layout (widths 4, 2, 2) split and reassembled.
+        use crate::backend::ColsShape;
+        let be = CpuBackend::new();
+        let (rows, cols) = (3, 8);
+        let fused: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
+        let mut k = vec![f32::NAN; rows * 2];
+        be.copy_cols(&fused, &mut k, ColsShape { rows, src_cols: cols, src_off: 4, dst_cols: 2, dst_off: 0, width: 2 });
+        assert_eq!(k, vec![4.0, 5.0, 12.0, 13.0, 20.0, 21.0]);
+        let mut back = vec![-1.0; rows * cols];
+        be.copy_cols(&k, &mut back, ColsShape { rows, src_cols: 2, src_off: 0, dst_cols: cols, dst_off: 4, width: 2 });
+        for r in 0..rows {
+            for c in 0..cols {
+                let want = if (4..6).contains(&c) { fused[r * cols + c] } else { -1.0 };
+                assert_eq!(back[r * cols + c], want, "row {r} col {c}");
+            }
+        }
     }
 }

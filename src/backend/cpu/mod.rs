@@ -22,15 +22,15 @@ mod buffer_ops;
 mod nf4;
 mod norm;
 mod rope;
-mod swiglu;
+mod glu;
 #[cfg(test)]
 mod test_util;
 
 use anyhow::Result;
 
 use super::{
-    AdamW, AttnSaved, AttnShape, Backend, LoraGrads, LoraInputs, LoraShape, MatShape, NormShape, Qkv, QkvGrads, RopeShape,
-    Varlen, WeightSource,
+    AdamW, AttnSaved, AttnShape, Backend, CeShape, ColsShape, GluShape, LoraGrads, LoraInputs, LoraShape, MatShape, NormShape,
+    Qkv, QkvGrads, RopeShape, Varlen, WeightSource,
 };
 use crate::quant::nf4::Nf4Tensor;
 pub use nf4::Nf4Weight;
@@ -165,6 +165,12 @@ impl Backend for CpuBackend {
     fn scale(&self, buf: &mut Vec<f32>, s: f32) {
         buffer_ops::scale(buf, s)
     }
+    fn softcap(&self, buf: &mut Vec<f32>, cap: f32) {
+        buffer_ops::softcap(buf, cap)
+    }
+    fn copy_cols(&self, src: &Vec<f32>, dst: &mut Vec<f32>, shape: ColsShape) {
+        buffer_ops::copy_cols(src, dst, shape)
+    }
     fn sum_sq(&self, buf: &Vec<f32>) -> f64 {
         buffer_ops::sum_sq(buf)
     }
@@ -264,19 +270,19 @@ impl Backend for CpuBackend {
     }
 
     // ---- MLP activation ------------------------------------------------
-    fn swiglu(&self, gate: &Vec<f32>, up: &Vec<f32>, out: &mut Vec<f32>, len: usize) {
-        swiglu::swiglu(gate, up, out, len)
+    fn glu(&self, gate: &Vec<f32>, up: &Vec<f32>, out: &mut Vec<f32>, shape: GluShape) {
+        glu::glu(gate, up, out, shape)
     }
-    fn swiglu_backward(
+    fn glu_backward(
         &self,
         dout: &Vec<f32>,
         gate: &Vec<f32>,
         up: &Vec<f32>,
         dgate: &mut Vec<f32>,
         dup: &mut Vec<f32>,
-        len: usize,
+        shape: GluShape,
     ) {
-        swiglu::swiglu_backward(dout, gate, up, dgate, dup, len)
+        glu::glu_backward(dout, gate, up, dgate, dup, shape)
     }
 
     // ---- loss ------------------------------------------------------------
@@ -285,11 +291,10 @@ impl Backend for CpuBackend {
         logits: &mut Vec<f32>,
         targets: &Vec<i32>,
         losses: &mut Vec<f32>,
-        rows: usize,
-        vocab: usize,
+        shape: CeShape,
         grad_scale: Option<f32>,
     ) {
-        cross_entropy::cross_entropy(logits, targets, losses, rows, vocab, grad_scale)
+        cross_entropy::cross_entropy(logits, targets, losses, shape, grad_scale)
     }
 
     // ---- optimiser -------------------------------------------------------

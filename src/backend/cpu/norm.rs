@@ -3,7 +3,8 @@
 //! Precision: the per-row sum of squares (and the backward's Σ (w⊙dy)⊙x) is
 //! accumulated sequentially in f64; the mean is cast to f32 and
 //! `inv = 1 / sqrt(mean + eps)` is computed in f32 (as torch's float path
-//! does with the f32 variance); the elementwise products are f32.
+//! does with the f32 variance); the elementwise products are f32. With
+//! `plus_one` the scale is (1 + w), formed in f32 (Gemma).
 
 use rayon::prelude::*;
 
@@ -11,7 +12,7 @@ use super::check_len;
 use crate::backend::NormShape;
 
 pub(super) fn rmsnorm(x: &[f32], w: &[f32], y: &mut [f32], inv_rms: &mut [f32], shape: NormShape, eps: f32) {
-    let NormShape { rows, hidden } = shape;
+    let NormShape { rows, hidden, plus_one } = shape;
     check_len("rmsnorm", "x", x.len(), rows * hidden);
     check_len("rmsnorm", "w", w.len(), hidden);
     check_len("rmsnorm", "y", y.len(), rows * hidden);
@@ -19,7 +20,7 @@ pub(super) fn rmsnorm(x: &[f32], w: &[f32], y: &mut [f32], inv_rms: &mut [f32], 
     if rows == 0 || hidden == 0 {
         return;
     }
-    let w = &w[..hidden];
+    let w = &scale_of(w, hidden, plus_one);
     y[..rows * hidden]
         .par_chunks_mut(hidden)
         .zip(x[..rows * hidden].par_chunks(hidden))
@@ -37,9 +38,14 @@ pub(super) fn rmsnorm(x: &[f32], w: &[f32], y: &mut [f32], inv_rms: &mut [f32], 
         });
 }
 
+/// The per-column scale: w, or 1 + w.
+fn scale_of(w: &[f32], hidden: usize, plus_one: bool) -> Vec<f32> {
+    w[..hidden].iter().map(|&w| if plus_one { 1.0 + w } else { w }).collect()
+}
+
 /// dx += inv·(w⊙dy) − x·inv³·mean((w⊙dy)⊙x), per row.
 pub(super) fn rmsnorm_backward(dy: &[f32], x: &[f32], w: &[f32], inv_rms: &[f32], dx: &mut [f32], shape: NormShape) {
-    let NormShape { rows, hidden } = shape;
+    let NormShape { rows, hidden, plus_one } = shape;
     const OP: &str = "rmsnorm_backward";
     check_len(OP, "dy", dy.len(), rows * hidden);
     check_len(OP, "x", x.len(), rows * hidden);
@@ -49,7 +55,7 @@ pub(super) fn rmsnorm_backward(dy: &[f32], x: &[f32], w: &[f32], inv_rms: &[f32]
     if rows == 0 || hidden == 0 {
         return;
     }
-    let w = &w[..hidden];
+    let w = &scale_of(w, hidden, plus_one);
     dx[..rows * hidden]
         .par_chunks_mut(hidden)
         .zip(dy[..rows * hidden].par_chunks(hidden))
@@ -89,30 +95,33 @@ mod tests {
 
     #[test]
     fn rmsnorm_forward_and_backward() {
-        let be = CpuBackend::new();
-        let mut rng = Rng::new(30);
-        let (rows, h, eps) = (5, 24, 1e-5f32);
-        let x = rng.vec(rows * h, 2.0);
-        let w: Vec<f32> = rng.vec(h, 1.0).iter().map(|v| 1.0 + v * 0.5).collect();
-        let rr = rng.vec(rows * h, 1.0);
-        let (mut y, mut inv) = (vec![f32::NAN; rows * h], vec![f32::NAN; rows]);
-        be.rmsnorm(&x, &be.weight_from_f32(&w), &mut y, &mut inv, NormShape { rows, hidden: h }, eps);
-        let (x64, w64) = (to64(&x), to64(&w));
-        let (y64, inv64) = rmsnorm64(&x64, &w64, rows, h, eps as f64);
-        // f32 rounding of a handful of ops: 1e-6 relative.
-        assert_close("rmsnorm y", &y, &y64, 1e-6);
-        assert_close("rmsnorm inv", &inv, &inv64, 1e-6);
+        // Plain (w) and Gemma's (1 + w), whose weights sit around zero.
+        for plus_one in [false, true] {
+            let be = CpuBackend::new();
+            let mut rng = Rng::new(30);
+            let (rows, h, eps) = (5, 24, 1e-5f32);
+            let x = rng.vec(rows * h, 2.0);
+            let w: Vec<f32> = rng.vec(h, 1.0).iter().map(|v| if plus_one { v * 0.5 } else { 1.0 + v * 0.5 }).collect();
+            let rr = rng.vec(rows * h, 1.0);
+            let shape = NormShape { rows, hidden: h, plus_one };
+            let (mut y, mut inv) = (vec![f32::NAN; rows * h], vec![f32::NAN; rows]);
+            be.rmsnorm(&x, &be.weight_from_f32(&w), &mut y, &mut inv, shape, eps);
+            let x64 = to64(&x);
+            let w64: Vec<f64> = w.iter().map(|&v| if plus_one { 1.0 + v as f64 } else { v as f64 }).collect();
+            let (y64, inv64) = rmsnorm64(&x64, &w64, rows, h, eps as f64);
+            // f32 rounding of a handful of ops: 1e-6 relative.
+            assert_close("rmsnorm y", &y, &y64, 1e-6);
+            assert_close("rmsnorm inv", &inv, &inv64, 1e-6);
 
-        // Backward accumulates onto dx0; FD in f64 with h = 1e-6, tolerance
-        // 1e-5 relative (f32 backward vs exact gradient).
-        let dx0 = rng.vec(rows * h, 1.0);
-        let mut dx = dx0.clone();
-        be.rmsnorm_backward(&rr, &x, &be.weight_from_f32(&w), &inv, &mut dx, NormShape { rows, hidden: h });
-        let r64 = to64(&rr);
-        let fd = fd_grad(&x64, 1e-6, |x| {
-            dot64(&rmsnorm64(x, &w64, rows, h, eps as f64).0, &r64)
-        });
-        let want: Vec<f64> = fd.iter().zip(&dx0).map(|(g, b)| g + *b as f64).collect();
-        assert_close("rmsnorm dx", &dx, &want, 1e-5);
+            // Backward accumulates onto dx0; FD in f64 with h = 1e-6, tolerance
+            // 1e-5 relative (f32 backward vs exact gradient).
+            let dx0 = rng.vec(rows * h, 1.0);
+            let mut dx = dx0.clone();
+            be.rmsnorm_backward(&rr, &x, &be.weight_from_f32(&w), &inv, &mut dx, shape);
+            let r64 = to64(&rr);
+            let fd = fd_grad(&x64, 1e-6, |x| dot64(&rmsnorm64(x, &w64, rows, h, eps as f64).0, &r64));
+            let want: Vec<f64> = fd.iter().zip(&dx0).map(|(g, b)| g + *b as f64).collect();
+            assert_close("rmsnorm dx", &dx, &want, 1e-5);
+        }
     }
 }

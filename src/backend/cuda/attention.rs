@@ -81,6 +81,7 @@ fn grid(name: &str, shape: &AttnShape, n_seqs: usize, heads: usize) -> LaunchCon
 }
 
 fn window_arg(shape: &AttnShape) -> i32 {
+    assert!(shape.softcap.is_none(), "attention: the soft-cap is not implemented on CUDA yet");
     shape.window.map(|w| w.min(i32::MAX as usize) as i32).unwrap_or(0)
 }
 

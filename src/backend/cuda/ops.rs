@@ -7,8 +7,8 @@ use super::backend::{BLOCK, CudaBackend, grid_for, launch, rows_grid};
 use super::buffers::{CudaBuf, CudaWeight, out_operand, to_bf16_host};
 use super::lora;
 use crate::backend::{
-    AdamW, AttnSaved, AttnShape, Backend, LoraGrads, LoraInputs, LoraShape, MatShape, NormShape, Qkv, QkvGrads,
-    RopeShape, Varlen, WeightSource,
+    AdamW, AttnSaved, AttnShape, Backend, CeShape, ColsShape, GluAct, GluShape, LoraGrads, LoraInputs, LoraShape, MatShape,
+    NormShape, Qkv, QkvGrads, RopeShape, Varlen, WeightSource,
 };
 use anyhow::Result;
 use cudarc::driver::{CudaSlice, PushKernelArg};
@@ -140,6 +140,12 @@ impl Backend for CudaBackend {
             _ => panic!("add_assign: both buffers must share a storage type"),
         }
     }
+    fn softcap(&self, _buf: &mut CudaBuf, _cap: f32) {
+        unimplemented!("softcap is not implemented on CUDA yet")
+    }
+    fn copy_cols(&self, _src: &CudaBuf, _dst: &mut CudaBuf, _shape: ColsShape) {
+        unimplemented!("copy_cols is not implemented on CUDA yet")
+    }
     fn scale(&self, buf: &mut CudaBuf, s: f32) {
         self.launch_in_place(["scale_f32", "scale_bf16"], buf, s);
     }
@@ -225,7 +231,8 @@ impl Backend for CudaBackend {
     }
 
     fn rmsnorm(&self, x: &CudaBuf, w: &CudaWeight, y: &mut CudaBuf, inv: &mut CudaBuf, shape: NormShape, eps: f32) {
-        let NormShape { rows, hidden } = shape;
+        let NormShape { rows, hidden, plus_one } = shape;
+        assert!(!plus_one, "rmsnorm: (1 + w) is not implemented on CUDA yet");
         let w = w.dense("rmsnorm");
         let (ri, hi) = (rows as i32, hidden as i32);
         let inv = inv.f32_mut("rmsnorm inv_rms");
@@ -237,7 +244,8 @@ impl Backend for CudaBackend {
         }
     }
     fn rmsnorm_backward(&self, dy: &CudaBuf, x: &CudaBuf, w: &CudaWeight, inv: &CudaBuf, dx: &mut CudaBuf, shape: NormShape) {
-        let NormShape { rows, hidden } = shape;
+        let NormShape { rows, hidden, plus_one } = shape;
+        assert!(!plus_one, "rmsnorm_backward: (1 + w) is not implemented on CUDA yet");
         let w = w.dense("rmsnorm_backward");
         let (ri, hi) = (rows as i32, hidden as i32);
         let inv = inv.f32("rmsnorm_backward inv_rms");
@@ -285,7 +293,9 @@ impl Backend for CudaBackend {
         attention::decode(self, q, k_cache, v_cache, past, shape, out);
     }
 
-    fn swiglu(&self, gate: &CudaBuf, up: &CudaBuf, out: &mut CudaBuf, len: usize) {
+    fn glu(&self, gate: &CudaBuf, up: &CudaBuf, out: &mut CudaBuf, shape: GluShape) {
+        let GluShape { len, act } = shape;
+        assert!(act == GluAct::Silu, "glu: {act:?} is not implemented on CUDA yet");
         let n = len as u64;
         let cfg = grid_for(len);
         match (gate, up, out) {
@@ -294,7 +304,9 @@ impl Backend for CudaBackend {
             _ => panic!("swiglu: buffers must share a storage type"),
         }
     }
-    fn swiglu_backward(&self, dout: &CudaBuf, gate: &CudaBuf, up: &CudaBuf, dg: &mut CudaBuf, du: &mut CudaBuf, len: usize) {
+    fn glu_backward(&self, dout: &CudaBuf, gate: &CudaBuf, up: &CudaBuf, dg: &mut CudaBuf, du: &mut CudaBuf, shape: GluShape) {
+        let GluShape { len, act } = shape;
+        assert!(act == GluAct::Silu, "glu_backward: {act:?} is not implemented on CUDA yet");
         let n = len as u64;
         let cfg = grid_for(len);
         match (dout, gate, up, dg, du) {
@@ -308,7 +320,9 @@ impl Backend for CudaBackend {
         }
     }
 
-    fn cross_entropy(&self, logits: &mut CudaBuf, targets: &CudaSlice<i32>, losses: &mut CudaBuf, rows: usize, vocab: usize, grad_scale: Option<f32>) {
+    fn cross_entropy(&self, logits: &mut CudaBuf, targets: &CudaSlice<i32>, losses: &mut CudaBuf, shape: CeShape, grad_scale: Option<f32>) {
+        let CeShape { rows, vocab, softcap } = shape;
+        assert!(softcap.is_none(), "cross_entropy: the soft-cap is not implemented on CUDA yet");
         let (ri, vi) = (rows as i32, vocab as i32);
         let (scale, write) = (grad_scale.unwrap_or(0.0), grad_scale.is_some() as i32);
         let losses = losses.f32_mut("cross_entropy losses");
@@ -348,7 +362,8 @@ impl CudaBackend {
     }
 
     fn rope_launch(&self, name: &str, x: &mut CudaBuf, pos: &CudaSlice<i32>, inv_freq: &CudaBuf, shape: RopeShape) {
-        let RopeShape { n, heads, head_dim: d } = shape;
+        let RopeShape { n, heads, head_dim: d, rot_dim, mscale } = shape;
+        assert!(rot_dim == d && mscale == 1.0, "rope: partial rotary and scaled rope are not implemented on CUDA yet");
         let (ni, hi, di) = (n as i32, heads as i32, d as i32);
         let inv = inv_freq.f32("rope inv_freq");
         let cfg = grid_for(n * d / 2);

@@ -13,8 +13,8 @@
 //! the planner (`Model::build_with`), which counts their bytes itself.
 
 use crate::backend::{
-    AdamW, AttnSaved, AttnShape, Backend, LoraGrads, LoraInputs, LoraShape, MatShape, NormShape, Phase, Qkv, QkvGrads,
-    RopeShape, Varlen, WeightSource, lora_da_splits,
+    AdamW, AttnSaved, AttnShape, Backend, CeShape, ColsShape, GluShape, LoraGrads, LoraInputs, LoraShape, MatShape, NormShape,
+    Phase, Qkv, QkvGrads, RopeShape, Varlen, WeightSource, lora_da_splits,
 };
 use crate::quant::nf4::Nf4Tensor;
 use anyhow::Result;
@@ -140,6 +140,8 @@ impl Backend for Tracer {
     fn copy_slice(&self, _: &Sized, _: usize, _: &mut Sized, _: usize, _: usize) {}
     fn add_assign(&self, _: &mut Sized, _: &Sized) {}
     fn scale(&self, _: &mut Sized, _: f32) {}
+    fn softcap(&self, _: &mut Sized, _: f32) {}
+    fn copy_cols(&self, _: &Sized, _: &mut Sized, _: ColsShape) {}
     fn sum_sq(&self, _: &Sized) -> f64 {
         0.0
     }
@@ -185,9 +187,9 @@ impl Backend for Tracer {
     ) {
     }
     fn decode_attention(&self, _: &Sized, _: &Sized, _: &Sized, _: usize, _: AttnShape, _: &mut Sized) {}
-    fn swiglu(&self, _: &Sized, _: &Sized, _: &mut Sized, _: usize) {}
-    fn swiglu_backward(&self, _: &Sized, _: &Sized, _: &Sized, _: &mut Sized, _: &mut Sized, _: usize) {}
-    fn cross_entropy(&self, _: &mut Sized, _: &Sized, _: &mut Sized, _: usize, _: usize, _: Option<f32>) {}
+    fn glu(&self, _: &Sized, _: &Sized, _: &mut Sized, _: GluShape) {}
+    fn glu_backward(&self, _: &Sized, _: &Sized, _: &Sized, _: &mut Sized, _: &mut Sized, _: GluShape) {}
+    fn cross_entropy(&self, _: &mut Sized, _: &Sized, _: &mut Sized, _: CeShape, _: Option<f32>) {}
     fn adamw(&self, _: &mut Sized, _: &Sized, _: &mut Sized, _: &mut Sized, _: AdamW) {}
 
     fn enter(&self, phase: Phase) {

@@ -30,8 +30,8 @@
 mod flash;
 
 use ferrotune::backend::{
-    AdamW, AttnSaved, AttnShape, Backend, Dropout, Forward, LoraGrads, LoraInputs, LoraShape, MatShape, NormShape, Qkv,
-    QkvGrads, RopeShape, Varlen, WeightSource, dropout_keep,
+    AdamW, AttnSaved, AttnShape, Backend, CeShape, ColsShape, Dropout, Forward, GluShape, LoraGrads, LoraInputs, LoraShape,
+    MatShape, NormShape, Qkv, QkvGrads, RopeShape, Varlen, WeightSource, dropout_keep,
 };
 use anyhow::Result;
 
@@ -279,6 +279,15 @@ impl<B: Backend> Backend for Bf16Sim<B> {
         self.inner.scale(&mut buf.inner, s);
         self.store(buf); // bf16: the product is stored in the activation type.
     }
+    fn softcap(&self, buf: &mut Buf<B>, cap: f32) {
+        self.inner.softcap(&mut buf.inner, cap);
+        self.store(buf); // bf16: the capped value is stored in the buffer's type.
+    }
+    fn copy_cols(&self, src: &Buf<B>, dst: &mut Buf<B>, shape: ColsShape) {
+        same_kind(&[src, dst], "copy_cols");
+        // Same kind on both sides: a copy of stored values, exact.
+        self.inner.copy_cols(&src.inner, &mut dst.inner, shape)
+    }
     fn embedding(&self, table: &B::Weight, ids: &Ints<B>, out: &mut Buf<B>, n: usize, hidden: usize) {
         self.inner.embedding(table, &ids.inner, &mut out.inner, n, hidden);
         self.store(out); // bf16: a gather of bf16 weights; exact, kept for uniformity.
@@ -487,14 +496,14 @@ impl<B: Backend> Backend for Bf16Sim<B> {
         self.inner.decode_attention(&q.inner, &k_cache.inner, &v_cache.inner, past, shape, &mut out.inner);
         self.store(out); // bf16: out stored in the activation type.
     }
-    fn swiglu(&self, gate: &Buf<B>, up: &Buf<B>, out: &mut Buf<B>, len: usize) {
-        same_kind(&[gate, up, out], "swiglu");
-        self.inner.swiglu(&gate.inner, &up.inner, &mut out.inner, len);
+    fn glu(&self, gate: &Buf<B>, up: &Buf<B>, out: &mut Buf<B>, shape: GluShape) {
+        same_kind(&[gate, up, out], "glu");
+        self.inner.glu(&gate.inner, &up.inner, &mut out.inner, shape);
         self.store(out); // bf16: out stored in the activation type.
     }
-    fn swiglu_backward(&self, dout: &Buf<B>, gate: &Buf<B>, up: &Buf<B>, dg: &mut Buf<B>, du: &mut Buf<B>, len: usize) {
-        same_kind(&[dout, gate, up, dg, du], "swiglu_backward");
-        self.inner.swiglu_backward(&dout.inner, &gate.inner, &up.inner, &mut dg.inner, &mut du.inner, len);
+    fn glu_backward(&self, dout: &Buf<B>, gate: &Buf<B>, up: &Buf<B>, dg: &mut Buf<B>, du: &mut Buf<B>, shape: GluShape) {
+        same_kind(&[dout, gate, up, dg, du], "glu_backward");
+        self.inner.glu_backward(&dout.inner, &gate.inner, &up.inner, &mut dg.inner, &mut du.inner, shape);
         // bf16: both gradients stored in the activation type.
         self.store(dg);
         self.store(du);
@@ -504,12 +513,11 @@ impl<B: Backend> Backend for Bf16Sim<B> {
         logits: &mut Buf<B>,
         targets: &Ints<B>,
         losses: &mut Buf<B>,
-        rows: usize,
-        vocab: usize,
+        shape: CeShape,
         grad_scale: Option<f32>,
     ) {
         expect_kind(losses, Storage::F32, "cross_entropy losses");
-        self.inner.cross_entropy(&mut logits.inner, &targets.inner, &mut losses.inner, rows, vocab, grad_scale);
+        self.inner.cross_entropy(&mut logits.inner, &targets.inner, &mut losses.inner, shape, grad_scale);
         // bf16 only for activation-typed logits (the model's are f32): the
         // gradient written in place is stored in their type.
         if grad_scale.is_some() {

@@ -48,10 +48,10 @@ pub(crate) fn attention_backward(
     let dd = &dd;
     // P_ij and dS_ij for query (i, head) and key j of kv head kvh.
     let p_ds = |i: usize, head: usize, j: usize, kvh: usize| -> (f32, f32) {
-        let s = g.score(g.q_row(q, i, head), g.kv_row(k, j, kvh));
+        let (s, slope) = g.score_and_slope(g.q_row(q, i, head), g.kv_row(k, j, kvh));
         let p = (s - lse[head * n + i]).exp();
         let dp = dot(g.q_row(dout, i, head), g.kv_row(v, j, kvh));
-        (p, p * (dp - dd[i * h + head]))
+        (p, p * (dp - dd[i * h + head]) * slope)
     };
 
     // Pass 1: dq, one task per query token.

@@ -7,7 +7,8 @@
 //!
 //! Backward (standard): D_i = Σ dO_i ⊙ O_i; P_ij = exp(scale·q_i·k_j − lse_i)
 //! recomputed from the saved lse; dS = P ⊙ (dO·vᵀ − D); dq = scale·dS·k;
-//! dk = scale·dSᵀ·q; dv = Pᵀ·dO.  Pass 1 (parallel over queries) gives dq;
+//! dk = scale·dSᵀ·q; dv = Pᵀ·dO.  With a soft-cap c the score is
+//! tanh(scale·q·k / c)·c and dS is multiplied by its slope 1 − tanh².  Pass 1 (parallel over queries) gives dq;
 //! pass 2 (parallel over keys) gives dk and dv, looping over the query heads
 //! of each kv head and over the queries that see the key.
 //!
@@ -65,6 +66,7 @@ struct Geo {
     group: usize,
     window: Option<usize>,
     scale: f32,
+    softcap: Option<f32>,
     /// (start, end) of the sequence holding each token.
     bounds: Vec<(usize, usize)>,
 }
@@ -79,6 +81,9 @@ impl Geo {
         );
         if let Some(w) = s.window {
             assert!(w > 0, "{op}: window must be at least 1");
+        }
+        if let Some(c) = s.softcap {
+            assert!(c > 0.0, "{op}: soft-cap {c} must be positive");
         }
         check_len(op, "cu_seqlens", cu.len(), n_seqs + 1);
         assert!(cu[0] == 0, "{op}: cu_seqlens[0] = {} (must be 0)", cu[0]);
@@ -107,6 +112,7 @@ impl Geo {
             group: s.n_heads / s.n_kv_heads,
             window: s.window,
             scale: s.scale,
+            softcap: s.softcap,
             bounds,
         }
     }
@@ -137,11 +143,26 @@ impl Geo {
         &k[(t * self.kv + g) * self.d..][..self.d]
     }
 
-    /// The score scale·(q·k): the single definition used by forward and both
-    /// backward passes.
+    /// The score scale·(q·k), soft-capped to tanh(·/c)·c when the shape
+    /// has a cap (transformers' order of operations): the single definition
+    /// used by forward and both backward passes.
     #[inline]
     fn score(&self, q: &[f32], k: &[f32]) -> f32 {
-        dot(q, k) * self.scale
+        self.score_and_slope(q, k).0
+    }
+
+    /// The score and its derivative with respect to the uncapped score
+    /// (1 without a cap).
+    #[inline]
+    fn score_and_slope(&self, q: &[f32], k: &[f32]) -> (f32, f32) {
+        let raw = dot(q, k) * self.scale;
+        match self.softcap {
+            None => (raw, 1.0),
+            Some(c) => {
+                let t = (raw / c).tanh();
+                (t * c, 1.0 - t * t)
+            }
+        }
     }
 }
 

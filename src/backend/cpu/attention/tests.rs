@@ -23,10 +23,11 @@ fn attn64(q: &[f64], k: &[f64], v: &[f64], cu: &[i32], s: AttnShape) -> (Vec<f64
                 let sc: Vec<f64> = keys
                     .iter()
                     .map(|&j| {
-                        s.scale as f64
+                        let raw = s.scale as f64
                             * (0..d)
                                 .map(|x| q[(i * h + head) * d + x] * k[(j * kv + g) * d + x])
-                                .sum::<f64>()
+                                .sum::<f64>();
+                        s.softcap.map_or(raw, |c| (raw / c as f64).tanh() * c as f64)
                     })
                     .collect();
                 let m = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
@@ -53,6 +54,7 @@ fn shape(n: usize, window: Option<usize>) -> AttnShape {
         head_dim: d,
         window,
         scale: 1.0 / (d as f32).sqrt(),
+        softcap: None,
         max_seqlen: 0,
     }
 }
@@ -150,6 +152,31 @@ fn attention_backward_matches_fd() {
         assert_close(&format!("dq {window:?}"), &dq, &gq, 1e-5);
         assert_close(&format!("dk {window:?}"), &dk, &gk, 1e-5);
         assert_close(&format!("dv {window:?}"), &dv, &gv, 1e-5);
+    }
+}
+
+#[test]
+fn soft_capped_attention_matches_naive_and_fd() {
+    // Gemma 2's attention soft-cap, with a cap of 1 against scores of a few
+    // units (amplitude-2 q and k), so the cap bites; with and without a window.
+    for window in [None, Some(2)] {
+        let mut c = case(54, &[5, 3], window);
+        c.s.softcap = Some(1.0);
+        let (out, lse) = fwd(&c);
+        let (q64, k64, v64) = (to64(&c.q), to64(&c.k), to64(&c.v));
+        let (o64, l64) = attn64(&q64, &k64, &v64, &c.cu, c.s);
+        assert_close("capped attn out", &out, &o64, 1e-5);
+        assert_close("capped attn lse", &lse, &l64, 1e-5);
+        let uncapped = attn64(&q64, &k64, &v64, &c.cu, AttnShape { softcap: None, ..c.s }).0;
+        let moved = o64.iter().zip(&uncapped).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+        assert!(moved > 1e-2, "the cap must change the output (moved {moved})");
+        let rr = Rng::new(55).vec(out.len(), 1.0);
+        let (dq, dk, dv) = bwd(&c, &rr, &out, &lse);
+        let r64 = to64(&rr);
+        let l = |q: &[f64], k: &[f64], v: &[f64]| dot64(&attn64(q, k, v, &c.cu, c.s).0, &r64);
+        assert_close("capped dq", &dq, &fd_grad(&q64, 1e-6, |q| l(q, &k64, &v64)), 1e-5);
+        assert_close("capped dk", &dk, &fd_grad(&k64, 1e-6, |k| l(&q64, k, &v64)), 1e-5);
+        assert_close("capped dv", &dv, &fd_grad(&v64, 1e-6, |v| l(&q64, &k64, v)), 1e-5);
     }
 }
 
@@ -315,6 +342,7 @@ fn attention_backward_is_deterministic() {
         head_dim: 16,
         window: Some(20),
         scale: 0.25,
+        softcap: None,
         max_seqlen: 64,
     };
     let mut cu = vec![0i32];
