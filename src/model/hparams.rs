@@ -3,26 +3,12 @@
 //! older layout (rope_theta / rope_scaling / torch_dtype) and the newer one
 //! (rope_parameters / dtype) are read.
 
-use crate::backend::DType;
-use crate::registry::{Family, SlidingWindow};
+use super::rope::{self, Rope};
+use crate::backend::{DType, GluAct};
+use crate::registry::{EmbedScale, Family, Mlp, Norm, SlidingWindow};
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 use std::path::Path;
-
-/// How rotary frequencies are derived.
-#[derive(Debug, Clone, PartialEq)]
-pub enum RopeScaling {
-    None,
-    /// inv_freq / factor.
-    Linear { factor: f32 },
-    /// Llama 3.1 / 3.2 frequency-dependent scaling.
-    Llama3 {
-        factor: f32,
-        low_freq_factor: f32,
-        high_freq_factor: f32,
-        original_max_position_embeddings: f32,
-    },
-}
 
 #[derive(Debug, Clone)]
 pub struct ModelConfig {
@@ -37,8 +23,22 @@ pub struct ModelConfig {
     pub intermediate: usize,
     pub vocab: usize,
     pub rms_norm_eps: f32,
-    pub rope_theta: f32,
-    pub rope_scaling: RopeScaling,
+    /// The rotary tables: [global] or [global, local] (Gemma 3's sliding
+    /// layers use another base), indexed by `layer_rope`.
+    pub ropes: Vec<Rope>,
+    pub layer_rope: Vec<usize>,
+    /// Rotated leading dims of each head (head_dim unless a partial rotary
+    /// factor is set).
+    pub rot_dim: usize,
+    /// Norms scale by (1 + w) (Gemma).
+    pub norm_plus_one: bool,
+    pub glu: GluAct,
+    /// The embedding output's multiplier (Gemma: sqrt(hidden)).
+    pub embed_scale: Option<f32>,
+    /// The attention score multiplier.
+    pub attn_scale: f32,
+    pub attn_softcap: Option<f32>,
+    pub final_softcap: Option<f32>,
     pub tie_word_embeddings: bool,
     /// Storage dtype the config declares (informational; tensors carry their own).
     pub dtype: Option<DType>,
@@ -150,54 +150,45 @@ impl ModelConfig {
             bail!("{file}: head_dim {head_dim} must be a positive even number for rotary embeddings");
         }
         let rms_norm_eps = r.f64_opt(&raw, "rms_norm_eps")?.unwrap_or(1e-6) as f32;
+        let rope::RopeConfig { ropes, rot_dim } = rope::parse(&raw, family, head_dim, &file)?;
 
-        // RoPE: newer configs keep everything in rope_parameters; older ones
-        // have rope_theta at the top and an optional rope_scaling object.
-        let rope_params = raw.get("rope_parameters").filter(|v| !v.is_null());
-        let rope_scaling_obj = raw.get("rope_scaling").filter(|v| !v.is_null());
-        let rope_theta = match rope_params {
-            Some(p) => r.f64_opt(p, "rope_theta")?,
-            None => None,
-        }
-        .or(r.f64_opt(&raw, "rope_theta")?)
-        .unwrap_or(10000.0) as f32;
-        if !(rope_theta.is_finite() && rope_theta > 0.0) {
-            bail!("{file}: \"rope_theta\" is {rope_theta}; the rotary base must be a positive number (10000 or 500000 are usual)");
-        }
-        let scaling_src = rope_scaling_obj.or(rope_params);
-        let rope_scaling = match scaling_src {
-            None => RopeScaling::None,
-            Some(p) => {
-                let kind = p
-                    .get("rope_type")
-                    .or_else(|| p.get("type"))
-                    .and_then(|v| v.as_str())
-                    .unwrap_or("default");
-                if !family.rope_scaling.iter().any(|k| k == kind) {
+        // The activation, when config.json names it, must be the family's.
+        for key in ["hidden_activation", "hidden_act"] {
+            if let Some(v) = raw.get(key).filter(|v| !v.is_null()) {
+                let name = v.as_str().with_context(|| format!("{file}: \"{key}\" must be a string, found {v}"))?;
+                if !family.activations.iter().any(|a| a == name) {
                     bail!(
-                        "{file}: rope scaling \"{kind}\" is not supported for {} models (supported: {})",
+                        "{file}: \"{key}\" is \"{name}\"; {} models are supported with {}",
                         family.family,
-                        family.rope_scaling.join(", ")
+                        family.activations.join(" or ")
                     );
                 }
-                let need = |key: &str| -> Result<f32> {
-                    Ok(r.f64_opt(p, key)?
-                        .with_context(|| format!("{file}: rope scaling \"{kind}\" needs \"{key}\""))?
-                        as f32)
-                };
-                match kind {
-                    "default" => RopeScaling::None,
-                    "linear" => RopeScaling::Linear { factor: need("factor")? },
-                    "llama3" => RopeScaling::Llama3 {
-                        factor: need("factor")?,
-                        low_freq_factor: need("low_freq_factor")?,
-                        high_freq_factor: need("high_freq_factor")?,
-                        original_max_position_embeddings: need("original_max_position_embeddings")?,
-                    },
-                    other => bail!("{file}: rope scaling \"{other}\" is not implemented"),
-                }
+                break;
+            }
+        }
+        let keyed = |key: &Option<String>| -> Result<Option<f64>> {
+            match key {
+                Some(k) => r.f64_opt(&raw, k),
+                None => Ok(None),
             }
         };
+        let positive = |v: Option<f64>, key: &Option<String>| -> Result<Option<f32>> {
+            match v {
+                Some(x) if !(x.is_finite() && x > 0.0) => {
+                    bail!("{file}: \"{}\" is {x}; it must be a positive number", key.as_deref().unwrap_or(""))
+                }
+                v => Ok(v.map(|x| x as f32)),
+            }
+        };
+        let keys = &family.config_keys;
+        // Python computes value ** -0.5 in double precision; the product
+        // with the scores is f32.
+        let attn_scale = match positive(keyed(&keys.attn_scale_base)?, &keys.attn_scale_base)? {
+            Some(base) => (base as f64).powf(-0.5) as f32,
+            None => 1.0 / (head_dim as f32).sqrt(),
+        };
+        let attn_softcap = positive(keyed(&keys.attn_softcap)?, &keys.attn_softcap)?;
+        let final_softcap = positive(keyed(&keys.final_softcap)?, &keys.final_softcap)?;
 
         let dtype = raw
             .get("dtype")
@@ -210,7 +201,7 @@ impl ModelConfig {
         let layer_window: Vec<Option<usize>> = match family.sliding_window {
             SlidingWindow::None => vec![None; n_layers],
             SlidingWindow::AllLayers => vec![window; n_layers],
-            SlidingWindow::LayerTypes => {
+            SlidingWindow::LayerTypes | SlidingWindow::Pattern => {
                 if let Some(types) = raw.get("layer_types").and_then(|v| v.as_array()) {
                     if types.len() != n_layers {
                         bail!("{file}: layer_types has {} entries for {n_layers} layers", types.len());
@@ -226,6 +217,12 @@ impl ModelConfig {
                             _ => bail!("{file}: layer_types[{i}] is {t}, expected \"full_attention\" or \"sliding_attention\""),
                         })
                         .collect::<Result<_>>()?
+                } else if family.sliding_window == SlidingWindow::Pattern {
+                    let pattern = r.usize_opt("sliding_window_pattern")?.or(family.sliding_window_pattern).unwrap_or(1);
+                    if pattern == 0 {
+                        bail!("{file}: \"sliding_window_pattern\" is 0; every n-th layer is global, so n must be at least 1");
+                    }
+                    (0..n_layers).map(|i| if (i + 1) % pattern != 0 { window } else { None }).collect()
                 } else {
                     let use_sw = r.bool_or("use_sliding_window", false)?;
                     let from = r.usize_opt("max_window_layers")?.unwrap_or(n_layers);
@@ -233,6 +230,8 @@ impl ModelConfig {
                 }
             }
         };
+        // Layers with a window use the local rotary table when there is one.
+        let layer_rope = layer_window.iter().map(|w| usize::from(w.is_some() && ropes.len() > 1)).collect();
 
         Ok(ModelConfig {
             family,
@@ -250,64 +249,29 @@ impl ModelConfig {
             intermediate,
             vocab,
             rms_norm_eps,
-            rope_theta,
-            rope_scaling,
+            ropes,
+            layer_rope,
+            rot_dim,
+            norm_plus_one: family.norm == Norm::RmsnormPlusOne,
+            glu: match family.mlp {
+                Mlp::Swiglu => GluAct::Silu,
+                Mlp::Geglu => GluAct::GeluTanh,
+            },
+            embed_scale: match family.embed_scale {
+                EmbedScale::None => None,
+                EmbedScale::SqrtHidden => Some((hidden as f32).sqrt()),
+            },
+            attn_scale,
+            attn_softcap,
+            final_softcap,
             tie_word_embeddings,
             dtype,
             layer_window,
         })
     }
 
-    /// Rotary inverse frequencies (head_dim / 2 of them), computed in f32 in
-    /// the same order of operations as transformers.
-    pub fn inv_freq(&self) -> Vec<f32> {
-        let d = self.head_dim;
-        let base: Vec<f32> = (0..d / 2)
-            .map(|i| 1.0f32 / self.rope_theta.powf((2 * i) as f32 / d as f32))
-            .collect();
-        match self.rope_scaling {
-            RopeScaling::None => base,
-            RopeScaling::Linear { factor } => base.iter().map(|f| f / factor).collect(),
-            RopeScaling::Llama3 {
-                factor,
-                low_freq_factor,
-                high_freq_factor,
-                original_max_position_embeddings: old_ctx,
-            } => {
-                let low_freq_wavelen = old_ctx / low_freq_factor;
-                let high_freq_wavelen = old_ctx / high_freq_factor;
-                base.iter()
-                    .map(|&inv| {
-                        let wavelen = 2.0 * std::f32::consts::PI / inv;
-                        let scaled = if wavelen > low_freq_wavelen { inv / factor } else { inv };
-                        let medium = (high_freq_wavelen..=low_freq_wavelen).contains(&wavelen);
-                        if medium {
-                            let smooth = (old_ctx / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
-                            (1.0 - smooth) * scaled / factor + smooth * scaled
-                        } else {
-                            scaled
-                        }
-                    })
-                    .collect()
-            }
-        }
-    }
-
-    /// Elements of every base-model tensor: embedding, per layer two norms and
-    /// the seven projections with their biases, the final norm, and the LM
-    /// head unless tied.
+    /// Elements of every base-model tensor (as `model::tensor_list` lists them).
     pub fn n_params(&self) -> usize {
-        use crate::model::Proj;
-        let h = self.hidden;
-        let projections: usize = Proj::ALL
-            .iter()
-            .map(|&p| {
-                let (i, o) = p.dims(self);
-                i * o + if p.has_bias(self) { o } else { 0 }
-            })
-            .sum();
-        let embed = self.vocab * h;
-        let head = if self.tie_word_embeddings { 0 } else { embed };
-        embed + head + h + self.n_layers * (2 * h + projections)
+        crate::model::tensor_list(self).iter().map(|(_, shape, _)| shape.iter().product::<usize>()).sum()
     }
 }

@@ -1,14 +1,21 @@
 //! One decoder layer: forward keeping exactly what its backward needs, and
 //! the hand-written backward, reading as the forward in reverse.
 //!
-//!   h1 = rmsnorm(x_in);  q,k,v = proj(h1);  rope(q, k)
-//!   attn = attention(q, k, v);  x_mid = x_in + o_proj(attn)
-//!   h2 = rmsnorm(x_mid);  act = silu(gate(h2)) ⊙ up(h2);  x_out = x_mid + down(act)
+//!   h1 = norm(x_in);  q,k,v = proj(h1)  (one fused qkv product, or three)
+//!   q,k = norm_head(q), norm_head(k)    (per-head q/k norms, if any)
+//!   rope(q, k);  attn = attention(q, k, v)  (scale, soft-cap, window)
+//!   x_mid = x_in + norm_post(o_proj(attn))  (post-attention norm, if any)
+//!   h2 = norm(x_mid);  act = act(gate(h2)) ⊙ up(h2)  (fused gate_up, or two)
+//!   x_out = x_mid + norm_post(down(act))  (post-MLP norm, if any)
+//!
+//! The optional parts are the families' differences: Llama/Mistral/Qwen2
+//! take none, Qwen3 the q/k norms, Gemma 2 the post norms (and soft-cap,
+//! GeGLU), Gemma 3 both norms, Phi-3 the fused products.
 
-use super::{Layer, Linear, Proj};
+use super::{Layer, Linear, Proj, RopeTable};
 use crate::backend::{
-    AttnSaved, AttnShape, Backend, Dropout, GluAct, GluShape, LoraGrads, LoraInputs, LoraShape, MatShape, NormShape, Qkv, QkvGrads, RopeShape,
-    Varlen,
+    AttnSaved, AttnShape, Backend, ColsShape, Dropout, GluShape, LoraGrads, LoraInputs, LoraShape, MatShape, NormShape, Qkv,
+    QkvGrads, RopeShape, Varlen,
 };
 use crate::model::hparams::ModelConfig;
 
@@ -20,7 +27,10 @@ pub struct StepCtx<'a, B: Backend> {
     pub max_seqlen: usize,
     pub positions: &'a B::IntBuf,
     pub cu_seqlens: &'a B::IntBuf,
-    pub inv_freq: &'a B::Buf,
+    /// The model's rotary tables (`Model::inv_freq`).
+    pub ropes: &'a [RopeTable<B>],
+    /// The largest position in this forward (picks long-rope's table).
+    pub max_position: usize,
     /// Some(seed) in training: LoRA dropout is active with masks derived
     /// from this seed, the layer and the projection.
     pub dropout_seed: Option<u64>,
@@ -29,23 +39,36 @@ pub struct StepCtx<'a, B: Backend> {
     pub adapters: bool,
 }
 
+/// A norm's input and saved inverse RMS (for its backward).
+struct Normed<B: Backend> {
+    x: B::Buf,
+    inv: B::Buf,
+}
+
 /// Activations saved by a layer's forward for its backward.
 pub struct LayerActs<B: Backend> {
     pub x_in: B::Buf,
     h1: B::Buf,
     inv1: B::Buf,
+    /// q and k before their per-head norms (models with q/k norms).
+    q_raw: Option<Normed<B>>,
+    k_raw: Option<Normed<B>>,
     /// Rotated q and k, and v, as attention saw them.
     q: B::Buf,
     k: B::Buf,
     v: B::Buf,
     attn: B::Buf,
     lse: B::Buf,
+    /// o_proj's output before the post-attention norm (models with one).
+    o_raw: Option<Normed<B>>,
     x_mid: B::Buf,
     h2: B::Buf,
     inv2: B::Buf,
     gate: B::Buf,
     up: B::Buf,
     act: B::Buf,
+    /// down's output before the post-MLP norm (models with one).
+    down_raw: Option<Normed<B>>,
     /// LoRA's x·Aᵀ per projection (indexed by `Proj as usize`).
     xa: Vec<Option<B::Buf>>,
 }
@@ -63,7 +86,9 @@ fn dropout_for<B: Backend>(lin: &Linear<B>, seed: Option<u64>, layer: usize, p: 
     if lora.dropout <= 0.0 {
         return None;
     }
-    let module = (layer * Proj::ALL.len() + p as usize) as u64;
+    // Seven slots per layer: the unfused projections' (a fused one takes its
+    // first part's slot), so masks of existing families never change.
+    let module = (layer * 7 + p.slot()) as u64;
     Some(Dropout { p: lora.dropout, seed: crate::util::rng::Rng::new(seed ^ module.wrapping_mul(0xD6E8_FEB8_6659_FD93)).next_u64() })
 }
 
@@ -110,7 +135,7 @@ fn proj_backward<B: Backend>(
     accumulate: bool,
 ) {
     let dropout = dropout_for(layer.p(p), seed, li, p);
-    let Linear { weight, lora, in_f, out_f, .. } = &mut layer.proj[p as usize];
+    let Linear { weight, lora, in_f, out_f, .. } = layer.p_mut(p);
     be.linear_backward_input(dy, weight, dx, MatShape { m, k: *in_f, n: *out_f }, accumulate);
     if let Some(l) = lora.as_mut() {
         let xa = acts.xa[p as usize].as_ref().expect("LoRA activations saved in forward");
@@ -128,9 +153,60 @@ pub fn attn_shape(cfg: &ModelConfig, n: usize, max_seqlen: usize, window: Option
         n_kv_heads: cfg.n_kv_heads,
         head_dim: cfg.head_dim,
         window,
-        scale: 1.0 / (cfg.head_dim as f32).sqrt(),
-        softcap: None,
+        scale: cfg.attn_scale,
+        softcap: cfg.attn_softcap,
     }
+}
+
+fn norm_shape(cfg: &ModelConfig, rows: usize, hidden: usize) -> NormShape {
+    NormShape { rows, hidden, plus_one: cfg.norm_plus_one }
+}
+
+fn rope_shape(cfg: &ModelConfig, layer: &Layer<impl Backend>, n: usize, heads: usize) -> RopeShape {
+    RopeShape { n, heads, head_dim: cfg.head_dim, rot_dim: cfg.rot_dim, mscale: cfg.ropes[layer.rope].mscale() }
+}
+
+/// y = norm(x) over rows of `hidden`, keeping x and the inverse RMS when
+/// `keep` (for the backward).
+fn norm_forward<B: Backend>(be: &B, cfg: &ModelConfig, w: &B::Weight, x: B::Buf, rows: usize, hidden: usize) -> (B::Buf, Normed<B>) {
+    let mut y = be.zeros_like(&x);
+    let mut inv = be.zeros_f32(rows);
+    be.rmsnorm(&x, w, &mut y, &mut inv, norm_shape(cfg, rows, hidden), cfg.rms_norm_eps);
+    (y, Normed { x, inv })
+}
+
+/// ∂L/∂x of `norm_forward`, given ∂L/∂y.
+fn norm_backward<B: Backend>(be: &B, cfg: &ModelConfig, w: &B::Weight, saved: &Normed<B>, dy: &B::Buf, rows: usize, hidden: usize) -> B::Buf {
+    let mut dx = be.zeros_like(dy);
+    be.rmsnorm_backward(dy, &saved.x, w, &saved.inv, &mut dx, norm_shape(cfg, rows, hidden));
+    dx
+}
+
+/// Column blocks [widths...] of a fused [rows, Σ widths] output.
+fn split_cols<B: Backend>(be: &B, fused: &B::Buf, rows: usize, widths: &[usize]) -> Vec<B::Buf> {
+    let total: usize = widths.iter().sum();
+    let mut off = 0;
+    widths
+        .iter()
+        .map(|&w| {
+            let mut part = be.zeros(rows * w);
+            be.copy_cols(fused, &mut part, ColsShape { rows, src_cols: total, src_off: off, dst_cols: w, dst_off: 0, width: w });
+            off += w;
+            part
+        })
+        .collect()
+}
+
+/// The fused [rows, Σ widths] gradient from its column blocks.
+fn join_cols<B: Backend>(be: &B, parts: &[&B::Buf], rows: usize, widths: &[usize]) -> B::Buf {
+    let total: usize = widths.iter().sum();
+    let mut fused = be.zeros(rows * total);
+    let mut off = 0;
+    for (part, &w) in parts.iter().zip(widths) {
+        be.copy_cols(part, &mut fused, ColsShape { rows, src_cols: w, src_off: 0, dst_cols: total, dst_off: off, width: w });
+        off += w;
+    }
+    fused
 }
 
 /// Forward of layer `li`; consumes x_in (it is saved in the activations).
@@ -156,39 +232,77 @@ pub fn forward_with<B: Backend>(
 ) -> (B::Buf, LayerActs<B>) {
     let n = ctx.n;
     let h = cfg.hidden;
+    let (qd, kvd, d) = (cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.head_dim);
     let mut xa: Vec<Option<B::Buf>> = (0..Proj::ALL.len()).map(|_| None).collect();
 
     let mut h1 = be.zeros(n * h);
     let mut inv1 = be.zeros_f32(n);
-    be.rmsnorm(&x_in, &layer.input_norm, &mut h1, &mut inv1, NormShape::new(n, h), cfg.rms_norm_eps);
+    be.rmsnorm(&x_in, &layer.input_norm, &mut h1, &mut inv1, norm_shape(cfg, n, h), cfg.rms_norm_eps);
 
-    let mut q = proj_forward(be, layer, li, Proj::Q, &h1, n, ctx, &mut xa);
-    let mut k = proj_forward(be, layer, li, Proj::K, &h1, n, ctx, &mut xa);
-    let v = proj_forward(be, layer, li, Proj::V, &h1, n, ctx, &mut xa);
-    be.rope(&mut q, ctx.positions, ctx.inv_freq, RopeShape::full(n, cfg.n_heads, cfg.head_dim));
-    be.rope(&mut k, ctx.positions, ctx.inv_freq, RopeShape::full(n, cfg.n_kv_heads, cfg.head_dim));
+    let (q, k, v) = if layer.proj[Proj::Qkv as usize].is_some() {
+        let qkv = proj_forward(be, layer, li, Proj::Qkv, &h1, n, ctx, &mut xa);
+        let mut parts = split_cols(be, &qkv, n, &[qd, kvd, kvd]).into_iter();
+        (parts.next().unwrap(), parts.next().unwrap(), parts.next().unwrap())
+    } else {
+        let q = proj_forward(be, layer, li, Proj::Q, &h1, n, ctx, &mut xa);
+        let k = proj_forward(be, layer, li, Proj::K, &h1, n, ctx, &mut xa);
+        (q, k, proj_forward(be, layer, li, Proj::V, &h1, n, ctx, &mut xa))
+    };
+    // Per-head norms: rows of head_dim.
+    let ((mut q, q_raw), (mut k, k_raw)) = match (&layer.q_norm, &layer.k_norm) {
+        (Some(qn), Some(kn)) => {
+            let (qn_out, q_saved) = norm_forward(be, cfg, qn, q, n * cfg.n_heads, d);
+            let (kn_out, k_saved) = norm_forward(be, cfg, kn, k, n * cfg.n_kv_heads, d);
+            ((qn_out, Some(q_saved)), (kn_out, Some(k_saved)))
+        }
+        _ => ((q, None), (k, None)),
+    };
+    let inv_freq = ctx.ropes[layer.rope].for_max_position(ctx.max_position);
+    be.rope(&mut q, ctx.positions, inv_freq, rope_shape(cfg, layer, n, cfg.n_heads));
+    be.rope(&mut k, ctx.positions, inv_freq, rope_shape(cfg, layer, n, cfg.n_kv_heads));
 
-    let mut attn = be.zeros(n * cfg.n_heads * cfg.head_dim);
+    let mut attn = be.zeros(n * qd);
     let mut lse = be.zeros_f32(cfg.n_heads * n);
     attend(&q, &k, &v, &mut attn, &mut lse);
 
     let o = proj_forward(be, layer, li, Proj::O, &attn, n, ctx, &mut xa);
+    let (o, o_raw) = match &layer.post_attn_norm {
+        Some(w) => {
+            let (y, saved) = norm_forward(be, cfg, w, o, n, h);
+            (y, Some(saved))
+        }
+        None => (o, None),
+    };
     let mut x_mid = clone_buf(be, &x_in);
     be.add_assign(&mut x_mid, &o);
     drop(o);
 
+    let inter = cfg.intermediate;
     let mut h2 = be.zeros(n * h);
     let mut inv2 = be.zeros_f32(n);
-    be.rmsnorm(&x_mid, &layer.post_attention_norm, &mut h2, &mut inv2, NormShape::new(n, h), cfg.rms_norm_eps);
-    let gate = proj_forward(be, layer, li, Proj::Gate, &h2, n, ctx, &mut xa);
-    let up = proj_forward(be, layer, li, Proj::Up, &h2, n, ctx, &mut xa);
-    let mut act = be.zeros(n * cfg.intermediate);
-    be.glu(&gate, &up, &mut act, GluShape { len: n * cfg.intermediate, act: GluAct::Silu });
+    be.rmsnorm(&x_mid, &layer.pre_mlp_norm, &mut h2, &mut inv2, norm_shape(cfg, n, h), cfg.rms_norm_eps);
+    let (gate, up) = if layer.proj[Proj::GateUp as usize].is_some() {
+        let gu = proj_forward(be, layer, li, Proj::GateUp, &h2, n, ctx, &mut xa);
+        let mut parts = split_cols(be, &gu, n, &[inter, inter]).into_iter();
+        (parts.next().unwrap(), parts.next().unwrap())
+    } else {
+        let gate = proj_forward(be, layer, li, Proj::Gate, &h2, n, ctx, &mut xa);
+        (gate, proj_forward(be, layer, li, Proj::Up, &h2, n, ctx, &mut xa))
+    };
+    let mut act = be.zeros(n * inter);
+    be.glu(&gate, &up, &mut act, GluShape { len: n * inter, act: cfg.glu });
     let down = proj_forward(be, layer, li, Proj::Down, &act, n, ctx, &mut xa);
+    let (down, down_raw) = match &layer.post_mlp_norm {
+        Some(w) => {
+            let (y, saved) = norm_forward(be, cfg, w, down, n, h);
+            (y, Some(saved))
+        }
+        None => (down, None),
+    };
     let mut x_out = clone_buf(be, &x_mid);
     be.add_assign(&mut x_out, &down);
 
-    let acts = LayerActs { x_in, h1, inv1, q, k, v, attn, lse, x_mid, h2, inv2, gate, up, act, xa };
+    let acts = LayerActs { x_in, h1, inv1, q_raw, k_raw, q, k, v, attn, lse, o_raw, x_mid, h2, inv2, gate, up, act, down_raw, xa };
     (x_out, acts)
 }
 
@@ -205,26 +319,42 @@ pub fn backward<B: Backend>(
 ) {
     let n = ctx.n;
     let h = cfg.hidden;
-    let qd = cfg.n_heads * cfg.head_dim;
-    let kvd = cfg.n_kv_heads * cfg.head_dim;
+    let (qd, kvd, d) = (cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.head_dim);
     let inter = cfg.intermediate;
     let seed = ctx.dropout_seed;
 
-    // MLP: x_out = x_mid + down(silu(gate(h2)) ⊙ up(h2))
+    // MLP: x_out = x_mid + post_norm(down(act(gate(h2)) ⊙ up(h2)))
+    let d_down = match (&layer.post_mlp_norm, &acts.down_raw) {
+        (Some(w), Some(saved)) => Some(norm_backward(be, cfg, w, saved, dx, n, h)),
+        _ => None,
+    };
     let mut d_act = be.zeros(n * inter);
-    proj_backward(be, layer, li, Proj::Down, acts, seed, dx, &acts.act, &mut d_act, n, false);
+    proj_backward(be, layer, li, Proj::Down, acts, seed, d_down.as_ref().unwrap_or(dx), &acts.act, &mut d_act, n, false);
+    drop(d_down);
     let mut d_gate = be.zeros(n * inter);
     let mut d_up = be.zeros(n * inter);
-    be.glu_backward(&d_act, &acts.gate, &acts.up, &mut d_gate, &mut d_up, GluShape { len: n * inter, act: GluAct::Silu });
+    be.glu_backward(&d_act, &acts.gate, &acts.up, &mut d_gate, &mut d_up, GluShape { len: n * inter, act: cfg.glu });
     drop(d_act);
     let mut dh2 = be.zeros(n * h);
-    proj_backward(be, layer, li, Proj::Gate, acts, seed, &d_gate, &acts.h2, &mut dh2, n, false);
-    proj_backward(be, layer, li, Proj::Up, acts, seed, &d_up, &acts.h2, &mut dh2, n, true);
-    be.rmsnorm_backward(&dh2, &acts.x_mid, &layer.post_attention_norm, &acts.inv2, dx, NormShape::new(n, h));
+    if layer.proj[Proj::GateUp as usize].is_some() {
+        let d_gu = join_cols(be, &[&d_gate, &d_up], n, &[inter, inter]);
+        drop((d_gate, d_up));
+        proj_backward(be, layer, li, Proj::GateUp, acts, seed, &d_gu, &acts.h2, &mut dh2, n, false);
+    } else {
+        proj_backward(be, layer, li, Proj::Gate, acts, seed, &d_gate, &acts.h2, &mut dh2, n, false);
+        proj_backward(be, layer, li, Proj::Up, acts, seed, &d_up, &acts.h2, &mut dh2, n, true);
+    }
+    be.rmsnorm_backward(&dh2, &acts.x_mid, &layer.pre_mlp_norm, &acts.inv2, dx, norm_shape(cfg, n, h));
+    drop(dh2);
 
-    // Attention: x_mid = x_in + o_proj(attention(rope(q), rope(k), v))
+    // Attention: x_mid = x_in + post_norm(o_proj(attention(rope(q), rope(k), v)))
+    let d_o = match (&layer.post_attn_norm, &acts.o_raw) {
+        (Some(w), Some(saved)) => Some(norm_backward(be, cfg, w, saved, dx, n, h)),
+        _ => None,
+    };
     let mut d_attn = be.zeros(n * qd);
-    proj_backward(be, layer, li, Proj::O, acts, seed, dx, &acts.attn, &mut d_attn, n, false);
+    proj_backward(be, layer, li, Proj::O, acts, seed, d_o.as_ref().unwrap_or(dx), &acts.attn, &mut d_attn, n, false);
+    drop(d_o);
     let mut dq = be.zeros(n * qd);
     let mut dk = be.zeros(n * kvd);
     let mut dv = be.zeros(n * kvd);
@@ -238,11 +368,22 @@ pub fn backward<B: Backend>(
         QkvGrads { dq: &mut dq, dk: &mut dk, dv: &mut dv },
     );
     drop(d_attn);
-    be.rope_backward(&mut dq, ctx.positions, ctx.inv_freq, RopeShape::full(n, cfg.n_heads, cfg.head_dim));
-    be.rope_backward(&mut dk, ctx.positions, ctx.inv_freq, RopeShape::full(n, cfg.n_kv_heads, cfg.head_dim));
+    let inv_freq = ctx.ropes[layer.rope].for_max_position(ctx.max_position);
+    be.rope_backward(&mut dq, ctx.positions, inv_freq, rope_shape(cfg, layer, n, cfg.n_heads));
+    be.rope_backward(&mut dk, ctx.positions, inv_freq, rope_shape(cfg, layer, n, cfg.n_kv_heads));
+    if let (Some(qn), Some(kn), Some(qs), Some(ks)) = (&layer.q_norm, &layer.k_norm, &acts.q_raw, &acts.k_raw) {
+        dq = norm_backward(be, cfg, qn, qs, &dq, n * cfg.n_heads, d);
+        dk = norm_backward(be, cfg, kn, ks, &dk, n * cfg.n_kv_heads, d);
+    }
     let mut dh1 = be.zeros(n * h);
-    proj_backward(be, layer, li, Proj::Q, acts, seed, &dq, &acts.h1, &mut dh1, n, false);
-    proj_backward(be, layer, li, Proj::K, acts, seed, &dk, &acts.h1, &mut dh1, n, true);
-    proj_backward(be, layer, li, Proj::V, acts, seed, &dv, &acts.h1, &mut dh1, n, true);
-    be.rmsnorm_backward(&dh1, &acts.x_in, &layer.input_norm, &acts.inv1, dx, NormShape::new(n, h));
+    if layer.proj[Proj::Qkv as usize].is_some() {
+        let d_qkv = join_cols(be, &[&dq, &dk, &dv], n, &[qd, kvd, kvd]);
+        drop((dq, dk, dv));
+        proj_backward(be, layer, li, Proj::Qkv, acts, seed, &d_qkv, &acts.h1, &mut dh1, n, false);
+    } else {
+        proj_backward(be, layer, li, Proj::Q, acts, seed, &dq, &acts.h1, &mut dh1, n, false);
+        proj_backward(be, layer, li, Proj::K, acts, seed, &dk, &acts.h1, &mut dh1, n, true);
+        proj_backward(be, layer, li, Proj::V, acts, seed, &dv, &acts.h1, &mut dh1, n, true);
+    }
+    be.rmsnorm_backward(&dh1, &acts.x_in, &layer.input_norm, &acts.inv1, dx, norm_shape(cfg, n, h));
 }

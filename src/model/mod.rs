@@ -12,6 +12,7 @@ pub mod graph;
 pub mod flops;
 pub mod generate;
 pub mod layer;
+pub mod rope;
 pub mod sample;
 pub mod st_files;
 pub mod synth;
@@ -23,7 +24,9 @@ use anyhow::{Context, Result};
 use checkpoint::Checkpoint;
 use hparams::ModelConfig;
 
-/// The seven linear projections of a decoder layer, in a fixed order.
+/// The linear projections of a decoder layer. A family has either Q, K, V
+/// or the fused Qkv ([q; k; v] rows, one matrix and one LoRA adapter), and
+/// either Gate, Up or the fused GateUp ([gate; up] rows).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Proj {
     Q,
@@ -33,23 +36,44 @@ pub enum Proj {
     Gate,
     Up,
     Down,
+    Qkv,
+    GateUp,
 }
 
 impl Proj {
-    pub const ALL: [Proj; 7] = [Proj::Q, Proj::K, Proj::V, Proj::O, Proj::Gate, Proj::Up, Proj::Down];
+    pub const ALL: [Proj; 9] = [Proj::Q, Proj::K, Proj::V, Proj::O, Proj::Gate, Proj::Up, Proj::Down, Proj::Qkv, Proj::GateUp];
+    const SEPARATE: [Proj; 7] = [Proj::Q, Proj::K, Proj::V, Proj::O, Proj::Gate, Proj::Up, Proj::Down];
+    const FUSED_QKV: [Proj; 5] = [Proj::Qkv, Proj::O, Proj::Gate, Proj::Up, Proj::Down];
+    const FUSED_MLP: [Proj; 6] = [Proj::Q, Proj::K, Proj::V, Proj::O, Proj::GateUp, Proj::Down];
+    const FUSED_BOTH: [Proj; 4] = [Proj::Qkv, Proj::O, Proj::GateUp, Proj::Down];
 
-    /// The checkpoint module path within a layer, from the registry.
+    /// The projections a layer of this model has, in checkpoint order.
+    pub fn of(cfg: &ModelConfig) -> &'static [Proj] {
+        let w = &cfg.family.weights;
+        match (w.fused_qkv(), w.fused_gate_up()) {
+            (false, false) => &Self::SEPARATE,
+            (true, false) => &Self::FUSED_QKV,
+            (false, true) => &Self::FUSED_MLP,
+            (true, true) => &Self::FUSED_BOTH,
+        }
+    }
+
+    /// The checkpoint module path within a layer, from the registry (the
+    /// registry guarantees a family names each projection it has).
     pub fn path(self, cfg: &ModelConfig) -> &'static str {
         let w = &cfg.family.weights;
-        match self {
+        let name = match self {
             Proj::Q => &w.q,
             Proj::K => &w.k,
             Proj::V => &w.v,
-            Proj::O => &w.o,
+            Proj::O => return &w.o,
             Proj::Gate => &w.gate,
             Proj::Up => &w.up,
-            Proj::Down => &w.down,
-        }
+            Proj::Down => return &w.down,
+            Proj::Qkv => &w.qkv,
+            Proj::GateUp => &w.gate_up,
+        };
+        name.as_deref().unwrap_or_else(|| panic!("{self:?} is not a projection of {} models", cfg.family.family))
     }
 
     /// (in_features, out_features).
@@ -60,17 +84,30 @@ impl Proj {
         match self {
             Proj::Q => (h, qd),
             Proj::K | Proj::V => (h, kvd),
+            Proj::Qkv => (h, qd + 2 * kvd),
             Proj::O => (qd, h),
             Proj::Gate | Proj::Up => (h, cfg.intermediate),
+            Proj::GateUp => (h, 2 * cfg.intermediate),
             Proj::Down => (cfg.intermediate, h),
         }
     }
 
     pub fn has_bias(self, cfg: &ModelConfig) -> bool {
         match self {
-            Proj::Q | Proj::K | Proj::V => cfg.qkv_bias,
+            Proj::Q | Proj::K | Proj::V | Proj::Qkv => cfg.qkv_bias,
             Proj::O => cfg.o_bias,
-            Proj::Gate | Proj::Up | Proj::Down => cfg.mlp_bias,
+            Proj::Gate | Proj::Up | Proj::Down | Proj::GateUp => cfg.mlp_bias,
+        }
+    }
+
+    /// The projection's slot among a layer's seven unfused ones (a fused
+    /// projection takes its first part's): LoRA dropout masks are seeded
+    /// per (layer, slot).
+    pub fn slot(self) -> usize {
+        match self {
+            Proj::Qkv => Proj::Q as usize,
+            Proj::GateUp => Proj::Gate as usize,
+            p => p as usize,
         }
     }
 }
@@ -86,15 +123,33 @@ pub struct Linear<B: Backend> {
 
 pub struct Layer<B: Backend> {
     pub input_norm: B::Weight,
-    pub post_attention_norm: B::Weight,
-    /// Indexed by `Proj as usize`.
-    pub proj: Vec<Linear<B>>,
+    /// The norm before the MLP (Llama's post_attention_layernorm).
+    pub pre_mlp_norm: B::Weight,
+    /// Norms of the attention and MLP outputs (Gemma 2 and 3).
+    pub post_attn_norm: Option<B::Weight>,
+    pub post_mlp_norm: Option<B::Weight>,
+    /// Per-head norms of q and k (Qwen3, Gemma 3).
+    pub q_norm: Option<B::Weight>,
+    pub k_norm: Option<B::Weight>,
+    /// Indexed by `Proj as usize`; None for the projections this family
+    /// does not have.
+    pub proj: Vec<Option<Linear<B>>>,
     pub window: Option<usize>,
+    /// Which of the model's rotary tables this layer uses
+    /// (`ModelConfig::ropes`).
+    pub rope: usize,
 }
 
 impl<B: Backend> Layer<B> {
     pub fn p(&self, p: Proj) -> &Linear<B> {
-        &self.proj[p as usize]
+        self.proj[p as usize].as_ref().unwrap_or_else(|| panic!("layer has no {p:?} projection"))
+    }
+    pub fn p_mut(&mut self, p: Proj) -> &mut Linear<B> {
+        self.proj[p as usize].as_mut().unwrap_or_else(|| panic!("layer has no {p:?} projection"))
+    }
+    /// The projections this layer has, with their kind.
+    pub fn linears(&self) -> impl Iterator<Item = (Proj, &Linear<B>)> {
+        Proj::ALL.into_iter().zip(&self.proj).filter_map(|(p, l)| l.as_ref().map(|l| (p, l)))
     }
 }
 
@@ -105,9 +160,34 @@ pub struct Model<B: Backend> {
     pub final_norm: B::Weight,
     /// None when the embeddings are tied.
     pub lm_head: Option<B::Weight>,
-    pub inv_freq: B::Buf,
+    /// Rotary inverse frequencies per table of `cfg.ropes`: the table for
+    /// positions up to the rope's original context, and (long-context rope)
+    /// the one for longer sequences.
+    pub inv_freq: Vec<RopeTable<B>>,
+    /// The embedding output's multiplier, rounded to the backend's
+    /// activation type (Gemma's sqrt(hidden)); None = 1.
+    pub embed_scale: Option<f32>,
     /// Tokens per LM-head + cross-entropy chunk (bounds the logits buffer).
     pub loss_chunk_tokens: usize,
+}
+
+/// One rotary table on the backend.
+pub struct RopeTable<B: Backend> {
+    pub short: B::Buf,
+    /// (longer-context frequencies, the length past which they apply).
+    pub long: Option<(B::Buf, usize)>,
+}
+
+impl<B: Backend> RopeTable<B> {
+    /// The frequencies for a forward whose largest position is `max_pos`
+    /// (transformers picks the long-context set when max_pos + 1 exceeds
+    /// the original context).
+    pub fn for_max_position(&self, max_pos: usize) -> &B::Buf {
+        match &self.long {
+            Some((long, original)) if max_pos + 1 > *original => long,
+            _ => &self.short,
+        }
+    }
 }
 
 /// Module path of a projection, as PEFT names it (without "base_model.model.").
@@ -122,16 +202,16 @@ pub fn module_path(cfg: &ModelConfig, layer: usize, p: Proj) -> String {
 pub fn count_targets(cfg: &ModelConfig, targets: &crate::adapter::Targets) -> Result<usize> {
     let mut count = 0;
     for li in 0..cfg.n_layers {
-        for p in Proj::ALL {
+        for &p in Proj::of(cfg) {
             count += targets.matches(&module_path(cfg, li, p))? as usize;
         }
     }
     if count == 0 {
-        let short: Vec<&str> = Proj::ALL.iter().map(|p| p.path(cfg).rsplit('.').next().unwrap_or("")).collect();
+        let short: Vec<&str> = Proj::of(cfg).iter().map(|p| p.path(cfg).rsplit('.').next().unwrap_or("")).collect();
         anyhow::bail!(
             "lora_target_modules {targets} match no module of this model; its adapted modules are {} (full paths look like {})",
             short.join(", "),
-            module_path(cfg, 0, Proj::Q)
+            module_path(cfg, 0, Proj::of(cfg)[0])
         );
     }
     Ok(count)
@@ -231,39 +311,62 @@ impl<B: Backend> Model<B> {
     }
 
     /// `build`, telling `get(name, shape, projection)` whether the tensor is
-    /// the weight of one of a decoder layer's seven projections (the
-    /// tensors QLoRA holds in NF4).
+    /// the weight of one of a decoder layer's projections (the tensors
+    /// QLoRA holds in NF4).
     pub fn build_with(
         be: &B,
         cfg: ModelConfig,
         mut get: impl FnMut(&str, &[usize], bool) -> Result<B::Weight>,
     ) -> Result<Model<B>> {
-        let names = &cfg.family.weights;
-        let h = cfg.hidden;
-        let embed = get(&names.embed, &[cfg.vocab, h], false)?;
+        let mut tensors = tensor_list(&cfg).into_iter();
+        let mut next = |what: Tensor| -> Result<B::Weight> {
+            let (name, shape, kind) = tensors.next().expect("tensor_list lists every tensor the model takes");
+            debug_assert_eq!(kind, what, "{name}");
+            get(&name, &shape, kind == Tensor::Projection)
+        };
+        let embed = next(Tensor::Other)?;
         let mut layers = Vec::with_capacity(cfg.n_layers);
+        let w = &cfg.family.weights;
         for i in 0..cfg.n_layers {
-            let prefix = names.layer.replace("{i}", &i.to_string());
-            let input_norm = get(&format!("{prefix}.{}", names.input_norm), &[h], false)?;
-            let mut proj = Vec::with_capacity(7);
-            for p in Proj::ALL {
+            let input_norm = next(Tensor::Other)?;
+            let q_norm = if w.qk_norm() { Some(next(Tensor::Other)?) } else { None };
+            let k_norm = if w.qk_norm() { Some(next(Tensor::Other)?) } else { None };
+            let mut proj: Vec<Option<Linear<B>>> = (0..Proj::ALL.len()).map(|_| None).collect();
+            for &p in Proj::of(&cfg) {
                 let (in_f, out_f) = p.dims(&cfg);
-                let path = format!("{prefix}.{}", p.path(&cfg));
-                let weight = get(&format!("{path}.weight"), &[out_f, in_f], true)?;
-                let bias = if p.has_bias(&cfg) { Some(get(&format!("{path}.bias"), &[out_f], false)?) } else { None };
-                proj.push(Linear { weight, bias, in_f, out_f, lora: None });
+                let weight = next(Tensor::Projection)?;
+                let bias = if p.has_bias(&cfg) { Some(next(Tensor::Other)?) } else { None };
+                proj[p as usize] = Some(Linear { weight, bias, in_f, out_f, lora: None });
             }
+            let post_attn_norm = if w.sandwich_norms() { Some(next(Tensor::Other)?) } else { None };
+            let pre_mlp_norm = next(Tensor::Other)?;
+            let post_mlp_norm = if w.sandwich_norms() { Some(next(Tensor::Other)?) } else { None };
             layers.push(Layer {
                 input_norm,
-                post_attention_norm: get(&format!("{prefix}.{}", names.post_attention_norm), &[h], false)?,
+                pre_mlp_norm,
+                post_attn_norm,
+                post_mlp_norm,
+                q_norm,
+                k_norm,
                 proj,
                 window: cfg.layer_window[i],
+                rope: cfg.layer_rope[i],
             });
         }
-        let final_norm = get(&names.final_norm, &[h], false)?;
-        let lm_head = if cfg.tie_word_embeddings { None } else { Some(get(&names.lm_head, &[cfg.vocab, h], false)?) };
-        let inv_freq = be.upload(&cfg.inv_freq());
-        Ok(Model { cfg, embed, layers, final_norm, lm_head, inv_freq, loss_chunk_tokens: 1024 })
+        let final_norm = next(Tensor::Other)?;
+        let lm_head = if cfg.tie_word_embeddings { None } else { Some(next(Tensor::Other)?) };
+        let inv_freq = cfg
+            .ropes
+            .iter()
+            .map(|r| RopeTable {
+                short: be.upload(&r.inv_freq(cfg.rot_dim, false)),
+                long: r.long_context().map(|original| (be.upload(&r.inv_freq(cfg.rot_dim, true)), original)),
+            })
+            .collect();
+        // Rounded as the backend stores activations: transformers builds the
+        // normalizer in the activations' dtype.
+        let embed_scale = cfg.embed_scale.map(|s| be.download(&be.upload_activation(&[s]))[0]);
+        Ok(Model { cfg, embed, layers, final_norm, lm_head, inv_freq, embed_scale, loss_chunk_tokens: 1024 })
     }
 
     pub fn head(&self) -> &B::Weight {
@@ -275,13 +378,13 @@ impl<B: Backend> Model<B> {
     pub fn attach_lora(&mut self, be: &B, lc: &LoraConfig, rng: &mut Rng) -> Result<usize> {
         let mut count = 0;
         for li in 0..self.layers.len() {
-            for p in Proj::ALL {
+            for &p in Proj::of(&self.cfg) {
                 let path = module_path(&self.cfg, li, p);
                 if !lc.targets.matches(&path)? {
                     continue;
                 }
                 let (r, scale) = lc.rank_and_scale(&path)?;
-                let lin = &mut self.layers[li].proj[p as usize];
+                let lin = self.layers[li].p_mut(p);
                 lin.lora = Some(Lora::init(be, r, lin.in_f, lin.out_f, scale, lc.dropout, rng));
                 count += 1;
             }
@@ -294,14 +397,18 @@ impl<B: Backend> Model<B> {
 
     /// Every LoRA adapter with its (layer, projection).
     pub fn loras(&self) -> impl Iterator<Item = (usize, Proj, &Lora<B>)> {
-        self.layers.iter().enumerate().flat_map(|(li, l)| {
-            Proj::ALL.into_iter().filter_map(move |p| l.proj[p as usize].lora.as_ref().map(|a| (li, p, a)))
-        })
+        self.layers
+            .iter()
+            .enumerate()
+            .flat_map(|(li, l)| l.linears().filter_map(move |(p, lin)| lin.lora.as_ref().map(|a| (li, p, a))))
     }
 
     pub fn loras_mut(&mut self) -> impl Iterator<Item = (usize, Proj, &mut Lora<B>)> {
         self.layers.iter_mut().enumerate().flat_map(|(li, l)| {
-            l.proj.iter_mut().zip(Proj::ALL).filter_map(move |(lin, p)| lin.lora.as_mut().map(|a| (li, p, a)))
+            l.proj
+                .iter_mut()
+                .zip(Proj::ALL)
+                .filter_map(move |(lin, p)| lin.as_mut().and_then(|lin| lin.lora.as_mut()).map(|a| (li, p, a)))
         })
     }
 
@@ -310,6 +417,58 @@ impl<B: Backend> Model<B> {
             l.zero_grad(be);
         }
     }
+}
+
+/// What a checkpoint tensor is to the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tensor {
+    /// The weight of a decoder layer's projection (QLoRA holds it in NF4).
+    Projection,
+    /// Anything else: embeddings, norms, biases, the LM head.
+    Other,
+}
+
+/// Every tensor a model of this config reads, in checkpoint order (the
+/// order `Model::build_with` asks for them), with its shape: the
+/// embedding; per layer the input norm, the q/k norms, each projection with
+/// its bias, the post-attention norm, the pre-MLP norm and the post-MLP
+/// norm (those the family has); the final norm and the untied LM head.
+pub fn tensor_list(cfg: &ModelConfig) -> Vec<(String, Vec<usize>, Tensor)> {
+    let w = &cfg.family.weights;
+    let (h, d) = (cfg.hidden, cfg.head_dim);
+    let mut out = vec![(w.embed.clone(), vec![cfg.vocab, h], Tensor::Other)];
+    for i in 0..cfg.n_layers {
+        let prefix = w.layer.replace("{i}", &i.to_string());
+        let mut norm = |name: &Option<String>, len: usize| {
+            if let Some(n) = name {
+                out.push((format!("{prefix}.{n}"), vec![len], Tensor::Other));
+            }
+        };
+        norm(&Some(w.input_norm.clone()), h);
+        norm(&w.q_norm, d);
+        norm(&w.k_norm, d);
+        for &p in Proj::of(cfg) {
+            let (in_f, out_f) = p.dims(cfg);
+            let path = format!("{prefix}.{}", p.path(cfg));
+            out.push((format!("{path}.weight"), vec![out_f, in_f], Tensor::Projection));
+            if p.has_bias(cfg) {
+                out.push((format!("{path}.bias"), vec![out_f], Tensor::Other));
+            }
+        }
+        let mut norm = |name: &Option<String>| {
+            if let Some(n) = name {
+                out.push((format!("{prefix}.{n}"), vec![h], Tensor::Other));
+            }
+        };
+        norm(&w.post_attn_norm);
+        norm(&Some(w.pre_mlp_norm.clone()));
+        norm(&w.post_mlp_norm);
+    }
+    out.push((w.final_norm.clone(), vec![h], Tensor::Other));
+    if !cfg.tie_word_embeddings {
+        out.push((w.lm_head.clone(), vec![cfg.vocab, h], Tensor::Other));
+    }
+    out
 }
 
 /// A projection weight of a bitsandbytes 4-bit checkpoint: NF4 when the

@@ -12,6 +12,10 @@ const FAMILY_FILES: &[(&str, &str)] = &[
     ("models/llama.yaml", include_str!("../../models/llama.yaml")),
     ("models/mistral.yaml", include_str!("../../models/mistral.yaml")),
     ("models/qwen2.yaml", include_str!("../../models/qwen2.yaml")),
+    ("models/qwen3.yaml", include_str!("../../models/qwen3.yaml")),
+    ("models/gemma2.yaml", include_str!("../../models/gemma2.yaml")),
+    ("models/gemma3.yaml", include_str!("../../models/gemma3.yaml")),
+    ("models/phi3.yaml", include_str!("../../models/phi3.yaml")),
 ];
 
 /// A bias switch: always on, always off, or read from a config.json key
@@ -35,13 +39,48 @@ impl Switch {
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum Norm {
+    /// x · rsqrt(mean(x²) + eps) · w.
     Rmsnorm,
+    /// The same scaled by (1 + w), formed in f32: the stored weights are
+    /// offsets from one (Gemma).
+    RmsnormPlusOne,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum Mlp {
+    /// down(silu(gate(x)) ⊙ up(x)).
     Swiglu,
+    /// down(gelu_tanh(gate(x)) ⊙ up(x)) (Gemma).
+    Geglu,
+}
+
+/// A multiplier of the embedding output.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum EmbedScale {
+    #[default]
+    None,
+    /// sqrt(hidden_size), rounded to the checkpoint's dtype first (Gemma
+    /// builds the normalizer as a tensor of the embedding dtype).
+    SqrtHidden,
+}
+
+/// Optional per-family numbers read from config.json, each named by its
+/// key there (absent or null in config.json = the feature is off).
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigKeys {
+    /// Attention scale = value^-1/2 instead of head_dim^-1/2.
+    pub attn_scale_base: Option<String>,
+    /// Attention logit soft-cap c: scores become c·tanh(s/c).
+    pub attn_softcap: Option<String>,
+    /// Final logit soft-cap of the LM head.
+    pub final_softcap: Option<String>,
+    /// The rotary base of sliding-window layers, when it differs from the
+    /// global layers' rope_theta (Gemma 3's rope_local_base_freq; in the
+    /// transformers 5 layout rope_parameters holds one entry per layer type).
+    pub local_rope_theta: Option<String>,
 }
 
 /// Where sliding-window attention applies.
@@ -55,10 +94,17 @@ pub enum SlidingWindow {
     /// Per config.layer_types; without it, layers >= max_window_layers when
     /// use_sliding_window is true (Qwen2).
     LayerTypes,
+    /// Per config.layer_types; without it, every layer but each
+    /// `sliding_window_pattern`-th (1-based; from config.json, else the
+    /// family's `sliding_window_pattern`) is a sliding one (Gemma 2: even
+    /// layers slide; Gemma 3: five local to one global).
+    Pattern,
 }
 
 /// Checkpoint tensor names. `layer` is the per-layer prefix with `{i}`;
-/// projections are module paths (".weight" / ".bias" are appended).
+/// projections are module paths (".weight" / ".bias" are appended). A
+/// family has either q, k and v or the fused qkv ([q; k; v] rows), and
+/// either gate and up or the fused gate_up ([gate; up] rows).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WeightNames {
@@ -67,14 +113,39 @@ pub struct WeightNames {
     pub lm_head: String,
     pub layer: String,
     pub input_norm: String,
-    pub post_attention_norm: String,
-    pub q: String,
-    pub k: String,
-    pub v: String,
+    /// The norm before the MLP (Llama's post_attention_layernorm).
+    pub pre_mlp_norm: String,
+    /// Norms of the attention and MLP outputs before their residual adds
+    /// (Gemma 2 and 3): both or neither.
+    pub post_attn_norm: Option<String>,
+    pub post_mlp_norm: Option<String>,
+    /// Per-head RMSNorm of q and k before RoPE (Qwen3, Gemma 3): both or neither.
+    pub q_norm: Option<String>,
+    pub k_norm: Option<String>,
+    pub q: Option<String>,
+    pub k: Option<String>,
+    pub v: Option<String>,
+    pub qkv: Option<String>,
     pub o: String,
-    pub gate: String,
-    pub up: String,
+    pub gate: Option<String>,
+    pub up: Option<String>,
+    pub gate_up: Option<String>,
     pub down: String,
+}
+
+impl WeightNames {
+    pub fn fused_qkv(&self) -> bool {
+        self.qkv.is_some()
+    }
+    pub fn fused_gate_up(&self) -> bool {
+        self.gate_up.is_some()
+    }
+    pub fn sandwich_norms(&self) -> bool {
+        self.post_attn_norm.is_some()
+    }
+    pub fn qk_norm(&self) -> bool {
+        self.q_norm.is_some()
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -90,8 +161,19 @@ pub struct Family {
     pub o_bias: Switch,
     pub mlp_bias: Switch,
     pub sliding_window: SlidingWindow,
+    /// For `sliding_window: pattern` when config.json has neither
+    /// layer_types nor sliding_window_pattern.
+    #[serde(default)]
+    pub sliding_window_pattern: Option<usize>,
     /// rope_type values this family supports ("default" = unscaled).
     pub rope_scaling: Vec<String>,
+    /// config.json's activation (hidden_activation, else hidden_act) must be
+    /// one of these when given.
+    pub activations: Vec<String>,
+    #[serde(default)]
+    pub embed_scale: EmbedScale,
+    #[serde(default)]
+    pub config_keys: ConfigKeys,
     pub weights: WeightNames,
 }
 
@@ -99,7 +181,15 @@ fn parse_families() -> Result<Vec<Family>> {
     FAMILY_FILES
         .iter()
         .map(|(name, text)| {
-            serde_saphyr::from_str::<Family>(text).with_context(|| format!("registry file {name} is malformed"))
+            let f = serde_saphyr::from_str::<Family>(text).with_context(|| format!("registry file {name} is malformed"))?;
+            let w = &f.weights;
+            let unfused = [&w.q, &w.k, &w.v].iter().all(|x| x.is_some()) && w.qkv.is_none();
+            anyhow::ensure!(unfused || ([&w.q, &w.k, &w.v].iter().all(|x| x.is_none()) && w.qkv.is_some()), "{name}: weights need q, k and v, or qkv alone");
+            let unfused = w.gate.is_some() && w.up.is_some() && w.gate_up.is_none();
+            anyhow::ensure!(unfused || (w.gate.is_none() && w.up.is_none() && w.gate_up.is_some()), "{name}: weights need gate and up, or gate_up alone");
+            anyhow::ensure!(w.post_attn_norm.is_some() == w.post_mlp_norm.is_some(), "{name}: post_attn_norm and post_mlp_norm go together");
+            anyhow::ensure!(w.q_norm.is_some() == w.k_norm.is_some(), "{name}: q_norm and k_norm go together");
+            Ok(f)
         })
         .collect()
 }
@@ -163,7 +253,7 @@ mod tests {
         let fams = parse_families().unwrap();
         assert_eq!(fams.len(), FAMILY_FILES.len());
         let names: Vec<_> = fams.iter().map(|f| f.family.as_str()).collect();
-        assert_eq!(names, ["llama", "mistral", "qwen2"]);
+        assert_eq!(names, ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"]);
     }
 
     #[test]
