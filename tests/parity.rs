@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{CASES, Reference, fixture, load_with_adapter, max_abs_err, rel_err};
+use common::{CASES, LONG_ROPE_CASES, Reference, fixture, load_with_adapter, max_abs_err, rel_err};
 use ferrotune::backend::cpu::CpuBackend;
 use ferrotune::model::batch::Batch;
 use ferrotune::model::checkpoint::{load_tokenizer, load_tokenizer_config};
@@ -55,7 +55,7 @@ fn train_grads(case: &str, checkpointing: bool, micro_batches: usize) -> (f64, B
 
 #[test]
 fn logits_match_transformers() {
-    for case in CASES {
+    for case in CASES.iter().chain(LONG_ROPE_CASES) {
         let (be, model) = load(case);
         let r = Reference::load(case);
         let (seqs, where_) = r.sequences();
@@ -76,7 +76,7 @@ fn logits_match_transformers() {
 
 #[test]
 fn loss_matches_transformers() {
-    for case in CASES {
+    for case in CASES.iter().chain(LONG_ROPE_CASES) {
         let (be, model) = load(case);
         let r = Reference::load(case);
         let (seqs, _) = r.sequences();
@@ -92,7 +92,7 @@ fn loss_matches_transformers() {
 
 #[test]
 fn lora_gradients_match_peft() {
-    for case in CASES {
+    for case in CASES.iter().chain(LONG_ROPE_CASES) {
         let r = Reference::load(case);
         let (loss, got) = train_grads(case, false, 1);
         let expected_loss = r.json["loss"].as_f64().unwrap();

@@ -101,7 +101,7 @@ fn quantizing_at_load_gives_the_bitsandbytes_checkpoint_bit_for_bit() {
     let dense = Model::load(&be, &Checkpoint::open(&base_dir(false)).unwrap()).unwrap();
     let mut changed = 0usize;
     for ((a, b), d) in at_load.layers.iter().zip(&saved.layers).zip(&dense.layers) {
-        for ((pa, pb), pd) in a.proj.iter().zip(&b.proj).zip(&d.proj) {
+        for (((_, pa), (_, pb)), (_, pd)) in a.linears().zip(b.linears()).zip(d.linears()) {
             let (wa, wb) = (be.weight_to_f32(&pa.weight), be.weight_to_f32(&pb.weight));
             assert!(wa.iter().zip(&wb).all(|(x, y)| x.to_bits() == y.to_bits()));
             changed += wa.iter().zip(be.weight_to_f32(&pd.weight)).filter(|(x, y)| *x != y).count();

@@ -158,7 +158,7 @@ fn load_with_head<B: Backend>(be: &B, model: &mut Model<B>, dir: &Path) -> Resul
     let mut used = HashSet::new();
     let mut count = 0;
     for li in 0..model.layers.len() {
-        for p in Proj::ALL {
+        for &p in Proj::of(&model.cfg) {
             let module = module_path(&model.cfg, li, p);
             let (ka, kb) = (key(&module, "lora_A"), key(&module, "lora_B"));
             let Some(shape_a) = st.tensor(&ka).ok().map(|t| t.shape().to_vec()) else {
@@ -167,7 +167,7 @@ fn load_with_head<B: Backend>(be: &B, model: &mut Model<B>, dir: &Path) -> Resul
                 }
                 continue;
             };
-            let lin = &mut model.layers[li].proj[p as usize];
+            let lin = model.layers[li].p_mut(p);
             let (r, scale) = lc.rank_and_scale(&module)?;
             if shape_a != [r, lin.in_f] {
                 bail!("{}: tensor {ka} has shape {shape_a:?}, expected [{r}, {}] (rank from adapter_config.json)", file.display(), lin.in_f);
@@ -194,7 +194,7 @@ fn load_with_head<B: Backend>(be: &B, model: &mut Model<B>, dir: &Path) -> Resul
             file.display(),
             unknown.len(),
             unknown[0],
-            module_path(&model.cfg, 0, Proj::Q)
+            module_path(&model.cfg, 0, Proj::of(&model.cfg)[0])
         );
     }
     if count == 0 {

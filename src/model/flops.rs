@@ -18,7 +18,7 @@ use crate::backend::Backend;
 
 /// Base-model weights that take part in matrix products.
 pub fn matmul_params(cfg: &ModelConfig) -> u64 {
-    let per_layer: usize = Proj::ALL.iter().map(|p| {
+    let per_layer: usize = Proj::of(cfg).iter().map(|p| {
         let (i, o) = p.dims(cfg);
         i * o
     }).sum();

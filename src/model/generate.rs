@@ -142,8 +142,7 @@ impl<B: Backend> Model<B> {
         let pos_buf = be.upload_ints(&positions);
         let cu = be.upload_ints(&[0, n as i32]);
 
-        let mut x = be.zeros(n * h);
-        be.embedding(&self.embed, &ids_buf, &mut x, n, h);
+        let mut x = self.embed(be, &ids_buf, n);
         for li in 0..self.layers.len() {
             let (kc, vc) = (&mut cache.k[li], &mut cache.v[li]);
             x = self.layer_step(be, li, x, n, past, &pos_buf, &cu, kc, vc);
@@ -155,9 +154,12 @@ impl<B: Backend> Model<B> {
         be.copy_slice(&x, (n - 1) * h, &mut last, 0, h);
         let mut normed = be.zeros(h);
         let mut inv = be.zeros_f32(1);
-        be.rmsnorm(&last, &self.final_norm, &mut normed, &mut inv, NormShape::new(1, h), cfg.rms_norm_eps);
+        be.rmsnorm(&last, &self.final_norm, &mut normed, &mut inv, NormShape { rows: 1, hidden: h, plus_one: cfg.norm_plus_one }, cfg.rms_norm_eps);
         let mut logits = be.zeros_f32(cfg.vocab);
         be.linear(&normed, self.head(), None, &mut logits, MatShape { m: 1, k: h, n: cfg.vocab });
+        if let Some(c) = cfg.final_softcap {
+            be.softcap(&mut logits, c);
+        }
         Ok(be.download(&logits))
     }
 
@@ -186,7 +188,10 @@ impl<B: Backend> Model<B> {
             max_seqlen: n,
             positions,
             cu_seqlens,
-            inv_freq: &self.inv_freq,
+            ropes: &self.inv_freq,
+            // transformers picks long-rope's table from the largest position
+            // of each forward, so a cached decode does the same.
+            max_position: past + n - 1,
             dropout_seed: None,
             adapters: true,
         };

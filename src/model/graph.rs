@@ -2,7 +2,7 @@
 //! the backward through them. The LM head and cross-entropy run over chunks
 //! of tokens so the logits of the whole batch never exist at once.
 
-use super::Model;
+use super::{Model, RopeTable};
 use super::batch::{Batch, IGNORE_INDEX};
 use super::layer::{self, LayerActs, StepCtx};
 use crate::backend::{Backend, CeShape, MatShape, NormShape, Phase};
@@ -54,7 +54,7 @@ fn upload<B: Backend>(be: &B, batch: &Batch) -> Uploaded<B> {
 
 fn step_ctx<'a, B: Backend>(
     up: &'a Uploaded<B>,
-    inv_freq: &'a B::Buf,
+    ropes: &'a [RopeTable<B>],
     batch: &Batch,
     seed: Option<u64>,
     adapters: bool,
@@ -65,7 +65,8 @@ fn step_ctx<'a, B: Backend>(
         max_seqlen: batch.max_seqlen(),
         positions: &up.positions,
         cu_seqlens: &up.cu_seqlens,
-        inv_freq,
+        ropes,
+        max_position: batch.positions.iter().copied().max().unwrap_or(0).max(0) as usize,
         dropout_seed: seed,
         adapters,
     }
@@ -108,14 +109,13 @@ impl<B: Backend> Model<B> {
         let up = upload(be, batch);
         let ctx = step_ctx(&up, &self.inv_freq, batch, None, adapters);
         let (n, h) = (batch.n_tokens(), self.cfg.hidden);
-        let mut x = be.zeros(n * h);
-        be.embedding(&self.embed, &up.ids, &mut x, n, h);
+        let mut x = self.embed(be, &up.ids, n);
         for (li, l) in self.layers.iter().enumerate() {
             x = layer::forward(be, &self.cfg, l, li, x, &ctx).0;
         }
         let mut hf = be.zeros(n * h);
         let mut inv = be.zeros_f32(n);
-        be.rmsnorm(&x, &self.final_norm, &mut hf, &mut inv, NormShape::new(n, h), self.cfg.rms_norm_eps);
+        be.rmsnorm(&x, &self.final_norm, &mut hf, &mut inv, NormShape { rows: n, hidden: h, plus_one: self.cfg.norm_plus_one }, self.cfg.rms_norm_eps);
         hf
     }
 
@@ -126,7 +126,21 @@ impl<B: Backend> Model<B> {
         let n = batch.n_tokens();
         let mut logits = be.zeros_f32(n * self.cfg.vocab);
         be.linear(&hf, self.head(), None, &mut logits, MatShape { m: n, k: self.cfg.hidden, n: self.cfg.vocab });
+        if let Some(c) = self.cfg.final_softcap {
+            be.softcap(&mut logits, c);
+        }
         be.download(&logits)
+    }
+
+    /// The embedding of `n` token ids, times the family's embedding scale.
+    pub(crate) fn embed(&self, be: &B, ids: &B::IntBuf, n: usize) -> B::Buf {
+        let h = self.cfg.hidden;
+        let mut x = be.zeros(n * h);
+        be.embedding(&self.embed, ids, &mut x, n, h);
+        if let Some(s) = self.embed_scale {
+            be.scale(&mut x, s);
+        }
+        x
     }
 
     /// Loss of a batch without gradients.
@@ -182,7 +196,7 @@ impl<B: Backend> Model<B> {
             be.copy_slice(hf, c0 * h, &mut hc, 0, c * h);
             be.linear(&hc, self.head(), None, &mut logits, MatShape { m: c, k: h, n: v });
             let t = be.upload_ints(chunk_targets);
-            be.cross_entropy(&mut logits, &t, &mut chunk_losses, CeShape { rows: c, vocab: v, softcap: None }, scale);
+            be.cross_entropy(&mut logits, &t, &mut chunk_losses, CeShape { rows: c, vocab: v, softcap: self.cfg.final_softcap }, scale);
             be.copy_slice(&chunk_losses, 0, &mut losses, c0, c);
             if let Some((_, dhf)) = grad.as_mut() {
                 be.linear_backward_input(&logits, self.head(), &mut dhc, MatShape { m: c, k: h, n: v }, false);
@@ -257,8 +271,7 @@ impl<B: Backend> Model<B> {
     ) -> anyhow::Result<R> {
         let up = upload(be, batch);
         let (n, h) = (batch.n_tokens(), self.cfg.hidden);
-        let mut x = be.zeros(n * h);
-        be.embedding(&self.embed, &up.ids, &mut x, n, h);
+        let mut x = self.embed(be, &up.ids, n);
 
         // Forward, keeping either every layer's activations or only its input.
         let mut saved_acts: Vec<LayerActs<B>> = Vec::new();
@@ -277,13 +290,13 @@ impl<B: Backend> Model<B> {
         be.enter(Phase::HeadLoss);
         let mut hf = be.zeros(n * h);
         let mut inv_f = be.zeros_f32(n);
-        be.rmsnorm(&x, &self.final_norm, &mut hf, &mut inv_f, NormShape::new(n, h), self.cfg.rms_norm_eps);
+        be.rmsnorm(&x, &self.final_norm, &mut hf, &mut inv_f, NormShape { rows: n, hidden: h, plus_one: self.cfg.norm_plus_one }, self.cfg.rms_norm_eps);
 
         let (result, dhf) = head(self, &hf)?;
         drop(hf);
         be.enter(Phase::FinalNormBackward);
         let mut dx = be.zeros(n * h);
-        be.rmsnorm_backward(&dhf, &x, &self.final_norm, &inv_f, &mut dx, NormShape::new(n, h));
+        be.rmsnorm_backward(&dhf, &x, &self.final_norm, &inv_f, &mut dx, NormShape { rows: n, hidden: h, plus_one: self.cfg.norm_plus_one });
         drop(dhf);
 
         // Backward through the layers in reverse (the embedding is frozen).

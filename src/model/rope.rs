@@ -192,8 +192,9 @@ fn parse_one(raw: &Value, family: &Family, params: Option<&Value>, scaling_obj: 
                 },
                 "longrope" => {
                     let max_pos = num(raw, "max_position_embeddings", file)?;
-                    let original = num(p, "original_max_position_embeddings", file)?
-                        .or(num(raw, "original_max_position_embeddings", file)?)
+                    // The top-level value wins, as transformers reads it.
+                    let original = num(raw, "original_max_position_embeddings", file)?
+                        .or(num(p, "original_max_position_embeddings", file)?)
                         .or(max_pos)
                         .with_context(|| format!("{file}: rope scaling \"longrope\" needs \"original_max_position_embeddings\""))?;
                     if original < 1.0 {

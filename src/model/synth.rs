@@ -3,7 +3,6 @@
 //! benchmarks and tests that must not depend on downloading a model. Tensors
 //! are generated and written one at a time, so memory stays small.
 
-use crate::model::Proj;
 use crate::util::rng::Rng;
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
@@ -92,27 +91,8 @@ pub fn model_config(spec: &SynthSpec) -> Result<crate::model::hparams::ModelConf
 
 /// Tensor names and shapes of a spec, in checkpoint order.
 pub fn tensor_list(spec: &SynthSpec) -> Result<Vec<(String, Vec<usize>)>> {
-    let fam = family_info(&spec.family)?;
     let cfg = model_config(spec)?;
-    let w = &fam.weights;
-    let mut out = vec![(w.embed.clone(), vec![cfg.vocab, cfg.hidden])];
-    for i in 0..cfg.n_layers {
-        let prefix = w.layer.replace("{i}", &i.to_string());
-        out.push((format!("{prefix}.{}", w.input_norm), vec![cfg.hidden]));
-        for p in Proj::ALL {
-            let (in_f, out_f) = p.dims(&cfg);
-            out.push((format!("{prefix}.{}.weight", p.path(&cfg)), vec![out_f, in_f]));
-            if p.has_bias(&cfg) {
-                out.push((format!("{prefix}.{}.bias", p.path(&cfg)), vec![out_f]));
-            }
-        }
-        out.push((format!("{prefix}.{}", w.post_attention_norm), vec![cfg.hidden]));
-    }
-    out.push((w.final_norm.clone(), vec![cfg.hidden]));
-    if !cfg.tie_word_embeddings {
-        out.push((w.lm_head.clone(), vec![cfg.vocab, cfg.hidden]));
-    }
-    Ok(out)
+    Ok(crate::model::tensor_list(&cfg).into_iter().map(|(name, shape, _)| (name, shape)).collect())
 }
 
 /// Write a bf16 checkpoint with random weights (norms near 1, linear

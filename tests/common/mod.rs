@@ -11,7 +11,12 @@ use ferrotune::model::graph::BackwardOpts;
 use safetensors::SafeTensors;
 use std::path::PathBuf;
 
-pub const CASES: &[&str] = &["llama", "llama3", "mistral", "qwen2"];
+pub const CASES: &[&str] = &["llama", "llama3", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"];
+
+/// Cases checked for logits, loss and gradients only: phi3_long's batch is
+/// longer than its rope's original context, so the long factors apply
+/// (generation would switch factors part-way, as transformers does).
+pub const LONG_ROPE_CASES: &[&str] = &["phi3_long"];
 
 /// tests/fixtures/<case>; FERROTUNE_FIXTURES overrides the folder, for test
 /// binaries built on one machine and run on another (the GPU check).

@@ -99,7 +99,7 @@ pub struct AdaptedModule {
 pub fn adapted_modules(cfg: &ModelConfig, lc: &LoraConfig) -> Result<Vec<AdaptedModule>> {
     let mut out = Vec::new();
     for layer in 0..cfg.n_layers {
-        for proj in Proj::ALL {
+        for &proj in Proj::of(cfg) {
             let path = module_path(cfg, layer, proj);
             if !lc.targets.matches(&path)? {
                 continue;
@@ -113,7 +113,7 @@ pub fn adapted_modules(cfg: &ModelConfig, lc: &LoraConfig) -> Result<Vec<Adapted
         bail!(
             "LoRA target_modules {:?} match no module of this model (module names look like {})",
             lc.targets,
-            module_path(cfg, 0, Proj::Q)
+            module_path(cfg, 0, Proj::of(cfg)[0])
         );
     }
     Ok(out)
@@ -220,7 +220,7 @@ impl Planned {
         let mut model = model.expect("the trace builds every tensor");
         let workspace = be.with_log(|l| l.live);
         for m in &self.modules {
-            let lin = &mut model.layers[m.layer].proj[m.proj as usize];
+            let lin = model.layers[m.layer].p_mut(m.proj);
             lin.lora = Some(Lora {
                 a: be.zeros_f32(m.r * m.in_f),
                 b: be.zeros_f32(m.out_f * m.r),
