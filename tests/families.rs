@@ -96,3 +96,110 @@ fn the_refusal_and_the_models_listing_name_the_new_families() {
         assert!(msg.contains(arch), "{msg}");
     }
 }
+
+#[test]
+fn qlora_on_every_new_family_is_lora_on_the_dequantized_base() {
+    // Load-time NF4 (QLoRA's load_in_4bit) quantizes exactly the projection
+    // weights, fused ones included; the pass through the 4-bit model must be
+    // the pass through a dense model holding the dequantized values (1e-6:
+    // the same f32 products), and differ from the f32 base (quantization
+    // happened). The NF4 format itself is checked against bitsandbytes in
+    // tests/qlora.rs and tests/quant.rs.
+    use ferrotune::adapter::peft;
+    use ferrotune::backend::Backend;
+    use ferrotune::model::checkpoint::Checkpoint;
+    use ferrotune::model::{BaseWeights, Model};
+    for case in ["qwen3", "gemma2", "gemma3", "phi3"] {
+        let be = CpuBackend::new();
+        let ckpt = Checkpoint::open(&fixture(case).join("model")).unwrap();
+        let mut q = Model::load_as(&be, &ckpt, BaseWeights::Nf4 { double_quant: true }).unwrap();
+        peft::load(&be, &mut q, &fixture(case).join("adapter")).unwrap();
+        let nf4 = q.layers.iter().flat_map(|l| l.linears()).filter(|(_, lin)| matches!(lin.weight, ferrotune::backend::cpu::CpuWeight::Nf4(_))).count();
+        // A dense twin from the dequantized projections and the same other tensors.
+        let mut values = Vec::new();
+        for (li, l) in q.layers.iter().enumerate() {
+            for (p, lin) in l.linears() {
+                values.push((ferrotune::model::module_path(&q.cfg, li, p) + ".weight", be.weight_to_f32(&lin.weight)));
+            }
+        }
+        let dense_ckpt = Checkpoint::open(&fixture(case).join("model")).unwrap();
+        let mut d = Model::build_with(&be, dense_ckpt.config.clone(), |name, shape, projection| {
+            if projection {
+                let v = &values.iter().find(|(n, _)| n == name).expect("a dequantized projection").1;
+                Ok(be.weight_from_f32(v))
+            } else {
+                be.load_weight(&dense_ckpt.tensor(name, shape)?)
+            }
+        })
+        .unwrap();
+        peft::load(&be, &mut d, &fixture(case).join("adapter")).unwrap();
+        let r = Reference::load(case);
+        let (seqs, _) = r.sequences();
+        let batch = Batch::from_sequences(&seqs, q.cfg.vocab).unwrap();
+        let (lq, gq) = common::loss_and_grads(&be, &mut q, &batch);
+        let (ld, gd) = common::loss_and_grads(&be, &mut d, &batch);
+        let f32_loss = r.json["loss"].as_f64().unwrap();
+        eprintln!("{case}: QLoRA loss {lq} (dense twin {ld}, f32 base {f32_loss}); {nf4} projections quantized");
+        assert!((lq - ld).abs() / ld <= 1e-6, "{case}: {lq} vs {ld}");
+        assert!(common::rel_err(&gq, &gd) <= 1e-6, "{case}: gradients");
+        assert!((lq - f32_loss).abs() > 1e-6, "{case}: the base was not quantized");
+        assert_eq!(nf4, q.layers.len() * ferrotune::model::Proj::of(&q.cfg).len());
+    }
+}
+
+/// `ferrotune train` on a new family's fixture model: `extra` holds the
+/// objective's keys and the dataset (pre-tokenized rows for SFT).
+fn train_cli(case: &str, dir: &std::path::Path, adapter: &str, extra: &str) -> std::process::Output {
+    let cfg = dir.join("run.yml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "base_model: {}\nadapter: {adapter}\nlora_r: 4\nlora_alpha: 8\nlora_dropout: 0.1\nlora_target_linear: true\n{extra}\
+             sequence_len: 64\nmicro_batch_size: 2\ngradient_accumulation_steps: 2\nmax_steps: 3\nlearning_rate: 0.002\n\
+             logging_steps: 1\nseed: 3\ndevice: cpu\noutput_dir: {}\n",
+            fixture(case).join("model").display(),
+            dir.join("out").display()
+        ),
+    )
+    .unwrap();
+    Command::new(env!("CARGO_BIN_EXE_ferrotune")).args(["train", cfg.to_str().unwrap()]).output().unwrap()
+}
+
+fn step_losses(dir: &std::path::Path) -> Vec<f64> {
+    std::fs::read_to_string(dir.join("out/metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap().get("loss").and_then(|v| v.as_f64()))
+        .collect()
+}
+
+#[test]
+fn every_new_family_trains_end_to_end_with_lora_qlora_and_dpo() {
+    let sft = format!("datasets:\n  - path: {}\n", fixture("train").join("data.jsonl").display());
+    let tmp = tempfile::tempdir().unwrap();
+    let pairs = tmp.path().join("pairs.jsonl");
+    let rows: Vec<String> = ["fox", "dog", "sun", "tree"]
+        .iter()
+        .map(|w| serde_json::json!({"prompt": format!("The {w} "), "chosen": "runs fast.", "rejected": "is slow."}).to_string())
+        .collect();
+    std::fs::write(&pairs, rows.join("\n") + "\n").unwrap();
+    let dpo = format!("rl: dpo\ndatasets:\n  - path: {}\n", pairs.display());
+    for case in ["qwen3", "gemma2", "gemma3", "phi3"] {
+        for (what, adapter, extra) in [
+            ("lora", "lora", format!("{sft}gradient_checkpointing: true\n")),
+            ("qlora", "qlora", format!("{sft}load_in_4bit: true\n")),
+            ("dpo", "lora", dpo.clone()),
+        ] {
+            let dir = tmp.path().join(format!("{case}-{what}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            let o = train_cli(case, &dir, adapter, &extra);
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert!(o.status.success(), "{case} {what}: {err}");
+            let losses = step_losses(&dir);
+            assert_eq!(losses.len(), 3, "{case} {what}: {losses:?}");
+            assert!(losses.iter().all(|l| l.is_finite() && *l > 0.0), "{case} {what}: {losses:?}");
+            assert!(dir.join("out/adapter_model.safetensors").is_file(), "{case} {what}: no adapter");
+            eprintln!("{case} {what}: losses {losses:?}");
+        }
+    }
+}
