@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 #[derive(Args)]
 pub struct SynthArgs {
-    /// Size preset: tiny, llama3.2-1b, llama3-8b, mistral-7b, qwen2-7b.
+    /// Size preset: tiny, llama3.2-1b, llama3-8b, mistral-7b, qwen2-7b, qwen3-4b, qwen3-8b, gemma2-9b, gemma3-1b, gemma3-4b, phi4-mini.
     #[arg(long, default_value = "tiny")]
     preset: String,
     /// Override the number of layers (e.g. to get a ~1 GB checkpoint).

@@ -28,7 +28,14 @@ pub struct SynthSpec {
 /// low enough that sizes computed from it cannot overflow.
 pub const MAX_LAYERS: usize = 1024;
 
-pub const PRESETS: &[&str] = &["tiny", "llama3.2-1b", "llama3-8b", "mistral-7b", "qwen2-7b"];
+pub const PRESETS: &[&str] =
+    &["tiny", "llama3.2-1b", "llama3-8b", "mistral-7b", "qwen2-7b", "qwen3-4b", "qwen3-8b", "gemma2-9b", "gemma3-1b", "gemma3-4b", "phi4-mini"];
+
+/// Phi-4-mini's long-rope factors are a list per rotated frequency (48 of
+/// them); the synthetic model uses a smooth ramp of the same length and range.
+fn longrope_factors(n: usize, last: f64) -> Vec<f64> {
+    (0..n).map(|i| 1.0 + (last - 1.0) * i as f64 / (n - 1) as f64).collect()
+}
 
 pub fn preset(name: &str) -> Result<SynthSpec> {
     let llama3_scaling = json!({"rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
@@ -44,6 +51,31 @@ pub fn preset(name: &str) -> Result<SynthSpec> {
             intermediate: 14336, vocab: 32768, tie: false, rope_theta: 1e6, extra: json!({"sliding_window": null}) },
         "qwen2-7b" => SynthSpec { family: "qwen2".into(), hidden: 3584, layers: 28, heads: 28, kv_heads: 4,
             intermediate: 18944, vocab: 152064, tie: false, rope_theta: 1e6, extra: json!({"use_sliding_window": false}) },
+        "qwen3-4b" => SynthSpec { family: "qwen3".into(), hidden: 2560, layers: 36, heads: 32, kv_heads: 8,
+            intermediate: 9728, vocab: 151936, tie: true, rope_theta: 1e6, extra: json!({"head_dim": 128}) },
+        "qwen3-8b" => SynthSpec { family: "qwen3".into(), hidden: 4096, layers: 36, heads: 32, kv_heads: 8,
+            intermediate: 12288, vocab: 151936, tie: false, rope_theta: 1e6, extra: json!({"head_dim": 128}) },
+        "gemma2-9b" => SynthSpec { family: "gemma2".into(), hidden: 3584, layers: 42, heads: 16, kv_heads: 8,
+            intermediate: 14336, vocab: 256000, tie: true, rope_theta: 10000.0,
+            extra: json!({"head_dim": 256, "hidden_act": null, "hidden_activation": "gelu_pytorch_tanh",
+                "query_pre_attn_scalar": 256, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
+                "sliding_window": 4096, "rms_norm_eps": 1e-6}) },
+        "gemma3-1b" => SynthSpec { family: "gemma3".into(), hidden: 1152, layers: 26, heads: 4, kv_heads: 1,
+            intermediate: 6912, vocab: 262144, tie: true, rope_theta: 1e6,
+            extra: json!({"head_dim": 256, "hidden_act": null, "hidden_activation": "gelu_pytorch_tanh",
+                "query_pre_attn_scalar": 256, "sliding_window": 512, "sliding_window_pattern": 6,
+                "rope_local_base_freq": 10000.0, "rms_norm_eps": 1e-6}) },
+        "gemma3-4b" => SynthSpec { family: "gemma3".into(), hidden: 2560, layers: 34, heads: 8, kv_heads: 4,
+            intermediate: 10240, vocab: 262208, tie: true, rope_theta: 1e6,
+            extra: json!({"head_dim": 256, "hidden_act": null, "hidden_activation": "gelu_pytorch_tanh",
+                "query_pre_attn_scalar": 256, "sliding_window": 1024, "sliding_window_pattern": 6,
+                "rope_local_base_freq": 10000.0, "rope_scaling": {"rope_type": "linear", "factor": 8.0}, "rms_norm_eps": 1e-6}) },
+        "phi4-mini" => SynthSpec { family: "phi3".into(), hidden: 3072, layers: 32, heads: 24, kv_heads: 8,
+            intermediate: 8192, vocab: 200064, tie: true, rope_theta: 10000.0,
+            extra: json!({"partial_rotary_factor": 0.75, "max_position_embeddings": 131072,
+                "original_max_position_embeddings": 4096, "sliding_window": 262144,
+                "rope_scaling": {"type": "longrope", "short_factor": longrope_factors(48, 3.0),
+                    "long_factor": longrope_factors(48, 60.0)}}) },
         other => bail!("unknown preset \"{other}\"; choose one of {}", PRESETS.join(", ")),
     })
 }
@@ -100,6 +132,7 @@ pub fn tensor_list(spec: &SynthSpec) -> Result<Vec<(String, Vec<usize>)>> {
 pub fn write(spec: &SynthSpec, dir: &Path, seed: u64) -> Result<u64> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let tensors = tensor_list(spec)?;
+    let cfg = model_config(spec)?;
     let mut header = serde_json::Map::new();
     header.insert("__metadata__".into(), json!({"format": "pt"}));
     let mut offset = 0usize;
@@ -122,9 +155,11 @@ pub fn write(spec: &SynthSpec, dir: &Path, seed: u64) -> Result<u64> {
     for (name, shape) in &tensors {
         let numel: usize = shape.iter().product();
         let is_norm = shape.len() == 1 && !name.ends_with(".bias");
+        // (1 + w) norms store offsets from one.
+        let center = if cfg.norm_plus_one { 0.0 } else { 1.0 };
         let mut buf = Vec::with_capacity(numel * 2);
         for _ in 0..numel {
-            let x = if is_norm { 1.0 + 0.1 * rng.normal() } else { 0.02 * rng.normal() };
+            let x = if is_norm { center + 0.1 * rng.normal() } else { 0.02 * rng.normal() };
             buf.extend_from_slice(&half::bf16::from_f32(x).to_bits().to_le_bytes());
         }
         out.write_all(&buf)?;
