@@ -6,6 +6,11 @@
 // merged in a fixed tree (deterministic, no atomics); lse = max + log(Σ).
 // losses[row] = lse − logits[target]. When write_grad != 0, pass 2 overwrites
 // the row with grad_scale · (exp(l − lse) − onehot(target)).
+// With softcap = c > 0 every logit l is first capped to z = tanh(l / c) · c
+// (f32, the reference's order of operations), the loss is that of z, and the
+// gradient is with respect to the raw l: grad_scale · (exp(z − lse) −
+// onehot) · (1 − tanh²(l / c)). softcap = 0: no cap (a template flag, so the
+// plain path compiles exactly as without it).
 // target == -100 is ignored: loss 0 and (with write_grad) a zero row. Any
 // other target outside [0, vocab) is a host bug (the CPU backend panics): the
 // kernel writes a NaN loss and (with write_grad) a NaN row, never reading out
@@ -64,10 +69,16 @@ __device__ __forceinline__ MaxSum block_merge(MaxSum v) {
     return MaxSum{pm[FT_WARP], ps[FT_WARP]};
 }
 
-template <typename T>
+// The logit as the loss sees it: l, or tanh(l / c) · c with a cap.
+template <bool CAP> __device__ __forceinline__ float capped(float l, float c) {
+    if constexpr (CAP) return tanhf(l / c) * c;
+    return l;
+}
+
+template <typename T, bool CAP>
 __device__ __forceinline__ void cross_entropy(T* __restrict__ logits, const int* __restrict__ targets,
                                               float* __restrict__ losses, int rows, int vocab,
-                                              float grad_scale, int write_grad) {
+                                              float grad_scale, int write_grad, float cap) {
     const float nan = nan_f32();
     for (int row = blockIdx.x; row < rows; row += gridDim.x) {
         T* l = logits + (u64)row * vocab;
@@ -82,10 +93,10 @@ __device__ __forceinline__ void cross_entropy(T* __restrict__ logits, const int*
         }
         // Read the target logit before any thread can overwrite it: the
         // block_merge below synchronises the block.
-        const float lt = threadIdx.x == 0 ? load(l, t) : 0.0f;
+        const float lt = threadIdx.x == 0 ? capped<CAP>(load(l, t), cap) : 0.0f;
         MaxSum acc{-inf_f32(), 0.0f};
         for (int j = threadIdx.x; j < vocab; j += blockDim.x) {
-            const float x = load(l, j);
+            const float x = capped<CAP>(load(l, j), cap);
             if (x > acc.m) {
                 acc.s = acc.s * expf(acc.m - x) + 1.0f;
                 acc.m = x;
@@ -98,19 +109,28 @@ __device__ __forceinline__ void cross_entropy(T* __restrict__ logits, const int*
         if (threadIdx.x == 0) losses[row] = lse - lt;
         if (write_grad) {
             for (int j = threadIdx.x; j < vocab; j += blockDim.x) {
-                float g = grad_scale * expf(load(l, j) - lse);
-                if (j == t) g -= grad_scale;
-                store(l, j, g);
+                if constexpr (CAP) {
+                    const float th = tanhf(load(l, j) / cap);
+                    const float p = expf(th * cap - lse) - (j == t ? 1.0f : 0.0f);
+                    store(l, j, grad_scale * p * (1.0f - th * th));
+                } else {
+                    float g = grad_scale * expf(load(l, j) - lse);
+                    if (j == t) g -= grad_scale;
+                    store(l, j, g);
+                }
             }
         }
     }
 }
 
-#define FT_CROSS_ENTROPY(SUFFIX, T)                                                              \
-    extern "C" __global__ void __launch_bounds__(FT_MAX_THREADS)                                 \
-        cross_entropy_##SUFFIX(T* logits, const int* targets, float* losses, int rows, int vocab, \
-                               float grad_scale, int write_grad) {                               \
-        cross_entropy<T>(logits, targets, losses, rows, vocab, grad_scale, write_grad);          \
+#define FT_CROSS_ENTROPY(SUFFIX, T)                                                                    \
+    extern "C" __global__ void __launch_bounds__(FT_MAX_THREADS)                                       \
+        cross_entropy_##SUFFIX(T* logits, const int* targets, float* losses, int rows, int vocab,       \
+                               float grad_scale, int write_grad, float softcap) {                      \
+        if (softcap > 0.0f)                                                                            \
+            cross_entropy<T, true>(logits, targets, losses, rows, vocab, grad_scale, write_grad, softcap); \
+        else                                                                                           \
+            cross_entropy<T, false>(logits, targets, losses, rows, vocab, grad_scale, write_grad, 0.0f);   \
     }
 
 FT_CROSS_ENTROPY(f32, float)

@@ -1,6 +1,6 @@
 // Elementwise buffer ops and the deterministic sum of squares.
-// CPU reference: src/backend/cpu/memory.rs (Backend::fill, add_assign,
-// scale, sum_sq). copy_slice needs no kernel (a device-to-device copy).
+// CPU reference: src/backend/cpu/buffer_ops.rs (Backend::fill, add_assign,
+// scale, softcap, sum_sq). copy_slice needs no kernel (a device-to-device copy).
 // Suggested launch for the elementwise ops: block = 256, any grid.
 #include "common.cuh"
 
@@ -19,6 +19,11 @@ __device__ __forceinline__ void add_assign(T* __restrict__ dst, const T* __restr
 // buf *= s
 template <typename T> __device__ __forceinline__ void scale(T* __restrict__ buf, u64 n, float s) {
     for (u64 i = global_thread(); i < n; i += grid_threads()) store(buf, i, load(buf, i) * s);
+}
+
+// buf = cap · tanh(buf / cap) (cap > 0; the logits' soft-cap at inference).
+template <typename T> __device__ __forceinline__ void softcap(T* __restrict__ buf, u64 n, float cap) {
+    for (u64 i = global_thread(); i < n; i += grid_threads()) store(buf, i, cap * tanhf(load(buf, i) / cap));
 }
 
 // Σ x², pass 1: partials[c] = Σ over chunk c = [c·chunk, min(n, (c+1)·chunk)),
@@ -55,6 +60,10 @@ __device__ __forceinline__ void sum_sq_partials(const T* __restrict__ x, u64 n, 
     extern "C" __global__ void __launch_bounds__(FT_MAX_THREADS) scale_##SUFFIX(T* buf, u64 n,    \
                                                                                 float s) {        \
         scale<T>(buf, n, s);                                                                      \
+    }                                                                                             \
+    extern "C" __global__ void __launch_bounds__(FT_MAX_THREADS) softcap_##SUFFIX(T* buf, u64 n,  \
+                                                                                  float cap) {    \
+        softcap<T>(buf, n, cap);                                                                  \
     }                                                                                             \
     extern "C" __global__ void __launch_bounds__(FT_MAX_THREADS)                                  \
         sum_sq_partials_##SUFFIX(const T* x, u64 n, u64 chunk, double* partials) {                \

@@ -9,10 +9,13 @@
 //   cu_seqlens[s] .. cu_seqlens[s+1]-1. Query head h uses kv head
 //   h / (n_heads / n_kv_heads) (GQA / MQA, K and V are never copied). Query i
 //   sees key j iff start(i) <= j <= i and (window == 0 or i - j < window).
-//   score = scale * (q_i . k_j) in f32; out_i = softmax(scores) . V;
+//   score = scale * (q_i . k_j) in f32; the *_capped kernels then soft-cap
+//   it to tanh(score / c) * c (f32; score / c taken as score * (1/c));
+//   out_i = softmax(scores) . V;
 //   lse[h*n + i] = natural-log log-sum-exp of the scores (f32).
 //   Backward: dsum[h*n + i] = sum_d dout . out (f32); P recomputed from lse;
-//   dS = P * (dout . v - dsum); dq = scale * dS . K; dk = scale * dS^T . Q;
+//   dS = P * (dout . v - dsum), times 1 - tanh^2(score / c) when capped;
+//   dq = scale * dS . K; dk = scale * dS^T . Q;
 //   dv = P^T . dout; dk, dv summed over the query heads of each kv head.
 //   Storage bf16, math f32 (tensor cores: bf16 x bf16 -> f32; P and dS are
 //   rounded to bf16 before their products, as in FlashAttention-2).
@@ -94,6 +97,12 @@
 //     multiple of 32, <= 1024 (use 256); grid (G,1,1) with any G >= 1 (use
 //     min(ceil(n*n_heads / (B/32)), 1<<20)); SMEM 0.
 //
+// Soft-capped twins: flash_attn_fwd_capped_d64, flash_attn_bwd_dq_capped_d128,
+// flash_attn_bwd_dkdv_capped_generic, ... (every fwd / bwd_dq / bwd_dkdv
+// kernel above and below, `capped_` before its head_dim suffix): the same
+// arguments, grid, block and SMEM plus a last argument `float softcap`, the
+// cap c > 0. The preprocess serves both.
+//
 // Generic kernels (1 <= head_dim <= 256, checked), one warp per row, 4 rows
 // per block; SMEM 0:
 //   flash_attn_fwd_generic(<same arguments as flash_attn_fwd_d64>)
@@ -149,6 +158,18 @@ constexpr float LOG2E = 1.4426950408889634f;
 constexpr float LN2 = 0.69314718055994531f;
 
 __device__ __forceinline__ float neg_inf() { return __int_as_float((int)0xff800000u); }
+
+// The soft-cap of a score s = scale·(q·k): tanh(s / c)·c in f32, the CPU
+// reference's order of operations, except that s / c is s·(1/c) with 1/c
+// rounded once per kernel (a true division's slow path is a subroutine call,
+// which makes ptxas spill in these register-heavy loops; the difference is
+// at most an ulp before tanh). `th` receives tanh(s / c), from which the
+// backward's slope 1 − th² follows. Only the *_capped kernels call it, so the
+// plain ones compile exactly as without it.
+__device__ __forceinline__ float soft_cap(float s, float c, float inv_c, float& th) {
+    th = tanhf(s * inv_c);
+    return th * c;
+}
 __device__ __forceinline__ float bf2f(bf16 x) { return __bfloat162float(x); }
 
 // Two floats -> one .b32 holding two bf16 (round to nearest even); `lo` in the
@@ -327,14 +348,15 @@ __device__ __forceinline__ void check_contract(int head_dim, int d_want, int nh,
 // ============================================================================
 // Forward (tensor cores).
 // ============================================================================
-template <int D>
+template <int D, bool CAP>
 __device__ __forceinline__ void fwd_tc(const bf16* __restrict__ q, const bf16* __restrict__ k,
                                        const bf16* __restrict__ v, const int* __restrict__ cu,
                                        bf16* __restrict__ out, float* __restrict__ lse, int n, int n_seqs, int nh,
-                                       int nkv, int head_dim, int window, float scale) {
+                                       int nkv, int head_dim, int window, float scale, float cap) {
     static_assert(D % 16 == 0, "head_dim must be a multiple of 16");
     constexpr int BR = TILE, BC = TILE, LD = D + 8, NT = D / 8, KS = D / 16;
     check_contract(head_dim, D, nh, nkv);
+    const float inv_cap = CAP ? 1.f / cap : 0.f;
     const int seq = blockIdx.z, h = blockIdx.y;
     if (seq >= n_seqs || h >= nh) return;
     const int s0 = cu[seq], len = cu[seq + 1] - s0;
@@ -390,7 +412,13 @@ __device__ __forceinline__ void fwd_tc(const bf16* __restrict__ q, const bf16* _
         for (int nt = 0; nt < BC / 8; ++nt) {
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-                float x = s[nt][e] * sl2;
+                float x;
+                if constexpr (CAP) {
+                    float th;
+                    x = soft_cap(s[nt][e] * scale, cap, inv_cap, th) * LOG2E;
+                } else {
+                    x = s[nt][e] * sl2;
+                }
                 if (need_mask && !visible(qr0 + (e >> 1) * 8, k0 + nt * 8 + 2 * t4 + (e & 1), len, W)) x = neg_inf();
                 s[nt][e] = x;
                 mx[e >> 1] = fmaxf(mx[e >> 1], x);
@@ -456,15 +484,16 @@ __device__ __forceinline__ void fwd_tc(const bf16* __restrict__ q, const bf16* _
 // ============================================================================
 // Backward (tensor cores): dQ, one block per (query tile, head, sequence).
 // ============================================================================
-template <int D>
+template <int D, bool CAP>
 __device__ __forceinline__ void bwd_dq_tc(const bf16* __restrict__ q, const bf16* __restrict__ k,
                                           const bf16* __restrict__ v, const bf16* __restrict__ dout,
                                           const float* __restrict__ lse, const float* __restrict__ dsum,
                                           const int* __restrict__ cu, bf16* __restrict__ dq, int n, int n_seqs,
-                                          int nh, int nkv, int head_dim, int window, float scale) {
+                                          int nh, int nkv, int head_dim, int window, float scale, float cap) {
     static_assert(D % 16 == 0, "head_dim must be a multiple of 16");
     constexpr int BR = TILE, BC = TILE, LD = D + 8, NT = D / 8, KS = D / 16;
     check_contract(head_dim, D, nh, nkv);
+    const float inv_cap = CAP ? 1.f / cap : 0.f;
     const int seq = blockIdx.z, h = blockIdx.y;
     if (seq >= n_seqs || h >= nh) return;
     const int s0 = cu[seq], len = cu[seq + 1] - s0;
@@ -517,16 +546,23 @@ __device__ __forceinline__ void bwd_dq_tc(const bf16* __restrict__ q, const bf16
         mma_rows_abt<LD, KS, BC>(s, aQ + offw, aK, off16, offnk);
         mma_rows_abt<LD, KS, BC>(dp, adO + offw, aV, off16, offnk);
 
-        // P = exp2(S·scale·log2e − lse·log2e); dS = P ∘ (dP − D), kept in s.
+        // P = exp2(S·scale·log2e − lse·log2e); dS = P ∘ (dP − D), kept in s
+        // (with a cap: S capped first, dS times the slope 1 − tanh²).
         const bool need_mask = tile_needs_mask(q0, BR, k0, BC, len, W);
 #pragma unroll
         for (int nt = 0; nt < BC / 8; ++nt) {
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-                float x = s[nt][e] * sl2 - lse2[e >> 1];
+                float x, th = 0.f;
+                if constexpr (CAP) {
+                    x = soft_cap(s[nt][e] * scale, cap, inv_cap, th) * LOG2E - lse2[e >> 1];
+                } else {
+                    x = s[nt][e] * sl2 - lse2[e >> 1];
+                }
                 if (need_mask && !visible(qr0 + (e >> 1) * 8, k0 + nt * 8 + 2 * t4 + (e & 1), len, W)) x = neg_inf();
                 const float p = exp2f(x);
                 s[nt][e] = p * (dp[nt][e] - dd[e >> 1]);
+                if constexpr (CAP) s[nt][e] *= 1.f - th * th;
             }
         }
 
@@ -552,16 +588,17 @@ __device__ __forceinline__ void bwd_dq_tc(const bf16* __restrict__ q, const bf16
 // A fragments for dV += Pᵀ·dO and dK += dSᵀ·Q. Loops over every query head of
 // the kv head's group and every query tile that sees the key tile.
 // ============================================================================
-template <int D, int BQ>
+template <int D, int BQ, bool CAP>
 __device__ __forceinline__ void bwd_dkdv_tc(const bf16* __restrict__ q, const bf16* __restrict__ k,
                                             const bf16* __restrict__ v, const bf16* __restrict__ dout,
                                             const float* __restrict__ lse, const float* __restrict__ dsum,
                                             const int* __restrict__ cu, bf16* __restrict__ dk,
                                             bf16* __restrict__ dv, int n, int n_seqs, int nh, int nkv,
-                                            int head_dim, int window, float scale) {
+                                            int head_dim, int window, float scale, float cap) {
     static_assert(D % 16 == 0 && BQ % 16 == 0 && BQ <= NTHREADS, "tile shape");
     constexpr int BC = TILE, LD = D + 8, NT = D / 8, KS = D / 16, NQ = BQ / 8;
     check_contract(head_dim, D, nh, nkv);
+    const float inv_cap = CAP ? 1.f / cap : 0.f;
     const int seq = blockIdx.z, kvh = blockIdx.y;
     if (seq >= n_seqs || kvh >= nkv) return;
     const int s0 = cu[seq], len = cu[seq + 1] - s0;
@@ -624,11 +661,17 @@ __device__ __forceinline__ void bwd_dkdv_tc(const bf16* __restrict__ q, const bf
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int qc = nt * 8 + 2 * t4 + (e & 1);
-                float x = st[nt][e] * sl2 - sL[qc];
+                float x, th = 0.f;
+                if constexpr (CAP) {
+                    x = soft_cap(st[nt][e] * scale, cap, inv_cap, th) * LOG2E - sL[qc];
+                } else {
+                    x = st[nt][e] * sl2 - sL[qc];
+                }
                 if (need_mask && !visible(q0 + qc, kr0 + (e >> 1) * 8, len, W)) x = neg_inf();
                 const float p = exp2f(x);
                 st[nt][e] = p;
                 dpt[nt][e] = p * (dpt[nt][e] - sD[qc]);
+                if constexpr (CAP) dpt[nt][e] *= 1.f - th * th;
             }
         }
 
@@ -732,11 +775,13 @@ __device__ __forceinline__ void gen_check(int head_dim, int nh, int nkv) {
         __trap();
 }
 
+template <bool CAP>
 __device__ __forceinline__ void fwd_generic(const bf16* __restrict__ q, const bf16* __restrict__ k,
                                             const bf16* __restrict__ v, const int* __restrict__ cu,
                                             bf16* __restrict__ out, float* __restrict__ lse, int n, int n_seqs,
-                                            int nh, int nkv, int d, int window, float scale) {
+                                            int nh, int nkv, int d, int window, float scale, float cap) {
     gen_check(d, nh, nkv);
+    const float inv_cap = CAP ? 1.f / cap : 0.f;
     const int t = blockIdx.x * (NTHREADS / 32) + (threadIdx.x >> 5), h = blockIdx.y, lane = threadIdx.x & 31;
     if (t >= n || h >= nh) return;
     const int s0 = cu[find_seq(cu, n_seqs, t)];
@@ -748,7 +793,11 @@ __device__ __forceinline__ void fwd_generic(const bf16* __restrict__ q, const bf
     for (int e = 0; e < GEN_E; ++e) o[e] = 0.f;
     float m = neg_inf(), l = 0.f;
     for (int j = lo; j <= t; ++j) {
-        const float s = gen_dot(qv, k + ((i64)j * nkv + kvh) * d, d, lane) * scale;
+        float s = gen_dot(qv, k + ((i64)j * nkv + kvh) * d, d, lane) * scale;
+        if constexpr (CAP) {
+            float th;
+            s = soft_cap(s, cap, inv_cap, th);
+        }
         const float m_new = fmaxf(m, s);
         const float corr = expf(m - m_new);  // 0 on the first key (m = -inf, s finite)
         const float p = expf(s - m_new);
@@ -765,12 +814,14 @@ __device__ __forceinline__ void fwd_generic(const bf16* __restrict__ q, const bf
     if (lane == 0) lse[(i64)h * n + t] = m + logf(l);
 }
 
+template <bool CAP>
 __device__ __forceinline__ void bwd_dq_generic(const bf16* __restrict__ q, const bf16* __restrict__ k,
                                                const bf16* __restrict__ v, const bf16* __restrict__ dout,
                                                const float* __restrict__ lse, const float* __restrict__ dsum,
                                                const int* __restrict__ cu, bf16* __restrict__ dq, int n, int n_seqs,
-                                               int nh, int nkv, int d, int window, float scale) {
+                                               int nh, int nkv, int d, int window, float scale, float cap) {
     gen_check(d, nh, nkv);
+    const float inv_cap = CAP ? 1.f / cap : 0.f;
     const int t = blockIdx.x * (NTHREADS / 32) + (threadIdx.x >> 5), h = blockIdx.y, lane = threadIdx.x & 31;
     if (t >= n || h >= nh) return;
     const int s0 = cu[find_seq(cu, n_seqs, t)];
@@ -784,8 +835,11 @@ __device__ __forceinline__ void bwd_dq_generic(const bf16* __restrict__ q, const
     const float lse_t = lse[(i64)h * n + t], d_t = dsum[(i64)h * n + t];
     for (int j = lo; j <= t; ++j) {
         const bf16* kr = k + ((i64)j * nkv + kvh) * d;
-        const float p = expf(gen_dot(qv, kr, d, lane) * scale - lse_t);
-        const float ds = p * (gen_dot(dov, v + ((i64)j * nkv + kvh) * d, d, lane) - d_t);
+        float s = gen_dot(qv, kr, d, lane) * scale, th = 0.f;
+        if constexpr (CAP) s = soft_cap(s, cap, inv_cap, th);
+        const float p = expf(s - lse_t);
+        float ds = p * (gen_dot(dov, v + ((i64)j * nkv + kvh) * d, d, lane) - d_t);
+        if constexpr (CAP) ds *= 1.f - th * th;
 #pragma unroll
         for (int e = 0; e < GEN_E; ++e) {
             const int i = e * 32 + lane;
@@ -795,13 +849,15 @@ __device__ __forceinline__ void bwd_dq_generic(const bf16* __restrict__ q, const
     gen_store(dq + ((i64)t * nh + h) * d, acc, scale, d, lane);
 }
 
+template <bool CAP>
 __device__ __forceinline__ void bwd_dkdv_generic(const bf16* __restrict__ q, const bf16* __restrict__ k,
                                                  const bf16* __restrict__ v, const bf16* __restrict__ dout,
                                                  const float* __restrict__ lse, const float* __restrict__ dsum,
                                                  const int* __restrict__ cu, bf16* __restrict__ dk,
                                                  bf16* __restrict__ dv, int n, int n_seqs, int nh, int nkv, int d,
-                                                 int window, float scale) {
+                                                 int window, float scale, float cap) {
     gen_check(d, nh, nkv);
+    const float inv_cap = CAP ? 1.f / cap : 0.f;
     const int j = blockIdx.x * (NTHREADS / 32) + (threadIdx.x >> 5), kvh = blockIdx.y, lane = threadIdx.x & 31;
     if (j >= n || kvh >= nkv) return;
     const int end = cu[find_seq(cu, n_seqs, j) + 1];
@@ -816,8 +872,11 @@ __device__ __forceinline__ void bwd_dkdv_generic(const bf16* __restrict__ q, con
         for (int i = j; i < hi; ++i) {
             const bf16* qr = q + ((i64)i * nh + hq) * d;
             const bf16* dr = dout + ((i64)i * nh + hq) * d;
-            const float p = expf(gen_dot(kv_, qr, d, lane) * scale - lse[(i64)hq * n + i]);
-            const float ds = p * (gen_dot(vv, dr, d, lane) - dsum[(i64)hq * n + i]);
+            float s = gen_dot(kv_, qr, d, lane) * scale, th = 0.f;
+            if constexpr (CAP) s = soft_cap(s, cap, inv_cap, th);
+            const float p = expf(s - lse[(i64)hq * n + i]);
+            float ds = p * (gen_dot(vv, dr, d, lane) - dsum[(i64)hq * n + i]);
+            if constexpr (CAP) ds *= 1.f - th * th;
 #pragma unroll
             for (int e = 0; e < GEN_E; ++e) {
                 const int x = e * 32 + lane;
@@ -855,15 +914,30 @@ __device__ __forceinline__ void bwd_dkdv_generic(const bf16* __restrict__ q, con
 #define FA_DKDV_PASS \
     q, k, v, dout, lse, dsum, cu_seqlens, dk, dv, n, n_seqs, n_heads, n_kv_heads, head_dim, window, scale
 
+// Every kernel twice: plain, and *_capped with one more argument, the
+// soft-cap c > 0 (separate entries, so the plain ones keep their registers
+// and speed).
 #define FA_TC_ENTRIES(D, BQ)                                                                                    \
     extern "C" __global__ void __launch_bounds__(fa::NTHREADS) flash_attn_fwd_d##D(FA_FWD_ARGS) {              \
-        fa::fwd_tc<D>(FA_FWD_PASS);                                                                             \
+        fa::fwd_tc<D, false>(FA_FWD_PASS, 0.f);                                                                 \
     }                                                                                                           \
     extern "C" __global__ void __launch_bounds__(fa::NTHREADS) flash_attn_bwd_dq_d##D(FA_DQ_ARGS) {            \
-        fa::bwd_dq_tc<D>(FA_DQ_PASS);                                                                           \
+        fa::bwd_dq_tc<D, false>(FA_DQ_PASS, 0.f);                                                               \
     }                                                                                                           \
     extern "C" __global__ void __launch_bounds__(fa::NTHREADS) flash_attn_bwd_dkdv_d##D(FA_DKDV_ARGS) {        \
-        fa::bwd_dkdv_tc<D, BQ>(FA_DKDV_PASS);                                                                   \
+        fa::bwd_dkdv_tc<D, BQ, false>(FA_DKDV_PASS, 0.f);                                                       \
+    }                                                                                                           \
+    extern "C" __global__ void __launch_bounds__(fa::NTHREADS)                                                  \
+        flash_attn_fwd_capped_d##D(FA_FWD_ARGS, float softcap) {                                                \
+        fa::fwd_tc<D, true>(FA_FWD_PASS, softcap);                                                              \
+    }                                                                                                           \
+    extern "C" __global__ void __launch_bounds__(fa::NTHREADS)                                                  \
+        flash_attn_bwd_dq_capped_d##D(FA_DQ_ARGS, float softcap) {                                              \
+        fa::bwd_dq_tc<D, true>(FA_DQ_PASS, softcap);                                                            \
+    }                                                                                                           \
+    extern "C" __global__ void __launch_bounds__(fa::NTHREADS)                                                  \
+        flash_attn_bwd_dkdv_capped_d##D(FA_DKDV_ARGS, float softcap) {                                          \
+        fa::bwd_dkdv_tc<D, BQ, true>(FA_DKDV_PASS, softcap);                                                    \
     }
 
 FA_TC_ENTRIES(64, 64)
@@ -876,11 +950,22 @@ extern "C" __global__ void __launch_bounds__(1024)
 }
 
 extern "C" __global__ void __launch_bounds__(fa::NTHREADS) flash_attn_fwd_generic(FA_FWD_ARGS) {
-    fa::fwd_generic(FA_FWD_PASS);
+    fa::fwd_generic<false>(FA_FWD_PASS, 0.f);
 }
 extern "C" __global__ void __launch_bounds__(fa::NTHREADS) flash_attn_bwd_dq_generic(FA_DQ_ARGS) {
-    fa::bwd_dq_generic(FA_DQ_PASS);
+    fa::bwd_dq_generic<false>(FA_DQ_PASS, 0.f);
 }
 extern "C" __global__ void __launch_bounds__(fa::NTHREADS) flash_attn_bwd_dkdv_generic(FA_DKDV_ARGS) {
-    fa::bwd_dkdv_generic(FA_DKDV_PASS);
+    fa::bwd_dkdv_generic<false>(FA_DKDV_PASS, 0.f);
+}
+extern "C" __global__ void __launch_bounds__(fa::NTHREADS) flash_attn_fwd_capped_generic(FA_FWD_ARGS, float softcap) {
+    fa::fwd_generic<true>(FA_FWD_PASS, softcap);
+}
+extern "C" __global__ void __launch_bounds__(fa::NTHREADS)
+    flash_attn_bwd_dq_capped_generic(FA_DQ_ARGS, float softcap) {
+    fa::bwd_dq_generic<true>(FA_DQ_PASS, softcap);
+}
+extern "C" __global__ void __launch_bounds__(fa::NTHREADS)
+    flash_attn_bwd_dkdv_capped_generic(FA_DKDV_ARGS, float softcap) {
+    fa::bwd_dkdv_generic<true>(FA_DKDV_PASS, softcap);
 }

@@ -31,6 +31,24 @@ mod tests {
     use std::collections::BTreeMap;
     use std::path::Path;
 
+    // The argument lists shared by flash attention's kernels (each also has
+    // a soft-capped twin taking the cap last).
+    macro_rules! fa_fwd {
+        () => {
+            "q:ptr k:ptr v:ptr cu_seqlens:ptr out:ptr lse:ptr n:i32 n_seqs:i32 n_heads:i32 n_kv_heads:i32 head_dim:i32 window:i32 scale:f32"
+        };
+    }
+    macro_rules! fa_dq {
+        () => {
+            "q:ptr k:ptr v:ptr dout:ptr lse:ptr dsum:ptr cu_seqlens:ptr dq:ptr n:i32 n_seqs:i32 n_heads:i32 n_kv_heads:i32 head_dim:i32 window:i32 scale:f32"
+        };
+    }
+    macro_rules! fa_dkdv {
+        () => {
+            "q:ptr k:ptr v:ptr dout:ptr lse:ptr dsum:ptr cu_seqlens:ptr dk:ptr dv:ptr n:i32 n_seqs:i32 n_heads:i32 n_kv_heads:i32 head_dim:i32 window:i32 scale:f32"
+        };
+    }
+
     /// Kernel argument lists, per module, as `name:kind`. Kinds: `ptr`
     /// (device pointer), `u64` (element count, seed), `i32` (shape, flag),
     /// `f32` (scalar). In PTX pointers and u64 are both `.u64`, i32 is `.u32`.
@@ -40,20 +58,42 @@ mod tests {
             ("adamw_f32", "param:ptr grad:ptr m:ptr v:ptr n:u64 decay:f32 beta1:f32 beta2:f32 one_minus_beta1:f32 one_minus_beta2:f32 step_size:f32 bias_c2_sqrt:f32 eps:f32"),
         ]),
         ("cross_entropy", &[
-            ("cross_entropy_*", "logits:ptr targets:ptr losses:ptr rows:i32 vocab:i32 grad_scale:f32 write_grad:i32"),
+            ("cross_entropy_*", "logits:ptr targets:ptr losses:ptr rows:i32 vocab:i32 grad_scale:f32 write_grad:i32 softcap:f32"),
         ]),
         ("decode_attn", &[
-            ("decode_attention_bf16", "q:ptr k_cache:ptr v_cache:ptr out:ptr n:i32 past:i32 n_heads:i32 n_kv_heads:i32 head_dim:i32 window:i32 scale:f32"),
+            ("decode_attention_bf16", "q:ptr k_cache:ptr v_cache:ptr out:ptr n:i32 past:i32 n_heads:i32 n_kv_heads:i32 head_dim:i32 window:i32 scale:f32 softcap:f32"),
         ]),
         ("elementwise", &[
             ("fill_*", "buf:ptr n:u64 value:f32"),
             ("add_assign_*", "dst:ptr src:ptr n:u64"),
             ("scale_*", "buf:ptr n:u64 s:f32"),
+            ("softcap_*", "buf:ptr n:u64 cap:f32"),
             ("sum_sq_partials_*", "x:ptr n:u64 chunk:u64 partials:ptr"),
             ("sum_sq_finalize_f64", "partials:ptr count:u64 out:ptr"),
         ]),
         ("embedding", &[
             ("embedding_fwd_*", "table:ptr ids:ptr out:ptr n:i32 hidden:i32 vocab:i32"),
+        ]),
+        ("flash_attn", &[
+            ("flash_attn_bwd_preprocess", "dout:ptr out:ptr dsum:ptr n:i32 n_heads:i32 head_dim:i32"),
+            ("flash_attn_fwd_d64", fa_fwd!()),
+            ("flash_attn_fwd_d128", fa_fwd!()),
+            ("flash_attn_fwd_generic", fa_fwd!()),
+            ("flash_attn_fwd_capped_d64", concat!(fa_fwd!(), " softcap:f32")),
+            ("flash_attn_fwd_capped_d128", concat!(fa_fwd!(), " softcap:f32")),
+            ("flash_attn_fwd_capped_generic", concat!(fa_fwd!(), " softcap:f32")),
+            ("flash_attn_bwd_dq_d64", fa_dq!()),
+            ("flash_attn_bwd_dq_d128", fa_dq!()),
+            ("flash_attn_bwd_dq_generic", fa_dq!()),
+            ("flash_attn_bwd_dq_capped_d64", concat!(fa_dq!(), " softcap:f32")),
+            ("flash_attn_bwd_dq_capped_d128", concat!(fa_dq!(), " softcap:f32")),
+            ("flash_attn_bwd_dq_capped_generic", concat!(fa_dq!(), " softcap:f32")),
+            ("flash_attn_bwd_dkdv_d64", fa_dkdv!()),
+            ("flash_attn_bwd_dkdv_d128", fa_dkdv!()),
+            ("flash_attn_bwd_dkdv_generic", fa_dkdv!()),
+            ("flash_attn_bwd_dkdv_capped_d64", concat!(fa_dkdv!(), " softcap:f32")),
+            ("flash_attn_bwd_dkdv_capped_d128", concat!(fa_dkdv!(), " softcap:f32")),
+            ("flash_attn_bwd_dkdv_capped_generic", concat!(fa_dkdv!(), " softcap:f32")),
         ]),
         ("lora_dropout", &[
             ("lora_xa_dropout_*", "x:ptr a:ptr xa:ptr m:i32 k:i32 r:i32 seed:u64 p:f32"),

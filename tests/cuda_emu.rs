@@ -244,7 +244,8 @@ fn results_are_bit_identical_under_every_thread_schedule() {
     // cuda/README.md promises deterministic kernels (fixed reduction trees, no
     // atomics). Under the emulator that also means: no result may depend on
     // how the threads of a block interleave between barriers. Flash attention
-    // (tensor-core d64/d128 and generic) forward and backward, LoRA with fused
+    // (tensor-core d64/d128 and generic, plain and soft-capped) forward and
+    // backward, LoRA with fused
     // dropout, decode attention and a whole model step run under five
     // schedules, including the first or the last warp running as far ahead of
     // the others as the barriers allow; every output bit must agree.
@@ -258,10 +259,10 @@ fn results_are_bit_identical_under_every_thread_schedule() {
         let seqs = [70usize, 1, 64];
         let cu: Vec<i32> = std::iter::once(0).chain(seqs.iter().scan(0, |s, &l| { *s += l as i32; Some(*s) })).collect();
         let n: usize = seqs.iter().sum();
-        for (d, heads, kv) in [(64, 4, 2), (128, 2, 1), (24, 2, 2)] {
+        for (d, heads, kv, softcap) in [(64, 4, 2, None), (128, 2, 1, None), (24, 2, 2, None), (64, 4, 2, Some(1.0)), (128, 2, 1, Some(1.0)), (24, 2, 2, Some(1.0))] {
             let mut rng = Rng::new(d as u64);
             let mut rand = |len: usize| -> Vec<f32> { (0..len).map(|_| rng.uniform_range(-1.0, 1.0)).collect() };
-            let shape = AttnShape { n, n_heads: heads, n_kv_heads: kv, head_dim: d, window: None, scale: 0.125, softcap: None, max_seqlen: 70 };
+            let shape = AttnShape { n, n_heads: heads, n_kv_heads: kv, head_dim: d, window: None, scale: 0.125, softcap, max_seqlen: 70 };
             let (q, k, v, dout) = (rand(n * heads * d), rand(n * kv * d), rand(n * kv * d), rand(n * heads * d));
             let (q, k, v, dout) = (be.upload_activation(&q), be.upload_activation(&k), be.upload_activation(&v), be.upload_activation(&dout));
             let cu = be.upload_ints(&cu);

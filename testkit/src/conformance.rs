@@ -223,6 +223,14 @@ impl<'a, R: Backend, C: Backend> Harness<'a, R, C> {
                 self.decode_attention(past, new, heads, kv, d, window);
             }
         }
+        // Soft-capped scores (Gemma 2): the tensor-core kernels and the
+        // generic one at Gemma's head_dim of 256, then decoding.
+        for (d, heads, kv, window) in [(64, 4, 2, None), (128, 4, 2, Some(9)), (256, 2, 1, None)] {
+            self.attention_capped(&seqs, heads, kv, d, window, ATTN_TEST_CAP);
+        }
+        for (d, heads, kv, window) in [(256, 4, 1, None), (64, 8, 2, Some(5))] {
+            self.decode_attention_capped(decode_steps[1].0, decode_steps[1].1, heads, kv, d, window, ATTN_TEST_CAP);
+        }
         &self.checks
     }
 
@@ -236,6 +244,11 @@ impl<'a, R: Backend, C: Backend> Harness<'a, R, C> {
         self.reference.scale(&mut ra, 0.37);
         self.candidate.scale(&mut ca, 0.37);
         self.check("scale".into(), &ra, &ca, t.elementwise);
+        // Logits of a few units against a cap of 2: the cap bites.
+        let (mut rx, mut cx, _) = self.act(len, 6.0);
+        self.reference.softcap(&mut rx, 2.0);
+        self.candidate.softcap(&mut cx, 2.0);
+        self.check("softcap".into(), &rx, &cx, t.elementwise);
         // Sums of squares of inputs both backends hold identically (a value
         // already rounded differently, like `ra` above, would measure the
         // rounding, not the reduction).
@@ -392,15 +405,18 @@ impl<'a, R: Backend, C: Backend> Harness<'a, R, C> {
         let t = self.tol;
         let targets: Vec<i32> = (0..rows).map(|i| if i % 5 == 3 { -100 } else { ((i * 31) % vocab) as i32 }).collect();
         let (rt, ct) = self.ints(&targets);
-        for grad in [None, Some(0.01f32)] {
-            let (mut rl, mut cl, _) = self.f32s(rows * vocab, 8.0);
-            let mut rloss = self.reference.zeros_f32(rows);
-            let mut closs = self.candidate.zeros_f32(rows);
-            self.reference.cross_entropy(&mut rl, &rt, &mut rloss, CeShape { rows, vocab, softcap: None }, grad);
-            self.candidate.cross_entropy(&mut cl, &ct, &mut closs, CeShape { rows, vocab, softcap: None }, grad);
-            self.check(format!("cross_entropy losses grad={}", grad.is_some()), &rloss, &closs, t.f32_outputs);
-            if grad.is_some() {
-                self.check("cross_entropy dlogits".into(), &rl, &cl, t.f32_outputs);
+        // Uncapped, and capped at 5 (logits up to 8: the cap bites).
+        for (softcap, tag) in [(None, ""), (Some(5.0f32), " softcap=5")] {
+            for grad in [None, Some(0.01f32)] {
+                let (mut rl, mut cl, _) = self.f32s(rows * vocab, 8.0);
+                let mut rloss = self.reference.zeros_f32(rows);
+                let mut closs = self.candidate.zeros_f32(rows);
+                self.reference.cross_entropy(&mut rl, &rt, &mut rloss, CeShape { rows, vocab, softcap }, grad);
+                self.candidate.cross_entropy(&mut cl, &ct, &mut closs, CeShape { rows, vocab, softcap }, grad);
+                self.check(format!("cross_entropy losses grad={}{tag}", grad.is_some()), &rloss, &closs, t.f32_outputs);
+                if grad.is_some() {
+                    self.check(format!("cross_entropy dlogits{tag}"), &rl, &cl, t.f32_outputs);
+                }
             }
         }
     }
@@ -422,6 +438,17 @@ impl<'a, R: Backend, C: Backend> Harness<'a, R, C> {
     }
 
     pub fn attention(&mut self, seqs: &[usize], heads: usize, kv: usize, d: usize, window: Option<usize>) {
+        self.attention_with(seqs, heads, kv, d, window, None);
+    }
+
+    /// `attention` with the scores soft-capped at `cap` (forward and
+    /// backward). Panics if the inputs are such that the reference's output
+    /// hardly moves with the cap (the check would then prove nothing).
+    pub fn attention_capped(&mut self, seqs: &[usize], heads: usize, kv: usize, d: usize, window: Option<usize>, cap: f32) {
+        self.attention_with(seqs, heads, kv, d, window, Some(cap));
+    }
+
+    fn attention_with(&mut self, seqs: &[usize], heads: usize, kv: usize, d: usize, window: Option<usize>, softcap: Option<f32>) {
         let t = self.tol;
         let n: usize = seqs.iter().sum();
         let mut cu = vec![0i32];
@@ -430,7 +457,7 @@ impl<'a, R: Backend, C: Backend> Harness<'a, R, C> {
         }
         let (rcu, ccu) = self.ints(&cu);
         let max_seqlen = seqs.iter().copied().max().unwrap_or(0);
-        let shape = AttnShape { n, n_heads: heads, n_kv_heads: kv, head_dim: d, window, scale: 1.0 / (d as f32).sqrt(), softcap: None, max_seqlen };
+        let shape = AttnShape { n, n_heads: heads, n_kv_heads: kv, head_dim: d, window, scale: 1.0 / (d as f32).sqrt(), softcap, max_seqlen };
         let (rq, cq, _) = self.act(n * heads * d, 2.0);
         let (rk, ck, _) = self.act(n * kv * d, 2.0);
         let (rv, cv, _) = self.act(n * kv * d, 1.0);
@@ -441,7 +468,15 @@ impl<'a, R: Backend, C: Backend> Harness<'a, R, C> {
         let ns = seqs.len();
         self.reference.attention(Qkv { q: &rq, k: &rk, v: &rv }, Varlen { cu_seqlens: &rcu, n_seqs: ns }, shape, &mut ro, &mut rl);
         self.candidate.attention(Qkv { q: &cq, k: &ck, v: &cv }, Varlen { cu_seqlens: &ccu, n_seqs: ns }, shape, &mut co, &mut cl);
-        let tag = format!("d={d} h={heads}/{kv} window={window:?}");
+        if softcap.is_some() {
+            let mut uo = self.reference.zeros(n * heads * d);
+            let mut ul = self.reference.zeros_f32(heads * n);
+            let plain = AttnShape { softcap: None, ..shape };
+            self.reference.attention(Qkv { q: &rq, k: &rk, v: &rv }, Varlen { cu_seqlens: &rcu, n_seqs: ns }, plain, &mut uo, &mut ul);
+            self.assert_cap_bites(&uo, &ro, "attention");
+        }
+        let cap_tag = softcap.map(|c| format!(" softcap={c}")).unwrap_or_default();
+        let tag = format!("d={d} h={heads}/{kv} window={window:?}{cap_tag}");
         self.check(format!("attention out {tag}"), &ro, &co, t.attention);
         self.check(format!("attention lse {tag}"), &rl, &cl, t.f32_outputs);
         let (rdo, cdo, _) = self.act(n * heads * d, 1.0);
@@ -459,8 +494,20 @@ impl<'a, R: Backend, C: Backend> Harness<'a, R, C> {
     /// decode_attention of `new` tokens after `past` cached ones (also run
     /// by `run`; public for wider shape sweeps).
     pub fn decode_attention(&mut self, past: usize, new: usize, heads: usize, kv: usize, d: usize, window: Option<usize>) {
+        self.decode_attention_with(past, new, heads, kv, d, window, None);
+    }
+
+    /// `decode_attention` with the scores soft-capped at `cap` (panics, as
+    /// `attention_capped`, if the cap hardly moves the reference).
+    #[allow(clippy::too_many_arguments)]
+    pub fn decode_attention_capped(&mut self, past: usize, new: usize, heads: usize, kv: usize, d: usize, window: Option<usize>, cap: f32) {
+        self.decode_attention_with(past, new, heads, kv, d, window, Some(cap));
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn decode_attention_with(&mut self, past: usize, new: usize, heads: usize, kv: usize, d: usize, window: Option<usize>, softcap: Option<f32>) {
         let t = self.tol;
-        let shape = AttnShape { n: new, n_heads: heads, n_kv_heads: kv, head_dim: d, window, scale: 1.0 / (d as f32).sqrt(), softcap: None, max_seqlen: 0 };
+        let shape = AttnShape { n: new, n_heads: heads, n_kv_heads: kv, head_dim: d, window, scale: 1.0 / (d as f32).sqrt(), softcap, max_seqlen: 0 };
         // A cache with room to spare (capacity past + new + 5), as a generation loop holds it.
         let cap = past + new + 5;
         let (rq, cq, _) = self.act(new * heads * d, 2.0);
@@ -470,10 +517,29 @@ impl<'a, R: Backend, C: Backend> Harness<'a, R, C> {
         let mut co = self.candidate.zeros(new * heads * d);
         self.reference.decode_attention(&rq, &rk, &rv, past, shape, &mut ro);
         self.candidate.decode_attention(&cq, &ck, &cv, past, shape, &mut co);
-        let tag = format!("past={past} new={new} d={d} h={heads}/{kv} window={window:?}");
+        if softcap.is_some() {
+            let mut uo = self.reference.zeros(new * heads * d);
+            self.reference.decode_attention(&rq, &rk, &rv, past, AttnShape { softcap: None, ..shape }, &mut uo);
+            self.assert_cap_bites(&uo, &ro, "decode_attention");
+        }
+        let cap_tag = softcap.map(|c| format!(" softcap={c}")).unwrap_or_default();
+        let tag = format!("past={past} new={new} d={d} h={heads}/{kv} window={window:?}{cap_tag}");
         self.check(format!("decode_attention {tag}"), &ro, &co, t.attention);
     }
+
+    /// A capped check proves something only if the cap moves the output by
+    /// far more than the tolerance: the reference's uncapped and capped
+    /// outputs must differ by ten times it.
+    fn assert_cap_bites(&self, uncapped: &R::Buf, capped: &R::Buf, op: &str) {
+        let (u, c) = (self.reference.download(uncapped), self.reference.download(capped));
+        let moved = compare(op.into(), &u, &c, 0.0).rel_err;
+        assert!(moved > 10.0 * self.tol.attention, "{op}: the soft-cap moves the output by only {moved:e}; use a smaller cap");
+    }
 }
+
+/// The attention soft-cap of the capped checks: against scores of std ~1.3
+/// (q, k of amplitude 2, scale 1/√d), a cap of 2 bends most of them.
+pub const ATTN_TEST_CAP: f32 = 2.0;
 
 /// A random NF4 tensor of `shape` in bitsandbytes' layout (blocks of 64,
 /// random codes; scales like those of a weight with std ~1/√in; with

@@ -10,7 +10,7 @@ use crate::common::{
 };
 use crate::generation;
 use ferrotune::backend::Backend;
-use ferrotune_testkit::conformance::{Harness, Scale, Tolerances, random_nf4};
+use ferrotune_testkit::conformance::{ATTN_TEST_CAP, Harness, Scale, Tolerances, random_nf4};
 use ferrotune::backend::cpu::CpuBackend;
 use ferrotune::backend::cuda::CudaBackend;
 use ferrotune::model::batch::Batch;
@@ -35,12 +35,17 @@ pub fn every_kernel(cuda: &CudaBackend, scale: Scale) {
 }
 
 /// Flash attention on varlen batches whose sequences span several 64-row
-/// tiles (lengths `seqs`), for the tensor-core head dims and a generic one.
+/// tiles (lengths `seqs`), for the tensor-core head dims and a generic one;
+/// then soft-capped (the online softmax across tiles of capped scores), on
+/// every kernel path including the generic one at head_dim 256.
 pub fn attention_tiles(cuda: &CudaBackend, seqs: &[usize]) {
     let cpu = CpuBackend::new();
     let mut h = Harness::new(&cpu, cuda, Tolerances::bf16(), 13);
     for (d, heads, kv, window) in [(64, 4, 2, None), (128, 2, 1, None), (64, 2, 2, Some(65)), (128, 4, 2, Some(7)), (40, 2, 1, Some(70))] {
         h.attention(seqs, heads, kv, d, window);
+    }
+    for (d, heads, kv, window) in [(64, 4, 2, Some(65)), (128, 2, 1, None), (256, 2, 1, Some(70))] {
+        h.attention_capped(seqs, heads, kv, d, window, ATTN_TEST_CAP);
     }
     assert_checks_pass(&h, "attention");
 }
@@ -115,7 +120,8 @@ pub fn adamw_curve(cuda: &CudaBackend, steps: usize) {
 
 /// cuda/decode_attn.cu against the CPU reference over head dims (the
 /// tensor-core sizes, odd and largest), GQA ratios, windows shorter and
-/// longer than the cache, and the (past, new) token counts given.
+/// longer than the cache, and the (past, new) token counts given; then
+/// soft-capped scores.
 /// Tolerance: Tolerances::bf16().attention (8e-3): the kernel rounds only
 /// its output to bf16 (2^-9 relative), from identical bf16 inputs, so the
 /// error is that one rounding plus f32 summation order.
@@ -127,6 +133,12 @@ pub fn decode_attention(cuda: &CudaBackend, steps: &[(usize, usize)]) {
     {
         for &(past, new) in steps {
             h.decode_attention(past, new, heads, kv, d, window);
+        }
+    }
+    // Soft-capped, where a query sees enough keys for the cap to matter.
+    for (d, heads, kv, window) in [(256, 8, 4, None), (128, 8, 2, Some(17))] {
+        for &(past, new) in steps.iter().filter(|(past, new)| past + new >= 8) {
+            h.decode_attention_capped(past, new, heads, kv, d, window, ATTN_TEST_CAP);
         }
     }
     assert_checks_pass(&h, "decode_attention");

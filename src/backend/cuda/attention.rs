@@ -2,8 +2,10 @@
 //! launch contract these follow): tensor-core kernels for head_dim 64 and
 //! 128, a generic one-warp-per-row kernel for any other head_dim <= 256.
 //! The backward runs the preprocess (dsum = Σ dout·out), then dq and dk/dv
-//! as separate deterministic kernels (no atomics). Generation's
-//! decode_attention (new tokens against a KV cache) is cuda/decode_attn.cu.
+//! as separate deterministic kernels (no atomics). A soft-capped shape runs
+//! the `*_capped_*` twin of each kernel (one more argument, the cap), so the
+//! plain kernels are untouched by it. Generation's decode_attention (new
+//! tokens against a KV cache) is cuda/decode_attn.cu.
 
 use super::backend::{CudaBackend, launch};
 use super::buffers::CudaBuf;
@@ -22,6 +24,13 @@ pub const SMEM: &[(&str, u32)] = &[
     ("flash_attn_bwd_dq_d128", 69632),
     ("flash_attn_bwd_dkdv_d64", 37376),
     ("flash_attn_bwd_dkdv_d128", 52480),
+    // The soft-capped twins: the same tiles.
+    ("flash_attn_fwd_capped_d64", 18432),
+    ("flash_attn_fwd_capped_d128", 34816),
+    ("flash_attn_bwd_dq_capped_d64", 36864),
+    ("flash_attn_bwd_dq_capped_d128", 69632),
+    ("flash_attn_bwd_dkdv_capped_d64", 37376),
+    ("flash_attn_bwd_dkdv_capped_d128", 52480),
 ];
 
 /// Allow the kernels above 48 KiB their dynamic shared memory (once, at start).
@@ -81,8 +90,22 @@ fn grid(name: &str, shape: &AttnShape, n_seqs: usize, heads: usize) -> LaunchCon
 }
 
 fn window_arg(shape: &AttnShape) -> i32 {
-    assert!(shape.softcap.is_none(), "attention: the soft-cap is not implemented on CUDA yet");
     shape.window.map(|w| w.min(i32::MAX as usize) as i32).unwrap_or(0)
+}
+
+/// The soft-cap, checked as the CPU reference checks it: Some(c > 0).
+fn softcap_arg(op: &str, shape: &AttnShape) -> Option<f32> {
+    if let Some(c) = shape.softcap {
+        assert!(c > 0.0, "{op}: soft-cap {c} must be positive");
+    }
+    shape.softcap
+}
+
+/// The name of flash kernel `stem` (`fwd`, `bwd_dq`, `bwd_dkdv`) for a
+/// head_dim, the capped twin with a soft-cap.
+fn flash_name(stem: &str, shape: &AttnShape, cap: Option<f32>) -> String {
+    let capped = if cap.is_some() { "capped_" } else { "" };
+    format!("flash_attn_{stem}_{capped}{}", kind(shape.head_dim))
 }
 
 pub fn forward(
@@ -97,14 +120,18 @@ pub fn forward(
     if shape.n == 0 {
         return;
     }
-    let name = format!("flash_attn_fwd_{}", kind(shape.head_dim));
+    let cap = softcap_arg("attention", &shape);
+    let name = flash_name("fwd", &shape, cap);
     let cfg = grid(&name, &shape, n_seqs, shape.n_heads);
     let (q, k, v) = (q.bf16("q"), k.bf16("k"), v.bf16("v"));
     let out = out.bf16_mut("out");
     let (n, ns, nh, nkv, hd) =
         (shape.n as i32, n_seqs as i32, shape.n_heads as i32, shape.n_kv_heads as i32, shape.head_dim as i32);
     let (window, scale) = (window_arg(&shape), shape.scale);
-    launch!(be, &name, cfg, q, k, v, cu, out, lse, &n, &ns, &nh, &nkv, &hd, &window, &scale);
+    match cap {
+        None => launch!(be, &name, cfg, q, k, v, cu, out, lse, &n, &ns, &nh, &nkv, &hd, &window, &scale),
+        Some(c) => launch!(be, &name, cfg, q, k, v, cu, out, lse, &n, &ns, &nh, &nkv, &hd, &window, &scale, &c),
+    }
 }
 
 /// The flash backward: the dsum preprocess, then dq, then dk and dv (the
@@ -123,6 +150,7 @@ pub fn backward(
     let (n, ns, nh, nkv, hd) =
         (shape.n as i32, n_seqs as i32, shape.n_heads as i32, shape.n_kv_heads as i32, shape.head_dim as i32);
     let (window, scale) = (window_arg(&shape), shape.scale);
+    let cap = softcap_arg("attention_backward", &shape);
 
     // dsum[h*n + t] = Σ_d dout·out: one warp per (token, head) row.
     let mut dsum = be.stream.alloc_zeros::<f32>(shape.n * shape.n_heads).expect("CUDA allocation");
@@ -134,16 +162,25 @@ pub fn backward(
     };
     launch!(be, "flash_attn_bwd_preprocess", pre, dout, out, &mut dsum, &n, &nh, &hd);
 
-    let kd = kind(shape.head_dim);
-    let name = format!("flash_attn_bwd_dq_{kd}");
+    let name = flash_name("bwd_dq", &shape, cap);
     let cfg = grid(&name, &shape, n_seqs, shape.n_heads);
     let dq = dq.bf16_mut("dq");
-    launch!(be, &name, cfg, q, k, v, dout, lse, &dsum, cu, dq, &n, &ns, &nh, &nkv, &hd, &window, &scale);
+    match cap {
+        None => launch!(be, &name, cfg, q, k, v, dout, lse, &dsum, cu, dq, &n, &ns, &nh, &nkv, &hd, &window, &scale),
+        Some(c) => {
+            launch!(be, &name, cfg, q, k, v, dout, lse, &dsum, cu, dq, &n, &ns, &nh, &nkv, &hd, &window, &scale, &c)
+        }
+    }
 
-    let name = format!("flash_attn_bwd_dkdv_{kd}");
+    let name = flash_name("bwd_dkdv", &shape, cap);
     let cfg = grid(&name, &shape, n_seqs, shape.n_kv_heads);
     let (dk, dv) = (dk.bf16_mut("dk"), dv.bf16_mut("dv"));
-    launch!(be, &name, cfg, q, k, v, dout, lse, &dsum, cu, dk, dv, &n, &ns, &nh, &nkv, &hd, &window, &scale);
+    match cap {
+        None => launch!(be, &name, cfg, q, k, v, dout, lse, &dsum, cu, dk, dv, &n, &ns, &nh, &nkv, &hd, &window, &scale),
+        Some(c) => {
+            launch!(be, &name, cfg, q, k, v, dout, lse, &dsum, cu, dk, dv, &n, &ns, &nh, &nkv, &hd, &window, &scale, &c)
+        }
+    }
 }
 
 /// Threads per block of `decode_attention_bf16` (its launch contract).
@@ -186,5 +223,7 @@ pub fn decode(
     let out = out.bf16_mut("out");
     let (n, past, nh, nkv, hd) = (shape.n as i32, past as i32, nh as i32, nkv as i32, d as i32);
     let (window, scale) = (window_arg(&shape), shape.scale);
-    launch!(be, "decode_attention_bf16", cfg, q, k, v, out, &n, &past, &nh, &nkv, &hd, &window, &scale);
+    // 0 = no cap (the kernel's plain path).
+    let cap = softcap_arg("decode_attention", &shape).unwrap_or(0.0);
+    launch!(be, "decode_attention_bf16", cfg, q, k, v, out, &n, &past, &nh, &nkv, &hd, &window, &scale, &cap);
 }

@@ -140,8 +140,9 @@ impl Backend for CudaBackend {
             _ => panic!("add_assign: both buffers must share a storage type"),
         }
     }
-    fn softcap(&self, _buf: &mut CudaBuf, _cap: f32) {
-        unimplemented!("softcap is not implemented on CUDA yet")
+    fn softcap(&self, buf: &mut CudaBuf, cap: f32) {
+        assert!(cap > 0.0, "softcap: cap {cap} must be positive");
+        self.launch_in_place(["softcap_f32", "softcap_bf16"], buf, cap);
     }
     fn copy_cols(&self, _src: &CudaBuf, _dst: &mut CudaBuf, _shape: ColsShape) {
         unimplemented!("copy_cols is not implemented on CUDA yet")
@@ -322,14 +323,17 @@ impl Backend for CudaBackend {
 
     fn cross_entropy(&self, logits: &mut CudaBuf, targets: &CudaSlice<i32>, losses: &mut CudaBuf, shape: CeShape, grad_scale: Option<f32>) {
         let CeShape { rows, vocab, softcap } = shape;
-        assert!(softcap.is_none(), "cross_entropy: the soft-cap is not implemented on CUDA yet");
+        if let Some(c) = softcap {
+            assert!(c > 0.0, "cross_entropy: soft-cap {c} must be positive");
+        }
+        let cap = softcap.unwrap_or(0.0); // 0: the kernel's uncapped path
         let (ri, vi) = (rows as i32, vocab as i32);
         let (scale, write) = (grad_scale.unwrap_or(0.0), grad_scale.is_some() as i32);
         let losses = losses.f32_mut("cross_entropy losses");
         let cfg = rows_grid(rows, 1024);
         match logits {
-            CudaBuf::F32(l) => launch!(self, "cross_entropy_f32", cfg, l, targets, losses, &ri, &vi, &scale, &write),
-            CudaBuf::Bf16(l) => launch!(self, "cross_entropy_bf16", cfg, l, targets, losses, &ri, &vi, &scale, &write),
+            CudaBuf::F32(l) => launch!(self, "cross_entropy_f32", cfg, l, targets, losses, &ri, &vi, &scale, &write, &cap),
+            CudaBuf::Bf16(l) => launch!(self, "cross_entropy_bf16", cfg, l, targets, losses, &ri, &vi, &scale, &write, &cap),
         }
     }
 

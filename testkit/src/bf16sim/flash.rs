@@ -8,7 +8,9 @@
 //! dK) are rounded to bf16 before their products. One difference: the kernel
 //! rounds P relative to the running maximum of the key tiles seen so far, the
 //! host relative to the row's final maximum (same rounding statistics; the
-//! individual roundings differ).
+//! individual roundings differ). A soft-capped shape caps each score to
+//! tanh(s/c)·c before the softmax and multiplies dS by 1 − tanh² before its
+//! rounding, as the kernels' capped twins do.
 
 use super::round_bf16;
 use ferrotune::backend::{AttnSaved, AttnShape, Qkv, Varlen};
@@ -36,6 +38,19 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
+/// The score scale·(q·k), soft-capped with the shape's cap, and its slope
+/// with respect to the uncapped score (1 without a cap).
+fn score(q: &[f32], k: &[f32], s: &AttnShape) -> (f32, f32) {
+    let raw = dot(q, k) * s.scale;
+    match s.softcap {
+        None => (raw, 1.0),
+        Some(c) => {
+            let th = (raw / c).tanh();
+            (th * c, 1.0 - th * th)
+        }
+    }
+}
+
 /// (out [n, nh, d] rounded to bf16, lse [nh, n]).
 pub(super) fn forward(qkv: Qkv<'_, [f32]>, seqs: Varlen<'_, [i32]>, s: &AttnShape) -> (Vec<f32>, Vec<f32>) {
     let (Qkv { q, k, v }, Varlen { cu_seqlens: cu, n_seqs }) = (qkv, seqs);
@@ -50,7 +65,7 @@ pub(super) fn forward(qkv: Qkv<'_, [f32]>, seqs: Varlen<'_, [i32]>, s: &AttnShap
             let mut lse = vec![0.0f32; nh];
             for h in 0..nh {
                 let (qr, kvh) = (&q[(t * nh + h) * d..][..d], h / group);
-                let sc: Vec<f32> = (lo..=t).map(|j| dot(qr, &k[(j * nkv + kvh) * d..][..d]) * s.scale).collect();
+                let sc: Vec<f32> = (lo..=t).map(|j| score(qr, &k[(j * nkv + kvh) * d..][..d], s).0).collect();
                 let mx = sc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                 let p: Vec<f32> = sc.iter().map(|&x| (x - mx).exp()).collect();
                 let l: f32 = p.iter().sum();
@@ -101,9 +116,10 @@ pub(super) fn backward(
     // P and dS of (query t, head h, key j).
     let p_ds = |t: usize, h: usize, j: usize| -> (f32, f32) {
         let kvh = h / group;
-        let p = (dot(&q[row(t, nh, h)], &k[row(j, nkv, kvh)]) * s.scale - lse[h * n + t]).exp();
+        let (sc, slope) = score(&q[row(t, nh, h)], &k[row(j, nkv, kvh)], s);
+        let p = (sc - lse[h * n + t]).exp();
         let dp = dot(&dout[row(t, nh, h)], &v[row(j, nkv, kvh)]);
-        (p, p * (dp - dsum[h * n + t]))
+        (p, p * (dp - dsum[h * n + t]) * slope)
     };
     let dq: Vec<f32> = (0..n)
         .into_par_iter()
