@@ -205,8 +205,8 @@ impl<'a, R: Backend, C: Backend> Harness<'a, R, C> {
         }
         self.rmsnorm(n, hidden);
         self.rope(n, 8, 128);
-        self.glu(n * inter);
         self.layer_variants(n, hidden, inter);
+        self.glu(n * inter);
         self.cross_entropy(n.min(256), vocab);
         self.adamw(4096 + 17);
         let seqs: Vec<usize> = match scale {
