@@ -58,12 +58,6 @@ mod tests {
         ("embedding", &[
             ("embedding_fwd_*", "table:ptr ids:ptr out:ptr n:i32 hidden:i32 vocab:i32"),
         ]),
-        ("glu", &[
-            ("swiglu_fwd_*", "gate:ptr up:ptr out:ptr len:u64"),
-            ("swiglu_bwd_*", "dout:ptr gate:ptr up:ptr dgate:ptr dup:ptr len:u64"),
-            ("geglu_fwd_*", "gate:ptr up:ptr out:ptr len:u64"),
-            ("geglu_bwd_*", "dout:ptr gate:ptr up:ptr dgate:ptr dup:ptr len:u64"),
-        ]),
         ("lora_dropout", &[
             ("lora_xa_dropout_*", "x:ptr a:ptr xa:ptr m:i32 k:i32 r:i32 seed:u64 p:f32"),
             ("lora_da_dropout_partials_*", "x:ptr dxa:ptr partials:ptr m:i32 k:i32 r:i32 rows_per_split:i32 seed:u64 p:f32"),
@@ -83,6 +77,12 @@ mod tests {
         ("rope", &[
             ("rope_fwd_*", "x:ptr positions:ptr inv_freq:ptr n:i32 heads:i32 head_dim:i32 rot_dim:i32 mscale:f32"),
             ("rope_bwd_*", "dx:ptr positions:ptr inv_freq:ptr n:i32 heads:i32 head_dim:i32 rot_dim:i32 mscale:f32"),
+        ]),
+        ("glu", &[
+            ("swiglu_fwd_*", "gate:ptr up:ptr out:ptr len:u64"),
+            ("swiglu_bwd_*", "dout:ptr gate:ptr up:ptr dgate:ptr dup:ptr len:u64"),
+            ("geglu_fwd_*", "gate:ptr up:ptr out:ptr len:u64"),
+            ("geglu_bwd_*", "dout:ptr gate:ptr up:ptr dgate:ptr dup:ptr len:u64"),
         ]),
     ];
 
