@@ -57,6 +57,9 @@ mod tests {
         ("adamw", &[
             ("adamw_f32", "param:ptr grad:ptr m:ptr v:ptr n:u64 decay:f32 beta1:f32 beta2:f32 one_minus_beta1:f32 one_minus_beta2:f32 step_size:f32 bias_c2_sqrt:f32 eps:f32"),
         ]),
+        ("copy_cols", &[
+            ("copy_cols_*", "src:ptr dst:ptr rows:i32 src_cols:i32 src_off:i32 dst_cols:i32 dst_off:i32 width:i32"),
+        ]),
         ("cross_entropy", &[
             ("cross_entropy_*", "logits:ptr targets:ptr losses:ptr rows:i32 vocab:i32 grad_scale:f32 write_grad:i32 softcap:f32"),
         ]),
@@ -106,16 +109,20 @@ mod tests {
             ("nf4_dequantize_nested_bf16", "packed:ptr absmax_codes:ptr nested_absmax:ptr nested_map:ptr offset:f32 code:ptr out:ptr n:u64 blocksize:i32 nested_blocksize:i32"),
         ]),
         ("rmsnorm", &[
-            ("rmsnorm_fwd_*", "x:ptr w:ptr y:ptr inv_rms:ptr rows:i32 hidden:i32 eps:f32"),
-            ("rmsnorm_bwd_*", "dy:ptr x:ptr w:ptr inv_rms:ptr dx:ptr rows:i32 hidden:i32"),
+            ("rmsnorm_fwd_*", "x:ptr w:ptr y:ptr inv_rms:ptr rows:i32 hidden:i32 eps:f32 plus_one:i32"),
+            ("rmsnorm_bwd_*", "dy:ptr x:ptr w:ptr inv_rms:ptr dx:ptr rows:i32 hidden:i32 plus_one:i32"),
+            ("rmsnorm_warp_fwd_*", "x:ptr w:ptr y:ptr inv_rms:ptr rows:i32 hidden:i32 eps:f32 plus_one:i32"),
+            ("rmsnorm_warp_bwd_*", "dy:ptr x:ptr w:ptr inv_rms:ptr dx:ptr rows:i32 hidden:i32 plus_one:i32"),
         ]),
         ("rope", &[
-            ("rope_fwd_*", "x:ptr positions:ptr inv_freq:ptr n:i32 heads:i32 head_dim:i32"),
-            ("rope_bwd_*", "dx:ptr positions:ptr inv_freq:ptr n:i32 heads:i32 head_dim:i32"),
+            ("rope_fwd_*", "x:ptr positions:ptr inv_freq:ptr n:i32 heads:i32 head_dim:i32 rot_dim:i32 mscale:f32"),
+            ("rope_bwd_*", "dx:ptr positions:ptr inv_freq:ptr n:i32 heads:i32 head_dim:i32 rot_dim:i32 mscale:f32"),
         ]),
-        ("swiglu", &[
+        ("glu", &[
             ("swiglu_fwd_*", "gate:ptr up:ptr out:ptr len:u64"),
             ("swiglu_bwd_*", "dout:ptr gate:ptr up:ptr dgate:ptr dup:ptr len:u64"),
+            ("geglu_fwd_*", "gate:ptr up:ptr out:ptr len:u64"),
+            ("geglu_bwd_*", "dout:ptr gate:ptr up:ptr dgate:ptr dup:ptr len:u64"),
         ]),
     ];
 

@@ -14,6 +14,8 @@ use ferrotune::backend::{
 use ferrotune::backend::DType;
 use ferrotune::util::rng::Rng;
 
+mod layer_variants;
+
 /// Largest allowed ‖candidate − reference‖ / ‖reference‖ per kind of output.
 #[derive(Debug, Clone, Copy)]
 pub struct Tolerances {
@@ -203,6 +205,7 @@ impl<'a, R: Backend, C: Backend> Harness<'a, R, C> {
         }
         self.rmsnorm(n, hidden);
         self.rope(n, 8, 128);
+        self.layer_variants(n, hidden, inter);
         self.glu(n * inter);
         self.cross_entropy(n.min(256), vocab);
         self.adamw(4096 + 17);

@@ -11,7 +11,7 @@ use crate::backend::{
     NormShape, Qkv, QkvGrads, RopeShape, Varlen, WeightSource,
 };
 use anyhow::Result;
-use cudarc::driver::{CudaSlice, PushKernelArg};
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use half::bf16;
 
 /// Picks the kernel variant for the activation type of `$buf`.
@@ -144,8 +144,8 @@ impl Backend for CudaBackend {
         assert!(cap > 0.0, "softcap: cap {cap} must be positive");
         self.launch_in_place(["softcap_f32", "softcap_bf16"], buf, cap);
     }
-    fn copy_cols(&self, _src: &CudaBuf, _dst: &mut CudaBuf, _shape: ColsShape) {
-        unimplemented!("copy_cols is not implemented on CUDA yet")
+    fn copy_cols(&self, src: &CudaBuf, dst: &mut CudaBuf, shape: ColsShape) {
+        self.copy_cols_launch(src, dst, shape);
     }
     fn scale(&self, buf: &mut CudaBuf, s: f32) {
         self.launch_in_place(["scale_f32", "scale_bf16"], buf, s);
@@ -233,30 +233,28 @@ impl Backend for CudaBackend {
 
     fn rmsnorm(&self, x: &CudaBuf, w: &CudaWeight, y: &mut CudaBuf, inv: &mut CudaBuf, shape: NormShape, eps: f32) {
         let NormShape { rows, hidden, plus_one } = shape;
-        assert!(!plus_one, "rmsnorm: (1 + w) is not implemented on CUDA yet");
         let w = w.dense("rmsnorm");
-        let (ri, hi) = (rows as i32, hidden as i32);
+        let (ri, hi, p1) = (rows as i32, hidden as i32, plus_one as i32);
         let inv = inv.f32_mut("rmsnorm inv_rms");
-        let cfg = rows_grid(rows, BLOCK);
+        let (names, cfg) = norm_kernels(["rmsnorm_fwd_f32", "rmsnorm_fwd_bf16"], ["rmsnorm_warp_fwd_f32", "rmsnorm_warp_fwd_bf16"], shape);
         match (x, y) {
-            (CudaBuf::F32(x), CudaBuf::F32(y)) => launch!(self, "rmsnorm_fwd_f32", cfg, x, w, y, inv, &ri, &hi, &eps),
-            (CudaBuf::Bf16(x), CudaBuf::Bf16(y)) => launch!(self, "rmsnorm_fwd_bf16", cfg, x, w, y, inv, &ri, &hi, &eps),
+            (CudaBuf::F32(x), CudaBuf::F32(y)) => launch!(self, names[0], cfg, x, w, y, inv, &ri, &hi, &eps, &p1),
+            (CudaBuf::Bf16(x), CudaBuf::Bf16(y)) => launch!(self, names[1], cfg, x, w, y, inv, &ri, &hi, &eps, &p1),
             _ => panic!("rmsnorm: x and y must share a storage type"),
         }
     }
     fn rmsnorm_backward(&self, dy: &CudaBuf, x: &CudaBuf, w: &CudaWeight, inv: &CudaBuf, dx: &mut CudaBuf, shape: NormShape) {
         let NormShape { rows, hidden, plus_one } = shape;
-        assert!(!plus_one, "rmsnorm_backward: (1 + w) is not implemented on CUDA yet");
         let w = w.dense("rmsnorm_backward");
-        let (ri, hi) = (rows as i32, hidden as i32);
+        let (ri, hi, p1) = (rows as i32, hidden as i32, plus_one as i32);
         let inv = inv.f32("rmsnorm_backward inv_rms");
-        let cfg = rows_grid(rows, BLOCK);
+        let (names, cfg) = norm_kernels(["rmsnorm_bwd_f32", "rmsnorm_bwd_bf16"], ["rmsnorm_warp_bwd_f32", "rmsnorm_warp_bwd_bf16"], shape);
         match (dy, x, dx) {
             (CudaBuf::F32(dy), CudaBuf::F32(x), CudaBuf::F32(dx)) => {
-                launch!(self, "rmsnorm_bwd_f32", cfg, dy, x, w, inv, dx, &ri, &hi)
+                launch!(self, names[0], cfg, dy, x, w, inv, dx, &ri, &hi, &p1)
             }
             (CudaBuf::Bf16(dy), CudaBuf::Bf16(x), CudaBuf::Bf16(dx)) => {
-                launch!(self, "rmsnorm_bwd_bf16", cfg, dy, x, w, inv, dx, &ri, &hi)
+                launch!(self, names[1], cfg, dy, x, w, inv, dx, &ri, &hi, &p1)
             }
             _ => panic!("rmsnorm_backward: dy, x and dx must share a storage type"),
         }
@@ -296,28 +294,34 @@ impl Backend for CudaBackend {
 
     fn glu(&self, gate: &CudaBuf, up: &CudaBuf, out: &mut CudaBuf, shape: GluShape) {
         let GluShape { len, act } = shape;
-        assert!(act == GluAct::Silu, "glu: {act:?} is not implemented on CUDA yet");
+        let names = match act {
+            GluAct::Silu => ["swiglu_fwd_f32", "swiglu_fwd_bf16"],
+            GluAct::GeluTanh => ["geglu_fwd_f32", "geglu_fwd_bf16"],
+        };
         let n = len as u64;
         let cfg = grid_for(len);
         match (gate, up, out) {
-            (CudaBuf::F32(g), CudaBuf::F32(u), CudaBuf::F32(o)) => launch!(self, "swiglu_fwd_f32", cfg, g, u, o, &n),
-            (CudaBuf::Bf16(g), CudaBuf::Bf16(u), CudaBuf::Bf16(o)) => launch!(self, "swiglu_fwd_bf16", cfg, g, u, o, &n),
-            _ => panic!("swiglu: buffers must share a storage type"),
+            (CudaBuf::F32(g), CudaBuf::F32(u), CudaBuf::F32(o)) => launch!(self, names[0], cfg, g, u, o, &n),
+            (CudaBuf::Bf16(g), CudaBuf::Bf16(u), CudaBuf::Bf16(o)) => launch!(self, names[1], cfg, g, u, o, &n),
+            _ => panic!("glu: buffers must share a storage type"),
         }
     }
     fn glu_backward(&self, dout: &CudaBuf, gate: &CudaBuf, up: &CudaBuf, dg: &mut CudaBuf, du: &mut CudaBuf, shape: GluShape) {
         let GluShape { len, act } = shape;
-        assert!(act == GluAct::Silu, "glu_backward: {act:?} is not implemented on CUDA yet");
+        let names = match act {
+            GluAct::Silu => ["swiglu_bwd_f32", "swiglu_bwd_bf16"],
+            GluAct::GeluTanh => ["geglu_bwd_f32", "geglu_bwd_bf16"],
+        };
         let n = len as u64;
         let cfg = grid_for(len);
         match (dout, gate, up, dg, du) {
             (CudaBuf::F32(d), CudaBuf::F32(g), CudaBuf::F32(u), CudaBuf::F32(dg), CudaBuf::F32(du)) => {
-                launch!(self, "swiglu_bwd_f32", cfg, d, g, u, dg, du, &n)
+                launch!(self, names[0], cfg, d, g, u, dg, du, &n)
             }
             (CudaBuf::Bf16(d), CudaBuf::Bf16(g), CudaBuf::Bf16(u), CudaBuf::Bf16(dg), CudaBuf::Bf16(du)) => {
-                launch!(self, "swiglu_bwd_bf16", cfg, d, g, u, dg, du, &n)
+                launch!(self, names[1], cfg, d, g, u, dg, du, &n)
             }
-            _ => panic!("swiglu_backward: buffers must share a storage type"),
+            _ => panic!("glu_backward: buffers must share a storage type"),
         }
     }
 
@@ -367,13 +371,50 @@ impl CudaBackend {
 
     fn rope_launch(&self, name: &str, x: &mut CudaBuf, pos: &CudaSlice<i32>, inv_freq: &CudaBuf, shape: RopeShape) {
         let RopeShape { n, heads, head_dim: d, rot_dim, mscale } = shape;
-        assert!(rot_dim == d && mscale == 1.0, "rope: partial rotary and scaled rope are not implemented on CUDA yet");
-        let (ni, hi, di) = (n as i32, heads as i32, d as i32);
+        // Shapes come from the model graph, not from the user: a bad one is
+        // a bug, refused before the kernel could read out of bounds.
+        assert!(rot_dim.is_multiple_of(2) && rot_dim <= d, "rope: rot_dim {rot_dim} must be even and at most head_dim {d}");
+        assert!(inv_freq.len() >= rot_dim / 2, "rope: inv_freq has {} entries, rot_dim {rot_dim} needs {}", inv_freq.len(), rot_dim / 2);
+        assert!(x.len() >= n * heads * d && pos.len() >= n, "rope: x or positions shorter than {n} tokens of {heads}x{d}");
+        let (ni, hi, di, ri) = (n as i32, heads as i32, d as i32, rot_dim as i32);
         let inv = inv_freq.f32("rope inv_freq");
-        let cfg = grid_for(n * d / 2);
+        let cfg = grid_for(n * rot_dim / 2);
         match x {
-            CudaBuf::F32(s) => launch!(self, name, cfg, s, pos, inv, &ni, &hi, &di),
-            CudaBuf::Bf16(s) => launch!(self, name, cfg, s, pos, inv, &ni, &hi, &di),
+            CudaBuf::F32(s) => launch!(self, name, cfg, s, pos, inv, &ni, &hi, &di, &ri, &mscale),
+            CudaBuf::Bf16(s) => launch!(self, name, cfg, s, pos, inv, &ni, &hi, &di, &ri, &mscale),
         }
+    }
+
+    fn copy_cols_launch(&self, src: &CudaBuf, dst: &mut CudaBuf, shape: ColsShape) {
+        let ColsShape { rows, src_cols, src_off, dst_cols, dst_off, width } = shape;
+        assert!(src_off + width <= src_cols, "copy_cols: columns {src_off}..{} outside a source of {src_cols}", src_off + width);
+        assert!(dst_off + width <= dst_cols, "copy_cols: columns {dst_off}..{} outside a destination of {dst_cols}", dst_off + width);
+        assert!(src.len() >= rows * src_cols, "copy_cols: src holds {} values, not {rows}x{src_cols}", src.len());
+        assert!(dst.len() >= rows * dst_cols, "copy_cols: dst holds {} values, not {rows}x{dst_cols}", dst.len());
+        if rows == 0 || width == 0 {
+            return;
+        }
+        let [r, sc, so, dc, d_off, w] = [rows, src_cols, src_off, dst_cols, dst_off, width].map(|v| v as i32);
+        let cfg = rows_grid(rows, BLOCK);
+        match (src, dst) {
+            (CudaBuf::F32(s), CudaBuf::F32(d)) => launch!(self, "copy_cols_f32", cfg, s, d, &r, &sc, &so, &dc, &d_off, &w),
+            (CudaBuf::Bf16(s), CudaBuf::Bf16(d)) => launch!(self, "copy_cols_bf16", cfg, s, d, &r, &sc, &so, &dc, &d_off, &w),
+            _ => panic!("copy_cols: source and destination must share a storage type"),
+        }
+    }
+}
+
+/// Rows of at most this many values are normalised one warp per row (the
+/// per-head q/k norms, head_dim <= 256); longer ones, the model's hidden
+/// size, one block per row (cuda/rmsnorm.cu).
+const NORM_WARP_ROW_MAX: usize = 256;
+
+/// The rmsnorm kernels (f32, bf16) for `shape` and their launch: the
+/// block-per-row ones, or their warp-per-row twins for short rows.
+fn norm_kernels(block: [&'static str; 2], warp: [&'static str; 2], shape: NormShape) -> ([&'static str; 2], LaunchConfig) {
+    if shape.hidden <= NORM_WARP_ROW_MAX {
+        (warp, rows_grid(shape.rows.div_ceil((BLOCK / 32) as usize), BLOCK))
+    } else {
+        (block, rows_grid(shape.rows, BLOCK))
     }
 }

@@ -171,6 +171,8 @@ impl Backend for Tracer {
         };
         self.temporary(bytes as u64);
     }
+    // No scratch on the GPU for the norms (either kernel layout), rope,
+    // glu and copy_cols: they write only their outputs.
     fn rmsnorm(&self, _: &Sized, _: &Shape, _: &mut Sized, _: &mut Sized, _: NormShape, _: f32) {}
     fn rmsnorm_backward(&self, _: &Sized, _: &Sized, _: &Shape, _: &Sized, _: &mut Sized, _: NormShape) {}
     fn rope(&self, _: &mut Sized, _: &Sized, _: &Sized, _: RopeShape) {}

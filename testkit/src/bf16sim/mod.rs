@@ -394,7 +394,9 @@ impl<B: Backend> Backend for Bf16Sim<B> {
         expect_kind(inv, Storage::F32, "rmsnorm inv_rms");
         same_kind(&[x, y], "rmsnorm");
         self.inner.rmsnorm(&x.inner, w, &mut y.inner, &mut inv.inner, shape, eps);
-        self.store(y); // bf16: y stored in the activation type; inv_rms stays f32.
+        // bf16: y stored in the activation type; inv_rms stays f32. (1 + w)
+        // is formed in f32 from the bf16 weight, as the kernel does: no rounding.
+        self.store(y);
     }
     fn rmsnorm_backward(&self, dy: &Buf<B>, x: &Buf<B>, w: &B::Weight, inv: &Buf<B>, dx: &mut Buf<B>, shape: NormShape) {
         expect_kind(inv, Storage::F32, "rmsnorm_backward inv_rms");
@@ -405,7 +407,9 @@ impl<B: Backend> Backend for Bf16Sim<B> {
     fn rope(&self, x: &mut Buf<B>, pos: &Ints<B>, inv_freq: &Buf<B>, shape: RopeShape) {
         expect_kind(inv_freq, Storage::F32, "rope inv_freq");
         self.inner.rope(&mut x.inner, &pos.inner, &inv_freq.inner, shape);
-        self.store(x); // bf16: rotated in place, stored back.
+        // bf16: rotated in place, stored back (the dims past rot_dim are
+        // not written: already bf16, the store leaves them exact).
+        self.store(x);
     }
     fn rope_backward(&self, dx: &mut Buf<B>, pos: &Ints<B>, inv_freq: &Buf<B>, shape: RopeShape) {
         expect_kind(inv_freq, Storage::F32, "rope inv_freq");
