@@ -127,7 +127,7 @@ pub fn parse(raw: &Value, family: &Family, head_dim: usize, file: &str) -> Resul
     }
     // transformers truncates head_dim · factor to an integer.
     let rot_dim = (head_dim as f64 * partial) as usize;
-    if rot_dim == 0 || rot_dim % 2 != 0 {
+    if rot_dim == 0 || !rot_dim.is_multiple_of(2) {
         bail!("{file}: partial_rotary_factor {partial} rotates {rot_dim} of head_dim {head_dim} dims; rotary embeddings need a positive even number");
     }
 

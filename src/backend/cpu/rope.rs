@@ -59,6 +59,7 @@ mod tests {
     use super::super::test_util::{Rng, assert_close, dot64, fd_grad, to64};
     use crate::backend::{Backend, RopeShape};
 
+    #[allow(clippy::too_many_arguments)] // the shape of the op under test, spelled out
     fn rope64(
         x: &[f64],
         pos: &[i32],
