@@ -188,7 +188,7 @@ impl<B: Backend> Model<B> {
             max_seqlen: n,
             positions,
             cu_seqlens,
-            ropes: &self.inv_freq,
+            ropes: &self.rope_tables,
             // transformers picks long-rope's table from the largest position
             // of each forward, so a cached decode does the same.
             max_position: past + n - 1,

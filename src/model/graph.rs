@@ -107,7 +107,7 @@ impl<B: Backend> Model<B> {
     /// Returns the normed hidden states [n, hidden].
     fn hidden_states(&self, be: &B, batch: &Batch, adapters: bool) -> B::Buf {
         let up = upload(be, batch);
-        let ctx = step_ctx(&up, &self.inv_freq, batch, None, adapters);
+        let ctx = step_ctx(&up, &self.rope_tables, batch, None, adapters);
         let (n, h) = (batch.n_tokens(), self.cfg.hidden);
         let mut x = self.embed(be, &up.ids, n);
         for (li, l) in self.layers.iter().enumerate() {
@@ -276,7 +276,7 @@ impl<B: Backend> Model<B> {
         // Forward, keeping either every layer's activations or only its input.
         let mut saved_acts: Vec<LayerActs<B>> = Vec::new();
         let mut saved_inputs: Vec<B::Buf> = Vec::new();
-        let ctx = step_ctx(&up, &self.inv_freq, batch, opts.dropout_seed, true);
+        let ctx = step_ctx(&up, &self.rope_tables, batch, opts.dropout_seed, true);
         for (li, l) in self.layers.iter().enumerate() {
             be.enter(Phase::Forward { layer: li });
             let (x_out, acts) = layer::forward(be, &self.cfg, l, li, x, &ctx);

@@ -27,7 +27,7 @@ pub struct StepCtx<'a, B: Backend> {
     pub max_seqlen: usize,
     pub positions: &'a B::IntBuf,
     pub cu_seqlens: &'a B::IntBuf,
-    /// The model's rotary tables (`Model::inv_freq`).
+    /// The model's rotary tables (`Model::rope_tables`).
     pub ropes: &'a [RopeTable<B>],
     /// The largest position in this forward (picks long-rope's table).
     pub max_position: usize,

@@ -163,7 +163,7 @@ pub struct Model<B: Backend> {
     /// Rotary inverse frequencies per table of `cfg.ropes`: the table for
     /// positions up to the rope's original context, and (long-context rope)
     /// the one for longer sequences.
-    pub inv_freq: Vec<RopeTable<B>>,
+    pub rope_tables: Vec<RopeTable<B>>,
     /// The embedding output's multiplier, rounded to the backend's
     /// activation type (Gemma's sqrt(hidden)); None = 1.
     pub embed_scale: Option<f32>,
@@ -355,7 +355,7 @@ impl<B: Backend> Model<B> {
         }
         let final_norm = next(Tensor::Other)?;
         let lm_head = if cfg.tie_word_embeddings { None } else { Some(next(Tensor::Other)?) };
-        let inv_freq = cfg
+        let rope_tables = cfg
             .ropes
             .iter()
             .map(|r| RopeTable {
@@ -366,7 +366,7 @@ impl<B: Backend> Model<B> {
         // Rounded as the backend stores activations: transformers builds the
         // normalizer in the activations' dtype.
         let embed_scale = cfg.embed_scale.map(|s| be.download(&be.upload_activation(&[s]))[0]);
-        Ok(Model { cfg, embed, layers, final_norm, lm_head, inv_freq, embed_scale, loss_chunk_tokens: 1024 })
+        Ok(Model { cfg, embed, layers, final_norm, lm_head, rope_tables, embed_scale, loss_chunk_tokens: 1024 })
     }
 
     pub fn head(&self) -> &B::Weight {
