@@ -87,12 +87,12 @@ fn both_config_layouts_of_gemma3_resolve_to_the_same_model() {
 fn the_refusal_and_the_models_listing_name_the_new_families() {
     let out = Command::new(env!("CARGO_BIN_EXE_ferrotune")).arg("models").output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    for arch in ["Qwen3ForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM"] {
+    for arch in ["Qwen3ForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Gemma3ForConditionalGeneration", "Phi3ForCausalLM"] {
         assert!(text.contains(arch), "`ferrotune models` does not list {arch}:\n{text}");
     }
     let c = serde_json::json!({"architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss"});
     let msg = ferrotune::registry::lookup(&c, "m/config.json").unwrap_err().to_string();
-    for arch in ["Qwen3ForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM"] {
+    for arch in ["Qwen3ForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Gemma3ForConditionalGeneration", "Phi3ForCausalLM"] {
         assert!(msg.contains(arch), "{msg}");
     }
 }
@@ -109,7 +109,7 @@ fn qlora_on_every_new_family_is_lora_on_the_dequantized_base() {
     use ferrotune::backend::Backend;
     use ferrotune::model::checkpoint::Checkpoint;
     use ferrotune::model::{BaseWeights, Model};
-    for case in ["qwen3", "gemma2", "gemma3", "phi3"] {
+    for case in ["qwen3", "gemma2", "gemma3", "gemma3_vlm", "phi3"] {
         let be = CpuBackend::new();
         let ckpt = Checkpoint::open(&fixture(case).join("model")).unwrap();
         let mut q = Model::load_as(&be, &ckpt, BaseWeights::Nf4 { double_quant: true }).unwrap();
@@ -119,7 +119,8 @@ fn qlora_on_every_new_family_is_lora_on_the_dequantized_base() {
         let mut values = Vec::new();
         for (li, l) in q.layers.iter().enumerate() {
             for (p, lin) in l.linears() {
-                values.push((ferrotune::model::module_path(&q.cfg, li, p) + ".weight", be.weight_to_f32(&lin.weight)));
+                let module = ferrotune::model::checkpoint_module(&q.cfg, &ferrotune::model::module_path(&q.cfg, li, p));
+                values.push((module + ".weight", be.weight_to_f32(&lin.weight)));
             }
         }
         let dense_ckpt = Checkpoint::open(&fixture(case).join("model")).unwrap();
@@ -184,7 +185,7 @@ fn every_new_family_trains_end_to_end_with_lora_qlora_and_dpo() {
         .collect();
     std::fs::write(&pairs, rows.join("\n") + "\n").unwrap();
     let dpo = format!("rl: dpo\ndatasets:\n  - path: {}\n", pairs.display());
-    for case in ["qwen3", "gemma2", "gemma3", "phi3"] {
+    for case in ["qwen3", "gemma2", "gemma3", "gemma3_vlm", "phi3"] {
         for (what, adapter, extra) in [
             ("lora", "lora", format!("{sft}gradient_checkpointing: true\n")),
             ("qlora", "qlora", format!("{sft}load_in_4bit: true\n")),

@@ -152,13 +152,15 @@ fn output_keeps_names_dtypes_shapes_and_side_files() {
         let layout = |t: &Tensors| t.iter().map(|(n, (d, s, _))| (n.clone(), *d, s.clone())).collect::<Vec<_>>();
         assert_eq!(layout(&input), layout(&output), "{case}: names, dtypes and shapes");
         // Only the adapted projections change, and each of them does.
+        // (PEFT's module names, in the checkpoint's naming.)
+        let cfg = ferrotune::model::checkpoint::read_config(&model).unwrap();
         let adapter = std::fs::read(fixture(case).join("adapter/adapter_model.safetensors")).unwrap();
         let adapted: Vec<String> = SafeTensors::deserialize(&adapter)
             .unwrap()
             .names()
             .iter()
             .filter_map(|k| k.strip_suffix(".lora_A.weight"))
-            .map(|m| format!("{}.weight", m.strip_prefix("base_model.model.").unwrap()))
+            .map(|m| format!("{}.weight", ferrotune::model::checkpoint_module(&cfg, m.strip_prefix("base_model.model.").unwrap())))
             .collect();
         assert_eq!(adapted.len(), summary.merged);
         for (name, (_, _, bytes)) in &input {

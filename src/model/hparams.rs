@@ -116,8 +116,18 @@ pub fn token_ids(v: Option<&Value>, key: &str, file: &str) -> Result<Vec<u32>> {
 
 impl ModelConfig {
     /// Resolve a parsed config.json against its registry family.
-    pub fn from_json(raw: Value, family: &'static Family, path: &Path) -> Result<ModelConfig> {
+    pub fn from_json(full: Value, family: &'static Family, path: &Path) -> Result<ModelConfig> {
         let file = path.display().to_string();
+        // An image-text checkpoint keeps the text model's numbers in
+        // text_config; the rest of the file is written back as it is.
+        let raw = if family.text_config {
+            full.get("text_config")
+                .filter(|v| v.is_object())
+                .cloned()
+                .with_context(|| format!("{file}: {} checkpoints keep the text model in \"text_config\", which is missing", family.family))?
+        } else {
+            full.clone()
+        };
         let r = Reader { v: &raw, file: &file };
         let hidden = r.usize("hidden_size")?;
         let n_layers = r.usize("num_hidden_layers")?;
@@ -190,9 +200,9 @@ impl ModelConfig {
         let attn_softcap = positive(keyed(&keys.attn_softcap)?, &keys.attn_softcap)?;
         let final_softcap = positive(keyed(&keys.final_softcap)?, &keys.final_softcap)?;
 
-        let dtype = raw
-            .get("dtype")
-            .or_else(|| raw.get("torch_dtype"))
+        let dtype = [&raw, &full]
+            .into_iter()
+            .find_map(|c| c.get("dtype").or_else(|| c.get("torch_dtype")).filter(|v| v.is_string()))
             .and_then(|v| v.as_str())
             .and_then(parse_dtype);
         let tie_word_embeddings = r.bool_or("tie_word_embeddings", false)?;
@@ -239,8 +249,8 @@ impl ModelConfig {
             o_bias: family.o_bias.resolve(&raw),
             mlp_bias: family.mlp_bias.resolve(&raw),
             max_position_embeddings: r.usize_opt("max_position_embeddings")?,
-            eos_token_ids: token_ids(raw.get("eos_token_id"), "eos_token_id", &file)?,
-            raw,
+            eos_token_ids: token_ids(raw.get("eos_token_id").or(full.get("eos_token_id")), "eos_token_id", &file)?,
+            raw: full,
             hidden,
             n_layers,
             n_heads,

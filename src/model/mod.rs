@@ -192,7 +192,23 @@ impl<B: Backend> RopeTable<B> {
 
 /// Module path of a projection, as PEFT names it (without "base_model.model.").
 pub fn module_path(cfg: &ModelConfig, layer: usize, p: Proj) -> String {
-    format!("{}.{}", cfg.family.weights.layer.replace("{i}", &layer.to_string()), p.path(cfg))
+    let w = &cfg.family.weights;
+    let prefix = w.adapter_layer.as_ref().unwrap_or(&w.layer);
+    format!("{}.{}", prefix.replace("{i}", &layer.to_string()), p.path(cfg))
+}
+
+/// The checkpoint's name for a module PEFT names `module` (they differ
+/// only by the layer prefix, for families that declare `adapter_layer`).
+pub fn checkpoint_module(cfg: &ModelConfig, module: &str) -> String {
+    let w = &cfg.family.weights;
+    match &w.adapter_layer {
+        // Both prefixes end with "{i}" (checked when the registry loads).
+        Some(peft) => match module.strip_prefix(peft.trim_end_matches("{i}")) {
+            Some(rest) => format!("{}{rest}", w.layer.trim_end_matches("{i}")),
+            None => module.to_string(),
+        },
+        None => module.to_string(),
+    }
 }
 
 /// How many projections `targets` adapts in a model of this config, read

@@ -15,6 +15,7 @@ const FAMILY_FILES: &[(&str, &str)] = &[
     ("models/qwen3.yaml", include_str!("../../models/qwen3.yaml")),
     ("models/gemma2.yaml", include_str!("../../models/gemma2.yaml")),
     ("models/gemma3.yaml", include_str!("../../models/gemma3.yaml")),
+    ("models/gemma3_vlm.yaml", include_str!("../../models/gemma3_vlm.yaml")),
     ("models/phi3.yaml", include_str!("../../models/phi3.yaml")),
 ];
 
@@ -112,6 +113,9 @@ pub struct WeightNames {
     pub final_norm: String,
     pub lm_head: String,
     pub layer: String,
+    /// The layer prefix as PEFT names modules (transformers' in-memory
+    /// name), when it differs from the checkpoint's `layer`.
+    pub adapter_layer: Option<String>,
     pub input_norm: String,
     /// The norm before the MLP (Llama's post_attention_layernorm).
     pub pre_mlp_norm: String,
@@ -161,6 +165,10 @@ pub struct Family {
     pub o_bias: Switch,
     pub mlp_bias: Switch,
     pub sliding_window: SlidingWindow,
+    /// The model's numbers sit under config.json's `text_config` (an
+    /// image-text checkpoint whose text tower is trained).
+    #[serde(default)]
+    pub text_config: bool,
     /// For `sliding_window: pattern` when config.json has neither
     /// layer_types nor sliding_window_pattern.
     #[serde(default)]
@@ -189,6 +197,9 @@ fn parse_families() -> Result<Vec<Family>> {
             anyhow::ensure!(unfused || (w.gate.is_none() && w.up.is_none() && w.gate_up.is_some()), "{name}: weights need gate and up, or gate_up alone");
             anyhow::ensure!(w.post_attn_norm.is_some() == w.post_mlp_norm.is_some(), "{name}: post_attn_norm and post_mlp_norm go together");
             anyhow::ensure!(w.q_norm.is_some() == w.k_norm.is_some(), "{name}: q_norm and k_norm go together");
+            for layer in std::iter::once(&w.layer).chain(&w.adapter_layer) {
+                anyhow::ensure!(layer.ends_with("{i}"), "{name}: a layer prefix must end with {{i}}, found {layer}");
+            }
             Ok(f)
         })
         .collect()
@@ -253,7 +264,7 @@ mod tests {
         let fams = parse_families().unwrap();
         assert_eq!(fams.len(), FAMILY_FILES.len());
         let names: Vec<_> = fams.iter().map(|f| f.family.as_str()).collect();
-        assert_eq!(names, ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"]);
+        assert_eq!(names, ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "gemma3_vlm", "phi3"]);
     }
 
     #[test]

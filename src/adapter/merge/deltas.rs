@@ -27,7 +27,14 @@ const KEY_PREFIX: &str = "base_model.model.";
 
 /// Read the adapter and check every tensor against the base weight it
 /// changes, before anything is written. Keyed by the base weight's name.
-pub(super) fn read_adapter(dir: &Path, src: &MappedCheckpoint, nf4: &HashMap<String, QuantState>) -> Result<(LoraConfig, BTreeMap<String, Delta>)> {
+/// The adapter's deltas keyed by the checkpoint weight they add to
+/// (`to_checkpoint` maps a PEFT module name to the checkpoint's).
+pub(super) fn read_adapter(
+    dir: &Path,
+    src: &MappedCheckpoint,
+    nf4: &HashMap<String, QuantState>,
+    to_checkpoint: &dyn Fn(&str) -> String,
+) -> Result<(LoraConfig, BTreeMap<String, Delta>)> {
     let lc = peft::read_config(dir)?;
     let file = dir.join(peft::WEIGHTS_FILE);
     if !file.is_file() {
@@ -55,7 +62,7 @@ pub(super) fn read_adapter(dir: &Path, src: &MappedCheckpoint, nf4: &HashMap<Str
         let kb = format!("{KEY_PREFIX}{module}.lora_B.weight");
         let ta = st.tensor(ka).map_err(|e| anyhow::anyhow!("{fdisp}: tensor {ka}: {e}"))?;
         let tb = st.tensor(&kb).map_err(|_| anyhow::anyhow!("{fdisp}: {ka} is present but {kb} is missing"))?;
-        let wname = format!("{module}.weight");
+        let wname = format!("{}.weight", to_checkpoint(module));
         let w = base.get(wname.as_str()).with_context(|| {
             format!("{fdisp}: tensor {ka} adapts {wname}, which the base checkpoint does not have (is this adapter for another model?)")
         })?;

@@ -92,7 +92,12 @@ pub fn merge(
     let out = check_out(model_dir, adapter_dir, out_dir, opts.force)?;
     let src = MappedCheckpoint::open(model_dir)?;
     let nf4 = src.nf4_weights()?;
-    let (lc, deltas) = read_adapter(adapter_dir, &src, &nf4)?;
+    // PEFT's module names map to the checkpoint's through the family (they
+    // differ for image-text checkpoints); merge itself works by tensor name,
+    // so a config.json the registry does not know merges with names as they are.
+    let cfg = crate::model::checkpoint::read_config(model_dir).ok();
+    let to_checkpoint = |m: &str| cfg.as_ref().map_or_else(|| m.to_string(), |c| crate::model::checkpoint_module(c, m));
+    let (lc, deltas) = read_adapter(adapter_dir, &src, &nf4, &to_checkpoint)?;
     // The parts of a 4-bit weight other than its codes are not written.
     let parts: std::collections::HashSet<String> = nf4
         .keys()
