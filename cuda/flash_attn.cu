@@ -55,8 +55,7 @@
 // Kernel choice: head_dim 64 or 128 -> tensor-core kernels *_d64 / *_d128;
 // any other 1 <= head_dim <= 256 -> *_generic (cuda/flash_attn_generic.cu;
 // slow: no tensor cores, one warp per row; for tiny test models and unusual
-// heads). head_dim > 256 is
-// unsupported. The preprocess kernel serves both.
+// heads). head_dim > 256 is unsupported. The preprocess kernel serves both.
 //
 // Tensor-core kernels. Let max_len = max over s of (cu[s+1] - cu[s]),
 // computed on the host, and NB = max(1, ceil(max_len / 64)). grid.x may be
@@ -105,12 +104,12 @@
 //
 // Soft-capped twins: flash_attn_fwd_capped_d64, flash_attn_bwd_dq_capped_d128,
 // flash_attn_bwd_dkdv_capped_generic, ... (every fwd / bwd_dq / bwd_dkdv
-// kernel, tensor-core or generic, `capped_` before its head_dim suffix): the same
-// arguments, grid, block and SMEM plus a last argument `float softcap`, the
-// cap c > 0. The preprocess serves both.
+// kernel, tensor-core or generic, `capped_` before its head_dim suffix): the
+// same arguments, grid, block and SMEM plus a last argument `float softcap`,
+// the cap c > 0. The preprocess serves both.
 //
-// Generic kernels (1 <= head_dim <= 256, checked), one warp per row, 4 rows
-// per block; SMEM 0:
+// Generic kernels (cuda/flash_attn_generic.cu; 1 <= head_dim <= 256,
+// checked), one warp per row, 4 rows per block; SMEM 0:
 //   flash_attn_fwd_generic(<same arguments as flash_attn_fwd_d64>)
 //     grid (ceil(n/4), n_heads, 1), block (128,1,1)
 //   flash_attn_bwd_dq_generic(<same arguments as flash_attn_bwd_dq_d64>)

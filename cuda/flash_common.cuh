@@ -214,7 +214,7 @@ __device__ __forceinline__ void store_warp_tile(const float (&acc)[D / 8][4], co
     }
 }
 
-// Per-lane byte offsets of the ldmatrix row addresses (see flash_common.cuh).
+// Per-lane byte offsets of the ldmatrix row addresses (see the layouts above).
 // A operand / .trans B operand: 16 rows starting at the tile row, the lane's
 // row is lane & 15, its 8-column block (lane >> 4).
 template <int LD>
@@ -239,7 +239,7 @@ __device__ __forceinline__ void zero_frags(float (&acc)[N8][4]) {
 
 // The A fragment of k-slice kk of a product whose left operand is the f32
 // result of an earlier one: its C fragments c0 = acc[2kk], c1 = acc[2kk+1]
-// rounded to bf16 (see flash_common.cuh).
+// rounded to bf16 (see the layouts above).
 __device__ __forceinline__ void frags_to_a(unsigned (&a)[4], const float (&c0)[4], const float (&c1)[4]) {
     a[0] = pack_bf16(c0[0], c0[1]);
     a[1] = pack_bf16(c0[2], c0[3]);
