@@ -3,7 +3,12 @@
 // CPU reference: src/backend/cpu/attention.rs. Off-GPU tests of this file's
 // index math: see "Verification" at the end of this comment.
 //
-// Semantics (identical for every kernel below; they can be mixed freely, e.g.
+// This file holds the tensor-core kernels (head_dim 64 / 128) and the
+// backward's preprocess; the generic kernels (any other head_dim <= 256) are
+// in cuda/flash_attn_generic.cu, and the device code both use in
+// cuda/flash_common.cuh. This comment is the launch contract of all of them.
+//
+// Semantics (identical for every kernel; they can be mixed freely, e.g.
 // tensor-core forward with generic backward):
 //   Tokens of all sequences are one stream of n tokens; sequence s is tokens
 //   cu_seqlens[s] .. cu_seqlens[s+1]-1. Query head h uses kv head
@@ -48,9 +53,9 @@
 //   other; same stream in any order, or two streams after preprocess).
 //
 // Kernel choice: head_dim 64 or 128 -> tensor-core kernels *_d64 / *_d128;
-// any other 1 <= head_dim <= 256 -> *_generic (slow: no tensor cores, one
-// warp per row; for tiny test models and unusual heads). head_dim > 256 is
-// unsupported. The preprocess kernel serves both.
+// any other 1 <= head_dim <= 256 -> *_generic (cuda/flash_attn_generic.cu;
+// slow: no tensor cores, one warp per row; for tiny test models and unusual
+// heads). head_dim > 256 is unsupported. The preprocess kernel serves both.
 //
 // Tensor-core kernels. Let max_len = max over s of (cu[s+1] - cu[s]),
 // computed on the host, and NB = max(1, ceil(max_len / 64)). grid.x may be
@@ -99,12 +104,12 @@
 //
 // Soft-capped twins: flash_attn_fwd_capped_d64, flash_attn_bwd_dq_capped_d128,
 // flash_attn_bwd_dkdv_capped_generic, ... (every fwd / bwd_dq / bwd_dkdv
-// kernel above and below, `capped_` before its head_dim suffix): the same
-// arguments, grid, block and SMEM plus a last argument `float softcap`, the
-// cap c > 0. The preprocess serves both.
+// kernel, tensor-core or generic, `capped_` before its head_dim suffix): the
+// same arguments, grid, block and SMEM plus a last argument `float softcap`,
+// the cap c > 0. The preprocess serves both.
 //
-// Generic kernels (1 <= head_dim <= 256, checked), one warp per row, 4 rows
-// per block; SMEM 0:
+// Generic kernels (cuda/flash_attn_generic.cu; 1 <= head_dim <= 256,
+// checked), one warp per row, 4 rows per block; SMEM 0:
 //   flash_attn_fwd_generic(<same arguments as flash_attn_fwd_d64>)
 //     grid (ceil(n/4), n_heads, 1), block (128,1,1)
 //   flash_attn_bwd_dq_generic(<same arguments as flash_attn_bwd_dq_d64>)
@@ -135,10 +140,10 @@
 //   P^T and dS^T are directly the A operands of dV += P^T.dO, dK += dS^T.Q;
 //   accumulators stay in registers; no cross-warp reduction, no atomics.
 //
-// Verification without a GPU: cuda/emu/ runs this file unmodified on the
+// Verification without a GPU: cuda/emu/ runs these files unmodified on the
 // host (every thread a fiber; mma / ldmatrix from the PTX ISA fragment
 // tables; lazy cp.async; poisoned shared memory; guard pages), and
-// tests/cuda_emu.rs checks it against the CPU reference (varlen batches with
+// tests/cuda_emu.rs checks them against the CPU reference (varlen batches with
 // length-1, exactly-one-tile and multi-tile sequences, GQA/MQA/MHA, windows,
 // tensor-core and generic paths) and bit for bit across thread schedules,
 // including one warp running ahead of the others.
@@ -148,202 +153,9 @@
 
 namespace fa {
 
-typedef __nv_bfloat16 bf16;
-typedef long long i64;
-
-// Tensor-core kernels: 4 warps; every warp owns 16 rows of the block's tile.
-constexpr int NTHREADS = 128;
 constexpr int TILE = 64;  // Br (query rows per block) = Bc (keys per tile) = 64
 constexpr float LOG2E = 1.4426950408889634f;
 constexpr float LN2 = 0.69314718055994531f;
-
-__device__ __forceinline__ float neg_inf() { return __int_as_float((int)0xff800000u); }
-
-// The soft-cap of a score s = scale·(q·k): tanh(s / c)·c in f32, the CPU
-// reference's order of operations, except that s / c is s·(1/c) with 1/c
-// rounded once per kernel (a true division's slow path is a subroutine call,
-// which makes ptxas spill in these register-heavy loops; the difference is
-// at most an ulp before tanh). `th` receives tanh(s / c), from which the
-// backward's slope 1 − th² follows. Only the *_capped kernels call it, so the
-// plain ones compile exactly as without it.
-__device__ __forceinline__ float soft_cap(float s, float c, float inv_c, float& th) {
-    th = tanhf(s * inv_c);
-    return th * c;
-}
-__device__ __forceinline__ float bf2f(bf16 x) { return __bfloat162float(x); }
-
-// Two floats -> one .b32 holding two bf16 (round to nearest even); `lo` in the
-// low 16 bits, i.e. the lower-indexed element of an mma fragment register.
-__device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
-    return (unsigned)__bfloat16_as_ushort(__float2bfloat16_rn(lo)) |
-           ((unsigned)__bfloat16_as_ushort(__float2bfloat16_rn(hi)) << 16);
-}
-
-// Sum over the 32 lanes, returned to every lane. Butterfly: every lane adds
-// the same two operands at every level (commuted), so all lanes hold
-// bit-identical results; fixed order, hence deterministic.
-__device__ __forceinline__ float warp_allsum(float v) {
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-    return v;
-}
-
-// Max / sum over the 4 lanes of a quad (the lanes sharing one accumulator row).
-__device__ __forceinline__ float quad_max(float v) {
-    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
-    return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
-}
-__device__ __forceinline__ float quad_sum(float v) {
-    v += __shfl_xor_sync(0xffffffffu, v, 1);
-    return v + __shfl_xor_sync(0xffffffffu, v, 2);
-}
-
-// Whether key `kc` is visible from query `qr` (sequence-local indices, `len`
-// tokens, window W, 0 = none). Queries past the end see nothing.
-__device__ __forceinline__ bool visible(int qr, int kc, int len, int W) {
-    return qr < len && kc <= qr && (W == 0 || qr - kc < W);
-}
-
-// The window as the kernels use it: 0 when it cannot mask anything in a
-// sequence of `len` tokens (this also keeps k + W - 1 from overflowing).
-__device__ __forceinline__ int clamp_window(int window, int len) {
-    return (window > 0 && window < len) ? window : 0;
-}
-
-// Asynchronously copies a ROWS x D bf16 tile into shared memory (row stride
-// LD = D + 8 elements). Tile row r is token tok0 + r, head `head`, of a tensor
-// [*, nh, D]; rows r >= valid are zero-filled without reading global memory.
-// Precondition: valid >= 1 (row 0 exists; its address stands in for the rest).
-template <int D, int ROWS>
-__device__ __forceinline__ void load_tile_async(sptr dst, const bf16* __restrict__ src, i64 tok0, int nh,
-                                                int head, int valid) {
-    constexpr int CH = D / 8;  // 16-byte chunks per row
-    constexpr int LD = D + 8;
-    const bf16* row0 = src + (tok0 * nh + head) * (i64)D;
-    const i64 stride = (i64)nh * D;
-    for (int c = threadIdx.x; c < ROWS * CH; c += NTHREADS) {
-        const int r = c / CH, cc = c - r * CH;
-        const bool ok = r < valid;
-        const bf16* g = ok ? row0 + r * stride + cc * 8 : row0;
-        cp_async_16(dst + (unsigned)((r * LD + cc * 8) * 2), g, ok);
-    }
-}
-
-// Writes a warp's 16 x D f32 accumulator tile (C fragments acc[D/8][4]),
-// times mul[0] (rows g) / mul[1] (rows g+8), as bf16 into shared rows
-// srow (16 rows of LD elements), then copies the rows r < valid to global
-// token tok0 + r, head `head`, of dst [*, nh, D] with 16-byte stores.
-// Only this warp may touch those 16 shared rows meanwhile.
-template <int D>
-__device__ __forceinline__ void store_warp_tile(const float (&acc)[D / 8][4], const float (&mul)[2], bf16* srow,
-                                                bf16* __restrict__ dst, i64 tok0, int nh, int head, int valid,
-                                                int lane) {
-    constexpr int LD = D + 8, CH = D / 8;
-    const int g = lane >> 2, t4 = lane & 3;
-#pragma unroll
-    for (int nt = 0; nt < D / 8; ++nt) {
-        *reinterpret_cast<unsigned*>(srow + g * LD + nt * 8 + 2 * t4) =
-            pack_bf16(acc[nt][0] * mul[0], acc[nt][1] * mul[0]);
-        *reinterpret_cast<unsigned*>(srow + (g + 8) * LD + nt * 8 + 2 * t4) =
-            pack_bf16(acc[nt][2] * mul[1], acc[nt][3] * mul[1]);
-    }
-    __syncwarp();
-    for (int c = lane; c < 16 * CH; c += 32) {
-        const int r = c / CH, cc = c - r * CH;
-        if (r < valid) {
-            const uint4 val = *reinterpret_cast<const uint4*>(srow + r * LD + cc * 8);
-            *reinterpret_cast<uint4*>(dst + ((tok0 + r) * nh + head) * (i64)D + cc * 8) = val;
-        }
-    }
-}
-
-// Per-lane byte offsets of the ldmatrix row addresses (see flash_common.cuh).
-// A operand / .trans B operand: 16 rows starting at the tile row, the lane's
-// row is lane & 15, its 8-column block (lane >> 4).
-template <int LD>
-__device__ __forceinline__ unsigned lane_off_rows16(int lane) {
-    return (unsigned)(((lane & 15) * LD + (lane >> 4) * 8) * 2);
-}
-// Non-transposed B operand stored as [n][k] rows (K for Q·Kᵀ): matrices
-// (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, k 0-7), (n 8-15, k 8-15), so that
-// r0, r1 = (b0, b1) of n-tile n0 and r2, r3 = (b0, b1) of n-tile n0 + 8.
-template <int LD>
-__device__ __forceinline__ unsigned lane_off_bnk(int lane) {
-    return (unsigned)((((lane & 7) + ((lane >> 4) << 3)) * LD + ((lane >> 3) & 1) * 8) * 2);
-}
-
-// ---- warp-level products (every warp works on its own 16 rows) ----------------
-
-template <int N8>
-__device__ __forceinline__ void zero_frags(float (&acc)[N8][4]) {
-#pragma unroll
-    for (int i = 0; i < N8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
-}
-
-// The A fragment of k-slice kk of a product whose left operand is the f32
-// result of an earlier one: its C fragments c0 = acc[2kk], c1 = acc[2kk+1]
-// rounded to bf16 (see flash_common.cuh).
-__device__ __forceinline__ void frags_to_a(unsigned (&a)[4], const float (&c0)[4], const float (&c1)[4]) {
-    a[0] = pack_bf16(c0[0], c0[1]);
-    a[1] = pack_bf16(c0[2], c0[3]);
-    a[2] = pack_bf16(c1[0], c1[1]);
-    a[3] = pack_bf16(c1[2], c1[3]);
-}
-
-// acc (16 x N) += A·Bᵀ for k-slice ks: A the fragment `a` (16 x 16), B the N
-// shared rows [n][k] at b_rows (row stride LD; lane offset lane_off_bnk).
-template <int LD, int N>
-__device__ __forceinline__ void mma_slice_abt(float (&acc)[N / 8][4], const unsigned (&a)[4], sptr b_rows,
-                                              unsigned offnk, int ks) {
-#pragma unroll
-    for (int np = 0; np < N / 16; ++np) {
-        unsigned b[4];
-        ldsm_x4(b, b_rows + offnk + (unsigned)((np * 16 * LD + ks * 16) * 2));
-        mma_bf16_16816(acc[2 * np], a, b[0], b[1]);
-        mma_bf16_16816(acc[2 * np + 1], a, b[2], b[3]);
-    }
-}
-
-// acc (16 x N) = A·Bᵀ over KS k-slices: A the warp's 16 shared rows at
-// a_rows (lane offset lane_off_rows16), B the N shared rows [n][k] at b_rows.
-template <int LD, int KS, int N>
-__device__ __forceinline__ void mma_rows_abt(float (&acc)[N / 8][4], sptr a_rows, sptr b_rows, unsigned off16,
-                                             unsigned offnk) {
-    zero_frags(acc);
-#pragma unroll
-    for (int ks = 0; ks < KS; ++ks) {
-        unsigned a[4];
-        ldsm_x4(a, a_rows + off16 + (unsigned)(ks * 16 * 2));
-        mma_slice_abt<LD, N>(acc, a, b_rows, offnk, ks);
-    }
-}
-
-// acc (16 x D) += A·B for k-slice kk: A the fragment `a`, B shared rows
-// 16kk..16kk+15 of a [k][d] tile at b_rows, read with transposed ldmatrix.
-template <int LD, int D>
-__device__ __forceinline__ void mma_slice_ab_trans(float (&acc)[D / 8][4], const unsigned (&a)[4], sptr b_rows,
-                                                   unsigned off16, int kk) {
-#pragma unroll
-    for (int dp = 0; dp < D / 16; ++dp) {
-        unsigned b[4];
-        ldsm_x4_trans(b, b_rows + off16 + (unsigned)((kk * 16 * LD + dp * 16) * 2));
-        mma_bf16_16816(acc[2 * dp], a, b[0], b[1]);
-        mma_bf16_16816(acc[2 * dp + 1], a, b[2], b[3]);
-    }
-}
-
-// Whether the tile of queries q0..q0+nq-1 and keys k0..k0+nk-1 (sequence-
-// local) may hold a pair that is not visible, and so needs the per-element
-// mask (conservative: false only when every pair is visible).
-__device__ __forceinline__ bool tile_needs_mask(int q0, int nq, int k0, int nk, int len, int W) {
-    return (k0 + nk - 1 > q0) || (q0 + nq > len) || (k0 + nk > len) || (W != 0 && q0 + nq - 1 - k0 >= W);
-}
-
-__device__ __forceinline__ void check_contract(int head_dim, int d_want, int nh, int nkv) {
-    if (blockDim.x != NTHREADS || blockDim.y != 1 || blockDim.z != 1 || head_dim != d_want || nkv <= 0 ||
-        nh % nkv != 0)
-        __trap();
-}
 
 // ============================================================================
 // Forward (tensor cores).
@@ -721,199 +533,11 @@ __device__ __forceinline__ void bwd_preprocess(const bf16* __restrict__ dout, co
     }
 }
 
-// ============================================================================
-// Generic fallback (any head_dim 1..256): one warp per (token, head) or
-// (token, kv head); lane L holds elements L, L+32, ... of a row; f32 math,
-// no tensor cores, loops over exactly the visible keys (no masking needed).
-// ============================================================================
-constexpr int GEN_MAX_D = 256;
-constexpr int GEN_E = GEN_MAX_D / 32;
-
-// The sequence holding token t: the largest s < n_seqs with cu[s] <= t.
-__device__ __forceinline__ int find_seq(const int* __restrict__ cu, int n_seqs, int t) {
-    int lo = 0, hi = n_seqs - 1;
-    while (lo < hi) {
-        const int mid = (lo + hi + 1) >> 1;
-        if (cu[mid] <= t)
-            lo = mid;
-        else
-            hi = mid - 1;
-    }
-    return lo;
-}
-
-__device__ __forceinline__ void gen_load(float (&x)[GEN_E], const bf16* __restrict__ row, int d, int lane) {
-#pragma unroll
-    for (int e = 0; e < GEN_E; ++e) {
-        const int i = e * 32 + lane;
-        x[e] = i < d ? bf2f(row[i]) : 0.f;
-    }
-}
-
-__device__ __forceinline__ float gen_dot(const float (&x)[GEN_E], const bf16* __restrict__ row, int d, int lane) {
-    float part = 0.f;
-#pragma unroll
-    for (int e = 0; e < GEN_E; ++e) {
-        const int i = e * 32 + lane;
-        if (i < d) part += x[e] * bf2f(row[i]);
-    }
-    return warp_allsum(part);
-}
-
-__device__ __forceinline__ void gen_store(bf16* __restrict__ row, const float (&x)[GEN_E], float mul, int d,
-                                          int lane) {
-#pragma unroll
-    for (int e = 0; e < GEN_E; ++e) {
-        const int i = e * 32 + lane;
-        if (i < d) row[i] = __float2bfloat16_rn(x[e] * mul);
-    }
-}
-
-__device__ __forceinline__ void gen_check(int head_dim, int nh, int nkv) {
-    if (blockDim.x != NTHREADS || blockDim.y != 1 || blockDim.z != 1 || head_dim < 1 || head_dim > GEN_MAX_D ||
-        nkv <= 0 || nh % nkv != 0)
-        __trap();
-}
-
-template <bool CAP>
-__device__ __forceinline__ void fwd_generic(const bf16* __restrict__ q, const bf16* __restrict__ k,
-                                            const bf16* __restrict__ v, const int* __restrict__ cu,
-                                            bf16* __restrict__ out, float* __restrict__ lse, int n, int n_seqs,
-                                            int nh, int nkv, int d, int window, float scale, float cap) {
-    gen_check(d, nh, nkv);
-    const float inv_cap = CAP ? 1.f / cap : 0.f;
-    const int t = blockIdx.x * (NTHREADS / 32) + (threadIdx.x >> 5), h = blockIdx.y, lane = threadIdx.x & 31;
-    if (t >= n || h >= nh) return;
-    const int s0 = cu[find_seq(cu, n_seqs, t)];
-    const int lo = window > 0 ? max(s0, t - window + 1) : s0;
-    const int kvh = h / (nh / nkv);
-    float qv[GEN_E], o[GEN_E];
-    gen_load(qv, q + ((i64)t * nh + h) * d, d, lane);
-#pragma unroll
-    for (int e = 0; e < GEN_E; ++e) o[e] = 0.f;
-    float m = neg_inf(), l = 0.f;
-    for (int j = lo; j <= t; ++j) {
-        float s = gen_dot(qv, k + ((i64)j * nkv + kvh) * d, d, lane) * scale;
-        if constexpr (CAP) {
-            float th;
-            s = soft_cap(s, cap, inv_cap, th);
-        }
-        const float m_new = fmaxf(m, s);
-        const float corr = expf(m - m_new);  // 0 on the first key (m = -inf, s finite)
-        const float p = expf(s - m_new);
-        l = l * corr + p;
-        const bf16* vr = v + ((i64)j * nkv + kvh) * d;
-#pragma unroll
-        for (int e = 0; e < GEN_E; ++e) {
-            const int i = e * 32 + lane;
-            if (i < d) o[e] = o[e] * corr + p * bf2f(vr[i]);
-        }
-        m = m_new;
-    }
-    gen_store(out + ((i64)t * nh + h) * d, o, 1.f / l, d, lane);  // l >= 1: key t is always visible
-    if (lane == 0) lse[(i64)h * n + t] = m + logf(l);
-}
-
-template <bool CAP>
-__device__ __forceinline__ void bwd_dq_generic(const bf16* __restrict__ q, const bf16* __restrict__ k,
-                                               const bf16* __restrict__ v, const bf16* __restrict__ dout,
-                                               const float* __restrict__ lse, const float* __restrict__ dsum,
-                                               const int* __restrict__ cu, bf16* __restrict__ dq, int n, int n_seqs,
-                                               int nh, int nkv, int d, int window, float scale, float cap) {
-    gen_check(d, nh, nkv);
-    const float inv_cap = CAP ? 1.f / cap : 0.f;
-    const int t = blockIdx.x * (NTHREADS / 32) + (threadIdx.x >> 5), h = blockIdx.y, lane = threadIdx.x & 31;
-    if (t >= n || h >= nh) return;
-    const int s0 = cu[find_seq(cu, n_seqs, t)];
-    const int lo = window > 0 ? max(s0, t - window + 1) : s0;
-    const int kvh = h / (nh / nkv);
-    float qv[GEN_E], dov[GEN_E], acc[GEN_E];
-    gen_load(qv, q + ((i64)t * nh + h) * d, d, lane);
-    gen_load(dov, dout + ((i64)t * nh + h) * d, d, lane);
-#pragma unroll
-    for (int e = 0; e < GEN_E; ++e) acc[e] = 0.f;
-    const float lse_t = lse[(i64)h * n + t], d_t = dsum[(i64)h * n + t];
-    for (int j = lo; j <= t; ++j) {
-        const bf16* kr = k + ((i64)j * nkv + kvh) * d;
-        float s = gen_dot(qv, kr, d, lane) * scale, th = 0.f;
-        if constexpr (CAP) s = soft_cap(s, cap, inv_cap, th);
-        const float p = expf(s - lse_t);
-        float ds = p * (gen_dot(dov, v + ((i64)j * nkv + kvh) * d, d, lane) - d_t);
-        if constexpr (CAP) ds *= 1.f - th * th;
-#pragma unroll
-        for (int e = 0; e < GEN_E; ++e) {
-            const int i = e * 32 + lane;
-            if (i < d) acc[e] += ds * bf2f(kr[i]);
-        }
-    }
-    gen_store(dq + ((i64)t * nh + h) * d, acc, scale, d, lane);
-}
-
-template <bool CAP>
-__device__ __forceinline__ void bwd_dkdv_generic(const bf16* __restrict__ q, const bf16* __restrict__ k,
-                                                 const bf16* __restrict__ v, const bf16* __restrict__ dout,
-                                                 const float* __restrict__ lse, const float* __restrict__ dsum,
-                                                 const int* __restrict__ cu, bf16* __restrict__ dk,
-                                                 bf16* __restrict__ dv, int n, int n_seqs, int nh, int nkv, int d,
-                                                 int window, float scale, float cap) {
-    gen_check(d, nh, nkv);
-    const float inv_cap = CAP ? 1.f / cap : 0.f;
-    const int j = blockIdx.x * (NTHREADS / 32) + (threadIdx.x >> 5), kvh = blockIdx.y, lane = threadIdx.x & 31;
-    if (j >= n || kvh >= nkv) return;
-    const int end = cu[find_seq(cu, n_seqs, j) + 1];
-    const int hi = (window > 0 && window < end - j) ? j + window : end;  // queries j .. hi-1 see key j
-    const int group = nh / nkv;
-    float kv_[GEN_E], vv[GEN_E], ak[GEN_E], av[GEN_E];
-    gen_load(kv_, k + ((i64)j * nkv + kvh) * d, d, lane);
-    gen_load(vv, v + ((i64)j * nkv + kvh) * d, d, lane);
-#pragma unroll
-    for (int e = 0; e < GEN_E; ++e) ak[e] = av[e] = 0.f;
-    for (int hq = kvh * group; hq < (kvh + 1) * group; ++hq) {
-        for (int i = j; i < hi; ++i) {
-            const bf16* qr = q + ((i64)i * nh + hq) * d;
-            const bf16* dr = dout + ((i64)i * nh + hq) * d;
-            float s = gen_dot(kv_, qr, d, lane) * scale, th = 0.f;
-            if constexpr (CAP) s = soft_cap(s, cap, inv_cap, th);
-            const float p = expf(s - lse[(i64)hq * n + i]);
-            float ds = p * (gen_dot(vv, dr, d, lane) - dsum[(i64)hq * n + i]);
-            if constexpr (CAP) ds *= 1.f - th * th;
-#pragma unroll
-            for (int e = 0; e < GEN_E; ++e) {
-                const int x = e * 32 + lane;
-                if (x < d) {
-                    ak[e] += ds * bf2f(qr[x]);
-                    av[e] += p * bf2f(dr[x]);
-                }
-            }
-        }
-    }
-    gen_store(dk + ((i64)j * nkv + kvh) * d, ak, scale, d, lane);
-    gen_store(dv + ((i64)j * nkv + kvh) * d, av, 1.f, d, lane);
-}
-
 }  // namespace fa
 
 // ============================================================================
 // Entry points.
 // ============================================================================
-#define FA_FWD_ARGS                                                                                         \
-    const __nv_bfloat16 *q, const __nv_bfloat16 *k, const __nv_bfloat16 *v, const int *cu_seqlens,          \
-        __nv_bfloat16 *out, float *lse, int n, int n_seqs, int n_heads, int n_kv_heads, int head_dim, int window, \
-        float scale
-#define FA_FWD_PASS q, k, v, cu_seqlens, out, lse, n, n_seqs, n_heads, n_kv_heads, head_dim, window, scale
-#define FA_DQ_ARGS                                                                                             \
-    const __nv_bfloat16 *q, const __nv_bfloat16 *k, const __nv_bfloat16 *v, const __nv_bfloat16 *dout,          \
-        const float *lse, const float *dsum, const int *cu_seqlens, __nv_bfloat16 *dq, int n, int n_seqs,       \
-        int n_heads, int n_kv_heads, int head_dim, int window, float scale
-#define FA_DQ_PASS \
-    q, k, v, dout, lse, dsum, cu_seqlens, dq, n, n_seqs, n_heads, n_kv_heads, head_dim, window, scale
-#define FA_DKDV_ARGS                                                                                           \
-    const __nv_bfloat16 *q, const __nv_bfloat16 *k, const __nv_bfloat16 *v, const __nv_bfloat16 *dout,          \
-        const float *lse, const float *dsum, const int *cu_seqlens, __nv_bfloat16 *dk, __nv_bfloat16 *dv, int n, \
-        int n_seqs, int n_heads, int n_kv_heads, int head_dim, int window, float scale
-#define FA_DKDV_PASS \
-    q, k, v, dout, lse, dsum, cu_seqlens, dk, dv, n, n_seqs, n_heads, n_kv_heads, head_dim, window, scale
-
 // Every kernel twice: plain, and *_capped with one more argument, the
 // soft-cap c > 0 (separate entries, so the plain ones keep their registers
 // and speed).
@@ -947,25 +571,4 @@ extern "C" __global__ void __launch_bounds__(1024)
     flash_attn_bwd_preprocess(const __nv_bfloat16* dout, const __nv_bfloat16* out, float* dsum, int n, int n_heads,
                               int head_dim) {
     fa::bwd_preprocess(dout, out, dsum, n, n_heads, head_dim);
-}
-
-extern "C" __global__ void __launch_bounds__(fa::NTHREADS) flash_attn_fwd_generic(FA_FWD_ARGS) {
-    fa::fwd_generic<false>(FA_FWD_PASS, 0.f);
-}
-extern "C" __global__ void __launch_bounds__(fa::NTHREADS) flash_attn_bwd_dq_generic(FA_DQ_ARGS) {
-    fa::bwd_dq_generic<false>(FA_DQ_PASS, 0.f);
-}
-extern "C" __global__ void __launch_bounds__(fa::NTHREADS) flash_attn_bwd_dkdv_generic(FA_DKDV_ARGS) {
-    fa::bwd_dkdv_generic<false>(FA_DKDV_PASS, 0.f);
-}
-extern "C" __global__ void __launch_bounds__(fa::NTHREADS) flash_attn_fwd_capped_generic(FA_FWD_ARGS, float softcap) {
-    fa::fwd_generic<true>(FA_FWD_PASS, softcap);
-}
-extern "C" __global__ void __launch_bounds__(fa::NTHREADS)
-    flash_attn_bwd_dq_capped_generic(FA_DQ_ARGS, float softcap) {
-    fa::bwd_dq_generic<true>(FA_DQ_PASS, softcap);
-}
-extern "C" __global__ void __launch_bounds__(fa::NTHREADS)
-    flash_attn_bwd_dkdv_capped_generic(FA_DKDV_ARGS, float softcap) {
-    fa::bwd_dkdv_generic<true>(FA_DKDV_PASS, softcap);
 }

@@ -1,6 +1,7 @@
 //! Flash attention launches (cuda/flash_attn.cu; its header comment is the
 //! launch contract these follow): tensor-core kernels for head_dim 64 and
-//! 128, a generic one-warp-per-row kernel for any other head_dim <= 256.
+//! 128, a generic one-warp-per-row kernel (cuda/flash_attn_generic.cu) for
+//! any other head_dim <= 256 (kernels are looked up by name, in any module).
 //! The backward runs the preprocess (dsum = Σ dout·out), then dq and dk/dv
 //! as separate deterministic kernels (no atomics). A soft-capped shape runs
 //! the `*_capped_*` twin of each kernel (one more argument, the cap), so the
