@@ -86,6 +86,8 @@ macro_rules! forward_ops {
             "attention" attention(qkv: bufs[Qkv], seqs: seqs, shape: val[$crate::backend::AttnShape], out: buf_mut, lse: buf_mut);
             "attention_backward" attention_backward(dout: buf, qkv: bufs[Qkv], saved: bufs[AttnSaved], seqs: seqs, shape: val[$crate::backend::AttnShape], grads: bufs_mut[QkvGrads]);
             "decode_attention" decode_attention(q: buf, k_cache: buf, v_cache: buf, past: val[usize], shape: val[$crate::backend::AttnShape], out: buf_mut);
+            "decode_attention_batch" decode_attention_batch(q: buf, k_cache: buf, v_cache: buf, positions: ints, capacity: val[usize], shape: val[$crate::backend::AttnShape], out: buf_mut);
+            "scatter_rows" scatter_rows(src: buf, dst: buf_mut, positions: ints, rows: val[usize], width: val[usize], capacity: val[usize]);
             "glu" glu(gate: buf, up: buf, out: buf_mut, shape: val[$crate::backend::GluShape]);
             "glu_backward" glu_backward(dout: buf, gate: buf, up: buf, dgate: buf_mut, dup: buf_mut, shape: val[$crate::backend::GluShape]);
             "cross_entropy" cross_entropy(logits: buf_mut, targets: ints, losses: buf_mut, shape: val[$crate::backend::CeShape], grad_scale: val[Option<f32>]);

@@ -343,6 +343,30 @@ pub trait Backend: Send + Sync + 'static {
         out: &mut Self::Buf,
     );
 
+    /// Batched decoding: one new token in each of `shape.n` sequences, every
+    /// sequence against its own region of one KV cache buffer. k_cache and
+    /// v_cache are [shape.n × capacity, n_kv_heads, d], sequence s in rows
+    /// s·capacity .. (s+1)·capacity; positions[s] is the position of its new
+    /// token, whose key and value are already at row s·capacity +
+    /// positions[s] (`scatter_rows`). Sequence s's query sees its rows j ≤
+    /// positions[s] (and, with a window W, positions[s] − W < j): per
+    /// sequence, `decode_attention` with past = positions[s] and n = 1.
+    /// q, out [shape.n, n_heads, d]. `shape.max_seqlen` is unused.
+    #[allow(clippy::too_many_arguments)]
+    fn decode_attention_batch(
+        &self,
+        q: &Self::Buf,
+        k_cache: &Self::Buf,
+        v_cache: &Self::Buf,
+        positions: &Self::IntBuf,
+        capacity: usize,
+        shape: AttnShape,
+        out: &mut Self::Buf,
+    );
+    /// Row s of `src` [rows, width] into row s·capacity + positions[s] of
+    /// `dst` (each sequence's new key or value into the batched KV cache).
+    fn scatter_rows(&self, src: &Self::Buf, dst: &mut Self::Buf, positions: &Self::IntBuf, rows: usize, width: usize, capacity: usize);
+
     // ---- MLP activation ------------------------------------------------
     /// out = act(gate) ⊙ up, elementwise over `shape.len`.
     fn glu(&self, gate: &Self::Buf, up: &Self::Buf, out: &mut Self::Buf, shape: GluShape);

@@ -76,6 +76,21 @@ pub(super) fn copy_slice(src: &[f32], src_off: usize, dst: &mut [f32], dst_off: 
 }
 
 /// buf = cap · tanh(buf / cap), f32.
+/// Row s of `src` [rows, width] to row s·capacity + positions[s] of `dst`;
+/// see `Backend::scatter_rows`.
+pub(super) fn scatter_rows(src: &[f32], dst: &mut [f32], positions: &[i32], rows: usize, width: usize, capacity: usize) {
+    const OP: &str = "scatter_rows";
+    check_len(OP, "src", src.len(), rows * width);
+    check_len(OP, "positions", positions.len(), rows);
+    for (s, &p) in positions[..rows].iter().enumerate() {
+        let p = usize::try_from(p).ok().filter(|&p| p < capacity);
+        let p = p.unwrap_or_else(|| panic!("{OP}: position {} of row {s} is outside the capacity {capacity}", positions[s]));
+        let at = (s * capacity + p) * width;
+        check_len(OP, "dst", dst.len(), at + width);
+        dst[at..at + width].copy_from_slice(&src[s * width..(s + 1) * width]);
+    }
+}
+
 pub(super) fn softcap(buf: &mut [f32], cap: f32) {
     assert!(cap > 0.0, "softcap: cap {cap} must be positive");
     buf.par_chunks_mut(CHUNK).for_each(|c| {

@@ -269,6 +269,22 @@ impl Backend for CpuBackend {
         attention::decode_attention(q, k_cache, v_cache, past, shape, out)
     }
 
+    fn decode_attention_batch(
+        &self,
+        q: &Vec<f32>,
+        k_cache: &Vec<f32>,
+        v_cache: &Vec<f32>,
+        positions: &Vec<i32>,
+        capacity: usize,
+        shape: AttnShape,
+        out: &mut Vec<f32>,
+    ) {
+        attention::decode_attention_batch(q, k_cache, v_cache, positions, capacity, shape, out)
+    }
+    fn scatter_rows(&self, src: &Vec<f32>, dst: &mut Vec<f32>, positions: &Vec<i32>, rows: usize, width: usize, capacity: usize) {
+        buffer_ops::scatter_rows(src, dst, positions, rows, width, capacity)
+    }
+
     // ---- MLP activation ------------------------------------------------
     fn glu(&self, gate: &Vec<f32>, up: &Vec<f32>, out: &mut Vec<f32>, shape: GluShape) {
         glu::glu(gate, up, out, shape)

@@ -228,3 +228,42 @@ pub fn decode(
     let cap = softcap_arg("decode_attention", &shape).unwrap_or(0.0);
     launch!(be, "decode_attention_bf16", cfg, q, k, v, out, &n, &past, &nh, &nkv, &hd, &window, &scale, &cap);
 }
+
+/// Batched decoding (see `Backend::decode_attention_batch`). For now each
+/// sequence goes through `decode` with its position read back to the host.
+#[allow(clippy::too_many_arguments)]
+pub fn decode_batch(
+    be: &CudaBackend,
+    q: &CudaBuf,
+    k_cache: &CudaBuf,
+    v_cache: &CudaBuf,
+    positions: &CudaSlice<i32>,
+    capacity: usize,
+    shape: AttnShape,
+    out: &mut CudaBuf,
+) {
+    let pos = be.stream.clone_dtoh(positions).expect("CUDA download");
+    let (h, kvd) = (shape.n_heads * shape.head_dim, shape.n_kv_heads * shape.head_dim);
+    let one = AttnShape { n: 1, max_seqlen: 1, ..shape };
+    for (s, &p) in pos.iter().take(shape.n).enumerate() {
+        let p = p as usize;
+        let (mut qs, mut kc, mut vc) = (be.zeros(h), be.zeros((p + 1) * kvd), be.zeros((p + 1) * kvd));
+        use crate::backend::Backend;
+        be.copy_slice(q, s * h, &mut qs, 0, h);
+        be.copy_slice(k_cache, s * capacity * kvd, &mut kc, 0, (p + 1) * kvd);
+        be.copy_slice(v_cache, s * capacity * kvd, &mut vc, 0, (p + 1) * kvd);
+        let mut o = be.zeros(h);
+        decode(be, &qs, &kc, &vc, p, one, &mut o);
+        be.copy_slice(&o, 0, out, s * h, h);
+    }
+}
+
+/// Row s of `src` into row s·capacity + positions[s] of `dst` (see
+/// `Backend::scatter_rows`); for now one device copy per row.
+pub fn scatter_rows(be: &CudaBackend, src: &CudaBuf, dst: &mut CudaBuf, positions: &CudaSlice<i32>, rows: usize, width: usize, capacity: usize) {
+    use crate::backend::Backend;
+    let pos = be.stream.clone_dtoh(positions).expect("CUDA download");
+    for (s, &p) in pos.iter().take(rows).enumerate() {
+        be.copy_slice(src, s * width, dst, (s * capacity + p as usize) * width, width);
+    }
+}

@@ -292,6 +292,22 @@ impl Backend for CudaBackend {
         attention::decode(self, q, k_cache, v_cache, past, shape, out);
     }
 
+    fn decode_attention_batch(
+        &self,
+        q: &CudaBuf,
+        k_cache: &CudaBuf,
+        v_cache: &CudaBuf,
+        positions: &CudaSlice<i32>,
+        capacity: usize,
+        shape: AttnShape,
+        out: &mut CudaBuf,
+    ) {
+        attention::decode_batch(self, q, k_cache, v_cache, positions, capacity, shape, out);
+    }
+    fn scatter_rows(&self, src: &CudaBuf, dst: &mut CudaBuf, positions: &CudaSlice<i32>, rows: usize, width: usize, capacity: usize) {
+        attention::scatter_rows(self, src, dst, positions, rows, width, capacity);
+    }
+
     fn glu(&self, gate: &CudaBuf, up: &CudaBuf, out: &mut CudaBuf, shape: GluShape) {
         let GluShape { len, act } = shape;
         let names = match act {

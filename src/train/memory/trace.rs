@@ -189,6 +189,8 @@ impl Backend for Tracer {
     ) {
     }
     fn decode_attention(&self, _: &Sized, _: &Sized, _: &Sized, _: usize, _: AttnShape, _: &mut Sized) {}
+    fn decode_attention_batch(&self, _: &Sized, _: &Sized, _: &Sized, _: &Sized, _: usize, _: AttnShape, _: &mut Sized) {}
+    fn scatter_rows(&self, _: &Sized, _: &mut Sized, _: &Sized, _: usize, _: usize, _: usize) {}
     fn glu(&self, _: &Sized, _: &Sized, _: &mut Sized, _: GluShape) {}
     fn glu_backward(&self, _: &Sized, _: &Sized, _: &Sized, _: &mut Sized, _: &mut Sized, _: GluShape) {}
     fn cross_entropy(&self, _: &mut Sized, _: &Sized, _: &mut Sized, _: CeShape, _: Option<f32>) {}

@@ -500,6 +500,28 @@ impl<B: Backend> Backend for Bf16Sim<B> {
         self.inner.decode_attention(&q.inner, &k_cache.inner, &v_cache.inner, past, shape, &mut out.inner);
         self.store(out); // bf16: out stored in the activation type.
     }
+    fn decode_attention_batch(
+        &self,
+        q: &Buf<B>,
+        k_cache: &Buf<B>,
+        v_cache: &Buf<B>,
+        positions: &Ints<B>,
+        capacity: usize,
+        shape: AttnShape,
+        out: &mut Buf<B>,
+    ) {
+        for (b, what) in [(q, "q"), (k_cache, "k_cache"), (v_cache, "v_cache"), (&*out, "out")] {
+            expect_kind(b, Storage::Act, &format!("decode_attention_batch {what}"));
+        }
+        // As decode_attention: f32 from bf16 inputs, only out stored.
+        self.inner.decode_attention_batch(&q.inner, &k_cache.inner, &v_cache.inner, Self::ints(positions), capacity, shape, &mut out.inner);
+        self.store(out);
+    }
+    fn scatter_rows(&self, src: &Buf<B>, dst: &mut Buf<B>, positions: &Ints<B>, rows: usize, width: usize, capacity: usize) {
+        same_kind(&[src, dst], "scatter_rows");
+        // A copy of stored values: nothing to round.
+        self.inner.scatter_rows(&src.inner, &mut dst.inner, Self::ints(positions), rows, width, capacity);
+    }
     fn glu(&self, gate: &Buf<B>, up: &Buf<B>, out: &mut Buf<B>, shape: GluShape) {
         same_kind(&[gate, up, out], "glu");
         self.inner.glu(&gate.inner, &up.inner, &mut out.inner, shape);

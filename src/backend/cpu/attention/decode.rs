@@ -35,3 +35,35 @@ pub(crate) fn decode_attention(
         attend_row(&g, Qkv { q: g.q_row(q, i, head), k: k_cache, v: v_cache }, head / g.group, g.key_lo(t)..=t, scores, o);
     });
 }
+
+/// One new token in each of `shape.n` sequences against its own region of
+/// the batched cache; see `Backend::decode_attention_batch`. Each sequence
+/// goes through `decode_attention`'s row computation, so a batch decodes
+/// exactly as its sequences one at a time.
+pub(crate) fn decode_attention_batch(
+    q: &[f32],
+    k_cache: &[f32],
+    v_cache: &[f32],
+    positions: &[i32],
+    capacity: usize,
+    shape: AttnShape,
+    out: &mut [f32],
+) {
+    const OP: &str = "decode_attention_batch";
+    let (n, h, d, kv) = (shape.n, shape.n_heads, shape.head_dim, shape.n_kv_heads);
+    check_len(OP, "positions", positions.len(), n);
+    check_len(OP, "q", q.len(), n * h * d);
+    check_len(OP, "out", out.len(), n * h * d);
+    check_len(OP, "k_cache", k_cache.len(), n * capacity * kv * d);
+    check_len(OP, "v_cache", v_cache.len(), n * capacity * kv * d);
+    if n == 0 || h == 0 || d == 0 {
+        return;
+    }
+    out[..n * h * d].par_chunks_mut(h * d).enumerate().for_each(|(s, o)| {
+        let p = usize::try_from(positions[s]).ok().filter(|&p| p < capacity);
+        let p = p.unwrap_or_else(|| panic!("{OP}: position {} of sequence {s} is outside the capacity {capacity}", positions[s]));
+        let rows = (s * capacity * kv * d)..((s * capacity + p + 1) * kv * d);
+        let one = AttnShape { n: 1, max_seqlen: 1, ..shape };
+        decode_attention(&q[s * h * d..(s + 1) * h * d], &k_cache[rows.clone()], &v_cache[rows], p, one, o);
+    });
+}

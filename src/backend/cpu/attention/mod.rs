@@ -23,7 +23,7 @@ mod forward;
 mod tests;
 
 pub(super) use backward::attention_backward;
-pub(super) use decode::decode_attention;
+pub(super) use decode::{decode_attention, decode_attention_batch};
 pub(super) use forward::attention;
 
 use super::check_len;
