@@ -10,7 +10,7 @@ use crate::data::show::{Marking, Show};
 use crate::data::tokenizer::TextTokenizer;
 use crate::model::checkpoint;
 use crate::backend::cpu::CpuBackend;
-use crate::train::examples::{Examples, data_plan};
+use crate::train::examples::{Batching, Examples, data_plan};
 use crate::train::objectives;
 use anyhow::Result;
 use clap::{Args, ValueEnum};
@@ -57,13 +57,14 @@ pub fn run(a: PreprocessArgs) -> Result<()> {
     // train on them makes no difference here.
     let objective = objectives::select::<CpuBackend>(&cfg)?;
     let supervised = objective.packs();
+    let batching = objective.batching(&cfg);
     let (train, val, report) = objective.prepare_data(&cfg, &tokenizer_dir, vocab)?;
 
     let mut out = std::io::stdout().lock();
     for r in &report {
         writeln!(out, "dataset {r}")?;
     }
-    write!(out, "{}", summary(&cfg, &train, &val, &report, supervised))?;
+    write!(out, "{}", summary(&cfg, &train, &val, &report, supervised, batching))?;
     if a.show == 0 {
         return Ok(());
     }
@@ -113,7 +114,7 @@ fn split_line(name: &str, examples: &Examples) -> String {
 
 /// The counts after the per-dataset lines: rows, splits, packing,
 /// batches and the cache.
-fn summary(cfg: &RunConfig, train: &Examples, val: &Examples, report: &[DatasetReport], supervised: bool) -> String {
+fn summary(cfg: &RunConfig, train: &Examples, val: &Examples, report: &[DatasetReport], supervised: bool, batching: Batching) -> String {
     let sum = |f: fn(&DatasetReport) -> usize| report.iter().map(f).sum::<usize>();
     let mut s = format!(
         "rows: {} read, {} dropped (longer than sequence_len {}), {} truncated to sequence_len\n",
@@ -128,7 +129,7 @@ fn summary(cfg: &RunConfig, train: &Examples, val: &Examples, report: &[DatasetR
     }
     s += &split_line("train", train);
     s += &split_line("validation", val);
-    let plan = data_plan(cfg, train, supervised);
+    let plan = data_plan(cfg, train, supervised, batching);
     if plan.sample_packing {
         let (rows, fill) = plan.fill(0);
         let epoch = if plan.shuffle { " (epoch 1's order)" } else { "" };

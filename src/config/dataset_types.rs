@@ -19,6 +19,8 @@ pub enum Rows {
     Labelled,
     /// A reward model's {prompt?, chosen, rejected, margin?} rows, no type.
     ScoredPairs,
+    /// GRPO's prompts {prompt, other columns...}, no type.
+    Prompts,
 }
 
 /// The `rl` values a run config accepts and the rows each one reads.
@@ -28,6 +30,7 @@ pub const RL_VALUES: &[(&str, Rows)] = &[
     ("orpo", Rows::Pairs),
     ("simpo", Rows::Pairs),
     ("kto", Rows::Labelled),
+    ("grpo", Rows::Prompts),
 ];
 
 /// The names of `RL_VALUES`.

@@ -37,7 +37,10 @@ const DATASET_LISTS: &[&str] = &["datasets", "test_datasets"];
 /// overrides applied (in order) before any check.
 pub fn load(path: &Path, overrides: &[String]) -> Result<Loaded> {
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read run config {}", path.display()))?;
-    load_str(&text, &path.display().to_string(), overrides)
+    let mut loaded = load_str(&text, &path.display().to_string(), overrides)?;
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    loaded.config.config_dir = Some(dir.to_path_buf());
+    Ok(loaded)
 }
 
 /// `load` for config text already in memory; `file` names it in messages.
@@ -74,6 +77,12 @@ pub fn load_str(text: &str, file: &str, overrides: &[String]) -> Result<Loaded> 
     }
     normalise(&mut config);
     validate::validate(&config, &loc)?;
+    if config.rl.as_deref() == Some("grpo") {
+        let (_, notes) = super::grpo::read(config.trl.as_ref(), config.rl_beta).map_err(|(k, m)| anyhow!("{}{k} {m}", loc.at(&k)))?;
+        warnings.extend(notes.into_iter().map(|n| format!("{}{n}", loc.at("trl"))));
+    } else if config.trl.is_some() {
+        warnings.push(format!("{}trl is ignored: its settings are read by rl: grpo only (trl.beta is rl_beta)", loc.at("trl")));
+    }
     if config.adapter.is_none() {
         warnings.push(format!(
             "{}adapter is not set: Axolotl would fine-tune every weight, ferrotune trains a LoRA adapter (write adapter: lora to say so)",

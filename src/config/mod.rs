@@ -16,6 +16,7 @@
 
 mod checkpoint_match;
 mod dataset_types;
+pub mod grpo;
 mod key_reasons;
 mod keys;
 mod keys_extra;
@@ -255,6 +256,12 @@ pub struct RunConfig {
     /// KTO's weights of desirable and undesirable examples (default 1).
     pub kto_desirable_weight: Option<f64>,
     pub kto_undesirable_weight: Option<f64>,
+    /// TRL's settings for `rl: grpo` (GRPOConfig names; `grpo::read` types them).
+    pub trl: Option<serde_json::Map<String, serde_json::Value>>,
+    /// The directory of the config file (GRPO's Python reward functions are
+    /// imported from it); set by `load`, never read from the file.
+    #[serde(skip)]
+    pub config_dir: Option<std::path::PathBuf>,
 
     /// ferrotune: cpu, cuda, cuda:N or auto (the `--device` flag overrides).
     pub device: String,
@@ -328,8 +335,18 @@ impl Default for RunConfig {
             precompute_ref_log_probs: false,
             kto_desirable_weight: None,
             kto_undesirable_weight: None,
+            trl: None,
+            config_dir: None,
             device: "auto".into(),
         }
+    }
+}
+
+impl RunConfig {
+    /// The GRPO settings of an `rl: grpo` run (`trl:` with TRL's defaults;
+    /// `load` has already checked them).
+    pub fn grpo(&self) -> Result<grpo::GrpoSettings> {
+        grpo::read(self.trl.as_ref(), self.rl_beta).map(|(s, _)| s).map_err(|(k, m)| anyhow::anyhow!("{k} {m}"))
     }
 }
 

@@ -251,6 +251,14 @@ fn validate_dataset(d: &DatasetConfig, rl: Option<&str>, rows: Rows, at: &str, l
                     "must be left out with reward_model: its datasets are {{prompt?, chosen, rejected, margin?}} rows (got {kind})"
                 );
             }
+            Rows::Prompts => {
+                check!(
+                    false,
+                    loc,
+                    &key("type"),
+                    "must be left out with rl: grpo: its datasets are {{prompt, other columns...}} rows (got {kind})"
+                );
+            }
             Rows::Pairs | Rows::Sequences => {}
         }
         if rows == Rows::Pairs {

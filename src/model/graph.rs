@@ -89,6 +89,9 @@ pub enum TokenWeights<'a> {
 pub enum Head<'a, B: Backend> {
     /// The LM head and cross-entropy, each target token's loss weighted.
     Tokens(TokenWeights<'a>),
+    /// The same over log_softmax(logits / temperature) (GRPO scores its
+    /// samples at the sampling temperature, as TRL does).
+    TokensAt(f32, TokenWeights<'a>),
     /// A head supplied by the caller instead of the LM head (a reward
     /// model's score head): it gets hf [n, hidden] (batch token order) and
     /// returns ∂L/∂hf, same length, already scaled as the step needs.
@@ -152,17 +155,28 @@ impl<B: Backend> Model<B> {
     /// the target is -100), without gradients. `adapters: false` runs the
     /// base model alone (the reference policy of preference objectives).
     pub fn token_nll(&self, be: &B, batch: &Batch, adapters: bool) -> Vec<f32> {
+        self.token_nll_at(be, batch, adapters, 1.0)
+    }
+
+    /// `token_nll` of log_softmax(logits / temperature).
+    pub fn token_nll_at(&self, be: &B, batch: &Batch, adapters: bool, temperature: f32) -> Vec<f32> {
         let hf = self.hidden_states(be, batch, adapters);
-        self.head_loss(be, &hf, &batch.targets, None)
+        self.head_loss(be, &hf, &batch.targets, temperature, None)
     }
 
     /// LM head + cross-entropy over chunks of tokens; returns the per-token
     /// losses (0 where the target is -100). With `grad` = Some((scale,
     /// dhf)), also writes ∂(Σ_t w_t·NLL_t)/∂hf into dhf. Per-token losses stay
     /// on the backend until the one read at the end (no host
-    /// synchronisation per chunk).
-    fn head_loss(&self, be: &B, hf: &B::Buf, targets: &[i32], mut grad: Option<(GradScale, &mut B::Buf)>) -> Vec<f32> {
+    /// synchronisation per chunk). With a temperature T ≠ 1 the NLL is that
+    /// of softmax(logits / T): the head's input is scaled by 1/T (the
+    /// logits are linear in it) and a soft cap c becomes c/T, since
+    /// c·tanh(l/c)/T = (c/T)·tanh((l/T)/(c/T)); the gradient picks up the
+    /// same 1/T on its way back.
+    fn head_loss(&self, be: &B, hf: &B::Buf, targets: &[i32], temperature: f32, mut grad: Option<(GradScale, &mut B::Buf)>) -> Vec<f32> {
         let (h, v) = (self.cfg.hidden, self.cfg.vocab);
+        let tempered = temperature != 1.0;
+        let softcap = self.cfg.final_softcap.map(|c| c / temperature);
         let n = targets.len();
         let chunk = self.loss_chunk_tokens.max(1).min(n.max(1));
         // Scratch sized for the largest chunk, reused by every chunk.
@@ -194,12 +208,18 @@ impl<B: Backend> Model<B> {
                 continue;
             }
             be.copy_slice(hf, c0 * h, &mut hc, 0, c * h);
+            if tempered {
+                be.scale(&mut hc, 1.0 / temperature);
+            }
             be.linear(&hc, self.head(), None, &mut logits, MatShape { m: c, k: h, n: v });
             let t = be.upload_ints(chunk_targets);
-            be.cross_entropy(&mut logits, &t, &mut chunk_losses, CeShape { rows: c, vocab: v, softcap: self.cfg.final_softcap }, scale);
+            be.cross_entropy(&mut logits, &t, &mut chunk_losses, CeShape { rows: c, vocab: v, softcap }, scale);
             be.copy_slice(&chunk_losses, 0, &mut losses, c0, c);
             if let Some((_, dhf)) = grad.as_mut() {
                 be.linear_backward_input(&logits, self.head(), &mut dhc, MatShape { m: c, k: h, n: v }, false);
+                if tempered {
+                    be.scale(&mut dhc, 1.0 / temperature);
+                }
                 be.copy_slice(&dhc, 0, dhf, c0 * h, c * h);
             }
             c0 += c;
@@ -229,21 +249,26 @@ impl<B: Backend> Model<B> {
     /// backward.
     pub fn forward_backward_with(&mut self, be: &B, batch: &Batch, opts: BackwardOpts, head: Head<'_, B>) -> anyhow::Result<Vec<f32>> {
         let n = batch.n_tokens();
+        let head = match head {
+            Head::Tokens(weights) => Head::TokensAt(1.0, weights),
+            other => other,
+        };
         self.train_pass(be, batch, opts, |model, hf| match head {
-            Head::Tokens(weights) => {
+            Head::TokensAt(temp, weights) => {
                 let mut dhf = be.zeros(n * model.cfg.hidden);
                 let nll = match weights {
-                    TokenWeights::Uniform(s) => model.head_loss(be, hf, &batch.targets, Some((GradScale::Uniform(s), &mut dhf))),
+                    TokenWeights::Uniform(s) => model.head_loss(be, hf, &batch.targets, temp, Some((GradScale::Uniform(s), &mut dhf))),
                     TokenWeights::FromLosses(choose) => {
-                        let nll = model.head_loss(be, hf, &batch.targets, None);
+                        let nll = model.head_loss(be, hf, &batch.targets, temp, None);
                         let w = choose(&nll)?;
                         anyhow::ensure!(w.len() == n, "{} token weights for {n} tokens", w.len());
-                        model.head_loss(be, hf, &batch.targets, Some((GradScale::PerToken(&w), &mut dhf)));
+                        model.head_loss(be, hf, &batch.targets, temp, Some((GradScale::PerToken(&w), &mut dhf)));
                         nll
                     }
                 };
                 Ok((nll, dhf))
             }
+            Head::Tokens(_) => unreachable!("mapped to TokensAt above"),
             Head::Hidden(grad) => {
                 let len = n * model.cfg.hidden;
                 let dhf = grad(hf)?;

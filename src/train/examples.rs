@@ -88,13 +88,34 @@ impl Examples {
     }
 }
 
+/// How an objective groups its examples into optimiser steps
+/// (`Objective::batching`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Batching {
+    /// Examples (rows) per micro-batch.
+    pub micro_batch_size: usize,
+    /// Micro-batches per optimiser step.
+    pub micro_batches_per_step: usize,
+    /// Optimiser steps each micro-batch is trained on.
+    pub repeat: usize,
+}
+
+impl Batching {
+    /// micro_batch_size examples per micro-batch,
+    /// gradient_accumulation_steps micro-batches per step.
+    pub fn of(cfg: &RunConfig) -> Batching {
+        Batching { micro_batch_size: cfg.micro_batch_size, micro_batches_per_step: cfg.gradient_accumulation_steps, repeat: 1 }
+    }
+}
+
 /// How a run orders, packs and batches its training examples; `packs`:
 /// the objective allows several examples in one row (`Objective::packs`).
-pub fn data_plan(cfg: &RunConfig, train: &Examples, packs: bool) -> DataPlan {
+pub fn data_plan(cfg: &RunConfig, train: &Examples, packs: bool, batching: Batching) -> DataPlan {
     DataPlan {
         lengths: train.lengths(),
-        micro_batch_size: cfg.micro_batch_size,
-        gradient_accumulation_steps: cfg.gradient_accumulation_steps,
+        micro_batch_size: batching.micro_batch_size,
+        gradient_accumulation_steps: batching.micro_batches_per_step,
+        repeat: batching.repeat,
         // Pairs are never packed: each micro-batch holds whole pairs.
         sample_packing: cfg.sample_packing && packs,
         sequence_len: cfg.sequence_len,

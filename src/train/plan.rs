@@ -22,6 +22,9 @@ pub struct DataPlan {
     pub sequence_len: usize,
     pub shuffle: bool,
     pub seed: u64,
+    /// Each micro-batch is trained on this many consecutive times (GRPO's
+    /// num_iterations: one generation, several optimiser steps).
+    pub repeat: usize,
 }
 
 /// One micro-batch: the indices of its examples, in order.
@@ -74,7 +77,9 @@ impl DataPlan {
 
     /// The micro-batches of epoch `epoch`.
     pub fn micro_batches(&self, epoch: usize) -> Vec<MicroBatch> {
-        self.rows(epoch).chunks(self.micro_batch_size.max(1)).map(|rows| rows.concat()).collect()
+        let rows = self.rows(epoch);
+        let once = rows.chunks(self.micro_batch_size.max(1)).map(|rows| rows.concat());
+        once.flat_map(|mb| std::iter::repeat_n(mb, self.repeat.max(1))).collect()
     }
 
     /// Optimiser steps in epoch `epoch` (the last one may be short).
@@ -110,7 +115,7 @@ mod tests {
     use super::*;
 
     fn plan(lengths: Vec<usize>, packing: bool, shuffle: bool) -> DataPlan {
-        DataPlan { lengths, micro_batch_size: 2, gradient_accumulation_steps: 2, sample_packing: packing, sequence_len: 10, shuffle, seed: 7 }
+        DataPlan { lengths, micro_batch_size: 2, gradient_accumulation_steps: 2, sample_packing: packing, sequence_len: 10, shuffle, seed: 7, repeat: 1 }
     }
 
     #[test]
@@ -123,6 +128,13 @@ mod tests {
         assert_eq!(p.total_steps(2.0, None), 4);
         assert_eq!(p.total_steps(1.5, None), 3);
         assert_eq!(p.total_steps(1.0, Some(9)), 9);
+    }
+
+    #[test]
+    fn repeat_trains_each_micro_batch_several_times() {
+        let p = DataPlan { repeat: 2, gradient_accumulation_steps: 1, ..plan(vec![3; 3], false, false) };
+        assert_eq!(p.micro_batches(0), vec![vec![0, 1], vec![0, 1], vec![2], vec![2]]);
+        assert_eq!(p.steps_in_epoch(0), 4);
     }
 
     #[test]

@@ -174,7 +174,7 @@ pub fn train<B: Backend>(run: Run<'_, B>) -> Result<Summary> {
     if train.is_empty() {
         bail!("no training examples left after preparation (all rows dropped or moved to validation)");
     }
-    let plan = data_plan(cfg, &train, objective.packs());
+    let plan = data_plan(cfg, &train, objective.packs(), objective.batching(cfg));
     let total_steps = plan.total_steps(cfg.num_epochs, cfg.max_steps);
     let steps_per_epoch = plan.steps_in_epoch(0);
     let schedule = Schedule {
@@ -226,7 +226,7 @@ pub fn train<B: Backend>(run: Run<'_, B>) -> Result<Summary> {
             epoch_batches = (state.epoch, plan.micro_batches(state.epoch));
         }
         let n_micro = epoch_batches.1.len();
-        let step_mbs = &epoch_batches.1[state.next_micro_batch..(state.next_micro_batch + cfg.gradient_accumulation_steps).min(n_micro)];
+        let step_mbs = &epoch_batches.1[state.next_micro_batch..(state.next_micro_batch + plan.gradient_accumulation_steps).min(n_micro)];
         let lr = schedule.lr(state.global_step);
         let out = objective.step(Step {
             be,

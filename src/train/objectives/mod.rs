@@ -39,7 +39,7 @@ pub use orpo::OrpoConfig;
 pub use pairs::PairObjective;
 pub use reward::{PairRewards, RewardConfig, RewardLoss};
 
-use super::examples::Examples;
+use super::examples::{Batching, Examples};
 use super::optimizer::{ExtraParam, Optimizer};
 use super::plan::MicroBatch;
 use crate::adapter::{LoraConfig, peft};
@@ -132,6 +132,11 @@ pub trait Objective<B: Backend>: fmt::Debug {
     /// Whether several examples may be packed into one row (sample_packing).
     fn packs(&self) -> bool {
         false
+    }
+
+    /// How examples are grouped into micro-batches and steps.
+    fn batching(&self, cfg: &RunConfig) -> Batching {
+        Batching::of(cfg)
     }
 
     /// Loads the adapter of lora_model_dir (and what the objective saved
