@@ -17,6 +17,7 @@ pub mod pairs;
 pub mod formats;
 pub mod preference;
 pub mod prepare;
+pub mod prompts;
 pub mod pretokenized;
 pub mod rows;
 pub mod show;

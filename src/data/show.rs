@@ -56,6 +56,11 @@ impl Show<'_> {
         section("prompt", &prompt) + &section(label, &completion)
     }
 
+    /// A GRPO prompt (its completions are sampled during training).
+    pub fn prompt(&self, ids: &[u32]) -> String {
+        section("prompt", &self.tokens(&self.pieces(ids), ids, &vec![false; ids.len()]))
+    }
+
     /// A reward-model pair: both whole sequences, unmarked (the model is
     /// scored at each sequence's last token, not trained per token).
     pub fn reward(&self, r: &RewardPair) -> String {

@@ -5,7 +5,7 @@
 
 use super::chat_template::SpecialTokens;
 use crate::model::checkpoint;
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -105,6 +105,29 @@ impl TextTokenizer {
             }
         }
         pieces
+    }
+
+    /// The text of `ids`, special tokens left out (TRL decodes completions
+    /// for reward functions this way).
+    pub fn decode_text(&self, ids: &[u32]) -> Result<String> {
+        self.tokenizer.decode(ids, true).map_err(|e| anyhow::anyhow!("cannot decode token ids: {e}"))
+    }
+
+    /// The ids that end generation: `model_eos` (config.json's
+    /// eos_token_id), generation_config.json's eos_token_id and the
+    /// tokenizer's eos_token, without repeats.
+    pub fn stop_tokens(&self, model_eos: &[u32], model_dir: &Path) -> Result<Vec<u32>> {
+        let mut ids = model_eos.to_vec();
+        let gen_path = model_dir.join("generation_config.json");
+        if gen_path.is_file() {
+            let text = std::fs::read_to_string(&gen_path).with_context(|| format!("cannot read {}", gen_path.display()))?;
+            let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", gen_path.display()))?;
+            ids.extend(crate::model::hparams::token_ids(v.get("eos_token_id"), "eos_token_id", &gen_path.display().to_string())?);
+        }
+        ids.extend(self.eos_id());
+        let mut seen = std::collections::HashSet::new();
+        ids.retain(|id| seen.insert(*id));
+        Ok(ids)
     }
 
     /// The pad token's id, if the tokenizer names one that is in its vocabulary.

@@ -6,6 +6,7 @@
 use super::plan::DataPlan;
 use crate::config::RunConfig;
 use crate::data::preference::{KtoExample as KtoIds, PreferencePair, RewardPair};
+use crate::data::prompts::PromptRow;
 use crate::data::show::Show;
 use crate::model::batch::Sequence;
 
@@ -19,6 +20,8 @@ pub enum Examples {
     Kto(Vec<KtoIds>),
     /// Reward-model pairs: whole chosen and rejected sequences.
     Reward(Vec<RewardPair>),
+    /// GRPO's prompts, completions sampled during training.
+    Prompts(Vec<PromptRow>),
 }
 
 impl Examples {
@@ -28,6 +31,7 @@ impl Examples {
             Examples::Pairs(p) => p.len(),
             Examples::Kto(k) => k.len(),
             Examples::Reward(r) => r.len(),
+            Examples::Prompts(p) => p.len(),
         }
     }
 
@@ -41,6 +45,7 @@ impl Examples {
             Examples::Sequences(_) => "sequences",
             Examples::Pairs(_) | Examples::Reward(_) => "pairs",
             Examples::Kto(_) => "examples",
+            Examples::Prompts(_) => "prompts",
         }
     }
 
@@ -59,6 +64,8 @@ impl Examples {
             Examples::Pairs(p) => p.iter().flat_map(|p| p.sequences()).map(|s| count(&s)).collect(),
             Examples::Kto(k) => k.iter().map(|e| count(&e.sequence())).collect(),
             Examples::Reward(r) => r.iter().flat_map(|p| [p.chosen.len(), p.rejected.len()]).map(|n| (n, n.saturating_sub(1))).collect(),
+            // Nothing is trained on a prompt itself.
+            Examples::Prompts(p) => p.iter().map(|p| (p.ids.len(), 0)).collect(),
         };
         per_seq.iter().fold((0, 0), |(t, tr), (a, b)| (t + a, tr + b))
     }
@@ -73,6 +80,7 @@ impl Examples {
             Examples::Pairs(p) => show.pair(&p[i]),
             Examples::Kto(k) => show.kto(&k[i]),
             Examples::Reward(r) => show.reward(&r[i]),
+            Examples::Prompts(p) => show.prompt(&p[i].ids),
         }
     }
 
@@ -84,6 +92,7 @@ impl Examples {
             // With its KL pair (about the same length).
             Examples::Kto(k) => k.iter().map(|e| 2 * (e.prompt.len() + e.completion.len())).collect(),
             Examples::Reward(r) => r.iter().map(|p| p.chosen.len() + p.rejected.len()).collect(),
+            Examples::Prompts(p) => p.iter().map(|p| p.ids.len()).collect(),
         }
     }
 }

@@ -3,8 +3,8 @@
 //! optimiser step runs over them, what it logs, what its reference is, what
 //! it saves beside the adapter — with a `select` function, and is named
 //! once, in the `objectives!` line below: `reward` (reward modelling),
-//! `dpo` (DPO, IPO), `orpo`, `cpo` (SimPO), `kto`, `sft` (supervised
-//! fine-tuning). `math` and `pairs` hold what the preference objectives
+//! `dpo` (DPO, IPO), `orpo`, `cpo` (SimPO), `kto`, `grpo` (online RL with
+//! sampled completions), `sft` (supervised fine-tuning). `math` and `pairs` hold what the preference objectives
 //! share. A new objective is a new file plus its name in that line (and,
 //! when a new `rl` value selects it, that value and the rows it reads in
 //! `RL_VALUES`, src/config/dataset_types.rs: the config checks them when it
@@ -29,7 +29,7 @@ macro_rules! objectives {
     };
 }
 
-objectives!(reward, dpo, orpo, cpo, kto, sft);
+objectives!(reward, dpo, orpo, cpo, kto, grpo, sft);
 
 pub use cpo::{CpoConfig, CpoLoss};
 pub use dpo::{DpoConfig, DpoLoss};
@@ -64,7 +64,7 @@ pub fn select<B: Backend>(cfg: &RunConfig) -> Result<Box<dyn Objective<B>>> {
             return objective;
         }
     }
-    bail!("rl: {} is not supported (use dpo, ipo, orpo, simpo or kto)", cfg.rl.as_deref().unwrap_or("none"))
+    bail!("rl: {} is not supported (use dpo, ipo, orpo, simpo, kto or grpo)", cfg.rl.as_deref().unwrap_or("none"))
 }
 
 /// What one optimiser step has to work with.

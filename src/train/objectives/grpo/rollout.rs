@@ -1,0 +1,157 @@
+//! One generation batch of GRPO: each prompt sampled num_generations times
+//! by the model being trained (its adapter on, no dropout), the completions
+//! cut after the first EOS, decoded, scored by the reward functions, turned
+//! into advantages, logged (TRL's metrics, and completions.jsonl when
+//! log_completions is set).
+
+use super::loss::{Advantages, advantages, nanmean, nanstd};
+use crate::backend::Backend;
+use crate::config::grpo::GrpoSettings;
+use crate::data::prompts::PromptRow;
+use crate::data::tokenizer::TextTokenizer;
+use crate::model::Model;
+use crate::model::generate::StopReason;
+use crate::model::generate_batch::BatchOpts;
+use crate::model::sample::SamplingParams;
+use crate::train::objectives::Metrics;
+use crate::train::rewards::{RewardFuncs, Scored};
+use anyhow::{Context, Result};
+use serde_json::{Value, json};
+use std::io::Write;
+use std::path::Path;
+
+/// One sampled completion.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    /// Index of its prompt in the run's prompts.
+    pub prompt: usize,
+    pub completion: Vec<u32>,
+    /// Completion tokens the loss covers: all of them (up to and including
+    /// the EOS), or none for a truncated one under mask_truncated_completions.
+    pub mask: usize,
+    pub advantage: f64,
+    /// The sampling policy's log-probs of the masked tokens (num_iterations > 1).
+    pub old: Option<Vec<f64>>,
+}
+
+/// A generation batch: its samples, in sampling order (groups contiguous).
+#[derive(Debug, Clone)]
+pub struct Rollout {
+    /// The prompts it was sampled for and the step group it serves.
+    pub key: (Vec<usize>, usize),
+    pub samples: Vec<Sample>,
+    /// The generation metrics (reward, completions/...), logged once.
+    pub metrics: Option<Metrics>,
+}
+
+/// The seed of step `step`'s sampling: stateless, so a resumed run draws
+/// what the uninterrupted one would have.
+pub fn sampling_seed(seed: u64, step: usize) -> u64 {
+    let mut z = seed ^ (step as u64 + 1).wrapping_mul(0xA24B_AED4_963E_E407);
+    z = (z ^ (z >> 32)).wrapping_mul(0x9FB2_1C65_1E98_DF25);
+    z ^ (z >> 29)
+}
+
+/// The sampler's settings from GRPO's.
+pub fn sampling(s: &GrpoSettings) -> SamplingParams {
+    SamplingParams {
+        temperature: s.temperature as f32,
+        top_k: (s.top_k > 0).then_some(s.top_k),
+        top_p: (s.top_p < 1.0).then_some(s.top_p as f32),
+        min_p: s.min_p.map(|p| p as f32),
+    }
+}
+
+/// What a generation needs besides the model.
+pub struct Ctx<'a> {
+    pub s: &'a GrpoSettings,
+    pub tok: &'a TextTokenizer,
+    pub stop: &'a [u32],
+    pub rewards: &'a mut RewardFuncs,
+    /// The names metrics are logged under, one (mean, std) per function.
+    pub reward_names: &'a [(&'static str, &'static str)],
+    /// Where completions.jsonl goes (log_completions).
+    pub log_dir: Option<&'a Path>,
+    pub seed: u64,
+}
+
+/// Sample, score and log one generation batch for `prompt_idx` (1-based
+/// `step` names it in messages and logs).
+pub fn generate<B: Backend>(be: &B, model: &Model<B>, rows: &[PromptRow], prompt_idx: &[usize], step: usize, c: Ctx<'_>) -> Result<Rollout> {
+    let g = c.s.num_generations;
+    let order: Vec<usize> = prompt_idx.iter().flat_map(|&p| std::iter::repeat_n(p, g)).collect();
+    let prompts: Vec<Vec<u32>> = order.iter().map(|&p| rows[p].ids.clone()).collect();
+    let opts = BatchOpts {
+        max_new_tokens: c.s.max_completion_length,
+        sampling: sampling(c.s),
+        seed: sampling_seed(c.seed, step),
+        stop_tokens: c.stop.to_vec(),
+    };
+    let out = model.generate_batch(be, &prompts, &opts).with_context(|| format!("step {step}: sampling completions"))?;
+
+    // Decode and score.
+    let texts: Vec<String> = out.seqs.iter().map(|q| c.tok.decode_text(&q.tokens)).collect::<Result<_>>()?;
+    let completions: Vec<Value> = order
+        .iter()
+        .zip(&texts)
+        .map(|(&p, t)| if rows[p].conversational() { json!([{"role": "assistant", "content": t}]) } else { json!(t) })
+        .collect();
+    let batch: Vec<Scored> = order
+        .iter()
+        .enumerate()
+        .map(|(i, &p)| Scored { prompt: &rows[p].prompt, completion: &completions[i], completion_ids: &out.seqs[i].tokens, columns: &rows[p].columns })
+        .collect();
+    let by_func = c.rewards.score(step, &batch)?;
+    let n = order.len();
+    let per_func: Vec<Vec<f64>> = (0..n).map(|i| by_func.iter().map(|f| f[i].unwrap_or(f64::NAN)).collect()).collect();
+    let Advantages { rewards, advantages: adv, std } = advantages(&per_func, &c.s.weights(), g, c.s.scale_rewards);
+
+    let eos: Vec<bool> = out.seqs.iter().map(|q| q.stop == StopReason::Eos).collect();
+    let samples: Vec<Sample> = (0..n)
+        .map(|i| {
+            let len = out.seqs[i].tokens.len();
+            let mask = if c.s.mask_truncated_completions && !eos[i] { 0 } else { len };
+            Sample { prompt: order[i], completion: out.seqs[i].tokens.clone(), mask, advantage: adv[i], old: None }
+        })
+        .collect();
+
+    // TRL's generation metrics.
+    let mut m = Metrics::default();
+    let lens: Vec<f64> = samples.iter().map(|q| q.completion.len() as f64).collect();
+    m.push("reward", nanmean(&rewards));
+    m.push("reward_std", nanstd(&rewards));
+    for (f, &(mean, sd)) in c.reward_names.iter().enumerate() {
+        let col: Vec<f64> = per_func.iter().map(|r| r[f]).collect();
+        m.push(mean, nanmean(&col));
+        m.push(sd, nanstd(&col));
+    }
+    m.push("frac_reward_zero_std", std.iter().filter(|&&s| s.abs() <= 1e-8).count() as f64 / n.max(1) as f64);
+    m.push("completions/mean_length", lens.iter().sum::<f64>() / n.max(1) as f64);
+    m.push("completions/min_length", lens.iter().copied().fold(f64::INFINITY, f64::min));
+    m.push("completions/max_length", lens.iter().copied().fold(0.0, f64::max));
+    m.push("completions/clipped_ratio", eos.iter().filter(|&&e| !e).count() as f64 / n.max(1) as f64);
+
+    if let Some(dir) = c.log_dir {
+        let names: Vec<String> = c.rewards.names();
+        let path = dir.join("completions.jsonl");
+        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path).with_context(|| format!("cannot open {}", path.display()))?;
+        let mut buf = String::new();
+        for i in 0..n {
+            let per: serde_json::Map<String, Value> = names.iter().enumerate().map(|(k, name)| (name.clone(), num(per_func[i][k]))).collect();
+            let row = json!({
+                "step": step, "prompt": rows[order[i]].prompt, "completion": completions[i],
+                "prompt_ids": rows[order[i]].ids, "completion_ids": out.seqs[i].tokens,
+                "rewards": per, "reward": num(rewards[i]), "advantage": adv[i],
+            });
+            buf += &row.to_string();
+            buf.push('\n');
+        }
+        f.write_all(buf.as_bytes()).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(Rollout { key: (prompt_idx.to_vec(), 0), samples, metrics: Some(m) })
+}
+
+/// A number for JSON: NaN (no score) as null.
+fn num(x: f64) -> Value {
+    if x.is_finite() { json!(x) } else { Value::Null }
+}
