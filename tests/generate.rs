@@ -130,13 +130,13 @@ fn sampling_is_seeded_and_top_k_1_is_greedy() {
         model.generate(&be, &prompt(), &opts, |_| Ok(())).unwrap().tokens
     };
     // top_k = 1 leaves one token with probability 1, whatever the temperature.
-    let top1 = SamplingParams { temperature: 1.5, top_k: Some(1), top_p: None };
+    let top1 = SamplingParams { temperature: 1.5, top_k: Some(1), top_p: None, min_p: None };
     assert_eq!(run(top1, 3), greedy);
-    let hot = SamplingParams { temperature: 1.0, top_k: None, top_p: Some(0.95) };
+    let hot = SamplingParams { temperature: 1.0, top_k: None, top_p: Some(0.95), min_p: None };
     assert_eq!(run(hot, 42), run(hot, 42), "the same seed gives the same tokens");
     assert_ne!(run(hot, 42), run(hot, 43), "another seed, another sample");
     // Out-of-range parameters are refused before any work.
-    let bad = SamplingParams { temperature: 1.0, top_k: None, top_p: Some(1.5) };
+    let bad = SamplingParams { temperature: 1.0, top_k: None, top_p: Some(1.5), min_p: None };
     let opts = GenerateOpts { max_new_tokens: 3, sampling: bad, seed: 0, stop_tokens: vec![] };
     let e = model.generate(&be, &prompt(), &opts, |_| Ok(())).unwrap_err().to_string();
     assert!(e.contains("top_p must be in (0, 1]"), "{e}");

@@ -90,6 +90,7 @@ impl GenerateArgs {
             temperature: self.temperature,
             top_k: (self.top_k > 0).then_some(self.top_k),
             top_p: (self.top_p < 1.0).then_some(self.top_p),
+            min_p: None,
         }
     }
 }

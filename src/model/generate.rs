@@ -10,19 +10,20 @@
 //! reproduces `Model::logits` of the whole sequence; tests/generate.rs holds
 //! the two to each other on every fixture model.
 
-use super::sample::{Sampler, SamplingParams};
 use super::Model;
+use super::generate_batch::BatchOpts;
+use super::sample::SamplingParams;
 use super::layer::{self, StepCtx};
 use crate::backend::{Backend, MatShape, NormShape, Qkv, Varlen};
 use anyhow::{Result, bail};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Keys and values of one sequence, per layer, on the backend.
 pub struct KvCache<B: Backend> {
     /// Per layer, [capacity, n_kv_heads, head_dim] (activation storage):
     /// rows 0..len are filled.
-    k: Vec<B::Buf>,
-    v: Vec<B::Buf>,
+    pub(super) k: Vec<B::Buf>,
+    pub(super) v: Vec<B::Buf>,
     capacity: usize,
     len: usize,
 }
@@ -210,7 +211,8 @@ impl<B: Backend> Model<B> {
     }
 
     /// Generate up to `opts.max_new_tokens` tokens after `prompt`: one
-    /// prefill pass, then one cached step per token. `on_token` sees each
+    /// prefill pass, then one cached step per token (`generate_batch` with
+    /// one prompt, whose sampler seed is `opts.seed`). `on_token` sees each
     /// token as soon as it is chosen (for streaming); an error from it stops
     /// generation and is returned.
     pub fn generate(
@@ -220,52 +222,20 @@ impl<B: Backend> Model<B> {
         opts: &GenerateOpts,
         mut on_token: impl FnMut(u32) -> Result<()>,
     ) -> Result<Generation> {
-        opts.sampling.validate()?;
-        if prompt.is_empty() {
-            bail!("the prompt has no tokens");
-        }
-        if let Some(m) = self.cfg.max_position_embeddings
-            && prompt.len() >= m
-        {
-            bail!("the prompt has {} tokens; the model's max_position_embeddings is {m}, which leaves no room to generate", prompt.len());
-        }
-        let mut out = Generation {
-            tokens: Vec::new(),
-            stop: StopReason::MaxNewTokens,
-            prompt_tokens: prompt.len(),
-            prefill_time: Duration::ZERO,
-            decode_time: Duration::ZERO,
+        let batch = BatchOpts {
+            max_new_tokens: opts.max_new_tokens,
+            sampling: opts.sampling,
+            seed: opts.seed,
+            stop_tokens: opts.stop_tokens.clone(),
         };
-        if opts.max_new_tokens == 0 {
-            return Ok(out);
-        }
-        let mut cache = self.new_kv_cache(be, self.cache_capacity(prompt.len(), opts.max_new_tokens));
-        let mut sampler = Sampler::new(opts.sampling, opts.seed);
-
-        let t0 = Instant::now();
-        let logits = self.forward_cached(be, &mut cache, prompt)?;
-        let mut token = sampler.sample(&logits);
-        out.prefill_time = t0.elapsed();
-        loop {
-            out.tokens.push(token);
-            on_token(token)?;
-            if opts.stop_tokens.contains(&token) {
-                out.stop = StopReason::Eos;
-                break;
-            }
-            if out.tokens.len() >= opts.max_new_tokens {
-                out.stop = StopReason::MaxNewTokens;
-                break;
-            }
-            if cache.len() >= cache.capacity() {
-                out.stop = StopReason::ContextFull;
-                break;
-            }
-            let t = Instant::now();
-            let logits = self.forward_cached(be, &mut cache, &[token])?;
-            token = sampler.sample(&logits);
-            out.decode_time += t.elapsed();
-        }
-        Ok(out)
+        let g = self.generate_batch_with(be, &[prompt.to_vec()], &batch, |_, t| on_token(t))?;
+        let seq = g.seqs.into_iter().next().expect("one prompt, one sequence");
+        Ok(Generation {
+            tokens: seq.tokens,
+            stop: seq.stop,
+            prompt_tokens: prompt.len(),
+            prefill_time: g.prefill_time,
+            decode_time: g.decode_time,
+        })
     }
 }

@@ -11,6 +11,7 @@ pub mod hparams;
 pub mod graph;
 pub mod flops;
 pub mod generate;
+pub mod generate_batch;
 pub mod layer;
 pub mod rope;
 pub mod sample;

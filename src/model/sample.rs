@@ -1,6 +1,7 @@
-//! Choosing the next token from one position's logits: temperature, top-k
-//! and top-p (nucleus) filters applied in transformers' order (temperature,
-//! then top-k, then top-p, as its logits warpers), then one draw from the
+//! Choosing the next token from one position's logits: temperature, top-k,
+//! top-p (nucleus) and min-p filters applied in transformers' order
+//! (temperature, then top-k, then top-p, then min-p, as its logits
+//! warpers), then one draw from the
 //! softmax of what is left with a seeded RNG. Temperature 0 is greedy
 //! decoding (the argmax; the lowest index wins a tie, as `torch.argmax`).
 //! A filtered-out token gets logit −∞ (probability 0).
@@ -18,15 +19,18 @@ pub struct SamplingParams {
     /// Keep the smallest set of most likely tokens whose probability reaches
     /// p; None = off.
     pub top_p: Option<f32>,
+    /// Drop the tokens less likely than min_p times the most likely one;
+    /// None = off.
+    pub min_p: Option<f32>,
 }
 
 impl SamplingParams {
     pub fn greedy() -> SamplingParams {
-        SamplingParams { temperature: 0.0, top_k: None, top_p: None }
+        SamplingParams { temperature: 0.0, top_k: None, top_p: None, min_p: None }
     }
 
     /// The ranges transformers accepts: temperature ≥ 0 (finite), top_k ≥ 1,
-    /// 0 < top_p ≤ 1.
+    /// 0 < top_p ≤ 1, 0 ≤ min_p ≤ 1.
     pub fn validate(&self) -> Result<()> {
         if !(self.temperature.is_finite() && self.temperature >= 0.0) {
             bail!("temperature must be a finite number >= 0 (0 = greedy), got {}", self.temperature);
@@ -38,6 +42,11 @@ impl SamplingParams {
             && !(p > 0.0 && p <= 1.0)
         {
             bail!("top_p must be in (0, 1], got {p}");
+        }
+        if let Some(m) = self.min_p
+            && !(0.0..=1.0).contains(&m)
+        {
+            bail!("min_p must be in [0, 1], got {m}");
         }
         Ok(())
     }
@@ -113,6 +122,20 @@ pub fn top_p_filter(logits: &mut [f32], p: f32) {
     }
 }
 
+/// transformers' MinPLogitsWarper (min_tokens_to_keep 1): with p the
+/// softmax of the logits, every token whose p is below min_p · max p becomes
+/// −∞. The most likely token is never below that bound (min_p ≤ 1), so at
+/// least one token is always kept.
+pub fn min_p_filter(logits: &mut [f32], min_p: f32) {
+    let probs = softmax(logits);
+    let bound = min_p as f64 * probs.iter().fold(0.0f64, |a, &b| a.max(b));
+    for (x, p) in logits.iter_mut().zip(probs) {
+        if p < bound {
+            *x = f32::NEG_INFINITY;
+        }
+    }
+}
+
 /// Draws tokens with `SamplingParams` from a seeded RNG: the same seed,
 /// parameters and logits give the same tokens.
 #[derive(Debug, Clone)]
@@ -139,6 +162,9 @@ impl Sampler {
         }
         if let Some(top_p) = p.top_p {
             top_p_filter(&mut l, top_p);
+        }
+        if let Some(min_p) = p.min_p {
+            min_p_filter(&mut l, min_p);
         }
         let probs = softmax(&l);
         // Uniform in [0, 1) with 53 bits, then the first token whose
@@ -264,6 +290,62 @@ mod tests {
     }
 
     #[test]
+    fn min_p_drops_tokens_below_min_p_times_the_top_probability() {
+        // Probabilities 0.5, 0.25, 0.15, 0.1 (tokens 2, 0, 3, 1).
+        let probs = [0.25, 0.1, 0.5, 0.15];
+        // min_p 0.4: bound 0.2 -> 0.25 and 0.5 stay, 0.15 and 0.1 go.
+        let mut l = logits_of(&probs);
+        min_p_filter(&mut l, 0.4);
+        assert_eq!(kept(&l), vec![0, 2]);
+        // min_p 0.25: bound 0.125 -> 0.15 stays too (0.1 < 0.125 goes).
+        let mut l = logits_of(&probs);
+        min_p_filter(&mut l, 0.25);
+        assert_eq!(kept(&l), vec![0, 2, 3]);
+        // min_p 0.19: bound 0.095, below every probability: all stay.
+        let mut l = logits_of(&probs);
+        min_p_filter(&mut l, 0.19);
+        assert_eq!(kept(&l), vec![0, 1, 2, 3]);
+        // min_p 1 keeps the top token only; min_p 0 keeps everything.
+        let mut l = logits_of(&probs);
+        min_p_filter(&mut l, 1.0);
+        assert_eq!(kept(&l), vec![2]);
+        let mut l = logits_of(&probs);
+        let orig = l.clone();
+        min_p_filter(&mut l, 0.0);
+        assert_eq!(l, orig, "min_p 0 changes nothing");
+        // Tied maxima are both kept by min_p 1.
+        let mut l = logits_of(&[0.4, 0.4, 0.2]);
+        min_p_filter(&mut l, 1.0);
+        assert_eq!(kept(&l), vec![0, 1]);
+    }
+
+    #[test]
+    fn min_p_applies_after_top_p() {
+        // Probabilities 0.5, 0.25, 0.15, 0.1 (tokens 2, 0, 3, 1); top_p 0.8,
+        // min_p 0.25. In transformers' order top_p keeps {2, 0, 3} (0.75 <
+        // 0.8 <= 0.9), then min_p's bound is 0.25 · 0.5 = 0.125 of the
+        // unnormalised survivors (ratios to the top do not change with
+        // renormalisation): 0.15 stays -> {0, 2, 3}. The other order would
+        // drop token 1 first (0.1 < 0.125), renormalise to 5/9, 5/18, 3/18,
+        // and top_p would stop at 5/9 + 5/18 = 0.83 >= 0.8 -> {0, 2}.
+        let probs = [0.25, 0.1, 0.5, 0.15];
+        let mut l = logits_of(&probs);
+        top_p_filter(&mut l, 0.8);
+        min_p_filter(&mut l, 0.25);
+        assert_eq!(kept(&l), vec![0, 2, 3]);
+        let mut other = logits_of(&probs);
+        min_p_filter(&mut other, 0.25);
+        top_p_filter(&mut other, 0.8);
+        assert_eq!(kept(&other), vec![0, 2], "the order matters for this example");
+        // The sampler uses transformers' order: token 3 (probability 1/6
+        // among the survivors) is drawn in 300 tries, token 1 never.
+        let params = SamplingParams { temperature: 1.0, top_k: None, top_p: Some(0.8), min_p: Some(0.25) };
+        let mut s = Sampler::new(params, 7);
+        let drawn: Vec<u32> = (0..300).map(|_| s.sample(&logits_of(&probs))).collect();
+        assert!(drawn.contains(&3) && !drawn.contains(&1), "{drawn:?}");
+    }
+
+    #[test]
     fn draw_inverts_the_cumulative_distribution() {
         let p = [0.0, 0.25, 0.0, 0.75];
         assert_eq!(draw(&p, 0.0), 1);
@@ -277,7 +359,7 @@ mod tests {
     #[test]
     fn sampling_is_seeded_and_follows_the_filters() {
         let logits = logits_of(&[0.25, 0.1, 0.5, 0.15]);
-        let params = SamplingParams { temperature: 1.0, top_k: Some(3), top_p: Some(0.7) };
+        let params = SamplingParams { temperature: 1.0, top_k: Some(3), top_p: Some(0.7), min_p: None };
         let run = |seed| {
             let mut s = Sampler::new(params, seed);
             (0..200).map(|_| s.sample(&logits)).collect::<Vec<u32>>()
@@ -296,7 +378,7 @@ mod tests {
 
     #[test]
     fn out_of_range_parameters_are_refused() {
-        let ok = SamplingParams { temperature: 0.7, top_k: Some(50), top_p: Some(0.9) };
+        let ok = SamplingParams { temperature: 0.7, top_k: Some(50), top_p: Some(0.9), min_p: Some(0.05) };
         ok.validate().unwrap();
         let bad = |p: SamplingParams, needle: &str| {
             let e = p.validate().unwrap_err().to_string();
@@ -307,5 +389,11 @@ mod tests {
         bad(SamplingParams { top_k: Some(0), ..ok }, "top_k must be at least 1");
         bad(SamplingParams { temperature: -1.0, ..ok }, "temperature must be");
         bad(SamplingParams { temperature: f32::NAN, ..ok }, "temperature must be");
+        bad(SamplingParams { min_p: Some(1.5), ..ok }, "min_p must be in [0, 1], got 1.5");
+        bad(SamplingParams { min_p: Some(-0.1), ..ok }, "min_p must be in [0, 1]");
+        bad(SamplingParams { min_p: Some(f32::NAN), ..ok }, "min_p must be in [0, 1]");
+        // The ends of the range are allowed.
+        SamplingParams { min_p: Some(0.0), ..ok }.validate().unwrap();
+        SamplingParams { min_p: Some(1.0), ..ok }.validate().unwrap();
     }
 }
