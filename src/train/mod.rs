@@ -24,6 +24,7 @@ pub mod optimizer;
 pub mod plan;
 pub mod preflight;
 pub mod progress;
+pub mod rewards;
 pub mod run_dir;
 pub mod saves;
 pub mod schedule;
