@@ -64,7 +64,7 @@ impl Metrics {
         self.0.iter().find(|(k, _)| *k == name).map(|&(_, v)| v)
     }
 
-    pub(crate) fn push(&mut self, name: &'static str, value: f64) {
+    pub fn push(&mut self, name: &'static str, value: f64) {
         self.0.push((name, value));
     }
 }

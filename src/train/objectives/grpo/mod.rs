@@ -158,6 +158,56 @@ fn weights(mb: &MicroBatch, samples: &[Sample], out: &MicroOut) -> Vec<f32> {
     w
 }
 
+/// What one training pass over a generation batch gives.
+pub struct Pass {
+    /// The step's loss: Σ over micro-batches of each one's (normalised) loss.
+    pub loss: f64,
+    pub micro: Vec<MicroOut>,
+    /// Tokens put through the model.
+    pub tokens: usize,
+}
+
+/// Forward and backward over `samples` in micro-batches of
+/// `micro_batch_size` completions (in sampling order), LoRA gradients
+/// accumulating (zero them first); `opts(i)` gives micro-batch i's
+/// backward options. The reference (β > 0) is the model with its adapter
+/// off. Log-probs are of log_softmax(logits / temperature).
+pub fn train_pass<B: Backend>(
+    be: &B,
+    model: &mut Model<B>,
+    s: &GrpoSettings,
+    rows: &[PromptRow],
+    samples: &[Sample],
+    micro_batch_size: usize,
+    opts: impl Fn(usize) -> BackwardOpts,
+) -> Result<Pass> {
+    let chunks: Vec<&[Sample]> = samples.chunks(micro_batch_size.max(1)).collect();
+    let batch_tokens: usize = samples.iter().map(|q| q.mask).sum();
+    let temp = s.temperature as f32;
+    let mut pass = Pass { loss: 0.0, micro: Vec::new(), tokens: 0 };
+    for (mi, chunk) in chunks.iter().enumerate() {
+        let mb = micro_batch(rows, chunk, model.cfg.vocab)?;
+        let norm = Norm { micro_batches: chunks.len(), batch_tokens, sequences: chunk.len() };
+        let reference = (s.beta != 0.0).then(|| logps(&mb, chunk, &model.token_nll_at(be, &mb.batch, false, temp)));
+        let mut result = None;
+        let mut choose = |nll: &[f32]| -> Result<Vec<f32>> {
+            if nll.iter().any(|x| !x.is_finite()) {
+                bail!("training diverged: the model's log-probabilities are no longer finite (NaN or infinite); lower learning_rate");
+            }
+            let out = micro_out(s, chunk, &logps(&mb, chunk, nll), reference.as_deref(), norm);
+            let w = weights(&mb, chunk, &out);
+            result = Some(out);
+            Ok(w)
+        };
+        model.forward_backward_with(be, &mb.batch, opts(mi), Head::TokensAt(temp, TokenWeights::FromLosses(&mut choose)))?;
+        let out = result.expect("the weights were chosen");
+        pass.loss += out.loss;
+        pass.tokens += mb.batch.n_tokens();
+        pass.micro.push(out);
+    }
+    Ok(pass)
+}
+
 /// The micro-batch metrics TRL logs, averaged over micro-batches.
 fn loss_metrics(s: &GrpoSettings, outs: &[MicroOut]) -> Metrics {
     let n = outs.len().max(1) as f64;
@@ -228,39 +278,15 @@ impl<B: Backend> Objective<B> for Grpo {
         let rollout = self.rollout.as_mut().expect("a rollout was just made");
         let gen_metrics = rollout.metrics.take();
         let samples = &rollout.samples;
-
-        let chunks: Vec<&[Sample]> = samples.chunks(s.cfg.micro_batch_size.max(1)).collect();
-        let batch_tokens: usize = samples.iter().map(|q| q.mask).sum();
-        let temp = self.s.temperature as f32;
+        let n_micro = samples.len().div_ceil(s.cfg.micro_batch_size.max(1));
+        let opts: Vec<BackwardOpts> = (0..n_micro).map(|mi| s.opts(0.0, mi)).collect();
         s.model.zero_grad(s.be);
-        let (mut loss, mut tokens, mut outs) = (0.0, 0, Vec::new());
-        for (mi, chunk) in chunks.iter().enumerate() {
-            let mb = micro_batch(rows, chunk, s.model.cfg.vocab)?;
-            let norm = Norm { micro_batches: chunks.len(), batch_tokens, sequences: chunk.len() };
-            let reference = (self.s.beta != 0.0).then(|| logps(&mb, chunk, &s.model.token_nll_at(s.be, &mb.batch, false, temp)));
-            let mut result = None;
-            let mut choose = |nll: &[f32]| -> Result<Vec<f32>> {
-                if nll.iter().any(|x| !x.is_finite()) {
-                    bail!("training diverged: the model's log-probabilities are no longer finite (NaN or infinite); lower learning_rate");
-                }
-                let out = micro_out(&self.s, chunk, &logps(&mb, chunk, nll), reference.as_deref(), norm);
-                let w = weights(&mb, chunk, &out);
-                result = Some(out);
-                Ok(w)
-            };
-            let opts: BackwardOpts = s.opts(0.0, mi);
-            s.model
-                .forward_backward_with(s.be, &mb.batch, opts, Head::TokensAt(temp, TokenWeights::FromLosses(&mut choose)))
-                .with_context(|| format!("step {}", s.step + 1))?;
-            let out = result.expect("the weights were chosen");
-            loss += out.loss;
-            tokens += mb.batch.n_tokens();
-            outs.push(out);
-        }
+        let pass = train_pass(s.be, s.model, &self.s, rows, samples, s.cfg.micro_batch_size, |mi| opts[mi])
+            .with_context(|| format!("step {}", s.step + 1))?;
         let grad_norm = s.opt.step(s.be, s.model, s.lr as f32);
         let mut metrics = gen_metrics.unwrap_or_default();
-        metrics.0.extend(loss_metrics(&self.s, &outs).0);
-        Ok(StepOutcome { loss, targets: samples.len(), tokens, lr: s.lr, grad_norm, metrics })
+        metrics.0.extend(loss_metrics(&self.s, &pass.micro).0);
+        Ok(StepOutcome { loss: pass.loss, targets: samples.len(), tokens: pass.tokens, lr: s.lr, grad_norm, metrics })
     }
 
     /// Samples the validation prompts (num_generations each, seeded apart

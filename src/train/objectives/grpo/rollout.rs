@@ -104,32 +104,20 @@ pub fn generate<B: Backend>(be: &B, model: &Model<B>, rows: &[PromptRow], prompt
     let by_func = c.rewards.score(step, &batch)?;
     let n = order.len();
     let per_func: Vec<Vec<f64>> = (0..n).map(|i| by_func.iter().map(|f| f[i].unwrap_or(f64::NAN)).collect()).collect();
-    let Advantages { rewards, advantages: adv, std } = advantages(&per_func, &c.s.weights(), g, c.s.scale_rewards);
+    let scored = advantages(&per_func, &c.s.weights(), g, c.s.scale_rewards);
 
     let eos: Vec<bool> = out.seqs.iter().map(|q| q.stop == StopReason::Eos).collect();
     let samples: Vec<Sample> = (0..n)
         .map(|i| {
             let len = out.seqs[i].tokens.len();
             let mask = if c.s.mask_truncated_completions && !eos[i] { 0 } else { len };
-            Sample { prompt: order[i], completion: out.seqs[i].tokens.clone(), mask, advantage: adv[i], old: None }
+            Sample { prompt: order[i], completion: out.seqs[i].tokens.clone(), mask, advantage: scored.advantages[i], old: None }
         })
         .collect();
 
-    // TRL's generation metrics.
-    let mut m = Metrics::default();
-    let lens: Vec<f64> = samples.iter().map(|q| q.completion.len() as f64).collect();
-    m.push("reward", nanmean(&rewards));
-    m.push("reward_std", nanstd(&rewards));
-    for (f, &(mean, sd)) in c.reward_names.iter().enumerate() {
-        let col: Vec<f64> = per_func.iter().map(|r| r[f]).collect();
-        m.push(mean, nanmean(&col));
-        m.push(sd, nanstd(&col));
-    }
-    m.push("frac_reward_zero_std", std.iter().filter(|&&s| s.abs() <= 1e-8).count() as f64 / n.max(1) as f64);
-    m.push("completions/mean_length", lens.iter().sum::<f64>() / n.max(1) as f64);
-    m.push("completions/min_length", lens.iter().copied().fold(f64::INFINITY, f64::min));
-    m.push("completions/max_length", lens.iter().copied().fold(0.0, f64::max));
-    m.push("completions/clipped_ratio", eos.iter().filter(|&&e| !e).count() as f64 / n.max(1) as f64);
+    let lens: Vec<usize> = samples.iter().map(|q| q.completion.len()).collect();
+    let m = generation_metrics(&per_func, &scored, &lens, &eos, c.reward_names);
+    let Advantages { rewards, advantages: adv, .. } = scored;
 
     if let Some(dir) = c.log_dir {
         let names: Vec<String> = c.rewards.names();
@@ -149,6 +137,35 @@ pub fn generate<B: Backend>(be: &B, model: &Model<B>, rows: &[PromptRow], prompt
         f.write_all(buf.as_bytes()).with_context(|| format!("cannot write {}", path.display()))?;
     }
     Ok(Rollout { key: (prompt_idx.to_vec(), 0), samples, metrics: Some(m) })
+}
+
+/// TRL's generation metrics of a batch: rewards per function and in sum,
+/// the share of completions whose advantage was divided by a zero std, and
+/// the completion lengths (tokens up to and including the EOS) with the
+/// share that never reached an EOS.
+pub fn generation_metrics(
+    per_func: &[Vec<f64>],
+    scored: &Advantages,
+    lens: &[usize],
+    eos: &[bool],
+    reward_names: &[(&'static str, &'static str)],
+) -> Metrics {
+    let n = lens.len().max(1) as f64;
+    let mut m = Metrics::default();
+    m.push("reward", nanmean(&scored.rewards));
+    m.push("reward_std", nanstd(&scored.rewards));
+    for (f, &(mean, sd)) in reward_names.iter().enumerate() {
+        let col: Vec<f64> = per_func.iter().map(|r| r[f]).collect();
+        m.push(mean, nanmean(&col));
+        m.push(sd, nanstd(&col));
+    }
+    // torch.isclose(std, 0): |std| <= 1e-8 (a NaN std is not zero).
+    m.push("frac_reward_zero_std", scored.std.iter().filter(|&&s| s.abs() <= 1e-8).count() as f64 / n);
+    m.push("completions/mean_length", lens.iter().sum::<usize>() as f64 / n);
+    m.push("completions/min_length", lens.iter().copied().min().unwrap_or(0) as f64);
+    m.push("completions/max_length", lens.iter().copied().max().unwrap_or(0) as f64);
+    m.push("completions/clipped_ratio", eos.iter().filter(|&&e| !e).count() as f64 / n);
+    m
 }
 
 /// A number for JSON: NaN (no score) as null.
