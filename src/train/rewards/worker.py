@@ -107,7 +107,7 @@ def load(name):
         raise Failure("module `%s` (%s) has no function `%s`%s" % (module_name, where, attr, hint))
     func = getattr(module, attr)
     if not callable(func):
-        raise Failure("`%s` is a %s, not a function" % (name, type(func).__name__))
+        raise Failure("`%s` is not a function (its type is %s)" % (name, type(func).__name__))
     return func
 
 
