@@ -71,7 +71,9 @@ def exception_text(e):
     text = traceback.format_exception_only(type(e), e)[-1].strip()
     if isinstance(e, SyntaxError) and e.filename:
         return "%s (%s line %s)" % (text, e.filename, e.lineno)
-    frames = traceback.extract_tb(e.__traceback__)
+    # The innermost frame with a real file: import machinery shows up as
+    # "<frozen importlib._bootstrap>", which says nothing to the user.
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if not f.filename.startswith("<")]
     if frames:
         return "%s (at %s line %s)" % (text, frames[-1].filename, frames[-1].lineno)
     return text
