@@ -209,6 +209,12 @@ fn builtins_alone_start_no_python() {
     let mut funcs = RewardFuncs::with_python(&names(&["builtin:answer_match", "builtin:format:^####"]), dir.path(), missing).unwrap();
     let got = funcs.score(1, &scored(&gsm8k_rows())).unwrap();
     assert_eq!(got, [[Some(1.0), Some(0.0), Some(1.0), Some(0.0)], [Some(1.0), Some(0.0), Some(0.0), Some(0.0)]]);
+    assert_eq!(funcs.names(), ["answer_match", "format"]);
+    // torch's nansum over weighted rewards: None and NaN add nothing, an
+    // infinity stays, no weights means 1.0 each.
+    let rewards = [vec![Some(1.0), None, Some(f64::NAN), Some(f64::INFINITY)], vec![Some(0.5), Some(2.0), Some(3.0), None]];
+    assert_eq!(funcs.weighted_sum(&rewards, Some(&[2.0, -1.0])).unwrap(), [1.5, -2.0, -3.0, f64::INFINITY]);
+    assert_eq!(funcs.weighted_sum(&rewards, None).unwrap(), [1.5, 2.0, 3.0, f64::INFINITY]);
 }
 
 #[test]
