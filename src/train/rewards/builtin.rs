@@ -42,8 +42,13 @@ impl Builtin {
             ("answer_match", Some(col)) if !col.trim().is_empty() => Ok(Builtin::AnswerMatch { column: col.trim().into() }),
             ("answer_match", Some(_)) => bail!("reward function `{name}`: the column name after `answer_match:` is empty"),
             ("format", Some(re)) if !re.is_empty() => {
-                let regex = Regex::new(&format!("(?s){re}"))
-                    .map_err(|e| anyhow::anyhow!("reward function `{name}`: `{re}` is not a valid regular expression: {e}"))?;
+                let regex = Regex::new(&format!("(?s){re}")).map_err(|e| {
+                    // The regex crate draws a multi-line caret diagram; its
+                    // last line says what is wrong.
+                    let text = e.to_string();
+                    let why = text.lines().last().unwrap_or_default().trim_start_matches("error: ").to_string();
+                    anyhow::anyhow!("reward function `{name}`: `{re}` is not a valid regular expression ({why})")
+                })?;
                 Ok(Builtin::Format { regex })
             }
             ("format", _) => bail!("reward function `{name}`: expected builtin:format:REGEX (the regex is missing)"),

@@ -137,7 +137,7 @@ fn parse_errors_are_one_clear_line() {
     assert!(err("builtin:length").contains("expected builtin:length:TARGET"));
     assert!(err("builtin:format").contains("expected builtin:format:REGEX"));
     let bad = err("builtin:format:(unclosed");
-    assert!(bad.starts_with("reward function `builtin:format:(unclosed`: `(unclosed` is not a valid regular expression"), "{bad}");
+    assert_eq!(bad, "reward function `builtin:format:(unclosed`: `(unclosed` is not a valid regular expression (unclosed group)");
     let unknown = err("builtin:accuracy");
     assert!(unknown.contains("unknown built-in `accuracy`") && unknown.contains(KNOWN), "{unknown}");
     assert!(err("builtin:answer_match:").contains("column name after `answer_match:` is empty"));

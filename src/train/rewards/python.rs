@@ -111,7 +111,8 @@ impl Worker {
             "columns": columns,
         });
         let reply = self.request(&request, |f| format!("reward function {f} at step {step}"))?;
-        let bad = |why: &str| anyhow!("reward function {} at step {step}: the Python worker sent {why}", self.funcs.join(", "));
+        let all = self.funcs.iter().map(|f| format!("`{f}`")).collect::<Vec<_>>().join(", ");
+        let bad = |why: &str| anyhow!("reward function {all} at step {step}: the Python worker sent {why}");
         let lists = reply.get("rewards").and_then(Value::as_array).ok_or_else(|| bad("an unexpected reply"))?;
         if lists.len() != self.funcs.len() {
             return Err(bad("the wrong number of reward lists"));

@@ -71,7 +71,9 @@ def exception_text(e):
     text = traceback.format_exception_only(type(e), e)[-1].strip()
     if isinstance(e, SyntaxError) and e.filename:
         return "%s (%s line %s)" % (text, e.filename, e.lineno)
-    frames = traceback.extract_tb(e.__traceback__)
+    # The innermost frame with a real file: import machinery shows up as
+    # "<frozen importlib._bootstrap>", which says nothing to the user.
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if not f.filename.startswith("<")]
     if frames:
         return "%s (at %s line %s)" % (text, frames[-1].filename, frames[-1].lineno)
     return text
@@ -107,7 +109,7 @@ def load(name):
         raise Failure("module `%s` (%s) has no function `%s`%s" % (module_name, where, attr, hint))
     func = getattr(module, attr)
     if not callable(func):
-        raise Failure("`%s` is a %s, not a function" % (name, type(func).__name__))
+        raise Failure("`%s` is not a function (its type is %s)" % (name, type(func).__name__))
     return func
 
 
