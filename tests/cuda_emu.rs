@@ -91,6 +91,40 @@ fn batched_decoding_matches_the_cpu_reference() {
 }
 
 #[test]
+fn a_batched_decoding_step_never_waits_for_the_host() {
+    // The positions stay on the device: scattering the new keys and values
+    // and attending is three launches, with no copy to the host and no wait.
+    use ferrotune::backend::{AttnShape, Backend};
+    let (_alone, be) = emulated_gpu_alone();
+    let (n, capacity, heads, kv, d) = (3, 16, 4, 2, 64);
+    let positions = be.upload_ints(&[0, 15, 7]);
+    let q = be.upload_activation(&vec![0.5; n * heads * d]);
+    let (mut kc, mut vc) = (be.zeros(n * capacity * kv * d), be.zeros(n * capacity * kv * d));
+    let new = be.upload_activation(&vec![1.0; n * kv * d]);
+    let mut out = be.zeros(n * heads * d);
+    let shape = AttnShape { n, n_heads: heads, n_kv_heads: kv, head_dim: d, window: None, scale: 0.125, softcap: None, max_seqlen: 0 };
+    let before = cuda_emu::counters();
+    be.scatter_rows(&new, &mut kc, &positions, n, kv * d, capacity);
+    be.scatter_rows(&new, &mut vc, &positions, n, kv * d, capacity);
+    be.decode_attention_batch(&q, &kc, &vc, &positions, capacity, shape, &mut out);
+    let after = cuda_emu::counters();
+    let delta: Vec<u64> = after.iter().zip(before).map(|(a, b)| a - b).collect();
+    assert_eq!(delta, [3, 0, 0, 0], "launches, host-to-device copies, device-to-host copies, host waits of one step");
+    // And the step did its work: the CPU's output for the same step, within
+    // the decode tolerance (Tolerances::bf16().attention).
+    let cpu = ferrotune::backend::cpu::CpuBackend::new();
+    let cpu_pos = cpu.upload_ints(&[0, 15, 7]);
+    let (mut ck, mut cv) = (cpu.zeros(n * capacity * kv * d), cpu.zeros(n * capacity * kv * d));
+    let cnew = cpu.upload(&vec![1.0; n * kv * d]);
+    cpu.scatter_rows(&cnew, &mut ck, &cpu_pos, n, kv * d, capacity);
+    cpu.scatter_rows(&cnew, &mut cv, &cpu_pos, n, kv * d, capacity);
+    let mut cout = cpu.zeros(n * heads * d);
+    cpu.decode_attention_batch(&cpu.upload(&vec![0.5; n * heads * d]), &ck, &cv, &cpu_pos, capacity, shape, &mut cout);
+    let err = common::rel_err(&be.download(&out), &cpu.download(&cout));
+    assert!(err <= 8e-3, "batched decoding step: rel error {err:e} against the CPU");
+}
+
+#[test]
 fn batched_decoding_makes_a_bad_position_loud() {
     gpu_checks::decode_batch_bad_positions(&emulated_gpu().1);
 }
