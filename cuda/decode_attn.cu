@@ -1,7 +1,9 @@
 // Decode attention: the newest tokens of one sequence against that
 // sequence's key/value cache, for generation (Backend::decode_attention in
-// src/backend/mod.rs). CPU reference: decode_attention in
-// src/backend/cpu/attention.rs.
+// src/backend/mod.rs), and its batched form, one new token in each of many
+// sequences, each against its own region of one cache buffer
+// (Backend::decode_attention_batch). CPU reference: decode_attention and
+// decode_attention_batch in src/backend/cpu/attention/decode.rs.
 //
 // Semantics: q holds the queries of positions past .. past+n-1; the caches
 // hold the keys and values of positions 0 .. past+n-1 (the new tokens'
@@ -29,15 +31,36 @@
 //   as stated, 1 <= head_dim <= 256, n_kv_heads >= 1, n_heads % n_kv_heads
 //   == 0, past >= 0. Never launch with n == 0 (an empty grid is an invalid
 //   launch): the op is then a no-op. n_heads <= 65535 (grid.y).
+//
+//   decode_attention_batch_bf16(const bf16* q, const bf16* k_cache,
+//       const bf16* v_cache, const int* positions, bf16* out, int n_seqs,
+//       int capacity, int n_heads, int n_kv_heads, int head_dim, int window,
+//       float scale, float softcap)
+//   q, out           : bf16 [n_seqs, n_heads, head_dim] (one token each)
+//   k_cache, v_cache : bf16 [n_seqs * capacity, n_kv_heads, head_dim];
+//                      sequence s owns rows s*capacity .. (s+1)*capacity - 1
+//   positions        : i32 [n_seqs], read on the device: sequence s's query
+//                      is at position t = positions[s] and sees its rows
+//                      s*capacity + j for j <= t (and t - j < window) --
+//                      per sequence, decode_attention with past = t, n = 1.
+//                      t outside [0, capacity) is a host bug: that output
+//                      row is NaN and nothing is read.
+//   window, softcap  : as above
+//   grid (n_seqs, n_heads, 1), block and shared memory as above.
+//   Preconditions, checked (__trap()): as above, and capacity >= 1 instead
+//   of past >= 0. Never launch with n_seqs == 0.
 // ===============================================================================
 //
-// Design (simple first): one block per (query, head). Its 8 warps take the
-// visible keys round robin (warp w: keys lo+w, lo+w+8, ...); lane L holds
-// elements L, L+32, ... of the query row and of the warp's output. Each
-// warp runs an online softmax (running max m, sum l, output rescaled by
-// exp(m_old - m_new)) over its keys; the 8 partial (m, l, o) are then merged
-// in warp order through shared memory. Work per block is O(keys * d) on CUDA
-// cores: memory-bound on the cache reads, as decoding is.
+// Design (simple first): one block per (query, head), in the batch per
+// (sequence, head); both entry points run the same block body, `attend`.
+// Its 8 warps take the visible keys round robin (warp w: keys lo+w, lo+w+8,
+// ...); lane L holds elements L, L+32, ... of the query row and of the
+// warp's output. Each warp runs an online softmax (running max m, sum l,
+// output rescaled by exp(m_old - m_new)) over its keys; the 8 partial
+// (m, l, o) are then merged in warp order through shared memory. Work per
+// block is O(keys * d) on CUDA cores: memory-bound on the cache reads, as
+// decoding is. (The heads of a GQA group read the same cache rows from
+// separate blocks; L2 serves the repeats.)
 #include "common.cuh"
 
 namespace da {
@@ -56,33 +79,35 @@ __device__ __forceinline__ float warp_allsum(float v) {
     return v;
 }
 
-// The shared memory of the warps' merge (declared once by the entry point,
-// so that the two instantiations of `decode` share it).
+// The shared memory of the warps' merge (declared once by each entry point,
+// so that its capped and plain instantiations share it).
 struct Merge {
     float m[WARPS], l[WARPS];
     float o[WARPS][MAX_D];
 };
 
+// Checked preconditions shared by both entry points (__trap(): a host bug).
+__device__ __forceinline__ void check_launch(int nh, int nkv, int d) {
+    if (blockDim.x != THREADS || blockDim.y != 1 || blockDim.z != 1 || d < 1 || d > MAX_D || nkv < 1 ||
+        nh % nkv != 0)
+        __trap();
+}
+
+// One query row against keys lo..t of one sequence's cache: qr and orow are
+// the row's query and output, k and v the cache of its sequence (row 0 of
+// that sequence), kvh the kv head it reads. The block's body, shared by the
+// one-sequence and the batched entry points.
 // CAP: whether scores are soft-capped (a template flag, so the plain path
 // compiles exactly as without the cap).
 template <bool CAP>
-__device__ __forceinline__ void decode(const bf16* __restrict__ q, const bf16* __restrict__ k,
-                                       const bf16* __restrict__ v, bf16* __restrict__ out, int n, int past, int nh,
-                                       int nkv, int d, int window, float scale, float cap,
-                                       Merge& sm) {
-    if (blockDim.x != THREADS || blockDim.y != 1 || blockDim.z != 1 || d < 1 || d > MAX_D || nkv < 1 ||
-        nh % nkv != 0 || past < 0)
-        __trap();
-    const int i = blockIdx.x, h = blockIdx.y;
-    if (i >= n || h >= nh) return;
+__device__ __forceinline__ void attend(const bf16* __restrict__ qr, const bf16* __restrict__ k,
+                                       const bf16* __restrict__ v, bf16* __restrict__ orow, int t, int nkv,
+                                       int kvh, int d, int window, float scale, float cap, Merge& sm) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int t = past + i;
     const int lo = (window > 0 && t - window + 1 > 0) ? t - window + 1 : 0;
-    const int kvh = h / (nh / nkv);
     const float inv_cap = CAP ? 1.f / cap : 0.f;
 
     float qv[E], o[E];
-    const bf16* qr = q + ((i64)i * nh + h) * d;
 #pragma unroll
     for (int e = 0; e < E; ++e) {
         const int x = e * 32 + lane;
@@ -136,13 +161,48 @@ __device__ __forceinline__ void decode(const bf16* __restrict__ q, const bf16* _
         weight[w] = sm.l[w] > 0.f ? expf(sm.m[w] - big) : 0.f;
         sum += sm.l[w] * weight[w];
     }
-    bf16* orow = out + ((i64)i * nh + h) * d;
     for (int x = threadIdx.x; x < d; x += THREADS) {
         float acc = 0.f;
 #pragma unroll
         for (int w = 0; w < WARPS; ++w) acc += sm.o[w][x] * weight[w];
         orow[x] = __float2bfloat16_rn(acc / sum);
     }
+}
+
+// Query i of the one-sequence op: position past + i against the cache.
+template <bool CAP>
+__device__ __forceinline__ void decode(const bf16* __restrict__ q, const bf16* __restrict__ k,
+                                       const bf16* __restrict__ v, bf16* __restrict__ out, int n, int past, int nh,
+                                       int nkv, int d, int window, float scale, float cap, Merge& sm) {
+    check_launch(nh, nkv, d);
+    if (past < 0) __trap();
+    const int i = blockIdx.x, h = blockIdx.y;
+    if (i >= n || h >= nh) return;
+    const i64 row = ((i64)i * nh + h) * d;
+    attend<CAP>(q + row, k, v, out + row, past + i, nkv, h / (nh / nkv), d, window, scale, cap, sm);
+}
+
+// Sequence s of the batched op: its one query, at positions[s], against
+// rows s * capacity .. of the batched cache. A position outside
+// [0, capacity) is a host bug (the CPU backend panics): nothing is read and
+// the output row is NaN, so the bug is loud.
+template <bool CAP>
+__device__ __forceinline__ void decode_batch(const bf16* __restrict__ q, const bf16* __restrict__ k,
+                                             const bf16* __restrict__ v, const int* __restrict__ positions,
+                                             bf16* __restrict__ out, int n_seqs, int capacity, int nh, int nkv,
+                                             int d, int window, float scale, float cap, Merge& sm) {
+    check_launch(nh, nkv, d);
+    if (capacity < 1) __trap();
+    const int s = blockIdx.x, h = blockIdx.y;
+    if (s >= n_seqs || h >= nh) return;
+    const i64 row = ((i64)s * nh + h) * d;
+    const int t = positions[s];  // the same for the whole block: no divergence at the barrier
+    if (t < 0 || t >= capacity) {
+        for (int x = threadIdx.x; x < d; x += THREADS) out[row + x] = __float2bfloat16_rn(ft::nan_f32());
+        return;
+    }
+    const i64 base = (i64)s * capacity * nkv * d;
+    attend<CAP>(q + row, k + base, v + base, out + row, t, nkv, h / (nh / nkv), d, window, scale, cap, sm);
 }
 
 }  // namespace da
@@ -156,4 +216,18 @@ extern "C" __global__ void __launch_bounds__(da::THREADS)
         da::decode<true>(q, k_cache, v_cache, out, n, past, n_heads, n_kv_heads, head_dim, window, scale, softcap, sm);
     else
         da::decode<false>(q, k_cache, v_cache, out, n, past, n_heads, n_kv_heads, head_dim, window, scale, 0.f, sm);
+}
+
+extern "C" __global__ void __launch_bounds__(da::THREADS)
+    decode_attention_batch_bf16(const __nv_bfloat16* q, const __nv_bfloat16* k_cache,
+                                const __nv_bfloat16* v_cache, const int* positions, __nv_bfloat16* out,
+                                int n_seqs, int capacity, int n_heads, int n_kv_heads, int head_dim, int window,
+                                float scale, float softcap) {
+    __shared__ da::Merge sm;
+    if (softcap > 0.f)
+        da::decode_batch<true>(q, k_cache, v_cache, positions, out, n_seqs, capacity, n_heads, n_kv_heads,
+                               head_dim, window, scale, softcap, sm);
+    else
+        da::decode_batch<false>(q, k_cache, v_cache, positions, out, n_seqs, capacity, n_heads, n_kv_heads,
+                                head_dim, window, scale, 0.f, sm);
 }

@@ -59,12 +59,14 @@ mod tests {
         ]),
         ("copy_cols", &[
             ("copy_cols_*", "src:ptr dst:ptr rows:i32 src_cols:i32 src_off:i32 dst_cols:i32 dst_off:i32 width:i32"),
+            ("scatter_rows_*", "src:ptr dst:ptr positions:ptr rows:i32 width:i32 capacity:i32"),
         ]),
         ("cross_entropy", &[
             ("cross_entropy_*", "logits:ptr targets:ptr losses:ptr rows:i32 vocab:i32 grad_scale:f32 write_grad:i32 softcap:f32"),
         ]),
         ("decode_attn", &[
             ("decode_attention_bf16", "q:ptr k_cache:ptr v_cache:ptr out:ptr n:i32 past:i32 n_heads:i32 n_kv_heads:i32 head_dim:i32 window:i32 scale:f32 softcap:f32"),
+            ("decode_attention_batch_bf16", "q:ptr k_cache:ptr v_cache:ptr positions:ptr out:ptr n_seqs:i32 capacity:i32 n_heads:i32 n_kv_heads:i32 head_dim:i32 window:i32 scale:f32 softcap:f32"),
         ]),
         ("elementwise", &[
             ("fill_*", "buf:ptr n:u64 value:f32"),

@@ -82,6 +82,54 @@ fn decode_attention_matches_the_cpu_reference() {
 }
 
 #[test]
+fn batched_decoding_matches_the_cpu_reference() {
+    use ferrotune_testkit::conformance::DecodeBatch;
+    // Sequences at the first and last rows of their regions and between;
+    // then a capacity of one row.
+    let batches = [DecodeBatch { positions: &[0, 74, 70, 3, 16], capacity: 75 }, DecodeBatch { positions: &[0, 0], capacity: 1 }];
+    gpu_checks::decode_attention_batch(&emulated_gpu().1, &batches);
+}
+
+#[test]
+fn a_batched_decoding_step_never_waits_for_the_host() {
+    // The positions stay on the device: scattering the new keys and values
+    // and attending is three launches, with no copy to the host and no wait.
+    use ferrotune::backend::{AttnShape, Backend};
+    let (_alone, be) = emulated_gpu_alone();
+    let (n, capacity, heads, kv, d) = (3, 16, 4, 2, 64);
+    let positions = be.upload_ints(&[0, 15, 7]);
+    let q = be.upload_activation(&vec![0.5; n * heads * d]);
+    let (mut kc, mut vc) = (be.zeros(n * capacity * kv * d), be.zeros(n * capacity * kv * d));
+    let new = be.upload_activation(&vec![1.0; n * kv * d]);
+    let mut out = be.zeros(n * heads * d);
+    let shape = AttnShape { n, n_heads: heads, n_kv_heads: kv, head_dim: d, window: None, scale: 0.125, softcap: None, max_seqlen: 0 };
+    let before = cuda_emu::counters();
+    be.scatter_rows(&new, &mut kc, &positions, n, kv * d, capacity);
+    be.scatter_rows(&new, &mut vc, &positions, n, kv * d, capacity);
+    be.decode_attention_batch(&q, &kc, &vc, &positions, capacity, shape, &mut out);
+    let after = cuda_emu::counters();
+    let delta: Vec<u64> = after.iter().zip(before).map(|(a, b)| a - b).collect();
+    assert_eq!(delta, [3, 0, 0, 0], "launches, host-to-device copies, device-to-host copies, host waits of one step");
+    // And the step did its work: the CPU's output for the same step, within
+    // the decode tolerance (Tolerances::bf16().attention).
+    let cpu = ferrotune::backend::cpu::CpuBackend::new();
+    let cpu_pos = cpu.upload_ints(&[0, 15, 7]);
+    let (mut ck, mut cv) = (cpu.zeros(n * capacity * kv * d), cpu.zeros(n * capacity * kv * d));
+    let cnew = cpu.upload(&vec![1.0; n * kv * d]);
+    cpu.scatter_rows(&cnew, &mut ck, &cpu_pos, n, kv * d, capacity);
+    cpu.scatter_rows(&cnew, &mut cv, &cpu_pos, n, kv * d, capacity);
+    let mut cout = cpu.zeros(n * heads * d);
+    cpu.decode_attention_batch(&cpu.upload(&vec![0.5; n * heads * d]), &ck, &cv, &cpu_pos, capacity, shape, &mut cout);
+    let err = common::rel_err(&be.download(&out), &cpu.download(&cout));
+    assert!(err <= 8e-3, "batched decoding step: rel error {err:e} against the CPU");
+}
+
+#[test]
+fn batched_decoding_makes_a_bad_position_loud() {
+    gpu_checks::decode_batch_bad_positions(&emulated_gpu().1);
+}
+
+#[test]
 fn cached_generation_logits_match_the_cpu_on_every_fixture() {
     gpu_checks::cached_generation(&emulated_gpu().1);
 }
@@ -301,6 +349,24 @@ fn results_are_bit_identical_under_every_thread_schedule() {
             let mut out = be.zeros(new * heads * d);
             be.decode_attention(&q, &kc, &vc, past, shape, &mut out);
             outputs.push(be.download(&out).iter().map(|x| x.to_bits()).collect());
+        }
+        // Batched decoding: 3 sequences at positions 0, 40, 63 of 64 rows each.
+        {
+            let (pos, capacity, heads, kv, d) = ([0, 40, 63], 64, 4, 2, 64);
+            let mut rng = Rng::new(5);
+            let mut rand = |len: usize| -> Vec<f32> { (0..len).map(|_| rng.uniform_range(-1.0, 1.0)).collect() };
+            let positions = be.upload_ints(&pos);
+            let q = be.upload_activation(&rand(3 * heads * d));
+            let (mut kc, mut vc) = (be.upload_activation(&rand(3 * capacity * kv * d)), be.upload_activation(&rand(3 * capacity * kv * d)));
+            let (nk, nv) = (be.upload_activation(&rand(3 * kv * d)), be.upload_activation(&rand(3 * kv * d)));
+            be.scatter_rows(&nk, &mut kc, &positions, 3, kv * d, capacity);
+            be.scatter_rows(&nv, &mut vc, &positions, 3, kv * d, capacity);
+            let shape = AttnShape { n: 3, n_heads: heads, n_kv_heads: kv, head_dim: d, window: Some(50), scale: 0.125, softcap: Some(1.0), max_seqlen: 0 };
+            let mut out = be.zeros(3 * heads * d);
+            be.decode_attention_batch(&q, &kc, &vc, &positions, capacity, shape, &mut out);
+            for b in [&kc, &vc, &out] {
+                outputs.push(be.download(b).iter().map(|x| x.to_bits()).collect());
+            }
         }
         let (seqs, _) = Reference::load("llama3").sequences();
         let mut model = load_with_adapter(be, "llama3");

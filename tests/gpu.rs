@@ -69,6 +69,23 @@ fn decode_attention_matches_the_cpu_reference() {
 
 #[test]
 #[ignore = "needs a GPU: run by scripts/gpu_check.sh"]
+fn batched_decoding_matches_the_cpu_reference() {
+    use ferrotune_testkit::conformance::DecodeBatch;
+    // A GRPO-sized batch over long regions (first and last rows among the
+    // positions), and a batch of one-row regions.
+    let positions = [0, 4095, 2000, 300, 1, 17, 4094, 1024];
+    let batches = [DecodeBatch { positions: &positions, capacity: 4096 }, DecodeBatch { positions: &[0; 16], capacity: 1 }];
+    gpu_checks::decode_attention_batch(&gpu(), &batches);
+}
+
+#[test]
+#[ignore = "needs a GPU: run by scripts/gpu_check.sh"]
+fn batched_decoding_makes_a_bad_position_loud() {
+    gpu_checks::decode_batch_bad_positions(&gpu());
+}
+
+#[test]
+#[ignore = "needs a GPU: run by scripts/gpu_check.sh"]
 fn cached_generation_logits_match_the_cpu_on_every_fixture() {
     gpu_checks::cached_generation(&gpu());
 }

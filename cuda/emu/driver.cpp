@@ -452,4 +452,14 @@ CUresult cuGetErrorName(CUresult r, const char** s) {
 }
 CUresult cuGetErrorString(CUresult r, const char** s) { return cuGetErrorName(r, s); }
 
+// For tests: the counters so far, in the order FERROTUNE_SIMT_COUNTERS
+// prints them (launches, host-to-device copies, device-to-host copies, host
+// waits), so that a test can check what one op does between two reads.
+void ferrotune_simt_counters(unsigned long long out[4]) {
+    out[0] = g_launches.load();
+    out[1] = g_to_device.load();
+    out[2] = g_to_host.load();
+    out[3] = g_host_waits.load();
+}
+
 }  // extern "C"

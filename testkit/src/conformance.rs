@@ -14,7 +14,10 @@ use ferrotune::backend::{
 use ferrotune::backend::DType;
 use ferrotune::util::rng::Rng;
 
+mod batched_decode;
 mod layer_variants;
+
+pub use batched_decode::DecodeBatch;
 
 /// Largest allowed ‖candidate − reference‖ / ‖reference‖ per kind of output.
 #[derive(Debug, Clone, Copy)]
@@ -234,6 +237,17 @@ impl<'a, R: Backend, C: Backend> Harness<'a, R, C> {
         for (d, heads, kv, window) in [(256, 4, 1, None), (64, 8, 2, Some(5))] {
             self.decode_attention_capped(decode_steps[1].0, decode_steps[1].1, heads, kv, d, window, ATTN_TEST_CAP);
         }
+        // Batched decoding: sequences at the first and last cache rows and between.
+        let (positions, capacity): (&[usize], usize) = match scale {
+            Scale::Small => (&[0, 23, 9, 17], 24),
+            Scale::Realistic => (&[0, 2047, 700, 1500, 31, 1], 2048),
+        };
+        let batch = DecodeBatch { positions, capacity };
+        self.scatter_rows(positions, 2 * 64, capacity);
+        for (d, heads, kv, window) in [(64, 8, 2, None), (128, 32, 8, Some(300)), (8, 4, 2, Some(5))] {
+            self.decode_attention_batch(batch, heads, kv, d, window);
+        }
+        self.decode_attention_batch_capped(batch, 4, 1, 256, None, ATTN_TEST_CAP);
         &self.checks
     }
 

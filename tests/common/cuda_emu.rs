@@ -208,3 +208,23 @@ pub fn set_schedule(name: &str) {
     // SAFETY: a NUL-terminated name.
     assert_eq!(unsafe { f(n.as_ptr()) }, 0, "unknown schedule {name}");
 }
+
+/// The emulator's counters so far: launches, host-to-device copies,
+/// device-to-host copies, host waits (cuda/emu/driver.cpp). Process-wide:
+/// read them with no other test using the emulated GPU.
+pub fn counters() -> [u64; 4] {
+    unsafe extern "C" {
+        fn dlsym(handle: *mut c_void, symbol: *const c_char) -> *mut c_void;
+    }
+    load().expect("the SIMT emulator");
+    let sym = CString::new("ferrotune_simt_counters").unwrap();
+    // SAFETY: as in set_schedule; the symbol is
+    // `void f(unsigned long long[4])` (cuda/emu/driver.cpp).
+    let f = unsafe { dlsym(std::ptr::null_mut(), sym.as_ptr()) };
+    assert!(!f.is_null(), "ferrotune_simt_counters not found");
+    let f: unsafe extern "C" fn(*mut u64) = unsafe { std::mem::transmute(f) };
+    let mut out = [0u64; 4];
+    // SAFETY: four writable u64s.
+    unsafe { f(out.as_mut_ptr()) };
+    out
+}

@@ -10,7 +10,7 @@ use crate::common::{
 };
 use crate::generation;
 use ferrotune::backend::Backend;
-use ferrotune_testkit::conformance::{ATTN_TEST_CAP, Harness, Scale, Tolerances, random_nf4};
+use ferrotune_testkit::conformance::{ATTN_TEST_CAP, DecodeBatch, Harness, Scale, Tolerances, random_nf4};
 use ferrotune::backend::cpu::CpuBackend;
 use ferrotune::backend::cuda::CudaBackend;
 use ferrotune::model::batch::Batch;
@@ -142,6 +142,91 @@ pub fn decode_attention(cuda: &CudaBackend, steps: &[(usize, usize)]) {
         }
     }
     assert_checks_pass(&h, "decode_attention");
+}
+
+/// Batched decoding (cuda/decode_attn.cu's batch kernel and cuda/copy_cols.cu's
+/// scatter_rows) against the CPU reference: for each batch of sequences at
+/// their positions (first and last cache rows among them), the new keys and
+/// values scattered, then one token per sequence attended, over the head
+/// dims of `decode_attention` (64, 128, 256, odd ones), GQA ratios, windows
+/// and soft-capped scores. Caches exact; outputs per sequence within
+/// Tolerances::bf16().attention (8e-3), as `decode_attention`: the same
+/// block body, one output rounding plus f32 summation order.
+pub fn decode_attention_batch(cuda: &CudaBackend, batches: &[DecodeBatch<'_>]) {
+    let cpu = CpuBackend::new();
+    let mut h = Harness::new(&cpu, cuda, Tolerances::bf16(), 19);
+    for b in batches {
+        for width in [1, 2 * 64, 8 * 128 + 8] {
+            h.scatter_rows(b.positions, width, b.capacity);
+        }
+    }
+    for (d, heads, kv, window) in
+        [(64, 8, 8, None), (128, 32, 8, None), (128, 28, 4, Some(4096)), (96, 6, 2, Some(17)), (256, 8, 1, Some(1)), (8, 4, 2, None)]
+    {
+        for &b in batches {
+            h.decode_attention_batch(b, heads, kv, d, window);
+        }
+    }
+    // Soft-capped, on batches where some query sees enough keys for the cap to matter.
+    for (d, heads, kv, window) in [(256, 8, 4, None), (128, 8, 2, Some(17)), (64, 4, 1, Some(40))] {
+        for &b in batches.iter().filter(|b| b.positions.iter().any(|&p| p >= 8)) {
+            h.decode_attention_batch_capped(b, heads, kv, d, window, ATTN_TEST_CAP);
+        }
+    }
+    assert_checks_pass(&h, "decode_attention_batch");
+}
+
+/// A position outside [0, capacity) is a caller's bug that the GPU cannot
+/// report without a host round trip: scatter_rows must leave the cache as
+/// it was for that row and decode_attention_batch must write NaN for that
+/// sequence (so the bug is loud), while the valid sequences in the same
+/// batch still match the CPU (tolerance as `decode_attention_batch`).
+pub fn decode_batch_bad_positions(cuda: &CudaBackend) {
+    let cpu = CpuBackend::new();
+    let (capacity, heads, kv, d) = (6, 4, 2, 64);
+    let positions = [3, 6, -1, 5];
+    let valid = [true, false, false, true];
+    let n = positions.len();
+    let mut rng = Rng::new(23);
+    let mut rand = |len: usize| -> Vec<f32> {
+        (0..len).map(|_| half::bf16::from_f32(rng.uniform_range(-1.0, 1.0)).to_f32()).collect()
+    };
+    let (q, k, new_k) = (rand(n * heads * d), rand(n * capacity * kv * d), rand(n * kv * d));
+    let shape = ferrotune::backend::AttnShape { n, n_heads: heads, n_kv_heads: kv, head_dim: d, window: None, scale: 0.125, softcap: None, max_seqlen: 0 };
+    let width = kv * d;
+    let mut gk = cuda.upload_activation(&k);
+    cuda.scatter_rows(&cuda.upload_activation(&new_k), &mut gk, &cuda.upload_ints(&positions), n, width, capacity);
+    let got_k = cuda.download(&gk);
+    // The reference: the valid rows written, the others untouched.
+    let mut want_k = k.clone();
+    for (s, &p) in positions.iter().enumerate().filter(|(s, _)| valid[*s]) {
+        let at = (s * capacity + p as usize) * width;
+        want_k[at..at + width].copy_from_slice(&new_k[s * width..(s + 1) * width]);
+    }
+    assert!(got_k == want_k, "scatter_rows with positions {positions:?} wrote outside the valid rows");
+    let mut gout = cuda.zeros(n * heads * d);
+    cuda.decode_attention_batch(&cuda.upload_activation(&q), &gk, &gk, &cuda.upload_ints(&positions), capacity, shape, &mut gout);
+    let got = cuda.download(&gout);
+    // The CPU reference of the valid sequences: the same caches, their positions.
+    let mut cpu_pos = positions;
+    for (p, ok) in cpu_pos.iter_mut().zip(valid) {
+        if !ok {
+            *p = 0;
+        }
+    }
+    let (ck, mut cout) = (cpu.upload(&got_k), cpu.zeros(n * heads * d));
+    cpu.decode_attention_batch(&cpu.upload(&q), &ck, &ck, &cpu.upload_ints(&cpu_pos), capacity, shape, &mut cout);
+    let want = cpu.download(&cout);
+    let row = heads * d;
+    for s in 0..n {
+        let (g, w) = (&got[s * row..(s + 1) * row], &want[s * row..(s + 1) * row]);
+        if valid[s] {
+            let err = rel_err(g, w);
+            assert!(err <= Tolerances::bf16().attention, "sequence {s} (position {}): rel error {err:e}", positions[s]);
+        } else {
+            assert!(g.iter().all(|x| x.is_nan()), "sequence {s} at position {} (capacity {capacity}): output not NaN", positions[s]);
+        }
+    }
 }
 
 /// Prefill + 19 cached steps, fed the CPU's greedy tokens, against the CPU's

@@ -75,7 +75,6 @@ pub(super) fn copy_slice(src: &[f32], src_off: usize, dst: &mut [f32], dst_off: 
         .for_each(|(d, s)| d.copy_from_slice(s));
 }
 
-/// buf = cap · tanh(buf / cap), f32.
 /// Row s of `src` [rows, width] to row s·capacity + positions[s] of `dst`;
 /// see `Backend::scatter_rows`.
 pub(super) fn scatter_rows(src: &[f32], dst: &mut [f32], positions: &[i32], rows: usize, width: usize, capacity: usize) {
@@ -91,6 +90,7 @@ pub(super) fn scatter_rows(src: &[f32], dst: &mut [f32], positions: &[i32], rows
     }
 }
 
+/// buf = cap · tanh(buf / cap), f32.
 pub(super) fn softcap(buf: &mut [f32], cap: f32) {
     assert!(cap > 0.0, "softcap: cap {cap} must be positive");
     buf.par_chunks_mut(CHUNK).for_each(|c| {

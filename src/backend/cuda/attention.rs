@@ -6,9 +6,11 @@
 //! as separate deterministic kernels (no atomics). A soft-capped shape runs
 //! the `*_capped_*` twin of each kernel (one more argument, the cap), so the
 //! plain kernels are untouched by it. Generation's decode_attention (new
-//! tokens against a KV cache) is cuda/decode_attn.cu.
+//! tokens against a KV cache) and its batched form are cuda/decode_attn.cu;
+//! the batch's scatter of new keys and values into the cache is
+//! `scatter_rows` of cuda/copy_cols.cu.
 
-use super::backend::{CudaBackend, launch};
+use super::backend::{BLOCK, CudaBackend, launch, rows_grid};
 use super::buffers::CudaBuf;
 use crate::backend::{AttnSaved, AttnShape, Qkv, QkvGrads, Varlen};
 use cudarc::driver::sys::CUfunction_attribute;
@@ -184,8 +186,22 @@ pub fn backward(
     }
 }
 
-/// Threads per block of `decode_attention_bf16` (its launch contract).
+/// Threads per block of the decode kernels (their launch contract).
 const DECODE_THREADS: u32 = 256;
+
+/// The head layout every decode kernel requires (its __trap() preconditions).
+fn check_decode_heads(op: &str, shape: &AttnShape) {
+    let (nh, nkv, d) = (shape.n_heads, shape.n_kv_heads, shape.head_dim);
+    assert!((1..=256).contains(&d), "{op}: head_dim {d} is not supported (1..=256)");
+    assert!(nkv > 0 && nh.is_multiple_of(nkv), "{op}: n_heads {nh} not a multiple of n_kv_heads {nkv}");
+    assert!(nh <= 65_535, "{op}: {nh} heads (the grid allows 65535)");
+}
+
+fn check_lens(op: &str, lens: &[(&str, usize, usize)]) {
+    for &(what, len, need) in lens {
+        assert!(len >= need, "{op}: `{what}` has {len} elements, the shape needs {need}");
+    }
+}
 
 /// The newest `shape.n` tokens of one sequence against its cache
 /// (cuda/decode_attn.cu: one block per (query, head)).
@@ -198,23 +214,20 @@ pub fn decode(
     shape: AttnShape,
     out: &mut CudaBuf,
 ) {
+    const OP: &str = "decode_attention";
     if shape.n == 0 {
         return;
     }
+    check_decode_heads(OP, &shape);
     let (nh, nkv, d) = (shape.n_heads, shape.n_kv_heads, shape.head_dim);
-    assert!((1..=256).contains(&d), "decode_attention: head_dim {d} is not supported (1..=256)");
-    assert!(nkv > 0 && nh.is_multiple_of(nkv), "decode_attention: n_heads {nh} not a multiple of n_kv_heads {nkv}");
-    assert!(nh <= 65_535, "decode_attention: {nh} heads (the grid allows 65535)");
     let total = past + shape.n;
-    assert!(total <= i32::MAX as usize, "decode_attention: {total} cached positions exceed i32");
-    for (what, len, need) in [
+    assert!(total <= i32::MAX as usize, "{OP}: {total} cached positions exceed i32");
+    check_lens(OP, &[
         ("q", q.len(), shape.n * nh * d),
         ("k_cache", k_cache.len(), total * nkv * d),
         ("v_cache", v_cache.len(), total * nkv * d),
         ("out", out.len(), shape.n * nh * d),
-    ] {
-        assert!(len >= need, "decode_attention: `{what}` has {len} elements, the shape needs {need}");
-    }
+    ]);
     let cfg = LaunchConfig {
         grid_dim: (shape.n as u32, nh as u32, 1),
         block_dim: (DECODE_THREADS, 1, 1),
@@ -225,12 +238,13 @@ pub fn decode(
     let (n, past, nh, nkv, hd) = (shape.n as i32, past as i32, nh as i32, nkv as i32, d as i32);
     let (window, scale) = (window_arg(&shape), shape.scale);
     // 0 = no cap (the kernel's plain path).
-    let cap = softcap_arg("decode_attention", &shape).unwrap_or(0.0);
+    let cap = softcap_arg(OP, &shape).unwrap_or(0.0);
     launch!(be, "decode_attention_bf16", cfg, q, k, v, out, &n, &past, &nh, &nkv, &hd, &window, &scale, &cap);
 }
 
-/// Batched decoding (see `Backend::decode_attention_batch`). For now each
-/// sequence goes through `decode` with its position read back to the host.
+/// Batched decoding (see `Backend::decode_attention_batch`): one block per
+/// (sequence, head) of `decode_attention_batch_bf16`, which reads each
+/// sequence's position on the device (no host synchronisation).
 #[allow(clippy::too_many_arguments)]
 pub fn decode_batch(
     be: &CudaBackend,
@@ -242,28 +256,70 @@ pub fn decode_batch(
     shape: AttnShape,
     out: &mut CudaBuf,
 ) {
-    let pos = be.stream.clone_dtoh(positions).expect("CUDA download");
-    let (h, kvd) = (shape.n_heads * shape.head_dim, shape.n_kv_heads * shape.head_dim);
-    let one = AttnShape { n: 1, max_seqlen: 1, ..shape };
-    for (s, &p) in pos.iter().take(shape.n).enumerate() {
-        let p = p as usize;
-        let (mut qs, mut kc, mut vc) = (be.zeros(h), be.zeros((p + 1) * kvd), be.zeros((p + 1) * kvd));
-        use crate::backend::Backend;
-        be.copy_slice(q, s * h, &mut qs, 0, h);
-        be.copy_slice(k_cache, s * capacity * kvd, &mut kc, 0, (p + 1) * kvd);
-        be.copy_slice(v_cache, s * capacity * kvd, &mut vc, 0, (p + 1) * kvd);
-        let mut o = be.zeros(h);
-        decode(be, &qs, &kc, &vc, p, one, &mut o);
-        be.copy_slice(&o, 0, out, s * h, h);
+    const OP: &str = "decode_attention_batch";
+    let n_seqs = shape.n;
+    if n_seqs == 0 {
+        return;
     }
+    check_decode_heads(OP, &shape);
+    let (nh, nkv, d) = (shape.n_heads, shape.n_kv_heads, shape.head_dim);
+    assert!(n_seqs <= i32::MAX as usize, "{OP}: {n_seqs} sequences exceed i32 (the grid allows 2^31 - 1)");
+    assert!((1..=i32::MAX as usize).contains(&capacity), "{OP}: capacity {capacity} must be in 1..=2^31-1");
+    let cache = n_seqs * capacity * nkv * d;
+    check_lens(OP, &[
+        ("positions", positions.len(), n_seqs),
+        ("q", q.len(), n_seqs * nh * d),
+        ("k_cache", k_cache.len(), cache),
+        ("v_cache", v_cache.len(), cache),
+        ("out", out.len(), n_seqs * nh * d),
+    ]);
+    let cfg = LaunchConfig {
+        grid_dim: (n_seqs as u32, nh as u32, 1),
+        block_dim: (DECODE_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let (q, k, v) = (q.bf16("q"), k_cache.bf16("k_cache"), v_cache.bf16("v_cache"));
+    let out = out.bf16_mut("out");
+    let (ns, cap_rows, nh, nkv, hd) = (n_seqs as i32, capacity as i32, nh as i32, nkv as i32, d as i32);
+    let (window, scale) = (window_arg(&shape), shape.scale);
+    // 0 = no cap (the kernel's plain path).
+    let cap = softcap_arg(OP, &shape).unwrap_or(0.0);
+    launch!(
+        be, "decode_attention_batch_bf16", cfg, q, k, v, positions, out, &ns, &cap_rows, &nh, &nkv, &hd, &window, &scale, &cap
+    );
 }
 
 /// Row s of `src` into row s·capacity + positions[s] of `dst` (see
-/// `Backend::scatter_rows`); for now one device copy per row.
-pub fn scatter_rows(be: &CudaBackend, src: &CudaBuf, dst: &mut CudaBuf, positions: &CudaSlice<i32>, rows: usize, width: usize, capacity: usize) {
-    use crate::backend::Backend;
-    let pos = be.stream.clone_dtoh(positions).expect("CUDA download");
-    for (s, &p) in pos.iter().take(rows).enumerate() {
-        be.copy_slice(src, s * width, dst, (s * capacity + p as usize) * width, width);
+/// `Backend::scatter_rows`): `scatter_rows_{f32,bf16}` of cuda/copy_cols.cu,
+/// one block per row, positions read on the device.
+pub fn scatter_rows(
+    be: &CudaBackend,
+    src: &CudaBuf,
+    dst: &mut CudaBuf,
+    positions: &CudaSlice<i32>,
+    rows: usize,
+    width: usize,
+    capacity: usize,
+) {
+    const OP: &str = "scatter_rows";
+    if rows == 0 || width == 0 {
+        return;
+    }
+    for (what, v) in [("rows", rows), ("width", width), ("capacity", capacity)] {
+        assert!(v <= i32::MAX as usize, "{OP}: {what} {v} exceeds i32");
+    }
+    assert!(capacity > 0, "{OP}: capacity 0 holds no row");
+    // Any position may be capacity − 1, so dst must hold every region.
+    check_lens(OP, &[
+        ("positions", positions.len(), rows),
+        ("src", src.len(), rows * width),
+        ("dst", dst.len(), rows * capacity * width),
+    ]);
+    let cfg = rows_grid(rows, BLOCK);
+    let [r, w, c] = [rows, width, capacity].map(|v| v as i32);
+    match (src, dst) {
+        (CudaBuf::F32(s), CudaBuf::F32(d)) => launch!(be, "scatter_rows_f32", cfg, s, d, positions, &r, &w, &c),
+        (CudaBuf::Bf16(s), CudaBuf::Bf16(d)) => launch!(be, "scatter_rows_bf16", cfg, s, d, positions, &r, &w, &c),
+        _ => panic!("{OP}: source and destination must share a storage type"),
     }
 }
