@@ -135,6 +135,27 @@ fn cached_generation_logits_match_the_cpu_on_every_fixture() {
 }
 
 #[test]
+fn batched_generation_equals_one_sequence_generation_on_the_emulated_gpu() {
+    // decode_attention_batch and scatter_rows through generate_batch: prompts
+    // of different lengths, one repeated, each as `generate` alone gives it.
+    use ferrotune::model::generate::GenerateOpts;
+    use ferrotune::model::generate_batch::BatchOpts;
+    use ferrotune::model::sample::SamplingParams;
+    let (_pool, be) = emulated_gpu();
+    let prompts = vec![generation::prompt(), vec![1, 5, 9], generation::prompt(), vec![1, 40, 7, 22, 9, 31, 12, 5, 27, 3]];
+    for case in ["llama", "qwen3", "gemma2"] {
+        let model = common::load_with_adapter(&be, case);
+        let opts = BatchOpts { max_new_tokens: 6, sampling: SamplingParams::greedy(), seed: 0, stop_tokens: vec![] };
+        let g = model.generate_batch(&be, &prompts, &opts).unwrap();
+        for (i, p) in prompts.iter().enumerate() {
+            let one = GenerateOpts { max_new_tokens: 6, sampling: SamplingParams::greedy(), seed: 0, stop_tokens: vec![] };
+            let alone = model.generate(&be, p, &one, |_| Ok(())).unwrap();
+            assert_eq!(g.seqs[i].tokens, alone.tokens, "{case}: sequence {i}");
+        }
+    }
+}
+
+#[test]
 fn nf4_dequantize_is_bit_exact_against_the_cpu() {
     gpu_checks::nf4_bit_exact(&emulated_gpu().1, &[[1, 7], [3, 45], [17, 64 * 5 + 32], [64, 256]]);
 }

@@ -148,3 +148,82 @@ fn bad_prompts_are_errors_naming_the_prompt() {
     let none = model.generate_batch(&be, &[prompt(), prompt()], &greedy(0, vec![])).unwrap();
     assert!(none.seqs.iter().all(|s| s.tokens.is_empty()));
 }
+
+// ---- `ferrotune generate` with several sequences ----------------------------
+
+fn ferrotune(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_ferrotune")).args(args).output().expect("run ferrotune")
+}
+
+#[test]
+fn cli_prints_every_sequence_of_the_batch_as_the_library_generates_it() {
+    let dir = common::fixture("llama").join("model");
+    let adapter = common::fixture("llama").join("adapter");
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("prompts.jsonl");
+    // A text row, a blank line, a conversation row.
+    std::fs::write(&file, "{\"prompt\": \"The cat\"}\n\n{\"prompt\": [{\"role\": \"user\", \"content\": \"hi\"}]}\n").unwrap();
+    let out = ferrotune(&[
+        "generate", "--model", dir.to_str().unwrap(), "--adapter", adapter.to_str().unwrap(), "--prompts",
+        file.to_str().unwrap(), "--chat-template", "chatml", "--num-return-sequences", "2", "--temperature", "1",
+        "--top-k", "20", "--min-p", "0.05", "--seed", "7", "--max-new-tokens", "8", "--ignore-eos", "--device", "cpu",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+
+    // The library: the text row with the tokenizer's special tokens, the
+    // conversation through chatml with the assistant turn opened; each row
+    // twice, contiguous; no stop tokens.
+    let tok = ferrotune::model::checkpoint::load_tokenizer(&dir).unwrap();
+    let text = tok.encode("The cat", true).unwrap().get_ids().to_vec();
+    let chat = tok.encode("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", false).unwrap().get_ids().to_vec();
+    let prompts = vec![text.clone(), text, chat.clone(), chat];
+    let be = CpuBackend::new();
+    let model = load_with_adapter(&be, "llama");
+    let sampling = SamplingParams { temperature: 1.0, top_k: Some(20), top_p: None, min_p: Some(0.05) };
+    let g = model.generate_batch(&be, &prompts, &BatchOpts { max_new_tokens: 8, sampling, seed: 7, stop_tokens: vec![] }).unwrap();
+    let mut want = String::new();
+    for (i, seq) in g.seqs.iter().enumerate() {
+        let line = [1, 3][i / 2];
+        want += &format!(
+            "=== prompt {} ({} line {line}), sequence {} of 2: 8 tokens, stopped: max-new-tokens ===\n{}\n",
+            i / 2 + 1,
+            file.display(),
+            i % 2 + 1,
+            tok.decode(&seq.tokens, true).unwrap()
+        );
+    }
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), want);
+    assert!(stderr.contains("decode: 28 tokens in") && stderr.contains("tokens/s"), "{stderr}");
+    assert!(stderr.contains(&format!("prefill: {} tokens (2 distinct prompts)", prompts[0].len() + prompts[2].len())), "{stderr}");
+}
+
+#[test]
+fn cli_refuses_bad_prompt_files_and_flags_clearly() {
+    let dir = common::fixture("llama").join("model");
+    let model = dir.to_str().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("bad.jsonl");
+    std::fs::write(&file, "{\"prompt\": \"ok\"}\n{\"prompt\": [{\"role\": \"user\"}]}\n").unwrap();
+    let f = file.to_str().unwrap();
+    let run = |extra: &[&str]| {
+        let mut args = vec!["generate", "--model", model, "--device", "cpu", "--temperature", "0"];
+        args.extend_from_slice(extra);
+        let out = ferrotune(&args);
+        assert!(!out.status.success(), "{extra:?} was accepted");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let e = run(&["--prompts", f]);
+    assert!(e.contains(&format!("{f} line 2: message 0 of \"prompt\" must be an object with string \"role\" and \"content\"")), "{e}");
+    assert!(run(&["--prompts", f, "--prompt", "x"]).contains("cannot be used with"));
+    assert!(run(&[]).contains("--prompt"));
+    let e = run(&["--prompt", "x", "--num-return-sequences", "0"]);
+    assert!(e.contains("--num-return-sequences") && e.contains("must be at least 1"), "{e}");
+    let e = run(&["--prompt", "x", "--min-p", "1.5"]);
+    assert!(e.contains("--min-p") && e.contains("must be in [0, 1], got 1.5"), "{e}");
+    let e = run(&["--prompt", "x", "--chat-template", "chatml"]);
+    assert!(e.contains("--chat-template applies with --chat"), "{e}");
+    // A conversation row needs a chat template: the fixture has none.
+    std::fs::write(&file, "{\"prompt\": [{\"role\": \"user\", \"content\": \"hi\"}]}\n").unwrap();
+    assert!(run(&["--prompts", f]).contains("has no chat_template"));
+}

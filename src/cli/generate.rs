@@ -1,19 +1,24 @@
-//! `ferrotune generate`: text from a model (and adapter) with a KV cache,
-//! streamed to stdout as it is generated; timings on stderr.
+//! `ferrotune generate`: text from a model (and adapter) with a KV cache;
+//! timings on stderr. One sequence is streamed to stdout as it is
+//! generated; several (--prompts rows × --num-return-sequences) are
+//! generated as one batch (`Model::generate_batch`) and each printed when
+//! done, under a header naming its prompt row and sequence number.
 //!
-//! Sampling defaults: temperature 0.7 (0 = greedy), top-k and top-p off.
-//! Generation stops at max_new_tokens or at an end-of-sequence token: the
-//! eos_token_id of config.json and of generation_config.json (each an int or
-//! a list), and the tokenizer's eos_token.
+//! Sampling defaults: temperature 0.7 (0 = greedy), top-k, top-p and min-p
+//! off. Generation stops at max_new_tokens or (unless --ignore-eos) at an
+//! end-of-sequence token: the eos_token_id of config.json and of
+//! generation_config.json (each an int or a list), and the tokenizer's
+//! eos_token.
 
+use super::generate_prompts::{PromptRow, PromptText, Render, read_prompts_file};
 use super::{Opened, open_device};
 use crate::adapter::peft;
 use crate::backend::Backend;
-use crate::data::chat_template::{ChatTemplate, Message};
 use crate::model::Model;
 use crate::model::checkpoint::{self, Checkpoint};
 use crate::model::hparams::token_ids;
 use crate::model::generate::{GenerateOpts, StopReason};
+use crate::model::generate_batch::BatchOpts;
 use crate::model::sample::SamplingParams;
 use anyhow::{Context, Result, bail};
 use clap::Args;
@@ -31,8 +36,17 @@ pub struct GenerateArgs {
     #[arg(long)]
     adapter: Option<PathBuf>,
     /// The prompt text (tokenized with the tokenizer's special tokens, e.g. BOS).
-    #[arg(long)]
-    prompt: String,
+    #[arg(long, required_unless_present = "prompts", conflicts_with = "prompts")]
+    prompt: Option<String>,
+    /// A JSONL file of prompts instead of --prompt, one per row:
+    /// {"prompt": "text"} or {"prompt": [{"role": "user", "content": "..."}, ...]}
+    /// (a conversation, rendered with the chat template and the assistant
+    /// turn opened). All rows are generated as one batch.
+    #[arg(long, value_name = "FILE.jsonl")]
+    prompts: Option<PathBuf>,
+    /// Sequences to generate per prompt (each with its own seed).
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = parse_at_least_1, allow_negative_numbers = true)]
+    num_return_sequences: usize,
     /// Send the prompt as a user message through the model's chat template
     /// (with the assistant turn opened).
     #[arg(long)]
@@ -40,13 +54,13 @@ pub struct GenerateArgs {
     /// A system message before the prompt (with --chat).
     #[arg(long, requires = "chat")]
     system: Option<String>,
-    /// A built-in chat template instead of the tokenizer's own (with --chat):
-    /// chatml or llama3.
-    #[arg(long, requires = "chat")]
+    /// A built-in chat template instead of the tokenizer's own (with --chat,
+    /// or --prompts rows that are conversations): chatml or llama3.
+    #[arg(long)]
     chat_template: Option<String>,
     /// Most tokens to generate (fewer if the model's max_position_embeddings
     /// is reached first).
-    #[arg(long, default_value_t = 128, value_parser = parse_max_new_tokens, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 128, value_parser = parse_at_least_1, allow_negative_numbers = true)]
     max_new_tokens: usize,
     /// Softmax temperature; 0 = greedy decoding.
     #[arg(long, default_value_t = 0.7, value_parser = parse_temperature, allow_negative_numbers = true)]
@@ -58,6 +72,14 @@ pub struct GenerateArgs {
     /// reaches P, in (0, 1]; 1 = off.
     #[arg(long, value_name = "P", default_value_t = 1.0, value_parser = parse_top_p, allow_negative_numbers = true)]
     top_p: f32,
+    /// Drop the tokens less likely than P times the most likely one (after
+    /// top-p), in [0, 1]; 0 = off.
+    #[arg(long, value_name = "P", default_value_t = 0.0, value_parser = parse_min_p, allow_negative_numbers = true)]
+    min_p: f32,
+    /// Never stop at an end-of-sequence token: every sequence runs to
+    /// --max-new-tokens (or the context's end).
+    #[arg(long)]
+    ignore_eos: bool,
     /// Seed of the sampler (the same seed gives the same text).
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -66,12 +88,17 @@ pub struct GenerateArgs {
     device: String,
 }
 
-fn parse_max_new_tokens(s: &str) -> std::result::Result<usize, String> {
+fn parse_at_least_1(s: &str) -> std::result::Result<usize, String> {
     match s.parse::<usize>() {
         Ok(0) => Err("must be at least 1".into()),
         Ok(n) => Ok(n),
-        Err(_) => Err(format!("expected a whole number of tokens, 1 or more, not \"{s}\"")),
+        Err(_) => Err(format!("expected a whole number, 1 or more, not \"{s}\"")),
     }
+}
+
+fn parse_min_p(s: &str) -> std::result::Result<f32, String> {
+    let p: f32 = s.parse().map_err(|_| format!("{s} is not a number"))?;
+    if (0.0..=1.0).contains(&p) { Ok(p) } else { Err(format!("must be in [0, 1], got {s}")) }
 }
 
 fn parse_temperature(s: &str) -> std::result::Result<f32, String> {
@@ -90,48 +117,42 @@ impl GenerateArgs {
             temperature: self.temperature,
             top_k: (self.top_k > 0).then_some(self.top_k),
             top_p: (self.top_p < 1.0).then_some(self.top_p),
-            min_p: None,
+            min_p: (self.min_p > 0.0).then_some(self.min_p),
         }
     }
 }
 
 pub fn run(a: GenerateArgs) -> Result<()> {
     a.sampling().validate()?;
+    if a.chat_template.is_some() && !a.chat && a.prompts.is_none() {
+        bail!("--chat-template applies with --chat (or to the conversation rows of --prompts): add --chat");
+    }
     match open_device(&a.device)? {
         Opened::Cpu(be) => generate_on(&be, &a),
         Opened::Cuda(be) => generate_on(&be, &a),
     }
 }
 
-/// The prompt's token ids: plain text with the tokenizer's special tokens,
-/// or (--chat) the rendered conversation, whose template writes the special
-/// tokens itself (as transformers' apply_chat_template tokenizes it).
-fn prompt_ids(a: &GenerateArgs, dir: &Path, tok: &tokenizers::Tokenizer) -> Result<Vec<u32>> {
-    let (text, add_special) = if a.chat {
-        if a.chat_template.is_none() && !ChatTemplate::tokenizer_has_one(dir)? {
-            bail!(
-                "{} has no chat_template of its own (none in tokenizer_config.json, no chat_template.jinja); \
-                 pass --chat-template chatml (or llama3), or drop --chat to send the prompt as plain text",
-                dir.display()
-            );
+/// The prompt rows and their token ids.
+fn prompt_rows(a: &GenerateArgs, dir: &Path, tok: &tokenizers::Tokenizer) -> Result<Vec<(PromptRow, Vec<u32>)>> {
+    let render = Render { dir, chat: a.chat, system: a.system.as_deref(), template: a.chat_template.as_deref() };
+    let rows = match (&a.prompts, &a.prompt) {
+        (Some(path), _) => read_prompts_file(path)?
+            .into_iter()
+            .map(|row| {
+                let what = format!("the prompt on line {} of {}", row.line, path.display());
+                let ids = render.ids(&row.text, tok, &what)?;
+                Ok((row, ids))
+            })
+            .collect::<Result<Vec<_>>>()?,
+        (None, Some(text)) => {
+            let row = PromptRow { line: 1, text: PromptText::Text(text.clone()) };
+            let ids = render.ids(&row.text, tok, "the prompt (--prompt)")?;
+            vec![(row, ids)]
         }
-        let template = ChatTemplate::resolve(a.chat_template.as_deref(), None, dir)?;
-        let mut messages = Vec::new();
-        if let Some(s) = &a.system {
-            messages.push(Message::new("system", s));
-        }
-        messages.push(Message::new("user", &a.prompt));
-        (template.render(&messages, true)?, false)
-    } else {
-        (a.prompt.clone(), true)
+        (None, None) => bail!("give --prompt TEXT or --prompts FILE.jsonl"),
     };
-    let enc = tok
-        .encode_fast(text.as_str(), add_special)
-        .map_err(|e| anyhow::anyhow!("cannot tokenize the prompt with {}: {e}", dir.join("tokenizer.json").display()))?;
-    if enc.get_ids().is_empty() {
-        bail!("the prompt is empty (--prompt \"\") and the tokenizer adds no start token to it: give some text");
-    }
-    Ok(enc.get_ids().to_vec())
+    Ok(rows)
 }
 
 /// End-of-sequence ids: config.json's, generation_config.json's and the
@@ -201,60 +222,113 @@ fn generate_on<B: Backend>(be: &B, a: &GenerateArgs) -> Result<()> {
     let dir = checkpoint::resolve_model_dir(&a.model, &checkpoint::hf_cache())?;
     let ckpt = Checkpoint::open(&dir)?;
     let tok = checkpoint::load_tokenizer(&dir)?;
-    // The prompt before the weights: a template error should not cost a load.
-    let prompt = prompt_ids(a, &dir, &tok)?;
-    let stop = stop_tokens(&ckpt.config.eos_token_ids, &dir, &tok)?;
+    // The prompts before the weights: a template error should not cost a load.
+    let rows = prompt_rows(a, &dir, &tok)?;
+    let stop = if a.ignore_eos { Vec::new() } else { stop_tokens(&ckpt.config.eos_token_ids, &dir, &tok)? };
+    let max_new_tokens = capped_new_tokens(&ckpt.config, &rows, a.max_new_tokens)?;
     let mut model = Model::load(be, &ckpt)?;
     if let Some(adapter) = &a.adapter {
         let n = peft::load(be, &mut model, adapter)?;
         eprintln!("adapter: {} ({n} LoRA modules)", adapter.display());
     }
+    let lens: Vec<String> = rows.iter().map(|(_, ids)| ids.len().to_string()).collect();
     eprintln!(
-        "model: {} ({}), loaded on {} in {:.1}s; prompt {} tokens",
+        "model: {} ({}), loaded on {} in {:.1}s; prompt{} {} tokens",
         dir.display(),
         model.cfg.family.family,
         be.name(),
         t0.elapsed().as_secs_f64(),
-        prompt.len()
+        if rows.len() > 1 { "s" } else { "" },
+        lens.join(", "),
     );
-    let max_new_tokens = capped_new_tokens(&model.cfg, prompt.len(), a.max_new_tokens)?;
-    let opts = GenerateOpts { max_new_tokens, sampling: a.sampling(), seed: a.seed, stop_tokens: stop };
-    let mut streamer = Streamer { tok: &tok, ids: Vec::new(), printed: 0 };
-    let g = model.generate(be, &prompt, &opts, |id| streamer.push(id))?;
-    streamer.finish()?;
-    let stop = match g.stop {
+    let n_seq = a.num_return_sequences;
+    if rows.len() == 1 && n_seq == 1 {
+        // One sequence: streamed as it is generated.
+        let opts = GenerateOpts { max_new_tokens, sampling: a.sampling(), seed: a.seed, stop_tokens: stop };
+        let mut streamer = Streamer { tok: &tok, ids: Vec::new(), printed: 0 };
+        let g = model.generate(be, &rows[0].1, &opts, |id| streamer.push(id))?;
+        streamer.finish()?;
+        eprintln!(
+            "prefill: {} tokens in {:.3}s ({:.1} tokens/s); decode: {} tokens in {:.3}s ({:.1} tokens/s); stopped: {}",
+            g.prompt_tokens,
+            g.prefill_time.as_secs_f64(),
+            g.prefill_tokens_per_s(),
+            g.tokens.len().saturating_sub(1),
+            g.decode_time.as_secs_f64(),
+            g.decode_tokens_per_s(),
+            stop_reason(g.stop),
+        );
+        return Ok(());
+    }
+    // Every row's sequences, contiguous: sequence k of row r is number
+    // r·N + k of the batch (its seed follows from --seed and that number).
+    let prompts: Vec<Vec<u32>> = rows.iter().flat_map(|(_, ids)| std::iter::repeat_n(ids.clone(), n_seq)).collect();
+    let opts = BatchOpts { max_new_tokens, sampling: a.sampling(), seed: a.seed, stop_tokens: stop };
+    let g = model.generate_batch(be, &prompts, &opts)?;
+    let mut out = std::io::stdout().lock();
+    for (i, seq) in g.seqs.iter().enumerate() {
+        let (row, k) = (&rows[i / n_seq].0, i % n_seq + 1);
+        let text = tok.decode(&seq.tokens, true).map_err(|e| anyhow::anyhow!("cannot decode generated tokens: {e}"))?;
+        let source = match &a.prompts {
+            Some(p) => format!("{} line {}", p.display(), row.line),
+            None => "--prompt".to_string(),
+        };
+        writeln!(
+            out,
+            "=== prompt {} ({source}), sequence {k} of {n_seq}: {} tokens, stopped: {} ===",
+            i / n_seq + 1,
+            seq.tokens.len(),
+            stop_reason(seq.stop)
+        )?;
+        writeln!(out, "{text}")?;
+    }
+    out.flush()?;
+    eprintln!(
+        "prefill: {} tokens ({} distinct prompts) in {:.3}s ({:.1} tokens/s); decode: {} tokens in {:.3}s ({:.1} tokens/s); \
+         {} sequences, {} batched steps",
+        g.prompt_tokens,
+        g.prefilled_prompts,
+        g.prefill_time.as_secs_f64(),
+        g.prefill_tokens_per_s(),
+        g.decoded_tokens(),
+        g.decode_time.as_secs_f64(),
+        g.decode_tokens_per_s(),
+        g.seqs.len(),
+        g.decode_steps,
+    );
+    Ok(())
+}
+
+fn stop_reason(r: StopReason) -> &'static str {
+    match r {
         StopReason::Eos => "end-of-sequence token",
         StopReason::MaxNewTokens => "max-new-tokens",
         StopReason::ContextFull => "max_position_embeddings reached",
-    };
-    eprintln!(
-        "prefill: {} tokens in {:.3}s ({:.1} tokens/s); decode: {} tokens in {:.3}s ({:.1} tokens/s); stopped: {stop}",
-        g.prompt_tokens,
-        g.prefill_time.as_secs_f64(),
-        g.prefill_tokens_per_s(),
-        g.tokens.len().saturating_sub(1),
-        g.decode_time.as_secs_f64(),
-        g.decode_tokens_per_s(),
-    );
-    Ok(())
+    }
 }
 
 const UNKNOWN_CONTEXT: usize = 131_072;
 
 /// --max-new-tokens within the context: a generation never runs past
 /// max_position_embeddings (the cache is sized for it), so a larger value is
-/// capped there, with a note; a prompt that fills the context is an error.
-fn capped_new_tokens(cfg: &crate::model::hparams::ModelConfig, prompt_len: usize, asked: usize) -> Result<usize> {
+/// capped at what the shortest prompt leaves, with a note (longer prompts
+/// stop at the context's end); a prompt that fills the context is an error.
+fn capped_new_tokens(cfg: &crate::model::hparams::ModelConfig, rows: &[(PromptRow, Vec<u32>)], asked: usize) -> Result<usize> {
     // Without max_position_embeddings in config.json, a generous bound keeps
     // the cache allocation sane.
     let context = cfg.max_position_embeddings.unwrap_or(UNKNOWN_CONTEXT);
-    if prompt_len >= context {
-        bail!("the prompt is {prompt_len} tokens, the model's whole context (max_position_embeddings {context}); shorten it");
+    for (row, ids) in rows {
+        let n = ids.len();
+        if n >= context {
+            let which = if rows.len() > 1 { format!(" on line {}", row.line) } else { String::new() };
+            bail!("the prompt{which} is {n} tokens, the model's whole context (max_position_embeddings {context}); shorten it");
+        }
     }
-    let room = context - prompt_len;
+    let shortest = rows.iter().map(|(_, ids)| ids.len()).min().unwrap_or(0);
+    let room = context - shortest;
     if asked > room {
         eprintln!(
-            "note: --max-new-tokens {asked} is more than the context leaves after the {prompt_len}-token prompt; \
+            "note: --max-new-tokens {asked} is more than the context leaves after the {shortest}-token prompt; \
              generating at most {room} (max_position_embeddings {context})"
         );
         return Ok(room);

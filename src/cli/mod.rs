@@ -6,6 +6,7 @@ mod bench;
 mod env;
 mod eval;
 mod generate;
+mod generate_prompts;
 mod merge;
 mod models;
 mod plot;

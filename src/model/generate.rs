@@ -8,7 +8,8 @@
 //! Each layer runs the training forward (`layer::forward_with`) with its
 //! attention swapped for attention against the cache, so cached generation
 //! reproduces `Model::logits` of the whole sequence; tests/generate.rs holds
-//! the two to each other on every fixture model.
+//! the two to each other on every fixture model. `Model::generate` is
+//! `Model::generate_batch` (generate_batch.rs) with one prompt.
 
 use super::Model;
 use super::generate_batch::BatchOpts;

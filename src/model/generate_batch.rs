@@ -25,6 +25,7 @@ use super::layer::{self, StepCtx};
 use super::sample::{Sampler, SamplingParams};
 use crate::backend::{Backend, MatShape, NormShape};
 use anyhow::{Result, anyhow, bail};
+use rayon::prelude::*;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
@@ -220,10 +221,23 @@ impl<B: Backend> Model<B> {
             let ids: Vec<u32> = active.iter().map(|&s| next[s]).collect();
             let positions: Vec<usize> = active.iter().map(|&s| len[s]).collect();
             let logits = self.decode_step(be, &mut cache, &ids, &positions);
+            // The sequences' choices are independent (each its own RNG): in
+            // parallel, which matters for top-k/top-p over a large vocabulary.
             let vocab = self.cfg.vocab;
+            let mut row = vec![None; n];
             for (j, &s) in active.iter().enumerate() {
-                next[s] = samplers[s].sample(&logits[j * vocab..(j + 1) * vocab]);
-                len[s] += 1;
+                row[s] = Some(j);
+            }
+            let picks: Vec<Option<u32>> = samplers
+                .par_iter_mut()
+                .zip(&row)
+                .map(|(sampler, j)| j.map(|j| sampler.sample(&logits[j * vocab..(j + 1) * vocab])))
+                .collect();
+            for (s, pick) in picks.into_iter().enumerate() {
+                if let Some(token) = pick {
+                    next[s] = token;
+                    len[s] += 1;
+                }
             }
             out.decode_steps += 1;
             out.decode_time += t.elapsed();

@@ -82,9 +82,9 @@ pub fn top_k_filter(logits: &mut [f32], k: usize) {
     if k >= logits.len() {
         return;
     }
-    let mut sorted: Vec<f32> = logits.to_vec();
-    sorted.sort_unstable_by(|a, b| b.total_cmp(a));
-    let kth = sorted[k - 1];
+    // The k-th largest by selection, not a sort: linear in the vocabulary.
+    let mut values: Vec<f32> = logits.to_vec();
+    let (_, &mut kth, _) = values.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
     for x in logits.iter_mut() {
         if *x < kth {
             *x = f32::NEG_INFINITY;
