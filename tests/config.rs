@@ -125,7 +125,15 @@ fn unsupported_features_are_refused() {
     let fp4 = error(&format!("{qlora}load_in_4bit: true\nbnb_config_kwargs:\n  bnb_4bit_quant_type: fp4\n"), &[]);
     assert!(fp4.contains("bnb_config_kwargs.bnb_4bit_quant_type must be nf4 (got fp4"), "{fp4}");
     assert!(error(&MINIMAL.replace("adapter: lora", "adapter: ia3"), &[]).starts_with("run.yml:2: adapter: ia3 is not supported yet"));
-    assert!(error(&format!("{MINIMAL}rl: grpo\n"), &[]).starts_with("run.yml:7: rl: grpo is not supported yet: GRPO is not implemented"));
+    assert!(error(&format!("{MINIMAL}rl: ebft\n"), &[]).starts_with("run.yml:7: rl: ebft is not supported yet: the other online objectives"));
+    // GRPO is supported; its reward functions are required.
+    let grpo = error(&format!("{MINIMAL}rl: grpo\n"), &[]);
+    assert!(grpo.contains("datasets[0].type must be left out with rl: grpo"), "{grpo}");
+    let prompts = MINIMAL.replace("    type: alpaca\n", "");
+    let grpo = error(&format!("{prompts}rl: grpo\n"), &[]);
+    assert!(grpo.contains("trl.reward_funcs is required for rl: grpo"), "{grpo}");
+    let grpo = error(&format!("{prompts}rl: grpo\ntrl:\n  reward_funcs: [builtin:length:9]\n  num_generations: 3\n"), &[]);
+    assert!(grpo.contains("must be a multiple of trl.num_generations (3)"), "{grpo}");
     // rl changes what the datasets must be: alpaca rows are not preference data.
     let rl_alpaca = error(&format!("{MINIMAL}rl: dpo\n"), &[]);
     assert!(rl_alpaca.contains("with rl, must be one of chatml.intel"), "{rl_alpaca}");

@@ -163,9 +163,9 @@ fn reward_model_learns_to_score_chosen_above_rejected() {
 #[test]
 fn preference_config_and_data_errors_are_clear() {
     let tmp = tempfile::tempdir().unwrap();
-    let out = train(tmp.path(), "rl: grpo", "");
+    let out = train(tmp.path(), "rl: ebft", "");
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("GRPO is not implemented"), "{err}");
+    assert!(!out.status.success() && err.contains("the other online objectives (EBFT, GDPO, ...) are not implemented"), "{err}");
 
     let out = train(tmp.path(), "rl: dpo\ndpo_loss_type: exo", "");
     let err = String::from_utf8_lossy(&out.stderr);

@@ -39,7 +39,7 @@ pub fn load(path: &Path, overrides: &[String]) -> Result<Loaded> {
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read run config {}", path.display()))?;
     let mut loaded = load_str(&text, &path.display().to_string(), overrides)?;
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    loaded.config.config_dir = Some(dir.to_path_buf());
+    loaded.config.config_dir = super::ConfigDir(Some(dir.to_path_buf()));
     Ok(loaded)
 }
 
@@ -78,7 +78,16 @@ pub fn load_str(text: &str, file: &str, overrides: &[String]) -> Result<Loaded> 
     normalise(&mut config);
     validate::validate(&config, &loc)?;
     if config.rl.as_deref() == Some("grpo") {
-        let (_, notes) = super::grpo::read(config.trl.as_ref(), config.rl_beta).map_err(|(k, m)| anyhow!("{}{k} {m}", loc.at(&k)))?;
+        let (s, notes) = super::grpo::read(config.trl.as_ref(), config.rl_beta).map_err(|(k, m)| anyhow!("{}{k} {m}", loc.at(&k)))?;
+        let per_step = config.micro_batch_size * config.gradient_accumulation_steps;
+        if !per_step.is_multiple_of(s.num_generations) {
+            bail!(
+                "{}micro_batch_size × gradient_accumulation_steps ({per_step}) must be a multiple of trl.num_generations ({}): \
+                 a step holds whole groups of completions",
+                loc.at("trl.num_generations"),
+                s.num_generations
+            );
+        }
         warnings.extend(notes.into_iter().map(|n| format!("{}{n}", loc.at("trl"))));
     } else if config.trl.is_some() {
         warnings.push(format!("{}trl is ignored: its settings are read by rl: grpo only (trl.beta is rl_beta)", loc.at("trl")));

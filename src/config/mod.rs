@@ -117,6 +117,18 @@ impl Default for AdamWConfig {
     }
 }
 
+/// Where the config file was read from (GRPO imports Python reward
+/// functions from that folder). Not part of the config's value: two
+/// configs with the same keys are equal wherever their files are.
+#[derive(Debug, Clone, Default)]
+pub struct ConfigDir(pub Option<std::path::PathBuf>);
+
+impl PartialEq for ConfigDir {
+    fn eq(&self, _: &ConfigDir) -> bool {
+        true
+    }
+}
+
 /// `bnb_config_kwargs`: Axolotl's pass-through to bitsandbytes'
 /// BitsAndBytesConfig, for `load_in_4bit` runs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -261,7 +273,7 @@ pub struct RunConfig {
     /// The directory of the config file (GRPO's Python reward functions are
     /// imported from it); set by `load`, never read from the file.
     #[serde(skip)]
-    pub config_dir: Option<std::path::PathBuf>,
+    pub config_dir: ConfigDir,
 
     /// ferrotune: cpu, cuda, cuda:N or auto (the `--device` flag overrides).
     pub device: String,
@@ -336,7 +348,7 @@ impl Default for RunConfig {
             kto_desirable_weight: None,
             kto_undesirable_weight: None,
             trl: None,
-            config_dir: None,
+            config_dir: ConfigDir::default(),
             device: "auto".into(),
         }
     }

@@ -59,7 +59,13 @@ pub(crate) fn validate(c: &RunConfig, loc: &Locator) -> Result<()> {
         ("kto_undesirable_weight", c.kto_undesirable_weight),
     ] {
         if let Some(v) = v {
-            check!(v > 0.0, loc, key, "must be positive (got {v})");
+            // GRPO's beta may be 0 (its default: no KL term, no reference pass).
+            let grpo_beta = key == "rl_beta" && c.rl.as_deref() == Some("grpo");
+            if grpo_beta {
+                check!(v >= 0.0, loc, key, "(GRPO's beta) must be 0 or more (got {v})");
+            } else {
+                check!(v > 0.0, loc, key, "must be positive (got {v})");
+            }
         }
     }
     if c.rl.as_deref() == Some("orpo")

@@ -113,18 +113,21 @@ impl TextTokenizer {
         self.tokenizer.decode(ids, true).map_err(|e| anyhow::anyhow!("cannot decode token ids: {e}"))
     }
 
-    /// The ids that end generation: `model_eos` (config.json's
-    /// eos_token_id), generation_config.json's eos_token_id and the
-    /// tokenizer's eos_token, without repeats.
+    /// The ids that end a sampled completion, as TRL's GRPOTrainer takes
+    /// them: the tokenizer's eos_token, then the model's generation config
+    /// eos_token_id (generation_config.json's when the file exists, else
+    /// `model_eos`, config.json's, as transformers falls back), without
+    /// repeats.
     pub fn stop_tokens(&self, model_eos: &[u32], model_dir: &Path) -> Result<Vec<u32>> {
-        let mut ids = model_eos.to_vec();
+        let mut ids: Vec<u32> = self.eos_id().into_iter().collect();
         let gen_path = model_dir.join("generation_config.json");
         if gen_path.is_file() {
             let text = std::fs::read_to_string(&gen_path).with_context(|| format!("cannot read {}", gen_path.display()))?;
             let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", gen_path.display()))?;
             ids.extend(crate::model::hparams::token_ids(v.get("eos_token_id"), "eos_token_id", &gen_path.display().to_string())?);
+        } else {
+            ids.extend_from_slice(model_eos);
         }
-        ids.extend(self.eos_id());
         let mut seen = std::collections::HashSet::new();
         ids.retain(|id| seen.insert(*id));
         Ok(ids)

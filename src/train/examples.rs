@@ -107,13 +107,15 @@ pub struct Batching {
     pub micro_batches_per_step: usize,
     /// Optimiser steps each micro-batch is trained on.
     pub repeat: usize,
+    /// Leave out an epoch's short last micro-batch.
+    pub drop_last: bool,
 }
 
 impl Batching {
     /// micro_batch_size examples per micro-batch,
     /// gradient_accumulation_steps micro-batches per step.
     pub fn of(cfg: &RunConfig) -> Batching {
-        Batching { micro_batch_size: cfg.micro_batch_size, micro_batches_per_step: cfg.gradient_accumulation_steps, repeat: 1 }
+        Batching { micro_batch_size: cfg.micro_batch_size, micro_batches_per_step: cfg.gradient_accumulation_steps, repeat: 1, drop_last: false }
     }
 }
 
@@ -125,6 +127,7 @@ pub fn data_plan(cfg: &RunConfig, train: &Examples, packs: bool, batching: Batch
         micro_batch_size: batching.micro_batch_size,
         gradient_accumulation_steps: batching.micro_batches_per_step,
         repeat: batching.repeat,
+        drop_last: batching.drop_last,
         // Pairs are never packed: each micro-batch holds whole pairs.
         sample_packing: cfg.sample_packing && packs,
         sequence_len: cfg.sequence_len,

@@ -25,6 +25,9 @@ pub struct DataPlan {
     /// Each micro-batch is trained on this many consecutive times (GRPO's
     /// num_iterations: one generation, several optimiser steps).
     pub repeat: usize,
+    /// Leave out an epoch's last micro-batch when it is short (GRPO's
+    /// generation batches are whole, as TRL's sampler makes them).
+    pub drop_last: bool,
 }
 
 /// One micro-batch: the indices of its examples, in order.
@@ -78,7 +81,9 @@ impl DataPlan {
     /// The micro-batches of epoch `epoch`.
     pub fn micro_batches(&self, epoch: usize) -> Vec<MicroBatch> {
         let rows = self.rows(epoch);
-        let once = rows.chunks(self.micro_batch_size.max(1)).map(|rows| rows.concat());
+        let size = self.micro_batch_size.max(1);
+        let whole = |c: &&[Vec<usize>]| !self.drop_last || c.len() == size;
+        let once = rows.chunks(size).filter(whole).map(|rows| rows.concat());
         once.flat_map(|mb| std::iter::repeat_n(mb, self.repeat.max(1))).collect()
     }
 
@@ -115,7 +120,7 @@ mod tests {
     use super::*;
 
     fn plan(lengths: Vec<usize>, packing: bool, shuffle: bool) -> DataPlan {
-        DataPlan { lengths, micro_batch_size: 2, gradient_accumulation_steps: 2, sample_packing: packing, sequence_len: 10, shuffle, seed: 7, repeat: 1 }
+        DataPlan { lengths, micro_batch_size: 2, gradient_accumulation_steps: 2, sample_packing: packing, sequence_len: 10, shuffle, seed: 7, repeat: 1, drop_last: false }
     }
 
     #[test]
@@ -135,6 +140,8 @@ mod tests {
         let p = DataPlan { repeat: 2, gradient_accumulation_steps: 1, ..plan(vec![3; 3], false, false) };
         assert_eq!(p.micro_batches(0), vec![vec![0, 1], vec![0, 1], vec![2], vec![2]]);
         assert_eq!(p.steps_in_epoch(0), 4);
+        let p = DataPlan { drop_last: true, ..p };
+        assert_eq!(p.micro_batches(0), vec![vec![0, 1], vec![0, 1]]);
     }
 
     #[test]

@@ -10,6 +10,25 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 pub const METRICS_FILE: &str = "metrics.jsonl";
+/// GRPO's sampled completions (log_completions), one JSON object per line
+/// with the step that sampled it.
+pub const COMPLETIONS_FILE: &str = "completions.jsonl";
+
+/// The records of a step-keyed JSON-lines log up to `step` (the rest are
+/// about to be recomputed by a resumed run).
+fn records_up_to(path: &Path, step: usize) -> String {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<Value>(l)
+                .ok()
+                .and_then(|v| v.get("step").and_then(|s| s.as_u64()))
+                .is_some_and(|s| s as usize <= step)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
 
 /// Appends records to metrics.jsonl, flushing each so a killed run keeps
 /// everything it logged.
@@ -24,21 +43,14 @@ impl MetricsLog {
     /// after it (they are about to be recomputed).
     pub fn open(output_dir: &Path, resumed_at: Option<usize>) -> Result<MetricsLog> {
         let path = output_dir.join(METRICS_FILE);
-        let kept = match resumed_at {
-            Some(step) => std::fs::read_to_string(&path)
-                .unwrap_or_default()
-                .lines()
-                .filter(|l| {
-                    serde_json::from_str::<Value>(l)
-                        .ok()
-                        .and_then(|v| v.get("step").and_then(|s| s.as_u64()))
-                        .is_some_and(|s| s as usize <= step)
-                })
-                .map(|l| format!("{l}\n"))
-                .collect::<String>(),
-            None => String::new(),
-        };
+        let kept = resumed_at.map(|step| records_up_to(&path, step)).unwrap_or_default();
         crate::util::atomic_write(&path, kept.as_bytes())?;
+        // GRPO's completions log follows the same rule, when there is one.
+        let completions = output_dir.join(COMPLETIONS_FILE);
+        if completions.is_file() {
+            let kept = resumed_at.map(|step| records_up_to(&completions, step)).unwrap_or_default();
+            crate::util::atomic_write(&completions, kept.as_bytes())?;
+        }
         let file = std::fs::OpenOptions::new()
             .append(true)
             .open(&path)

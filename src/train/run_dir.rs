@@ -6,7 +6,7 @@
 //! earlier run's copy is seen and cleared like the rest.
 
 use super::saves;
-use super::progress::METRICS_FILE;
+use super::progress::{COMPLETIONS_FILE, METRICS_FILE};
 use crate::adapter::peft;
 use crate::config::RESOLVED_CONFIG_FILE;
 use anyhow::{Context, Result, bail};
@@ -24,7 +24,7 @@ pub const TOKENIZER_FILES: &[&str] = &["tokenizer.json", "tokenizer_config.json"
 
 /// The files of a run (besides checkpoint-N and the tokenizer copies): any
 /// of them, or a checkpoint, means output_dir holds a run.
-const RUN_FILES: &[&str] = &[RESOLVED_CONFIG_FILE, METRICS_FILE, peft::CONFIG_FILE, peft::WEIGHTS_FILE];
+const RUN_FILES: &[&str] = &[RESOLVED_CONFIG_FILE, METRICS_FILE, COMPLETIONS_FILE, peft::CONFIG_FILE, peft::WEIGHTS_FILE];
 
 /// The lock on an output_dir, released when dropped (or when the process ends).
 pub struct RunLock {

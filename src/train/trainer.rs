@@ -67,8 +67,11 @@ struct LogWindow {
     loss_sum: f64,
     steps: usize,
     tokens: usize,
-    /// Σ over the window's steps of each objective metric.
-    metrics: Vec<(&'static str, f64)>,
+    /// Σ over the window's steps of each objective metric, and how many
+    /// steps gave it a number (a metric may be absent from a step, as
+    /// GRPO's generation metrics when samples are reused, or NaN, as a
+    /// reward no function gave: such steps do not count, as in TRL).
+    metrics: Vec<(&'static str, f64, usize)>,
     t0: Instant,
 }
 
@@ -82,9 +85,16 @@ impl LogWindow {
             self.loss_sum += o.loss;
             self.steps += 1;
             for &(name, v) in &o.metrics.0 {
-                match self.metrics.iter_mut().find(|(n, _)| *n == name) {
-                    Some(m) => m.1 += v,
-                    None => self.metrics.push((name, v)),
+                let i = match self.metrics.iter().position(|(n, _, _)| *n == name) {
+                    Some(i) => i,
+                    None => {
+                        self.metrics.push((name, 0.0, 0));
+                        self.metrics.len() - 1
+                    }
+                };
+                if !v.is_nan() {
+                    self.metrics[i].1 += v;
+                    self.metrics[i].2 += 1;
                 }
             }
         }
@@ -95,7 +105,7 @@ impl LogWindow {
     fn take(&mut self) -> (f64, f64, Metrics) {
         let mean = if self.steps > 0 { self.loss_sum / self.steps as f64 } else { f64::NAN };
         let tps = self.tokens as f64 / self.t0.elapsed().as_secs_f64().max(1e-9);
-        let metrics = Metrics(self.metrics.iter().map(|&(n, v)| (n, v / self.steps.max(1) as f64)).collect());
+        let metrics = Metrics(self.metrics.iter().map(|&(n, v, k)| (n, if k == 0 { f64::NAN } else { v / k as f64 })).collect());
         *self = LogWindow::new();
         (mean, tps, metrics)
     }
@@ -269,12 +279,16 @@ pub fn train<B: Backend>(run: Run<'_, B>) -> Result<Summary> {
                 "tokens_per_s": tps, "tokens": state.tokens_seen,
             });
             for &(name, v) in &extra.0 {
-                record[name] = json!(v);
+                // NaN (no value in the window) is written as null, as TRL's None.
+                record[name] = if v.is_finite() { json!(v) } else { Value::Null };
             }
             metrics.write(&record)?;
             let mut line = format!("loss {mean:.4} lr {:.2e} grad_norm {:.3} {tps:.0} tok/s", out.lr, out.grad_norm);
             if let (Some(acc), Some(margin)) = (extra.get("rewards/accuracies"), extra.get("rewards/margins")) {
                 line += &format!(" acc {acc:.2} margin {margin:.3}");
+            }
+            if let Some(reward) = extra.get("reward").filter(|r| r.is_finite()) {
+                line += &format!(" reward {reward:.3}");
             }
             progress.step(step, Some(&line));
             if let Some(warning) = collapse.check(&extra) {

@@ -110,6 +110,10 @@ pub struct MicroOut {
     pub clip_low: f64,
     pub clip_high: f64,
     pub clip_region: f64,
+    /// The smallest share of a sequence's tokens clipped low, and the
+    /// largest clipped high (NaN when no sequence has a masked token).
+    pub clip_low_min: f64,
+    pub clip_high_max: f64,
     pub tokens: usize,
 }
 
@@ -138,8 +142,9 @@ pub fn micro_loss(s: &GrpoSettings, seqs: &[SeqTerms], norm: Norm) -> MicroOut {
             GrpoLoss::Dapo => 1.0 / norm.batch_tokens.max(1) as f64,
         }
     };
-    let mut out = MicroOut { tokens, ..MicroOut::default() };
+    let mut out = MicroOut { tokens, clip_low_min: f64::NAN, clip_high_max: f64::NAN, ..MicroOut::default() };
     for q in seqs {
+        let (low0, high0) = (out.clip_low, out.clip_high);
         let w = weight(q.logp.len());
         let a = q.advantage;
         let mut d = Vec::with_capacity(q.logp.len());
@@ -171,6 +176,13 @@ pub fn micro_loss(s: &GrpoSettings, seqs: &[SeqTerms], norm: Norm) -> MicroOut {
             out.clip_region += ((c1 < lo && a < 0.0) || (c1 > hi && a > 0.0)) as u8 as f64;
             out.loss += w * loss;
             d.push(w * dl);
+        }
+        if !q.logp.is_empty() {
+            // torch's nanmin / nanmax over the sequences' shares.
+            let len = q.logp.len() as f64;
+            let (low, high) = ((out.clip_low - low0) / len, (out.clip_high - high0) / len);
+            out.clip_low_min = if out.clip_low_min.is_nan() { low } else { out.clip_low_min.min(low) };
+            out.clip_high_max = if out.clip_high_max.is_nan() { high } else { out.clip_high_max.max(high) };
         }
         out.dlogp.push(d);
     }

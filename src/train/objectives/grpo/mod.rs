@@ -43,6 +43,9 @@ pub fn select<B: Backend>(cfg: &RunConfig) -> Option<Result<Box<dyn Objective<B>
 struct Ready {
     tok: TextTokenizer,
     stop: Vec<u32>,
+    /// The stop tokens and the pad token (or EOS): a completion ending in
+    /// one of them ended.
+    ends: Vec<u32>,
 }
 
 pub struct Grpo {
@@ -81,7 +84,7 @@ impl Grpo {
             ready: None,
             rollout: None,
             log_dir: None,
-            config_dir: cfg.config_dir.clone().unwrap_or_else(|| PathBuf::from(".")),
+            config_dir: cfg.config_dir.0.clone().unwrap_or_else(|| PathBuf::from(".")),
         })
     }
 
@@ -98,6 +101,7 @@ impl Grpo {
             s: &self.s,
             tok: &ready.tok,
             stop: &ready.stop,
+            ends: &ready.ends,
             rewards,
             reward_names: &self.reward_names,
             log_dir: if log { self.log_dir.as_deref() } else { None },
@@ -210,14 +214,16 @@ pub fn train_pass<B: Backend>(
 
 /// The micro-batch metrics TRL logs, averaged over micro-batches.
 fn loss_metrics(s: &GrpoSettings, outs: &[MicroOut]) -> Metrics {
-    let n = outs.len().max(1) as f64;
-    let mean = |f: fn(&MicroOut) -> f64| outs.iter().map(f).sum::<f64>() / n;
+    // NaN values are left out, as TRL's log does.
+    let mean = |f: fn(&MicroOut) -> f64| loss::nanmean(&outs.iter().map(f).collect::<Vec<_>>());
     let mut m = Metrics::default();
     if s.beta != 0.0 {
         m.push("kl", mean(|o| o.kl));
     }
     m.push("clip_ratio/low_mean", mean(|o| o.clip_low));
+    m.push("clip_ratio/low_min", mean(|o| o.clip_low_min));
     m.push("clip_ratio/high_mean", mean(|o| o.clip_high));
+    m.push("clip_ratio/high_max", mean(|o| o.clip_high_max));
     m.push("clip_ratio/region_mean", mean(|o| o.clip_region));
     m
 }
@@ -225,13 +231,21 @@ fn loss_metrics(s: &GrpoSettings, outs: &[MicroOut]) -> Metrics {
 impl<B: Backend> Objective<B> for Grpo {
     fn prepare_data(&self, cfg: &RunConfig, tokenizer_dir: &Path, vocab: usize) -> Result<(Examples, Examples, Vec<DatasetReport>)> {
         let data = prepare_prompts(cfg, tokenizer_dir, vocab)?;
+        let per_step = self.prompts_per_step(cfg);
+        if data.train.len() < per_step {
+            bail!(
+                "rl: grpo: a step samples from {per_step} prompts (micro_batch_size × gradient_accumulation_steps ÷ trl.num_generations) \
+                 but the training datasets hold {}",
+                data.train.len()
+            );
+        }
         // Before any weight is read: a bad reward module fails here.
         *self.rewards.borrow_mut() = Some(RewardFuncs::new(&self.s.reward_funcs, &self.config_dir)?);
         Ok((Examples::Prompts(data.train), Examples::Prompts(data.val), data.report))
     }
 
     fn batching(&self, cfg: &RunConfig) -> Batching {
-        Batching { micro_batch_size: self.prompts_per_step(cfg), micro_batches_per_step: 1, repeat: self.s.num_iterations }
+        Batching { micro_batch_size: self.prompts_per_step(cfg), micro_batches_per_step: 1, repeat: self.s.num_iterations, drop_last: true }
     }
 
     fn prepare_model(&mut self, _be: &B, model: &Model<B>, cfg: &RunConfig, model_dir: &Path, tokenizer_dir: &Path) -> Result<()> {
@@ -246,10 +260,21 @@ impl<B: Backend> Objective<B> for Grpo {
             .iter()
             .map(|n| (&*Box::leak(format!("rewards/{n}/mean").into_boxed_str()), &*Box::leak(format!("rewards/{n}/std").into_boxed_str())))
             .collect();
-        self.ready = Some(Ready { tok, stop });
+        let mut ends = stop.clone();
+        ends.extend(tok.pad_id().or(tok.eos_id()));
+        self.ready = Some(Ready { tok, stop, ends });
         if self.s.log_completions {
             let dir = PathBuf::from(&cfg.output_dir);
             self.log_dir = Some(dir);
+        }
+        Ok(())
+    }
+
+    /// Reward functions see the run's length as trainer_state.max_steps.
+    fn before_training(&mut self, _be: &B, _model: &Model<B>, cfg: &RunConfig, train: &Examples) -> Result<()> {
+        let plan = crate::train::examples::data_plan(cfg, train, false, <Self as Objective<B>>::batching(self, cfg));
+        if let Some(r) = self.rewards.borrow_mut().as_mut() {
+            r.set_max_steps(plan.total_steps(cfg.num_epochs, cfg.max_steps));
         }
         Ok(())
     }
@@ -298,7 +323,10 @@ impl<B: Backend> Objective<B> for Grpo {
         let temp = self.s.temperature as f32;
         let mut parts = Vec::new();
         let mut total = 0.0;
-        for (ci, chunk) in idx.chunks(rows_per_batch.max(1)).enumerate() {
+        // TRL's eval batches hold per_device_eval_batch_size completions:
+        // that ÷ num_generations prompts.
+        let prompts_per_batch = (rows_per_batch / self.s.num_generations).max(1);
+        for (ci, chunk) in idx.chunks(prompts_per_batch).enumerate() {
             let r = self.generate(be, model, rows, chunk, ci + 1, u64::MAX ^ 0x5EED, false)?;
             // The generation batch as one micro-batch (eval has no accumulation).
             let batch_tokens: usize = r.samples.iter().map(|q| q.mask).sum();
@@ -310,9 +338,13 @@ impl<B: Backend> Objective<B> for Grpo {
             let loss = out.loss;
             let mut m = r.metrics.unwrap_or_default();
             m.0.extend(loss_metrics(&self.s, &[out]).0);
-            total += loss * chunk.len() as f64;
-            parts.push((m, chunk.len()));
+            total += loss;
+            parts.push(m);
         }
-        Ok((total / rows.len().max(1) as f64, super::merge_metrics(&parts)))
+        // The mean over batches, each metric's NaNs left out (TRL's log).
+        let n = parts.len().max(1) as f64;
+        let names: Vec<&'static str> = parts.first().map(|m| m.0.iter().map(|&(k, _)| k).collect()).unwrap_or_default();
+        let merged = names.iter().map(|&k| (k, loss::nanmean(&parts.iter().map(|m| m.get(k).unwrap_or(f64::NAN)).collect::<Vec<_>>()))).collect();
+        Ok((total / n, Metrics(merged)))
     }
 }

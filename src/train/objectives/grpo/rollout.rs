@@ -67,6 +67,9 @@ pub struct Ctx<'a> {
     pub s: &'a GrpoSettings,
     pub tok: &'a TextTokenizer,
     pub stop: &'a [u32],
+    /// A completion whose last token is one of these ended (the stop tokens
+    /// and the pad token, as TRL tells truncated completions apart).
+    pub ends: &'a [u32],
     pub rewards: &'a mut RewardFuncs,
     /// The names metrics are logged under, one (mean, std) per function.
     pub reward_names: &'a [(&'static str, &'static str)],
@@ -106,7 +109,7 @@ pub fn generate<B: Backend>(be: &B, model: &Model<B>, rows: &[PromptRow], prompt
     let per_func: Vec<Vec<f64>> = (0..n).map(|i| by_func.iter().map(|f| f[i].unwrap_or(f64::NAN)).collect()).collect();
     let scored = advantages(&per_func, &c.s.weights(), g, c.s.scale_rewards);
 
-    let eos: Vec<bool> = out.seqs.iter().map(|q| q.stop == StopReason::Eos).collect();
+    let eos: Vec<bool> = out.seqs.iter().map(|q| q.stop == StopReason::Eos || q.tokens.last().is_some_and(|t| c.ends.contains(t))).collect();
     let samples: Vec<Sample> = (0..n)
         .map(|i| {
             let len = out.seqs[i].tokens.len();
@@ -165,6 +168,12 @@ pub fn generation_metrics(
     m.push("completions/min_length", lens.iter().copied().min().unwrap_or(0) as f64);
     m.push("completions/max_length", lens.iter().copied().max().unwrap_or(0) as f64);
     m.push("completions/clipped_ratio", eos.iter().filter(|&&e| !e).count() as f64 / n);
+    // The lengths of the completions that ended (0 when none did, as TRL).
+    let ended: Vec<usize> = lens.iter().zip(eos).filter(|(_, e)| **e).map(|(l, _)| *l).collect();
+    let ended = if ended.is_empty() { vec![0] } else { ended };
+    m.push("completions/mean_terminated_length", ended.iter().sum::<usize>() as f64 / ended.len() as f64);
+    m.push("completions/min_terminated_length", *ended.iter().min().expect("not empty") as f64);
+    m.push("completions/max_terminated_length", *ended.iter().max().expect("not empty") as f64);
     m
 }
 
