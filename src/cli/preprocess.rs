@@ -144,7 +144,14 @@ fn summary(cfg: &RunConfig, train: &Examples, val: &Examples, report: &[DatasetR
     } else {
         s += "sample packing: not used (preference examples are batched whole)\n";
     }
-    if !train.is_empty() {
+    if matches!(train, Examples::Prompts(_)) {
+        s += &format!(
+            "batches: {} prompts a generation batch (each sampled trl.num_generations times), {} optimiser steps per epoch, {} steps in all\n",
+            plan.micro_batch_size,
+            plan.steps_in_epoch(0),
+            plan.total_steps(cfg.num_epochs, cfg.max_steps)
+        );
+    } else if !train.is_empty() {
         s += &format!(
             "batches: {} micro-batches of up to {} rows, {} optimiser steps per epoch, {} steps in all\n",
             plan.micro_batches(0).len(),
