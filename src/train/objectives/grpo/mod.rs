@@ -92,7 +92,9 @@ impl Grpo {
         cfg.micro_batch_size * cfg.gradient_accumulation_steps / self.s.num_generations
     }
 
-    /// Sample and score a generation batch for `prompt_idx`.
+    /// Sample and score a generation batch for `prompt_idx` (1-based `step`
+    /// names it; `log`: write its completions to completions.jsonl).
+    #[allow(clippy::too_many_arguments)]
     fn generate<B: Backend>(&self, be: &B, model: &Model<B>, rows: &[PromptRow], prompt_idx: &[usize], step: usize, seed: u64, log: bool) -> Result<Rollout> {
         let ready = self.ready.as_ref().context("GRPO used before its model was prepared")?;
         let mut rewards = self.rewards.borrow_mut();
