@@ -281,9 +281,11 @@ fn llama_fixture() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama/model")
 }
 
+type MCpu = Metered<CpuBackend>;
+
 /// The fixture model with adapters and optimiser on a metered CPU backend;
 /// returns it with the persistent bytes.
-fn metered_fixture(lc: &LoraConfig, act_bytes: usize, weight_bytes: usize) -> (Metered<CpuBackend>, Model<Metered<CpuBackend>>, Optimizer<Metered<CpuBackend>>, u64) {
+fn metered_fixture(lc: &LoraConfig, act_bytes: usize, weight_bytes: usize) -> (MCpu, Model<MCpu>, Optimizer<MCpu>, u64) {
     let be = Metered::new(CpuBackend::new(), act_bytes, weight_bytes);
     let ckpt = Checkpoint::open(&llama_fixture()).unwrap();
     let mut model = Model::load(&be, &ckpt).unwrap();
