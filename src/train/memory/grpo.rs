@@ -23,9 +23,10 @@
 //! - scoring: the no-grad forwards of a training micro-batch
 //!   (`Model::token_nll_at`): the reference with the adapter off (β > 0)
 //!   and the sampling policy's log-probs with it on (num_iterations > 1,
-//!   which the shape does not say, so it is always counted). Neither ever
-//!   exceeds the training pass, which keeps more alive; a micro-batch too
-//!   large to trace (see `Planned::activations`) is not traced for them.
+//!   which the shape does not say, so it is always counted). They keep less
+//!   alive than the training pass (no saved activations, no gradients); a
+//!   micro-batch too large to trace (see `Planned::activations`) is not
+//!   traced for them.
 //! - training: GRPO's own pass, `Model::forward_backward_with` with
 //!   per-token weights chosen from the losses (`Head::TokensAt` with
 //!   `TokenWeights::FromLosses`: the LM head runs once without gradients,

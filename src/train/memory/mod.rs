@@ -64,6 +64,16 @@
 //! Backend-internal scratch that does not go through the backend's buffers
 //! (the CPU attention's per-thread rows, a GPU's cuBLAS workspace) is not a
 //! buffer; a GPU caller accounts for it in `reserve_bytes`.
+//!
+//! # GRPO (`plan_grpo`)
+//!
+//! An online-RL step also samples its completions with the model being
+//! trained and scores them without gradients; the `grpo` module traces
+//! `Model::generate_batch` and those forwards on the same backend and the
+//! plan's activation peak is the largest of sampling, scoring and GRPO's
+//! own training pass (`MemoryPlan::grpo` holds each). The fit check then
+//! also names fewer completions per generation batch and a shorter
+//! max_completion_length (`fit`).
 
 mod fit;
 mod grpo;
