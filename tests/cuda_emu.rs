@@ -671,4 +671,54 @@ fn grpo_runs_on_the_emulated_gpu() {
     assert!(out.status.success() && log.contains("SIMT emulator"), "{log}");
     let rows = std::fs::read_to_string(tmp.path().join("out/completions.jsonl")).unwrap();
     assert_eq!(rows.lines().count(), 2 * 16, "{log}");
+
+#[test]
+fn grpo_memory_plan_bounds_the_cuda_backends_sampling_peak() {
+    // Batched generation of GRPO's completions (Model::generate_batch) on the
+    // CUDA backend, its pool peak against the plan's sampling peak (one
+    // decode step of every sequence plus, with several sequences, the
+    // region scratch of a sequence finishing early; bf16 LoRA product copies
+    // placed at the peak). The plan covers it and exceeds it by at most the
+    // region and one LoRA forward temporary.
+    use ferrotune::adapter::{LoraConfig, Targets};
+    use ferrotune::model::checkpoint::{Checkpoint, read_config};
+    use ferrotune::model::generate_batch::BatchOpts;
+    use ferrotune::model::sample::SamplingParams;
+    use ferrotune::model::{BaseWeights, Model};
+    use ferrotune::train::memory::{self, GrpoShape, RunShape};
+    use ferrotune::train::optimizer::{AdamWConfig, Optimizer};
+    use ferrotune::util::rng::Rng;
+    let (_alone, be) = emulated_gpu_alone();
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama/model");
+    let cfg = read_config(&dir).unwrap();
+    let lc = LoraConfig::new(8, 16.0, Targets::AllLinear);
+    for (sequences, prompt_len, max_new) in [(1, 9, 4), (6, 12, 5)] {
+        let run = RunShape { loss_chunk_tokens: 16, ..RunShape::bf16(2, prompt_len + max_new) };
+        let shape = GrpoShape { run, sequences, prompt_len, max_new, reference: false };
+        let plan = memory::plan_grpo(&cfg, &lc, &shape, BaseWeights::AsStored).unwrap();
+        let g = plan.grpo.unwrap();
+        let mut model = Model::load(&be, &Checkpoint::open(&dir).unwrap()).unwrap();
+        model.attach_lora(&be, &lc, &mut Rng::new(2)).unwrap();
+        let _opt = Optimizer::new(&be, &model, AdamWConfig::default());
+        let mut rng = Rng::new(4);
+        let prompts: Vec<Vec<u32>> =
+            (0..sequences).map(|_| (0..prompt_len).map(|_| (rng.next_u64() % cfg.vocab as u64) as u32).collect()).collect();
+        let opts = BatchOpts { max_new_tokens: max_new, sampling: SamplingParams::greedy(), seed: 0, stop_tokens: Vec::new() };
+        be.synchronize();
+        be.reset_peak();
+        model.generate_batch(&be, &prompts, &opts).unwrap();
+        be.synchronize();
+        let measured = be.peak_bytes().unwrap();
+        let persistent = plan.weights + plan.adapter + plan.optimizer + plan.workspace;
+        let planned = persistent + g.sampling();
+        let largest_lora_forward = memory::adapted_modules(&cfg, &lc)
+            .unwrap()
+            .iter()
+            .map(|m| 2 * (m.r * m.in_f + m.out_f * m.r) as u64)
+            .max()
+            .unwrap();
+        eprintln!("{sequences} sequences: planned {planned} measured {measured} ({:+})", planned as i64 - measured as i64);
+        assert!(planned >= measured, "{sequences} sequences: the plan under-estimates by {}\n{plan}", measured - planned);
+        assert!(planned - measured <= g.region + largest_lora_forward, "{sequences} sequences: over-estimate {}\n{plan}", planned - measured);
+    }
 }

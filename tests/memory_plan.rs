@@ -232,6 +232,7 @@ fn fit_check_names_the_settings_that_fit() {
                 assert!(len + 128 == shape.seq_len || plan.replan(longer).total > available);
             }
             Setting::GradientCheckpointing => assert!(err.contains("gradient_checkpointing: true"), "{err}"),
+            other => panic!("{other:?} is a GRPO setting, named for an SFT plan: {err}"),
         }
     }
     // At 40 GiB checkpointing fits on its own.
@@ -262,4 +263,222 @@ fn fit_check_against_a_measured_run() {
     let err = memory::fit_check(&plan, plan.total - 1).unwrap_err().to_string();
     assert!(err.contains("micro_batch_size: 1 "), "{err}");
     assert!(err.contains("gradient_checkpointing: true"), "{err}");
+}
+
+// GRPO: sampling (`Model::generate_batch`), the no-grad scoring forwards and
+// GRPO's training pass, measured on the fixture Llama with its weights.
+
+use ferrotune::model::BaseWeights;
+use ferrotune::model::checkpoint::{Checkpoint, read_config};
+use ferrotune::model::generate_batch::BatchOpts;
+use ferrotune::model::graph::{Head, TokenWeights};
+use ferrotune::model::sample::SamplingParams;
+use ferrotune::train::memory::{GrpoPhase, GrpoShape};
+use std::cell::Cell;
+use std::path::PathBuf;
+
+fn llama_fixture() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama/model")
+}
+
+type MCpu = Metered<CpuBackend>;
+
+/// The fixture model with adapters and optimiser on a metered CPU backend;
+/// returns it with the persistent bytes.
+fn metered_fixture(lc: &LoraConfig, act_bytes: usize, weight_bytes: usize) -> (MCpu, Model<MCpu>, Optimizer<MCpu>, u64) {
+    let be = Metered::new(CpuBackend::new(), act_bytes, weight_bytes);
+    let ckpt = Checkpoint::open(&llama_fixture()).unwrap();
+    let mut model = Model::load(&be, &ckpt).unwrap();
+    model.attach_lora(&be, lc, &mut Rng::new(5)).unwrap();
+    let opt = Optimizer::new(&be, &model, AdamWConfig::default());
+    let persistent = be.live_bytes() as u64;
+    (be, model, opt, persistent)
+}
+
+fn grpo_shape(sequences: usize, prompt_len: usize, max_new: usize, micro_batch: usize, bytes: usize) -> GrpoShape {
+    let run = RunShape {
+        micro_batch,
+        seq_len: prompt_len + max_new,
+        gradient_checkpointing: false,
+        loss_chunk_tokens: 16,
+        act_bytes: bytes,
+        weight_bytes: bytes,
+        reserve_bytes: 0,
+        product_casts: false,
+    };
+    GrpoShape { run, sequences, prompt_len, max_new, reference: true }
+}
+
+#[test]
+fn grpo_sampling_matches_measurement() {
+    let dir = llama_fixture();
+    let cfg = read_config(&dir).unwrap();
+    let lc = LoraConfig::new(8, 16.0, Targets::AllLinear);
+    let kvd = (cfg.n_kv_heads * cfg.head_dim) as u64;
+    // (sequences, longest prompt, max_new, bytes per element): one
+    // sequence, several prompts of several lengths, one new token, and a
+    // cache as long as max_position_embeddings (128).
+    for (sequences, prompt_len, max_new, bytes) in [(1, 7, 5, 4), (6, 13, 9, 4), (4, 20, 1, 2), (8, 100, 28, 2)] {
+        let shape = grpo_shape(sequences, prompt_len, max_new, 2, bytes);
+        let plan = memory::plan_grpo(&cfg, &lc, &shape, BaseWeights::AsStored).unwrap();
+        let g = plan.grpo.unwrap();
+        let (be, model, _opt, persistent) = metered_fixture(&lc, bytes, bytes);
+        assert_eq!(plan.weights + plan.adapter + plan.optimizer + plan.workspace, persistent);
+
+        // Two prompts per num_generations group; the second is 3 tokens shorter.
+        let mut rng = Rng::new(sequences as u64);
+        let mut prompt = |len: usize| (0..len).map(|_| (rng.next_u64() % cfg.vocab as u64) as u32).collect::<Vec<u32>>();
+        let (long, short) = (prompt(prompt_len), prompt(prompt_len.saturating_sub(3).max(1)));
+        let prompts: Vec<Vec<u32>> = (0..sequences).map(|i| if i % 2 == 0 { long.clone() } else { short.clone() }).collect();
+        // No stop token: every sequence decodes to the end, as planned.
+        let opts = BatchOpts { max_new_tokens: max_new, sampling: SamplingParams::greedy(), seed: 1, stop_tokens: Vec::new() };
+        // Peaks above the persistent part between rounds of chosen tokens:
+        // [0] the prefills, then one per decode step, the last the round
+        // that ends the generation.
+        let (calls, segments, kv) = (Cell::new(0usize), std::cell::RefCell::new(Vec::new()), Cell::new(0u64));
+        let out = model
+            .generate_batch_with(&be, &prompts, &opts, |_, _| {
+                if calls.get() % sequences == 0 {
+                    segments.borrow_mut().push(be.peak_bytes() as u64 - persistent);
+                    if calls.get() == 0 {
+                        kv.set(be.live_bytes() as u64 - persistent);
+                    }
+                    be.reset_peak();
+                }
+                calls.set(calls.get() + 1);
+                Ok(())
+            })
+            .unwrap();
+        assert!(out.seqs.iter().all(|s| s.tokens.len() == max_new));
+        let mut segments = segments.into_inner();
+        segments.push(be.peak_bytes() as u64 - persistent);
+        let case = (sequences, prompt_len, max_new, bytes);
+
+        let capacity = prompt_len + max_new;
+        assert_eq!(g.capacity, capacity, "{case:?}");
+        assert_eq!(kv.get(), g.kv_cache, "{case:?}");
+        assert_eq!(g.kv_cache, 2 * cfg.n_layers as u64 * sequences as u64 * capacity as u64 * kvd * bytes as u64);
+        assert_eq!(segments[0], g.prefill, "prefill {case:?}");
+        // The region move that ends the generation (more than one sequence).
+        let region = if sequences > 1 { capacity as u64 * kvd * bytes as u64 } else { 0 };
+        let end = *segments.last().unwrap();
+        assert_eq!(end, g.kv_cache + region, "end {case:?}");
+        if max_new == 1 {
+            assert_eq!((g.decode, g.region), (end, 0), "{case:?}");
+        } else {
+            let steps = &segments[1..segments.len() - 1];
+            assert_eq!(steps.len(), max_new - 1);
+            for (i, &step) in steps.iter().enumerate() {
+                assert_eq!(step, g.decode, "decode step {i} {case:?}");
+            }
+            assert_eq!(g.region, region, "{case:?}");
+        }
+        // The planned sampling peak covers the run and exceeds it by at
+        // most the region it adds to a decode step.
+        let measured = segments.iter().copied().max().unwrap();
+        assert!(g.sampling() >= measured && g.sampling() - measured <= g.region, "{case:?}: {measured}\n{plan}");
+
+        // With the EOS as a stop token and sampling, sequences finish at
+        // different steps; the plan still covers the run.
+        be.reset_peak();
+        let sampled = BatchOpts {
+            sampling: SamplingParams { temperature: 1.5, top_k: None, top_p: None, min_p: None },
+            stop_tokens: vec![2],
+            ..opts
+        };
+        model.generate_batch(&be, &prompts, &sampled).unwrap();
+        assert!(be.peak_bytes() as u64 - persistent <= g.sampling(), "{case:?}");
+    }
+    // A longer generation is capped at max_position_embeddings, as
+    // generation caps its cache.
+    let capped = memory::plan_grpo(&cfg, &lc, &grpo_shape(8, 100, 40, 2, 2), BaseWeights::AsStored).unwrap().grpo.unwrap();
+    let full = memory::plan_grpo(&cfg, &lc, &grpo_shape(8, 100, 28, 2, 2), BaseWeights::AsStored).unwrap().grpo.unwrap();
+    assert_eq!((capped.capacity, capped.kv_cache, capped.decode), (128, full.kv_cache, full.decode));
+}
+
+#[test]
+fn grpo_training_and_scoring_match_measurement() {
+    let cfg = read_config(&llama_fixture()).unwrap();
+    let lc = LoraConfig::new(4, 8.0, Targets::AllLinear);
+    for (micro_batch, prompt_len, max_new, gc, bytes) in [(2, 10, 20, false, 4), (3, 7, 40, true, 2), (1, 30, 9, false, 2)] {
+        let mut shape = grpo_shape(4, prompt_len, max_new, micro_batch, bytes);
+        shape.run.gradient_checkpointing = gc;
+        let plan = memory::plan_grpo(&cfg, &lc, &shape, BaseWeights::AsStored).unwrap();
+        let g = plan.grpo.unwrap();
+        let (be, mut model, mut opt, persistent) = metered_fixture(&lc, bytes, bytes);
+        model.loss_chunk_tokens = shape.run.loss_chunk_tokens;
+        let mut rng = Rng::new(3);
+        let seqs: Vec<Sequence> = (0..micro_batch)
+            .map(|_| Sequence::unmasked((0..shape.run.seq_len).map(|_| (rng.next_u64() % cfg.vocab as u64) as u32).collect()))
+            .collect();
+        let batch = Batch::from_sequences(&seqs, cfg.vocab).unwrap();
+        let case = (micro_batch, prompt_len, max_new, gc, bytes);
+
+        let mut scoring = 0;
+        for adapters in [true, false] {
+            be.reset_peak();
+            let nll = model.token_nll_at(&be, &batch, adapters, 0.9);
+            assert!(nll.iter().all(|x| x.is_finite()));
+            scoring = scoring.max(be.peak_bytes() as u64 - persistent);
+        }
+        assert_eq!(scoring, g.scoring, "scoring {case:?}");
+
+        be.reset_peak();
+        model.zero_grad(&be);
+        let opts = BackwardOpts { grad_scale: 1.0, gradient_checkpointing: gc, dropout_seed: Some(3) };
+        let mut weights = |nll: &[f32]| -> anyhow::Result<Vec<f32>> { Ok(vec![1.0 / nll.len() as f32; nll.len()]) };
+        model.forward_backward_with(&be, &batch, opts, Head::TokensAt(0.9, TokenWeights::FromLosses(&mut weights))).unwrap();
+        opt.step(&be, &mut model, 1e-3);
+        assert_eq!(be.peak_bytes() as u64 - persistent, g.training, "training {case:?}, planned at {}\n{plan}", plan.peak_at);
+        assert_eq!(be.live_bytes() as u64, persistent);
+        assert!(g.scoring <= g.training, "{case:?}");
+        assert_eq!(plan.activations_peak, g.peak());
+        assert_eq!(plan.total, persistent + g.peak());
+    }
+}
+
+#[test]
+fn grpo_fit_check_names_completions_and_completion_length() {
+    let cfg = config(&synth::preset("llama3-8b").unwrap());
+    let lc = LoraConfig::new(16, 32.0, Targets::AllLinear);
+    let mut shape = grpo_shape(64, 512, 1536, 4, 2);
+    shape.run = RunShape { gradient_checkpointing: true, ..RunShape::bf16(4, 512 + 1536) };
+    let plan = memory::plan_grpo(&cfg, &lc, &shape, BaseWeights::AsStored).unwrap();
+    let g = plan.grpo.unwrap();
+    // 64 sequences × 2048 positions of bf16 keys and values in 32 layers.
+    assert_eq!(g.kv_cache, 2 * 32 * 64 * 2048 * 1024 * 2);
+    assert_eq!(g.phase(), GrpoPhase::Sampling, "{plan}");
+    let text = plan.to_string();
+    assert!(text.contains("peak: sampling") && text.contains("64 completions sampled at once"), "{text}");
+
+    let available = plan.total - (4u64 << 30);
+    let err = memory::fit_check(&plan, available).unwrap_err().to_string();
+    let changes = plan.fitting_changes(available);
+    let (mut completions, mut length) = (false, false);
+    for ch in &changes {
+        assert!(ch.predicted <= available, "{err}");
+        match ch.setting {
+            Setting::Completions(n) => {
+                completions = true;
+                assert!(err.contains(&format!("at most {n} completions per generation batch")), "{err}");
+                let more = memory::GrpoShape { sequences: n + 1, ..shape };
+                assert!(plan.replan_grpo(&more).total > available, "{err}");
+            }
+            Setting::MaxCompletion(len) => {
+                length = true;
+                assert!(err.contains(&format!("max_completion_length: {len}")), "{err}");
+                let longer = memory::GrpoShape { max_new: len + 1, run: RunShape { seq_len: 512 + len + 1, ..shape.run }, ..shape };
+                assert!(plan.replan_grpo(&longer).total > available, "{err}");
+            }
+            // Training is not the peak: a smaller micro-batch does not help.
+            other => panic!("{other:?} cannot fit: {err}"),
+        }
+    }
+    assert!(completions && length, "{err}");
+
+    // A prompt that leaves no room to generate is refused, naming the limit.
+    let cfg = read_config(&llama_fixture()).unwrap();
+    let long = grpo_shape(2, 128, 4, 1, 4);
+    let err = memory::plan_grpo(&cfg, &lc, &long, BaseWeights::AsStored).unwrap_err().to_string();
+    assert!(err.contains("128 tokens") && err.contains("max_position_embeddings"), "{err}");
 }

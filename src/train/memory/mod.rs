@@ -64,10 +64,24 @@
 //! Backend-internal scratch that does not go through the backend's buffers
 //! (the CPU attention's per-thread rows, a GPU's cuBLAS workspace) is not a
 //! buffer; a GPU caller accounts for it in `reserve_bytes`.
+//!
+//! # GRPO (`plan_grpo`)
+//!
+//! An online-RL step also samples its completions with the model being
+//! trained and scores them without gradients; the `grpo` module traces
+//! `Model::generate_batch` and those forwards on the same backend and the
+//! plan's activation peak is the largest of sampling, scoring and GRPO's
+//! own training pass (`MemoryPlan::grpo` holds each). The fit check then
+//! also names fewer completions per generation batch and a shorter
+//! max_completion_length (`fit`).
 
+mod fit;
+mod grpo;
 mod trace;
 
 pub use crate::backend::Phase;
+pub use fit::{FitChange, Setting, fit_check};
+pub use grpo::{GrpoPeaks, GrpoPhase, GrpoShape, plan_grpo};
 
 use crate::adapter::{Lora, LoraConfig};
 use crate::backend::Backend;
@@ -182,6 +196,9 @@ struct Planned {
     cfg: ModelConfig,
     modules: Vec<AdaptedModule>,
     base: BaseWeights,
+    /// GRPO: the generation batch; the training pass is then GRPO's (see
+    /// the `grpo` module).
+    grpo: Option<grpo::Sampling>,
 }
 
 /// The persistent part of a plan, and the traced model it was counted on.
@@ -293,7 +310,11 @@ impl Planned {
             gradient_checkpointing: s.gradient_checkpointing,
             dropout_seed: self.modules.iter().any(|m| m.dropout).then_some(0),
         };
-        model.forward_backward(be, &batch, opts);
+        if self.grpo.is_some() {
+            grpo::train_pass(be, model, &batch, opts);
+        } else {
+            model.forward_backward(be, &batch, opts);
+        }
         let phases = be.with_log(|l| std::mem::take(&mut l.phases));
         phases.into_iter().map(|(p, (live, temp))| (p, live - before + temp)).collect()
     }
@@ -318,12 +339,15 @@ pub struct MemoryPlan {
     /// Small persistent buffers (rotary inv_freq) and the backend's reserve.
     pub workspace: u64,
     pub total: u64,
-    /// Where the activation peak happens.
+    /// Where the activation peak of the training pass happens (for GRPO,
+    /// see `grpo` for whether sampling is larger).
     pub peak_at: Phase,
     pub shape: RunShape,
     /// Bytes of the NF4 projections and of their dequantization scratch
     /// (0, 0 when dense).
     nf4: (u64, u64),
+    /// GRPO: the peaks of sampling, scoring and training.
+    pub grpo: Option<GrpoPeaks>,
     inputs: Planned,
 }
 
@@ -336,7 +360,7 @@ pub fn plan(cfg: &ModelConfig, modules: &[AdaptedModule], shape: &RunShape) -> M
 /// [`plan`] of a model whose projections are held as `base` says (NF4 for
 /// QLoRA).
 pub fn plan_as(cfg: &ModelConfig, modules: &[AdaptedModule], shape: &RunShape, base: BaseWeights) -> MemoryPlan {
-    plan_model(Planned { cfg: cfg.clone(), modules: modules.to_vec(), base }, *shape)
+    plan_model(Planned { cfg: cfg.clone(), modules: modules.to_vec(), base, grpo: None }, *shape)
 }
 
 /// [`adapted_modules`] + [`plan`].
@@ -351,7 +375,9 @@ pub fn plan_lora_as(cfg: &ModelConfig, lc: &LoraConfig, shape: &RunShape, base: 
 
 fn plan_model(inputs: Planned, shape: RunShape) -> MemoryPlan {
     let mut built = inputs.build(&shape);
-    let (activations_peak, peak_at) = inputs.activations(&mut built, &shape);
+    let (training, peak_at) = inputs.activations(&mut built, &shape);
+    let grpo = inputs.grpo.map(|g| grpo::peaks(&inputs, &mut built, &shape, g, training));
+    let activations_peak = grpo.as_ref().map_or(training, GrpoPeaks::peak);
     let (weights, adapter, optimizer) = (built.weights, built.adapter, built.optimizer);
     let workspace = built.workspace + shape.reserve_bytes;
     MemoryPlan {
@@ -364,6 +390,7 @@ fn plan_model(inputs: Planned, shape: RunShape) -> MemoryPlan {
         peak_at,
         shape,
         nf4: built.nf4,
+        grpo,
         inputs,
     }
 }
@@ -373,94 +400,6 @@ impl MemoryPlan {
     pub fn replan(&self, shape: RunShape) -> MemoryPlan {
         plan_model(self.inputs.clone(), shape)
     }
-
-    /// Changes of one setting that make the run fit in `available` bytes,
-    /// each keeping the other settings as they are; only those that fit are
-    /// listed:
-    /// - the largest smaller micro-batch;
-    /// - at micro-batch 1, the largest sequence length below the current one
-    ///   (a multiple of 128), when micro-batch 1 alone is not enough;
-    /// - gradient checkpointing, when it is off.
-    pub fn fitting_changes(&self, available: u64) -> Vec<FitChange> {
-        let s = self.shape;
-        let fits = |shape: RunShape| Some(self.replan(shape).total).filter(|&t| t <= available);
-        let mut out = Vec::new();
-        let mut smaller = (1..s.micro_batch).rev();
-        if let Some((mb, t)) = smaller.find_map(|mb| Some((mb, fits(RunShape { micro_batch: mb, ..s })?))) {
-            out.push(FitChange { setting: Setting::MicroBatch(mb), predicted: t });
-        }
-        let at = |seq_len: usize| RunShape { micro_batch: 1, seq_len, ..s };
-        if fits(at(s.seq_len)).is_none() {
-            let mut shorter = (1..=s.seq_len.saturating_sub(1) / 128).rev().map(|k| k * 128);
-            if let Some((len, t)) = shorter.find_map(|len| Some((len, fits(at(len))?))) {
-                out.push(FitChange { setting: Setting::SeqLen(len), predicted: t });
-            }
-        }
-        if !s.gradient_checkpointing
-            && let Some(t) = fits(RunShape { gradient_checkpointing: true, ..s })
-        {
-            out.push(FitChange { setting: Setting::GradientCheckpointing, predicted: t });
-        }
-        out
-    }
-}
-
-/// A setting that would make a run fit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Setting {
-    /// micro_batch_size (everything else unchanged).
-    MicroBatch(usize),
-    /// sequence_len at micro_batch_size 1.
-    SeqLen(usize),
-    /// gradient_checkpointing: true.
-    GradientCheckpointing,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FitChange {
-    pub setting: Setting,
-    /// The predicted total with this change.
-    pub predicted: u64,
-}
-
-impl fmt::Display for FitChange {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let what = match self.setting {
-            Setting::MicroBatch(mb) => format!("micro_batch_size: {mb}"),
-            Setting::SeqLen(len) => format!("micro_batch_size: 1 with sequence_len: {len}"),
-            Setting::GradientCheckpointing => "gradient_checkpointing: true".to_string(),
-        };
-        write!(f, "{what:<44} (predicted {})", human(self.predicted))
-    }
-}
-
-/// Refuse a run whose predicted peak exceeds `available` bytes, saying by
-/// how much and which settings would make it fit.
-pub fn fit_check(plan: &MemoryPlan, available: u64) -> Result<()> {
-    if plan.total <= available {
-        return Ok(());
-    }
-    let mut msg = format!(
-        "the run will not fit in device memory: predicted peak {} > available {}\n{plan}",
-        human(plan.total),
-        human(available)
-    );
-    let changes = plan.fitting_changes(available);
-    if changes.is_empty() {
-        let fixed = plan.weights + plan.adapter + plan.optimizer + plan.workspace;
-        msg.push_str(&format!(
-            "\nno single change of micro_batch_size, sequence_len (at micro_batch_size 1) or gradient_checkpointing \
-             makes it fit; weights, adapter, optimizer state and workspace alone take {} (use a larger device, \
-             a smaller model, or fewer / lower-rank LoRA modules)",
-            human(fixed)
-        ));
-    } else {
-        msg.push_str("\nany one of these would fit:");
-        for c in &changes {
-            msg.push_str(&format!("\n  {c}"));
-        }
-    }
-    bail!(msg)
 }
 
 /// Bytes in binary units, 2 decimals.
@@ -486,7 +425,14 @@ impl fmt::Display for MemoryPlan {
             s.act_bytes,
             s.weight_bytes
         )?;
-        let rows = [
+        if let Some(g) = &self.grpo {
+            writeln!(f, "{}", g.summary())?;
+        }
+        let peak = match &self.grpo {
+            Some(g) => g.describe_peak(self.peak_at),
+            None => format!("peak: {}", self.peak_at),
+        };
+        let mut rows = vec![
             (
                 "weights",
                 self.weights,
@@ -502,9 +448,12 @@ impl fmt::Display for MemoryPlan {
             ),
             ("adapter", self.adapter, "LoRA A, B + gradients, f32".to_string()),
             ("optimizer", self.optimizer, "AdamW moments, f32".to_string()),
-            ("activations", self.activations_peak, format!("peak: {}", self.peak_at)),
-            ("workspace", self.workspace, String::new()),
+            ("activations", self.activations_peak, peak),
         ];
+        if let Some(g) = &self.grpo {
+            rows.extend(g.rows(self.peak_at));
+        }
+        rows.push(("workspace", self.workspace, String::new()));
         for (name, bytes, note) in rows {
             writeln!(f, "{}", format!("  {name:<12}{:>12}  {note}", human(bytes)).trim_end())?;
         }

@@ -5,7 +5,9 @@
 //! announces its phases (`Backend::enter`), and the trace keeps, per phase,
 //! the most bytes alive at once and the largest product temporary of the
 //! phase (what a bf16 GPU backend allocates inside one op, see the module
-//! docs of `train::memory`).
+//! docs of `train::memory`). Generation and the no-grad forwards announce
+//! no phases: for them the trace keeps one peak and one largest temporary
+//! from the moment the planner calls `unphased`.
 //!
 //! Sizes: activation-type buffers (`zeros`, `upload_activation`) take
 //! `act_bytes` per element, f32 buffers (`zeros_f32`, `upload`) and i32
@@ -29,6 +31,11 @@ pub(super) struct Log {
     phase: Option<Phase>,
     /// Per phase: (most bytes alive at once, largest product temporary).
     pub phases: BTreeMap<Phase, (u64, u64)>,
+    /// The most bytes alive at once, and the largest product temporary,
+    /// since the last `Tracer::unphased` (for passes that announce no
+    /// phases: generation and the no-grad forwards).
+    pub peak: u64,
+    pub temp: u64,
 }
 
 pub(super) struct Tracer {
@@ -67,6 +74,7 @@ impl Tracer {
     fn alloc(&self, elems: usize, bytes: u64, f32: bool) -> Sized {
         self.with_log(|log| {
             log.live += bytes;
+            log.peak = log.peak.max(log.live);
             if let Some(p) = log.phase {
                 let e = log.phases.entry(p).or_default();
                 e.0 = e.0.max(log.live);
@@ -81,11 +89,29 @@ impl Tracer {
             return;
         }
         self.with_log(|log| {
+            log.temp = log.temp.max(bytes);
             if let Some(p) = log.phase {
                 let e = log.phases.entry(p).or_default();
                 e.1 = e.1.max(bytes);
             }
         });
+    }
+
+    /// Leave the training pass's phases and start a new peak at what is
+    /// alive now. Returns the bytes alive now.
+    pub fn unphased(&self) -> u64 {
+        self.with_log(|log| {
+            log.phase = None;
+            log.peak = log.live;
+            log.temp = 0;
+            log.live
+        })
+    }
+
+    /// The peak since `unphased` above `base` bytes, with the largest
+    /// product temporary since then.
+    pub fn peak_above(&self, base: u64) -> u64 {
+        self.with_log(|log| log.peak - base + log.temp)
     }
 }
 
