@@ -671,6 +671,7 @@ fn grpo_runs_on_the_emulated_gpu() {
     assert!(out.status.success() && log.contains("SIMT emulator"), "{log}");
     let rows = std::fs::read_to_string(tmp.path().join("out/completions.jsonl")).unwrap();
     assert_eq!(rows.lines().count(), 2 * 16, "{log}");
+}
 
 #[test]
 fn grpo_memory_plan_bounds_the_cuda_backends_sampling_peak() {

@@ -151,7 +151,7 @@ fn train_on<B: Backend>(be: &B, cfg: &RunConfig, gpu: Option<GpuMemory>) -> Resu
         // Predict the peak before anything is allocated; refuse what cannot fit.
         let mut shape = RunShape::bf16(cfg.micro_batch_size, cfg.sequence_len);
         shape.gradient_checkpointing = cfg.gradient_checkpointing;
-        let plan = memory::plan_lora_as(&ckpt.config, &lora, &shape, base)?;
+        let plan = objective.memory_plan(cfg, &ckpt.config, &lora, shape, base)?;
         eprintln!("memory plan (before the first step):\n{plan}");
         memory::fit_check(&plan, gpu.available)?;
         planned_total = Some(plan.total);

@@ -46,7 +46,9 @@ use crate::adapter::{LoraConfig, peft};
 use crate::backend::Backend;
 use crate::config::RunConfig;
 use crate::data::prepare::DatasetReport;
-use crate::model::Model;
+use crate::model::hparams::ModelConfig;
+use crate::model::{BaseWeights, Model};
+use crate::train::memory::{self, MemoryPlan, RunShape};
 use crate::model::graph::BackwardOpts;
 use anyhow::{Context, Result, bail};
 use std::fmt;
@@ -132,6 +134,12 @@ pub trait Objective<B: Backend>: fmt::Debug {
     /// Whether several examples may be packed into one row (sample_packing).
     fn packs(&self) -> bool {
         false
+    }
+
+    /// The device memory plan of a step of `shape` (micro-batch and
+    /// sequence length as the config sets them), before anything loads.
+    fn memory_plan(&self, _cfg: &RunConfig, model: &ModelConfig, lora: &LoraConfig, shape: RunShape, base: BaseWeights) -> Result<MemoryPlan> {
+        memory::plan_lora_as(model, lora, &shape, base)
     }
 
     /// How examples are grouped into micro-batches and steps.

@@ -22,7 +22,10 @@ use crate::config::grpo::GrpoSettings;
 use crate::data::prepare::DatasetReport;
 use crate::data::prompts::{PromptRow, prepare_prompts};
 use crate::data::tokenizer::TextTokenizer;
-use crate::model::Model;
+use crate::adapter::LoraConfig;
+use crate::model::hparams::ModelConfig;
+use crate::model::{BaseWeights, Model};
+use crate::train::memory::{self, GrpoShape, MemoryPlan, RunShape};
 use crate::model::batch::{Batch, IGNORE_INDEX, Sequence};
 use crate::model::graph::{BackwardOpts, Head, TokenWeights};
 use crate::train::examples::Batching;
@@ -54,6 +57,8 @@ pub struct Grpo {
     /// rewards/<name>/mean and /std, one pair per function.
     reward_names: Vec<(&'static str, &'static str)>,
     ready: Option<Ready>,
+    /// The longest training prompt (the memory plan's sampling shape).
+    longest_prompt: std::cell::Cell<usize>,
     /// The current generation batch (reused for num_iterations steps).
     rollout: Option<Rollout>,
     log_dir: Option<PathBuf>,
@@ -82,6 +87,7 @@ impl Grpo {
             rewards: RefCell::new(None),
             reward_names: Vec::new(),
             ready: None,
+            longest_prompt: std::cell::Cell::new(0),
             rollout: None,
             log_dir: None,
             config_dir: cfg.config_dir.0.clone().unwrap_or_else(|| PathBuf::from(".")),
@@ -241,9 +247,26 @@ impl<B: Backend> Objective<B> for Grpo {
                 data.train.len()
             );
         }
+        self.longest_prompt.set(data.train.iter().chain(&data.val).map(|p| p.ids.len()).max().unwrap_or(0));
         // Before any weight is read: a bad reward module fails here.
         *self.rewards.borrow_mut() = Some(RewardFuncs::new(&self.s.reward_funcs, &self.config_dir)?);
         Ok((Examples::Prompts(data.train), Examples::Prompts(data.val), data.report))
+    }
+
+    /// Sampling (every completion of a step in the KV cache at once), the
+    /// scoring forwards and the training pass of micro-batches of
+    /// completions, each of the longest prompt + max_completion_length.
+    fn memory_plan(&self, cfg: &RunConfig, model: &ModelConfig, lora: &LoraConfig, shape: RunShape, base: BaseWeights) -> Result<MemoryPlan> {
+        let prompt_len = self.longest_prompt.get().max(1);
+        let run = RunShape { seq_len: prompt_len + self.s.max_completion_length, ..shape };
+        let shape = GrpoShape {
+            run,
+            sequences: cfg.micro_batch_size * cfg.gradient_accumulation_steps,
+            prompt_len,
+            max_new: self.s.max_completion_length,
+            reference: self.s.beta != 0.0,
+        };
+        memory::plan_grpo(model, lora, &shape, base)
     }
 
     fn batching(&self, cfg: &RunConfig) -> Batching {
