@@ -6,11 +6,11 @@
 
 use super::chat_template::ChatTemplate;
 use super::preference::{KtoExample, MessageFields, PreferenceFormat, PreferencePair, PreferenceReader, RewardPair, read_rows};
-use super::prepare::{DatasetReport, ExcessLength, PrepareOptions, dataset_files, shuffle, val_count};
+use super::prepare::{DatasetReport, ExcessLength, PrepareOptions, dataset_files, merge_datasets};
 use super::pretokenized::check_vocab;
 use super::tokenizer::TextTokenizer;
 use crate::config::{DatasetConfig, RunConfig};
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use std::path::Path;
 
 /// The examples a preference run trains and validates on (pairs, or KTO's
@@ -222,33 +222,12 @@ fn prepare_examples<T: RunExample>(
     vocab: usize,
     read: &dyn Fn(&PreferenceReader, &serde_json::Value, &str) -> Result<T>,
 ) -> Result<PreparedPairs<T>> {
-    if cfg.datasets.is_empty() {
-        bail!("datasets: the run config lists no datasets");
-    }
     let opts = PrepareOptions::from_config(cfg)?;
     let tok = TextTokenizer::load(tokenizer_dir, &opts.special_tokens)?;
-    let mut report = Vec::new();
-    let mut train = Vec::new();
-    for (i, ds) in cfg.datasets.iter().enumerate() {
-        let (pairs, r) = read_dataset(ds, cfg, &opts, &tok, tokenizer_dir, vocab, read).with_context(|| format!("datasets[{i}] ({})", ds.path))?;
-        train.extend(pairs);
-        report.push(r);
-    }
-    if cfg.shuffle_merged_datasets {
-        shuffle(&mut train, cfg.seed);
-    }
-    let val = if cfg.test_datasets.is_empty() {
-        let n = val_count(cfg.val_set_size, train.len())?;
-        train.split_off(train.len() - n)
-    } else {
-        let mut val = Vec::new();
-        for (i, ds) in cfg.test_datasets.iter().enumerate() {
-            let (pairs, mut r) = read_dataset(ds, cfg, &opts, &tok, tokenizer_dir, vocab, read).with_context(|| format!("test_datasets[{i}] ({})", ds.path))?;
-            r.split = "test".to_string();
-            val.extend(pairs);
-            report.push(r);
-        }
-        val
-    };
+    let (train, val, report) = merge_datasets(cfg, |ds, split| {
+        let (items, mut r) = read_dataset(ds, cfg, &opts, &tok, tokenizer_dir, vocab, read)?;
+        r.split = split.to_string();
+        Ok((items, r))
+    })?;
     Ok(PreparedPairs { train, val, report })
 }

@@ -186,6 +186,41 @@ pub fn val_count(val_set_size: f64, total: usize) -> Result<usize> {
     Ok(n)
 }
 
+/// The run's examples from every dataset: `read(dataset, "train" | "test")`
+/// reads one (with its report); the training datasets are merged and
+/// shuffled when asked, and the validation split is `val_set_size` of them,
+/// or test_datasets when listed. Errors name the dataset entry.
+pub fn merge_datasets<T>(
+    cfg: &RunConfig,
+    mut read: impl FnMut(&DatasetConfig, &str) -> Result<(Vec<T>, DatasetReport)>,
+) -> Result<(Vec<T>, Vec<T>, Vec<DatasetReport>)> {
+    if cfg.datasets.is_empty() {
+        bail!("datasets: the run config lists no datasets");
+    }
+    let (mut train, mut report) = (Vec::new(), Vec::new());
+    for (i, ds) in cfg.datasets.iter().enumerate() {
+        let (items, r) = read(ds, "train").with_context(|| format!("datasets[{i}] ({})", ds.path))?;
+        train.extend(items);
+        report.push(r);
+    }
+    if cfg.shuffle_merged_datasets {
+        shuffle(&mut train, cfg.seed);
+    }
+    let val = if cfg.test_datasets.is_empty() {
+        let n = val_count(cfg.val_set_size, train.len())?;
+        train.split_off(train.len() - n)
+    } else {
+        let mut val = Vec::new();
+        for (i, ds) in cfg.test_datasets.iter().enumerate() {
+            let (items, r) = read(ds, "test").with_context(|| format!("test_datasets[{i}] ({})", ds.path))?;
+            val.extend(items);
+            report.push(r);
+        }
+        val
+    };
+    Ok((train, val, report))
+}
+
 /// Deterministic Fisher-Yates shuffle with the run's seed.
 pub fn shuffle<T>(items: &mut [T], seed: u64) {
     let mut rng = Rng::new(seed);

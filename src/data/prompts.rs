@@ -6,7 +6,7 @@
 //! row's other columns are kept: the reward functions receive them.
 
 use super::chat_template::{ChatTemplate, Message};
-use super::prepare::{DatasetReport, PrepareOptions, dataset_files, shuffle, val_count};
+use super::prepare::{DatasetReport, PrepareOptions, dataset_files, merge_datasets};
 use super::tokenizer::TextTokenizer;
 use crate::config::{DatasetConfig, RunConfig};
 use anyhow::{Context, Result, bail};
@@ -124,31 +124,8 @@ fn read_dataset(ds: &DatasetConfig, cfg: &RunConfig, tok: &TextTokenizer, tokeni
 /// Every GRPO dataset of the run, merged, shuffled if asked, with the
 /// validation split taken.
 pub fn prepare_prompts(cfg: &RunConfig, tokenizer_dir: &Path, vocab: usize) -> Result<PreparedPrompts> {
-    if cfg.datasets.is_empty() {
-        bail!("datasets: the run config lists no datasets");
-    }
     let opts = PrepareOptions::from_config(cfg)?;
     let tok = TextTokenizer::load(tokenizer_dir, &opts.special_tokens)?;
-    let (mut train, mut report) = (Vec::new(), Vec::new());
-    for (i, ds) in cfg.datasets.iter().enumerate() {
-        let (p, r) = read_dataset(ds, cfg, &tok, tokenizer_dir, vocab, "train").with_context(|| format!("datasets[{i}] ({})", ds.path))?;
-        train.extend(p);
-        report.push(r);
-    }
-    if cfg.shuffle_merged_datasets {
-        shuffle(&mut train, cfg.seed);
-    }
-    let val = if cfg.test_datasets.is_empty() {
-        let n = val_count(cfg.val_set_size, train.len())?;
-        train.split_off(train.len() - n)
-    } else {
-        let mut val = Vec::new();
-        for (i, ds) in cfg.test_datasets.iter().enumerate() {
-            let (p, r) = read_dataset(ds, cfg, &tok, tokenizer_dir, vocab, "test").with_context(|| format!("test_datasets[{i}] ({})", ds.path))?;
-            val.extend(p);
-            report.push(r);
-        }
-        val
-    };
+    let (train, val, report) = merge_datasets(cfg, |ds, split| read_dataset(ds, cfg, &tok, tokenizer_dir, vocab, split))?;
     Ok(PreparedPrompts { train, val, report })
 }
