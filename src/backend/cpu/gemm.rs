@@ -115,6 +115,9 @@ pub(super) fn matmul(
     }
 }
 
+/// Rows up to which `linear` multiplies with the weights on the left.
+const SMALL_ROWS: usize = 16;
+
 /// y[m, n] = x[m, k] · W[n, k]ᵀ (+ bias[n]).
 pub(super) fn linear(x: &[f32], w: &[f32], bias: Option<&[f32]>, y: &mut [f32], shape: MatShape) {
     let MatShape { m, k, n } = shape;
@@ -125,6 +128,19 @@ pub(super) fn linear(x: &[f32], w: &[f32], bias: Option<&[f32]>, y: &mut [f32], 
         return;
     }
     let y = &mut y[..m * n];
+    if m <= SMALL_ROWS && bias.is_none() {
+        // A few rows (batched decoding): yᵀ[n, m] = W[n, k] · xᵀ[k, m], so the
+        // large weight matrix is the product's left side, which gemm streams
+        // without packing it per call; then transpose the small result.
+        let mut yt = vec![0f32; n * m];
+        matmul("linear", &mut yt, MatRef::new(w, n, k), MatRef::new(x, m, k).t(), 1.0, false);
+        for (j, col) in yt.chunks_exact(m).enumerate() {
+            for (i, &v) in col.iter().enumerate() {
+                y[i * n + j] = v;
+            }
+        }
+        return;
+    }
     let (xm, wt) = (MatRef::new(x, m, k), MatRef::new(w, n, k).t());
     match bias {
         Some(b) => {
