@@ -16,11 +16,10 @@ use crate::adapter::peft;
 use crate::backend::Backend;
 use crate::model::Model;
 use crate::model::checkpoint::{self, Checkpoint};
-use crate::model::hparams::token_ids;
 use crate::model::generate::{GenerateOpts, StopReason};
 use crate::model::generate_batch::BatchOpts;
 use crate::model::sample::SamplingParams;
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use clap::Args;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -159,13 +158,7 @@ fn prompt_rows(a: &GenerateArgs, dir: &Path, tok: &tokenizers::Tokenizer) -> Res
 /// tokenizer's eos_token, without repeats.
 fn stop_tokens(cfg_eos: &[u32], dir: &Path, tok: &tokenizers::Tokenizer) -> Result<Vec<u32>> {
     let mut ids = cfg_eos.to_vec();
-    let gen_path = dir.join("generation_config.json");
-    if gen_path.is_file() {
-        let text = std::fs::read_to_string(&gen_path).with_context(|| format!("cannot read {}", gen_path.display()))?;
-        let v: serde_json::Value =
-            serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", gen_path.display()))?;
-        ids.extend(token_ids(v.get("eos_token_id"), "eos_token_id", &gen_path.display().to_string())?);
-    }
+    ids.extend(crate::data::tokenizer::generation_eos(dir)?.unwrap_or_default());
     let special = crate::data::chat_template::SpecialTokens::from_tokenizer_dir(dir)?;
     if let Some(id) = special.eos.as_deref().and_then(|s| tok.token_to_id(s)) {
         ids.push(id);

@@ -9,6 +9,18 @@ use anyhow::{Context, Result, bail};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+/// generation_config.json's eos_token_id (an int or a list; empty when the
+/// file lacks it), or None when the model folder has no such file.
+pub fn generation_eos(model_dir: &Path) -> Result<Option<Vec<u32>>> {
+    let path = model_dir.join("generation_config.json");
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?;
+    crate::model::hparams::token_ids(v.get("eos_token_id"), "eos_token_id", &path.display().to_string()).map(Some)
+}
+
 /// A token's byte range [start, end) in the text it came from.
 pub type ByteSpan = (usize, usize);
 
@@ -120,13 +132,9 @@ impl TextTokenizer {
     /// repeats.
     pub fn stop_tokens(&self, model_eos: &[u32], model_dir: &Path) -> Result<Vec<u32>> {
         let mut ids: Vec<u32> = self.eos_id().into_iter().collect();
-        let gen_path = model_dir.join("generation_config.json");
-        if gen_path.is_file() {
-            let text = std::fs::read_to_string(&gen_path).with_context(|| format!("cannot read {}", gen_path.display()))?;
-            let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", gen_path.display()))?;
-            ids.extend(crate::model::hparams::token_ids(v.get("eos_token_id"), "eos_token_id", &gen_path.display().to_string())?);
-        } else {
-            ids.extend_from_slice(model_eos);
+        match generation_eos(model_dir)? {
+            Some(from_file) => ids.extend(from_file),
+            None => ids.extend_from_slice(model_eos),
         }
         let mut seen = std::collections::HashSet::new();
         ids.retain(|id| seen.insert(*id));

@@ -7,6 +7,7 @@
 
 use super::Scored;
 use anyhow::{Context, Result, bail};
+use crate::data::pretokenized::kind;
 use regex::Regex;
 use serde_json::Value;
 use std::sync::LazyLock;
@@ -84,7 +85,7 @@ impl Builtin {
                     Value::Null => return Ok(None),
                     Value::String(t) => t.clone(),
                     Value::Number(n) => n.to_string(),
-                    other => return Err(fail(format!("column `{column}` holds {}, expected the reference answer as text or a number", describe(other)))),
+                    other => return Err(fail(format!("column `{column}` holds {}, expected the reference answer as text or a number", kind(other)))),
                 };
                 let text = completion_text(s.completion).map_err(fail)?;
                 Some(if answers_match(&reference, &text) { 1.0 } else { 0.0 })
@@ -105,16 +106,6 @@ fn list_or_none(names: &[&str]) -> String {
     if names.is_empty() { "no other columns".into() } else { names.join(", ") }
 }
 
-fn describe(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "a list",
-        Value::Object(_) => "a mapping",
-    }
-}
 
 /// The completion's text: the string itself, or the content of the last
 /// message of a conversational completion (text parts joined when the
@@ -128,10 +119,10 @@ pub fn completion_text(completion: &Value) -> std::result::Result<String, String
                 Some(Value::String(t)) => Ok(t.clone()),
                 Some(Value::Array(parts)) => Ok(parts.iter().filter_map(|p| p.get("text").and_then(Value::as_str)).collect()),
                 Some(Value::Null) | None => Ok(String::new()),
-                Some(other) => Err(format!("the completion's last message has {} as content, expected text", describe(other))),
+                Some(other) => Err(format!("the completion's last message has {} as content, expected text", kind(other))),
             },
         },
-        other => Err(format!("the completion is {}, expected a string or a list of messages", describe(other))),
+        other => Err(format!("the completion is {}, expected a string or a list of messages", kind(other))),
     }
 }
 
