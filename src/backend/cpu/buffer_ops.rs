@@ -1,21 +1,24 @@
 //! Buffer-level ops of the CPU backend: weight loading (checkpoint bytes to
-//! f32), the elementwise ops, `sum_sq` and the embedding gather.
+//! f32, bf16 kept as bf16), the elementwise ops, `sum_sq` and the embedding
+//! gather.
 
 use anyhow::{Result, bail};
-use half::{bf16, f16};
+use half::f16;
 use rayon::prelude::*;
 
-use super::check_len;
+use super::linear::bf16_to_f32;
+use super::{CpuWeight, check_len};
 use crate::backend::{DType, WeightSource};
 
 /// Elements per rayon task for elementwise ops (fixed, so results never
 /// depend on the thread count; elementwise ops are order-free anyway).
 pub(super) const CHUNK: usize = 1 << 14;
 
-/// Converts little-endian F32/F16/BF16 checkpoint bytes to f32. The bytes may
-/// sit at any alignment (e.g. inside a memory map), so they are decoded with
+/// Decodes little-endian F32/F16/BF16 checkpoint bytes: BF16 stays bf16
+/// (every op widens it exactly), F32 and F16 become f32. The bytes may sit at
+/// any alignment (e.g. inside a memory map), so they are decoded with
 /// `from_le_bytes` on fixed-size chunks, never cast in place.
-pub(super) fn load_weight(src: &WeightSource) -> Result<Vec<f32>> {
+pub(super) fn load_weight(src: &WeightSource) -> Result<CpuWeight> {
     let size = src.dtype.size();
     let Some(expected) = src.numel.checked_mul(size) else {
         bail!(
@@ -33,6 +36,15 @@ pub(super) fn load_weight(src: &WeightSource) -> Result<Vec<f32>> {
             src.bytes.len()
         );
     }
+    if src.dtype == DType::BF16 {
+        let mut out = vec![0u16; src.numel];
+        out.par_chunks_mut(CHUNK).zip(src.bytes.par_chunks(CHUNK * 2)).for_each(|(dst, bytes)| {
+            for (d, b) in dst.iter_mut().zip(bytes.chunks_exact(2)) {
+                *d = u16::from_le_bytes([b[0], b[1]]);
+            }
+        });
+        return Ok(CpuWeight::Bf16(out));
+    }
     let mut out = vec![0.0f32; src.numel];
     out.par_chunks_mut(CHUNK)
         .zip(src.bytes.par_chunks(CHUNK * size))
@@ -47,13 +59,20 @@ pub(super) fn load_weight(src: &WeightSource) -> Result<Vec<f32>> {
                     *d = f16::from_le_bytes([b[0], b[1]]).to_f32();
                 }
             }
-            DType::BF16 => {
-                for (d, b) in dst.iter_mut().zip(bytes.chunks_exact(2)) {
-                    *d = bf16::from_le_bytes([b[0], b[1]]).to_f32();
-                }
-            }
+            DType::BF16 => unreachable!("bf16 is kept as bf16 above"),
         });
-    Ok(out)
+    Ok(CpuWeight::Dense(out))
+}
+
+/// bf16 bit patterns widened to f32 (exact).
+pub(super) fn widen_bf16(v: &[u16]) -> Vec<f32> {
+    let mut out = vec![0f32; v.len()];
+    out.par_chunks_mut(CHUNK).zip(v.par_chunks(CHUNK)).for_each(|(d, s)| {
+        for (d, &b) in d.iter_mut().zip(s) {
+            *d = bf16_to_f32(b);
+        }
+    });
+    out
 }
 
 pub(super) fn fill(buf: &mut [f32], value: f32) {
@@ -149,29 +168,34 @@ pub(super) fn sum_sq(buf: &[f32]) -> f64 {
     partials.iter().fold(0.0, |a, b| a + b)
 }
 
-pub(super) fn embedding(table: &[f32], ids: &[i32], out: &mut [f32], n: usize, hidden: usize) {
+pub(super) fn embedding(table: &CpuWeight, ids: &[i32], out: &mut [f32], n: usize, hidden: usize) {
     check_len("embedding", "ids", ids.len(), n);
     check_len("embedding", "out", out.len(), n * hidden);
     if n == 0 || hidden == 0 {
         return;
     }
+    match table {
+        CpuWeight::Dense(t) => gather(t, ids, out, n, hidden, |v| v),
+        CpuWeight::Bf16(t) => gather(t, ids, out, n, hidden, bf16_to_f32),
+        CpuWeight::Nf4(_) => panic!("embedding: NF4 weights are only accepted by linear and linear_backward_input"),
+    }
+}
+
+/// out[i, :] = widen(table[ids[i], :]).
+fn gather<T: Copy + Sync>(table: &[T], ids: &[i32], out: &mut [f32], n: usize, hidden: usize, widen: impl Fn(T) -> f32 + Sync) {
     let vocab = table.len() / hidden;
-    out[..n * hidden]
-        .par_chunks_mut(hidden)
-        .zip(&ids[..n])
-        .for_each(|(row, &id)| {
-            assert!(
-                id >= 0 && (id as usize) < vocab,
-                "embedding: token id {id} outside [0, {vocab})"
-            );
-            let id = id as usize;
-            row.copy_from_slice(&table[id * hidden..(id + 1) * hidden]);
-        });
+    out[..n * hidden].par_chunks_mut(hidden).zip(&ids[..n]).for_each(|(row, &id)| {
+        assert!(id >= 0 && (id as usize) < vocab, "embedding: token id {id} outside [0, {vocab})");
+        let id = id as usize;
+        for (d, &v) in row.iter_mut().zip(&table[id * hidden..(id + 1) * hidden]) {
+            *d = widen(v);
+        }
+    });
 }
 
 #[cfg(test)]
 mod tests {
-    use super::super::CpuBackend;
+    use super::super::{CpuBackend, CpuWeight};
     use super::super::test_util::Rng;
     use crate::backend::{Backend, DType, WeightSource};
 
@@ -353,6 +377,22 @@ mod tests {
         let mut out = be.zeros(4 * 3);
         be.embedding(&be.weight_from_f32(&table), &ids, &mut out, 4, 3);
         assert_eq!(out, vec![12., 13., 14., 0., 1., 2., 6., 7., 8., 6., 7., 8.]);
+    }
+
+    #[test]
+    fn a_bf16_checkpoint_stays_bf16_and_gathers_its_widened_rows() {
+        let be = CpuBackend::new();
+        let vals: Vec<f32> = (0..4 * 3).map(|i| i as f32 * 0.3 - 1.0).collect();
+        let raw: Vec<u8> = vals.iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()).collect();
+        let table = be.load_weight(&WeightSource { dtype: DType::BF16, bytes: &raw, numel: 12 }).unwrap();
+        assert!(matches!(table, CpuWeight::Bf16(_)), "{table:?}");
+        let widened: Vec<f32> = vals.iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect();
+        assert_eq!(be.weight_to_f32(&table), widened);
+        let ids = be.upload_ints(&[3, 0, 3]);
+        let mut out = be.zeros(3 * 3);
+        be.embedding(&table, &ids, &mut out, 3, 3);
+        let want: Vec<f32> = [3, 0, 3].iter().flat_map(|&r| widened[r * 3..r * 3 + 3].to_vec()).collect();
+        assert_eq!(out, want);
     }
 
     #[test]

@@ -1,7 +1,8 @@
-//! Matrix products through the `gemm` crate, and the frozen-linear ops.
+//! Matrix products through the `gemm` crate (the frozen linear's backward,
+//! attention and LoRA products), and the backend-level tests of both
+//! frozen-linear ops (the forward is linear.rs).
 
 use gemm::Parallelism;
-use rayon::prelude::*;
 
 use super::check_len;
 use crate::backend::MatShape;
@@ -112,44 +113,6 @@ pub(super) fn matmul(
             false,
             par,
         );
-    }
-}
-
-/// Rows up to which `linear` multiplies with the weights on the left.
-const SMALL_ROWS: usize = 16;
-
-/// y[m, n] = x[m, k] · W[n, k]ᵀ (+ bias[n]).
-pub(super) fn linear(x: &[f32], w: &[f32], bias: Option<&[f32]>, y: &mut [f32], shape: MatShape) {
-    let MatShape { m, k, n } = shape;
-    check_len("linear", "x", x.len(), m * k);
-    check_len("linear", "w", w.len(), n * k);
-    check_len("linear", "y", y.len(), m * n);
-    if m == 0 || n == 0 {
-        return;
-    }
-    let y = &mut y[..m * n];
-    if m <= SMALL_ROWS && bias.is_none() {
-        // A few rows (batched decoding): yᵀ[n, m] = W[n, k] · xᵀ[k, m], so the
-        // large weight matrix is the product's left side, which gemm streams
-        // without packing it per call; then transpose the small result.
-        let mut yt = vec![0f32; n * m];
-        matmul("linear", &mut yt, MatRef::new(w, n, k), MatRef::new(x, m, k).t(), 1.0, false);
-        for (j, col) in yt.chunks_exact(m).enumerate() {
-            for (i, &v) in col.iter().enumerate() {
-                y[i * n + j] = v;
-            }
-        }
-        return;
-    }
-    let (xm, wt) = (MatRef::new(x, m, k), MatRef::new(w, n, k).t());
-    match bias {
-        Some(b) => {
-            check_len("linear", "bias", b.len(), n);
-            y.par_chunks_mut(n)
-                .for_each(|row| row.copy_from_slice(&b[..n]));
-            matmul("linear", y, xm, wt, 1.0, true);
-        }
-        None => matmul("linear", y, xm, wt, 1.0, false),
     }
 }
 

@@ -1,12 +1,15 @@
-//! CPU reference backend: f32 everywhere, plain loops plus the `gemm` crate,
-//! multi-threaded with rayon.
+//! CPU reference backend: f32 arithmetic (a bf16 checkpoint's weights are
+//! kept as bf16 and widened exactly where used), plain loops, the `gemm`
+//! crate for the products of the backward, linear.rs for the frozen-linear
+//! forward, multi-threaded with rayon.
 //!
 //! Determinism: every output element is produced by exactly one task, and
 //! every reduction runs in a fixed order that does not depend on the number
 //! of threads or on scheduling, so identical inputs give bit-identical
-//! outputs. Matrix products go through `gemm`, which splits work over output
-//! blocks only (its depth blocking depends on the cache sizes, never on the
-//! thread count).
+//! outputs. `gemm` splits work over output blocks only (its depth blocking
+//! depends on the cache sizes, never on the thread count); linear.rs splits
+//! the weight's rows only, and its rows do not depend on the rows beside
+//! them either.
 //!
 //! Buffer lengths are checked with `>=`: an op reads and writes only the
 //! prefix its shape needs, so callers may reuse larger scratch buffers.
@@ -17,6 +20,7 @@ mod adamw;
 mod attention;
 mod cross_entropy;
 mod gemm;
+mod linear;
 mod lora;
 mod buffer_ops;
 mod nf4;
@@ -34,30 +38,38 @@ use super::{
 };
 use crate::quant::nf4::Nf4Tensor;
 pub use nf4::Nf4Weight;
+use linear::WeightRows;
 
-/// A frozen weight on the CPU: f32 values, or an NF4 projection kept 4-bit
-/// and dequantized per product.
+/// A frozen weight on the CPU: f32 values, a bf16 checkpoint's values kept
+/// as bf16 (half the memory and half the bytes a decoding step reads;
+/// widened to f32 exactly where used), or an NF4 projection kept 4-bit and
+/// dequantized per product.
 pub enum CpuWeight {
     Dense(Vec<f32>),
+    /// bf16 bit patterns.
+    Bf16(Vec<u16>),
     Nf4(Box<Nf4Weight>),
 }
 
 impl CpuWeight {
-    /// The f32 values of a dense weight. Only `linear` and
-    /// `linear_backward_input` take NF4 weights (see src/backend/mod.rs);
-    /// anything else given one is a bug in the model graph.
+    /// Run `f` on the f32 values of a dense (f32 or bf16) weight: norm
+    /// weights and biases. Only `linear` and `linear_backward_input` take NF4
+    /// weights (see src/backend/mod.rs); anything else given one is a bug in
+    /// the model graph.
     #[track_caller]
-    pub fn dense(&self, op: &str) -> &[f32] {
+    fn with_dense<R>(&self, op: &str, f: impl FnOnce(&[f32]) -> R) -> R {
         match self {
-            CpuWeight::Dense(v) => v,
             CpuWeight::Nf4(_) => panic!("{op}: NF4 weights are only accepted by linear and linear_backward_input"),
+            w => w.with_f32(f),
         }
     }
 
-    /// Run `f` on the weight's f32 values (dequantized for NF4).
+    /// Run `f` on the weight's f32 values (widened for bf16, dequantized for
+    /// NF4).
     fn with_f32<R>(&self, f: impl FnOnce(&[f32]) -> R) -> R {
         match self {
             CpuWeight::Dense(v) => f(v),
+            CpuWeight::Bf16(v) => f(&buffer_ops::widen_bf16(v)),
             CpuWeight::Nf4(q) => nf4::with_dequantized(q, f),
         }
     }
@@ -67,6 +79,7 @@ impl std::fmt::Debug for CpuWeight {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             CpuWeight::Dense(v) => write!(f, "CpuWeight::Dense({} values)", v.len()),
+            CpuWeight::Bf16(v) => write!(f, "CpuWeight::Bf16({} values)", v.len()),
             CpuWeight::Nf4(q) => write!(f, "CpuWeight::Nf4({:?}, blocksize {})", q.shape, q.blocksize),
         }
     }
@@ -75,6 +88,15 @@ impl std::fmt::Debug for CpuWeight {
 impl From<Vec<f32>> for CpuWeight {
     fn from(v: Vec<f32>) -> Self {
         CpuWeight::Dense(v)
+    }
+}
+
+/// y = x·Wᵀ (+ bias), with an f32 or bf16 weight as it is kept (an NF4
+/// one dequantized first).
+fn linear(x: &[f32], w: &CpuWeight, bias: Option<&[f32]>, y: &mut [f32], shape: MatShape) {
+    match w {
+        CpuWeight::Bf16(w) => linear::linear(x, WeightRows::Bf16(w), bias, y, shape),
+        w => w.with_f32(|w| linear::linear(x, WeightRows::F32(w), bias, y, shape)),
     }
 }
 
@@ -133,7 +155,7 @@ impl Backend for CpuBackend {
         buf.len()
     }
     fn load_weight(&self, src: &WeightSource) -> Result<CpuWeight> {
-        buffer_ops::load_weight(src).map(CpuWeight::Dense)
+        buffer_ops::load_weight(src)
     }
     fn weight_from_f32(&self, data: &[f32]) -> CpuWeight {
         CpuWeight::Dense(data.to_vec())
@@ -148,6 +170,7 @@ impl Backend for CpuBackend {
     fn weight_len(&self, w: &CpuWeight) -> usize {
         match w {
             CpuWeight::Dense(v) => v.len(),
+            CpuWeight::Bf16(v) => v.len(),
             CpuWeight::Nf4(q) => q.numel(),
         }
     }
@@ -177,13 +200,15 @@ impl Backend for CpuBackend {
 
     // ---- embedding ----------------------------------------------------
     fn embedding(&self, table: &CpuWeight, ids: &Vec<i32>, out: &mut Vec<f32>, n: usize, hidden: usize) {
-        buffer_ops::embedding(table.dense("embedding"), ids, out, n, hidden)
+        buffer_ops::embedding(table, ids, out, n, hidden)
     }
 
     // ---- matrix products ------------------------------------------------
     fn linear(&self, x: &Vec<f32>, w: &CpuWeight, bias: Option<&CpuWeight>, y: &mut Vec<f32>, shape: MatShape) {
-        let bias = bias.map(|b| b.dense("linear (bias)"));
-        w.with_f32(|w| gemm::linear(x, w, bias, y, shape))
+        match bias {
+            Some(b) => b.with_dense("linear (bias)", |b| linear(x, w, Some(b), y, shape)),
+            None => linear(x, w, None, y, shape),
+        }
     }
     fn linear_backward_input(&self, dy: &Vec<f32>, w: &CpuWeight, dx: &mut Vec<f32>, shape: MatShape, accumulate: bool) {
         w.with_f32(|w| gemm::linear_backward_input(dy, w, dx, shape, accumulate))
@@ -206,7 +231,7 @@ impl Backend for CpuBackend {
 
     // ---- normalisation -------------------------------------------------
     fn rmsnorm(&self, x: &Vec<f32>, w: &CpuWeight, y: &mut Vec<f32>, inv_rms: &mut Vec<f32>, shape: NormShape, eps: f32) {
-        norm::rmsnorm(x, w.dense("rmsnorm"), y, inv_rms, shape, eps)
+        w.with_dense("rmsnorm", |w| norm::rmsnorm(x, w, y, inv_rms, shape, eps))
     }
     fn rmsnorm_backward(
         &self,
@@ -217,7 +242,7 @@ impl Backend for CpuBackend {
         dx: &mut Vec<f32>,
         shape: NormShape,
     ) {
-        norm::rmsnorm_backward(dy, x, w.dense("rmsnorm_backward"), inv_rms, dx, shape)
+        w.with_dense("rmsnorm_backward", |w| norm::rmsnorm_backward(dy, x, w, inv_rms, dx, shape))
     }
 
     // ---- rotary embeddings ---------------------------------------------

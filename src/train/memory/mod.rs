@@ -145,7 +145,9 @@ pub struct RunShape {
     pub loss_chunk_tokens: usize,
     /// Bytes per activation element: 4 on CPU, 2 for a bf16 GPU backend.
     pub act_bytes: usize,
-    /// Bytes per frozen-weight element: 4 on CPU, 2 for bf16.
+    /// Bytes per frozen-weight element: 4 on CPU, 2 for bf16. (The CPU keeps
+    /// a bf16 checkpoint's weights as bf16 and widens one matrix at a time
+    /// for the backward, so 4 is an upper bound there.)
     pub weight_bytes: usize,
     /// Device memory the backend holds outside its buffers (GEMM library
     /// workspace and the like); 0 on CPU.
@@ -157,7 +159,8 @@ pub struct RunShape {
 }
 
 impl RunShape {
-    /// The CPU reference: f32 everywhere, the model's default loss chunk.
+    /// The CPU reference: f32 activations and (at most) 4-byte weights, the
+    /// model's default loss chunk.
     pub fn cpu(micro_batch: usize, seq_len: usize) -> RunShape {
         RunShape {
             micro_batch,
