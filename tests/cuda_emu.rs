@@ -180,6 +180,15 @@ fn sample_rows_chooses_the_cpu_references_tokens() {
 }
 
 #[test]
+fn sampled_generation_chooses_the_cpu_references_tokens_on_the_emulated_gpu() {
+    // Every token of generate_batch (the first after prefill too) chosen on
+    // the device equals the CPU reference's choice from the same logits.
+    let (_pool, be) = emulated_gpu();
+    let host = sample_checks::HostChoice(open_emulated_gpu());
+    sample_checks::generation_matches_host_choice(&be, &host, &["llama", "qwen3"]);
+}
+
+#[test]
 fn nf4_dequantize_is_bit_exact_against_the_cpu() {
     gpu_checks::nf4_bit_exact(&emulated_gpu().1, &[[1, 7], [3, 45], [17, 64 * 5 + 32], [64, 256]]);
 }

@@ -170,3 +170,106 @@ pub fn sample_rows_match_cpu<B: Backend>(dev: &B, vocabs: &[usize]) -> (usize, u
     assert!(explained * 100 <= compared, "{explained} of {compared} tokens differ at a boundary: too many to be rounding");
     (compared, explained)
 }
+
+/// `B` with the token choice made on the host: the trait's default
+/// `sample_rows` (read the logits back, run the CPU reference); every other
+/// method is `B`'s, so both see bit-identical logits.
+pub struct HostChoice<B: Backend>(pub B);
+
+impl<B: Backend> ferrotune::backend::Forward for HostChoice<B> {
+    type Inner = B;
+    fn inner(&self) -> &B {
+        &self.0
+    }
+    fn buf(b: &B::Buf) -> &B::Buf {
+        b
+    }
+    fn buf_mut(b: &mut B::Buf) -> &mut B::Buf {
+        b
+    }
+    fn weight(w: &B::Weight) -> &B::Weight {
+        w
+    }
+    fn ints(i: &B::IntBuf) -> &B::IntBuf {
+        i
+    }
+}
+
+impl<B: Backend> Backend for HostChoice<B> {
+    type Buf = B::Buf;
+    type Weight = B::Weight;
+    type IntBuf = B::IntBuf;
+
+    fn zeros(&self, len: usize) -> B::Buf {
+        self.0.zeros(len)
+    }
+    fn zeros_f32(&self, len: usize) -> B::Buf {
+        self.0.zeros_f32(len)
+    }
+    fn zeros_like(&self, like: &B::Buf) -> B::Buf {
+        self.0.zeros_like(like)
+    }
+    fn upload(&self, data: &[f32]) -> B::Buf {
+        self.0.upload(data)
+    }
+    fn upload_activation(&self, data: &[f32]) -> B::Buf {
+        self.0.upload_activation(data)
+    }
+    fn upload_ints(&self, data: &[i32]) -> B::IntBuf {
+        self.0.upload_ints(data)
+    }
+    fn load_weight(&self, src: &ferrotune::backend::WeightSource) -> anyhow::Result<B::Weight> {
+        self.0.load_weight(src)
+    }
+    fn weight_from_f32(&self, data: &[f32]) -> B::Weight {
+        self.0.weight_from_f32(data)
+    }
+    fn weight_from_nf4(&self, t: &ferrotune::quant::nf4::Nf4Tensor) -> anyhow::Result<B::Weight> {
+        self.0.weight_from_nf4(t)
+    }
+    // The read-only methods but `sample_rows`, which keeps the default.
+    fn download(&self, buf: &B::Buf) -> Vec<f32> {
+        self.0.download(buf)
+    }
+    fn len(&self, buf: &B::Buf) -> usize {
+        self.0.len(buf)
+    }
+    fn weight_to_f32(&self, w: &B::Weight) -> Vec<f32> {
+        self.0.weight_to_f32(w)
+    }
+    fn weight_len(&self, w: &B::Weight) -> usize {
+        self.0.weight_len(w)
+    }
+    fn sum_sq(&self, buf: &B::Buf) -> f64 {
+        self.0.sum_sq(buf)
+    }
+
+    ferrotune::forward_ops!(name);
+    ferrotune::forward_ops!(ops);
+}
+
+/// `generate_batch` with sampling on, choosing on `dev` and on the host
+/// (the CPU reference over the same backend's logits): every sequence's
+/// tokens agree, for each fixture in `cases`.
+pub fn generation_matches_host_choice<B: Backend>(dev: &B, host: &HostChoice<B>, cases: &[&str]) {
+    use crate::common::load_with_adapter;
+    use ferrotune::model::generate_batch::BatchOpts;
+    let prompts = vec![crate::generation::prompt(), vec![1, 5, 9], crate::generation::prompt(), vec![1, 40, 7, 22, 9, 31, 12, 5, 27, 3]];
+    let settings = [
+        SamplingParams { temperature: 1.0, top_k: Some(40), top_p: Some(0.95), min_p: Some(0.02) },
+        SamplingParams { temperature: 1.5, top_k: None, top_p: None, min_p: None },
+        SamplingParams { temperature: 0.7, top_k: Some(5), top_p: Some(0.8), min_p: None },
+    ];
+    for case in cases {
+        let on_dev = load_with_adapter(dev, case);
+        let on_host = load_with_adapter(host, case);
+        for (k, sampling) in settings.iter().enumerate() {
+            let opts = BatchOpts { max_new_tokens: 8, sampling: *sampling, seed: 17 + k as u64, stop_tokens: vec![] };
+            let a = on_dev.generate_batch(dev, &prompts, &opts).unwrap();
+            let b = on_host.generate_batch(host, &prompts, &opts).unwrap();
+            for (i, (x, y)) in a.seqs.iter().zip(&b.seqs).enumerate() {
+                assert_eq!(x.tokens, y.tokens, "{case} {sampling:?}: sequence {i}, device choice against the CPU's");
+            }
+        }
+    }
+}
