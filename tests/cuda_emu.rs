@@ -164,7 +164,7 @@ fn sample_rows_chooses_the_cpu_references_tokens() {
     // common/sample_checks.rs for the rounding exemption).
     use ferrotune::backend::{Backend, SamplingParams};
     let (_alone, be) = emulated_gpu_alone();
-    sample_checks::sample_rows_match_cpu(&be, &[7, 1000, 32768]);
+    sample_checks::sample_rows_match_cpu(&be, &[1, 7, 1000, 32768]);
     // The logits stay on the device: one launch, the uniforms up, the
     // tokens down.
     let logits = be.upload(&vec![0.5; 3 * 1000]);

@@ -24,13 +24,19 @@ pub const BOUNDARY_TOL: f64 = 1e-6;
 /// Rows of logits exercising the filters: distinct random values, values
 /// on a coarse grid (many ties, including at the maximum and at any top-k /
 /// top-p cut), all equal, one dominant token over a tail of near-zero mass,
-/// and a row whose tail underflows to zero probability.
+/// and a row whose tail underflows to zero probability or is −∞.
 fn rows_for(vocab: usize, rng: &mut Rng) -> Vec<Vec<f32>> {
     let random: Vec<f32> = (0..vocab).map(|_| 2.5 * rng.normal()).collect();
     let grid: Vec<f32> = (0..vocab).map(|_| (2.0 * rng.normal()).round() * 0.5).collect();
     let equal = vec![0.25f32; vocab];
     let dominant: Vec<f32> = (0..vocab).map(|i| if i == vocab / 3 { 12.0 } else { -8.0 + 0.5 * rng.normal() }).collect();
-    let underflow: Vec<f32> = (0..vocab).map(|i| if i % 5 == 1 { rng.normal() } else { -1.0e4 + rng.normal() }).collect();
+    let underflow: Vec<f32> = (0..vocab)
+        .map(|i| match i % 7 {
+            1 | 4 => rng.normal(),
+            3 => f32::NEG_INFINITY,
+            _ => -1.0e4 + rng.normal(),
+        })
+        .collect();
     vec![random, grid, equal, dominant, underflow]
 }
 
