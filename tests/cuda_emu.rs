@@ -348,7 +348,7 @@ fn results_are_bit_identical_under_every_thread_schedule() {
     // how the threads of a block interleave between barriers. Flash attention
     // (tensor-core d64/d128 and generic, plain and soft-capped) forward and
     // backward, LoRA with fused
-    // dropout, decode attention and a whole model step run under five
+    // dropout, decode attention, token choice and a whole model step run under five
     // schedules, including the first or the last warp running as far ahead of
     // the others as the barriers allow; every output bit must agree.
     use common::{Reference, load_with_adapter, loss_and_grads};
@@ -422,6 +422,11 @@ fn results_are_bit_identical_under_every_thread_schedule() {
                 outputs.push(be.download(b).iter().map(|x| x.to_bits()).collect());
             }
         }
+        // Token choice, every filter at once over logits with many ties.
+        let logits: Vec<f32> = (0..4 * 1000).map(|i| ((i * 37 % 101) as f32) * 0.05).collect();
+        let logits = be.upload(&logits);
+        let params = ferrotune::backend::SamplingParams { temperature: 0.9, top_k: Some(300), top_p: Some(0.8), min_p: Some(0.01) };
+        outputs.push(be.sample_rows(&logits, 4, 1000, &params, &[0.1, 0.4, 0.7, 0.95]));
         let (seqs, _) = Reference::load("llama3").sequences();
         let mut model = load_with_adapter(be, "llama3");
         let batch = Batch::from_sequences(&seqs, model.cfg.vocab).unwrap();
