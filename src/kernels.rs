@@ -122,6 +122,9 @@ mod tests {
             ("rope_fwd_*", "x:ptr positions:ptr inv_freq:ptr n:i32 heads:i32 head_dim:i32 rot_dim:i32 mscale:f32"),
             ("rope_bwd_*", "dx:ptr positions:ptr inv_freq:ptr n:i32 heads:i32 head_dim:i32 rot_dim:i32 mscale:f32"),
         ]),
+        ("sample", &[
+            ("sample_rows_*", "logits:ptr uniforms:ptr out:ptr rows:i32 vocab:i32 temperature:f32 top_k:i32 top_p:f32 min_p:f32"),
+        ]),
         ("glu", &[
             ("swiglu_fwd_*", "gate:ptr up:ptr out:ptr len:u64"),
             ("swiglu_bwd_*", "dout:ptr gate:ptr up:ptr dgate:ptr dup:ptr len:u64"),

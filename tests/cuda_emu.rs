@@ -19,6 +19,8 @@ mod cuda_emu;
 mod generation;
 #[path = "common/gpu_checks.rs"]
 mod gpu_checks;
+#[path = "common/sample_checks.rs"]
+mod sample_checks;
 
 use common::GPU_CURVE_TOL;
 use ferrotune_testkit::conformance::Scale;
@@ -153,6 +155,37 @@ fn batched_generation_equals_one_sequence_generation_on_the_emulated_gpu() {
             assert_eq!(g.seqs[i].tokens, alone.tokens, "{case}: sequence {i}");
         }
     }
+}
+
+#[test]
+fn sample_rows_chooses_the_cpu_references_tokens() {
+    // Greedy, temperature, top-k, top-p, min-p alone and combined, ties at
+    // the maximum and at the cuts, uniforms near 0 and 1 (see
+    // common/sample_checks.rs for the rounding exemption).
+    use ferrotune::backend::{Backend, SamplingParams};
+    let (_alone, be) = emulated_gpu_alone();
+    sample_checks::sample_rows_match_cpu(&be, &[1, 7, 1000, 32768]);
+    // The logits stay on the device: one launch, the uniforms up, the
+    // tokens down.
+    let logits = be.upload(&vec![0.5; 3 * 1000]);
+    let params = SamplingParams { temperature: 0.9, top_k: Some(20), top_p: Some(0.9), min_p: Some(0.1) };
+    let before = cuda_emu::counters();
+    let tokens = be.sample_rows(&logits, 3, 1000, &params, &[0.105, 0.5005, 0.905]);
+    let delta: Vec<u64> = cuda_emu::counters().iter().zip(before).map(|(a, b)| a - b).collect();
+    assert_eq!(delta, [1, 1, 1, 0], "launches, host-to-device copies, device-to-host copies, host waits of one choice");
+    // 1000 equal logits: top-k keeps them all (every one ties with the
+    // 20th), top-p drops the first 100 by index (mass 0.1 <= 1 - 0.9), min-p
+    // none; u picks the first survivor j (token 99 + j) with j/900 > u.
+    assert_eq!(tokens, [99 + 95, 99 + 451, 99 + 815]);
+}
+
+#[test]
+fn sampled_generation_chooses_the_cpu_references_tokens_on_the_emulated_gpu() {
+    // Every token of generate_batch (the first after prefill too) chosen on
+    // the device equals the CPU reference's choice from the same logits.
+    let (_pool, be) = emulated_gpu();
+    let host = sample_checks::HostChoice(open_emulated_gpu());
+    sample_checks::generation_matches_host_choice(&be, &host, &["llama", "qwen3"]);
 }
 
 #[test]
@@ -315,7 +348,7 @@ fn results_are_bit_identical_under_every_thread_schedule() {
     // how the threads of a block interleave between barriers. Flash attention
     // (tensor-core d64/d128 and generic, plain and soft-capped) forward and
     // backward, LoRA with fused
-    // dropout, decode attention and a whole model step run under five
+    // dropout, decode attention, token choice and a whole model step run under five
     // schedules, including the first or the last warp running as far ahead of
     // the others as the barriers allow; every output bit must agree.
     use common::{Reference, load_with_adapter, loss_and_grads};
@@ -389,6 +422,11 @@ fn results_are_bit_identical_under_every_thread_schedule() {
                 outputs.push(be.download(b).iter().map(|x| x.to_bits()).collect());
             }
         }
+        // Token choice, every filter at once over logits with many ties.
+        let logits: Vec<f32> = (0..4 * 1000).map(|i| ((i * 37 % 101) as f32) * 0.05).collect();
+        let logits = be.upload(&logits);
+        let params = ferrotune::backend::SamplingParams { temperature: 0.9, top_k: Some(300), top_p: Some(0.8), min_p: Some(0.01) };
+        outputs.push(be.sample_rows(&logits, 4, 1000, &params, &[0.1, 0.4, 0.7, 0.95]));
         let (seqs, _) = Reference::load("llama3").sequences();
         let mut model = load_with_adapter(be, "llama3");
         let batch = Batch::from_sequences(&seqs, model.cfg.vocab).unwrap();

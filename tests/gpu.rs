@@ -18,6 +18,8 @@ mod common;
 mod generation;
 #[path = "common/gpu_checks.rs"]
 mod gpu_checks;
+#[path = "common/sample_checks.rs"]
+mod sample_checks;
 
 use ferrotune_testkit::conformance::Scale;
 use ferrotune::backend::cuda::CudaBackend;
@@ -58,6 +60,13 @@ fn model_loss_and_lora_gradients_match_the_cpu_on_every_fixture() {
 #[ignore = "needs a GPU: run by scripts/gpu_check.sh"]
 fn fifty_adamw_steps_follow_the_cpu_loss_curve() {
     gpu_checks::adamw_curve(&gpu(), 50);
+}
+
+#[test]
+#[ignore = "needs a GPU: run by scripts/gpu_check.sh"]
+fn sample_rows_chooses_the_cpu_references_tokens() {
+    // Up to the largest vocabularies (Qwen's 151936, Gemma's 262144).
+    sample_checks::sample_rows_match_cpu(&gpu(), &[7, 32768, 151936, 262144]);
 }
 
 #[test]

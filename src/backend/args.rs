@@ -6,6 +6,7 @@
 //! can map it onto their inner backend's handles.
 
 use super::Dropout;
+use anyhow::{Result, bail};
 
 /// Shape of a frozen-linear product: x[m, k] · W[n, k]ᵀ = y[m, n].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,6 +107,55 @@ pub struct ColsShape {
     pub dst_cols: usize,
     pub dst_off: usize,
     pub width: usize,
+}
+
+/// How `sample_rows` chooses a token from a row of logits: temperature,
+/// then top-k, top-p (nucleus) and min-p, in transformers' order (its
+/// logits warpers), then one draw from the softmax of what is left.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SamplingParams {
+    /// Logits are divided by this; 0 = greedy.
+    pub temperature: f32,
+    /// Keep only the k most likely tokens (ties with the k-th kept); None = off.
+    pub top_k: Option<usize>,
+    /// Keep the smallest set of most likely tokens whose probability reaches
+    /// p; None = off.
+    pub top_p: Option<f32>,
+    /// Drop the tokens less likely than min_p times the most likely one;
+    /// None = off.
+    pub min_p: Option<f32>,
+}
+
+impl SamplingParams {
+    pub fn greedy() -> SamplingParams {
+        SamplingParams { temperature: 0.0, top_k: None, top_p: None, min_p: None }
+    }
+
+    /// The ranges transformers accepts: temperature ≥ 0 (finite), top_k ≥ 1,
+    /// 0 < top_p ≤ 1, 0 ≤ min_p ≤ 1.
+    pub fn validate(&self) -> Result<()> {
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            bail!("temperature must be a finite number >= 0 (0 = greedy), got {}", self.temperature);
+        }
+        if self.top_k == Some(0) {
+            bail!("top_k must be at least 1 (leave it unset to keep every token)");
+        }
+        if let Some(p) = self.top_p
+            && !(p > 0.0 && p <= 1.0)
+        {
+            bail!("top_p must be in (0, 1], got {p}");
+        }
+        if let Some(m) = self.min_p
+            && !(0.0..=1.0).contains(&m)
+        {
+            bail!("min_p must be in [0, 1], got {m}");
+        }
+        Ok(())
+    }
+
+    pub fn is_greedy(&self) -> bool {
+        self.temperature == 0.0
+    }
 }
 
 /// The sequences of a varlen batch: `cu_seqlens` (length `n_seqs + 1`) on

@@ -63,6 +63,7 @@ macro_rules! forward_ops {
             _ weight_len(w: weight) -> usize;
             "sum_sq" sum_sq(buf: buf) -> f64;
             "sum_sq" sum_sq_all(bufs: buf_list) -> f64;
+            "sample_rows" sample_rows(logits: buf, rows: val[usize], vocab: val[usize], params: val[&$crate::backend::SamplingParams], uniforms: val[&[f64]]) -> Vec<u32>;
         }
     };
     // The ops proper: one line per op of the trait.

@@ -40,7 +40,7 @@ pub use phase::Phase;
 
 pub use args::{
     AttnSaved, CeShape, ColsShape, GluAct, GluShape, LoraGrads, LoraInputs, LoraShape, MatShape, NormShape, Qkv, QkvGrads,
-    RopeShape, Varlen,
+    RopeShape, SamplingParams, Varlen,
 };
 pub use forward::Forward;
 
@@ -397,6 +397,23 @@ pub trait Backend: Send + Sync + 'static {
         shape: CeShape,
         grad_scale: Option<f32>,
     );
+
+    // ---- token choice ----------------------------------------------------
+    /// The next token of each of `rows` rows of logits [rows, vocab] (any
+    /// storage type, read as f32): with `params` greedy, the argmax (the
+    /// first of equal maxima; NaN never wins); otherwise the logits are
+    /// divided by the temperature and filtered by top-k, top-p and min-p in
+    /// that order (`cpu::sample` holds the reference arithmetic: softmax
+    /// masses in f64), and row r's token is the first, in index order, whose
+    /// cumulative probability exceeds `uniforms[r]` ∈ [0, 1) (rounding that
+    /// leaves the total below it: the last token with non-zero probability).
+    /// The uniforms are drawn by the caller (each sequence its own seeded
+    /// RNG), so the choice is reproducible and independent of the batch;
+    /// greedy ignores them. Only the `rows` tokens come back to the host.
+    /// The default reads the logits back and runs the CPU reference.
+    fn sample_rows(&self, logits: &Self::Buf, rows: usize, vocab: usize, params: &SamplingParams, uniforms: &[f64]) -> Vec<u32> {
+        cpu::sample::sample_rows(&self.download(logits), rows, vocab, params, uniforms)
+    }
 
     // ---- optimiser -------------------------------------------------------
     /// One AdamW step on a parameter with its gradient and moments.

@@ -9,10 +9,13 @@
 //! unfinished sequence as one batch of rows through the layers (the training
 //! forward, `layer::forward_with`, with attention swapped for
 //! `Backend::scatter_rows` + `Backend::decode_attention_batch`), and the
-//! final norm and LM head on those rows only. Tokens are chosen on the host,
-//! each sequence with its own seeded `Sampler`, so a sequence's tokens do
-//! not depend on the other sequences of its batch. A finished sequence
-//! leaves the batch: the last slot's cache region moves into its slot.
+//! final norm and LM head on those rows only. Tokens are chosen by the
+//! backend (`Backend::sample_rows`: on a GPU the logits never leave it, only
+//! one token per row comes back); the one uniform each sampled token needs
+//! is drawn on the host by the sequence's own seeded `Sampler`, so a
+//! sequence's tokens do not depend on the other sequences of its batch. A
+//! finished sequence leaves the batch: the last slot's cache region moves
+//! into its slot.
 //!
 //! The rotary table of long-rope models is picked once per forward from the
 //! largest position in it (as transformers does for a batch), so for those
@@ -25,7 +28,6 @@ use super::layer::{self, StepCtx};
 use super::sample::{Sampler, SamplingParams};
 use crate::backend::{Backend, MatShape, NormShape};
 use anyhow::{Result, anyhow, bail};
-use rayon::prelude::*;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
@@ -163,12 +165,13 @@ impl<B: Backend> Model<B> {
             let first = seqs[0];
             let logits =
                 self.forward_cached(be, &mut one, prompt).map_err(|e| if n == 1 { e } else { anyhow!("prompt {first}: {e:#}") })?;
+            let logits = be.upload(&logits);
             for &s in &seqs {
                 for li in 0..self.cfg.n_layers {
                     be.copy_slice(&one.k[li], 0, &mut cache.k[li], s * capacity * kvd, prompt.len() * kvd);
                     be.copy_slice(&one.v[li], 0, &mut cache.v[li], s * capacity * kvd, prompt.len() * kvd);
                 }
-                next[s] = samplers[s].sample(&logits);
+                next[s] = be.sample_rows(&logits, 1, self.cfg.vocab, &opts.sampling, &[samplers[s].next_uniform()])[0];
             }
             out.prompt_tokens += prompt.len();
             out.prefilled_prompts += 1;
@@ -221,23 +224,12 @@ impl<B: Backend> Model<B> {
             let ids: Vec<u32> = active.iter().map(|&s| next[s]).collect();
             let positions: Vec<usize> = active.iter().map(|&s| len[s]).collect();
             let logits = self.decode_step(be, &mut cache, &ids, &positions);
-            // The sequences' choices are independent (each its own RNG): in
-            // parallel, which matters for top-k/top-p over a large vocabulary.
-            let vocab = self.cfg.vocab;
-            let mut row = vec![None; n];
-            for (j, &s) in active.iter().enumerate() {
-                row[s] = Some(j);
-            }
-            let picks: Vec<Option<u32>> = samplers
-                .par_iter_mut()
-                .zip(&row)
-                .map(|(sampler, j)| j.map(|j| sampler.sample(&logits[j * vocab..(j + 1) * vocab])))
-                .collect();
-            for (s, pick) in picks.into_iter().enumerate() {
-                if let Some(token) = pick {
-                    next[s] = token;
-                    len[s] += 1;
-                }
+            // Row j is sequence active[j], with that sequence's uniform.
+            let uniforms: Vec<f64> = active.iter().map(|&s| samplers[s].next_uniform()).collect();
+            let picks = be.sample_rows(&logits, active.len(), self.cfg.vocab, &opts.sampling, &uniforms);
+            for (&s, token) in active.iter().zip(picks) {
+                next[s] = token;
+                len[s] += 1;
             }
             out.decode_steps += 1;
             out.decode_time += t.elapsed();
@@ -247,9 +239,9 @@ impl<B: Backend> Model<B> {
 
     /// One batched forward: token ids[j] at position positions[j] of the
     /// sequence in cache slot j, for slots 0 .. ids.len(). Their keys and
-    /// values join the cache; the logits of every row come back (f32,
-    /// [rows, vocab]).
-    fn decode_step(&self, be: &B, cache: &mut BatchCache<B>, ids: &[u32], positions: &[usize]) -> Vec<f32> {
+    /// values join the cache; the logits of every row are returned, on the
+    /// backend (f32, [rows, vocab]).
+    fn decode_step(&self, be: &B, cache: &mut BatchCache<B>, ids: &[u32], positions: &[usize]) -> B::Buf {
         let cfg = &self.cfg;
         let (rows, h, kvd, capacity) = (ids.len(), cfg.hidden, cfg.n_kv_heads * cfg.head_dim, cache.capacity);
         let ids_buf = be.upload_ints(&ids.iter().map(|&t| t as i32).collect::<Vec<_>>());
@@ -285,7 +277,7 @@ impl<B: Backend> Model<B> {
         if let Some(c) = cfg.final_softcap {
             be.softcap(&mut logits, c);
         }
-        be.download(&logits)
+        logits
     }
 }
 

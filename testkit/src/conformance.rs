@@ -16,6 +16,7 @@ use ferrotune::util::rng::Rng;
 
 mod batched_decode;
 mod layer_variants;
+mod sampling;
 
 pub use batched_decode::DecodeBatch;
 
@@ -211,6 +212,7 @@ impl<'a, R: Backend, C: Backend> Harness<'a, R, C> {
         self.layer_variants(n, hidden, inter);
         self.glu(n * inter);
         self.cross_entropy(n.min(256), vocab);
+        self.sample_rows(n.min(16), vocab);
         self.adamw(4096 + 17);
         let seqs: Vec<usize> = match scale {
             Scale::Small => vec![13, 1, 23],

@@ -27,6 +27,7 @@ mod nf4;
 mod norm;
 mod rope;
 mod glu;
+pub mod sample;
 #[cfg(test)]
 mod test_util;
 
@@ -34,7 +35,7 @@ use anyhow::Result;
 
 use super::{
     AdamW, AttnSaved, AttnShape, Backend, CeShape, ColsShape, GluShape, LoraGrads, LoraInputs, LoraShape, MatShape, NormShape,
-    Qkv, QkvGrads, RopeShape, Varlen, WeightSource,
+    Qkv, QkvGrads, RopeShape, SamplingParams, Varlen, WeightSource,
 };
 use crate::quant::nf4::Nf4Tensor;
 pub use nf4::Nf4Weight;
@@ -336,6 +337,11 @@ impl Backend for CpuBackend {
         grad_scale: Option<f32>,
     ) {
         cross_entropy::cross_entropy(logits, targets, losses, shape, grad_scale)
+    }
+
+    // ---- token choice ----------------------------------------------------
+    fn sample_rows(&self, logits: &Vec<f32>, rows: usize, vocab: usize, params: &SamplingParams, uniforms: &[f64]) -> Vec<u32> {
+        sample::sample_rows(logits, rows, vocab, params, uniforms)
     }
 
     // ---- optimiser -------------------------------------------------------

@@ -8,6 +8,7 @@ pub mod libs;
 mod lora;
 mod nf4;
 mod ops;
+mod sample;
 
 pub use attention::{SUMMARY as ATTENTION_SUMMARY, path_for as attention_path};
 pub use backend::CudaBackend;

@@ -6,9 +6,10 @@ use super::attention;
 use super::backend::{BLOCK, CudaBackend, grid_for, launch, rows_grid};
 use super::buffers::{CudaBuf, CudaWeight, out_operand, to_bf16_host};
 use super::lora;
+use super::sample;
 use crate::backend::{
     AdamW, AttnSaved, AttnShape, Backend, CeShape, ColsShape, GluAct, GluShape, LoraGrads, LoraInputs, LoraShape, MatShape,
-    NormShape, Qkv, QkvGrads, RopeShape, Varlen, WeightSource,
+    NormShape, Qkv, QkvGrads, RopeShape, SamplingParams, Varlen, WeightSource,
 };
 use anyhow::Result;
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
@@ -355,6 +356,10 @@ impl Backend for CudaBackend {
             CudaBuf::F32(l) => launch!(self, "cross_entropy_f32", cfg, l, targets, losses, &ri, &vi, &scale, &write, &cap),
             CudaBuf::Bf16(l) => launch!(self, "cross_entropy_bf16", cfg, l, targets, losses, &ri, &vi, &scale, &write, &cap),
         }
+    }
+
+    fn sample_rows(&self, logits: &CudaBuf, rows: usize, vocab: usize, params: &SamplingParams, uniforms: &[f64]) -> Vec<u32> {
+        sample::sample_rows(self, logits, rows, vocab, params, uniforms)
     }
 
     fn adamw(&self, param: &mut CudaBuf, grad: &CudaBuf, m: &mut CudaBuf, v: &mut CudaBuf, hp: AdamW) {
