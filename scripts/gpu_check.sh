@@ -8,7 +8,9 @@
 #   gpu_bundle/run.sh [all|tests|bench]
 #       on the GPU machine, from the repository root: runs every GPU test
 #       (kernels vs the CPU reference, model parity on the fixtures, the
-#       50-step optimisation) and the benchmarks, and writes every figure to
+#       50-step optimisation) and the benchmarks (training throughput, the
+#       quickstart on GPU and CPU, one GRPO step at Qwen3-0.6B's size with its
+#       sampling speed and memory peak), and writes every figure to
 #       $OUT/gpu_report.md (or ./gpu_report.md without $OUT). `tests` and
 #       `bench` run one half each (gpu_report-tests.md / gpu_report-bench.md),
 #       for machines that limit how long one command may run.
@@ -95,6 +97,22 @@ for g, c in zip(rows["cuda"], rows["cpu"]):
         print(f"step {g['step']:4d}  loss cuda {g['loss']:.5f}  cpu {c['loss']:.5f}  rel {abs(g['loss'] - c['loss']) / max(c['loss'], 1e-9):.2e}")
 PY
     echo '```'
+    echo '```'
+    echo
+    echo "## One GRPO step at Qwen3-0.6B's size (G = 8, 256 new tokens; plan vs measured peak)"
+    echo '```'
+    q06="$out/qwen3-0.6b-synth"
+    "$b/ferrotune" synth --preset qwen3-0.6b --word-tokenizer --out "$q06" --force 2>&1
+    prompt=$(python3 -c 'import json; print(json.loads(open("examples/grpo/gpu_check.jsonl").readline())["prompt"])')
+    echo "the sampler alone: 8 sequences x 256 tokens of one prompt"
+    timeout 120 "$b/ferrotune" generate --device cuda --model "$q06" --prompt "$prompt" --num-return-sequences 8 \
+        --max-new-tokens 256 --ignore-eos --temperature 1 --seed 1 2>&1 >/dev/null | tail -2
+    echo "one GRPO step: ferrotune train examples/grpo/gpu_check.yml"
+    t0=$(date +%s.%N)
+    timeout 300 "$b/ferrotune" train examples/grpo/gpu_check.yml --device cuda --set base_model="$q06" \
+        --set output_dir="$out/grpo-gpu-check" --overwrite 2>&1 | tail -20
+    echo "exit: ${PIPESTATUS[0]}; wall $(python3 -c 'import sys, time; print(round(time.time() - float(sys.argv[1]), 1))' "$t0") s"
+    cat "$out/grpo-gpu-check/metrics.jsonl" 2>&1
     echo '```'
     echo "ferrotune bench --device cuda --preset llama3-8b --seq-len 2048 --profile"
     timeout 120 "$b/ferrotune" bench --device cuda --preset llama3-8b --seq-len 2048 --steps 3 --warmup 1 --profile 2>&1

@@ -126,3 +126,23 @@ fn bench_on_cpu_prints_one_json_object() {
     assert!(v["loss"].as_f64().unwrap().is_finite());
     assert!(v["flop_convention"].as_str().unwrap().contains("4·N_base"));
 }
+
+#[test]
+fn synth_with_a_word_tokenizer_generates_words_of_its_vocabulary() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("m");
+    let out = ferrotune(&["synth", "--preset", "tiny", "--word-tokenizer", "--out", dir.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = ferrotune(&[
+        "generate", "--model", dir.to_str().unwrap(), "--prompt", "t5 t17 t200", "--max-new-tokens", "4", "--temperature", "0", "--ignore-eos",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // The tiny preset's vocabulary is 257 words, t0 .. t256: four of them come back.
+    let text = String::from_utf8_lossy(&out.stdout);
+    let words: Vec<&str> = text.split_whitespace().collect();
+    assert_eq!(words.len(), 4, "{text:?}");
+    for w in words {
+        let id: usize = w.strip_prefix('t').and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("{w:?} in {text:?}"));
+        assert!(id < 257, "{w}");
+    }
+}

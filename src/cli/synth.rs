@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 #[derive(Args)]
 pub struct SynthArgs {
-    /// Size preset: tiny, llama3.2-1b, llama3-8b, mistral-7b, qwen2-7b, qwen3-4b, qwen3-8b, gemma2-9b, gemma3-1b, gemma3-4b, phi4-mini.
+    /// Size preset: tiny, llama3.2-1b, llama3-8b, mistral-7b, qwen2-7b, qwen3-0.6b, qwen3-4b, qwen3-8b, gemma2-9b, gemma3-1b, gemma3-4b, phi4-mini.
     #[arg(long, default_value = "tiny")]
     preset: String,
     /// Override the number of layers (e.g. to get a ~1 GB checkpoint).
@@ -22,6 +22,10 @@ pub struct SynthArgs {
     /// Write into a non-empty --out (its config.json and weights are replaced).
     #[arg(long)]
     force: bool,
+    /// Also write a word-level tokenizer ("t0" .. "t{vocab-1}", the last
+    /// one end-of-sequence), so generate and train run on the checkpoint.
+    #[arg(long)]
+    word_tokenizer: bool,
 }
 
 pub fn run(a: SynthArgs) -> Result<()> {
@@ -38,6 +42,9 @@ pub fn run(a: SynthArgs) -> Result<()> {
         bail!("--out {} is not empty (it holds {held}); choose a new directory, or pass --force to write random weights into it", a.out.display());
     }
     let bytes = synth::write(&spec, &a.out, a.seed)?;
+    if a.word_tokenizer {
+        synth::write_word_tokenizer(&a.out, spec.vocab)?;
+    }
     eprintln!(
         "wrote {} ({} {}, {} layers, {:.2} GB bf16)",
         a.out.display(),

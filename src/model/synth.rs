@@ -29,7 +29,7 @@ pub struct SynthSpec {
 pub const MAX_LAYERS: usize = 1024;
 
 pub const PRESETS: &[&str] =
-    &["tiny", "llama3.2-1b", "llama3-8b", "mistral-7b", "qwen2-7b", "qwen3-4b", "qwen3-8b", "gemma2-9b", "gemma3-1b", "gemma3-4b", "phi4-mini"];
+    &["tiny", "llama3.2-1b", "llama3-8b", "mistral-7b", "qwen2-7b", "qwen3-0.6b", "qwen3-4b", "qwen3-8b", "gemma2-9b", "gemma3-1b", "gemma3-4b", "phi4-mini"];
 
 /// Phi-4-mini's long-rope factors are a list per rotated frequency (48 of
 /// them); the synthetic model uses a smooth ramp of the same length and range.
@@ -51,6 +51,8 @@ pub fn preset(name: &str) -> Result<SynthSpec> {
             intermediate: 14336, vocab: 32768, tie: false, rope_theta: 1e6, extra: json!({"sliding_window": null}) },
         "qwen2-7b" => SynthSpec { family: "qwen2".into(), hidden: 3584, layers: 28, heads: 28, kv_heads: 4,
             intermediate: 18944, vocab: 152064, tie: false, rope_theta: 1e6, extra: json!({"use_sliding_window": false}) },
+        "qwen3-0.6b" => SynthSpec { family: "qwen3".into(), hidden: 1024, layers: 28, heads: 16, kv_heads: 8,
+            intermediate: 3072, vocab: 151936, tie: true, rope_theta: 1e6, extra: json!({"head_dim": 128}) },
         "qwen3-4b" => SynthSpec { family: "qwen3".into(), hidden: 2560, layers: 36, heads: 32, kv_heads: 8,
             intermediate: 9728, vocab: 151936, tie: true, rope_theta: 1e6, extra: json!({"head_dim": 128}) },
         "qwen3-8b" => SynthSpec { family: "qwen3".into(), hidden: 4096, layers: 36, heads: 32, kv_heads: 8,
@@ -169,4 +171,21 @@ pub fn write(spec: &SynthSpec, dir: &Path, seed: u64) -> Result<u64> {
     let config = config_json(spec)?;
     crate::util::atomic_write(&dir.join("config.json"), serde_json::to_string_pretty(&config)?.as_bytes())?;
     Ok((8 + header_bytes.len() + offset) as u64)
+}
+
+/// A word-level tokenizer for a synthetic model's vocabulary: token i is the
+/// word "t{i}", text is split on whitespace and decoded with single spaces,
+/// and the last token is the end-of-sequence token. With it `generate` and
+/// `train` (GRPO's sampling included) run on a synthetic checkpoint.
+pub fn write_word_tokenizer(dir: &Path, vocab: usize) -> Result<()> {
+    let words: serde_json::Map<String, Value> = (0..vocab).map(|i| (format!("t{i}"), json!(i))).collect();
+    let tokenizer = json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": null,
+        "pre_tokenizer": {"type": "WhitespaceSplit"}, "post_processor": null,
+        "decoder": {"type": "WordPiece", "prefix": "##", "cleanup": false},
+        "model": {"type": "WordLevel", "vocab": words, "unk_token": "t0"},
+    });
+    crate::util::atomic_write(&dir.join("tokenizer.json"), serde_json::to_string(&tokenizer)?.as_bytes())?;
+    let config = json!({"eos_token": format!("t{}", vocab - 1), "tokenizer_class": "PreTrainedTokenizerFast"});
+    crate::util::atomic_write(&dir.join("tokenizer_config.json"), serde_json::to_string_pretty(&config)?.as_bytes())
 }
