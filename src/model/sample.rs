@@ -46,18 +46,8 @@ mod tests {
     //! logits are ln of simple probabilities, so each expectation follows
     //! from the definition by hand.
     use super::*;
+    use crate::backend::cpu::sample::test_logits::{kept, logits_of};
     use crate::backend::cpu::sample::{min_p_filter, top_p_filter};
-
-    const NEG: f32 = f32::NEG_INFINITY;
-
-    /// Logits whose softmax is `probs` (ln p; the softmax is shift-invariant).
-    fn logits_of(probs: &[f64]) -> Vec<f32> {
-        probs.iter().map(|p| p.ln() as f32).collect()
-    }
-
-    fn kept(logits: &[f32]) -> Vec<usize> {
-        (0..logits.len()).filter(|&i| logits[i] > NEG).collect()
-    }
 
     #[test]
     fn min_p_applies_after_top_p() {

@@ -138,23 +138,29 @@ pub fn draw(probs: &[f64], u: f64) -> usize {
     last
 }
 
+/// Hand-made logits for the filter tests (here and in model/sample.rs).
+#[cfg(test)]
+pub(crate) mod test_logits {
+    pub(crate) const NEG: f32 = f32::NEG_INFINITY;
+
+    /// Logits whose softmax is `probs` (ln p; the softmax is shift-invariant).
+    pub(crate) fn logits_of(probs: &[f64]) -> Vec<f32> {
+        probs.iter().map(|p| p.ln() as f32).collect()
+    }
+
+    /// The indices a filter kept (not −∞).
+    pub(crate) fn kept(logits: &[f32]) -> Vec<usize> {
+        (0..logits.len()).filter(|&i| logits[i] > NEG).collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     //! The filters are exact arithmetic on hand-worked examples: logits are
     //! chosen as ln of simple probabilities, so each expectation below
     //! follows from the definition by hand.
     use super::*;
-
-    const NEG: f32 = f32::NEG_INFINITY;
-
-    /// Logits whose softmax is `probs` (ln p; the softmax is shift-invariant).
-    fn logits_of(probs: &[f64]) -> Vec<f32> {
-        probs.iter().map(|p| p.ln() as f32).collect()
-    }
-
-    fn kept(logits: &[f32]) -> Vec<usize> {
-        (0..logits.len()).filter(|&i| logits[i] > NEG).collect()
-    }
+    use super::test_logits::{NEG, kept, logits_of};
 
     #[test]
     fn argmax_takes_the_first_of_equal_maxima() {
