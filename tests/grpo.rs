@@ -4,6 +4,8 @@
 //! with its kl and clip ratios, the LoRA gradients of the whole step and
 //! the weights after the first clipped AdamW update, for each loss type.
 
+mod common;
+
 use ferrotune::adapter::peft;
 use ferrotune::backend::Backend;
 use ferrotune::backend::cpu::CpuBackend;
@@ -170,12 +172,7 @@ fn loss_gradients_and_first_update_match_trl() {
             for (which, grad) in [("lora_A", &l.grad_a), ("lora_B", &l.grad_b)] {
                 let want = tensor(&format!("{name}.base_model.model.{module}.{which}.weight"));
                 let got = be.download(grad);
-                let (mut num, mut den) = (0f64, 0f64);
-                for (a, b) in got.iter().zip(&want) {
-                    num += ((a - b) as f64).powi(2);
-                    den += (*b as f64).powi(2);
-                }
-                let rel = (num / den.max(1e-30)).sqrt();
+                let rel = common::rel_err_guarded(&got, &want);
                 worst = worst.max(rel);
                 assert!(rel <= 1e-4, "{name}: {module}.{which} gradient differs from TRL's by {rel:.2e} (relative)");
             }

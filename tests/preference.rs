@@ -7,6 +7,8 @@
 //!   formatting gives, per format; bad rows give errors naming file:line and
 //!   what was expected.
 
+mod common;
+
 use ferrotune::data::chat_template::ChatTemplate;
 use ferrotune::data::preference::{PreferenceFormat, PreferenceReader, read_rows};
 use ferrotune::data::tokenizer::TextTokenizer;
@@ -364,12 +366,7 @@ fn worst_grad_error(
             let t = st.tensor(&key).unwrap_or_else(|_| panic!("{key} missing from the fixture"));
             let want: Vec<f32> = t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
             let got = be.download(g);
-            let (mut num, mut den) = (0f64, 0f64);
-            for (a, b) in got.iter().zip(&want) {
-                num += ((a - b) as f64).powi(2);
-                den += (*b as f64).powi(2);
-            }
-            let rel = (num / den.max(1e-30)).sqrt();
+            let rel = common::rel_err_guarded(&got, &want);
             worst = worst.max(rel);
             assert!(rel <= 1e-4, "{name}: {key} gradient differs from TRL's by {rel:.2e} (relative)");
         }

@@ -111,6 +111,17 @@ pub fn rel_err(a: &[f32], b: &[f32]) -> f64 {
     (num / den).sqrt()
 }
 
+/// ‖got − want‖ / ‖want‖ in f64, with a zero `want` counting as 1e-30
+/// (a LoRA A gradient is exactly zero while B is zero).
+pub fn rel_err_guarded(got: &[f32], want: &[f32]) -> f64 {
+    let (mut num, mut den) = (0f64, 0f64);
+    for (a, b) in got.iter().zip(want) {
+        num += ((a - b) as f64).powi(2);
+        den += (*b as f64).powi(2);
+    }
+    (num / den.max(1e-30)).sqrt()
+}
+
 pub fn max_abs_err(a: &[f32], b: &[f32]) -> f64 {
     assert_eq!(a.len(), b.len());
     a.iter().zip(b).map(|(&x, &y)| (x as f64 - y as f64).abs()).fold(0.0, f64::max)
