@@ -159,7 +159,7 @@ fn collect() -> Value {
         Some(g) => format!("--device auto trains on {g}"),
     };
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    let hf = crate::model::checkpoint::hf_cache().path().display().to_string();
+    let hf = crate::hub::HubEnv::from_env().cache.display().to_string();
     let datasets = crate::data::cache::default_dir(None).map(|p| p.display().to_string());
     json!({
         "ferrotune": env!("CARGO_PKG_VERSION"),

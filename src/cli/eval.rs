@@ -127,7 +127,7 @@ fn eval_on<B: Backend>(be: &B, a: &EvalArgs) -> Result<()> {
         (None, Some(path)) => config::load(path, &[])?.config.base_model,
         (None, None) => bail!("--model is required without --config"),
     };
-    let model_dir = checkpoint::resolve_model_dir(&model_name, &checkpoint::hf_cache())?;
+    let model_dir = checkpoint::resolve_model_dir(&model_name, None)?;
     let ckpt = Checkpoint::open(&model_dir)?;
     // Read the data before the weights: a bad row should not cost a load.
     let (seqs, source) = eval_data(a, &model_dir, &ckpt)?;

@@ -212,7 +212,7 @@ impl Streamer<'_> {
 
 fn generate_on<B: Backend>(be: &B, a: &GenerateArgs) -> Result<()> {
     let t0 = Instant::now();
-    let dir = checkpoint::resolve_model_dir(&a.model, &checkpoint::hf_cache())?;
+    let dir = checkpoint::resolve_model_dir(&a.model, None)?;
     let ckpt = Checkpoint::open(&dir)?;
     let tok = checkpoint::load_tokenizer(&dir)?;
     // The prompts before the weights: a template error should not cost a load.

@@ -53,7 +53,7 @@ pub fn parse_dtype(s: &str) -> Result<DType> {
 
 pub fn run(a: MergeArgs) -> Result<()> {
     let t0 = Instant::now();
-    let model_dir = checkpoint::resolve_model_dir(&a.model, &checkpoint::hf_cache())?;
+    let model_dir = checkpoint::resolve_model_dir(&a.model, None)?;
     let max_shard_bytes = merge::parse_size(&a.max_shard_size)
         .map_err(|e| anyhow::anyhow!("--max-shard-size: {e}"))?;
     let opts = MergeOptions {

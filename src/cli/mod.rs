@@ -3,6 +3,7 @@
 //! `Command` and its arm in `run`, and a section in README.md.
 
 mod bench;
+mod download;
 mod env;
 mod eval;
 mod generate;
@@ -43,6 +44,8 @@ enum Command {
     Merge(merge::MergeArgs),
     /// Generate text from a model (and adapter), streamed as it comes.
     Generate(generate::GenerateArgs),
+    /// Download a model or dataset from the Hugging Face Hub into the shared cache.
+    Download(download::DownloadArgs),
     /// Write a random-weight checkpoint of a supported family (for benchmarks).
     Synth(synth::SynthArgs),
     /// Quantize a model's decoder-layer weights to NF4 (bitsandbytes' 4-bit format, for QLoRA).
@@ -112,6 +115,7 @@ pub fn run() -> Result<()> {
         Command::Models => models::run(),
         Command::Eval(a) => eval::run(a),
         Command::Generate(a) => generate::run(a),
+        Command::Download(a) => download::run(a),
         Command::Synth(a) => synth::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Merge(a) => merge::run(a),

@@ -26,7 +26,7 @@ pub struct QuantizeArgs {
 
 pub fn run(a: QuantizeArgs) -> Result<()> {
     let t0 = Instant::now();
-    let model_dir = checkpoint::resolve_model_dir(&a.model, &checkpoint::hf_cache())?;
+    let model_dir = checkpoint::resolve_model_dir(&a.model, None)?;
     let opts = QuantizeOptions { double_quant: !a.no_double_quant, ..QuantizeOptions::default() };
     let mut bar = TensorProgress::new("quantize");
     let s = convert::quantize_checkpoint(&model_dir, &a.out, &opts, &mut |done, total| bar.update(done, total))?;

@@ -98,7 +98,7 @@ fn base_weights(cfg: &RunConfig, ckpt: &Checkpoint) -> Result<BaseWeights> {
 /// Train; returns the signal that stopped the run early, if one did.
 fn train_on<B: Backend>(be: &B, cfg: &RunConfig, gpu: Option<GpuMemory>) -> Result<Option<i32>> {
     let t0 = Instant::now();
-    let model_dir = checkpoint::resolve_model_dir(&cfg.base_model, &checkpoint::hf_cache())?;
+    let model_dir = checkpoint::resolve_model_dir(&cfg.base_model, None)?;
     // model_type / tokenizer_type / tokenizer_config against the files, before any weight is read.
     let tokenizer_dir = config::check_checkpoint(cfg, &model_dir)?;
     let ckpt = Checkpoint::open(&model_dir)?;

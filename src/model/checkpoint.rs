@@ -270,18 +270,27 @@ pub fn load_tokenizer_config(dir: &Path) -> Result<Option<serde_json::Value>> {
     Ok(Some(serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?))
 }
 
-/// The HuggingFace hub cache this process reads: $HF_HUB_CACHE, else
-/// $HF_HOME/hub, else ~/.cache/huggingface/hub (as huggingface_hub does).
-pub fn hf_cache() -> hf_hub::Cache {
-    match std::env::var_os("HF_HUB_CACHE") {
-        Some(p) => hf_hub::Cache::new(PathBuf::from(p)),
-        None => hf_hub::Cache::from_env(),
-    }
+/// A `--model` / `base_model` argument: a local directory, or a Hub id
+/// (`org/name`) fetched into the shared Hugging Face cache (only what
+/// ferrotune reads; nothing when the cache already has it; from the cache
+/// alone with HF_HUB_OFFLINE). `revision`: a branch, tag or commit.
+pub fn resolve_model_dir(arg: &str, revision: Option<&str>) -> Result<PathBuf> {
+    resolve_dir(arg, revision, "model", crate::hub::model::model_dir)
 }
 
-/// A `--model` argument: a local directory, or a hub id ("org/name") already
-/// in the HuggingFace cache (nothing is downloaded).
-pub fn resolve_model_dir(arg: &str, cache: &hf_hub::Cache) -> Result<PathBuf> {
+/// A `--adapter` / `lora_model_dir` argument: a local PEFT adapter folder,
+/// or a Hub id of one (fetched as `resolve_model_dir` does).
+pub fn resolve_adapter_dir(arg: &Path) -> Result<PathBuf> {
+    let s = arg.to_string_lossy();
+    resolve_dir(&s, None, "adapter", crate::hub::model::adapter_dir)
+}
+
+fn resolve_dir(
+    arg: &str,
+    revision: Option<&str>,
+    what: &str,
+    fetch: fn(&crate::hub::Hub, &str, Option<&str>) -> Result<PathBuf>,
+) -> Result<PathBuf> {
     let path = Path::new(arg);
     if path.is_dir() {
         return Ok(path.to_path_buf());
@@ -289,25 +298,17 @@ pub fn resolve_model_dir(arg: &str, cache: &hf_hub::Cache) -> Result<PathBuf> {
     if path.is_file() {
         let folder = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
         bail!(
-            "model {arg} is a file; give the model's folder (the one holding config.json and the *.safetensors), \
+            "{what} {arg} is a file; give the {what}'s folder (the one holding its .json and .safetensors files), \
              e.g. {}",
             folder.display()
         );
     }
-    let looks_like_id = arg.split('/').count() == 2 && !arg.starts_with('.') && !arg.starts_with('/');
-    if looks_like_id {
-        if let Some(config) = cache.model(arg.to_string()).get("config.json")
-            && let Some(dir) = config.parent()
-        {
-            return Ok(dir.to_path_buf());
-        }
-        bail!(
-            "model {arg}: no such directory, and not in the HuggingFace cache at {} \
-             (ferrotune does not download; fetch it first, e.g. `huggingface-cli download {arg}`)",
-            cache.path().display()
-        );
+    // Only `org/name` is taken for a Hub id: a bare missing name is far
+    // more often a mistyped local folder.
+    if arg.split('/').count() == 2 && crate::hub::is_repo_id(arg) {
+        return fetch(&crate::hub::Hub::from_env(), arg, revision);
     }
-    bail!("model directory {arg} does not exist")
+    bail!("{what} directory {arg} does not exist (nor is it a Hub id of the form org/name)")
 }
 
 #[cfg(test)]
@@ -325,19 +326,26 @@ mod tests {
     }
 
     #[test]
-    fn hub_ids_resolve_through_the_cache_snapshot() {
+    fn hub_ids_resolve_through_the_cache_snapshot_offline() {
         let tmp = tempfile::tempdir().unwrap();
+        let commit = "0123456789abcdef0123456789abcdef01234567";
         let repo = tmp.path().join("models--org--tiny");
-        let snap = repo.join("snapshots").join("abc123");
+        let snap = repo.join("snapshots").join(commit);
         std::fs::create_dir_all(&snap).unwrap();
         std::fs::create_dir_all(repo.join("refs")).unwrap();
-        std::fs::write(repo.join("refs").join("main"), "abc123").unwrap();
+        std::fs::write(repo.join("refs").join("main"), commit).unwrap();
         std::fs::write(snap.join("config.json"), "{}").unwrap();
-        let cache = hf_hub::Cache::new(tmp.path().to_path_buf());
-        assert_eq!(resolve_model_dir("org/tiny", &cache).unwrap(), snap);
-        let err = resolve_model_dir("org/absent", &cache).unwrap_err().to_string();
-        assert!(err.contains("not in the HuggingFace cache") && err.contains("huggingface-cli download org/absent"), "{err}");
-        let err = resolve_model_dir("./nowhere", &cache).unwrap_err().to_string();
+        let cache = tmp.path().to_str().unwrap().to_string();
+        let hub = crate::hub::Hub::new(crate::hub::HubEnv::from_vars(|k| match k {
+            "HF_HUB_CACHE" => Some(cache.clone()),
+            "HF_HUB_OFFLINE" => Some("1".into()),
+            _ => None,
+        }));
+        assert_eq!(crate::hub::model::model_dir(&hub, "org/tiny", None).unwrap(), snap);
+        assert_eq!(crate::hub::model::model_dir(&hub, "org/tiny", Some(commit)).unwrap(), snap);
+        let err = crate::hub::model::model_dir(&hub, "org/absent", None).unwrap_err().to_string();
+        assert!(err.contains("HF_HUB_OFFLINE is set and org/absent (revision main) is not in the cache"), "{err}");
+        let err = resolve_model_dir("./nowhere", None).unwrap_err().to_string();
         assert!(err.contains("model directory ./nowhere does not exist"), "{err}");
     }
 }
