@@ -133,6 +133,7 @@ fn eval_on<B: Backend>(be: &B, a: &EvalArgs) -> Result<()> {
     let (seqs, source) = eval_data(a, &model_dir, &ckpt)?;
     let mut model = Model::load(be, &ckpt)?;
     if let Some(dir) = &a.adapter {
+        let dir = &checkpoint::resolve_adapter_dir(dir)?;
         let n = peft::load(be, &mut model, dir)?;
         eprintln!("adapter: {} ({n} LoRA modules)", dir.display());
     }

@@ -221,6 +221,7 @@ fn generate_on<B: Backend>(be: &B, a: &GenerateArgs) -> Result<()> {
     let max_new_tokens = capped_new_tokens(&ckpt.config, &rows, a.max_new_tokens)?;
     let mut model = Model::load(be, &ckpt)?;
     if let Some(adapter) = &a.adapter {
+        let adapter = &checkpoint::resolve_adapter_dir(adapter)?;
         let n = peft::load(be, &mut model, adapter)?;
         eprintln!("adapter: {} ({n} LoRA modules)", adapter.display());
     }

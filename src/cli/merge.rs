@@ -63,7 +63,8 @@ pub fn run(a: MergeArgs) -> Result<()> {
         nf4_round_trip: a.load_in_4bit.then_some(!a.no_double_quant),
     };
     let mut bar = TensorProgress::new("merge");
-    let summary = merge::merge(&model_dir, &a.adapter, &a.out, &opts, &mut |done, total| bar.update(done, total))?;
+    let adapter = checkpoint::resolve_adapter_dir(&a.adapter)?;
+    let summary = merge::merge(&model_dir, &adapter, &a.out, &opts, &mut |done, total| bar.update(done, total))?;
     bar.finish();
     eprintln!(
         "merged {} LoRA modules into {} ({} tensors, {:.1} MB in {}, dtype {}) in {:.1}s",

@@ -99,6 +99,12 @@ fn base_weights(cfg: &RunConfig, ckpt: &Checkpoint) -> Result<BaseWeights> {
 fn train_on<B: Backend>(be: &B, cfg: &RunConfig, gpu: Option<GpuMemory>) -> Result<Option<i32>> {
     let t0 = Instant::now();
     let model_dir = checkpoint::resolve_model_dir(&cfg.base_model, None)?;
+    // An adapter named by a Hub id is fetched here, once, and read from the cache below.
+    let mut resolved = cfg.clone();
+    if let Some(dir) = &cfg.lora_model_dir {
+        resolved.lora_model_dir = Some(checkpoint::resolve_adapter_dir(Path::new(dir))?.display().to_string());
+    }
+    let cfg = &resolved;
     // model_type / tokenizer_type / tokenizer_config against the files, before any weight is read.
     let tokenizer_dir = config::check_checkpoint(cfg, &model_dir)?;
     let ckpt = Checkpoint::open(&model_dir)?;
