@@ -15,6 +15,8 @@ pub mod cache;
 pub mod chat_template;
 pub mod pairs;
 pub mod formats;
+pub mod hub_glob;
+pub mod hub_splits;
 pub mod preference;
 pub mod prepare;
 pub mod prompts;
