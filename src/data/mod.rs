@@ -23,4 +23,5 @@ pub mod prompts;
 pub mod pretokenized;
 pub mod rows;
 pub mod show;
+pub mod tabular;
 pub mod tokenizer;
