@@ -23,7 +23,10 @@ const FILES_TO_IGNORE: [&str; 6] =
 /// every data file found must carry one of these (any of its suffixes).
 const DATA_EXTENSIONS: &[(&str, &str)] = &[
     (".csv", "csv"),
-    (".tsv", "csv"),
+    // The CSV reader with a tab separator: a reader of its own when
+    // comparing splits (the datasets library refuses a csv train split
+    // with a tsv test split).
+    (".tsv", "tsv"),
     (".json", "json"),
     (".jsonl", "json"),
     (".ndjson", "json"),
@@ -91,7 +94,8 @@ fn extension_table() -> HashMap<String, &'static str> {
 
 /// The extensions of the reader `module`, plus `.zip` (archives of them).
 pub fn module_extensions(module: &str) -> Vec<String> {
-    let mut v: Vec<String> = extension_table().into_iter().filter(|(_, m)| *m == module).map(|(e, _)| e).collect();
+    let same = |m: &str| m == module || (matches!(m, "csv" | "tsv") && matches!(module, "csv" | "tsv"));
+    let mut v: Vec<String> = extension_table().into_iter().filter(|(_, m)| same(m)).map(|(e, _)| e).collect();
     v.sort();
     v.push(".zip".into());
     v

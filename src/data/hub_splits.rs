@@ -138,9 +138,9 @@ fn keep_one_format(repo: &str, splits: &mut [(String, Vec<String>)]) -> Result<(
     if per_split.iter().any(|m| *m != Some(module)) {
         let found: Vec<String> =
             splits.iter().zip(&per_split).map(|((s, _), m)| format!("{s}: {}", m.unwrap_or("none"))).collect();
-        bail!("dataset {repo}: its splits hold files of different formats ({})", found.join(", "));
+        bail!("dataset {repo}: its splits hold files of different formats ({}); set data_files:", found.join(", "));
     }
-    if !matches!(module, "json" | "csv" | "parquet") {
+    if !matches!(module, "json" | "csv" | "tsv" | "parquet") {
         let exts: Vec<String> = all.iter().filter_map(|f| ext_of(f)).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
         bail!(
             "dataset {repo}: its data files are {} files, which ferrotune does not read (it reads {})",

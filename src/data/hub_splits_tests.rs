@@ -97,6 +97,7 @@ fn the_most_common_extension_picks_the_reader() {
     assert_eq!(m(&["a.csv", "b.json"]), Some("json"));
     // Other ties: the extension that sorts last.
     assert_eq!(m(&["a.tsv", "b.txt"]), Some("text"));
+    assert_eq!(m(&["a.tsv", "b.tsv", "c.txt"]), Some("tsv"));
     assert_eq!(m(&["a.txt", "b.txt", "c.csv"]), Some("text"));
     // Folder metadata files count last.
     assert_eq!(m(&["metadata.jsonl", "a.png"]), Some("imagefolder"));
@@ -164,8 +165,8 @@ fn default_conventions_in_the_datasets_order() {
         ),
         (
             "tsv is read by the csv reader",
-            &["train.tsv", "test.csv"],
-            &[("train", &["train.tsv"]), ("test", &["test.csv"])],
+            &["train.tsv", "test.tsv", "notes.csv"],
+            &[("train", &["train.tsv"]), ("test", &["test.tsv"])],
         ),
         (
             "a file two patterns select is read twice, as the datasets library does",
@@ -272,6 +273,10 @@ fn unknown_splits_and_unread_formats_are_one_line_errors() {
         "dataset org/ds: train.ndjson: files ending in .ndjson are not read (ferrotune reads .parquet, .jsonl, .json, .csv, .tsv)"
     );
     assert_eq!(err(&["README.md", "LICENSE"], None, None, "train", None), "dataset org/ds: no data files found (ferrotune reads .parquet, .jsonl, .json, .csv, .tsv)");
+    assert_eq!(
+        err(&["train.tsv", "test.csv"], None, None, "train", None),
+        "dataset org/ds: its splits hold files of different formats (train: tsv, test: csv); set data_files:"
+    );
     let bad_shard = ["data/a b-00000-of-00001.parquet"];
     assert!(err(&bad_shard, None, None, "train", None).contains("shard split name \"a b\""));
 }
