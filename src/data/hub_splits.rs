@@ -34,7 +34,7 @@ const KEYWORDS: [(&str, &[&str]); 3] = [
 const SEP: &str = "[-._ 0-9]";
 const SHARDED: &str = "data/{split}-[0-9][0-9][0-9][0-9][0-9]-of-[0-9][0-9][0-9][0-9][0-9]*.*";
 
-/// Split name -> patterns, in split order.
+/// Split name -> patterns (or files), in split order.
 type Patterns = Vec<(String, Vec<String>)>;
 
 /// The repo files of one split, in the order the datasets library reads
@@ -77,7 +77,7 @@ fn resolve_splits(
     readme: Option<&str>,
     name: Option<&str>,
     data_files: Option<&[String]>,
-) -> Result<(String, Vec<(String, Vec<String>)>)> {
+) -> Result<(String, Patterns)> {
     let configs = match readme {
         Some(text) => read_configs(text).map_err(|e| anyhow!("dataset {repo}: README.md: {e}"))?,
         None => Vec::new(),
