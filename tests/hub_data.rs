@@ -160,3 +160,31 @@ fn dataset_entries_take_hub_keys_and_data_files_as_a_string_or_a_list() {
     let e = format!("{:#}", load(&text("    data_files: 3\n")).unwrap_err());
     assert!(e.contains("datasets[0].data_files must be a file name or a list of file names, not the number 3"), "{e}");
 }
+
+#[test]
+fn preprocess_shows_a_parquet_chat_dataset_as_its_json_lines_twin() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let tmp = tempfile::tempdir().unwrap();
+    let show = |data: &Path| {
+        let cfg = tmp.path().join("run.yml");
+        let text = format!(
+            "base_model: {}\nadapter: lora\nlearning_rate: 0.001\nsequence_len: 512\nchat_template: chatml\n\
+             shuffle_merged_datasets: false\ndataset_prepared_path: {}\ndatasets:\n  - path: {}\n    type: chat_template\n",
+            repo.join("examples/quickstart/model").display(),
+            tmp.path().join("cache").display(),
+            data.display()
+        );
+        std::fs::write(&cfg, text).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_ferrotune"))
+            .env("NO_COLOR", "1")
+            .args(["preprocess", cfg.to_str().unwrap(), "--show", "3", "--ids"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap().replace(&data.display().to_string(), "DATA")
+    };
+    let want = show(&hub_data("chat.jsonl"));
+    assert!(want.contains("DATA [chat_template, train]: 3 rows -> 3 sequences"), "{want}");
+    assert!(want.contains("--- train example 3 of 3 ---"), "{want}");
+    assert_eq!(show(&hub_data("chat.parquet")), want);
+}

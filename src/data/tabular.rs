@@ -246,6 +246,8 @@ mod tests {
         assert!(e.starts_with("f.csv:3:"), "{e}");
         assert_eq!(csv_rows(b"a,b\n", "f.csv", false).unwrap_err().to_string(), "f.csv: the dataset file has no rows");
         assert_eq!(csv_rows(b"a,a\n1,2\n", "f.csv", false).unwrap_err().to_string(), "f.csv:1: the column \"a\" is named twice");
+        // Blank lines are skipped, as pandas skips them.
+        assert_eq!(rows("a,b\n1,2\n\n3,4\n"), [json!({"a": 1, "b": 2}), json!({"a": 3, "b": 4})]);
         let tsv = csv_rows(b"q\tr\nhello, world\t1\n", "f.tsv", true).unwrap();
         assert_eq!(tsv[0].1, json!({"q": "hello, world", "r": 1}));
     }
