@@ -18,6 +18,10 @@
 //! (`hub_glob::infer_module`) and only its files are kept, in the order the
 //! datasets library reads them (each pattern's matches sorted, patterns in
 //! order, so a file two patterns select is read twice, as there).
+//!
+//! One difference: with README configs the datasets library infers the
+//! reader from the first config's files and reads the chosen config's files
+//! with it; here the reader is inferred from the chosen config's own files.
 
 use super::hub_glob::{self, has_module_extension, infer_module, module_extensions};
 use anyhow::{Result, anyhow, bail};
