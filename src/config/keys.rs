@@ -216,8 +216,6 @@ pub(crate) const IGNORED_TOP: &[(&str, &str)] = &[
 /// Real Axolotl dataset-entry keys that have no effect in ferrotune.
 pub(crate) const IGNORED_DATASET: &[(&str, &str)] = &[
     ("ds_type", "the file format is read from the extension (.jsonl or .json)"),
-    ("name", "hub dataset configurations do not apply: datasets are local files"),
-    ("revision", "hub revisions do not apply: datasets are local files"),
     ("trust_remote_code", "no dataset code is ever run"),
     ("preprocess_shards", IN_PROCESS),
 ];
@@ -257,7 +255,6 @@ pub(crate) const UNSUPPORTED_TOP: &[Unsupported] = &[
     unsupported("fix_untrained_tokens", When::Set, false, "embeddings are frozen; untrained tokens cannot be fixed", "remove fix_untrained_tokens"),
     unsupported("rope_scaling", When::Set, false, "overriding the checkpoint's RoPE settings is not implemented", "remove rope_scaling (the checkpoint's config.json is used)"),
     unsupported("overrides_of_model_config", When::Set, false, "overriding the checkpoint's config.json is not implemented", "edit a copy of the checkpoint's config.json"),
-    unsupported("revision_of_model", When::Set, false, "hub revisions are not fetched (there is no network code)", "point base_model at a local directory holding that revision"),
     unsupported("pretraining_dataset", When::Set, false, "streaming pretraining datasets are not implemented", "use a datasets entry with type: completion"),
     unsupported("default_system_message", When::Set, false, "injecting a system message is not implemented", "put the system message in the data"),
     unsupported("chat_template_kwargs", When::Set, false, "extra chat-template variables are not implemented", "write a template with chat_template: jinja and chat_template_jinja"),
@@ -336,6 +333,8 @@ fn every_dataset_field() -> DatasetConfig {
         kind: Some(String::new()),
         split: Some(String::new()),
         data_files: Some(Vec::new()),
+        name: Some(String::new()),
+        revision: Some(String::new()),
         field: Some(String::new()),
         field_messages: Some(String::new()),
         message_property_mappings: Some(BTreeMap::new()),
@@ -449,7 +448,7 @@ mod tests {
     fn every_dataset_field_is_listed() {
         let names = field_names(Level::Dataset);
         assert!(names.contains(&"type".to_string()) && names.contains(&"path".to_string()));
-        assert_eq!(names.len(), 11);
+        assert_eq!(names.len(), 13);
     }
 
     #[test]

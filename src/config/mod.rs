@@ -66,15 +66,23 @@ pub enum ResumeFrom {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(default, deny_unknown_fields)]
 pub struct DatasetConfig {
-    /// A local .jsonl or .json file (or a directory of them).
+    /// A local data file (.jsonl, .json, .parquet, .csv, .tsv) or a
+    /// directory of them, or a Hub dataset id.
     pub path: String,
     /// alpaca | chat_template | completion | input_output; absent: pre-tokenized rows.
     #[serde(rename = "type", default, skip_serializing_if = "Option::is_none")]
     pub kind: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub split: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Files (or, for a Hub dataset, patterns) to read: one or a list.
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "one_or_many")]
     pub data_files: Option<Vec<String>>,
+    /// The Hub dataset's configuration (a `configs:` entry of its README).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The Hub dataset's revision: a branch, tag or commit (default main).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<String>,
     /// For .json files: the key holding the list of rows.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub field: Option<String>,
@@ -96,6 +104,20 @@ pub struct DatasetConfig {
     /// completion: the row key holding the text (default "text").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub field_text: Option<String>,
+}
+
+/// A string or a list of strings, as a list (Axolotl's `data_files`).
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged, expecting = "a file name or a list of file names")]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(Option::<OneOrMany>::deserialize(d)?.map(|v| match v {
+        OneOrMany::One(s) => vec![s],
+        OneOrMany::Many(v) => v,
+    }))
 }
 
 /// The AdamW optimizer's settings (the trainer's optimizer reads them;
@@ -192,6 +214,8 @@ pub struct RunConfig {
     pub peft_use_rslora: bool,
     /// Start from this PEFT adapter instead of a fresh one.
     pub lora_model_dir: Option<String>,
+    /// The Hub revision (branch, tag or commit) of base_model (default main).
+    pub revision_of_model: Option<String>,
 
     pub datasets: Vec<DatasetConfig>,
     /// Explicit validation datasets (otherwise val_set_size splits the training data).
@@ -298,6 +322,7 @@ impl Default for RunConfig {
             lora_target_linear: false,
             peft_use_rslora: false,
             lora_model_dir: None,
+            revision_of_model: None,
             datasets: Vec::new(),
             test_datasets: Vec::new(),
             chat_template: None,

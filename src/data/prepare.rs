@@ -351,11 +351,12 @@ pub fn prepare_dataset(
     Ok((data.sequences, report))
 }
 
-/// The files of a dataset: `path` itself, or the .jsonl/.json files of the
-/// directory it names (sorted), or `data_files` (relative to a directory path).
+/// The files of a dataset: `path` itself, or the data files (.jsonl,
+/// .json, .parquet, .csv, .tsv) of the directory it names (sorted), or
+/// `data_files` (relative to a directory path).
 pub fn dataset_files(ds: &DatasetConfig) -> Result<Vec<PathBuf>> {
     let root = PathBuf::from(&ds.path);
-    let is_data = |p: &Path| matches!(p.extension().and_then(|e| e.to_str()), Some("jsonl" | "json"));
+    let is_data = |p: &Path| rows::is_data_file(p);
     let files: Vec<PathBuf> = if let Some(list) = &ds.data_files {
         let base = if root.is_dir() { root.clone() } else { PathBuf::new() };
         list.iter().map(|f| base.join(f)).collect()
@@ -367,20 +368,23 @@ pub fn dataset_files(ds: &DatasetConfig) -> Result<Vec<PathBuf>> {
             .collect();
         v.sort();
         if v.is_empty() {
-            bail!("dataset directory {} holds no .jsonl or .json files", root.display());
+            bail!("dataset directory {} holds no .jsonl, .json, .parquet, .csv or .tsv files", root.display());
         }
         v
     } else if root.is_file() {
         vec![root.clone()]
     } else {
-        bail!("dataset {} does not exist (expected a .jsonl or .json file, or a directory of them)", root.display());
+        bail!(
+            "dataset {} does not exist (expected a .jsonl, .json, .parquet, .csv or .tsv file, or a directory of them)",
+            root.display()
+        );
     };
     for f in &files {
         if !f.is_file() {
             bail!("dataset file {} does not exist", f.display());
         }
         if !is_data(f) {
-            bail!("dataset file {}: expected a .jsonl or .json file", f.display());
+            bail!("dataset file {}: expected a .jsonl, .json, .parquet, .csv or .tsv file", f.display());
         }
     }
     Ok(files)
@@ -429,9 +433,7 @@ fn tokenize_files(
 ) -> Result<CachedDataset> {
     let mut all: Vec<(String, RawRow)> = Vec::new();
     for (f, bytes) in files.iter().zip(contents) {
-        let name = f.display().to_string();
-        let text = rows::text(bytes, &name)?;
-        all.extend(rows::split(text, &name, rows::is_json(f), ds.field.as_deref())?);
+        all.extend(rows::file_rows(f, bytes, ds.field.as_deref())?);
     }
     // Large datasets take a while to tokenize: show it on a terminal.
     let bar = if std::io::IsTerminal::is_terminal(&std::io::stderr()) && all.len() >= 10_000 {

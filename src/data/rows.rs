@@ -9,6 +9,8 @@
 //! - `.json`: a list of rows, or an object holding the list under `field`; a
 //!   `.json` file that is really one object per line is read as JSON Lines, as
 //!   the datasets library's JSON reader does.
+//! - `.parquet`, `.csv` and `.tsv`: rows parsed by `tabular`, located as
+//!   `file:row N`.
 
 use anyhow::{Result, anyhow, bail};
 use serde_json::Value;
@@ -48,6 +50,26 @@ pub fn is_json(path: &Path) -> bool {
     path.extension().and_then(|e| e.to_str()) == Some("json")
 }
 
+/// The extensions of the files rows are read from.
+pub const EXTENSIONS: [&str; 5] = ["jsonl", "json", "parquet", "csv", "tsv"];
+
+/// Whether rows can be read from the file at `path` (by its extension).
+pub fn is_data_file(path: &Path) -> bool {
+    path.extension().and_then(|e| e.to_str()).is_some_and(|e| EXTENSIONS.contains(&e))
+}
+
+/// The rows of one dataset file, whose bytes are `bytes`: JSON Lines rows
+/// stay unparsed; parquet is read through `path` (its reader seeks).
+pub fn file_rows<'a>(path: &Path, bytes: &'a [u8], field: Option<&str>) -> Result<Vec<(String, RawRow<'a>)>> {
+    let name = path.display().to_string();
+    let parsed = |rows: Vec<(String, Value)>| rows.into_iter().map(|(l, v)| (l, RawRow::Parsed(v))).collect();
+    match path.extension().and_then(|e| e.to_str()) {
+        Some("parquet") => Ok(parsed(super::tabular::parquet_rows(path)?)),
+        Some(ext @ ("csv" | "tsv")) => Ok(parsed(super::tabular::csv_rows(bytes, &name, ext == "tsv")?)),
+        _ => split(text(bytes, &name)?, &name, is_json(path), field),
+    }
+}
+
 /// The rows of one file's text; `json` for a `.json` file. An empty file
 /// is an error naming it.
 pub fn split<'a>(text: &'a str, name: &str, json: bool, field: Option<&str>) -> Result<Vec<(String, RawRow<'a>)>> {
@@ -70,8 +92,7 @@ pub fn split<'a>(text: &'a str, name: &str, json: bool, field: Option<&str>) -> 
 pub fn read(path: &Path, field: Option<&str>) -> Result<Vec<(String, Value)>> {
     let name = path.display().to_string();
     let bytes = std::fs::read(path).map_err(|e| anyhow!("cannot read dataset file {name}: {e}"))?;
-    let text = text(&bytes, &name)?;
-    split(text, &name, is_json(path), field)?
+    file_rows(path, &bytes, field)?
         .into_iter()
         .map(|(loc, raw)| {
             let v = raw.parse(&loc)?.into_owned();
