@@ -49,7 +49,7 @@ pub fn run(a: PreprocessArgs) -> Result<()> {
         eprintln!("warning: {w}");
     }
     let cfg = loaded.config;
-    let model_dir = checkpoint::resolve_model_dir(&cfg.base_model, None)?;
+    let model_dir = checkpoint::resolve_model_dir(&cfg.base_model, cfg.revision_of_model.as_deref())?;
     let vocab = checkpoint::read_config(&model_dir)?.vocab;
     // model_type / tokenizer_type / tokenizer_config checked as train checks them.
     let tokenizer_dir = config::check_checkpoint(&cfg, &model_dir)?;

@@ -98,7 +98,7 @@ fn base_weights(cfg: &RunConfig, ckpt: &Checkpoint) -> Result<BaseWeights> {
 /// Train; returns the signal that stopped the run early, if one did.
 fn train_on<B: Backend>(be: &B, cfg: &RunConfig, gpu: Option<GpuMemory>) -> Result<Option<i32>> {
     let t0 = Instant::now();
-    let model_dir = checkpoint::resolve_model_dir(&cfg.base_model, None)?;
+    let model_dir = checkpoint::resolve_model_dir(&cfg.base_model, cfg.revision_of_model.as_deref())?;
     // An adapter named by a Hub id is fetched here, once, and read from the cache below.
     let mut resolved = cfg.clone();
     if let Some(dir) = &cfg.lora_model_dir {

@@ -354,3 +354,23 @@ fn sanitize(v: &Value) -> Result<Patterns> {
 #[cfg(test)]
 #[path = "hub_splits_tests.rs"]
 mod tests;
+
+/// The local files of a Hub dataset's split: the repo listed at its
+/// revision, README.md read for `configs:`, and only that split's files
+/// fetched into the Hugging Face cache (from the cache alone offline).
+pub fn fetch_split(ds: &crate::config::DatasetConfig, split: &str) -> Result<Vec<std::path::PathBuf>> {
+    use crate::hub::{Filter, Hub, RepoKind, RepoRef};
+    let hub = Hub::from_env();
+    let repo = RepoRef::new(&ds.path, RepoKind::Dataset, ds.revision.as_deref())?;
+    let remote = hub.open(&repo)?;
+    let listing = remote.select(&Filter::all());
+    let readme = if remote.has("README.md") {
+        remote.fetch(&["README.md".to_string()])?;
+        std::fs::read_to_string(remote.dir().join("README.md")).ok()
+    } else {
+        None
+    };
+    let files = select_files(&ds.path, &listing, readme.as_deref(), ds.name.as_deref(), split, ds.data_files.as_deref())?;
+    remote.fetch(&files)?;
+    Ok(files.iter().map(|f| remote.dir().join(f)).collect())
+}

@@ -128,8 +128,9 @@ fn fit(mut pair: PreferencePair, max_len: usize, policy: ExcessLength) -> (Optio
     }
 }
 
+/// One dataset entry (`ds`) of the list whose default split is `split`.
 fn read_dataset<T: RunExample>(
-    ds: &DatasetConfig,
+    (ds, split): (&DatasetConfig, &str),
     cfg: &RunConfig,
     opts: &PrepareOptions,
     tok: &TextTokenizer,
@@ -151,7 +152,7 @@ fn read_dataset<T: RunExample>(
     };
     let reader = PreferenceReader { format, tokenizer: tok, template: template.as_ref(), fields: fields(ds) };
     let (mut rows, mut kept, mut truncated, mut dropped) = (0, Vec::new(), 0, 0);
-    for file in dataset_files(ds)? {
+    for file in dataset_files(ds, split)? {
         let examples = read_rows(&file, |row, loc| {
             let ex = read(&reader, row, loc)?;
             for s in RunExample::sequences(&ex) {
@@ -225,7 +226,7 @@ fn prepare_examples<T: RunExample>(
     let opts = PrepareOptions::from_config(cfg)?;
     let tok = TextTokenizer::load(tokenizer_dir, &opts.special_tokens)?;
     let (train, val, report) = merge_datasets(cfg, |ds, split| {
-        let (items, mut r) = read_dataset(ds, cfg, &opts, &tok, tokenizer_dir, vocab, read)?;
+        let (items, mut r) = read_dataset((ds, split), cfg, &opts, &tok, tokenizer_dir, vocab, read)?;
         r.split = split.to_string();
         Ok((items, r))
     })?;

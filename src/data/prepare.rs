@@ -280,10 +280,7 @@ pub fn prepare_dataset(
     split: &str,
 ) -> Result<(Vec<Sequence>, DatasetReport)> {
     let kind = DatasetType::parse(ds.kind.as_deref())?;
-    if let Some(s) = ds.split.as_deref().filter(|s| *s != "train") {
-        bail!("split: \"{s}\": local files have only the train split (use test_datasets for validation files)");
-    }
-    let files = dataset_files(ds)?;
+    let files = dataset_files(ds, split)?;
     let contents = files
         .iter()
         .map(|f| std::fs::read(f).with_context(|| format!("cannot read dataset file {}", f.display())))
@@ -353,9 +350,17 @@ pub fn prepare_dataset(
 
 /// The files of a dataset: `path` itself, or the data files (.jsonl,
 /// .json, .parquet, .csv, .tsv) of the directory it names (sorted), or
-/// `data_files` (relative to a directory path).
-pub fn dataset_files(ds: &DatasetConfig) -> Result<Vec<PathBuf>> {
+/// `data_files` (relative to a directory path); or, for a Hub dataset id,
+/// the files of its split (`split:`, else `default_split`: train for
+/// `datasets`, test for `test_datasets`) fetched into the Hugging Face cache.
+pub fn dataset_files(ds: &DatasetConfig, default_split: &str) -> Result<Vec<PathBuf>> {
     let root = PathBuf::from(&ds.path);
+    if !root.exists() && ds.path.split('/').count() == 2 && crate::hub::is_repo_id(&ds.path) {
+        return super::hub_splits::fetch_split(ds, ds.split.as_deref().unwrap_or(default_split));
+    }
+    if let Some(s) = ds.split.as_deref().filter(|s| *s != "train") {
+        bail!("split: \"{s}\": local files have only the train split (use test_datasets for validation files)");
+    }
     let is_data = |p: &Path| rows::is_data_file(p);
     let files: Vec<PathBuf> = if let Some(list) = &ds.data_files {
         let base = if root.is_dir() { root.clone() } else { PathBuf::new() };

@@ -87,7 +87,7 @@ fn read_dataset(ds: &DatasetConfig, cfg: &RunConfig, tok: &TextTokenizer, tokeni
         t
     });
     let (mut rows, mut kept, mut dropped) = (0, Vec::new(), 0);
-    for file in dataset_files(ds)? {
+    for file in dataset_files(ds, split)? {
         for (loc, row) in super::rows::read(&file, ds.field.as_deref())? {
             rows += 1;
             let p = read_row(&row, tok, template.as_ref(), vocab, &loc)?;
