@@ -152,6 +152,9 @@ pub enum Fault {
     IgnoreRange,
     /// Answer 500 to any request for the file (HEAD, resolve GET, CDN GET).
     ServerError { times: usize },
+    /// Answer `code` (no X-Error-Code, as a CDN does, e.g. 403 for an
+    /// expired signed URL) to any request for the file.
+    Status { code: u16, times: usize },
     /// Send the first `bytes` bytes, then wait `ms` before the rest.
     Pause { bytes: usize, ms: u64 },
 }
@@ -195,6 +198,8 @@ pub struct MockHub {
     state: Arc<Mutex<State>>,
     stop: Arc<AtomicBool>,
     connections: Arc<AtomicUsize>,
+    /// Requests being answered now, and the most ever at once.
+    busy: Arc<(AtomicUsize, AtomicUsize)>,
     accept: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -205,7 +210,8 @@ impl MockHub {
         let state = Arc::new(Mutex::new(State { repos, faults: HashMap::new(), log: Vec::new(), page_size: 2 }));
         let stop = Arc::new(AtomicBool::new(false));
         let connections = Arc::new(AtomicUsize::new(0));
-        let (st, sp, cn) = (state.clone(), stop.clone(), connections.clone());
+        let busy = Arc::new((AtomicUsize::new(0), AtomicUsize::new(0)));
+        let (st, sp, cn, bz) = (state.clone(), stop.clone(), connections.clone(), busy.clone());
         let accept = std::thread::spawn(move || {
             for conn in listener.incoming() {
                 if sp.load(Ordering::SeqCst) {
@@ -213,11 +219,11 @@ impl MockHub {
                 }
                 let Ok(conn) = conn else { continue };
                 cn.fetch_add(1, Ordering::SeqCst);
-                let (st, sp) = (st.clone(), sp.clone());
-                std::thread::spawn(move || serve_connection(conn, port, &st, &sp));
+                let (st, sp, bz) = (st.clone(), sp.clone(), bz.clone());
+                std::thread::spawn(move || serve_connection(conn, port, &st, &sp, &bz));
             }
         });
-        MockHub { port, state, stop, connections, accept: Some(accept) }
+        MockHub { port, state, stop, connections, busy, accept: Some(accept) }
     }
 
     /// `http://127.0.0.1:<port>` (no trailing slash), the HF_ENDPOINT.
@@ -256,6 +262,11 @@ impl MockHub {
     /// TCP connections accepted so far (0 proves no socket was opened).
     pub fn connections(&self) -> usize {
         self.connections.load(Ordering::SeqCst)
+    }
+
+    /// The most requests answered at the same time so far.
+    pub fn max_concurrent(&self) -> usize {
+        self.busy.1.load(Ordering::SeqCst)
     }
 
     /// Changes the repos served from now on (e.g. to move a branch).
@@ -412,8 +423,10 @@ impl Response {
     }
 }
 
-fn serve_connection(conn: TcpStream, port: u16, state: &Mutex<State>, stop: &AtomicBool) {
+fn serve_connection(conn: TcpStream, port: u16, state: &Mutex<State>, stop: &AtomicBool, busy: &(AtomicUsize, AtomicUsize)) {
     let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+    // Small answers go out at once (Nagle + delayed ACKs would add ~40 ms).
+    let _ = conn.set_nodelay(true);
     let mut writer = match conn.try_clone() {
         Ok(w) => w,
         Err(_) => return,
@@ -421,13 +434,17 @@ fn serve_connection(conn: TcpStream, port: u16, state: &Mutex<State>, stop: &Ato
     let mut reader = BufReader::new(conn);
     while !stop.load(Ordering::SeqCst) {
         let Some(req) = read_request(&mut reader) else { break };
+        let now = busy.0.fetch_add(1, Ordering::SeqCst) + 1;
+        busy.1.fetch_max(now, Ordering::SeqCst);
         let resp = routes::route(&req, port, state);
         {
             let mut st = state.lock().unwrap();
             st.log.push(Logged { method: req.method.clone(), target: req.target.clone(), headers: req.headers.clone(), status: resp.status });
         }
         let close = req.header("connection").is_some_and(|v| v.eq_ignore_ascii_case("close"));
-        if !write_response(&mut writer, &req.method, resp) || close {
+        let kept = write_response(&mut writer, &req.method, resp);
+        busy.0.fetch_sub(1, Ordering::SeqCst);
+        if !kept || close {
             break;
         }
     }
@@ -448,13 +465,18 @@ fn write_response(w: &mut TcpStream, method: &str, resp: Response) -> bool {
         head.push_str("Connection: close\r\n");
     }
     head.push_str("\r\n");
+    let body = &resp.body;
+    if method == "HEAD" || (resp.cut.is_none() && resp.pause.is_none()) {
+        // Head and body in one write.
+        let mut all = head.into_bytes();
+        if method != "HEAD" {
+            all.extend_from_slice(body);
+        }
+        return w.write_all(&all).is_ok() && w.flush().is_ok();
+    }
     if w.write_all(head.as_bytes()).is_err() {
         return false;
     }
-    if method == "HEAD" {
-        return w.flush().is_ok();
-    }
-    let body = &resp.body;
     if let Some(n) = resp.cut {
         let _ = w.write_all(&body[..n.min(body.len())]);
         let _ = w.flush();
@@ -468,7 +490,7 @@ fn write_response(w: &mut TcpStream, method: &str, resp: Response) -> bool {
         std::thread::sleep(Duration::from_millis(ms));
         return w.write_all(&body[n..]).is_ok() && w.flush().is_ok();
     }
-    w.write_all(body).is_ok() && w.flush().is_ok()
+    false
 }
 
 fn reason(status: u16) -> &'static str {

@@ -169,20 +169,27 @@ fn cdn(req: &Request, sha: &str, st: &mut State) -> Response {
     body_response(req, &file, base, st)
 }
 
-/// A 500 if a `ServerError` fault for `path` has answers left.
+/// A 500 (or the given status) if a `ServerError` (`Status`) fault for
+/// `path` has answers left.
 fn server_error(st: &mut State, path: &str) -> Option<Response> {
-    if let Some(Fault::ServerError { times }) = active_fault(st, path) {
-        *times -= 1;
-        return Some(Response::error(500, None, "Internal Error - We're working hard to fix this as soon as possible!"));
+    match active_fault(st, path)? {
+        Fault::ServerError { times } => {
+            *times -= 1;
+            Some(Response::error(500, None, "Internal Error - We're working hard to fix this as soon as possible!"))
+        }
+        Fault::Status { code, times } => {
+            *times -= 1;
+            Some(Response::error(*code, None, "Request has expired"))
+        }
+        _ => None,
     }
-    None
 }
 
 /// The first fault queued for `path` that still has answers left (spent
 /// ones are dropped).
 fn active_fault<'a>(st: &'a mut State, path: &str) -> Option<&'a mut Fault> {
     let q = st.faults.get_mut(path)?;
-    q.retain(|f| !matches!(f, Fault::CutAfter { times: 0, .. } | Fault::Corrupt { times: 0 } | Fault::ServerError { times: 0 }));
+    q.retain(|f| !matches!(f, Fault::CutAfter { times: 0, .. } | Fault::Corrupt { times: 0 } | Fault::ServerError { times: 0 } | Fault::Status { times: 0, .. }));
     q.first_mut()
 }
 
