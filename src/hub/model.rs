@@ -30,8 +30,8 @@ pub fn model_dir(hub: &Hub, id: &str, revision: Option<&str>) -> Result<PathBuf>
     let repo = RepoRef::new(id, RepoKind::Model, revision)?;
     let remote = hub.open(&repo)?;
     require(&remote, "config.json")?;
-    let mut files = remote.select(&Filter::model(&[], &[])?);
-    if remote.has(INDEX) {
+    let listed = remote.select(&Filter::model(&[], &[])?);
+    let shards = if remote.has(INDEX) {
         remote.fetch(&[INDEX.to_string()])?;
         let index = remote.dir().join(INDEX);
         let text = std::fs::read_to_string(&index).with_context(|| format!("cannot read {}", index.display()))?;
@@ -43,12 +43,23 @@ pub fn model_dir(hub: &Hub, id: &str, revision: Option<&str>) -> Result<PathBuf>
             .values()
             .filter_map(|s| s.as_str().map(str::to_string))
             .collect();
+        Some(shards)
+    } else {
+        None
+    };
+    remote.fetch(&model_files(listed, shards.as_ref()))?;
+    Ok(remote.dir())
+}
+
+/// Of the files the default filter kept, the ones a model download takes:
+/// weights narrowed to the index's shards, or to model.safetensors.
+fn model_files(mut files: Vec<String>, shards: Option<&BTreeSet<String>>) -> Vec<String> {
+    if let Some(shards) = shards {
         files.retain(|f| !is_weights(f) || shards.contains(f));
-    } else if remote.has("model.safetensors") {
+    } else if files.iter().any(|f| f == "model.safetensors") {
         files.retain(|f| !is_weights(f) || f == "model.safetensors");
     }
-    remote.fetch(&files)?;
-    Ok(remote.dir())
+    files
 }
 
 /// An adapter repo's snapshot folder (adapter_config.json and weights).
@@ -71,12 +82,58 @@ fn require(remote: &super::Remote<'_>, file: &str) -> Result<(), HubError> {
         return Err(HubError::EntryNotFound { repo: remote.repo.to_string(), revision: remote.repo.revision.clone(), file: file.to_string() });
     }
     if remote.files.is_none() && !remote.has(file) {
-        let env = remote_env(remote);
-        return Err(HubError::Offline { repo: remote.repo.id.clone(), revision: remote.repo.revision.clone(), cache: env, file: Some(file.to_string()) });
+        return Err(HubError::Offline {
+            repo: remote.repo.id.clone(),
+            revision: remote.repo.revision.clone(),
+            cache: remote.cache.root.clone(),
+            file: Some(file.to_string()),
+        });
     }
     Ok(())
 }
 
-fn remote_env(remote: &super::Remote<'_>) -> PathBuf {
-    remote.cache.root.clone()
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The default filter plus the weight narrowing, on repo listings shaped
+    /// like the Hub's (file names as those repos publish them).
+    fn take(listing: &[&str], shards: Option<&[&str]>) -> Vec<String> {
+        let filter = Filter::model(&[], &[]).unwrap();
+        let kept: Vec<String> = listing.iter().map(|s| s.to_string()).filter(|f| filter.matches(f)).collect();
+        let shards: Option<BTreeSet<String>> = shards.map(|s| s.iter().map(|x| x.to_string()).collect());
+        model_files(kept, shards.as_ref())
+    }
+
+    #[test]
+    fn real_repo_shapes_take_what_the_checkpoint_uses() {
+        // Llama 3.x: sharded safetensors, plus the original/ consolidated weights.
+        let llama = [".gitattributes", "LICENSE", "README.md", "config.json", "generation_config.json",
+            "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json",
+            "original/consolidated.00.pth", "original/params.json", "original/tokenizer.model", "special_tokens_map.json",
+            "tokenizer.json", "tokenizer_config.json"];
+        let got = take(&llama, Some(&["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]));
+        assert_eq!(got, [".gitattributes", "README.md", "config.json", "generation_config.json",
+            "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json",
+            "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"]);
+        // Mistral: a consolidated copy of the same weights beside the shards.
+        let mistral = ["config.json", "consolidated.safetensors", "model-00001-of-00003.safetensors",
+            "model-00002-of-00003.safetensors", "model-00003-of-00003.safetensors", "model.safetensors.index.json",
+            "params.json", "tekken.json", "tokenizer.json", "tokenizer_config.json"];
+        let got = take(&mistral, Some(&["model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors", "model-00003-of-00003.safetensors"]));
+        assert!(!got.iter().any(|f| f == "consolidated.safetensors" || f == "params.json"), "{got:?}");
+        assert_eq!(got.iter().filter(|f| f.ends_with(".safetensors")).count(), 3);
+        // A bitsandbytes 4-bit repo: one model.safetensors; its quantization is in config.json.
+        let bnb = ["config.json", "generation_config.json", "model.safetensors", "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"];
+        assert_eq!(take(&bnb, None), bnb);
+        // Multimodal Gemma 3: the whole checkpoint (text and vision weights) and its processor files.
+        let gemma3 = ["added_tokens.json", "chat_template.json", "config.json", "generation_config.json",
+            "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json",
+            "preprocessor_config.json", "processor_config.json", "special_tokens_map.json", "tokenizer.json",
+            "tokenizer.model", "tokenizer_config.json"];
+        assert_eq!(take(&gemma3, Some(&["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"])), gemma3);
+        // A GGUF-only or pickle-only file never comes by default.
+        let mixed = ["config.json", "pytorch_model.bin", "model.Q4_K_M.gguf", "model.safetensors", "onnx/model.onnx", "tokenizer.json"];
+        assert_eq!(take(&mixed, None), ["config.json", "model.safetensors", "tokenizer.json"]);
+    }
 }
