@@ -1,7 +1,7 @@
 //! The mock Hub (tests/common/mock_hub.rs) checked against the real client:
 //! huggingface_hub's `snapshot_download` fills a cache from it, and the cache
 //! tree must equal the committed tests/fixtures/hub/hf_tree_*.json (the trees
-//! ferrotune's downloads are compared with in tests/hub.rs); its error
+//! ferrotune's downloads are compared with in tests/hub/); its error
 //! classes must follow the mock's error answers; and it must resume a cut
 //! body with a Range request. Needs a Python with huggingface_hub
 //! (FERROTUNE_PYTHON); skipped, saying so, without one (as on CI).

@@ -3,16 +3,9 @@
 //! run or by the next one, servers that ignore Range, corrupted bytes, a
 //! run killed mid-file; and many files fetched in parallel.
 
-#[path = "common/hub_cli.rs"]
-mod hub_cli;
-#[path = "common/hub_tree.rs"]
-mod hub_tree;
-#[path = "common/mock_hub.rs"]
-mod mock_hub;
-
-use hub_cli::{Sandbox, assert_phrases, snapshot_files};
-use hub_tree::{MODEL_ID, model_repo, pseudo_bytes};
-use mock_hub::{Fault, Logged, MockFile, MockHub, MockRepo, sha256_hex};
+use crate::hub_cli::{Sandbox, assert_phrases, snapshot_files};
+use crate::hub_tree::{MODEL_ID, model_repo, pseudo_bytes};
+use crate::mock_hub::{Fault, Logged, MockFile, MockHub, MockRepo, sha256_hex};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 

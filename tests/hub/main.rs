@@ -3,14 +3,16 @@
 //! tests/fixtures/hub), revisions, file filters, dataset repos, reruns,
 //! tokens, the one-line errors, the environment, offline use, renamed repos,
 //! and a cache made by huggingface_hub used offline. Faults (cut or
-//! corrupted bodies, killed runs) and parallel downloads: tests/hub_faults.rs.
+//! corrupted bodies, killed runs) and parallel downloads: faults.rs.
 
-#[path = "common/hub_cli.rs"]
+#[path = "../common/hub_cli.rs"]
 mod hub_cli;
-#[path = "common/hub_tree.rs"]
+#[path = "../common/hub_tree.rs"]
 mod hub_tree;
-#[path = "common/mock_hub.rs"]
+#[path = "../common/mock_hub.rs"]
 mod mock_hub;
+
+mod faults;
 
 use hub_cli::{Sandbox, assert_phrases, assert_tree, snapshot_files};
 use hub_tree::{DATASET_ID, MODEL_ID, dataset_repo, load_fixture, materialise, model_repo};
