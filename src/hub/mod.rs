@@ -248,6 +248,8 @@ impl Remote<'_> {
         });
         let style = indicatif::ProgressStyle::with_template("{msg:30!} {bar:30} {bytes:>10}/{total_bytes:<10} {bytes_per_sec:>12} eta {eta}")
             .expect("valid progress template");
+        // Bars draw on a terminal only; a log gets one line per file instead.
+        let lines = self.hub.env.progress && !std::io::IsTerminal::is_terminal(&std::io::stderr());
         let next = AtomicUsize::new(0);
         let errors = std::sync::Mutex::new(Vec::new());
         let client = self.hub.client();
@@ -259,9 +261,13 @@ impl Remote<'_> {
                         let Some(file) = todo.get(i) else { break };
                         let size = self.files.as_ref().and_then(|fs| fs.iter().find(|f| &f.path == *file)).map(|f| f.size).unwrap_or(0);
                         let bar = bars.add(indicatif::ProgressBar::new(size).with_style(style.clone()).with_message(file.to_string()));
-                        if let Err(e) = download::fetch(client, &self.cache, &self.repo, &self.commit, file, &bar) {
-                            bar.abandon();
-                            errors.lock().unwrap().push((i, e));
+                        match download::fetch(client, &self.cache, &self.repo, &self.commit, file, &bar) {
+                            Ok(_) if lines => eprintln!("{}: {file} ({})", self.repo.id, indicatif::HumanBytes(size)),
+                            Ok(_) => {}
+                            Err(e) => {
+                                bar.abandon();
+                                errors.lock().unwrap().push((i, e));
+                            }
                         }
                     }
                 });

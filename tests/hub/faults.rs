@@ -169,4 +169,14 @@ fn many_files_download_in_parallel() {
     let most = hub.max_concurrent();
     assert!((2..=8).contains(&most), "{most} requests at once");
     assert!(!r.stderr.contains("shard-"), "progress drawn: {}", r.stderr);
+
+    // With progress on and stderr not a terminal (a log), one line per
+    // file with its size, instead of bars.
+    let sb = Sandbox::new(&hub.url());
+    let r = sb.download_env(&["org/many", "--include", "*"], &[("HF_HUB_DISABLE_PROGRESS_BARS", None)]);
+    r.snapshot();
+    for f in &files {
+        let line = format!("org/many: {} (16.00 KiB)", f.path);
+        assert_eq!(r.stderr.lines().filter(|l| *l == line).count(), 1, "{line} in: {}", r.stderr);
+    }
 }
