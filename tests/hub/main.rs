@@ -3,7 +3,8 @@
 //! tests/fixtures/hub), revisions, file filters, dataset repos, reruns,
 //! tokens, the one-line errors, the environment, offline use, renamed repos,
 //! and a cache made by huggingface_hub used offline. Faults (cut or
-//! corrupted bodies, killed runs) and parallel downloads: faults.rs.
+//! corrupted bodies, killed runs) and parallel downloads: faults.rs; models,
+//! adapters and datasets fetched on demand by the other commands: e2e.rs.
 
 #[path = "../common/hub_cli.rs"]
 mod hub_cli;
@@ -12,6 +13,7 @@ mod hub_tree;
 #[path = "../common/mock_hub.rs"]
 mod mock_hub;
 
+mod e2e;
 mod faults;
 
 use hub_cli::{Sandbox, assert_phrases, assert_tree, snapshot_files};

@@ -7,15 +7,8 @@
 //! LoRA adapter repo; a run config with a tagged base model and a dataset
 //! repo's splits and README configs; a gated model without a token.
 
-#[path = "common/hub_cli.rs"]
-mod hub_cli;
-#[path = "common/hub_tree.rs"]
-mod hub_tree;
-#[path = "common/mock_hub.rs"]
-mod mock_hub;
-
-use hub_cli::{Run, Sandbox, assert_phrases, run, snapshot_files};
-use mock_hub::{Access, MockFile, MockHub, MockRepo, commit_sha, sha256_hex};
+use crate::hub_cli::{Run, Sandbox, assert_phrases, run, snapshot_files};
+use crate::mock_hub::{Access, MockFile, MockHub, MockRepo, commit_sha, sha256_hex};
 use std::path::{Path, PathBuf};
 
 /// The shipped tiny model (2 layers, vocabulary 505).
