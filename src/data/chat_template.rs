@@ -345,7 +345,7 @@ fn write_json(out: &mut String, v: &Value, o: &JsonOpts, depth: usize) -> Result
                 _ => out.push_str(&v.to_string()),
             }
         }
-        ValueKind::String => write_json_str(out, v.as_str().unwrap_or(""), o.ensure_ascii),
+        ValueKind::String => crate::util::write_json_str(out, v.as_str().unwrap_or(""), o.ensure_ascii),
         ValueKind::Seq | ValueKind::Iterable => {
             let items: Vec<Value> = v.try_iter()?.collect();
             out.push('[');
@@ -376,7 +376,7 @@ fn write_json(out: &mut String, v: &Value, o: &JsonOpts, depth: usize) -> Result
                     Some(s) => s.to_string(),
                     None => k.to_string(),
                 };
-                write_json_str(out, &key, o.ensure_ascii);
+                crate::util::write_json_str(out, &key, o.ensure_ascii);
                 out.push_str(": ");
                 write_json(out, &v.get_item(k)?, o, depth + 1)?;
             }
@@ -400,29 +400,6 @@ fn python_float(f: f64) -> String {
     }
     let s = format!("{f:?}");
     if s.contains('e') || s.contains('.') { s } else { format!("{s}.0") }
-}
-
-fn write_json_str(out: &mut String, s: &str, ensure_ascii: bool) {
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            '\u{08}' => out.push_str("\\b"),
-            '\u{0c}' => out.push_str("\\f"),
-            c if (c as u32) < 0x20 || (ensure_ascii && (c as u32) > 0x7e) => {
-                let mut buf = [0u16; 2];
-                for unit in c.encode_utf16(&mut buf) {
-                    out.push_str(&format!("\\u{unit:04x}"));
-                }
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
 }
 
 /// `strftime_now(format)`: the current UTC time, for templates that print a

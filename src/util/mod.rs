@@ -1,6 +1,6 @@
 //! Small shared helpers that know nothing of models or configs (atomic
-//! file writes, the seedable RNG in `rng`); a new one goes here only if
-//! every layer may use it.
+//! file writes, Python's JSON string escaping, the seedable RNG in `rng`);
+//! a new one goes here only if every layer may use it.
 pub mod rng;
 
 use anyhow::{Context, Result};
@@ -20,4 +20,30 @@ pub fn atomic_write(path: &Path, data: &[u8]) -> Result<()> {
     drop(f);
     std::fs::rename(&tmp, path).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))?;
     Ok(())
+}
+
+/// A JSON string as Python's `json.dumps` writes it (`\b` and `\f` by
+/// name, other control characters and, with `ensure_ascii`, all non-ASCII
+/// as `\uXXXX`), for files and texts that must match Python byte for byte.
+pub fn write_json_str(out: &mut String, s: &str, ensure_ascii: bool) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            '\u{08}' => out.push_str("\\b"),
+            '\u{0c}' => out.push_str("\\f"),
+            c if (c as u32) < 0x20 || (ensure_ascii && (c as u32) > 0x7e) => {
+                let mut buf = [0u16; 2];
+                for unit in c.encode_utf16(&mut buf) {
+                    out.push_str(&format!("\\u{unit:04x}"));
+                }
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
 }
