@@ -4,7 +4,8 @@
 //! tokens, the one-line errors, the environment, offline use, renamed repos,
 //! and a cache made by huggingface_hub used offline. Faults (cut or
 //! corrupted bodies, killed runs) and parallel downloads: faults.rs; models,
-//! adapters and datasets fetched on demand by the other commands: e2e.rs.
+//! adapters and datasets fetched on demand by the other commands: e2e.rs;
+//! through an HTTPS_PROXY: proxy.rs.
 
 #[path = "../common/hub_cli.rs"]
 mod hub_cli;
@@ -15,6 +16,7 @@ mod mock_hub;
 
 mod e2e;
 mod faults;
+mod proxy;
 
 use hub_cli::{Sandbox, assert_phrases, assert_tree, snapshot_files};
 use hub_tree::{DATASET_ID, MODEL_ID, dataset_repo, load_fixture, materialise, model_repo};
