@@ -122,12 +122,15 @@ fn eval_data(a: &EvalArgs, model_dir: &Path, ckpt: &Checkpoint) -> Result<(Vec<S
 
 fn eval_on<B: Backend>(be: &B, a: &EvalArgs) -> Result<()> {
     let t0 = Instant::now();
-    let model_name = match (&a.model, &a.config) {
-        (Some(m), _) => m.clone(),
-        (None, Some(path)) => config::load(path, &[])?.config.base_model,
+    let (model_name, revision) = match (&a.model, &a.config) {
+        (Some(m), _) => (m.clone(), None),
+        (None, Some(path)) => {
+            let cfg = config::load(path, &[])?.config;
+            (cfg.base_model, cfg.revision_of_model)
+        }
         (None, None) => bail!("--model is required without --config"),
     };
-    let model_dir = checkpoint::resolve_model_dir(&model_name, None)?;
+    let model_dir = checkpoint::resolve_model_dir(&model_name, revision.as_deref())?;
     let ckpt = Checkpoint::open(&model_dir)?;
     // Read the data before the weights: a bad row should not cost a load.
     let (seqs, source) = eval_data(a, &model_dir, &ckpt)?;
