@@ -147,9 +147,39 @@ impl RepoCache {
         }
     }
 
+    /// The listing `trees/<commit>.json` holds, if any (written by ferrotune
+    /// or huggingface_hub; a commit's files never change).
+    pub fn read_tree(&self, commit: &str) -> Option<Vec<super::api::TreeFile>> {
+        let text = std::fs::read_to_string(self.dir.join("trees").join(format!("{commit}.json"))).ok()?;
+        let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+        if v.get("format_version")?.as_u64()? != 1 {
+            return None;
+        }
+        let files = v.get("files")?.as_object()?;
+        let mut out = Vec::with_capacity(files.len());
+        for (path, e) in files {
+            out.push(super::api::TreeFile {
+                path: path.clone(),
+                size: e.get("size")?.as_u64()?,
+                oid: e.get("blob_id")?.as_str()?.to_string(),
+                lfs: match (e.get("lfs_sha256").and_then(|x| x.as_str()), e.get("lfs_size").and_then(|x| x.as_u64())) {
+                    (Some(sha256), Some(size)) => Some(super::api::Lfs { sha256: sha256.to_string(), size }),
+                    _ => None,
+                },
+            });
+        }
+        out.sort_by(|a, b| a.path.cmp(&b.path));
+        Some(out)
+    }
+
     /// `trees/<commit>.json`: the listing huggingface_hub caches per commit
-    /// (its offline snapshot check reads it), in the same JSON shape.
+    /// (its offline snapshot check reads it), in the same JSON shape;
+    /// written once, as huggingface_hub does (it may hold fields, such as
+    /// xet hashes, that this listing lacks).
     pub fn write_tree(&self, commit: &str, files: &[super::api::TreeFile]) -> Result<()> {
+        if self.dir.join("trees").join(format!("{commit}.json")).is_file() {
+            return Ok(());
+        }
         let mut sorted: Vec<&super::api::TreeFile> = files.iter().collect();
         sorted.sort_by(|a, b| a.path.cmp(&b.path));
         let mut out = String::from("{\n \"format_version\": 1,\n \"files\": {");
@@ -256,5 +286,18 @@ mod tests {
         assert_eq!(repo.offline_commit(commit).as_deref(), Some(commit));
         assert_eq!(repo.offline_commit("main"), None);
         assert_eq!(py_json_str("dé\"/x"), "\"d\\u00e9\\\"/x\"");
+
+        let files = vec![
+            super::super::api::TreeFile { path: "a/é.json".into(), size: 3, oid: "o1".into(), lfs: None },
+            super::super::api::TreeFile {
+                path: "w.safetensors".into(),
+                size: 9,
+                oid: "o2".into(),
+                lfs: Some(super::super::api::Lfs { sha256: "s".into(), size: 9 }),
+            },
+        ];
+        repo.write_tree(commit, &files).unwrap();
+        assert_eq!(repo.read_tree(commit).unwrap(), files);
+        assert_eq!(repo.read_tree("0000000000000000000000000000000000000000"), None);
     }
 }

@@ -66,7 +66,14 @@ impl HubEnv {
                 None => (None, None),
             }
         };
-        let secs = |k: &str| Duration::from_secs_f64(var(k).and_then(|v| v.trim().parse::<f64>().ok()).filter(|s| *s > 0.0).unwrap_or(10.0));
+        // Seconds; anything unusable (not a number, <= 0, too large) is the default 10.
+        let secs = |k: &str| {
+            var(k)
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .filter(|s| *s > 0.0)
+                .and_then(|s| Duration::try_from_secs_f64(s).ok())
+                .unwrap_or(Duration::from_secs(10))
+        };
         HubEnv {
             endpoint: var("HF_ENDPOINT").map(|e| e.trim().trim_end_matches('/').to_string()).unwrap_or_else(|| DEFAULT_ENDPOINT.to_string()),
             cache,
@@ -128,6 +135,10 @@ mod tests {
         assert!(!e.offline && e.progress && e.token.is_none());
         assert!(env(&[("TRANSFORMERS_OFFLINE", "1")]).offline);
         assert!(!env(&[("HF_HUB_OFFLINE", "0")]).offline);
+        for bad in ["inf", "1e300", "-3", "soon"] {
+            assert_eq!(env(&[("HF_HUB_ETAG_TIMEOUT", bad)]).etag_timeout, Duration::from_secs(10), "{bad}");
+        }
+        assert_eq!(env(&[("HF_HUB_DOWNLOAD_TIMEOUT", "2.5")]).download_timeout, Duration::from_millis(2500));
 
         let tmp = tempfile::tempdir().unwrap();
         std::fs::write(tmp.path().join("token"), "hf_file\n").unwrap();

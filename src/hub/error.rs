@@ -18,11 +18,13 @@ pub enum HubError {
     Disabled { repo: String },
     RevisionNotFound { repo: String, revision: String },
     EntryNotFound { repo: String, revision: String, file: String },
-    /// Could not connect, or timed out.
-    Network { endpoint: String, detail: String },
+    /// Could not connect, or timed out; `what` names the repo (and file).
+    Network { what: String, endpoint: String, detail: String },
     /// HF_HUB_OFFLINE and the snapshot (or file) is not in the cache.
     Offline { repo: String, revision: String, cache: PathBuf, file: Option<String> },
-    Checksum { repo: String, file: String, expected: String, got: String },
+    /// The Hub could not be asked (`reason`) and the cached snapshot lacks `file`.
+    NotCached { repo: String, revision: String, file: String, reason: String },
+    Checksum { repo: String, file: String, algorithm: &'static str, expected: String, got: String },
     Size { repo: String, file: String, expected: u64, got: u64 },
     /// Any other status, with the Hub's message.
     Http { repo: String, url: String, status: u16, message: String },
@@ -70,9 +72,9 @@ impl fmt::Display for HubError {
                 write!(f, "revision {revision} of {repo} does not exist (give a branch, tag or commit that does)")
             }
             HubError::EntryNotFound { repo, revision, file } => write!(f, "{repo}@{revision} has no file {file}"),
-            HubError::Network { endpoint, detail } => write!(
+            HubError::Network { what, endpoint, detail } => write!(
                 f,
-                "cannot reach {endpoint} ({detail}); check the network or HF_ENDPOINT, or set HF_HUB_OFFLINE=1 to use only the cache"
+                "{what}: cannot reach {endpoint} ({detail}); check the network or HF_ENDPOINT, or set HF_HUB_OFFLINE=1 to use only the cache"
             ),
             HubError::Offline { repo, revision, cache, file } => {
                 let what = file.as_ref().map(|f| format!(" (file {f})")).unwrap_or_default();
@@ -82,9 +84,13 @@ impl fmt::Display for HubError {
                     cache.display()
                 )
             }
-            HubError::Checksum { repo, file, expected, got } => write!(
+            HubError::NotCached { repo, revision, file, reason } => write!(
                 f,
-                "{file} of {repo}: sha256 mismatch (expected {expected}, got {got}); the corrupted download was deleted, rerun to fetch it again"
+                "{file} of {repo} (revision {revision}) is not in the cached snapshot, and the Hub could not be asked: {reason}"
+            ),
+            HubError::Checksum { repo, file, algorithm, expected, got } => write!(
+                f,
+                "{file} of {repo}: {algorithm} mismatch (expected {expected}, got {got}); the corrupted download was deleted, rerun to fetch it again"
             ),
             HubError::Size { repo, file, expected, got } => write!(
                 f,

@@ -63,6 +63,9 @@ impl Client {
             ureq::Agent::config_builder()
                 .http_status_as_error(false)
                 .max_redirects(redirects)
+                // A renamed repo redirects on the Hub itself: keep the token
+                // there (never towards another host).
+                .redirect_auth_headers(ureq::config::RedirectAuthHeaders::SameHost)
                 .user_agent(concat!("ferrotune/", env!("CARGO_PKG_VERSION")))
                 // Sizes are compared with the bytes on disk: no transparent
                 // decompression (huggingface_hub asks for identity too).
@@ -84,12 +87,21 @@ impl Client {
         }
     }
 
-    fn net_err(&self, e: ureq::Error) -> HubError {
+    /// A connection failure while fetching `file` of `repo` (or its listing).
+    pub fn net_err_of(&self, repo: &super::RepoRef, file: Option<&str>, detail: String) -> HubError {
+        let what = match file {
+            Some(f) => format!("{f} of {repo}"),
+            None => repo.to_string(),
+        };
+        HubError::Network { what, endpoint: self.env.endpoint.clone(), detail }
+    }
+
+    fn net_err(&self, e: ureq::Error, repo: &super::RepoRef, file: Option<&str>) -> HubError {
         let detail = match &e {
             ureq::Error::Io(io) => io.to_string(),
             other => other.to_string(),
         };
-        HubError::Network { endpoint: self.env.endpoint.clone(), detail }
+        self.net_err_of(repo, file, detail)
     }
 
     /// The resolve URL of a file at a revision.
@@ -101,10 +113,9 @@ impl Client {
     pub fn file_meta(&self, repo: &super::RepoRef, revision: &str, file: &str) -> Result<FileMeta, HubError> {
         let mut url = self.resolve_url(repo, revision, file);
         for _ in 0..10 {
-            let resp = self
-                .authorize(self.meta.head(&url), &url)
-                .call()
-                .map_err(|e| self.net_err(e))?;
+            // Retried on 429 / 5xx / a dropped connection (huggingface_hub
+            // retries too when nothing is cached).
+            let resp = self.with_retries(repo, Some(file), || self.authorize(self.meta.head(&url), &url).call())?;
             let status = resp.status().as_u16();
             let h = resp.headers();
             let location = header(h, "location");
@@ -133,13 +144,13 @@ impl Client {
 
     /// A JSON document and the next page's URL (`Link: <…>; rel="next"`).
     pub fn get_json(&self, url: &str, repo: &super::RepoRef, revision: &str) -> Result<(serde_json::Value, Option<String>), HubError> {
-        let mut resp = self.with_retries(|| self.authorize(self.data.get(url), url).header("accept", "application/json").call())?;
+        let mut resp = self.with_retries(repo, None, || self.authorize(self.data.get(url), url).header("accept", "application/json").call())?;
         if resp.status().as_u16() >= 400 {
             return Err(self.status_error(&resp, repo, revision, None, url));
         }
         let next = header(resp.headers(), "link").and_then(|l| next_link(&l));
         let next = next.map(|n| if n.starts_with('/') { format!("{}{n}", origin(url)) } else { n });
-        let text = resp.body_mut().read_to_string().map_err(|e| self.net_err(e))?;
+        let text = resp.body_mut().with_config().limit(1 << 30).read_to_string().map_err(|e| self.net_err(e, repo, None))?;
         let value = serde_json::from_str(&text)
             .map_err(|e| HubError::Protocol { repo: repo.to_string(), url: url.to_string(), detail: format!("not JSON: {e}") })?;
         Ok((value, next))
@@ -147,7 +158,7 @@ impl Client {
 
     /// GET of a file's bytes from `start` on (a Range request when > 0).
     pub fn get_from(&self, url: &str, start: u64, repo: &super::RepoRef, revision: &str, file: &str) -> Result<Resp, HubError> {
-        let resp = self.with_retries(|| {
+        let resp = self.with_retries(repo, Some(file), || {
             let mut req = self.authorize(self.data.get(url), url);
             if start > 0 {
                 req = req.header("range", format!("bytes={start}-"));
@@ -162,7 +173,7 @@ impl Client {
     }
 
     /// Retries 429, 5xx and connection failures a few times with backoff.
-    fn with_retries(&self, call: impl Fn() -> Result<Resp, ureq::Error>) -> Result<Resp, HubError> {
+    fn with_retries(&self, repo: &super::RepoRef, file: Option<&str>, call: impl Fn() -> Result<Resp, ureq::Error>) -> Result<Resp, HubError> {
         let mut last = None;
         for attempt in 0..4u32 {
             if attempt > 0 {
@@ -178,7 +189,7 @@ impl Client {
                 Err(e) => {
                     let retry = matches!(e, ureq::Error::Io(_) | ureq::Error::Timeout(_) | ureq::Error::ConnectionFailed);
                     let refused = matches!(&e, ureq::Error::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused);
-                    last = Some(self.net_err(e));
+                    last = Some(self.net_err(e, repo, file));
                     if !retry || refused {
                         break;
                     }

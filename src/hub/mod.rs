@@ -124,9 +124,13 @@ pub struct Remote<'a> {
     hub: &'a Hub,
     pub repo: RepoRef,
     pub commit: String,
-    /// The repo's files at the commit; `None` when the Hub could not be
-    /// asked and the cached snapshot stands in.
+    /// The repo's files at the commit: from the Hub, or, when the cached
+    /// snapshot stands in, the listing cached beside it (`trees/`), so a
+    /// snapshot an interrupted run left half-filled is seen as such.
     pub files: Option<Vec<TreeFile>>,
+    /// Why the Hub was not asked (offline, or the error the cache stands in
+    /// for); `None` when it was.
+    pub cached_because: Option<String>,
     pub cache: RepoCache,
 }
 
@@ -153,22 +157,21 @@ impl Hub {
     pub fn open(&self, repo: &RepoRef) -> Result<Remote<'_>, HubError> {
         let cache = RepoCache::new(&self.env.cache, repo.kind, &repo.id);
         let cached = |err: HubError| -> Result<Remote<'_>, HubError> {
+            let offline = matches!(err, HubError::Offline { .. });
             match cache.offline_commit(&repo.revision) {
-                Some(commit) if err.fallback() => {
-                    if !matches!(err, HubError::Offline { .. }) {
+                Some(commit) if offline || err.fallback() => {
+                    if !offline {
                         eprintln!("warning: {err}; using the cached snapshot {commit}");
                     }
-                    Ok(Remote { hub: self, repo: repo.clone(), commit, files: None, cache: cache.clone() })
+                    let because = if offline { "HF_HUB_OFFLINE is set".to_string() } else { err.to_string() };
+                    let files = cache.read_tree(&commit);
+                    Ok(Remote { hub: self, repo: repo.clone(), commit, files, cached_because: Some(because), cache: cache.clone() })
                 }
                 _ => Err(err),
             }
         };
         if self.env.offline {
-            let err = HubError::Offline { repo: repo.id.clone(), revision: repo.revision.clone(), cache: self.env.cache.clone(), file: None };
-            return match cache.offline_commit(&repo.revision) {
-                Some(commit) => Ok(Remote { hub: self, repo: repo.clone(), commit, files: None, cache }),
-                None => Err(err),
-            };
+            return cached(HubError::Offline { repo: repo.id.clone(), revision: repo.revision.clone(), cache: self.env.cache.clone(), file: None });
         }
         let commit = if cache::is_commit(&repo.revision) {
             repo.revision.clone()
@@ -182,11 +185,17 @@ impl Hub {
             Ok(f) => f,
             Err(e) => return cached(e),
         };
-        let io = |e: anyhow::Error| HubError::Io { detail: format!("{repo}: {e:#}") };
+        // As huggingface_hub: the ref and the listing are a convenience for
+        // later offline use; a cache that cannot take them (read-only, say)
+        // does not stop the download.
         cache.tag_cache();
-        cache.write_ref(&repo.revision, &commit).map_err(io)?;
-        cache.write_tree(&commit, &files).map_err(io)?;
-        Ok(Remote { hub: self, repo: repo.clone(), commit, files: Some(files), cache })
+        if let Err(e) = cache.write_ref(&repo.revision, &commit) {
+            eprintln!("warning: {repo}: revision {} not recorded in the cache: {e:#}", repo.revision);
+        }
+        if let Err(e) = cache.write_tree(&commit, &files) {
+            eprintln!("warning: {repo}: file listing not recorded in the cache: {e:#}");
+        }
+        Ok(Remote { hub: self, repo: repo.clone(), commit, files: Some(files), cached_because: None, cache })
     }
 }
 
@@ -196,7 +205,7 @@ impl Remote<'_> {
         self.cache.snapshot(&self.commit)
     }
 
-    /// Whether the listing (or, offline, the cached snapshot) has `file`.
+    /// Whether the repo has `file` (by its listing, else the snapshot).
     pub fn has(&self, file: &str) -> bool {
         match &self.files {
             Some(files) => files.iter().any(|f| f.path == file),
@@ -204,7 +213,7 @@ impl Remote<'_> {
         }
     }
 
-    /// The file paths the filter keeps (from the cached snapshot offline).
+    /// The file paths the filter keeps, by the listing (else the snapshot).
     pub fn select(&self, filter: &Filter) -> Vec<String> {
         match &self.files {
             Some(files) => files.iter().map(|f| f.path.clone()).filter(|p| filter.matches(p)).collect(),
@@ -218,28 +227,29 @@ impl Remote<'_> {
         }
     }
 
-    /// Fetches `files` into the snapshot, several at a time, one progress
-    /// bar each. From the cache (offline), a missing file is an error.
-    pub fn fetch(&self, files: &[String]) -> Result<(), HubError> {
-        if self.files.is_none() {
-            return match files.iter().find(|f| !self.cache.has(&self.commit, f)) {
-                None => Ok(()),
-                Some(f) => Err(HubError::Offline {
-                    repo: self.repo.id.clone(),
-                    revision: self.repo.revision.clone(),
-                    cache: self.hub.env.cache.clone(),
-                    file: Some(f.clone()),
-                }),
-            };
+    /// The error for a file the cached snapshot lacks while the Hub could
+    /// not be asked.
+    pub fn not_cached(&self, file: &str) -> HubError {
+        let (repo, revision, cache) = (self.repo.id.clone(), self.repo.revision.clone(), self.hub.env.cache.clone());
+        match &self.cached_because {
+            Some(reason) if !self.hub.env.offline => HubError::NotCached { repo, revision, file: file.to_string(), reason: reason.clone() },
+            _ => HubError::Offline { repo, revision, cache, file: Some(file.to_string()) },
         }
-        for f in files {
-            if !self.has(f) {
-                return Err(HubError::EntryNotFound { repo: self.repo.to_string(), revision: self.repo.revision.clone(), file: f.clone() });
-            }
+    }
+
+    /// Fetches `files` into the snapshot, several at a time, one progress
+    /// bar each. When the cache stands in for the Hub, a missing file is an
+    /// error naming it.
+    pub fn fetch(&self, files: &[String]) -> Result<(), HubError> {
+        if let Some(f) = files.iter().find(|f| self.files.is_some() && !self.has(f)) {
+            return Err(HubError::EntryNotFound { repo: self.repo.to_string(), revision: self.repo.revision.clone(), file: f.clone() });
         }
         let todo: Vec<&String> = files.iter().filter(|f| !self.cache.has(&self.commit, f)).collect();
         if todo.is_empty() {
             return Ok(());
+        }
+        if self.cached_because.is_some() {
+            return Err(self.not_cached(todo[0]));
         }
         let bars = indicatif::MultiProgress::with_draw_target(if self.hub.env.progress {
             indicatif::ProgressDrawTarget::stderr()
@@ -259,9 +269,10 @@ impl Remote<'_> {
                     loop {
                         let i = next.fetch_add(1, Ordering::SeqCst);
                         let Some(file) = todo.get(i) else { break };
-                        let size = self.files.as_ref().and_then(|fs| fs.iter().find(|f| &f.path == *file)).map(|f| f.size).unwrap_or(0);
+                        let entry = self.files.as_ref().and_then(|fs| fs.iter().find(|f| &f.path == *file));
+                        let size = entry.map(|f| f.size).unwrap_or(0);
                         let bar = bars.add(indicatif::ProgressBar::new(size).with_style(style.clone()).with_message(file.to_string()));
-                        match download::fetch(client, &self.cache, &self.repo, &self.commit, file, &bar) {
+                        match download::fetch(client, &self.cache, &self.repo, &self.commit, file, entry.map(|f| f.oid.as_str()), &bar) {
                             Ok(_) if lines => eprintln!("{}: {file} ({})", self.repo.id, indicatif::HumanBytes(size)),
                             Ok(_) => {}
                             Err(e) => {
@@ -289,6 +300,10 @@ fn list_dir(dir: &Path, prefix: &str, out: &mut Vec<String>) {
         let name = e.file_name().to_string_lossy().to_string();
         let rel = if prefix.is_empty() { name.clone() } else { format!("{prefix}/{name}") };
         let path = e.path();
+        // A link or file a killed process left at its temporary name.
+        if name.starts_with('.') && (name.ends_with(".link") || name.ends_with(".tmp")) {
+            continue;
+        }
         if path.is_dir() {
             list_dir(&path, &rel, out);
         } else if path.is_file() {

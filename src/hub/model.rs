@@ -47,7 +47,15 @@ pub fn model_dir(hub: &Hub, id: &str, revision: Option<&str>) -> Result<PathBuf>
     } else {
         None
     };
-    remote.fetch(&model_files(listed, shards.as_ref()))?;
+    let mut files = model_files(listed, shards.as_ref());
+    // A shard the index names but the repo lacks is an error naming it
+    // (fetch reports it), not a load failure later.
+    for shard in shards.iter().flatten() {
+        if !files.contains(shard) {
+            files.push(shard.clone());
+        }
+    }
+    remote.fetch(&files)?;
     Ok(remote.dir())
 }
 
@@ -81,13 +89,8 @@ fn require(remote: &super::Remote<'_>, file: &str) -> Result<(), HubError> {
     if remote.files.is_some() && !remote.has(file) {
         return Err(HubError::EntryNotFound { repo: remote.repo.to_string(), revision: remote.repo.revision.clone(), file: file.to_string() });
     }
-    if remote.files.is_none() && !remote.has(file) {
-        return Err(HubError::Offline {
-            repo: remote.repo.id.clone(),
-            revision: remote.repo.revision.clone(),
-            cache: remote.cache.root.clone(),
-            file: Some(file.to_string()),
-        });
+    if remote.cached_because.is_some() && !remote.cache.has(&remote.commit, file) {
+        return Err(remote.not_cached(file));
     }
     Ok(())
 }

@@ -148,7 +148,8 @@ pub enum Fault {
     CutAfter { bytes: usize, times: usize },
     /// Flip one byte of the body (same length).
     Corrupt { times: usize },
-    /// Answer every Range request with 200 and the whole body.
+    /// Answer every Range request with 200 and the whole body (while
+    /// queued, whatever fault is first).
     IgnoreRange,
     /// Answer 500 to any request for the file (HEAD, resolve GET, CDN GET).
     ServerError { times: usize },

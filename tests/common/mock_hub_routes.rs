@@ -205,7 +205,8 @@ fn parse_range(v: &str) -> Option<(usize, Option<usize>)> {
 fn body_response(req: &Request, file: &MockFile, base: Response, st: &mut State) -> Response {
     let len = file.bytes.len();
     let fault = active_fault(st, &file.path).cloned();
-    let ignore_range = matches!(fault, Some(Fault::IgnoreRange));
+    // IgnoreRange holds while queued anywhere, so it combines with a cut.
+    let ignore_range = st.faults.get(&file.path).is_some_and(|q| q.iter().any(|f| matches!(f, Fault::IgnoreRange)));
     let range = req.header("range").and_then(parse_range).filter(|_| !ignore_range && len > 0);
     let mut r = base;
     let (start, end) = match range {

@@ -85,23 +85,48 @@ fn a_server_ignoring_the_range_restarts_the_file() {
     assert_whole(&sb);
 }
 
-/// One cut connection: resumed within the run (or, failing with the size
-/// error, by a rerun); either way from the bytes kept, with a Range.
+/// One cut connection: resumed within the same run, from the bytes kept,
+/// with a Range.
 #[test]
 fn a_cut_connection_resumes_with_a_range() {
     let hub = MockHub::start(vec![model_repo()]);
     let sb = Sandbox::new(&hub.url());
     hub.fault(WEIGHTS, Fault::CutAfter { bytes: 1000, times: 1 });
-    let r = sb.download(&[MODEL_ID, "--include", WEIGHTS]);
-    if !r.status.success() {
-        assert_phrases(&r.error(), &[WEIGHTS, " of ", MODEL_ID, "bytes"]);
-        sb.download(&[MODEL_ID, "--include", WEIGHTS]).snapshot();
-    }
+    sb.download(&[MODEL_ID, "--include", WEIGHTS]).snapshot();
     let gets = cdn_gets(&hub);
     assert_eq!(gets[0].header("range"), None, "{gets:?}");
     let resumed = gets.iter().skip(1).find_map(|r| r.header("range")?.strip_prefix("bytes=")?.strip_suffix('-')?.parse::<u64>().ok());
     assert!(resumed.is_some_and(|k| k > 0 && k <= 1000), "{gets:?}");
     assert_whole(&sb);
+}
+
+/// A server that ignores Range and cuts every body at the same point never
+/// gets further: one error line after a few rounds, not an endless loop,
+/// and no blob or link.
+#[test]
+fn a_transfer_that_never_progresses_ends_with_an_error() {
+    let hub = MockHub::start(vec![model_repo()]);
+    let sb = Sandbox::new(&hub.url());
+    hub.fault(WEIGHTS, Fault::CutAfter { bytes: 1000, times: 1000 });
+    hub.fault(WEIGHTS, Fault::IgnoreRange);
+    let e = sb.download(&[MODEL_ID, "--include", WEIGHTS]).error();
+    assert_phrases(&e, &[WEIGHTS, " of ", MODEL_ID]);
+    let gets = cdn_gets(&hub).len();
+    assert!((2..=10).contains(&gets), "{gets} GETs");
+    assert!(!blob(&sb).exists() && std::fs::symlink_metadata(link(&sb)).is_err());
+}
+
+/// A 500 (the HEAD's or the storage host's) is retried and the file
+/// completes.
+#[test]
+fn server_errors_are_retried() {
+    let hub = MockHub::start(vec![model_repo()]);
+    let sb = Sandbox::new(&hub.url());
+    hub.fault(WEIGHTS, Fault::ServerError { times: 2 });
+    sb.download(&[MODEL_ID, "--include", WEIGHTS]).snapshot();
+    assert_whole(&sb);
+    let errors = hub.requests().iter().filter(|r| r.status == 500).count();
+    assert_eq!(errors, 2);
 }
 
 /// A flipped byte: the sha256 error names the file and the repo, the bad

@@ -226,6 +226,25 @@ fn offline_uses_the_cache_only() {
     assert_eq!(hub.connections(), seen, "offline runs connected");
 }
 
+/// A snapshot an interrupted run left without one file: offline, or with
+/// the Hub unreachable, the cached listing (trees/) shows the gap and the
+/// error names the missing file instead of using half a model.
+#[test]
+fn a_partial_snapshot_is_not_taken_for_a_whole_one() {
+    let hub = hub();
+    let sb = Sandbox::new(&hub.url());
+    let snap = sb.download(&[MODEL_ID]).snapshot();
+    std::fs::remove_file(snap.join("model.safetensors")).unwrap();
+    let e = sb.download_env(&[MODEL_ID], &[("HF_HUB_OFFLINE", Some("1"))]).error();
+    assert_phrases(&e, &["HF_HUB_OFFLINE is set and ", MODEL_ID, "(file model.safetensors) is not in the cache"]);
+    let closed = closed_endpoint();
+    let r = sb.download_env(&[MODEL_ID], &[("HF_ENDPOINT", Some(&closed))]);
+    assert_phrases(&r.error(), &["model.safetensors of ", MODEL_ID, "is not in the cached snapshot", "cannot reach ", &closed]);
+    // Back online, the missing file is fetched (its blob was still there).
+    assert_eq!(sb.download(&[MODEL_ID]).snapshot(), snap);
+    assert!(snap.join("model.safetensors").is_file());
+}
+
 /// The token: HF_TOKEN, else HUGGING_FACE_HUB_TOKEN, else the file
 /// HF_TOKEN_PATH (default $HF_HOME/token); empty counts as unset; sent to
 /// the Hub, never to the CDN.
