@@ -355,7 +355,9 @@ pub fn prepare_dataset(
 /// `datasets`, test for `test_datasets`) fetched into the Hugging Face cache.
 pub fn dataset_files(ds: &DatasetConfig, default_split: &str) -> Result<Vec<PathBuf>> {
     let root = PathBuf::from(&ds.path);
-    if !root.exists() && ds.path.split('/').count() == 2 && crate::hub::is_repo_id(&ds.path) {
+    // `org/name` that is not a local path is a Hub dataset, unless it ends
+    // like a data file (a mistyped local path, e.g. data/train.jsonl).
+    if !root.exists() && ds.path.split('/').count() == 2 && crate::hub::is_repo_id(&ds.path) && !rows::is_data_file(&root) {
         return super::hub_splits::fetch_split(ds, ds.split.as_deref().unwrap_or(default_split));
     }
     if let Some(s) = ds.split.as_deref().filter(|s| *s != "train") {
@@ -499,6 +501,14 @@ fn tokenize_files(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_missing_local_data_file_is_not_taken_for_a_hub_id() {
+        // No network is needed: a path ending like a data file stays local.
+        let ds = DatasetConfig { path: "nowhere/train.jsonl".into(), ..Default::default() };
+        let err = dataset_files(&ds, "train").unwrap_err().to_string();
+        assert!(err.contains("dataset nowhere/train.jsonl does not exist"), "{err}");
+    }
 
     #[test]
     fn val_count_fraction_rounds_up_and_counts_are_exact() {

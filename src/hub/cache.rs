@@ -234,19 +234,24 @@ impl FileLock {
     fn acquire(path: &Path) -> Result<FileLock> {
         let dir = path.parent().expect("a lock file has a parent");
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(path)
-            .with_context(|| format!("cannot open the lock file {}", path.display()))?;
+        let mut options = std::fs::OpenOptions::new();
+        options.create(true).truncate(false).write(true);
+        // Group-writable, as Python's filelock makes it, for caches shared
+        // by several users.
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o664);
+        let file = options.open(path).with_context(|| format!("cannot open the lock file {}", path.display()))?;
         #[cfg(unix)]
         {
             use std::os::unix::io::AsRawFd;
             // SAFETY: flock on a file descriptor this struct owns; released
             // when the descriptor closes on drop.
-            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
-                bail!("cannot lock {}: {}", path.display(), std::io::Error::last_os_error());
+            let locked = |how| unsafe { libc::flock(file.as_raw_fd(), how) } == 0;
+            if !locked(libc::LOCK_EX | libc::LOCK_NB) {
+                eprintln!("waiting for another process downloading the same file (lock {})", path.display());
+                if !locked(libc::LOCK_EX) {
+                    bail!("cannot lock {}: {}", path.display(), std::io::Error::last_os_error());
+                }
             }
         }
         Ok(FileLock { _file: file })

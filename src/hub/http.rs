@@ -216,7 +216,7 @@ impl Client {
             _ if status == 401 && message.contains("Invalid credentials") => {
                 HubError::BadToken { repo: r, source: self.env.token_source.clone().unwrap_or_else(|| "the environment".into()) }
             }
-            _ if status == 401 => HubError::RepoNotFound { repo: r, token: false },
+            _ if status == 401 => HubError::RepoNotFound { repo: r, token },
             _ if status == 404 && file.is_some() && !url.contains("/api/") => {
                 HubError::EntryNotFound { repo: r, revision: revision.to_string(), file: file.unwrap_or("").to_string() }
             }

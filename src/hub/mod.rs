@@ -267,6 +267,11 @@ impl Remote<'_> {
             for _ in 0..todo.len().min(8) {
                 s.spawn(|| {
                     loop {
+                        // After a failure no new file is started: the error is reported
+                        // at once, and what finished stays in the cache.
+                        if !errors.lock().unwrap().is_empty() {
+                            break;
+                        }
                         let i = next.fetch_add(1, Ordering::SeqCst);
                         let Some(file) = todo.get(i) else { break };
                         let entry = self.files.as_ref().and_then(|fs| fs.iter().find(|f| &f.path == *file));

@@ -116,6 +116,32 @@ fn a_transfer_that_never_progresses_ends_with_an_error() {
     assert!(!blob(&sb).exists() && std::fs::symlink_metadata(link(&sb)).is_err());
 }
 
+/// Two processes fetching the same file into one cache: the second waits on
+/// the blob's lock (`.locks/…/<etag>.lock`, the one huggingface_hub takes),
+/// then links the finished blob; the bytes are fetched once.
+#[test]
+fn two_processes_share_one_download() {
+    let hub = MockHub::start(vec![model_repo()]);
+    let sb = Sandbox::new(&hub.url());
+    hub.fault(WEIGHTS, Fault::Pause { bytes: 100, ms: 1500 });
+    let spawn = || {
+        sb.cmd(&["download", MODEL_ID, "--include", WEIGHTS])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let first = spawn();
+    std::thread::sleep(Duration::from_millis(200));
+    let second = spawn();
+    let (a, b) = (first.wait_with_output().unwrap(), second.wait_with_output().unwrap());
+    assert!(a.status.success() && b.status.success(), "{} / {}", String::from_utf8_lossy(&a.stderr), String::from_utf8_lossy(&b.stderr));
+    assert_whole(&sb);
+    assert_eq!(cdn_gets(&hub).len(), 1, "the weights were fetched more than once");
+    let waited = [&a, &b].iter().filter(|o| String::from_utf8_lossy(&o.stderr).contains("waiting for another process")).count();
+    assert_eq!(waited, 1);
+}
+
 /// A 500 (the HEAD's or the storage host's) is retried and the file
 /// completes.
 #[test]
