@@ -103,11 +103,15 @@ fn download_blob(
     std::fs::create_dir_all(dir).map_err(|e| io_err("create", dir, e))?;
     let len = || std::fs::metadata(&inc).map(|m| m.len()).unwrap_or(0);
     let size_error = |got: u64| HubError::Size { repo: repo.to_string(), file: file.to_string(), expected: meta.size, got };
+    if len() > meta.size {
+        // A leftover that cannot be this file's beginning.
+        std::fs::remove_file(&inc).map_err(|e| io_err("remove", &inc, e))?;
+    }
     let (mut best, mut stalls) = (len(), 0);
     loop {
         let have = len();
         if have > meta.size {
-            // More bytes than the Hub announced: not this file.
+            // The server sent more bytes than the Hub announced: not this file.
             let _ = std::fs::remove_file(&inc);
             return Err(size_error(have));
         }
