@@ -10,6 +10,7 @@ pub mod backend;
 pub mod cli;
 pub mod config;
 pub mod data;
+pub mod export;
 pub mod hub;
 pub mod kernels;
 pub mod model;
