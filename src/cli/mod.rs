@@ -6,6 +6,7 @@ mod bench;
 mod download;
 mod env;
 mod eval;
+mod export;
 mod generate;
 mod generate_prompts;
 mod merge;
@@ -42,6 +43,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Merge a LoRA adapter into its base model, writing a plain HuggingFace checkpoint.
     Merge(merge::MergeArgs),
+    /// Export a model or adapter for other runtimes: `export gguf` (llama.cpp, Ollama, LM Studio).
+    Export(export::ExportArgs),
     /// Generate text from a model (and adapter), streamed as it comes.
     Generate(generate::GenerateArgs),
     /// Download a model or dataset from the Hugging Face Hub into the shared cache.
@@ -119,6 +122,7 @@ pub fn run() -> Result<()> {
         Command::Synth(a) => synth::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Merge(a) => merge::run(a),
+        Command::Export(a) => export::run(a),
         Command::Quantize(a) => quantize::run(a),
         Command::Plot(a) => plot::run(a),
         Command::Env(a) => env::run(a),
