@@ -224,7 +224,35 @@ fn train_on<B: Backend>(be: &B, cfg: &RunConfig, gpu: Option<GpuMemory>) -> Resu
         cfg.base_model,
         summary.adapter_dir.display()
     );
+    let nf4_round_trip = (cfg.load_in_4bit && ckpt.quantization.is_none()).then_some(cfg.bnb_config_kwargs.bnb_4bit_use_double_quant);
+    export_gguf(cfg, &model_dir, &summary.adapter_dir, nf4_round_trip)?;
     Ok(None)
+}
+
+/// The run's `gguf:` files: the base with the new adapter merged in, one
+/// file per outtype beside the adapter (the Modelfile names the first).
+fn export_gguf(cfg: &RunConfig, model_dir: &Path, adapter_dir: &Path, nf4_round_trip: Option<bool>) -> Result<()> {
+    use crate::export::gguf::{ConvertOptions, ExportRequest, OutType, export};
+    let name = cfg.base_model.trim_end_matches('/').rsplit('/').next().filter(|n| !n.is_empty()).unwrap_or("model");
+    for (i, t) in cfg.gguf.iter().flatten().enumerate() {
+        let outtype = OutType::parse(t)?;
+        let out = adapter_dir.join(format!("{name}.{}.gguf", t.to_ascii_uppercase()));
+        let req = ExportRequest {
+            model_dir: model_dir.to_path_buf(),
+            adapter_dir: Some(adapter_dir.to_path_buf()),
+            outtype,
+            out,
+            lora_only: false,
+            modelfile: i == 0,
+            options: ConvertOptions::default(),
+            nf4_round_trip,
+        };
+        let report = export(&req, &mut |_, _| {}).map_err(|e| e.context(format!("gguf: exporting {t}")))?;
+        for line in report.lines {
+            eprintln!("{line}");
+        }
+    }
+    Ok(())
 }
 
 /// output_dir must not be the base model's folder or the adapter the run

@@ -292,6 +292,11 @@ pub struct RunConfig {
     /// KTO's weights of desirable and undesirable examples (default 1).
     pub kto_desirable_weight: Option<f64>,
     pub kto_undesirable_weight: Option<f64>,
+    /// GGUF files to export when training ends, beside the adapter (the
+    /// base with the adapter merged in): outtypes of `ferrotune export gguf`
+    /// (q4_k_m, q5_k_m, q6_k, q8_0, f16, bf16, f32, auto). A string or a list.
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub gguf: Option<Vec<String>>,
     /// TRL's settings for `rl: grpo` (GRPOConfig names; `grpo::read` types them).
     pub trl: Option<serde_json::Map<String, serde_json::Value>>,
     /// The directory of the config file (GRPO's Python reward functions are
@@ -372,6 +377,7 @@ impl Default for RunConfig {
             precompute_ref_log_probs: false,
             kto_desirable_weight: None,
             kto_undesirable_weight: None,
+            gguf: None,
             trl: None,
             config_dir: ConfigDir::default(),
             device: "auto".into(),

@@ -37,6 +37,21 @@ pub const MAX_EPOCHS: f64 = 1e6;
 
 pub(crate) fn validate(c: &RunConfig, loc: &Locator) -> Result<()> {
     check!(
+        !(c.reward_model && c.gguf.as_ref().is_some_and(|g| !g.is_empty())),
+        loc,
+        "gguf",
+        "cannot be set with reward_model: true (a reward model's score head has no GGUF form)"
+    );
+    for (i, t) in c.gguf.iter().flatten().enumerate() {
+        check!(
+            crate::export::gguf::OutType::parse(t).is_ok(),
+            loc,
+            &format!("gguf[{i}]"),
+            "is {t:?}; expected one of {}",
+            crate::export::gguf::OutType::NAMES
+        );
+    }
+    check!(
         !(c.reward_model && c.rl.is_some()),
         loc,
         "reward_model",
