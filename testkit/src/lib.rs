@@ -4,6 +4,8 @@
 //!   reference, with stated tolerances;
 //! - [`bf16sim`]: a wrapper that gives any backend the CUDA backend's bf16
 //!   storage rounding;
+//! - [`gguf_read`]: a GGUF file summarised as the GGUF fixtures record
+//!   llama.cpp's files, and the first differences between two;
 //! - [`metered`]: a wrapper that counts the bytes every buffer and weight
 //!   holds.
 //!
@@ -13,4 +15,5 @@
 
 pub mod bf16sim;
 pub mod conformance;
+pub mod gguf_read;
 pub mod metered;

@@ -1,0 +1,203 @@
+//! GGUF export against the files llama.cpp's own tools wrote for the same
+//! checkpoints (tests/fixtures/gguf_models.py): convert_hf_to_gguf.py for
+//! f32, f16, bf16, q8_0 and auto, llama_model_quantize for q4_k_m, q5_k_m
+//! and q6_k, convert_lora_to_gguf.py for adapters. Each file ferrotune
+//! writes must be byte-identical to llama.cpp's; on a difference the test
+//! names the first keys and tensors that differ.
+//!
+//! The checkpoints are regenerated from their manifests (every weight is a
+//! function of its name and index), so the fixtures hold no weights.
+
+use ferrotune::export::gguf::{self, ConvertOptions, ExportRequest, OutType};
+use ferrotune_testkit::gguf_read::{diff, py_float, py_str, summarize};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf/models")
+}
+
+fn expected(case: &str) -> Value {
+    let p = fixtures().join(case).join("expected.json");
+    serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap()
+}
+
+/// The case's model folder, rebuilt under `root/<basename>` (general.name
+/// comes from the folder's name, as in the converter).
+fn build(src: &Path, root: &Path, basename: &str) -> PathBuf {
+    let dir = root.join(basename);
+    std::fs::create_dir_all(&dir).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        if e.file_name() != "manifest.json" {
+            std::fs::copy(e.path(), dir.join(e.file_name())).unwrap();
+        }
+    }
+    ferrotune_testkit::gguf_weights::write_checkpoint(&src.join("manifest.json"), &dir).unwrap();
+    dir
+}
+
+/// Compare the file at `path` with one recorded output; the failure lists
+/// the first differences.
+fn check(path: &Path, want: &Value, what: &str) {
+    let ours = summarize(&std::fs::read(path).unwrap()).unwrap();
+    if ours["sha256"] == want["sha256"] {
+        return;
+    }
+    let d = diff(&ours, want);
+    panic!("{what}: not llama.cpp's file; {} differences, the first:\n{}", d.len(), d.iter().take(12).cloned().collect::<Vec<_>>().join("\n"));
+}
+
+fn model_case(case: &str) {
+    let exp = expected(case);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = build(&fixtures().join(case).join("model"), tmp.path(), exp["model_dir_basename"].as_str().unwrap());
+    let pre = exp["pre_forced"].as_str().map(str::to_string);
+    let outputs = exp["outputs"].as_array().unwrap();
+    assert_eq!(outputs.len(), 8, "{case}: every outtype is recorded");
+    for want in outputs {
+        let t = want["outtype"].as_str().unwrap();
+        let out = tmp.path().join(format!("{case}-{t}.gguf"));
+        let opts = ConvertOptions { tokenizer_pre: pre.clone() };
+        gguf::convert::convert(&dir, &out, OutType::parse(t).unwrap(), &opts, &mut |_, _| {}).unwrap_or_else(|e| panic!("{case} {t}: {e:#}"));
+        check(&out, want, &format!("{case} {t}"));
+    }
+    // llama.cpp ran the same bytes: its logits on the auto file agree with
+    // transformers' (recorded when the fixture was made).
+    let l = &exp["logits"];
+    assert!(l["auto"]["max_abs_diff"].as_f64().unwrap() < 0.02, "{case}: {l}");
+    assert_eq!(l["auto"]["top1"], l["hf_top1"], "{case}: {l}");
+}
+
+#[test]
+fn llama_matches_llama_cpp() {
+    model_case("llama");
+}
+
+#[test]
+fn mistral_matches_llama_cpp() {
+    model_case("mistral");
+}
+
+#[test]
+fn qwen2_matches_llama_cpp() {
+    model_case("qwen2");
+}
+
+#[test]
+fn qwen3_matches_llama_cpp() {
+    model_case("qwen3");
+}
+
+#[test]
+fn qwen3_f32_checkpoint_matches_llama_cpp() {
+    model_case("qwen3_f32");
+}
+
+#[test]
+fn gemma2_matches_llama_cpp() {
+    model_case("gemma2");
+}
+
+#[test]
+fn gemma3_matches_llama_cpp() {
+    model_case("gemma3");
+}
+
+#[test]
+fn phi3_matches_llama_cpp() {
+    model_case("phi3");
+}
+
+#[test]
+fn lora_adapter_and_merged_model_match_llama_cpp() {
+    let exp = expected("lora");
+    let base_exp = expected(exp["base"].as_str().unwrap());
+    let tmp = tempfile::tempdir().unwrap();
+    let base = build(&fixtures().join("llama/model"), &tmp.path().join("base"), base_exp["model_dir_basename"].as_str().unwrap());
+    let adapter = build(&fixtures().join("lora/adapter"), tmp.path(), exp["adapter_dir_basename"].as_str().unwrap());
+    for want in exp["adapter"].as_array().unwrap() {
+        let t = want["outtype"].as_str().unwrap();
+        let out = tmp.path().join(format!("lora-{t}.gguf"));
+        gguf::lora::convert_lora(&base, &adapter, &out, OutType::parse(t).unwrap()).unwrap_or_else(|e| panic!("lora {t}: {e:#}"));
+        check(&out, want, &format!("lora {t}"));
+    }
+    // --adapter: merged first (W + s·BA in f32, one rounding), then converted.
+    for want in exp["merged"]["outputs"].as_array().unwrap() {
+        let t = want["outtype"].as_str().unwrap();
+        let out = tmp.path().join(format!("merged-{t}.gguf"));
+        let req = ExportRequest {
+            model_dir: base.clone(),
+            adapter_dir: Some(adapter.clone()),
+            outtype: OutType::parse(t).unwrap(),
+            out: out.clone(),
+            lora_only: false,
+            modelfile: false,
+            options: ConvertOptions { tokenizer_pre: base_exp["pre_forced"].as_str().map(str::to_string) },
+            nf4_round_trip: None,
+        };
+        gguf::export(&req, &mut |_, _| {}).unwrap_or_else(|e| panic!("merged {t}: {e:#}"));
+        check(&out, want, &format!("merged {t}"));
+    }
+}
+
+#[test]
+fn python_json_of_floats_and_strings() {
+    // The array digests in the fixtures are sha256 of Python's json.dumps.
+    for (x, py) in [(1.0, "1.0"), (-1000.0, "-1000.0"), (0.5, "0.5"), (1e-5f32 as f64, "9.999999747378752e-06"), (1e16, "1e+16"), (123456.789, "123456.789"), (0.0001, "0.0001"), (-2.5e-7, "-2.5e-07")] {
+        assert_eq!(py_float(x), py, "{x}");
+    }
+    assert_eq!(py_str("a\"é\n🦙"), "\"a\\\"\\u00e9\\n\\ud83e\\udd99\"");
+}
+
+#[test]
+fn bad_requests_are_one_line_before_any_work() {
+    let tmp = tempfile::tempdir().unwrap();
+    let req = |out: PathBuf, lora_only: bool| ExportRequest {
+        model_dir: tmp.path().join("missing"),
+        adapter_dir: None,
+        outtype: OutType::Auto,
+        out,
+        lora_only,
+        modelfile: false,
+        options: ConvertOptions::default(),
+        nf4_round_trip: None,
+    };
+    let e = gguf::check_request(&req(tmp.path().join("x.bin"), false)).unwrap_err().to_string();
+    assert!(e.contains("x.bin") && e.contains(".gguf"), "{e}");
+    let e = gguf::check_request(&req(tmp.path().join("nowhere/x.gguf"), false)).unwrap_err().to_string();
+    assert!(e.contains("does not exist"), "{e}");
+    let e = gguf::check_request(&req(tmp.path().join("x.gguf"), true)).unwrap_err().to_string();
+    assert!(e.contains("--adapter"), "{e}");
+    let e = OutType::parse("q3_k_s").unwrap_err().to_string();
+    assert!(e.contains("q3_k_s") && e.contains("q4_k_m"), "{e}");
+    // A missing model: one error naming it, and no file left behind.
+    let out = tmp.path().join("x.gguf");
+    let e = gguf::export(&req(out.clone(), false), &mut |_, _| {}).unwrap_err();
+    assert!(format!("{e:#}").contains("missing"), "{e:#}");
+    assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0);
+}
+
+#[test]
+fn unknown_pre_tokenizers_and_architectures_are_refused_before_writing() {
+    // The fixture tokenizers are not ones llama.cpp knows: the error gives
+    // the converter's own fingerprint of them and the way out.
+    for case in ["llama", "qwen2"] {
+        let exp = expected(case);
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = build(&fixtures().join(case).join("model"), tmp.path(), "model");
+        let out = tmp.path().join("x.gguf");
+        let e = format!("{:#}", gguf::convert::convert(&dir, &out, OutType::F16, &ConvertOptions::default(), &mut |_, _| {}).unwrap_err());
+        assert!(e.contains(exp["chkhsh"].as_str().unwrap()) && e.contains("--tokenizer-pre"), "{case}: {e}");
+        assert!(!out.exists());
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = build(&fixtures().join("llama/model"), tmp.path(), "model");
+    let cfg = dir.join("config.json");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace("LlamaForCausalLM", "FalconForCausalLM");
+    std::fs::write(&cfg, text).unwrap();
+    let out = tmp.path().join("x.gguf");
+    let e = format!("{:#}", gguf::convert::convert(&dir, &out, OutType::F16, &ConvertOptions::default(), &mut |_, _| {}).unwrap_err());
+    assert!(e.contains("FalconForCausalLM") && e.contains("config.json"), "{e}");
+    assert!(!out.exists());
+}
