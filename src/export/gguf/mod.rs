@@ -9,6 +9,7 @@
 //! - `rules`: llama-quantize's per-tensor type choice for each file type;
 //! - `modelfile`: the Ollama Modelfile written beside the file.
 pub mod modelfile;
+pub mod metadata;
 pub mod quants;
 pub mod rules;
 pub mod spm;
