@@ -155,7 +155,9 @@ pub fn convert(dir: &Path, out: &Path, outtype: OutType, opts: &ConvertOptions, 
         let mut reordered: Vec<Option<Planned>> = planned.into_iter().map(Some).collect();
         planned = idx.iter().map(|&i| reordered[i].take().expect("a permutation")).collect();
         let descs: Vec<TensorDesc> = planned.iter().map(|p| TensorDesc { name: &p.info.name, ne: &p.info.ne, ty: p.stage1 }).collect();
-        let types = rules::plan(k, hp.n_layer()? as usize, &descs);
+        let n_layer = hp.n_layer()? as usize;
+        let is_70b = rules::llm_type_70b(hp.arch.name(), n_layer, hp.u32("num_attention_heads")? as usize, hp.u32("num_key_value_heads")? as usize);
+        let types = rules::plan_for(k, n_layer, is_70b, &descs);
         for (p, ty) in planned.iter_mut().zip(types) {
             p.info.ty = ty;
         }

@@ -22,7 +22,6 @@ pub mod file;
 pub mod lora;
 pub mod metadata;
 pub mod modelfile;
-pub mod metadata;
 pub mod quants;
 pub mod rules;
 pub mod spm;
