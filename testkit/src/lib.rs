@@ -5,7 +5,8 @@
 //! - [`bf16sim`]: a wrapper that gives any backend the CUDA backend's bf16
 //!   storage rounding;
 //! - [`metered`]: a wrapper that counts the bytes every buffer and weight
-//!   holds.
+//!   holds;
+//! - [`gguf_weights`]: the generated weights of the GGUF export fixtures.
 //!
 //! Their tests live in the root package (tests/testkit.rs), so `cargo test`
 //! at the repository root runs them. A new test-only backend or harness is a
@@ -13,4 +14,5 @@
 
 pub mod bf16sim;
 pub mod conformance;
+pub mod gguf_weights;
 pub mod metered;
