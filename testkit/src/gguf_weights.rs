@@ -178,7 +178,7 @@ pub fn write_checkpoint(manifest_path: &Path, out_dir: &Path) -> Result<()> {
         let bytes = safetensors::serialize(views, metadata.clone())
             .with_context(|| format!("{}: serializing {file}", manifest_path.display()))?;
         let got = sha256_hex(&bytes);
-        if bytes.len() as u64 != *size || &got != sha {
+        if bytes.len() as u64 != *size || got != *sha {
             bail!(
                 "{}: regenerated {file} is {} bytes, sha256 {got}; the manifest expects {size} bytes, sha256 {sha}",
                 manifest_path.display(),
