@@ -201,3 +201,19 @@ fn unknown_pre_tokenizers_and_architectures_are_refused_before_writing() {
     assert!(e.contains("FalconForCausalLM") && e.contains("config.json"), "{e}");
     assert!(!out.exists());
 }
+
+#[test]
+fn generated_weights_match_the_fixture_script() {
+    // The values the generating script printed for some elements of every
+    // manifest (write_checkpoint also checks each file's sha256).
+    use ferrotune_testkit::gguf_weights::{read_manifest, value};
+    for case in ["llama", "mistral", "qwen2", "qwen3", "qwen3_f32", "gemma2", "gemma3", "phi3", "lora"] {
+        let path = fixtures().join(case).join(if case == "lora" { "adapter" } else { "model" }).join("manifest.json");
+        let m = read_manifest(&path).unwrap();
+        assert!(!m.probes.is_empty(), "{case}: no probes");
+        for (name, index, bits) in &m.probes {
+            let t = m.tensors.iter().find(|t| &t.name == name).unwrap();
+            assert_eq!(value(name, *index, t.center, t.scale).to_bits(), *bits, "{case}: {name}[{index}]");
+        }
+    }
+}

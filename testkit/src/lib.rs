@@ -7,7 +7,8 @@
 //! - [`gguf_read`]: a GGUF file summarised as the GGUF fixtures record
 //!   llama.cpp's files, and the first differences between two;
 //! - [`metered`]: a wrapper that counts the bytes every buffer and weight
-//!   holds.
+//!   holds;
+//! - [`gguf_weights`]: the generated weights of the GGUF export fixtures.
 //!
 //! Their tests live in the root package (tests/testkit.rs), so `cargo test`
 //! at the repository root runs them. A new test-only backend or harness is a
@@ -16,4 +17,5 @@
 pub mod bf16sim;
 pub mod conformance;
 pub mod gguf_read;
+pub mod gguf_weights;
 pub mod metered;
