@@ -161,7 +161,8 @@ impl Cursor<'_> {
 }
 
 /// The summary of the GGUF file in `buf`, in the fixture's JSON shape:
-/// {"sha256", "size", "kv": [[key, type, value]], "tensors": [[name, type, ne, offset, sha256]]}.
+/// {"sha256", "size", "kv": [[key, type, value]], "tensors": [[name, type, ne, offset, sha256]]},
+/// plus "data_start", the file offset tensor offsets count from.
 pub fn summarize(buf: &[u8]) -> Result<Value> {
     let mut c = Cursor { buf, pos: 0 };
     if c.take::<4>()? != *b"GGUF" {
@@ -208,7 +209,7 @@ pub fn summarize(buf: &[u8]) -> Result<Value> {
         let data = buf.get(at..at + nbytes).with_context(|| format!("tensor {name} lies outside the file"))?;
         tensors.push(json!([name, tn, ne, off, hex(data)]));
     }
-    Ok(json!({"sha256": hex(buf), "size": buf.len(), "kv": kv, "tensors": tensors}))
+    Ok(json!({"sha256": hex(buf), "size": buf.len(), "data_start": data_start, "kv": kv, "tensors": tensors}))
 }
 
 /// The differences between two summaries, first ones first (empty: equal).
