@@ -25,7 +25,7 @@ pub fn quantize(ty: GgmlType, x: &[f32], n_per_row: usize) -> Vec<u8> {
 /// As [`quantize`], appending the encoding to `out`.
 pub fn quantize_into(ty: GgmlType, x: &[f32], n_per_row: usize, out: &mut Vec<u8>) {
     assert!(
-        n_per_row > 0 && n_per_row % ty.block_len() == 0 && x.len() % n_per_row == 0,
+        n_per_row > 0 && n_per_row.is_multiple_of(ty.block_len()) && x.len().is_multiple_of(n_per_row),
         "quantize {}: {} values in rows of {n_per_row}",
         ty.name(),
         x.len()
@@ -406,10 +406,10 @@ fn make_qx_16(x: &[f32], l: &mut [i8]) -> f32 {
         iscale = -(NMAX as f32 + 0.1 * is as f32) / max;
         sumlx = 0.0;
         suml2 = 0.0;
-        for i in 0..16 {
-            let q = nearest_int(iscale * x[i]).clamp(-NMAX, NMAX - 1) as f32;
-            let w = x[i] * x[i];
-            sumlx += w * x[i] * q;
+        for &v in &x[..16] {
+            let q = nearest_int(iscale * v).clamp(-NMAX, NMAX - 1) as f32;
+            let w = v * v;
+            sumlx += w * v * q;
             suml2 += w * q * q;
         }
         if suml2 > 0.0 && sumlx * sumlx > best * suml2 {
@@ -448,8 +448,8 @@ fn q6_k(x: &[f32; 256], o: &mut [u8; 210]) {
         o[192 + ib] = sc[ib] as u8;
     }
     let df = f16_to_f32(dh);
-    for j in 0..16 {
-        let d = df * sc[j] as f32;
+    for (j, &s) in sc.iter().enumerate() {
+        let d = df * s as f32;
         if d == 0.0 {
             continue;
         }
