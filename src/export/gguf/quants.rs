@@ -16,6 +16,10 @@ use rayon::prelude::*;
 /// Encode `x`, rows of `n_per_row` values, as `ty`. `n_per_row` must be a
 /// non-zero multiple of `ty.block_len()` and divide `x.len()` (the caller
 /// guarantees it; violating it is a bug and panics).
+///
+/// F16 is the converter's (numpy's) rounding. llama-quantize's F16, used
+/// when a row fits no 32-value block, is the same except for NaN inputs,
+/// which it writes as a bare quiet NaN ([`f16_ggml`]).
 pub fn quantize(ty: GgmlType, x: &[f32], n_per_row: usize) -> Vec<u8> {
     let mut out = Vec::new();
     quantize_into(ty, x, n_per_row, &mut out);
@@ -86,9 +90,10 @@ pub fn f16_numpy(f: f32) -> u16 {
     f16::from_f32(f).to_bits()
 }
 
-/// f32 -> f16 as ggml stores block scales: round to nearest even, overflow
-/// to infinity, every NaN to a bare quiet NaN with its sign.
-fn f16_ggml(f: f32) -> u16 {
+/// f32 -> f16 as ggml stores block scales and llama-quantize writes F16
+/// tensors: round to nearest even, overflow to infinity, every NaN to a
+/// bare quiet NaN with its sign.
+pub fn f16_ggml(f: f32) -> u16 {
     if f.is_nan() {
         return ((f.to_bits() >> 16) & 0x8000) as u16 | 0x7e00;
     }
@@ -550,6 +555,21 @@ mod tests {
     #[test]
     fn q6_k_matches_ggml() {
         check(GgmlType::Q6K, "q6_k.bin");
+    }
+
+    /// ggml's f16 (checked against ggml_quantize_chunk(GGML_TYPE_F16) on
+    /// these inputs) equals numpy's except for NaNs, which lose their payload.
+    #[test]
+    fn ggml_f16_differs_from_numpy_only_for_nan() {
+        let xs = fixture("inputs.f32");
+        let xs = xs.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap()));
+        for x in xs.filter(|x| !x.is_nan()) {
+            assert_eq!(f16_ggml(x), f16_numpy(x), "{x:e}");
+        }
+        assert_eq!(f16_ggml(f32::from_bits(0x7fa0_0001)), 0x7e00);
+        assert_eq!(f16_numpy(f32::from_bits(0x7fa0_0001)), 0x7d00);
+        assert_eq!(f16_ggml(f32::from_bits(0xffc1_2345)), 0xfe00);
+        assert_eq!(f16_numpy(f32::from_bits(0xffc1_2345)), 0xfe09);
     }
 
     #[test]
