@@ -16,6 +16,10 @@ use rayon::prelude::*;
 /// Encode `x`, rows of `n_per_row` values, as `ty`. `n_per_row` must be a
 /// non-zero multiple of `ty.block_len()` and divide `x.len()` (the caller
 /// guarantees it; violating it is a bug and panics).
+///
+/// F16 is the converter's (numpy's) rounding. llama-quantize's F16, used
+/// when a row fits no 32-value block, is the same except for NaN inputs,
+/// which it writes as a bare quiet NaN ([`f16_ggml`]).
 pub fn quantize(ty: GgmlType, x: &[f32], n_per_row: usize) -> Vec<u8> {
     let mut out = Vec::new();
     quantize_into(ty, x, n_per_row, &mut out);
@@ -25,7 +29,7 @@ pub fn quantize(ty: GgmlType, x: &[f32], n_per_row: usize) -> Vec<u8> {
 /// As [`quantize`], appending the encoding to `out`.
 pub fn quantize_into(ty: GgmlType, x: &[f32], n_per_row: usize, out: &mut Vec<u8>) {
     assert!(
-        n_per_row > 0 && n_per_row % ty.block_len() == 0 && x.len() % n_per_row == 0,
+        n_per_row > 0 && n_per_row.is_multiple_of(ty.block_len()) && x.len().is_multiple_of(n_per_row),
         "quantize {}: {} values in rows of {n_per_row}",
         ty.name(),
         x.len()
@@ -86,9 +90,10 @@ pub fn f16_numpy(f: f32) -> u16 {
     f16::from_f32(f).to_bits()
 }
 
-/// f32 -> f16 as ggml stores block scales: round to nearest even, overflow
-/// to infinity, every NaN to a bare quiet NaN with its sign.
-fn f16_ggml(f: f32) -> u16 {
+/// f32 -> f16 as ggml stores block scales and llama-quantize writes F16
+/// tensors: round to nearest even, overflow to infinity, every NaN to a
+/// bare quiet NaN with its sign.
+pub fn f16_ggml(f: f32) -> u16 {
     if f.is_nan() {
         return ((f.to_bits() >> 16) & 0x8000) as u16 | 0x7e00;
     }
@@ -406,10 +411,10 @@ fn make_qx_16(x: &[f32], l: &mut [i8]) -> f32 {
         iscale = -(NMAX as f32 + 0.1 * is as f32) / max;
         sumlx = 0.0;
         suml2 = 0.0;
-        for i in 0..16 {
-            let q = nearest_int(iscale * x[i]).clamp(-NMAX, NMAX - 1) as f32;
-            let w = x[i] * x[i];
-            sumlx += w * x[i] * q;
+        for &v in &x[..16] {
+            let q = nearest_int(iscale * v).clamp(-NMAX, NMAX - 1) as f32;
+            let w = v * v;
+            sumlx += w * v * q;
             suml2 += w * q * q;
         }
         if suml2 > 0.0 && sumlx * sumlx > best * suml2 {
@@ -448,8 +453,8 @@ fn q6_k(x: &[f32; 256], o: &mut [u8; 210]) {
         o[192 + ib] = sc[ib] as u8;
     }
     let df = f16_to_f32(dh);
-    for j in 0..16 {
-        let d = df * sc[j] as f32;
+    for (j, &s) in sc.iter().enumerate() {
+        let d = df * s as f32;
         if d == 0.0 {
             continue;
         }
@@ -550,6 +555,21 @@ mod tests {
     #[test]
     fn q6_k_matches_ggml() {
         check(GgmlType::Q6K, "q6_k.bin");
+    }
+
+    /// ggml's f16 (checked against ggml_quantize_chunk(GGML_TYPE_F16) on
+    /// these inputs) equals numpy's except for NaNs, which lose their payload.
+    #[test]
+    fn ggml_f16_differs_from_numpy_only_for_nan() {
+        let xs = fixture("inputs.f32");
+        let xs = xs.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap()));
+        for x in xs.filter(|x| !x.is_nan()) {
+            assert_eq!(f16_ggml(x), f16_numpy(x), "{x:e}");
+        }
+        assert_eq!(f16_ggml(f32::from_bits(0x7fa0_0001)), 0x7e00);
+        assert_eq!(f16_numpy(f32::from_bits(0x7fa0_0001)), 0x7d00);
+        assert_eq!(f16_ggml(f32::from_bits(0xffc1_2345)), 0xfe00);
+        assert_eq!(f16_numpy(f32::from_bits(0xffc1_2345)), 0xfe09);
     }
 
     #[test]

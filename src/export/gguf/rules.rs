@@ -121,7 +121,7 @@ pub fn plan_for(ftype: KQuant, n_layer: usize, is_70b: bool, tensors: &[TensorDe
             let mut ty = default;
             if cat == Category::Output || (tied && cat == Category::TokenEmbd) {
                 // The output matrix (or the embedding that doubles as it).
-                if nx % default.block_len() as u64 != 0 {
+                if !nx.is_multiple_of(default.block_len() as u64) {
                     ty = GgmlType::Q8_0;
                 } else if ty != GgmlType::Q8_0 {
                     ty = GgmlType::Q6K;
@@ -154,7 +154,7 @@ fn use_more_bits(i: i64, n: i64) -> bool {
 /// A type whose block does not divide the row: the 32-block type next to
 /// it, and F16 when even that does not fit.
 fn fallback(ty: GgmlType, nx: u64) -> GgmlType {
-    if nx % ty.block_len() as u64 == 0 {
+    if nx.is_multiple_of(ty.block_len() as u64) {
         return ty;
     }
     let ty = match ty {
@@ -163,7 +163,7 @@ fn fallback(ty: GgmlType, nx: u64) -> GgmlType {
         GgmlType::Q6K => GgmlType::Q8_0,
         other => other,
     };
-    if nx % ty.block_len() as u64 != 0 { GgmlType::F16 } else { ty }
+    if nx.is_multiple_of(ty.block_len() as u64) { ty } else { GgmlType::F16 }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
