@@ -134,7 +134,9 @@ pub fn convert(dir: &Path, out: &Path, outtype: OutType, opts: &ConvertOptions, 
         }
         let ne: Vec<u64> = shape.iter().rev().map(|&n| n as u64).collect();
         let ty = converter_type(&name, &ne, stage1_type);
-        planned.push(Planned { info: TensorInfo { name, ne, ty }, stage1: ty, source: Source::Checkpoint { src: t, change, rows: shape.first().copied().unwrap_or(1) } });
+        // Rows: everything but the last (row-length) axis; a 1-D tensor is one row.
+        let rows = t.shape.iter().rev().skip(1).product::<usize>();
+        planned.push(Planned { info: TensorInfo { name, ne, ty }, stage1: ty, source: Source::Checkpoint { src: t, change, rows } });
     }
 
     let file_type1 = converter_file_type(stage1_type);
@@ -218,7 +220,10 @@ fn write_tensor(w: &mut GgufWriter, ckpt: &MappedCheckpoint, p: &Planned, progre
     };
     let dtype = float_dtype(src.dtype).expect("checked when planned");
     let kept_rows = p.info.ne[1..].iter().product::<u64>() as usize;
+    // A permuted bias is one row whose values are permuted as rows are.
+    let bias = p.info.ne.len() == 1;
     let (group, n_head) = match change {
+        Change::Permute { n_head } if bias => (1, n_head),
         Change::Permute { n_head } => {
             if rows % (2 * n_head) != 0 {
                 bail!("{} rows cannot be split into {n_head} heads for llama.cpp's RoPE layout", rows);
@@ -244,6 +249,7 @@ fn write_tensor(w: &mut GgufWriter, ckpt: &MappedCheckpoint, p: &Planned, progre
             // An f16 checkpoint's +1 is an f16 addition (torch rounds it).
             Change::AddOne if dtype == DType::F16 => x.iter_mut().for_each(|v| *v = half::f16::from_f32(*v + 1.0).to_f32()),
             Change::AddOne => x.iter_mut().for_each(|v| *v += 1.0),
+            Change::Permute { .. } if bias => x = arch::permute_rows(&x, x.len(), n_head)?,
             Change::Permute { .. } => x = arch::permute_rows(&x, r1 - r0, n_head * (r1 - r0) / rows)?,
         }
         w.write_part(&encode(&x, row_len, p.stage1, p.info.ty))?;
