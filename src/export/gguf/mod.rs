@@ -11,6 +11,7 @@
 pub mod modelfile;
 pub mod quants;
 pub mod rules;
+pub mod special;
 pub mod spm;
 pub mod types;
 pub mod vocab;
