@@ -458,14 +458,14 @@ mod tests {
                 std::fs::copy(src.join(f), d.join(f)).unwrap();
             }
         }
-        let patch = case["tokenizer_config_patch"].as_object().unwrap();
-        if !patch.is_empty() {
-            let p = d.join("tokenizer_config.json");
-            let mut tc: Json = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+        for (file, patch) in [("tokenizer.json", "tokenizer_json_patch"), ("tokenizer_config.json", "tokenizer_config_patch")] {
+            let Some(patch) = case[patch].as_object().filter(|p| !p.is_empty()) else { continue };
+            let p = d.join(file);
+            let mut j: Json = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
             for (k, v) in patch {
-                tc[k] = v.clone();
+                j[k] = v.clone();
             }
-            std::fs::write(&p, tc.to_string()).unwrap();
+            std::fs::write(&p, j.to_string()).unwrap();
         }
         d
     }
@@ -516,7 +516,7 @@ mod tests {
         let dir = fixtures().join("gguf/vocab");
         let mut names: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
         names.sort();
-        assert!(names.len() >= 12, "fixture cases missing in {}", dir.display());
+        assert!(names.len() >= 14, "fixture cases missing in {}", dir.display());
         for path in names {
             let name = path.file_stem().unwrap().to_string_lossy().to_string();
             let case: Json = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
