@@ -24,6 +24,7 @@ pub mod metadata;
 pub mod modelfile;
 pub mod quants;
 pub mod rules;
+pub mod special;
 pub mod spm;
 pub mod types;
 pub mod vocab;
