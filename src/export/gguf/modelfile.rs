@@ -1,17 +1,20 @@
 //! The Ollama Modelfile written beside an exported GGUF: `FROM` the file, a
 //! `TEMPLATE` in Ollama's Go-template syntax that renders a chat as the
-//! model's own (Jinja) chat template does, the turn delimiters as `stop`
-//! parameters, and a `SYSTEM` default when the chat template has one.
+//! model's own (Jinja) chat template does, and the turn delimiters as `stop`
+//! parameters.
 //!
 //! The chat format is recognised from the delimiters in the Jinja template
 //! (Llama 3, ChatML, Qwen3, Gemma, Phi-3, Mistral); any other template gets
 //! no Modelfile, since a wrong template is worse than Ollama's plain default.
+//! Within a format, what templates vary in (a preamble or default system
+//! prompt, the generation prompt, Mistral's spacing) is read off the Jinja
+//! template's own rendering of probe conversations.
 //!
 //! Ollama hands a template `.Messages` (system turns included, consecutive
 //! turns of one role merged) and `.System` (the system turns joined). The
-//! templates leave the text before the first turn to the tokenizer, which
-//! adds BOS itself, and leave a final assistant turn open so that Ollama can
-//! continue it. Tool calls are not templated.
+//! templates leave BOS to the tokenizer, which adds it itself, and leave a
+//! final assistant turn open so that Ollama can continue it. Tool calls are
+//! not templated.
 
 use crate::data::chat_template::{ChatTemplate, Message, SpecialTokens};
 use std::path::Path;
@@ -27,61 +30,56 @@ pub struct Modelfile {
 /// why there is none).
 pub const FAMILIES: &[&str] = &["llama3", "chatml", "qwen3", "gemma", "phi3", "mistral"];
 
+// Placeholders: @SYS@ writes the system block before the turns, @INTURN@ is
+// `$.System` where the format puts the system text inside a user turn (else
+// `""`), @GEN@ opens the assistant's reply after a final non-assistant turn.
+
 /// Every turn with its role in a header; the header then a blank line.
-const LLAMA3: &str = r#"{{- range $i, $m := .Messages }}
+const LLAMA3: &str = r#"@SYS@{{- range $i, $m := .Messages }}{{- if ne $m.Role "system" }}
 {{- $last := eq (len (slice $.Messages $i)) 1 }}<|start_header_id|>{{ $m.Role }}<|end_header_id|>
 
 {{ $m.Content }}
 {{- if not (and $last (eq $m.Role "assistant")) }}<|eot_id|>{{ end }}
-{{- if and $last (ne $m.Role "assistant") }}<|start_header_id|>assistant<|end_header_id|>
-
-{{ end }}
-{{- end }}"#;
+{{- if and $last (ne $m.Role "assistant") }}@GEN@{{ end }}
+{{- end }}{{ end }}"#;
 
 /// Every turn as `<|im_start|>role`, newline, content, `<|im_end|>`, newline.
-const CHATML: &str = r#"{{- range $i, $m := .Messages }}
+const CHATML: &str = r#"@SYS@{{- range $i, $m := .Messages }}{{- if ne $m.Role "system" }}
 {{- $last := eq (len (slice $.Messages $i)) 1 }}<|im_start|>{{ $m.Role }}
 {{ $m.Content }}
 {{- if not (and $last (eq $m.Role "assistant")) }}<|im_end|>
 {{ end }}
-{{- if and $last (ne $m.Role "assistant") }}<|im_start|>assistant
-{{ end }}
-{{- end }}"#;
+{{- if and $last (ne $m.Role "assistant") }}@GEN@{{ end }}
+{{- end }}{{ end }}"#;
 
 /// Gemma has no system turn: the system text opens the first turn after it,
 /// followed by a blank line. The assistant's turns are the "model" role's.
-const GEMMA: &str = r#"{{- $system := .System }}
-{{- range $i, $m := .Messages }}
-{{- if ne $m.Role "system" }}
+const GEMMA: &str = r#"@SYS@{{- $system := @INTURN@ }}
+{{- range $i, $m := .Messages }}{{- if ne $m.Role "system" }}
 {{- $last := eq (len (slice $.Messages $i)) 1 }}<start_of_turn>{{ if eq $m.Role "assistant" }}model{{ else }}{{ $m.Role }}{{ end }}
 {{ if $system }}{{ $system }}
 
 {{ $system = "" }}{{ end }}{{ $m.Content }}
 {{- if not (and $last (eq $m.Role "assistant")) }}<end_of_turn>
 {{ end }}
-{{- if and $last (ne $m.Role "assistant") }}<start_of_turn>model
-{{ end }}
-{{- end }}
-{{- end }}"#;
+{{- if and $last (ne $m.Role "assistant") }}@GEN@{{ end }}
+{{- end }}{{ end }}"#;
 
 /// Every turn as `<|role|>`, newline, content, `<|end|>`, newline.
-const PHI3: &str = r#"{{- range $i, $m := .Messages }}
+const PHI3: &str = r#"@SYS@{{- range $i, $m := .Messages }}{{- if ne $m.Role "system" }}
 {{- $last := eq (len (slice $.Messages $i)) 1 }}<|{{ $m.Role }}|>
 {{ $m.Content }}
 {{- if not (and $last (eq $m.Role "assistant")) }}<|end|>
 {{ end }}
-{{- if and $last (ne $m.Role "assistant") }}<|assistant|>
-{{ end }}
-{{- end }}"#;
+{{- if and $last (ne $m.Role "assistant") }}@GEN@{{ end }}
+{{- end }}{{ end }}"#;
 
-/// Mistral's pieces differ between versions (a space before `[/INST]` or
-/// before the reply), so they are filled in from the template's own output:
 /// @OPEN@ starts a user turn, @CLOSE@ ends it, @LEAD@ starts a reply and
-/// @END@ ends one. The system text goes into the last user turn, as the
-/// later Mistral templates put it.
-const MISTRAL: &str = r#"{{- range $i, $m := .Messages }}
+/// @END@ ends one. Without a system block the system text goes into the last
+/// user turn, as the later Mistral templates put it.
+const MISTRAL: &str = r#"@SYS@{{- range $i, $m := .Messages }}
 {{- $last := eq (len (slice $.Messages $i)) 1 }}
-{{- if eq $m.Role "user" }}@OPEN@{{ if and $last $.System }}{{ $.System }}
+{{- if eq $m.Role "user" }}@OPEN@{{ if and $last @INTURN@ }}{{ $.System }}
 
 {{ end }}{{ $m.Content }}@CLOSE@{{ else if eq $m.Role "assistant" }}@LEAD@{{ $m.Content }}{{ if not $last }}@END@{{ end }}{{ end }}
 {{- end }}"#;
@@ -111,6 +109,26 @@ impl Family {
             Family::Mistral => &["[INST]", "[/INST]"],
         }
     }
+
+    /// The Go template, the text a user turn starts with, and the system
+    /// block (before, after the system text) and generation prompt to use
+    /// when the probes find none; no block: the text goes inside a turn.
+    fn parts(self) -> (&'static str, &'static str, Option<(&'static str, &'static str)>, &'static str) {
+        match self {
+            Family::Llama3 => (
+                LLAMA3,
+                "<|start_header_id|>",
+                Some(("<|start_header_id|>system<|end_header_id|>\n\n", "<|eot_id|>")),
+                "<|start_header_id|>assistant<|end_header_id|>\n\n",
+            ),
+            Family::ChatMl | Family::Qwen3 => {
+                (CHATML, "<|im_start|>", Some(("<|im_start|>system\n", "<|im_end|>\n")), "<|im_start|>assistant\n")
+            }
+            Family::Gemma => (GEMMA, "<start_of_turn>", None, "<start_of_turn>model\n"),
+            Family::Phi3 => (PHI3, "<|user|>", Some(("<|system|>\n", "<|end|>\n")), "<|assistant|>\n"),
+            Family::Mistral => (MISTRAL, "[INST]", None, ""),
+        }
+    }
 }
 
 /// The chat format of a Jinja chat template, from the delimiters it writes.
@@ -138,29 +156,30 @@ fn detect(template: &str) -> Option<Family> {
 pub fn modelfile(gguf_file_name: &str, chat_template: Option<&str>, eos_token: Option<&str>) -> Option<Modelfile> {
     let source = chat_template?;
     let family = detect(source)?;
-    // A template that does not compile still tells its format by its
-    // delimiters; only the pieces read from its output fall back to defaults.
-    let compiled = ChatTemplate::from_source(
-        source.to_string(),
-        "chat template".to_string(),
-        SpecialTokens { bos: Some(String::new()), eos: eos_token.map(str::to_string), ..Default::default() },
-    )
-    .ok();
-    let template = match family {
-        Family::Llama3 => LLAMA3.to_string(),
-        Family::ChatMl | Family::Qwen3 => CHATML.to_string(),
-        Family::Gemma => GEMMA.to_string(),
-        Family::Phi3 => PHI3.to_string(),
-        Family::Mistral => {
-            let p = compiled.as_ref().and_then(mistral_pieces).unwrap_or_else(|| MistralPieces {
-                open: "[INST] ".into(),
-                close: "[/INST]".into(),
-                lead: " ".into(),
-                end: eos_token.filter(|e| quotable(e)).unwrap_or("</s>").into(),
-            });
-            MISTRAL.replace("@OPEN@", &p.open).replace("@CLOSE@", &p.close).replace("@LEAD@", &p.lead).replace("@END@", &p.end)
-        }
+    // A template that does not compile or render still tells its format by
+    // its delimiters; only the pieces read from its output fall back.
+    let tokens = SpecialTokens { bos: Some(String::new()), eos: eos_token.map(str::to_string), ..Default::default() };
+    let compiled = ChatTemplate::from_source(source.to_string(), "chat template".to_string(), tokens).ok();
+    let (template, user_start, default_block, default_gen) = family.parts();
+    let block = |(a, b): (&str, &str), d: &str| format!("{{{{- if .System }}}}{a}{{{{ .System }}}}{b}{{{{ else }}}}{d}{{{{ end }}}}");
+    let probed = compiled.as_ref().and_then(|t| system_block(t, user_start));
+    let (sys, in_turn) = match (probed, default_block) {
+        (Some((a, b, d)), _) => (block((&a, &b), &d), "\"\""),
+        (None, Some(ab)) => (block(ab, ""), "\"\""),
+        (None, None) => (String::new(), "$.System"),
     };
+    let prompt = compiled.as_ref().and_then(gen_prompt).unwrap_or_else(|| default_gen.to_string());
+    let mut template = template.replace("@SYS@", &sys).replace("@INTURN@", in_turn).replace("@GEN@", &prompt);
+    if family == Family::Mistral {
+        let p = compiled.as_ref().and_then(mistral_pieces).unwrap_or_else(|| MistralPieces {
+            open: "[INST] ".into(),
+            close: "[/INST]".into(),
+            lead: " ".into(),
+            end: eos_token.filter(|e| quotable(e)).unwrap_or("</s>").into(),
+        });
+        template = template.replace("@OPEN@", &p.open).replace("@CLOSE@", &p.close);
+        template = template.replace("@LEAD@", &p.lead).replace("@END@", &p.end);
+    }
     let mut stops: Vec<&str> = family.stops().to_vec();
     if family == Family::Llama3 && source.contains("<|eom_id|>") {
         stops.push("<|eom_id|>");
@@ -173,13 +192,6 @@ pub fn modelfile(gguf_file_name: &str, chat_template: Option<&str>, eos_token: O
     for stop in stops {
         text.push_str(&format!("PARAMETER stop \"{stop}\"\n"));
     }
-    let system = match family {
-        Family::ChatMl | Family::Qwen3 => compiled.as_ref().and_then(chatml_default_system),
-        _ => None,
-    };
-    if let Some(system) = system {
-        text.push_str(&format!("\nSYSTEM \"\"\"{system}\"\"\"\n"));
-    }
     Some(Modelfile { family: family.name(), text })
 }
 
@@ -188,16 +200,41 @@ fn quotable(s: &str) -> bool {
     !s.is_empty() && !s.chars().any(|c| c == '"' || c == '\\' || c.is_control())
 }
 
-/// The system prompt a ChatML template writes when the conversation has none
-/// (Qwen2's "You are a helpful assistant."): Ollama adds a Modelfile's SYSTEM
-/// in the same case.
-fn chatml_default_system(t: &ChatTemplate) -> Option<String> {
-    let probe = "ferrotune-probe-user";
-    let out = t.render(&[Message::new("user", probe)], false).ok()?;
-    let rest = out.strip_prefix("<|im_start|>system\n")?;
-    let (system, after) = rest.split_once("<|im_end|>")?;
-    let ok = after.trim_start().starts_with(&format!("<|im_start|>user\n{probe}"));
-    (ok && !system.is_empty() && !system.contains("\"\"\"") && !system.contains("{{")).then(|| system.to_string())
+/// Literal text that can go into the Go template as it is.
+fn literal(s: &str) -> bool {
+    let placeholder = ["@SYS@", "@INTURN@", "@GEN@", "@OPEN@", "@CLOSE@", "@LEAD@", "@END@"].iter().any(|p| s.contains(p));
+    !s.contains("{{") && !s.contains("\"\"\"") && !placeholder && !s.contains("ferrotune-probe")
+}
+
+const PROBE_SYSTEM: &str = "ferrotune-probe-system";
+const PROBE_USER: &str = "ferrotune-probe-user";
+
+/// The text before the user turn that holds `PROBE_USER`.
+fn before_user<'a>(out: &'a str, user_start: &str) -> Option<&'a str> {
+    let at = out.find(PROBE_USER)?;
+    Some(&out[..out[..at].rfind(user_start)?])
+}
+
+/// Where the template writes the system prompt when it is a block of its
+/// own before the turns: the text before and after it (a fixed preamble,
+/// e.g. a knowledge-cutoff line), and the block written when there is no
+/// system prompt (a default one). None when the prompt goes inside a turn.
+fn system_block(t: &ChatTemplate, user_start: &str) -> Option<(String, String, String)> {
+    let with = t.render(&[Message::new("system", PROBE_SYSTEM), Message::new("user", PROBE_USER)], false).ok()?;
+    let without = t.render(&[Message::new("user", PROBE_USER)], false).ok()?;
+    let (a, b) = before_user(&with, user_start)?.split_once(PROBE_SYSTEM)?;
+    let d = before_user(&without, user_start)?;
+    [a, b, d].iter().all(|p| literal(p)).then(|| (a.to_string(), b.to_string(), d.to_string()))
+}
+
+/// What `add_generation_prompt` appends after a user turn.
+fn gen_prompt(t: &ChatTemplate) -> Option<String> {
+    let msgs = [Message::new("user", PROBE_USER)];
+    let (closed, open) = (t.render(&msgs, false).ok()?, t.render(&msgs, true).ok()?);
+    // Phi-3's templates end a chat without the prompt with EOS.
+    let unended = t.eos_token().and_then(|e| closed.strip_suffix(e));
+    let prompt = open.strip_prefix(closed.as_str()).or_else(|| open.strip_prefix(unended?))?;
+    (!prompt.is_empty() && literal(prompt)).then(|| prompt.to_string())
 }
 
 struct MistralPieces {
@@ -217,10 +254,8 @@ fn mistral_pieces(t: &ChatTemplate) -> Option<MistralPieces> {
     let (mid, rest) = rest.split_once(a1)?;
     let (between, close) = rest.split_once(u2)?;
     let lead = mid.strip_prefix(close)?;
-    let at = between.find("[INST]")?;
-    let (end, open) = between.split_at(at);
-    let clean = |s: &str| !s.contains("{{") && !s.contains("}}") && !s.contains("\"\"\"") && !s.contains('@');
-    let ok = head.ends_with(open) && close.contains("[/INST]") && [open, close, lead, end].into_iter().all(clean);
+    let (end, open) = between.split_at(between.find("[INST]")?);
+    let ok = head.ends_with(open) && close.contains("[/INST]") && [open, close, lead, end].into_iter().all(literal);
     ok.then(|| MistralPieces { open: open.into(), close: close.into(), lead: lead.into(), end: end.into() })
 }
 
@@ -271,21 +306,19 @@ mod tests {
         out
     }
 
-    /// The two-turn chat with a system prompt, or without one for templates
-    /// that refuse system turns; and the Jinja rendering with the prompt
-    /// for the next reply, less the BOS that llama.cpp's tokenizer adds.
-    fn jinja_chat(src: &str, eos: &str) -> (Vec<Message>, String) {
+    /// The two-turn chat without a system prompt, and with one unless the
+    /// template refuses system turns; each with the Jinja rendering with
+    /// the prompt for the next reply, less the BOS that the tokenizer adds.
+    fn jinja_chats(src: &str, eos: &str) -> Vec<(Vec<Message>, String)> {
         let tokens = SpecialTokens { bos: Some("<s>".into()), eos: Some(eos.into()), ..Default::default() };
         let t = ChatTemplate::from_source(src.into(), "test".into(), tokens).unwrap();
         let chat = [("user", "What is 2+2?"), ("assistant", "4"), ("user", "And 3+3?")];
-        let mut msgs: Vec<Message> = chat.iter().map(|(r, c)| Message::new(r, c)).collect();
-        msgs.insert(0, Message::new("system", "You are terse."));
-        let out = t.render(&msgs, true).or_else(|_| {
-            msgs.remove(0);
-            t.render(&msgs, true)
-        });
-        let out = out.unwrap();
-        (msgs, out.strip_prefix("<s>").unwrap_or(&out).to_string())
+        let plain: Vec<Message> = chat.iter().map(|(r, c)| Message::new(r, c)).collect();
+        let with_system = [vec![Message::new("system", "You are terse.")], plain.clone()].concat();
+        let render = |m: &[Message]| t.render(m, true).map(|o| o.strip_prefix("<s>").unwrap_or(&o).to_string());
+        let mut out = vec![(plain.clone(), render(&plain).unwrap())];
+        out.extend(render(&with_system).ok().map(|o| (with_system, o)));
+        out
     }
 
     fn go_template(text: &str) -> &str {
@@ -320,7 +353,7 @@ mod tests {
                 Family::Mistral => &["[INST]", "[/INST]", eos],
                 _ => fam.stops(),
             };
-            let (_, rendered) = jinja_chat(&src, eos);
+            let (_, rendered) = jinja_chats(&src, eos).pop().unwrap();
             let order = |text: &str| {
                 let mut found: Vec<(usize, &str)> =
                     literal.iter().filter_map(|d| text.find(d).map(|at| (at, *d))).collect();
@@ -333,12 +366,14 @@ mod tests {
     }
 
     #[test]
-    fn chatml_default_system_prompt_becomes_the_system_line() {
-        for (name, src, eos, _) in cases() {
-            let Some(mf) = modelfile("m.gguf", Some(&src), Some(eos)) else { continue };
-            let want = (name == "qwen2_chatml").then_some("\nSYSTEM \"\"\"You are a helpful assistant.\"\"\"\n");
-            assert_eq!(mf.text.find("\nSYSTEM ").map(|at| &mf.text[at..]), want, "{name}");
-        }
+    fn default_system_prompt_is_written_when_the_chat_has_none() {
+        let mf = |key: &str| {
+            let src = cases().into_iter().find(|c| c.0 == key).unwrap().1;
+            modelfile("m.gguf", Some(&src), Some("<|im_end|>")).unwrap().text
+        };
+        let qwen2 = "{{ else }}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{{ end }}";
+        assert!(mf("qwen2_chatml").contains(qwen2), "{}", mf("qwen2_chatml"));
+        assert!(mf("builtin_chatml").contains("<|im_end|>\n{{ else }}{{ end }}"), "{}", mf("builtin_chatml"));
     }
 
     #[test]
@@ -385,22 +420,24 @@ func main() {
             if family.is_none() {
                 continue;
             }
-            let (msgs, want) = jinja_chat(&src, eos);
-            // Ollama joins the system turns into .System and merges
-            // consecutive turns of one role.
-            let system: Vec<&str> = msgs.iter().filter(|m| m.role == "system").map(|m| m.content.as_str()).collect();
-            let mut merged: Vec<Message> = Vec::new();
-            for m in msgs.iter().cloned() {
-                match merged.last_mut() {
-                    Some(prev) if prev.role == m.role => prev.content = format!("{}\n\n{}", prev.content, m.content),
-                    _ => merged.push(m),
-                }
-            }
             let mf = modelfile("m.gguf", Some(&src), Some(eos)).unwrap();
-            let messages: Vec<serde_json::Value> =
-                merged.iter().map(|m| serde_json::json!({"Role": m.role, "Content": m.content})).collect();
-            inputs.push(serde_json::json!({"Template": go_template(&mf.text), "System": system.join("\n\n"), "Messages": messages}));
-            expected.push((name, want));
+            for (msgs, want) in jinja_chats(&src, eos) {
+                // Ollama joins the system turns into .System and merges
+                // consecutive turns of one role.
+                let system: Vec<&str> = msgs.iter().filter(|m| m.role == "system").map(|m| m.content.as_str()).collect();
+                let mut merged: Vec<Message> = Vec::new();
+                for m in msgs.iter().cloned() {
+                    match merged.last_mut() {
+                        Some(prev) if prev.role == m.role => prev.content = format!("{}\n\n{}", prev.content, m.content),
+                        _ => merged.push(m),
+                    }
+                }
+                let messages: Vec<serde_json::Value> =
+                    merged.iter().map(|m| serde_json::json!({"Role": m.role, "Content": m.content})).collect();
+                let template = go_template(&mf.text);
+                inputs.push(serde_json::json!({"Template": template, "System": system.join("\n\n"), "Messages": messages}));
+                expected.push((format!("{name}, {} turns", msgs.len()), want));
+            }
         }
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("main.go"), MAIN).unwrap();
@@ -410,7 +447,7 @@ func main() {
         let got: Vec<String> = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(got.len(), expected.len());
         for ((name, want), got) in expected.iter().zip(&got) {
-            assert_eq!(got, want, "{name}: Go template output differs from the Jinja rendering");
+            assert_eq!(got, want, "{name}: the Go template renders otherwise than the Jinja one");
         }
     }
 }
