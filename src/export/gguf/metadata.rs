@@ -9,7 +9,10 @@
 //! the same folder gives the same keys, values and value types. Where the
 //! converter stops with an exception (unparsable front matter, a card value
 //! that is not a string where a string is written), this returns one error
-//! naming the file and key instead.
+//! naming the file and key instead. One case errors here where the
+//! converter writes something: tags or languages that are all numbers or
+//! all booleans (it writes a numeric or boolean array; only string arrays
+//! are written here).
 
 use std::path::Path;
 use std::sync::LazyLock;
