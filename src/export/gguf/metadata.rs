@@ -9,7 +9,10 @@
 //! the same folder gives the same keys, values and value types. Where the
 //! converter stops with an exception (unparsable front matter, a card value
 //! that is not a string where a string is written), this returns one error
-//! naming the file and key instead.
+//! naming the file and key instead. One case errors here where the
+//! converter writes something: tags or languages that are all numbers or
+//! all booleans (it writes a numeric or boolean array; only string arrays
+//! are written here).
 
 use std::path::Path;
 use std::sync::LazyLock;
@@ -38,10 +41,10 @@ pub fn general(dir: &Path, tensors: &[(&str, &[u64])], lora: bool) -> Result<Kvs
     }
     let mut meta = Meta::default();
     let card = load_model_card(dir)?;
-    meta.from_card(&card);
+    meta.apply_card(&card);
     let hf = load_json(&dir.join("config.json"), false)?;
-    meta.from_hf_params(&hf, counts.total)?;
-    meta.from_dir_name(&path_name(dir), counts.total);
+    meta.apply_hf_params(&hf, counts.total)?;
+    meta.apply_dir_name(&path_name(dir), counts.total);
     let gen_cfg = load_json(&dir.join("generation_config.json"), true)?;
     let sampling = sampling_keys(&gen_cfg)?;
 
@@ -226,7 +229,7 @@ fn card_get<'a>(card: &'a [(Y, Y)], key: &str) -> Option<&'a Y> {
 }
 
 impl Meta {
-    fn from_card(&mut self, card: &[(Y, Y)]) {
+    fn apply_card(&mut self, card: &[(Y, Y)]) {
         // A card key fills a field only while it is unset; a null value
         // leaves it unset.
         let take = |slot: &mut Option<Src>, key: &str| {
@@ -279,7 +282,7 @@ impl Meta {
 
     /// `_name_or_path` from config.json, when it looks like a hub id rather
     /// than a local path (at most one '/').
-    fn from_hf_params(&mut self, hf: &serde_json::Value, total: i64) -> Result<()> {
+    fn apply_hf_params(&mut self, hf: &serde_json::Value, total: i64) -> Result<()> {
         let Some(v) = hf.get("_name_or_path").filter(|v| !v.is_null()) else { return Ok(()) };
         let Some(id) = v.as_str() else {
             bail!("config.json: `_name_or_path` is {v}, expected a string");
@@ -290,7 +293,7 @@ impl Meta {
         Ok(())
     }
 
-    fn from_dir_name(&mut self, name: &str, total: i64) {
+    fn apply_dir_name(&mut self, name: &str, total: i64) {
         self.fill_from_id(name, total);
     }
 

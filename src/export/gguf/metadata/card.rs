@@ -3,12 +3,19 @@
 //! textual fixes (a list item `- no` is quoted so it stays the language
 //! code rather than a YAML 1.1 false; tabs become two spaces), parsed into
 //! untyped values.
+//!
+//! Plain scalars are typed by the YAML parser with PyYAML's YAML 1.1 rules
+//! where it offers them (yes/no/on/off booleans, 0755 octal, 1_000, .inf).
+//! A few spellings still differ: here `y`/`n` are booleans, `1e3` a float,
+//! `2024-01-01` and `1:30` strings, where PyYAML reads strings, a string, a
+//! date and 90. They matter only where a card puts such a bare value in a
+//! field written as a string, which the converter then fails to write.
 
 use std::path::Path;
 
 use anyhow::{Context, Result};
 use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
-use serde_saphyr::options::DuplicateKeyPolicy;
+use serde_saphyr::options::{DuplicateKeyPolicy, NonFiniteFloatPolicy};
 
 /// An untyped YAML (or JSON) value, as the converter's Python sees it.
 #[derive(Debug, Clone, PartialEq)]
@@ -154,7 +161,13 @@ pub fn load_model_card(dir: &Path) -> Result<Vec<(Y, Y)>> {
         anyhow::anyhow!("{}: not UTF-8 text (invalid byte at offset {})", path.display(), e.utf8_error().valid_up_to())
     })?;
     let Some(yaml) = front_matter(&text) else { return Ok(vec![]) };
-    let opts = serde_saphyr::options! { duplicate_keys: DuplicateKeyPolicy::LastWins, legacy_octal_numbers: true };
+    // PyYAML's choices where the parser offers them: the last of repeated keys
+    // wins, 0755 is octal, .inf and .nan are floats.
+    let opts = serde_saphyr::options! {
+        duplicate_keys: DuplicateKeyPolicy::LastWins,
+        legacy_octal_numbers: true,
+        non_finite_float_policy: NonFiniteFloatPolicy::PassThrough,
+    };
     let parsed: Option<Y> = serde_saphyr::from_str_with_options(&yaml, opts).map_err(|e| {
         let msg = e.without_snippet().to_string();
         let msg = msg.trim_start_matches("error: ");
