@@ -75,8 +75,8 @@ impl SpecialVocab {
             n_vocab,
             ..Default::default()
         };
-        sv.from_tokenizer_files(dir, load_merges)?;
-        sv.from_config_json(dir)?;
+        sv.read_tokenizer_files(dir, load_merges)?;
+        sv.read_config_json(dir)?;
         if load_merges && sv.merges.is_empty() {
             sv.merges_txt(dir)?;
         }
@@ -165,17 +165,15 @@ impl SpecialVocab {
         }
     }
 
-    fn from_tokenizer_files(&mut self, dir: &Path, load_merges: bool) -> Result<()> {
+    fn read_tokenizer_files(&mut self, dir: &Path, load_merges: bool) -> Result<()> {
         let tj_path = dir.join("tokenizer.json");
         let tc_path = dir.join("tokenizer_config.json");
         let tokenizer = read_json(&tj_path)?;
         let empty = Vec::new();
         let mut added_tokens = &empty;
         if let Some(t) = &tokenizer {
-            if load_merges {
-                if let Some(m) = t.get("model").and_then(|m| m.get("merges")) {
-                    self.merges_from(m, &tj_path)?;
-                }
+            if load_merges && let Some(m) = t.get("model").and_then(|m| m.get("merges")) {
+                self.merges_from(m, &tj_path)?;
             }
             if let Some(n) = t.get("normalizer").filter(|n| truthy(Some(n))) {
                 self.normalizer(n);
@@ -316,17 +314,17 @@ impl SpecialVocab {
                                 let mid = &pair[1..pair.len() - 1];
                                 let mut add_sep = false;
                                 let is_sep = |s: &str| is(&sep, s) || is(&eos, s);
-                                if let Some(e) = special_id(mid.first()) {
-                                    if is_sep(&e) && last.is_none() {
-                                        add_sep = true;
-                                    }
+                                if let Some(e) = special_id(mid.first())
+                                    && is_sep(&e)
+                                    && last.is_none()
+                                {
+                                    add_sep = true;
                                 }
-                                if mid.len() == 2 {
-                                    if let Some(e) = special_id(mid.get(1)) {
-                                        if is_sep(&e) {
-                                            add_sep = true;
-                                        }
-                                    }
+                                if mid.len() == 2
+                                    && let Some(e) = special_id(mid.get(1))
+                                    && is_sep(&e)
+                                {
+                                    add_sep = true;
                                 }
                                 set_flag(&mut self.add, "sep", add_sep, false);
                                 if add_sep && !truthy(sep.as_ref()) && tc_truthy(tc) {
@@ -341,7 +339,7 @@ impl SpecialVocab {
         }
     }
 
-    fn from_config_json(&mut self, dir: &Path) -> Result<()> {
+    fn read_config_json(&mut self, dir: &Path) -> Result<()> {
         let path = dir.join("config.json");
         let Some(config) = read_json(&path)? else { return Ok(()) };
         for typ in self.types.clone() {
