@@ -506,7 +506,7 @@ pub fn llama3_rope_factors(base: f64, dim: usize, factor: f64, low: f64, high: f
 /// Permute the rows of a [rows, cols] matrix (or a bias, cols 1) from HF's
 /// half-split RoPE layout to llama.cpp's interleaved one.
 pub fn permute_rows<T: Copy>(data: &[T], rows: usize, n_head: usize) -> Result<Vec<T>> {
-    if n_head == 0 || rows % (2 * n_head) != 0 {
+    if n_head == 0 || !rows.is_multiple_of(2 * n_head) {
         bail!("cannot permute {rows} rows for {n_head} heads (rows must be a multiple of 2·heads)");
     }
     let cols = data.len() / rows;
