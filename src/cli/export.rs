@@ -117,7 +117,8 @@ impl ByteProgress {
             }
             None => {
                 let tenth = done * 10 / total.max(1);
-                if tenth > self.last_tenth {
+                // Small checkpoints finish before a line would help.
+                if tenth > self.last_tenth && total >= 100_000_000 {
                     self.last_tenth = tenth;
                     eprintln!("export: {:.0} of {:.0} MB read", done as f64 / 1e6, total as f64 / 1e6);
                 }
