@@ -299,3 +299,79 @@ fn generated_weights_match_the_fixture_script() {
         }
     }
 }
+
+/// A run with `gguf:` exports when it ends, beside the adapter; one whose
+/// export could not succeed is refused before it trains.
+#[test]
+fn a_run_exports_gguf_when_it_ends() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let run = |out: &Path, extra: &[&str]| {
+        let mut args = vec!["train".to_string(), "examples/quickstart/quickstart.yml".into()];
+        for s in [format!("output_dir={}", out.display()), "num_epochs=1".into(), "device=cpu".into(), "save_steps=null".into(), "gguf=q8_0".into()]
+            .into_iter()
+            .chain(extra.iter().map(|s| s.to_string()))
+        {
+            args.push("--set".into());
+            args.push(s);
+        }
+        std::process::Command::new(env!("CARGO_BIN_EXE_ferrotune")).args(&args).current_dir(repo).output().unwrap()
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let refused = run(&tmp.path().join("a"), &[]);
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success() && err.contains("gguf_tokenizer_pre") && err.contains("fingerprint"), "{err}");
+    assert!(!tmp.path().join("a/adapter_model.safetensors").exists(), "refused before training");
+
+    let out = tmp.path().join("b");
+    let done = run(&out, &["gguf_tokenizer_pre=llama-bpe"]);
+    let err = String::from_utf8_lossy(&done.stderr);
+    assert!(done.status.success(), "{err}");
+    let file = out.join("model.Q8_0.gguf");
+    let s = summarize(&std::fs::read(&file).unwrap_or_else(|e| panic!("{}: {e}\n{err}", file.display()))).unwrap();
+    let kv = |k: &str| s["kv"].as_array().unwrap().iter().find(|e| e[0] == k).map(|e| e[2].clone());
+    assert_eq!(kv("general.architecture"), Some(Value::from("llama")));
+    assert_eq!(kv("general.file_type"), Some(Value::from(7)));
+    assert!(err.contains("merged") && err.contains("model.Q8_0.gguf"), "{err}");
+}
+
+/// llama.cpp scales every LoRA pair by alpha / r. An rsLoRA adapter
+/// (alpha / √r) is written with alpha·√r and its factors unchanged; a
+/// per-module alpha_pattern scale is folded into that module's lora_b.
+#[test]
+fn lora_scales_llama_cpp_cannot_say_are_folded_exactly() {
+    let exp = expected("lora");
+    let tmp = tempfile::tempdir().unwrap();
+    let base = build(&fixtures().join("llama/model"), &tmp.path().join("base"), "model");
+    let adapter = build(&fixtures().join("lora/adapter"), tmp.path(), exp["adapter_dir_basename"].as_str().unwrap());
+    let reference = exp["adapter"].as_array().unwrap().iter().find(|o| o["outtype"] == "f32").unwrap();
+    let cfg_path = adapter.join("adapter_config.json");
+    let cfg: Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    let write = |edit: &dyn Fn(&mut Value)| -> (Vec<u8>, Value) {
+        let mut c = cfg.clone();
+        edit(&mut c);
+        std::fs::write(&cfg_path, serde_json::to_string(&c).unwrap()).unwrap();
+        let out = tmp.path().join("x.gguf");
+        gguf::lora::convert_lora(&base, &adapter, &out, OutType::F32).unwrap();
+        let buf = std::fs::read(&out).unwrap();
+        let s = summarize(&buf).unwrap();
+        (buf, s)
+    };
+    let alpha = |s: &Value| s["kv"].as_array().unwrap().iter().find(|e| e[0] == "adapter.lora.alpha").unwrap()[2].as_f64().unwrap();
+
+    let (_, rs) = write(&|c| c["use_rslora"] = Value::from(true));
+    assert!((alpha(&rs) - (16.0 * 8f64.sqrt()) as f32 as f64).abs() < 1e-9, "{}", alpha(&rs));
+    assert_eq!(rs["tensors"], reference["tensors"], "rsLoRA: the factors are written as they are");
+
+    let (buf, pat) = write(&|c| c["alpha_pattern"] = serde_json::json!({"q_proj": 32}));
+    assert_eq!(alpha(&pat), 16.0);
+    let lora = ferrotune_testkit::gguf_weights::read_manifest(&fixtures().join("lora/adapter/manifest.json")).unwrap();
+    let b = lora.tensors.iter().find(|t| t.name == "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight").unwrap();
+    let bv: Vec<f32> = b.bytes().chunks(4).map(|c| 2.0 * f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    let want = gguf::arch::permute_rows(&bv, b.shape[0], 4).unwrap();
+    let t = pat["tensors"].as_array().unwrap().iter().find(|t| t[0] == "blk.0.attn_q.weight.lora_b").unwrap();
+    let at = (pat["data_start"].as_u64().unwrap() + t[3].as_u64().unwrap()) as usize;
+    let got: Vec<f32> = buf[at..at + 4 * want.len()].chunks(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    assert_eq!(got, want, "alpha_pattern q_proj 32 (scale 4 where the file says 2): lora_b doubled");
+    let k = |s: &Value, n: &str| s["tensors"].as_array().unwrap().iter().find(|t| t[0] == n).unwrap()[4].clone();
+    assert_eq!(k(&pat, "blk.0.attn_k.weight.lora_b"), k(reference, "blk.0.attn_k.weight.lora_b"), "other modules unchanged");
+}

@@ -107,6 +107,12 @@ fn train_on<B: Backend>(be: &B, cfg: &RunConfig, gpu: Option<GpuMemory>) -> Resu
     let cfg = &resolved;
     // model_type / tokenizer_type / tokenizer_config against the files, before any weight is read.
     let tokenizer_dir = config::check_checkpoint(cfg, &model_dir)?;
+    // A `gguf:` export that would fail fails now, not after the training.
+    if cfg.gguf.as_ref().is_some_and(|g| !g.is_empty()) {
+        let opts = crate::export::gguf::ConvertOptions { tokenizer_pre: cfg.gguf_tokenizer_pre.clone() };
+        crate::export::gguf::preflight(&model_dir, &opts)
+            .map_err(|e| e.context("gguf: this model cannot be exported as asked (for an unknown tokenizer fingerprint, set gguf_tokenizer_pre)"))?;
+    }
     let ckpt = Checkpoint::open(&model_dir)?;
     if gpu.is_some() {
         eprintln!("attention: {}", crate::backend::cuda::attention_path(ckpt.config.head_dim));
@@ -244,7 +250,7 @@ fn export_gguf(cfg: &RunConfig, model_dir: &Path, adapter_dir: &Path, nf4_round_
             out,
             lora_only: false,
             modelfile: i == 0,
-            options: ConvertOptions::default(),
+            options: ConvertOptions { tokenizer_pre: cfg.gguf_tokenizer_pre.clone() },
             nf4_round_trip,
         };
         let report = export(&req, &mut |_, _| {}).map_err(|e| e.context(format!("gguf: exporting {t}")))?;

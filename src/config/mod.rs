@@ -297,6 +297,10 @@ pub struct RunConfig {
     /// (q4_k_m, q5_k_m, q6_k, q8_0, f16, bf16, f32, auto). A string or a list.
     #[serde(default, deserialize_with = "one_or_many")]
     pub gguf: Option<Vec<String>>,
+    /// The tokenizer's pre-tokenizer as llama.cpp names it, for a `gguf:`
+    /// export of a tokenizer whose fingerprint llama.cpp does not know
+    /// (`export gguf --tokenizer-pre`).
+    pub gguf_tokenizer_pre: Option<String>,
     /// TRL's settings for `rl: grpo` (GRPOConfig names; `grpo::read` types them).
     pub trl: Option<serde_json::Map<String, serde_json::Value>>,
     /// The directory of the config file (GRPO's Python reward functions are
@@ -378,6 +382,7 @@ impl Default for RunConfig {
             kto_desirable_weight: None,
             kto_undesirable_weight: None,
             gguf: None,
+            gguf_tokenizer_pre: None,
             trl: None,
             config_dir: ConfigDir::default(),
             device: "auto".into(),

@@ -76,6 +76,14 @@ pub fn check_request(req: &ExportRequest) -> Result<()> {
     Ok(())
 }
 
+/// What can fail in an export, checked before a run trains for hours: the
+/// architecture and the tokenizer (its fingerprint above all).
+pub fn preflight(model_dir: &Path, options: &ConvertOptions) -> Result<()> {
+    let hp = arch::Hparams::load(model_dir)?;
+    vocab::vocab(model_dir, hp.arch.name(), &serde_json::Value::Object(hp.map.clone()), &vocab::VocabOptions { pre: options.tokenizer_pre.clone() })?;
+    Ok(())
+}
+
 pub fn export(req: &ExportRequest, progress: &mut dyn FnMut(u64, u64)) -> Result<ExportReport> {
     check_request(req)?;
     crate::train::interrupt::install()?;
