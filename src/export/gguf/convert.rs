@@ -243,7 +243,7 @@ fn write_tensor(w: &mut GgufWriter, ckpt: &MappedCheckpoint, p: &Planned, progre
         }
         let r1 = (r0 + step).min(kept_rows);
         let raw = &bytes[r0 * row_bytes..r1 * row_bytes];
-        let mut x = to_f32(dtype, raw);
+        let mut x = widen(dtype, raw);
         match change {
             Change::None => {}
             // An f16 checkpoint's +1 is an f16 addition (torch rounds it).
@@ -252,7 +252,12 @@ fn write_tensor(w: &mut GgufWriter, ckpt: &MappedCheckpoint, p: &Planned, progre
             Change::Permute { .. } if bias => x = arch::permute_rows(&x, x.len(), n_head)?,
             Change::Permute { .. } => x = arch::permute_rows(&x, r1 - r0, n_head * (r1 - r0) / rows)?,
         }
-        w.write_part(&encode(&x, row_len, p.stage1, p.info.ty))?;
+        // Values read from a checkpoint already in the stage-one type, and
+        // only moved (not changed), round to themselves: skip the round trip.
+        let exact = matches!(change, Change::None | Change::Permute { .. })
+            && matches!((dtype, p.stage1), (DType::BF16, GgmlType::BF16) | (DType::F16, GgmlType::F16) | (DType::F32, GgmlType::F32));
+        let stage1 = if exact && p.info.ty != p.stage1 { GgmlType::F32 } else { p.stage1 };
+        w.write_part(&encode(&x, row_len, stage1, p.info.ty))?;
         ckpt.release(src, r0 * row_bytes, raw.len());
         progress(raw.len() as u64);
         r0 = r1;
@@ -260,6 +265,15 @@ fn write_tensor(w: &mut GgufWriter, ckpt: &MappedCheckpoint, p: &Planned, progre
     // Rows dropped by the vocabulary truncation count as read.
     progress(((rows - kept_rows) * row_bytes) as u64);
     w.end_tensor()
+}
+
+/// Checkpoint bytes to f32, on every core (an 8B model is 16 GB of them).
+fn widen(dtype: DType, raw: &[u8]) -> Vec<f32> {
+    use rayon::prelude::*;
+    const CHUNK: usize = 1 << 16;
+    let mut out = vec![0f32; raw.len() / dtype.size()];
+    out.par_chunks_mut(CHUNK).zip(raw.par_chunks(CHUNK * dtype.size())).for_each(|(o, r)| o.copy_from_slice(&to_f32(dtype, r)));
+    out
 }
 
 /// Values to their final bytes: rounded to the converter's type first (what
