@@ -23,6 +23,7 @@ mod gemm;
 mod linear;
 mod lora;
 mod buffer_ops;
+pub mod delta_net;
 mod nf4;
 mod norm;
 mod rope;

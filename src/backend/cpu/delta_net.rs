@@ -1,0 +1,1 @@
+//! Gated delta-net (Qwen3.5's linear attention): the CPU reference.
