@@ -2,9 +2,10 @@
 // elementwise over `len`; one kernel pair per activation:
 // - swiglu_*: act = silu(g) = g · σ(g), σ(g) = 1 / (1 + exp(−g));
 // - geglu_*:  act = gelu_tanh(g) = 0.5·g·(1 + tanh(√(2/π)·(g + 0.044715·g³)))
-//             (torch's gelu(approximate="tanh")).
+//             (torch's gelu(approximate="tanh"));
+// - sigmoid_gate_*: act = σ(g) (Qwen3.5's attention output gate, attn ⊙ σ(gate)).
 // CPU reference: src/backend/cpu/glu.rs (Backend::glu, glu_backward with
-// GluAct::Silu / GluAct::GeluTanh); the products are in its order.
+// GluAct::Silu / GluAct::GeluTanh / GluAct::Sigmoid); the products are in its order.
 // The activation is a template parameter, so each kernel carries only its
 // own math. Suggested launch: block = 256, any grid (grid-stride loop).
 #include "common.cuh"
@@ -38,6 +39,16 @@ struct GeluTanh {
         const float d_inner = FT_SQRT_2_OVER_PI * (1.0f + 3.0f * FT_GELU_C * g * g);
         *a = 0.5f * g * (1.0f + t);
         return 0.5f * (1.0f + t) + 0.5f * g * (1.0f - t * t) * d_inner;
+    }
+};
+
+struct Sigmoid {
+    __device__ __forceinline__ static float act(float g) { return sigmoid(g); }
+    // σ'(g) = σ(g)(1 − σ(g)).
+    __device__ __forceinline__ static float grad(float g, float* a) {
+        const float s = sigmoid(g);
+        *a = s;
+        return s * (1.0f - s);
     }
 };
 
@@ -77,3 +88,5 @@ FT_GLU(swiglu, Silu, f32, float)
 FT_GLU(swiglu, Silu, bf16, bf16)
 FT_GLU(geglu, GeluTanh, f32, float)
 FT_GLU(geglu, GeluTanh, bf16, bf16)
+FT_GLU(sigmoid_gate, Sigmoid, f32, float)
+FT_GLU(sigmoid_gate, Sigmoid, bf16, bf16)

@@ -130,6 +130,8 @@ mod tests {
             ("swiglu_bwd_*", "dout:ptr gate:ptr up:ptr dgate:ptr dup:ptr len:u64"),
             ("geglu_fwd_*", "gate:ptr up:ptr out:ptr len:u64"),
             ("geglu_bwd_*", "dout:ptr gate:ptr up:ptr dgate:ptr dup:ptr len:u64"),
+            ("sigmoid_gate_fwd_*", "gate:ptr up:ptr out:ptr len:u64"),
+            ("sigmoid_gate_bwd_*", "dout:ptr gate:ptr up:ptr dgate:ptr dup:ptr len:u64"),
         ]),
     ];
 

@@ -77,6 +77,9 @@ pub enum GluAct {
     /// gelu with the tanh approximation,
     /// 0.5·g·(1 + tanh(√(2/π)·(g + 0.044715·g³))) (GeGLU: Gemma).
     GeluTanh,
+    /// σ(g) = 1 / (1 + exp(−g)): not an MLP activation but Qwen3.5's
+    /// attention output gate, attn ⊙ σ(gate), which has the same shape.
+    Sigmoid,
 }
 
 /// A gated activation over `len` elements.
@@ -179,6 +182,48 @@ impl<'a, I: ?Sized> Varlen<'a, I> {
     }
 }
 
+/// Sequence length over which the gated delta-net's training forward keeps
+/// the recurrent state (the state at each chunk's first token, per
+/// sequence); its backward recomputes within a chunk from it. 64, the chunk
+/// of transformers' chunked form.
+pub const DELTA_CHUNK: usize = 64;
+
+/// Shape of one gated delta-net call (Qwen3.5's linear attention) over a
+/// varlen batch of `n` tokens: `k_heads` query/key heads of `k_dim`,
+/// `v_heads` value heads of `v_dim` (each k head serves v_heads / k_heads
+/// consecutive v heads), a causal depthwise conv of `conv_kernel` taps, and
+/// the gated RMSNorm's epsilon.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DeltaShape {
+    pub n: usize,
+    pub k_heads: usize,
+    pub v_heads: usize,
+    pub k_dim: usize,
+    pub v_dim: usize,
+    pub conv_kernel: usize,
+    pub norm_eps: f32,
+}
+
+impl DeltaShape {
+    /// Channels of the conv: [q: k_heads·k_dim | k: k_heads·k_dim | v: v_heads·v_dim].
+    pub fn conv_dim(&self) -> usize {
+        2 * self.k_heads * self.k_dim + self.v_heads * self.v_dim
+    }
+    /// Width of the output (and of z): v_heads·v_dim.
+    pub fn value_width(&self) -> usize {
+        self.v_heads * self.v_dim
+    }
+    /// f32 values of one sequence's recurrent state: v_heads·k_dim·v_dim.
+    pub fn state_size(&self) -> usize {
+        self.v_heads * self.k_dim * self.v_dim
+    }
+    /// f32 values of the states the training forward keeps for sequences
+    /// of these lengths: one state per `DELTA_CHUNK` tokens begun.
+    pub fn saved_len(&self, seq_lens: impl IntoIterator<Item = usize>) -> usize {
+        seq_lens.into_iter().map(|l| l.div_ceil(DELTA_CHUNK)).sum::<usize>() * self.state_size()
+    }
+}
+
 /// Declares a group of buffers an op takes together: read-only (`ref`,
 /// `Copy`) or written (`mut`), each with `map` to the same group over
 /// another backend's buffers.
@@ -235,4 +280,26 @@ buffers! {
 buffers! {
     /// Gradients of a LoRA side path: dx (accumulated), dA and dB (accumulated).
     mut LoraGrads { dx, da, db }
+}
+buffers! {
+    /// The gated delta-net's inputs, the outputs of its four input
+    /// projections: qkv [n, conv_dim] before the conv, z [n, v_heads·v_dim]
+    /// (the output gate), b [n, v_heads] (β = σ(b)) and a [n, v_heads] (the
+    /// decay's input).
+    ref DeltaIn { qkv, z, b, a }
+}
+buffers! {
+    /// The gated delta-net's frozen parameters: the conv [conv_dim, kernel],
+    /// A_log and dt_bias [v_heads], the gated norm's weight [v_dim].
+    ref DeltaWeights { conv, a_log, dt_bias, norm }
+}
+buffers! {
+    /// Gradients of the gated delta-net's inputs (overwritten).
+    mut DeltaGrads { qkv, z, b, a }
+}
+buffers! {
+    /// Each decoded sequence's state: the conv's last kernel−1 input rows
+    /// [n_seqs, kernel−1, conv_dim] and the recurrent state
+    /// [n_seqs, v_heads, k_dim, v_dim], both f32.
+    mut DeltaState { conv, rec }
 }

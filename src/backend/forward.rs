@@ -39,7 +39,7 @@ pub trait Forward: Backend {
 /// op's name for `around` (`_`: called directly, no `around`) and `kind`
 /// says how the argument reaches the inner backend: `buf`, `buf_mut`,
 /// `weight`, `opt_weight`, `ints`, `buf_list` (`&[&Buf]`), `bufs[Group]` /
-/// `bufs_mut[Group]` (a group of `backend::args`), `seqs` (a `Varlen`) or
+/// `bufs_mut[Group]` / `weights[Group]` (a group of `backend::args`), `seqs` (a `Varlen`) or
 /// `val[Type]` (passed as is).
 #[macro_export]
 macro_rules! forward_ops {
@@ -89,6 +89,9 @@ macro_rules! forward_ops {
             "decode_attention" decode_attention(q: buf, k_cache: buf, v_cache: buf, past: val[usize], shape: val[$crate::backend::AttnShape], out: buf_mut);
             "decode_attention_batch" decode_attention_batch(q: buf, k_cache: buf, v_cache: buf, positions: ints, capacity: val[usize], shape: val[$crate::backend::AttnShape], out: buf_mut);
             "scatter_rows" scatter_rows(src: buf, dst: buf_mut, positions: ints, rows: val[usize], width: val[usize], capacity: val[usize]);
+            "delta_net" delta_net(inputs: bufs[DeltaIn], w: weights[DeltaWeights], seqs: seqs, shape: val[$crate::backend::DeltaShape], out: buf_mut, saved: buf_mut);
+            "delta_net_backward" delta_net_backward(dout: buf, inputs: bufs[DeltaIn], w: weights[DeltaWeights], seqs: seqs, shape: val[$crate::backend::DeltaShape], saved: buf, grads: bufs_mut[DeltaGrads]);
+            "delta_net_decode" delta_net_decode(inputs: bufs[DeltaIn], w: weights[DeltaWeights], seqs: seqs, shape: val[$crate::backend::DeltaShape], state: bufs_mut[DeltaState], out: buf_mut);
             "glu" glu(gate: buf, up: buf, out: buf_mut, shape: val[$crate::backend::GluShape]);
             "glu_backward" glu_backward(dout: buf, gate: buf, up: buf, dgate: buf_mut, dup: buf_mut, shape: val[$crate::backend::GluShape]);
             "cross_entropy" cross_entropy(logits: buf_mut, targets: ints, losses: buf_mut, shape: val[$crate::backend::CeShape], grad_scale: val[Option<f32>]);
@@ -115,6 +118,7 @@ macro_rules! forward_ops {
     (@ty buf_list) => { &[&Self::Buf] };
     (@ty bufs $group:ident) => { $crate::backend::$group<'_, Self::Buf> };
     (@ty bufs_mut $group:ident) => { $crate::backend::$group<'_, Self::Buf> };
+    (@ty weights $group:ident) => { $crate::backend::$group<'_, Self::Weight> };
     (@ty seqs) => { $crate::backend::Varlen<'_, Self::IntBuf> };
     (@ty val $($ty:tt)*) => { $($ty)* };
     (@arg buf $a:ident) => { <Self as $crate::backend::Forward>::buf($a) };
@@ -127,6 +131,7 @@ macro_rules! forward_ops {
     };
     (@arg bufs $a:ident) => { $a.map(<Self as $crate::backend::Forward>::buf) };
     (@arg bufs_mut $a:ident) => { $a.map(<Self as $crate::backend::Forward>::buf_mut) };
+    (@arg weights $a:ident) => { $a.map(<Self as $crate::backend::Forward>::weight) };
     (@arg seqs $a:ident) => { $a.map(<Self as $crate::backend::Forward>::ints) };
     (@arg val $a:ident) => { $a };
 }

@@ -39,7 +39,7 @@ pub mod phase;
 pub use phase::Phase;
 
 pub use args::{
-    AttnSaved, CeShape, ColsShape, GluAct, GluShape, LoraGrads, LoraInputs, LoraShape, MatShape, NormShape, Qkv, QkvGrads,
+    AttnSaved, CeShape, ColsShape, DELTA_CHUNK, DeltaGrads, DeltaIn, DeltaShape, DeltaState, DeltaWeights, GluAct, GluShape, LoraGrads, LoraInputs, LoraShape, MatShape, NormShape, Qkv, QkvGrads,
     RopeShape, SamplingParams, Varlen,
 };
 pub use forward::Forward;
@@ -366,6 +366,44 @@ pub trait Backend: Send + Sync + 'static {
     /// Row s of `src` [rows, width] into row s·capacity + positions[s] of
     /// `dst` (each sequence's new key or value into the batched KV cache).
     fn scatter_rows(&self, src: &Self::Buf, dst: &mut Self::Buf, positions: &Self::IntBuf, rows: usize, width: usize, capacity: usize);
+
+    // ---- gated delta-net (linear attention) -------------------------------
+    /// Qwen3.5's gated delta-net over the varlen batch, from its input
+    /// projections to the input of out_proj: per sequence, a causal
+    /// depthwise conv of qkv (zeros before the sequence) and SiLU; q and k
+    /// L2-normalised per head (x·rsqrt(Σx² + 1e-6)) and q × k_dim^−½;
+    /// β = σ(b), g = −exp(A_log)·softplus(a + dt_bias); per value head a
+    /// state S [k_dim, v_dim] from zero: S ← e^g·S, S += k ⊗ β(v − Sᵀk),
+    /// o = Sᵀq; out = norm_w ⊙ rmsnorm(o) ⊙ silu(z) per value head. All in
+    /// f32. `saved` [shape.saved_len(sequence lengths)] receives the state
+    /// at the start of every `DELTA_CHUNK` tokens of each sequence.
+    fn delta_net(&self, inputs: DeltaIn<'_, Self::Buf>, w: DeltaWeights<'_, Self::Weight>, seqs: Varlen<'_, Self::IntBuf>, shape: DeltaShape, out: &mut Self::Buf, saved: &mut Self::Buf);
+    /// Gradients of `delta_net`'s inputs given dout (the frozen parameters
+    /// get none); recomputes within each chunk from `saved`.
+    #[allow(clippy::too_many_arguments)]
+    fn delta_net_backward(
+        &self,
+        dout: &Self::Buf,
+        inputs: DeltaIn<'_, Self::Buf>,
+        w: DeltaWeights<'_, Self::Weight>,
+        seqs: Varlen<'_, Self::IntBuf>,
+        shape: DeltaShape,
+        saved: &Self::Buf,
+        grads: DeltaGrads<'_, Self::Buf>,
+    );
+    /// `delta_net` for generation: each sequence's new tokens continue from
+    /// its state (a fresh sequence's is zero) and leave the state after
+    /// them, so a prompt prefilled then decoded a token at a time gives the
+    /// outputs of one `delta_net` over the whole sequence.
+    fn delta_net_decode(
+        &self,
+        inputs: DeltaIn<'_, Self::Buf>,
+        w: DeltaWeights<'_, Self::Weight>,
+        seqs: Varlen<'_, Self::IntBuf>,
+        shape: DeltaShape,
+        state: DeltaState<'_, Self::Buf>,
+        out: &mut Self::Buf,
+    );
 
     // ---- MLP activation ------------------------------------------------
     /// out = act(gate) ⊙ up, elementwise over `shape.len`.

@@ -5,6 +5,10 @@
 //! the last position's logits are computed (f32). LoRA adapters apply as in
 //! the forward pass, without dropout.
 //!
+//! A linear-attention layer (Qwen3.5's gated delta-net) keeps no keys and
+//! values but its state: the conv's last inputs and the recurrent state,
+//! in the same two per-layer slots (`Backend::delta_net_decode`).
+//!
 //! Each layer runs the training forward (`layer::forward_with`) with its
 //! attention swapped for attention against the cache, so cached generation
 //! reproduces `Model::logits` of the whole sequence; tests/generate.rs holds
@@ -14,15 +18,17 @@
 use super::Model;
 use super::generate_batch::BatchOpts;
 use super::sample::SamplingParams;
-use super::layer::{self, StepCtx};
-use crate::backend::{Backend, MatShape, NormShape, Qkv, Varlen};
+use super::layer::{self, Mixing, StepCtx};
+use crate::backend::{Backend, DeltaState, MatShape, NormShape, Qkv, Varlen};
 use anyhow::{Result, bail};
 use std::time::Duration;
 
 /// Keys and values of one sequence, per layer, on the backend.
 pub struct KvCache<B: Backend> {
     /// Per layer, [capacity, n_kv_heads, head_dim] (activation storage):
-    /// rows 0..len are filled.
+    /// rows 0..len are filled. A linear-attention layer holds its conv
+    /// state [kernel−1, conv_dim] in `k` and its recurrent state
+    /// [v_heads, k_dim, v_dim] in `v` (f32).
     pub(super) k: Vec<B::Buf>,
     pub(super) v: Vec<B::Buf>,
     capacity: usize,
@@ -42,11 +48,6 @@ impl<B: Backend> KvCache<B> {
 
     pub fn is_empty(&self) -> bool {
         self.len == 0
-    }
-
-    /// Forget the sequence (the buffers are kept for the next one).
-    pub fn clear(&mut self) {
-        self.len = 0;
     }
 }
 
@@ -109,9 +110,32 @@ impl<B: Backend> Model<B> {
 
     /// An empty cache for `capacity` positions.
     pub fn new_kv_cache(&self, be: &B, capacity: usize) -> KvCache<B> {
-        let row = self.cfg.n_kv_heads * self.cfg.head_dim;
-        let (k, v) = (0..self.cfg.n_layers).map(|_| (be.zeros(capacity * row), be.zeros(capacity * row))).unzip();
+        let (k, v) = (0..self.cfg.n_layers).map(|li| self.cache_slots(be, li, 1, capacity)).unzip();
         KvCache { k, v, capacity, len: 0 }
+    }
+
+    /// Values per sequence of layer `li`'s two cache slots: keys and values
+    /// of `capacity` positions, or a linear-attention layer's conv and
+    /// recurrent states (whose size does not depend on the length).
+    pub(super) fn cache_region(&self, li: usize, capacity: usize) -> (usize, usize) {
+        match (&self.layers[li].delta, self.cfg.delta) {
+            (Some(_), Some(d)) => ((d.conv_kernel - 1) * d.conv_dim(), d.v_heads * d.k_dim * d.v_dim),
+            _ => {
+                let row = self.cfg.n_kv_heads * self.cfg.head_dim;
+                (capacity * row, capacity * row)
+            }
+        }
+    }
+
+    /// Layer `li`'s two zeroed cache slots for `seqs` sequences.
+    pub(super) fn cache_slots(&self, be: &B, li: usize, seqs: usize, capacity: usize) -> (B::Buf, B::Buf) {
+        let (k, v) = self.cache_region(li, capacity);
+        if self.layers[li].delta.is_some() {
+            // The states stay f32 (as transformers keeps them).
+            (be.zeros_f32(seqs * k), be.zeros_f32(seqs * v))
+        } else {
+            (be.zeros(seqs * k), be.zeros(seqs * v))
+        }
     }
 
     /// Run `ids`, the next tokens of the cached sequence, through the model:
@@ -184,12 +208,14 @@ impl<B: Backend> Model<B> {
         let cfg = &self.cfg;
         let layer = &self.layers[li];
         let kvd = cfg.n_kv_heads * cfg.head_dim;
+        let seq_lens = [n];
         let ctx = StepCtx {
             n,
             n_seqs: 1,
             max_seqlen: n,
             positions,
             cu_seqlens,
+            seq_lens: &seq_lens,
             ropes: &self.rope_tables,
             // transformers picks long-rope's table from the largest position
             // of each forward, so a cached decode does the same.
@@ -197,8 +223,12 @@ impl<B: Backend> Model<B> {
             dropout_seed: None,
             adapters: true,
         };
+        if layer.delta.is_some() {
+            let state = DeltaState { conv: k_cache, rec: v_cache };
+            return layer::forward_with(be, cfg, layer, li, x, &ctx, Mixing::DeltaState(state)).0;
+        }
         let shape = layer::attn_shape(cfg, n, n, layer.window);
-        let attend = |q: &B::Buf, k: &B::Buf, v: &B::Buf, attn: &mut B::Buf, lse: &mut B::Buf| {
+        let attend = move |q: &B::Buf, k: &B::Buf, v: &B::Buf, attn: &mut B::Buf, lse: &mut B::Buf| {
             be.copy_slice(k, 0, k_cache, past * kvd, n * kvd);
             be.copy_slice(v, 0, v_cache, past * kvd, n * kvd);
             if past == 0 {
@@ -208,7 +238,7 @@ impl<B: Backend> Model<B> {
                 be.decode_attention(q, k_cache, v_cache, past, shape, attn);
             }
         };
-        layer::forward_with(be, cfg, layer, li, x, &ctx, attend).0
+        layer::forward_with(be, cfg, layer, li, x, &ctx, Mixing::Attend(Box::new(attend))).0
     }
 
     /// Generate up to `opts.max_new_tokens` tokens after `prompt`: one

@@ -24,9 +24,9 @@
 
 use super::Model;
 use super::generate::StopReason;
-use super::layer::{self, StepCtx};
+use super::layer::{self, Mixing, StepCtx};
 use super::sample::{Sampler, SamplingParams};
-use crate::backend::{Backend, MatShape, NormShape};
+use crate::backend::{Backend, DeltaState, MatShape, NormShape};
 use anyhow::{Result, anyhow, bail};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -95,10 +95,13 @@ pub fn sequence_seed(seed: u64, i: usize) -> u64 {
 }
 
 /// The batched cache: per layer, keys and values of `slots` regions of
-/// `capacity` positions.
+/// `capacity` positions (a linear-attention layer: each slot's conv and
+/// recurrent state, see `KvCache`).
 struct BatchCache<B: Backend> {
     k: Vec<B::Buf>,
     v: Vec<B::Buf>,
+    /// Values per slot of each layer's k and v (`Model::cache_region`).
+    region: Vec<(usize, usize)>,
     capacity: usize,
 }
 
@@ -153,9 +156,9 @@ impl<B: Backend> Model<B> {
         // regions are sized for the largest.
         let limit: Vec<usize> = prompts.iter().map(|p| self.cache_capacity(p.len(), opts.max_new_tokens)).collect();
         let capacity = limit.iter().copied().max().unwrap_or(0);
-        let kvd = self.cfg.n_kv_heads * self.cfg.head_dim;
-        let zeros = || (0..self.cfg.n_layers).map(|_| be.zeros(n * capacity * kvd)).collect::<Vec<_>>();
-        let mut cache = BatchCache::<B> { k: zeros(), v: zeros(), capacity };
+        let (k, v) = (0..self.cfg.n_layers).map(|li| self.cache_slots(be, li, n, capacity)).unzip();
+        let region = (0..self.cfg.n_layers).map(|li| self.cache_region(li, capacity)).collect();
+        let mut cache = BatchCache::<B> { k, v, region, capacity };
         let mut samplers: Vec<Sampler> = (0..n).map(|i| Sampler::new(opts.sampling, sequence_seed(opts.seed, i))).collect();
 
         let t0 = Instant::now();
@@ -168,8 +171,10 @@ impl<B: Backend> Model<B> {
             let logits = be.upload(&logits);
             for &s in &seqs {
                 for li in 0..self.cfg.n_layers {
-                    be.copy_slice(&one.k[li], 0, &mut cache.k[li], s * capacity * kvd, prompt.len() * kvd);
-                    be.copy_slice(&one.v[li], 0, &mut cache.v[li], s * capacity * kvd, prompt.len() * kvd);
+                    let (rk, rv) = cache.region[li];
+                    let (lk, lv) = self.cache_used(li, prompt.len(), (rk, rv));
+                    be.copy_slice(&one.k[li], 0, &mut cache.k[li], s * rk, lk);
+                    be.copy_slice(&one.v[li], 0, &mut cache.v[li], s * rv, lv);
                 }
                 next[s] = be.sample_rows(&logits, 1, self.cfg.vocab, &opts.sampling, &[samplers[s].next_uniform()])[0];
             }
@@ -207,8 +212,22 @@ impl<B: Backend> Model<B> {
                         let last = active.len() - 1;
                         if j != last {
                             let t = Instant::now();
-                            let scratch = scratch.get_or_insert_with(|| be.zeros(capacity * kvd));
-                            move_region(be, &mut cache, scratch, last, j, len[active[last]] * kvd);
+                            // Keys and values are activations, states f32:
+                            // one scratch of each, a region long.
+                            let scratch = scratch.get_or_insert_with(|| {
+                                let longest = |state: bool| {
+                                    (0..self.cfg.n_layers)
+                                        .filter(|&li| self.layers[li].delta.is_some() == state)
+                                        .map(|li| cache.region[li].0.max(cache.region[li].1))
+                                        .max()
+                                        .unwrap_or(1)
+                                };
+                                (be.zeros(longest(false)), be.zeros_f32(longest(true)))
+                            });
+                            let used: Vec<(usize, usize)> =
+                                (0..self.cfg.n_layers).map(|li| self.cache_used(li, len[active[last]], cache.region[li])).collect();
+                            let state: Vec<bool> = self.layers.iter().map(|l| l.delta.is_some()).collect();
+                            move_region(be, &mut cache, scratch, last, j, &used, &state);
                             out.decode_time += t.elapsed();
                         }
                         // The moved sequence, unvisited so far, is visited next.
@@ -237,6 +256,18 @@ impl<B: Backend> Model<B> {
         Ok(out)
     }
 
+    /// The values of layer `li`'s k and v slots (regions `region`) in use
+    /// for a sequence of `len` positions: its keys and values, or the whole
+    /// state of a linear-attention layer.
+    fn cache_used(&self, li: usize, len: usize, region: (usize, usize)) -> (usize, usize) {
+        if self.layers[li].delta.is_some() {
+            region
+        } else {
+            let kvd = self.cfg.n_kv_heads * self.cfg.head_dim;
+            (len * kvd, len * kvd)
+        }
+    }
+
     /// One batched forward: token ids[j] at position positions[j] of the
     /// sequence in cache slot j, for slots 0 .. ids.len(). Their keys and
     /// values join the cache; the logits of every row are returned, on the
@@ -244,6 +275,7 @@ impl<B: Backend> Model<B> {
     fn decode_step(&self, be: &B, cache: &mut BatchCache<B>, ids: &[u32], positions: &[usize]) -> B::Buf {
         let cfg = &self.cfg;
         let (rows, h, kvd, capacity) = (ids.len(), cfg.hidden, cfg.n_kv_heads * cfg.head_dim, cache.capacity);
+        let seq_lens = vec![1; rows];
         let ids_buf = be.upload_ints(&ids.iter().map(|&t| t as i32).collect::<Vec<_>>());
         let pos_buf = be.upload_ints(&positions.iter().map(|&p| p as i32).collect::<Vec<_>>());
         let cu = be.upload_ints(&(0..=rows as i32).collect::<Vec<_>>());
@@ -255,6 +287,7 @@ impl<B: Backend> Model<B> {
                 max_seqlen: 1,
                 positions: &pos_buf,
                 cu_seqlens: &cu,
+                seq_lens: &seq_lens,
                 ropes: &self.rope_tables,
                 max_position: positions.iter().copied().max().unwrap_or(0),
                 dropout_seed: None,
@@ -262,12 +295,18 @@ impl<B: Backend> Model<B> {
             };
             let shape = layer::attn_shape(cfg, rows, 1, layer.window);
             let (kc, vc) = (&mut cache.k[li], &mut cache.v[li]);
-            let attend = |q: &B::Buf, k: &B::Buf, v: &B::Buf, attn: &mut B::Buf, _lse: &mut B::Buf| {
-                be.scatter_rows(k, kc, &pos_buf, rows, kvd, capacity);
-                be.scatter_rows(v, vc, &pos_buf, rows, kvd, capacity);
-                be.decode_attention_batch(q, kc, vc, &pos_buf, capacity, shape, attn);
+            let mixing = if layer.delta.is_some() {
+                // Slots 0 .. rows hold the active sequences' states.
+                Mixing::DeltaState(DeltaState { conv: kc, rec: vc })
+            } else {
+                let pos_buf = &pos_buf;
+                Mixing::Attend(Box::new(move |q: &B::Buf, k: &B::Buf, v: &B::Buf, attn: &mut B::Buf, _lse: &mut B::Buf| {
+                    be.scatter_rows(k, kc, pos_buf, rows, kvd, capacity);
+                    be.scatter_rows(v, vc, pos_buf, rows, kvd, capacity);
+                    be.decode_attention_batch(q, kc, vc, pos_buf, capacity, shape, attn);
+                }))
             };
-            x = layer::forward_with(be, cfg, layer, li, x, &ctx, attend).0;
+            x = layer::forward_with(be, cfg, layer, li, x, &ctx, mixing).0;
         }
         let mut normed = be.zeros(rows * h);
         let mut inv = be.zeros_f32(rows);
@@ -296,13 +335,25 @@ fn distinct(prompts: &[Vec<u32>]) -> Vec<(&[u32], Vec<usize>)> {
     groups
 }
 
-/// Copy the first `len` values of slot `from`'s region into slot `to`'s, in
-/// every layer's keys and values (through `scratch`, one region long: the
-/// two regions are parts of one buffer).
-fn move_region<B: Backend>(be: &B, cache: &mut BatchCache<B>, scratch: &mut B::Buf, from: usize, to: usize, len: usize) {
-    let region = be.len(scratch);
-    for buf in cache.k.iter_mut().chain(cache.v.iter_mut()) {
-        be.copy_slice(buf, from * region, scratch, 0, len);
-        be.copy_slice(scratch, 0, buf, to * region, len);
+/// Copy slot `from`'s used values (`used[layer]`, for k and v) into slot
+/// `to`'s, in every layer, through scratch (activations, f32 states: each
+/// at least one region long; the two regions are parts of one buffer).
+/// `state[layer]`: the layer holds delta-net states.
+fn move_region<B: Backend>(
+    be: &B,
+    cache: &mut BatchCache<B>,
+    scratch: &mut (B::Buf, B::Buf),
+    from: usize,
+    to: usize,
+    used: &[(usize, usize)],
+    state: &[bool],
+) {
+    for (li, &(uk, uv)) in used.iter().enumerate() {
+        let (rk, rv) = cache.region[li];
+        let tmp = if state[li] { &mut scratch.1 } else { &mut scratch.0 };
+        for (buf, region, len) in [(&mut cache.k[li], rk, uk), (&mut cache.v[li], rv, uv)] {
+            be.copy_slice(buf, from * region, tmp, 0, len);
+            be.copy_slice(tmp, 0, buf, to * region, len);
+        }
     }
 }

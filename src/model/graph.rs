@@ -42,6 +42,8 @@ struct Uploaded<B: Backend> {
     ids: B::IntBuf,
     positions: B::IntBuf,
     cu_seqlens: B::IntBuf,
+    /// Each sequence's length, kept on the host.
+    seq_lens: Vec<usize>,
 }
 
 fn upload<B: Backend>(be: &B, batch: &Batch) -> Uploaded<B> {
@@ -49,6 +51,7 @@ fn upload<B: Backend>(be: &B, batch: &Batch) -> Uploaded<B> {
         ids: be.upload_ints(&batch.ids),
         positions: be.upload_ints(&batch.positions),
         cu_seqlens: be.upload_ints(&batch.cu_seqlens),
+        seq_lens: batch.cu_seqlens.windows(2).map(|w| (w[1] - w[0]) as usize).collect(),
     }
 }
 
@@ -65,6 +68,7 @@ fn step_ctx<'a, B: Backend>(
         max_seqlen: batch.max_seqlen(),
         positions: &up.positions,
         cu_seqlens: &up.cu_seqlens,
+        seq_lens: &up.seq_lens,
         ropes,
         max_position: batch.positions.iter().copied().max().unwrap_or(0).max(0) as usize,
         dropout_seed: seed,

@@ -51,6 +51,44 @@ pub struct ModelConfig {
     /// Tokens that end generation: eos_token_id (an int or a list; empty
     /// when absent).
     pub eos_token_ids: Vec<u32>,
+    /// Each layer's token mixer.
+    pub layer_mixer: Vec<Mixer>,
+    /// The gated delta-net's dimensions (families with linear-attention
+    /// layers).
+    pub delta: Option<DeltaDims>,
+    /// q_proj gives [query | gate] per head; attention's output is
+    /// multiplied by σ(gate) (Qwen3.5).
+    pub attn_output_gate: bool,
+}
+
+/// What mixes tokens in a layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mixer {
+    /// Softmax attention (full or sliding-window).
+    Attention,
+    /// Qwen3.5's gated delta-net (linear attention).
+    DeltaNet,
+}
+
+/// The gated delta-net's numbers, from config.json's linear_* keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeltaDims {
+    pub k_heads: usize,
+    pub v_heads: usize,
+    pub k_dim: usize,
+    pub v_dim: usize,
+    pub conv_kernel: usize,
+}
+
+impl DeltaDims {
+    /// Channels of in_proj_qkv and the conv: [q | k | v].
+    pub fn conv_dim(&self) -> usize {
+        2 * self.k_heads * self.k_dim + self.v_heads * self.v_dim
+    }
+    /// Width of the output (and of z): v_heads·v_dim.
+    pub fn value_width(&self) -> usize {
+        self.v_heads * self.v_dim
+    }
 }
 
 struct Reader<'a> {
@@ -112,6 +150,51 @@ pub fn token_ids(v: Option<&Value>, key: &str, file: &str) -> Result<Vec<u32>> {
         Some(Value::Array(a)) => a.iter().map(one).collect(),
         Some(x) => Ok(vec![one(x)?]),
     }
+}
+
+/// Each layer's mixer and, for families with a gated delta-net, its
+/// dimensions: layer_types names the linear-attention layers (without it,
+/// full_attention_interval: every interval-th layer, 1-based, is full).
+fn delta_layers(r: &Reader, raw: &Value, has_delta: bool, n_layers: usize) -> Result<(Vec<Mixer>, Option<DeltaDims>)> {
+    if !has_delta {
+        return Ok((vec![Mixer::Attention; n_layers], None));
+    }
+    let file = r.file;
+    let mixer = match raw.get("layer_types").and_then(|v| v.as_array()) {
+        Some(types) => types.iter().map(|t| if t.as_str() == Some("linear_attention") { Mixer::DeltaNet } else { Mixer::Attention }).collect(),
+        None => {
+            let interval = r.usize_opt("full_attention_interval")?.unwrap_or(4);
+            if interval == 0 {
+                bail!("{file}: \"full_attention_interval\" is 0; every n-th layer is full attention, so n must be at least 1");
+            }
+            (0..n_layers).map(|i| if (i + 1) % interval == 0 { Mixer::Attention } else { Mixer::DeltaNet }).collect()
+        }
+    };
+    let dims = DeltaDims {
+        k_heads: r.usize("linear_num_key_heads")?,
+        v_heads: r.usize("linear_num_value_heads")?,
+        k_dim: r.usize("linear_key_head_dim")?,
+        v_dim: r.usize("linear_value_head_dim")?,
+        conv_kernel: r.usize_opt("linear_conv_kernel_dim")?.unwrap_or(4),
+    };
+    for (key, v) in [
+        ("linear_num_key_heads", dims.k_heads),
+        ("linear_key_head_dim", dims.k_dim),
+        ("linear_value_head_dim", dims.v_dim),
+        ("linear_conv_kernel_dim", dims.conv_kernel),
+    ] {
+        if v == 0 {
+            bail!("{file}: \"{key}\" is 0; it must be at least 1");
+        }
+    }
+    if dims.v_heads == 0 || dims.v_heads % dims.k_heads != 0 {
+        bail!(
+            "{file}: linear_num_value_heads ({}) must be a positive multiple of linear_num_key_heads ({})",
+            dims.v_heads,
+            dims.k_heads
+        );
+    }
+    Ok((mixer, Some(dims)))
 }
 
 impl ModelConfig {
@@ -208,6 +291,13 @@ impl ModelConfig {
         let tie_word_embeddings = r.bool_or("tie_word_embeddings", false)?;
 
         let window = r.usize_opt("sliding_window")?;
+        let has_delta = family.weights.delta_net.is_some();
+        let expected_types = if has_delta {
+            "\"full_attention\" or \"linear_attention\""
+        } else {
+            "\"full_attention\" or \"sliding_attention\""
+        };
+        let (layer_mixer, delta) = delta_layers(&r, &raw, has_delta, n_layers)?;
         let layer_window: Vec<Option<usize>> = match family.sliding_window {
             SlidingWindow::None => vec![None; n_layers],
             SlidingWindow::AllLayers => vec![window; n_layers],
@@ -221,10 +311,11 @@ impl ModelConfig {
                         .enumerate()
                         .map(|(i, t)| match t.as_str() {
                             Some("full_attention") => Ok(None),
+                            Some("linear_attention") if has_delta => Ok(None),
                             Some("sliding_attention") => window.map(Some).with_context(|| {
                                 format!("{file}: layer {i} is sliding_attention but sliding_window is not set")
                             }),
-                            _ => bail!("{file}: layer_types[{i}] is {t}, expected \"full_attention\" or \"sliding_attention\""),
+                            _ => bail!("{file}: layer_types[{i}] is {t}, expected {}", expected_types),
                         })
                         .collect::<Result<_>>()?
                 } else if family.sliding_window == SlidingWindow::Pattern {
@@ -277,6 +368,9 @@ impl ModelConfig {
             tie_word_embeddings,
             dtype,
             layer_window,
+            layer_mixer,
+            delta,
+            attn_output_gate: family.attn_output_gate,
         })
     }
 

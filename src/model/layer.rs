@@ -4,18 +4,22 @@
 //!   h1 = norm(x_in);  q,k,v = proj(h1)  (one fused qkv product, or three)
 //!   q,k = norm_head(q), norm_head(k)    (per-head q/k norms, if any)
 //!   rope(q, k);  attn = attention(q, k, v)  (scale, soft-cap, window)
+//!   attn ⊙= σ(gate)                     (Qwen3.5: q_proj also gives the gate)
 //!   x_mid = x_in + norm_post(o_proj(attn))  (post-attention norm, if any)
 //!   h2 = norm(x_mid);  act = act(gate(h2)) ⊙ up(h2)  (fused gate_up, or two)
 //!   x_out = x_mid + norm_post(down(act))  (post-MLP norm, if any)
 //!
 //! The optional parts are the families' differences: Llama/Mistral/Qwen2
 //! take none, Qwen3 the q/k norms, Gemma 2 the post norms (and soft-cap,
-//! GeGLU), Gemma 3 both norms, Phi-3 the fused products.
+//! GeGLU), Gemma 3 both norms, Phi-3 the fused products. A linear-attention
+//! layer (Qwen3.5) mixes tokens with the gated delta-net instead of
+//! attention (`delta_layer`); the MLP half is the same.
 
+use super::delta_layer;
 use super::{Layer, Linear, Proj, RopeTable};
 use crate::backend::{
-    AttnSaved, AttnShape, Backend, ColsShape, Dropout, GluShape, LoraGrads, LoraInputs, LoraShape, MatShape, NormShape, Qkv,
-    QkvGrads, RopeShape, Varlen,
+    AttnSaved, AttnShape, Backend, ColsShape, DeltaState, Dropout, GluAct, GluShape, LoraGrads, LoraInputs, LoraShape, MatShape,
+    NormShape, Qkv, QkvGrads, RopeShape, Varlen,
 };
 use crate::model::hparams::ModelConfig;
 
@@ -27,6 +31,9 @@ pub struct StepCtx<'a, B: Backend> {
     pub max_seqlen: usize,
     pub positions: &'a B::IntBuf,
     pub cu_seqlens: &'a B::IntBuf,
+    /// Each sequence's token count, on the host (sizes the delta-net's
+    /// saved states).
+    pub seq_lens: &'a [usize],
     /// The model's rotary tables (`Model::rope_tables`).
     pub ropes: &'a [RopeTable<B>],
     /// The largest position in this forward (picks long-rope's table).
@@ -40,9 +47,9 @@ pub struct StepCtx<'a, B: Backend> {
 }
 
 /// A norm's input and saved inverse RMS (for its backward).
-struct Normed<B: Backend> {
-    x: B::Buf,
-    inv: B::Buf,
+pub(super) struct Normed<B: Backend> {
+    pub x: B::Buf,
+    pub inv: B::Buf,
 }
 
 /// Activations saved by a layer's forward for its backward.
@@ -50,16 +57,9 @@ pub struct LayerActs<B: Backend> {
     pub x_in: B::Buf,
     h1: B::Buf,
     inv1: B::Buf,
-    /// q and k before their per-head norms (models with q/k norms).
-    q_raw: Option<Normed<B>>,
-    k_raw: Option<Normed<B>>,
-    /// Rotated q and k, and v, as attention saw them.
-    q: B::Buf,
-    k: B::Buf,
-    v: B::Buf,
-    attn: B::Buf,
-    lse: B::Buf,
-    /// o_proj's output before the post-attention norm (models with one).
+    mixer: MixerActs<B>,
+    /// The output projection's output before the post-attention norm
+    /// (models with one).
     o_raw: Option<Normed<B>>,
     x_mid: B::Buf,
     h2: B::Buf,
@@ -70,7 +70,50 @@ pub struct LayerActs<B: Backend> {
     /// down's output before the post-MLP norm (models with one).
     down_raw: Option<Normed<B>>,
     /// LoRA's x·Aᵀ per projection (indexed by `Proj as usize`).
-    xa: Vec<Option<B::Buf>>,
+    pub(super) xa: Vec<Option<B::Buf>>,
+}
+
+/// What the token mixer saved.
+enum MixerActs<B: Backend> {
+    Attention(AttnActs<B>),
+    DeltaNet(delta_layer::DeltaActs<B>),
+}
+
+/// Attention's saved activations.
+struct AttnActs<B: Backend> {
+    /// q and k before their per-head norms (models with q/k norms).
+    q_raw: Option<Normed<B>>,
+    k_raw: Option<Normed<B>>,
+    /// Rotated q and k, and v, as attention saw them.
+    q: B::Buf,
+    k: B::Buf,
+    v: B::Buf,
+    attn: B::Buf,
+    lse: B::Buf,
+    /// Gated attention: the gate (before σ) and attn ⊙ σ(gate), o_proj's input.
+    gated: Option<(B::Buf, B::Buf)>,
+}
+
+impl<B: Backend> MixerActs<B> {
+    /// The output projection's input.
+    fn o_input(&self) -> &B::Buf {
+        match self {
+            MixerActs::Attention(a) => a.gated.as_ref().map_or(&a.attn, |(_, g)| g),
+            MixerActs::DeltaNet(d) => &d.core,
+        }
+    }
+}
+
+/// How a layer's token mixer runs: over the training batch, or (generation)
+/// attention against a KV cache or the delta-net from each sequence's state.
+pub enum Mixing<'a, B: Backend> {
+    /// `attention` / `delta_net` over the varlen batch of the step.
+    Batch,
+    /// `attend(q, k, v, attn, lse)` given the rotated q and k: attention
+    /// against a KV cache, which it extends by k and v.
+    Attend(Box<dyn FnOnce(&B::Buf, &B::Buf, &B::Buf, &mut B::Buf, &mut B::Buf) + 'a>),
+    /// The delta-net continuing from, and updating, each sequence's state.
+    DeltaState(DeltaState<'a, B::Buf>),
 }
 
 pub fn clone_buf<B: Backend>(be: &B, src: &B::Buf) -> B::Buf {
@@ -80,22 +123,24 @@ pub fn clone_buf<B: Backend>(be: &B, src: &B::Buf) -> B::Buf {
     dst
 }
 
-fn dropout_for<B: Backend>(lin: &Linear<B>, seed: Option<u64>, layer: usize, p: Proj) -> Option<Dropout> {
+pub(super) fn dropout_for<B: Backend>(lin: &Linear<B>, seed: Option<u64>, layer: usize, p: Proj) -> Option<Dropout> {
     let lora = lin.lora.as_ref()?;
     let seed = seed?;
     if lora.dropout <= 0.0 {
         return None;
     }
     // Seven slots per layer: the unfused projections' (a fused one takes its
-    // first part's slot), so masks of existing families never change.
-    let module = (layer * 7 + p.slot()) as u64;
+    // first part's slot), so masks of existing families never change. The
+    // delta-net's projections (slots 9..) are numbered past every layer's.
+    let slot = p.slot();
+    let module = if slot < 7 { (layer * 7 + slot) as u64 } else { (1u64 << 40) + (layer * 16 + slot) as u64 };
     Some(Dropout { p: lora.dropout, seed: crate::util::rng::Rng::new(seed ^ module.wrapping_mul(0xD6E8_FEB8_6659_FD93)).next_u64() })
 }
 
 /// y = x·Wᵀ (+b) (+ LoRA) for projection `p` of layer `li`; LoRA's x·Aᵀ is
 /// kept in `xa[p]` for the backward.
 #[allow(clippy::too_many_arguments)]
-fn proj_forward<B: Backend>(
+pub(super) fn proj_forward<B: Backend>(
     be: &B,
     layer: &Layer<B>,
     li: usize,
@@ -121,12 +166,12 @@ fn proj_forward<B: Backend>(
 /// dx (+)= dy·W (+ LoRA path) for projection `p` of layer `li`, whose input
 /// was `x`; LoRA gradients accumulate into the adapter.
 #[allow(clippy::too_many_arguments)]
-fn proj_backward<B: Backend>(
+pub(super) fn proj_backward<B: Backend>(
     be: &B,
     layer: &mut Layer<B>,
     li: usize,
     p: Proj,
-    acts: &LayerActs<B>,
+    xa: &[Option<B::Buf>],
     seed: Option<u64>,
     dy: &B::Buf,
     x: &B::Buf,
@@ -138,7 +183,7 @@ fn proj_backward<B: Backend>(
     let Linear { weight, lora, in_f, out_f, .. } = layer.p_mut(p);
     be.linear_backward_input(dy, weight, dx, MatShape { m, k: *in_f, n: *out_f }, accumulate);
     if let Some(l) = lora.as_mut() {
-        let xa = acts.xa[p as usize].as_ref().expect("LoRA activations saved in forward");
+        let xa = xa[p as usize].as_ref().expect("LoRA activations saved in forward");
         let shape = LoraShape { m, k: *in_f, n: *out_f, r: l.r, scale: l.scale, dropout };
         let grads = LoraGrads { dx, da: &mut l.grad_a, db: &mut l.grad_b };
         be.lora_backward(dy, LoraInputs { x, a: &l.a, b: &l.b }, xa, grads, shape);
@@ -168,7 +213,7 @@ fn rope_shape(cfg: &ModelConfig, layer: &Layer<impl Backend>, n: usize, heads: u
 
 /// y = norm(x) over rows of `hidden`, keeping x and the inverse RMS when
 /// `keep` (for the backward).
-fn norm_forward<B: Backend>(be: &B, cfg: &ModelConfig, w: &B::Weight, x: B::Buf, rows: usize, hidden: usize) -> (B::Buf, Normed<B>) {
+pub(super) fn norm_forward<B: Backend>(be: &B, cfg: &ModelConfig, w: &B::Weight, x: B::Buf, rows: usize, hidden: usize) -> (B::Buf, Normed<B>) {
     let mut y = be.zeros_like(&x);
     let mut inv = be.zeros_f32(rows);
     be.rmsnorm(&x, w, &mut y, &mut inv, norm_shape(cfg, rows, hidden), cfg.rms_norm_eps);
@@ -176,14 +221,14 @@ fn norm_forward<B: Backend>(be: &B, cfg: &ModelConfig, w: &B::Weight, x: B::Buf,
 }
 
 /// ∂L/∂x of `norm_forward`, given ∂L/∂y.
-fn norm_backward<B: Backend>(be: &B, cfg: &ModelConfig, w: &B::Weight, saved: &Normed<B>, dy: &B::Buf, rows: usize, hidden: usize) -> B::Buf {
+pub(super) fn norm_backward<B: Backend>(be: &B, cfg: &ModelConfig, w: &B::Weight, saved: &Normed<B>, dy: &B::Buf, rows: usize, hidden: usize) -> B::Buf {
     let mut dx = be.zeros_like(dy);
     be.rmsnorm_backward(dy, &saved.x, w, &saved.inv, &mut dx, norm_shape(cfg, rows, hidden));
     dx
 }
 
 /// Column blocks [widths...] of a fused [rows, Σ widths] output.
-fn split_cols<B: Backend>(be: &B, fused: &B::Buf, rows: usize, widths: &[usize]) -> Vec<B::Buf> {
+pub(super) fn split_cols<B: Backend>(be: &B, fused: &B::Buf, rows: usize, widths: &[usize]) -> Vec<B::Buf> {
     let total: usize = widths.iter().sum();
     let mut off = 0;
     widths
@@ -198,7 +243,7 @@ fn split_cols<B: Backend>(be: &B, fused: &B::Buf, rows: usize, widths: &[usize])
 }
 
 /// The fused [rows, Σ widths] gradient from its column blocks.
-fn join_cols<B: Backend>(be: &B, parts: &[&B::Buf], rows: usize, widths: &[usize]) -> B::Buf {
+pub(super) fn join_cols<B: Backend>(be: &B, parts: &[&B::Buf], rows: usize, widths: &[usize]) -> B::Buf {
     let total: usize = widths.iter().sum();
     let mut fused = be.zeros(rows * total);
     let mut off = 0;
@@ -209,18 +254,16 @@ fn join_cols<B: Backend>(be: &B, parts: &[&B::Buf], rows: usize, widths: &[usize
     fused
 }
 
-/// Forward of layer `li`; consumes x_in (it is saved in the activations).
+/// Forward of layer `li` over the step's batch; consumes x_in (it is saved
+/// in the activations).
 pub fn forward<B: Backend>(be: &B, cfg: &ModelConfig, layer: &Layer<B>, li: usize, x_in: B::Buf, ctx: &StepCtx<B>) -> (B::Buf, LayerActs<B>) {
-    let shape = attn_shape(cfg, ctx.n, ctx.max_seqlen, layer.window);
-    forward_with(be, cfg, layer, li, x_in, ctx, |q, k, v, attn, lse| {
-        be.attention(Qkv { q, k, v }, Varlen { cu_seqlens: ctx.cu_seqlens, n_seqs: ctx.n_seqs }, shape, attn, lse)
-    })
+    forward_with(be, cfg, layer, li, x_in, ctx, Mixing::Batch)
 }
 
-/// Forward of layer `li` with the attention itself left to `attend(q, k, v,
-/// attn, lse)`, given the rotated q and k: the batch's own causal attention
-/// in training, or attention against a KV cache in generation (which then
-/// stores k and v), so both run exactly the same layer.
+/// Forward of layer `li` with its token mixer run as `mixing` says: the
+/// batch's own causal attention or delta-net in training, or against a KV
+/// cache / the delta-net's state in generation, so both run exactly the
+/// same layer.
 pub fn forward_with<B: Backend>(
     be: &B,
     cfg: &ModelConfig,
@@ -228,44 +271,29 @@ pub fn forward_with<B: Backend>(
     li: usize,
     x_in: B::Buf,
     ctx: &StepCtx<B>,
-    attend: impl FnOnce(&B::Buf, &B::Buf, &B::Buf, &mut B::Buf, &mut B::Buf),
+    mixing: Mixing<'_, B>,
 ) -> (B::Buf, LayerActs<B>) {
     let n = ctx.n;
     let h = cfg.hidden;
-    let (qd, kvd, d) = (cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.head_dim);
     let mut xa: Vec<Option<B::Buf>> = (0..Proj::ALL.len()).map(|_| None).collect();
 
     let mut h1 = be.zeros(n * h);
     let mut inv1 = be.zeros_f32(n);
     be.rmsnorm(&x_in, &layer.input_norm, &mut h1, &mut inv1, norm_shape(cfg, n, h), cfg.rms_norm_eps);
 
-    let (q, k, v) = if layer.proj[Proj::Qkv as usize].is_some() {
-        let qkv = proj_forward(be, layer, li, Proj::Qkv, &h1, n, ctx, &mut xa);
-        let mut parts = split_cols(be, &qkv, n, &[qd, kvd, kvd]).into_iter();
-        (parts.next().unwrap(), parts.next().unwrap(), parts.next().unwrap())
-    } else {
-        let q = proj_forward(be, layer, li, Proj::Q, &h1, n, ctx, &mut xa);
-        let k = proj_forward(be, layer, li, Proj::K, &h1, n, ctx, &mut xa);
-        (q, k, proj_forward(be, layer, li, Proj::V, &h1, n, ctx, &mut xa))
-    };
-    // Per-head norms: rows of head_dim.
-    let ((mut q, q_raw), (mut k, k_raw)) = match (&layer.q_norm, &layer.k_norm) {
-        (Some(qn), Some(kn)) => {
-            let (qn_out, q_saved) = norm_forward(be, cfg, qn, q, n * cfg.n_heads, d);
-            let (kn_out, k_saved) = norm_forward(be, cfg, kn, k, n * cfg.n_kv_heads, d);
-            ((qn_out, Some(q_saved)), (kn_out, Some(k_saved)))
+    let (mixer, out_proj) = match &layer.delta {
+        Some(params) => {
+            let state = match mixing {
+                Mixing::DeltaState(s) => Some(s),
+                _ => None,
+            };
+            let acts = delta_layer::forward(be, cfg, layer, params, li, &h1, ctx, state, &mut xa);
+            (MixerActs::DeltaNet(acts), Proj::DeltaOut)
         }
-        _ => ((q, None), (k, None)),
+        None => (MixerActs::Attention(attention_forward(be, cfg, layer, li, &h1, ctx, mixing, &mut xa)), Proj::O),
     };
-    let inv_freq = ctx.ropes[layer.rope].for_max_position(ctx.max_position);
-    be.rope(&mut q, ctx.positions, inv_freq, rope_shape(cfg, layer, n, cfg.n_heads));
-    be.rope(&mut k, ctx.positions, inv_freq, rope_shape(cfg, layer, n, cfg.n_kv_heads));
 
-    let mut attn = be.zeros(n * qd);
-    let mut lse = be.zeros_f32(cfg.n_heads * n);
-    attend(&q, &k, &v, &mut attn, &mut lse);
-
-    let o = proj_forward(be, layer, li, Proj::O, &attn, n, ctx, &mut xa);
+    let o = proj_forward(be, layer, li, out_proj, mixer.o_input(), n, ctx, &mut xa);
     let (o, o_raw) = match &layer.post_attn_norm {
         Some(w) => {
             let (y, saved) = norm_forward(be, cfg, w, o, n, h);
@@ -302,8 +330,68 @@ pub fn forward_with<B: Backend>(
     let mut x_out = clone_buf(be, &x_mid);
     be.add_assign(&mut x_out, &down);
 
-    let acts = LayerActs { x_in, h1, inv1, q_raw, k_raw, q, k, v, attn, lse, o_raw, x_mid, h2, inv2, gate, up, act, down_raw, xa };
+    let acts = LayerActs { x_in, h1, inv1, mixer, o_raw, x_mid, h2, inv2, gate, up, act, down_raw, xa };
     (x_out, acts)
+}
+
+/// Attention from the normed input h1 to o_proj's input.
+#[allow(clippy::too_many_arguments)]
+fn attention_forward<B: Backend>(
+    be: &B,
+    cfg: &ModelConfig,
+    layer: &Layer<B>,
+    li: usize,
+    h1: &B::Buf,
+    ctx: &StepCtx<B>,
+    mixing: Mixing<'_, B>,
+    xa: &mut [Option<B::Buf>],
+) -> AttnActs<B> {
+    let n = ctx.n;
+    let (qd, kvd, d) = (cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.head_dim);
+    let (q, k, v) = if layer.proj[Proj::Qkv as usize].is_some() {
+        let qkv = proj_forward(be, layer, li, Proj::Qkv, h1, n, ctx, xa);
+        let mut parts = split_cols(be, &qkv, n, &[qd, kvd, kvd]).into_iter();
+        (parts.next().unwrap(), parts.next().unwrap(), parts.next().unwrap())
+    } else {
+        let q = proj_forward(be, layer, li, Proj::Q, h1, n, ctx, xa);
+        let k = proj_forward(be, layer, li, Proj::K, h1, n, ctx, xa);
+        (q, k, proj_forward(be, layer, li, Proj::V, h1, n, ctx, xa))
+    };
+    // Gated attention: each head's q_proj row block is [query | gate].
+    let (q, gate) = if cfg.attn_output_gate {
+        let mut parts = split_cols(be, &q, n * cfg.n_heads, &[d, d]).into_iter();
+        (parts.next().unwrap(), parts.next())
+    } else {
+        (q, None)
+    };
+    // Per-head norms: rows of head_dim.
+    let ((mut q, q_raw), (mut k, k_raw)) = match (&layer.q_norm, &layer.k_norm) {
+        (Some(qn), Some(kn)) => {
+            let (qn_out, q_saved) = norm_forward(be, cfg, qn, q, n * cfg.n_heads, d);
+            let (kn_out, k_saved) = norm_forward(be, cfg, kn, k, n * cfg.n_kv_heads, d);
+            ((qn_out, Some(q_saved)), (kn_out, Some(k_saved)))
+        }
+        _ => ((q, None), (k, None)),
+    };
+    let inv_freq = ctx.ropes[layer.rope].for_max_position(ctx.max_position);
+    be.rope(&mut q, ctx.positions, inv_freq, rope_shape(cfg, layer, n, cfg.n_heads));
+    be.rope(&mut k, ctx.positions, inv_freq, rope_shape(cfg, layer, n, cfg.n_kv_heads));
+
+    let mut attn = be.zeros(n * qd);
+    let mut lse = be.zeros_f32(cfg.n_heads * n);
+    match mixing {
+        Mixing::Attend(attend) => attend(&q, &k, &v, &mut attn, &mut lse),
+        _ => {
+            let shape = attn_shape(cfg, n, ctx.max_seqlen, layer.window);
+            be.attention(Qkv { q: &q, k: &k, v: &v }, Varlen { cu_seqlens: ctx.cu_seqlens, n_seqs: ctx.n_seqs }, shape, &mut attn, &mut lse)
+        }
+    }
+    let gated = gate.map(|g| {
+        let mut out = be.zeros(n * qd);
+        be.glu(&g, &attn, &mut out, GluShape { len: n * qd, act: GluAct::Sigmoid });
+        (g, out)
+    });
+    AttnActs { q_raw, k_raw, q, k, v, attn, lse, gated }
 }
 
 /// Backward of layer `li`: on entry `dx` holds ∂L/∂x_out, on exit ∂L/∂x_in.
@@ -319,9 +407,9 @@ pub fn backward<B: Backend>(
 ) {
     let n = ctx.n;
     let h = cfg.hidden;
-    let (qd, kvd, d) = (cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.head_dim);
     let inter = cfg.intermediate;
     let seed = ctx.dropout_seed;
+    let xa = &acts.xa;
 
     // MLP: x_out = x_mid + post_norm(down(act(gate(h2)) ⊙ up(h2)))
     let d_down = match (&layer.post_mlp_norm, &acts.down_raw) {
@@ -329,7 +417,7 @@ pub fn backward<B: Backend>(
         _ => None,
     };
     let mut d_act = be.zeros(n * inter);
-    proj_backward(be, layer, li, Proj::Down, acts, seed, d_down.as_ref().unwrap_or(dx), &acts.act, &mut d_act, n, false);
+    proj_backward(be, layer, li, Proj::Down, xa, seed, d_down.as_ref().unwrap_or(dx), &acts.act, &mut d_act, n, false);
     drop(d_down);
     let mut d_gate = be.zeros(n * inter);
     let mut d_up = be.zeros(n * inter);
@@ -339,22 +427,57 @@ pub fn backward<B: Backend>(
     if layer.proj[Proj::GateUp as usize].is_some() {
         let d_gu = join_cols(be, &[&d_gate, &d_up], n, &[inter, inter]);
         drop((d_gate, d_up));
-        proj_backward(be, layer, li, Proj::GateUp, acts, seed, &d_gu, &acts.h2, &mut dh2, n, false);
+        proj_backward(be, layer, li, Proj::GateUp, xa, seed, &d_gu, &acts.h2, &mut dh2, n, false);
     } else {
-        proj_backward(be, layer, li, Proj::Gate, acts, seed, &d_gate, &acts.h2, &mut dh2, n, false);
-        proj_backward(be, layer, li, Proj::Up, acts, seed, &d_up, &acts.h2, &mut dh2, n, true);
+        proj_backward(be, layer, li, Proj::Gate, xa, seed, &d_gate, &acts.h2, &mut dh2, n, false);
+        proj_backward(be, layer, li, Proj::Up, xa, seed, &d_up, &acts.h2, &mut dh2, n, true);
     }
     be.rmsnorm_backward(&dh2, &acts.x_mid, &layer.pre_mlp_norm, &acts.inv2, dx, norm_shape(cfg, n, h));
     drop(dh2);
 
-    // Attention: x_mid = x_in + post_norm(o_proj(attention(rope(q), rope(k), v)))
+    // Mixer: x_mid = x_in + post_norm(out_proj(mixer(h1)))
     let d_o = match (&layer.post_attn_norm, &acts.o_raw) {
         (Some(w), Some(saved)) => Some(norm_backward(be, cfg, w, saved, dx, n, h)),
         _ => None,
     };
-    let mut d_attn = be.zeros(n * qd);
-    proj_backward(be, layer, li, Proj::O, acts, seed, d_o.as_ref().unwrap_or(dx), &acts.attn, &mut d_attn, n, false);
-    drop(d_o);
+    let d_o = d_o.as_ref().unwrap_or(dx);
+    let mut dh1 = be.zeros(n * h);
+    match &acts.mixer {
+        MixerActs::Attention(a) => attention_backward(be, cfg, layer, li, a, xa, d_o, &acts.h1, &mut dh1, ctx),
+        MixerActs::DeltaNet(d) => delta_layer::backward(be, cfg, layer, li, d, xa, d_o, &acts.h1, &mut dh1, ctx),
+    }
+    be.rmsnorm_backward(&dh1, &acts.x_in, &layer.input_norm, &acts.inv1, dx, norm_shape(cfg, n, h));
+}
+
+/// ∂L/∂h1 of attention (written to dh1), given ∂L/∂(o_proj's output).
+#[allow(clippy::too_many_arguments)]
+fn attention_backward<B: Backend>(
+    be: &B,
+    cfg: &ModelConfig,
+    layer: &mut Layer<B>,
+    li: usize,
+    acts: &AttnActs<B>,
+    xa: &[Option<B::Buf>],
+    d_o: &B::Buf,
+    h1: &B::Buf,
+    dh1: &mut B::Buf,
+    ctx: &StepCtx<B>,
+) {
+    let n = ctx.n;
+    let (qd, kvd, d) = (cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.head_dim);
+    let seed = ctx.dropout_seed;
+    let o_in = acts.gated.as_ref().map_or(&acts.attn, |(_, g)| g);
+    let mut d_o_in = be.zeros(n * qd);
+    proj_backward(be, layer, li, Proj::O, xa, seed, d_o, o_in, &mut d_o_in, n, false);
+    // Gated attention: o_in = σ(gate) ⊙ attn.
+    let (d_attn, d_gate) = match &acts.gated {
+        Some((gate, _)) => {
+            let (mut d_gate, mut d_attn) = (be.zeros(n * qd), be.zeros(n * qd));
+            be.glu_backward(&d_o_in, gate, &acts.attn, &mut d_gate, &mut d_attn, GluShape { len: n * qd, act: GluAct::Sigmoid });
+            (d_attn, Some(d_gate))
+        }
+        None => (d_o_in, None),
+    };
     let mut dq = be.zeros(n * qd);
     let mut dk = be.zeros(n * kvd);
     let mut dv = be.zeros(n * kvd);
@@ -375,15 +498,17 @@ pub fn backward<B: Backend>(
         dq = norm_backward(be, cfg, qn, qs, &dq, n * cfg.n_heads, d);
         dk = norm_backward(be, cfg, kn, ks, &dk, n * cfg.n_kv_heads, d);
     }
-    let mut dh1 = be.zeros(n * h);
-    if layer.proj[Proj::Qkv as usize].is_some() {
-        let d_qkv = join_cols(be, &[&dq, &dk, &dv], n, &[qd, kvd, kvd]);
-        drop((dq, dk, dv));
-        proj_backward(be, layer, li, Proj::Qkv, acts, seed, &d_qkv, &acts.h1, &mut dh1, n, false);
-    } else {
-        proj_backward(be, layer, li, Proj::Q, acts, seed, &dq, &acts.h1, &mut dh1, n, false);
-        proj_backward(be, layer, li, Proj::K, acts, seed, &dk, &acts.h1, &mut dh1, n, true);
-        proj_backward(be, layer, li, Proj::V, acts, seed, &dv, &acts.h1, &mut dh1, n, true);
+    if let Some(d_gate) = d_gate {
+        dq = join_cols(be, &[&dq, &d_gate], n * cfg.n_heads, &[d, d]);
     }
-    be.rmsnorm_backward(&dh1, &acts.x_in, &layer.input_norm, &acts.inv1, dx, norm_shape(cfg, n, h));
+    let q_width = be.len(&dq) / n;
+    if layer.proj[Proj::Qkv as usize].is_some() {
+        let d_qkv = join_cols(be, &[&dq, &dk, &dv], n, &[q_width, kvd, kvd]);
+        drop((dq, dk, dv));
+        proj_backward(be, layer, li, Proj::Qkv, xa, seed, &d_qkv, h1, dh1, n, false);
+    } else {
+        proj_backward(be, layer, li, Proj::Q, xa, seed, &dq, h1, dh1, n, false);
+        proj_backward(be, layer, li, Proj::K, xa, seed, &dk, h1, dh1, n, true);
+        proj_backward(be, layer, li, Proj::V, xa, seed, &dv, h1, dh1, n, true);
+    }
 }

@@ -6,6 +6,7 @@
 //! needs goes in `backend` and is called from `layer`.
 
 pub mod batch;
+mod delta_layer;
 pub mod checkpoint;
 pub mod hparams;
 pub mod graph;
@@ -23,7 +24,8 @@ use crate::backend::Backend;
 use crate::util::rng::Rng;
 use anyhow::{Context, Result};
 use checkpoint::Checkpoint;
-use hparams::ModelConfig;
+use hparams::{Mixer, ModelConfig};
+pub use delta_layer::delta_shape;
 
 /// The linear projections of a decoder layer. A family has either Q, K, V
 /// or the fused Qkv ([q; k; v] rows, one matrix and one LoRA adapter), and
@@ -39,16 +41,48 @@ pub enum Proj {
     Down,
     Qkv,
     GateUp,
+    /// The gated delta-net's input projections (qkv before the conv, the
+    /// output gate z, β's b, the decay's a) and its output projection.
+    DeltaQkv,
+    DeltaZ,
+    DeltaB,
+    DeltaA,
+    DeltaOut,
 }
 
 impl Proj {
-    pub const ALL: [Proj; 9] = [Proj::Q, Proj::K, Proj::V, Proj::O, Proj::Gate, Proj::Up, Proj::Down, Proj::Qkv, Proj::GateUp];
+    pub const ALL: [Proj; 14] = [
+        Proj::Q,
+        Proj::K,
+        Proj::V,
+        Proj::O,
+        Proj::Gate,
+        Proj::Up,
+        Proj::Down,
+        Proj::Qkv,
+        Proj::GateUp,
+        Proj::DeltaQkv,
+        Proj::DeltaZ,
+        Proj::DeltaB,
+        Proj::DeltaA,
+        Proj::DeltaOut,
+    ];
+    const DELTA: [Proj; 8] = [Proj::DeltaQkv, Proj::DeltaZ, Proj::DeltaB, Proj::DeltaA, Proj::DeltaOut, Proj::Gate, Proj::Up, Proj::Down];
     const SEPARATE: [Proj; 7] = [Proj::Q, Proj::K, Proj::V, Proj::O, Proj::Gate, Proj::Up, Proj::Down];
     const FUSED_QKV: [Proj; 5] = [Proj::Qkv, Proj::O, Proj::Gate, Proj::Up, Proj::Down];
     const FUSED_MLP: [Proj; 6] = [Proj::Q, Proj::K, Proj::V, Proj::O, Proj::GateUp, Proj::Down];
     const FUSED_BOTH: [Proj; 4] = [Proj::Qkv, Proj::O, Proj::GateUp, Proj::Down];
 
-    /// The projections a layer of this model has, in checkpoint order.
+    /// The projections layer `li` has, in checkpoint order.
+    pub fn of_layer(cfg: &ModelConfig, li: usize) -> &'static [Proj] {
+        match cfg.layer_mixer[li] {
+            Mixer::DeltaNet => &Self::DELTA,
+            Mixer::Attention => Self::of(cfg),
+        }
+    }
+
+    /// The projections an attention layer of this model has, in checkpoint
+    /// order (every layer's, for families without linear-attention layers).
     pub fn of(cfg: &ModelConfig) -> &'static [Proj] {
         let w = &cfg.family.weights;
         match (w.fused_qkv(), w.fused_gate_up()) {
@@ -73,6 +107,16 @@ impl Proj {
             Proj::Down => return &w.down,
             Proj::Qkv => &w.qkv,
             Proj::GateUp => &w.gate_up,
+            Proj::DeltaQkv | Proj::DeltaZ | Proj::DeltaB | Proj::DeltaA | Proj::DeltaOut => {
+                let d = w.delta_net.as_ref().unwrap_or_else(|| panic!("{self:?} is not a projection of {} models", cfg.family.family));
+                return match self {
+                    Proj::DeltaQkv => &d.in_qkv,
+                    Proj::DeltaZ => &d.in_z,
+                    Proj::DeltaB => &d.in_b,
+                    Proj::DeltaA => &d.in_a,
+                    _ => &d.out,
+                };
+            }
         };
         name.as_deref().unwrap_or_else(|| panic!("{self:?} is not a projection of {} models", cfg.family.family))
     }
@@ -82,14 +126,21 @@ impl Proj {
         let h = cfg.hidden;
         let qd = cfg.n_heads * cfg.head_dim;
         let kvd = cfg.n_kv_heads * cfg.head_dim;
+        // Gated attention's q_proj gives [query | gate] per head.
+        let q_out = if cfg.attn_output_gate { 2 * qd } else { qd };
+        let delta = || cfg.delta.unwrap_or_else(|| panic!("{self:?}: {} models have no gated delta-net", cfg.family.family));
         match self {
-            Proj::Q => (h, qd),
+            Proj::Q => (h, q_out),
             Proj::K | Proj::V => (h, kvd),
             Proj::Qkv => (h, qd + 2 * kvd),
             Proj::O => (qd, h),
             Proj::Gate | Proj::Up => (h, cfg.intermediate),
             Proj::GateUp => (h, 2 * cfg.intermediate),
             Proj::Down => (cfg.intermediate, h),
+            Proj::DeltaQkv => (h, delta().conv_dim()),
+            Proj::DeltaZ => (h, delta().value_width()),
+            Proj::DeltaB | Proj::DeltaA => (h, delta().v_heads),
+            Proj::DeltaOut => (delta().value_width(), h),
         }
     }
 
@@ -98,12 +149,13 @@ impl Proj {
             Proj::Q | Proj::K | Proj::V | Proj::Qkv => cfg.qkv_bias,
             Proj::O => cfg.o_bias,
             Proj::Gate | Proj::Up | Proj::Down | Proj::GateUp => cfg.mlp_bias,
+            Proj::DeltaQkv | Proj::DeltaZ | Proj::DeltaB | Proj::DeltaA | Proj::DeltaOut => false,
         }
     }
 
     /// The projection's slot among a layer's seven unfused ones (a fused
-    /// projection takes its first part's): LoRA dropout masks are seeded
-    /// per (layer, slot).
+    /// projection takes its first part's; the delta-net's take slots 9 to
+    /// 13): LoRA dropout masks are seeded per (layer, slot).
     pub fn slot(self) -> usize {
         match self {
             Proj::Qkv => Proj::Q as usize,
@@ -139,6 +191,18 @@ pub struct Layer<B: Backend> {
     /// Which of the model's rotary tables this layer uses
     /// (`ModelConfig::ropes`).
     pub rope: usize,
+    /// The gated delta-net's frozen parameters, on linear-attention layers
+    /// (whose projections are the Delta* ones).
+    pub delta: Option<DeltaParams<B>>,
+}
+
+/// A gated delta-net's frozen tensors: conv [channels, 1, kernel], A_log
+/// and dt_bias [v_heads], the gated norm's weight [v_dim].
+pub struct DeltaParams<B: Backend> {
+    pub conv: B::Weight,
+    pub a_log: B::Weight,
+    pub dt_bias: B::Weight,
+    pub norm: B::Weight,
 }
 
 impl<B: Backend> Layer<B> {
@@ -218,13 +282,17 @@ pub fn checkpoint_module(cfg: &ModelConfig, module: &str) -> String {
 /// module names plainly.
 pub fn count_targets(cfg: &ModelConfig, targets: &crate::adapter::Targets) -> Result<usize> {
     let mut count = 0;
+    let mut short: Vec<&str> = Vec::new();
     for li in 0..cfg.n_layers {
-        for &p in Proj::of(cfg) {
+        for &p in Proj::of_layer(cfg, li) {
             count += targets.matches(&module_path(cfg, li, p))? as usize;
+            let name = p.path(cfg).rsplit('.').next().unwrap_or("");
+            if !short.contains(&name) {
+                short.push(name);
+            }
         }
     }
     if count == 0 {
-        let short: Vec<&str> = Proj::of(cfg).iter().map(|p| p.path(cfg).rsplit('.').next().unwrap_or("")).collect();
         anyhow::bail!(
             "lora_target_modules {targets} match no module of this model; its adapted modules are {} (full paths look like {})",
             short.join(", "),
@@ -346,10 +414,16 @@ impl<B: Backend> Model<B> {
         let w = &cfg.family.weights;
         for i in 0..cfg.n_layers {
             let input_norm = next(Tensor::Other)?;
-            let q_norm = if w.qk_norm() { Some(next(Tensor::Other)?) } else { None };
-            let k_norm = if w.qk_norm() { Some(next(Tensor::Other)?) } else { None };
+            let attention = cfg.layer_mixer[i] == Mixer::Attention;
+            let q_norm = if w.qk_norm() && attention { Some(next(Tensor::Other)?) } else { None };
+            let k_norm = if w.qk_norm() && attention { Some(next(Tensor::Other)?) } else { None };
+            let delta = if attention {
+                None
+            } else {
+                Some(DeltaParams { conv: next(Tensor::Other)?, a_log: next(Tensor::Other)?, dt_bias: next(Tensor::Other)?, norm: next(Tensor::Other)? })
+            };
             let mut proj: Vec<Option<Linear<B>>> = (0..Proj::ALL.len()).map(|_| None).collect();
-            for &p in Proj::of(&cfg) {
+            for &p in Proj::of_layer(&cfg, i) {
                 let (in_f, out_f) = p.dims(&cfg);
                 let weight = next(Tensor::Projection)?;
                 let bias = if p.has_bias(&cfg) { Some(next(Tensor::Other)?) } else { None };
@@ -368,6 +442,7 @@ impl<B: Backend> Model<B> {
                 proj,
                 window: cfg.layer_window[i],
                 rope: cfg.layer_rope[i],
+                delta,
             });
         }
         let final_norm = next(Tensor::Other)?;
@@ -395,7 +470,7 @@ impl<B: Backend> Model<B> {
     pub fn attach_lora(&mut self, be: &B, lc: &LoraConfig, rng: &mut Rng) -> Result<usize> {
         let mut count = 0;
         for li in 0..self.layers.len() {
-            for &p in Proj::of(&self.cfg) {
+            for &p in Proj::of_layer(&self.cfg, li) {
                 let path = module_path(&self.cfg, li, p);
                 if !lc.targets.matches(&path)? {
                     continue;
@@ -447,7 +522,8 @@ pub enum Tensor {
 
 /// Every tensor a model of this config reads, in checkpoint order (the
 /// order `Model::build_with` asks for them), with its shape: the
-/// embedding; per layer the input norm, the q/k norms, each projection with
+/// embedding; per layer the input norm, the q/k norms (attention layers) or
+/// the delta-net's conv, A_log, dt_bias and norm (linear-attention layers), each projection with
 /// its bias, the post-attention norm, the pre-MLP norm and the post-MLP
 /// norm (those the family has); the final norm and the untied LM head.
 pub fn tensor_list(cfg: &ModelConfig) -> Vec<(String, Vec<usize>, Tensor)> {
@@ -462,9 +538,19 @@ pub fn tensor_list(cfg: &ModelConfig) -> Vec<(String, Vec<usize>, Tensor)> {
             }
         };
         norm(&Some(w.input_norm.clone()), h);
-        norm(&w.q_norm, d);
-        norm(&w.k_norm, d);
-        for &p in Proj::of(cfg) {
+        match (cfg.layer_mixer[i], &w.delta_net, cfg.delta) {
+            (Mixer::DeltaNet, Some(names), Some(dims)) => {
+                out.push((format!("{prefix}.{}", names.conv), vec![dims.conv_dim(), 1, dims.conv_kernel], Tensor::Other));
+                out.push((format!("{prefix}.{}", names.a_log), vec![dims.v_heads], Tensor::Other));
+                out.push((format!("{prefix}.{}", names.dt_bias), vec![dims.v_heads], Tensor::Other));
+                out.push((format!("{prefix}.{}", names.norm), vec![dims.v_dim], Tensor::Other));
+            }
+            _ => {
+                norm(&w.q_norm, d);
+                norm(&w.k_norm, d);
+            }
+        }
+        for &p in Proj::of_layer(cfg, i) {
             let (in_f, out_f) = p.dims(cfg);
             let path = format!("{prefix}.{}", p.path(cfg));
             out.push((format!("{path}.weight"), vec![out_f, in_f], Tensor::Projection));

@@ -17,6 +17,8 @@ const FAMILY_FILES: &[(&str, &str)] = &[
     ("models/gemma3.yaml", include_str!("../../models/gemma3.yaml")),
     ("models/gemma3_vlm.yaml", include_str!("../../models/gemma3_vlm.yaml")),
     ("models/phi3.yaml", include_str!("../../models/phi3.yaml")),
+    ("models/qwen3_5.yaml", include_str!("../../models/qwen3_5.yaml")),
+    ("models/qwen3_5_vlm.yaml", include_str!("../../models/qwen3_5_vlm.yaml")),
 ];
 
 /// A bias switch: always on, always off, or read from a config.json key
@@ -135,6 +137,28 @@ pub struct WeightNames {
     pub up: Option<String>,
     pub gate_up: Option<String>,
     pub down: String,
+    /// The gated delta-net of linear-attention layers (Qwen3.5): present
+    /// when the family has them; config.json's layer_types says which
+    /// layers ("linear_attention").
+    pub delta_net: Option<DeltaNetNames>,
+}
+
+/// Tensor names of a gated delta-net, relative to the layer prefix:
+/// projections are module paths (".weight" appended), the rest tensors.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeltaNetNames {
+    pub in_qkv: String,
+    pub in_z: String,
+    pub in_b: String,
+    pub in_a: String,
+    pub out: String,
+    /// The depthwise conv's weight [channels, 1, kernel].
+    pub conv: String,
+    pub a_log: String,
+    pub dt_bias: String,
+    /// The gated RMSNorm's weight [value head dim], used as is (not 1 + w).
+    pub norm: String,
 }
 
 impl WeightNames {
@@ -182,6 +206,10 @@ pub struct Family {
     pub embed_scale: EmbedScale,
     #[serde(default)]
     pub config_keys: ConfigKeys,
+    /// Attention's q_proj gives, per head, [query | gate], and the attention
+    /// output is multiplied by σ(gate) before o_proj (Qwen3.5).
+    #[serde(default)]
+    pub attn_output_gate: bool,
     pub weights: WeightNames,
 }
 
@@ -264,7 +292,7 @@ mod tests {
         let fams = parse_families().unwrap();
         assert_eq!(fams.len(), FAMILY_FILES.len());
         let names: Vec<_> = fams.iter().map(|f| f.family.as_str()).collect();
-        assert_eq!(names, ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "gemma3_vlm", "phi3"]);
+        assert_eq!(names, ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "gemma3_vlm", "phi3", "qwen3_5", "qwen3_5_vlm"]);
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Gated MLP activations: out = act(gate) ⊙ up, with act = silu
 //! (SwiGLU: silu(g) = g · σ(g), σ(g) = 1 / (1 + exp(−g))) or the tanh
 //! approximation of gelu (GeGLU: 0.5·g·(1 + tanh(√(2/π)·(g + 0.044715·g³))),
-//! torch's `gelu(approximate="tanh")`). All in f32.
+//! torch's `gelu(approximate="tanh")`), or σ (Qwen3.5's attention output
+//! gate, attn ⊙ σ(gate), computed by the same op). All in f32.
 
 use rayon::prelude::*;
 
@@ -32,6 +33,10 @@ fn act_and_grad(act: GluAct, g: f32) -> (f32, f32) {
             let d_inner = SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_C * g * g);
             (0.5 * g * (1.0 + t), 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * d_inner)
         }
+        GluAct::Sigmoid => {
+            let s = sigmoid(g);
+            (s, s * (1.0 - s))
+        }
     }
 }
 
@@ -49,7 +54,7 @@ pub(super) fn glu(gate: &[f32], up: &[f32], out: &mut [f32], shape: GluShape) {
                 *o = match act {
                     // Kept as g·σ(g)·u: the product order of the SwiGLU kernel.
                     GluAct::Silu => g * sigmoid(g) * u,
-                    GluAct::GeluTanh => act_and_grad(act, g).0 * u,
+                    GluAct::GeluTanh | GluAct::Sigmoid => act_and_grad(act, g).0 * u,
                 };
             }
         });

@@ -35,7 +35,7 @@ mod test_util;
 use anyhow::Result;
 
 use super::{
-    AdamW, AttnSaved, AttnShape, Backend, CeShape, ColsShape, GluShape, LoraGrads, LoraInputs, LoraShape, MatShape, NormShape,
+    AdamW, AttnSaved, AttnShape, Backend, CeShape, ColsShape, DeltaGrads, DeltaIn, DeltaShape, DeltaState, DeltaWeights, GluShape, LoraGrads, LoraInputs, LoraShape, MatShape, NormShape,
     Qkv, QkvGrads, RopeShape, SamplingParams, Varlen, WeightSource,
 };
 use crate::quant::nf4::Nf4Tensor;
@@ -100,6 +100,24 @@ fn linear(x: &[f32], w: &CpuWeight, bias: Option<&[f32]>, y: &mut [f32], shape: 
         CpuWeight::Bf16(w) => linear::linear(x, WeightRows::Bf16(w), bias, y, shape),
         w => w.with_f32(|w| linear::linear(x, WeightRows::F32(w), bias, y, shape)),
     }
+}
+
+fn delta_shape(s: DeltaShape) -> delta_net::DeltaNetShape {
+    let DeltaShape { n, k_heads, v_heads, k_dim, v_dim, conv_kernel, norm_eps } = s;
+    delta_net::DeltaNetShape { n, k_heads, v_heads, k_dim, v_dim, conv_kernel, norm_eps }
+}
+
+fn delta_inputs(i: DeltaIn<'_, Vec<f32>>) -> delta_net::DeltaNetInputs<'_> {
+    delta_net::DeltaNetInputs { qkv: i.qkv, z: i.z, b: i.b, a: i.a }
+}
+
+/// The delta-net's frozen parameters as f32 slices (stored bf16 ones widened).
+fn with_delta_weights<T>(w: DeltaWeights<'_, CpuWeight>, f: impl FnOnce(delta_net::DeltaNetWeights<'_>) -> T) -> T {
+    w.conv.with_f32(|conv| {
+        w.a_log.with_f32(|a_log| {
+            w.dt_bias.with_f32(|dt_bias| w.norm.with_f32(|norm| f(delta_net::DeltaNetWeights { conv, a_log, dt_bias, norm })))
+        })
+    })
 }
 
 /// The CPU reference backend (stateless).
@@ -313,6 +331,41 @@ impl Backend for CpuBackend {
     }
 
     // ---- MLP activation ------------------------------------------------
+    fn delta_net(
+        &self,
+        inputs: DeltaIn<'_, Vec<f32>>,
+        w: DeltaWeights<'_, CpuWeight>,
+        seqs: Varlen<'_, Vec<i32>>,
+        shape: DeltaShape,
+        out: &mut Vec<f32>,
+        saved: &mut Vec<f32>,
+    ) {
+        with_delta_weights(w, |w| delta_net::forward(delta_inputs(inputs), w, seqs.cu_seqlens, &delta_shape(shape), out, saved))
+    }
+    fn delta_net_backward(
+        &self,
+        dout: &Vec<f32>,
+        inputs: DeltaIn<'_, Vec<f32>>,
+        w: DeltaWeights<'_, CpuWeight>,
+        seqs: Varlen<'_, Vec<i32>>,
+        shape: DeltaShape,
+        saved: &Vec<f32>,
+        grads: DeltaGrads<'_, Vec<f32>>,
+    ) {
+        let grads = delta_net::DeltaNetGrads { qkv: grads.qkv, z: grads.z, b: grads.b, a: grads.a };
+        with_delta_weights(w, |w| delta_net::backward(dout, delta_inputs(inputs), w, seqs.cu_seqlens, &delta_shape(shape), saved, grads))
+    }
+    fn delta_net_decode(
+        &self,
+        inputs: DeltaIn<'_, Vec<f32>>,
+        w: DeltaWeights<'_, CpuWeight>,
+        seqs: Varlen<'_, Vec<i32>>,
+        shape: DeltaShape,
+        state: DeltaState<'_, Vec<f32>>,
+        out: &mut Vec<f32>,
+    ) {
+        with_delta_weights(w, |w| delta_net::decode(delta_inputs(inputs), w, seqs.cu_seqlens, &delta_shape(shape), state.conv, state.rec, out))
+    }
     fn glu(&self, gate: &Vec<f32>, up: &Vec<f32>, out: &mut Vec<f32>, shape: GluShape) {
         glu::glu(gate, up, out, shape)
     }

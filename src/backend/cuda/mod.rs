@@ -3,6 +3,7 @@
 mod attention;
 pub mod backend;
 mod buffers;
+mod delta_net;
 pub mod device;
 pub mod libs;
 mod lora;

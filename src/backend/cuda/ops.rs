@@ -3,14 +3,16 @@
 //! products are in lora.rs, attention's launches in attention.rs.
 
 use super::attention;
+use super::delta_net;
 use super::backend::{BLOCK, CudaBackend, grid_for, launch, rows_grid};
 use super::buffers::{CudaBuf, CudaWeight, out_operand, to_bf16_host};
 use super::lora;
 use super::sample;
 use crate::backend::{
-    AdamW, AttnSaved, AttnShape, Backend, CeShape, ColsShape, GluAct, GluShape, LoraGrads, LoraInputs, LoraShape, MatShape,
+    AdamW, AttnSaved, AttnShape, Backend, CeShape, ColsShape, DeltaGrads, DeltaIn, DeltaShape, DeltaState, DeltaWeights, GluAct, GluShape, LoraGrads, LoraInputs, LoraShape, MatShape,
     NormShape, Qkv, QkvGrads, RopeShape, SamplingParams, Varlen, WeightSource,
 };
+use crate::backend::cpu::delta_net as cpu_delta;
 use anyhow::Result;
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use half::bf16;
@@ -314,6 +316,7 @@ impl Backend for CudaBackend {
         let names = match act {
             GluAct::Silu => ["swiglu_fwd_f32", "swiglu_fwd_bf16"],
             GluAct::GeluTanh => ["geglu_fwd_f32", "geglu_fwd_bf16"],
+            GluAct::Sigmoid => ["sigmoid_gate_fwd_f32", "sigmoid_gate_fwd_bf16"],
         };
         let n = len as u64;
         let cfg = grid_for(len);
@@ -328,6 +331,7 @@ impl Backend for CudaBackend {
         let names = match act {
             GluAct::Silu => ["swiglu_bwd_f32", "swiglu_bwd_bf16"],
             GluAct::GeluTanh => ["geglu_bwd_f32", "geglu_bwd_bf16"],
+            GluAct::Sigmoid => ["sigmoid_gate_bwd_f32", "sigmoid_gate_bwd_bf16"],
         };
         let n = len as u64;
         let cfg = grid_for(len);
@@ -360,6 +364,51 @@ impl Backend for CudaBackend {
 
     fn sample_rows(&self, logits: &CudaBuf, rows: usize, vocab: usize, params: &SamplingParams, uniforms: &[f64]) -> Vec<u32> {
         sample::sample_rows(self, logits, rows, vocab, params, uniforms)
+    }
+
+    fn delta_net(&self, inputs: DeltaIn<'_, CudaBuf>, w: DeltaWeights<'_, CudaWeight>, seqs: Varlen<'_, CudaSlice<i32>>, shape: DeltaShape, out: &mut CudaBuf, saved: &mut CudaBuf) {
+        let host = delta_net::Host::read(self, inputs, w, seqs.cu_seqlens, seqs.n_seqs);
+        let (mut o, mut st) = (vec![0f32; self.len(out)], vec![0f32; self.len(saved)]);
+        cpu_delta::forward(host.inputs(), host.weights(), &host.cu_seqlens, &delta_net::shape(shape), &mut o, &mut st);
+        delta_net::write_back(self, out, &o);
+        delta_net::write_back(self, saved, &st);
+    }
+    fn delta_net_backward(
+        &self,
+        dout: &CudaBuf,
+        inputs: DeltaIn<'_, CudaBuf>,
+        w: DeltaWeights<'_, CudaWeight>,
+        seqs: Varlen<'_, CudaSlice<i32>>,
+        shape: DeltaShape,
+        saved: &CudaBuf,
+        grads: DeltaGrads<'_, CudaBuf>,
+    ) {
+        let host = delta_net::Host::read(self, inputs, w, seqs.cu_seqlens, seqs.n_seqs);
+        let (d, st) = (self.download(dout), self.download(saved));
+        let mut g: [Vec<f32>; 4] = [self.len(grads.qkv), self.len(grads.z), self.len(grads.b), self.len(grads.a)].map(|n| vec![0f32; n]);
+        let [gq, gz, gb, ga] = &mut g;
+        let host_grads = cpu_delta::DeltaNetGrads { qkv: gq, z: gz, b: gb, a: ga };
+        cpu_delta::backward(&d, host.inputs(), host.weights(), &host.cu_seqlens, &delta_net::shape(shape), &st, host_grads);
+        for (dst, src) in [grads.qkv, grads.z, grads.b, grads.a].into_iter().zip(&g) {
+            delta_net::write_back(self, dst, src);
+        }
+    }
+    fn delta_net_decode(
+        &self,
+        inputs: DeltaIn<'_, CudaBuf>,
+        w: DeltaWeights<'_, CudaWeight>,
+        seqs: Varlen<'_, CudaSlice<i32>>,
+        shape: DeltaShape,
+        state: DeltaState<'_, CudaBuf>,
+        out: &mut CudaBuf,
+    ) {
+        let host = delta_net::Host::read(self, inputs, w, seqs.cu_seqlens, seqs.n_seqs);
+        let (mut conv, mut rec) = (self.download(state.conv), self.download(state.rec));
+        let mut o = vec![0f32; self.len(out)];
+        cpu_delta::decode(host.inputs(), host.weights(), &host.cu_seqlens, &delta_net::shape(shape), &mut conv, &mut rec, &mut o);
+        delta_net::write_back(self, out, &o);
+        delta_net::write_back(self, state.conv, &conv);
+        delta_net::write_back(self, state.rec, &rec);
     }
 
     fn adamw(&self, param: &mut CudaBuf, grad: &CudaBuf, m: &mut CudaBuf, v: &mut CudaBuf, hp: AdamW) {

@@ -15,7 +15,7 @@
 //! the planner (`Model::build_with`), which counts their bytes itself.
 
 use crate::backend::{
-    AdamW, AttnSaved, AttnShape, Backend, CeShape, ColsShape, GluShape, LoraGrads, LoraInputs, LoraShape, MatShape, NormShape,
+    AdamW, AttnSaved, AttnShape, Backend, CeShape, ColsShape, DeltaGrads, DeltaIn, DeltaShape, DeltaState, DeltaWeights, GluShape, LoraGrads, LoraInputs, LoraShape, MatShape, NormShape,
     Phase, Qkv, QkvGrads, RopeShape, Varlen, WeightSource, lora_da_splits,
 };
 use crate::quant::nf4::Nf4Tensor;
@@ -217,6 +217,12 @@ impl Backend for Tracer {
     fn decode_attention(&self, _: &Sized, _: &Sized, _: &Sized, _: usize, _: AttnShape, _: &mut Sized) {}
     fn decode_attention_batch(&self, _: &Sized, _: &Sized, _: &Sized, _: &Sized, _: usize, _: AttnShape, _: &mut Sized) {}
     fn scatter_rows(&self, _: &Sized, _: &mut Sized, _: &Sized, _: usize, _: usize, _: usize) {}
+    // The gated delta-net writes only its outputs and saved states (the
+    // caller's buffers): no device scratch (the CUDA backend runs its
+    // recurrence on the host for now; see cuda/delta_net.rs).
+    fn delta_net(&self, _: DeltaIn<'_, Sized>, _: DeltaWeights<'_, Shape>, _: Varlen<'_, Sized>, _: DeltaShape, _: &mut Sized, _: &mut Sized) {}
+    fn delta_net_backward(&self, _: &Sized, _: DeltaIn<'_, Sized>, _: DeltaWeights<'_, Shape>, _: Varlen<'_, Sized>, _: DeltaShape, _: &Sized, _: DeltaGrads<'_, Sized>) {}
+    fn delta_net_decode(&self, _: DeltaIn<'_, Sized>, _: DeltaWeights<'_, Shape>, _: Varlen<'_, Sized>, _: DeltaShape, _: DeltaState<'_, Sized>, _: &mut Sized) {}
     fn glu(&self, _: &Sized, _: &Sized, _: &mut Sized, _: GluShape) {}
     fn glu_backward(&self, _: &Sized, _: &Sized, _: &Sized, _: &mut Sized, _: &mut Sized, _: GluShape) {}
     fn cross_entropy(&self, _: &mut Sized, _: &Sized, _: &mut Sized, _: CeShape, _: Option<f32>) {}

@@ -30,7 +30,7 @@
 mod flash;
 
 use ferrotune::backend::{
-    AdamW, AttnSaved, AttnShape, Backend, CeShape, ColsShape, Dropout, Forward, GluShape, LoraGrads, LoraInputs, LoraShape,
+    AdamW, AttnSaved, AttnShape, Backend, CeShape, ColsShape, DeltaGrads, DeltaIn, DeltaShape, DeltaState, DeltaWeights, Dropout, Forward, GluShape, LoraGrads, LoraInputs, LoraShape,
     MatShape, NormShape, Qkv, QkvGrads, RopeShape, Varlen, WeightSource, dropout_keep,
 };
 use anyhow::Result;
@@ -521,6 +521,44 @@ impl<B: Backend> Backend for Bf16Sim<B> {
         same_kind(&[src, dst], "scatter_rows");
         // A copy of stored values: nothing to round.
         self.inner.scatter_rows(&src.inner, &mut dst.inner, Self::ints(positions), rows, width, capacity);
+    }
+    fn delta_net(&self, i: DeltaIn<'_, Buf<B>>, w: DeltaWeights<'_, B::Weight>, seqs: Varlen<'_, Ints<B>>, shape: DeltaShape, out: &mut Buf<B>, saved: &mut Buf<B>) {
+        same_kind(&[i.qkv, i.z, i.b, i.a, out], "delta_net");
+        expect_kind(saved, Storage::F32, "delta_net saved states");
+        self.inner.delta_net(i.map(|b| &b.inner), w, seqs.map(Self::ints), shape, &mut out.inner, &mut saved.inner);
+        // bf16: the output stored in the activation type; the states stay f32.
+        self.store(out);
+    }
+    fn delta_net_backward(
+        &self,
+        dout: &Buf<B>,
+        i: DeltaIn<'_, Buf<B>>,
+        w: DeltaWeights<'_, B::Weight>,
+        seqs: Varlen<'_, Ints<B>>,
+        shape: DeltaShape,
+        saved: &Buf<B>,
+        g: DeltaGrads<'_, Buf<B>>,
+    ) {
+        let DeltaGrads { qkv, z, b, a } = g;
+        self.inner.delta_net_backward(
+            &dout.inner,
+            i.map(|b| &b.inner),
+            w,
+            seqs.map(Self::ints),
+            shape,
+            &saved.inner,
+            DeltaGrads { qkv: &mut qkv.inner, z: &mut z.inner, b: &mut b.inner, a: &mut a.inner },
+        );
+        // bf16: every input gradient stored in the activation type.
+        for buf in [qkv, z, b, a] {
+            self.store(buf);
+        }
+    }
+    fn delta_net_decode(&self, i: DeltaIn<'_, Buf<B>>, w: DeltaWeights<'_, B::Weight>, seqs: Varlen<'_, Ints<B>>, shape: DeltaShape, state: DeltaState<'_, Buf<B>>, out: &mut Buf<B>) {
+        let DeltaState { conv, rec } = state;
+        self.inner.delta_net_decode(i.map(|b| &b.inner), w, seqs.map(Self::ints), shape, DeltaState { conv: &mut conv.inner, rec: &mut rec.inner }, &mut out.inner);
+        // bf16: the output in the activation type; the states are kept f32.
+        self.store(out);
     }
     fn glu(&self, gate: &Buf<B>, up: &Buf<B>, out: &mut Buf<B>, shape: GluShape) {
         same_kind(&[gate, up, out], "glu");
