@@ -109,7 +109,7 @@ fn qlora_on_every_new_family_is_lora_on_the_dequantized_base() {
     use ferrotune::backend::Backend;
     use ferrotune::model::checkpoint::Checkpoint;
     use ferrotune::model::{BaseWeights, Model};
-    for case in ["qwen3", "gemma2", "gemma3", "gemma3_vlm", "phi3"] {
+    for case in ["qwen3", "gemma2", "gemma3", "gemma3_vlm", "phi3", "qwen3_5", "qwen3_5_vlm"] {
         let be = CpuBackend::new();
         let ckpt = Checkpoint::open(&fixture(case).join("model")).unwrap();
         let mut q = Model::load_as(&be, &ckpt, BaseWeights::Nf4 { double_quant: true }).unwrap();
@@ -144,7 +144,8 @@ fn qlora_on_every_new_family_is_lora_on_the_dequantized_base() {
         assert!((lq - ld).abs() / ld <= 1e-6, "{case}: {lq} vs {ld}");
         assert!(common::rel_err(&gq, &gd) <= 1e-6, "{case}: gradients");
         assert!((lq - f32_loss).abs() > 1e-6, "{case}: the base was not quantized");
-        assert_eq!(nf4, q.layers.len() * ferrotune::model::Proj::of(&q.cfg).len());
+        let projections: usize = (0..q.layers.len()).map(|li| ferrotune::model::Proj::of_layer(&q.cfg, li).len()).sum();
+        assert_eq!(nf4, projections);
     }
 }
 
@@ -185,7 +186,7 @@ fn every_new_family_trains_end_to_end_with_lora_qlora_and_dpo() {
         .collect();
     std::fs::write(&pairs, rows.join("\n") + "\n").unwrap();
     let dpo = format!("rl: dpo\ndatasets:\n  - path: {}\n", pairs.display());
-    for case in ["qwen3", "gemma2", "gemma3", "gemma3_vlm", "phi3"] {
+    for case in ["qwen3", "gemma2", "gemma3", "gemma3_vlm", "phi3", "qwen3_5", "qwen3_5_vlm"] {
         for (what, adapter, extra) in [
             ("lora", "lora", format!("{sft}gradient_checkpointing: true\n")),
             ("qlora", "qlora", format!("{sft}load_in_4bit: true\n")),

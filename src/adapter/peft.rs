@@ -158,7 +158,7 @@ fn load_with_head<B: Backend>(be: &B, model: &mut Model<B>, dir: &Path) -> Resul
     let mut used = HashSet::new();
     let mut count = 0;
     for li in 0..model.layers.len() {
-        for &p in Proj::of(&model.cfg) {
+        for &p in Proj::of_layer(&model.cfg, li) {
             let module = module_path(&model.cfg, li, p);
             let (ka, kb) = (key(&module, "lora_A"), key(&module, "lora_B"));
             let Some(shape_a) = st.tensor(&ka).ok().map(|t| t.shape().to_vec()) else {

@@ -11,7 +11,7 @@ use ferrotune::model::graph::BackwardOpts;
 use safetensors::SafeTensors;
 use std::path::PathBuf;
 
-pub const CASES: &[&str] = &["llama", "llama3", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "gemma3_vlm", "phi3"];
+pub const CASES: &[&str] = &["llama", "llama3", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "gemma3_vlm", "phi3", "qwen3_5", "qwen3_5_vlm"];
 
 /// Cases checked for logits, loss and gradients only: phi3_long's batch is
 /// longer than its rope's original context, so the long factors apply
@@ -58,6 +58,13 @@ impl Reference {
         let t = st.tensor(name).unwrap_or_else(|_| panic!("reference tensor {name}"));
         assert_eq!(t.dtype(), safetensors::Dtype::F32, "{name}");
         t.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+    }
+
+    pub fn f64(&self, name: &str) -> Vec<f64> {
+        let st = self.st();
+        let t = st.tensor(name).unwrap_or_else(|_| panic!("reference tensor {name}"));
+        assert_eq!(t.dtype(), safetensors::Dtype::F64, "{name}");
+        t.data().chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap())).collect()
     }
 
     pub fn i64(&self, name: &str) -> Vec<i64> {
