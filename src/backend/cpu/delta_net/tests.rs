@@ -1,6 +1,7 @@
-//! The chunked form against the recurrence, the backward against f64 finite
-//! differences, decode against forward, and packing / thread-count
-//! independence (bitwise).
+//! The forward and backward against transformers' Qwen3_5GatedDeltaNet (when
+//! a Python with torch and transformers is at hand), the chunked form
+//! against the recurrence, the backward against f64 finite differences,
+//! decode against forward, and packing / thread-count independence (bitwise).
 
 use super::super::test_util::{Rng, assert_bits_eq, assert_close, dot64, fd_grad, to64, with_threads};
 use super::*;
@@ -142,10 +143,11 @@ fn chunked_core_matches_the_recurrence() {
         decay_read(&mut st, &x, &mut kv, &mut u);
         write_read(&mut st, &x, &u, o);
     }
-    // Three chunks of 64 (the last partial), and 22 of 7. Both sides are f32
-    // sums of O(1) terms through a few hundred steps (each off by ~6e-8
-    // relative) against an exact reference: 1e-5 absolute is ~10× the
-    // rounding, while a wrong term in the algebra is off by O(0.1).
+    // Three chunks of 64 (the last partial), and 22 of 7, against the exact
+    // recurrence: outputs are O(1) and the f32 chunked form's rounding
+    // (~6e-8 per operation, compounded through the triangular solve and
+    // 150 steps) stays near 1e-7, so 1e-5 absolute leaves ample margin,
+    // while a wrong term in the algebra is off by O(0.1).
     for chunk in [64, 7] {
         let mut out = vec![f32::NAN; len * dv];
         chunked_core(&q, &k, &v, &g, &beta, len, dk, dv, chunk, &mut out);
@@ -258,4 +260,88 @@ fn forward_rejects_mismatched_cu_seqlens() {
     let mut case = Case::new(51, &[10], [1, 1, 2, 2, 2]);
     case.cu = vec![0, 9];
     case.forward();
+}
+
+/// Runs transformers' Qwen3_5GatedDeltaNet with selection matrices as its
+/// input projections (hidden = [qkv | z | b | a]) and the first Hv·dv
+/// columns of an identity as out_proj, so its output is this module's out;
+/// each sequence is its own batch row. Writes out.bin and the gradient of
+/// Σ out·r w.r.t. hidden, dx.bin.
+const TRANSFORMERS_SCRIPT: &str = r#"
+import sys, numpy as np, torch
+from transformers.models.qwen3_5.configuration_qwen3_5 import Qwen3_5TextConfig
+from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5GatedDeltaNet
+d = sys.argv[1]
+hk, hv, dk, dv, K = (int(v) for v in sys.argv[2:7])
+lens = [int(v) for v in sys.argv[7].split(",")]
+C, vw = 2 * hk * dk + hv * dv, hv * dv
+H = C + vw + 2 * hv
+rd = lambda name: torch.from_numpy(np.fromfile(f"{d}/{name}.bin", dtype="<f4"))
+cfg = Qwen3_5TextConfig(hidden_size=H, linear_num_key_heads=hk, linear_num_value_heads=hv, linear_key_head_dim=dk,
+    linear_value_head_dim=dv, linear_conv_kernel_dim=K, rms_norm_eps=1e-6, num_hidden_layers=1, layer_types=["linear_attention"])
+m = Qwen3_5GatedDeltaNet(cfg, 0).float()
+eye = torch.eye(H)
+with torch.no_grad():
+    m.in_proj_qkv.weight.copy_(eye[:C]); m.in_proj_z.weight.copy_(eye[C:C + vw])
+    m.in_proj_b.weight.copy_(eye[C + vw:C + vw + hv]); m.in_proj_a.weight.copy_(eye[C + vw + hv:])
+    m.out_proj.weight.copy_(torch.eye(H, vw))
+    m.conv1d.weight.copy_(rd("conv").reshape(C, 1, K))
+    m.A_log.copy_(rd("a_log")); m.dt_bias.copy_(rd("dt_bias")); m.norm.weight.copy_(rd("norm"))
+x = rd("x").reshape(-1, H).requires_grad_(True)
+outs, s0 = [], 0
+for n in lens:
+    outs.append(m(x[s0:s0 + n][None])[0, :, :vw]); s0 += n
+out = torch.cat(outs)
+(out * rd("r").reshape(-1, vw)).sum().backward()
+out.detach().numpy().astype("<f4").tofile(f"{d}/out.bin")
+x.grad.numpy().astype("<f4").tofile(f"{d}/dx.bin")
+"#;
+
+#[test]
+fn matches_transformers() {
+    let python = std::env::var_os("FERROTUNE_PYTHON").unwrap_or_else(|| "python3".into());
+    let probe = std::process::Command::new(&python)
+        .args(["-c", "import numpy, torch, transformers.models.qwen3_5.modeling_qwen3_5"])
+        .stderr(std::process::Stdio::null())
+        .status();
+    if !probe.is_ok_and(|s| s.success()) {
+        eprintln!("skipped: no Python with torch and transformers' qwen3_5 (set FERROTUNE_PYTHON)");
+        return;
+    }
+    let dims = [2, 4, 8, 6, 4];
+    let case = Case::new(61, &[70, 9], dims);
+    let (n, c, vw, hv) = (case.s.n, case.s.conv_dim(), case.s.value_width(), case.s.v_heads);
+    let r = Rng::new(62).vec(n * vw, 1.0);
+    let cols = [(&case.qkv, c), (&case.z, vw), (&case.b, hv), (&case.a, hv)];
+    let x: Vec<f32> = (0..n).flat_map(|t| cols.iter().flat_map(move |(v, w)| v[t * w..(t + 1) * w].to_vec())).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, v: &[f32]| {
+        let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        std::fs::write(dir.path().join(format!("{name}.bin")), bytes).unwrap();
+    };
+    let read = |name: &str| -> Vec<f64> {
+        let bytes = std::fs::read(dir.path().join(format!("{name}.bin"))).unwrap();
+        bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64).collect()
+    };
+    for (name, v) in [("x", &x), ("r", &r), ("conv", &case.conv), ("a_log", &case.a_log), ("dt_bias", &case.dt_bias), ("norm", &case.norm)] {
+        write(name, v);
+    }
+    let mut args: Vec<String> = vec!["-c".into(), TRANSFORMERS_SCRIPT.into(), dir.path().display().to_string()];
+    args.extend(dims.iter().map(|d| d.to_string()));
+    args.push("70,9".into());
+    let status = std::process::Command::new(&python).args(&args).status().unwrap();
+    assert!(status.success(), "the transformers script failed");
+    // Both sides are f32; transformers runs the chunked form and autograd
+    // through it, this module the recurrence: they differ by rounding, ~1e-6
+    // of the largest value, so 1e-5 relative.
+    let (out, saved) = case.forward();
+    assert_close("out vs transformers", &out, &read("out"), 1e-5);
+    let grads = case.backward(&r, &saved);
+    let dx = read("dx");
+    let mut lo = 0;
+    for (name, (g, (_, w))) in ["dqkv", "dz", "db", "da"].iter().zip(grads.iter().zip(cols)) {
+        let want: Vec<f64> = dx.chunks_exact(c + vw + 2 * hv).flat_map(|row| row[lo..lo + w].to_vec()).collect();
+        assert_close(name, g, &want, 1e-5);
+        lo += w;
+    }
 }
