@@ -70,6 +70,7 @@ impl DeltaNetShape {
 }
 
 /// The frozen parameters.
+#[derive(Clone, Copy)]
 pub struct DeltaNetWeights<'a> {
     /// [C, K]
     pub conv: &'a [f32],
@@ -81,6 +82,7 @@ pub struct DeltaNetWeights<'a> {
     pub norm: &'a [f32],
 }
 
+#[derive(Clone, Copy)]
 pub struct DeltaNetInputs<'a> {
     /// [n, C], before the conv.
     pub qkv: &'a [f32],
