@@ -1,10 +1,16 @@
 //! Model FLOPs of a LoRA training step, by one stated convention, so that
 //! tokens/s, TFLOP/s and MFU are comparable across runs and tools:
 //!
-//!   per step = Σ_tokens (4·N_base + 6·N_lora) + attention
-//!   attention = 6 · L · d_attn · Σ_seq (s·(s+1)/2 visible pairs, or fewer
-//!               under a sliding window)   [12·L·T·d_attn per token for
-//!               full T×T, halved for causal, summed over packed sequences]
+//!   per step = Σ_tokens (4·N_base + 6·N_lora) + attention + delta-net
+//!   attention = 6 · L_attn · d_attn · Σ_seq (s·(s+1)/2 visible pairs, or
+//!               fewer under a sliding window)   [12·L·T·d_attn per token
+//!               for full T×T, halved for causal, summed over packed
+//!               sequences]
+//!   delta-net = 3 · L_delta · tokens · (6·Hv·dk·dv + 2·C·K)
+//!               [linear attention: per token and value head, three
+//!               dk×dv products with the state (Sᵀk, k⊗u, Sᵀq) and the
+//!               conv's C·K multiply-adds, forward, times 3 for forward +
+//!               backward; linear in length, unlike attention]
 //!
 //! N_base counts the matrices that are multiplied: every projection of every
 //! layer plus the LM head (the embedding gather is not a matmul). Frozen base
@@ -12,17 +18,20 @@
 //! weight per token); LoRA weights also get weight gradients (2 + 2 + 2).
 //! Recompute under gradient checkpointing is not counted.
 
-use super::hparams::ModelConfig;
+use super::hparams::{Mixer, ModelConfig};
 use super::{Model, Proj};
 use crate::backend::Backend;
 
 /// Base-model weights that take part in matrix products.
 pub fn matmul_params(cfg: &ModelConfig) -> u64 {
-    let per_layer: usize = Proj::of(cfg).iter().map(|p| {
-        let (i, o) = p.dims(cfg);
-        i * o
-    }).sum();
-    (cfg.n_layers * per_layer + cfg.vocab * cfg.hidden) as u64
+    let layers: usize = (0..cfg.n_layers)
+        .flat_map(|li| Proj::of_layer(cfg, li).iter())
+        .map(|p| {
+            let (i, o) = p.dims(cfg);
+            i * o
+        })
+        .sum();
+    (layers + cfg.vocab * cfg.hidden) as u64
 }
 
 pub fn lora_params<B: Backend>(model: &Model<B>) -> u64 {
@@ -55,11 +64,23 @@ pub fn training_flops(cfg: &ModelConfig, n_lora: u64, seq_lens: &[usize]) -> f64
     let tokens: u64 = seq_lens.iter().map(|&s| s as u64).sum();
     let dense = tokens as f64 * (4.0 * matmul_params(cfg) as f64 + 6.0 * n_lora as f64);
     let d_attn = (cfg.n_heads * cfg.head_dim) as f64;
-    let attn: f64 = (0..cfg.n_layers).map(|l| 6.0 * d_attn * attention_pairs(cfg, seq_lens, l) as f64).sum();
-    dense + attn
+    let attn: f64 = (0..cfg.n_layers)
+        .filter(|&l| cfg.layer_mixer[l] == Mixer::Attention)
+        .map(|l| 6.0 * d_attn * attention_pairs(cfg, seq_lens, l) as f64)
+        .sum();
+    dense + attn + delta_net_flops(cfg, tokens)
 }
 
-pub const CONVENTION: &str = "model FLOPs = tokens·(4·N_base + 6·N_lora) + 6·L·d_attn·(causal query-key pairs); recompute not counted";
+/// The gated delta-net layers' own FLOPs (besides their projections) over
+/// `tokens` tokens: linear in length (see the module doc).
+pub fn delta_net_flops(cfg: &ModelConfig, tokens: u64) -> f64 {
+    let Some(d) = cfg.delta else { return 0.0 };
+    let layers = cfg.layer_mixer.iter().filter(|&&m| m == Mixer::DeltaNet).count() as f64;
+    let per_token = 6.0 * (d.v_heads * d.k_dim * d.v_dim) as f64 + 2.0 * (d.conv_dim() * d.conv_kernel) as f64;
+    3.0 * layers * tokens as f64 * per_token
+}
+
+pub const CONVENTION: &str = "model FLOPs = tokens·(4·N_base + 6·N_lora) + 6·L_attn·d_attn·(causal query-key pairs) + 3·L_delta·tokens·(6·Hv·dk·dv + 2·C·K) (delta-net: linear in length); recompute not counted";
 
 #[cfg(test)]
 mod tests {

@@ -29,7 +29,7 @@ pub struct SynthSpec {
 pub const MAX_LAYERS: usize = 1024;
 
 pub const PRESETS: &[&str] =
-    &["tiny", "llama3.2-1b", "llama3-8b", "mistral-7b", "qwen2-7b", "qwen3-0.6b", "qwen3-4b", "qwen3-8b", "gemma2-9b", "gemma3-1b", "gemma3-4b", "phi4-mini"];
+    &["tiny", "llama3.2-1b", "llama3-8b", "mistral-7b", "qwen2-7b", "qwen3-0.6b", "qwen3-4b", "qwen3-8b", "gemma2-9b", "gemma3-1b", "gemma3-4b", "phi4-mini", "qwen3.5-9b"];
 
 /// Phi-4-mini's long-rope factors are a list per rotated frequency (48 of
 /// them); the synthetic model uses a smooth ramp of the same length and range.
@@ -78,6 +78,13 @@ pub fn preset(name: &str) -> Result<SynthSpec> {
                 "original_max_position_embeddings": 4096, "sliding_window": 262144,
                 "rope_scaling": {"type": "longrope", "short_factor": longrope_factors(48, 3.0),
                     "long_factor": longrope_factors(48, 60.0)}}) },
+        // Qwen3.5-9B's text model: 8 blocks of (3 delta-net layers, 1 gated
+        // full-attention layer); delta-net 16 key / 32 value heads of 128.
+        "qwen3.5-9b" => SynthSpec { family: "qwen3_5".into(), hidden: 4096, layers: 32, heads: 16, kv_heads: 4,
+            intermediate: 12288, vocab: 248320, tie: false, rope_theta: 1e7,
+            extra: json!({"head_dim": 256, "rms_norm_eps": 1e-6, "full_attention_interval": 4,
+                "linear_num_key_heads": 16, "linear_num_value_heads": 32, "linear_key_head_dim": 128,
+                "linear_value_head_dim": 128, "linear_conv_kernel_dim": 4, "partial_rotary_factor": 0.25}) },
         other => bail!("unknown preset \"{other}\"; choose one of {}", PRESETS.join(", ")),
     })
 }

@@ -113,7 +113,7 @@ pub struct AdaptedModule {
 pub fn adapted_modules(cfg: &ModelConfig, lc: &LoraConfig) -> Result<Vec<AdaptedModule>> {
     let mut out = Vec::new();
     for layer in 0..cfg.n_layers {
-        for &proj in Proj::of(cfg) {
+        for &proj in Proj::of_layer(cfg, layer) {
             let path = module_path(cfg, layer, proj);
             if !lc.targets.matches(&path)? {
                 continue;
