@@ -113,3 +113,29 @@ fn a_failing_reward_function_names_itself_and_the_step() {
     assert!(err.contains("flaky.reward") && err.contains("step 3") && err.contains("no reward today"), "{err}");
     assert!(tmp.path().join("out/checkpoint-2").is_dir(), "the last checkpoint stands: {err}");
 }
+
+#[test]
+fn grpo_samples_and_trains_a_qwen3_5_model() {
+    // The sampler's cache holds the gated delta-net's conv and recurrent
+    // states for Qwen3.5's linear-attention layers (and keys and values for
+    // its full-attention layer); a short run must sample every group, score
+    // it and train.
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config(tmp.path(), "");
+    let model = common::fixture("qwen3_5").join("model");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace(&format!("base_model: {}/examples/quickstart/model", repo().display()), &format!("base_model: {}", model.display()))
+        .replace("chat_template: tokenizer_default", "chat_template: chatml")
+        .replace("max_steps: 30", "max_steps: 2");
+    std::fs::write(&cfg, text).unwrap();
+    let out = train(&cfg, &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("qwen3_5"), "the run loads the Qwen3.5 fixture: {err}");
+    let metrics = records(&tmp.path().join("out/metrics.jsonl"));
+    assert_eq!(metrics.len(), 2, "{metrics:?}");
+    assert!(metrics.iter().all(|m| m["loss"].as_f64().is_some_and(f64::is_finite)), "{metrics:?}");
+    assert_eq!(records(&tmp.path().join("out/completions.jsonl")).len(), 2 * 16);
+    assert!(tmp.path().join("out/adapter_model.safetensors").is_file());
+}
