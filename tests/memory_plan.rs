@@ -170,6 +170,29 @@ fn small(family: &str, hidden: usize, heads: usize, kv_heads: usize, head_dim: u
 }
 
 #[test]
+fn qwen3_5_delta_net_layers_match_measurement() {
+    // Three gated delta-net layers and one gated full-attention layer: the
+    // delta-net's projections, inputs, output and saved chunk states (one
+    // per 64 tokens begun, f32) and the gated attention's doubled q_proj
+    // and gate, planned against a measured step, sequences shorter and
+    // longer than a chunk.
+    let mut spec = small("qwen3_5", 48, 4, 2, 16, 96);
+    spec.layers = 4;
+    spec.tie = true;
+    spec.extra = serde_json::json!({"head_dim": 16, "full_attention_interval": 4, "linear_num_key_heads": 2,
+        "linear_num_value_heads": 4, "linear_key_head_dim": 8, "linear_value_head_dim": 12,
+        "linear_conv_kernel_dim": 4, "partial_rotary_factor": 0.25});
+    let cfg = config(&spec);
+    assert_eq!(cfg.layer_mixer.iter().filter(|&&m| m == ferrotune::model::hparams::Mixer::DeltaNet).count(), 3);
+    let lc = LoraConfig::new(4, 8.0, Targets::AllLinear);
+    for (micro_batch, seq_len, chunk) in [(2, 40, 4), (1, 150, 4096), (3, 70, 16)] {
+        for gc in [false, true] {
+            check(&cfg, &lc, Case { micro_batch, seq_len, gc, chunk, act_bytes: 2, weight_bytes: 2 });
+        }
+    }
+}
+
+#[test]
 fn biases_tied_embeddings_and_other_shapes_match_measurement() {
     // The backward's transient peak is the largest of three points (see
     // train::memory): each of these shapes makes a different one largest.
