@@ -144,12 +144,13 @@ fn sampling_is_seeded_and_top_k_1_is_greedy() {
 
 #[test]
 fn bf16_storage_keeps_cached_logits_within_the_gpu_tolerance() {
-    // The Qwen3.5 fixtures are left out: their random delta-net weights
-    // (chosen so every feature moves the logits) amplify bf16 rounding in
-    // transformers itself. On ids [1, 17, 33, 58, 91, 12, 44, 7, 99, 23, 5,
-    // 64], transformers in bf16 is 9.4e-2 (worst row, norm-relative) from
-    // its f32 logits on qwen3_5, against 1.1e-2 on llama and 1.5e-2 on
-    // gemma3; ferrotune's bf16 simulation gives 6.6e-2, 1.3e-2 and 1.2e-2.
+    // Not the Qwen3.5 fixtures: after the prompt their greedy tokens repeat
+    // one token, and on that sequence bf16 itself moves the logits far. On
+    // prompt() + 19 × token 11 with the adapter, transformers in bf16 is up
+    // to 1.6e-1 (norm-relative, one row) from its own float32 logits, and
+    // ferrotune's bf16 simulation 1.5e-1 from its float32 ones; the bf16
+    // loss and gradients of these models are held to the GPU tolerances in
+    // tests/bf16_tolerances.rs.
     for case in CASES.iter().filter(|c| !c.starts_with("qwen3_5")) {
         let err = teacher_forced_logits_rel_err(&Bf16Sim::new(CpuBackend::new()), case);
         eprintln!("{case}: bf16-simulated cached logits, worst rel error {err:.2e}");
