@@ -149,30 +149,31 @@ __device__ void scan_fwd(const float* xn, const T* z, const T* b, const T* a, co
     for (int p = blockIdx.x; p < n_seqs * hv; p += gridDim.x) {
         const int sq = p / hv, h = p % hv, kh = h / ratio;
         const int s0 = cu[sq], s1 = cu[sq + 1];
-        const int cb = save ? chunk_base(cu, sq) : 0;
-        float* st = state + (u64)p * ss;
+        // Column j of the pair's state, and of its first saved chunk state.
+        float* col = state + (u64)p * ss + j;
+        float* saved_col = save ? saved + ((u64)chunk_base(cu, sq) * hv + h) * ss + j : nullptr;
         const float w = active ? load(norm, j) : 0.0f;
         for (int t = s0; t < s1; t++) {
             if (save && active && (t - s0) % CHUNK == 0) {
-                float* dst = saved + ((u64)(cb + (t - s0) / CHUNK) * hv + h) * ss;
-                for (int i = 0; i < dk; i++) dst[(u64)i * dv + j] = st[(u64)i * dv + j];
+                float* dst = saved_col + (u64)((t - s0) / CHUNK) * hv * ss;
+                for (int i = 0; i < dk; i++) dst[(u64)i * dv] = col[(u64)i * dv];
             }
             const Gates gt = gates(b, a, a_log, dt_bias, t, h, hv);
             const float* q = xn + (u64)t * c + (u64)kh * dk;
-            const float* kk = xn + (u64)t * c + (u64)(hk + kh) * dk;
+            const float* kk = q + (u64)hk * dk;
             float o = 0.0f;
             if (active) {
                 const float d = expf(gt.g);
                 float kv = 0.0f;
                 for (int i = 0; i < dk; i++) {
-                    const float s = st[(u64)i * dv + j] * d;
-                    st[(u64)i * dv + j] = s;
+                    const float s = col[(u64)i * dv] * d;
+                    col[(u64)i * dv] = s;
                     kv += kk[i] * s;
                 }
                 const float u = gt.beta * (xn[(u64)t * c + 2 * hk * dk + h * dv + j] - kv);
                 for (int i = 0; i < dk; i++) {
-                    const float s = st[(u64)i * dv + j] + kk[i] * u;
-                    st[(u64)i * dv + j] = s;
+                    const float s = col[(u64)i * dv] + kk[i] * u;
+                    col[(u64)i * dv] = s;
                     o += s * q[i];
                 }
             }
@@ -338,7 +339,7 @@ __device__ void scan_bwd(const float* xn, const T* z, const T* b, const T* a, co
                              int n_seqs, int k_heads, int k_dim, int conv_dim, int kernel, int has_hist, float q_scale) {               \
         prep_fwd<T>(qkv, conv, hist, cu_seqlens, pre, xn, n, n_seqs, k_heads, k_dim, conv_dim, kernel, has_hist, q_scale);              \
     }                                                                                                                                    \
-    extern "C" __global__ void __launch_bounds__(SCAN_THREADS)                                                                           \
+    extern "C" __global__ void __launch_bounds__(SCAN_THREADS, 4)                                                                        \
         delta_scan_fwd_##SUF(const float* xn, const T* z, const T* b, const T* a, const bf16* a_log, const bf16* dt_bias,              \
                              const bf16* norm, const int* cu_seqlens, float* state, T* out, float* saved, int n_seqs, int k_heads,      \
                              int v_heads, int k_dim, int v_dim, float eps, int save) {                                                  \
