@@ -195,7 +195,8 @@ fn delta_net_forward_backward_and_decode_match_the_cpu_with_bf16_activations() {
 /// Value heads wider than a warp (dk, dv = 40: two warps per scan block,
 /// the per-warp partials summed across them) and more (sequence, v-head)
 /// pairs (17 × 4) than the backward's 64 blocks, so blocks take several
-/// pairs in turn; f32 activations, the same 1e-5 bound.
+/// pairs in turn; f32 activations, the same 1e-5 bound; and bit-identical
+/// results under every thread schedule of the emulator.
 #[test]
 fn delta_net_with_two_warp_heads_and_more_pairs_than_backward_blocks_matches_the_cpu() {
     let gpu = emulated_gpu();
@@ -211,4 +212,15 @@ fn delta_net_with_two_warp_heads_and_more_pairs_than_backward_blocks_matches_the
     let want = train_pass(&cpu, &w, &d, &cu, s, false);
     let got = train_pass(&gpu, &w, &d, &cu, s, false);
     compare("two-warp heads", &["out", "saved", "d qkv", "d z", "d b", "d a"], &got, &want, false, &[false; 6]);
+    // Fixed reduction trees, no atomics: bit-identical under every thread
+    // schedule (the emulator's schedule is per process; other tests'
+    // kernels are schedule-independent too).
+    for schedule in ["reverse", "random", "greedy", "greedy-last"] {
+        cuda_emu::set_schedule(schedule);
+        let again = train_pass(&gpu, &w, &d, &cu, s, false);
+        cuda_emu::set_schedule("forward");
+        for (a, b) in again.iter().zip(&got) {
+            assert!(a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()), "results differ under the {schedule} schedule");
+        }
+    }
 }

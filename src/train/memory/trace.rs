@@ -217,7 +217,7 @@ impl Backend for Tracer {
     fn decode_attention(&self, _: &Sized, _: &Sized, _: &Sized, _: usize, _: AttnShape, _: &mut Sized) {}
     fn decode_attention_batch(&self, _: &Sized, _: &Sized, _: &Sized, _: &Sized, _: usize, _: AttnShape, _: &mut Sized) {}
     fn scatter_rows(&self, _: &Sized, _: &mut Sized, _: &Sized, _: usize, _: usize, _: usize) {}
-    // The gated delta-net's f32 scratch on the GPU (cuda/delta_net.rs):
+    // The gated delta-net's f32 scratch on the GPU (src/backend/cuda/delta_net.rs):
     // pre and xn [n, C]; the forward's running states; the backward's dact
     // [n, C], dqk [n, Hv, 2, dk] and, per block (at most 64), a chunk of
     // start states and dS; decode runs in the caller's states.
