@@ -36,7 +36,8 @@
 //
 // Launch: prep / norm / conv kernels any block size (a multiple of 32);
 // scan kernels blockDim = dv rounded up to 32, dk and dv at most 128
-// (__launch_bounds__(128); the per-warp partials are sized for 4 warps).
+// (__launch_bounds__(128), the forward scan at least 4 blocks per SM; the
+// backward's per-warp partials are sized for 4 warps).
 // Sums over the state's rows run in the CPU's order; those across threads
 // are fixed trees: results are deterministic and agree with the CPU to
 // rounding.
