@@ -68,6 +68,14 @@ mod tests {
             ("decode_attention_bf16", "q:ptr k_cache:ptr v_cache:ptr out:ptr n:i32 past:i32 n_heads:i32 n_kv_heads:i32 head_dim:i32 window:i32 scale:f32 softcap:f32"),
             ("decode_attention_batch_bf16", "q:ptr k_cache:ptr v_cache:ptr positions:ptr out:ptr n_seqs:i32 capacity:i32 n_heads:i32 n_kv_heads:i32 head_dim:i32 window:i32 scale:f32 softcap:f32"),
         ]),
+        ("delta_net", &[
+            ("delta_prep_fwd_*", "qkv:ptr conv:ptr hist:ptr cu_seqlens:ptr pre:ptr xn:ptr n:i32 n_seqs:i32 k_heads:i32 k_dim:i32 conv_dim:i32 kernel:i32 has_hist:i32 q_scale:f32"),
+            ("delta_scan_fwd_*", "xn:ptr z:ptr b:ptr a:ptr a_log:ptr dt_bias:ptr norm:ptr cu_seqlens:ptr state:ptr out:ptr saved:ptr n_seqs:i32 k_heads:i32 v_heads:i32 k_dim:i32 v_dim:i32 eps:f32 save:i32"),
+            ("delta_conv_state_*", "qkv:ptr cu_seqlens:ptr conv_state:ptr n_seqs:i32 conv_dim:i32 kernel:i32"),
+            ("delta_scan_bwd_*", "xn:ptr z:ptr b:ptr a:ptr a_log:ptr dt_bias:ptr norm:ptr cu_seqlens:ptr saved:ptr dout:ptr starts:ptr dstate:ptr dqk:ptr dact:ptr dz:ptr db:ptr da:ptr n_seqs:i32 k_heads:i32 v_heads:i32 k_dim:i32 v_dim:i32 eps:f32"),
+            ("delta_norm_bwd_f32", "pre:ptr dqk:ptr dact:ptr n:i32 k_heads:i32 v_heads:i32 k_dim:i32 conv_dim:i32 q_scale:f32"),
+            ("delta_conv_bwd_*", "dpre:ptr conv:ptr cu_seqlens:ptr dqkv:ptr n:i32 n_seqs:i32 conv_dim:i32 kernel:i32"),
+        ]),
         ("elementwise", &[
             ("fill_*", "buf:ptr n:u64 value:f32"),
             ("add_assign_*", "dst:ptr src:ptr n:u64"),

@@ -1,6 +1,7 @@
 //! The op set of `CudaBackend` (`impl Backend`): allocation and transfers,
 //! the elementwise and per-row kernels, and the cuBLAS products; LoRA's
-//! products are in lora.rs, attention's launches in attention.rs.
+//! products are in lora.rs, attention's launches in attention.rs, the gated
+//! delta-net's in delta_net.rs.
 
 use super::attention;
 use super::delta_net;
@@ -12,7 +13,6 @@ use crate::backend::{
     AdamW, AttnSaved, AttnShape, Backend, CeShape, ColsShape, DeltaGrads, DeltaIn, DeltaShape, DeltaState, DeltaWeights, GluAct, GluShape, LoraGrads, LoraInputs, LoraShape, MatShape,
     NormShape, Qkv, QkvGrads, RopeShape, SamplingParams, Varlen, WeightSource,
 };
-use crate::backend::cpu::delta_net as cpu_delta;
 use anyhow::Result;
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use half::bf16;
@@ -367,11 +367,7 @@ impl Backend for CudaBackend {
     }
 
     fn delta_net(&self, inputs: DeltaIn<'_, CudaBuf>, w: DeltaWeights<'_, CudaWeight>, seqs: Varlen<'_, CudaSlice<i32>>, shape: DeltaShape, out: &mut CudaBuf, saved: &mut CudaBuf) {
-        let host = delta_net::Host::read(self, inputs, w, seqs.cu_seqlens, seqs.n_seqs);
-        let (mut o, mut st) = (vec![0f32; self.len(out)], vec![0f32; self.len(saved)]);
-        cpu_delta::forward(host.inputs(), host.weights(), &host.cu_seqlens, &delta_net::shape(shape), &mut o, &mut st);
-        delta_net::write_back(self, out, &o);
-        delta_net::write_back(self, saved, &st);
+        delta_net::forward(self, inputs, w, seqs, shape, out, saved);
     }
     fn delta_net_backward(
         &self,
@@ -383,15 +379,7 @@ impl Backend for CudaBackend {
         saved: &CudaBuf,
         grads: DeltaGrads<'_, CudaBuf>,
     ) {
-        let host = delta_net::Host::read(self, inputs, w, seqs.cu_seqlens, seqs.n_seqs);
-        let (d, st) = (self.download(dout), self.download(saved));
-        let mut g: [Vec<f32>; 4] = [self.len(grads.qkv), self.len(grads.z), self.len(grads.b), self.len(grads.a)].map(|n| vec![0f32; n]);
-        let [gq, gz, gb, ga] = &mut g;
-        let host_grads = cpu_delta::DeltaNetGrads { qkv: gq, z: gz, b: gb, a: ga };
-        cpu_delta::backward(&d, host.inputs(), host.weights(), &host.cu_seqlens, &delta_net::shape(shape), &st, host_grads);
-        for (dst, src) in [grads.qkv, grads.z, grads.b, grads.a].into_iter().zip(&g) {
-            delta_net::write_back(self, dst, src);
-        }
+        delta_net::backward(self, dout, inputs, w, seqs, shape, saved, grads);
     }
     fn delta_net_decode(
         &self,
@@ -402,13 +390,7 @@ impl Backend for CudaBackend {
         state: DeltaState<'_, CudaBuf>,
         out: &mut CudaBuf,
     ) {
-        let host = delta_net::Host::read(self, inputs, w, seqs.cu_seqlens, seqs.n_seqs);
-        let (mut conv, mut rec) = (self.download(state.conv), self.download(state.rec));
-        let mut o = vec![0f32; self.len(out)];
-        cpu_delta::decode(host.inputs(), host.weights(), &host.cu_seqlens, &delta_net::shape(shape), &mut conv, &mut rec, &mut o);
-        delta_net::write_back(self, out, &o);
-        delta_net::write_back(self, state.conv, &conv);
-        delta_net::write_back(self, state.rec, &rec);
+        delta_net::decode(self, inputs, w, seqs, shape, state, out);
     }
 
     fn adamw(&self, param: &mut CudaBuf, grad: &CudaBuf, m: &mut CudaBuf, v: &mut CudaBuf, hp: AdamW) {

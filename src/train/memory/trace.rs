@@ -217,12 +217,21 @@ impl Backend for Tracer {
     fn decode_attention(&self, _: &Sized, _: &Sized, _: &Sized, _: usize, _: AttnShape, _: &mut Sized) {}
     fn decode_attention_batch(&self, _: &Sized, _: &Sized, _: &Sized, _: &Sized, _: usize, _: AttnShape, _: &mut Sized) {}
     fn scatter_rows(&self, _: &Sized, _: &mut Sized, _: &Sized, _: usize, _: usize, _: usize) {}
-    // The gated delta-net writes only its outputs and saved states (the
-    // caller's buffers): no device scratch (the CUDA backend runs its
-    // recurrence on the host for now; see cuda/delta_net.rs).
-    fn delta_net(&self, _: DeltaIn<'_, Sized>, _: DeltaWeights<'_, Shape>, _: Varlen<'_, Sized>, _: DeltaShape, _: &mut Sized, _: &mut Sized) {}
-    fn delta_net_backward(&self, _: &Sized, _: DeltaIn<'_, Sized>, _: DeltaWeights<'_, Shape>, _: Varlen<'_, Sized>, _: DeltaShape, _: &Sized, _: DeltaGrads<'_, Sized>) {}
-    fn delta_net_decode(&self, _: DeltaIn<'_, Sized>, _: DeltaWeights<'_, Shape>, _: Varlen<'_, Sized>, _: DeltaShape, _: DeltaState<'_, Sized>, _: &mut Sized) {}
+    // The gated delta-net's f32 scratch on the GPU (src/backend/cuda/delta_net.rs):
+    // pre and xn [n, C]; the forward's running states; the backward's dact
+    // [n, C], dqk [n, Hv, 2, dk] and, per block (at most 64), a chunk of
+    // start states and dS; decode runs in the caller's states.
+    fn delta_net(&self, _: DeltaIn<'_, Sized>, _: DeltaWeights<'_, Shape>, seqs: Varlen<'_, Sized>, s: DeltaShape, _: &mut Sized, _: &mut Sized) {
+        self.temporary(4 * (2 * (s.n * s.conv_dim()) + seqs.n_seqs * s.state_size()) as u64);
+    }
+    fn delta_net_backward(&self, _: &Sized, _: DeltaIn<'_, Sized>, _: DeltaWeights<'_, Shape>, seqs: Varlen<'_, Sized>, s: DeltaShape, _: &Sized, _: DeltaGrads<'_, Sized>) {
+        let blocks = (seqs.n_seqs * s.v_heads).clamp(1, 64);
+        let per_block = (crate::backend::DELTA_CHUNK + 1) * s.k_dim * s.v_dim;
+        self.temporary(4 * (3 * s.n * s.conv_dim() + s.n * s.v_heads * 2 * s.k_dim + blocks * per_block) as u64);
+    }
+    fn delta_net_decode(&self, _: DeltaIn<'_, Sized>, _: DeltaWeights<'_, Shape>, _: Varlen<'_, Sized>, s: DeltaShape, _: DeltaState<'_, Sized>, _: &mut Sized) {
+        self.temporary(4 * 2 * (s.n * s.conv_dim()) as u64);
+    }
     fn glu(&self, _: &Sized, _: &Sized, _: &mut Sized, _: GluShape) {}
     fn glu_backward(&self, _: &Sized, _: &Sized, _: &Sized, _: &mut Sized, _: &mut Sized, _: GluShape) {}
     fn cross_entropy(&self, _: &mut Sized, _: &Sized, _: &mut Sized, _: CeShape, _: Option<f32>) {}
