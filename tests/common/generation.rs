@@ -20,6 +20,15 @@ pub const GPU_LOGITS_TOL: f64 = 6e-2;
 
 pub const NEW_TOKENS: usize = 20;
 
+/// Fixtures whose teacher-forced generation is left out of the bf16 cached
+/// logits checks: after the prompt the Qwen3.5 fixtures' greedy tokens
+/// repeat one token, and on that sequence bf16 itself moves the logits far.
+/// On prompt() + 19 × token 11 with the adapter, transformers in bf16 is up
+/// to 1.6e-1 (norm-relative, one row) from its own float32 logits, and
+/// ferrotune's bf16 simulation 1.5e-1 from its float32 ones. Their bf16 loss
+/// and gradients are held to the GPU tolerances like every fixture's.
+pub const BF16_UNSTABLE_GENERATION: &[&str] = &["qwen3_5", "qwen3_5_vlm"];
+
 /// A prompt of 7 in-vocabulary ids (BOS first), the same for every fixture.
 pub fn prompt() -> Vec<u32> {
     vec![1, 38, 18, 15, 37, 13, 11]

