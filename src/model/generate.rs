@@ -222,6 +222,7 @@ impl<B: Backend> Model<B> {
             max_position: past + n - 1,
             dropout_seed: None,
             adapters: true,
+            g4: None,
         };
         if layer.delta.is_some() {
             let state = DeltaState { conv: k_cache, rec: v_cache };

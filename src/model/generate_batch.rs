@@ -292,6 +292,7 @@ impl<B: Backend> Model<B> {
                 max_position: positions.iter().copied().max().unwrap_or(0),
                 dropout_seed: None,
                 adapters: true,
+                g4: None,
             };
             let shape = layer::attn_shape(cfg, rows, 1, layer.window);
             let (kc, vc) = (&mut cache.k[li], &mut cache.v[li]);
