@@ -150,7 +150,9 @@ fn bf16_storage_keeps_cached_logits_within_the_gpu_tolerance() {
     // 64], transformers in bf16 is 9.4e-2 (worst row, norm-relative) from
     // its f32 logits on qwen3_5, against 1.1e-2 on llama and 1.5e-2 on
     // gemma3; ferrotune's bf16 simulation gives 6.6e-2, 1.3e-2 and 1.2e-2.
-    for case in CASES.iter().filter(|c| !c.starts_with("qwen3_5")) {
+    // The gemma4 fixture is left out for the same reason: transformers in
+    // bf16 is 6.2e-2 from its f32 logits there (simulation: 3.1e-2).
+    for case in CASES.iter().filter(|c| !c.starts_with("qwen3_5") && **c != "gemma4") {
         let err = teacher_forced_logits_rel_err(&Bf16Sim::new(CpuBackend::new()), case);
         eprintln!("{case}: bf16-simulated cached logits, worst rel error {err:.2e}");
         assert!(err <= GPU_LOGITS_TOL / 3.0, "{case}: {err:e} is not 3x inside {:e}", GPU_LOGITS_TOL);
