@@ -123,10 +123,10 @@ pub fn parse(raw: &Value, c: &Common) -> Result<(Gemma4Config, Vec<Rope>)> {
         }
     }
     for li in 0..n {
-        if head_dim[li] == 0 || head_dim[li] % 2 != 0 {
+        if head_dim[li] == 0 || !head_dim[li].is_multiple_of(2) {
             bail!("{file}: layer {li} has head_dim {}; it must be a positive even number", head_dim[li]);
         }
-        if kv_heads[li] == 0 || c.n_heads % kv_heads[li] != 0 {
+        if kv_heads[li] == 0 || !c.n_heads.is_multiple_of(kv_heads[li]) {
             bail!("{file}: layer {li} has {} key/value heads; num_attention_heads ({}) must be a multiple of it", kv_heads[li], c.n_heads);
         }
     }

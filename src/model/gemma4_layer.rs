@@ -92,9 +92,12 @@ pub fn projections(g: &Gemma4Config, li: usize) -> &'static [Proj] {
 pub struct Pass<B: Backend> {
     /// [n, L·P]; layer i's input is columns i·P..(i+1)·P.
     ple: Option<PleSaved<B>>,
-    kv: RefCell<HashMap<usize, (B::Buf, B::Buf)>>,
-    kv_grads: RefCell<HashMap<usize, (B::Buf, B::Buf)>>,
+    kv: RefCell<KvByLayer<B>>,
+    kv_grads: RefCell<KvByLayer<B>>,
 }
+
+/// K and V (or their gradients) by producer layer.
+type KvByLayer<B> = HashMap<usize, (<B as Backend>::Buf, <B as Backend>::Buf)>;
 
 struct PleSaved<B: Backend> {
     ple: B::Buf,
