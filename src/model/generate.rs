@@ -121,8 +121,10 @@ impl<B: Backend> Model<B> {
         match (&self.layers[li].delta, self.cfg.delta) {
             (Some(_), Some(d)) => ((d.conv_kernel - 1) * d.conv_dim(), d.v_heads * d.k_dim * d.v_dim),
             _ => {
-                let row = self.cfg.n_kv_heads * self.cfg.head_dim;
-                (capacity * row, capacity * row)
+                // A Gemma 4 K/V-sharing layer keeps a copy of its producer's
+                // keys and values, written as the producer computes them.
+                let (d, kv_heads) = layer::head_dims(&self.cfg, &self.layers[li]);
+                (capacity * kv_heads * d, capacity * kv_heads * d)
             }
         }
     }
@@ -169,9 +171,13 @@ impl<B: Backend> Model<B> {
         let cu = be.upload_ints(&[0, n as i32]);
 
         let mut x = self.embed(be, &ids_buf, n);
+        let seq_lens = [n];
+        let ctx = self.step_ctx_for(n, 1, &pos_buf, &cu, &seq_lens, past + n - 1);
+        let pass = self.gemma4_pass(be, &ids_buf, &x, &ctx);
+        let ctx = StepCtx { g4: pass.as_ref(), ..ctx };
         for li in 0..self.layers.len() {
             let (kc, vc) = (&mut cache.k[li], &mut cache.v[li]);
-            x = self.layer_step(be, li, x, n, past, &pos_buf, &cu, kc, vc);
+            x = self.layer_step(be, li, x, past, &ctx, kc, vc);
         }
         cache.len += n;
 
@@ -198,36 +204,21 @@ impl<B: Backend> Model<B> {
         be: &B,
         li: usize,
         x: B::Buf,
-        n: usize,
         past: usize,
-        positions: &B::IntBuf,
-        cu_seqlens: &B::IntBuf,
+        ctx: &StepCtx<B>,
         k_cache: &mut B::Buf,
         v_cache: &mut B::Buf,
     ) -> B::Buf {
         let cfg = &self.cfg;
         let layer = &self.layers[li];
-        let kvd = cfg.n_kv_heads * cfg.head_dim;
-        let seq_lens = [n];
-        let ctx = StepCtx {
-            n,
-            n_seqs: 1,
-            max_seqlen: n,
-            positions,
-            cu_seqlens,
-            seq_lens: &seq_lens,
-            ropes: &self.rope_tables,
-            // transformers picks long-rope's table from the largest position
-            // of each forward, so a cached decode does the same.
-            max_position: past + n - 1,
-            dropout_seed: None,
-            adapters: true,
-        };
+        let (n, cu_seqlens) = (ctx.n, ctx.cu_seqlens);
+        let (d, kv_heads) = layer::head_dims(cfg, layer);
+        let kvd = kv_heads * d;
         if layer.delta.is_some() {
             let state = DeltaState { conv: k_cache, rec: v_cache };
-            return layer::forward_with(be, cfg, layer, li, x, &ctx, Mixing::DeltaState(state)).0;
+            return layer::forward_with(be, cfg, layer, li, x, ctx, Mixing::DeltaState(state)).0;
         }
-        let shape = layer::attn_shape(cfg, n, n, layer.window);
+        let shape = layer::layer_attn_shape(cfg, layer, n, n);
         let attend = move |q: &B::Buf, k: &B::Buf, v: &B::Buf, attn: &mut B::Buf, lse: &mut B::Buf| {
             be.copy_slice(k, 0, k_cache, past * kvd, n * kvd);
             be.copy_slice(v, 0, v_cache, past * kvd, n * kvd);
@@ -238,7 +229,34 @@ impl<B: Backend> Model<B> {
                 be.decode_attention(q, k_cache, v_cache, past, shape, attn);
             }
         };
-        layer::forward_with(be, cfg, layer, li, x, &ctx, Mixing::Attend(Box::new(attend))).0
+        layer::forward_with(be, cfg, layer, li, x, ctx, Mixing::Attend(Box::new(attend))).0
+    }
+
+    /// The context of a generation forward of `n` tokens in `n_seqs`
+    /// sequences whose largest position is `max_position` (transformers
+    /// picks long-rope's table from it, in a cached decode too).
+    pub(super) fn step_ctx_for<'a>(
+        &'a self,
+        n: usize,
+        n_seqs: usize,
+        positions: &'a B::IntBuf,
+        cu_seqlens: &'a B::IntBuf,
+        seq_lens: &'a [usize],
+        max_position: usize,
+    ) -> StepCtx<'a, B> {
+        StepCtx {
+            n,
+            n_seqs,
+            max_seqlen: n / n_seqs.max(1),
+            positions,
+            cu_seqlens,
+            seq_lens,
+            ropes: &self.rope_tables,
+            max_position,
+            dropout_seed: None,
+            adapters: true,
+            g4: None,
+        }
     }
 
     /// Generate up to `opts.max_new_tokens` tokens after `prompt`: one

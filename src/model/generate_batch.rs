@@ -263,8 +263,8 @@ impl<B: Backend> Model<B> {
         if self.layers[li].delta.is_some() {
             region
         } else {
-            let kvd = self.cfg.n_kv_heads * self.cfg.head_dim;
-            (len * kvd, len * kvd)
+            let (d, kv_heads) = layer::head_dims(&self.cfg, &self.layers[li]);
+            (len * kv_heads * d, len * kv_heads * d)
         }
     }
 
@@ -274,26 +274,19 @@ impl<B: Backend> Model<B> {
     /// backend (f32, [rows, vocab]).
     fn decode_step(&self, be: &B, cache: &mut BatchCache<B>, ids: &[u32], positions: &[usize]) -> B::Buf {
         let cfg = &self.cfg;
-        let (rows, h, kvd, capacity) = (ids.len(), cfg.hidden, cfg.n_kv_heads * cfg.head_dim, cache.capacity);
+        let (rows, h, capacity) = (ids.len(), cfg.hidden, cache.capacity);
         let seq_lens = vec![1; rows];
         let ids_buf = be.upload_ints(&ids.iter().map(|&t| t as i32).collect::<Vec<_>>());
         let pos_buf = be.upload_ints(&positions.iter().map(|&p| p as i32).collect::<Vec<_>>());
         let cu = be.upload_ints(&(0..=rows as i32).collect::<Vec<_>>());
         let mut x = self.embed(be, &ids_buf, rows);
+        let ctx = self.step_ctx_for(rows, rows, &pos_buf, &cu, &seq_lens, positions.iter().copied().max().unwrap_or(0));
+        let pass = self.gemma4_pass(be, &ids_buf, &x, &ctx);
+        let ctx = StepCtx { g4: pass.as_ref(), ..ctx };
         for (li, layer) in self.layers.iter().enumerate() {
-            let ctx = StepCtx {
-                n: rows,
-                n_seqs: rows,
-                max_seqlen: 1,
-                positions: &pos_buf,
-                cu_seqlens: &cu,
-                seq_lens: &seq_lens,
-                ropes: &self.rope_tables,
-                max_position: positions.iter().copied().max().unwrap_or(0),
-                dropout_seed: None,
-                adapters: true,
-            };
-            let shape = layer::attn_shape(cfg, rows, 1, layer.window);
+            let (d, kv_heads) = layer::head_dims(cfg, layer);
+            let kvd = kv_heads * d;
+            let shape = layer::layer_attn_shape(cfg, layer, rows, 1);
             let (kc, vc) = (&mut cache.k[li], &mut cache.v[li]);
             let mixing = if layer.delta.is_some() {
                 // Slots 0 .. rows hold the active sequences' states.

@@ -4,6 +4,7 @@
 
 use super::{Model, RopeTable};
 use super::batch::{Batch, IGNORE_INDEX};
+use super::gemma4_layer::Pass as Gemma4Pass;
 use super::layer::{self, LayerActs, StepCtx};
 use crate::backend::{Backend, CeShape, MatShape, NormShape, Phase};
 
@@ -73,6 +74,7 @@ fn step_ctx<'a, B: Backend>(
         max_position: batch.positions.iter().copied().max().unwrap_or(0).max(0) as usize,
         dropout_seed: seed,
         adapters,
+        g4: None,
     }
 }
 
@@ -117,6 +119,8 @@ impl<B: Backend> Model<B> {
         let ctx = step_ctx(&up, &self.rope_tables, batch, None, adapters);
         let (n, h) = (batch.n_tokens(), self.cfg.hidden);
         let mut x = self.embed(be, &up.ids, n);
+        let pass = self.gemma4_pass(be, &up.ids, &x, &ctx);
+        let ctx = StepCtx { g4: pass.as_ref(), ..ctx };
         for (li, l) in self.layers.iter().enumerate() {
             x = layer::forward(be, &self.cfg, l, li, x, &ctx).0;
         }
@@ -306,6 +310,8 @@ impl<B: Backend> Model<B> {
         let mut saved_acts: Vec<LayerActs<B>> = Vec::new();
         let mut saved_inputs: Vec<B::Buf> = Vec::new();
         let ctx = step_ctx(&up, &self.rope_tables, batch, opts.dropout_seed, true);
+        let pass = self.gemma4_pass(be, &up.ids, &x, &ctx);
+        let ctx = StepCtx { g4: pass.as_ref(), ..ctx };
         for (li, l) in self.layers.iter().enumerate() {
             be.enter(Phase::Forward { layer: li });
             let (x_out, acts) = layer::forward(be, &self.cfg, l, li, x, &ctx);
@@ -341,7 +347,17 @@ impl<B: Backend> Model<B> {
             be.enter(Phase::Backward { layer: li });
             layer::backward(be, cfg, &mut layers[li], li, &acts, &mut dx, &ctx);
         }
+        if let Some(pass) = &pass {
+            pass.backward(be, cfg, self.ple.as_ref(), &mut layers[0], &ctx);
+        }
         Ok(result)
+    }
+
+    /// Gemma 4's per-pass state (PLE inputs from the ids and the scaled
+    /// embeddings x); None for other families.
+    pub(crate) fn gemma4_pass(&self, be: &B, ids: &B::IntBuf, x: &B::Buf, ctx: &StepCtx<B>) -> Option<Gemma4Pass<B>> {
+        self.cfg.gemma4.as_ref()?;
+        Some(Gemma4Pass::new(be, &self.cfg, self.ple.as_ref(), &self.layers[0], ids, x, ctx))
     }
 }
 

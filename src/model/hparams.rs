@@ -59,6 +59,8 @@ pub struct ModelConfig {
     /// q_proj gives [query | gate] per head; attention's output is
     /// multiplied by σ(gate) (Qwen3.5).
     pub attn_output_gate: bool,
+    /// Gemma 4's per-layer numbers (families with its parts).
+    pub gemma4: Option<super::gemma4::Gemma4Config>,
 }
 
 /// What mixes tokens in a layer.
@@ -243,7 +245,10 @@ impl ModelConfig {
             bail!("{file}: head_dim {head_dim} must be a positive even number for rotary embeddings");
         }
         let rms_norm_eps = r.f64_opt(&raw, "rms_norm_eps")?.unwrap_or(1e-6) as f32;
-        let rope::RopeConfig { ropes, rot_dim } = rope::parse(&raw, family, head_dim, &file)?;
+        let is_gemma4 = family.weights.gemma4.is_some();
+        // Gemma 4's tables are per layer type and read with its other keys.
+        let rope::RopeConfig { mut ropes, rot_dim } =
+            if is_gemma4 { rope::RopeConfig { ropes: Vec::new(), rot_dim: head_dim } } else { rope::parse(&raw, family, head_dim, &file)? };
 
         // The activation, when config.json names it, must be the family's.
         for key in ["hidden_activation", "hidden_act"] {
@@ -331,8 +336,27 @@ impl ModelConfig {
                 }
             }
         };
+        let gemma4 = if is_gemma4 {
+            let common = super::gemma4::Common {
+                file: &file,
+                n_layers,
+                n_heads,
+                n_kv_heads,
+                head_dim,
+                intermediate,
+                vocab,
+                sliding: layer_window.iter().map(Option::is_some).collect(),
+            };
+            let (g, tables) = super::gemma4::parse(&raw, &common)?;
+            ropes = tables;
+            Some(g)
+        } else {
+            None
+        };
         // Layers with a window use the local rotary table when there is one.
         let layer_rope = layer_window.iter().map(|w| usize::from(w.is_some() && ropes.len() > 1)).collect();
+        // Gemma 4 does not scale the scores (its q/k norms set their size).
+        let attn_scale = if is_gemma4 { 1.0 } else { attn_scale };
 
         Ok(ModelConfig {
             family,
@@ -371,6 +395,7 @@ impl ModelConfig {
             layer_mixer,
             delta,
             attn_output_gate: family.attn_output_gate,
+            gemma4,
         })
     }
 

@@ -16,6 +16,7 @@
 //! attention (`delta_layer`); the MLP half is the same.
 
 use super::delta_layer;
+use super::gemma4_layer::{self, BlockActs};
 use super::{Layer, Linear, Proj, RopeTable};
 use crate::backend::{
     AttnSaved, AttnShape, Backend, ColsShape, DeltaState, Dropout, GluAct, GluShape, LoraGrads, LoraInputs, LoraShape, MatShape,
@@ -44,6 +45,8 @@ pub struct StepCtx<'a, B: Backend> {
     /// false runs the base model alone (the reference policy of preference
     /// objectives): no adapter is applied.
     pub adapters: bool,
+    /// Gemma 4's per-pass state (PLE inputs, shared K/V).
+    pub g4: Option<&'a gemma4_layer::Pass<B>>,
 }
 
 /// A norm's input and saved inverse RMS (for its backward).
@@ -71,6 +74,8 @@ pub struct LayerActs<B: Backend> {
     down_raw: Option<Normed<B>>,
     /// LoRA's x·Aᵀ per projection (indexed by `Proj as usize`).
     pub(super) xa: Vec<Option<B::Buf>>,
+    /// Gemma 4's PLE block (layers with one).
+    g4: Option<BlockActs<B>>,
 }
 
 /// What the token mixer saved.
@@ -81,9 +86,11 @@ enum MixerActs<B: Backend> {
 
 /// Attention's saved activations.
 struct AttnActs<B: Backend> {
-    /// q and k before their per-head norms (models with q/k norms).
+    /// q and k before their per-head norms (models with q/k norms), v
+    /// before its norm (Gemma 4).
     q_raw: Option<Normed<B>>,
     k_raw: Option<Normed<B>>,
+    v_raw: Option<Normed<B>>,
     /// Rotated q and k, and v, as attention saw them.
     q: B::Buf,
     k: B::Buf,
@@ -203,12 +210,25 @@ pub fn attn_shape(cfg: &ModelConfig, n: usize, max_seqlen: usize, window: Option
     }
 }
 
+/// (head_dim, KV heads) of a layer: the model's, or Gemma 4's per layer.
+pub fn head_dims<B: Backend>(cfg: &ModelConfig, layer: &Layer<B>) -> (usize, usize) {
+    layer.g4.as_ref().map_or((cfg.head_dim, cfg.n_kv_heads), |g| (g.head_dim, g.kv_heads))
+}
+
+/// `attn_shape` for one layer's own head sizes.
+pub fn layer_attn_shape<B: Backend>(cfg: &ModelConfig, layer: &Layer<B>, n: usize, max_seqlen: usize) -> AttnShape {
+    let (head_dim, n_kv_heads) = head_dims(cfg, layer);
+    AttnShape { head_dim, n_kv_heads, ..attn_shape(cfg, n, max_seqlen, layer.window) }
+}
+
 fn norm_shape(cfg: &ModelConfig, rows: usize, hidden: usize) -> NormShape {
     NormShape { rows, hidden, plus_one: cfg.norm_plus_one }
 }
 
 fn rope_shape(cfg: &ModelConfig, layer: &Layer<impl Backend>, n: usize, heads: usize) -> RopeShape {
-    RopeShape { n, heads, head_dim: cfg.head_dim, rot_dim: cfg.rot_dim, mscale: cfg.ropes[layer.rope].mscale() }
+    // Gemma 4 turns pairs over each layer's whole head.
+    let (head_dim, rot_dim) = layer.g4.as_ref().map_or((cfg.head_dim, cfg.rot_dim), |g| (g.head_dim, g.head_dim));
+    RopeShape { n, heads, head_dim, rot_dim, mscale: cfg.ropes[layer.rope].mscale() }
 }
 
 /// y = norm(x) over rows of `hidden`, keeping x and the inverse RMS when
@@ -305,7 +325,7 @@ pub fn forward_with<B: Backend>(
     be.add_assign(&mut x_mid, &o);
     drop(o);
 
-    let inter = cfg.intermediate;
+    let inter = layer.p(Proj::Down).in_f;
     let mut h2 = be.zeros(n * h);
     let mut inv2 = be.zeros_f32(n);
     be.rmsnorm(&x_mid, &layer.pre_mlp_norm, &mut h2, &mut inv2, norm_shape(cfg, n, h), cfg.rms_norm_eps);
@@ -329,8 +349,12 @@ pub fn forward_with<B: Backend>(
     };
     let mut x_out = clone_buf(be, &x_mid);
     be.add_assign(&mut x_out, &down);
+    let (x_out, g4) = match &layer.g4 {
+        Some(_) => gemma4_layer::block_forward(be, cfg, layer, li, x_out, ctx, &mut xa),
+        None => (x_out, None),
+    };
 
-    let acts = LayerActs { x_in, h1, inv1, mixer, o_raw, x_mid, h2, inv2, gate, up, act, down_raw, xa };
+    let acts = LayerActs { x_in, h1, inv1, mixer, o_raw, x_mid, h2, inv2, gate, up, act, down_raw, xa, g4 };
     (x_out, acts)
 }
 
@@ -347,15 +371,24 @@ fn attention_forward<B: Backend>(
     xa: &mut [Option<B::Buf>],
 ) -> AttnActs<B> {
     let n = ctx.n;
-    let (qd, kvd, d) = (cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.head_dim);
-    let (q, k, v) = if layer.proj[Proj::Qkv as usize].is_some() {
+    let (d, kv_heads) = head_dims(cfg, layer);
+    let (qd, kvd) = (cfg.n_heads * d, kv_heads * d);
+    let has = |p: Proj| layer.proj[p as usize].is_some();
+    let (q, k, v) = if has(Proj::Qkv) {
         let qkv = proj_forward(be, layer, li, Proj::Qkv, h1, n, ctx, xa);
         let mut parts = split_cols(be, &qkv, n, &[qd, kvd, kvd]).into_iter();
         (parts.next().unwrap(), parts.next().unwrap(), parts.next().unwrap())
     } else {
         let q = proj_forward(be, layer, li, Proj::Q, h1, n, ctx, xa);
-        let k = proj_forward(be, layer, li, Proj::K, h1, n, ctx, xa);
-        (q, k, proj_forward(be, layer, li, Proj::V, h1, n, ctx, xa))
+        // Gemma 4: K/V-sharing layers compute neither (empty here), K=V
+        // layers take V from k_proj.
+        let k = if has(Proj::K) { proj_forward(be, layer, li, Proj::K, h1, n, ctx, xa) } else { be.zeros(0) };
+        let v = match gemma4_layer::value_of(be, layer, &k) {
+            Some(v) => v,
+            None if has(Proj::V) => proj_forward(be, layer, li, Proj::V, h1, n, ctx, xa),
+            None => be.zeros(0),
+        };
+        (q, k, v)
     };
     // Gated attention: each head's q_proj row block is [query | gate].
     let (q, gate) = if cfg.attn_output_gate {
@@ -365,24 +398,49 @@ fn attention_forward<B: Backend>(
         (q, None)
     };
     // Per-head norms: rows of head_dim.
-    let ((mut q, q_raw), (mut k, k_raw)) = match (&layer.q_norm, &layer.k_norm) {
-        (Some(qn), Some(kn)) => {
-            let (qn_out, q_saved) = norm_forward(be, cfg, qn, q, n * cfg.n_heads, d);
-            let (kn_out, k_saved) = norm_forward(be, cfg, kn, k, n * cfg.n_kv_heads, d);
-            ((qn_out, Some(q_saved)), (kn_out, Some(k_saved)))
+    let (mut q, q_raw) = match &layer.q_norm {
+        Some(qn) => {
+            let (out, saved) = norm_forward(be, cfg, qn, q, n * cfg.n_heads, d);
+            (out, Some(saved))
         }
-        _ => ((q, None), (k, None)),
+        None => (q, None),
+    };
+    let (mut k, k_raw) = match &layer.k_norm {
+        Some(kn) => {
+            let (out, saved) = norm_forward(be, cfg, kn, k, n * kv_heads, d);
+            (out, Some(saved))
+        }
+        None => (k, None),
+    };
+    let (mut v, v_raw) = match layer.g4.as_ref().and_then(|g| g.v_norm.as_ref()) {
+        Some(vn) => {
+            let (out, saved) = norm_forward(be, cfg, vn, v, n * kv_heads, d);
+            (out, Some(saved))
+        }
+        None => (v, None),
     };
     let inv_freq = ctx.ropes[layer.rope].for_max_position(ctx.max_position);
     be.rope(&mut q, ctx.positions, inv_freq, rope_shape(cfg, layer, n, cfg.n_heads));
-    be.rope(&mut k, ctx.positions, inv_freq, rope_shape(cfg, layer, n, cfg.n_kv_heads));
+    if let (Some(g), Some(pass)) = (&layer.g4, ctx.g4) {
+        match g.kv_source {
+            Some(src) => (k, v) = pass.read_kv(be, src),
+            None => {
+                be.rope(&mut k, ctx.positions, inv_freq, rope_shape(cfg, layer, n, kv_heads));
+                if g.kv_producer {
+                    pass.store_kv(be, li, &k, &v);
+                }
+            }
+        }
+    } else {
+        be.rope(&mut k, ctx.positions, inv_freq, rope_shape(cfg, layer, n, kv_heads));
+    }
 
     let mut attn = be.zeros(n * qd);
     let mut lse = be.zeros_f32(cfg.n_heads * n);
     match mixing {
         Mixing::Attend(attend) => attend(&q, &k, &v, &mut attn, &mut lse),
         _ => {
-            let shape = attn_shape(cfg, n, ctx.max_seqlen, layer.window);
+            let shape = layer_attn_shape(cfg, layer, n, ctx.max_seqlen);
             be.attention(Qkv { q: &q, k: &k, v: &v }, Varlen { cu_seqlens: ctx.cu_seqlens, n_seqs: ctx.n_seqs }, shape, &mut attn, &mut lse)
         }
     }
@@ -391,7 +449,7 @@ fn attention_forward<B: Backend>(
         be.glu(&g, &attn, &mut out, GluShape { len: n * qd, act: GluAct::Sigmoid });
         (g, out)
     });
-    AttnActs { q_raw, k_raw, q, k, v, attn, lse, gated }
+    AttnActs { q_raw, k_raw, v_raw, q, k, v, attn, lse, gated }
 }
 
 /// Backward of layer `li`: on entry `dx` holds ∂L/∂x_out, on exit ∂L/∂x_in.
@@ -407,9 +465,12 @@ pub fn backward<B: Backend>(
 ) {
     let n = ctx.n;
     let h = cfg.hidden;
-    let inter = cfg.intermediate;
+    let inter = layer.p(Proj::Down).in_f;
     let seed = ctx.dropout_seed;
     let xa = &acts.xa;
+    if layer.g4.is_some() {
+        gemma4_layer::block_backward(be, cfg, layer, li, acts.g4.as_ref(), xa, dx, ctx);
+    }
 
     // MLP: x_out = x_mid + post_norm(down(act(gate(h2)) ⊙ up(h2)))
     let d_down = match (&layer.post_mlp_norm, &acts.down_raw) {
@@ -464,7 +525,8 @@ fn attention_backward<B: Backend>(
     ctx: &StepCtx<B>,
 ) {
     let n = ctx.n;
-    let (qd, kvd, d) = (cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.head_dim);
+    let (d, kv_heads) = head_dims(cfg, layer);
+    let (qd, kvd) = (cfg.n_heads * d, kv_heads * d);
     let seed = ctx.dropout_seed;
     let o_in = acts.gated.as_ref().map_or(&acts.attn, |(_, g)| g);
     let mut d_o_in = be.zeros(n * qd);
@@ -481,7 +543,7 @@ fn attention_backward<B: Backend>(
     let mut dq = be.zeros(n * qd);
     let mut dk = be.zeros(n * kvd);
     let mut dv = be.zeros(n * kvd);
-    let shape = attn_shape(cfg, n, ctx.max_seqlen, layer.window);
+    let shape = layer_attn_shape(cfg, layer, n, ctx.max_seqlen);
     be.attention_backward(
         &d_attn,
         Qkv { q: &acts.q, k: &acts.k, v: &acts.v },
@@ -493,10 +555,36 @@ fn attention_backward<B: Backend>(
     drop(d_attn);
     let inv_freq = ctx.ropes[layer.rope].for_max_position(ctx.max_position);
     be.rope_backward(&mut dq, ctx.positions, inv_freq, rope_shape(cfg, layer, n, cfg.n_heads));
-    be.rope_backward(&mut dk, ctx.positions, inv_freq, rope_shape(cfg, layer, n, cfg.n_kv_heads));
-    if let (Some(qn), Some(kn), Some(qs), Some(ks)) = (&layer.q_norm, &layer.k_norm, &acts.q_raw, &acts.k_raw) {
+    if let (Some(qn), Some(qs)) = (&layer.q_norm, &acts.q_raw) {
         dq = norm_backward(be, cfg, qn, qs, &dq, n * cfg.n_heads, d);
-        dk = norm_backward(be, cfg, kn, ks, &dk, n * cfg.n_kv_heads, d);
+    }
+    // Gemma 4: a K/V-sharing layer hands its K/V gradients to the producer,
+    // which adds its readers' to its own.
+    let g4 = layer.g4.as_ref().map(|g| (g.kv_source, g.kv_producer, g.k_eq_v));
+    if let (Some((Some(src), _, _)), Some(pass)) = (g4, ctx.g4) {
+        pass.add_kv_grads(be, src, dk, dv);
+        proj_backward(be, layer, li, Proj::Q, xa, seed, &dq, h1, dh1, n, false);
+        return;
+    }
+    if let (Some((None, true, _)), Some(pass)) = (g4, ctx.g4)
+        && let Some((gk, gv)) = pass.take_kv_grads(li)
+    {
+        be.add_assign(&mut dk, &gk);
+        be.add_assign(&mut dv, &gv);
+    }
+    be.rope_backward(&mut dk, ctx.positions, inv_freq, rope_shape(cfg, layer, n, kv_heads));
+    if let (Some(kn), Some(ks)) = (&layer.k_norm, &acts.k_raw) {
+        dk = norm_backward(be, cfg, kn, ks, &dk, n * kv_heads, d);
+    }
+    if let (Some(vn), Some(vs)) = (layer.g4.as_ref().and_then(|g| g.v_norm.as_ref()), &acts.v_raw) {
+        dv = norm_backward(be, cfg, vn, vs, &dv, n * kv_heads, d);
+    }
+    if let Some((_, _, true)) = g4 {
+        // V was k_proj's raw output too.
+        be.add_assign(&mut dk, &dv);
+        proj_backward(be, layer, li, Proj::Q, xa, seed, &dq, h1, dh1, n, false);
+        proj_backward(be, layer, li, Proj::K, xa, seed, &dk, h1, dh1, n, true);
+        return;
     }
     if let Some(d_gate) = d_gate {
         dq = join_cols(be, &[&dq, &d_gate], n * cfg.n_heads, &[d, d]);

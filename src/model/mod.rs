@@ -7,6 +7,8 @@
 
 pub mod batch;
 mod delta_layer;
+pub mod gemma4;
+mod gemma4_layer;
 pub mod checkpoint;
 pub mod hparams;
 pub mod graph;
@@ -48,10 +50,15 @@ pub enum Proj {
     DeltaB,
     DeltaA,
     DeltaOut,
+    /// Gemma 4's per-layer-embedding gate and projection (per layer), and
+    /// the whole model's per_layer_model_projection (held by layer 0).
+    PleGate,
+    PleProj,
+    PleModel,
 }
 
 impl Proj {
-    pub const ALL: [Proj; 14] = [
+    pub const ALL: [Proj; 17] = [
         Proj::Q,
         Proj::K,
         Proj::V,
@@ -66,6 +73,9 @@ impl Proj {
         Proj::DeltaB,
         Proj::DeltaA,
         Proj::DeltaOut,
+        Proj::PleGate,
+        Proj::PleProj,
+        Proj::PleModel,
     ];
     const DELTA: [Proj; 8] = [Proj::DeltaQkv, Proj::DeltaZ, Proj::DeltaB, Proj::DeltaA, Proj::DeltaOut, Proj::Gate, Proj::Up, Proj::Down];
     const SEPARATE: [Proj; 7] = [Proj::Q, Proj::K, Proj::V, Proj::O, Proj::Gate, Proj::Up, Proj::Down];
@@ -75,6 +85,9 @@ impl Proj {
 
     /// The projections layer `li` has, in checkpoint order.
     pub fn of_layer(cfg: &ModelConfig, li: usize) -> &'static [Proj] {
+        if let Some(g) = &cfg.gemma4 {
+            return gemma4_layer::projections(g, li);
+        }
         match cfg.layer_mixer[li] {
             Mixer::DeltaNet => &Self::DELTA,
             Mixer::Attention => Self::of(cfg),
@@ -107,6 +120,14 @@ impl Proj {
             Proj::Down => return &w.down,
             Proj::Qkv => &w.qkv,
             Proj::GateUp => &w.gate_up,
+            Proj::PleGate | Proj::PleProj | Proj::PleModel => {
+                let g = w.gemma4.as_ref().unwrap_or_else(|| panic!("{self:?} is not a projection of {} models", cfg.family.family));
+                return match self {
+                    Proj::PleGate => &g.input_gate,
+                    Proj::PleProj => &g.projection,
+                    _ => &g.model_projection,
+                };
+            }
             Proj::DeltaQkv | Proj::DeltaZ | Proj::DeltaB | Proj::DeltaA | Proj::DeltaOut => {
                 let d = w.delta_net.as_ref().unwrap_or_else(|| panic!("{self:?} is not a projection of {} models", cfg.family.family));
                 return match self {
@@ -141,6 +162,29 @@ impl Proj {
             Proj::DeltaZ => (h, delta().value_width()),
             Proj::DeltaB | Proj::DeltaA => (h, delta().v_heads),
             Proj::DeltaOut => (delta().value_width(), h),
+            Proj::PleGate | Proj::PleProj | Proj::PleModel => {
+                let g = cfg.gemma4.as_ref().unwrap_or_else(|| panic!("{self:?}: {} models have no per-layer embeddings", cfg.family.family));
+                match self {
+                    Proj::PleGate => (h, g.ple),
+                    Proj::PleProj => (g.ple, h),
+                    _ => (h, cfg.n_layers * g.ple),
+                }
+            }
+        }
+    }
+
+    /// (in_features, out_features) in layer `li` (Gemma 4's layers differ
+    /// in head size, KV heads and MLP width).
+    pub fn dims_at(self, cfg: &ModelConfig, li: usize) -> (usize, usize) {
+        let Some(g) = &cfg.gemma4 else { return self.dims(cfg) };
+        let (h, qd, kvd, inter) = (cfg.hidden, cfg.n_heads * g.head_dim[li], g.kv_heads[li] * g.head_dim[li], g.intermediate[li]);
+        match self {
+            Proj::Q => (h, qd),
+            Proj::K | Proj::V => (h, kvd),
+            Proj::O => (qd, h),
+            Proj::Gate | Proj::Up => (h, inter),
+            Proj::Down => (inter, h),
+            p => p.dims(cfg),
         }
     }
 
@@ -150,6 +194,7 @@ impl Proj {
             Proj::O => cfg.o_bias,
             Proj::Gate | Proj::Up | Proj::Down | Proj::GateUp => cfg.mlp_bias,
             Proj::DeltaQkv | Proj::DeltaZ | Proj::DeltaB | Proj::DeltaA | Proj::DeltaOut => false,
+            Proj::PleGate | Proj::PleProj | Proj::PleModel => false,
         }
     }
 
@@ -194,6 +239,8 @@ pub struct Layer<B: Backend> {
     /// The gated delta-net's frozen parameters, on linear-attention layers
     /// (whose projections are the Delta* ones).
     pub delta: Option<DeltaParams<B>>,
+    /// Gemma 4's parts of the layer.
+    pub g4: Option<gemma4_layer::Gemma4Layer<B>>,
 }
 
 /// A gated delta-net's frozen tensors: conv [channels, 1, kernel], A_log
@@ -234,6 +281,9 @@ pub struct Model<B: Backend> {
     pub embed_scale: Option<f32>,
     /// Tokens per LM-head + cross-entropy chunk (bounds the logits buffer).
     pub loss_chunk_tokens: usize,
+    /// Gemma 4's per-layer embedding table and norm (its projection is
+    /// layer 0's `Proj::PleModel`).
+    pub ple: Option<gemma4_layer::PleParams<B>>,
 }
 
 /// One rotary table on the backend.
@@ -258,6 +308,9 @@ impl<B: Backend> RopeTable<B> {
 /// Module path of a projection, as PEFT names it (without "base_model.model.").
 pub fn module_path(cfg: &ModelConfig, layer: usize, p: Proj) -> String {
     let w = &cfg.family.weights;
+    if p == Proj::PleModel {
+        return p.path(cfg).to_string();
+    }
     let prefix = w.adapter_layer.as_ref().unwrap_or(&w.layer);
     format!("{}.{}", prefix.replace("{i}", &layer.to_string()), p.path(cfg))
 }
@@ -410,13 +463,26 @@ impl<B: Backend> Model<B> {
             get(&name, &shape, kind == Tensor::Projection)
         };
         let embed = next(Tensor::Other)?;
+        // Gemma 4's whole-model PLE tensors follow the embedding.
+        let (ple, mut ple_model) = match &cfg.gemma4 {
+            Some(g) if g.ple > 0 => {
+                let table = next(Tensor::Other)?;
+                let (in_f, out_f) = Proj::PleModel.dims(&cfg);
+                let model_proj = Linear { weight: next(Tensor::Other)?, bias: None, in_f, out_f, lora: None };
+                let norm = next(Tensor::Other)?;
+                let scale = be.download(&be.upload_activation(&[(g.ple as f32).sqrt()]))[0];
+                (Some(gemma4_layer::PleParams { table, norm, scale }), Some(model_proj))
+            }
+            _ => (None, None),
+        };
         let mut layers = Vec::with_capacity(cfg.n_layers);
         let w = &cfg.family.weights;
         for i in 0..cfg.n_layers {
             let input_norm = next(Tensor::Other)?;
             let attention = cfg.layer_mixer[i] == Mixer::Attention;
+            let shares_kv = cfg.gemma4.as_ref().is_some_and(|g| g.kv_source[i].is_some());
             let q_norm = if w.qk_norm() && attention { Some(next(Tensor::Other)?) } else { None };
-            let k_norm = if w.qk_norm() && attention { Some(next(Tensor::Other)?) } else { None };
+            let k_norm = if w.qk_norm() && attention && !shares_kv { Some(next(Tensor::Other)?) } else { None };
             let delta = if attention {
                 None
             } else {
@@ -424,7 +490,11 @@ impl<B: Backend> Model<B> {
             };
             let mut proj: Vec<Option<Linear<B>>> = (0..Proj::ALL.len()).map(|_| None).collect();
             for &p in Proj::of_layer(&cfg, i) {
-                let (in_f, out_f) = p.dims(&cfg);
+                if p == Proj::PleModel {
+                    proj[p as usize] = ple_model.take();
+                    continue;
+                }
+                let (in_f, out_f) = p.dims_at(&cfg, i);
                 let weight = next(Tensor::Projection)?;
                 let bias = if p.has_bias(&cfg) { Some(next(Tensor::Other)?) } else { None };
                 proj[p as usize] = Some(Linear { weight, bias, in_f, out_f, lora: None });
@@ -432,6 +502,10 @@ impl<B: Backend> Model<B> {
             let post_attn_norm = if w.sandwich_norms() { Some(next(Tensor::Other)?) } else { None };
             let pre_mlp_norm = next(Tensor::Other)?;
             let post_mlp_norm = if w.sandwich_norms() { Some(next(Tensor::Other)?) } else { None };
+            let g4 = match &cfg.gemma4 {
+                Some(g) => Some(gemma4_layer::Gemma4Layer::build(be, g, i, &mut next)?),
+                None => None,
+            };
             layers.push(Layer {
                 input_norm,
                 pre_mlp_norm,
@@ -443,6 +517,7 @@ impl<B: Backend> Model<B> {
                 window: cfg.layer_window[i],
                 rope: cfg.layer_rope[i],
                 delta,
+                g4,
             });
         }
         let final_norm = next(Tensor::Other)?;
@@ -450,15 +525,20 @@ impl<B: Backend> Model<B> {
         let rope_tables = cfg
             .ropes
             .iter()
-            .map(|r| RopeTable {
-                short: be.upload(&r.inv_freq(cfg.rot_dim, false)),
-                long: r.long_context().map(|original| (be.upload(&r.inv_freq(cfg.rot_dim, true)), original)),
+            .enumerate()
+            .map(|(t, r)| {
+                // Gemma 4's tables each span their layer type's head.
+                let rot_dim = cfg.gemma4.as_ref().map_or(cfg.rot_dim, |g| g.rope_dims[t]);
+                RopeTable {
+                    short: be.upload(&r.inv_freq(rot_dim, false)),
+                    long: r.long_context().map(|original| (be.upload(&r.inv_freq(rot_dim, true)), original)),
+                }
             })
             .collect();
         // Rounded as the backend stores activations: transformers builds the
         // normalizer in the activations' dtype.
         let embed_scale = cfg.embed_scale.map(|s| be.download(&be.upload_activation(&[s]))[0]);
-        Ok(Model { cfg, embed, layers, final_norm, lm_head, rope_tables, embed_scale, loss_chunk_tokens: 1024 })
+        Ok(Model { cfg, embed, layers, final_norm, lm_head, rope_tables, embed_scale, loss_chunk_tokens: 1024, ple })
     }
 
     pub fn head(&self) -> &B::Weight {
@@ -530,7 +610,16 @@ pub fn tensor_list(cfg: &ModelConfig) -> Vec<(String, Vec<usize>, Tensor)> {
     let w = &cfg.family.weights;
     let (h, d) = (cfg.hidden, cfg.head_dim);
     let mut out = vec![(w.embed.clone(), vec![cfg.vocab, h], Tensor::Other)];
+    if let (Some(g), Some(names)) = (&cfg.gemma4, &w.gemma4)
+        && g.ple > 0
+    {
+        out.push((names.embed_per_layer.clone(), vec![g.ple_vocab, cfg.n_layers * g.ple], Tensor::Other));
+        out.push((format!("{}.weight", names.model_projection), vec![cfg.n_layers * g.ple, h], Tensor::Other));
+        out.push((names.projection_norm.clone(), vec![g.ple], Tensor::Other));
+    }
     for i in 0..cfg.n_layers {
+        let d = cfg.gemma4.as_ref().map_or(d, |g| g.head_dim[i]);
+        let shares_kv = cfg.gemma4.as_ref().is_some_and(|g| g.kv_source[i].is_some());
         let prefix = w.layer.replace("{i}", &i.to_string());
         let mut norm = |name: &Option<String>, len: usize| {
             if let Some(n) = name {
@@ -547,11 +636,13 @@ pub fn tensor_list(cfg: &ModelConfig) -> Vec<(String, Vec<usize>, Tensor)> {
             }
             _ => {
                 norm(&w.q_norm, d);
-                norm(&w.k_norm, d);
+                if !shares_kv {
+                    norm(&w.k_norm, d);
+                }
             }
         }
-        for &p in Proj::of_layer(cfg, i) {
-            let (in_f, out_f) = p.dims(cfg);
+        for &p in Proj::of_layer(cfg, i).iter().filter(|&&p| p != Proj::PleModel) {
+            let (in_f, out_f) = p.dims_at(cfg, i);
             let path = format!("{prefix}.{}", p.path(cfg));
             out.push((format!("{path}.weight"), vec![out_f, in_f], Tensor::Projection));
             if p.has_bias(cfg) {
@@ -566,6 +657,12 @@ pub fn tensor_list(cfg: &ModelConfig) -> Vec<(String, Vec<usize>, Tensor)> {
         norm(&w.post_attn_norm);
         norm(&Some(w.pre_mlp_norm.clone()));
         norm(&w.post_mlp_norm);
+        if let (Some(g), Some(names)) = (&cfg.gemma4, &w.gemma4) {
+            if g.ple > 0 {
+                out.push((format!("{prefix}.{}", names.post_norm), vec![h], Tensor::Other));
+            }
+            out.push((format!("{prefix}.{}", names.layer_scalar), vec![1], Tensor::Other));
+        }
     }
     out.push((w.final_norm.clone(), vec![h], Tensor::Other));
     if !cfg.tie_word_embeddings {

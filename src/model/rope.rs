@@ -21,6 +21,10 @@ pub enum RopeScaling {
     /// context, / long_factor[i] past it (chosen per forward from its
     /// largest position), with cos and sin times `attention_factor`.
     LongRope { short_factor: Vec<f32>, long_factor: Vec<f32>, original_max_position_embeddings: usize, attention_factor: f32 },
+    /// Gemma 4's "proportional" rope: the first `pairs` frequencies as
+    /// usual over the whole head, the rest 0 (those pairs do not turn),
+    /// all divided by `factor`.
+    Proportional { pairs: usize, factor: f32 },
 }
 
 /// One rotary table: its base and scaling.
@@ -41,6 +45,7 @@ impl Rope {
         match &self.scaling {
             RopeScaling::None => base,
             RopeScaling::Linear { factor } => base.iter().map(|f| f / factor).collect(),
+            RopeScaling::Proportional { pairs, factor } => base.iter().enumerate().map(|(i, &f)| if i < *pairs { f / factor } else { 0.0 }).collect(),
             RopeScaling::LongRope { short_factor, long_factor, .. } => {
                 let ext = if long { long_factor } else { short_factor };
                 exps.iter().zip(ext).map(|(&e, &x)| 1.0f32 / (x * self.theta.powf(e))).collect()

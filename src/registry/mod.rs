@@ -19,6 +19,7 @@ const FAMILY_FILES: &[(&str, &str)] = &[
     ("models/phi3.yaml", include_str!("../../models/phi3.yaml")),
     ("models/qwen3_5.yaml", include_str!("../../models/qwen3_5.yaml")),
     ("models/qwen3_5_vlm.yaml", include_str!("../../models/qwen3_5_vlm.yaml")),
+    ("models/gemma4.yaml", include_str!("../../models/gemma4.yaml")),
 ];
 
 /// A bias switch: always on, always off, or read from a config.json key
@@ -141,6 +142,25 @@ pub struct WeightNames {
     /// when the family has them; config.json's layer_types says which
     /// layers ("linear_attention").
     pub delta_net: Option<DeltaNetNames>,
+    /// Gemma 4's parts: per-layer embeddings and layer scalars (their
+    /// presence switches on the rest: per-layer head sizes, K/V sharing,
+    /// the weightless v norm).
+    pub gemma4: Option<Gemma4Names>,
+}
+
+/// Gemma 4's tensor names. `embed_per_layer`, `model_projection` (a module
+/// path) and `projection_norm` are whole-model; the rest are relative to
+/// the layer prefix (`input_gate` and `projection` are module paths).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Gemma4Names {
+    pub embed_per_layer: String,
+    pub model_projection: String,
+    pub projection_norm: String,
+    pub input_gate: String,
+    pub projection: String,
+    pub post_norm: String,
+    pub layer_scalar: String,
 }
 
 /// Tensor names of a gated delta-net, relative to the layer prefix:
@@ -292,7 +312,7 @@ mod tests {
         let fams = parse_families().unwrap();
         assert_eq!(fams.len(), FAMILY_FILES.len());
         let names: Vec<_> = fams.iter().map(|f| f.family.as_str()).collect();
-        assert_eq!(names, ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "gemma3_vlm", "phi3", "qwen3_5", "qwen3_5_vlm"]);
+        assert_eq!(names, ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "gemma3_vlm", "phi3", "qwen3_5", "qwen3_5_vlm", "gemma4"]);
     }
 
     #[test]

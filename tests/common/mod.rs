@@ -11,7 +11,7 @@ use ferrotune::model::graph::BackwardOpts;
 use safetensors::SafeTensors;
 use std::path::PathBuf;
 
-pub const CASES: &[&str] = &["llama", "llama3", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "gemma3_vlm", "phi3", "qwen3_5", "qwen3_5_vlm"];
+pub const CASES: &[&str] = &["llama", "llama3", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "gemma3_vlm", "phi3", "qwen3_5", "qwen3_5_vlm", "gemma4"];
 
 /// Cases checked for logits, loss and gradients only: phi3_long's batch is
 /// longer than its rope's original context, so the long factors apply
