@@ -213,16 +213,16 @@ impl<B: Backend> Model<B> {
                         if j != last {
                             let t = Instant::now();
                             // Keys and values are activations, states f32:
-                            // one scratch of each, a region long.
+                            // one scratch of each kind the model has, a
+                            // region long.
                             let scratch = scratch.get_or_insert_with(|| {
                                 let longest = |state: bool| {
                                     (0..self.cfg.n_layers)
                                         .filter(|&li| self.layers[li].delta.is_some() == state)
                                         .map(|li| cache.region[li].0.max(cache.region[li].1))
                                         .max()
-                                        .unwrap_or(1)
                                 };
-                                (be.zeros(longest(false)), be.zeros_f32(longest(true)))
+                                (longest(false).map(|n| be.zeros(n)), longest(true).map(|n| be.zeros_f32(n)))
                             });
                             let used: Vec<(usize, usize)> =
                                 (0..self.cfg.n_layers).map(|li| self.cache_used(li, len[active[last]], cache.region[li])).collect();
@@ -335,7 +335,7 @@ fn distinct(prompts: &[Vec<u32>]) -> Vec<(&[u32], Vec<usize>)> {
 fn move_region<B: Backend>(
     be: &B,
     cache: &mut BatchCache<B>,
-    scratch: &mut (B::Buf, B::Buf),
+    scratch: &mut (Option<B::Buf>, Option<B::Buf>),
     from: usize,
     to: usize,
     used: &[(usize, usize)],
@@ -343,7 +343,8 @@ fn move_region<B: Backend>(
 ) {
     for (li, &(uk, uv)) in used.iter().enumerate() {
         let (rk, rv) = cache.region[li];
-        let tmp = if state[li] { &mut scratch.1 } else { &mut scratch.0 };
+        let tmp = if state[li] { scratch.1.as_mut() } else { scratch.0.as_mut() };
+        let tmp = tmp.expect("a scratch for each kind of layer the model has");
         for (buf, region, len) in [(&mut cache.k[li], rk, uk), (&mut cache.v[li], rv, uv)] {
             be.copy_slice(buf, from * region, tmp, 0, len);
             be.copy_slice(tmp, 0, buf, to * region, len);

@@ -110,6 +110,14 @@ pub const GPU_LOSS_TOL: f64 = 5e-3;
 pub const GPU_GRAD_TOL: f64 = 5e-2;
 pub const GPU_CURVE_TOL: f64 = 2e-2;
 
+/// Fixtures whose LoRA gradients bf16 itself moves past GPU_GRAD_TOL, so the
+/// bf16 checks hold their loss to GPU_LOSS_TOL but not their gradients: on
+/// the gemma4 fixture's batch, transformers + PEFT in bf16 give LoRA
+/// gradients 1.57e-1 (norm-relative) from their own float32 ones, against
+/// 1.8e-2 on gemma3 and 1.6e-2 on llama (ferrotune's bf16 simulation:
+/// 1.26e-1 from its float32 ones).
+pub const BF16_UNSTABLE_GRADIENTS: &[&str] = &["gemma4"];
+
 /// ‖a − b‖ / ‖b‖ in f64.
 pub fn rel_err(a: &[f32], b: &[f32]) -> f64 {
     assert_eq!(a.len(), b.len());
