@@ -6,6 +6,8 @@
 //! needs goes in `backend` and is called from `layer`.
 
 pub mod batch;
+mod nf4_load;
+mod tensors;
 mod delta_layer;
 pub mod gemma4;
 mod gemma4_layer;
@@ -28,6 +30,9 @@ use anyhow::{Context, Result};
 use checkpoint::Checkpoint;
 use hparams::{Mixer, ModelConfig};
 pub use delta_layer::delta_shape;
+pub use nf4_load::quantize_nf4;
+use nf4_load::load_prequantized;
+pub use tensors::{Tensor, tensor_list};
 
 /// The linear projections of a decoder layer. A family has either Q, K, V
 /// or the fused Qkv ([q; k; v] rows, one matrix and one LoRA adapter), and
@@ -587,157 +592,6 @@ impl<B: Backend> Model<B> {
     pub fn zero_grad(&mut self, be: &B) {
         for (_, _, l) in self.loras_mut() {
             l.zero_grad(be);
-        }
-    }
-}
-
-/// What a checkpoint tensor is to the model.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Tensor {
-    /// The weight of a decoder layer's projection (QLoRA holds it in NF4).
-    Projection,
-    /// Anything else: embeddings, norms, biases, the LM head.
-    Other,
-}
-
-/// Every tensor a model of this config reads, in checkpoint order (the
-/// order `Model::build_with` asks for them), with its shape: the
-/// embedding; per layer the input norm, the q/k norms (attention layers) or
-/// the delta-net's conv, A_log, dt_bias and norm (linear-attention layers), each projection with
-/// its bias, the post-attention norm, the pre-MLP norm and the post-MLP
-/// norm (those the family has); the final norm and the untied LM head.
-pub fn tensor_list(cfg: &ModelConfig) -> Vec<(String, Vec<usize>, Tensor)> {
-    let w = &cfg.family.weights;
-    let (h, d) = (cfg.hidden, cfg.head_dim);
-    let mut out = vec![(w.embed.clone(), vec![cfg.vocab, h], Tensor::Other)];
-    if let (Some(g), Some(names)) = (&cfg.gemma4, &w.gemma4)
-        && g.ple > 0
-    {
-        out.push((names.embed_per_layer.clone(), vec![g.ple_vocab, cfg.n_layers * g.ple], Tensor::Other));
-        out.push((format!("{}.weight", names.model_projection), vec![cfg.n_layers * g.ple, h], Tensor::Other));
-        out.push((names.projection_norm.clone(), vec![g.ple], Tensor::Other));
-    }
-    for i in 0..cfg.n_layers {
-        let d = cfg.gemma4.as_ref().map_or(d, |g| g.head_dim[i]);
-        let shares_kv = cfg.gemma4.as_ref().is_some_and(|g| g.kv_source[i].is_some());
-        let prefix = w.layer.replace("{i}", &i.to_string());
-        let mut norm = |name: &Option<String>, len: usize| {
-            if let Some(n) = name {
-                out.push((format!("{prefix}.{n}"), vec![len], Tensor::Other));
-            }
-        };
-        norm(&Some(w.input_norm.clone()), h);
-        match (cfg.layer_mixer[i], &w.delta_net, cfg.delta) {
-            (Mixer::DeltaNet, Some(names), Some(dims)) => {
-                out.push((format!("{prefix}.{}", names.conv), vec![dims.conv_dim(), 1, dims.conv_kernel], Tensor::Other));
-                out.push((format!("{prefix}.{}", names.a_log), vec![dims.v_heads], Tensor::Other));
-                out.push((format!("{prefix}.{}", names.dt_bias), vec![dims.v_heads], Tensor::Other));
-                out.push((format!("{prefix}.{}", names.norm), vec![dims.v_dim], Tensor::Other));
-            }
-            _ => {
-                norm(&w.q_norm, d);
-                if !shares_kv {
-                    norm(&w.k_norm, d);
-                }
-            }
-        }
-        for &p in Proj::of_layer(cfg, i).iter().filter(|&&p| p != Proj::PleModel) {
-            let (in_f, out_f) = p.dims_at(cfg, i);
-            let path = format!("{prefix}.{}", p.path(cfg));
-            out.push((format!("{path}.weight"), vec![out_f, in_f], Tensor::Projection));
-            if p.has_bias(cfg) {
-                out.push((format!("{path}.bias"), vec![out_f], Tensor::Other));
-            }
-        }
-        let mut norm = |name: &Option<String>| {
-            if let Some(n) = name {
-                out.push((format!("{prefix}.{n}"), vec![h], Tensor::Other));
-            }
-        };
-        norm(&w.post_attn_norm);
-        norm(&Some(w.pre_mlp_norm.clone()));
-        norm(&w.post_mlp_norm);
-        if let (Some(g), Some(names)) = (&cfg.gemma4, &w.gemma4) {
-            if g.ple > 0 {
-                out.push((format!("{prefix}.{}", names.post_norm), vec![h], Tensor::Other));
-            }
-            out.push((format!("{prefix}.{}", names.layer_scalar), vec![1], Tensor::Other));
-        }
-    }
-    out.push((w.final_norm.clone(), vec![h], Tensor::Other));
-    if !cfg.tie_word_embeddings {
-        out.push((w.lm_head.clone(), vec![cfg.vocab, h], Tensor::Other));
-    }
-    out
-}
-
-/// A projection weight of a bitsandbytes 4-bit checkpoint: NF4 when the
-/// checkpoint quantized it (its skip list may leave some dense), read
-/// through `quant::bnb` and released part by part.
-fn load_prequantized<B: Backend>(
-    be: &B,
-    ckpt: &Checkpoint,
-    q: &crate::quant::bnb::QuantizationConfig,
-    name: &str,
-    shape: &[usize],
-) -> Result<B::Weight> {
-    use crate::quant::bnb;
-    if !bnb::is_quantized(name, shape, &q.skip_modules) {
-        return be.load_weight(&ckpt.tensor(name, shape)?);
-    }
-    let dir = ckpt.dir.display();
-    let prefix = name.strip_suffix(".weight").unwrap_or(name);
-    let t = bnb::read_nf4(|n| ckpt.raw(n), prefix).with_context(|| format!("{dir}: 4-bit checkpoint"))?;
-    if t.shape[..] != *shape {
-        anyhow::bail!("{dir}: tensor {name} is a 4-bit weight of shape {:?}, expected {shape:?}", t.shape);
-    }
-    for suffix in ["", ".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map"] {
-        ckpt.release(&format!("{name}{suffix}"));
-    }
-    be.weight_from_nf4(&t).with_context(|| format!("{dir}: tensor {name}"))
-}
-
-/// `quant::nf4::quantize`, split over threads: blocks are quantized
-/// independently (in chunks of whole blocks, an even count so code pairs
-/// never straddle chunks), then the double quantization of all the scales
-/// runs once. The result is identical to the serial quantization.
-pub fn quantize_nf4(w: &[f32], shape: [usize; 2], double_quant: bool) -> crate::quant::nf4::Nf4Tensor {
-    use crate::quant::nf4::{Absmax, BLOCKSIZE, NF4_CODE, Nf4Tensor, double_quantize, push_block_absmax, push_packed_codes};
-    use rayon::prelude::*;
-    const CHUNK: usize = BLOCKSIZE * 1024;
-    assert_eq!(w.len(), shape[0] * shape[1], "quantize_nf4: {} values for shape {shape:?}", w.len());
-    let parts: Vec<(Vec<f32>, Vec<u8>)> = w
-        .par_chunks(CHUNK)
-        .map(|c| {
-            let mut absmax = Vec::with_capacity(c.len().div_ceil(BLOCKSIZE));
-            push_block_absmax(c, BLOCKSIZE, &mut absmax);
-            let mut packed = Vec::with_capacity(c.len().div_ceil(2));
-            push_packed_codes(c, &absmax, BLOCKSIZE, &NF4_CODE, &mut packed);
-            (absmax, packed)
-        })
-        .collect();
-    let mut absmax = Vec::with_capacity(w.len().div_ceil(BLOCKSIZE));
-    let mut packed = Vec::with_capacity(w.len().div_ceil(2));
-    for (a, p) in parts {
-        absmax.extend(a);
-        packed.extend(p);
-    }
-    let absmax = if double_quant { double_quantize(&absmax) } else { Absmax::Plain(absmax) };
-    Nf4Tensor { shape, blocksize: BLOCKSIZE, packed, absmax, code: NF4_CODE }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::quantize_nf4;
-    use crate::quant::nf4::quantize;
-
-    #[test]
-    fn parallel_quantization_equals_the_serial_one() {
-        // Several chunks, a partial last block and an odd element count.
-        let shape = [301, 1001];
-        let w: Vec<f32> = (0..shape[0] * shape[1]).map(|i| ((i as f32) * 0.618).sin() * (1.0 + (i % 977) as f32 * 0.01)).collect();
-        for dq in [true, false] {
-            assert_eq!(quantize_nf4(&w, shape, dq), quantize(&w, shape, dq));
         }
     }
 }
