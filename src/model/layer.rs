@@ -16,10 +16,12 @@
 //! attention (`delta_layer`); the MLP half is the same.
 
 use super::delta_layer;
+pub use super::layer_bufs::clone_buf;
+pub(super) use super::layer_bufs::{join_cols, split_cols};
 use super::gemma4_layer::{self, BlockActs};
 use super::{Layer, Linear, Proj, RopeTable};
 use crate::backend::{
-    AttnSaved, AttnShape, Backend, ColsShape, DeltaState, Dropout, GluAct, GluShape, LoraGrads, LoraInputs, LoraShape, MatShape,
+    AttnSaved, AttnShape, Backend, DeltaState, Dropout, GluAct, GluShape, LoraGrads, LoraInputs, LoraShape, MatShape,
     NormShape, Qkv, QkvGrads, RopeShape, Varlen,
 };
 use crate::model::hparams::ModelConfig;
@@ -123,12 +125,6 @@ pub enum Mixing<'a, B: Backend> {
     DeltaState(DeltaState<'a, B::Buf>),
 }
 
-pub fn clone_buf<B: Backend>(be: &B, src: &B::Buf) -> B::Buf {
-    let len = be.len(src);
-    let mut dst = be.zeros_like(src);
-    be.copy_slice(src, 0, &mut dst, 0, len);
-    dst
-}
 
 pub(super) fn dropout_for<B: Backend>(lin: &Linear<B>, seed: Option<u64>, layer: usize, p: Proj) -> Option<Dropout> {
     let lora = lin.lora.as_ref()?;
@@ -247,32 +243,7 @@ pub(super) fn norm_backward<B: Backend>(be: &B, cfg: &ModelConfig, w: &B::Weight
     dx
 }
 
-/// Column blocks [widths...] of a fused [rows, Σ widths] output.
-pub(super) fn split_cols<B: Backend>(be: &B, fused: &B::Buf, rows: usize, widths: &[usize]) -> Vec<B::Buf> {
-    let total: usize = widths.iter().sum();
-    let mut off = 0;
-    widths
-        .iter()
-        .map(|&w| {
-            let mut part = be.zeros(rows * w);
-            be.copy_cols(fused, &mut part, ColsShape { rows, src_cols: total, src_off: off, dst_cols: w, dst_off: 0, width: w });
-            off += w;
-            part
-        })
-        .collect()
-}
 
-/// The fused [rows, Σ widths] gradient from its column blocks.
-pub(super) fn join_cols<B: Backend>(be: &B, parts: &[&B::Buf], rows: usize, widths: &[usize]) -> B::Buf {
-    let total: usize = widths.iter().sum();
-    let mut fused = be.zeros(rows * total);
-    let mut off = 0;
-    for (part, &w) in parts.iter().zip(widths) {
-        be.copy_cols(part, &mut fused, ColsShape { rows, src_cols: w, src_off: 0, dst_cols: total, dst_off: off, width: w });
-        off += w;
-    }
-    fused
-}
 
 /// Forward of layer `li` over the step's batch; consumes x_in (it is saved
 /// in the activations).

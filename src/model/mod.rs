@@ -9,6 +9,7 @@ pub mod batch;
 mod nf4_load;
 mod tensors;
 mod delta_layer;
+mod layer_bufs;
 pub mod gemma4;
 mod gemma4_layer;
 pub mod checkpoint;

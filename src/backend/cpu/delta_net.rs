@@ -38,36 +38,12 @@ mod tests;
 
 pub use chunked::chunked_core;
 
-/// Tokens per chunk: the granularity of the states `forward` keeps.
-pub const CHUNK: usize = 64;
+/// Tokens per chunk: the granularity of the states `forward` keeps (the
+/// backend's `DELTA_CHUNK`).
+pub const CHUNK: usize = crate::backend::DELTA_CHUNK;
 
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct DeltaNetShape {
-    pub n: usize,
-    pub k_heads: usize,
-    pub v_heads: usize,
-    pub k_dim: usize,
-    pub v_dim: usize,
-    pub conv_kernel: usize,
-    pub norm_eps: f32,
-}
-
-impl DeltaNetShape {
-    /// Channels of the conv: 2·Hk·dk + Hv·dv.
-    pub fn conv_dim(&self) -> usize {
-        2 * self.k_heads * self.k_dim + self.value_width()
-    }
-
-    /// Hv·dv.
-    pub fn value_width(&self) -> usize {
-        self.v_heads * self.v_dim
-    }
-
-    /// One sequence's recurrent state: Hv·dk·dv.
-    pub fn state_size(&self) -> usize {
-        self.v_heads * self.k_dim * self.v_dim
-    }
-}
+/// The op's shape: the backend's own `DeltaShape`.
+pub use crate::backend::DeltaShape as DeltaNetShape;
 
 /// The frozen parameters.
 #[derive(Clone, Copy)]

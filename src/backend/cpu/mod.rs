@@ -102,11 +102,6 @@ fn linear(x: &[f32], w: &CpuWeight, bias: Option<&[f32]>, y: &mut [f32], shape: 
     }
 }
 
-fn delta_shape(s: DeltaShape) -> delta_net::DeltaNetShape {
-    let DeltaShape { n, k_heads, v_heads, k_dim, v_dim, conv_kernel, norm_eps } = s;
-    delta_net::DeltaNetShape { n, k_heads, v_heads, k_dim, v_dim, conv_kernel, norm_eps }
-}
-
 fn delta_inputs(i: DeltaIn<'_, Vec<f32>>) -> delta_net::DeltaNetInputs<'_> {
     delta_net::DeltaNetInputs { qkv: i.qkv, z: i.z, b: i.b, a: i.a }
 }
@@ -340,7 +335,7 @@ impl Backend for CpuBackend {
         out: &mut Vec<f32>,
         saved: &mut Vec<f32>,
     ) {
-        with_delta_weights(w, |w| delta_net::forward(delta_inputs(inputs), w, seqs.cu_seqlens, &delta_shape(shape), out, saved))
+        with_delta_weights(w, |w| delta_net::forward(delta_inputs(inputs), w, seqs.cu_seqlens, &shape, out, saved))
     }
     fn delta_net_backward(
         &self,
@@ -353,7 +348,7 @@ impl Backend for CpuBackend {
         grads: DeltaGrads<'_, Vec<f32>>,
     ) {
         let grads = delta_net::DeltaNetGrads { qkv: grads.qkv, z: grads.z, b: grads.b, a: grads.a };
-        with_delta_weights(w, |w| delta_net::backward(dout, delta_inputs(inputs), w, seqs.cu_seqlens, &delta_shape(shape), saved, grads))
+        with_delta_weights(w, |w| delta_net::backward(dout, delta_inputs(inputs), w, seqs.cu_seqlens, &shape, saved, grads))
     }
     fn delta_net_decode(
         &self,
@@ -364,7 +359,7 @@ impl Backend for CpuBackend {
         state: DeltaState<'_, Vec<f32>>,
         out: &mut Vec<f32>,
     ) {
-        with_delta_weights(w, |w| delta_net::decode(delta_inputs(inputs), w, seqs.cu_seqlens, &delta_shape(shape), state.conv, state.rec, out))
+        with_delta_weights(w, |w| delta_net::decode(delta_inputs(inputs), w, seqs.cu_seqlens, &shape, state.conv, state.rec, out))
     }
     fn glu(&self, gate: &Vec<f32>, up: &Vec<f32>, out: &mut Vec<f32>, shape: GluShape) {
         glu::glu(gate, up, out, shape)
