@@ -21,7 +21,7 @@ use std::time::Instant;
 
 #[derive(Args, Clone)]
 pub struct BenchArgs {
-    /// Size preset: tiny, llama3.2-1b, llama3-8b, mistral-7b, qwen2-7b, qwen3-0.6b, qwen3-4b, qwen3-8b, gemma2-9b, gemma3-1b, gemma3-4b, phi4-mini, qwen3.5-9b.
+    /// Size preset: tiny, llama3.2-1b, llama3-8b, mistral-7b, qwen2-7b, qwen3-0.6b, qwen3-4b, qwen3-8b, gemma2-9b, gemma3-1b, gemma3-4b, phi4-mini, qwen3.5-9b, gemma4-e4b.
     #[arg(long, default_value = "tiny")]
     preset: String,
     /// Override the preset's number of layers.

@@ -114,6 +114,9 @@ fn train_on<B: Backend>(be: &B, cfg: &RunConfig, gpu: Option<GpuMemory>) -> Resu
             .map_err(|e| e.context("gguf: this model cannot be exported as asked (for an unknown tokenizer fingerprint, set gguf_tokenizer_pre)"))?;
     }
     let ckpt = Checkpoint::open(&model_dir)?;
+    if let Some(note) = ckpt.untrained_note() {
+        eprintln!("{note}");
+    }
     if gpu.is_some() {
         eprintln!("attention: {}", crate::backend::cuda::attention_path(ckpt.config.head_dim));
     }
