@@ -25,7 +25,7 @@ use half::bf16;
 const TOKEN_THREADS: u32 = 128;
 /// Largest k_dim / v_dim of the scan kernels (their block holds one thread
 /// per value column and per-warp partials for at most 4 warps).
-const MAX_HEAD_DIM: usize = 128;
+pub(super) const MAX_HEAD_DIM: usize = 128;
 /// Backward blocks at most: each holds its own chunk of start states.
 const MAX_BWD_BLOCKS: usize = 64;
 
