@@ -177,8 +177,9 @@ fn bench_on<B: Backend, P: Backend>(be: &B, a: &BenchArgs, profiler: Option<&Pro
     }
     let (cfg, lc) = model_and_adapter(a)?;
     let spec_family = cfg.family.family.clone();
+    be.check_model(&cfg)?;
     if mem.gpu {
-        eprintln!("attention: {}", crate::backend::cuda::attention_path(cfg.head_dim));
+        eprintln!("attention: {}", crate::backend::cuda::attention_paths(&cfg));
     }
     let base = base_weights(a);
     // Predict the peak before anything is allocated; refuse what cannot fit.

@@ -463,6 +463,7 @@ impl<B: Backend> Model<B> {
         cfg: ModelConfig,
         mut get: impl FnMut(&str, &[usize], bool) -> Result<B::Weight>,
     ) -> Result<Model<B>> {
+        be.check_model(&cfg)?;
         let mut tensors = tensor_list(&cfg).into_iter();
         let mut next = |what: Tensor| -> Result<B::Weight> {
             let (name, shape, kind) = tensors.next().expect("tensor_list lists every tensor the model takes");
