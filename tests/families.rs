@@ -124,8 +124,8 @@ fn qlora_on_every_new_family_is_lora_on_the_dequantized_base() {
             }
         }
         let dense_ckpt = Checkpoint::open(&fixture(case).join("model")).unwrap();
-        let mut d = Model::build_with(&be, dense_ckpt.config.clone(), |name, shape, projection| {
-            if projection {
+        let mut d = Model::build_with(&be, dense_ckpt.config.clone(), |name, shape, kind| {
+            if kind == ferrotune::model::Tensor::Projection {
                 let v = &values.iter().find(|(n, _)| n == name).expect("a dequantized projection").1;
                 Ok(be.weight_from_f32(v))
             } else {

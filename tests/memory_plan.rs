@@ -193,6 +193,34 @@ fn qwen3_5_delta_net_layers_match_measurement() {
 }
 
 #[test]
+fn gemma4_layers_of_their_own_sizes_match_measurement() {
+    // Sliding layers of head 8 and full ones of head 16 (K=V: no v_proj),
+    // the last two layers reading earlier K/V with a double-wide MLP, and
+    // per-layer embeddings: every LoRA (per_layer_model_projection's too)
+    // sized by its own layer, planned against a measured step.
+    let mut spec = small("gemma4", 32, 4, 2, 8, 48);
+    spec.layers = 5;
+    spec.tie = true;
+    spec.extra = serde_json::json!({"head_dim": 8, "global_head_dim": 16, "num_global_key_value_heads": 1,
+        "hidden_act": null, "hidden_activation": "gelu_pytorch_tanh", "rms_norm_eps": 1e-6, "sliding_window": 5,
+        "layer_types": ["sliding_attention", "full_attention", "sliding_attention", "sliding_attention", "full_attention"],
+        "hidden_size_per_layer_input": 8, "vocab_size_per_layer_input": 300, "num_kv_shared_layers": 2,
+        "use_double_wide_mlp": true, "attention_k_eq_v": true, "final_logit_softcapping": 30.0,
+        "rope_parameters": {
+            "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1e6},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}});
+    let cfg = config(&spec);
+    let g = cfg.gemma4.as_ref().expect("a Gemma 4 config");
+    assert_eq!((g.head_dim.clone(), g.intermediate.clone()), (vec![8, 16, 8, 8, 16], vec![48, 48, 48, 96, 96]));
+    let lc = LoraConfig::new(4, 8.0, Targets::AllLinear);
+    for (micro_batch, seq_len, chunk) in [(2, 12, 4), (1, 40, 4096)] {
+        for gc in [false, true] {
+            check(&cfg, &lc, Case { micro_batch, seq_len, gc, chunk, act_bytes: 2, weight_bytes: 2 });
+        }
+    }
+}
+
+#[test]
 fn biases_tied_embeddings_and_other_shapes_match_measurement() {
     // The backward's transient peak is the largest of three points (see
     // train::memory): each of these shapes makes a different one largest.

@@ -2,8 +2,9 @@
 //! tokens/s, TFLOP/s and MFU are comparable across runs and tools:
 //!
 //!   per step = Σ_tokens (4·N_base + 6·N_lora) + attention + delta-net
-//!   attention = 6 · Σ_attention layers d_attn · Σ_seq (s·(s+1)/2 visible pairs, or
-//!               fewer under a sliding window)   [12·L·T·d_attn per token
+//!   attention = 6 · Σ_attention layers d_attn · Σ_seq (s·(s+1)/2 visible
+//!               pairs, or fewer under a sliding window; d_attn = query
+//!               heads × that layer's head size)   [12·L·T·d_attn per token
 //!               for full T×T, halved for causal, summed over packed
 //!               sequences]
 //!   delta-net = 3 · L_delta · tokens · (6·Hv·dk·dv + 2·C·K)
@@ -102,6 +103,20 @@ mod tests {
         assert_eq!(attention_pairs(&cfg, &[5], 0), 12);
         // Longer than the sequence: plain causal, s(s+1)/2.
         assert_eq!(attention_pairs(&cfg, &[2, 3], 0), 3 + 6);
+    }
+
+    #[test]
+    fn gemma4_counts_each_layers_own_sizes() {
+        // transformers' Gemma4ForCausalLM on the fixture: Σ numel of every
+        // nn.Linear (per-layer head sizes and MLP widths, no k/v_proj on the
+        // sharing layers, per_layer_model_projection, the tied lm_head) is
+        // 57184.
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gemma4/model");
+        let cfg = crate::model::checkpoint::read_config(&dir).unwrap();
+        assert_eq!(matmul_params(&cfg), 57184);
+        // 4 query heads of 8 on sliding layers, of 16 on full ones (1, 4).
+        let widths: Vec<usize> = (0..cfg.n_layers).map(|l| attention_width(&cfg, l)).collect();
+        assert_eq!(widths, [32, 64, 32, 32, 64]);
     }
 
     #[test]

@@ -38,7 +38,7 @@ impl<B: Backend> Gemma4Layer<B> {
     /// order: the post-PLE norm (models with PLE), then layer_scalar.
     pub(super) fn build(be: &B, g: &Gemma4Config, li: usize, next: &mut impl FnMut(Tensor) -> Result<B::Weight>) -> Result<Self> {
         let post_ple_norm = if g.ple > 0 { Some(next(Tensor::Other)?) } else { None };
-        let scalar = be.weight_to_f32(&next(Tensor::Other)?)[0];
+        let scalar = be.weight_to_f32(&next(Tensor::HostScalar)?)[0];
         let shares = g.kv_source[li].is_some();
         Ok(Gemma4Layer {
             head_dim: g.head_dim[li],

@@ -389,8 +389,8 @@ impl<B: Backend> Model<B> {
     /// handed to the backend one tensor at a time, so the host holds at most
     /// one f32 projection besides what is already quantized.
     pub fn load_as(be: &B, ckpt: &Checkpoint, base: BaseWeights) -> Result<Model<B>> {
-        Self::build_with(be, ckpt.config.clone(), |name, shape, projection| {
-            let w = if !projection {
+        Self::build_with(be, ckpt.config.clone(), |name, shape, kind| {
+            let w = if kind != Tensor::Projection {
                 be.load_weight(&ckpt.tensor(name, shape)?)?
             } else if ckpt.quantization.is_some() {
                 load_prequantized(be, ckpt, name, shape)?
@@ -423,7 +423,7 @@ impl<B: Backend> Model<B> {
         use rayon::prelude::*;
         const CHUNK: usize = 1 << 16;
         let mut tensor = 0u64;
-        Self::build_with(be, cfg, |name, shape, projection| {
+        Self::build_with(be, cfg, |name, shape, kind| {
             tensor += 1;
             let numel: usize = shape.iter().product();
             let is_norm = shape.len() == 1 && !name.ends_with(".bias");
@@ -437,7 +437,7 @@ impl<B: Backend> Model<B> {
                 }
             });
             match base {
-                BaseWeights::Nf4 { double_quant } if projection => {
+                BaseWeights::Nf4 { double_quant } if kind == Tensor::Projection => {
                     be.weight_from_nf4(&quantize_nf4(&data, [shape[0], shape[1]], double_quant))
                 }
                 _ => Ok(be.weight_from_f32(&data)),
@@ -461,14 +461,14 @@ impl<B: Backend> Model<B> {
     pub fn build_with(
         be: &B,
         cfg: ModelConfig,
-        mut get: impl FnMut(&str, &[usize], bool) -> Result<B::Weight>,
+        mut get: impl FnMut(&str, &[usize], Tensor) -> Result<B::Weight>,
     ) -> Result<Model<B>> {
         be.check_model(&cfg)?;
         let mut tensors = tensor_list(&cfg).into_iter();
         let mut next = |what: Tensor| -> Result<B::Weight> {
             let (name, shape, kind) = tensors.next().expect("tensor_list lists every tensor the model takes");
             debug_assert_eq!(kind, what, "{name}");
-            get(&name, &shape, kind == Tensor::Projection)
+            get(&name, &shape, kind)
         };
         let embed = next(Tensor::Other)?;
         // Gemma 4's whole-model PLE tensors follow the embedding.

@@ -13,6 +13,9 @@ pub enum Tensor {
     Projection,
     /// Anything else: embeddings, norms, biases, the LM head.
     Other,
+    /// A one-value tensor read to the host and not kept on the device
+    /// (Gemma 4's layer_scalar).
+    HostScalar,
 }
 
 /// Every tensor a model of this config reads, in checkpoint order (the
@@ -76,7 +79,7 @@ pub fn tensor_list(cfg: &ModelConfig) -> Vec<(String, Vec<usize>, Tensor)> {
             if g.ple > 0 {
                 out.push((format!("{prefix}.{}", names.post_norm), vec![h], Tensor::Other));
             }
-            out.push((format!("{prefix}.{}", names.layer_scalar), vec![1], Tensor::Other));
+            out.push((format!("{prefix}.{}", names.layer_scalar), vec![1], Tensor::HostScalar));
         }
     }
     out.push((w.final_norm.clone(), vec![h], Tensor::Other));

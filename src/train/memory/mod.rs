@@ -88,7 +88,7 @@ use crate::backend::Backend;
 use crate::model::batch::{Batch, Sequence};
 use crate::model::hparams::ModelConfig;
 use crate::model::graph::BackwardOpts;
-use crate::model::{BaseWeights, Model, Proj, module_path};
+use crate::model::{BaseWeights, Model, Proj, Tensor, module_path};
 use crate::train::optimizer::{AdamWConfig, Optimizer};
 use std::collections::BTreeMap;
 use trace::{Shape, Tracer};
@@ -226,10 +226,12 @@ impl Planned {
         let be = Tracer::new(shape.act_bytes, shape.product_casts);
         let w = shape.weight_bytes as u64;
         let (mut dense, mut nf4, mut scratch) = (0u64, 0u64, 0u64);
-        let model = Model::build_with(&be, self.cfg.clone(), |_, dims, projection| {
+        let model = Model::build_with(&be, self.cfg.clone(), |_, dims, kind| {
             let numel: usize = dims.iter().product();
             match self.base {
-                BaseWeights::Nf4 { double_quant } if projection => {
+                // Read to the host, not kept.
+                _ if kind == Tensor::HostScalar => {}
+                BaseWeights::Nf4 { double_quant } if kind == Tensor::Projection => {
                     nf4 += nf4_weight_bytes(numel as u64, double_quant);
                     scratch = scratch.max(numel as u64 * w);
                 }
@@ -238,6 +240,8 @@ impl Planned {
             Ok(Shape(numel))
         });
         let mut model = model.expect("the trace builds every tensor");
+        // Weights the model makes itself (Gemma 4's unit v_norm).
+        dense += be.with_log(|l| l.made_weight_elems) * w;
         let workspace = be.with_log(|l| l.live);
         for m in &self.modules {
             let lin = model.layers[m.layer].p_mut(m.proj);

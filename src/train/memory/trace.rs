@@ -36,6 +36,8 @@ pub(super) struct Log {
     /// phases: generation and the no-grad forwards).
     pub peak: u64,
     pub temp: u64,
+    /// Elements of the weights made from host values (`weight_from_f32`).
+    pub made_weight_elems: u64,
 }
 
 pub(super) struct Tracer {
@@ -151,6 +153,7 @@ impl Backend for Tracer {
         Ok(Shape(src.numel))
     }
     fn weight_from_f32(&self, data: &[f32]) -> Shape {
+        self.with_log(|l| l.made_weight_elems += data.len() as u64);
         Shape(data.len())
     }
     fn weight_from_nf4(&self, t: &Nf4Tensor) -> Result<Shape> {
