@@ -92,7 +92,6 @@ pub fn preset(name: &str) -> Result<SynthSpec> {
             intermediate: 10240, vocab: 262144, tie: true, rope_theta: 1e4,
             extra: json!({"head_dim": 256, "global_head_dim": 512, "hidden_act": null,
                 "hidden_activation": "gelu_pytorch_tanh", "rms_norm_eps": 1e-6, "sliding_window": 512,
-                "layer_types": (0..42).map(|i| if i % 6 == 5 { "full_attention" } else { "sliding_attention" }).collect::<Vec<_>>(),
                 "hidden_size_per_layer_input": 256, "vocab_size_per_layer_input": 262144,
                 "num_kv_shared_layers": 18, "use_double_wide_mlp": false, "attention_k_eq_v": false,
                 "final_logit_softcapping": 30.0,
@@ -133,6 +132,17 @@ pub fn config_json(spec: &SynthSpec) -> Result<Value> {
         for (k, v) in src {
             dst.insert(k.clone(), v.clone());
         }
+    }
+    // Gemma 4 presets follow --layers: five sliding layers to one full, the
+    // last one full, and at most layers − 6 layers sharing K/V (so that a
+    // full and a sliding producer precede them).
+    if spec.family == "gemma4" && c.get("layer_types").is_none() {
+        let n = spec.layers;
+        let types: Vec<&str> =
+            (0..n).map(|i| if i % 6 == 5 || i + 1 == n { "full_attention" } else { "sliding_attention" }).collect();
+        let shared = c["num_kv_shared_layers"].as_u64().unwrap_or(0).min(n.saturating_sub(6) as u64);
+        c["layer_types"] = json!(types);
+        c["num_kv_shared_layers"] = json!(shared);
     }
     Ok(c)
 }
@@ -209,4 +219,31 @@ pub fn write_word_tokenizer(dir: &Path, vocab: usize) -> Result<()> {
     crate::util::atomic_write(&dir.join("tokenizer.json"), serde_json::to_string(&tokenizer)?.as_bytes())?;
     let config = json!({"eos_token": format!("t{}", vocab - 1), "tokenizer_class": "PreTrainedTokenizerFast"});
     crate::util::atomic_write(&dir.join("tokenizer_config.json"), serde_json::to_string_pretty(&config)?.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_preset_resolves_and_gemma4_follows_the_layer_count() {
+        for name in PRESETS {
+            model_config(&preset(name).unwrap()).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+        }
+        // E4B: 42 layers, seven full ones (head 512, every sixth and the
+        // last), the last 18 reading earlier K/V, per-layer embeddings of 256.
+        let cfg = model_config(&preset("gemma4-e4b").unwrap()).unwrap();
+        let g = cfg.gemma4.as_ref().unwrap();
+        let full: Vec<usize> = (0..42).filter(|&i| g.head_dim[i] == 512).collect();
+        assert_eq!(full, [5, 11, 17, 23, 29, 35, 41]);
+        assert_eq!(g.kv_source.iter().filter(|s| s.is_some()).count(), 18);
+        assert_eq!((g.ple, g.ple_vocab), (256, 262144));
+        // --layers 8: the pattern and the sharing follow.
+        let mut spec = preset("gemma4-e4b").unwrap();
+        spec.layers = 8;
+        let cfg = model_config(&spec).unwrap();
+        let g = cfg.gemma4.as_ref().unwrap();
+        assert_eq!(g.head_dim, [256, 256, 256, 256, 256, 512, 256, 512]);
+        assert_eq!(g.kv_source, [None, None, None, None, None, None, Some(4), Some(5)]);
+    }
 }
