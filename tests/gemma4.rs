@@ -129,3 +129,15 @@ fn unsupported_settings_refused_by_key(case: &str) {
     let e = with("use_bidirectional_attention", "all".into());
     assert!(e.contains("\"use_bidirectional_attention\" is \"all\""), "{e}");
 }
+
+#[test]
+fn bidirectional_attention_on_vision_tokens_only_is_causal_text() {
+    // The hub checkpoints' "vision": transformers runs text-only input
+    // causally, as with null (the gemma4_vlm fixture checks it, bit for bit).
+    for case in LAYOUTS {
+        let mut raw = config_json(case);
+        text_numbers(&mut raw, case).insert("use_bidirectional_attention".into(), "vision".into());
+        let cfg = resolve(raw).unwrap();
+        assert_eq!(cfg.gemma4, resolve(config_json(case)).unwrap().gemma4, "{case}");
+    }
+}
