@@ -32,6 +32,10 @@
 //   == 0, past >= 0. Never launch with n == 0 (an empty grid is an invalid
 //   launch): the op is then a no-op. n_heads <= 65535 (grid.y).
 //
+//   decode_attention_d512_bf16: the same arguments, grid and block, for
+//   257 <= head_dim <= 512 (checked: 1 <= head_dim <= 512; 16448 bytes of
+//   static shared memory).
+//
 //   decode_attention_batch_bf16(const bf16* q, const bf16* k_cache,
 //       const bf16* v_cache, const int* positions, bf16* out, int n_seqs,
 //       int capacity, int n_heads, int n_kv_heads, int head_dim, int window,
@@ -49,13 +53,19 @@
 //   grid (n_seqs, n_heads, 1), block and shared memory as above.
 //   Preconditions, checked (__trap()): as above, and capacity >= 1 instead
 //   of past >= 0. Never launch with n_seqs == 0.
+//
+//   decode_attention_batch_d512_bf16: the same for 257 <= head_dim <= 512,
+//   as decode_attention_d512_bf16.
 // ===============================================================================
 //
 // Design (simple first): one block per (query, head), in the batch per
 // (sequence, head); both entry points run the same block body, `attend`.
 // Its 8 warps take the visible keys round robin (warp w: keys lo+w, lo+w+8,
 // ...); lane L holds elements L, L+32, ... of the query row and of the
-// warp's output. Each warp runs an online softmax (running max m, sum l,
+// warp's output, MAX_D / 32 of each in registers. MAX_D is a template
+// parameter: 256 for the plain names, 512 for the *_d512 ones, so that the
+// common heads neither hold nor merge through the wide heads' registers and
+// shared memory. Each warp runs an online softmax (running max m, sum l,
 // output rescaled by exp(m_old - m_new)) over its keys; the 8 partial
 // (m, l, o) are then merged in warp order through shared memory. Work per
 // block is O(keys * d) on CUDA cores: memory-bound on the cache reads, as
@@ -70,8 +80,6 @@ typedef __nv_bfloat16 bf16;
 
 constexpr int THREADS = 256;
 constexpr int WARPS = THREADS / 32;
-constexpr int MAX_D = 256;
-constexpr int E = MAX_D / 32;  // row elements per lane
 
 __device__ __forceinline__ float warp_allsum(float v) {
 #pragma unroll
@@ -80,13 +88,16 @@ __device__ __forceinline__ float warp_allsum(float v) {
 }
 
 // The shared memory of the warps' merge (declared once by each entry point,
-// so that its capped and plain instantiations share it).
+// so that its capped and plain instantiations share it), for heads of at
+// most MAX_D elements.
+template <int MAX_D>
 struct Merge {
     float m[WARPS], l[WARPS];
     float o[WARPS][MAX_D];
 };
 
 // Checked preconditions shared by both entry points (__trap(): a host bug).
+template <int MAX_D>
 __device__ __forceinline__ void check_launch(int nh, int nkv, int d) {
     if (blockDim.x != THREADS || blockDim.y != 1 || blockDim.z != 1 || d < 1 || d > MAX_D || nkv < 1 ||
         nh % nkv != 0)
@@ -99,10 +110,11 @@ __device__ __forceinline__ void check_launch(int nh, int nkv, int d) {
 // one-sequence and the batched entry points.
 // CAP: whether scores are soft-capped (a template flag, so the plain path
 // compiles exactly as without the cap).
-template <bool CAP>
+template <bool CAP, int MAX_D>
 __device__ __forceinline__ void attend(const bf16* __restrict__ qr, const bf16* __restrict__ k,
                                        const bf16* __restrict__ v, bf16* __restrict__ orow, int t, int nkv,
-                                       int kvh, int d, int window, float scale, float cap, Merge& sm) {
+                                       int kvh, int d, int window, float scale, float cap, Merge<MAX_D>& sm) {
+    constexpr int E = MAX_D / 32;  // row elements per lane
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int lo = (window > 0 && t - window + 1 > 0) ? t - window + 1 : 0;
     const float inv_cap = CAP ? 1.f / cap : 0.f;
@@ -170,28 +182,28 @@ __device__ __forceinline__ void attend(const bf16* __restrict__ qr, const bf16* 
 }
 
 // Query i of the one-sequence op: position past + i against the cache.
-template <bool CAP>
+template <bool CAP, int MAX_D>
 __device__ __forceinline__ void decode(const bf16* __restrict__ q, const bf16* __restrict__ k,
                                        const bf16* __restrict__ v, bf16* __restrict__ out, int n, int past, int nh,
-                                       int nkv, int d, int window, float scale, float cap, Merge& sm) {
-    check_launch(nh, nkv, d);
+                                       int nkv, int d, int window, float scale, float cap, Merge<MAX_D>& sm) {
+    check_launch<MAX_D>(nh, nkv, d);
     if (past < 0) __trap();
     const int i = blockIdx.x, h = blockIdx.y;
     if (i >= n || h >= nh) return;
     const i64 row = ((i64)i * nh + h) * d;
-    attend<CAP>(q + row, k, v, out + row, past + i, nkv, h / (nh / nkv), d, window, scale, cap, sm);
+    attend<CAP, MAX_D>(q + row, k, v, out + row, past + i, nkv, h / (nh / nkv), d, window, scale, cap, sm);
 }
 
 // Sequence s of the batched op: its one query, at positions[s], against
 // rows s * capacity .. of the batched cache. A position outside
 // [0, capacity) is a host bug (the CPU backend panics): nothing is read and
 // the output row is NaN, so the bug is loud.
-template <bool CAP>
+template <bool CAP, int MAX_D>
 __device__ __forceinline__ void decode_batch(const bf16* __restrict__ q, const bf16* __restrict__ k,
                                              const bf16* __restrict__ v, const int* __restrict__ positions,
                                              bf16* __restrict__ out, int n_seqs, int capacity, int nh, int nkv,
-                                             int d, int window, float scale, float cap, Merge& sm) {
-    check_launch(nh, nkv, d);
+                                             int d, int window, float scale, float cap, Merge<MAX_D>& sm) {
+    check_launch<MAX_D>(nh, nkv, d);
     if (capacity < 1) __trap();
     const int s = blockIdx.x, h = blockIdx.y;
     if (s >= n_seqs || h >= nh) return;
@@ -202,32 +214,38 @@ __device__ __forceinline__ void decode_batch(const bf16* __restrict__ q, const b
         return;
     }
     const i64 base = (i64)s * capacity * nkv * d;
-    attend<CAP>(q + row, k + base, v + base, out + row, t, nkv, h / (nh / nkv), d, window, scale, cap, sm);
+    attend<CAP, MAX_D>(q + row, k + base, v + base, out + row, t, nkv, h / (nh / nkv), d, window, scale, cap, sm);
 }
 
 }  // namespace da
 
-extern "C" __global__ void __launch_bounds__(da::THREADS)
-    decode_attention_bf16(const __nv_bfloat16* q, const __nv_bfloat16* k_cache, const __nv_bfloat16* v_cache,
-                          __nv_bfloat16* out, int n, int past, int n_heads, int n_kv_heads, int head_dim,
-                          int window, float scale, float softcap) {
-    __shared__ da::Merge sm;
-    if (softcap > 0.f)
-        da::decode<true>(q, k_cache, v_cache, out, n, past, n_heads, n_kv_heads, head_dim, window, scale, softcap, sm);
-    else
-        da::decode<false>(q, k_cache, v_cache, out, n, past, n_heads, n_kv_heads, head_dim, window, scale, 0.f, sm);
-}
+// The entry points for heads of at most MAX_D elements; the cap's two
+// instantiations share one Merge.
+#define DA_ENTRIES(NAME, BATCH_NAME, MAX_D)                                                                     \
+    extern "C" __global__ void __launch_bounds__(da::THREADS)                                                 \
+        NAME(const __nv_bfloat16* q, const __nv_bfloat16* k_cache, const __nv_bfloat16* v_cache,               \
+             __nv_bfloat16* out, int n, int past, int n_heads, int n_kv_heads, int head_dim, int window,        \
+             float scale, float softcap) {                                                                    \
+        __shared__ da::Merge<MAX_D> sm;                                                                       \
+        if (softcap > 0.f)                                                                                    \
+            da::decode<true, MAX_D>(q, k_cache, v_cache, out, n, past, n_heads, n_kv_heads, head_dim, window,  \
+                                    scale, softcap, sm);                                                      \
+        else                                                                                                  \
+            da::decode<false, MAX_D>(q, k_cache, v_cache, out, n, past, n_heads, n_kv_heads, head_dim, window, \
+                                     scale, 0.f, sm);                                                         \
+    }                                                                                                         \
+    extern "C" __global__ void __launch_bounds__(da::THREADS)                                                 \
+        BATCH_NAME(const __nv_bfloat16* q, const __nv_bfloat16* k_cache, const __nv_bfloat16* v_cache,         \
+                   const int* positions, __nv_bfloat16* out, int n_seqs, int capacity, int n_heads,            \
+                   int n_kv_heads, int head_dim, int window, float scale, float softcap) {                    \
+        __shared__ da::Merge<MAX_D> sm;                                                                       \
+        if (softcap > 0.f)                                                                                    \
+            da::decode_batch<true, MAX_D>(q, k_cache, v_cache, positions, out, n_seqs, capacity, n_heads,      \
+                                          n_kv_heads, head_dim, window, scale, softcap, sm);                  \
+        else                                                                                                  \
+            da::decode_batch<false, MAX_D>(q, k_cache, v_cache, positions, out, n_seqs, capacity, n_heads,     \
+                                           n_kv_heads, head_dim, window, scale, 0.f, sm);                     \
+    }
 
-extern "C" __global__ void __launch_bounds__(da::THREADS)
-    decode_attention_batch_bf16(const __nv_bfloat16* q, const __nv_bfloat16* k_cache,
-                                const __nv_bfloat16* v_cache, const int* positions, __nv_bfloat16* out,
-                                int n_seqs, int capacity, int n_heads, int n_kv_heads, int head_dim, int window,
-                                float scale, float softcap) {
-    __shared__ da::Merge sm;
-    if (softcap > 0.f)
-        da::decode_batch<true>(q, k_cache, v_cache, positions, out, n_seqs, capacity, n_heads, n_kv_heads,
-                               head_dim, window, scale, softcap, sm);
-    else
-        da::decode_batch<false>(q, k_cache, v_cache, positions, out, n_seqs, capacity, n_heads, n_kv_heads,
-                                head_dim, window, scale, 0.f, sm);
-}
+DA_ENTRIES(decode_attention_bf16, decode_attention_batch_bf16, 256)
+DA_ENTRIES(decode_attention_d512_bf16, decode_attention_batch_d512_bf16, 512)

@@ -4,7 +4,7 @@
 // index math: see "Verification" at the end of this comment.
 //
 // This file holds the tensor-core kernels (head_dim 64 / 128) and the
-// backward's preprocess; the generic kernels (any other head_dim <= 256) are
+// backward's preprocess; the generic kernels (any other head_dim <= 512) are
 // in cuda/flash_attn_generic.cu, and the device code both use in
 // cuda/flash_common.cuh. This comment is the launch contract of all of them.
 //
@@ -53,9 +53,10 @@
 //   other; same stream in any order, or two streams after preprocess).
 //
 // Kernel choice: head_dim 64 or 128 -> tensor-core kernels *_d64 / *_d128;
-// any other 1 <= head_dim <= 256 -> *_generic (cuda/flash_attn_generic.cu;
+// any other 1 <= head_dim <= 256 -> *_generic, 257 <= head_dim <= 512 ->
+// *_generic_d512 (both cuda/flash_attn_generic.cu;
 // slow: no tensor cores, one warp per row; for tiny test models and unusual
-// heads). head_dim > 256 is unsupported. The preprocess kernel serves both.
+// heads). head_dim > 512 is unsupported. The preprocess kernel serves all.
 //
 // Tensor-core kernels. Let max_len = max over s of (cu[s+1] - cu[s]),
 // computed on the host, and NB = max(1, ceil(max_len / 64)). grid.x may be
@@ -103,7 +104,8 @@
 //     min(ceil(n*n_heads / (B/32)), 1<<20)); SMEM 0.
 //
 // Soft-capped twins: flash_attn_fwd_capped_d64, flash_attn_bwd_dq_capped_d128,
-// flash_attn_bwd_dkdv_capped_generic, ... (every fwd / bwd_dq / bwd_dkdv
+// flash_attn_bwd_dkdv_capped_generic, flash_attn_fwd_capped_generic_d512,
+// ... (every fwd / bwd_dq / bwd_dkdv
 // kernel, tensor-core or generic, `capped_` before its head_dim suffix): the
 // same arguments, grid, block and SMEM plus a last argument `float softcap`,
 // the cap c > 0. The preprocess serves both.
@@ -116,6 +118,10 @@
 //     grid (ceil(n/4), n_heads, 1), block (128,1,1)
 //   flash_attn_bwd_dkdv_generic(<same arguments as flash_attn_bwd_dkdv_d64>)
 //     grid (ceil(n/4), n_kv_heads, 1), block (128,1,1)   <- kv heads
+// and their wide twins flash_attn_fwd_generic_d512, flash_attn_bwd_dq_generic_d512,
+// flash_attn_bwd_dkdv_generic_d512 (and capped_generic_d512): the same
+// arguments, grid and block, for 1 <= head_dim <= 512 (checked; meant for
+// 257..512: at 256 and below the narrow ones hold half the registers).
 // ===============================================================================
 //
 // Design (tensor-core kernels; FlashAttention-2 structure):

@@ -67,6 +67,8 @@ mod tests {
         ("decode_attn", &[
             ("decode_attention_bf16", "q:ptr k_cache:ptr v_cache:ptr out:ptr n:i32 past:i32 n_heads:i32 n_kv_heads:i32 head_dim:i32 window:i32 scale:f32 softcap:f32"),
             ("decode_attention_batch_bf16", "q:ptr k_cache:ptr v_cache:ptr positions:ptr out:ptr n_seqs:i32 capacity:i32 n_heads:i32 n_kv_heads:i32 head_dim:i32 window:i32 scale:f32 softcap:f32"),
+            ("decode_attention_d512_bf16", "q:ptr k_cache:ptr v_cache:ptr out:ptr n:i32 past:i32 n_heads:i32 n_kv_heads:i32 head_dim:i32 window:i32 scale:f32 softcap:f32"),
+            ("decode_attention_batch_d512_bf16", "q:ptr k_cache:ptr v_cache:ptr positions:ptr out:ptr n_seqs:i32 capacity:i32 n_heads:i32 n_kv_heads:i32 head_dim:i32 window:i32 scale:f32 softcap:f32"),
         ]),
         ("delta_net", &[
             ("delta_prep_fwd_*", "qkv:ptr conv:ptr hist:ptr cu_seqlens:ptr pre:ptr xn:ptr n:i32 n_seqs:i32 k_heads:i32 k_dim:i32 conv_dim:i32 kernel:i32 has_hist:i32 q_scale:f32"),
@@ -109,6 +111,12 @@ mod tests {
             ("flash_attn_bwd_dq_capped_generic", concat!(fa_dq!(), " softcap:f32")),
             ("flash_attn_bwd_dkdv_generic", fa_dkdv!()),
             ("flash_attn_bwd_dkdv_capped_generic", concat!(fa_dkdv!(), " softcap:f32")),
+            ("flash_attn_fwd_generic_d512", fa_fwd!()),
+            ("flash_attn_fwd_capped_generic_d512", concat!(fa_fwd!(), " softcap:f32")),
+            ("flash_attn_bwd_dq_generic_d512", fa_dq!()),
+            ("flash_attn_bwd_dq_capped_generic_d512", concat!(fa_dq!(), " softcap:f32")),
+            ("flash_attn_bwd_dkdv_generic_d512", fa_dkdv!()),
+            ("flash_attn_bwd_dkdv_capped_generic_d512", concat!(fa_dkdv!(), " softcap:f32")),
         ]),
         ("lora_dropout", &[
             ("lora_xa_dropout_*", "x:ptr a:ptr xa:ptr m:i32 k:i32 r:i32 seed:u64 p:f32"),

@@ -62,6 +62,16 @@ fn flash_attention_over_several_tiles_matches_the_cpu() {
 }
 
 #[test]
+fn attention_at_head_dim_512_matches_the_cpu_reference() {
+    // Tiny: a sequence long enough for the cap and the window to bite, one
+    // of length 1, and one between; decoding from an empty cache and after
+    // 9 cached tokens; a batch at the first and last rows of its regions.
+    use ferrotune_testkit::conformance::DecodeBatch;
+    let batch = DecodeBatch { positions: &[0, 11, 5], capacity: 12 };
+    gpu_checks::wide_head_attention(&emulated_gpu().1, &[12, 1, 7], &[(0, 1), (9, 3)], batch);
+}
+
+#[test]
 fn lora_products_with_and_without_fused_dropout_match_the_cpu() {
     // (m, k, n, r): 1, 2 and 3 rank chunks (the last partial), 1 to 3 row
     // splits of dA, k and n not multiples of 256.
@@ -348,7 +358,7 @@ fn results_are_bit_identical_under_every_thread_schedule() {
     // how the threads of a block interleave between barriers. Flash attention
     // (tensor-core d64/d128 and generic, plain and soft-capped) forward and
     // backward, LoRA with fused
-    // dropout, decode attention, token choice and a whole model step run under five
+    // dropout, decode attention (head_dim 64 and 512), token choice and a whole model step run under five
     // schedules, including the first or the last warp running as far ahead of
     // the others as the barriers allow; every output bit must agree.
     use common::{Reference, load_with_adapter, loss_and_grads};
@@ -392,9 +402,10 @@ fn results_are_bit_identical_under_every_thread_schedule() {
                 outputs.push(be.download(buf).iter().map(|x| x.to_bits()).collect());
             }
         }
-        // Decode attention: 3 new tokens after 70 cached, GQA, d 64.
-        {
-            let (past, new, heads, kv, d) = (70, 3, 4, 2, 64);
+        // Decode attention: 3 new tokens after 70 cached, GQA, d 64 and the
+        // wide kernel's 512 (its merge through shared memory is as wide).
+        for d in [64, 512] {
+            let (past, new, heads, kv) = (70, 3, 4, 2);
             let mut rng = Rng::new(4);
             let mut rand = |len: usize| -> Vec<f32> { (0..len).map(|_| rng.uniform_range(-1.0, 1.0)).collect() };
             let q = be.upload_activation(&rand(new * heads * d));
@@ -616,6 +627,36 @@ fn device_start_up_reports_the_gpu_and_refuses_what_cannot_run() {
     }
     let (ok, log) = bench("cpu", &[]);
     assert!(ok && log.contains("on cpu"), "{log}");
+}
+
+#[test]
+fn a_head_over_the_kernels_limit_is_refused_at_load_not_at_launch() {
+    // The quickstart model with its head size raised past the attention
+    // kernels' 512: `generate` and `train` on the (emulated) GPU refuse it
+    // before reading a weight (the safetensors no longer fit such heads, so
+    // getting past the check would fail differently), naming the layers,
+    // the size and the limit, with no panic.
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    std::fs::create_dir(&model).unwrap();
+    for f in std::fs::read_dir("examples/quickstart/model").unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, model.join(f.file_name().unwrap())).unwrap();
+    }
+    let mut cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(model.join("config.json")).unwrap()).unwrap();
+    cfg["head_dim"] = 576.into();
+    std::fs::write(model.join("config.json"), cfg.to_string()).unwrap();
+    let want = "layers 0, 1 (full attention) have head_dim 576, over the CUDA attention kernels' limit of 512";
+    let generate = ["generate", "--model", model.to_str().unwrap(), "--device", "cuda", "--prompt", "hi", "--max-new-tokens", "2"];
+    let base_model = format!("base_model={}", model.display());
+    let output_dir = format!("output_dir={}", tmp.path().join("out").display());
+    let train = ["train", "examples/quickstart/quickstart.yml", "--set", &base_model, "--set", &output_dir, "--set", "device=cuda"];
+    for args in [&generate[..], &train[..]] {
+        let out = ferrotune(true).args(args).output().unwrap();
+        let log = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(!out.status.success(), "{} should be refused:\n{log}", args[0]);
+        assert!(log.contains(want) && !log.contains("panicked"), "{}: expected {want:?} and no panic in:\n{log}", args[0]);
+    }
 }
 
 /// GRPO's training pass (log-probs at a temperature, per-token weights) on

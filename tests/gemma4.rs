@@ -141,3 +141,14 @@ fn bidirectional_attention_on_vision_tokens_only_is_causal_text() {
         assert_eq!(cfg.gemma4, resolve(config_json(case)).unwrap().gemma4, "{case}");
     }
 }
+
+#[test]
+fn the_hub_layouts_towers_are_named_at_load() {
+    use ferrotune::model::checkpoint::Checkpoint;
+    let note = Checkpoint::open(&fixture("gemma4_vlm").join("model")).unwrap().untrained_note().unwrap();
+    assert!(note.starts_with("Gemma4ForConditionalGeneration: the text model is trained"), "{note}");
+    for part in ["vision tower (model.vision_tower.*", "vision embedder (model.embed_vision.*, 1 tensor)", "audio tower (model.audio_tower.*", "audio embedder (model.embed_audio.*, 1 tensor)"] {
+        assert!(note.contains(part), "{part} in {note}");
+    }
+    assert_eq!(Checkpoint::open(&fixture("gemma4").join("model")).unwrap().untrained_note(), None);
+}

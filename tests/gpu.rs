@@ -45,6 +45,16 @@ fn flash_attention_over_many_tiles_matches_the_cpu() {
 
 #[test]
 #[ignore = "needs a GPU: run by scripts/gpu_check.sh"]
+fn attention_at_head_dim_512_matches_the_cpu_reference() {
+    // Gemma 4's full-attention head size over several sequences and long
+    // caches.
+    use ferrotune_testkit::conformance::DecodeBatch;
+    let batch = DecodeBatch { positions: &[0, 2047, 700, 31], capacity: 2048 };
+    gpu_checks::wide_head_attention(&gpu(), &[1024, 1, 300], &[(0, 1), (2047, 1), (500, 16)], batch);
+}
+
+#[test]
+#[ignore = "needs a GPU: run by scripts/gpu_check.sh"]
 fn lora_products_with_and_without_fused_dropout_match_the_cpu() {
     // Llama-3-8B's q and down projections at rank 16 and 64, 2048 tokens.
     gpu_checks::lora_shapes(&gpu(), &[(2048, 4096, 4096, 16), (2048, 14336, 4096, 64), (513, 40, 33, 40)]);

@@ -51,6 +51,7 @@ macro_rules! forward_ops {
     (name) => {
         $crate::forward_ops! { @table
             _ name() -> String;
+            _ check_model(cfg: val[&$crate::model::hparams::ModelConfig]) -> ::anyhow::Result<()>;
         }
     };
     // Methods that only read (a wrapper that re-routes the ops may still

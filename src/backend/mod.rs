@@ -182,6 +182,13 @@ pub trait Backend: Send + Sync + 'static {
     type IntBuf: Send + Sync;
 
     fn name(&self) -> String;
+    /// Whether this backend's kernels can run a model of `cfg`'s shapes,
+    /// checked before any weight is read (`Model::build_with`): an error
+    /// names the layer, the size and the limit. Every shape by default.
+    fn check_model(&self, cfg: &crate::model::hparams::ModelConfig) -> Result<()> {
+        let _ = cfg;
+        Ok(())
+    }
 
     // ---- memory -------------------------------------------------------
     // Buffers carry their storage type: activations and their gradients use

@@ -21,7 +21,7 @@ use std::time::Instant;
 
 #[derive(Args, Clone)]
 pub struct BenchArgs {
-    /// Size preset: tiny, llama3.2-1b, llama3-8b, mistral-7b, qwen2-7b, qwen3-0.6b, qwen3-4b, qwen3-8b, gemma2-9b, gemma3-1b, gemma3-4b, phi4-mini, qwen3.5-9b.
+    /// Size preset: tiny, llama3.2-1b, llama3-8b, mistral-7b, qwen2-7b, qwen3-0.6b, qwen3-4b, qwen3-8b, gemma2-9b, gemma3-1b, gemma3-4b, phi4-mini, qwen3.5-9b, gemma4-e4b.
     #[arg(long, default_value = "tiny")]
     preset: String,
     /// Override the preset's number of layers.
@@ -177,8 +177,9 @@ fn bench_on<B: Backend, P: Backend>(be: &B, a: &BenchArgs, profiler: Option<&Pro
     }
     let (cfg, lc) = model_and_adapter(a)?;
     let spec_family = cfg.family.family.clone();
+    be.check_model(&cfg)?;
     if mem.gpu {
-        eprintln!("attention: {}", crate::backend::cuda::attention_path(cfg.head_dim));
+        eprintln!("attention: {}", crate::backend::cuda::attention_paths(&cfg));
     }
     let base = base_weights(a);
     // Predict the peak before anything is allocated; refuse what cannot fit.

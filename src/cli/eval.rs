@@ -132,6 +132,9 @@ fn eval_on<B: Backend>(be: &B, a: &EvalArgs) -> Result<()> {
     };
     let model_dir = checkpoint::resolve_model_dir(&model_name, revision.as_deref())?;
     let ckpt = Checkpoint::open(&model_dir)?;
+    if let Some(note) = ckpt.untrained_note() {
+        eprintln!("{note}");
+    }
     // Read the data before the weights: a bad row should not cost a load.
     let (seqs, source) = eval_data(a, &model_dir, &ckpt)?;
     let mut model = Model::load(be, &ckpt)?;

@@ -214,6 +214,9 @@ fn generate_on<B: Backend>(be: &B, a: &GenerateArgs) -> Result<()> {
     let t0 = Instant::now();
     let dir = checkpoint::resolve_model_dir(&a.model, None)?;
     let ckpt = Checkpoint::open(&dir)?;
+    if let Some(note) = ckpt.untrained_note() {
+        eprintln!("{note}");
+    }
     let tok = checkpoint::load_tokenizer(&dir)?;
     // The prompts before the weights: a template error should not cost a load.
     let rows = prompt_rows(a, &dir, &tok)?;

@@ -114,8 +114,14 @@ fn train_on<B: Backend>(be: &B, cfg: &RunConfig, gpu: Option<GpuMemory>) -> Resu
             .map_err(|e| e.context("gguf: this model cannot be exported as asked (for an unknown tokenizer fingerprint, set gguf_tokenizer_pre)"))?;
     }
     let ckpt = Checkpoint::open(&model_dir)?;
+    if let Some(note) = ckpt.untrained_note() {
+        eprintln!("{note}");
+    }
+    // A head size the device's kernels cannot run is refused before the
+    // data is prepared (Model::build_with would refuse it too, later).
+    be.check_model(&ckpt.config)?;
     if gpu.is_some() {
-        eprintln!("attention: {}", crate::backend::cuda::attention_path(ckpt.config.head_dim));
+        eprintln!("attention: {}", crate::backend::cuda::attention_paths(&ckpt.config));
     }
     let base = base_weights(cfg, &ckpt)?;
     let output_dir = PathBuf::from(&cfg.output_dir);

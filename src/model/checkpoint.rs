@@ -154,6 +154,12 @@ impl Checkpoint {
         Ok(Checkpoint { dir: dir.to_path_buf(), config, shards, tensors, quantization })
     }
 
+    /// The info line naming the checkpoint's parts the family does not
+    /// train (an image-text checkpoint's towers), if it has any.
+    pub fn untrained_note(&self) -> Option<String> {
+        self.config.family.untrained_note(self.tensors.keys().map(String::as_str))
+    }
+
     /// A tensor's stored type, shape and bytes, whatever its type (the
     /// parts of a bitsandbytes 4-bit weight).
     pub fn raw(&self, name: &str) -> Result<RawTensor<'_>> {

@@ -2,7 +2,7 @@
 //! tokens/s, TFLOP/s and MFU are comparable across runs and tools:
 //!
 //!   per step = Σ_tokens (4·N_base + 6·N_lora) + attention + delta-net
-//!   attention = 6 · L_attn · d_attn · Σ_seq (s·(s+1)/2 visible pairs, or
+//!   attention = 6 · Σ_attention layers d_attn · Σ_seq (s·(s+1)/2 visible pairs, or
 //!               fewer under a sliding window)   [12·L·T·d_attn per token
 //!               for full T×T, halved for causal, summed over packed
 //!               sequences]
@@ -25,9 +25,9 @@ use crate::backend::Backend;
 /// Base-model weights that take part in matrix products.
 pub fn matmul_params(cfg: &ModelConfig) -> u64 {
     let layers: usize = (0..cfg.n_layers)
-        .flat_map(|li| Proj::of_layer(cfg, li).iter())
-        .map(|p| {
-            let (i, o) = p.dims(cfg);
+        .flat_map(|li| Proj::of_layer(cfg, li).iter().map(move |&p| (li, p)))
+        .map(|(li, p)| {
+            let (i, o) = p.dims(cfg, li);
             i * o
         })
         .sum();
@@ -59,14 +59,19 @@ pub fn attention_pairs(cfg: &ModelConfig, seq_lens: &[usize], layer: usize) -> u
         .sum()
 }
 
+/// d_attn of layer `l`: query heads × head size (Gemma 4's full and
+/// sliding layers have their own head size).
+pub fn attention_width(cfg: &ModelConfig, l: usize) -> usize {
+    cfg.n_heads * cfg.gemma4.as_ref().map_or(cfg.head_dim, |g| g.head_dim[l])
+}
+
 /// Training FLOPs of one pass over sequences of these lengths.
 pub fn training_flops(cfg: &ModelConfig, n_lora: u64, seq_lens: &[usize]) -> f64 {
     let tokens: u64 = seq_lens.iter().map(|&s| s as u64).sum();
     let dense = tokens as f64 * (4.0 * matmul_params(cfg) as f64 + 6.0 * n_lora as f64);
-    let d_attn = (cfg.n_heads * cfg.head_dim) as f64;
     let attn: f64 = (0..cfg.n_layers)
         .filter(|&l| cfg.layer_mixer[l] == Mixer::Attention)
-        .map(|l| 6.0 * d_attn * attention_pairs(cfg, seq_lens, l) as f64)
+        .map(|l| 6.0 * attention_width(cfg, l) as f64 * attention_pairs(cfg, seq_lens, l) as f64)
         .sum();
     dense + attn + delta_net_flops(cfg, tokens)
 }
@@ -80,7 +85,7 @@ pub fn delta_net_flops(cfg: &ModelConfig, tokens: u64) -> f64 {
     3.0 * layers * tokens as f64 * per_token
 }
 
-pub const CONVENTION: &str = "model FLOPs = tokens·(4·N_base + 6·N_lora) + 6·L_attn·d_attn·(causal query-key pairs) + 3·L_delta·tokens·(6·Hv·dk·dv + 2·C·K) (delta-net: linear in length); recompute not counted";
+pub const CONVENTION: &str = "model FLOPs = tokens·(4·N_base + 6·N_lora) + 6·Σ_attn layers d_attn·(causal query-key pairs) + 3·L_delta·tokens·(6·Hv·dk·dv + 2·C·K) (delta-net: linear in length); recompute not counted";
 
 #[cfg(test)]
 mod tests {

@@ -99,6 +99,14 @@ impl Generation {
 }
 
 
+/// A layer's cache slots in one generation step: its own (keys and
+/// values, or a delta-net's states), or its producer's keys and values (a
+/// Gemma 4 K/V-sharing layer, which stores nothing).
+pub(super) enum KvSlot<'a, B: Backend> {
+    Own(&'a mut B::Buf, &'a mut B::Buf),
+    Shared(&'a B::Buf, &'a B::Buf),
+}
+
 impl<B: Backend> Model<B> {
     /// The cache a generation of `max_new_tokens` after a prompt of
     /// `prompt_len` tokens needs, capped at the model's
@@ -120,13 +128,19 @@ impl<B: Backend> Model<B> {
     pub(super) fn cache_region(&self, li: usize, capacity: usize) -> (usize, usize) {
         match (&self.layers[li].delta, self.cfg.delta) {
             (Some(_), Some(d)) => ((d.conv_kernel - 1) * d.conv_dim(), d.v_heads * d.k_dim * d.v_dim),
+            // A Gemma 4 K/V-sharing layer attends to its producer's slots.
+            _ if self.kv_source(li).is_some() => (0, 0),
             _ => {
-                // A Gemma 4 K/V-sharing layer keeps a copy of its producer's
-                // keys and values, written as the producer computes them.
                 let (d, kv_heads) = layer::head_dims(&self.cfg, &self.layers[li]);
                 (capacity * kv_heads * d, capacity * kv_heads * d)
             }
         }
+    }
+
+    /// The earlier layer whose cached keys and values layer `li` reads
+    /// (a Gemma 4 K/V-sharing layer), if any.
+    pub(super) fn kv_source(&self, li: usize) -> Option<usize> {
+        self.layers[li].g4.as_ref().and_then(|g| g.kv_source)
     }
 
     /// Layer `li`'s two zeroed cache slots for `seqs` sequences.
@@ -176,8 +190,11 @@ impl<B: Backend> Model<B> {
         let pass = self.gemma4_pass(be, &ids_buf, &x, &ctx);
         let ctx = StepCtx { g4: pass.as_ref(), ..ctx };
         for li in 0..self.layers.len() {
-            let (kc, vc) = (&mut cache.k[li], &mut cache.v[li]);
-            x = self.layer_step(be, li, x, past, &ctx, kc, vc);
+            let slot = match self.kv_source(li) {
+                Some(src) => KvSlot::Shared(&cache.k[src], &cache.v[src]),
+                None => KvSlot::Own(&mut cache.k[li], &mut cache.v[li]),
+            };
+            x = self.layer_step(be, li, x, past, &ctx, slot);
         }
         cache.len += n;
 
@@ -197,39 +214,34 @@ impl<B: Backend> Model<B> {
 
     /// One decoder layer over `n` new tokens at positions past..past+n: the
     /// training forward (`layer::forward_with`) with attention against the
-    /// cache, after storing the new rotated keys and values in it.
-    #[allow(clippy::too_many_arguments)]
-    fn layer_step(
-        &self,
-        be: &B,
-        li: usize,
-        x: B::Buf,
-        past: usize,
-        ctx: &StepCtx<B>,
-        k_cache: &mut B::Buf,
-        v_cache: &mut B::Buf,
-    ) -> B::Buf {
+    /// cache, after storing the new rotated keys and values in its own slot
+    /// (a sharing layer's producer has stored them already).
+    fn layer_step(&self, be: &B, li: usize, x: B::Buf, past: usize, ctx: &StepCtx<B>, slot: KvSlot<'_, B>) -> B::Buf {
         let cfg = &self.cfg;
         let layer = &self.layers[li];
         let (n, cu_seqlens) = (ctx.n, ctx.cu_seqlens);
         let (d, kv_heads) = layer::head_dims(cfg, layer);
         let kvd = kv_heads * d;
-        if layer.delta.is_some() {
-            let state = DeltaState { conv: k_cache, rec: v_cache };
-            return layer::forward_with(be, cfg, layer, li, x, ctx, Mixing::DeltaState(state)).0;
-        }
         let shape = layer::layer_attn_shape(cfg, layer, n, n);
-        let attend = move |q: &B::Buf, k: &B::Buf, v: &B::Buf, attn: &mut B::Buf, lse: &mut B::Buf| {
-            be.copy_slice(k, 0, k_cache, past * kvd, n * kvd);
-            be.copy_slice(v, 0, v_cache, past * kvd, n * kvd);
+        // With an empty cache the whole sequence is new: the varlen (flash)
+        // attention; otherwise the new tokens attend to the cache.
+        let attend = move |q: &B::Buf, k: &B::Buf, v: &B::Buf, kc: &B::Buf, vc: &B::Buf, attn: &mut B::Buf, lse: &mut B::Buf| {
             if past == 0 {
-                // The whole sequence is new: the varlen (flash) attention.
                 be.attention(Qkv { q, k, v }, Varlen { cu_seqlens, n_seqs: 1 }, shape, attn, lse);
             } else {
-                be.decode_attention(q, k_cache, v_cache, past, shape, attn);
+                be.decode_attention(q, kc, vc, past, shape, attn);
             }
         };
-        layer::forward_with(be, cfg, layer, li, x, ctx, Mixing::Attend(Box::new(attend))).0
+        let mixing = match slot {
+            KvSlot::Own(conv, rec) if layer.delta.is_some() => Mixing::DeltaState(DeltaState { conv, rec }),
+            KvSlot::Own(kc, vc) => Mixing::Attend(Box::new(move |q, k, v, attn, lse| {
+                be.copy_slice(k, 0, kc, past * kvd, n * kvd);
+                be.copy_slice(v, 0, vc, past * kvd, n * kvd);
+                attend(q, k, v, kc, vc, attn, lse);
+            })),
+            KvSlot::Shared(kc, vc) => Mixing::Attend(Box::new(move |q, k, v, attn, lse| attend(q, k, v, kc, vc, attn, lse))),
+        };
+        layer::forward_with(be, cfg, layer, li, x, ctx, mixing).0
     }
 
     /// The context of a generation forward of `n` tokens in `n_seqs`

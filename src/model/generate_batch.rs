@@ -260,7 +260,8 @@ impl<B: Backend> Model<B> {
     /// for a sequence of `len` positions: its keys and values, or the whole
     /// state of a linear-attention layer.
     fn cache_used(&self, li: usize, len: usize, region: (usize, usize)) -> (usize, usize) {
-        if self.layers[li].delta.is_some() {
+        if self.layers[li].delta.is_some() || self.kv_source(li).is_some() {
+            // The whole state, or nothing (a sharing layer's region is empty).
             region
         } else {
             let (d, kv_heads) = layer::head_dims(&self.cfg, &self.layers[li]);
@@ -287,17 +288,26 @@ impl<B: Backend> Model<B> {
             let (d, kv_heads) = layer::head_dims(cfg, layer);
             let kvd = kv_heads * d;
             let shape = layer::layer_attn_shape(cfg, layer, rows, 1);
-            let (kc, vc) = (&mut cache.k[li], &mut cache.v[li]);
-            let mixing = if layer.delta.is_some() {
+            let pos_buf = &pos_buf;
+            let mixing = match self.kv_source(li) {
+                // A sharing layer reads its producer's slots, which hold
+                // this step's keys and values already.
+                Some(src) => {
+                    let (kc, vc) = (&cache.k[src], &cache.v[src]);
+                    Mixing::Attend(Box::new(move |q: &B::Buf, _k: &B::Buf, _v: &B::Buf, attn: &mut B::Buf, _lse: &mut B::Buf| {
+                        be.decode_attention_batch(q, kc, vc, pos_buf, capacity, shape, attn);
+                    }))
+                }
                 // Slots 0 .. rows hold the active sequences' states.
-                Mixing::DeltaState(DeltaState { conv: kc, rec: vc })
-            } else {
-                let pos_buf = &pos_buf;
-                Mixing::Attend(Box::new(move |q: &B::Buf, k: &B::Buf, v: &B::Buf, attn: &mut B::Buf, _lse: &mut B::Buf| {
-                    be.scatter_rows(k, kc, pos_buf, rows, kvd, capacity);
-                    be.scatter_rows(v, vc, pos_buf, rows, kvd, capacity);
-                    be.decode_attention_batch(q, kc, vc, pos_buf, capacity, shape, attn);
-                }))
+                None if layer.delta.is_some() => Mixing::DeltaState(DeltaState { conv: &mut cache.k[li], rec: &mut cache.v[li] }),
+                None => {
+                    let (kc, vc) = (&mut cache.k[li], &mut cache.v[li]);
+                    Mixing::Attend(Box::new(move |q: &B::Buf, k: &B::Buf, v: &B::Buf, attn: &mut B::Buf, _lse: &mut B::Buf| {
+                        be.scatter_rows(k, kc, pos_buf, rows, kvd, capacity);
+                        be.scatter_rows(v, vc, pos_buf, rows, kvd, capacity);
+                        be.decode_attention_batch(q, kc, vc, pos_buf, capacity, shape, attn);
+                    }))
+                }
             };
             x = layer::forward_with(be, cfg, layer, li, x, &ctx, mixing).0;
         }

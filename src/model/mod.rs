@@ -33,7 +33,7 @@ use hparams::{Mixer, ModelConfig};
 pub use delta_layer::delta_shape;
 pub use nf4_load::quantize_nf4;
 use nf4_load::load_prequantized;
-pub use tensors::{Tensor, tensor_list};
+pub use tensors::{Tensor, projection_weights, tensor_list};
 
 /// The linear projections of a decoder layer. A family has either Q, K, V
 /// or the fused Qkv ([q; k; v] rows, one matrix and one LoRA adapter), and
@@ -149,7 +149,7 @@ impl Proj {
     }
 
     /// (in_features, out_features).
-    pub fn dims(self, cfg: &ModelConfig) -> (usize, usize) {
+    fn model_wide_dims(self, cfg: &ModelConfig) -> (usize, usize) {
         let h = cfg.hidden;
         let qd = cfg.n_heads * cfg.head_dim;
         let kvd = cfg.n_kv_heads * cfg.head_dim;
@@ -180,9 +180,10 @@ impl Proj {
     }
 
     /// (in_features, out_features) in layer `li` (Gemma 4's layers differ
-    /// in head size, KV heads and MLP width).
-    pub fn dims_at(self, cfg: &ModelConfig, li: usize) -> (usize, usize) {
-        let Some(g) = &cfg.gemma4 else { return self.dims(cfg) };
+    /// in head size, KV heads and MLP width; its PleModel, held by layer 0,
+    /// is the whole model's).
+    pub fn dims(self, cfg: &ModelConfig, li: usize) -> (usize, usize) {
+        let Some(g) = &cfg.gemma4 else { return self.model_wide_dims(cfg) };
         let (h, qd, kvd, inter) = (cfg.hidden, cfg.n_heads * g.head_dim[li], g.kv_heads[li] * g.head_dim[li], g.intermediate[li]);
         match self {
             Proj::Q => (h, qd),
@@ -190,7 +191,7 @@ impl Proj {
             Proj::O => (qd, h),
             Proj::Gate | Proj::Up => (h, inter),
             Proj::Down => (inter, h),
-            p => p.dims(cfg),
+            p => p.model_wide_dims(cfg),
         }
     }
 
@@ -391,8 +392,8 @@ impl<B: Backend> Model<B> {
         Self::build_with(be, ckpt.config.clone(), |name, shape, projection| {
             let w = if !projection {
                 be.load_weight(&ckpt.tensor(name, shape)?)?
-            } else if let Some(q) = &ckpt.quantization {
-                load_prequantized(be, ckpt, q, name, shape)?
+            } else if ckpt.quantization.is_some() {
+                load_prequantized(be, ckpt, name, shape)?
             } else if let BaseWeights::Nf4 { double_quant } = base {
                 let src = ckpt.tensor(name, shape)?;
                 let f32s = crate::backend::to_f32(src.dtype, src.bytes);
@@ -462,6 +463,7 @@ impl<B: Backend> Model<B> {
         cfg: ModelConfig,
         mut get: impl FnMut(&str, &[usize], bool) -> Result<B::Weight>,
     ) -> Result<Model<B>> {
+        be.check_model(&cfg)?;
         let mut tensors = tensor_list(&cfg).into_iter();
         let mut next = |what: Tensor| -> Result<B::Weight> {
             let (name, shape, kind) = tensors.next().expect("tensor_list lists every tensor the model takes");
@@ -473,8 +475,8 @@ impl<B: Backend> Model<B> {
         let (ple, mut ple_model) = match &cfg.gemma4 {
             Some(g) if g.ple > 0 => {
                 let table = next(Tensor::Other)?;
-                let (in_f, out_f) = Proj::PleModel.dims(&cfg);
-                let model_proj = Linear { weight: next(Tensor::Other)?, bias: None, in_f, out_f, lora: None };
+                let (in_f, out_f) = Proj::PleModel.dims(&cfg, 0);
+                let model_proj = Linear { weight: next(Tensor::Projection)?, bias: None, in_f, out_f, lora: None };
                 let norm = next(Tensor::Other)?;
                 let scale = be.download(&be.upload_activation(&[(g.ple as f32).sqrt()]))[0];
                 (Some(gemma4_layer::PleParams { table, norm, scale }), Some(model_proj))
@@ -500,7 +502,7 @@ impl<B: Backend> Model<B> {
                     proj[p as usize] = ple_model.take();
                     continue;
                 }
-                let (in_f, out_f) = p.dims_at(&cfg, i);
+                let (in_f, out_f) = p.dims(&cfg, i);
                 let weight = next(Tensor::Projection)?;
                 let bias = if p.has_bias(&cfg) { Some(next(Tensor::Other)?) } else { None };
                 proj[p as usize] = Some(Linear { weight, bias, in_f, out_f, lora: None });

@@ -7,17 +7,20 @@ use crate::backend::Backend;
 use anyhow::{Context, Result};
 
 /// A projection weight of a bitsandbytes 4-bit checkpoint: NF4 when the
-/// checkpoint quantized it (its skip list may leave some dense), read
+/// checkpoint quantized it (it may leave some dense), read
 /// through `quant::bnb` and released part by part.
 pub(super) fn load_prequantized<B: Backend>(
     be: &B,
     ckpt: &Checkpoint,
-    q: &crate::quant::bnb::QuantizationConfig,
     name: &str,
     shape: &[usize],
 ) -> Result<B::Weight> {
     use crate::quant::bnb;
-    if !bnb::is_quantized(name, shape, &q.skip_modules) {
+    // The file says which projections are 4-bit: those with a quant state
+    // (the skip list, or a tool that leaves a whole-model Linear such as
+    // Gemma 4's per_layer_model_projection dense, keeps the others dense).
+    let stored_4bit = [bnb::QUANT_STATE_KEY, bnb::FP4_STATE_KEY].iter().any(|k| ckpt.raw(&format!("{name}.{k}")).is_ok());
+    if !stored_4bit {
         return be.load_weight(&ckpt.tensor(name, shape)?);
     }
     let dir = ckpt.dir.display();

@@ -29,7 +29,7 @@ pub struct SynthSpec {
 pub const MAX_LAYERS: usize = 1024;
 
 pub const PRESETS: &[&str] =
-    &["tiny", "llama3.2-1b", "llama3-8b", "mistral-7b", "qwen2-7b", "qwen3-0.6b", "qwen3-4b", "qwen3-8b", "gemma2-9b", "gemma3-1b", "gemma3-4b", "phi4-mini", "qwen3.5-9b"];
+    &["tiny", "llama3.2-1b", "llama3-8b", "mistral-7b", "qwen2-7b", "qwen3-0.6b", "qwen3-4b", "qwen3-8b", "gemma2-9b", "gemma3-1b", "gemma3-4b", "phi4-mini", "qwen3.5-9b", "gemma4-e4b"];
 
 /// Phi-4-mini's long-rope factors are a list per rotated frequency (48 of
 /// them); the synthetic model uses a smooth ramp of the same length and range.
@@ -85,6 +85,20 @@ pub fn preset(name: &str) -> Result<SynthSpec> {
             extra: json!({"head_dim": 256, "rms_norm_eps": 1e-6, "full_attention_interval": 4,
                 "linear_num_key_heads": 16, "linear_num_value_heads": 32, "linear_key_head_dim": 128,
                 "linear_value_head_dim": 128, "linear_conv_kernel_dim": 4, "partial_rotary_factor": 0.25}) },
+        // Gemma 4 E4B's text model: 42 layers, five sliding (head 256,
+        // window 512) to one full (head 512, proportional RoPE); the last 18
+        // layers read an earlier layer's K/V; per-layer embeddings of 256.
+        "gemma4-e4b" => SynthSpec { family: "gemma4".into(), hidden: 2560, layers: 42, heads: 8, kv_heads: 2,
+            intermediate: 10240, vocab: 262144, tie: true, rope_theta: 1e4,
+            extra: json!({"head_dim": 256, "global_head_dim": 512, "hidden_act": null,
+                "hidden_activation": "gelu_pytorch_tanh", "rms_norm_eps": 1e-6, "sliding_window": 512,
+                "layer_types": (0..42).map(|i| if i % 6 == 5 { "full_attention" } else { "sliding_attention" }).collect::<Vec<_>>(),
+                "hidden_size_per_layer_input": 256, "vocab_size_per_layer_input": 262144,
+                "num_kv_shared_layers": 18, "use_double_wide_mlp": false, "attention_k_eq_v": false,
+                "final_logit_softcapping": 30.0,
+                "rope_parameters": {
+                    "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1e6},
+                    "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}}) },
         other => bail!("unknown preset \"{other}\"; choose one of {}", PRESETS.join(", ")),
     })
 }

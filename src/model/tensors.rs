@@ -7,7 +7,9 @@ use super::Proj;
 /// What a checkpoint tensor is to the model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Tensor {
-    /// The weight of a decoder layer's projection (QLoRA holds it in NF4).
+    /// The weight of a projection (an nn.Linear: QLoRA holds it in NF4, as
+    /// bitsandbytes quantizes every Linear but the LM head). Gemma 4's
+    /// whole-model per_layer_model_projection is one too.
     Projection,
     /// Anything else: embeddings, norms, biases, the LM head.
     Other,
@@ -27,7 +29,7 @@ pub fn tensor_list(cfg: &ModelConfig) -> Vec<(String, Vec<usize>, Tensor)> {
         && g.ple > 0
     {
         out.push((names.embed_per_layer.clone(), vec![g.ple_vocab, cfg.n_layers * g.ple], Tensor::Other));
-        out.push((format!("{}.weight", names.model_projection), vec![cfg.n_layers * g.ple, h], Tensor::Other));
+        out.push((format!("{}.weight", names.model_projection), vec![cfg.n_layers * g.ple, h], Tensor::Projection));
         out.push((names.projection_norm.clone(), vec![g.ple], Tensor::Other));
     }
     for i in 0..cfg.n_layers {
@@ -55,7 +57,7 @@ pub fn tensor_list(cfg: &ModelConfig) -> Vec<(String, Vec<usize>, Tensor)> {
             }
         }
         for &p in Proj::of_layer(cfg, i).iter().filter(|&&p| p != Proj::PleModel) {
-            let (in_f, out_f) = p.dims_at(cfg, i);
+            let (in_f, out_f) = p.dims(cfg, i);
             let path = format!("{prefix}.{}", p.path(cfg));
             out.push((format!("{path}.weight"), vec![out_f, in_f], Tensor::Projection));
             if p.has_bias(cfg) {
@@ -82,4 +84,11 @@ pub fn tensor_list(cfg: &ModelConfig) -> Vec<(String, Vec<usize>, Tensor)> {
         out.push((w.lm_head.clone(), vec![cfg.vocab, h], Tensor::Other));
     }
     out
+}
+
+/// The checkpoint names of the weights QLoRA and `quantize` hold in NF4:
+/// the model's projections (the towers and heads a family does not train
+/// are not among them, so they stay as stored).
+pub fn projection_weights(cfg: &ModelConfig) -> std::collections::HashSet<String> {
+    tensor_list(cfg).into_iter().filter(|(_, _, kind)| *kind == Tensor::Projection).map(|(name, ..)| name).collect()
 }

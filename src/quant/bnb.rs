@@ -23,7 +23,7 @@ use serde_json::{Value, json};
 /// The name under which bitsandbytes packs the non-tensor quantization state.
 pub const QUANT_STATE_KEY: &str = "quant_state.bitsandbytes__nf4";
 /// The same key of an FP4 checkpoint, refused by name.
-const FP4_STATE_KEY: &str = "quant_state.bitsandbytes__fp4";
+pub const FP4_STATE_KEY: &str = "quant_state.bitsandbytes__fp4";
 
 /// torch's name of a dtype, as bitsandbytes and config.json spell it.
 pub fn torch_dtype_name(d: DType) -> &'static str {

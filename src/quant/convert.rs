@@ -10,7 +10,7 @@
 //! quantization is on (its mean absmax goes into the file header, which is
 //! written first), so memory stays near one quantized tensor.
 
-use super::bnb::{self, QUANT_STATE_KEY, QuantState, QuantizationConfig};
+use super::bnb::{QUANT_STATE_KEY, QuantState, QuantizationConfig};
 use super::nf4::{self, Absmax, BLOCKSIZE, NF4_CODE};
 use crate::backend::{DType, to_f32};
 use crate::model::st_files::{self, MappedCheckpoint, ShardEntry, ShardWriter, SrcTensor, float_dtype};
@@ -257,8 +257,11 @@ pub fn quantize_checkpoint(
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<QuantizeSummary> {
     let out = check_out(model_dir, out_dir)?;
-    // The registry check first: an unknown architecture stops here.
-    crate::model::checkpoint::read_config(model_dir)?;
+    // The registry check first: an unknown architecture stops here. The
+    // model's projections are what bitsandbytes quantizes (every Linear but
+    // the LM head); the parts the family does not train stay as stored.
+    let cfg = crate::model::checkpoint::read_config(model_dir)?;
+    let projections = crate::model::projection_weights(&cfg);
     let config_path = model_dir.join("config.json");
     let config: Value = serde_json::from_slice(
         &std::fs::read(&config_path).with_context(|| format!("cannot read {}", config_path.display()))?,
@@ -277,7 +280,7 @@ pub fn quantize_checkpoint(
     let src = MappedCheckpoint::open(model_dir)?;
     let mut modules: HashMap<usize, Module> = HashMap::new();
     for (i, t) in src.tensors.iter().enumerate() {
-        if !bnb::is_quantized(&t.name, &t.shape, &[]) {
+        if !projections.contains(&t.name) {
             continue;
         }
         let Some(dtype) = float_dtype(t.dtype) else {
@@ -298,7 +301,7 @@ pub fn quantize_checkpoint(
         modules.insert(i, Module { dtype, state, nested_absmax });
     }
     if modules.is_empty() {
-        bail!("{}: no decoder-layer Linear weights (model.layers.<i>.*.weight, 2-D) found to quantize", model_dir.display());
+        bail!("{}: none of the model's projection weights (such as {}) found to quantize", model_dir.display(), crate::model::tensor_list(&cfg).iter().find(|t| t.2 == crate::model::Tensor::Projection).map_or("", |t| t.0.as_str()));
     }
     let first = src.tensors.iter().enumerate().find_map(|(i, _)| modules.get(&i)).expect("non-empty");
     let compute_dtype = first.dtype;
@@ -312,6 +315,20 @@ pub fn quantize_checkpoint(
             None => vec![OutTensor { name: t.name.clone(), dtype: t.dtype, shape: t.shape.clone(), src: i, part: Part::Copy }],
         })
         .collect();
+    // The untrained parts stay dense: transformers must be told, or it
+    // would make their Linears 4-bit and expect packed weights. A skip list
+    // replaces transformers' default one (the LM head), so it names that too.
+    let mut qc = QuantizationConfig::nf4(opts.double_quant, compute_dtype);
+    let untrained: Vec<String> = cfg
+        .family
+        .untrained
+        .iter()
+        .filter(|u| src.tensors.iter().any(|t| t.name.starts_with(&u.prefix)))
+        .map(|u| u.module_path().to_string())
+        .collect();
+    if !untrained.is_empty() {
+        qc.skip_modules = std::iter::once("lm_head".to_string()).chain(untrained).collect();
+    }
     let total = src.tensors.len();
     let quantized = modules.len();
     let bytes_in: u64 = src.tensors.iter().map(|t| (t.end - t.start) as u64).sum();
@@ -327,7 +344,7 @@ pub fn quantize_checkpoint(
                 progress(done, total);
             })
         })?;
-        write_config(&config, &QuantizationConfig::nf4(opts.double_quant, compute_dtype), &tmp.join("config.json"))?;
+        write_config(&config, &qc, &tmp.join("config.json"))?;
         st_files::copy_side_files(model_dir, tmp)?;
         if out.exists() {
             std::fs::remove_dir(&out).with_context(|| format!("cannot replace the empty {}", out.display()))?;

@@ -231,7 +231,63 @@ pub struct Family {
     /// output is multiplied by σ(gate) before o_proj (Qwen3.5).
     #[serde(default)]
     pub attn_output_gate: bool,
+    /// Parts of the checkpoint the family does not train (vision and audio
+    /// towers, a multi-token prediction head): their tensors are not read,
+    /// are named in one line when the model is opened, and are copied
+    /// unchanged by merge and `quantize` (never quantized).
+    #[serde(default)]
+    pub untrained: Vec<Untrained>,
     pub weights: WeightNames,
+}
+
+/// One untrained part of a checkpoint: every tensor under `prefix`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Untrained {
+    pub prefix: String,
+    /// What it is, for the info line ("vision tower").
+    pub what: String,
+    /// Its module path in transformers' model, where that differs from the
+    /// checkpoint's names (an older layout that transformers renames on
+    /// load): what `quantize` writes into llm_int8_skip_modules.
+    #[serde(default)]
+    pub module: Option<String>,
+}
+
+impl Untrained {
+    /// The module path transformers' skip list must name.
+    pub fn module_path(&self) -> &str {
+        self.module.as_deref().unwrap_or(self.prefix.trim_end_matches('.'))
+    }
+}
+
+impl Family {
+    /// The untrained part holding checkpoint tensor `name`, if any.
+    pub fn untrained_part(&self, name: &str) -> Option<&Untrained> {
+        self.untrained.iter().find(|u| name.starts_with(&u.prefix))
+    }
+
+    /// The one info line naming the untrained parts present among the
+    /// checkpoint's tensor `names`, with their tensor counts; None when the
+    /// checkpoint holds none.
+    pub fn untrained_note<'a>(&self, names: impl Iterator<Item = &'a str>) -> Option<String> {
+        let mut counts = vec![0usize; self.untrained.len()];
+        for n in names {
+            if let Some(i) = self.untrained.iter().position(|u| n.starts_with(&u.prefix)) {
+                counts[i] += 1;
+            }
+        }
+        let parts: Vec<String> = self
+            .untrained
+            .iter()
+            .zip(&counts)
+            .filter(|(_, c)| **c > 0)
+            .map(|(u, &c)| format!("{} ({}*, {c} tensor{})", u.what, u.prefix, if c == 1 { "" } else { "s" }))
+            .collect();
+        (!parts.is_empty()).then(|| {
+            format!("{}: the text model is trained; not read, kept as they are by merge and quantize: {}", self.architectures[0], parts.join(", "))
+        })
+    }
 }
 
 fn parse_families() -> Result<Vec<Family>> {
@@ -314,6 +370,23 @@ mod tests {
         assert_eq!(fams.len(), FAMILY_FILES.len());
         let names: Vec<_> = fams.iter().map(|f| f.family.as_str()).collect();
         assert_eq!(names, ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "gemma3_vlm", "phi3", "qwen3_5", "qwen3_5_vlm", "gemma4", "gemma4_vlm"]);
+    }
+
+    #[test]
+    fn untrained_parts_are_named_in_one_line() {
+        let f = families().iter().find(|f| f.family == "qwen3_5_vlm").unwrap();
+        let names = ["model.visual.blocks.0.attn.qkv.weight", "model.visual.merger.linear_fc1.weight", "mtp.fc.weight", "model.language_model.norm.weight"];
+        assert_eq!(
+            f.untrained_note(names.into_iter()).unwrap(),
+            "Qwen3_5ForConditionalGeneration: the text model is trained; not read, kept as they are by merge and quantize: \
+             vision tower (model.visual.*, 2 tensors), multi-token prediction head (mtp.*, 1 tensor)"
+        );
+        assert!(f.untrained_part("mtp.layers.0.mlp.up_proj.weight").is_some());
+        assert!(f.untrained_part("model.language_model.layers.0.mlp.up_proj.weight").is_none());
+        // Text-only checkpoints of the family, and families without towers: no line.
+        assert_eq!(f.untrained_note(names[3..].iter().copied()), None);
+        let llama = families().iter().find(|f| f.family == "llama").unwrap();
+        assert_eq!(llama.untrained_note(names.into_iter()), None);
     }
 
     #[test]

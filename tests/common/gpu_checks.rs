@@ -176,6 +176,35 @@ pub fn decode_attention_batch(cuda: &CudaBackend, batches: &[DecodeBatch<'_>]) {
     assert_checks_pass(&h, "decode_attention_batch");
 }
 
+/// Heads over 256 (Gemma 4's full-attention layers have 512): the wide
+/// instantiations of the generic flash kernels (forward, dq, dk/dv) and of
+/// the decode kernels (one sequence and batched), against the CPU
+/// reference. Prefill on varlen batches of `seqs` with GQA, MQA, a sliding
+/// window and an odd size (300: partly filled lanes), then soft-capped;
+/// decoding after each (past, new) of `steps` and for `batch`, plain and
+/// soft-capped. Tolerances: Tolerances::bf16() (attention 8e-3, backward as
+/// `attention_tiles`): the same math per element as at 256, only more
+/// elements per lane.
+pub fn wide_head_attention(cuda: &CudaBackend, seqs: &[usize], steps: &[(usize, usize)], batch: DecodeBatch<'_>) {
+    let cpu = CpuBackend::new();
+    let mut h = Harness::new(&cpu, cuda, Tolerances::bf16(), 29);
+    for (d, heads, kv, window) in [(512, 4, 2, None), (512, 2, 1, Some(5)), (300, 2, 2, Some(3))] {
+        h.attention(seqs, heads, kv, d, window);
+    }
+    h.attention_capped(seqs, 4, 1, 512, Some(9), ATTN_TEST_CAP);
+    for (d, heads, kv, window) in [(512, 4, 2, None), (300, 2, 1, Some(5))] {
+        for &(past, new) in steps {
+            h.decode_attention(past, new, heads, kv, d, window);
+        }
+        h.decode_attention_batch(batch, heads, kv, d, window);
+    }
+    for &(past, new) in steps.iter().filter(|(past, new)| past + new >= 8) {
+        h.decode_attention_capped(past, new, 4, 1, 512, None, ATTN_TEST_CAP);
+    }
+    h.decode_attention_batch_capped(batch, 4, 2, 512, Some(9), ATTN_TEST_CAP);
+    assert_checks_pass(&h, "head_dim > 256 attention");
+}
+
 /// A position outside [0, capacity) is a caller's bug that the GPU cannot
 /// report without a host round trip: scatter_rows must leave the cache as
 /// it was for that row and decode_attention_batch must write NaN for that

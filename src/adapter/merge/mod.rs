@@ -97,6 +97,10 @@ pub fn merge(
     // so a config.json the registry does not know merges with names as they are.
     let cfg = crate::model::checkpoint::read_config(model_dir).ok();
     let to_checkpoint = |m: &str| cfg.as_ref().map_or_else(|| m.to_string(), |c| crate::model::checkpoint_module(c, m));
+    // The weights QLoRA held in NF4 (for the round trip): the model's
+    // projections; by bitsandbytes' name rule when the registry does not know it.
+    let projections = cfg.as_ref().map(crate::model::projection_weights);
+    let held_in_nf4 = |name: &str, shape: &[usize]| projections.as_ref().map_or_else(|| bnb::is_quantized(name, shape, &[]), |p| p.contains(name));
     let (lc, deltas) = read_adapter(adapter_dir, &src, &nf4, &to_checkpoint)?;
     // The parts of a 4-bit weight other than its codes are not written.
     let parts: std::collections::HashSet<String> = nf4
@@ -129,7 +133,7 @@ pub fn merge(
                 _ => t.end - t.start,
             };
             let values = match opts.nf4_round_trip {
-                Some(double_quant) if float_dtype(t.dtype).is_some() && bnb::is_quantized(&t.name, &t.shape, &[]) => {
+                Some(double_quant) if float_dtype(t.dtype).is_some() && held_in_nf4(&t.name, &t.shape) => {
                     Values::Nf4RoundTrip { double_quant }
                 }
                 _ => Values::Stored,

@@ -1,7 +1,8 @@
 //! Flash attention launches (cuda/flash_attn.cu; its header comment is the
 //! launch contract these follow): tensor-core kernels for head_dim 64 and
-//! 128, a generic one-warp-per-row kernel (cuda/flash_attn_generic.cu) for
-//! any other head_dim <= 256 (kernels are looked up by name, in any module).
+//! 128, generic one-warp-per-row kernels (cuda/flash_attn_generic.cu) for
+//! any other head_dim <= 256 and, with twice the registers per lane, for
+//! 257..=512 (kernels are looked up by name, in any module).
 //! The backward runs the preprocess (dsum = Σ dout·out), then dq and dk/dv
 //! as separate deterministic kernels (no atomics). A soft-capped shape runs
 //! the `*_capped_*` twin of each kernel (one more argument, the cap), so the
@@ -18,6 +19,13 @@ use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 const TILE: usize = 64;
 const THREADS: u32 = 128;
+/// The largest head_dim of the generic prefill kernels and of the decode
+/// kernels: their wide instantiation (cuda/flash_attn_generic.cu,
+/// cuda/decode_attn.cu) holds 16 elements of a row per lane.
+pub(super) const MAX_HEAD_DIM: usize = 512;
+/// The largest head_dim of their narrow instantiation (8 per lane), the
+/// one every head up to this size runs.
+const NARROW_HEAD_DIM: usize = 256;
 
 /// Dynamic shared memory of each tensor-core kernel (from the contract).
 pub const SMEM: &[(&str, u32)] = &[
@@ -50,27 +58,30 @@ pub fn configure(be: &CudaBackend) -> anyhow::Result<()> {
 
 /// The attention kernels in one phrase, for the start-up line and `ferrotune env`.
 pub const SUMMARY: &str =
-    "flash attention, fused (tensor-core kernels for head_dim 64 and 128, a fused generic kernel for other head_dim <= 256)";
+    "flash attention, fused (tensor-core kernels for head_dim 64 and 128, a fused generic kernel for other head_dim <= 512)";
 
 /// Which attention kernel a model of `head_dim` runs, in words: a model
 /// off the tensor-core sizes is told so, never left to a silent fallback.
 pub fn path_for(head_dim: usize) -> String {
     match head_dim {
         64 | 128 => format!("flash attention, fused, tensor cores (head_dim {head_dim})"),
-        d if (1..=256).contains(&d) => {
+        d if (1..=MAX_HEAD_DIM).contains(&d) => {
             format!("flash attention, fused, generic kernel without tensor cores (head_dim {d}; tensor-core kernels cover 64 and 128)")
         }
-        d => format!("none: head_dim {d} is over the kernels' limit of 256"),
+        d => format!("none: head_dim {d} is over the kernels' limit of {MAX_HEAD_DIM}"),
     }
 }
 
-/// "d64", "d128" or "generic".
+/// "d64", "d128", "generic" (head_dim <= 256) or "generic_d512". A model
+/// with a larger head is refused at load (`check_model`), so one here is a
+/// caller's bug.
 fn kind(head_dim: usize) -> &'static str {
     match head_dim {
         64 => "d64",
         128 => "d128",
-        d if (1..=256).contains(&d) => "generic",
-        d => panic!("attention: head_dim {d} is not supported (at most 256)"),
+        d if (1..=NARROW_HEAD_DIM).contains(&d) => "generic",
+        d if d <= MAX_HEAD_DIM => "generic_d512",
+        d => panic!("attention: head_dim {d} is not supported (at most {MAX_HEAD_DIM})"),
     }
 }
 
@@ -83,7 +94,7 @@ fn smem(name: &str) -> u32 {
 fn grid(name: &str, shape: &AttnShape, n_seqs: usize, heads: usize) -> LaunchConfig {
     assert!(n_seqs <= 65_535, "attention: {n_seqs} sequences in one batch (the grid allows 65535)");
     assert!(heads <= 65_535, "attention: {heads} heads (the grid allows 65535)");
-    let grid_dim = if name.ends_with("generic") {
+    let grid_dim = if name.contains("_generic") {
         (shape.n.div_ceil(4) as u32, heads as u32, 1)
     } else {
         let max_len = if shape.max_seqlen == 0 { shape.n } else { shape.max_seqlen };
@@ -192,9 +203,15 @@ const DECODE_THREADS: u32 = 256;
 /// The head layout every decode kernel requires (its __trap() preconditions).
 fn check_decode_heads(op: &str, shape: &AttnShape) {
     let (nh, nkv, d) = (shape.n_heads, shape.n_kv_heads, shape.head_dim);
-    assert!((1..=256).contains(&d), "{op}: head_dim {d} is not supported (1..=256)");
+    assert!((1..=MAX_HEAD_DIM).contains(&d), "{op}: head_dim {d} is not supported (1..={MAX_HEAD_DIM})");
     assert!(nkv > 0 && nh.is_multiple_of(nkv), "{op}: n_heads {nh} not a multiple of n_kv_heads {nkv}");
     assert!(nh <= 65_535, "{op}: {nh} heads (the grid allows 65535)");
+}
+
+/// The decode kernel `stem` (`decode_attention`, `decode_attention_batch`)
+/// for a head_dim: the narrow instantiation up to 256, the wide one above.
+fn decode_name(stem: &str, head_dim: usize) -> String {
+    if head_dim <= NARROW_HEAD_DIM { format!("{stem}_bf16") } else { format!("{stem}_d512_bf16") }
 }
 
 fn check_lens(op: &str, lens: &[(&str, usize, usize)]) {
@@ -239,7 +256,8 @@ pub fn decode(
     let (window, scale) = (window_arg(&shape), shape.scale);
     // 0 = no cap (the kernel's plain path).
     let cap = softcap_arg(OP, &shape).unwrap_or(0.0);
-    launch!(be, "decode_attention_bf16", cfg, q, k, v, out, &n, &past, &nh, &nkv, &hd, &window, &scale, &cap);
+    let name = decode_name(OP, d);
+    launch!(be, &name, cfg, q, k, v, out, &n, &past, &nh, &nkv, &hd, &window, &scale, &cap);
 }
 
 /// Batched decoding (see `Backend::decode_attention_batch`): one block per
@@ -284,9 +302,8 @@ pub fn decode_batch(
     let (window, scale) = (window_arg(&shape), shape.scale);
     // 0 = no cap (the kernel's plain path).
     let cap = softcap_arg(OP, &shape).unwrap_or(0.0);
-    launch!(
-        be, "decode_attention_batch_bf16", cfg, q, k, v, positions, out, &ns, &cap_rows, &nh, &nkv, &hd, &window, &scale, &cap
-    );
+    let name = decode_name(OP, d);
+    launch!(be, &name, cfg, q, k, v, positions, out, &ns, &cap_rows, &nh, &nkv, &hd, &window, &scale, &cap);
 }
 
 /// Row s of `src` into row s·capacity + positions[s] of `dst` (see

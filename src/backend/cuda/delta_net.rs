@@ -25,7 +25,7 @@ use half::bf16;
 const TOKEN_THREADS: u32 = 128;
 /// Largest k_dim / v_dim of the scan kernels (their block holds one thread
 /// per value column and per-warp partials for at most 4 warps).
-const MAX_HEAD_DIM: usize = 128;
+pub(super) const MAX_HEAD_DIM: usize = 128;
 /// Backward blocks at most: each holds its own chunk of start states.
 const MAX_BWD_BLOCKS: usize = 64;
 
@@ -119,6 +119,48 @@ fn weights<'a>(op: &str, w: &DeltaWeights<'a, CudaWeight>) -> [&'a CudaSlice<bf1
     [w.conv.dense(op), w.a_log.dense(op), w.dt_bias.dense(op), w.norm.dense(op)]
 }
 
+/// The per-token gate inputs of the scan kernels: z, b, a.
+fn gates<'a, T: Act>(i: &DeltaIn<'a, CudaBuf>) -> [&'a CudaSlice<T>; 3] {
+    [T::of(i.z, "delta_net z"), T::of(i.b, "delta_net b"), T::of(i.a, "delta_net a")]
+}
+
+/// What each launch sequence (forward, decode, backward) starts from: the
+/// shape checked against the kernels' limits and the inputs, the frozen
+/// weights [conv, a_log, dt_bias, norm], and the prep kernel's pre and xn.
+struct Prepared<'w> {
+    d: Dims,
+    w: [&'w CudaSlice<bf16>; 4],
+    pre: CudaSlice<f32>,
+    xn: CudaSlice<f32>,
+}
+
+/// Checks and prep for op `op`; `hist` = a decode's carried conv rows.
+fn prepare<'w, T: Act>(
+    be: &CudaBackend,
+    op: &str,
+    i: &DeltaIn<'_, CudaBuf>,
+    w: &DeltaWeights<'w, CudaWeight>,
+    seqs: &Varlen<'_, CudaSlice<i32>>,
+    s: DeltaShape,
+    hist: Option<&CudaSlice<f32>>,
+) -> Prepared<'w> {
+    let d = Dims::new(op, s, seqs.n_seqs);
+    dims_check(op, &d, i);
+    let w = weights(op, w);
+    let [pre, xn] = prep(be, &d, T::of(i.qkv, &format!("{op} qkv")), w[0], hist, seqs.cu_seqlens);
+    Prepared { d, w, pre, xn }
+}
+
+/// Runs `f::<T>(args)` for the activation type T that `qkv` is stored in.
+macro_rules! by_act {
+    ($qkv:expr, $f:ident($($arg:expr),* $(,)?)) => {
+        match $qkv {
+            CudaBuf::F32(_) => $f::<f32>($($arg),*),
+            CudaBuf::Bf16(_) => $f::<bf16>($($arg),*),
+        }
+    };
+}
+
 /// pre and xn [n, C] (f32) for the recurrence; `hist` = carried conv rows.
 fn prep<T: Act>(be: &CudaBackend, d: &Dims, qkv: &CudaSlice<T>, conv: &CudaSlice<bf16>, hist: Option<&CudaSlice<f32>>, cu: &CudaSlice<i32>) -> [CudaSlice<f32>; 2] {
     let nc = (d.n * d.c) as usize;
@@ -148,7 +190,7 @@ fn scan_fwd<T: Act>(
     out: &mut CudaBuf,
     saved: Option<&mut CudaSlice<f32>>,
 ) {
-    let (z, b, a) = (T::of(i.z, "delta_net z"), T::of(i.b, "delta_net b"), T::of(i.a, "delta_net a"));
+    let [z, b, a] = gates::<T>(i);
     let out = T::of_mut(out, "delta_net out");
     let dummy;
     let (saved, save): (&CudaSlice<f32>, i32) = match saved {
@@ -165,43 +207,29 @@ fn scan_fwd<T: Act>(
 }
 
 fn forward_t<T: Act>(be: &CudaBackend, i: DeltaIn<'_, CudaBuf>, w: DeltaWeights<'_, CudaWeight>, seqs: Varlen<'_, CudaSlice<i32>>, s: DeltaShape, out: &mut CudaBuf, saved: &mut CudaBuf) {
-    const OP: &str = "delta_net";
-    let d = Dims::new(OP, s, seqs.n_seqs);
-    dims_check(OP, &d, &i);
-    let w = weights(OP, &w);
-    let [_pre, xn] = prep(be, &d, T::of(i.qkv, "delta_net qkv"), w[0], None, seqs.cu_seqlens);
+    let p = prepare::<T>(be, "delta_net", &i, &w, &seqs, s, None);
     let mut state = be.alloc_f32(seqs.n_seqs * s.state_size());
-    scan_fwd::<T>(be, &d, &xn, &i, w, seqs.cu_seqlens, &mut state, out, Some(saved.f32_mut("delta_net saved")));
+    scan_fwd::<T>(be, &p.d, &p.xn, &i, p.w, seqs.cu_seqlens, &mut state, out, Some(saved.f32_mut("delta_net saved")));
 }
 
 pub(super) fn forward(be: &CudaBackend, i: DeltaIn<'_, CudaBuf>, w: DeltaWeights<'_, CudaWeight>, seqs: Varlen<'_, CudaSlice<i32>>, s: DeltaShape, out: &mut CudaBuf, saved: &mut CudaBuf) {
-    match i.qkv {
-        CudaBuf::F32(_) => forward_t::<f32>(be, i, w, seqs, s, out, saved),
-        CudaBuf::Bf16(_) => forward_t::<bf16>(be, i, w, seqs, s, out, saved),
-    }
+    by_act!(i.qkv, forward_t(be, i, w, seqs, s, out, saved))
 }
 
 fn decode_t<T: Act>(be: &CudaBackend, i: DeltaIn<'_, CudaBuf>, w: DeltaWeights<'_, CudaWeight>, seqs: Varlen<'_, CudaSlice<i32>>, s: DeltaShape, st: DeltaState<'_, CudaBuf>, out: &mut CudaBuf) {
-    const OP: &str = "delta_net_decode";
-    let d = Dims::new(OP, s, seqs.n_seqs);
-    dims_check(OP, &d, &i);
-    let w = weights(OP, &w);
-    let qkv = T::of(i.qkv, "delta_net_decode qkv");
     let conv_state = st.conv.f32_mut("delta_net_decode conv state");
-    let [_pre, xn] = prep(be, &d, qkv, w[0], Some(&*conv_state), seqs.cu_seqlens);
-    scan_fwd::<T>(be, &d, &xn, &i, w, seqs.cu_seqlens, st.rec.f32_mut("delta_net_decode recurrent state"), out, None);
-    if d.k > 1 {
+    let p = prepare::<T>(be, "delta_net_decode", &i, &w, &seqs, s, Some(&*conv_state));
+    scan_fwd::<T>(be, &p.d, &p.xn, &i, p.w, seqs.cu_seqlens, st.rec.f32_mut("delta_net_decode recurrent state"), out, None);
+    if p.d.k > 1 {
         let cfg = rows_grid(seqs.n_seqs, TOKEN_THREADS);
         let name = format!("delta_conv_state_{}", T::SUFFIX);
-        launch!(be, &name, cfg, qkv, seqs.cu_seqlens, conv_state, &d.n_seqs, &d.c, &d.k);
+        let qkv = T::of(i.qkv, "delta_net_decode qkv");
+        launch!(be, &name, cfg, qkv, seqs.cu_seqlens, conv_state, &p.d.n_seqs, &p.d.c, &p.d.k);
     }
 }
 
 pub(super) fn decode(be: &CudaBackend, i: DeltaIn<'_, CudaBuf>, w: DeltaWeights<'_, CudaWeight>, seqs: Varlen<'_, CudaSlice<i32>>, s: DeltaShape, st: DeltaState<'_, CudaBuf>, out: &mut CudaBuf) {
-    match i.qkv {
-        CudaBuf::F32(_) => decode_t::<f32>(be, i, w, seqs, s, st, out),
-        CudaBuf::Bf16(_) => decode_t::<bf16>(be, i, w, seqs, s, st, out),
-    }
+    by_act!(i.qkv, decode_t(be, i, w, seqs, s, st, out))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -215,19 +243,15 @@ fn backward_t<T: Act>(
     saved: &CudaBuf,
     g: DeltaGrads<'_, CudaBuf>,
 ) {
-    const OP: &str = "delta_net_backward";
-    let d = Dims::new(OP, s, seqs.n_seqs);
-    dims_check(OP, &d, &i);
-    let [conv, a_log, dt_bias, norm] = weights(OP, &w);
+    let Prepared { d, w: [conv, a_log, dt_bias, norm], pre, xn } = prepare::<T>(be, "delta_net_backward", &i, &w, &seqs, s, None);
     let cu = seqs.cu_seqlens;
-    let [pre, xn] = prep(be, &d, T::of(i.qkv, "delta_net_backward qkv"), conv, None, cu);
     let (n, nc, ss) = (s.n, s.n * s.conv_dim(), s.k_dim * s.v_dim);
     let blocks = bwd_blocks(seqs.n_seqs, s.v_heads);
     let mut starts = be.alloc_f32(blocks * DELTA_CHUNK * ss);
     let mut dstate = be.alloc_f32(blocks * ss);
     let mut dqk = be.alloc_f32(n * s.v_heads * 2 * s.k_dim);
     let mut dact = be.alloc_f32(nc);
-    let (z, b, a) = (T::of(i.z, "delta_net z"), T::of(i.b, "delta_net b"), T::of(i.a, "delta_net a"));
+    let [z, b, a] = gates::<T>(&i);
     let dout = T::of(dout, "delta_net_backward dout");
     let saved = saved.f32("delta_net_backward saved");
     {
@@ -258,8 +282,5 @@ pub(super) fn backward(
     saved: &CudaBuf,
     g: DeltaGrads<'_, CudaBuf>,
 ) {
-    match i.qkv {
-        CudaBuf::F32(_) => backward_t::<f32>(be, dout, i, w, seqs, s, saved, g),
-        CudaBuf::Bf16(_) => backward_t::<bf16>(be, dout, i, w, seqs, s, saved, g),
-    }
+    by_act!(i.qkv, backward_t(be, dout, i, w, seqs, s, saved, g))
 }

@@ -10,7 +10,9 @@ mod lora;
 mod nf4;
 mod ops;
 mod sample;
+mod support;
 
-pub use attention::{SUMMARY as ATTENTION_SUMMARY, path_for as attention_path};
+pub use attention::SUMMARY as ATTENTION_SUMMARY;
+pub use support::{attention_paths, check_model};
 pub use backend::CudaBackend;
 pub use buffers::{CudaBuf, CudaWeight};

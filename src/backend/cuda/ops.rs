@@ -35,6 +35,9 @@ impl Backend for CudaBackend {
     fn name(&self) -> String {
         format!("cuda:{} ({})", self.info.ordinal, self.info.name)
     }
+    fn check_model(&self, cfg: &crate::model::hparams::ModelConfig) -> anyhow::Result<()> {
+        super::check_model(cfg)
+    }
 
     fn zeros(&self, len: usize) -> CudaBuf {
         CudaBuf::Bf16(self.alloc_bf16(len))

@@ -119,7 +119,7 @@ pub fn adapted_modules(cfg: &ModelConfig, lc: &LoraConfig) -> Result<Vec<Adapted
                 continue;
             }
             let (r, _) = lc.rank_and_scale(&path)?;
-            let (in_f, out_f) = proj.dims(cfg);
+            let (in_f, out_f) = proj.dims(cfg, layer);
             out.push(AdaptedModule { layer, proj, in_f, out_f, r, dropout: lc.dropout > 0.0 });
         }
     }
