@@ -322,20 +322,23 @@ fn transformers_loads_the_merged_checkpoint() {
         return;
     };
     const SCRIPT: &str = r#"
-import json, sys, torch
+import json, sys, torch, transformers
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
 from peft import PeftModel
 model_dir, adapter_dir, merged_dir, ref_path = sys.argv[1:5]
 ref = load_file(ref_path)
 batch = dict(input_ids=ref["input_ids"], attention_mask=ref["attention_mask"], labels=ref["labels"])
 kw = dict(dtype=torch.float32, attn_implementation="eager")
+# The checkpoint's own class: AutoModelForCausalLM builds the text-only model
+# from an image-text checkpoint, whose names the adapter's keys do not match.
+with open(model_dir + "/config.json") as f:
+    Model = getattr(transformers, json.load(f)["architectures"][0])
 with torch.no_grad():
-    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir, **kw), adapter_dir).eval()
+    peft = PeftModel.from_pretrained(Model.from_pretrained(model_dir, **kw), adapter_dir).eval()
     peft_loss = peft(**batch).loss.item()
-    merged = AutoModelForCausalLM.from_pretrained(merged_dir, **kw).eval()
+    merged = Model.from_pretrained(merged_dir, **kw).eval()
     merged_loss = merged(**batch).loss.item()
-    native = AutoModelForCausalLM.from_pretrained(merged_dir, dtype="auto")
+    native = Model.from_pretrained(merged_dir, dtype="auto")
     native_dtype = str(next(native.parameters()).dtype).replace("torch.", "")
 print(json.dumps(dict(peft=peft_loss, merged=merged_loss, dtype=native_dtype)))
 "#;

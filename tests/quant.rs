@@ -461,12 +461,14 @@ with torch.no_grad():
     sd = dict(theirs.state_dict())
     if theirs.config.tie_word_embeddings:
         sd.pop("lm_head.weight")  # tied: save_pretrained leaves it out
+    # reshape: a 0-dim tensor (gemma4's clipping bounds) has no byte view
+    bytes_of = lambda t: t.contiguous().reshape(-1).view(torch.uint8)
     if not set(sd) & set(saved):
         # An older layout (gemma3_vlm's), which transformers renames on load:
         # the tensors it loaded from our files instead.
         saved = {k: v for k, v in ours.state_dict().items() if k in sd or k != "lm_head.weight"}
     differ = sorted(k for k in sd if k not in saved or sd[k].dtype != saved[k].dtype or sd[k].shape != saved[k].shape
-                    or not torch.equal(sd[k].contiguous().view(torch.uint8), saved[k].contiguous().view(torch.uint8)))
+                    or not torch.equal(bytes_of(sd[k]), bytes_of(saved[k])))
     # transformers drops what its model has no module for (Qwen3.5's mtp.*);
     # ferrotune keeps it, dense and named in the skip list.
     extra = sorted(k for k in set(saved) - set(sd) if not any(k.startswith(p + ".") for p in skip or []))
@@ -497,25 +499,38 @@ print(json.dumps(dict(theirs=loss_theirs, ours=loss_ours, linear=kind, tensors=l
 #[test]
 fn untrained_parts_stay_as_stored_and_transformers_is_told() {
     // qwen3_5_vlm: the vision tower (model.visual.*) and the multi-token
-    // prediction head (mtp.*, whose layers are named like decoder layers)
-    // are copied byte for byte and named in llm_int8_skip_modules, so that
-    // transformers keeps them dense; the text model's projections are 4-bit.
-    let tmp = tempfile::tempdir().unwrap();
-    let model = fixture("qwen3_5_vlm").join("model");
-    let out = tmp.path().join("q");
-    let s = quantize_checkpoint(&model, &out, &QuantizeOptions::default(), &mut |_, _| {}).unwrap();
-    let cfg = ferrotune::model::checkpoint::read_config(&model).unwrap();
-    let projections = ferrotune::model::projection_weights(&cfg);
-    assert_eq!(s.quantized, projections.len());
-    let modules = read_modules(&out);
-    assert_eq!(modules.keys().map(|m| format!("{m}.weight")).collect::<std::collections::HashSet<_>>(), projections);
-    let source = StFile::open(&model.join("model.safetensors")).all();
-    let written = StFile::open(&out.join("model.safetensors")).all();
-    let untrained: Vec<&String> = source.keys().filter(|k| k.starts_with("model.visual.") || k.starts_with("mtp.")).collect();
-    assert!(untrained.iter().any(|k| k.starts_with("mtp.layers.0.")) && untrained.iter().any(|k| k.starts_with("model.visual.")));
-    for k in untrained {
-        assert!(written[k] == source[k], "{k} was not copied unchanged");
+    // prediction head (mtp.*, whose layers are named like decoder layers);
+    // gemma4_vlm: the vision and audio towers (their linears wrapped as
+    // q_proj.linear etc.) and their embedders. They are copied byte for byte
+    // and named in llm_int8_skip_modules, so that transformers keeps them
+    // dense; the text model's projections are 4-bit.
+    let cases: [(&str, &[&str]); 2] = [
+        ("qwen3_5_vlm", &["model.visual", "mtp"]),
+        ("gemma4_vlm", &["model.vision_tower", "model.embed_vision", "model.audio_tower", "model.embed_audio"]),
+    ];
+    for (case, parts) in cases {
+        let tmp = tempfile::tempdir().unwrap();
+        let model = fixture(case).join("model");
+        let out = tmp.path().join("q");
+        let s = quantize_checkpoint(&model, &out, &QuantizeOptions::default(), &mut |_, _| {}).unwrap();
+        let cfg = ferrotune::model::checkpoint::read_config(&model).unwrap();
+        let projections = ferrotune::model::projection_weights(&cfg);
+        assert_eq!(s.quantized, projections.len(), "{case}");
+        let modules = read_modules(&out);
+        assert_eq!(modules.keys().map(|m| format!("{m}.weight")).collect::<std::collections::HashSet<_>>(), projections, "{case}");
+        let source = StFile::open(&model.join("model.safetensors")).all();
+        let written = StFile::open(&out.join("model.safetensors")).all();
+        let under = |k: &str, p: &str| k.starts_with(&format!("{p}."));
+        let untrained: Vec<&String> = source.keys().filter(|k| parts.iter().any(|p| under(k, p))).collect();
+        for p in parts {
+            assert!(untrained.iter().any(|k| under(k, p)), "{case}: the fixture has {p}.*");
+        }
+        assert!(case != "qwen3_5_vlm" || untrained.iter().any(|k| k.starts_with("mtp.layers.0.")));
+        for k in untrained {
+            assert!(written[k] == source[k], "{case}: {k} was not copied unchanged");
+        }
+        let qc = &read_json(&out.join("config.json"))["quantization_config"];
+        let skip: Vec<&str> = std::iter::once("lm_head").chain(parts.iter().copied()).collect();
+        assert_eq!(qc["llm_int8_skip_modules"], serde_json::json!(skip), "{case}");
     }
-    let qc = &read_json(&out.join("config.json"))["quantization_config"];
-    assert_eq!(qc["llm_int8_skip_modules"], serde_json::json!(["lm_head", "model.visual", "mtp"]));
 }

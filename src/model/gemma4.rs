@@ -82,8 +82,10 @@ pub fn parse(raw: &Value, c: &Common) -> Result<(Gemma4Config, Vec<Rope>)> {
     if flag(raw, "enable_moe_block", file)? {
         bail!("{file}: \"enable_moe_block\" is true; Gemma 4's mixture-of-experts variant is not supported (dense models only)");
     }
-    if let Some(v) = raw.get("use_bidirectional_attention").filter(|v| !v.is_null()) {
-        bail!("{file}: \"use_bidirectional_attention\" is {v}; only causal attention (null) is supported");
+    // "vision" (the hub checkpoints') lets image tokens attend both ways;
+    // text, all that is trained or generated here, stays causal as with null.
+    if let Some(v) = raw.get("use_bidirectional_attention").filter(|v| !v.is_null() && v.as_str() != Some("vision")) {
+        bail!("{file}: \"use_bidirectional_attention\" is {v}; only causal attention on text (null or \"vision\") is supported");
     }
     let k_eq_v_cfg = flag(raw, "attention_k_eq_v", file)?;
 

@@ -20,6 +20,7 @@ const FAMILY_FILES: &[(&str, &str)] = &[
     ("models/qwen3_5.yaml", include_str!("../../models/qwen3_5.yaml")),
     ("models/qwen3_5_vlm.yaml", include_str!("../../models/qwen3_5_vlm.yaml")),
     ("models/gemma4.yaml", include_str!("../../models/gemma4.yaml")),
+    ("models/gemma4_vlm.yaml", include_str!("../../models/gemma4_vlm.yaml")),
 ];
 
 /// A bias switch: always on, always off, or read from a config.json key
@@ -368,7 +369,7 @@ mod tests {
         let fams = parse_families().unwrap();
         assert_eq!(fams.len(), FAMILY_FILES.len());
         let names: Vec<_> = fams.iter().map(|f| f.family.as_str()).collect();
-        assert_eq!(names, ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "gemma3_vlm", "phi3", "qwen3_5", "qwen3_5_vlm", "gemma4"]);
+        assert_eq!(names, ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "gemma3_vlm", "phi3", "qwen3_5", "qwen3_5_vlm", "gemma4", "gemma4_vlm"]);
     }
 
     #[test]
