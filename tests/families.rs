@@ -109,7 +109,7 @@ fn qlora_on_every_new_family_is_lora_on_the_dequantized_base() {
     use ferrotune::backend::Backend;
     use ferrotune::model::checkpoint::Checkpoint;
     use ferrotune::model::{BaseWeights, Model};
-    for case in ["qwen3", "gemma2", "gemma3", "gemma3_vlm", "phi3", "qwen3_5", "qwen3_5_vlm"] {
+    for case in ["qwen3", "gemma2", "gemma3", "gemma3_vlm", "phi3", "qwen3_5", "qwen3_5_vlm", "gemma4", "gemma4_vlm"] {
         let be = CpuBackend::new();
         let ckpt = Checkpoint::open(&fixture(case).join("model")).unwrap();
         let mut q = Model::load_as(&be, &ckpt, BaseWeights::Nf4 { double_quant: true }).unwrap();
@@ -186,7 +186,7 @@ fn every_new_family_trains_end_to_end_with_lora_qlora_and_dpo() {
         .collect();
     std::fs::write(&pairs, rows.join("\n") + "\n").unwrap();
     let dpo = format!("rl: dpo\ndatasets:\n  - path: {}\n", pairs.display());
-    for case in ["qwen3", "gemma2", "gemma3", "gemma3_vlm", "phi3", "qwen3_5", "qwen3_5_vlm"] {
+    for case in ["qwen3", "gemma2", "gemma3", "gemma3_vlm", "phi3", "qwen3_5", "qwen3_5_vlm", "gemma4", "gemma4_vlm"] {
         for (what, adapter, extra) in [
             ("lora", "lora", format!("{sft}gradient_checkpointing: true\n")),
             ("qlora", "qlora", format!("{sft}load_in_4bit: true\n")),
