@@ -17,6 +17,7 @@
 mod checkpoint_match;
 mod dataset_types;
 pub mod grpo;
+pub mod rloo;
 mod key_reasons;
 mod keys;
 mod keys_extra;
@@ -391,10 +392,11 @@ impl Default for RunConfig {
 }
 
 impl RunConfig {
-    /// The GRPO settings of an `rl: grpo` run (`trl:` with TRL's defaults;
+    /// The GRPO settings of an `rl: grpo` run (or `rl: rloo`, which shares them) (`trl:` with TRL's defaults;
     /// `load` has already checked them).
     pub fn grpo(&self) -> Result<grpo::GrpoSettings> {
-        grpo::read(self.trl.as_ref(), self.rl_beta).map(|(s, _)| s).map_err(|(k, m)| anyhow::anyhow!("{k} {m}"))
+        let read = if self.rl.as_deref() == Some("rloo") { rloo::read } else { grpo::read };
+        read(self.trl.as_ref(), self.rl_beta).map(|(s, _)| s).map_err(|(k, m)| anyhow::anyhow!("{k} {m}"))
     }
 }
 
