@@ -302,7 +302,7 @@ pub struct RunConfig {
     /// export of a tokenizer whose fingerprint llama.cpp does not know
     /// (`export gguf --tokenizer-pre`).
     pub gguf_tokenizer_pre: Option<String>,
-    /// TRL's settings for `rl: grpo` (GRPOConfig names; `grpo::read` types them).
+    /// TRL's settings for `rl: grpo` and `rl: rloo` (GRPOConfig / RLOOConfig names; `grpo::read` and `rloo::read` type them).
     pub trl: Option<serde_json::Map<String, serde_json::Value>>,
     /// The directory of the config file (GRPO's Python reward functions are
     /// imported from it); set by `load`, never read from the file.
@@ -392,7 +392,7 @@ impl Default for RunConfig {
 }
 
 impl RunConfig {
-    /// The GRPO settings of an `rl: grpo` run (or `rl: rloo`, which shares them) (`trl:` with TRL's defaults;
+    /// The settings of an `rl: grpo` or `rl: rloo` run (`trl:` with TRL's defaults;
     /// `load` has already checked them).
     pub fn grpo(&self) -> Result<grpo::GrpoSettings> {
         let read = if self.rl.as_deref() == Some("rloo") { rloo::read } else { grpo::read };

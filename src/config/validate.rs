@@ -74,7 +74,7 @@ pub(crate) fn validate(c: &RunConfig, loc: &Locator) -> Result<()> {
         ("kto_undesirable_weight", c.kto_undesirable_weight),
     ] {
         if let Some(v) = v {
-            // GRPO's beta may be 0 (its default: no KL term, no reference pass).
+            // GRPO's and RLOO's beta may be 0 (no KL term, no reference pass).
             let grpo_beta = key == "rl_beta" && matches!(c.rl.as_deref(), Some("grpo" | "rloo"));
             if grpo_beta {
                 check!(v >= 0.0, loc, key, "(GRPO's and RLOO's beta) must be 0 or more (got {v})");

@@ -11,6 +11,12 @@
 //! from that ÷ num_generations prompts; with num_iterations = k the same
 //! samples serve k optimiser steps (the data plan repeats the prompts), the
 //! sampling policy's log-probs kept for the ratio.
+//!
+//! RLOO (`rl: rloo`, TRL 1.16's RLOOTrainer) is this objective with
+//! `GrpoSettings::rloo` set: the same sampler, rewards, reference and logs;
+//! the rollout also takes the sampling and reference log-probs to put the
+//! KL into the reward, and the advantages and the sequence-level loss are
+//! `rloo`'s.
 
 pub mod loss;
 pub mod rloo;
@@ -281,6 +287,7 @@ impl<B: Backend> Objective<B> for Grpo {
     /// Sampling (every completion of a step in the KV cache at once), the
     /// scoring forwards and the training pass of micro-batches of
     /// completions, each of the longest prompt + max_completion_length.
+    /// RLOO is planned here too: its passes are GRPO's (memory/grpo.rs).
     fn memory_plan(&self, cfg: &RunConfig, model: &ModelConfig, lora: &LoraConfig, shape: RunShape, base: BaseWeights) -> Result<MemoryPlan> {
         let prompt_len = self.longest_prompt.get().max(1);
         let run = RunShape { seq_len: prompt_len + self.s.max_completion_length, ..shape };
