@@ -134,6 +134,15 @@ fn unsupported_features_are_refused() {
     assert!(grpo.contains("trl.reward_funcs is required for rl: grpo"), "{grpo}");
     let grpo = error(&format!("{prompts}rl: grpo\ntrl:\n  reward_funcs: [builtin:length:9]\n  num_generations: 3\n"), &[]);
     assert!(grpo.contains("must be a multiple of trl.num_generations (3)"), "{grpo}");
+    // rl: rloo reads the same section with RLOOConfig's names and checks.
+    let rloo = error(&format!("{prompts}rl: rloo\ntrl:\n  reward_funcs: [builtin:length:9]\n  loss_type: dapo\n"), &[]);
+    assert!(rloo.contains("trl.loss_type is not an RLOO setting"), "{rloo}");
+    let rloo = error(&format!("{prompts}rl: rloo\ntrl:\n  reward_funcs: [builtin:length:9]\n  reward_clip_range: [1, 0]\n"), &[]);
+    assert!(rloo.contains("trl.reward_clip_range must be [min, max]"), "{rloo}");
+    let rloo = error(&format!("{prompts}rl: rloo\ntrl:\n  reward_funcs: [builtin:length:9]\n  num_generations: 3\n"), &[]);
+    assert!(rloo.contains("must be a multiple of trl.num_generations (3)"), "{rloo}");
+    let rloo = error(&format!("{prompts}rl: rloo\n"), &[]);
+    assert!(rloo.contains("trl.reward_funcs is required for rl: rloo"), "{rloo}");
     // rl changes what the datasets must be: alpaca rows are not preference data.
     let rl_alpaca = error(&format!("{MINIMAL}rl: dpo\n"), &[]);
     assert!(rl_alpaca.contains("with rl, must be one of chatml.intel"), "{rl_alpaca}");

@@ -752,6 +752,29 @@ fn grpo_runs_on_the_emulated_gpu() {
     assert_eq!(rows.lines().count(), 2 * 16, "{log}");
 }
 
+/// `rl: rloo` on the emulated GPU: GRPO's sampler and training pass, plus
+/// the no-grad sampling-policy and reference passes that put the KL into
+/// the reward (RLOO's sequence-level loss changes only the host-side token
+/// weights); every logged value finite.
+#[test]
+fn rloo_runs_on_the_emulated_gpu() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cmd = ferrotune(true);
+    cmd.args(["train", "examples/grpo/tiny.yml", "--set", "device=cuda", "--set", "max_steps=2", "--set", "rl=rloo"]);
+    cmd.args(["--set", &format!("output_dir={}", tmp.path().join("out").display())]);
+    let out = cmd.output().unwrap();
+    let log = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && log.contains("SIMT emulator"), "{log}");
+    let metrics = std::fs::read_to_string(tmp.path().join("out/metrics.jsonl")).unwrap();
+    for line in metrics.lines() {
+        let m: serde_json::Value = serde_json::from_str(line).unwrap();
+        for key in ["loss", "reward", "kl"] {
+            assert!(m[key].as_f64().is_some_and(f64::is_finite), "{key} in {m}");
+        }
+    }
+    assert_eq!(metrics.lines().count(), 2, "{log}");
+}
+
 #[test]
 fn grpo_memory_plan_bounds_the_cuda_backends_sampling_peak() {
     // Batched generation of GRPO's completions (Model::generate_batch) on the

@@ -31,6 +31,7 @@ pub const RL_VALUES: &[(&str, Rows)] = &[
     ("simpo", Rows::Pairs),
     ("kto", Rows::Labelled),
     ("grpo", Rows::Prompts),
+    ("rloo", Rows::Prompts),
 ];
 
 /// The names of `RL_VALUES`.

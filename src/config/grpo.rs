@@ -57,6 +57,18 @@ pub struct GrpoSettings {
     pub log_completions: bool,
     /// Multiply the KL term by the importance ratio (TRL's default true).
     pub use_bias_correction_kl: bool,
+    /// `rl: rloo`: RLOO's advantages and sequence-level loss on GRPO's
+    /// sampler (`super::rloo` reads it); None for GRPO.
+    pub rloo: Option<RlooOptions>,
+}
+
+/// What RLOO (TRL 1.16 RLOOConfig) adds to the shared settings.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct RlooOptions {
+    /// (A − mean) / (std + 1e-4) over the generation batch.
+    pub normalize_advantages: bool,
+    /// Rewards clamped to [min, max] before the KL penalty.
+    pub reward_clip_range: Option<(f64, f64)>,
 }
 
 impl Default for GrpoSettings {
@@ -81,6 +93,7 @@ impl Default for GrpoSettings {
             mask_truncated_completions: false,
             log_completions: false,
             use_bias_correction_kl: true,
+            rloo: None,
         }
     }
 }

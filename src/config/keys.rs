@@ -223,7 +223,7 @@ pub(crate) const IGNORED_DATASET: &[(&str, &str)] = &[
 /// Axolotl top-level keys ferrotune cannot honour: ignoring them would
 /// silently change the run.
 pub(crate) const UNSUPPORTED_TOP: &[Unsupported] = &[
-    unsupported("rl", When::NotOneOf(&RL_NAMES), true, "the other online objectives (EBFT, GDPO, ...) are not implemented: DPO, IPO, ORPO, SimPO, KTO and GRPO are", "use rl: dpo, ipo, orpo, simpo, kto or grpo, or remove rl to run supervised fine-tuning"),
+    unsupported("rl", When::NotOneOf(&RL_NAMES), true, "the other online objectives (EBFT, GDPO, ...) are not implemented: DPO, IPO, ORPO, SimPO, KTO, GRPO and RLOO are", "use rl: dpo, ipo, orpo, simpo, kto, grpo or rloo, or remove rl to run supervised fine-tuning"),
     unsupported("process_reward_model", When::True, true, "reward-model training is not implemented", "remove process_reward_model"),
     unsupported("adapter", When::NotOneOf(&["lora", "qlora"]), true, "only LoRA and QLoRA adapters are trained (the other adapter types are not implemented)", "use adapter: lora, or adapter: qlora with load_in_4bit: true"),
     unsupported("load_in_8bit", When::True, false, "8-bit (LLM.int8) base weights are not implemented", "use load_in_4bit: true with adapter: qlora for a quantized base, or set load_in_8bit: false and adapter: lora to train on a bf16 base"),

@@ -77,8 +77,9 @@ pub fn load_str(text: &str, file: &str, overrides: &[String]) -> Result<Loaded> 
     }
     normalise(&mut config);
     validate::validate(&config, &loc)?;
-    if config.rl.as_deref() == Some("grpo") {
-        let (s, notes) = super::grpo::read(config.trl.as_ref(), config.rl_beta).map_err(|(k, m)| anyhow!("{}{k} {m}", loc.at(&k)))?;
+    if matches!(config.rl.as_deref(), Some("grpo" | "rloo")) {
+        let read = if config.rl.as_deref() == Some("rloo") { super::rloo::read } else { super::grpo::read };
+        let (s, notes) = read(config.trl.as_ref(), config.rl_beta).map_err(|(k, m)| anyhow!("{}{k} {m}", loc.at(&k)))?;
         let per_step = config.micro_batch_size * config.gradient_accumulation_steps;
         if !per_step.is_multiple_of(s.num_generations) {
             bail!(
@@ -90,7 +91,7 @@ pub fn load_str(text: &str, file: &str, overrides: &[String]) -> Result<Loaded> 
         }
         warnings.extend(notes.into_iter().map(|n| format!("{}{n}", loc.at("trl"))));
     } else if config.trl.is_some() {
-        warnings.push(format!("{}trl is ignored: its settings are read by rl: grpo only (trl.beta is rl_beta)", loc.at("trl")));
+        warnings.push(format!("{}trl is ignored: its settings are read by rl: grpo and rl: rloo only (trl.beta is rl_beta)", loc.at("trl")));
     }
     if config.adapter.is_none() {
         warnings.push(format!(

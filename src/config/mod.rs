@@ -17,6 +17,7 @@
 mod checkpoint_match;
 mod dataset_types;
 pub mod grpo;
+pub mod rloo;
 mod key_reasons;
 mod keys;
 mod keys_extra;
@@ -301,7 +302,7 @@ pub struct RunConfig {
     /// export of a tokenizer whose fingerprint llama.cpp does not know
     /// (`export gguf --tokenizer-pre`).
     pub gguf_tokenizer_pre: Option<String>,
-    /// TRL's settings for `rl: grpo` (GRPOConfig names; `grpo::read` types them).
+    /// TRL's settings for `rl: grpo` and `rl: rloo` (GRPOConfig / RLOOConfig names; `grpo::read` and `rloo::read` type them).
     pub trl: Option<serde_json::Map<String, serde_json::Value>>,
     /// The directory of the config file (GRPO's Python reward functions are
     /// imported from it); set by `load`, never read from the file.
@@ -391,10 +392,11 @@ impl Default for RunConfig {
 }
 
 impl RunConfig {
-    /// The GRPO settings of an `rl: grpo` run (`trl:` with TRL's defaults;
+    /// The settings of an `rl: grpo` or `rl: rloo` run (`trl:` with TRL's defaults;
     /// `load` has already checked them).
     pub fn grpo(&self) -> Result<grpo::GrpoSettings> {
-        grpo::read(self.trl.as_ref(), self.rl_beta).map(|(s, _)| s).map_err(|(k, m)| anyhow::anyhow!("{k} {m}"))
+        let read = if self.rl.as_deref() == Some("rloo") { rloo::read } else { grpo::read };
+        read(self.trl.as_ref(), self.rl_beta).map(|(s, _)| s).map_err(|(k, m)| anyhow::anyhow!("{k} {m}"))
     }
 }
 

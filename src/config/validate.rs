@@ -74,10 +74,10 @@ pub(crate) fn validate(c: &RunConfig, loc: &Locator) -> Result<()> {
         ("kto_undesirable_weight", c.kto_undesirable_weight),
     ] {
         if let Some(v) = v {
-            // GRPO's beta may be 0 (its default: no KL term, no reference pass).
-            let grpo_beta = key == "rl_beta" && c.rl.as_deref() == Some("grpo");
+            // GRPO's and RLOO's beta may be 0 (no KL term, no reference pass).
+            let grpo_beta = key == "rl_beta" && matches!(c.rl.as_deref(), Some("grpo" | "rloo"));
             if grpo_beta {
-                check!(v >= 0.0, loc, key, "(GRPO's beta) must be 0 or more (got {v})");
+                check!(v >= 0.0, loc, key, "(GRPO's and RLOO's beta) must be 0 or more (got {v})");
             } else {
                 check!(v > 0.0, loc, key, "must be positive (got {v})");
             }
@@ -277,7 +277,7 @@ fn validate_dataset(d: &DatasetConfig, rl: Option<&str>, rows: Rows, at: &str, l
                     false,
                     loc,
                     &key("type"),
-                    "must be left out with rl: grpo: its datasets are {{prompt, other columns...}} rows (got {kind})"
+                    "must be left out with rl: grpo and rl: rloo: their datasets are {{prompt, other columns...}} rows (got {kind})"
                 );
             }
             Rows::Pairs | Rows::Sequences => {}

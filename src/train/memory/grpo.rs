@@ -1,5 +1,10 @@
-//! The memory plan of a GRPO run. Besides the persistent part (as for any
-//! run), a GRPO step has three kinds of pass, and its peak is the largest:
+//! The memory plan of a GRPO run, and of an RLOO run (`rl: rloo`), whose
+//! step has exactly GRPO's passes: the same sampler, the same scoring
+//! forwards (RLOO always takes the sampling policy's log-probs, which the
+//! plan always counts, and the reference's when β > 0) and the same
+//! training pass (its sequence-level loss only changes the per-token
+//! weights, which are host numbers). Besides the persistent part (as for
+//! any run), such a step has three kinds of pass, and its peak is the largest:
 //!
 //! - sampling: `Model::generate_batch` over the completions of a generation
 //!   batch, traced on the planner's backend like the training pass. Every

@@ -66,7 +66,7 @@ pub fn select<B: Backend>(cfg: &RunConfig) -> Result<Box<dyn Objective<B>>> {
             return objective;
         }
     }
-    bail!("rl: {} is not supported (use dpo, ipo, orpo, simpo, kto or grpo)", cfg.rl.as_deref().unwrap_or("none"))
+    bail!("rl: {} is not supported (use dpo, ipo, orpo, simpo, kto, grpo or rloo)", cfg.rl.as_deref().unwrap_or("none"))
 }
 
 /// What one optimiser step has to work with.

@@ -11,8 +11,15 @@
 //! from that ÷ num_generations prompts; with num_iterations = k the same
 //! samples serve k optimiser steps (the data plan repeats the prompts), the
 //! sampling policy's log-probs kept for the ratio.
+//!
+//! RLOO (`rl: rloo`, TRL 1.16's RLOOTrainer) is this objective with
+//! `GrpoSettings::rloo` set: the same sampler, rewards, reference and logs;
+//! the rollout also takes the sampling and reference log-probs to put the
+//! KL into the reward, and the advantages and the sequence-level loss are
+//! `rloo`'s.
 
 pub mod loss;
+pub mod rloo;
 pub mod rollout;
 
 use super::{Examples, Metrics, Objective, Step, StepOutcome};
@@ -37,9 +44,15 @@ use std::cell::RefCell;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-/// `rl: grpo`.
+/// `rl: grpo`, and `rl: rloo` (the same sampler, rewards and logging; its
+/// advantages and loss are `rloo`'s, chosen by `GrpoSettings::rloo`).
 pub fn select<B: Backend>(cfg: &RunConfig) -> Option<Result<Box<dyn Objective<B>>>> {
-    (cfg.rl.as_deref() == Some("grpo") && !cfg.reward_model).then(|| Grpo::new(cfg).map(|g| Box::new(g) as Box<dyn Objective<B>>))
+    (matches!(cfg.rl.as_deref(), Some("grpo" | "rloo")) && !cfg.reward_model).then(|| Grpo::new(cfg).map(|g| Box::new(g) as Box<dyn Objective<B>>))
+}
+
+/// The `rl` value the settings were read for (messages).
+fn rl_name(s: &GrpoSettings) -> &'static str {
+    if s.rloo.is_some() { "rloo" } else { "grpo" }
 }
 
 /// What the run holds once the data and the model are known.
@@ -78,7 +91,8 @@ impl Grpo {
         let per_step = cfg.micro_batch_size * cfg.gradient_accumulation_steps;
         if !per_step.is_multiple_of(s.num_generations) {
             bail!(
-                "rl: grpo: micro_batch_size × gradient_accumulation_steps ({per_step}) must be a multiple of trl.num_generations ({}): a step holds whole groups of completions",
+                "rl: {}: micro_batch_size × gradient_accumulation_steps ({per_step}) must be a multiple of trl.num_generations ({}): a step holds whole groups of completions",
+                rl_name(&s),
                 s.num_generations
             );
         }
@@ -99,9 +113,20 @@ impl Grpo {
     }
 
     /// Sample and score a generation batch for `prompt_idx` (1-based `step`
-    /// names it; `log`: write its completions to completions.jsonl).
+    /// names it; `log`: write its completions to completions.jsonl;
+    /// `micro_batch_size`: completions per scoring forward).
     #[allow(clippy::too_many_arguments)]
-    fn generate<B: Backend>(&self, be: &B, model: &Model<B>, rows: &[PromptRow], prompt_idx: &[usize], step: usize, seed: u64, log: bool) -> Result<Rollout> {
+    fn generate<B: Backend>(
+        &self,
+        be: &B,
+        model: &Model<B>,
+        rows: &[PromptRow],
+        prompt_idx: &[usize],
+        step: usize,
+        seed: u64,
+        log: bool,
+        micro_batch_size: usize,
+    ) -> Result<Rollout> {
         let ready = self.ready.as_ref().context("GRPO used before its model was prepared")?;
         let mut rewards = self.rewards.borrow_mut();
         let rewards = rewards.as_mut().context("GRPO used before its reward functions were loaded")?;
@@ -114,6 +139,7 @@ impl Grpo {
             reward_names: &self.reward_names,
             log_dir: if log { self.log_dir.as_deref() } else { None },
             seed,
+            micro_batch_size,
         };
         rollout::generate(be, model, rows, prompt_idx, step, ctx)
     }
@@ -156,7 +182,10 @@ fn micro_out(s: &GrpoSettings, samples: &[Sample], lp: &[Vec<f64>], reference: O
         .enumerate()
         .map(|(i, q)| SeqTerms { logp: &lp[i], old: q.old.as_deref(), reference: reference.map(|r| r[i].as_slice()), advantage: q.advantage })
         .collect();
-    micro_loss(s, &terms, norm)
+    match s.rloo {
+        None => micro_loss(s, &terms, norm),
+        Some(_) => rloo::micro_loss(s, &terms, norm),
+    }
 }
 
 /// Per-token weights on the NLLs: weight × ∂NLL = −dL/dlogp.
@@ -225,7 +254,8 @@ fn loss_metrics(s: &GrpoSettings, outs: &[MicroOut]) -> Metrics {
     // NaN values are left out, as TRL's log does.
     let mean = |f: fn(&MicroOut) -> f64| loss::nanmean(&outs.iter().map(f).collect::<Vec<_>>());
     let mut m = Metrics::default();
-    if s.beta != 0.0 {
+    // RLOO's kl is logged with the generation (its KL is in the reward).
+    if s.beta != 0.0 && s.rloo.is_none() {
         m.push("kl", mean(|o| o.kl));
     }
     m.push("clip_ratio/low_mean", mean(|o| o.clip_low));
@@ -242,8 +272,9 @@ impl<B: Backend> Objective<B> for Grpo {
         let per_step = self.prompts_per_step(cfg);
         if data.train.len() < per_step {
             bail!(
-                "rl: grpo: a step samples from {per_step} prompts (micro_batch_size × gradient_accumulation_steps ÷ trl.num_generations) \
+                "rl: {}: a step samples from {per_step} prompts (micro_batch_size × gradient_accumulation_steps ÷ trl.num_generations) \
                  but the training datasets hold {}",
+                rl_name(&self.s),
                 data.train.len()
             );
         }
@@ -256,6 +287,7 @@ impl<B: Backend> Objective<B> for Grpo {
     /// Sampling (every completion of a step in the KV cache at once), the
     /// scoring forwards and the training pass of micro-batches of
     /// completions, each of the longest prompt + max_completion_length.
+    /// RLOO is planned here too: its passes are GRPO's (memory/grpo.rs).
     fn memory_plan(&self, cfg: &RunConfig, model: &ModelConfig, lora: &LoraConfig, shape: RunShape, base: BaseWeights) -> Result<MemoryPlan> {
         let prompt_len = self.longest_prompt.get().max(1);
         let run = RunShape { seq_len: prompt_len + self.s.max_completion_length, ..shape };
@@ -277,7 +309,10 @@ impl<B: Backend> Objective<B> for Grpo {
         let tok = TextTokenizer::load(tokenizer_dir, &cfg.special_tokens)?;
         let stop = tok.stop_tokens(&model.cfg.eos_token_ids, model_dir)?;
         if stop.is_empty() {
-            bail!("rl: grpo needs an end-of-sequence token to end completions: neither config.json, generation_config.json nor the tokenizer names one");
+            bail!(
+                "rl: {} needs an end-of-sequence token to end completions: neither config.json, generation_config.json nor the tokenizer names one",
+                rl_name(&self.s)
+            );
         }
         let names = self.rewards.borrow().as_ref().map(|r| r.names()).unwrap_or_default();
         // Metric names live as long as the run.
@@ -310,9 +345,10 @@ impl<B: Backend> Objective<B> for Grpo {
         let key = (prompt_idx.clone(), s.step / self.s.num_iterations);
         let fresh = self.rollout.as_ref().is_none_or(|r| r.key != key);
         if fresh {
-            let mut r = self.generate(s.be, s.model, rows, &prompt_idx, s.step + 1, s.cfg.seed, true)?;
+            let mut r = self.generate(s.be, s.model, rows, &prompt_idx, s.step + 1, s.cfg.seed, true, s.cfg.micro_batch_size)?;
             r.key = key;
-            if self.s.num_iterations > 1 {
+            // (RLOO's rollout already holds them.)
+            if self.s.num_iterations > 1 && self.s.rloo.is_none() {
                 // The sampling policy's log-probs, kept for the later steps' ratios.
                 for chunk in r.samples.chunks_mut(s.cfg.micro_batch_size.max(1)) {
                     let mb = micro_batch(rows, chunk, s.model.cfg.vocab)?;
@@ -352,7 +388,7 @@ impl<B: Backend> Objective<B> for Grpo {
         // that ÷ num_generations prompts.
         let prompts_per_batch = (rows_per_batch / self.s.num_generations).max(1);
         for (ci, chunk) in idx.chunks(prompts_per_batch).enumerate() {
-            let r = self.generate(be, model, rows, chunk, ci + 1, u64::MAX ^ 0x5EED, false)?;
+            let r = self.generate(be, model, rows, chunk, ci + 1, u64::MAX ^ 0x5EED, false, rows_per_batch)?;
             // The generation batch as one micro-batch (eval has no accumulation).
             let batch_tokens: usize = r.samples.iter().map(|q| q.mask).sum();
             let mb = micro_batch(rows, &r.samples, model.cfg.vocab)?;

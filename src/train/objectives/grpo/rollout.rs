@@ -76,6 +76,8 @@ pub struct Ctx<'a> {
     /// Where completions.jsonl goes (log_completions).
     pub log_dir: Option<&'a Path>,
     pub seed: u64,
+    /// Completions per scoring forward (RLOO's old and reference log-probs).
+    pub micro_batch_size: usize,
 }
 
 /// Sample, score and log one generation batch for `prompt_idx` (1-based
@@ -107,19 +109,51 @@ pub fn generate<B: Backend>(be: &B, model: &Model<B>, rows: &[PromptRow], prompt
     let by_func = c.rewards.score(step, &batch)?;
     let n = order.len();
     let per_func: Vec<Vec<f64>> = (0..n).map(|i| by_func.iter().map(|f| f[i].unwrap_or(f64::NAN)).collect()).collect();
-    let scored = advantages(&per_func, &c.s.weights(), g, c.s.scale_rewards);
-
     let eos: Vec<bool> = out.seqs.iter().map(|q| q.stop == StopReason::Eos || q.tokens.last().is_some_and(|t| c.ends.contains(t))).collect();
-    let samples: Vec<Sample> = (0..n)
+    let mut samples: Vec<Sample> = (0..n)
         .map(|i| {
             let len = out.seqs[i].tokens.len();
             let mask = if c.s.mask_truncated_completions && !eos[i] { 0 } else { len };
-            Sample { prompt: order[i], completion: out.seqs[i].tokens.clone(), mask, advantage: scored.advantages[i], old: None }
+            Sample { prompt: order[i], completion: out.seqs[i].tokens.clone(), mask, advantage: 0.0, old: None }
         })
         .collect();
+    let mut kl_metric = None;
+    let scored = match c.s.rloo {
+        None => advantages(&per_func, &c.s.weights(), g, c.s.scale_rewards),
+        Some(o) => {
+            // RLOO's reward holds β·Σ(old − ref), so the sampling policy's
+            // (and with β ≠ 0 the reference's) log-probs come before the advantages.
+            let temp = c.s.temperature as f32;
+            let mut reference = Vec::new();
+            for chunk in samples.chunks_mut(c.micro_batch_size.max(1)) {
+                let mb = super::micro_batch(rows, chunk, model.cfg.vocab)?;
+                let old = super::logps(&mb, chunk, &model.token_nll_at(be, &mb.batch, true, temp));
+                if c.s.beta != 0.0 {
+                    reference.extend(super::logps(&mb, chunk, &model.token_nll_at(be, &mb.batch, false, temp)));
+                }
+                for (q, l) in chunk.iter_mut().zip(old) {
+                    q.old = Some(l);
+                }
+            }
+            let mut kl_sums = vec![0.0; n];
+            if c.s.beta != 0.0 {
+                let old: Vec<Vec<f64>> = samples.iter().map(|q| q.old.clone().unwrap_or_default()).collect();
+                let (sums, mean) = super::rloo::kl_sums(&old, &reference);
+                (kl_sums, kl_metric) = (sums, Some(mean));
+            }
+            super::rloo::advantages(&per_func, &c.s.weights(), g, o, c.s.beta, &kl_sums)
+        }
+    };
+    for (q, a) in samples.iter_mut().zip(&scored.advantages) {
+        q.advantage = *a;
+    }
 
     let lens: Vec<usize> = samples.iter().map(|q| q.completion.len()).collect();
-    let m = generation_metrics(&per_func, &scored, &lens, &eos, c.reward_names);
+    let mut m = generation_metrics(&per_func, &scored, &lens, &eos, c.reward_names);
+    if let Some(kl) = kl_metric {
+        // RLOO's kl: the token mean of old − ref (a generation metric there).
+        m.push("kl", kl);
+    }
     let Advantages { rewards, advantages: adv, .. } = scored;
 
     if let Some(dir) = c.log_dir {
