@@ -35,10 +35,10 @@ pub struct Advantages {
     pub std: Vec<f64>,
 }
 
-/// Rewards per completion and function (`per_func[i][f]`, NaN for None)
-/// into rewards and advantages; groups of `g` consecutive completions.
-pub fn advantages(per_func: &[Vec<f64>], weights: &[f64], g: usize, scale: ScaleRewards) -> Advantages {
-    let rewards: Vec<f64> = per_func
+/// Each completion's reward: Σ_f w_f·r_f over the functions that scored it
+/// (NaN for None is skipped, as TRL's nansum), NaN when none did.
+pub fn weighted_rewards(per_func: &[Vec<f64>], weights: &[f64]) -> Vec<f64> {
+    per_func
         .iter()
         .map(|r| {
             if r.iter().all(|x| x.is_nan()) {
@@ -46,7 +46,13 @@ pub fn advantages(per_func: &[Vec<f64>], weights: &[f64], g: usize, scale: Scale
             }
             r.iter().zip(weights).map(|(x, w)| x * w).filter(|x| !x.is_nan()).sum()
         })
-        .collect();
+        .collect()
+}
+
+/// Rewards per completion and function (`per_func[i][f]`, NaN for None)
+/// into rewards and advantages; groups of `g` consecutive completions.
+pub fn advantages(per_func: &[Vec<f64>], weights: &[f64], g: usize, scale: ScaleRewards) -> Advantages {
+    let rewards = weighted_rewards(per_func, weights);
     let n = rewards.len();
     let g = g.max(1);
     let mut std = vec![0.0; n];

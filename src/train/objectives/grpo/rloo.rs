@@ -15,15 +15,7 @@ use crate::config::grpo::{GrpoSettings, RlooOptions};
 /// sums before the clamp and the KL (what TRL logs), `std` each group's std
 /// of the final rewards (frac_reward_zero_std).
 pub fn advantages(per_func: &[Vec<f64>], weights: &[f64], g: usize, o: RlooOptions, beta: f64, kl_sums: &[f64]) -> Advantages {
-    let logged: Vec<f64> = per_func
-        .iter()
-        .map(|r| {
-            if r.iter().all(|x| x.is_nan()) {
-                return f64::NAN;
-            }
-            r.iter().zip(weights).map(|(x, w)| x * w).filter(|x| !x.is_nan()).sum()
-        })
-        .collect();
+    let logged = super::loss::weighted_rewards(per_func, weights);
     let rewards: Vec<f64> = logged
         .iter()
         .enumerate()
